@@ -1,0 +1,3 @@
+from ckptsync.cli import main
+
+main()

@@ -1,0 +1,413 @@
+"""`ckptsync backup`: fetch complete checkpoints into the backup directory, verified and atomic."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptsync.config import Target
+from ckptsync.errors import (
+    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, NotFound, PARTIAL, OK,
+)
+from ckptsync.layout import Checkpoint, resume_files
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.remote import Remote
+from ckptsync.scan import ServerView, scan_server
+from ckptsync.store import EXTRA, FileRecord, Manifest, Store, free_bytes, io_error
+from ckptsync.transfer import Received, hash_file, receive, to_record
+
+SPACE_MARGIN = 64 << 20
+# Names that are rewritten in place by design; a newer copy replaces the older backup.
+REWRITTEN_KINDS = {"latest", "backup"}
+
+
+@dataclass
+class BackupOptions:
+    max_checkpoints: int = 2
+    names: list[str] = field(default_factory=list)
+    all: bool = False
+    include_best: bool = False
+    compress: str = "auto"
+    dry_run: bool = False
+    wait: bool = False
+    extra_files: bool = True
+
+
+@dataclass
+class PlanItem:
+    name: str
+    action: str          # fetch, up-to-date, skip
+    size: int = 0        # bytes the checkpoint holds
+    fetch_bytes: int = 0
+    files: int = 0
+    reason: str = ""
+    step: int | None = None
+
+
+@dataclass
+class BackupResult:
+    target: str
+    server: str
+    dest: str
+    dry_run: bool
+    plan: list[PlanItem] = field(default_factory=list)
+    fetched: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    raw_bytes: int = 0        # file bytes that crossed the link
+    wire_bytes: int = 0       # after compression
+    disk_bytes: int = 0       # newly stored bytes (hard links excluded)
+    linked_files: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return PARTIAL if self.failed else OK
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+
+def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Checkpoint], list[PlanItem]]:
+    """Which checkpoints to back up (newest first), and which to report as skipped. Pure."""
+    complete = [c for c in checkpoints if c.complete]
+    skipped = [PlanItem(c.name, "skip", c.size, reason=f"in progress: {c.reason}", step=c.step)
+               for c in checkpoints if not c.complete]
+    if opts.names:
+        by_name = {c.name: c for c in checkpoints}
+        missing = [n for n in opts.names if n not in by_name]
+        if missing:
+            have = ", ".join(c.name for c in checkpoints) or "none"
+            raise NotFound(f"not on the server: {', '.join(missing)} (checkpoints there: {have})")
+        chosen = [c for c in complete if c.name in opts.names]
+        skipped = [s for s in skipped if s.name in opts.names]
+    elif opts.all:
+        chosen = list(complete)
+    else:
+        chosen = complete[: max(opts.max_checkpoints, 0)]
+    if opts.include_best:
+        best = next((c for c in complete if c.is_best), None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    return chosen, skipped
+
+
+def _server_files(view: ServerView, c: Checkpoint) -> dict[str, tuple[int, int, int]]:
+    return {f.path: view.exact[f.path] for f in c.files}
+
+
+def _stored_files(m: Manifest | None) -> dict[str, tuple[int, int, int]]:
+    return {} if m is None else {f.path: (f.size, f.mtime_ns, f.mode) for f in m.files}
+
+
+def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint) -> PlanItem:
+    server = _server_files(view, c)
+    if _stored_files(store.load(c.name)) == server:
+        return PlanItem(c.name, "up-to-date", c.size, step=c.step)
+    staged = _usable_staged(store, c.name, server, check_hash=False)
+    need = [p for p in server if p not in staged]
+    return PlanItem(c.name, "fetch", c.size, sum(server[p][0] for p in need), len(need), step=c.step)
+
+
+def _usable_staged(store: Store, name: str, server: dict[str, tuple[int, int, int]],
+                   check_hash: bool) -> dict[str, dict]:
+    """Files an interrupted run verified and left in staging, still current on the server."""
+    keep = {}
+    root = store.staging(name)
+    for path, rec in store.load_progress(name).items():
+        if server.get(path) != (rec.get("size"), rec.get("mtime_ns"), rec.get("mode")):
+            continue
+        local = root / path
+        try:
+            if local.stat().st_size != rec["size"]:
+                continue
+        except OSError:
+            continue
+        if check_hash and hash_file(local) != rec.get("xxh3_128"):
+            continue
+        keep[path] = rec
+    return keep
+
+
+class Backup:
+    def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> None:
+        self.target = target
+        self.opts = opts
+        self.rep = rep
+        self.store = Store(target.local_dir)
+        self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
+                                   dry_run=opts.dry_run)
+
+    def run(self) -> BackupResult:
+        started = time.monotonic()
+        try:
+            with Remote(self.target.transport) as remote:
+                self.remote = remote
+                view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
+                self.result.warnings.extend(view.errors)
+                chosen, skipped = select(view.checkpoints, self.opts)
+                plan = [plan_checkpoint(self.store, view, c) for c in chosen]
+                extras = self._plan_extras(view) if self.opts.extra_files else None
+                self.result.plan = plan + ([extras] if extras else []) + skipped
+                if self.opts.dry_run:
+                    return self.result
+                todo = [p for p in plan if p.action == "fetch"]
+                if extras is not None and extras.action == "fetch":
+                    todo.append(extras)
+                if not todo:
+                    return self.result
+                self._check_space(sum(p.fetch_bytes for p in todo))
+                with self.store.lock("ckptsync backup", wait=self.opts.wait,
+                                     on_wait=lambda h: self.rep.info(f"waiting for {h}")):
+                    self.store.clean_trash()
+                    by_name = {c.name: c for c in chosen}
+                    for item in todo:
+                        if item.name == EXTRA and item.name not in by_name:
+                            self._fetch_extras(view)
+                        else:
+                            self._fetch(view, by_name[item.name])
+            return self.result
+        finally:
+            self.result.seconds = time.monotonic() - started
+
+    # -------------------------------------------------- checkpoints
+
+    def _check_space(self, need: int) -> None:
+        free = free_bytes(self.store.root)
+        if need + SPACE_MARGIN > free:
+            raise DiskFull(
+                f"not enough space in {self.store.root}: this backup needs {human(need)}, "
+                f"{human(free)} is free (nothing was written)",
+                hint="free some space, choose another --local-dir, or back up fewer checkpoints",
+            )
+
+    def _fetch(self, view: ServerView, c: Checkpoint) -> None:
+        server = _server_files(view, c)
+        staged = _usable_staged(self.store, c.name, server, check_hash=True)
+        progress = dict(staged)
+        stage_root = self.store.staging(c.name)
+        todo = [p for p in server if p not in staged]
+        linked = self._link_known(view, c.name, todo, server, progress)
+        todo = [p for p in todo if p not in linked]
+        self.rep.info(f"{c.name}: fetching {len(todo)} files, {human(sum(server[p][0] for p in todo))}"
+                      + (f" ({len(staged)} kept from an interrupted run)" if staged else ""))
+        changed = {}
+        if todo:
+            changed = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
+                                     sum(server[p][0] for p in todo))
+        if not changed:
+            changed = self._recheck(view, server)
+        if changed:
+            what = "; ".join(f"{p}: {why}" for p, why in sorted(changed.items())[:3])
+            self.result.failed[c.name] = f"changed on the server while it was read ({what}); not recorded"
+            return
+        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"])
+                 for p, r in sorted(progress.items())]
+        self._dedup(c.name, files)
+        m = Manifest(
+            name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=files,
+            resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
+            missing=list(c.missing), is_best=c.is_best, state=dict(c.state),
+            source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
+            backed_up_at=time.time(), verified_at=time.time(),
+        )
+        try:
+            kept = self.store.commit(m, replace=c.kind in REWRITTEN_KINDS)
+        except OSError as exc:
+            raise io_error(exc, f"moving {c.name} into place") from None
+        if kept is not None:
+            self.result.warnings.append(f"{c.name} changed on the server since its last backup; "
+                                        f"the older copy was kept as {kept.name}")
+        self.result.fetched.append(c.name)
+
+    def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
+                  progress: dict[str, dict], total: int) -> dict[str, str]:
+        targets = {member: stage_root / member for _src, member in pairs}
+        dl = self.remote.download(root, pairs, compress=self.opts.compress)
+
+        def on_file(rec: Received) -> None:
+            progress[rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
+                                    "xxh3_128": rec.xxh3_128}
+            self.store.save_progress(name, progress)
+
+        self.rep.start(name, total)
+        try:
+            outcome = receive(dl, targets, self.rep, on_file)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
+                              "the next run fetches only the rest") from None
+        except (ConnectError, IntegrityError) as exc:
+            exc.message = f"{exc.message} ({name}: {len(progress)} verified files kept; rerun to resume)"
+            raise
+        finally:
+            self.rep.finish()
+        stats = dl.stats or {}
+        self.result.raw_bytes += sum(r.size for r in outcome.received)
+        self.result.wire_bytes += int(stats.get("wire_bytes", 0))
+        self.result.disk_bytes += sum(r.size for r in outcome.received)
+        return outcome.changed
+
+    def _recheck(self, view: ServerView, server: dict[str, tuple[int, int, int]]) -> dict[str, str]:
+        """After the transfer: is every file still there, unchanged? (Rotation may delete it mid-run.)"""
+        now = self.remote.call("stat", root=view.root, paths=sorted(server)).get("stat", {})
+        changed = {}
+        for path, (size, mtime_ns, _mode) in server.items():
+            st = now.get(path)
+            if st is None:
+                changed[path] = "deleted during the backup"
+            elif (st[0], st[1]) != (size, mtime_ns):
+                changed[path] = "modified during the backup"
+        return changed
+
+    def _link_known(self, view: ServerView, name: str, todo: list[str], server, progress) -> set[str]:
+        """Hard-link files whose content the store already holds, without transferring them."""
+        if "xxh3_128" not in self.remote.hashes or not todo:
+            return set()
+        index = self.store.content_index()
+        sizes = {(k[1], k[2]) for k in index}
+        candidates = [p for p in todo if (server[p][0], server[p][2]) in sizes and server[p][0] > 0]
+        if not candidates:
+            return set()
+        hashes = self.remote.call("hash", root=view.root, paths=candidates, alg="xxh3_128").get("hashes", {})
+        linked = set()
+        for p in candidates:
+            size, mtime_ns, mode = server[p]
+            existing = index.get((hashes.get(p), size, mode))
+            if not isinstance(hashes.get(p), str) or existing is None:
+                continue
+            dest = self.store.staging(name) / p
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)
+            try:
+                os.link(existing, dest)
+            except OSError:
+                continue
+            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": hashes[p]}
+            linked.add(p)
+        if linked:
+            self.store.save_progress(name, progress)
+            self.result.linked_files += len(linked)
+        return linked
+
+    def _dedup(self, name: str, files: list[FileRecord]) -> None:
+        """After a transfer, replace files identical to stored ones by hard links."""
+        index = self.store.content_index()
+        for f in files:
+            existing = index.get((f.xxh3_128, f.size, f.mode))
+            staged = self.store.staging(name) / f.path
+            if existing is None or f.size == 0:
+                continue
+            try:
+                if os.path.samefile(existing, staged):
+                    continue
+                tmp = staged.with_name(staged.name + ".link")
+                os.link(existing, tmp)
+                os.replace(tmp, staged)
+            except OSError:
+                continue
+            self.result.linked_files += 1
+            self.result.disk_bytes -= f.size
+
+    # -------------------------------------------------- extra files
+
+    def _extra_members(self) -> dict[str, str]:
+        """Configured path -> member name under extra-files/ (basenames made unique)."""
+        out: dict[str, str] = {}
+        used: set[str] = set()
+        for src in self.target.extra_files:
+            base = posixpath.basename(src.rstrip("/")) or "file"
+            name, n = base, 1
+            while name in used:
+                n += 1
+                name = f"{n}-{base}"
+            used.add(name)
+            out[src] = f"{EXTRA}/{name}"
+        return out
+
+    def _plan_extras(self, view: ServerView) -> PlanItem | None:
+        members = self._extra_members()
+        if not members:
+            return None
+        st = self.remote.call("stat", root=view.root, paths=list(members)).get("stat", {})
+        self._extra_stat = {}
+        for src, member in members.items():
+            info = st.get(src)
+            if info is None or info[3]:
+                self.result.warnings.append(f"extra file {src} not found on the server")
+                continue
+            self._extra_stat[src] = (member, int(info[0]), int(info[1]), int(info[2]))
+        server = {m: (size, mt, mode) for m, size, mt, mode in self._extra_stat.values()}
+        stored = _stored_files(self.store.load(EXTRA))
+        if not server:
+            return None
+        if stored == server:
+            return PlanItem(EXTRA, "up-to-date", sum(v[0] for v in server.values()), files=len(server))
+        total = sum(v[0] for v in server.values())
+        return PlanItem(EXTRA, "fetch", total, total, len(server))
+
+    def _fetch_extras(self, view: ServerView) -> None:
+        self.store.discard_staging(EXTRA)
+        progress: dict[str, dict] = {}
+        pairs = [(src, member) for src, (member, *_rest) in self._extra_stat.items()]
+        total = sum(size for _m, size, _t, _mode in self._extra_stat.values())
+        changed = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, total)
+        if changed:
+            self.result.failed[EXTRA] = "extra files changed on the server while read; not recorded"
+            return
+        source = {member: src for src, member in pairs}
+        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"],
+                            xxh3_128=r["xxh3_128"], source=source[p]) for p, r in sorted(progress.items())]
+        m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
+                     source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
+                     backed_up_at=time.time(), verified_at=time.time())
+        try:
+            self.store.commit(m, replace=True)
+        except OSError as exc:
+            raise io_error(exc, "moving extra files into place") from None
+        self.result.fetched.append(EXTRA)
+
+
+def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
+    """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
+    job = Backup(target, opts, rep)
+    try:
+        result = job.run()
+    except CkptsyncError as exc:
+        if not opts.dry_run:
+            _record(job, exc.exit_code, exc.message)
+        raise
+    except KeyboardInterrupt:
+        if not opts.dry_run:
+            _record(job, Interrupted.exit_code, "interrupted")
+        raise
+    if not opts.dry_run:
+        _record(job, result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+    return result
+
+
+def _record(job: Backup, code: int, error: str) -> None:
+    r = job.result
+    status = {
+        "command": "backup", "time": time.time(), "exit_code": code, "ok": code == OK, "error": error,
+        "target": r.target, "server": r.server, "fetched": r.fetched, "failed": r.failed,
+        "up_to_date": [p.name for p in r.plan if p.action == "up-to-date"],
+        "skipped": {p.name: p.reason for p in r.plan if p.action == "skip"},
+        "raw_bytes": r.raw_bytes, "wire_bytes": r.wire_bytes, "seconds": round(r.seconds, 3),
+    }
+    try:
+        job.store.record_status(status)
+    except OSError:
+        pass
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,85 @@
+"""ckptsync backup"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.errors import UsageError
+from ckptsync.output import Output, human
+
+
+def parse_compress(value: str) -> str:
+    if value in ("auto", "off"):
+        return value
+    if value.isdigit() and 1 <= int(value) <= 19:
+        return value
+    raise UsageError(f"--compress {value!r}: expected auto, off or a level 1-19")
+
+
+@app.command("backup")
+def backup_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
+    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, help="How many of the newest complete checkpoints.")] = 2,
+    checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
+    include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
+    compress: Annotated[str, typer.Option("--compress", help="auto (measure and decide), off, or a zstd level 1-19.")] = "auto",
+    no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
+    dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
+    log_file: Annotated[Optional[str], typer.Option("--log-file", help="Append log lines to this file.", show_default=False)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
+) -> int:
+    """Fetch complete checkpoints from the server, verified, into the backup directory.
+
+    Default: the 2 newest complete checkpoints plus extra_files. Checkpoints
+    still being written are skipped. Safe to run from cron.
+    """
+    out = Output(json_mode=json_out, quiet=quiet, log_file=log_file)
+    opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
+                         include_best=include_best, compress=parse_compress(compress), dry_run=dry_run,
+                         wait=wait, extra_files=not no_extra_files)
+    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+    out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
+    result = run_backup(t, opts, out.reporter())
+    if json_out:
+        out.emit(result.to_dict())
+        return result.exit_code
+    for w in result.warnings:
+        out.warn(w)
+    skipped = [p for p in result.plan if p.action == "skip"]
+    for p in skipped:
+        out.warn(f"skipped {p.name}: {p.reason}")
+    if dry_run:
+        fetch = [p for p in result.plan if p.action == "fetch"]
+        for p in result.plan:
+            if p.action == "fetch":
+                out.result(f"would fetch {p.name}: {p.files} files, {human(p.fetch_bytes)}")
+            elif p.action == "up-to-date":
+                out.result(f"up to date  {p.name}")
+        out.result(f"dry run: would fetch {human(sum(p.fetch_bytes for p in fetch))} "
+                   f"in {len(fetch)} item(s) into {result.dest}; nothing was changed")
+        return 0
+    for name, why in result.failed.items():
+        out.warn(f"{name}: {why}")
+    current = [p.name for p in result.plan if p.action == "up-to-date"]
+    if not result.fetched and not result.failed:
+        if not quiet:
+            out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({result.seconds:.1f}s)")
+        return result.exit_code
+    rate = result.raw_bytes / result.seconds if result.seconds else 0
+    summary = (f"fetched {len(result.fetched)} ({', '.join(result.fetched) or 'none'}), "
+               f"up to date {len(current)}, skipped {len(skipped)}, failed {len(result.failed)}; "
+               f"{human(result.raw_bytes)} of files, {human(result.wire_bytes)} on the wire, "
+               f"{human(max(result.disk_bytes, 0))} new on disk"
+               + (f" ({result.linked_files} files hard-linked)" if result.linked_files else "")
+               + f"; {result.seconds:.1f}s, {human(rate)}/s")
+    if quiet and not result.failed:
+        return result.exit_code
+    out.result(summary)
+    return result.exit_code

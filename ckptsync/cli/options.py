@@ -1,0 +1,29 @@
+"""Options shared by several commands, and the step from options to a Target."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync.config import Target, load_config, resolve_target
+
+Config = Annotated[Optional[str], typer.Option("--config", "-c", help="Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/config.yaml).", show_default=False)]
+Instance = Annotated[Optional[str], typer.Option("--instance", "-i", help="Instance number: from the config, else the SSH alias tnr-N (what `tnr connect N` writes).", show_default=False)]
+Host = Annotated[Optional[str], typer.Option("--host", "-H", help="[user@]host[:port] or an ~/.ssh/config alias.", show_default=False)]
+RemoteDir = Annotated[Optional[str], typer.Option("--remote-dir", "-r", help="Checkpoint directory on the server. Without --host or --instance: a directory on this machine.", show_default=False)]
+LocalDir = Annotated[Optional[str], typer.Option("--local-dir", "-l", help="Backup directory (default: <local_dir>/instance-N).", show_default=False)]
+AcceptNew = Annotated[bool, typer.Option("--accept-new-host-key", help="Trust and remember the host key of a server seen for the first time.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON, for scripts.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would happen; change nothing.")]
+Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deleting what is otherwise protected.")]
+
+
+def target(config: str | None, instance: str | None = None, host: str | None = None,
+           remote_dir: str | None = None, local_dir: str | None = None,
+           accept_new: bool = False, need_remote: bool = True) -> Target:
+    return resolve_target(
+        load_config(config), instance=instance, host=host, remote_dir=remote_dir, local_dir=local_dir,
+        accept_new_host_key=accept_new, need_remote=need_remote,
+    )

@@ -1,0 +1,506 @@
+"""Turn a flat listing of the server's checkpoint directory into checkpoints.
+
+Pure functions, no I/O: the agent walks ``remote_dir`` and reads the small
+metadata files; this module only looks at names, sizes, mtimes and that
+metadata.  Nothing in here raises for odd input: problems end up in
+``Checkpoint.reason`` or ``Checkpoint.meta_error``.
+
+Decisions worth knowing:
+
+* Only the top level of ``remote_dir`` is searched, and only names that match
+  a known layout count, so hidden entries, ``tmp-checkpoint-N/`` and
+  ``latest.pt.tmp`` never do.  Anything under a ``.ckptsync*`` component is
+  dropped.  Hidden files *inside* a checkpoint directory are kept, because
+  FSDP's sharded state (``pytorch_model_fsdp_0/.metadata``) cannot be loaded
+  without them.
+* The top-level DeepSpeed ``latest`` file belongs to no checkpoint: it moves
+  on with every save, and ``global_stepN/`` loads with an explicit tag.
+* RNG state is required for an *exact* resume: when it is absent it is listed
+  in ``missing`` and ``content`` is ``"no-rng"`` instead of ``"full"``, but the
+  checkpoint stays ``resumable`` (the Trainer and the hand-written managers
+  resume without it; only the data order is no longer bit-identical).
+  DeepSpeed engine checkpoints have no place for RNG, so none is asked for.
+* ``resumable`` also needs the checkpoint to be complete and its metadata
+  readable: a checkpoint still being written, or one whose
+  ``trainer_state.json`` cannot be parsed, is never offered for resume.
+* With DeepSpeed the LR scheduler lives in the engine state, so a missing
+  ``scheduler.pt`` is not reported for checkpoints that have a
+  ``global_stepN/`` directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # POSIX path relative to remote_dir
+    size: int
+    mtime: float  # seconds since the epoch, server clock
+    mode: int  # permission bits
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: tuple[FileEntry, ...]
+    meta: dict  # relative path -> parsed JSON, text of `latest`, {"__pt__": ...} or {"__error__": msg}
+    now: float  # the server's clock when it listed
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    layout: str  # "trainer", "deepspeed", "single-file", "step-dir"
+    kind: str  # "rolling", "best", "epoch", "emergency", "latest", "backup"
+    step: int | None
+    files: tuple[FileEntry, ...]
+    size: int
+    mtime: float
+    complete: bool
+    reason: str
+    content: str  # "full", "no-rng", "partial", "adapter-only", "weights-only", "optimizer-only", "unknown"
+    resumable: bool
+    missing: tuple[str, ...]
+    is_best: bool
+    state: dict
+    meta_error: str | None
+
+
+TRAINER_DIR = re.compile(r"checkpoint-(\d+)")
+DEEPSPEED_DIR = re.compile(r"global_step(\d+)")
+STEP_DIR = re.compile(r"step_(\d+)")
+EPOCH_DIR = re.compile(r"epoch_?(\d+)")
+SHARD = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
+RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
+FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_\d+")
+FSDP_OPTIM_DIR = re.compile(r"optimizer_\d+")
+
+# Top-level directories that are checkpoints: (pattern, layout, kind).
+DIR_LAYOUTS = (
+    (TRAINER_DIR, "trainer", "rolling"),
+    (DEEPSPEED_DIR, "deepspeed", "rolling"),
+    (STEP_DIR, "step-dir", "rolling"),
+    (EPOCH_DIR, "step-dir", "epoch"),
+)
+
+# Files of a Trainer checkpoint that `--resume_from_checkpoint` reads.
+TRAINER_RESUME_FILE = re.compile(
+    r"adapter_model\.(safetensors|bin)|adapter_config\.json"
+    r"|model\.safetensors|pytorch_model\.bin|(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json|pytorch_model_fsdp(_\d+)?\.bin"
+    r"|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state(_\d+)?\.pth|latest"
+)
+TRAINER_RESUME_DIR = re.compile(r"global_step\d+|pytorch_model_fsdp_\d+|optimizer_\d+")
+
+# Single-file names written by the CheckpointManager of seeds 001/004:
+# (pattern, kind, what the number in the name is).
+SINGLE_FILES = (
+    (re.compile(r"latest\.pt"), "latest", None),
+    (re.compile(r"latest_backup\.pt"), "backup", None),
+    (re.compile(r"rolling_step_(\d+)\.pt"), "rolling", "step"),
+    (re.compile(r"rolling_last_backup\.pt"), "backup", None),
+    (re.compile(r"best_model\.pt"), "best", None),
+    (re.compile(r"best_model_(?:backup|previous)\.pt"), "backup", None),
+    (re.compile(r"epoch_(\d+)\.pt"), "epoch", "epoch"),
+    (re.compile(r"emergency_step_(\d+)_\d{8}_\d{6}\.pt"), "emergency", "step"),
+)
+
+# String constants in a torch.save pickle that show what it holds.
+MODEL_KEYS = {"model", "model_state_dict", "model_state"}
+OPTIMIZER_KEYS = {"optimizer", "optimizer_state_dict", "optimizer_state"}
+SCHEDULER_KEYS = {"scheduler", "lr_scheduler", "scheduler_state_dict", "scheduler_state"}
+RNG_KEYS = {"rng", "rng_state", "rng_states", "rng_state_dict"}
+RNG_LABELS = {"rng_state.pth", "rng"}
+RESUMABLE_CONTENT = {"full", "no-rng"}
+
+
+@dataclass
+class _Analysis:
+    """What one layout-specific pass found; turned into a Checkpoint by _finish."""
+
+    weights: str | None = None  # "adapter" or "full"
+    has_optimizer: bool = False
+    needs: list[tuple[str, bool]] = field(default_factory=list)  # (label, present)
+    problems: list[str] = field(default_factory=list)  # reasons it is still in progress
+    known: bool = True  # False when the contents cannot be told
+    state: dict = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    step: int | None = None
+
+
+def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
+    """Checkpoints found at the top level of remote_dir, newest first.
+
+    A checkpoint is complete when its layout's own markers say the save
+    finished and none of its files changed within settle_seconds of
+    listing.now.  Order: mtime descending, then step descending (no step
+    last), then name.
+    """
+    meta = _normalised_meta(listing.meta)
+    groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files
+    has_latest = False  # top-level DeepSpeed `latest` file
+    for entry in listing.files:
+        parts = _split(entry.path)
+        if not parts or any(p.startswith(".ckptsync") for p in parts):
+            continue
+        top = parts[0]
+        if len(parts) == 1:
+            has_latest = has_latest or top == "latest"
+            single = _single_file_kind(top)
+            if single:
+                groups[(top, "single-file", single[0])] = [(entry, top)]
+            continue
+        for pattern, layout, kind in DIR_LAYOUTS:
+            if pattern.fullmatch(top):
+                groups.setdefault((top, layout, kind), []).append((entry, "/".join(parts[1:])))
+                break
+
+    checkpoints = []
+    best_sources = []  # (step, trainer_state mtime, best_model_checkpoint)
+    for (name, layout, kind), members in groups.items():
+        rel = {r: e for e, r in members}
+        if layout == "trainer":
+            found = _analyse_trainer(name, rel, meta)
+            path = found.state.get("best_model_checkpoint")  # only set when trainer_state.json was readable
+            if isinstance(path, str):
+                best_sources.append((found.step or 0, rel["trainer_state.json"].mtime, path))
+        elif layout == "deepspeed":
+            found = _analyse_deepspeed(name, rel, has_latest, meta.get("latest"))
+        elif layout == "step-dir":
+            found = _analyse_step_dir(name, rel, meta)
+        else:
+            found = _analyse_single_file(name, meta)
+        checkpoints.append(_finish(name, layout, kind, rel, found, listing.now, settle_seconds))
+
+    best_name = None
+    if best_sources:
+        best_path = max(best_sources, key=lambda s: (s[0], s[1]))[2]
+        best_name = re.split(r"[\\/]", best_path.rstrip("/\\"))[-1]
+    checkpoints = [
+        replace(c, is_best=True) if c.name == best_name or (c.layout == "single-file" and c.kind == "best") else c
+        for c in checkpoints
+    ]
+    # Steps order checkpoints more reliably than mtimes, which copies and
+    # checkouts rewrite; mtime breaks ties (latest.pt vs rolling_step_N.pt).
+    checkpoints.sort(key=lambda c: (c.step is None, -(c.step or 0), -c.mtime, c.name))
+    return checkpoints
+
+
+def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """Paths (relative to remote_dir) of the files an exact resume reads.
+
+    For a Trainer checkpoint that is the weights or adapter, optimizer,
+    scheduler, scaler, trainer_state.json, RNG files and any DeepSpeed/FSDP
+    state directories; README, training_args.bin and configs are left out.
+    The other layouts are read whole by their loaders, so all files count.
+    """
+    if checkpoint.layout != "trainer":
+        return tuple(sorted(f.path for f in checkpoint.files))
+    inside = {f.path: "/".join((_split(f.path) or [])[1:]) for f in checkpoint.files}
+    return tuple(sorted(path for path, rel in inside.items() if _is_trainer_resume_file(rel)))
+
+
+def find_best(checkpoints: list[Checkpoint]) -> str | None:
+    """Name of the first checkpoint marked best, or None."""
+    for checkpoint in checkpoints:
+        if checkpoint.is_best:
+            return checkpoint.name
+    return None
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _analyse_trainer(name: str, rel: dict[str, FileEntry], meta: dict) -> _Analysis:
+    found = _Analysis(step=_number_in(TRAINER_DIR, name))
+    top = {r for r in rel if "/" not in r}
+    subdirs = {r.split("/", 1)[0] for r in rel if "/" in r}
+
+    # DeepSpeed inside a Trainer checkpoint: `latest` names the engine's state directory.
+    ds_dirs = {d for d in subdirs if DEEPSPEED_DIR.fullmatch(d)}
+    tag = None
+    if "latest" in top:
+        value = meta.get(f"{name}/latest")
+        if isinstance(value, str) and value.strip():
+            tag = value.strip()
+            if tag not in subdirs:
+                found.problems.append(f"latest names {tag} which is missing")
+        elif _error_of(value) is not None:
+            found.errors.append(f"latest unreadable: {_error_of(value)}")
+    elif ds_dirs:
+        found.problems.append("latest not written yet")
+    engine = [r for r in rel if r.split("/", 1)[0] in ({tag} if tag in ds_dirs else ds_dirs)]
+    engine_weights = any(r.endswith("model_states.pt") for r in engine)
+    engine_optimizer = any(r.endswith("optim_states.pt") for r in engine)
+
+    shards = [m for m in map(SHARD.fullmatch, sorted(top)) if m]
+    fsdp = [d for d in subdirs if FSDP_MODEL_DIR.fullmatch(d)]
+    if "adapter_model.safetensors" in top or "adapter_model.bin" in top:
+        found.weights = "adapter"
+    elif ({"model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp.bin"} & top
+          or shards or fsdp or engine_weights):
+        found.weights = "full"
+    found.problems.extend(_shard_problems(shards, top))
+    for d in sorted(fsdp + [d for d in subdirs if FSDP_OPTIM_DIR.fullmatch(d)]):
+        # torch.distributed.checkpoint writes .metadata after all the shards.
+        if any(r.startswith(d + "/") and r.endswith(".distcp") for r in rel) and f"{d}/.metadata" not in rel:
+            found.problems.append(f"{d}/.metadata not written yet")
+
+    found.has_optimizer = bool(
+        {"optimizer.pt", "optimizer.bin"} & top
+        or any(FSDP_OPTIM_DIR.fullmatch(d) for d in subdirs)
+        or engine_optimizer
+    )
+    found.needs = [("model weights", found.weights is not None)]
+    if found.weights == "adapter":
+        found.needs.append(("adapter_config.json", "adapter_config.json" in top))
+    found.needs += [
+        ("optimizer.pt", found.has_optimizer),
+        ("scheduler.pt", "scheduler.pt" in top or bool(ds_dirs)),
+        ("trainer_state.json", "trainer_state.json" in top),
+        ("rng_state.pth", any(RNG_FILE.fullmatch(r) for r in top)),
+    ]
+
+    if "trainer_state.json" not in top:
+        # The Trainer writes trainer_state.json last, so without it the save is still running.
+        found.problems.insert(0, "trainer_state.json not written yet")
+    else:
+        value = meta.get(f"{name}/trainer_state.json")
+        if isinstance(value, dict) and "__error__" not in value:
+            found.state = _trainer_summary(value)
+        elif value is not None:
+            found.errors.append(f"trainer_state.json unreadable: {_error_of(value) or 'not a JSON object'}")
+    return found
+
+
+def _analyse_deepspeed(name: str, rel: dict[str, FileEntry], has_latest: bool, latest) -> _Analysis:
+    found = _Analysis(step=_number_in(DEEPSPEED_DIR, name))
+    found.weights = "full" if any(r.endswith("model_states.pt") for r in rel) else None
+    found.has_optimizer = any(r.endswith("optim_states.pt") for r in rel)
+    found.needs = [("*model_states.pt", found.weights is not None), ("*optim_states.pt", found.has_optimizer)]
+    if not has_latest:
+        found.problems.append("latest not written yet")
+    elif isinstance(latest, str):
+        # DeepSpeed rewrites `latest` only after a save has finished.
+        latest_step = _number_in(DEEPSPEED_DIR, latest.strip())
+        if latest_step is not None and found.step is not None and found.step > latest_step:
+            found.problems.append(f"latest still names {latest.strip()}")
+    elif latest is not None:
+        found.errors.append(f"latest unreadable: {_error_of(latest) or 'not text'}")
+    return found
+
+
+def _analyse_step_dir(name: str, rel: dict[str, FileEntry], meta: dict) -> _Analysis:
+    found = _Analysis(step=_number_in(STEP_DIR, name))
+    if "state.pt" in rel:
+        _read_pt(found, meta.get(f"{name}/state.pt"), "state.pt")
+    else:
+        found.known = False
+        found.problems.append("state.pt not written yet")
+    # Seed 003 may save model parts beside state.pt (encoder.pt, adapter_*.pt).
+    if found.known and found.weights is None and any(
+        r == "encoder.pt" or re.fullmatch(r"adapter_.*\.pt", r) for r in rel
+    ):
+        found.weights = "full"
+        found.needs[0] = ("model", True)
+    found.needs.append(("metadata.json", "metadata.json" in rel))
+    if "metadata.json" not in rel:
+        found.problems.insert(0, "metadata.json not written yet")
+    else:
+        value = meta.get(f"{name}/metadata.json")
+        if isinstance(value, dict) and "__error__" not in value:
+            found.state.update(_metadata_summary(value))
+        elif value is not None:
+            found.errors.append(f"metadata.json unreadable: {_error_of(value) or 'not a JSON object'}")
+    if found.step is None and _is_int(found.state.get("global_step")):
+        found.step = found.state["global_step"]
+    if EPOCH_DIR.fullmatch(name) and "epoch" not in found.state:
+        found.state["epoch"] = _number_in(EPOCH_DIR, name)
+    return found
+
+
+def _analyse_single_file(name: str, meta: dict) -> _Analysis:
+    found = _Analysis()
+    _read_pt(found, meta.get(name), name)
+    kind = _single_file_kind(name)
+    if kind and kind[1] == "step":
+        found.step = kind[2]
+    elif _is_int(found.state.get("global_step")):
+        found.step = found.state["global_step"]
+    if kind and kind[1] == "epoch":
+        found.state["epoch"] = kind[2]
+    return found
+
+
+def _read_pt(found: _Analysis, value, label: str) -> None:
+    """Fill weights/optimizer/needs from the agent's scan of a torch.save pickle."""
+    info = value.get("__pt__") if isinstance(value, dict) else None
+    if not isinstance(info, dict):
+        found.known = False
+        if _error_of(value) is not None:
+            found.errors.append(f"{label} unreadable: {_error_of(value)}")
+        return
+    keys = info.get("keys")
+    keys = {k for k in keys if isinstance(k, str)} if isinstance(keys, (list, tuple)) else set()
+    found.weights = "full" if keys & MODEL_KEYS else None
+    found.has_optimizer = bool(keys & OPTIMIZER_KEYS)
+    found.needs = [
+        ("model", found.weights is not None),
+        ("optimizer", found.has_optimizer),
+        ("scheduler", bool(keys & SCHEDULER_KEYS)),
+        ("rng", bool(keys & RNG_KEYS)),
+    ]
+    if _is_int(info.get("step")):
+        found.state["global_step"] = info["step"]
+    if _is_int(info.get("epoch")):
+        found.state["epoch"] = info["epoch"]
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds) -> Checkpoint:
+    files = tuple(sorted(rel.values(), key=lambda e: e.path))
+    size = sum(e.size for e in files)
+    problems = list(found.problems)
+    if size == 0:
+        problems.insert(0, "empty")
+    else:
+        for r in sorted(rel):
+            if rel[r].size == 0 and (layout != "trainer" or _is_trainer_resume_file(r)):
+                problems.append(f"{r} is empty")
+                break
+    newest_rel = max(rel, key=lambda r: rel[r].mtime)
+    mtime = rel[newest_rel].mtime
+    age = now - mtime
+    if age < settle_seconds:
+        problems.append(f"{newest_rel} modified {int(max(age, 0))}s ago (settle {settle_seconds:g}s)")
+
+    content = _content(found)
+    meta_error = "; ".join(found.errors) or None
+    complete = not problems
+    return Checkpoint(
+        name=name,
+        layout=layout,
+        kind=kind,
+        step=found.step,
+        files=files,
+        size=size,
+        mtime=mtime,
+        complete=complete,
+        reason=problems[0] if problems else "",
+        content=content,
+        resumable=complete and content in RESUMABLE_CONTENT and meta_error is None,
+        missing=tuple(label for label, present in found.needs if not present) if found.known else (),
+        is_best=False,
+        state=found.state,
+        meta_error=meta_error,
+    )
+
+
+def _content(found: _Analysis) -> str:
+    if not found.known:
+        return "unknown"
+    if found.weights is None:
+        return "optimizer-only" if found.has_optimizer else "unknown"
+    if not found.has_optimizer:
+        return "adapter-only" if found.weights == "adapter" else "weights-only"
+    missing = {label for label, present in found.needs if not present}
+    if not missing:
+        return "full"
+    return "no-rng" if missing <= RNG_LABELS else "partial"
+
+
+def _shard_problems(shards: list[re.Match], top: set[str]) -> list[str]:
+    problems = []
+    groups: dict[tuple[str, str, str], set[int]] = {}
+    for m in shards:
+        groups.setdefault((m[1], m[3], m[4]), set()).add(int(m[2]))
+    for (prefix, total, ext), present in sorted(groups.items()):
+        # Stops at the first gap, so a bogus "-of-99999999" cannot loop for long.
+        for i in range(1, int(total) + 1):
+            if i not in present:
+                problems.append(f"shard {prefix}-{i:0{len(total)}d}-of-{total}.{ext} missing")
+                break
+        index = f"{prefix}.{ext}.index.json"
+        if index not in top:
+            problems.append(f"{index} not written yet")
+    return problems
+
+
+def _trainer_summary(data: dict) -> dict:
+    keys = ("global_step", "epoch", "max_steps", "best_metric", "best_global_step", "best_model_checkpoint")
+    summary = {k: data[k] for k in keys if _is_scalar(data.get(k))}
+    history = data.get("log_history")
+    for entry in reversed(history if isinstance(history, list) else []):
+        if isinstance(entry, dict):
+            for key in ("loss", "learning_rate", "eval_loss"):
+                if key not in summary and _is_number(entry.get(key)):
+                    summary[key] = entry[key]
+    return summary
+
+
+def _metadata_summary(data: dict) -> dict:
+    summary = {k: v for k, v in data.items() if isinstance(k, str) and _is_scalar(v)}
+    if "step" in summary and "global_step" not in summary:
+        summary["global_step"] = summary.pop("step")
+    return summary
+
+
+def _single_file_kind(name: str) -> tuple[str, str | None, int | None] | None:
+    """(kind, what the number in the name is, that number) for a seed-style .pt name."""
+    for pattern, kind, number in SINGLE_FILES:
+        m = pattern.fullmatch(name)
+        if m:
+            return kind, number, int(m[1]) if number else None
+    return None
+
+
+def _is_trainer_resume_file(rel: str) -> bool:
+    if "/" in rel:
+        return bool(TRAINER_RESUME_DIR.fullmatch(rel.split("/", 1)[0]))
+    return bool(TRAINER_RESUME_FILE.fullmatch(rel))
+
+
+def _split(path) -> list[str] | None:
+    """Path components, or None for paths that do not stay inside remote_dir."""
+    if not isinstance(path, str) or path.startswith("/"):
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return None if ".." in parts else parts
+
+
+def _normalised_meta(meta) -> dict:
+    if not isinstance(meta, dict):
+        return {}
+    out = {}
+    for key, value in meta.items():
+        parts = _split(key)
+        if parts:
+            out["/".join(parts)] = value
+    return out
+
+
+def _number_in(pattern: re.Pattern, name: str) -> int | None:
+    m = pattern.fullmatch(name)
+    return int(m[1]) if m else None
+
+
+def _error_of(value) -> str | None:
+    if isinstance(value, dict) and "__error__" in value:
+        return str(value["__error__"])
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (str, int, float, bool))

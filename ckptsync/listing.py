@@ -1,0 +1,85 @@
+"""`ckptsync list`: the server's checkpoints and the backups side by side."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ckptsync.config import Target
+from ckptsync.remote import Remote
+from ckptsync.scan import ServerView, scan_server
+from ckptsync.store import EXTRA, Manifest, Store
+
+
+@dataclass
+class Row:
+    name: str
+    step: int | None
+    kind: str
+    size: int
+    mtime: float
+    on_server: bool
+    complete: bool | None          # None: not on the server
+    reason: str
+    content: str
+    resumable: bool
+    backup: str                    # "yes", "no", "outdated" (server copy differs), "local only"
+    is_best: bool
+    meta_error: str | None = None
+
+
+@dataclass
+class ListResult:
+    target: str
+    server: str | None
+    dest: str
+    rows: list[Row] = field(default_factory=list)
+    last_backup: dict | None = None
+    unmanaged: list[str] = field(default_factory=list)
+
+    @property
+    def total_server(self) -> int:
+        return sum(r.size for r in self.rows if r.on_server)
+
+    @property
+    def total_local(self) -> int:
+        return sum(r.size for r in self.rows if r.backup in ("yes", "outdated", "local only"))
+
+    def to_rows(self) -> list[dict]:
+        return [asdict(r) for r in self.rows]
+
+
+def merge(view: ServerView | None, manifests: dict[str, Manifest]) -> list[Row]:
+    """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time)."""
+    rows: list[Row] = []
+    seen = set()
+    if view is not None:
+        for c in view.checkpoints:
+            m = manifests.get(c.name)
+            if m is None:
+                backup = "no"
+            else:
+                server = {f.path: view.exact[f.path][:2] for f in c.files}
+                stored = {f.path: (f.size, f.mtime_ns) for f in m.files}
+                backup = "yes" if server == stored else "outdated"
+            rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, c.reason, c.content,
+                            c.resumable, backup, c.is_best, c.meta_error))
+            seen.add(c.name)
+    local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
+    local.sort(key=lambda m: (m.mtime, m.step if m.step is not None else -1), reverse=True)
+    for m in local:
+        rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, False, None, "", m.content, m.resumable,
+                        "local only", m.is_best))
+    return rows
+
+
+def run_list(target: Target, local_only: bool) -> ListResult:
+    store = Store(target.local_dir)
+    manifests = store.manifests()
+    result = ListResult(target=target.label, server=None if local_only else target.describe(),
+                        dest=str(target.local_dir), last_backup=store.status(), unmanaged=store.unmanaged())
+    view = None
+    if not local_only:
+        with Remote(target.transport) as remote:
+            view = scan_server(remote, target.remote_dir, target.settle_seconds)
+    result.rows = merge(view, manifests)
+    return result

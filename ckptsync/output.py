@@ -1,0 +1,176 @@
+"""All terminal output: messages, tables, progress, JSON. The only module that uses rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
+from rich.table import Table
+
+from ckptsync.progress import Reporter
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    if not ts:
+        return "never"
+    delta = max(0.0, (now or time.time()) - ts)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if delta >= size:
+            return f"{delta / size:.0f}{unit} ago"
+    return f"{delta:.0f}s ago"
+
+
+class Output:
+    """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file."""
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        if not self.out.is_terminal:
+            self.out.width = 200  # pipes and logs get whole cells, not ellipses
+        self.interactive = self.err.is_terminal and not quiet and not json_mode
+        self.log: TextIO | None = None
+        if log_file:
+            try:
+                self.log = open(os.path.expanduser(log_file), "a", encoding="utf-8")
+            except OSError as exc:
+                from ckptsync.errors import UsageError
+
+                raise UsageError(f"--log-file {log_file}: {exc.strerror or exc}") from None
+
+    def _log(self, level: str, message: str) -> None:
+        if self.log is not None:
+            self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}\n")
+            self.log.flush()
+
+    def info(self, message: str) -> None:
+        """Progress-type information: stderr, hidden by --quiet and --json."""
+        self._log("INFO", message)
+        if self.quiet or self.json_mode:
+            return
+        if self.interactive:
+            self.err.print(message, markup=False)
+        else:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        self._log("WARN", message)
+        self.err.print(f"[yellow]warning:[/] {escape(message)}")
+
+    def error(self, message: str, hint: str = "") -> None:
+        self._log("ERROR", message + (f" ({hint})" if hint else ""))
+        self.err.print(f"[bold red]error:[/] {escape(message)}")
+        if hint:
+            self.err.print(f"  {escape(hint)}", style="dim")
+
+    def result(self, text: str) -> None:
+        """The command's answer on stdout (not shown with --json, where emit() is used)."""
+        self._log("INFO", text)
+        if not self.json_mode:
+            self.out.print(text, markup=False)
+
+    def rich(self, renderable: Any) -> None:
+        if not self.json_mode:
+            self.out.print(renderable)
+
+    def emit(self, data: Any) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+    def reporter(self) -> Reporter:
+        return TerminalReporter(self) if self.interactive else LineReporter(self)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+class LineReporter(Reporter):
+    """Plain timestamped lines: for cron, pipes and log files."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.label = ""
+        self.total = 0
+        self.done = 0
+        self.started = 0.0
+
+    def info(self, message: str) -> None:
+        self.out.info(message)
+
+    def warn(self, message: str) -> None:
+        self.out.warn(message)
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.started = label, total, 0, time.monotonic()
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    def finish(self) -> None:
+        spent = max(time.monotonic() - self.started, 1e-6)
+        if self.done:
+            self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s ({human(self.done / spent)}/s)")
+
+
+class TerminalReporter(LineReporter):
+    """A rich progress bar with bytes, rate and ETA."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(out)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, label: str, total: int) -> None:
+        super().start(label, total)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=self.out.err, transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total or None)
+
+    def advance(self, nbytes: int) -> None:
+        super().advance(nbytes)
+        if self.progress is not None:
+            self.progress.advance(self.task, nbytes)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        super().finish()
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    t = Table(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for c in columns:
+        justify = "right" if c in ("step", "size", "files", "bytes") else "left"
+        t.add_column(c, justify=justify, no_wrap=c in ("name", "size", "modified"))
+    return t

@@ -1,0 +1,293 @@
+"""The client side of the agent protocol: start the agent, call operations, stream tar both ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from importlib import resources
+from typing import Any, BinaryIO, Callable
+
+from ckptsync import agent as wire
+from ckptsync.errors import AgentError, ConnectError, IntegrityError, NotFound, ProtocolError
+from ckptsync.transport import Process, Transport
+from ckptsync.transport.base import MARKER, NO_PYTHON
+
+MAX_FRAME = 64 << 20
+MAX_NOISE = 256 << 10
+START_TIMEOUT = 60.0
+CHUNK = wire.CHUNK
+
+
+def agent_source() -> bytes:
+    return resources.files("ckptsync").joinpath("agent.py").read_bytes()
+
+
+class _Pipe:
+    """File-like adapter over a Process, with a pushback buffer for bytes read past the marker."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        self.head = b""
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.proc.read(n)
+
+    def write(self, data: bytes) -> None:
+        self.proc.write(data)
+
+    def flush(self) -> None:
+        self.proc.flush()
+
+
+class _Channel(wire.Channel):
+    """The agent's framing, with a size limit: a broken server must not make us allocate gigabytes."""
+
+    def recv(self):
+        head = self._exact(wire.HEADER.size)
+        if head is None:
+            return None, None
+        kind, size = wire.HEADER.unpack(head)
+        if size > MAX_FRAME:
+            raise wire.Failure("protocol", f"frame of {size} bytes is larger than allowed")
+        body = self._exact(size) if size else b""
+        if body is None:
+            raise wire.Failure("protocol", "connection closed mid-frame")
+        return kind, body
+
+
+def _raise(payload: dict, default_path: str = "") -> None:
+    kind = payload.get("kind", "")
+    message = payload.get("message", "the agent reported an error")
+    if kind == "not_found":
+        raise NotFound(f"on the server: {message}")
+    raise AgentError(f"on the server: {message}", kind=kind, path=payload.get("path", default_path))
+
+
+class Remote:
+    """A started agent. Use as a context manager."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.proc: Process | None = None
+        self.chan: _Channel | None = None
+        self.hello: dict[str, Any] = {}
+        self.busy = False
+
+    # -------------------------------------------------- lifecycle
+
+    def __enter__(self) -> "Remote":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(polite=exc[0] is None)
+
+    def describe(self) -> str:
+        return self.transport.describe()
+
+    def open(self) -> None:
+        self.proc = self.transport.start()
+        pipe = _Pipe(self.proc)
+        timer = threading.Timer(START_TIMEOUT, self.proc.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            self._await_marker(pipe)
+        finally:
+            timer.cancel()
+        src = agent_source()
+        self.chan = _Channel(pipe, pipe)
+        try:
+            pipe.write(b"%d\n" % len(src) + src)
+            self.hello = self.call("hello")
+        except (ConnectError, wire.Failure) as exc:
+            raise ConnectError(f"the agent did not start on {self.describe()}: {exc}") from None
+        if self.hello.get("protocol") != wire.PROTOCOL:
+            raise ConnectError(f"the agent on {self.describe()} speaks protocol {self.hello.get('protocol')}")
+
+    def _await_marker(self, pipe: _Pipe) -> None:
+        seen = b""
+        while True:
+            block = self.proc.read(65536)
+            if not block:
+                err = self.proc.stderr_text()
+                if NO_PYTHON in err:
+                    raise ConnectError(f"{self.describe()}: no python3 on the server (ckptsync needs Python 3.8+ there)")
+                last = err.splitlines()[-1] if err else "the connection closed"
+                raise ConnectError(f"could not start the agent on {self.describe()}: {last}")
+            seen += block
+            at = seen.find(MARKER + b"\n")
+            if at >= 0 and (at == 0 or seen[at - 1 : at] == b"\n"):
+                pipe.head = seen[at + len(MARKER) + 1 :]
+                return
+            if len(seen) > MAX_NOISE:
+                raise ConnectError(f"could not start the agent on {self.describe()}: too much output before it started")
+
+    def close(self, polite: bool = True) -> None:
+        if self.proc is None:
+            return
+        if polite and self.chan is not None and not self.busy:
+            try:
+                self.call("bye")
+            except Exception:
+                pass
+        self.proc.close()
+        self.transport.close()
+        self.proc = None
+
+    # -------------------------------------------------- requests
+
+    def _recv(self) -> tuple[bytes, bytes]:
+        try:
+            kind, body = self.chan.recv()
+        except wire.Failure as exc:
+            raise ProtocolError(f"{self.describe()}: {exc.message}") from None
+        if kind is None:
+            raise ConnectError(f"connection to {self.describe()} closed")
+        return kind, body
+
+    def _json(self, body: bytes) -> dict:
+        try:
+            value = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"{self.describe()}: the agent sent something that is not JSON") from None
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{self.describe()}: the agent sent an unexpected reply")
+        return value
+
+    def request(self, op: str, **args: Any) -> None:
+        try:
+            self.chan.send_json({"op": op, **args})
+        except (OSError, wire.Failure) as exc:
+            raise ConnectError(f"connection to {self.describe()} lost: {exc}") from None
+
+    def reply(self) -> dict:
+        kind, body = self._recv()
+        if kind == b"X":
+            _raise(self._json(body))
+        if kind != b"J":
+            raise ProtocolError(f"{self.describe()}: expected a reply, got frame {kind!r}")
+        return self._json(body)
+
+    def call(self, op: str, **args: Any) -> dict:
+        self.request(op, **args)
+        return self.reply()
+
+    # -------------------------------------------------- abilities
+
+    @property
+    def hashes(self) -> list[str]:
+        return list(self.hello.get("hashes", ["sha1"]))
+
+    @property
+    def best_hash(self) -> str:
+        return self.hashes[0]
+
+    @property
+    def zstd(self) -> str | None:
+        return self.hello.get("zstd")
+
+    # -------------------------------------------------- streams
+
+    def download(self, root: str, pairs: list[tuple[str, str]], *, compress: str = "auto") -> "Download":
+        return Download(self, root, pairs, compress)
+
+    def upload(self, root: str, name: str, *, compress: str = "auto") -> "Upload":
+        return Upload(self, root, name, compress)
+
+
+class Download:
+    """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
+
+    def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str) -> None:
+        self.remote = remote
+        self.records: dict[str, dict] = {}
+        self.alg = remote.best_hash
+        remote.request("send", root=root, files=[list(p) for p in pairs], compress=compress, alg=self.alg)
+        remote.reply()
+        remote.busy = True
+        self.reader = wire.FrameReader(remote.chan, other=self._other)
+        self.stats: dict = {}
+
+    def _other(self, kind: bytes, body: bytes) -> None:
+        if kind == b"H":
+            record = self.remote._json(body)
+            self.records[str(record.get("member"))] = record
+        elif kind == b"X":
+            self.remote.busy = False
+            _raise(self.remote._json(body))
+        else:
+            raise ProtocolError(f"{self.remote.describe()}: unexpected frame {kind!r} in a transfer")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.reader.read(n)
+        except wire.Failure as exc:
+            raise ProtocolError(f"{self.remote.describe()}: {exc.message}") from None
+        except Exception as exc:
+            if type(exc).__name__ == "ZstdError":
+                raise ProtocolError(f"{self.remote.describe()}: corrupt compressed data: {exc}") from None
+            raise
+
+    def finish(self) -> dict:
+        try:
+            self.reader.drain()
+        except wire.Failure as exc:
+            raise ProtocolError(f"{self.remote.describe()}: {exc.message}") from None
+        self.remote.busy = False
+        self.stats = self.remote.reply()
+        return self.stats
+
+
+class Upload:
+    """Send files as a tar into a staging directory on the server; `finish` returns its hashes."""
+
+    def __init__(self, remote: Remote, root: str, name: str, compress: str) -> None:
+        self.remote = remote
+        self.alg = remote.best_hash
+        remote.request("receive", root=root, name=name, alg=self.alg)
+        self.info = remote.reply()
+        remote.busy = True
+        self.sender = wire.Sender(remote.chan, compress, remote.zstd)
+        self.sent: dict[str, str] = {}
+
+    def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
+            also: Callable[[bytes], None] | None = None) -> str:
+        """Stream one file; returns the hash (in the server's algorithm) of what was read."""
+        self.sender.write(wire.tar_header(member, size, mtime_ns, mode))
+        h = wire.new_hash(self.alg)
+        left = size
+        while left:
+            block = f.read(min(CHUNK, left))
+            if not block:
+                raise IntegrityError(f"{member}: file shrank while being sent")
+            h.update(block)
+            if also is not None:
+                also(block)
+            self._write(block)
+            left -= len(block)
+        pad = (-size) % 512
+        if pad:
+            self._write(b"\x00" * pad)
+        self.sent[member] = h.hexdigest()
+        return self.sent[member]
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sender.write(data)
+        except wire.Failure as exc:
+            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
+
+    def finish(self) -> dict:
+        try:
+            self._write(b"\x00" * 1024)
+            self.sender.close()
+            self.remote.chan.send(b"E")
+        except (wire.Failure, OSError) as exc:
+            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc}") from None
+        self.remote.busy = False
+        return self.remote.reply()

@@ -1,0 +1,281 @@
+"""The local backup directory: checkpoints under their own names, bookkeeping under .ckptsync/.
+
+    <dest>/checkpoint-500/...          files exactly as on the server
+    <dest>/latest.pt                   a single-file checkpoint
+    <dest>/extra-files/...             the configured extra files
+    <dest>/.ckptsync/manifests/N.json  one manifest per entry
+    <dest>/.ckptsync/staging/N/        files of an unfinished transfer, kept for the next run
+    <dest>/.ckptsync/lock, status.json, history.jsonl
+
+A manifest is written before its entry is renamed into place, so every
+visible entry has one; a manifest without its entry is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ckptsync.errors import CkptsyncError, DiskFull, Locked
+
+META = ".ckptsync"
+EXTRA = "extra-files"
+FORMAT = 1
+
+
+@dataclass
+class FileRecord:
+    path: str          # relative to the backup directory, e.g. "checkpoint-8/optimizer.pt"
+    size: int
+    mode: int
+    mtime_ns: int
+    xxh3_128: str
+    source: str = ""   # for extra files: the path as configured, relative to remote_dir
+
+
+@dataclass
+class Manifest:
+    name: str
+    layout: str
+    kind: str
+    step: int | None
+    files: list[FileRecord]
+    resume_files: list[str] = field(default_factory=list)
+    resumable: bool = False
+    content: str = "unknown"
+    missing: list[str] = field(default_factory=list)
+    is_best: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    backed_up_at: float = 0.0
+    verified_at: float = 0.0
+    format: int = FORMAT
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def mtime(self) -> float:
+        return max((f.mtime_ns for f in self.files), default=0) / 1e9
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        files = [FileRecord(**f) for f in data.pop("files")]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(files=files, **known)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def io_error(exc: OSError, what: str) -> CkptsyncError:
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"no space left on the device while {what}")
+    return CkptsyncError(f"{what}: {exc.strerror or exc}")
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.meta = self.root / META
+
+    # -------------------------------------------------- manifests
+
+    def manifest_path(self, name: str) -> Path:
+        return self.meta / "manifests" / f"{name}.json"
+
+    def entry(self, name: str) -> Path:
+        return self.root / name
+
+    def load(self, name: str) -> Manifest | None:
+        """The manifest of a visible entry, or None (missing, unreadable, or entry absent)."""
+        path = self.manifest_path(name)
+        if not self.entry(name).exists():
+            return None
+        try:
+            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def manifests(self) -> dict[str, Manifest]:
+        out: dict[str, Manifest] = {}
+        folder = self.meta / "manifests"
+        if not folder.is_dir():
+            return out
+        for path in sorted(folder.glob("*.json")):
+            m = self.load(path.stem)
+            if m is not None:
+                out[m.name] = m
+        return out
+
+    def unmanaged(self) -> list[str]:
+        """Entries in the backup directory that have no manifest (copied by hand, or left by other tools)."""
+        if not self.root.is_dir():
+            return []
+        known = set(self.manifests())
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in known)
+
+    def write_manifest(self, m: Manifest) -> None:
+        atomic_write(self.manifest_path(m.name), m.to_json())
+
+    def drop_manifest(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path(name).unlink()
+
+    # -------------------------------------------------- staging
+
+    def staging(self, name: str) -> Path:
+        return self.meta / "staging" / name
+
+    def progress_path(self, name: str) -> Path:
+        return self.meta / "staging" / f"{name}.progress.json"
+
+    def load_progress(self, name: str) -> dict[str, dict]:
+        try:
+            data = json.loads(self.progress_path(name).read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save_progress(self, name: str, progress: dict[str, dict]) -> None:
+        atomic_write(self.progress_path(name), json.dumps(progress))
+
+    def discard_staging(self, name: str) -> None:
+        shutil.rmtree(self.staging(name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.progress_path(name).unlink()
+
+    def commit(self, m: Manifest, replace: bool) -> Path | None:
+        """Move a staged entry into place. Returns where a replaced older copy went, if kept."""
+        staged = self.staging(m.name) / m.name
+        final = self.entry(m.name)
+        kept = None
+        self.write_manifest(m)
+        if final.exists() or final.is_symlink():
+            aside = self.meta / "trash" / f"{m.name}.{time.time_ns()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(final, aside)
+            if replace:
+                os.rename(staged, final)
+                remove_tree(aside)
+            else:
+                kept = self.root / f"{m.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.rename(staged, final)
+                os.rename(aside, kept)
+        else:
+            os.rename(staged, final)
+        fsync_dir(self.root)
+        self.discard_staging(m.name)
+        return kept
+
+    def clean_trash(self) -> None:
+        shutil.rmtree(self.meta / "trash", ignore_errors=True)
+
+    # -------------------------------------------------- dedup index
+
+    def content_index(self) -> dict[tuple[str, int, int], Path]:
+        """(xxh3, size, mode) -> an existing stored file, for hard-linking identical content."""
+        index: dict[tuple[str, int, int], Path] = {}
+        for m in self.manifests().values():
+            for f in m.files:
+                index.setdefault((f.xxh3_128, f.size, f.mode), self.root / f.path)
+        return index
+
+    # -------------------------------------------------- status
+
+    def record_status(self, status: dict[str, Any]) -> None:
+        self.meta.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.meta / "status.json", json.dumps(status, indent=1, sort_keys=True))
+        with open(self.meta / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(status, sort_keys=True) + "\n")
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.meta / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    # -------------------------------------------------- lock
+
+    @contextlib.contextmanager
+    def lock(self, command: str, wait: bool = False, on_wait=None) -> Iterator[None]:
+        """One run per backup directory. flock is released by the kernel when a holder dies."""
+        self.meta.mkdir(parents=True, exist_ok=True)
+        path = self.meta / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = read_holder(path)
+                if not wait:
+                    raise Locked(f"{self.root} is in use by {holder}", hint="use --wait to wait for it") from None
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+
+def read_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+        return f"'{info['command']}' (pid {info['pid']} on {info['host']}, since {since})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another ckptsync run"
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

@@ -1,0 +1,95 @@
+"""The transport interface: start the agent launcher somewhere, get a byte pipe to it."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from abc import ABC, abstractmethod
+
+# The first stage runs under the server's python3 -c. It prints a marker line
+# (so login banners and shell noise before it can be skipped), reads the
+# agent's length and source from stdin, and runs it. No single quotes: it is
+# placed inside single quotes in a shell command line.
+STAGE1 = (
+    "import sys;"
+    "sys.version_info<(3,8) and sys.exit(\"ckptsync: the server needs Python 3.8 or newer\");"
+    "o=sys.stdout.buffer;o.write(b\"\\nCKPTSYNC-AGENT-READY\\n\");o.flush();"
+    "i=sys.stdin.buffer;n=int(i.readline());"
+    "exec(compile(i.read(n),\"ckptsync-agent\",\"exec\"))"
+)
+MARKER = b"CKPTSYNC-AGENT-READY"
+NO_PYTHON = "ckptsync: no python3 on the server"
+
+# The shell line used where a remote shell interprets the command (ssh, tnr).
+SHELL_LAUNCH = (
+    "for p in python3 python; do "
+    "if command -v $p >/dev/null 2>&1; then exec $p -c '" + STAGE1 + "'; fi; "
+    "done; echo '" + NO_PYTHON + "' >&2; exit 127"
+)
+
+
+class Process(ABC):
+    """A running agent launcher: its stdin, stdout and the tail of its stderr."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def read(self, n: int) -> bytes:
+        """At least one byte, at most n; b"" at end of stream."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def flush(self) -> None:
+        pass
+
+    def stderr_text(self) -> str:
+        return ""
+
+    def exit_status(self) -> int | None:
+        return None
+
+
+class Transport(ABC):
+    """Where the agent runs. `describe` names it for messages."""
+
+    @abstractmethod
+    def start(self) -> Process: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    def close(self) -> None:
+        pass
+
+
+class StderrTail:
+    """Collects the last few KiB of a stream on its own thread (an unread stderr can block the peer)."""
+
+    def __init__(self, read, limit: int = 16384) -> None:
+        self._read = read
+        self._limit = limit
+        self._buf = bytearray()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                block = self._read(65536)
+            except (OSError, ValueError, EOFError):
+                return
+            if not block:
+                return
+            self._buf += block
+            if len(self._buf) > self._limit:
+                del self._buf[: len(self._buf) - self._limit]
+
+    def text(self, wait: float = 0.2) -> str:
+        self._thread.join(wait)
+        return self._buf.decode("utf-8", "replace").strip()
+
+
+def shell_join(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

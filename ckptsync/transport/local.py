@@ -1,0 +1,86 @@
+"""Transports that run the agent launcher as a local subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ckptsync.errors import ConnectError
+from ckptsync.transport.base import SHELL_LAUNCH, STAGE1, Process, StderrTail, Transport
+
+# Prefixes whose remote side runs our command through a shell, so the
+# launcher must travel as one shell line rather than an argv.
+SHELL_PREFIXES = {"ssh", "tnr", "gcloud", "az", "mosh"}
+
+
+class Subprocess(Process):
+    def __init__(self, argv: list[str], env: dict | None = None) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                bufsize=0, env=env, start_new_session=True,
+            )
+        except OSError as exc:
+            raise ConnectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        self._stderr = StderrTail(self.proc.stderr.read)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            raise ConnectError(f"connection lost: {exc}") from None
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.proc.stdout.read(n)
+        except (OSError, ValueError):
+            return b""
+
+    def stderr_text(self) -> str:
+        return self._stderr.text()
+
+    def exit_status(self) -> int | None:
+        return self.proc.poll()
+
+    def close(self) -> None:
+        for stream in (self.proc.stdin,):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LocalTransport(Transport):
+    """The agent on this machine: for a local directory standing in for the server."""
+
+    def start(self) -> Process:
+        return Subprocess([sys.executable, "-c", STAGE1], env=dict(os.environ))
+
+    def describe(self) -> str:
+        return "this machine"
+
+
+class CommandTransport(Transport):
+    """Any argv prefix that runs a command remotely on our stdin/stdout (ssh host, kubectl exec -i pod --)."""
+
+    def __init__(self, prefix: list[str]) -> None:
+        if not prefix:
+            raise ConnectError("empty command for the command transport")
+        self.prefix = list(prefix)
+
+    def start(self) -> Process:
+        head = os.path.basename(self.prefix[0])
+        if head in SHELL_PREFIXES:
+            argv = self.prefix + [SHELL_LAUNCH]
+        else:
+            argv = self.prefix + ["sh", "-c", SHELL_LAUNCH]
+        return Subprocess(argv)
+
+    def describe(self) -> str:
+        return " ".join(self.prefix)

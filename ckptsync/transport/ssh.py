@@ -1,0 +1,218 @@
+"""The SSH transport through paramiko: ~/.ssh/config, known_hosts, keys and the agent."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import paramiko
+
+from ckptsync.errors import ConnectError, HostKeyError
+from ckptsync.transport.base import SHELL_LAUNCH, Process, StderrTail, Transport
+
+CONNECT_TIMEOUT = 15.0
+
+
+@dataclass
+class SshTarget:
+    host: str                      # an address or a ~/.ssh/config alias
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    host_key_policy: str = "strict"   # strict | accept-new
+    ssh_config: str = "~/.ssh/config"
+    extra_known_hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Resolved:
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: list[str]
+    identities_only: bool
+    known_hosts: list[str]
+    proxy_jump: str | None
+
+
+def resolve(target: SshTarget) -> Resolved:
+    """Merge explicit settings over ~/.ssh/config, the way OpenSSH does."""
+    cfg = paramiko.SSHConfig()
+    path = os.path.expanduser(target.ssh_config)
+    if os.path.exists(path):
+        try:
+            cfg = paramiko.SSHConfig.from_path(path)
+        except (OSError, ValueError, paramiko.ssh_exception.ConfigParseError) as exc:
+            raise ConnectError(f"cannot read {path}: {exc}") from None
+    found = cfg.lookup(target.host)
+    identity = [target.identity_file] if target.identity_file else found.get("identityfile", [])
+    known = found.get("userknownhostsfile", "").split() or ["~/.ssh/known_hosts"]
+    port = target.port or int(found.get("port", 22))
+    return Resolved(
+        alias=target.host,
+        hostname=found.get("hostname", target.host),
+        port=port,
+        user=target.user or found.get("user") or _local_user(),
+        identity_files=[os.path.expanduser(p) for p in identity],
+        identities_only=found.get("identitiesonly", "no").lower() == "yes",
+        known_hosts=[os.path.expanduser(p) for p in known + target.extra_known_hosts],
+        proxy_jump=found.get("proxyjump"),
+    )
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _host_label(hostname: str, port: int) -> str:
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
+class _Policy(paramiko.MissingHostKeyPolicy):
+    def __init__(self, accept_new: bool, save_to: str) -> None:
+        self.accept_new = accept_new
+        self.save_to = save_to
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        fingerprint = key.fingerprint if hasattr(key, "fingerprint") else key.get_base64()[:20]
+        if not self.accept_new:
+            raise HostKeyError(
+                f"unknown host key for {hostname} ({key.get_name()} {fingerprint})",
+                hint="check the fingerprint, then rerun with --accept-new-host-key "
+                "(or set host_key_policy: accept-new in the config)",
+            )
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        os.makedirs(os.path.dirname(self.save_to) or ".", exist_ok=True)
+        with open(self.save_to, "a", encoding="ascii") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class SshProcess(Process):
+    def __init__(self, client: paramiko.SSHClient, chan: paramiko.Channel, jump) -> None:
+        self.client = client
+        self.chan = chan
+        self.jump = jump
+        self._stderr = StderrTail(chan.recv_stderr)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.chan.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectError(f"connection lost: {exc or type(exc).__name__}") from None
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.chan.recv(n)
+        except (OSError, EOFError, paramiko.SSHException):
+            return b""
+
+    def stderr_text(self) -> str:
+        return self._stderr.text()
+
+    def exit_status(self) -> int | None:
+        return self.chan.recv_exit_status() if self.chan.exit_status_ready() else None
+
+    def close(self) -> None:
+        try:
+            self.chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        self.chan.close()
+        self.client.close()
+        if self.jump is not None:
+            self.jump.close()
+
+
+class SshTransport(Transport):
+    def __init__(self, target: SshTarget) -> None:
+        self.target = target
+        self.resolved = resolve(target)
+
+    def describe(self) -> str:
+        r = self.resolved
+        return f"{r.user}@{r.hostname}:{r.port}" if r.alias == r.hostname else f"{r.alias} ({r.user}@{r.hostname}:{r.port})"
+
+    def _client(self, r: Resolved) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        primary = r.known_hosts[0]
+        for path in reversed(r.known_hosts):
+            if os.path.exists(path):
+                try:
+                    client.load_host_keys(path) if path == primary else client.get_host_keys().load(path)
+                except (OSError, paramiko.SSHException) as exc:
+                    raise ConnectError(f"cannot read known hosts file {path}: {exc}") from None
+        client.set_missing_host_key_policy(_Policy(self.target.host_key_policy == "accept-new", primary))
+        return client
+
+    def _connect(self, r: Resolved, sock=None) -> paramiko.SSHClient:
+        client = self._client(r)
+        label = f"{r.user}@{r.hostname}:{r.port}"
+        keys = [p for p in r.identity_files if os.path.exists(p)]
+        try:
+            client.connect(
+                r.hostname, port=r.port, username=r.user, key_filename=keys or None,
+                allow_agent=not r.identities_only, look_for_keys=not (r.identities_only or keys),
+                timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                sock=sock,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"host key for {_host_label(r.hostname, r.port)} has CHANGED ({exc.key.get_name()}); "
+                "refusing to connect",
+                hint="if the server was really rebuilt, remove its old line from known_hosts "
+                f"(ssh-keygen -R '{_host_label(r.hostname, r.port)}') and accept the new key",
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            tried = ", ".join(keys) if keys else "default keys and the SSH agent"
+            raise ConnectError(f"authentication failed for {label} (tried {tried})") from None
+        except socket.gaierror as exc:
+            client.close()
+            raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}") from None
+        except (socket.timeout, TimeoutError):
+            client.close()
+            raise ConnectError(f"cannot connect to {label}: timed out after {CONNECT_TIMEOUT:.0f}s") from None
+        except OSError as exc:
+            client.close()
+            raise ConnectError(f"cannot connect to {label}: {exc.strerror or exc}") from None
+        except (paramiko.SSHException, EOFError) as exc:
+            client.close()
+            raise ConnectError(f"SSH failed with {label}: {exc or type(exc).__name__}") from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)
+        return client
+
+    def start(self) -> Process:
+        r = self.resolved
+        jump = None
+        sock = None
+        if r.proxy_jump and r.proxy_jump.lower() != "none":
+            hop = r.proxy_jump.split(",")[0]
+            user, _, rest = hop.rpartition("@")
+            host, _, port = rest.partition(":")
+            jr = resolve(SshTarget(host=host, user=user or None, port=int(port) if port else None,
+                                   ssh_config=self.target.ssh_config,
+                                   host_key_policy=self.target.host_key_policy))
+            jump = self._connect(jr)
+            try:
+                sock = jump.get_transport().open_channel("direct-tcpip", (r.hostname, r.port), ("127.0.0.1", 0))
+            except (paramiko.SSHException, OSError) as exc:
+                jump.close()
+                raise ConnectError(f"jump host {hop} cannot reach {r.hostname}:{r.port}: {exc}") from None
+        client = self._connect(r, sock)
+        try:
+            chan = client.get_transport().open_session()
+            chan.exec_command(SHELL_LAUNCH)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            raise ConnectError(f"cannot start a command on {self.describe()}: {exc}") from None
+        return SshProcess(client, chan, jump)

@@ -1,0 +1,504 @@
+"""A throwaway OpenSSH server on 127.0.0.1 for tests.
+
+``SshdServer`` starts the system ``sshd`` in the foreground on a free local
+port, with every file it needs (host key, user key, authorized_keys, config,
+pid file, log) inside one directory.  Clients get a ``known_hosts`` file and an
+``ssh_config`` that define the host aliases ``tnr-0``, ``tnr-1``, ``tnr-2`` and
+``testhost``, all pointing at this server as the current user.
+
+It works as root (CI) and as an ordinary user.  Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import atexit
+import getpass
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Sequence
+
+HOST_ALIASES: tuple[str, ...] = ("tnr-0", "tnr-1", "tnr-2", "testhost")
+
+STARTUP_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+KEYGEN_TIMEOUT = 30.0
+
+
+class SshdError(RuntimeError):
+    """sshd could not be set up or did not come up in time."""
+
+
+def find_sshd() -> str | None:
+    """Absolute path of the sshd binary, or None when it is not installed."""
+    if os.access("/usr/sbin/sshd", os.X_OK):
+        return "/usr/sbin/sshd"
+    search = os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"]
+    )
+    found = shutil.which("sshd", path=search)
+    return os.path.abspath(found) if found else None
+
+
+def find_client_tool(name: str) -> str | None:
+    """Absolute path of an OpenSSH client tool (ssh, ssh-keygen)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin"])
+    found = shutil.which(name, path=search)
+    return os.path.abspath(found) if found else None
+
+
+def missing_tools() -> list[str]:
+    """Names of the OpenSSH programs the fixture needs but cannot find."""
+    missing = []
+    if find_sshd() is None:
+        missing.append("sshd")
+    for tool in ("ssh", "ssh-keygen"):
+        if find_client_tool(tool) is None:
+            missing.append(tool)
+    return missing
+
+
+def current_user() -> str:
+    """Login name for the tests: ``getpass.getuser()``, unless that disagrees
+    with the effective uid (sshd, when not root, can only log in its own user)."""
+    name = getpass.getuser()
+    try:
+        real = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return name
+    return name if name == real else real
+
+
+def account_locked(user: str) -> bool:
+    """True when ``user``'s shadow entry marks a locked password ("!...")."""
+    try:
+        with open("/etc/shadow", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.rstrip("\n").split(":")
+                if fields[0] == user and len(fields) > 1:
+                    return fields[1].startswith("!")
+    except OSError:
+        pass
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _read_stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process from /proc/PID/stat, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    # The command name sits in parentheses and may itself hold spaces or ')'.
+    rest = data[data.rfind(")") + 2 :].split()
+    if len(rest) < 2:
+        return None
+    try:
+        return rest[0], int(rest[1])
+    except ValueError:
+        return None
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """PIDs of all live descendants of root_pid (not root_pid itself)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        info = _read_stat(pid)
+        if info is None:
+            continue
+        state, ppid = info
+        if state in ("Z", "X"):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    queue = list(children.get(root_pid, []))
+    while queue:
+        pid = queue.pop(0)
+        if pid in found or pid == root_pid:
+            continue
+        found.append(pid)
+        queue.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+class SshdServer:
+    """A real OpenSSH sshd listening on 127.0.0.1, confined to ``workdir``.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, workdir: str | os.PathLike[str], *, start: bool = True,
+                 startup_timeout: float = STARTUP_TIMEOUT,
+                 use_pam: bool | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.startup_timeout = startup_timeout
+        self.user = current_user()
+        self.is_root = os.geteuid() == 0
+        # Without PAM, sshd refuses a user whose shadow password starts with
+        # "!" (a "locked" account) even for key logins.  It can read the shadow
+        # file only as root, so only then is PAM needed to get in.
+        self.use_pam = (self.is_root and account_locked(self.user)) if use_pam is None \
+            else use_pam
+        self.aliases = HOST_ALIASES
+
+        self.sshd_path = find_sshd()
+        self.ssh_path = find_client_tool("ssh")
+        self.keygen_path = find_client_tool("ssh-keygen")
+
+        self.host_key = self.workdir / "ssh_host_ed25519_key"
+        self.identity_file = self.workdir / "id_ed25519"
+        self.authorized_keys = self.workdir / "authorized_keys"
+        self.sshd_config = self.workdir / "sshd_config"
+        self.pid_file = self.workdir / "sshd.pid"
+        self.log_path = self.workdir / "sshd.log"
+        self.known_hosts = self.workdir / "known_hosts"
+        self.ssh_config = self.workdir / "ssh_config"
+
+        self.port: int = 0
+        self.host_key_line: str = ""
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_handle = None
+
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def identity_pub(self) -> Path:
+        return self.identity_file.with_name(self.identity_file.name + ".pub")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def _keygen(self, path: Path, comment: str) -> None:
+        for stale in (path, path.with_name(path.name + ".pub")):
+            if stale.exists():
+                stale.unlink()
+        try:
+            subprocess.run(
+                [self.keygen_path, "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                 "-f", str(path)],
+                check=True, stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=KEYGEN_TIMEOUT,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise SshdError(
+                f"ssh-keygen failed for {path}: {exc.stderr.decode(errors='replace')}"
+            ) from exc
+        os.chmod(path, 0o600)
+        os.chmod(path.with_name(path.name + ".pub"), 0o644)
+
+    def _prepare_files(self) -> None:
+        if self.sshd_path is None:
+            raise SshdError("sshd not found (install openssh-server)")
+        if self.ssh_path is None or self.keygen_path is None:
+            raise SshdError("ssh / ssh-keygen not found (install openssh-client)")
+        if self.is_root:
+            # Privilege separation directory, absent in fresh containers.
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self._keygen(self.host_key, "ckptsync-test-host")
+        self._keygen(self.identity_file, f"{self.user}@ckptsync-test")
+        shutil.copyfile(self.identity_pub, self.authorized_keys)
+        os.chmod(self.authorized_keys, 0o600)
+
+    def _write_sshd_config(self) -> None:
+        lines = [
+            f"ListenAddress {self.host}",
+            f"Port {self.port}",
+            f"HostKey {self.host_key}",
+            f"PidFile {self.pid_file}",
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "StrictModes no",
+            f"UsePAM {'yes' if self.use_pam else 'no'}",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "MaxStartups 100",
+            "MaxSessions 64",
+            "LogLevel VERBOSE",
+            "Subsystem sftp internal-sftp",
+        ]
+        if self.is_root:
+            lines.append("PermitRootLogin yes")
+        self.sshd_config.write_text("\n".join(lines) + "\n")
+        os.chmod(self.sshd_config, 0o600)
+
+    def _host_key_line(self) -> str:
+        fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
+        return f"[{self.host}]:{self.port} {fields[0]} {fields[1]}"
+
+    def client_config_text(self, identity_file: Path | None = None,
+                           known_hosts: Path | None = None) -> str:
+        identity = identity_file or self.identity_file
+        known = known_hosts or self.known_hosts
+        blocks = []
+        for alias in self.aliases:
+            blocks.append(
+                "\n".join([
+                    f"Host {alias}",
+                    f"    HostName {self.host}",
+                    f"    Port {self.port}",
+                    f"    User {self.user}",
+                    f"    IdentityFile {identity}",
+                    f"    UserKnownHostsFile {known}",
+                    "    StrictHostKeyChecking yes",
+                    "    IdentitiesOnly yes",
+                    "    BatchMode yes",
+                    "    ConnectTimeout 10",
+                ])
+            )
+        return "\n\n".join(blocks) + "\n"
+
+    def _write_client_files(self) -> None:
+        self.host_key_line = self._host_key_line()
+        self.known_hosts.write_text(self.host_key_line + "\n")
+        os.chmod(self.known_hosts, 0o644)
+        self.ssh_config.write_text(self.client_config_text())
+        os.chmod(self.ssh_config, 0o600)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> "SshdServer":
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self._prepare_files()
+        last_error: SshdError | None = None
+        for _attempt in range(3):
+            self.port = free_port(self.host)
+            self._write_sshd_config()
+            self._write_client_files()
+            try:
+                self._launch()
+                return self
+            except SshdError as exc:
+                last_error = exc
+                self._terminate_listener()
+                if "Address already in use" not in str(exc):
+                    break
+        assert last_error is not None
+        raise last_error
+
+    def _launch(self) -> None:
+        self._log_handle = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [self.sshd_path, "-D", "-e", "-f", str(self.sshd_config)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.workdir),
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise SshdError(
+                    f"sshd exited with status {code} during startup on port "
+                    f"{self.port}\n--- {self.log_path} ---\n{self.log_tail()}"
+                )
+            if self._banner_ok():
+                break
+            if time.monotonic() > deadline:
+                raise SshdError(
+                    f"sshd did not accept connections on {self.host}:{self.port} "
+                    f"within {self.startup_timeout:.0f} s\n--- {self.log_path} ---\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        # Let the child that served the readiness probe go away.
+        settle = time.monotonic() + 2.0
+        while self.session_pids() and time.monotonic() < settle:
+            time.sleep(0.02)
+
+    def _banner_ok(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+                sock.settimeout(2.0)
+                data = b""
+                while b"\n" not in data and len(data) < 256:
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def session_pids(self) -> list[int]:
+        """PIDs of the per-connection sshd processes and everything below them."""
+        if not self.is_running():
+            return []
+        return process_tree(self.process.pid)
+
+    def kill_sessions(self, sig: int = signal.SIGKILL, *, sshd_only: bool = False,
+                      wait: float = 5.0) -> list[int]:
+        """Send ``sig`` to every session process (never the listener).
+
+        With ``sshd_only`` only the sshd processes of the connections are hit and
+        the remote commands are left running, as after a real network drop.
+        Returns the PIDs signalled; waits up to ``wait`` seconds for them to go.
+        """
+        pids = self.session_pids()
+        if sshd_only:
+            pids = [p for p in pids if _process_name(p).startswith("sshd")]
+        signalled = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                signalled.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if sig in (signal.SIGKILL, signal.SIGTERM) and wait > 0:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                alive = [p for p in signalled if _alive(p)]
+                if not alive:
+                    break
+                time.sleep(0.02)
+        return signalled
+
+    def _terminate_listener(self) -> None:
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def stop(self) -> None:
+        """Kill all sessions and terminate the listener."""
+        if self.process is None:
+            return
+        atexit.unregister(self.stop)
+        sessions = self.session_pids()
+        self._terminate_listener()
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    close = stop
+
+    def __enter__(self) -> "SshdServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<SshdServer {self.user}@{self.host}:{self.port} {state}>"
+
+    # ---------------------------------------------------------------- clients
+
+    def ssh_argv(self, host: str = "testhost") -> list[str]:
+        """``ssh -F ssh_config HOST``: prefix for running the OpenSSH client."""
+        return [self.ssh_path or "ssh", "-F", str(self.ssh_config), host]
+
+    def ssh_e(self) -> str:
+        """The value for ``rsync -e``."""
+        return shlex.join([self.ssh_path or "ssh", "-F", str(self.ssh_config)])
+
+    def run_ssh(self, command: str | Sequence[str], *, host: str = "testhost",
+                input: str | None = None, timeout: float = 60,
+                check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` on the server with the OpenSSH client."""
+        if not isinstance(command, str):
+            command = shlex.join(list(command))
+        return subprocess.run(
+            [*self.ssh_argv(host), command],
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def write_home(self, home_dir: str | os.PathLike[str]) -> Path:
+        """Lay out ``home_dir/.ssh`` like a real user's set-up for this server.
+
+        Writes ``config`` (the same host entries, pointing at the copies in this
+        ``.ssh``), ``known_hosts`` and ``id_ed25519`` (+ ``.pub``).  Returns the
+        ``.ssh`` directory.
+        """
+        if not self.host_key_line:
+            raise SshdError("write_home() needs a started server")
+        home = Path(home_dir).resolve()
+        ssh_dir = home / ".ssh"
+        ssh_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o755)
+        os.chmod(ssh_dir, 0o700)
+        key = ssh_dir / "id_ed25519"
+        pub = ssh_dir / "id_ed25519.pub"
+        known = ssh_dir / "known_hosts"
+        config = ssh_dir / "config"
+        _write_private(key, self.identity_file.read_bytes())
+        _write_private(pub, self.identity_pub.read_bytes())
+        _write_private(known, (self.host_key_line + "\n").encode())
+        _write_private(config, self.client_config_text(key, known).encode())
+        return ssh_dir
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def _alive(pid: int) -> bool:
+    info = _read_stat(pid)
+    return info is not None and info[0] not in ("Z", "X")
+
