@@ -7,6 +7,7 @@ UNEXPECTED = 1
 USAGE = 2
 PARTIAL = 3
 CONFIG = 4
+IO = 5
 NOT_FOUND = 10
 LOCKED = 11
 CONNECT = 20
@@ -19,6 +20,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (USAGE, "usage error: a wrong flag or argument"),
     (PARTIAL, "partial: some items failed or were skipped, the rest succeeded"),
     (CONFIG, "configuration error"),
+    (IO, "I/O error: disk full, permission denied, a read or write failure (here or on the server)"),
     (NOT_FOUND, "checkpoint not found"),
     (LOCKED, "another run holds the lock"),
     (CONNECT, "cannot connect, authenticate or start the agent"),
@@ -66,10 +68,14 @@ class HostKeyError(ConnectError):
     """Unknown or changed host key."""
 
 
-class AgentError(CkptsyncError):
-    """The agent reported a failure of one operation (an OSError on the server, say)."""
+class IOFailure(CkptsyncError):
+    """A file operation failed, here or on the server."""
 
-    exit_code = UNEXPECTED
+    exit_code = IO
+
+
+class AgentError(IOFailure):
+    """The agent reported a failure of one operation (an OSError on the server, say)."""
 
     def __init__(self, message: str, *, kind: str = "", path: str = "") -> None:
         super().__init__(message)
@@ -85,8 +91,8 @@ class IntegrityError(CkptsyncError):
     exit_code = INTEGRITY
 
 
-class DiskFull(CkptsyncError):
-    exit_code = UNEXPECTED
+class DiskFull(IOFailure):
+    pass
 
 
 class Interrupted(CkptsyncError):

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
-from ckptsync.errors import AgentError, ConnectError, IntegrityError, NotFound, ProtocolError
+from ckptsync.errors import AgentError, CkptsyncError, ConnectError, IntegrityError, NotFound, ProtocolError
 from ckptsync.transport import Process, Transport
 from ckptsync.transport.base import MARKER, NO_PYTHON
 
@@ -64,6 +64,10 @@ def _raise(payload: dict, default_path: str = "") -> None:
     message = payload.get("message", "the agent reported an error")
     if kind == "not_found":
         raise NotFound(f"on the server: {message}")
+    if kind in ("protocol", "unknown_op", "bad_member", "unsupported"):
+        raise ProtocolError(f"on the server: {message}")
+    if kind == "internal":
+        raise CkptsyncError(f"the agent failed on the server: {message}")
     raise AgentError(f"on the server: {message}", kind=kind, path=payload.get("path", default_path))
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ckptsync.errors import CkptsyncError, DiskFull, Locked
+from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 
 META = ".ckptsync"
 EXTRA = "extra-files"
@@ -105,7 +105,7 @@ def atomic_write(path: Path, data: str) -> None:
 def io_error(exc: OSError, what: str) -> CkptsyncError:
     if exc.errno == errno.ENOSPC:
         return DiskFull(f"no space left on the device while {what}")
-    return CkptsyncError(f"{what}: {exc.strerror or exc}")
+    return IOFailure(f"{what}: {exc.strerror or exc}")
 
 
 class Store:
