@@ -429,8 +429,8 @@ def kill_ns_pids(ns: str) -> None:
             pass
 
 
-def cleanup_stale() -> int:
-    """Remove namespaces left by earlier runs of this script whose process is gone."""
+def cleanup_stale(data: Path) -> int:
+    """Remove namespaces and work dirs left by earlier runs whose process is gone."""
     r = run(["ip", "netns", "list"], check=False)
     n = 0
     for line in (r.stdout or "").splitlines():
@@ -450,6 +450,11 @@ def cleanup_stale() -> int:
         log(f"removed {name}")
         n += 1
     log(f"{n} stale namespace(s) removed")
+    for d in sorted(data.glob("work-*")):
+        pid = d.name[len("work-"):]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(d, ignore_errors=True)
+            log(f"removed {d}")
     return 0
 
 
@@ -612,7 +617,6 @@ class Bench:
         if not self.drop:
             return
         try:
-            os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
         except OSError as e:
@@ -620,9 +624,10 @@ class Bench:
             self.drop = False
 
     def measure(self, speed, rep, op, tool, label, stages, env, nbytes, check, dest, network=True) -> dict:
+        os.sync()  # untimed: no dirty pages from the previous copy leak into this one
         if network:
             self.drop_caches()
-        res = self.timer.run(stages, env=env)
+        res = self.timer.run(stages, env=env, cwd=self.lab.home)
         ok = res["rc"] == 0
         if ok:
             ok, msg = check()
@@ -879,7 +884,7 @@ def main(argv=None) -> int:
         return 2
     a = parse_args(argv)
     if a.cleanup:
-        return cleanup_stale()
+        return cleanup_stale(Path(a.data).expanduser().resolve())
     have_time = ensure_prereqs()
     data = Path(a.data).expanduser().resolve()
     src = ensure_data(data, Path(a.fixture))
@@ -898,6 +903,7 @@ def main(argv=None) -> int:
     atexit.register(lab.close)
 
     def on_signal(signum, _frame):
+        log(f"\nsignal {signum}: stopping and tearing down")
         raise SystemExit(128 + signum)
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -391,6 +391,8 @@ def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> Ba
 
 
 def _record(job: Backup, code: int, error: str) -> None:
+    if not job.store.root.exists():
+        return  # a run that never got to write leaves no trace (it may have been refused for space)
     r = job.result
     status = {
         "command": "backup", "time": time.time(), "exit_code": code, "ok": code == OK, "error": error,

@@ -1,0 +1,278 @@
+"""`ckptsync list` and `ckptsync backup` end to end, through a real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cli_env, file_sha256, run_cli, tree_digest
+
+EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
+
+
+def write_config(home: Path, remote_dir: Path, local_dir: Path, **extra) -> Path:
+    cfg = {
+        "local_dir": str(local_dir),
+        "remote_dir": str(remote_dir),
+        "extra_files": EXTRA,
+        "settle_seconds": 60,
+        **extra,
+    }
+    path = home / "ckptsync.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is valid YAML
+    return path
+
+
+def manifest(dest: Path, name: str) -> dict:
+    return json.loads((dest / ".ckptsync" / "manifests" / f"{name}.json").read_text())
+
+
+def assert_same_as_server(server_ckpt: Path, local_ckpt: Path, man: dict, name: str) -> None:
+    """Bytes and modes identical; mtimes identical to the server in the manifest, and on disk
+    for files that are not hard-linked to another checkpoint's identical copy."""
+    records = {r["path"]: r for r in man["files"]}
+    server_files = sorted(p.relative_to(server_ckpt).as_posix() for p in server_ckpt.rglob("*") if p.is_file())
+    assert sorted(k.split("/", 1)[1] for k in records) == server_files
+    for rel in server_files:
+        s, l = server_ckpt / rel, local_ckpt / rel
+        st_s, st_l = s.stat(), l.stat()
+        assert file_sha256(s) == file_sha256(l), rel
+        assert (st_s.st_mode & 0o7777) == (st_l.st_mode & 0o7777), rel
+        rec = records[f"{name}/{rel}"]
+        assert rec["mtime_ns"] == st_s.st_mtime_ns, rel
+        assert rec["size"] == st_s.st_size
+        if st_l.st_nlink == 1:
+            assert st_l.st_mtime_ns == st_s.st_mtime_ns, rel
+
+
+@pytest.fixture
+def setup(ssh_home, server_tree, tmp_path):
+    dest = tmp_path / "backups"
+    write_config(ssh_home, server_tree, dest)
+    return server_tree, dest / "instance-1", ssh_home
+
+
+def cfg_args(home: Path) -> list[str]:
+    return ["--config", str(home / "ckptsync.yaml")]
+
+
+def test_list_shows_fixture_checkpoints_over_ssh(setup):
+    server, dest, home = setup
+    res = run_cli("list", "--instance", "1", *cfg_args(home), "--json")
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
+    assert [r["name"] for r in json.loads(res.stdout)] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert rows["checkpoint-12"]["step"] == 12 and rows["checkpoint-12"]["is_best"]
+    assert all(r["complete"] and r["resumable"] and r["backup"] == "no" for r in rows.values())
+    assert rows["checkpoint-4"]["kind"] == "rolling"
+
+    human = run_cli("list", "--instance", "1", *cfg_args(home))
+    assert human.returncode == 0
+    assert "checkpoint-12" in human.stdout and "* = best checkpoint" in human.stdout
+    assert "server total" in human.stdout
+
+
+def test_list_marks_in_progress(setup):
+    server, dest, home = setup
+    (server / "checkpoint-12" / "trainer_state.json").unlink()
+    os.utime(server / "checkpoint-8" / "optimizer.pt")  # just written
+    rows = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)}
+    assert rows["checkpoint-12"]["complete"] is False
+    assert "trainer_state.json" in rows["checkpoint-12"]["reason"]
+    assert rows["checkpoint-8"]["complete"] is False
+    assert "modified" in rows["checkpoint-8"]["reason"]
+    assert rows["checkpoint-4"]["complete"] is True
+
+
+def test_backup_newest_two_plus_extras_then_noop(setup):
+    server, dest, home = setup
+    res = run_cli("backup", "--instance", "1", *cfg_args(home))
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "fetched 3" in res.stdout
+    assert sorted(p.name for p in dest.iterdir()) == [".ckptsync", "checkpoint-12", "checkpoint-8", "extra-files"]
+    for name in ("checkpoint-12", "checkpoint-8"):
+        assert_same_as_server(server / name, dest / name, manifest(dest, name), name)
+    run_root = server.parent.parent
+    for cfg in ("config_full_dataset.json", "deepspeed_config.json"):
+        assert (dest / "extra-files" / cfg).read_bytes() == (run_root / cfg).read_bytes()
+    m = manifest(dest, "checkpoint-12")
+    assert m["resumable"] and m["step"] == 12 and "checkpoint-12/optimizer.pt" in m["resume_files"]
+    status = json.loads((dest / ".ckptsync" / "status.json").read_text())
+    assert status["ok"] and status["fetched"] == ["checkpoint-12", "checkpoint-8", "extra-files"]
+
+    before = tree_digest(dest / "checkpoint-12")
+    started = time.monotonic()
+    again = run_cli("backup", "--instance", "1", *cfg_args(home))
+    assert again.returncode == 0
+    assert again.stdout.startswith("up to date: checkpoint-12, checkpoint-8, extra-files")
+    assert time.monotonic() - started < 15
+    assert tree_digest(dest / "checkpoint-12") == before
+
+    listed = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)}
+    assert listed["checkpoint-12"]["backup"] == "yes" and listed["checkpoint-4"]["backup"] == "no"
+    local = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", "--local", *cfg_args(home), "--json").stdout)}
+    assert set(local) == {"checkpoint-12", "checkpoint-8"}
+
+
+def test_backup_skips_in_progress_and_says_why(setup):
+    server, dest, home = setup
+    os.utime(server / "checkpoint-12" / "optimizer.pt")
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--json")
+    assert res.returncode == 0
+    out = json.loads(res.stdout)
+    assert out["fetched"] == ["checkpoint-8", "checkpoint-4", "extra-files"]
+    skipped = [p for p in out["plan"] if p["action"] == "skip"]
+    assert skipped[0]["name"] == "checkpoint-12" and "optimizer.pt modified" in skipped[0]["reason"]
+    assert not (dest / "checkpoint-12").exists()
+
+
+def test_dry_run_changes_nothing(setup):
+    server, dest, home = setup
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--dry-run")
+    assert res.returncode == 0
+    assert "would fetch checkpoint-12" in res.stdout and "nothing was changed" in res.stdout
+    assert not dest.exists()
+    run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-4")
+    before = tree_digest(dest)
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--all", "--dry-run", "--json")
+    plan = {p["name"]: p["action"] for p in json.loads(res.stdout)["plan"]}
+    assert plan == {"checkpoint-12": "fetch", "checkpoint-8": "fetch", "checkpoint-4": "up-to-date",
+                    "extra-files": "up-to-date"}
+    assert tree_digest(dest) == before
+
+
+def test_named_checkpoint_missing_exits_10(setup):
+    server, dest, home = setup
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-99")
+    assert res.returncode == 10
+    assert "checkpoint-99" in res.stderr and "checkpoint-12" in res.stderr
+
+
+def test_second_run_exits_11_while_locked_and_wait_works(setup):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ckptsync.store import Store
+
+    server, dest, home = setup
+    store = Store(dest)
+    with store.lock("ckptsync backup (test holder)"):
+        res = run_cli("backup", "-i", "1", *cfg_args(home))
+        assert res.returncode == 11
+        assert "in use by 'ckptsync backup (test holder)'" in res.stderr
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--wait"],
+            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert waiting.poll() is None
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert (dest / "checkpoint-12").is_dir()
+
+
+def big_checkpoint(server: Path, mb: int = 160) -> None:
+    """Add a large, poorly compressible file so a transfer takes long enough to interrupt."""
+    block = os.urandom(1 << 20)
+    with open(server / "checkpoint-12" / "zz_large_shard.bin", "wb") as f:
+        for i in range(mb):
+            f.write(block[i % 7:] + block[: i % 7])
+    old = time.time() - 1200
+    os.utime(server / "checkpoint-12" / "zz_large_shard.bin", (old, old))
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_dropped_connection_then_resume(setup, sshd):
+    server, dest, home = setup
+    big_checkpoint(server)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
+         "--compress", "off"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = dest / ".ckptsync" / "staging" / "checkpoint-12.progress.json"
+    assert wait_for(lambda: progress.exists() and (dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part").exists())
+    sshd.kill_sessions()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 20, err
+    assert "verified files kept" in err
+    assert not (dest / "checkpoint-12").exists()
+    kept = json.loads(progress.read_text())
+    assert kept and "checkpoint-12/zz_large_shard.bin" not in kept
+
+    again = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12", "--json")
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    plan = {p["name"]: p for p in result["plan"]}
+    assert plan["checkpoint-12"]["files"] == 9 - len(kept)
+    assert result["raw_bytes"] < sum(p.stat().st_size for p in (server / "checkpoint-12").iterdir())
+    assert_same_as_server(server / "checkpoint-12", dest / "checkpoint-12", manifest(dest, "checkpoint-12"),
+                          "checkpoint-12")
+    assert not (dest / ".ckptsync" / "staging" / "checkpoint-12").exists()
+
+
+def test_sigterm_stops_cleanly_with_130(setup):
+    server, dest, home = setup
+    big_checkpoint(server, mb=300)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
+         "--compress", "off"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
+    assert wait_for(part.exists)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "verified files kept" in err
+    assert not (dest / "checkpoint-12").exists()
+    assert json.loads((dest / ".ckptsync" / "status.json").read_text())["exit_code"] == 130
+
+
+def test_checkpoint_deleted_mid_backup_is_not_recorded(setup):
+    server, dest, home = setup
+    big_checkpoint(server, mb=200)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--all", "--compress", "off",
+         "--json"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
+    assert wait_for(part.exists)
+    # rotation: the trainer deletes the checkpoint being read
+    for p in sorted((server / "checkpoint-12").iterdir()):
+        p.unlink()
+    (server / "checkpoint-12").rmdir()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    result = json.loads(out)
+    assert "checkpoint-12" in result["failed"] and "checkpoint-12" not in result["fetched"]
+    assert "checkpoint-8" in result["fetched"] and "checkpoint-4" in result["fetched"]
+    assert not (dest / "checkpoint-12").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_too_small_fails_before_writing(setup, tmp_path):
+    server, _dest, home = setup
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"could not mount a tmpfs: {mounted.stderr!r}")
+    try:
+        res = run_cli("backup", "-i", "1", *cfg_args(home), "--local-dir", str(small / "b"))
+        assert res.returncode == 5, res.stderr
+        assert "not enough space" in res.stderr and "nothing was written" in res.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])
