@@ -12,6 +12,16 @@ from typing import Annotated, Optional
 import click
 import typer
 
+try:  # newer typer vendors click; older ones use the real package
+    from typer._click import exceptions as _tx
+except ImportError:  # pragma: no cover
+    _tx = click.exceptions
+
+NO_ARGS = tuple({click.exceptions.NoArgsIsHelpError, _tx.NoArgsIsHelpError})
+USAGE_ERRORS = tuple({click.UsageError, _tx.UsageError})
+ABORTS = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
+CLICK_ERRORS = tuple({click.ClickException, _tx.ClickException})
+
 from ckptsync import __version__
 from ckptsync.errors import EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
 from ckptsync.output import Output
@@ -71,17 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Output()
     try:
         code = app(args=argv, prog_name="ckptsync", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except NO_ARGS as exc:
         print(exc.ctx.get_help() if exc.ctx else "")
         code = USAGE
-    except click.UsageError as exc:
+    except USAGE_ERRORS as exc:
         hint = f"see '{exc.ctx.command_path} --help'" if exc.ctx else "see 'ckptsync --help'"
         out.error(exc.format_message(), hint)
         code = USAGE
-    except click.exceptions.Abort:
+    except ABORTS:
         out.error("interrupted")
         code = INTERRUPTED
-    except click.ClickException as exc:
+    except CLICK_ERRORS as exc:
         out.error(exc.format_message())
         code = exc.exit_code
     except CkptsyncError as exc:

@@ -177,6 +177,10 @@ class SshTransport(Transport):
         except socket.gaierror as exc:
             client.close()
             raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}") from None
+        except paramiko.ssh_exception.NoValidConnectionsError as exc:
+            client.close()
+            why = "connection refused" if all(e.errno == 111 for e in exc.errors.values()) else str(exc)
+            raise ConnectError(f"cannot connect to {label}: {why}") from None
         except (socket.timeout, TimeoutError):
             client.close()
             raise ConnectError(f"cannot connect to {label}: timed out after {CONNECT_TIMEOUT:.0f}s") from None

@@ -1,0 +1,109 @@
+"""One contract, every transport: local subprocess, argv command prefix, and SSH through paramiko."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ckptsync.errors import NotFound, ProtocolError
+from ckptsync.remote import Remote
+from ckptsync.transport import CommandTransport, LocalTransport, ssh_transport
+from ckptsync.transport.ssh import SshTarget
+
+STDLIB_ENV = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin"]
+
+
+@pytest.fixture(params=["local", "command-stdlib-python", "command-with-noise", "ssh"])
+def transport(request):
+    kind = request.param
+    if kind == "local":
+        return LocalTransport()
+    if kind == "command-stdlib-python":
+        # A server with a bare system Python: no xxhash, maybe no zstandard.
+        return CommandTransport(STDLIB_ENV + ["/usr/bin/python3", "-c", "import os,sys; os.execvp(sys.argv[1], sys.argv[1:])"])
+    if kind == "command-with-noise":
+        # Login noise on stdout before the agent starts must be skipped.
+        return CommandTransport(["sh", "-c", 'echo "Welcome to the GPU box"; printf "motd without newline"; exec "$@"', "x"])
+    request.getfixturevalue("ssh_home")
+    sshd = request.getfixturevalue("sshd")
+    return ssh_transport(SshTarget(host="tnr-1"))
+
+
+def test_hello_reports_abilities(transport):
+    with Remote(transport) as r:
+        assert r.hello["protocol"] == 1
+        assert r.hello["zstd"] in ("module", "binary", None)
+        assert r.best_hash in ("xxh3_128", "sha1")
+        assert tuple(int(x) for x in r.hello["python"].split(".")[:2]) >= (3, 8)
+
+
+def test_scan_lists_files_and_metadata(transport, server_tree):
+    with Remote(transport) as r:
+        reply = r.call("scan", root=str(server_tree))
+    paths = {f[0] for f in reply["files"]}
+    assert "checkpoint-12/optimizer.pt" in paths and len(paths) == 24
+    assert reply["meta"]["checkpoint-12/trainer_state.json"]["global_step"] == 12
+    size = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_size
+    assert [f[1] for f in reply["files"] if f[0] == "checkpoint-12/optimizer.pt"] == [size]
+
+
+def test_missing_directory_is_not_found(transport, tmp_path):
+    with Remote(transport) as r:
+        with pytest.raises(NotFound, match="does not exist"):
+            r.call("scan", root=str(tmp_path / "nope"))
+        assert r.call("hello")["protocol"] == 1  # the agent keeps serving after an error
+
+
+@pytest.mark.parametrize("compress", ["auto", "off", "3"])
+def test_download_roundtrip(transport, tmp_path, compress):
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = {"a b.bin": os.urandom(3 << 20) + bytes(2 << 20), "quote'\"$(x);.txt": b"hello\n",
+               "nonascii-é.json": b"{}", "empty": b""}
+    for name, data in payload.items():
+        (src / name).write_bytes(data)
+    with Remote(transport) as r:
+        dl = r.download(str(src), [(n, f"m/{n}") for n in payload], compress=compress)
+        got = {}
+        with tarfile.open(fileobj=dl, mode="r|", bufsize=1 << 20) as tar:
+            for member in tar:
+                got[member.name] = tar.extractfile(member).read()
+        stats = dl.finish()
+    assert got == {f"m/{n}": d for n, d in payload.items()}
+    assert set(dl.records) == set(got)
+    assert stats["raw_bytes"] >= sum(map(len, payload.values()))
+    if compress == "off":
+        assert stats["wire_bytes"] == stats["raw_bytes"]
+
+
+def test_upload_commit_roundtrip(transport, tmp_path):
+    root = tmp_path / "server"
+    data = os.urandom(1 << 20) * 3
+    with Remote(transport) as r:
+        r.call("mkdir", path=str(root))
+        up = r.upload(str(root), "ck")
+        sent = up.add("ck/weights.bin", io.BytesIO(data), len(data), 1_700_000_000_123_456_789, 0o600)
+        reply = up.finish()
+        assert [f["hash"] for f in reply["files"]] == [sent]
+        assert not (root / "ck").exists()  # still staged, invisible
+        r.call("commit", root=str(root), name="ck", moves=[["ck", "checkpoint-1"]])
+    out = root / "checkpoint-1" / "weights.bin"
+    assert out.read_bytes() == data
+    assert out.stat().st_mtime_ns == 1_700_000_000_123_456_789
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in root.iterdir()] == ["checkpoint-1"]
+
+
+def test_agent_refuses_unsafe_member(transport, tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    with Remote(transport) as r:
+        up = r.upload(str(root), "ck")
+        up.add("../escape.txt", io.BytesIO(b"x"), 1, 1_700_000_000_000_000_000, 0o644)
+        with pytest.raises(ProtocolError, match="refusing tar member"):
+            up.finish()
+    assert not (tmp_path / "escape.txt").exists()
