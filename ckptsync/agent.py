@@ -798,18 +798,24 @@ def remove_tree(path):
 
 
 def op_staged(req):
-    """What an earlier, interrupted receive left in staging: member -> [size, mtime_ns]."""
+    """What an earlier, interrupted receive left in staging: member -> [size, mtime_ns].
+
+    "partial" lists members whose ".part" file was left half-written.
+    """
     root = resolve(req["root"])
     staging = os.path.join(root, STAGING_PREFIX + req["name"])
     out = {}
+    partial = []
     for dirpath, _dirs, files in os.walk(staging):
         for name in files:
-            if name.endswith(".part"):
-                continue
             full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, staging).replace(os.sep, "/")
+            if name.endswith(".part"):
+                partial.append(rel[: -len(".part")])
+                continue
             st = os.stat(full)
-            out[os.path.relpath(full, staging).replace(os.sep, "/")] = [st.st_size, st.st_mtime_ns]
-    return {"staged": out}
+            out[rel] = [st.st_size, st.st_mtime_ns]
+    return {"staged": out, "partial": partial}
 
 
 def op_discard(req):

@@ -262,7 +262,7 @@ class Upload:
     def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
             also: Callable[[bytes], None] | None = None) -> str:
         """Stream one file; returns the hash (in the server's algorithm) of what was read."""
-        self.sender.write(wire.tar_header(member, size, mtime_ns, mode))
+        self._write(wire.tar_header(member, size, mtime_ns, mode))
         h = wire.new_hash(self.alg)
         left = size
         while left:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptsync import agent as wire
 from ckptsync.errors import ProtocolError
@@ -17,6 +17,7 @@ class ServerView:
     exact: dict[str, tuple[int, int, int]]     # path -> (size, mtime_ns, mode)
     now: float
     errors: list[str]
+    meta: dict = field(default_factory=dict)   # path -> parsed trainer_state.json etc., as the agent read it
 
     def find(self, name: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.name == name), None)
@@ -43,4 +44,5 @@ def scan_server(remote: Remote, remote_dir: str, settle_seconds: float) -> Serve
         exact=exact,
         now=now,
         errors=list(reply.get("errors") or []),
+        meta=meta,
     )

@@ -176,7 +176,12 @@ class SshTransport(Transport):
             raise ConnectError(f"authentication failed for {label} (tried {tried})") from None
         except socket.gaierror as exc:
             client.close()
-            raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}") from None
+            hint = ""
+            if r.alias == r.hostname and r.alias.startswith("tnr-"):
+                n = r.alias[4:]
+                hint = (f"{r.alias} is not in ~/.ssh/config: run 'tnr connect {n}' first, "
+                        f"or add instance {n} to the ckptsync config")
+            raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}", hint=hint) from None
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
             client.close()
             why = "connection refused" if all(e.errno == 111 for e in exc.errors.values()) else str(exc)

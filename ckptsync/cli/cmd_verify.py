@@ -1,0 +1,68 @@
+"""ckptsync verify"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.output import Output, human
+from ckptsync.verify import EntryCheck, VerifyResult, run_verify
+
+
+@app.command("verify")
+def verify_cmd(
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="[NAME]...", help="Checkpoints to verify (default: every backup and extra-files).", show_default=False)] = None,
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Compare the server's copy with the backup (hashed on the server) instead of re-reading the backup.")] = False,
+    json_out: o.Json = False, quiet: o.Quiet = False,
+) -> int:
+    """Check backups: re-read every file and compare size and xxh3-128 with the manifest.
+
+    Also reports files missing (those a resume needs are marked), and files in a
+    checkpoint that the manifest does not list. A checkpoint that passes is
+    marked as verified now. No connection is made unless --remote is given.
+
+    With --remote, compares the server's checkpoints with the backups instead,
+    file by file, and lists checkpoints found on one side only.
+
+    Exit 30 when any check fails.
+    """
+    out = Output(json_mode=json_out, quiet=quiet)
+    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
+    if remote:
+        out.info(f"verify {t.describe()}:{t.remote_dir} against {t.local_dir}")
+    result = run_verify(t, list(names or []), remote=remote, rep=out.reporter())
+    if json_out:
+        out.emit(result.to_dict())
+        return result.exit_code
+    for w in result.warnings:
+        out.warn(w)
+    for e in result.entries:
+        if quiet and not e.failed:
+            continue
+        out.result(_line(e))
+        for p in e.problems:
+            out.result(f"    {p.kind}: {p.path}" + (f" ({p.detail})" if p.detail else ""))
+    out.result(_summary(result))
+    if result.failed:
+        bad = ", ".join(f"{e.name} ({e.status})" for e in result.failed)
+        out.error(f"integrity check failed: {bad}")
+    return result.exit_code
+
+
+def _line(e: EntryCheck) -> str:
+    mark = "FAILED" if e.failed else ("ok" if e.status == "ok" else "note")
+    status = "" if e.status == "ok" else f": {e.status}"
+    return f"{mark:<7} {e.name}{status} ({e.files} files, {human(e.bytes)})"
+
+
+def _summary(r: VerifyResult) -> str:
+    ok = sum(1 for e in r.entries if not e.failed)
+    rate = f", {human(r.bytes_read / r.seconds)}/s" if r.seconds and r.bytes_read else ""
+    where = f"{r.server}:{r.remote_dir} against {r.dest} ({r.alg})" if r.remote else r.dest
+    return (f"verified {len(r.entries)} in {where}: {ok} ok, {len(r.failed)} failed; "
+            f"{human(r.bytes_read)} read in {r.seconds:.1f}s{rate}")

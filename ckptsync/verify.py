@@ -1,0 +1,409 @@
+"""`ckptsync verify`: re-read backups and check them against their manifests, or against the server.
+
+Local (the default) needs no connection: every file of every entry is read
+again and its size and xxh3-128 compared with the manifest; files a resume
+needs must be there, and nothing else may be in the entry (only `.ckptsync*`
+names are ignored). A file hard-linked into several checkpoints is read once.
+An entry that passes gets its manifest's `verified_at` set.
+
+`--remote` compares the server's copy with the backup instead: sizes from
+the server's listing, hashes computed on the server in its best algorithm.
+When that is not xxh3-128 the local copy is hashed with the same algorithm.
+Checkpoints present on one side only are reported; they fail the run only
+when they were named on the command line (a server rotates old checkpoints
+away, and a new one is not backed up yet: both are normal).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptsync.config import Target
+from ckptsync.errors import INTEGRITY, OK, NotFound
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.remote import Remote
+from ckptsync.scan import ServerView, scan_server
+from ckptsync.store import EXTRA, FileRecord, Manifest, Store
+from ckptsync.transfer import hash_file
+
+IGNORED_PREFIX = ".ckptsync"
+HASH_BATCH = 256 << 20     # bytes per `hash` request, so progress moves on big checkpoints
+
+# Entry states (EntryCheck.status).
+OK_STATUS = "ok"
+ONLY_LOCAL = "only in the backup"
+ONLY_SERVER = "only on the server"
+IN_PROGRESS = "in progress on the server"
+CHANGED = "changed by another run during the check"
+
+# Problem kinds, local.
+CORRUPT = "corrupt"
+MISSING = "missing"
+UNEXPECTED = "unexpected"
+# Problem kinds, remote.
+DIFFERS = "differs"
+MISSING_ON_SERVER = "missing on the server"
+NOT_IN_BACKUP = "not in the backup"
+MISSING_HERE = "missing in the backup"
+NOT_COMPARED = "not compared"
+
+
+@dataclass
+class Problem:
+    path: str          # relative to the backup directory (and to remote_dir)
+    kind: str
+    detail: str = ""
+
+
+@dataclass
+class EntryCheck:
+    name: str
+    status: str = OK_STATUS
+    files: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    verified_at: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.problems)
+
+    def settle(self) -> None:
+        """Name the status after the kinds of problems found (local checks)."""
+        if not self.problems:
+            return
+        labels = {CORRUPT: "corrupt", MISSING: "missing files", UNEXPECTED: "unexpected files"}
+        kinds = {p.kind for p in self.problems}
+        self.status = ", ".join(label for kind, label in labels.items() if kind in kinds)
+
+
+@dataclass
+class VerifyResult:
+    target: str
+    dest: str
+    remote: bool
+    server: str | None = None
+    remote_dir: str | None = None
+    alg: str = "xxh3_128"
+    entries: list[EntryCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_read: int = 0        # bytes hashed: here, or on the server with --remote
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[EntryCheck]:
+        return [e for e in self.entries if e.failed]
+
+    @property
+    def exit_code(self) -> int:
+        return INTEGRITY if self.failed else OK
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for entry, check in zip(out["entries"], self.entries):
+            entry["failed"] = check.failed
+        out["exit_code"] = self.exit_code
+        return out
+
+
+def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET) -> VerifyResult:
+    started = time.monotonic()
+    job = RemoteVerify(target, names, rep) if remote else LocalVerify(target, names, rep)
+    try:
+        return job.run()
+    finally:
+        job.result.seconds = time.monotonic() - started
+
+
+def _order(m: Manifest) -> tuple:
+    return (m.name == EXTRA, m.step is None, -(m.step or 0), -m.mtime, m.name)
+
+
+class Hasher:
+    """Hashes local files, once per inode and content state: hard links are read once."""
+
+    def __init__(self, rep: Reporter) -> None:
+        self.rep = rep
+        self.cache: dict[tuple, str] = {}
+        self.bytes_read = 0
+
+    @staticmethod
+    def key(st: os.stat_result, alg: str) -> tuple:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, alg)
+
+    def digest(self, path: Path, st: os.stat_result, alg: str = "xxh3_128") -> str:
+        key = self.key(st, alg)
+        if key not in self.cache:
+            self.cache[key] = hash_file(path, alg, self._advance)
+        return self.cache[key]
+
+    def _advance(self, n: int) -> None:
+        self.bytes_read += n
+        self.rep.advance(n)
+
+
+# ------------------------------------------------------------------ local
+
+
+class LocalVerify:
+    def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
+        self.store = Store(target.local_dir)
+        self.names = names
+        self.rep = rep
+        self.hasher = Hasher(rep)
+        self.result = VerifyResult(target=target.label, dest=str(target.local_dir), remote=False)
+
+    def _select(self) -> list[Manifest]:
+        manifests = self.store.manifests()
+        if self.names:
+            unknown = [n for n in self.names if n not in manifests]
+            if unknown:
+                have = ", ".join(sorted(manifests, key=lambda n: _order(manifests[n]))) or "none"
+                raise NotFound(f"no backup named {', '.join(unknown)} in {self.store.root} (backups there: {have})")
+            return [manifests[n] for n in dict.fromkeys(self.names)]
+        if not manifests:
+            raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
+        return sorted(manifests.values(), key=_order)
+
+    def run(self) -> VerifyResult:
+        chosen = self._select()
+        unmanaged = self.store.unmanaged()
+        if unmanaged and not self.names:
+            self.result.warnings.append(f"not made by ckptsync, not verified: {', '.join(unmanaged)}")
+        plans = [(m, *self._inspect(m)) for m in chosen]
+        seen: set[tuple] = set()
+        total = 0
+        for _m, _check, todo in plans:
+            for _f, _path, st in todo:
+                key = Hasher.key(st, "xxh3_128")
+                if key not in seen:
+                    seen.add(key)
+                    total += st.st_size
+        self.rep.start("verify", total)
+        try:
+            for m, check, todo in plans:
+                self._hash(check, todo)
+                self._record(m, check)
+                self.result.entries.append(check)
+        finally:
+            self.rep.finish()
+            self.result.bytes_read = self.hasher.bytes_read
+        return self.result
+
+    def _inspect(self, m: Manifest) -> tuple[EntryCheck, list[tuple[FileRecord, Path, os.stat_result]]]:
+        """Sizes, presence and unexpected files; returns the files whose content still needs reading."""
+        check = EntryCheck(m.name, files=len(m.files), bytes=m.size, verified_at=m.verified_at)
+        resume = set(m.resume_files)
+        todo = []
+        for f in m.files:
+            path = self.store.root / f.path
+            why = "needed to resume" if f.path in resume else ""
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                check.problems.append(Problem(f.path, MISSING, why))
+                continue
+            except OSError as exc:
+                check.problems.append(Problem(f.path, CORRUPT, f"cannot read: {exc.strerror or exc}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                check.problems.append(Problem(f.path, CORRUPT, "not a regular file"))
+            elif st.st_size != f.size:
+                what = "truncated" if st.st_size < f.size else "grown"
+                check.problems.append(Problem(f.path, CORRUPT, f"{what}: {st.st_size} bytes, the backup had {f.size}"))
+            else:
+                todo.append((f, path, st))
+        listed = {f.path for f in m.files}
+        for path in sorted(resume - listed):
+            check.problems.append(Problem(path, MISSING, "needed to resume, not in the manifest"))
+        for rel in self._extra_paths(m.name, listed):
+            check.problems.append(Problem(rel, UNEXPECTED, "not in the manifest"))
+        return check, todo
+
+    def _extra_paths(self, name: str, listed: set[str]) -> list[str]:
+        entry = self.store.entry(name)
+        if not entry.is_dir() or entry.is_symlink():
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(entry):
+            rel_dir = Path(dirpath).relative_to(self.store.root).as_posix()
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(IGNORED_PREFIX) and d not in links)
+            for n in sorted(filenames + links):
+                rel = f"{rel_dir}/{n}"
+                if not n.startswith(IGNORED_PREFIX) and rel not in listed:
+                    found.append(rel)
+        return found
+
+    def _hash(self, check: EntryCheck, todo: list[tuple[FileRecord, Path, os.stat_result]]) -> None:
+        for f, path, st in todo:
+            try:
+                digest = self.hasher.digest(path, st)
+            except OSError as exc:
+                check.problems.append(Problem(f.path, CORRUPT, f"read error: {exc.strerror or exc}"))
+                continue
+            if digest != f.xxh3_128:
+                check.problems.append(Problem(f.path, CORRUPT, "content differs from the backup's checksum"))
+        check.problems.sort(key=lambda p: p.path)
+        check.settle()
+
+    def _record(self, m: Manifest, check: EntryCheck) -> None:
+        """Set verified_at, unless another run replaced or removed the entry meanwhile."""
+        current = self.store.load(m.name)
+        if current is None or current.files != m.files:
+            check.problems.clear()
+            check.status = CHANGED
+            return
+        if check.failed:
+            return
+        current.verified_at = time.time()
+        try:
+            self.store.write_manifest(current)
+        except OSError as exc:
+            self.result.warnings.append(f"{m.name}: verified, but the manifest could not be updated: "
+                                        f"{exc.strerror or exc}")
+            return
+        check.verified_at = current.verified_at
+
+
+# ------------------------------------------------------------------ remote
+
+
+class RemoteVerify:
+    def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
+        self.target = target
+        self.store = Store(target.local_dir)
+        self.names = names
+        self.rep = rep
+        self.hasher = Hasher(rep)
+        self.result = VerifyResult(target=target.label, dest=str(target.local_dir), remote=True,
+                                   server=target.describe())
+
+    def run(self) -> VerifyResult:
+        with Remote(self.target.transport) as remote:
+            self.remote = remote
+            view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
+            self.view = view
+            self.alg = self.result.alg = remote.best_hash
+            self.result.remote_dir = view.root
+            self.result.warnings.extend(view.errors)
+            manifests = self.store.manifests()
+            names = self._select(view, manifests)
+            pairs = [(n, view.find(n), manifests.get(n)) for n in names]
+            compared = [m for n, c, m in pairs if m is not None and (n == EXTRA or c is not None and c.complete)]
+            total = sum(m.size for m in compared)
+            self.rep.start("verify", total if self.alg == "xxh3_128" else 2 * total)
+            try:
+                for name, c, m in pairs:
+                    self.result.entries.append(self._entry(name, c, m))
+            finally:
+                self.rep.finish()
+        return self.result
+
+    def _select(self, view: ServerView, manifests: dict[str, Manifest]) -> list[str]:
+        server = [c.name for c in view.checkpoints]
+        local = sorted((n for n in manifests if n not in server and n != EXTRA), key=lambda n: _order(manifests[n]))
+        everything = server + local + ([EXTRA] if EXTRA in manifests else [])
+        if not self.names:
+            return everything
+        unknown = [n for n in self.names if n not in everything]
+        if unknown:
+            raise NotFound(f"{', '.join(unknown)}: neither on the server nor in {self.store.root} "
+                           f"(known: {', '.join(everything) or 'none'})")
+        return list(dict.fromkeys(self.names))
+
+    def _entry(self, name: str, c, m: Manifest | None) -> EntryCheck:
+        named = name in self.names
+        if m is None:
+            check = EntryCheck(name, ONLY_SERVER, len(c.files), c.size)
+            if named:
+                check.problems.append(Problem(name, NOT_IN_BACKUP, "never backed up"))
+            return check
+        check = EntryCheck(name, OK_STATUS, len(m.files), m.size, verified_at=m.verified_at)
+        if name == EXTRA:
+            server, where = self._extra_stat(m)
+        elif c is None:
+            check.status = ONLY_LOCAL
+            if named:
+                check.problems.append(Problem(name, MISSING_ON_SERVER, "no longer on the server"))
+            return check
+        elif not c.complete:
+            check.status = IN_PROGRESS
+            return check
+        else:
+            server = {f.path: self.view.exact[f.path] for f in c.files}
+            where = {f.path: f.path for f in m.files}
+        self._compare(check, m, server, where)
+        if check.failed:
+            check.status = DIFFERS
+        return check
+
+    def _extra_stat(self, m: Manifest) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:
+        """The configured extra files as the server has them now, keyed by their backup path."""
+        where = {f.path: f.source or f.path for f in m.files}
+        reply = self.remote.call("stat", root=self.view.root, paths=sorted(set(where.values()))).get("stat", {})
+        server = {}
+        for member, src in where.items():
+            st = reply.get(src)
+            if st and not st[3]:
+                server[member] = (int(st[0]), int(st[1]), int(st[2]))
+        return server, where
+
+    def _compare(self, check: EntryCheck, m: Manifest, server: dict[str, tuple[int, int, int]],
+                 where: dict[str, str]) -> None:
+        stored = {f.path: f for f in m.files}
+        for path in sorted(set(server) - set(stored)):
+            check.problems.append(Problem(path, NOT_IN_BACKUP, "a file the backup does not have"))
+        todo = []
+        for path, f in sorted(stored.items()):
+            if path not in server:
+                check.problems.append(Problem(path, MISSING_ON_SERVER))
+            elif server[path][0] != f.size:
+                check.problems.append(Problem(path, DIFFERS, f"{server[path][0]} bytes on the server, "
+                                                             f"{f.size} in the backup"))
+            else:
+                todo.append(f)
+        for batch in _batches(todo):
+            hashes = self.remote.call("hash", root=self.view.root, paths=[where[f.path] for f in batch],
+                                      alg=self.alg).get("hashes", {})
+            for f in batch:
+                self.result.bytes_read += f.size
+                self.rep.advance(f.size)
+                theirs = hashes.get(where[f.path])
+                if not isinstance(theirs, str):
+                    error = theirs.get("__error__") if isinstance(theirs, dict) else "no hash returned"
+                    check.problems.append(Problem(f.path, NOT_COMPARED, f"cannot read on the server: {error}"))
+                    continue
+                ours = self._local_hash(check, f)
+                if ours is not None and ours != theirs:
+                    same = server[f.path][1] == f.mtime_ns
+                    detail = ("same size and mtime, different content: one of the copies is damaged" if same
+                              else "changed on the server after the backup")
+                    check.problems.append(Problem(f.path, DIFFERS, detail))
+        check.problems.sort(key=lambda p: p.path)
+
+    def _local_hash(self, check: EntryCheck, f: FileRecord) -> str | None:
+        if self.alg == "xxh3_128":
+            return f.xxh3_128
+        path = self.store.root / f.path
+        try:
+            return self.hasher.digest(path, os.stat(path), self.alg)
+        except OSError as exc:
+            check.problems.append(Problem(f.path, MISSING_HERE, f"cannot read the local copy: {exc.strerror or exc}"))
+            return None
+
+
+def _batches(files: list[FileRecord]) -> list[list[FileRecord]]:
+    out: list[list[FileRecord]] = []
+    size = 0
+    for f in files:
+        if not out or size + f.size > HASH_BATCH:
+            out.append([])
+            size = 0
+        out[-1].append(f)
+        size += f.size
+    return out
