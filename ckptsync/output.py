@@ -98,6 +98,18 @@ class Output:
         if not self.json_mode:
             self.out.print(renderable)
 
+    def lines(self, lines: list[str], styles: dict[str, str] | None = None) -> None:
+        """Pre-drawn text (a chart): characters matching a regex in `styles` get that style on a terminal."""
+        if self.json_mode:
+            return
+        from rich.text import Text
+
+        for line in lines:
+            text = Text(line, no_wrap=True, overflow="crop")
+            for pattern, style in (styles or {}).items():
+                text.highlight_regex(pattern, style)
+            self.out.print(text)
+
     def emit(self, data: Any) -> None:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,6 +49,157 @@ def hash_file(path: Path, alg: str = "xxh3_128", on_block: Callable[[int], None]
     return h.hexdigest()
 
 
+class TarStream:
+    """A minimal streaming tar reader: regular files only, PAX and GNU long names understood.
+
+    Members are read in order and their data is handed out in pieces as it
+    arrives, without the buffering copies of tarfile's stream mode.
+    """
+
+    def __init__(self, src) -> None:
+        self.src = src
+        self.head = b""
+
+    def _exact(self, n: int) -> bytes:
+        parts, got = [], 0
+        if self.head:
+            parts.append(self.head[:n])
+            got = len(parts[0])
+            self.head = self.head[n:]
+        while got < n:
+            piece = self.src.read(n - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def members(self):
+        pax: dict[str, str] = {}
+        longname = None
+        while True:
+            block = self._exact(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise ProtocolError("the tar stream ended without its end marker")
+            if block == NUL_BLOCK:
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise ProtocolError(f"broken tar header from the server: {exc}") from None
+            if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
+                if info.type == tarfile.XHDTYPE:
+                    pax.update(parse_pax(data))
+                continue
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
+                longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            info.name = pax.get("path", longname or info.name)
+            if "size" in pax:
+                info.size = int(pax["size"])
+            info.pax_headers = dict(pax)
+            pax, longname = {}, None
+            yield info
+
+    def data(self, size: int):
+        """The member's bytes in pieces, then its padding is skipped."""
+        left = size
+        if self.head:
+            piece = self.head[:left]
+            self.head = self.head[len(piece):]
+            left -= len(piece)
+            if piece:
+                yield piece
+        while left:
+            piece = self.src.read(min(CHUNK, left))
+            if not piece:
+                raise ProtocolError(f"the stream ended {left} bytes before the end of a file")
+            if len(piece) > left:
+                self.head, piece = piece[left:], piece[:left]
+            left -= len(piece)
+            yield piece
+        pad = -size % tarfile.BLOCKSIZE
+        if pad and len(self._exact(pad)) != pad:
+            raise ProtocolError("the tar stream ended inside a file's padding")
+
+
+NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def parse_pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ProtocolError("broken PAX header from the server") from None
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        if length <= 0:
+            break
+        pos += length
+    return out
+
+
+class DiskWriter:
+    """Hashes and writes file data on its own thread, so the disk works while the network does."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=16)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        out = hx = other = None
+        while True:
+            op, arg = self.queue.get()
+            if op == "stop":
+                return
+            if self.error is not None:
+                if op == "close":
+                    arg.set()
+                continue
+            try:
+                if op == "open":
+                    path, alg, self.result = arg
+                    out = open(path, "wb")
+                    hx = xxhash.xxh3_128()
+                    other = None if alg == "xxh3_128" else wire.new_hash(alg)
+                elif op == "data":
+                    hx.update(arg)
+                    if other is not None:
+                        other.update(arg)
+                    out.write(arg)
+                elif op == "close":
+                    out.flush()
+                    os.fsync(out.fileno())
+                    out.close()
+                    self.result.extend([hx.hexdigest(), other.hexdigest() if other is not None else None])
+                    arg.set()
+            except BaseException as exc:  # handed to the reading thread
+                self.error = exc
+                if out is not None:
+                    out.close()
+                if op == "close":
+                    arg.set()
+
+    def put(self, op: str, arg) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((op, arg))
+
+    def stop(self) -> None:
+        self.queue.put(("stop", None))
+        self.thread.join(timeout=30)
+
+
 def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             on_file: Callable[[Received], None]) -> Outcome:
     """Write each expected member to its target path ("<target>.part" until confirmed).
@@ -82,19 +235,19 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             on_file(rec)
         pending[:] = still
 
+    writer = DiskWriter()
     try:
-        tar = tarfile.open(fileobj=dl, mode="r|", bufsize=CHUNK)
-        for member in tar:
+        stream = TarStream(dl)
+        for member in stream.members():
             name = member.name
             if name not in targets or name in seen or not member.isreg():
                 raise ProtocolError(f"the server sent an unexpected tar member {name!r}")
             seen.add(name)
-            path = targets[name]
-            pending.append(_write_member(tar, member, path, dl.alg, rep))
+            pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep))
             settle(final=False)
-    except tarfile.TarError as exc:
-        raise ProtocolError(f"broken tar stream from the server: {exc}") from None
-    dl.finish()
+        dl.finish()
+    finally:
+        writer.stop()
     for member in targets:
         if member not in seen:
             record = dl.records.get(member, {})
@@ -103,30 +256,23 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
     return Outcome(received=received, changed=changed)
 
 
-def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, alg: str,
+def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo, path: Path, alg: str,
                   rep: Reporter) -> tuple[Received, Path, str]:
-    hx = xxhash.xxh3_128()
-    other = None if alg == "xxh3_128" else wire.new_hash(alg)
     part = path.with_name(path.name + ".part")
-    src = tar.extractfile(member)
     written = 0
+    result: list = []
+    done = threading.Event()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "wb") as out:
-            while True:
-                block = src.read(CHUNK)
-                if not block:
-                    break
-                hx.update(block)
-                if other is not None:
-                    other.update(block)
-                out.write(block)
-                written += len(block)
-                rep.advance(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-        if written != member.size:
-            raise ProtocolError(f"{member.name}: stream ended after {written} of {member.size} bytes")
+        writer.put("open", (part, alg, result))
+        for piece in stream.data(member.size):
+            writer.put("data", piece)
+            written += len(piece)
+            rep.advance(len(piece))
+        writer.put("close", done)
+        done.wait()
+        if writer.error is not None:
+            raise writer.error
         mtime_ns = int(member.pax_headers.get("ckptsync.mtime_ns", int(member.mtime) * 10**9))
         mode = member.mode & 0o7777
         os.chmod(part, mode)
@@ -134,12 +280,12 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, alg
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise io_error(exc, f"writing {path}") from None
-    except CkptsyncError:
+    except (CkptsyncError, ValueError):
         part.unlink(missing_ok=True)
         raise
-    digest = hx.hexdigest()
+    digest, other = result
     rec = Received(member=member.name, size=written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest)
-    return rec, path, digest if other is None else other.hexdigest()
+    return rec, path, digest if other is None else other
 
 
 def to_record(rec: Received, source: str = "") -> FileRecord:

@@ -294,7 +294,7 @@ class RemoteVerify:
             manifests = self.store.manifests()
             names = self._select(view, manifests)
             pairs = [(n, view.find(n), manifests.get(n)) for n in names]
-            compared = [m for n, c, m in pairs if m is not None and (n == EXTRA or c is not None and c.complete)]
+            compared = [m for n, c, m in pairs if m is not None and (n == EXTRA or c is not None)]
             total = sum(m.size for m in compared)
             self.rep.start("verify", total if self.alg == "xxh3_128" else 2 * total)
             try:
@@ -319,7 +319,7 @@ class RemoteVerify:
     def _entry(self, name: str, c, m: Manifest | None) -> EntryCheck:
         named = name in self.names
         if m is None:
-            check = EntryCheck(name, ONLY_SERVER, len(c.files), c.size)
+            check = EntryCheck(name, ONLY_SERVER + ("" if c.complete else " (in progress)"), len(c.files), c.size)
             if named:
                 check.problems.append(Problem(name, NOT_IN_BACKUP, "never backed up"))
             return check
@@ -331,15 +331,15 @@ class RemoteVerify:
             if named:
                 check.problems.append(Problem(name, MISSING_ON_SERVER, "no longer on the server"))
             return check
-        elif not c.complete:
-            check.status = IN_PROGRESS
-            return check
         else:
             server = {f.path: self.view.exact[f.path] for f in c.files}
             where = {f.path: f.path for f in m.files}
         self._compare(check, m, server, where)
+        busy = c is not None and not c.complete
         if check.failed:
-            check.status = DIFFERS
+            check.status = DIFFERS + (f" ({IN_PROGRESS})" if busy else "")
+        elif busy:
+            check.status = IN_PROGRESS
         return check
 
     def _extra_stat(self, m: Manifest) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:

@@ -61,8 +61,12 @@ def _line(e: EntryCheck) -> str:
 
 
 def _summary(r: VerifyResult) -> str:
-    ok = sum(1 for e in r.entries if not e.failed)
+    counts: dict[str, int] = {"ok": 0}
+    for e in r.entries:
+        if not e.failed:
+            counts[e.status] = counts.get(e.status, 0) + 1
+    states = ", ".join(f"{n} {status}" for status, n in counts.items())
     rate = f", {human(r.bytes_read / r.seconds)}/s" if r.seconds and r.bytes_read else ""
     where = f"{r.server}:{r.remote_dir} against {r.dest} ({r.alg})" if r.remote else r.dest
-    return (f"verified {len(r.entries)} in {where}: {ok} ok, {len(r.failed)} failed; "
+    return (f"checked {len(r.entries)} in {where}: {states}, {len(r.failed)} failed; "
             f"{human(r.bytes_read)} read in {r.seconds:.1f}s{rate}")

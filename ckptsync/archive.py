@@ -1,0 +1,517 @@
+"""`ckptsync archive`: pack a finished run's backup directory into one .tar.zst, read it back, and
+only then (with --remove) remove the originals. Also opens such an archive as a Store for
+`verify` and `restore`.
+
+The archive holds `<dir-name>/` with every entry, `.ckptsync/manifests/`, status.json and
+history.jsonl; modes and nanosecond mtimes are kept (pax headers). Files that share an inode
+in the store (identical content, hard-linked by backup) are stored once, as tar hard links,
+so the archive is no larger than the store; extracting it gives every path its full content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import xxhash
+import zstandard
+
+from ckptsync.agent import safe_member
+from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.store import META, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
+
+SUFFIXES = (".tar.zst", ".tzst")
+LEVEL = 3
+CHUNK = 1 << 20
+TAR_END = 1024          # two zero blocks close every tar stream
+SPACE_MARGIN = 64 << 20
+BOOKKEEPING = ("status.json", "history.jsonl")
+
+
+@dataclass
+class ArchiveOptions:
+    output: Path | None = None
+    remove: bool = False
+    wait: bool = False
+
+
+@dataclass
+class ArchiveResult:
+    source: str
+    archive: str
+    reused: bool = False             # the archive existed already; it was read back, not rewritten
+    entries: list[str] = field(default_factory=list)
+    unmanaged: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0                   # file bytes in the archive, hard links counted once
+    linked: int = 0                  # paths stored as hard links to an earlier member
+    archive_bytes: int = 0
+    verified: bool = False
+    removed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return OK
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+
+@dataclass
+class Content:
+    """What reading an archive back found: paths relative to its top directory."""
+
+    prefix: str = ""
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)   # path -> (size, xxh3-128)
+    linked: int = 0
+    bytes: int = 0                     # of regular members (hard links add none)
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    return str(path).endswith(SUFFIXES)
+
+
+def default_output(root: Path) -> Path:
+    root = root.resolve()
+    return root.parent / f"{root.name}-{time.strftime('%Y%m%d')}.tar.zst"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> ArchiveResult:
+    started = time.monotonic()
+    store = Store(Path(root))
+    if not store.root.is_dir() or not store.manifests():
+        raise NotFound(f"no backups in {store.root}", hint="nothing to archive")
+    output = Path(opts.output).expanduser() if opts.output else default_output(store.root)
+    _check_output(store.root, output)
+    result = ArchiveResult(source=str(store.root), archive=str(output))
+    with store.lock("ckptsync archive", wait=opts.wait, on_wait=lambda h: rep.info(f"waiting for {h}")):
+        manifests = store.manifests()
+        result.entries = sorted(manifests)
+        result.unmanaged = store.unmanaged()
+        result.warnings.extend(_leftovers(store))
+        if output.exists():
+            result.reused = True
+            rep.info(f"{output} exists: reading it back against {store.root}")
+            try:
+                content = read_back(output, rep)
+                _require(output, content, manifests, None, reused=True)
+            except IntegrityError as exc:
+                exc.message += "; the archive was left as it is and nothing was removed"
+                raise
+        else:
+            _check_complete(store, manifests)
+            content = _write(store, output, manifests, result, rep)
+        result.verified = True
+        result.files = len(content.files)
+        result.linked = content.linked
+        result.bytes = content.bytes
+        result.archive_bytes = output.stat().st_size
+        if opts.remove:
+            for name in result.entries:
+                _remove_entry(store, name)
+                result.removed.append(name)
+            with contextlib.suppress(OSError):
+                (store.meta / "trash").rmdir()
+            if result.unmanaged:
+                result.warnings.append(f"kept (no manifest, archived but not removed): {', '.join(result.unmanaged)}")
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_output(root: Path, output: Path) -> None:
+    if not is_archive(output):
+        raise UsageError(f"--output {output}: the name must end with .tar.zst (verify and restore "
+                         "recognise an archive by it)")
+    out = output.resolve()
+    if out == root or root in out.parents:
+        raise UsageError(f"--output {output} is inside the backup directory {root}")
+
+
+def _leftovers(store: Store) -> list[str]:
+    staging = store.meta / "staging"
+    if staging.is_dir() and any(staging.iterdir()):
+        return [f"an unfinished transfer in {staging} is not archived"]
+    return []
+
+
+def _check_complete(store: Store, manifests: dict[str, Manifest]) -> None:
+    for m in manifests.values():
+        for f in m.files:
+            if not (store.root / f.path).is_file():
+                raise IntegrityError(f"{f.path} is listed in its manifest but missing from {store.root}; "
+                                     "nothing was archived", hint="run 'ckptsync verify' first")
+
+
+def _write(store: Store, output: Path, manifests: dict[str, Manifest], result: ArchiveResult,
+           rep: Reporter) -> Content:
+    members = list(_members(store, result))
+    need = _unique_bytes(members)
+    free = free_bytes(output.parent)
+    if need + SPACE_MARGIN > free:
+        raise DiskFull(f"not enough space for {output}: up to {need >> 20} MiB needed, {free >> 20} MiB free "
+                       "(checkpoints hardly compress); nothing was written")
+    part = output.with_name(output.name + ".part")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        packed = _pack(store, part, members, manifests, result, rep)
+        try:
+            content = read_back(part, rep)
+            _require(part, content, manifests, packed, reused=False)
+        except IntegrityError as exc:
+            exc.message += "; the archive was deleted and nothing was removed"
+            raise
+        if output.exists():
+            raise UsageError(f"{output} appeared while the archive was written; not replaced")
+        os.rename(part, output)
+        fsync_dir(output.parent)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise io_error(exc, f"writing {part}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return content
+
+
+def _members(store: Store, result: ArchiveResult) -> Iterator[tuple[str, Path]]:
+    """(path relative to the backup directory, path on disk) in archive order: bookkeeping first."""
+    root = store.root
+    yield "", root
+    yield META, store.meta
+    yield f"{META}/manifests", store.meta / "manifests"
+    for name in result.entries:
+        yield f"{META}/manifests/{name}.json", store.manifest_path(name)
+    for name in BOOKKEEPING:
+        if (store.meta / name).is_file():
+            yield f"{META}/{name}", store.meta / name
+    for name in sorted(result.entries + result.unmanaged):
+        top = root / name
+        yield name, top
+        if top.is_dir() and not top.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames.sort()
+                base = Path(dirpath)
+                for child in sorted(dirnames) + sorted(filenames):
+                    yield (base / child).relative_to(root).as_posix(), base / child
+
+
+def _unique_bytes(members: list[tuple[str, Path]]) -> int:
+    seen, total = set(), 0
+    for _rel, path in members:
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+class _Hashing:
+    def __init__(self, f, rep: Reporter) -> None:
+        self.f, self.rep, self.h = f, rep, xxhash.xxh3_128()
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        self.h.update(block)
+        self.rep.advance(len(block))
+        return block
+
+
+def _pack(store: Store, part: Path, members: list[tuple[str, Path]], manifests: dict[str, Manifest],
+          result: ArchiveResult, rep: Reporter) -> dict[str, tuple[int, str]]:
+    """Write the archive; returns path -> (size, xxh3-128) of every file as it was read."""
+    prefix = store.root.resolve().name
+    expected = {f.path: (f.size, f.xxh3_128) for m in manifests.values() for f in m.files}
+    packed: dict[str, tuple[int, str]] = {}
+    first_path: dict[tuple[int, int], str] = {}
+    rep.start(f"archive {prefix}", _unique_bytes(members))
+    try:
+        with open(part, "wb") as raw:
+            cctx = zstandard.ZstdCompressor(level=LEVEL, threads=-1, write_checksum=True)
+            with cctx.stream_writer(raw, closefd=False) as zw, \
+                    tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+                for rel, path in members:
+                    st = path.lstat()
+                    info = _tarinfo(f"{prefix}/{rel}" if rel else prefix, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        info.type = tarfile.DIRTYPE
+                        tar.addfile(info)
+                    elif not stat.S_ISREG(st.st_mode):
+                        result.warnings.append(f"not archived (not a regular file): {rel}")
+                    elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_path:
+                        info.type, info.linkname = tarfile.LNKTYPE, f"{prefix}/{first_path[(st.st_dev, st.st_ino)]}"
+                        tar.addfile(info)
+                        packed[rel] = packed[first_path[(st.st_dev, st.st_ino)]]
+                    else:
+                        info.size = st.st_size
+                        with open(path, "rb") as f:
+                            reader = _Hashing(f, rep)
+                            tar.addfile(info, reader)
+                        packed[rel] = (st.st_size, reader.h.hexdigest())
+                        first_path[(st.st_dev, st.st_ino)] = rel
+                    if rel in expected and packed.get(rel) != expected[rel]:
+                        raise IntegrityError(f"{store.root / rel} does not match its manifest (changed or "
+                                             "damaged on this disk); nothing was archived",
+                                             hint="run 'ckptsync verify' on the backup directory")
+            raw.flush()
+            os.fsync(raw.fileno())
+            # Drop the cached pages so the read-back comes from the disk, not from memory.
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        rep.finish()
+    return packed
+
+
+def _tarinfo(name: str, st: os.stat_result) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.mtime = st.st_mtime_ns // 1_000_000_000
+    sec, ns = divmod(st.st_mtime_ns, 1_000_000_000)
+    info.pax_headers = {"mtime": f"{sec}.{ns:09d}"}   # GNU tar and our reader keep nanoseconds
+    return info
+
+
+def _require(path: Path, content: Content, manifests: dict[str, Manifest],
+             packed: dict[str, tuple[int, str]] | None, reused: bool) -> None:
+    """Raise unless the archive read back holds every manifest and every file they list, unchanged."""
+    absent = [n for n in sorted(manifests) if f"{META}/manifests/{n}.json" not in content.files]
+    if absent and reused:
+        raise UsageError(f"{path} exists but does not hold {', '.join(absent)} (made before they were "
+                         "backed up?); it was left as it is", hint="give another --output")
+    problems = [f"manifest of {n} missing" for n in absent]
+    listed = {f.path: (f.size, f.xxh3_128) for m in manifests.values() for f in m.files}
+    for rel, want in {**(packed or {}), **listed}.items():
+        got = content.files.get(rel)
+        if got != want:
+            problems.append(f"{rel} {'missing' if got is None else 'differs'}")
+    if problems:
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        what = "does not match the backup directory" if reused else "failed the read-back check"
+        raise IntegrityError(f"{path} {what}: {'; '.join(problems[:5])}{more}")
+
+
+def _remove_entry(store: Store, name: str) -> None:
+    """Entry out of sight first (one rename), then its manifest, then the bytes."""
+    entry = store.entry(name)
+    aside = store.meta / "trash" / f"{name}.{time.time_ns()}"
+    try:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        if entry.exists() or entry.is_symlink():
+            os.rename(entry, aside)
+        store.drop_manifest(name)
+        fsync_dir(store.root)
+    except OSError as exc:
+        raise io_error(exc, f"removing {entry}") from None
+    remove_tree(aside)
+
+
+# ---------------------------------------------------------------- reading an archive
+
+
+class _Counting:
+    """The decompressed stream, remembering where its last non-zero byte was (to see the tar end)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.total = 0
+        self.last_data = 0
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        data = len(block.rstrip(b"\0"))
+        if data:
+            self.last_data = self.total + data
+        self.total += len(block)
+        return block
+
+
+class _Progress:
+    def __init__(self, f, rep: Reporter) -> None:
+        self.f, self.rep = f, rep
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        self.rep.advance(len(block))
+        return block
+
+
+def read_back(path: Path, rep: Reporter = QUIET, extract_to: Path | None = None) -> Content:
+    """Decompress and walk the whole archive, hashing every file; with extract_to, also write it there.
+
+    Raises IntegrityError for anything that is not a complete, intact ckptsync archive.
+    """
+    content = Content()
+    rep.start(f"read back {path.name}", path.stat().st_size)
+    try:
+        with open(path, "rb") as raw:
+            dctx = zstandard.ZstdDecompressor()
+            with dctx.stream_reader(_Progress(raw, rep), read_across_frames=True, closefd=False) as zr:
+                stream = _Counting(zr)
+                with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+                    writer = _Extractor(extract_to) if extract_to is not None else None
+                    for member in tar:
+                        _take(tar, member, content, writer)
+                    end = tar.offset
+                    while stream.read(CHUNK):
+                        pass
+                    if writer is not None:
+                        writer.finish()
+        if stream.total - end < TAR_END or stream.last_data > end:
+            raise IntegrityError(f"{path} is truncated: the tar stream has no end")
+    except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
+        raise IntegrityError(f"{path} cannot be read back: {exc}") from None
+    except OSError as exc:
+        raise io_error(exc, f"reading {path}") from None
+    finally:
+        rep.finish()
+    if not content.prefix:
+        raise IntegrityError(f"{path} is an empty archive")
+    return content
+
+
+def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, content: Content, writer: "_Extractor | None") -> None:
+    rel = _relative(member.name, content)
+    if writer is not None and writer.root is None:
+        writer.root = writer.dest / content.prefix
+    if member.isdir():
+        if writer is not None:
+            writer.directory(rel, member)
+    elif member.islnk():
+        target = _relative(member.linkname, content)
+        if target not in content.files:
+            raise IntegrityError(f"hard link {member.name} points to {member.linkname}, which is not an earlier file")
+        content.files[rel] = content.files[target]
+        content.linked += 1
+        if writer is not None:
+            writer.link(rel, target)
+    elif member.isreg():
+        if rel in content.files:
+            raise IntegrityError(f"{member.name} appears twice")
+        h = xxhash.xxh3_128()
+        src = tar.extractfile(member)
+        out = writer.open(rel) if writer is not None else None
+        try:
+            while True:
+                block = src.read(CHUNK)
+                if not block:
+                    break
+                h.update(block)
+                if out is not None:
+                    out.write(block)
+        finally:
+            if out is not None:
+                out.close()
+        content.files[rel] = (member.size, h.hexdigest())
+        content.bytes += member.size
+        if writer is not None:
+            writer.settle(rel, member)
+    else:
+        raise IntegrityError(f"{member.name}: unexpected member type in a ckptsync archive")
+
+
+def _relative(name: str, content: Content) -> str:
+    name = name.rstrip("/")
+    top, _, rest = name.partition("/")
+    if not content.prefix:
+        content.prefix = top
+    if top != content.prefix or not safe_member(name):
+        raise IntegrityError(f"unexpected member {name!r}: not under {content.prefix}/")
+    return rest
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text and text.replace(".", "", 1).isdigit():
+        sec, _, frac = text.partition(".")
+        return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    return int(member.mtime) * 1_000_000_000
+
+
+class _Extractor:
+    """Writes members under dest/<prefix>/; never follows or replaces anything already there."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.dirs: list[tuple[Path, int, int]] = []
+        self.root: Path | None = None
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def directory(self, rel: str, member: tarfile.TarInfo) -> None:
+        path = self._path(rel)
+        path.mkdir(parents=True, exist_ok=True)
+        self.dirs.append((path, member.mode & 0o7777, _mtime_ns(member)))
+
+    def open(self, rel: str):
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "xb")
+
+    def settle(self, rel: str, member: tarfile.TarInfo) -> None:
+        path = self._path(rel)
+        os.chmod(path, member.mode & 0o7777)
+        ns = _mtime_ns(member)
+        os.utime(path, ns=(ns, ns))
+
+    def link(self, rel: str, target: str) -> None:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.link(self._path(target), path)
+
+    def finish(self) -> None:
+        # Directory modes and mtimes last, deepest first: writing inside would change them.
+        for path, mode, ns in sorted(self.dirs, key=lambda d: len(d[0].parts), reverse=True):
+            os.chmod(path, mode)
+            os.utime(path, ns=(ns, ns))
+
+
+@contextlib.contextmanager
+def open_archive_as_store(path: str | os.PathLike, rep: Reporter = QUIET) -> Iterator[Store]:
+    """Extract an archive into a temporary directory and yield a Store over it; removed afterwards.
+
+    The directory goes next to the archive (same disk, usually the big one), else under $TMPDIR.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFound(f"{path}: no such archive")
+    tmp = None
+    for parent in (path.parent, None):
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".ckptsync-extract-", dir=parent))
+            break
+        except OSError:
+            continue
+    if tmp is None:
+        raise UsageError(f"no writable place to extract {path} (tried {path.parent} and $TMPDIR)")
+    try:
+        content = read_back(path, rep, extract_to=tmp)
+        yield Store(tmp / content.prefix)
+    finally:
+        _remove_extracted(tmp)
+
+
+def _remove_extracted(tmp: Path) -> None:
+    for dirpath, _dirs, _files in os.walk(tmp):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o700)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""ckptsync compare"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.inspect import compare_backups
+from ckptsync.output import Output, human, table
+from ckptsync.plot import number
+
+LABELS = {"step": "step", "epoch": "epoch", "loss": "train loss", "eval_loss": "eval loss",
+          "learning_rate": "learning rate"}
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(metavar="A", help="A backed-up checkpoint, e.g. checkpoint-500.")],
+    b: Annotated[str, typer.Argument(metavar="B", help="Another one, e.g. checkpoint-1000.")],
+    instance: o.Instance = None, local_dir: o.LocalDir = None, config: o.Config = None,
+    json_out: o.Json = False,
+) -> int:
+    """Compare two backed-up checkpoints: step, epoch, loss and learning-rate changes, and which files differ.
+
+    Reads the backup directory only (no network). Files are compared by
+    content (xxh3-128 and size from the manifests).
+    """
+    out = Output(json_mode=json_out)
+    t = o.target(config, instance, local_dir=local_dir, need_remote=False)
+    r = compare_backups(t.local_dir, a, b)
+    if json_out:
+        out.emit(r.to_dict())
+        return r.exit_code
+    out.result(f"{r.a} -> {r.b}   (backups in {r.location})")
+    values = table("", r.a, r.b, "change")
+    for c in r.values:
+        delta = "" if c.delta is None else (f"{c.delta:+d}" if isinstance(c.delta, int) else f"{c.delta:+.4g}")
+        values.add_row(LABELS.get(c.key, c.key), _fmt(c.a), _fmt(c.b), delta)
+    out.rich(values)
+    out.result("")
+    out.result(f"files: {len(r.differ)} differ, {len(r.identical)} identical, "
+               f"{len(r.only_a)} only in {r.a}, {len(r.only_b)} only in {r.b}")
+    files = table("", "file", "size")
+    for label, group in (("differs", r.differ), (f"only in {r.a}", r.only_a), (f"only in {r.b}", r.only_b),
+                         ("identical", r.identical)):
+        for f in group:
+            files.add_row(label, f.path, _sizes(f.a_size, f.b_size))
+    out.rich(files)
+    return r.exit_code
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return number(value)
+    return str(value)
+
+
+def _sizes(a: int | None, b: int | None) -> str:
+    if a is None or b is None or a == b:
+        return human(a if b is None else b)
+    return f"{human(a)} -> {human(b)}"

@@ -1,0 +1,77 @@
+"""ckptsync prune"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.output import Output, human, table, when
+from ckptsync.prune import PruneOptions, PruneResult, run_prune
+from ckptsync.retention import Policy, parse_duration
+
+
+@app.command("prune")
+def prune_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Prune the server's checkpoints instead of the backups.")] = False,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="K", help="Keep the K newest complete checkpoints.")] = 0,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="Keep the best checkpoint(s) (trainer_state.json, best_model.pt).")] = False,
+    keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
+    keep_within: Annotated[Optional[str], typer.Option("--keep-within", metavar="DURATION", help="Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w).", show_default=False)] = None,
+    dry_run: o.DryRun = False, force: o.Force = False, json_out: o.Json = False,
+) -> int:
+    """Delete the checkpoints no --keep rule keeps, in the backup directory or (--remote) on the server.
+
+    A checkpoint is kept if any rule keeps it; each one is listed with the
+    reasons. Always kept, whatever the rules: checkpoints still being written,
+    and locally the newest backup. With --remote, a checkpoint without a
+    verified local backup (same files, sizes and mtimes) is kept unless
+    --force. Each checkpoint disappears whole; an interrupted run is finished
+    by the next one.
+    """
+    out = Output(json_mode=json_out)
+    policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
+                    keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
+    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
+    result = run_prune(t, PruneOptions(policy=policy, remote=remote, dry_run=dry_run, force=force),
+                       out.reporter())
+    if json_out:
+        out.emit(result.to_dict())
+        return result.exit_code
+    _render(out, result)
+    return result.exit_code
+
+
+def _render(out: Output, r: PruneResult) -> None:
+    for w in r.warnings:
+        out.warn(w)
+    out.result(f"{'server' if r.side == 'server' else 'backups'}: {r.where}")
+    if not r.entries:
+        out.result("no checkpoints: nothing to prune")
+        return
+    gone = "would remove" if r.dry_run else "removed"
+    tab = table("", "name", "step", "size", "modified", "why")
+    for e in r.entries:
+        action = "keep" if e.keep else (gone if r.dry_run or e.removed else "FAILED")
+        tab.add_row(action, e.name, "-" if e.step is None else str(e.step), human(e.size), when(e.mtime),
+                    "; ".join(e.reasons))
+    out.rich(tab)
+    for name, why in r.failed.items():
+        out.warn(f"{name}: {why}")
+    unbacked = [e.name for e in r.entries if e.keep and "no verified local backup" in e.reasons]
+    if unbacked:
+        out.warn(f"kept without a verified local backup: {', '.join(unbacked)} "
+                 "(back them up first, or use --force)")
+    kept = len(r.entries) - len(r.doomed)
+    if r.dry_run:
+        out.result(f"dry run: would remove {len(r.doomed)} of {len(r.entries)} and keep {kept}, "
+                   f"freeing {human(r.freed_bytes)}; nothing was changed")
+    elif not r.doomed:
+        out.result(f"nothing to remove: all {kept} kept")
+    else:
+        out.result(f"removed {len(r.removed)} of {len(r.entries)} ({', '.join(r.removed) or 'none'}), "
+                   f"kept {kept}; freed {human(r.freed_bytes)}")

@@ -1,0 +1,78 @@
+"""ckptsync restore"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.output import Output, human, table
+from ckptsync.restore import RestoreOptions, RestoreResult, run_restore
+
+
+@app.command("restore")
+def restore_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
+    no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
+    force: o.Force = False, dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
+) -> int:
+    """Put a backed-up checkpoint on a (new) server, ready to resume training.
+
+    The backup is re-read and checked against its manifest first, the files are
+    staged on the server and checked there, and only then renamed into place.
+    An existing checkpoint of the same name is never replaced without --force
+    (exit 2). Damaged backup: exit 30. Not enough space on the server: exit 5.
+    An interrupted restore leaves nothing under the final name; run it again
+    to send only what is missing.
+    """
+    out = Output(json_mode=json_out, quiet=quiet)
+    opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
+                          force=force, dry_run=dry_run)
+    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+    out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
+    result = run_restore(t, opts, out.reporter())
+    if json_out:
+        out.emit(result.to_dict())
+        return result.exit_code
+    for w in result.warnings:
+        out.warn(w)
+    if dry_run:
+        _show_plan(out, result)
+        return result.exit_code
+    if quiet:
+        return result.exit_code
+    resumed = f", {result.resumed_files} kept from an interrupted restore" if result.resumed_files else ""
+    replaced = " (the existing copy was replaced)" if result.replaced else ""
+    out.result(f"restored {result.checkpoint} to {result.server}:{result.path}{replaced}")
+    out.result(f"  {result.sent_files} files sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on the "
+               f"wire){resumed}; {result.seconds:.1f}s")
+    for e in result.extras:
+        out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
+    if result.exact_resume:
+        out.result(f"resume with: {result.resume_hint}")
+    else:
+        out.result(result.resume_hint)
+    return result.exit_code
+
+
+def _show_plan(out: Output, result: RestoreResult) -> None:
+    step = "" if result.step is None else f" (step {result.step}, {result.content})"
+    out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
+               f"to {result.server}:{result.path}")
+    if result.creates_remote_dir:
+        out.result(f"  {result.remote_dir} does not exist yet and would be created")
+    if result.replaced:
+        out.result(f"  the existing {result.checkpoint} there would be replaced (--force)")
+    tab = table("file", "size", "action")
+    for f in result.files:
+        tab.add_row(f.path, human(f.size), "send" if f.action == "send" else "already staged on the server")
+    for e in result.extras:
+        tab.add_row(e.dest, human(e.size), e.action)
+    out.rich(tab)
+    out.result(f"would send {human(result.send_bytes)}; nothing was changed")
+    out.result(("resume with: " if result.exact_resume else "then: ") + result.resume_hint)

@@ -1,0 +1,288 @@
+"""`ckptsync prune`: delete the checkpoints a retention policy does not keep, in the backup
+directory (default) or on the server (`--remote`).
+
+The decisions come from `retention.plan`. Deleting one local checkpoint is one
+rename into `.ckptsync/trash/` (it disappears whole), then its manifest goes,
+then the files; an interrupted run leaves trash and possibly a manifest whose
+entry is gone, both cleaned under the lock at the start of the next run. On
+the server the agent's `remove` does the same with a hidden name. A server
+checkpoint is deleted only if its files are still as they were when the plan
+was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptsync.config import Target
+from ckptsync.errors import OK, PARTIAL, AgentError, Interrupted, NotFound
+from ckptsync.layout import Checkpoint
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.remote import Remote
+from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
+from ckptsync.scan import ServerView, scan_server
+from ckptsync.store import EXTRA, Manifest, Store, fsync_dir, remove_tree
+
+
+@dataclass
+class PruneOptions:
+    policy: Policy
+    remote: bool = False
+    dry_run: bool = False
+    force: bool = False
+
+
+@dataclass
+class PruneEntry:
+    name: str
+    step: int | None
+    kind: str
+    mtime: float
+    size: int
+    keep: bool
+    reasons: list[str]
+    complete: bool = True
+    verified: bool = True
+    removed: bool = False
+
+
+@dataclass
+class PruneResult:
+    target: str
+    side: str                  # "backups" or "server"
+    where: str                 # the backup directory, or server:remote_dir
+    dry_run: bool
+    force: bool
+    policy: dict
+    entries: list[PruneEntry] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    freed_bytes: int = 0       # freed, or with --dry-run what would be
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def doomed(self) -> list[PruneEntry]:
+        return [e for e in self.entries if not e.keep]
+
+    @property
+    def exit_code(self) -> int:
+        return PARTIAL if self.failed else OK
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+
+def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> PruneResult:
+    if opts.policy.is_empty:
+        raise PolicyError(EMPTY_POLICY_MESSAGE)
+    started = time.monotonic()
+    job = RemotePrune(target, opts, rep) if opts.remote else LocalPrune(target, opts, rep)
+    try:
+        return job.run()
+    finally:
+        job.result.seconds = time.monotonic() - started
+
+
+def _entries(decisions: list[Decision], sizes: dict[str, int]) -> list[PruneEntry]:
+    return [PruneEntry(name=d.item.name, step=d.item.step, kind=d.item.kind, mtime=d.item.mtime,
+                       size=sizes.get(d.item.name, 0), keep=d.keep, reasons=list(d.reasons),
+                       complete=d.item.complete, verified=d.item.verified) for d in decisions]
+
+
+def _interrupted(done: list[str], current: str | None, state: str) -> Interrupted:
+    parts = [f"removed {', '.join(done)}" if done else "nothing removed"]
+    if current is not None:
+        parts.append(f"{current} {state}")
+    return Interrupted("prune interrupted: " + "; ".join(parts))
+
+
+# ------------------------------------------------------------------ local
+
+
+class LocalPrune:
+    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
+        self.opts = opts
+        self.rep = rep
+        self.store = Store(target.local_dir)
+        self.result = PruneResult(target=target.label, side="backups", where=str(target.local_dir),
+                                  dry_run=opts.dry_run, force=opts.force, policy=asdict(opts.policy))
+
+    def run(self) -> PruneResult:
+        if not self.store.root.is_dir():
+            raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
+        if self.opts.dry_run:
+            self._plan()
+            return self.result
+        with self.store.lock("ckptsync prune"):
+            clean_leftovers(self.store)
+            manifests = self._plan()
+            self._delete(manifests)
+            with contextlib.suppress(OSError):
+                (self.store.meta / "trash").rmdir()
+        return self.result
+
+    def _plan(self) -> dict[str, Manifest]:
+        manifests = {n: m for n, m in self.store.manifests().items() if n != EXTRA}
+        items = [Item(name=m.name, step=m.step, mtime=m.mtime, is_best=m.is_best, complete=True,
+                      verified=True, kind=m.kind) for m in manifests.values()]
+        decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
+        self.result.entries = _entries(decisions, {n: m.size for n, m in manifests.items()})
+        self.result.freed_bytes = freed_bytes(self.store, [e.name for e in self.result.doomed])
+        unmanaged = self.store.unmanaged()
+        if unmanaged:
+            self.result.warnings.append(f"not made by ckptsync, left alone: {', '.join(unmanaged)}")
+        return manifests
+
+    def _delete(self, manifests: dict[str, Manifest]) -> None:
+        current = None
+        try:
+            for entry in reversed(self.result.doomed):        # oldest first
+                current = entry.name
+                try:
+                    remove_entry(self.store, entry.name)
+                except OSError as exc:
+                    self.result.failed[entry.name] = f"could not remove: {exc.strerror or exc}"
+                    continue
+                entry.removed = True
+                self.result.removed.append(entry.name)
+                self.rep.info(f"removed {entry.name}")
+            current = None
+        except KeyboardInterrupt:
+            there = current is not None and self.store.entry(current).exists()
+            state = ("is still complete" if there
+                     else "was removed (what is left of it is cleaned by the next run)")
+            raise _interrupted(self.result.removed, current, state) from None
+
+
+def remove_entry(store: Store, name: str) -> None:
+    """Take one entry out of sight in a single rename, then delete it at leisure."""
+    entry = store.entry(name)
+    aside = store.meta / "trash" / f"{name}.{time.time_ns()}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(entry, aside)
+    fsync_dir(store.root)
+    store.drop_manifest(name)
+    remove_tree(aside)
+
+
+def clean_leftovers(store: Store) -> list[str]:
+    """What an interrupted prune left: the trash, and manifests whose entry is gone. Call under the lock."""
+    store.clean_trash()
+    dropped = []
+    folder = store.meta / "manifests"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if not store.entry(path.stem).exists():
+            store.drop_manifest(path.stem)
+            dropped.append(path.stem)
+    return dropped
+
+
+def freed_bytes(store: Store, names: list[str]) -> int:
+    """Bytes that deleting these entries gives back: hard-linked files count only if every link goes."""
+    links: dict[tuple[int, int], list[int]] = {}
+    for name in names:
+        for path in _files_under(store.entry(name)):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            seen = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512])
+            seen[0] += 1
+    return sum(size for count, nlink, size in links.values() if count >= nlink)
+
+
+def _files_under(entry: Path) -> list[str]:
+    if not entry.is_dir() or entry.is_symlink():
+        return [str(entry)] if os.path.lexists(entry) else []
+    return [os.path.join(d, n) for d, _dirs, files in os.walk(entry) for n in files]
+
+
+# ------------------------------------------------------------------ remote
+
+
+class RemotePrune:
+    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
+        self.target = target
+        self.opts = opts
+        self.rep = rep
+        self.store = Store(target.local_dir)
+        self.result = PruneResult(target=target.label, side="server", where="", dry_run=opts.dry_run,
+                                  force=opts.force, policy=asdict(opts.policy))
+
+    def run(self) -> PruneResult:
+        with Remote(self.target.transport) as remote:
+            self.remote = remote
+            view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
+            self.result.where = f"{self.target.describe()}:{view.root}"
+            self.result.warnings.extend(view.errors)
+            if self.opts.dry_run or not self.store.root.is_dir():
+                self._plan(view)
+                if not self.opts.dry_run:
+                    self._delete(view)
+                return self.result
+            # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put.
+            with self.store.lock("ckptsync prune --remote"):
+                self._plan(view)
+                self._delete(view)
+        return self.result
+
+    def _plan(self, view: ServerView) -> None:
+        manifests = self.store.manifests()
+        items = [Item(name=c.name, step=c.step, mtime=c.mtime, is_best=c.is_best, complete=c.complete,
+                      verified=backed_up(manifests.get(c.name), view, c), kind=c.kind)
+                 for c in view.checkpoints]
+        decisions = plan(items, self.opts.policy, view.now, remote=True, force=self.opts.force)
+        self.result.entries = _entries(decisions, {c.name: c.size for c in view.checkpoints})
+        self.result.freed_bytes = sum(e.size for e in self.result.doomed)
+
+    def _delete(self, view: ServerView) -> None:
+        current = None
+        try:
+            for entry in reversed(self.result.doomed):
+                current = entry.name
+                c = view.find(entry.name)
+                changed = self._changed(view, c)
+                if changed:
+                    self.result.failed[entry.name] = f"{changed} since the listing; kept"
+                    continue
+                try:
+                    reply = self.remote.call("remove", root=view.root, names=[entry.name])
+                except AgentError as exc:
+                    self.result.failed[entry.name] = exc.message
+                    continue
+                if entry.name in reply.get("removed", []):
+                    entry.removed = True
+                    self.result.removed.append(entry.name)
+                    self.rep.info(f"removed {entry.name} on the server")
+            current = None
+        except KeyboardInterrupt:
+            raise _interrupted(self.result.removed, current, "is either still complete or moved aside "
+                               "on the server (the next prune --remote deletes what is left)") from None
+        self.result.freed_bytes = sum(e.size for e in self.result.entries if e.removed)
+
+    def _changed(self, view: ServerView, c: Checkpoint) -> str:
+        """Empty if every file is still as listed; else what happened."""
+        paths = [f.path for f in c.files]
+        now = self.remote.call("stat", root=view.root, paths=paths).get("stat", {})
+        for path in paths:
+            st = now.get(path)
+            if st is None:
+                return f"{path} disappeared"
+            if (st[0], st[1]) != view.exact[path][:2]:
+                return f"{path} changed"
+        return ""
+
+
+def backed_up(m: Manifest | None, view: ServerView, c: Checkpoint) -> bool:
+    """A backup exists and lists exactly the server's files with their sizes and mtimes."""
+    if m is None:
+        return False
+    stored = {f.path: (f.size, f.mtime_ns) for f in m.files}
+    return stored == {f.path: view.exact[f.path][:2] for f in c.files}

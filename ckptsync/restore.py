@@ -1,0 +1,510 @@
+"""`ckptsync restore`: put a backed-up checkpoint back on a server, checked, in one rename.
+
+Order: choose a checkpoint from the manifests; refuse before any byte moves
+when its name is taken on the server (unless --force), when the local copy
+no longer matches its manifest, or when the server lacks the space; then
+stream the files into `<remote_dir>/.ckptsync-staging-<name>/` and compare
+the server's hash of each file with the hash of what was read here. Only when
+every file matches is the staged directory renamed to its final name by the
+agent's `commit`. An interrupted run leaves only the staging directory; the
+next run checks the staged files on the server and sends only the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import xxhash
+
+from ckptsync import agent as wire
+from ckptsync.backup import SPACE_MARGIN, human
+from ckptsync.config import Target
+from ckptsync.errors import (
+    OK, ConnectError, DiskFull, IntegrityError, Interrupted, Locked, NotFound, UsageError,
+)
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.remote import Remote
+from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
+from ckptsync.transfer import hash_file
+
+# What --adapter-only sends: weights and the configs needed to load them, never training state.
+WEIGHT_FILE = re.compile(r"adapter_model\.\w+|(pytorch_)?model[^/]*\.(safetensors|bin)")
+LOAD_FILE = re.compile(
+    r"(pytorch_)?model[^/]*\.(safetensors|bin)\.index\.json|adapter_config\.json|config\.json"
+    r"|generation_config\.json|tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\.[^/]+|merges\.txt"
+)
+# Labels of layout.Checkpoint.missing that make an exact resume impossible.
+TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "optimizer", "scheduler", "*optim_states.pt"}
+NO_RNG = {"rng_state.pth", "rng"}
+
+# ExtraItem.action values.
+SEND = "send"
+STAGED = "staged"
+SAME = "already there"
+DIFFERS = "kept existing (differs)"
+REPLACE = "replace"
+
+
+@dataclass
+class RestoreOptions:
+    checkpoint: str | None = None
+    adapter_only: bool = False
+    extra_files: bool = True
+    force: bool = False
+    dry_run: bool = False
+    compress: str = "auto"
+
+
+@dataclass
+class FileItem:
+    path: str        # relative to remote_dir, the same string as in the backup directory
+    size: int
+    action: str      # "send", or "staged": left by an interrupted run and checked on the server
+
+
+@dataclass
+class ExtraItem:
+    source: str      # where it goes, relative to remote_dir, as configured when it was backed up
+    size: int
+    action: str      # send, already there, kept existing (differs), replace
+    dest: str = ""   # the same place as a path on the server
+
+
+@dataclass
+class RestoreResult:
+    target: str
+    server: str
+    source: str                  # the backup directory
+    remote_dir: str              # absolute on the server once known
+    dry_run: bool
+    checkpoint: str = ""
+    step: int | None = None
+    layout: str = ""
+    content: str = ""
+    path: str = ""               # where the checkpoint is (or would be) on the server
+    adapter_only: bool = False
+    exact_resume: bool = False
+    creates_remote_dir: bool = False
+    replaced: bool = False       # an existing copy on the server was replaced (--force)
+    files: list[FileItem] = field(default_factory=list)
+    extras: list[ExtraItem] = field(default_factory=list)
+    sent_files: int = 0
+    sent_bytes: int = 0
+    wire_bytes: int = 0
+    resumed_files: int = 0
+    resume_hint: str = ""
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return OK
+
+    @property
+    def send_bytes(self) -> int:
+        """What this run sends (or would send): files not already staged, extra files to put in place."""
+        return sum(f.size for f in self.files if f.action == SEND) + sum(
+            e.size for e in self.extras if e.action in (SEND, REPLACE))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        out["send_bytes"] = self.send_bytes
+        return out
+
+
+# ------------------------------------------------------------ pure parts
+
+
+def newest_first(manifests: dict[str, Manifest]) -> list[Manifest]:
+    """Checkpoints of the backup directory by step, then mtime, newest first (extra files left out)."""
+    found = [m for name, m in manifests.items() if name != EXTRA]
+    return sorted(found, key=lambda m: (m.step is None, -(m.step or 0), -m.mtime, m.name))
+
+
+def weight_files(m: Manifest) -> list[FileRecord]:
+    """The files --adapter-only sends: top-level weights and loading configs of a checkpoint directory."""
+    out = []
+    for f in m.files:
+        head, _, rel = f.path.partition("/")
+        if rel and "/" not in rel and (WEIGHT_FILE.fullmatch(rel) or LOAD_FILE.fullmatch(rel)):
+            out.append(f)
+    return out
+
+
+def has_weights(m: Manifest) -> bool:
+    return any(WEIGHT_FILE.fullmatch(f.path.partition("/")[2]) for f in weight_files(m))
+
+
+def lacks_training_state(m: Manifest) -> bool:
+    return m.content in ("adapter-only", "weights-only") or bool(TRAINING_STATE & set(m.missing))
+
+
+def choose(ordered: list[Manifest], name: str | None, adapter_only: bool) -> tuple[Manifest, list[str]]:
+    """The checkpoint to restore and notes on the choice. Default: the newest one that can be used."""
+    names = ", ".join(m.name for m in ordered) or "none"
+    if name:
+        for m in ordered:
+            if m.name == name:
+                return m, []
+        raise NotFound(f"no backup of {name} (backed up: {names})")
+    usable = [m for m in ordered if (has_weights(m) if adapter_only else m.resumable)]
+    if not usable:
+        what = "has adapter or model weight files" if adapter_only else "can resume a run"
+        raise NotFound(f"none of the backed-up checkpoints {what} ({names})",
+                       hint="choose one with --checkpoint NAME")
+    notes = []
+    skipped = ordered[: ordered.index(usable[0])]
+    if skipped:
+        why = ", ".join(f"{m.name} ({m.content})" for m in skipped)
+        notes.append(f"newer backups cannot resume the run: {why}; restoring {usable[0].name}")
+    return usable[0], notes
+
+
+def resume_hint(m: Manifest, root: str, path: str, exact: bool) -> str:
+    if not exact:
+        return f"load the weights from {path} to fine-tune or evaluate (a new run: fresh optimizer and schedule)"
+    if m.layout == "trainer":
+        return f"--resume-from-checkpoint {path}"
+    if m.layout == "deepspeed":
+        return f"engine.load_checkpoint({root!r}, tag={m.name!r})"
+    return f"resume your training script from {path}"
+
+
+def verify_files(store: Store, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
+    """Re-read the stored copies: what does not match the manifest (missing, size, xxh3-128)."""
+    bad = []
+    for f in files:
+        path = store.root / f.path
+        try:
+            size = path.stat().st_size
+            if size != f.size:
+                bad.append(f"{f.path} (size {size}, the manifest says {f.size})")
+            elif hash_file(path, on_block=rep.advance) != f.xxh3_128:
+                bad.append(f"{f.path} (content differs from the manifest)")
+        except FileNotFoundError:
+            bad.append(f"{f.path} (missing)")
+        except OSError as exc:
+            bad.append(f"{f.path} (unreadable: {exc.strerror or exc})")
+    return bad
+
+
+# ------------------------------------------------------------ the run
+
+
+class Restore:
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> None:
+        self.target = target
+        self.opts = opts
+        self.rep = rep
+        self.store = Store(target.local_dir)
+        self.result = RestoreResult(target=target.label, server=target.describe(), source=str(target.local_dir),
+                                    remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
+                                    adapter_only=opts.adapter_only)
+        self.phase = "prepare"
+
+    def run(self) -> RestoreResult:
+        started = time.monotonic()
+        try:
+            manifests = self.store.manifests()
+            ordered = newest_first(manifests)
+            if not ordered:
+                raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
+            m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
+            self.result.warnings.extend(notes)
+            files = self._select(m)
+            extras = manifests.get(EXTRA) if self.opts.extra_files else None
+            with self._lock(), Remote(self.target.transport) as remote:
+                self.remote = remote
+                self._restore(m, files, extras, ordered, manifests)
+            return self.result
+        except KeyboardInterrupt:
+            if self.phase == "commit":
+                raise Interrupted(f"interrupted while moving {self.result.checkpoint} into place on the server: "
+                                  f"if it is not at {self.result.path}, run the same restore again") from None
+            raise Interrupted("interrupted before anything was sent: nothing changed on the server") from None
+        finally:
+            self.result.seconds = time.monotonic() - started
+
+    def _lock(self) -> contextlib.ExitStack:
+        """Hold the backup directory's lock, so prune or a backup cannot change what is being read."""
+        stack = contextlib.ExitStack()
+        if not self.opts.dry_run:
+            try:
+                stack.enter_context(self.store.lock("ckptsync restore"))
+            except Locked as exc:
+                exc.hint = "wait for it to finish, then run the restore again"
+                raise
+        return stack
+
+    def _select(self, m: Manifest) -> list[FileRecord]:
+        r = self.result
+        r.checkpoint, r.step, r.layout, r.content = m.name, m.step, m.layout, m.content
+        r.exact_resume = m.resumable and not self.opts.adapter_only
+        if not self.opts.adapter_only:
+            files = list(m.files)
+        elif m.layout == "single-file" or not has_weights(m):
+            raise UsageError(f"--adapter-only: {m.name} has no separate adapter or model weight files",
+                             hint="restore it whole (without --adapter-only)")
+        else:
+            files = weight_files(m)
+            r.warnings.append(f"--adapter-only: only the weights and configs of {m.name} are sent; you can "
+                              "fine-tune from these weights, but the run cannot be resumed exactly "
+                              "(no optimizer, scheduler or RNG state)")
+        if not self.opts.adapter_only:
+            missing = ", ".join(m.missing) or "nothing listed"
+            if lacks_training_state(m):
+                r.warnings.append(f"{m.name} has no optimizer or scheduler state (missing: {missing}): you can "
+                                  "fine-tune from these weights, but the run cannot be resumed exactly")
+            elif not m.resumable:
+                r.warnings.append(f"{m.name} cannot resume the run exactly (content: {m.content}; "
+                                  f"missing: {missing})")
+            elif NO_RNG & set(m.missing):
+                r.warnings.append(f"{m.name} has no RNG state: the run resumes, but its data order "
+                                  "will not be bit-identical")
+        return sorted(files, key=lambda f: f.path)
+
+    def _restore(self, m: Manifest, files: list[FileRecord], extras: Manifest | None,
+                 ordered: list[Manifest], manifests: dict[str, Manifest]) -> None:
+        r = self.result
+        root = self.target.remote_dir
+        r.path = posixpath.join(root, m.name)
+        self.rep.info(f"{m.name}: checking the server")
+        extra_items = self._check_server(root, m, extras)
+        self._verify(m, files, extra_items, ordered)
+        records = files + [f for f, _item in extra_items]
+        staged = self._usable_staged(root, m, records, check=not self.opts.dry_run)
+        r.files = [FileItem(f.path, f.size, STAGED if f.path in staged else SEND) for f in files]
+        r.extras = [item for _f, item in extra_items]
+        r.resumed_files = sum(1 for f in r.files if f.action == STAGED)
+        to_send = [f for f in files if f.path not in staged]
+        to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
+        self._check_space(root, sum(f.size for f in to_send))
+        best_note = self._best_model_note(root, m, manifests)
+        if not self.opts.dry_run:
+            r.remote_dir = root = str(self.remote.call("mkdir", path=root).get("path", root))
+            r.path = posixpath.join(root, m.name)
+            for item in r.extras:
+                item.dest = posixpath.normpath(posixpath.join(root, item.source))
+            self.rep.info(f"{m.name}: sending {len(to_send)} files, {human(sum(f.size for f in to_send))}"
+                          + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
+            self.phase = "send"
+            self._send(root, m.name, to_send, len(staged))
+            self.phase = "commit"
+            self._commit(root, m, extra_items)
+            self.phase = "done"
+        if best_note:
+            r.warnings.append(best_note)
+        r.resume_hint = resume_hint(m, root, r.path, r.exact_resume)
+
+    # -------------------------------------------------- checks before sending
+
+    def _check_server(self, root: str, m: Manifest, extras: Manifest | None) -> list[tuple[FileRecord, ExtraItem]]:
+        """Refuse an existing checkpoint without --force; sort extra files into send / same / differs."""
+        records = [f for f in (extras.files if extras else []) if f.source]
+        st = self.remote.call("stat", root=root, paths=[".", m.name] + [f.source for f in records]).get("stat", {})
+        here = st.get(".")
+        if here is not None and not here[3]:
+            raise UsageError(f"{root} on {self.result.server} is not a directory")
+        self.result.creates_remote_dir = here is None
+        if st.get(m.name) is not None:
+            if not self.opts.force:
+                raise UsageError(
+                    f"{m.name} already exists in {root} on {self.result.server}; nothing was sent",
+                    hint="add --force to replace it (atomically: the old copy goes only once the new one is in place)")
+            self.result.replaced = True
+        existing = [f for f in records if st.get(f.source) is not None]
+        same = self._same_on_server(root, [f for f in existing if not st[f.source][3]])
+        items = []
+        for f in records:
+            if st.get(f.source) is None:
+                action = SEND
+            elif f.source in same:
+                action = SAME
+            else:
+                action = REPLACE if self.opts.force else DIFFERS
+            items.append((f, ExtraItem(f.source, f.size, action, posixpath.normpath(posixpath.join(root, f.source)))))
+            if action == DIFFERS:
+                self.result.warnings.append(f"kept existing {f.source} (differs from the backup; --force replaces it)")
+        return items
+
+    def _same_on_server(self, root: str, records: list[FileRecord]) -> set[str]:
+        """Sources whose server copy has the same content as the backup (hashed on the server)."""
+        if not records:
+            return set()
+        alg = self.remote.best_hash
+        got = self.remote.call("hash", root=root, paths=[f.source for f in records], alg=alg).get("hashes", {})
+        return {f.source for f in records if got.get(f.source) == self._local_hash(f, alg)}
+
+    def _local_hash(self, f: FileRecord, alg: str) -> str | None:
+        if alg == "xxh3_128":
+            return f.xxh3_128
+        try:
+            return hash_file(self.store.root / f.path, alg)
+        except OSError:
+            return None
+
+    def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]], ordered: list[Manifest]) -> None:
+        total = sum(f.size for f in files)
+        self.rep.info(f"{m.name}: checking {len(files)} files in {self.store.root} against the manifest")
+        self.rep.start(f"verify {m.name}", total)
+        try:
+            bad = verify_files(self.store, files, self.rep)
+        finally:
+            self.rep.finish()
+        if bad:
+            raise IntegrityError(f"the backup of {m.name} is damaged, nothing was sent: {'; '.join(bad)}",
+                                 hint=self._older_hint(m, ordered))
+        sent_extras = [f for f, item in extra_items if item.action in (SEND, REPLACE)]
+        bad = verify_files(self.store, sent_extras)
+        if bad:
+            raise IntegrityError(f"the backup of the extra files is damaged, nothing was sent: {'; '.join(bad)}",
+                                 hint="restore without them: --no-extra-files")
+
+    def _older_hint(self, m: Manifest, ordered: list[Manifest]) -> str:
+        older = ordered[ordered.index(m) + 1:]
+        for other in older:
+            if not (has_weights(other) if self.opts.adapter_only else other.resumable):
+                continue
+            files = weight_files(other) if self.opts.adapter_only else other.files
+            if not verify_files(self.store, files):
+                return f"the next older backup verifies: ckptsync restore --checkpoint {other.name}"
+        return "no older backup verifies either" if older else "there is no older backup"
+
+    def _usable_staged(self, root: str, m: Manifest, records: list[FileRecord], check: bool) -> set[str]:
+        """Files an interrupted restore left in staging with the right size, mtime and (if check) hash."""
+        stage = m.name
+        reply = self.remote.call("staged", root=root, name=stage)
+        staged = reply.get("staged") or {}
+        if not staged and not reply.get("partial"):
+            return set()
+        want = {f.path: f for f in records}
+        inside = [p for p in list(staged) + list(reply.get("partial") or [])
+                  if p == m.name or p.startswith(m.name + "/")]
+        if any(p not in want for p in inside):
+            # It would be renamed into place with the checkpoint: start over.
+            if not self.opts.dry_run:
+                self.remote.call("discard", root=root, name=stage)
+            return set()
+        fits = [p for p, info in staged.items()
+                if p in want and list(info)[:2] == [want[p].size, want[p].mtime_ns]]
+        if not check or not fits:
+            return set(fits)
+        alg = self.remote.best_hash
+        prefix = wire.STAGING_PREFIX + stage + "/"
+        got = self.remote.call("hash", root=root, paths=[prefix + p for p in fits], alg=alg).get("hashes", {})
+        return {p for p in fits if got.get(prefix + p) == self._local_hash(want[p], alg)}
+
+    def _check_space(self, root: str, need: int) -> None:
+        free = int(self.remote.call("df", path=root).get("free", 0))
+        if need + SPACE_MARGIN > free:
+            raise DiskFull(
+                f"not enough space on {self.result.server} in {root}: this restore needs {human(need)}, "
+                f"{human(free)} is free (nothing was sent)",
+                hint="free some space on the server, or send only the weights with --adapter-only")
+
+    def _best_model_note(self, root: str, m: Manifest, manifests: dict[str, Manifest]) -> str:
+        best = m.state.get("best_model_checkpoint")
+        if self.opts.adapter_only or not isinstance(best, str) or not best.strip():
+            return ""
+        last = re.split(r"[\\/]", best.rstrip("/\\"))[-1]
+        if not last or last == m.name or not wire.safe_member(last):
+            return ""
+        if self.remote.call("stat", root=root, paths=[last]).get("stat", {}).get(last) is not None:
+            return ""
+        again = f"; restore it too: ckptsync restore --checkpoint {last}" if last in manifests else ""
+        return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
+                f"this server: a resumed run that loads the best model at the end can crash there{again}")
+
+    # -------------------------------------------------- sending and committing
+
+    def _send(self, root: str, name: str, files: list[FileRecord], kept: int) -> None:
+        if not files:
+            return
+        stage = name  # the staging directory is named after the checkpoint: a rerun finds it
+        staging = posixpath.join(root, wire.STAGING_PREFIX + stage)
+        done = 0
+        rotted = []
+        self.rep.start(f"send {name}", sum(f.size for f in files))
+        try:
+            up = self.remote.upload(root, stage, compress=self.opts.compress)
+            for f in files:
+                seen = xxhash.xxh3_128()
+
+                def also(block: bytes, seen=seen) -> None:
+                    seen.update(block)
+                    self.rep.advance(len(block))
+
+                path = self.store.root / f.path
+                try:
+                    with open(path, "rb") as fh:
+                        up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also)
+                except OSError as exc:
+                    raise io_error(exc, f"reading {path}") from None
+                if seen.hexdigest() != f.xxh3_128:
+                    rotted.append(f.path)
+                done += 1
+            reply = up.finish()
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted while sending {name}: nothing was put in place under {posixpath.join(root, name)}; "
+                f"{kept + done} of {kept + len(files)} files are kept in {staging} on the server, and running the "
+                "same restore again sends only the rest") from None
+        except ConnectError as exc:
+            exc.message = (f"{exc.message} ({name}: nothing was put in place; the files that arrived are kept in "
+                           f"{staging} on the server; run the same restore again to send only the rest)")
+            raise
+        finally:
+            self.rep.finish()
+        if rotted:
+            raise IntegrityError(
+                f"changed in the backup directory while being sent: {', '.join(rotted)}; nothing was put in place",
+                hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
+        arrived = {str(x.get("member")): x for x in reply.get("files") or [] if isinstance(x, dict)}
+        bad = [f.path for f in files
+               if arrived.get(f.path, {}).get("size") != f.size or arrived[f.path].get("hash") != up.sent.get(f.path)]
+        if bad:
+            raise IntegrityError(f"arrived damaged on the server: {', '.join(bad)}; nothing was put in place",
+                                 hint="run the same restore again")
+        r = self.result
+        r.sent_files += len(files)
+        r.sent_bytes += sum(f.size for f in files)
+        r.wire_bytes += up.sender.wire_bytes
+
+    def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
+        stage = m.name
+        reply = self.remote.call("commit", root=root, name=stage, moves=[[m.name, m.name]], force=self.opts.force)
+        if m.name in (reply.get("kept") or []):
+            raise UsageError(
+                f"{m.name} appeared in {root} during the restore and was left as it is; the restored copy is in "
+                f"{posixpath.join(root, wire.STAGING_PREFIX + stage)}", hint="add --force to replace it")
+        moves = [[f.path, f.source] for f, item in extra_items if item.action in (SEND, REPLACE)]
+        if moves:
+            reply = self.remote.call("commit", root=root, name=stage, moves=moves, force=self.opts.force)
+            for source in reply.get("kept") or []:
+                self.result.warnings.append(f"kept existing {source} (it appeared during the restore)")
+                for _f, item in extra_items:
+                    if item.source == source:
+                        item.action = DIFFERS
+        self.remote.call("discard", root=root, name=stage)
+
+    def _elsewhere(self) -> str:
+        parent = self.store.root.parent
+        try:
+            found = sorted(str(p) for p in parent.iterdir()
+                           if p != self.store.root and (p / ".ckptsync" / "manifests").is_dir())
+        except OSError:
+            found = []
+        if found:
+            return f"backups exist in {', '.join(found[:3])}: choose one with --local-dir"
+        return "give the backup directory with --local-dir"
+
+
+def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
+    """Restore one checkpoint (and the extra files) to the target's server."""
+    return Restore(target, opts, reporter).run()

@@ -1,0 +1,277 @@
+"""ckptsync prune: retention applied to the backup directory and, with --remote, to the server."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from helpers import cli_env, run_cli, tree_digest
+
+CKPTS = ("checkpoint-12", "checkpoint-8", "checkpoint-4")
+
+
+def backup(source: Path, dest: Path, *args: str) -> Path:
+    result = run_cli("backup", "--remote-dir", source, "--local-dir", dest, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dest
+
+
+@pytest.fixture
+def store(tmp_path: Path, server_tree: Path) -> Path:
+    return backup(server_tree, tmp_path / "backups", "--all")
+
+
+def prune(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("prune", "--local-dir", store, *args)
+
+
+def row(stdout: str, name: str) -> str:
+    """The table line of one checkpoint."""
+    lines = [line.strip() for line in stdout.splitlines() if f" {name} " in line]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def entries(store: Path) -> set[str]:
+    return {p.name for p in store.iterdir() if not p.name.startswith(".")}
+
+
+def manifests(store: Path) -> set[str]:
+    return {p.stem for p in (store / ".ckptsync" / "manifests").glob("*.json")}
+
+
+def snapshot(root: Path, *, lock: bool = True) -> tuple[dict, list[str]]:
+    """Every file's bytes, mode and mtime, and every directory (the lock file's mtime optionally not)."""
+    files = tree_digest(root)
+    if not lock:
+        files.pop(".ckptsync/lock", None)
+    dirs = sorted(os.path.relpath(d, root) for d, _sub, _files in os.walk(root))
+    return files, dirs
+
+
+def test_keep_last_1_removes_older_with_reasons(store: Path) -> None:
+    kept = tree_digest(store / "checkpoint-12")
+
+    result = prune(store, "--keep-last", "1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert row(result.stdout, "checkpoint-12").split()[0] == "keep"
+    assert row(result.stdout, "checkpoint-12").endswith("last 1; newest verified backup")
+    for name in ("checkpoint-8", "checkpoint-4"):
+        line = row(result.stdout, name)
+        assert line.startswith("removed") and line.endswith("not matched by any rule")
+    assert "removed 2 of 3 (checkpoint-4, checkpoint-8), kept 1; freed" in result.stdout
+    assert entries(store) == {"checkpoint-12"}
+    assert manifests(store) == {"checkpoint-12"}
+    assert not (store / ".ckptsync" / "trash").exists()
+    assert tree_digest(store / "checkpoint-12") == kept
+    assert run_cli("verify", "--local-dir", store).returncode == 0
+
+
+@pytest.mark.parametrize("args, kept", [
+    (["--keep-last", "2"], {"checkpoint-12", "checkpoint-8"}),
+    (["--keep-every", "8"], {"checkpoint-12", "checkpoint-8"}),
+    (["--keep-within", "30m"], {"checkpoint-12"}),
+    (["--keep-within", "45m", "--keep-best"], {"checkpoint-12", "checkpoint-8"}),
+    (["--keep-last", "5"], set(CKPTS)),
+])
+def test_rules(store: Path, args: list[str], kept: set[str]) -> None:
+    result = prune(store, *args, "--json")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {e["name"] for e in data["entries"] if e["keep"]} == kept
+    assert sorted(data["removed"]) == sorted(set(CKPTS) - kept)
+    assert entries(store) == kept
+
+
+def test_reasons_in_json(store: Path) -> None:
+    data = json.loads(prune(store, "--keep-every", "8", "--keep-best", "--json").stdout)
+    reasons = {e["name"]: e["reasons"] for e in data["entries"]}
+    assert reasons == {
+        "checkpoint-12": ["best", "newest verified backup"],
+        "checkpoint-8": ["milestone 8"],
+        "checkpoint-4": ["not matched by any rule"],
+    }
+    assert data["side"] == "backups" and data["dry_run"] is False and data["exit_code"] == 0
+
+
+def test_dry_run_changes_nothing(store: Path) -> None:
+    before = snapshot(store)
+
+    result = prune(store, "--keep-last", "1", "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert row(result.stdout, "checkpoint-4").startswith("would remove")
+    assert "dry run: would remove 2 of 3 and keep 1, freeing" in result.stdout
+    assert "nothing was changed" in result.stdout
+    assert snapshot(store) == before
+
+
+def test_extra_files_are_never_pruned(tmp_path: Path, server_tree: Path) -> None:
+    config = tmp_path / "ckptsync.yaml"
+    config.write_text("extra_files: [../../config_full_dataset.json]\n")
+    dest = backup(server_tree, tmp_path / "backups", "--all", "--config", str(config))
+
+    result = prune(dest, "--keep-last", "1", "--json")
+
+    assert result.returncode == 0
+    assert "extra-files" not in {e["name"] for e in json.loads(result.stdout)["entries"]}
+    assert entries(dest) == {"checkpoint-12", "extra-files"}
+
+
+def test_empty_policy_and_bad_duration_exit_2(store: Path) -> None:
+    before = snapshot(store)
+    empty = prune(store)
+    assert empty.returncode == 2
+    assert "refusing to prune with an empty policy" in empty.stderr
+    bad = prune(store, "--keep-within", "7")
+    assert bad.returncode == 2
+    assert "has no unit" in bad.stderr
+    assert snapshot(store) == before
+
+
+def test_locked_store_exits_11(store: Path) -> None:
+    with open(store / ".ckptsync" / "lock", "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        result = prune(store, "--keep-last", "1")
+    assert result.returncode == 11
+    assert entries(store) == set(CKPTS)
+
+
+def test_leftovers_of_an_interrupted_prune(store: Path) -> None:
+    """Moved to trash, manifest still there (or not): invisible, verifies, cleaned by the next run."""
+    trash = store / ".ckptsync" / "trash"
+    trash.mkdir()
+    os.rename(store / "checkpoint-4", trash / "checkpoint-4.1")
+    os.rename(store / "checkpoint-8", trash / "checkpoint-8.2")
+    (store / ".ckptsync" / "manifests" / "checkpoint-8.json").unlink()
+    (trash / "checkpoint-8.2" / "optimizer.pt").unlink()  # half deleted
+
+    verify = run_cli("verify", "--local-dir", store)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "checkpoint-4" not in verify.stdout and "checkpoint-8" not in verify.stdout
+
+    result = prune(store, "--keep-last", "5")
+    assert result.returncode == 0, result.stderr
+    assert not trash.exists()
+    assert manifests(store) == {"checkpoint-12"}
+    assert entries(store) == {"checkpoint-12"}
+
+
+def add_files(store: Path, name: str, count: int) -> None:
+    """Add many small files to a backed-up checkpoint, and to its manifest."""
+    path = store / ".ckptsync" / "manifests" / f"{name}.json"
+    data = json.loads(path.read_text())
+    shards = store / name / "shards"
+    shards.mkdir()
+    for n in range(count):
+        body = b"%d" % n
+        (shards / f"{n:05d}").write_bytes(body)
+        data["files"].append({"path": f"{name}/shards/{n:05d}", "size": len(body), "mode": 0o644,
+                              "mtime_ns": 0, "xxh3_128": xxhash.xxh3_128_hexdigest(body), "source": ""})
+    path.write_text(json.dumps(data))
+
+
+def test_sigterm_mid_prune_leaves_a_consistent_store(store: Path) -> None:
+    # Many files in checkpoint-8 make its deletion take long enough to be interrupted.
+    add_files(store, "checkpoint-8", 20000)
+    assert run_cli("verify", "--local-dir", store, "checkpoint-8").returncode == 0
+    dest = store
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "prune", "--local-dir", str(dest), "--keep-last", "1"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stderr:
+            if "removed checkpoint-4" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, 130), err
+    if proc.returncode == 130:
+        assert "prune interrupted: removed checkpoint-4; checkpoint-8" in err
+
+    assert "checkpoint-4" not in entries(dest)
+    assert run_cli("verify", "--local-dir", dest).returncode == 0
+
+    again = prune(dest, "--keep-last", "1")
+    assert again.returncode == 0, again.stderr
+    assert entries(dest) == manifests(dest) == {"checkpoint-12"}
+    assert not (dest / ".ckptsync" / "trash").exists()
+
+
+# ------------------------------------------------------------------ --remote
+
+
+def remote_prune(server_tree: Path, dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("prune", "--remote", "--instance", "1", "--remote-dir", server_tree,
+                   "--local-dir", dest, *args)
+
+
+def test_remote_keeps_unbacked_checkpoints_unless_forced(ssh_home: Path, server_tree: Path,
+                                                         tmp_path: Path) -> None:
+    dest = backup(server_tree, tmp_path / "backups", "--instance", "1",
+                  "--checkpoint", "checkpoint-12", "--checkpoint", "checkpoint-8")
+    local = snapshot(dest, lock=False)
+    before = snapshot(server_tree)
+
+    dry = remote_prune(server_tree, dest, "--keep-last", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert snapshot(server_tree) == before
+
+    result = remote_prune(server_tree, dest, "--keep-last", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert row(result.stdout, "checkpoint-4").split()[0] == "keep"
+    assert row(result.stdout, "checkpoint-4").endswith("no verified local backup")
+    assert row(result.stdout, "checkpoint-8").startswith("removed")
+    assert "kept without a verified local backup: checkpoint-4" in result.stderr
+    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12", "checkpoint-4"]
+    assert snapshot(dest, lock=False) == local, "a remote prune must not change the backups"
+
+    forced = remote_prune(server_tree, dest, "--keep-last", "1", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert row(forced.stdout, "checkpoint-4").startswith("removed")
+    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12"]
+
+
+def test_remote_outdated_backup_is_not_verified(ssh_home: Path, server_tree: Path, tmp_path: Path) -> None:
+    dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
+    scheduler = server_tree / "checkpoint-8" / "scheduler.pt"
+    st = scheduler.stat()
+    os.utime(scheduler, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+
+    result = remote_prune(server_tree, dest, "--keep-last", "1", "--json")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["removed"] == ["checkpoint-4"]
+    reasons = {e["name"]: e["reasons"] for e in data["entries"]}
+    assert reasons["checkpoint-8"] == ["no verified local backup"]
+    assert (server_tree / "checkpoint-8").is_dir() and not (server_tree / "checkpoint-4").exists()
+
+
+def test_remote_never_deletes_a_checkpoint_in_progress(ssh_home: Path, server_tree: Path,
+                                                       tmp_path: Path) -> None:
+    dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
+    os.utime(server_tree / "checkpoint-4" / "README.md")   # written just now
+
+    result = remote_prune(server_tree, dest, "--keep-last", "1", "--force")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert row(result.stdout, "checkpoint-4").endswith("in progress")
+    assert row(result.stdout, "checkpoint-8").startswith("removed")
+    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12", "checkpoint-4"]
+    assert not [p for p in server_tree.iterdir() if p.name.startswith(".ckptsync")]

@@ -1,0 +1,355 @@
+"""`ckptsync restore` end to end: back up the fixture tree, then restore it onto a fresh "server"."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cli_env, digest_diff, run_cli, set_tree_mtime, tree_digest
+
+EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
+BIG = "zz_large_shard.bin"   # sorts last: every other file is staged before it
+
+
+def write_config(where: Path) -> Path:
+    path = where / "ckptsync.yaml"
+    path.write_text(json.dumps({"extra_files": EXTRA, "settle_seconds": 60}))  # JSON is valid YAML
+    return path
+
+
+def backup(cfg: Path, server: Path, dest: Path, *, ssh: bool = True) -> None:
+    via = ["--instance", "1"] if ssh else []
+    res = run_cli("backup", *via, "--config", cfg, "--remote-dir", server, "--local-dir", dest, "--all")
+    assert res.returncode == 0, res.stderr
+
+
+def restore(cfg: Path, fresh: Path, dest: Path, *args: str, ssh: bool = True) -> subprocess.CompletedProcess[str]:
+    via = ["--instance", "1"] if ssh else []
+    return run_cli("restore", *via, "--config", cfg, "--remote-dir", fresh, "--local-dir", dest, *args)
+
+
+def assert_same(a: Path, b: Path) -> None:
+    diff = digest_diff(tree_digest(a), tree_digest(b))
+    assert not diff, diff
+    assert tree_digest(a), f"{a} is empty"
+
+
+def staging(fresh: Path, name: str = "checkpoint-12") -> Path:
+    return fresh / f".ckptsync-staging-{name}"
+
+
+@pytest.fixture
+def setup(ssh_home, server_tree, tmp_path):
+    """The fixture tree backed up over SSH; `fresh` is where a new server's run directory would be."""
+    cfg = write_config(ssh_home)
+    dest = tmp_path / "backups" / "instance-0"
+    backup(cfg, server_tree, dest)
+    fresh = tmp_path / "new-server" / "socrates-training" / "models" / "socrates-qwen-full-dataset"
+    return server_tree, dest, fresh, cfg
+
+
+def add_big_file(server: Path, mb: int = 200) -> None:
+    """A large, poorly compressible file, so a transfer lasts long enough to interrupt."""
+    block = os.urandom(1 << 20)
+    path = server / "checkpoint-12" / BIG
+    with open(path, "wb") as f:
+        for i in range(mb):
+            f.write(block[i % 7:] + block[: i % 7])
+    old = time.time() - 1200
+    os.utime(path, (old, old))
+
+
+@pytest.fixture
+def big_setup(ssh_home, server_tree, tmp_path):
+    add_big_file(server_tree)
+    cfg = write_config(ssh_home)
+    dest = tmp_path / "backups" / "instance-0"
+    res = run_cli("backup", "--config", cfg, "--remote-dir", server_tree, "--local-dir", dest,
+                  "--checkpoint", "checkpoint-12", "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    fresh = tmp_path / "new-server" / "run"
+    return server_tree, dest, fresh, cfg
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ------------------------------------------------------------ the main story
+
+
+def test_restore_over_ssh_is_identical_and_says_how_to_resume(setup):
+    server, dest, fresh, cfg = setup
+    res = restore(cfg, fresh, dest)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]      # newest resumable; no staging or trash left
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+    for name in ("config_full_dataset.json", "deepspeed_config.json"):
+        assert tree_digest(fresh.parent.parent)[name] == tree_digest(server.parent.parent)[name]
+    assert f"restored checkpoint-12 to" in res.stdout
+    assert f"--resume-from-checkpoint {fresh / 'checkpoint-12'}" in res.stdout
+    assert "best_model_checkpoint" not in res.stderr          # checkpoint-12 is its own best
+    assert "warning" not in res.stderr
+
+
+def test_existing_checkpoint_is_refused_without_force_and_replaced_with_it(setup):
+    server, dest, fresh, cfg = setup
+    fresh.mkdir(parents=True)
+    shutil.copytree(server / "checkpoint-4", fresh / "checkpoint-12")
+    (fresh / "checkpoint-12" / "stale.txt").write_text("from another run")
+    run_root = fresh.parent.parent
+    (run_root / "config_full_dataset.json").write_text("{}")
+    shutil.copy2(server.parent.parent / "deepspeed_config.json", run_root / "deepspeed_config.json")
+    before = tree_digest(run_root)
+
+    res = restore(cfg, fresh, dest)
+    assert res.returncode == 2, res.stderr
+    assert "checkpoint-12 already exists" in res.stderr and "nothing was sent" in res.stderr
+    assert "--force" in res.stderr
+    assert tree_digest(run_root) == before
+    assert not staging(fresh).exists()
+
+    res = restore(cfg, fresh, dest, "--force", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["replaced"] is True
+    assert {e["source"]: e["action"] for e in out["extras"]} == {
+        "../../config_full_dataset.json": "replace", "../../deepspeed_config.json": "already there"}
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+    assert (run_root / "config_full_dataset.json").read_bytes() == \
+        (server.parent.parent / "config_full_dataset.json").read_bytes()
+
+
+def test_differing_extra_file_is_kept_without_force(setup):
+    server, dest, fresh, cfg = setup
+    run_root = fresh.parent.parent
+    run_root.mkdir(parents=True)
+    (run_root / "config_full_dataset.json").write_text('{"edited": "on the new server"}')
+    res = restore(cfg, fresh, dest)
+    assert res.returncode == 0, res.stderr
+    assert "kept existing ../../config_full_dataset.json (differs" in res.stderr
+    assert (run_root / "config_full_dataset.json").read_text() == '{"edited": "on the new server"}'
+    assert tree_digest(run_root)["deepspeed_config.json"] == tree_digest(server.parent.parent)["deepspeed_config.json"]
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+    assert not staging(fresh).exists()
+
+
+def test_damaged_backup_is_refused_and_an_older_one_suggested(setup):
+    server, dest, fresh, cfg = setup
+    damaged = dest / "checkpoint-12" / "optimizer.pt"
+    assert damaged.stat().st_nlink == 1
+    with open(damaged, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    res = restore(cfg, fresh, dest)
+    assert res.returncode == 30, res.stderr
+    assert "checkpoint-12/optimizer.pt" in res.stderr and "nothing was sent" in res.stderr
+    assert "--checkpoint checkpoint-8" in res.stderr
+    assert not fresh.exists()
+
+    res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-8")
+    assert res.returncode == 0, res.stderr
+    assert_same(server / "checkpoint-8", fresh / "checkpoint-8")
+
+
+def test_unknown_checkpoint_exits_10_and_lists_the_backups(setup):
+    server, dest, fresh, cfg = setup
+    res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-99")
+    assert res.returncode == 10
+    assert "checkpoint-99" in res.stderr and "checkpoint-12, checkpoint-8, checkpoint-4" in res.stderr
+    assert not fresh.exists()
+
+
+def test_no_backups_points_at_sibling_backup_directories(setup):
+    server, dest, fresh, cfg = setup
+    res = restore(cfg, fresh, dest.parent / "instance-1")
+    assert res.returncode == 10
+    assert "no checkpoint backups" in res.stderr and str(dest) in res.stderr
+
+
+def test_dry_run_changes_nothing_and_shows_sizes(setup):
+    server, dest, fresh, cfg = setup
+    before = tree_digest(dest)
+    res = restore(cfg, fresh, dest, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "would restore checkpoint-12" in res.stdout and "nothing was changed" in res.stdout
+    assert "checkpoint-12/optimizer.pt" in res.stdout and "145.0 KB" in res.stdout
+    assert "would be created" in res.stdout
+    assert not fresh.parent.parent.exists()
+    assert tree_digest(dest) == before
+
+    res = restore(cfg, fresh, dest, "--dry-run", "--json")
+    out = json.loads(res.stdout)
+    assert out["dry_run"] and out["checkpoint"] == "checkpoint-12"
+    assert {f["action"] for f in out["files"]} == {"send"}
+    assert out["send_bytes"] == sum(p.stat().st_size for p in (server / "checkpoint-12").iterdir()) + sum(
+        (server.parent.parent / n).stat().st_size for n in ("config_full_dataset.json", "deepspeed_config.json"))
+    assert not fresh.parent.parent.exists()
+
+
+def test_adapter_only_sends_weights_and_configs_only(setup):
+    server, dest, fresh, cfg = setup
+    res = restore(cfg, fresh, dest, "--adapter-only", "--no-extra-files", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert sorted(os.listdir(fresh / "checkpoint-12")) == ["adapter_config.json", "adapter_model.safetensors"]
+    original = tree_digest(server / "checkpoint-12")
+    assert tree_digest(fresh / "checkpoint-12") == {k: original[k] for k in
+                                                    ("adapter_config.json", "adapter_model.safetensors")}
+    assert not out["exact_resume"] and "cannot be resumed exactly" in " ".join(out["warnings"])
+    assert "--resume-from-checkpoint" not in out["resume_hint"]
+    assert not (fresh.parent.parent / "config_full_dataset.json").exists()
+
+
+def test_checkpoint_without_optimizer_is_skipped_by_default_and_warned_about(ssh_home, server_tree, tmp_path):
+    (server_tree / "checkpoint-12" / "optimizer.pt").unlink()
+    cfg = write_config(ssh_home)
+    dest = tmp_path / "backups"
+    backup(cfg, server_tree, dest)
+    fresh = tmp_path / "new"
+    res = restore(cfg, fresh, dest, "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    assert "restored checkpoint-8" in res.stdout and "checkpoint-12 (adapter-only)" in res.stderr
+
+    res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-12", "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    assert "fine-tune from these weights" in res.stderr and "cannot be resumed exactly" in res.stderr
+    assert "--resume-from-checkpoint" not in res.stdout
+    assert_same(server_tree / "checkpoint-12", fresh / "checkpoint-12")
+
+
+def test_missing_best_checkpoint_is_pointed_out(ssh_home, server_tree, tmp_path):
+    state = server_tree / "checkpoint-12" / "trainer_state.json"
+    st = state.stat()
+    data = json.loads(state.read_text())
+    data["best_model_checkpoint"] = "models/socrates-qwen-full-dataset/checkpoint-8"
+    state.write_text(json.dumps(data))
+    os.utime(state, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cfg = write_config(ssh_home)
+    dest = tmp_path / "backups"
+    backup(cfg, server_tree, dest)
+    fresh = tmp_path / "new"
+    res = restore(cfg, fresh, dest, "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    assert "best_model_checkpoint" in res.stderr and "checkpoint-8 is not in" in res.stderr
+    assert "ckptsync restore --checkpoint checkpoint-8" in res.stderr
+    res = restore(cfg, fresh, dest, "--no-extra-files", "--checkpoint", "checkpoint-8")
+    assert res.returncode == 0 and "best_model_checkpoint" not in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_too_little_space_on_the_server_fails_before_sending(setup, tmp_path):
+    server, dest, _fresh, cfg = setup
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"could not mount a tmpfs: {mounted.stderr!r}")
+    try:
+        res = restore(cfg, small / "run", dest)
+        assert res.returncode == 5, res.stderr
+        assert "not enough space" in res.stderr and "nothing was sent" in res.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+# ------------------------------------------------------------ interruptions
+
+
+def debian_instance(home: Path) -> list[str]:
+    """The OpenSSH client, with the server's PATH cut down to the system python (sha1, zstd binary)."""
+    return ["ssh", "-F", str(home / ".ssh" / "config"), "tnr-1", "PATH=/usr/bin:/bin;"]
+
+
+@pytest.mark.parametrize("via", ["paramiko", "ssh-binary-system-python"])
+def test_dropped_connection_leaves_nothing_visible_and_a_rerun_resumes(big_setup, sshd, ssh_home, via):
+    server, dest, fresh, cfg = big_setup
+    if via != "paramiko":
+        cfg.write_text(json.dumps({"instances": {"1": {"command": debian_instance(ssh_home)}}}))
+    argv = [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
+            "--local-dir", str(dest)]
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = staging(fresh) / "checkpoint-12" / (BIG + ".part")
+    try:
+        assert wait_for(part.exists), proc.communicate(timeout=60)
+        sshd.kill_sessions()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 20, err
+    assert "nothing was put in place" in err and "run the same restore again" in err
+    assert not (fresh / "checkpoint-12").exists()
+    assert sorted(os.listdir(fresh)) == [staging(fresh).name]
+
+    again = run_cli(*argv[3:], "--json")
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["resumed_files"] == 8 and result["sent_files"] == 1
+    assert result["sent_bytes"] == 200 << 20
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+
+
+def test_sigterm_exits_130_and_keeps_only_the_staging_dir(big_setup):
+    server, dest, fresh, cfg = big_setup
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
+         "--local-dir", str(dest)],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = staging(fresh) / "checkpoint-12" / (BIG + ".part")
+    try:
+        assert wait_for(part.exists), proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted while sending checkpoint-12" in err and "kept in" in err
+    assert not (fresh / "checkpoint-12").exists()
+    staged = sorted(p.name for p in (staging(fresh) / "checkpoint-12").iterdir())
+    assert "optimizer.pt" in staged and BIG not in staged
+
+
+# ------------------------------------------------------------ local transport
+
+
+def test_local_restore_of_a_full_finetune(fixtures_dir, tmp_path):
+    server = tmp_path / "server" / "output"
+    shutil.copytree(fixtures_dir / "full-finetune" / "output", server)
+    for p in server.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    set_tree_mtime(server, time.time() - 3600)
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("{}")
+    dest = tmp_path / "backups"
+    backup(cfg, server, dest, ssh=False)
+    fresh = tmp_path / "new" / "output"
+
+    res = restore(cfg, fresh, dest, ssh=False)
+    assert res.returncode == 0, res.stderr
+    assert_same(server / "checkpoint-6", fresh / "checkpoint-6")
+    assert f"--resume-from-checkpoint {fresh / 'checkpoint-6'}" in res.stdout
+
+    res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-3", "--adapter-only", "--json", ssh=False)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(fresh / "checkpoint-3")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads(res.stdout)["exact_resume"] is False
