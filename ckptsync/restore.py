@@ -167,13 +167,18 @@ def choose(ordered: list[Manifest], name: str | None, adapter_only: bool) -> tup
 
 
 def resume_hint(m: Manifest, root: str, path: str, exact: bool) -> str:
+    """One line for the user: how to continue from the restored checkpoint."""
     if not exact:
         return f"load the weights from {path} to fine-tune or evaluate (a new run: fresh optimizer and schedule)"
     if m.layout == "trainer":
-        return f"--resume-from-checkpoint {path}"
+        return f"resume with: --resume-from-checkpoint {path}"
     if m.layout == "deepspeed":
-        return f"engine.load_checkpoint({root!r}, tag={m.name!r})"
+        return f"resume with: engine.load_checkpoint({root!r}, tag={m.name!r})"
     return f"resume your training script from {path}"
+
+
+def files_text(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def verify_files(store: Store, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
@@ -291,10 +296,10 @@ class Restore:
             r.path = posixpath.join(root, m.name)
             for item in r.extras:
                 item.dest = posixpath.normpath(posixpath.join(root, item.source))
-            self.rep.info(f"{m.name}: sending {len(to_send)} files, {human(sum(f.size for f in to_send))}"
+            self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
                           + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
-            self._send(root, m.name, to_send, len(staged))
+            self._send(root, m.name, to_send)
             self.phase = "commit"
             self._commit(root, m, extra_items)
             self.phase = "done"
@@ -351,7 +356,7 @@ class Restore:
 
     def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]], ordered: list[Manifest]) -> None:
         total = sum(f.size for f in files)
-        self.rep.info(f"{m.name}: checking {len(files)} files in {self.store.root} against the manifest")
+        self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
         self.rep.start(f"verify {m.name}", total)
         try:
             bad = verify_files(self.store, files, self.rep)
@@ -423,12 +428,11 @@ class Restore:
 
     # -------------------------------------------------- sending and committing
 
-    def _send(self, root: str, name: str, files: list[FileRecord], kept: int) -> None:
+    def _send(self, root: str, name: str, files: list[FileRecord]) -> None:
         if not files:
             return
         stage = name  # the staging directory is named after the checkpoint: a rerun finds it
         staging = posixpath.join(root, wire.STAGING_PREFIX + stage)
-        done = 0
         rotted = []
         self.rep.start(f"send {name}", sum(f.size for f in files))
         try:
@@ -448,13 +452,12 @@ class Restore:
                     raise io_error(exc, f"reading {path}") from None
                 if seen.hexdigest() != f.xxh3_128:
                     rotted.append(f.path)
-                done += 1
             reply = up.finish()
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted while sending {name}: nothing was put in place under {posixpath.join(root, name)}; "
-                f"{kept + done} of {kept + len(files)} files are kept in {staging} on the server, and running the "
-                "same restore again sends only the rest") from None
+                f"the files that arrived completely are kept in {staging} on the server, and running the same "
+                "restore again sends only the rest") from None
         except ConnectError as exc:
             exc.message = (f"{exc.message} ({name}: nothing was put in place; the files that arrived are kept in "
                            f"{staging} on the server; run the same restore again to send only the rest)")

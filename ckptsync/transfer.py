@@ -246,6 +246,10 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep))
             settle(final=False)
         dl.finish()
+    except BaseException:
+        for _rec, path, _h in pending:  # unconfirmed data is worthless; confirmed files stay
+            path.with_name(path.name + ".part").unlink(missing_ok=True)
+        raise
     finally:
         writer.stop()
     for member in targets:

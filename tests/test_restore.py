@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, digest_diff, run_cli, set_tree_mtime, tree_digest
+from helpers import REPO_ROOT, cli_env, digest_diff, run_cli, set_tree_mtime, tree_digest
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
 BIG = "zz_large_shard.bin"   # sorts last: every other file is staged before it
+BIG_MB = 128
 
 
 def write_config(where: Path) -> Path:
@@ -56,7 +60,7 @@ def setup(ssh_home, server_tree, tmp_path):
     return server_tree, dest, fresh, cfg
 
 
-def add_big_file(server: Path, mb: int = 200) -> None:
+def add_big_file(server: Path, mb: int = BIG_MB) -> None:
     """A large, poorly compressible file, so a transfer lasts long enough to interrupt."""
     block = os.urandom(1 << 20)
     path = server / "checkpoint-12" / BIG
@@ -152,11 +156,7 @@ def test_damaged_backup_is_refused_and_an_older_one_suggested(setup):
     server, dest, fresh, cfg = setup
     damaged = dest / "checkpoint-12" / "optimizer.pt"
     assert damaged.stat().st_nlink == 1
-    with open(damaged, "r+b") as f:
-        f.seek(1000)
-        byte = f.read(1)
-        f.seek(1000)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(damaged)
     res = restore(cfg, fresh, dest)
     assert res.returncode == 30, res.stderr
     assert "checkpoint-12/optimizer.pt" in res.stderr and "nothing was sent" in res.stderr
@@ -166,6 +166,49 @@ def test_damaged_backup_is_refused_and_an_older_one_suggested(setup):
     res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-8")
     assert res.returncode == 0, res.stderr
     assert_same(server / "checkpoint-8", fresh / "checkpoint-8")
+
+
+def flip_byte(path: Path, at: int = 1000) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_file_damaged_after_the_check_is_caught_while_sending(setup, monkeypatch):
+    from ckptsync import restore as core
+    from ckptsync.config import Config, resolve_target
+    from ckptsync.errors import IntegrityError
+
+    server, dest, fresh, cfg = setup
+    damaged = dest / "checkpoint-12" / "optimizer.pt"
+    flip_byte(damaged)
+    monkeypatch.setattr(core, "verify_files", lambda *args, **kw: [])  # it rots after the check
+    target = resolve_target(Config(), instance="1", remote_dir=str(fresh), local_dir=str(dest))
+    with pytest.raises(IntegrityError, match="checkpoint-12/optimizer.pt") as caught:
+        core.run_restore(target, core.RestoreOptions(extra_files=False))
+    assert "nothing was put in place" in caught.value.message
+    assert sorted(os.listdir(fresh)) == [staging(fresh).name]
+
+    # Repaired: the rerun finds the bad copy in staging by its hash on the server and sends it again.
+    flip_byte(damaged)
+    res = restore(cfg, fresh, dest, "--no-extra-files", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["sent_files"] == 1 and out["resumed_files"] == 7
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+
+
+def test_locked_backup_directory_exits_11(setup):
+    from ckptsync.store import Store
+
+    server, dest, fresh, cfg = setup
+    with Store(dest).lock("ckptsync backup (test holder)"):
+        res = restore(cfg, fresh, dest)
+    assert res.returncode == 11
+    assert "in use by 'ckptsync backup (test holder)'" in res.stderr
+    assert not fresh.exists()
 
 
 def test_unknown_checkpoint_exits_10_and_lists_the_backups(setup):
@@ -303,7 +346,7 @@ def test_dropped_connection_leaves_nothing_visible_and_a_rerun_resumes(big_setup
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["resumed_files"] == 8 and result["sent_files"] == 1
-    assert result["sent_bytes"] == 200 << 20
+    assert result["sent_bytes"] == BIG_MB << 20
     assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import prepare_server_tree
-from helpers import run_cli
+from helpers import run_cli, set_tree_mtime
 
 Y_LABEL = re.compile(r"^\s*(-?\d+\.\d+(?:e[-+]\d+)?) [┤+]")
 
@@ -151,15 +150,20 @@ def test_show_remote_over_ssh(tmp_path: Path, ssh_home: Path, server_tree: Path)
 def test_show_single_file_checkpoint_without_history(tmp_path: Path, fixtures_dir: Path) -> None:
     remote = tmp_path / "server" / "single"
     shutil.copytree(fixtures_dir / "seed-style" / "single_file", remote)
-    prepare_server_tree(remote, now=int(time.time()))
+    for path in [remote, *remote.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    set_tree_mtime(remote, int(time.time()) - 3600)
     store = _backup(tmp_path, remote)
     r = show(tmp_path, store, "rolling_step_000150.pt")
     assert r.returncode == 0, r.stderr
     assert re.search(r"^\s+layout\s+single-file \(rolling\)$", r.stdout, re.M)
-    assert re.search(r"^\s+step\s+150$", r.stdout, re.M)
+    assert re.search(r"^\s+step\s+150, epoch 1$", r.stdout, re.M)
+    assert re.search(r"^\s+best\s+best_model\.pt$", r.stdout, re.M)
     assert "note: no loss curve" in r.stdout
     assert "┤" not in r.stdout
     assert re.search(r"^rolling_step_000150\.pt\s+\S+ KB\s+yes", r.stdout, re.M)
+    data = json.loads(show(tmp_path, store, "rolling_step_000150.pt", "--json").stdout)
+    assert data["step"] == 150 and data["curve"] == {"train": [], "eval": [], "learning_rate": []}
 
 
 # ---------------------------------------------------------------- compare

@@ -9,7 +9,7 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.app import app
 from ckptsync.output import Output, human, table
-from ckptsync.restore import RestoreOptions, RestoreResult, run_restore
+from ckptsync.restore import RestoreOptions, RestoreResult, files_text, run_restore
 
 
 @app.command("restore")
@@ -49,14 +49,11 @@ def restore_cmd(
     resumed = f", {result.resumed_files} kept from an interrupted restore" if result.resumed_files else ""
     replaced = " (the existing copy was replaced)" if result.replaced else ""
     out.result(f"restored {result.checkpoint} to {result.server}:{result.path}{replaced}")
-    out.result(f"  {result.sent_files} files sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on the "
-               f"wire){resumed}; {result.seconds:.1f}s")
+    out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on "
+               f"the wire){resumed}; {result.seconds:.1f}s")
     for e in result.extras:
         out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
-    if result.exact_resume:
-        out.result(f"resume with: {result.resume_hint}")
-    else:
-        out.result(result.resume_hint)
+    out.result(result.resume_hint)
     return result.exit_code
 
 
@@ -75,4 +72,4 @@ def _show_plan(out: Output, result: RestoreResult) -> None:
         tab.add_row(e.dest, human(e.size), e.action)
     out.rich(tab)
     out.result(f"would send {human(result.send_bytes)}; nothing was changed")
-    out.result(("resume with: " if result.exact_resume else "then: ") + result.resume_hint)
+    out.result(f"then: {result.resume_hint}")

@@ -1,0 +1,175 @@
+"""`ckptsync archive`: one .tar.zst of a backup directory, read back before anything is removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptsync.archive import open_archive_as_store
+from ckptsync.errors import IntegrityError
+from ckptsync.store import Store
+from helpers import digest_diff, run_cli, tree_digest
+
+LOCK = ".ckptsync/lock"
+
+
+def _env(tmp_path: Path) -> dict[str, str | None]:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"HOME": str(home), "CKPTSYNC_CONFIG": None}
+
+
+def cli(tmp_path: Path, *args):
+    return run_cli(*args, env=_env(tmp_path), cwd=tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path, server_tree: Path) -> Path:
+    dest = tmp_path / "backups" / "run"
+    r = cli(tmp_path, "backup", "--all", "--remote-dir", server_tree, "--local-dir", dest)
+    assert r.returncode == 0, r.stderr
+    return dest
+
+
+def digest(path: Path) -> dict:
+    d = tree_digest(path)
+    d.pop(LOCK, None)   # holder info of whoever ran last; not part of the backups
+    return d
+
+
+def extract_with_tools(archive: Path, into: Path) -> None:
+    into.mkdir()
+    unzstd = subprocess.Popen(["zstd", "-dc", str(archive)], stdout=subprocess.PIPE)
+    tar = subprocess.run(["tar", "-xpf", "-", "-C", str(into)], stdin=unzstd.stdout, capture_output=True, timeout=60)
+    unzstd.stdout.close()
+    assert unzstd.wait(timeout=60) == 0 and tar.returncode == 0, tar.stderr
+
+
+def archive_name(dest: Path) -> list[Path]:
+    # Around midnight the date can move on during the run.
+    days = {time.strftime("%Y%m%d", time.localtime(time.time() + d)) for d in (-60, 0)}
+    return [dest.parent / f"{dest.name}-{day}.tar.zst" for day in sorted(days)]
+
+
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+def test_archive_round_trips_byte_identically(tmp_path: Path, store: Path) -> None:
+    before = digest(store)
+    r = cli(tmp_path, "archive", "--local-dir", store)
+    assert r.returncode == 0, r.stderr
+    archive = next(p for p in archive_name(store) if p.exists())
+    assert sorted(p.name for p in store.parent.iterdir()) == sorted([store.name, archive.name])   # no .part left
+    assert "read back and verified" in r.stdout
+    assert "the originals can now be removed with --remove" in r.stdout
+    assert digest(store) == before   # nothing removed without --remove
+
+    out = tmp_path / "extracted"
+    extract_with_tools(archive, out)
+    assert digest_diff(digest(out / store.name), before) == []
+    assert LOCK not in tree_digest(out / store.name)
+    # Identical files were hard links in the store; they are hard links again, each path whole.
+    a, b = out / store.name / "checkpoint-4" / "training_args.bin", out / store.name / "checkpoint-12" / "training_args.bin"
+    assert os.stat(a).st_ino == os.stat(b).st_ino and a.read_bytes() == b.read_bytes()
+    assert os.stat(store / "checkpoint-12" / "optimizer.pt").st_mtime_ns == \
+        os.stat(out / store.name / "checkpoint-12" / "optimizer.pt").st_mtime_ns
+
+    js = cli(tmp_path, "archive", "--local-dir", store, "--json")   # exists already: read back, not rewritten
+    assert js.returncode == 0, js.stderr
+    data = json.loads(js.stdout)
+    assert data["reused"] is True and data["verified"] is True and data["removed"] == []
+    assert data["entries"] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert data["archive_bytes"] == archive.stat().st_size
+
+
+def test_remove_only_after_the_read_back(tmp_path: Path, store: Path) -> None:
+    before = digest(store)
+    output = tmp_path / "archives" / "run.tar.zst"
+    r = cli(tmp_path, "archive", "--local-dir", store, "--output", output, "--remove", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["verified"] is True and data["reused"] is False
+    assert data["removed"] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert data["linked"] > 0 and data["files"] == len(before)
+    left = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+    assert left == sorted([LOCK, ".ckptsync/history.jsonl", ".ckptsync/status.json"])
+    assert not any((store / ".ckptsync" / "manifests").iterdir())
+    assert sorted(p.name for p in output.parent.iterdir()) == ["run.tar.zst"]
+
+    out = tmp_path / "extracted"
+    extract_with_tools(output, out)
+    assert digest_diff(digest(out / store.name), before) == []
+
+    listed = cli(tmp_path, "list", "--local", "--local-dir", store, "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_corrupted_archive_is_caught_and_nothing_is_removed(tmp_path: Path, store: Path) -> None:
+    before = digest(store)
+    output = tmp_path / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", output).returncode == 0
+    flip_middle_byte(output)
+    damaged = output.read_bytes()
+
+    r = cli(tmp_path, "archive", "--local-dir", store, "--output", output, "--remove")
+    assert r.returncode == 30, r.stdout + r.stderr
+    assert "nothing was removed" in r.stderr and "Traceback" not in r.stderr
+    assert digest(store) == before
+    assert output.read_bytes() == damaged
+
+
+def test_a_damaged_backup_is_not_archived(tmp_path: Path, store: Path) -> None:
+    victim = store / "checkpoint-8" / "optimizer.pt"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    before = digest(store)
+    r = cli(tmp_path, "archive", "--local-dir", store, "--remove")
+    assert r.returncode == 30
+    assert "checkpoint-8/optimizer.pt does not match its manifest" in r.stderr
+    assert digest(store) == before
+    assert sorted(p.name for p in store.parent.iterdir()) == [store.name]   # no archive, no .part
+
+
+def test_refusals(tmp_path: Path, store: Path) -> None:
+    inside = cli(tmp_path, "archive", "--local-dir", store, "--output", store / "x.tar.zst")
+    assert inside.returncode == 2 and "inside the backup directory" in inside.stderr
+    suffix = cli(tmp_path, "archive", "--local-dir", store, "--output", tmp_path / "x.tar.gz")
+    assert suffix.returncode == 2
+    empty = cli(tmp_path, "archive", "--local-dir", tmp_path / "nothing")
+    assert empty.returncode == 10 and not (tmp_path / "nothing").exists()
+    with Store(store).lock("test"):
+        locked = cli(tmp_path, "archive", "--local-dir", store)
+    assert locked.returncode == 11 and "in use by 'test'" in locked.stderr
+    assert not any(p.name.endswith(".tar.zst") for p in store.parent.iterdir())
+
+
+def test_open_archive_as_store(tmp_path: Path, store: Path) -> None:
+    before = digest(store)
+    output = tmp_path / "arch" / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", output).returncode == 0
+    with open_archive_as_store(output) as opened:
+        assert opened.root.name == store.name and opened.root.parent.parent == output.parent
+        assert sorted(opened.manifests()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+        assert digest_diff(digest(opened.root), before) == []
+    assert sorted(p.name for p in output.parent.iterdir()) == ["run.tar.zst"]   # cleaned up
+
+    flip_middle_byte(output)
+    with pytest.raises(IntegrityError):
+        with open_archive_as_store(output):
+            pass
+    assert sorted(p.name for p in output.parent.iterdir()) == ["run.tar.zst"]
+
+    truncated = tmp_path / "arch" / "short.tar.zst"
+    truncated.write_bytes(output.read_bytes()[: output.stat().st_size // 3])
+    with pytest.raises(IntegrityError):
+        with open_archive_as_store(truncated):
+            pass
