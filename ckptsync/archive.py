@@ -245,7 +245,7 @@ def _pack(store: Store, part: Path, members: list[tuple[str, Path]], manifests: 
         with open(part, "wb") as raw:
             cctx = zstandard.ZstdCompressor(level=LEVEL, threads=-1, write_checksum=True)
             with cctx.stream_writer(raw, closefd=False) as zw, \
-                    tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+                    tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK, copybufsize=CHUNK) as tar:
                 for rel, path in members:
                     st = path.lstat()
                     info = _tarinfo(f"{prefix}/{rel}" if rel else prefix, st)

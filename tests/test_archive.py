@@ -173,3 +173,20 @@ def test_open_archive_as_store(tmp_path: Path, store: Path) -> None:
     with pytest.raises(IntegrityError):
         with open_archive_as_store(truncated):
             pass
+
+
+def test_archive_cut_between_members_is_caught(tmp_path: Path, store: Path) -> None:
+    import io
+    import tarfile
+
+    import zstandard
+
+    output = tmp_path / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", output).returncode == 0
+    raw = subprocess.run(["zstd", "-dc", str(output)], capture_output=True, check=True, timeout=60).stdout
+    last = tarfile.open(fileobj=io.BytesIO(raw)).getmembers()[-1]
+    cut = tmp_path / "cut.tar.zst"   # a valid zstd frame of a tar that simply stops before its last file
+    cut.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(raw[:last.offset]))
+    with pytest.raises(IntegrityError, match="truncated"):
+        with open_archive_as_store(cut):
+            pass

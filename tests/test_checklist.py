@@ -1,0 +1,99 @@
+"""`ckptsync checklist`: the pre-shutdown checklist through a real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from ckptsync.checklist import save_interval, training_signals
+from ckptsync.layout import Checkpoint
+from ckptsync.scan import ServerView
+from helpers import run_cli
+
+
+def config(home, server, dest, **extra):
+    cfg = {"remote_dir": str(server), "local_dir": str(dest),
+           "extra_files": ["../../config_full_dataset.json", "../../deepspeed_config.json"], **extra}
+    path = home / "ck.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def checks(res) -> dict:
+    return {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+
+
+def test_still_training_then_stopped_and_backed_up(ssh_home, server_tree, tmp_path):
+    cfg = config(ssh_home, server_tree, tmp_path / "b")
+    # the trainer is writing checkpoint-16 right now
+    shutil.copytree(server_tree / "checkpoint-12", server_tree / "checkpoint-16")
+    (server_tree / "checkpoint-16" / "trainer_state.json").unlink()
+    res = run_cli("checklist", "-i", "1", "--config", cfg, "--json")
+    assert res.returncode == 3, res.stderr
+    c = checks(res)
+    assert c["server reachable"]["ok"]
+    assert not c["training stopped"]["ok"] and "checkpoint-16 is still being written" in c["training stopped"]["detail"]
+    assert not c["newest checkpoint backed up"]["ok"] and "checkpoint-12" in c["newest checkpoint backed up"]["detail"]
+    assert not c["last backup succeeded"]["ok"]
+
+    human = run_cli("checklist", "-i", "1", "--config", cfg)
+    assert human.returncode == 3 and "NOT SAFE" in human.stdout and "fix: ckptsync backup --instance 1" in human.stdout
+
+    # the trainer stopped: the half-written checkpoint is gone with it, and the last
+    # complete one is older than the save interval (saves were 20 min apart)
+    shutil.rmtree(server_tree / "checkpoint-16")
+    stopped = time.time() - 1800
+    for p in (server_tree / "checkpoint-12").iterdir():
+        os.utime(p, (stopped, stopped))
+    res = run_cli("checklist", "-i", "1", "--config", cfg, "--backup", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["safe"] and out["backup_ran"]
+    assert all(c["ok"] for c in out["checks"])
+    assert "every file re-read" in checks(res)["backup verifies"]["detail"]
+
+
+def test_corrupt_backup_and_changed_extra_file_fail(ssh_home, server_tree, tmp_path):
+    cfg = config(ssh_home, server_tree, tmp_path / "b")
+    assert run_cli("backup", "-i", "1", "--config", cfg, "-k", "1").returncode == 0
+    assert run_cli("checklist", "-i", "1", "--config", cfg).returncode == 0
+    victim = tmp_path / "b" / "instance-1" / "checkpoint-12" / "optimizer.pt"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    (server_tree.parent.parent / "config_full_dataset.json").write_text("{}")
+    res = run_cli("checklist", "-i", "1", "--config", cfg, "--json")
+    assert res.returncode == 3
+    c = checks(res)
+    assert not c["backup verifies"]["ok"] and "optimizer.pt" in c["backup verifies"]["detail"]
+    assert not c["extra files backed up"]["ok"] and "changed since the backup" in c["extra files backed up"]["detail"]
+
+
+def test_unreachable_server_is_not_safe(ssh_home, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"remote_dir": "/x", "instances": {"3": {"host": "127.0.0.1", "port": 1}}}))
+    res = run_cli("checklist", "-i", "3", "--config", cfg, "--json")
+    assert res.returncode == 3
+    c = checks(res)
+    assert not c["server reachable"]["ok"] and "cannot connect" in c["server reachable"]["detail"]
+
+
+def ckpt(name, mtime, complete=True):
+    return Checkpoint(name=name, layout="trainer", kind="rolling", step=int(name.split("-")[1]), files=(),
+                      size=1, mtime=mtime, complete=complete, reason="" if complete else "x", content="full",
+                      resumable=complete, missing=(), is_best=False, state={}, meta_error=None)
+
+
+def test_training_signals_table():
+    now = 10_000.0
+    cps = [ckpt("checkpoint-3", now - 100), ckpt("checkpoint-2", now - 700), ckpt("checkpoint-1", now - 1300)]
+    assert save_interval(cps) == 600
+    view = ServerView(root="/r", checkpoints=cps, exact={}, now=now, errors=[])
+    assert "next one is due in ~8 min" in training_signals(view, {}, None)[0]
+    old = ServerView(root="/r", checkpoints=[ckpt("checkpoint-1", now - 5000)], exact={}, now=now, errors=[])
+    assert training_signals(old, {}, None) == []
+    assert "GPU process" in training_signals(old, {"gpu": ["123, python, 30000 MiB"]}, None)[0]
+    assert "pid 9" in training_signals(old, {"procs": [[9, "python train.py"]]}, "train.py")[0]
