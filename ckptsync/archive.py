@@ -138,7 +138,7 @@ def _check_output(root: Path, output: Path) -> None:
     if not is_archive(output):
         raise UsageError(f"--output {output}: the name must end with .tar.zst (verify and restore "
                          "recognise an archive by it)")
-    out = output.resolve()
+    out, root = output.resolve(), root.resolve()
     if out == root or root in out.parents:
         raise UsageError(f"--output {output} is inside the backup directory {root}")
 

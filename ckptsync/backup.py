@@ -154,6 +154,9 @@ class Backup:
                 plan = [plan_checkpoint(self.store, view, c) for c in chosen]
                 extras = self._plan_extras(view) if self.opts.extra_files else None
                 self.result.plan = plan + ([extras] if extras else []) + skipped
+                for s in skipped:
+                    if s.name in self.opts.names:  # asked for by name: not getting it is a failure
+                        self.result.failed[s.name] = s.reason
                 if self.opts.dry_run:
                     return self.result
                 todo = [p for p in plan if p.action == "fetch"]

@@ -54,18 +54,23 @@ def glyph_of(series: list[Series], index: int, ascii_only: bool) -> str:
 def line_chart(series: list[Series], width: int = 72, height: int = 10, ascii_only: bool = False,
                x_label: str = "step") -> list[str]:
     """The chart as text lines of at most `width` characters, legend last. [] when there is no data."""
+    series = [Series(s.label, tuple(p for p in s.points if _finite(p)), s.style) for s in series]
     series = [s for s in series if s.points]
     if not series:
         return []
     xs = [x for s in series for x, _ in s.points]
     ys = [y for s in series for _, y in s.points]
-    box = Box(min(xs), max(xs), min(ys), max(ys))
+    low, high = min(ys), max(ys)
+    if low == high:   # a flat series sits in the middle of the chart
+        pad = abs(low) * 0.05 or 1.0
+        low, high = low - pad, high + pad
+    box = Box(min(xs), max(xs), low, high)
     height = max(height, 3)
     labels = _y_labels(box, height)
     margin = max(len(t) for t in labels.values())
     cols = max(width - margin - 2, 10)
     grid = [[" "] * cols for _ in range(height)]
-    for i, s in enumerate(series):
+    for s in series:
         if s.style == "line":
             (_draw_ascii if ascii_only else _draw_braille)(grid, s.points, box)
     for i, s in enumerate(series):
@@ -87,6 +92,7 @@ def line_chart(series: list[Series], width: int = 72, height: int = 10, ascii_on
 
 def sparkline(values: list[float], width: int, ascii_only: bool = False) -> str:
     """One character per column: the values resampled to at most `width` columns."""
+    values = [v for v in values if math.isfinite(v)]
     if not values or width <= 0:
         return ""
     ramp = ASCII_SPARKS if ascii_only else SPARKS
@@ -104,6 +110,10 @@ def number(value: float, digits: int = 6) -> str:
 
 
 # ---------------------------------------------------------------- drawing
+
+
+def _finite(point: tuple[float, float]) -> bool:
+    return math.isfinite(point[0]) and math.isfinite(point[1])   # a diverged run logs NaN losses
 
 
 def _draw_braille(grid: list[list[str]], points, box: Box) -> None:

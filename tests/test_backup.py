@@ -149,6 +149,15 @@ def test_dry_run_changes_nothing(setup):
     assert tree_digest(dest) == before
 
 
+def test_named_checkpoint_in_progress_exits_3(setup):
+    server, dest, home = setup
+    (server / "checkpoint-12" / "trainer_state.json").unlink()
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12", "--checkpoint", "checkpoint-8")
+    assert res.returncode == 3, res.stderr
+    assert "checkpoint-12: in progress: trainer_state.json not written yet" in res.stderr
+    assert (dest / "checkpoint-8").is_dir() and not (dest / "checkpoint-12").exists()
+
+
 def test_named_checkpoint_missing_exits_10(setup):
     server, dest, home = setup
     res = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-99")
