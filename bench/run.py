@@ -634,6 +634,7 @@ class Bench:
         else:
             msg = f"exit status {res['rc']}: {res['stderr'].strip()[-800:]}"
         rec = {"speed": speed, "rep": rep, "op": op, "tool": tool, "label": label, "ok": ok,
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "check": msg, "bytes": nbytes, "dest": str(dest), **{k: v for k, v in res.items() if k != "stderr"},
                "stderr_tail": res["stderr"].strip()[-2000:]}
         rec["argv"] = [str(x) for x in rec["argv"]]

@@ -152,8 +152,8 @@ class LocalPrune:
                     continue
                 entry.removed = True
                 self.result.removed.append(entry.name)
+                current = None
                 self.rep.info(f"removed {entry.name}")
-            current = None
         except KeyboardInterrupt:
             there = current is not None and self.store.entry(current).exists()
             state = ("is still complete" if there
@@ -257,11 +257,11 @@ class RemotePrune:
                 except AgentError as exc:
                     self.result.failed[entry.name] = exc.message
                     continue
+                current = None
                 if entry.name in reply.get("removed", []):
                     entry.removed = True
                     self.result.removed.append(entry.name)
                     self.rep.info(f"removed {entry.name} on the server")
-            current = None
         except KeyboardInterrupt:
             raise _interrupted(self.result.removed, current, "is either still complete or moved aside "
                                "on the server (the next prune --remote deletes what is left)") from None

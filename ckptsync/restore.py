@@ -333,7 +333,8 @@ class Restore:
                 action = SAME
             else:
                 action = REPLACE if self.opts.force else DIFFERS
-            items.append((f, ExtraItem(f.source, f.size, action, posixpath.normpath(posixpath.join(root, f.source)))))
+            dest = posixpath.normpath(posixpath.join(root, f.source))
+            items.append((f, ExtraItem(f.source, f.size, action, dest)))
             if action == DIFFERS:
                 self.result.warnings.append(f"kept existing {f.source} (differs from the backup; --force replaces it)")
         return items
@@ -354,7 +355,8 @@ class Restore:
         except OSError:
             return None
 
-    def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]], ordered: list[Manifest]) -> None:
+    def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]],
+                ordered: list[Manifest]) -> None:
         total = sum(f.size for f in files)
         self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
         self.rep.start(f"verify {m.name}", total)
@@ -386,18 +388,19 @@ class Restore:
         stage = m.name
         reply = self.remote.call("staged", root=root, name=stage)
         staged = reply.get("staged") or {}
-        if not staged and not reply.get("partial"):
+        partial = set(reply.get("partial") or [])
+        if not staged and not partial:
             return set()
         want = {f.path: f for f in records}
-        inside = [p for p in list(staged) + list(reply.get("partial") or [])
-                  if p == m.name or p.startswith(m.name + "/")]
+        inside = [p for p in list(staged) + list(partial) if p == m.name or p.startswith(m.name + "/")]
         if any(p not in want for p in inside):
             # It would be renamed into place with the checkpoint: start over.
             if not self.opts.dry_run:
                 self.remote.call("discard", root=root, name=stage)
             return set()
+        # A member with a leftover ".part" is sent again, which replaces the ".part" too.
         fits = [p for p, info in staged.items()
-                if p in want and list(info)[:2] == [want[p].size, want[p].mtime_ns]]
+                if p in want and p not in partial and list(info)[:2] == [want[p].size, want[p].mtime_ns]]
         if not check or not fits:
             return set(fits)
         alg = self.remote.best_hash

@@ -203,7 +203,7 @@ class LocalVerify:
             path = self.store.root / f.path
             why = "needed to resume" if f.path in resume else ""
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except FileNotFoundError:
                 check.problems.append(Problem(f.path, MISSING, why))
                 continue

@@ -103,7 +103,7 @@ def test_restore_over_ssh_is_identical_and_says_how_to_resume(setup):
     assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
     for name in ("config_full_dataset.json", "deepspeed_config.json"):
         assert tree_digest(fresh.parent.parent)[name] == tree_digest(server.parent.parent)[name]
-    assert f"restored checkpoint-12 to" in res.stdout
+    assert "restored checkpoint-12 to" in res.stdout
     assert f"--resume-from-checkpoint {fresh / 'checkpoint-12'}" in res.stdout
     assert "best_model_checkpoint" not in res.stderr          # checkpoint-12 is its own best
     assert "warning" not in res.stderr

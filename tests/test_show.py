@@ -203,3 +203,38 @@ def test_compare_unknown_exits_10(tmp_path: Path, store: Path) -> None:
     r = run_cli("compare", "checkpoint-4", "checkpoint-5", "--local-dir", store, env=_env(tmp_path), cwd=tmp_path)
     assert r.returncode == 10
     assert "checkpoint-5 is not in the backup directory" in r.stderr and "checkpoint-8" in r.stderr
+
+
+# ---------------------------------------------------------------- the chart renderer (pure)
+
+
+@pytest.mark.parametrize("ascii_only", [False, True])
+@pytest.mark.parametrize("points, top, bottom", [
+    (((1, 6.0), (2, 5.0), (3, 5.5)), "6.00", "5.00"),
+    (((1, 2.0), (2, 2.0)), "2.100", "1.900"),                      # flat: padded, line in the middle
+    (((1, float("nan")), (2, 1.0), (3, 0.5)), "1.00", "0.50"),     # NaN from a diverged run is skipped
+    (((0, 3e-5), (10, 1e-5)), "3.000e-05", "1.000e-05"),
+    (((7, 4.0),), "4.200", "3.800"),                               # one point
+])
+def test_line_chart_table(points, top, bottom, ascii_only: bool) -> None:
+    from ckptsync.plot import Series, line_chart
+
+    lines = line_chart([Series("train loss", points), Series("eval loss", points[-1:], "marker")],
+                       width=50, height=6, ascii_only=ascii_only)
+    assert all(len(line) <= 50 for line in lines)
+    labels = [m[1] for line in lines if (m := re.match(r"^\s*(\S+) [┤+]", line))]
+    assert labels[0] == top and labels[-1] == bottom
+    assert lines[-1].split() == (["**", "train", "loss", "o", "eval", "loss"] if ascii_only
+                                 else ["⠤⠤", "train", "loss", "●", "eval", "loss"])
+    assert all(line.isascii() for line in lines) == ascii_only
+    axis = len(lines[6]) - len(lines[6].lstrip())   # the column of the y axis
+    assert sum(line[axis + 1:].count("o" if ascii_only else "●") for line in lines[:6]) == 1
+
+
+def test_line_chart_without_data_and_sparkline() -> None:
+    from ckptsync.plot import Series, line_chart, sparkline
+
+    assert line_chart([Series("train loss", ())]) == []
+    assert sparkline([0.0, 0.5, 1.0, 0.5], 10) == "▁▅█▅"
+    assert sparkline([0.0, 1.0], 10, ascii_only=True) == "_#"
+    assert len(sparkline(list(range(1000)), 30)) == 30

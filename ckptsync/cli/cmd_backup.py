@@ -9,7 +9,7 @@ import typer
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.cli import options as o
 from ckptsync.cli.app import app
-from ckptsync.errors import UsageError
+from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, human
 
 
@@ -34,19 +34,31 @@ def backup_cmd(
     dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
     log_file: Annotated[Optional[str], typer.Option("--log-file", help="Append log lines to this file.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
+    skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron).")] = False,
 ) -> int:
     """Fetch complete checkpoints from the server, verified, into the backup directory.
 
     Default: the 2 newest complete checkpoints plus extra_files. Checkpoints
     still being written are skipped. Safe to run from cron.
     """
+    if wait and skip_if_locked:
+        raise UsageError("give --wait or --skip-if-locked, not both")
     out = Output(json_mode=json_out, quiet=quiet, log_file=log_file)
     opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
                          include_best=include_best, compress=parse_compress(compress), dry_run=dry_run,
                          wait=wait, extra_files=not no_extra_files)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
-    result = run_backup(t, opts, out.reporter())
+    try:
+        result = run_backup(t, opts, out.reporter())
+    except Locked as exc:
+        if not skip_if_locked:
+            raise
+        # An overlapping cron run: the one holding the lock does the work.
+        out.info(f"skipped: {exc.message}")
+        if json_out:
+            out.emit({"target": t.label, "dest": str(t.local_dir), "skipped": exc.message, "exit_code": 0})
+        return 0
     if json_out:
         out.emit(result.to_dict())
         return result.exit_code

@@ -18,9 +18,9 @@ def prune_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Prune the server's checkpoints instead of the backups.")] = False,
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="K", help="Keep the K newest complete checkpoints.")] = 0,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="K", show_default=False, help="Keep the K newest complete checkpoints.")] = 0,
     keep_best: Annotated[bool, typer.Option("--keep-best", help="Keep the best checkpoint(s) (trainer_state.json, best_model.pt).")] = False,
-    keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
+    keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", show_default=False, help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
     keep_within: Annotated[Optional[str], typer.Option("--keep-within", metavar="DURATION", help="Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w).", show_default=False)] = None,
     dry_run: o.DryRun = False, force: o.Force = False, json_out: o.Json = False,
 ) -> int:
@@ -32,6 +32,9 @@ def prune_cmd(
     verified local backup (same files, sizes and mtimes) is kept unless
     --force. Each checkpoint disappears whole; an interrupted run is finished
     by the next one.
+
+    Exit 2 without any --keep rule, 3 when a checkpoint could not be removed,
+    11 when another run holds the backup directory.
     """
     out = Output(json_mode=json_out)
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,

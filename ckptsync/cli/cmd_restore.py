@@ -28,7 +28,8 @@ def restore_cmd(
     An existing checkpoint of the same name is never replaced without --force
     (exit 2). Damaged backup: exit 30. Not enough space on the server: exit 5.
     An interrupted restore leaves nothing under the final name; run it again
-    to send only what is missing.
+    to send only what is missing. Onto a new instance from the backups of an
+    old one: --instance NEW --local-dir ~/ckpt-backups/instance-OLD.
     """
     out = Output(json_mode=json_out, quiet=quiet)
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,

@@ -14,7 +14,7 @@ from ckptsync.verify import EntryCheck, VerifyResult, run_verify
 
 @app.command("verify")
 def verify_cmd(
-    names: Annotated[Optional[list[str]], typer.Argument(metavar="[NAME]...", help="Checkpoints to verify (default: every backup and extra-files).", show_default=False)] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="NAME", help="Checkpoints to verify (default: every backup and extra-files).", show_default=False)] = None,
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Compare the server's copy with the backup (hashed on the server) instead of re-reading the backup.")] = False,

@@ -1,0 +1,128 @@
+"""ckptsync cron install | show | remove"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from ckptsync import cron
+from ckptsync.cli import options as o
+from ckptsync.cli.app import app
+from ckptsync.errors import LOCKED, PARTIAL
+from ckptsync.output import Output, ago
+
+cron_app = typer.Typer(
+    name="cron",
+    help="Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(cron_app, name="cron")
+
+Every = Annotated[str, typer.Option("--every", help="How often: 15m, 30m, 1h, 2h, 1d, 1w ... (a divisor of an hour or a day; hourly and longer keep the current minute).")]
+LogFile = Annotated[Optional[str], typer.Option("--log-file", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log).", show_default=False)]
+
+
+@cron_app.command("install")
+def install_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None,
+    every: Every = "30m", log_file: LogFile = None, json_out: o.Json = False,
+) -> int:
+    """Add the crontab entry that backs up this target, or replace it when there is one.
+
+    The entry runs `backup --quiet --skip-if-locked` with this Python, the config
+    file in use and the target options given here, logs to the log file and
+    sends no mail. Other lines of the crontab are left as they are.
+    """
+    out = Output(json_mode=json_out)
+    t = o.target(config, instance, host, remote_dir, local_dir)
+    job = cron.CronJob(instance=instance, host=host, remote_dir=remote_dir, config=config, every=every,
+                       log_file=log_file)
+    r = cron.install(t, job, cron.Crontab())
+    if json_out:
+        out.emit(r.to_dict())
+        return r.exit_code
+    done = {"installed": "installed", "replaced": "replaced", "unchanged": "already installed"}[r.action]
+    out.result(f"{done}: cron entry for {r.target} ({r.backup_dir}), every {r.every} ({r.schedule})")
+    out.result(f"  log file: {r.log_file}")
+    out.result(f"  {r.line}")
+    return r.exit_code
+
+
+@cron_app.command("show")
+def show_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, json_out: o.Json = False,
+) -> int:
+    """The crontab entry of this target, how its last run went, and the end of its log."""
+    out = Output(json_mode=json_out)
+    t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
+    r = cron.show(t, cron.Crontab())
+    if json_out:
+        out.emit(r.to_dict())
+        return r.exit_code
+    if r.installed:
+        every = f"every {r.every} ({r.schedule})" if r.every else f"schedule {r.schedule or '?'}"
+        out.result(f"cron entry for {r.target} ({r.backup_dir}): {every}")
+        out.result(f"  {r.line or '(the marker line has no job line after it: run cron install again)'}")
+    else:
+        out.result(f"no cron entry for {r.target} ({r.backup_dir})")
+        _others(out, r)
+    out.result(last_run_text(r.last_run))
+    if r.stale:
+        out.warn("no run recorded for longer than two intervals; run the entry's command by hand to see why")
+    if r.log_tail:
+        out.result(f"log {r.log_file} (last {len(r.log_tail)} lines):")
+        for line in r.log_tail:
+            out.result(f"  {line}")
+    return r.exit_code
+
+
+@cron_app.command("remove")
+def remove_cmd(
+    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    local_dir: o.LocalDir = None, config: o.Config = None, json_out: o.Json = False,
+) -> int:
+    """Remove this target's crontab entry; other lines are left as they are."""
+    out = Output(json_mode=json_out)
+    t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
+    r = cron.remove(t, cron.Crontab())
+    if json_out:
+        out.emit(r.to_dict())
+        return r.exit_code
+    if r.action == "removed":
+        out.result(f"removed the cron entry for {r.target} ({r.backup_dir})")
+    else:
+        out.result(f"no cron entry for {r.target} ({r.backup_dir}); nothing to remove")
+        _others(out, r)
+    return r.exit_code
+
+
+def _others(out: Output, r: cron.CronResult) -> None:
+    if r.others:
+        listed = ", ".join(f"{e['target']} -> {e['backup_dir']}" for e in r.others)
+        out.result(f"  other ckptsync entries (select them with --local-dir): {listed}")
+
+
+def last_run_text(status: dict | None, now: float | None = None) -> str:
+    """One line about the last recorded backup run, from .ckptsync/status.json."""
+    if not status:
+        return "last run: none recorded"
+    when = ago(status.get("time"), now or time.time())
+    code = status.get("exit_code")
+    error = status.get("error") or "no message"
+    if status.get("ok"):
+        fetched = status.get("fetched") or []
+        if fetched:
+            return f"last run {when}: ok, fetched {', '.join(fetched)}"
+        current = status.get("up_to_date") or []
+        return f"last run {when}: ok, up to date" + (f" ({', '.join(current)})" if current else "")
+    if code == LOCKED:
+        return f"last run {when}: skipped, another run held the lock"
+    if code == PARTIAL:
+        return f"last run {when}: PARTIAL (exit {code}): {error}"
+    return f"last run {when}: FAILED (exit {code}): {error}"

@@ -1,0 +1,424 @@
+"""`ckptsync cron`: one crontab entry per backup directory, kept through `crontab -l` / `crontab -`.
+
+An entry is two lines: a marker naming the target and its backup directory, then the job.
+
+    # ckptsync backup instance-1 -> /home/me/ckpt-backups/instance-1
+    */30 * * * * PATH=... /venv/bin/python3 -m ckptsync backup ... >/dev/null 2>&1
+
+The backup directory is the key: installing again for it replaces its entry in place;
+every other line of the table is kept byte for byte. The table functions are pure;
+the only I/O is running `crontab` (or $CKPTSYNC_CRONTAB).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ckptsync.config import Target, find_config
+from ckptsync.errors import ConfigError, IOFailure, UsageError
+from ckptsync.store import Store
+
+MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
+LINE_RE = re.compile(r"^\s*(?P<when>@\S+|(?:\S+\s+){4}\S+)\s+(?P<command>.*)$")
+STANDARD_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+UNITS = {"m": 1, "min": 1, "h": 60, "d": 1440, "w": 10080}
+EVERY_HINT = ("cron runs evenly only at a divisor of an hour (1m, 2m, 3m, 4m, 5m, 6m, 10m, 12m, 15m, 20m, 30m), "
+              "of a day (1h, 2h, 3h, 4h, 6h, 8h, 12h), or 1d, 1w")
+LOG_TAIL = 5
+STALE_SLACK = 300
+
+
+# -------------------------------------------------- schedules (pure)
+
+@dataclass(frozen=True)
+class Schedule:
+    expr: str      # the five time fields
+    minutes: int   # the interval
+
+
+def parse_every(text: str, now: datetime) -> Schedule:
+    """`30m`, `2h`, `1d` -> a cron schedule. Hourly and longer ones keep the phase of `now`."""
+    m = re.fullmatch(r"\s*(\d+)\s*(m|min|h|d|w)\s*", text.lower())
+    if not m:
+        raise UsageError(f"--every {text!r}: expected a number and a unit (m, h, d, w), e.g. 15m, 30m, 1h, 1d")
+    minutes = int(m.group(1)) * UNITS[m.group(2)]
+    expr = cron_expr(minutes, now)
+    if expr is None:
+        raise UsageError(f"--every {text}: cron cannot run a job every {text} evenly", hint=EVERY_HINT)
+    return Schedule(expr, minutes)
+
+
+def cron_expr(minutes: int, now: datetime) -> str | None:
+    if minutes <= 0:
+        return None
+    if minutes < 60:
+        if 60 % minutes:
+            return None
+        return "* * * * *" if minutes == 1 else f"*/{minutes} * * * *"
+    if minutes < 1440:
+        hours, rest = divmod(minutes, 60)
+        if rest or 24 % hours:
+            return None
+        if hours == 1:
+            return f"{now.minute} * * * *"
+        start = now.hour % hours
+        return f"{now.minute} {f'*/{hours}' if start == 0 else f'{start}-23/{hours}'} * * *"
+    if minutes == 1440:
+        return f"{now.minute} {now.hour} * * *"
+    if minutes == 10080:
+        return f"{now.minute} {now.hour} * * {(now.weekday() + 1) % 7}"
+    return None
+
+
+def interval_of(expr: str) -> int | None:
+    """The interval in minutes of a schedule written by cron_expr; None for anything else."""
+    fields = expr.split()
+    if len(fields) != 5 or fields[2:4] != ["*", "*"]:
+        return None
+    minute, hour, _dom, _mon, dow = fields
+    if hour == "*" and dow == "*":
+        if minute == "*":
+            return 1
+        m = re.fullmatch(r"\*/(\d+)", minute)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1))
+        return 60 if minute.isdigit() else None
+    if not minute.isdigit():
+        return None
+    m = re.fullmatch(r"(?:\*|\d+-23)/(\d+)", hour)
+    if m and dow == "*" and int(m.group(1)) > 0:
+        return int(m.group(1)) * 60
+    if hour.isdigit():
+        return 1440 if dow == "*" else 10080 if dow.isdigit() else None
+    return None
+
+
+def every_text(minutes: int) -> str:
+    for size, unit in ((10080, "w"), (1440, "d"), (60, "h")):
+        if minutes % size == 0:
+            return f"{minutes // size}{unit}"
+    return f"{minutes}m"
+
+
+# -------------------------------------------------- the crontab table (pure)
+
+@dataclass
+class Entry:
+    label: str
+    backup_dir: str
+    line: str   # the job line; "" when the marker has lost its line
+
+    @property
+    def schedule(self) -> str:
+        return split_line(self.line)[0]
+
+    @property
+    def command(self) -> str:
+        return split_line(self.line)[1]
+
+
+def _lines(text: str) -> list[str]:
+    return re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+
+
+def _is_job(line: str) -> bool:
+    s = line.strip()
+    return bool(s) and not s.startswith("#") and "ckptsync" in s
+
+
+def marker(label: str, backup_dir: str) -> str:
+    return f"# ckptsync backup {label} -> {backup_dir}"
+
+
+def entries(table: str) -> list[Entry]:
+    lines = _lines(table)
+    found = []
+    for i, raw in enumerate(lines):
+        m = MARKER_RE.match(raw.rstrip("\n"))
+        if m:
+            nxt = lines[i + 1].rstrip("\n") if i + 1 < len(lines) else ""
+            found.append(Entry(m.group("label"), m.group("dir"), nxt if _is_job(nxt) else ""))
+    return found
+
+
+def find_entry(table: str, backup_dir: str) -> Entry | None:
+    return next((e for e in entries(table) if e.backup_dir == backup_dir), None)
+
+
+def _strip(table: str, backup_dir: str) -> tuple[list[str], int, int | None]:
+    """The lines without this directory's entries, how many were removed, and where the first was."""
+    lines = _lines(table)
+    keep: list[str] = []
+    removed, first, skip = 0, None, False
+    for i, raw in enumerate(lines):
+        if skip:
+            skip = False
+            continue
+        m = MARKER_RE.match(raw.rstrip("\n"))
+        if m and m.group("dir") == backup_dir:
+            removed += 1
+            first = len(keep) if first is None else first
+            skip = i + 1 < len(lines) and _is_job(lines[i + 1])
+            continue
+        keep.append(raw)
+    return keep, removed, first
+
+
+def put_entry(table: str, label: str, backup_dir: str, line: str) -> tuple[str, bool]:
+    """The table with this directory's entry set to `line` (in place if it had one). -> (table, replaced)"""
+    keep, removed, at = _strip(table, backup_dir)
+    if at is None:
+        if keep and not keep[-1].endswith("\n"):
+            keep[-1] += "\n"
+        at = len(keep)
+    keep[at:at] = [marker(label, backup_dir) + "\n", line + "\n"]
+    return "".join(keep), removed > 0
+
+
+def remove_entry(table: str, backup_dir: str) -> tuple[str, bool]:
+    keep, removed, _ = _strip(table, backup_dir)
+    return ("".join(keep), True) if removed else (table, False)
+
+
+# -------------------------------------------------- the job line (pure)
+
+def job_command(python: str, args: list[str], log_file: str, path_dirs: list[str],
+                pythonpath: str | None = None) -> str:
+    """The shell command cron runs: quiet, lock-tolerant, everything in the log file, no mail."""
+    env = f"PATH={shlex.quote(':'.join(path_dirs))}"
+    if pythonpath:
+        env += f" PYTHONPATH={shlex.quote(pythonpath)}"
+    argv = [python, "-m", "ckptsync", "backup", *args, "--quiet", "--skip-if-locked", "--log-file", log_file]
+    return f"{env} {shlex.join(argv)} >/dev/null 2>&1"
+
+
+def job_line(expr: str, command: str) -> str:
+    return expr + " " + command.replace("%", "\\%")  # an unescaped % ends a cron command
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """(schedule, command as the shell gets it) of a crontab job line."""
+    m = LINE_RE.match(line)
+    if not m:
+        return "", ""
+    return m.group("when"), m.group("command").replace("\\%", "%")
+
+
+def option_value(command: str, option: str) -> str | None:
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, word in enumerate(words[:-1]):
+        if word == option:
+            return words[i + 1]
+    return None
+
+
+# -------------------------------------------------- what the job needs from this machine
+
+def path_dirs(python: str) -> list[str]:
+    """PATH for the job: the interpreter, ssh, python3 and zstd as found now, then the usual."""
+    dirs = [os.path.dirname(python)]
+    for tool in ("ssh", "python3", "zstd"):
+        found = shutil.which(tool)
+        if found:
+            dirs.append(os.path.dirname(os.path.abspath(found)))
+    dirs.extend(STANDARD_PATH)
+    return list(dict.fromkeys(dirs))
+
+
+def package_path() -> str | None:
+    """The directory to put on PYTHONPATH when this copy of ckptsync is found only through
+    PYTHONPATH or the current directory (a checkout that is not installed)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    given = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    try:
+        here = str(Path.cwd().resolve())
+    except OSError:
+        here = ""
+    return root if root in given or here == root else None
+
+
+# -------------------------------------------------- crontab I/O
+
+class Crontab:
+    """`crontab -l` and `crontab -`; $CKPTSYNC_CRONTAB replaces the command (tests use a fake)."""
+
+    def __init__(self, argv: list[str] | None = None) -> None:
+        self.argv = argv or shlex.split(os.environ.get("CKPTSYNC_CRONTAB") or "crontab")
+
+    def _run(self, args: list[str], text: str | None = None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(self.argv + args, input=text, capture_output=True, timeout=30,
+                                  encoding="utf-8", errors="surrogateescape")
+        except FileNotFoundError:
+            raise ConfigError(f"cannot run {self.argv[0]}: not found",
+                              hint="install cron (Debian/Ubuntu: apt-get install cron)") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot run {self.argv[0]}: {exc.strerror or exc}") from None
+        except subprocess.TimeoutExpired:
+            raise IOFailure(f"{self.argv[0]} did not answer within 30s") from None
+
+    def read(self) -> str:
+        proc = self._run(["-l"])
+        if proc.returncode == 0:
+            return proc.stdout
+        err = proc.stderr.strip()
+        if proc.returncode == 1 and not proc.stdout.strip() and "no crontab" in err.lower():
+            return ""
+        # Anything else: refuse, rather than write a table that lost the user's lines.
+        raise IOFailure(f"{self.argv[0]} -l failed (exit {proc.returncode}): {err or 'no message'}",
+                        hint="the crontab was not changed")
+
+    def write(self, text: str) -> None:
+        proc = self._run(["-"], text)
+        if proc.returncode != 0:
+            raise IOFailure(f"{self.argv[0]} refused the new table (exit {proc.returncode}): "
+                            f"{proc.stderr.strip() or 'no message'}", hint="the crontab was not changed")
+
+
+# -------------------------------------------------- the three operations
+
+@dataclass
+class CronJob:
+    """What `cron install` was given; target options are passed on to the job."""
+
+    instance: str | None = None
+    host: str | None = None
+    remote_dir: str | None = None
+    config: str | None = None
+    every: str = "30m"
+    log_file: str | None = None
+
+
+@dataclass
+class CronResult:
+    action: str                 # installed, replaced, unchanged, removed, absent, shown
+    target: str
+    backup_dir: str
+    installed: bool
+    line: str | None = None
+    schedule: str | None = None
+    every: str | None = None
+    log_file: str | None = None
+    others: list[dict] = field(default_factory=list)
+    last_run: dict | None = None
+    log_tail: list[str] = field(default_factory=list)
+    stale: bool = False
+
+    exit_code = 0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+
+def default_log_file(backup_dir: Path) -> Path:
+    return backup_dir / ".ckptsync" / "cron.log"
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def backup_args(target: Target, job: CronJob) -> list[str]:
+    """Options for the job's `backup`: the config in use and the target, all paths absolute."""
+    args: list[str] = []
+    config = find_config(job.config)
+    if config is not None:
+        args += ["--config", str(config.expanduser().resolve())]
+    if job.instance is not None:
+        args += ["--instance", job.instance]
+    if job.host is not None:
+        args += ["--host", job.host]
+    if job.remote_dir is not None:
+        # A local source is a path here; a server's path stays as given.
+        args += ["--remote-dir", _abs(job.remote_dir) if target.label == "local" else job.remote_dir]
+    args += ["--local-dir", _abs(str(target.local_dir))]
+    return args
+
+
+def _result(action: str, target: Target, table: str, entry: Entry | None) -> CronResult:
+    backup_dir = _abs(str(target.local_dir))
+    others = [{"target": e.label, "backup_dir": e.backup_dir} for e in entries(table) if e.backup_dir != backup_dir]
+    label = entry.label if entry is not None else target.label  # as installed, even if chosen by --local-dir now
+    r = CronResult(action=action, target=label, backup_dir=backup_dir, installed=entry is not None,
+                   others=others)
+    if entry is not None and entry.line:
+        r.line = entry.line
+        r.schedule = entry.schedule
+        minutes = interval_of(entry.schedule)
+        r.every = every_text(minutes) if minutes else None
+        r.log_file = option_value(entry.command, "--log-file")
+    return r
+
+
+def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = None) -> CronResult:
+    now = time.time() if now is None else now
+    schedule = parse_every(job.every, datetime.fromtimestamp(now))
+    backup_dir = _abs(str(target.local_dir))
+    log_file = _abs(job.log_file) if job.log_file else str(default_log_file(Path(backup_dir)))
+    args = backup_args(target, job)
+    if any("\n" in a or "\r" in a for a in args + [log_file]):
+        raise UsageError("a path or option with a line break cannot go into a crontab")
+    try:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IOFailure(f"cannot create {Path(log_file).parent}: {exc.strerror or exc}") from None
+    python = os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink that matters
+    command = job_command(python, args, log_file, path_dirs(python), package_path())
+    line = job_line(schedule.expr, command)
+    table = crontab.read()
+    new, replaced = put_entry(table, target.label, backup_dir, line)
+    if new != table:
+        crontab.write(new)
+    action = "unchanged" if new == table else "replaced" if replaced else "installed"
+    return _result(action, target, new, find_entry(new, backup_dir))
+
+
+def remove(target: Target, crontab: Crontab) -> CronResult:
+    table = crontab.read()
+    backup_dir = _abs(str(target.local_dir))
+    old = find_entry(table, backup_dir)
+    new, removed = remove_entry(table, backup_dir)
+    if removed:
+        crontab.write(new)
+    r = _result("removed" if removed else "absent", target, new, None)
+    r.target = old.label if old is not None else r.target
+    return r
+
+
+def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResult:
+    now = time.time() if now is None else now
+    table = crontab.read()
+    backup_dir = _abs(str(target.local_dir))
+    r = _result("shown", target, table, find_entry(table, backup_dir))
+    r.last_run = Store(Path(backup_dir)).status()
+    log = r.log_file or str(default_log_file(Path(backup_dir)))
+    r.log_file = log
+    r.log_tail = tail(Path(log), LOG_TAIL)
+    minutes = interval_of(r.schedule or "")
+    if r.installed and minutes and r.last_run and isinstance(r.last_run.get("time"), (int, float)):
+        r.stale = now - r.last_run["time"] > 2 * minutes * 60 + STALE_SLACK
+    return r
+
+
+def tail(path: Path, count: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-count:]
