@@ -11,6 +11,7 @@ so the archive is no larger than the store; extracting it gives every path its f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -515,3 +516,13 @@ def _remove_extracted(tmp: Path) -> None:
         with contextlib.suppress(OSError):
             os.chmod(dirpath, 0o700)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_source(target, rep: Reporter = QUIET):
+    """The target itself, or, when its backup directory is an archive, the target over its extracted copy."""
+    if not is_archive(target.local_dir):
+        yield target
+        return
+    with open_archive_as_store(target.local_dir, rep) as store:
+        yield dataclasses.replace(target, local_dir=store.root)

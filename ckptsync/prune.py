@@ -122,13 +122,13 @@ class LocalPrune:
             return self.result
         with self.store.lock("ckptsync prune"):
             clean_leftovers(self.store)
-            manifests = self._plan()
-            self._delete(manifests)
+            self._plan()
+            self._delete()
             with contextlib.suppress(OSError):
                 (self.store.meta / "trash").rmdir()
         return self.result
 
-    def _plan(self) -> dict[str, Manifest]:
+    def _plan(self) -> None:
         manifests = {n: m for n, m in self.store.manifests().items() if n != EXTRA}
         items = [Item(name=m.name, step=m.step, mtime=m.mtime, is_best=m.is_best, complete=True,
                       verified=True, kind=m.kind) for m in manifests.values()]
@@ -138,9 +138,8 @@ class LocalPrune:
         unmanaged = self.store.unmanaged()
         if unmanaged:
             self.result.warnings.append(f"not made by ckptsync, left alone: {', '.join(unmanaged)}")
-        return manifests
 
-    def _delete(self, manifests: dict[str, Manifest]) -> None:
+    def _delete(self) -> None:
         current = None
         try:
             for entry in reversed(self.result.doomed):        # oldest first
@@ -178,7 +177,7 @@ def clean_leftovers(store: Store) -> list[str]:
     dropped = []
     folder = store.meta / "manifests"
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if not store.entry(path.stem).exists():
+        if not os.path.lexists(store.entry(path.stem)):
             store.drop_manifest(path.stem)
             dropped.append(path.stem)
     return dropped

@@ -512,5 +512,8 @@ class Restore:
 
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
-    """Restore one checkpoint (and the extra files) to the target's server."""
-    return Restore(target, opts, reporter).run()
+    """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
+    from ckptsync.archive import local_source
+
+    with local_source(target, reporter) as source:
+        return Restore(source, opts, reporter).run()

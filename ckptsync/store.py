@@ -237,6 +237,7 @@ class Store:
         self.meta.mkdir(parents=True, exist_ok=True)
         path = self.meta / "lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        held = False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -247,13 +248,15 @@ class Store:
                 if on_wait is not None:
                     on_wait(holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            held = True
             info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if held:  # a refused run must not erase the holder's info
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             os.close(fd)
 
 

@@ -111,12 +111,15 @@ class VerifyResult:
 
 
 def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET) -> VerifyResult:
+    from ckptsync.archive import local_source
+
     started = time.monotonic()
-    job = RemoteVerify(target, names, rep) if remote else LocalVerify(target, names, rep)
-    try:
-        return job.run()
-    finally:
-        job.result.seconds = time.monotonic() - started
+    with local_source(target, rep) as source:
+        job = RemoteVerify(source, names, rep) if remote else LocalVerify(source, names, rep)
+        try:
+            return job.run()
+        finally:
+            job.result.seconds = time.monotonic() - started
 
 
 def _order(m: Manifest) -> tuple:

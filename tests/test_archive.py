@@ -190,3 +190,20 @@ def test_archive_cut_between_members_is_caught(tmp_path: Path, store: Path) -> N
     with pytest.raises(IntegrityError, match="truncated"):
         with open_archive_as_store(cut):
             pass
+
+
+def test_verify_and_restore_accept_an_archive(tmp_path: Path, store: Path, server_tree: Path) -> None:
+    out = tmp_path / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", out, "--remove").returncode == 0
+    assert not (store / "checkpoint-12").exists()
+    v = cli(tmp_path, "verify", "--local-dir", out, "--json")
+    assert v.returncode == 0, v.stderr
+    assert {e["name"] for e in json.loads(v.stdout)["entries"]} >= {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
+    fresh = tmp_path / "fresh" / "models" / "run"
+    r = cli(tmp_path, "restore", "--local-dir", out, "--remote-dir", fresh, "--checkpoint", "checkpoint-8")
+    assert r.returncode == 0, r.stderr
+    assert digest(fresh / "checkpoint-8") == digest(server_tree / "checkpoint-8")
+    assert not list(tmp_path.glob(".ckptsync-extract-*"))
+    flip_middle_byte(out)
+    bad = cli(tmp_path, "verify", "--local-dir", out)
+    assert bad.returncode == 30 and "Traceback" not in bad.stderr

@@ -8,7 +8,7 @@ import typer
 
 from ckptsync.cli import options as o
 from ckptsync.cli.app import app
-from ckptsync.inspect import compare_backups
+from ckptsync.details import compare_backups
 from ckptsync.output import Output, human, table
 from ckptsync.plot import number
 

@@ -22,7 +22,7 @@ cron_app = typer.Typer(
 )
 app.add_typer(cron_app, name="cron")
 
-Every = Annotated[str, typer.Option("--every", help="How often: 15m, 30m, 1h, 2h, 1d, 1w ... (a divisor of an hour or a day; hourly and longer keep the current minute).")]
+Every = Annotated[str, typer.Option("--every", help="How often, e.g. 15m, 30m, 1h, 2h, 1d or 1w: a divisor of an hour or of a day. Hourly and longer runs keep the current minute (and hour).")]
 LogFile = Annotated[Optional[str], typer.Option("--log-file", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log).", show_default=False)]
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ckptsync.cli import options as o
 from ckptsync.cli.app import app
-from ckptsync.inspect import ShowResult, describe_resume, show_backup, show_server
+from ckptsync.details import ShowResult, describe_resume, show_backup, show_server
 from ckptsync.output import Output, ago, human, table, when
 from ckptsync.plot import Series, line_chart, number, sparkline
 

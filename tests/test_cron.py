@@ -1,0 +1,446 @@
+"""`ckptsync cron`: the crontab table functions, the commands against a fake crontab,
+the installed line run as cron would run it, and one round trip through the real crontab."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from ckptsync import cron
+from ckptsync.errors import UsageError
+from ckptsync.store import Store
+from helpers import run_cli, tree_digest
+
+NOW = datetime(2024, 12, 24, 14, 23)  # a Tuesday
+
+FAKE_CRONTAB = """#!/bin/sh
+# Keeps the table in one file, like `crontab -l` / `crontab -`.
+table={table}
+case "$1" in
+  -l) [ -f "$table" ] || {{ echo "no crontab for $(id -un)" >&2; exit 1; }}; exec cat "$table" ;;
+  -) cat > "$table.new" && mv "$table.new" "$table" ;;
+  *) echo "fake crontab: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+
+USER_TABLE = (
+    b"# my own jobs\n"
+    b"MAILTO=me@example.com\n"
+    b"SHELL=/bin/bash\n"
+    b"0 3 * * * /usr/local/bin/cleanup --days 7  # keep\n"
+    b"\n"
+    b"# caf\xe9 \xff not UTF-8\n"
+    b"*/5 * * * *\tdate +\\%s >> /tmp/ticks"  # no newline at the end
+)
+
+
+# -------------------------------------------------- pure: schedules
+
+@pytest.mark.parametrize("every, expr, minutes", [
+    ("1m", "* * * * *", 1),
+    ("5m", "*/5 * * * *", 5),
+    ("15m", "*/15 * * * *", 15),
+    ("30m", "*/30 * * * *", 30),
+    ("30min", "*/30 * * * *", 30),
+    (" 20M ", "*/20 * * * *", 20),
+    ("60m", "23 * * * *", 60),
+    ("1h", "23 * * * *", 60),
+    ("2h", "23 */2 * * *", 120),
+    ("120m", "23 */2 * * *", 120),
+    ("3h", "23 2-23/3 * * *", 180),
+    ("8h", "23 6-23/8 * * *", 480),
+    ("12h", "23 2-23/12 * * *", 720),
+    ("24h", "23 14 * * *", 1440),
+    ("1d", "23 14 * * *", 1440),
+    ("7d", "23 14 * * 2", 10080),
+    ("1w", "23 14 * * 2", 10080),
+])
+def test_parse_every(every, expr, minutes):
+    s = cron.parse_every(every, NOW)
+    assert (s.expr, s.minutes) == (expr, minutes)
+    assert cron.interval_of(s.expr) == minutes
+
+
+@pytest.mark.parametrize("every", ["7m", "45m", "90m", "5h", "7h", "25h", "2d", "3w", "0m", "0h", "30", "m", "1.5h", "30s", "-5m", "1h30m"])
+def test_parse_every_rejects(every):
+    with pytest.raises(UsageError) as exc:
+        cron.parse_every(every, NOW)
+    assert exc.value.exit_code == 2 and "--every" in exc.value.message
+
+
+@pytest.mark.parametrize("expr, minutes", [
+    ("*/10 * * * *", 10), ("0 * * * *", 60), ("5 1-23/4 * * *", 240), ("0 0 * * 0", 10080),
+    ("0 0 1 * *", None), ("@daily", None), ("*/x * * * *", None), ("0 9-17 * * *", None),
+])
+def test_interval_of(expr, minutes):
+    assert cron.interval_of(expr) == minutes
+
+
+@pytest.mark.parametrize("minutes, text", [(1, "1m"), (30, "30m"), (60, "1h"), (180, "3h"), (1440, "1d"), (10080, "1w")])
+def test_every_text(minutes, text):
+    assert cron.every_text(minutes) == text
+
+
+# -------------------------------------------------- pure: the table
+
+LINE_A = "*/30 * * * * /py -m ckptsync backup --local-dir /b/a"
+LINE_B = "0 * * * * /py -m ckptsync backup --local-dir /b/b"
+
+
+@pytest.mark.parametrize("before, after, replaced", [
+    ("", "# ckptsync backup a -> /b/a\n" + LINE_A + "\n", False),
+    ("0 3 * * * x", "0 3 * * * x\n# ckptsync backup a -> /b/a\n" + LINE_A + "\n", False),
+    ("0 3 * * * x\n", "0 3 * * * x\n# ckptsync backup a -> /b/a\n" + LINE_A + "\n", False),
+    # replaced in place, neighbours untouched
+    ("1\n# ckptsync backup a -> /b/a\nold ckptsync line\n2\n", "1\n# ckptsync backup a -> /b/a\n" + LINE_A + "\n2\n", True),
+    # a marker whose job line was deleted by hand: the next (foreign) line stays
+    ("# ckptsync backup a -> /b/a\n0 3 * * * x\n", "# ckptsync backup a -> /b/a\n" + LINE_A + "\n0 3 * * * x\n", True),
+    # duplicates (a copy-paste) collapse into one
+    ("# ckptsync backup a -> /b/a\nckptsync 1\nmid\n# ckptsync backup a -> /b/a\nckptsync 2\n",
+     "# ckptsync backup a -> /b/a\n" + LINE_A + "\nmid\n", True),
+    # another directory's entry is another entry
+    ("# ckptsync backup b -> /b/b\n" + LINE_B + "\n",
+     "# ckptsync backup b -> /b/b\n" + LINE_B + "\n# ckptsync backup a -> /b/a\n" + LINE_A + "\n", False),
+    # a prefix of the directory is not the directory
+    ("# ckptsync backup a -> /b/a2\n" + LINE_B + "\n",
+     "# ckptsync backup a -> /b/a2\n" + LINE_B + "\n# ckptsync backup a -> /b/a\n" + LINE_A + "\n", False),
+])
+def test_put_entry(before, after, replaced):
+    assert cron.put_entry(before, "a", "/b/a", LINE_A) == (after, replaced)
+    # idempotent
+    assert cron.put_entry(after, "a", "/b/a", LINE_A) == (after, True)
+
+
+@pytest.mark.parametrize("before, after, removed", [
+    ("", "", False),
+    ("0 3 * * * x", "0 3 * * * x", False),
+    ("x\n# ckptsync backup a -> /b/a\n" + LINE_A + "\ny", "x\ny", True),
+    ("# ckptsync backup a -> /b/a\n" + LINE_A, "", True),
+    ("# ckptsync backup a -> /b/a\n\n0 3 * * * x\n", "\n0 3 * * * x\n", True),
+    ("# ckptsync backup b -> /b/b\n" + LINE_B + "\n", "# ckptsync backup b -> /b/b\n" + LINE_B + "\n", False),
+])
+def test_remove_entry(before, after, removed):
+    assert cron.remove_entry(before, "/b/a") == (after, removed)
+
+
+def test_entries_and_find():
+    table = ("# ckptsync backup instance-1 -> /b/with -> arrow\n" + LINE_A + "\n"
+             "# ckptsync backup local -> /b/b\n"
+             "# not ours\n")
+    found = cron.entries(table)
+    assert [(e.label, e.backup_dir, e.line) for e in found] == [
+        ("instance-1", "/b/with -> arrow", LINE_A), ("local", "/b/b", "")]
+    assert cron.find_entry(table, "/b/b").line == ""
+    assert cron.find_entry(table, "/b") is None
+
+
+def test_job_line_escapes_percent_and_splits_back():
+    command = cron.job_command("/v env/bin/python3", ["--local-dir", "/b/50%/x"], "/b/log's", ["/v env/bin", "/usr/bin"])
+    line = cron.job_line("*/30 * * * *", command)
+    assert "50\\%" in line and line.count("%") == line.count("\\%")
+    when, back = cron.split_line(line)
+    assert (when, back) == ("*/30 * * * *", command)
+    words = shlex.split(back)
+    assert words[:2] == ["PATH=/v env/bin:/usr/bin", "/v env/bin/python3"]
+    assert words[2:5] == ["-m", "ckptsync", "backup"]
+    assert cron.option_value(back, "--log-file") == "/b/log's"
+    assert cron.option_value(back, "--local-dir") == "/b/50%/x"
+    assert back.endswith(" >/dev/null 2>&1")
+    assert cron.split_line("@hourly run it") == ("@hourly", "run it")
+
+
+# -------------------------------------------------- the commands, against a fake crontab
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A fake `crontab` and an isolated HOME/cwd: -> (env for run_cli, table file)."""
+    table = tmp_path / "crontab.txt"
+    script = tmp_path / "fake-crontab"
+    script.write_text(FAKE_CRONTAB.format(table=shlex.quote(str(table))))
+    script.chmod(0o755)
+    home = tmp_path / "home"
+    (home / "cwd").mkdir(parents=True)
+    monkeypatch.chdir(home / "cwd")
+    env = {"CKPTSYNC_CRONTAB": str(script), "HOME": str(home), "CKPTSYNC_CONFIG": None, "XDG_CONFIG_HOME": None}
+    return env, table
+
+
+def cli(env, *args):
+    return run_cli("cron", *args, env=env, timeout=60)
+
+
+def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
+    env, table = fake
+    table.write_bytes(USER_TABLE)
+    dest = tmp_path / "backups" / "a"
+    args = ("--remote-dir", tmp_path / "server", "--local-dir", dest)
+    first = cli(env, "install", *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"installed: cron entry for local ({dest}), every 30m (*/30 * * * *)")
+    once = table.read_bytes()
+    assert once.startswith(USER_TABLE + b"\n# ckptsync backup local -> " + str(dest).encode() + b"\n*/30 * * * * ")
+    assert (dest / ".ckptsync").is_dir()  # the log's directory exists before the first run
+
+    second = cli(env, "install", *args, "--every", "1h")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("replaced: cron entry for local")
+    twice = table.read_bytes()
+    assert twice.startswith(USER_TABLE + b"\n")
+    assert twice.count(b"# ckptsync backup") == 1 and twice.count(b"-m ckptsync backup") == 1
+    entry = cron.find_entry(twice.decode("utf-8", "surrogateescape"), str(dest))
+    assert cron.interval_of(entry.schedule) == 60
+
+    # the line: this interpreter, absolute paths, quiet, lock-tolerant, logged, no mail
+    words = shlex.split(entry.command)
+    path = words[0].removeprefix("PATH=").split(":")
+    assert os.path.dirname(os.path.abspath(sys.executable)) in path
+    if shutil.which("ssh"):
+        assert os.path.dirname(shutil.which("ssh")) in path
+    python = words.index(os.path.abspath(sys.executable))
+    assert words[python + 1:python + 4] == ["-m", "ckptsync", "backup"]
+    assert "--config" not in words
+    assert cron.option_value(entry.command, "--remote-dir") == str(tmp_path / "server")
+    assert cron.option_value(entry.command, "--local-dir") == str(dest)
+    assert cron.option_value(entry.command, "--log-file") == str(dest / ".ckptsync" / "cron.log")
+    assert {"--quiet", "--skip-if-locked"} <= set(words)
+    assert words[-2:] == [">/dev/null", "2>&1"]
+
+
+def test_two_targets_two_entries_and_remove_only_one(fake, tmp_path):
+    env, table = fake
+    table.write_bytes(USER_TABLE)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(env, "install", "--instance", "1", "--remote-dir", "/srv/ckpt", "--local-dir", a).returncode == 0
+    assert cli(env, "install", "--instance", "2", "--remote-dir", "/srv/ckpt", "--local-dir", b, "--every", "15m").returncode == 0
+    text = table.read_bytes().decode("utf-8", "surrogateescape")
+    found = {e.backup_dir: e for e in cron.entries(text)}
+    assert set(found) == {str(a), str(b)}
+    assert found[str(a)].label == "instance-1" and found[str(b)].label == "instance-2"
+    assert cron.option_value(found[str(b)].command, "--instance") == "2"
+    # a server path is passed on as given, not made absolute here
+    assert cron.option_value(found[str(b)].command, "--remote-dir") == "/srv/ckpt"
+    with_b = table.read_bytes()
+
+    res = cli(env, "remove", "--instance", "1", "--local-dir", a)
+    assert res.returncode == 0 and res.stdout.startswith(f"removed the cron entry for instance-1 ({a})")
+    after = table.read_bytes()
+    assert after.startswith(USER_TABLE + b"\n")
+    assert [e.backup_dir for e in cron.entries(after.decode("utf-8", "surrogateescape"))] == [str(b)]
+    assert after == with_b.replace(cron.marker("instance-1", str(a)).encode() + b"\n"
+                                   + found[str(a)].line.encode() + b"\n", b"")
+
+    again = cli(env, "remove", "--local-dir", a)
+    assert again.returncode == 0
+    assert f"no cron entry for instance-0 ({a}); nothing to remove" in again.stdout
+    assert f"instance-2 -> {b}" in again.stdout
+    assert table.read_bytes() == after
+
+    assert cli(env, "remove", "--local-dir", b).returncode == 0
+    assert table.read_bytes() == USER_TABLE + b"\n"
+
+
+def test_config_in_use_is_passed_as_absolute_path(fake, tmp_path):
+    env, table = fake
+    Path("ckptsync.yaml").write_text(json.dumps({"remote_dir": "/srv/ckpt", "local_dir": str(tmp_path / "bk")}))
+    res = cli(env, "install", "-i", "3", "--every", "2h", "--log-file", "logs/cron.log")
+    assert res.returncode == 0, res.stderr
+    entry = cron.find_entry(table.read_text(), str(tmp_path / "bk" / "instance-3"))
+    assert cron.option_value(entry.command, "--config") == str(Path("ckptsync.yaml").resolve())
+    assert cron.option_value(entry.command, "--log-file") == str(Path("logs/cron.log").resolve())
+    assert Path("logs").is_dir()
+
+
+@pytest.mark.parametrize("every", ["7m", "90m", "2d", "soon"])
+def test_uneven_every_is_refused(fake, tmp_path, every):
+    env, table = fake
+    table.write_bytes(USER_TABLE)
+    res = cli(env, "install", "--remote-dir", tmp_path, "--local-dir", tmp_path / "b", "--every", every)
+    assert res.returncode == 2
+    assert "--every" in res.stderr and every in res.stderr
+    assert "Traceback" not in res.stderr
+    assert table.read_bytes() == USER_TABLE
+
+
+def test_unreadable_crontab_is_never_overwritten(fake, tmp_path):
+    env, table = fake
+    broken = tmp_path / "broken-crontab"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = -l ] && { echo 'crontab: permission denied' >&2; exit 1; }\n"
+                      f"cat > {shlex.quote(str(table))}\n")
+    broken.chmod(0o755)
+    table.write_bytes(USER_TABLE)
+    res = cli({**env, "CKPTSYNC_CRONTAB": str(broken)}, "install", "--remote-dir", tmp_path, "--local-dir", tmp_path / "b")
+    assert res.returncode == 5
+    assert "permission denied" in res.stderr and "not changed" in res.stderr
+    assert table.read_bytes() == USER_TABLE
+    missing = cli({**env, "CKPTSYNC_CRONTAB": str(tmp_path / "no-such-crontab")}, "show")
+    assert missing.returncode == 4 and "install cron" in missing.stderr
+
+
+def test_show_without_and_with_status(fake, tmp_path):
+    env, table = fake
+    dest = tmp_path / "b"
+    res = cli(env, "show", "--local-dir", dest)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"no cron entry for instance-0 ({dest})", "last run: none recorded"]
+
+    assert cli(env, "install", "--remote-dir", tmp_path, "--local-dir", dest).returncode == 0
+    res = cli(env, "show", "--local-dir", dest)
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"cron entry for local ({dest}): every 30m (*/30 * * * *)"
+    assert lines[1].strip() == cron.find_entry(table.read_text(), str(dest)).line
+    assert lines[2] == "last run: none recorded"
+
+    Store(dest).record_status({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
+                               "error": "", "fetched": ["checkpoint-500"], "failed": {}, "skipped": {},
+                               "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0})
+    log = dest / ".ckptsync" / "cron.log"
+    log.write_text("".join(f"2024-12-24 14:{m:02d}:00 INFO line {m}\n" for m in range(8)))
+    res = cli(env, "show", "--local-dir", dest)
+    lines = res.stdout.splitlines()
+    assert lines[2] == "last run 12m ago: ok, fetched checkpoint-500"
+    assert lines[3] == f"log {log} (last 5 lines):"
+    assert [l.strip() for l in lines[4:]] == [f"2024-12-24 14:{m:02d}:00 INFO line {m}" for m in range(3, 8)]
+    assert "warning" not in res.stderr
+
+    Store(dest).record_status({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
+                               "error": "cannot connect to tnr-1: Connection refused", "fetched": [], "failed": {},
+                               "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2})
+    res = cli(env, "show", "--local-dir", dest)
+    assert "last run 2h ago: FAILED (exit 20): cannot connect to tnr-1: Connection refused" in res.stdout.splitlines()
+    assert "no run recorded for longer than two intervals" in res.stderr  # every 30m, nothing for 2h
+
+    data = json.loads(cli(env, "show", "--local-dir", dest, "--json").stdout)
+    assert data["installed"] and data["every"] == "30m" and data["schedule"] == "*/30 * * * *"
+    assert data["last_run"]["exit_code"] == 20 and data["stale"] is True
+    assert data["log_file"] == str(log) and len(data["log_tail"]) == 5
+
+
+@pytest.mark.parametrize("status, text", [
+    (None, "last run: none recorded"),
+    ({"time": 100, "ok": True, "exit_code": 0, "fetched": [], "up_to_date": ["checkpoint-8"]},
+     "last run 15m ago: ok, up to date (checkpoint-8)"),
+    ({"time": 100, "ok": False, "exit_code": 11, "error": "in use"}, "last run 15m ago: skipped, another run held the lock"),
+    ({"time": 100, "ok": False, "exit_code": 3, "error": "checkpoint-8: changed"}, "last run 15m ago: PARTIAL (exit 3): checkpoint-8: changed"),
+])
+def test_last_run_text(status, text):
+    from ckptsync.cli.cmd_cron import last_run_text
+
+    assert last_run_text(status, now=100 + 15 * 60) == text
+
+
+# -------------------------------------------------- the installed line, run as cron runs it
+
+def cron_env(home: Path) -> dict[str, str]:
+    """What cron gives a job: almost nothing."""
+    return {"HOME": str(home), "LOGNAME": "root", "SHELL": "/bin/sh", "PATH": "/usr/bin:/bin"}
+
+
+def content(path: Path) -> dict:
+    return {rel: (size, mode, sha) for rel, (size, mode, _mtime, sha) in tree_digest(path).items()}
+
+
+def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
+    env, table = fake
+    dest = tmp_path / "backups"
+    assert cli(env, "install", "--remote-dir", server_tree, "--local-dir", dest).returncode == 0
+    entry = cron.find_entry(table.read_text(), str(dest))
+    _when, command = cron.split_line(entry.line)
+    home = Path(env["HOME"])
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")  # nothing for cron to mail
+    for name in ("checkpoint-12", "checkpoint-8"):
+        # bytes and modes (files identical in both checkpoints share one inode, so one mtime)
+        assert content(dest / name) == content(server_tree / name)
+    assert not (dest / "checkpoint-4").exists()
+    status = Store(dest).status()
+    assert status["ok"] and set(status["fetched"]) >= {"checkpoint-12", "checkpoint-8"}
+    log = (dest / ".ckptsync" / "cron.log").read_text().splitlines()
+    assert log and all(line[:4].isdigit() for line in log)
+    assert any("checkpoint-12" in line for line in log)
+
+    # the next run finds everything up to date, and show reports the run
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    shown = cli(env, "show", "--local-dir", dest).stdout
+    assert "ago: ok, up to date (checkpoint-12, checkpoint-8" in shown
+
+
+def test_skip_if_locked_exits_0_with_one_log_line(tmp_path, server_tree):
+    dest = tmp_path / "backups"
+    log = tmp_path / "cron.log"
+    args = ("backup", "--remote-dir", server_tree, "--local-dir", dest, "--quiet", "--log-file", log)
+    with Store(dest).lock("ckptsync backup (the test)"):
+        plain = run_cli(*args)
+        assert plain.returncode == 11 and "in use by 'ckptsync backup (the test)'" in plain.stderr
+        log.unlink()
+        res = run_cli(*args, "--skip-if-locked")
+        assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+        lines = log.read_text().splitlines()
+        skipped = [line for line in lines if "skipped:" in line]
+        assert len(skipped) == 1 and "in use by 'ckptsync backup (the test)'" in skipped[0]
+        assert not [line for line in lines if " ERROR " in line or " WARN " in line]
+        assert not (dest / "checkpoint-12").exists()
+    both = run_cli(*args, "--skip-if-locked", "--wait")
+    assert both.returncode == 2 and "not both" in both.stderr
+    done = run_cli(*args, "--skip-if-locked")
+    assert done.returncode == 0 and (dest / "checkpoint-12").is_dir()
+
+
+# -------------------------------------------------- the real crontab
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _crontab(*args: str, text: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["crontab", *args], input=text, capture_output=True, timeout=30,
+                          encoding="utf-8", errors="surrogateescape")
+
+
+def test_real_crontab_round_trip(tmp_path, monkeypatch):
+    if shutil.which("crontab") is None:
+        if _in_ci():
+            pytest.fail("crontab is missing (apt-get install cron; .ci/test installs it)", pytrace=False)
+        pytest.skip("crontab is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("changes the crontab of the user running the tests: only as root (CI)")
+    saved = _crontab("-l")
+    original = saved.stdout if saved.returncode == 0 else None
+    if original is None and "no crontab" not in saved.stderr.lower():
+        pytest.fail(f"crontab -l: {saved.stderr.strip()}", pytrace=False)
+    monkeypatch.chdir(tmp_path)
+    env = {"CKPTSYNC_CRONTAB": None, "HOME": str(tmp_path), "CKPTSYNC_CONFIG": None}
+    mine = "# a line of the user's own\n17 4 * * * true\n"
+    dest = tmp_path / "backups 100%"
+    try:
+        assert _crontab("-", text=(original or "") + mine).returncode == 0
+        before = _crontab("-l").stdout
+        for every in ("30m", "2h"):
+            res = run_cli("cron", "install", "--remote-dir", tmp_path, "--local-dir", dest, "--every", every, env=env)
+            assert res.returncode == 0, res.stderr
+        table = _crontab("-l").stdout
+        assert table.startswith(before)
+        assert table.count(f"# ckptsync backup local -> {dest}\n") == 1
+        entry = cron.find_entry(table, str(dest))
+        assert cron.interval_of(entry.schedule) == 120 and "\\%" in entry.line
+        shown = run_cli("cron", "show", "--local-dir", dest, env=env)
+        assert f"every 2h ({entry.schedule})" in shown.stdout
+        res = run_cli("cron", "remove", "--local-dir", dest, env=env)
+        assert res.returncode == 0 and "removed" in res.stdout
+        assert _crontab("-l").stdout == before
+    finally:
+        if original is None:
+            _crontab("-r")
+        else:
+            _crontab("-", text=original)
