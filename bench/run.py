@@ -486,6 +486,8 @@ def ensure_data(data: Path, fixture: Path) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     venv = data / "venv"
     py = venv / "bin" / "python"
+    if not fixture.exists():
+        raise SystemExit(f"fixture script not found: {fixture} (use --fixture PATH)")
     log(f"generating benchmark checkpoints in {src} (one time, a few minutes)")
     if not py.exists():
         log(f"  creating virtualenv {venv}")
@@ -493,8 +495,6 @@ def ensure_data(data: Path, fixture: Path) -> Path:
     if run([str(py), "-c", "import torch, transformers, peft, accelerate"], check=False).returncode != 0:
         log(f"  pip install {' '.join(VENV_PACKAGES)}")
         run([str(py), "-m", "pip", "install", "-q", *VENV_PACKAGES], capture=False)
-    if not fixture.exists():
-        raise SystemExit(f"fixture script not found: {fixture} (use --fixture PATH)")
     partial = data / "output.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [str(py), str(fixture), str(partial), *FIXTURE_ARGS]

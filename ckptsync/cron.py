@@ -3,7 +3,7 @@
 An entry is two lines: a marker naming the target and its backup directory, then the job.
 
     # ckptsync backup instance-1 -> /home/me/ckpt-backups/instance-1
-    */30 * * * * PATH=... /venv/bin/python3 -m ckptsync backup ... >/dev/null 2>&1
+    */30 * * * * PATH=... /venv/bin/python3 -m ckptsync backup ... >/dev/null 2>>LOG
 
 The backup directory is the key: installing again for it replaces its entry in place;
 every other line of the table is kept byte for byte. The table functions are pure;
@@ -193,12 +193,13 @@ def remove_entry(table: str, backup_dir: str) -> tuple[str, bool]:
 
 def job_command(python: str, args: list[str], log_file: str, path_dirs: list[str],
                 pythonpath: str | None = None) -> str:
-    """The shell command cron runs: quiet, lock-tolerant, everything in the log file, no mail."""
+    """The shell command cron runs: quiet, lock-tolerant, no mail. stderr goes to the log too, so
+    what fails before the log is open (no interpreter, a broken config) is still recorded."""
     env = f"PATH={shlex.quote(':'.join(path_dirs))}"
     if pythonpath:
         env += f" PYTHONPATH={shlex.quote(pythonpath)}"
     argv = [python, "-m", "ckptsync", "backup", *args, "--quiet", "--skip-if-locked", "--log-file", log_file]
-    return f"{env} {shlex.join(argv)} >/dev/null 2>&1"
+    return f"{env} {shlex.join(argv)} >/dev/null 2>>{shlex.quote(log_file)}"
 
 
 def job_line(expr: str, command: str) -> str:

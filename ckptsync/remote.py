@@ -136,7 +136,7 @@ class Remote:
             return
         if polite and self.chan is not None and not self.busy:
             try:
-                self.call("bye")
+                self.request("bye")  # no need to wait for the answer: saves a round trip
             except Exception:
                 pass
         self.proc.close()

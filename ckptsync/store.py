@@ -91,6 +91,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(path: Path) -> None:
+    """fsync every file and directory of a staged entry: nothing is renamed into place unsynced."""
+    paths = [path] if path.is_file() else sorted(path.rglob("*")) + [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            fsync_dir(p)
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(path.parent)
+
+
 def atomic_write(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -184,6 +201,7 @@ class Store:
         staged = self.staging(m.name) / m.name
         final = self.entry(m.name)
         kept = None
+        sync_tree(staged)
         self.write_manifest(m)
         if final.exists() or final.is_symlink():
             aside = self.meta / "trash" / f"{m.name}.{time.time_ns()}"

@@ -154,7 +154,7 @@ def test_job_line_escapes_percent_and_splits_back():
     assert words[2:5] == ["-m", "ckptsync", "backup"]
     assert cron.option_value(back, "--log-file") == "/b/log's"
     assert cron.option_value(back, "--local-dir") == "/b/50%/x"
-    assert back.endswith(" >/dev/null 2>&1")
+    assert back.endswith(" >/dev/null 2>>'/b/log'\"'\"'s'")
     assert cron.split_line("@hourly run it") == ("@hourly", "run it")
 
 
@@ -212,7 +212,7 @@ def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
     assert cron.option_value(entry.command, "--local-dir") == str(dest)
     assert cron.option_value(entry.command, "--log-file") == str(dest / ".ckptsync" / "cron.log")
     assert {"--quiet", "--skip-if-locked"} <= set(words)
-    assert words[-2:] == [">/dev/null", "2>&1"]
+    assert words[-2:] == [">/dev/null", f"2>>{dest / '.ckptsync' / 'cron.log'}"]
 
 
 def test_two_targets_two_entries_and_remove_only_one(fake, tmp_path):
@@ -374,6 +374,30 @@ def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     shown = cli(env, "show", "--local-dir", dest).stdout
     assert "ago: ok, up to date (checkpoint-12, checkpoint-8" in shown
+
+
+def test_failed_cron_run_is_in_the_log_and_in_show(fake, tmp_path):
+    env, table = fake
+    dest = tmp_path / "backups"
+    assert cli(env, "install", "--remote-dir", tmp_path / "no-such-run", "--local-dir", dest).returncode == 0
+    _when, command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)
+    home = Path(env["HOME"])
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and (run.stdout, run.stderr) == ("", "")
+    log = dest / ".ckptsync" / "cron.log"
+    errors = [line for line in log.read_text().splitlines() if "ERROR" in line or line.startswith("error:")]
+    assert errors and all("no-such-run" in line for line in errors)
+    shown = cli(env, "show", "--local-dir", dest).stdout
+    assert f"ago: FAILED (exit {run.returncode}): " in shown and "no-such-run" in shown
+
+    # an interpreter that is gone (a deleted venv) leaves its trace in the same log
+    broken = command.replace(shlex.quote(os.path.abspath(sys.executable)), "/gone/venv/bin/python3")
+    assert broken != command
+    run = subprocess.run(["/bin/sh", "-c", broken], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 127 and (run.stdout, run.stderr) == ("", "")
+    assert "/gone/venv/bin/python3" in log.read_text().splitlines()[-1]
 
 
 def test_skip_if_locked_exits_0_with_one_log_line(tmp_path, server_tree):

@@ -76,7 +76,8 @@ def show_cmd(
     if r.stale:
         out.warn("no run recorded for longer than two intervals; run the entry's command by hand to see why")
     if r.log_tail:
-        out.result(f"log {r.log_file} (last {len(r.log_tail)} lines):")
+        n = len(r.log_tail)
+        out.result(f"log {r.log_file} (last {n} line{'' if n == 1 else 's'}):")
         for line in r.log_tail:
             out.result(f"  {line}")
     return r.exit_code

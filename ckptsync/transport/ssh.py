@@ -12,6 +12,14 @@ from ckptsync.errors import ConnectError, HostKeyError
 from ckptsync.transport.base import SHELL_LAUNCH, Process, StderrTail, Transport
 
 CONNECT_TIMEOUT = 15.0
+# AES-GCM runs on AES-NI at several GB/s; paramiko's default, AES-CTR with a
+# separate HMAC, costs the client more CPU per byte. Measured on a veth link.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+
+
+class _FastTransport(paramiko.Transport):
+    _preferred_ciphers = PREFERRED_CIPHERS + tuple(
+        c for c in paramiko.Transport._preferred_ciphers if c not in PREFERRED_CIPHERS)
 
 
 @dataclass
@@ -35,6 +43,14 @@ class Resolved:
     identities_only: bool
     known_hosts: list[str]
     proxy_jump: str | None
+
+
+def _factory() -> dict:
+    import inspect
+
+    if "transport_factory" in inspect.signature(paramiko.SSHClient.connect).parameters:
+        return {"transport_factory": _FastTransport}
+    return {}
 
 
 def resolve(target: SshTarget) -> Resolved:
@@ -157,7 +173,7 @@ class SshTransport(Transport):
                 r.hostname, port=r.port, username=r.user, key_filename=keys or None,
                 allow_agent=not r.identities_only, look_for_keys=not (r.identities_only or keys),
                 timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
-                sock=sock,
+                sock=sock, **_factory(),
             )
         except HostKeyError:
             client.close()

@@ -1,0 +1,90 @@
+"""The shell completion scripts in completions/: up to date with the CLI, and working."""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO_ROOT, cli_env
+
+COMPLETIONS = REPO_ROOT / "completions"
+GENERATOR = REPO_ROOT / ".ci" / "make-completions"
+SCRIPTS = ("ckptsync.bash", "_ckptsync", "ckptsync.fish")
+
+
+def test_committed_scripts_match_the_cli(tmp_path):
+    res = subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path)], env=cli_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    stale = []
+    for name in SCRIPTS:
+        fresh = (tmp_path / name).read_text(encoding="utf-8")
+        committed_path = COMPLETIONS / name
+        committed = committed_path.read_text(encoding="utf-8") if committed_path.exists() else ""
+        if fresh != committed:
+            diff = difflib.unified_diff(committed.splitlines(), fresh.splitlines(), f"completions/{name}",
+                                        "generated now", lineterm="", n=1)
+            stale.append("\n".join(list(diff)[:30]))
+    assert not stale, ("completions/ is out of date with the CLI: run `python3 .ci/make-completions` "
+                       "and commit the result\n\n" + "\n\n".join(stale))
+
+
+def bash_complete(*words: str, cwd=None) -> list[str]:
+    """COMPREPLY of the committed bash script for a command line whose last word is being completed."""
+    script = (f'source "{COMPLETIONS / "ckptsync.bash"}"; COMP_WORDS=("$@"); '
+              'COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); _ckptsync; printf "%s\\n" "${COMPREPLY[@]}"')
+    res = subprocess.run(["bash", "-c", script, "bash", *words], capture_output=True, text=True,
+                         timeout=30, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return [line for line in res.stdout.splitlines() if line]
+
+
+@pytest.mark.parametrize("words, expected", [
+    (("ckptsync", "ba"), ["backup"]),
+    (("ckptsync", "backup", "--max"), ["--max-checkpoints"]),
+    (("ckptsync", "--debug", "cr"), ["cron"]),
+    (("ckptsync", "cron", ""), ["install", "remove", "show"]),
+    (("ckptsync", "cron", "install", "--ev"), ["--every"]),
+    (("ckptsync", "cron", "show", "--js"), ["--json"]),
+    (("ckptsync", "show", "--js"), ["--json"]),
+    (("ckptsync", "backup", "--instance", ""), []),          # a value: nothing to offer
+    (("ckptsync", "backup", "--instance", "show", "--qu"), ["--quiet"]),  # "show" was the value
+    (("ckptsync", "zzz"), []),
+])
+def test_bash_completes_commands_and_options(words, expected):
+    assert sorted(bash_complete(*words)) == expected
+
+
+def test_bash_completes_paths(tmp_path):
+    (tmp_path / "with space").mkdir()
+    (tmp_path / "wide.yaml").write_text("{}")
+    assert bash_complete("ckptsync", "backup", "--local-dir", "w", cwd=tmp_path) == ["with space"]
+    assert sorted(bash_complete("ckptsync", "backup", "--config", "w", cwd=tmp_path)) == ["wide.yaml", "with space"]
+    # --opt=value reaches the function as three words
+    assert bash_complete("ckptsync", "backup", "--local-dir", "=", "w", cwd=tmp_path) == ["with space"]
+
+
+def test_zsh_script_parses():
+    if shutil.which("zsh") is None:
+        pytest.skip("zsh is not installed")
+    res = subprocess.run(["zsh", "-n", str(COMPLETIONS / "_ckptsync")], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("ckptsync ba", ["backup"]),
+    ("ckptsync backup --max", ["--max-checkpoints"]),
+    ("ckptsync cron ", ["install", "remove", "show"]),
+    ("ckptsync backup --instance ", []),
+])
+def test_fish_completes(line, expected):
+    if shutil.which("fish") is None:
+        pytest.skip("fish is not installed")
+    res = subprocess.run(["fish", "-N", "-c", f"source {COMPLETIONS / 'ckptsync.fish'}; complete -C '{line}'"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert sorted(c.split("\t")[0] for c in res.stdout.splitlines() if c) == expected
