@@ -754,6 +754,113 @@ class FrameReader:
                 self.other(kind, body)
 
 
+class TarStream:
+    """A minimal streaming tar reader: regular files only, PAX and GNU long names understood.
+
+    Members are read in order and their data is handed out in pieces as it
+    arrives, without the buffering copies of tarfile's stream mode.
+    """
+
+    def __init__(self, src):
+        self.src = src
+        self.head = b""
+
+    def _exact(self, n):
+        parts, got = [], 0
+        if self.head:
+            parts.append(self.head[:n])
+            got = len(parts[0])
+            self.head = self.head[n:]
+        while got < n:
+            piece = self.src.read(n - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def members(self):
+        pax = {}
+        longname = None
+        while True:
+            block = self._exact(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise Failure("protocol", "the tar stream ended without its end marker")
+            if block == NUL_BLOCK:
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise Failure("protocol", "broken tar header: %s" % exc)
+            if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
+                if info.type == tarfile.XHDTYPE:
+                    pax.update(parse_pax(data))
+                continue
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
+                longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            info.name = pax.get("path", longname or info.name)
+            if "size" in pax:
+                info.size = int(pax["size"])
+            info.pax_headers = dict(pax)
+            pax, longname = {}, None
+            yield info
+
+    def data(self, size):
+        """The member's bytes in pieces, then its padding is skipped."""
+        left = size
+        if self.head:
+            piece = self.head[:left]
+            self.head = self.head[len(piece):]
+            left -= len(piece)
+            if piece:
+                yield piece
+        while left:
+            piece = self.src.read(min(CHUNK, left))
+            if not piece:
+                raise Failure("protocol", "the stream ended %d bytes before the end of a file" % left)
+            if len(piece) > left:
+                self.head, piece = piece[left:], piece[:left]
+            left -= len(piece)
+            yield piece
+        pad = -size % tarfile.BLOCKSIZE
+        if pad and len(self._exact(pad)) != pad:
+            raise Failure("protocol", "the tar stream ended inside a file's padding")
+
+
+NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def parse_pax(data):
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise Failure("protocol", "broken PAX header")
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        if length <= 0:
+            break
+        pos += length
+    return out
+
+
+def start_writeback(fd):
+    """Start writing the file out now without waiting; the fsync before commit then finds little to do."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 def fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -784,29 +891,27 @@ def op_receive(chan, req):
     reader = FrameReader(chan)
     results = []
     failure = None
+    written = []
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK)
-        for member in tar:
+        stream = TarStream(reader)
+        for member in stream.members():
             if not member.isreg() or not safe_member(member.name):
                 raise Failure("bad_member", "refusing tar member %r" % member.name, member.name)
             target = os.path.join(staging, *member.name.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             h = new_hash(alg)
-            src = tar.extractfile(member)
             tmp = target + ".part"
             with open(tmp, "wb") as out:
-                while True:
-                    block = src.read(CHUNK)
-                    if not block:
-                        break
+                for block in stream.data(member.size):
                     h.update(block)
                     out.write(block)
                 out.flush()
-                os.fsync(out.fileno())
+                start_writeback(out.fileno())
             os.chmod(tmp, member.mode & 0o7777)
             mtime_ns = int(member.pax_headers.get("ckptsync.mtime_ns", int(member.mtime) * 1000000000))
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, target)
+            written.append(target)
             results.append({"member": member.name, "size": member.size, "hash": h.hexdigest()})
     except Failure as exc:
         failure = exc
@@ -818,6 +923,12 @@ def op_receive(chan, req):
         reader.drain()
         raise failure
     reader.drain()
+    for path in written:  # everything reaches the disk before the client may commit
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for dirpath, _dirs, _files in os.walk(staging):
         fsync_dir(dirpath)
     return {"files": results, "staging": staging}

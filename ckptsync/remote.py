@@ -263,6 +263,10 @@ class Upload:
             also: Callable[[bytes], None] | None = None) -> str:
         """Stream one file; returns the hash (in the server's algorithm) of what was read."""
         self._write(wire.tar_header(member, size, mtime_ns, mode))
+        try:
+            self.sender.flush()  # file data then starts on a chunk boundary and is sent without copies
+        except wire.Failure as exc:
+            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
         h = wire.new_hash(self.alg)
         left = size
         while left:

@@ -49,115 +49,20 @@ def hash_file(path: Path, alg: str = "xxh3_128", on_block: Callable[[int], None]
     return h.hexdigest()
 
 
-class TarStream:
-    """A minimal streaming tar reader: regular files only, PAX and GNU long names understood.
-
-    Members are read in order and their data is handed out in pieces as it
-    arrives, without the buffering copies of tarfile's stream mode.
-    """
-
-    def __init__(self, src) -> None:
-        self.src = src
-        self.head = b""
-
-    def _exact(self, n: int) -> bytes:
-        parts, got = [], 0
-        if self.head:
-            parts.append(self.head[:n])
-            got = len(parts[0])
-            self.head = self.head[n:]
-        while got < n:
-            piece = self.src.read(n - got)
-            if not piece:
-                break
-            parts.append(piece)
-            got += len(piece)
-        return b"".join(parts)
+class TarStream(wire.TarStream):
+    """The agent's tar reader, raising the client's error type."""
 
     def members(self):
-        pax: dict[str, str] = {}
-        longname = None
-        while True:
-            block = self._exact(tarfile.BLOCKSIZE)
-            if len(block) < tarfile.BLOCKSIZE:
-                raise ProtocolError("the tar stream ended without its end marker")
-            if block == NUL_BLOCK:
-                return
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as exc:
-                raise ProtocolError(f"broken tar header from the server: {exc}") from None
-            if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
-                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
-                if info.type == tarfile.XHDTYPE:
-                    pax.update(parse_pax(data))
-                continue
-            if info.type == tarfile.GNUTYPE_LONGNAME:
-                data = self._exact(info.size + (-info.size % tarfile.BLOCKSIZE))[: info.size]
-                longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                continue
-            info.name = pax.get("path", longname or info.name)
-            if "size" in pax:
-                info.size = int(pax["size"])
-            info.pax_headers = dict(pax)
-            pax, longname = {}, None
-            yield info
+        try:
+            yield from super().members()
+        except wire.Failure as exc:
+            raise ProtocolError(exc.message) from None
 
     def data(self, size: int):
-        """The member's bytes in pieces, then its padding is skipped."""
-        left = size
-        if self.head:
-            piece = self.head[:left]
-            self.head = self.head[len(piece):]
-            left -= len(piece)
-            if piece:
-                yield piece
-        while left:
-            piece = self.src.read(min(CHUNK, left))
-            if not piece:
-                raise ProtocolError(f"the stream ended {left} bytes before the end of a file")
-            if len(piece) > left:
-                self.head, piece = piece[left:], piece[:left]
-            left -= len(piece)
-            yield piece
-        pad = -size % tarfile.BLOCKSIZE
-        if pad and len(self._exact(pad)) != pad:
-            raise ProtocolError("the tar stream ended inside a file's padding")
-
-
-NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
-
-
-def parse_pax(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
         try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise ProtocolError("broken PAX header from the server") from None
-        record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        if length <= 0:
-            break
-        pos += length
-    return out
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing this file out now, without waiting for it.
-
-    The fsync before the checkpoint is renamed into place then finds little
-    left to do, and the disk works while the network does.
-    """
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
+            yield from super().data(size)
+        except wire.Failure as exc:
+            raise ProtocolError(exc.message) from None
 
 
 class DiskWriter:
@@ -192,7 +97,7 @@ class DiskWriter:
                     out.write(arg)
                 elif op == "close":
                     out.flush()
-                    start_writeback(out.fileno())
+                    wire.start_writeback(out.fileno())
                     out.close()
                     self.result.extend([hx.hexdigest(), other.hexdigest() if other is not None else None])
                     arg.set()
