@@ -232,7 +232,8 @@ def test_dropped_connection_then_resume(setup, sshd):
     assert not (dest / ".ckptsync" / "staging" / "checkpoint-12").exists()
 
 
-def test_sigterm_stops_cleanly_with_130(setup):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_130(setup, sig):
     server, dest, home = setup
     big_checkpoint(server, mb=300)
     proc = subprocess.Popen(
@@ -241,7 +242,7 @@ def test_sigterm_stops_cleanly_with_130(setup):
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
     assert wait_for(part.exists)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "verified files kept" in err
@@ -285,3 +286,32 @@ def test_disk_too_small_fails_before_writing(setup, tmp_path):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)])
+
+
+def test_file_rewritten_while_read_is_not_recorded(setup):
+    """The trainer rewrites a file of the checkpoint being read: not recorded, exit 3; later it is."""
+    server, dest, home = setup
+    big_checkpoint(server, mb=200)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
+         "--compress", "off", "--json"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
+    assert wait_for(part.exists)
+    with open(server / "checkpoint-12" / "zz_large_shard.bin", "r+b") as f:
+        f.seek(150 << 20)
+        f.write(b"rewritten by the trainer")
+    # and the trainer starts its next checkpoint meanwhile
+    (server / "checkpoint-16").mkdir()
+    (server / "checkpoint-16" / "optimizer.pt").write_bytes(b"partial")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    result = json.loads(out)
+    assert "changed on the server while it was read" in result["failed"]["checkpoint-12"]
+    assert not (dest / "checkpoint-12").exists()
+    old = time.time() - 600
+    os.utime(server / "checkpoint-12" / "zz_large_shard.bin", (old, old))
+    again = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12")
+    assert again.returncode == 0, again.stderr
+    assert (dest / "checkpoint-12" / "zz_large_shard.bin").read_bytes() == \
+        (server / "checkpoint-12" / "zz_large_shard.bin").read_bytes()
