@@ -132,7 +132,7 @@ def zstd_binary():
     return shutil.which("zstd")
 
 
-def hash_file(path, alg):
+def hash_file(path, alg="xxh3_128", on_block=None):
     h = new_hash(alg)
     with open(path, "rb") as f:
         while True:
@@ -140,6 +140,8 @@ def hash_file(path, alg):
             if not block:
                 break
             h.update(block)
+            if on_block is not None:
+                on_block(len(block))
     return h.hexdigest()
 
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ckptsync.agent import hash_file
 from ckptsync.config import Target
 from ckptsync.errors import (
     CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, NotFound, PARTIAL, OK,
@@ -17,7 +18,7 @@ from ckptsync.progress import QUIET, Reporter
 from ckptsync.remote import Remote
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, free_bytes, io_error
-from ckptsync.transfer import Received, hash_file, receive, to_record
+from ckptsync.transfer import Received, receive, to_record
 
 SPACE_MARGIN = 64 << 20
 # Names that are rewritten in place by design; a newer copy replaces the older backup.

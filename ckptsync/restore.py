@@ -29,7 +29,7 @@ from ckptsync.errors import (
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.remote import Remote
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
-from ckptsync.transfer import hash_file
+from ckptsync.agent import hash_file
 
 # What --adapter-only sends: weights and the configs needed to load them, never training state.
 WEIGHT_FILE = re.compile(r"adapter_model\.\w+|(pytorch_)?model[^/]*\.(safetensors|bin)")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ckptsync.agent import fsync_dir
 from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 
 META = ".ckptsync"
@@ -76,19 +77,6 @@ class Manifest:
         files = [FileRecord(**f) for f in data.pop("files")]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(files=files, **known)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sync_tree(path: Path) -> None:

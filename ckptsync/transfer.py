@@ -36,19 +36,6 @@ class Outcome:
     changed: dict[str, str]      # member -> what happened to it on the server
 
 
-def hash_file(path: Path, alg: str = "xxh3_128", on_block: Callable[[int], None] | None = None) -> str:
-    h = xxhash.xxh3_128() if alg == "xxh3_128" else wire.new_hash(alg)
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK)
-            if not block:
-                break
-            h.update(block)
-            if on_block is not None:
-                on_block(len(block))
-    return h.hexdigest()
-
-
 class TarStream(wire.TarStream):
     """The agent's tar reader, raising the client's error type."""
 

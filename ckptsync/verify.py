@@ -28,7 +28,7 @@ from ckptsync.progress import QUIET, Reporter
 from ckptsync.remote import Remote
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store
-from ckptsync.transfer import hash_file
+from ckptsync.agent import hash_file
 
 IGNORED_PREFIX = ".ckptsync"
 HASH_BATCH = 256 << 20     # bytes per `hash` request, so progress moves on big checkpoints
