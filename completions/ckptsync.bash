@@ -73,10 +73,10 @@ _ckptsync_spec() {
             values="--host -H --instance -i --keep-every --keep-last --keep-within"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --checkpoint --config -c --dry-run -n --force --help -h --host -H --instance -i --json --local-dir -l --no-extra-files --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --dry-run -n --force --help -h --host -H --instance -i --json --local-dir -l --no-extra-files --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c"
-            values="--checkpoint --host -H --instance -i"
+            values="--checkpoint --compress --host -H --instance -i"
             ;;
         "show")
             opts="--accept-new-host-key --ascii --config -c --help -h --host -H --instance -i --json --local-dir -l --remote --remote-dir -r --width"

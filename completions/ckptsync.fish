@@ -40,7 +40,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'prune'
                 set values --config -c --host -H --instance -i --keep-every --keep-last --keep-within --local-dir -l --remote-dir -r
             case 'restore'
-                set values --checkpoint --config -c --host -H --instance -i --local-dir -l --remote-dir -r
+                set values --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --remote-dir -r
             case 'show'
                 set values --config -c --host -H --instance -i --local-dir -l --remote-dir -r --width
             case 'verify'
@@ -174,6 +174,7 @@ complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote-dir -s r -x -a '(__f
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l adapter-only -d 'Send only the adapter/model weights and their configs: to fine-tune from, not...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l checkpoint -x -d 'Restore this checkpoint (default: the newest resumable backup)'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l dry-run -s n -d 'Show what would happen; change nothing'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l force -d 'Allow replacing or deleting what is otherwise protected'

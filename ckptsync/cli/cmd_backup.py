@@ -13,14 +13,6 @@ from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, human
 
 
-def parse_compress(value: str) -> str:
-    if value in ("auto", "off"):
-        return value
-    if value.isdigit() and 1 <= int(value) <= 19:
-        return value
-    raise UsageError(f"--compress {value!r}: expected auto, off or a level 1-19")
-
-
 @app.command("backup")
 def backup_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
@@ -29,7 +21,7 @@ def backup_cmd(
     checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
-    compress: Annotated[str, typer.Option("--compress", help="auto (measure and decide), off, or a zstd level 1-19.")] = "auto",
+    compress: o.Compress = "auto",
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
     log_file: Annotated[Optional[str], typer.Option("--log-file", help="Append log lines to this file.", show_default=False)] = None,
@@ -45,7 +37,7 @@ def backup_cmd(
         raise UsageError("give --wait or --skip-if-locked, not both")
     out = Output(json_mode=json_out, quiet=quiet, log_file=log_file)
     opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
-                         include_best=include_best, compress=parse_compress(compress), dry_run=dry_run,
+                         include_best=include_best, compress=o.parse_compress(compress), dry_run=dry_run,
                          wait=wait, extra_files=not no_extra_files)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")

@@ -19,6 +19,7 @@ def restore_cmd(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
+    compress: o.Compress = "auto",
     force: o.Force = False, dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
 ) -> int:
     """Put a backed-up checkpoint on a (new) server, ready to resume training.
@@ -33,7 +34,7 @@ def restore_cmd(
     """
     out = Output(json_mode=json_out, quiet=quiet)
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
-                          force=force, dry_run=dry_run)
+                          force=force, dry_run=dry_run, compress=o.parse_compress(compress))
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
     result = run_restore(t, opts, out.reporter())

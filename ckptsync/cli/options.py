@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.config import Target, load_config, resolve_target
+from ckptsync.errors import UsageError
 
 Config = Annotated[Optional[str], typer.Option("--config", "-c", help="Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/config.yaml).", show_default=False)]
 Instance = Annotated[Optional[str], typer.Option("--instance", "-i", help="Instance number: from the config, else the SSH alias tnr-N (what `tnr connect N` writes).", show_default=False)]
@@ -18,6 +19,15 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON, fo
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would happen; change nothing.")]
 Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deleting what is otherwise protected.")]
+Compress = Annotated[str, typer.Option("--compress", help="auto (measure and decide), off, or a zstd level 1-19.")]
+
+
+def parse_compress(value: str) -> str:
+    if value in ("auto", "off"):
+        return value
+    if value.isdigit() and 1 <= int(value) <= 19:
+        return value
+    raise UsageError(f"--compress {value!r}: expected auto, off or a level 1-19")
 
 
 def target(config: str | None, instance: str | None = None, host: str | None = None,
