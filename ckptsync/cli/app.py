@@ -9,18 +9,31 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
 
-try:  # newer typer vendors click; older ones use the real package
-    from typer._click import exceptions as _tx
+# Newer typer vendors click (typer._click) and does not install it; older typer uses click
+# itself. Catch the exceptions of whichever are present.
+_sources = []
+try:
+    from typer._click import exceptions as _vendored
+    _sources.append(_vendored)
 except ImportError:  # pragma: no cover
-    _tx = click.exceptions
+    pass
+try:
+    from click import exceptions as _click
+    _sources.append(_click)
+except ImportError:
+    pass
 
-NO_ARGS = tuple({click.exceptions.NoArgsIsHelpError, _tx.NoArgsIsHelpError})
-USAGE_ERRORS = tuple({click.UsageError, _tx.UsageError})
-ABORTS = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
-CLICK_ERRORS = tuple({click.ClickException, _tx.ClickException})
+
+def _exceptions(name: str) -> tuple[type, ...]:
+    return tuple({getattr(m, name) for m in _sources if hasattr(m, name)})
+
+
+NO_ARGS = _exceptions("NoArgsIsHelpError")
+USAGE_ERRORS = _exceptions("UsageError")
+ABORTS = tuple(set(_exceptions("Abort")) | ({typer.Abort} if hasattr(typer, "Abort") else set()))
+CLICK_ERRORS = _exceptions("ClickException")
 
 from ckptsync import __version__
 from ckptsync.errors import EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
