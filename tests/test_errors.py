@@ -182,3 +182,14 @@ def test_version_and_help_list_exit_codes():
     helptext = run_cli("--help").stdout
     for code in ("0", "1", "2", "3", "4", "5", "10", "11", "20", "30", "130"):
         assert f"\n  {code:>3}  " in helptext or f"{code:>3}  " in helptext
+
+
+def test_cli_runs_where_click_is_not_installed(tmp_path):
+    """Newer typer vendors click and does not install it: the CLI must not need it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['click'] = None; sys.argv = ['ckptsync', 'verify', '--bogus']; "
+            "from ckptsync.cli.app import main; main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "--bogus" in res.stderr and "Traceback" not in res.stderr
