@@ -181,7 +181,8 @@ def add_files(store: Path, name: str, count: int) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_sigterm_mid_prune_leaves_a_consistent_store(store: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_prune_leaves_a_consistent_store(store: Path, sig: int) -> None:
     # Many files in checkpoint-8 make its deletion take long enough to be interrupted.
     add_files(store, "checkpoint-8", 2000)
     dest = store
@@ -193,7 +194,7 @@ def test_sigterm_mid_prune_leaves_a_consistent_store(store: Path) -> None:
     try:
         for line in proc.stderr:
             if "removed checkpoint-4" in line:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 break
         _out, err = proc.communicate(timeout=60)
     finally:

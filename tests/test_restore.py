@@ -351,16 +351,16 @@ def test_dropped_connection_leaves_nothing_visible_and_a_rerun_resumes(big_setup
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 
 
-def test_sigterm_exits_130_and_keeps_only_the_staging_dir(big_setup):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_exits_130_keeps_only_the_staging_dir_and_a_rerun_completes(big_setup, sig):
     server, dest, fresh, cfg = big_setup
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
-         "--local-dir", str(dest)],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
+            "--local-dir", str(dest)]
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = staging(fresh) / "checkpoint-12" / (BIG + ".part")
     try:
         assert wait_for(part.exists), proc.communicate(timeout=60)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -370,6 +370,11 @@ def test_sigterm_exits_130_and_keeps_only_the_staging_dir(big_setup):
     assert not (fresh / "checkpoint-12").exists()
     staged = sorted(p.name for p in (staging(fresh) / "checkpoint-12").iterdir())
     assert "optimizer.pt" in staged and BIG not in staged
+
+    again = subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
+    assert not staging(fresh).exists()
 
 
 # ------------------------------------------------------------ local transport
