@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -11,6 +12,10 @@ import paramiko
 
 from ckptsync.errors import ConnectError, HostKeyError
 from ckptsync.transport.base import SHELL_LAUNCH, Process, StderrTail, Transport
+
+# paramiko logs failures that we report ourselves in one line; without a handler of its own,
+# Python would print its warnings to stderr as well.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CONNECT_TIMEOUT = 15.0
 # AES-GCM runs on AES-NI at several GB/s; paramiko's default, AES-CTR with a
