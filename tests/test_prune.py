@@ -275,3 +275,49 @@ def test_remote_never_deletes_a_checkpoint_in_progress(ssh_home: Path, server_tr
     assert row(result.stdout, "checkpoint-8").startswith("removed")
     assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12", "checkpoint-4"]
     assert not [p for p in server_tree.iterdir() if p.name.startswith(".ckptsync")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_remote_signal_mid_prune_leaves_whole_checkpoints_and_a_rerun_finishes(
+        ssh_home: Path, server_tree: Path, tmp_path: Path, sig: int) -> None:
+    # Many small files make each deletion on the server take long enough to be interrupted.
+    for name in ("checkpoint-4", "checkpoint-8"):
+        shards = server_tree / name / "shards"
+        shards.mkdir()
+        when = (server_tree / name / "trainer_state.json").stat().st_mtime
+        for n in range(3000):
+            (shards / f"{n:05d}.bin").write_bytes(b"x")
+            os.utime(shards / f"{n:05d}.bin", (when, when))
+        for d in (shards, server_tree / name):
+            os.utime(d, (when, when))
+    dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
+    complete = {name: tree_digest(server_tree / name) for name in ("checkpoint-4", "checkpoint-8", "checkpoint-12")}
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsync", "prune", "--remote", "--instance", "1", "--remote-dir", str(server_tree),
+         "--local-dir", str(dest), "--keep-last", "1"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stderr:
+            if "removed checkpoint-" in line and "on the server" in line:
+                proc.send_signal(sig)
+                break
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, 130), err
+    if proc.returncode == 130:
+        assert "interrupted" in err and "Traceback" not in err
+
+    # Whatever is still visible under a checkpoint's name is whole.
+    for name, digest in complete.items():
+        if (server_tree / name).exists():
+            assert tree_digest(server_tree / name) == digest, name
+    assert (server_tree / "checkpoint-12").is_dir()
+    assert run_cli("verify", "--local-dir", dest).returncode == 0
+
+    again = remote_prune(server_tree, dest, "--keep-last", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12"]  # no leftovers moved aside
