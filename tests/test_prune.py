@@ -181,27 +181,33 @@ def add_files(store: Path, name: str, count: int) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_prune_leaves_a_consistent_store(store: Path, sig: int) -> None:
-    # Many files in checkpoint-8 make its deletion take long enough to be interrupted.
-    add_files(store, "checkpoint-8", 2000)
-    dest = store
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "prune", "--local-dir", str(dest), "--keep-last", "1"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def interrupt_after(needle: str, sig: int, *args: str | Path) -> tuple[int, str]:
+    """Run the CLI and send `sig` once a stderr line contains `needle`; the exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, args)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     try:
         for line in proc.stderr:
-            if "removed checkpoint-4" in line:
+            seen.append(line)
+            if needle in line:
                 proc.send_signal(sig)
                 break
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode in (0, 130), err
-    if proc.returncode == 130:
+    return proc.returncode, "".join(seen) + err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_prune_leaves_a_consistent_store(store: Path, sig: int) -> None:
+    # Many files in checkpoint-8 make its deletion take long enough to be interrupted.
+    add_files(store, "checkpoint-8", 2000)
+    dest = store
+
+    code, err = interrupt_after("removed checkpoint-4", sig, "prune", "--local-dir", dest, "--keep-last", "1")
+    assert code in (0, 130), err
+    if code == 130:
         assert "prune interrupted: removed checkpoint-4" in err
 
     assert "checkpoint-4" not in entries(dest)
@@ -293,22 +299,10 @@ def test_remote_signal_mid_prune_leaves_whole_checkpoints_and_a_rerun_finishes(
     dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
     complete = {name: tree_digest(server_tree / name) for name in ("checkpoint-4", "checkpoint-8", "checkpoint-12")}
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "prune", "--remote", "--instance", "1", "--remote-dir", str(server_tree),
-         "--local-dir", str(dest), "--keep-last", "1"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        for line in proc.stderr:
-            if "removed checkpoint-" in line and "on the server" in line:
-                proc.send_signal(sig)
-                break
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode in (0, 130), err
-    if proc.returncode == 130:
+    code, err = interrupt_after("on the server", sig, "prune", "--remote", "--instance", "1",
+                                "--remote-dir", server_tree, "--local-dir", dest, "--keep-last", "1")
+    assert code in (0, 130), err
+    if code == 130:
         assert "interrupted" in err and "Traceback" not in err
 
     # Whatever is still visible under a checkpoint's name is whole.
