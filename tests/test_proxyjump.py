@@ -53,3 +53,11 @@ def test_jump_host_that_cannot_reach_the_target_exits_20(sshd, ssh_home, server_
     assert res.returncode == 20, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert "jump host tnr-0 cannot reach" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_more_than_one_jump_is_refused_in_one_line(sshd, ssh_home, server_tree):
+    add_host(ssh_home, sshd, "two-hops", sshd.port, "tnr-0,tnr-1")
+    res = run_cli("list", "--host", "two-hops", "--remote-dir", server_tree, timeout=60)
+    assert res.returncode == 20, res.stderr
+    assert "has 2 hops; only one is supported" in res.stderr.splitlines()[0]
+    assert "command: [ssh, two-hops]" in res.stderr

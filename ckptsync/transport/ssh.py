@@ -230,7 +230,12 @@ class SshTransport(Transport):
         jump = None
         sock = None
         if r.proxy_jump and r.proxy_jump.lower() != "none":
-            hop = r.proxy_jump.split(",")[0]
+            hops = [h.strip() for h in r.proxy_jump.split(",") if h.strip()]
+            if len(hops) > 1:
+                raise ConnectError(
+                    f"ProxyJump {r.proxy_jump} for {r.alias} has {len(hops)} hops; only one is supported",
+                    hint=f"give the instance a command instead, e.g. command: [ssh, {r.alias}] in the ckptsync config")
+            hop = hops[0]
             user, _, rest = hop.rpartition("@")
             host, _, port = rest.partition(":")
             jr = resolve(SshTarget(host=host, user=user or None, port=int(port) if port else None,
