@@ -11,16 +11,15 @@ from pathlib import Path
 from ckptsync.agent import hash_file
 from ckptsync.config import Target
 from ckptsync.errors import (
-    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, NotFound, PARTIAL, OK,
+    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
 )
 from ckptsync.layout import Checkpoint, resume_files
+from ckptsync.policy import SPACE_MARGIN, backup_is_current, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.remote import Remote
 from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import FileStat, Server, open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, free_bytes, io_error
-from ckptsync.transfer import Received, receive, to_record
-
-SPACE_MARGIN = 64 << 20
+from ckptsync.server.transfer import Received, receive
 # Names that are rewritten in place by design; a newer copy replaces the older backup.
 REWRITTEN_KINDS = {"latest", "backup"}
 
@@ -77,7 +76,8 @@ class BackupResult:
 def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Checkpoint], list[PlanItem]]:
     """Which checkpoints to back up (newest first), and which to report as skipped. Pure."""
     complete = [c for c in checkpoints if c.complete]
-    skipped = [PlanItem(c.name, "skip", c.size, reason=f"in progress: {c.reason}", step=c.step)
+    skipped = [PlanItem(c.name, "skip", c.size, step=c.step,
+                        reason=f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}")
                for c in checkpoints if not c.complete]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
@@ -98,30 +98,23 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Che
     return chosen, skipped
 
 
-def _server_files(view: ServerView, c: Checkpoint) -> dict[str, tuple[int, int, int]]:
-    return {f.path: view.exact[f.path] for f in c.files}
-
-
-def _stored_files(m: Manifest | None) -> dict[str, tuple[int, int, int]]:
-    return {} if m is None else {f.path: (f.size, f.mtime_ns, f.mode) for f in m.files}
-
-
 def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint) -> PlanItem:
-    server = _server_files(view, c)
-    if _stored_files(store.load(c.name)) == server:
+    server = view.files_of(c)
+    m = store.load(c.name)
+    if backup_is_current(m.files if m else None, server):
         return PlanItem(c.name, "up-to-date", c.size, step=c.step)
     staged = _usable_staged(store, c.name, server, check_hash=False)
     need = [p for p in server if p not in staged]
-    return PlanItem(c.name, "fetch", c.size, sum(server[p][0] for p in need), len(need), step=c.step)
+    return PlanItem(c.name, "fetch", c.size, sum(server[p].size for p in need), len(need), step=c.step)
 
 
-def _usable_staged(store: Store, name: str, server: dict[str, tuple[int, int, int]],
-                   check_hash: bool) -> dict[str, dict]:
+def _usable_staged(store: Store, name: str, server: dict[str, FileStat], check_hash: bool) -> dict[str, dict]:
     """Files an interrupted run verified and left in staging, still current on the server."""
     keep = {}
     root = store.staging(name)
     for path, rec in store.load_progress(name).items():
-        if server.get(path) != (rec.get("size"), rec.get("mtime_ns"), rec.get("mode")):
+        s = server.get(path)
+        if s is None or (s.size, s.mtime_ns, s.mode) != (rec.get("size"), rec.get("mtime_ns"), rec.get("mode")):
             continue
         local = root / path
         try:
@@ -147,27 +140,29 @@ class Backup:
     def run(self) -> BackupResult:
         started = time.monotonic()
         try:
-            with Remote(self.target.transport) as remote:
-                self.remote = remote
-                view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
-                self.result.warnings.extend(view.errors)
-                chosen, skipped = select(view.checkpoints, self.opts)
-                plan = [plan_checkpoint(self.store, view, c) for c in chosen]
-                extras = self._plan_extras(view) if self.opts.extra_files else None
-                self.result.plan = plan + ([extras] if extras else []) + skipped
-                for s in skipped:
-                    if s.name in self.opts.names:  # asked for by name: not getting it is a failure
-                        self.result.failed[s.name] = s.reason
-                if self.opts.dry_run:
+            with open_server(self.target) as server:
+                self.server = server
+                view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+                chosen, todo = self._plan(view)
+                if self.opts.dry_run or not todo:
                     return self.result
-                todo = [p for p in plan if p.action == "fetch"]
-                if extras is not None and extras.action == "fetch":
-                    todo.append(extras)
-                if not todo:
-                    return self.result
-                self._check_space(sum(p.fetch_bytes for p in todo))
-                with self.store.lock("ckptsync backup", wait=self.opts.wait,
-                                     on_wait=lambda h: self.rep.info(f"waiting for {h}")):
+                self._check_space(todo)  # before the lock: a refused run leaves nothing on disk
+                waited = []
+
+                def on_wait(holder: str) -> None:
+                    waited.append(holder)
+                    self.rep.info(f"waiting for {holder}")
+
+                with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
+                    # Plan again under the lock: the run we waited for may have stored these already.
+                    if waited:
+                        view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+                    self.result.warnings.clear()
+                    self.result.failed.clear()
+                    chosen, todo = self._plan(view)
+                    if not todo:
+                        return self.result
+                    self._check_space(todo)
                     self.store.clean_trash()
                     by_name = {c.name: c for c in chosen}
                     for item in todo:
@@ -179,36 +174,57 @@ class Backup:
         finally:
             self.result.seconds = time.monotonic() - started
 
+    def _plan(self, view: ServerView) -> tuple[list[Checkpoint], list[PlanItem]]:
+        self.result.warnings.extend(view.errors)
+        chosen, skipped = select(view.checkpoints, self.opts)
+        plan = [plan_checkpoint(self.store, view, c) for c in chosen]
+        extras = self._plan_extras(view) if self.opts.extra_files else None
+        self.result.plan = plan + ([extras] if extras else []) + skipped
+        for s in skipped:
+            if s.name in self.opts.names:  # asked for by name: not getting it is a failure
+                self.result.failed[s.name] = s.reason
+        todo = [p for p in plan if p.action == "fetch"]
+        if extras is not None and extras.action == "fetch":
+            todo.append(extras)
+        return chosen, todo
+
     # -------------------------------------------------- checkpoints
 
-    def _check_space(self, need: int) -> None:
-        free = free_bytes(self.store.root)
+    def _check_space(self, todo: list[PlanItem]) -> None:
+        need = sum(p.fetch_bytes for p in todo)
+        try:
+            free = free_bytes(self.store.root)
+        except OSError as exc:
+            raise io_error(exc, f"measuring free space in {self.store.root}") from None
         if need + SPACE_MARGIN > free:
+            leftover = self.store.staged_bytes()
+            extra = (f"; {human(leftover)} of it is held by an interrupted backup's staging in "
+                     f"{self.store.meta / 'staging'} (kept to resume; remove that directory to drop it)"
+                     if leftover else "")
             raise DiskFull(
-                f"not enough space in {self.store.root}: this backup needs {human(need)}, "
-                f"{human(free)} is free (nothing was written)",
+                f"not enough space in {self.store.root}: this backup needs {human(need)} plus a "
+                f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was written){extra}",
                 hint="free some space, choose another --local-dir, or back up fewer checkpoints",
             )
 
     def _fetch(self, view: ServerView, c: Checkpoint) -> None:
-        server = _server_files(view, c)
+        server = view.files_of(c)
         staged = _usable_staged(self.store, c.name, server, check_hash=True)
         progress = dict(staged)
         stage_root = self.store.staging(c.name)
         todo = [p for p in server if p not in staged]
         linked = self._link_known(view, c.name, todo, server, progress)
         todo = [p for p in todo if p not in linked]
-        self.rep.info(f"{c.name}: fetching {len(todo)} files, {human(sum(server[p][0] for p in todo))}"
+        self.rep.info(f"{c.name}: fetching {len(todo)} files, {human(sum(server[p].size for p in todo))}"
                       + (f" ({len(staged)} kept from an interrupted run)" if staged else ""))
         changed = {}
         if todo:
             changed = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
-                                     sum(server[p][0] for p in todo))
+                                     sum(server[p].size for p in todo))
         if not changed:
             changed = self._recheck(view, server)
         if changed:
-            what = "; ".join(f"{p}: {why}" for p, why in sorted(changed.items())[:3])
-            self.result.failed[c.name] = f"changed on the server while it was read ({what}); not recorded"
+            self.result.failed[c.name] = _changed_text(view, c, changed)
             return
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"])
                  for p, r in sorted(progress.items())]
@@ -232,7 +248,7 @@ class Backup:
     def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
                   progress: dict[str, dict], total: int) -> dict[str, str]:
         targets = {member: stage_root / member for _src, member in pairs}
-        dl = self.remote.download(root, pairs, compress=self.opts.compress)
+        dl = self.server.send(root, pairs, compress=self.opts.compress)
 
         def on_file(rec: Received) -> None:
             progress[rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
@@ -241,7 +257,7 @@ class Backup:
 
         self.rep.start(name, total)
         try:
-            outcome = receive(dl, targets, self.rep, on_file)
+            outcome, wire_bytes = receive(dl, targets, self.rep, on_file)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
                               "the next run fetches only the rest") from None
@@ -250,40 +266,40 @@ class Backup:
             raise
         finally:
             self.rep.finish()
-        stats = dl.stats or {}
         self.result.raw_bytes += sum(r.size for r in outcome.received)
-        self.result.wire_bytes += int(stats.get("wire_bytes", 0))
+        self.result.wire_bytes += wire_bytes
         self.result.disk_bytes += sum(r.size for r in outcome.received)
         return outcome.changed
 
-    def _recheck(self, view: ServerView, server: dict[str, tuple[int, int, int]]) -> dict[str, str]:
+    def _recheck(self, view: ServerView, server: dict[str, FileStat]) -> dict[str, str]:
         """After the transfer: is every file still there, unchanged? (Rotation may delete it mid-run.)"""
-        now = self.remote.call("stat", root=view.root, paths=sorted(server)).get("stat", {})
+        now = self.server.stat(view.root, sorted(server))
         changed = {}
-        for path, (size, mtime_ns, _mode) in server.items():
+        for path, listed in server.items():
             st = now.get(path)
             if st is None:
-                changed[path] = "deleted during the backup"
-            elif (st[0], st[1]) != (size, mtime_ns):
+                changed[path] = DELETED
+            elif not st.same_content_stamp(listed.stat):
                 changed[path] = "modified during the backup"
         return changed
 
     def _link_known(self, view: ServerView, name: str, todo: list[str], server, progress) -> set[str]:
         """Hard-link files whose content the store already holds, without transferring them."""
-        if "xxh3_128" not in self.remote.hashes or not todo:
+        if "xxh3_128" not in self.server.hashes or not todo:
             return set()
         index = self.store.content_index()
         sizes = {(k[1], k[2]) for k in index}
-        candidates = [p for p in todo if (server[p][0], server[p][2]) in sizes and server[p][0] > 0]
+        candidates = [p for p in todo if (server[p].size, server[p].mode) in sizes and server[p].size > 0]
         if not candidates:
             return set()
-        hashes = self.remote.call("hash", root=view.root, paths=candidates, alg="xxh3_128").get("hashes", {})
+        hashes = self.server.hash(view.root, candidates, "xxh3_128")
         linked = set()
         for p in candidates:
-            size, mtime_ns, mode = server[p]
-            existing = index.get((hashes.get(p), size, mode))
-            if not isinstance(hashes.get(p), str) or existing is None:
-                continue
+            size, mtime_ns, mode = server[p].size, server[p].mtime_ns, server[p].mode
+            digest = hashes.get(p)
+            existing = index.get((digest, size, mode)) if digest else None
+            if existing is None:
+                continue  # unreadable or gone on the server: the transfer reports it
             dest = self.store.staging(name) / p
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.unlink(missing_ok=True)
@@ -291,7 +307,7 @@ class Backup:
                 os.link(existing, dest)
             except OSError:
                 continue
-            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": hashes[p]}
+            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest}
             linked.add(p)
         if linked:
             self.store.save_progress(name, progress)
@@ -337,21 +353,21 @@ class Backup:
         members = self._extra_members()
         if not members:
             return None
-        st = self.remote.call("stat", root=view.root, paths=list(members)).get("stat", {})
+        st = self.server.stat(view.root, list(members))
         self._extra_stat = {}
         for src, member in members.items():
             info = st.get(src)
-            if info is None or info[3]:
+            if info is None or info.is_dir:
                 self.result.warnings.append(f"extra file {src} not found on the server")
                 continue
-            self._extra_stat[src] = (member, int(info[0]), int(info[1]), int(info[2]))
-        server = {m: (size, mt, mode) for m, size, mt, mode in self._extra_stat.values()}
-        stored = _stored_files(self.store.load(EXTRA))
+            self._extra_stat[src] = (member, info.size, info.mtime_ns, info.mode)
+        server = {m: FileStat(m, size, mt, mode) for m, size, mt, mode in self._extra_stat.values()}
         if not server:
             return None
-        if stored == server:
-            return PlanItem(EXTRA, "up-to-date", sum(v[0] for v in server.values()), files=len(server))
-        total = sum(v[0] for v in server.values())
+        stored = self.store.load(EXTRA)
+        if backup_is_current(stored.files if stored else None, server):
+            return PlanItem(EXTRA, "up-to-date", sum(v.size for v in server.values()), files=len(server))
+        total = sum(v.size for v in server.values())
         return PlanItem(EXTRA, "fetch", total, total, len(server))
 
     def _fetch_extras(self, view: ServerView) -> None:
@@ -380,7 +396,12 @@ def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> Ba
     """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
     job = Backup(target, opts, rep)
     try:
-        result = job.run()
+        try:
+            result = job.run()
+        except OSError as exc:  # every laptop-side write failure is one line with exit 5
+            raise io_error(exc, f"writing in {job.store.root}") from None
+    except Locked:
+        raise  # another run is doing the work; its result, not this refusal, is the last backup
     except CkptsyncError as exc:
         if not opts.dry_run:
             _record(job, exc.exit_code, exc.message)
@@ -407,13 +428,19 @@ def _record(job: Backup, code: int, error: str) -> None:
     }
     try:
         job.store.record_status(status)
-    except OSError:
-        pass
+    except OSError as exc:
+        r.warnings.append(f"could not record this run in {job.store.meta}: {exc.strerror or exc} "
+                          "(list, cron show and checklist will not see it)")
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+
+DELETED = "deleted during the backup"
+
+
+def _changed_text(view: ServerView, c: Checkpoint, changed: dict[str, str]) -> str:
+    if len(changed) == len(c.files) and all(why in (DELETED, "not sent by the server") or "not_found" in why
+                                            or "No such file" in why for why in changed.values()):
+        return ("vanished from the server after the listing (deleted, e.g. by the trainer's checkpoint "
+                "rotation); not backed up")
+    what = "; ".join(f"{p}: {why}" for p, why in sorted(changed.items())[:3])
+    return f"changed on the server while it was read ({what}); not recorded"

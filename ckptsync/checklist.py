@@ -11,8 +11,9 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.remote import Remote
+from ckptsync.policy import backup_is_current, human
 from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import Procs, RemoteDirMissing, open_server
 from ckptsync.store import EXTRA, Store
 from ckptsync.verify import run_verify
 
@@ -32,6 +33,7 @@ class ChecklistResult:
     dest: str
     checks: list[Check] = field(default_factory=list)
     backup_ran: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def safe(self) -> bool:
@@ -54,24 +56,62 @@ def save_interval(checkpoints: list[Checkpoint]) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-def training_signals(view: ServerView, procs: dict, pattern: str | None) -> list[str]:
-    """Reasons to think the trainer is still running. Pure."""
+LAUNCHERS = {"torchrun", "deepspeed", "accelerate"}
+
+
+def looks_like_trainer(cmd: str) -> bool:
+    """A launcher, or a python script or module whose own name says train (not any path that does). Pure."""
+    words = cmd.split()
+    if not words or "ckptsync" in cmd:
+        return False
+    names = [w.rsplit("/", 1)[-1] for w in words]
+    if names[0] in LAUNCHERS or any(n in LAUNCHERS for n in names[1:3]):
+        return True
+    if not names[0].startswith("python"):
+        return False
+    rest = words[1:]
+    while rest and rest[0].startswith("-") and rest[0] != "-m":
+        rest = rest[1:]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        script = rest[1].rsplit(".", 1)[-1]
+    elif rest:
+        script = rest[0].rsplit("/", 1)[-1]
+    else:
+        return False
+    return "train" in script.lower() or script in LAUNCHERS
+
+
+# A save is "due" until this many intervals have passed without one: a trainer that is late
+# by less than that may still be running (saving a checkpoint takes time too).
+DUE_MARGIN = 1.5
+
+
+def training_signals(view: ServerView, procs: Procs | None, pattern: str | None, now: float) -> list[str]:
+    """Reasons to think the trainer is still running. Pure: `now` is the server's clock."""
     reasons = []
-    busy = [c for c in view.checkpoints if not c.complete]
+    busy = [c for c in view.checkpoints if not c.complete and not c.abandoned]
     if busy:
         reasons.append(f"{busy[0].name} is still being written ({busy[0].reason})")
     interval = save_interval(view.checkpoints)
     newest = next((c for c in view.checkpoints if c.complete), None)
-    if interval and newest is not None and view.now - newest.mtime < interval:
-        due = interval - (view.now - newest.mtime)
-        reasons.append(f"a checkpoint is saved every ~{interval / 60:.0f} min; the next one is due in "
-                       f"~{due / 60:.0f} min")
-    gpu = procs.get("gpu") or []
-    if gpu:
-        reasons.append(f"{len(gpu)} GPU process(es) running: {gpu[0]}")
-    if pattern and procs.get("procs"):
-        pid, cmd = procs["procs"][0]
+    if interval and newest is not None and now - newest.mtime < interval * DUE_MARGIN:
+        due = interval - (now - newest.mtime)
+        when = f"is due in ~{due / 60:.0f} min" if due >= 60 else "is due now"
+        reasons.append(f"a checkpoint is saved every ~{interval / 60:.0f} min; the next one {when}")
+    if procs is None:
+        return reasons
+    if procs.gpu:
+        reasons.append(f"{len(procs.gpu)} GPU process(es) running: {procs.gpu[0]}")
+    if pattern and procs.matched:
+        pid, cmd = procs.matched[0]
         reasons.append(f"process matching '{pattern}' is running (pid {pid}: {cmd[:60]})")
+    if procs.open_under:
+        pid, cmd, path = procs.open_under[0]
+        reasons.append(f"pid {pid} ({cmd[:60]}) has {path} open")
+    trainers = [(pid, cmd) for pid, cmd in procs.trainers if looks_like_trainer(cmd)]
+    if trainers:
+        pid, cmd = trainers[0]
+        reasons.append(f"a training process is running (pid {pid}: {cmd[:60]})")
     return reasons
 
 
@@ -85,64 +125,77 @@ class Checklist:
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
         self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
 
-    def run(self, backup_first: bool) -> ChecklistResult:
+    def run(self, backup_first: bool, now: float | None = None) -> ChecklistResult:
         t = self.target
-        how = f"ckptsync backup {self._target_args()}"
         if backup_first:
             self.rep.info("running the backup first")
-            run_backup(t, BackupOptions(max_checkpoints=1), self.rep)
+            run_backup(t, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
             self.result.backup_ran = True
         try:
-            with Remote(t.transport) as remote:
-                view = scan_server(remote, t.remote_dir, t.settle_seconds)
-                procs = remote.call("procs", pattern=t.train_process or "")
-                extra = self._extra_stat(remote, view)
-        except CkptsyncError as exc:
-            self.add("server reachable", False, exc.message, "check the connection, or back up before the server is gone")
-            self._last_run()
+            with open_server(t) as server:
+                self.add("server reachable", True, f"{server.describe()}, Python {server.hello.python}")
+                view = scan_server(server, t.remote_dir, t.settle_seconds)
+                procs = server.procs(t.train_process or "", view.root)
+                extra = self._extra_stat(server, view)
+        except RemoteDirMissing as exc:
+            self.add("remote directory exists", False, exc.message,
+                     "check --remote-dir (or remote_dir in the config): nothing there can be checked")
+            self._last_run(now)
             return self.result
-        self.add("server reachable", True, f"{remote.describe()}, Python {remote.hello.get('python')}")
-        signals = training_signals(view, procs, t.train_process)
-        self.add("training stopped", not signals, "; ".join(signals) or "no checkpoint in progress, no training process",
+        except CkptsyncError as exc:
+            if not self.result.checks:
+                self.add("server reachable", False, exc.message,
+                         "check the connection, or back up before the server is gone")
+            else:
+                self.add("server answered", False, exc.message, "run the checklist again; if it repeats, report it")
+            self._last_run(now)
+            return self.result
+        signals = training_signals(view, procs, t.train_process, view.now if now is None else now)
+        detail = "; ".join(signals) or "no checkpoint in progress, no training process"
+        if not procs.open_checked:
+            detail += f" (open files under {view.root} not checked: {procs.open_error or 'unknown reason'})"
+        self.add("training stopped", not signals, detail,
                  "stop training (or wait for the next checkpoint), then run the checklist again")
+        for c in view.checkpoints:
+            if c.abandoned:
+                self.result.warnings.append(f"{c.name} is abandoned (incomplete: {c.reason}); it cannot be "
+                                            "backed up and does not block deleting the instance")
         newest = next((c for c in view.checkpoints if c.complete), None)
         if newest is None:
             self.add("newest checkpoint backed up", False, f"no complete checkpoint in {t.remote_dir}",
                      "nothing to save yet")
         else:
-            self._newest(view, newest, how)
-        self._extras(extra, how)
-        self._last_run()
+            self._backed_up("newest checkpoint backed up", view, newest)
+        best = next((c for c in view.checkpoints if c.is_best and c.complete), None)
+        if best is not None and best is not newest:
+            self._backed_up("best checkpoint backed up", view, best)
+        self._extras(extra)
+        self._last_run(now)
         return self.result
 
-    def _target_args(self) -> str:
+    def _backed_up(self, title: str, view: ServerView, c: Checkpoint) -> None:
         t = self.target
-        if t.label.startswith("instance-"):
-            return f"--instance {t.label[len('instance-'):]}"
-        return "" if t.label == "local" else f"--host {t.describe()}"
-
-    def _newest(self, view: ServerView, c: Checkpoint, how: str) -> None:
         m = self.store.load(c.name)
-        server = {f.path: view.exact[f.path][:2] for f in c.files}
-        if m is None or {f.path: (f.size, f.mtime_ns) for f in m.files} != server:
+        if not backup_is_current(m.files if m else None, view.files_of(c)):
             state = "not backed up" if m is None else "backup is older than the server's copy"
-            self.add("newest checkpoint backed up", False, f"{c.name} (step {c.step}): {state}",
-                     f"{how} --checkpoint {c.name}   (or: ckptsync checklist --backup)")
+            self.add(title, False, f"{c.name} (step {c.step}): {state}",
+                     f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")
             return
-        self.add("newest checkpoint backed up", True, f"{c.name} (step {c.step}), {human(m.size)}")
-        check = run_verify(self.target, [c.name], rep=self.rep)
+        self.add(title, True, f"{c.name} (step {c.step}), {human(m.size)}")
+        check = run_verify(t, [c.name], rep=self.rep)
         bad = check.failed
         detail = (f"{c.name}: every file re-read and matches its manifest; size equals the server's"
                   if not bad else f"{c.name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]))
-        self.add("backup verifies", not bad and m.size == c.size, detail,
-                 f"{how} --checkpoint {c.name} after moving the damaged copy aside")
+        self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
+                 not bad and m.size == c.size, detail,
+                 f"{t.command('verify', '--repair', '--checkpoint', c.name)}   (fetches the damaged files again)")
 
-    def _extra_stat(self, remote: Remote, view: ServerView) -> dict:
+    def _extra_stat(self, server, view: ServerView) -> dict:
         if not self.target.extra_files:
             return {}
-        return remote.call("stat", root=view.root, paths=list(self.target.extra_files)).get("stat", {})
+        return server.stat(view.root, list(self.target.extra_files))
 
-    def _extras(self, stat: dict, how: str) -> None:
+    def _extras(self, stat: dict) -> None:
         if not self.target.extra_files:
             return
         m = self.store.load(EXTRA)
@@ -154,31 +207,27 @@ class Checklist:
                 continue  # not on the server: nothing to lose
             if src not in stored:
                 missing.append(src)
-            elif (info[0], info[1]) != stored[src]:
+            elif (info.size, info.mtime_ns) != stored[src]:
                 differs.append(src)
         problems = [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
         self.add("extra files backed up", not problems,
-                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's", how)
+                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's",
+                 self.target.command("backup"))
 
-    def _last_run(self) -> None:
+    def _last_run(self, now: float | None) -> None:
         status = self.store.status()
+        fix = self.target.command("backup")
         if status is None:
-            self.add("last backup succeeded", False, "no backup has run for this target",
-                     f"ckptsync backup {self._target_args()}")
+            self.add("last backup succeeded", False, "no backup has run for this target", fix)
             return
-        age = time.time() - float(status.get("time", 0))
+        age = (time.time() if now is None else now) - float(status.get("time", 0))
         when = f"{age / 60:.0f} min ago" if age < 7200 else f"{age / 3600:.1f} h ago"
         ok = bool(status.get("ok"))
         self.add("last backup succeeded", ok, f"{when}: " + ("ok" if ok else f"exit {status.get('exit_code')}: "
-                                                              f"{status.get('error', '')}"),
-                 f"ckptsync backup {self._target_args()}")
+                                                              f"{status.get('error', '')}"), fix)
 
 
-def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET) -> ChecklistResult:
-    return Checklist(target, rep).run(backup_first)
+def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
+                  now: float | None = None) -> ChecklistResult:
+    return Checklist(target, rep).run(backup_first, now)
 
-
-def human(n: float) -> str:
-    from ckptsync.backup import human as fmt
-
-    return fmt(n)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from ckptsync.errors import ConfigError, UsageError
 from ckptsync.transport import CommandTransport, LocalTransport, Transport, ssh_transport
+
+if TYPE_CHECKING:
+    from ckptsync.server import Server
 
 DEFAULT_LOCAL_DIR = "~/ckpt-backups"
 SEARCH = ("./ckptsync.yaml", "~/.config/ckptsync/config.yaml")
@@ -41,6 +45,7 @@ class Config:
     path: Path | None = None
     values: dict[str, Any] = field(default_factory=dict)
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    explicit: bool = False          # named with --config: a printed command must name it too
 
 
 @dataclass
@@ -55,8 +60,19 @@ class Target:
     settle_seconds: float
     train_process: str | None
     host_key_policy: str
+    # The target options this run was given, so that a printed command reaches the same server.
+    args: tuple[str, ...] = ()
+    assumed_instance: bool = False  # no --instance/--host/--remote-dir: instance 0 was taken
+    # Tests hand in a server of their own (the in-process twin); None: the agent over `transport`.
+    server_factory: Callable[[], Server] | None = None
+
+    def command(self, *words: str) -> str:
+        """`ckptsync WORDS` aimed at this target, ready to paste into a shell."""
+        return " ".join(shlex.quote(w) for w in ("ckptsync", *words, *self.args))
 
     def describe(self) -> str:
+        if self.server_factory is not None:
+            return "the in-process server"
         return self.transport.describe() if self.transport else "no server"
 
 
@@ -128,7 +144,7 @@ def load_config(explicit: str | None = None) -> Config:
             raise ConfigError(f"{where}.command: expected a non-empty argv list")
         instances[str(key)] = inst
     values = {k: v for k, v in data.items() if k != "instances"}
-    return Config(path=path, values=values, instances=instances)
+    return Config(path=path, values=values, instances=instances, explicit=bool(explicit))
 
 
 HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:\s@]+)(?::(?P<port>\d+))?$")
@@ -161,6 +177,18 @@ def resolve_target(
     """Turn the options of one command into a Target. Per-instance keys override the top level."""
     if instance is not None and host is not None:
         raise UsageError("give --instance or --host, not both")
+    assumed = instance is None and host is None and remote_dir is None
+    args: list[str] = []
+    if host is not None:
+        args += ["--host", host]
+    elif instance is not None or remote_dir is None:
+        args += ["--instance", "0" if instance is None else instance]
+    if remote_dir is not None:
+        args += ["--remote-dir", remote_dir]
+    if local_dir is not None:
+        args += ["--local-dir", str(Path(local_dir).expanduser().absolute())]
+    if config.explicit and config.path is not None:
+        args += ["--config", str(Path(config.path).absolute())]
     top = config.values
     inst: dict[str, Any] = {}
     if host is not None:
@@ -210,4 +238,6 @@ def resolve_target(
         settle_seconds=float(pick("settle_seconds", 60)),
         train_process=pick("train_process"),
         host_key_policy=policy,
+        args=tuple(args),
+        assumed_instance=assumed,
     )

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint, find_best, resume_files
-from ckptsync.remote import Remote
+from ckptsync.policy import backup_is_current, newest_key
 from ckptsync.scan import scan_server
+from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
 
 STATE_FILES = ("trainer_state.json", "metadata.json")
@@ -267,7 +268,7 @@ def _pick(store: Store, name: str | None) -> tuple[Manifest, dict[str, Manifest]
 
 
 def _ordered(manifests: dict[str, Manifest]) -> list[str]:
-    return [m.name for m in sorted(manifests.values(), key=lambda m: (m.step is None, -(m.step or 0), m.name))]
+    return [m.name for m in sorted(manifests.values(), key=lambda m: newest_key(m.step, m.mtime, m.name))]
 
 
 def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
@@ -318,8 +319,8 @@ def compare_backups(root: Path, a: str, b: str) -> CompareResult:
 
 
 def show_server(target: Target, name: str | None) -> ShowResult:
-    with Remote(target.transport) as remote:
-        view = scan_server(remote, target.remote_dir, target.settle_seconds)
+    with open_server(target) as server:
+        view = scan_server(server, target.remote_dir, target.settle_seconds)
     where = f"{target.describe()}:{view.root}"
     if name is None:
         if not view.checkpoints:
@@ -357,9 +358,8 @@ def _backup_state(result: ShowResult, store: Store, c: Checkpoint, exact: dict) 
     if m is None:
         result.backup = "no"
         return
-    server = {x.path: exact[x.path][:2] for x in c.files if x.path in exact}
-    stored = {x.path: (x.size, x.mtime_ns) for x in m.files}
-    result.backup = "yes" if server == stored else "outdated"
+    server = {x.path: exact[x.path] for x in c.files if x.path in exact}
+    result.backup = "yes" if backup_is_current(m.files, server) else "outdated"
     result.backed_up_at, result.verified_at = m.backed_up_at, m.verified_at
 
 

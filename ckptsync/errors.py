@@ -1,4 +1,4 @@
-"""One error hierarchy; each class carries its exit code. Only the CLI turns them into exits."""
+"""One error hierarchy; each class carries its exit code and its `kind`. Only the CLI turns them into exits."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
 
 
 class CkptsyncError(Exception):
-    """Base class: a message for the user and an exit code."""
+    """Base class: a message for the user, an exit code and a `kind` (a stable word for scripts)."""
 
     exit_code = UNEXPECTED
+    kind = "unexpected"
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -42,58 +43,72 @@ class CkptsyncError(Exception):
 
 class UsageError(CkptsyncError):
     exit_code = USAGE
-
-
-class PartialFailure(CkptsyncError):
-    exit_code = PARTIAL
+    kind = "usage"
 
 
 class ConfigError(CkptsyncError):
     exit_code = CONFIG
+    kind = "config"
 
 
 class NotFound(CkptsyncError):
     exit_code = NOT_FOUND
+    kind = "not_found"
 
 
 class Locked(CkptsyncError):
     exit_code = LOCKED
+    kind = "locked"
 
 
 class ConnectError(CkptsyncError):
     exit_code = CONNECT
+    kind = "connect"
 
 
 class HostKeyError(ConnectError):
     """Unknown or changed host key."""
+
+    kind = "host_key"
 
 
 class IOFailure(CkptsyncError):
     """A file operation failed, here or on the server."""
 
     exit_code = IO
+    kind = "io"
 
 
 class AgentError(IOFailure):
-    """The agent reported a failure of one operation (an OSError on the server, say)."""
+    """The agent reported a failure of one operation (an OSError on the server, say).
+
+    `agent_kind` is the agent's own word for it (is_dir, exists, os, ...); `kind` stays the
+    class's word, so that scripts see one value per class.
+    """
+
+    kind = "io"
 
     def __init__(self, message: str, *, kind: str = "", path: str = "") -> None:
         super().__init__(message)
-        self.kind = kind
+        self.agent_kind = kind
         self.path = path
 
 
 class ProtocolError(ConnectError):
     """The other side sent something that is not our protocol, or stopped mid-frame."""
 
+    kind = "protocol"
+
 
 class IntegrityError(CkptsyncError):
     exit_code = INTEGRITY
+    kind = "integrity"
 
 
 class DiskFull(IOFailure):
-    pass
+    kind = "disk_full"
 
 
 class Interrupted(CkptsyncError):
     exit_code = INTERRUPTED
+    kind = "interrupted"

@@ -33,6 +33,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from ckptsync.policy import newest_first
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -66,6 +68,7 @@ class Checkpoint:
     is_best: bool
     state: dict
     meta_error: str | None
+    abandoned: bool = False  # incomplete, and untouched for far longer than a save takes
 
 
 TRAINER_DIR = re.compile(r"checkpoint-(\d+)")
@@ -135,8 +138,7 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
 
     A checkpoint is complete when its layout's own markers say the save
     finished and none of its files changed within settle_seconds of
-    listing.now.  Order: mtime descending, then step descending (no step
-    last), then name.
+    listing.now.  Order: policy.newest_first (step, then mtime).
     """
     meta = _normalised_meta(listing.meta)
     groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files
@@ -184,8 +186,28 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
     ]
     # Steps order checkpoints more reliably than mtimes, which copies and
     # checkouts rewrite; mtime breaks ties (latest.pt vs rolling_step_N.pt).
-    checkpoints.sort(key=lambda c: (c.step is None, -(c.step or 0), -c.mtime, c.name))
+    checkpoints = mark_abandoned(newest_first(checkpoints), listing.now)
     return checkpoints
+
+
+# An incomplete checkpoint untouched for this many save intervals (and at least ABANDON_MIN_S)
+# is a crashed save, not one in progress.
+ABANDON_INTERVALS = 3
+ABANDON_MIN_S = 1800.0
+
+
+def mark_abandoned(checkpoints: list[Checkpoint], now: float) -> list[Checkpoint]:
+    """Flag incomplete checkpoints whose files stopped changing long ago. Pure."""
+    times = sorted(c.mtime for c in checkpoints if c.complete)
+    gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
+    interval = gaps[len(gaps) // 2] if gaps else 0.0
+    limit = max(ABANDON_INTERVALS * interval, ABANDON_MIN_S)
+    out = []
+    for c in checkpoints:
+        if not c.complete and now - c.mtime > limit:
+            c = replace(c, abandoned=True)
+        out.append(c)
+    return out
 
 
 def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:

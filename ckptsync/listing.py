@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ckptsync.config import Target
-from ckptsync.remote import Remote
+from ckptsync.policy import backup_is_current, newest_key
 from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
 
 
@@ -58,14 +59,13 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest]) -> list[Row]:
             if m is None:
                 backup = "no"
             else:
-                server = {f.path: view.exact[f.path][:2] for f in c.files}
-                stored = {f.path: (f.size, f.mtime_ns) for f in m.files}
-                backup = "yes" if server == stored else "outdated"
-            rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, c.reason, c.content,
+                backup = "yes" if backup_is_current(m.files, view.files_of(c)) else "outdated"
+            reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason
+            rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, reason, c.content,
                             c.resumable, backup, c.is_best, c.meta_error))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
-    local.sort(key=lambda m: (m.mtime, m.step if m.step is not None else -1), reverse=True)
+    local.sort(key=lambda m: newest_key(m.step, m.mtime, m.name))
     for m in local:
         rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, False, None, "", m.content, m.resumable,
                         "local only", m.is_best))
@@ -79,7 +79,7 @@ def run_list(target: Target, local_only: bool) -> ListResult:
                         dest=str(target.local_dir), last_backup=store.status(), unmanaged=store.unmanaged())
     view = None
     if not local_only:
-        with Remote(target.transport) as remote:
-            view = scan_server(remote, target.remote_dir, target.settle_seconds)
+        with open_server(target) as server:
+            view = scan_server(server, target.remote_dir, target.settle_seconds)
     result.rows = merge(view, manifests)
     return result

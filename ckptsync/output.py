@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -14,17 +16,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ckptsync.policy import human  # re-exported: commands format sizes through output
 from ckptsync.progress import Reporter
 
-
-def human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def when(ts: float | None) -> str:
@@ -43,14 +37,82 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return f"{delta:.0f}s ago"
 
 
+class GuardedStream:
+    """A text stream that goes quiet, instead of raising, once its reader has gone (EPIPE).
+
+    `ckptsync backup | head -1` must still finish the backup. When a write fails with EPIPE,
+    the stream's file descriptor is pointed at /dev/null, so later writes (by rich, click, a
+    child process) and the flush at interpreter exit succeed too.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except OSError as exc:
+                self._gone(exc)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except OSError as exc:
+                self._gone(exc)
+
+    def _gone(self, exc: OSError) -> None:
+        if exc.errno != errno.EPIPE:
+            raise exc
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a real file: nothing will flush it at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()  # what the failed write left in the buffer goes to /dev/null now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def guarded(stream: TextIO) -> GuardedStream:
+    return stream if isinstance(stream, GuardedStream) else GuardedStream(stream)
+
+
+def guard_std_streams() -> None:
+    """Make sys.stdout and sys.stderr tolerate a closed reader, for every writer in the process."""
+    sys.stdout = guarded(sys.stdout)
+    sys.stderr = guarded(sys.stderr)
+
+
 class Output:
-    """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file."""
+    """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file.
+
+    Commands hand their result to `render`, which alone decides between JSON and text;
+    `failure` reports the run's final error the same way.
+    """
 
     def __init__(self, json_mode: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.emitted = False
+        self.stdout = guarded(sys.stdout)
+        self.stderr = guarded(sys.stderr)
+        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True)
+        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True)
         if not self.out.is_terminal:
             self.out.width = 200  # pipes and logs get whole cells, not ellipses
         self.interactive = self.err.is_terminal and not quiet and not json_mode
@@ -76,7 +138,8 @@ class Output:
         if self.interactive:
             self.err.print(message, markup=False)
         else:
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+            self.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self.stderr.flush()
 
     def warn(self, message: str) -> None:
         self._log("WARN", message)
@@ -88,8 +151,15 @@ class Output:
         if hint:
             self.err.print(f"  {escape(hint)}", style="dim")
 
+    def failure(self, message: str, hint: str, *, exit_code: int, kind: str) -> None:
+        """The error that ends the run: a line on stderr (and in the log); with --json also on stdout."""
+        self.error(message, hint)
+        if self.json_mode and not self.emitted:  # stdout carries one JSON document, never two
+            self.emit({"error": {"message": message, "hint": hint, "exit_code": exit_code, "kind": kind},
+                       "exit_code": exit_code})
+
     def result(self, text: str) -> None:
-        """The command's answer on stdout (not shown with --json, where emit() is used)."""
+        """The command's answer on stdout (not shown with --json: render() emits the JSON instead)."""
         self._log("INFO", text)
         if not self.json_mode:
             self.out.print(text, markup=False)
@@ -111,7 +181,31 @@ class Output:
             self.out.print(text)
 
     def emit(self, data: Any) -> None:
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        self.emitted = True
+        self.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        self.stdout.flush()
+
+    def render(self, result: Any, human: Callable[["Output", Any], None],
+               to_json: Callable[[Any], Any] | None = None) -> int:
+        """Show a command's result, as JSON (`to_json`, default `result.to_dict()`) or by `human`.
+
+        Returns the result's exit code (0 when it has none).
+        """
+        if self.json_mode:
+            self.emit(to_json(result) if to_json else result.to_dict())
+        else:
+            human(self, result)
+        return getattr(result, "exit_code", 0)
+
+    def text_to_stderr(self, text: str) -> None:
+        """Unformatted text on stderr (a traceback under --debug)."""
+        self.stderr.write(text)
+        self.stderr.flush()
+
+    def flush(self) -> None:
+        """Before a child process writes to the same stdout."""
+        self.stdout.flush()
+        self.stderr.flush()
 
     def reporter(self) -> Reporter:
         return TerminalReporter(self) if self.interactive else LineReporter(self)
@@ -135,9 +229,6 @@ class LineReporter(Reporter):
 
     def info(self, message: str) -> None:
         self.out.info(message)
-
-    def warn(self, message: str) -> None:
-        self.out.warn(message)
 
     def start(self, label: str, total: int) -> None:
         self.label, self.total, self.done, self.started = label, total, 0, time.monotonic()

@@ -9,9 +9,6 @@ class Reporter:
     def info(self, message: str) -> None:
         pass
 
-    def warn(self, message: str) -> None:
-        pass
-
     def start(self, label: str, total: int) -> None:
         """A transfer of `total` bytes begins."""
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, AgentError, Interrupted, NotFound
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.remote import Remote
+from ckptsync.policy import backup_is_current
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store, fsync_dir, remove_tree
 
 
@@ -34,6 +35,7 @@ class PruneOptions:
     remote: bool = False
     dry_run: bool = False
     force: bool = False
+    keep_best: bool = True     # the best checkpoint stays unless the user says --no-keep-best
 
 
 @dataclass
@@ -82,6 +84,8 @@ class PruneResult:
 def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> PruneResult:
     if opts.policy.is_empty:
         raise PolicyError(EMPTY_POLICY_MESSAGE)
+    if opts.keep_best and not opts.policy.keep_best:
+        opts = replace(opts, policy=replace(opts.policy, keep_best=True))
     started = time.monotonic()
     job = RemotePrune(target, opts, rep) if opts.remote else LocalPrune(target, opts, rep)
     try:
@@ -134,6 +138,7 @@ class LocalPrune:
                       verified=True, kind=m.kind) for m in manifests.values()]
         decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
         self.result.entries = _entries(decisions, {n: m.size for n, m in manifests.items()})
+        _note_best(self.result)
         self.result.freed_bytes = freed_bytes(self.store, [e.name for e in self.result.doomed])
         unmanaged = self.store.unmanaged()
         if unmanaged:
@@ -216,9 +221,9 @@ class RemotePrune:
                                   force=opts.force, policy=asdict(opts.policy))
 
     def run(self) -> PruneResult:
-        with Remote(self.target.transport) as remote:
-            self.remote = remote
-            view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
+        with open_server(self.target) as server:
+            self.server = server
+            view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
             self.result.where = f"{self.target.describe()}:{view.root}"
             self.result.warnings.extend(view.errors)
             if self.opts.dry_run or not self.store.root.is_dir():
@@ -239,6 +244,7 @@ class RemotePrune:
                  for c in view.checkpoints]
         decisions = plan(items, self.opts.policy, view.now, remote=True, force=self.opts.force)
         self.result.entries = _entries(decisions, {c.name: c.size for c in view.checkpoints})
+        _note_best(self.result)
         self.result.freed_bytes = sum(e.size for e in self.result.doomed)
 
     def _delete(self, view: ServerView) -> None:
@@ -252,12 +258,12 @@ class RemotePrune:
                     self.result.failed[entry.name] = f"{changed} since the listing; kept"
                     continue
                 try:
-                    reply = self.remote.call("remove", root=view.root, names=[entry.name])
+                    removed = self.server.remove(view.root, [entry.name])
                 except AgentError as exc:
                     self.result.failed[entry.name] = exc.message
                     continue
                 current = None
-                if entry.name in reply.get("removed", []):
+                if entry.name in removed:
                     entry.removed = True
                     self.result.removed.append(entry.name)
                     self.rep.info(f"removed {entry.name} on the server")
@@ -269,19 +275,24 @@ class RemotePrune:
     def _changed(self, view: ServerView, c: Checkpoint) -> str:
         """Empty if every file is still as listed; else what happened."""
         paths = [f.path for f in c.files]
-        now = self.remote.call("stat", root=view.root, paths=paths).get("stat", {})
+        now = self.server.stat(view.root, paths)
         for path in paths:
             st = now.get(path)
             if st is None:
                 return f"{path} disappeared"
-            if (st[0], st[1]) != view.exact[path][:2]:
+            if not st.same_content_stamp(view.exact[path].stat):
                 return f"{path} changed"
         return ""
 
 
 def backed_up(m: Manifest | None, view: ServerView, c: Checkpoint) -> bool:
-    """A backup exists and lists exactly the server's files with their sizes and mtimes."""
-    if m is None:
-        return False
-    stored = {f.path: (f.size, f.mtime_ns) for f in m.files}
-    return stored == {f.path: view.exact[f.path][:2] for f in c.files}
+    """A backup exists and is current for the server's copy."""
+    return backup_is_current(m.files if m else None, view.files_of(c))
+
+
+def _note_best(result: PruneResult) -> None:
+    for e in result.entries:
+        if e.keep and e.reasons == ["best"]:
+            result.warnings.append(
+                f"kept {e.name}: it is the best checkpoint (trainer_state.json's best_model_checkpoint, or "
+                "best_model.pt), which a run with load_best_model_at_end needs to finish; --no-keep-best deletes it")

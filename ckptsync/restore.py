@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 import xxhash
 
-from ckptsync import agent as wire
-from ckptsync.backup import SPACE_MARGIN, human
+from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.errors import (
     OK, ConnectError, DiskFull, IntegrityError, Interrupted, Locked, NotFound, UsageError,
 )
+from ckptsync.policy import SPACE_MARGIN, human, newest_key
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.remote import Remote
+from ckptsync.server import open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
 from ckptsync.agent import hash_file
 
@@ -124,7 +124,7 @@ class RestoreResult:
 def newest_first(manifests: dict[str, Manifest]) -> list[Manifest]:
     """Checkpoints of the backup directory by step, then mtime, newest first (extra files left out)."""
     found = [m for name, m in manifests.items() if name != EXTRA]
-    return sorted(found, key=lambda m: (m.step is None, -(m.step or 0), -m.mtime, m.name))
+    return sorted(found, key=lambda m: newest_key(m.step, m.mtime, m.name))
 
 
 def weight_files(m: Manifest) -> list[FileRecord]:
@@ -224,8 +224,8 @@ class Restore:
             self.result.warnings.extend(notes)
             files = self._select(m)
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
-            with self._lock(), Remote(self.target.transport) as remote:
-                self.remote = remote
+            with self._lock(), open_server(self.target) as server:
+                self.server = server
                 self._restore(m, files, extras, ordered, manifests)
             return self.result
         except KeyboardInterrupt:
@@ -292,7 +292,7 @@ class Restore:
         self._check_space(root, sum(f.size for f in to_send))
         best_note = self._best_model_note(root, m, manifests)
         if not self.opts.dry_run:
-            r.remote_dir = root = str(self.remote.call("mkdir", path=root).get("path", root))
+            r.remote_dir = root = self.server.mkdir(root)
             r.path = posixpath.join(root, m.name)
             for item in r.extras:
                 item.dest = posixpath.normpath(posixpath.join(root, item.source))
@@ -312,9 +312,9 @@ class Restore:
     def _check_server(self, root: str, m: Manifest, extras: Manifest | None) -> list[tuple[FileRecord, ExtraItem]]:
         """Refuse an existing checkpoint without --force; sort extra files into send / same / differs."""
         records = [f for f in (extras.files if extras else []) if f.source]
-        st = self.remote.call("stat", root=root, paths=[".", m.name] + [f.source for f in records]).get("stat", {})
+        st = self.server.stat(root, [".", m.name] + [f.source for f in records])
         here = st.get(".")
-        if here is not None and not here[3]:
+        if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
         self.result.creates_remote_dir = here is None
         if st.get(m.name) is not None:
@@ -324,7 +324,7 @@ class Restore:
                     hint="add --force to replace it (atomically: the old copy goes only once the new one is in place)")
             self.result.replaced = True
         existing = [f for f in records if st.get(f.source) is not None]
-        same = self._same_on_server(root, [f for f in existing if not st[f.source][3]])
+        same = self._same_on_server(root, [f for f in existing if not st[f.source].is_dir])
         items = []
         for f in records:
             if st.get(f.source) is None:
@@ -343,9 +343,10 @@ class Restore:
         """Sources whose server copy has the same content as the backup (hashed on the server)."""
         if not records:
             return set()
-        alg = self.remote.best_hash
-        got = self.remote.call("hash", root=root, paths=[f.source for f in records], alg=alg).get("hashes", {})
-        return {f.source for f in records if got.get(f.source) == self._local_hash(f, alg)}
+        alg = self.server.best_hash
+        got = self.server.hash(root, [f.source for f in records], alg)
+        return {f.source for f in records if got.get(f.source) is not None
+                and got.get(f.source) == self._local_hash(f, alg)}
 
     def _local_hash(self, f: FileRecord, alg: str) -> str | None:
         if alg == "xxh3_128":
@@ -380,15 +381,14 @@ class Restore:
                 continue
             files = weight_files(other) if self.opts.adapter_only else other.files
             if not verify_files(self.store, files):
-                return f"the next older backup verifies: ckptsync restore --checkpoint {other.name}"
+                return f"the next older backup verifies: {self.target.command('restore', '--checkpoint', other.name)}"
         return "no older backup verifies either" if older else "there is no older backup"
 
     def _usable_staged(self, root: str, m: Manifest, records: list[FileRecord], check: bool) -> set[str]:
         """Files an interrupted restore left in staging with the right size, mtime and (if check) hash."""
         stage = m.name
-        reply = self.remote.call("staged", root=root, name=stage)
-        staged = reply.get("staged") or {}
-        partial = set(reply.get("partial") or [])
+        found = self.server.staged(root, stage)
+        staged, partial = found.files, found.partial
         if not staged and not partial:
             return set()
         want = {f.path: f for f in records}
@@ -396,20 +396,20 @@ class Restore:
         if any(p not in want for p in inside):
             # It would be renamed into place with the checkpoint: start over.
             if not self.opts.dry_run:
-                self.remote.call("discard", root=root, name=stage)
+                self.server.discard(root, stage)
             return set()
         # A member with a leftover ".part" is sent again, which replaces the ".part" too.
         fits = [p for p, info in staged.items()
-                if p in want and p not in partial and list(info)[:2] == [want[p].size, want[p].mtime_ns]]
+                if p in want and p not in partial and (info.size, info.mtime_ns) == (want[p].size, want[p].mtime_ns)]
         if not check or not fits:
             return set(fits)
-        alg = self.remote.best_hash
-        prefix = wire.STAGING_PREFIX + stage + "/"
-        got = self.remote.call("hash", root=root, paths=[prefix + p for p in fits], alg=alg).get("hashes", {})
-        return {p for p in fits if got.get(prefix + p) == self._local_hash(want[p], alg)}
+        alg = self.server.best_hash
+        where = {p: self.server.staging_member(stage, p) for p in fits}
+        got = self.server.hash(root, list(where.values()), alg)
+        return {p for p in fits if got.get(where[p]) is not None and got.get(where[p]) == self._local_hash(want[p], alg)}
 
     def _check_space(self, root: str, need: int) -> None:
-        free = int(self.remote.call("df", path=root).get("free", 0))
+        free = self.server.df(root).free
         if need + SPACE_MARGIN > free:
             raise DiskFull(
                 f"not enough space on {self.result.server} in {root}: this restore needs {human(need)}, "
@@ -421,11 +421,12 @@ class Restore:
         if self.opts.adapter_only or not isinstance(best, str) or not best.strip():
             return ""
         last = re.split(r"[\\/]", best.rstrip("/\\"))[-1]
-        if not last or last == m.name or not wire.safe_member(last):
+        if not last or last == m.name or not safe_member(last):
             return ""
-        if self.remote.call("stat", root=root, paths=[last]).get("stat", {}).get(last) is not None:
+        if self.server.stat(root, [last]).get(last) is not None:
             return ""
-        again = f"; restore it too: ckptsync restore --checkpoint {last}" if last in manifests else ""
+        again = (f"; restore it too: {self.target.command('restore', '--checkpoint', last)}"
+                 if last in manifests else "")
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
                 f"this server: a resumed run that loads the best model at the end can crash there{again}")
 
@@ -435,11 +436,11 @@ class Restore:
         if not files:
             return
         stage = name  # the staging directory is named after the checkpoint: a rerun finds it
-        staging = posixpath.join(root, wire.STAGING_PREFIX + stage)
+        staging = self.server.staging_path(root, stage)
         rotted = []
         self.rep.start(f"send {name}", sum(f.size for f in files))
         try:
-            up = self.remote.upload(root, stage, compress=self.opts.compress)
+            up = self.server.receive(root, stage, compress=self.opts.compress)
             for f in files:
                 seen = xxhash.xxh3_128()
 
@@ -455,7 +456,7 @@ class Restore:
                     raise io_error(exc, f"reading {path}") from None
                 if seen.hexdigest() != f.xxh3_128:
                     rotted.append(f.path)
-            reply = up.finish()
+            arrived = up.finish()
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted while sending {name}: nothing was put in place under {posixpath.join(root, name)}; "
@@ -471,33 +472,32 @@ class Restore:
             raise IntegrityError(
                 f"changed in the backup directory while being sent: {', '.join(rotted)}; nothing was put in place",
                 hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
-        arrived = {str(x.get("member")): x for x in reply.get("files") or [] if isinstance(x, dict)}
         bad = [f.path for f in files
-               if arrived.get(f.path, {}).get("size") != f.size or arrived[f.path].get("hash") != up.sent.get(f.path)]
+               if f.path not in arrived or arrived[f.path].size != f.size or arrived[f.path].hash != up.sent.get(f.path)]
         if bad:
             raise IntegrityError(f"arrived damaged on the server: {', '.join(bad)}; nothing was put in place",
                                  hint="run the same restore again")
         r = self.result
         r.sent_files += len(files)
         r.sent_bytes += sum(f.size for f in files)
-        r.wire_bytes += up.sender.wire_bytes
+        r.wire_bytes += up.wire_bytes
 
     def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
         stage = m.name
-        reply = self.remote.call("commit", root=root, name=stage, moves=[[m.name, m.name]], force=self.opts.force)
-        if m.name in (reply.get("kept") or []):
+        done = self.server.commit(root, stage, [(m.name, m.name)], force=self.opts.force)
+        if m.name in done.kept:
             raise UsageError(
                 f"{m.name} appeared in {root} during the restore and was left as it is; the restored copy is in "
-                f"{posixpath.join(root, wire.STAGING_PREFIX + stage)}", hint="add --force to replace it")
-        moves = [[f.path, f.source] for f, item in extra_items if item.action in (SEND, REPLACE)]
+                f"{self.server.staging_path(root, stage)}", hint="add --force to replace it")
+        moves = [(f.path, f.source) for f, item in extra_items if item.action in (SEND, REPLACE)]
         if moves:
-            reply = self.remote.call("commit", root=root, name=stage, moves=moves, force=self.opts.force)
-            for source in reply.get("kept") or []:
+            done = self.server.commit(root, stage, moves, force=self.opts.force)
+            for source in done.kept:
                 self.result.warnings.append(f"kept existing {source} (it appeared during the restore)")
                 for _f, item in extra_items:
                     if item.source == source:
                         item.action = DIFFERS
-        self.remote.call("discard", root=root, name=stage)
+        self.server.discard(root, stage)
 
     def _elsewhere(self) -> str:
         parent = self.store.root.parent

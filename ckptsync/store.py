@@ -108,9 +108,17 @@ def atomic_write(path: Path, data: str) -> None:
 
 
 def io_error(exc: OSError, what: str) -> CkptsyncError:
+    """A laptop-side OSError as one line naming what was being done (and the path, when known)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) and str(exc.filename) not in what else ""
     if exc.errno == errno.ENOSPC:
-        return DiskFull(f"no space left on the device while {what}")
-    return IOFailure(f"{what}: {exc.strerror or exc}")
+        return DiskFull(f"no space left on the device while {what}{where}")
+    if exc.errno == errno.EDQUOT:
+        return DiskFull(f"disk quota exceeded while {what}{where}")
+    if exc.errno == errno.EROFS:
+        return IOFailure(f"{what}: read-only file system{where}", hint="choose a writable --local-dir")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return IOFailure(f"{what}: permission denied{where}", hint="check the directory's owner and mode")
+    return IOFailure(f"{what}: {exc.strerror or exc}{where}")
 
 
 class Store:
@@ -179,6 +187,15 @@ class Store:
     def save_progress(self, name: str, progress: dict[str, dict]) -> None:
         atomic_write(self.progress_path(name), json.dumps(progress))
 
+    def staged_bytes(self) -> int:
+        """Bytes that interrupted transfers keep in staging."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.meta / "staging"):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+        return total
+
     def discard_staging(self, name: str) -> None:
         shutil.rmtree(self.staging(name), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -240,9 +257,12 @@ class Store:
     @contextlib.contextmanager
     def lock(self, command: str, wait: bool = False, on_wait=None) -> Iterator[None]:
         """One run per backup directory. flock is released by the kernel when a holder dies."""
-        self.meta.mkdir(parents=True, exist_ok=True)
         path = self.meta / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.meta.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise io_error(exc, f"taking the lock in {self.root}") from None
         held = False
         try:
             try:

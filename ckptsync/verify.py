@@ -25,8 +25,9 @@ from pathlib import Path
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK, NotFound
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.remote import Remote
+from ckptsync.policy import newest_key
 from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import FileStat, open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store
 from ckptsync.agent import hash_file
 
@@ -123,7 +124,7 @@ def run_verify(target: Target, names: list[str], remote: bool = False, rep: Repo
 
 
 def _order(m: Manifest) -> tuple:
-    return (m.name == EXTRA, m.step is None, -(m.step or 0), -m.mtime, m.name)
+    return (m.name == EXTRA, *newest_key(m.step, m.mtime, m.name))
 
 
 class Hasher:
@@ -287,11 +288,11 @@ class RemoteVerify:
                                    server=target.describe())
 
     def run(self) -> VerifyResult:
-        with Remote(self.target.transport) as remote:
-            self.remote = remote
-            view = scan_server(remote, self.target.remote_dir, self.target.settle_seconds)
+        with open_server(self.target) as server:
+            self.server = server
+            view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
             self.view = view
-            self.alg = self.result.alg = remote.best_hash
+            self.alg = self.result.alg = server.best_hash
             self.result.remote_dir = view.root
             self.result.warnings.extend(view.errors)
             manifests = self.store.manifests()
@@ -325,6 +326,9 @@ class RemoteVerify:
             check = EntryCheck(name, ONLY_SERVER + ("" if c.complete else " (in progress)"), len(c.files), c.size)
             if named:
                 check.problems.append(Problem(name, NOT_IN_BACKUP, "never backed up"))
+            elif c.complete:
+                self.result.warnings.append(f"{name} is on the server but has never been backed up: "
+                                            f"{self.target.command('backup', '--checkpoint', name)}")
             return check
         check = EntryCheck(name, OK_STATUS, len(m.files), m.size, verified_at=m.verified_at)
         if name == EXTRA:
@@ -335,7 +339,7 @@ class RemoteVerify:
                 check.problems.append(Problem(name, MISSING_ON_SERVER, "no longer on the server"))
             return check
         else:
-            server = {f.path: self.view.exact[f.path] for f in c.files}
+            server = self.view.files_of(c)
             where = {f.path: f.path for f in m.files}
         self._compare(check, m, server, where)
         busy = c is not None and not c.complete
@@ -345,18 +349,18 @@ class RemoteVerify:
             check.status = IN_PROGRESS
         return check
 
-    def _extra_stat(self, m: Manifest) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:
+    def _extra_stat(self, m: Manifest) -> tuple[dict[str, FileStat], dict[str, str]]:
         """The configured extra files as the server has them now, keyed by their backup path."""
         where = {f.path: f.source or f.path for f in m.files}
-        reply = self.remote.call("stat", root=self.view.root, paths=sorted(set(where.values()))).get("stat", {})
+        reply = self.server.stat(self.view.root, sorted(set(where.values())))
         server = {}
         for member, src in where.items():
             st = reply.get(src)
-            if st and not st[3]:
-                server[member] = (int(st[0]), int(st[1]), int(st[2]))
+            if st is not None and not st.is_dir:
+                server[member] = FileStat(member, st.size, st.mtime_ns, st.mode)
         return server, where
 
-    def _compare(self, check: EntryCheck, m: Manifest, server: dict[str, tuple[int, int, int]],
+    def _compare(self, check: EntryCheck, m: Manifest, server: dict[str, FileStat],
                  where: dict[str, str]) -> None:
         stored = {f.path: f for f in m.files}
         for path in sorted(set(server) - set(stored)):
@@ -365,25 +369,24 @@ class RemoteVerify:
         for path, f in sorted(stored.items()):
             if path not in server:
                 check.problems.append(Problem(path, MISSING_ON_SERVER))
-            elif server[path][0] != f.size:
-                check.problems.append(Problem(path, DIFFERS, f"{server[path][0]} bytes on the server, "
+            elif server[path].size != f.size:
+                check.problems.append(Problem(path, DIFFERS, f"{server[path].size} bytes on the server, "
                                                              f"{f.size} in the backup"))
             else:
                 todo.append(f)
         for batch in _batches(todo):
-            hashes = self.remote.call("hash", root=self.view.root, paths=[where[f.path] for f in batch],
-                                      alg=self.alg).get("hashes", {})
+            hashes = self.server.hash(self.view.root, [where[f.path] for f in batch], self.alg)
             for f in batch:
                 self.result.bytes_read += f.size
                 self.rep.advance(f.size)
                 theirs = hashes.get(where[f.path])
-                if not isinstance(theirs, str):
-                    error = theirs.get("__error__") if isinstance(theirs, dict) else "no hash returned"
+                if theirs is None:
+                    error = hashes.errors.get(where[f.path], "no hash returned")
                     check.problems.append(Problem(f.path, NOT_COMPARED, f"cannot read on the server: {error}"))
                     continue
                 ours = self._local_hash(check, f)
                 if ours is not None and ours != theirs:
-                    same = server[f.path][1] == f.mtime_ns
+                    same = server[f.path].mtime_ns == f.mtime_ns
                     detail = ("same size and mtime, different content: one of the copies is damaged" if same
                               else "changed on the server after the backup")
                     check.problems.append(Problem(f.path, DIFFERS, detail))

@@ -8,30 +8,31 @@ _ckptsync_spec() {
     case "$1" in
         "")
             cmds="archive backup checklist compare cron demo list prune restore show verify"
-            opts="--debug --help -h --version -V"
+            opts="--debug --help -h --json --log-file --quiet -q --version -V"
+            files="--log-file"
             ;;
         "archive")
-            opts="--config -c --help -h --instance -i --json --local-dir -l --output -o --quiet -q --remove --wait"
+            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --output -o --quiet -q --remove --wait"
             dirs="--local-dir -l"
-            files="--config -c --output -o"
+            files="--config -c --log-file --output -o"
             values="--instance -i"
             ;;
         "backup")
-            opts="--accept-new-host-key --all --checkpoint --compress --config -c --dry-run -n --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --wait"
+            opts="--accept-new-host-key --all --checkpoint --compress --config -c --debug --dry-run -n --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --wait"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--checkpoint --compress --host -H --instance -i --max-checkpoints -k"
             ;;
         "checklist")
-            opts="--accept-new-host-key --backup --config -c --help -h --host -H --instance -i --json --local-dir -l --remote-dir -r"
+            opts="--accept-new-host-key --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i"
             ;;
         "compare")
-            opts="--config -c --help -h --instance -i --json --local-dir -l"
+            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --quiet -q"
             dirs="--local-dir -l"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--instance -i"
             ;;
         "cron")
@@ -39,55 +40,56 @@ _ckptsync_spec() {
             opts="--help -h"
             ;;
         "cron install")
-            opts="--config -c --every --help -h --host -H --instance -i --json --local-dir -l --log-file --remote-dir -r"
+            opts="--config -c --debug --every --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--every --host -H --instance -i"
             ;;
         "cron remove")
-            opts="--config -c --help -h --host -H --instance -i --json --local-dir -l --remote-dir -r"
+            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i"
             ;;
         "cron show")
-            opts="--config -c --help -h --host -H --instance -i --json --local-dir -l --remote-dir -r"
+            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i"
             ;;
         "demo")
-            opts="--dir --help -h --keep"
+            opts="--debug --dir --help -h --json --keep --log-file --quiet -q"
             dirs="--dir"
+            files="--log-file"
             ;;
         "list")
-            opts="--accept-new-host-key --config -c --help -h --host -H --instance -i --json --local --local-dir -l --remote-dir -r"
+            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local --local-dir -l --log-file --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i"
             ;;
         "prune")
-            opts="--accept-new-host-key --config -c --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-last --keep-within --local-dir -l --remote --remote-dir -r"
+            opts="--accept-new-host-key --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-last --keep-within --local-dir -l --log-file --no-keep-best --quiet -q --remote --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i --keep-every --keep-last --keep-within"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --dry-run -n --force --help -h --host -H --instance -i --json --local-dir -l --no-extra-files --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--checkpoint --compress --host -H --instance -i"
             ;;
         "show")
-            opts="--accept-new-host-key --ascii --config -c --help -h --host -H --instance -i --json --local-dir -l --remote --remote-dir -r --width"
+            opts="--accept-new-host-key --ascii --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --width"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i --width"
             ;;
         "verify")
-            opts="--accept-new-host-key --config -c --help -h --host -H --instance -i --json --local-dir -l --quiet -q --remote --remote-dir -r"
+            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
-            files="--config -c"
+            files="--config -c --log-file"
             values="--host -H --instance -i"
             ;;
     esac

@@ -7,9 +7,12 @@ import os
 import shutil
 import time
 
-from ckptsync.checklist import save_interval, training_signals
-from ckptsync.layout import Checkpoint
+import pytest
+
+from ckptsync.checklist import looks_like_trainer, save_interval, training_signals
+from ckptsync.layout import Checkpoint, mark_abandoned
 from ckptsync.scan import ServerView
+from ckptsync.server import Procs
 from helpers import run_cli
 
 
@@ -42,9 +45,9 @@ def test_still_training_then_stopped_and_backed_up(ssh_home, server_tree, tmp_pa
     assert human.returncode == 3 and "NOT SAFE" in human.stdout and "fix: ckptsync backup --instance 1" in human.stdout
 
     # the trainer stopped: the half-written checkpoint is gone with it, and the last
-    # complete one is older than the save interval (saves were 20 min apart)
+    # complete one is far older than the save interval (saves were 20 min apart)
     shutil.rmtree(server_tree / "checkpoint-16")
-    stopped = time.time() - 1800
+    stopped = time.time() - 3000  # 2.5 save intervals: well past the 1.5 margin
     for p in (server_tree / "checkpoint-12").iterdir():
         os.utime(p, (stopped, stopped))
     res = run_cli("checklist", "-i", "1", "--config", cfg, "--backup", "--json")
@@ -55,7 +58,15 @@ def test_still_training_then_stopped_and_backed_up(ssh_home, server_tree, tmp_pa
     assert "every file re-read" in checks(res)["backup verifies"]["detail"]
 
 
+def age_tree(root, seconds):
+    """Move every mtime under root back, so the trainer has plainly stopped (not one interval ago)."""
+    for p in [root, *root.rglob("*")]:
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
 def test_corrupt_backup_and_changed_extra_file_fail(ssh_home, server_tree, tmp_path):
+    age_tree(server_tree, 3600)
     cfg = config(ssh_home, server_tree, tmp_path / "b")
     assert run_cli("backup", "-i", "1", "--config", cfg, "-k", "1").returncode == 0
     assert run_cli("checklist", "-i", "1", "--config", cfg).returncode == 0
@@ -87,13 +98,55 @@ def ckpt(name, mtime, complete=True):
                       resumable=complete, missing=(), is_best=False, state={}, meta_error=None)
 
 
+def procs(**kw) -> Procs:
+    base = dict(matched=[], gpu=None, open_under=[], open_checked=True, open_error="", trainers=[])
+    base.update(kw)
+    return Procs(**base)
+
+
 def test_training_signals_table():
     now = 10_000.0
     cps = [ckpt("checkpoint-3", now - 100), ckpt("checkpoint-2", now - 700), ckpt("checkpoint-1", now - 1300)]
     assert save_interval(cps) == 600
     view = ServerView(root="/r", checkpoints=cps, exact={}, now=now, errors=[])
-    assert "next one is due in ~8 min" in training_signals(view, {}, None)[0]
+    assert "next one is due in ~8 min" in training_signals(view, procs(), None, now)[0]
+    # Late by less than the margin (1.5 intervals): the trainer may still be running.
+    assert "due now" in training_signals(view, procs(), None, now + 600)[0]
+    assert "due now" in training_signals(view, procs(), None, now + 700)[0]
+    assert training_signals(view, procs(), None, now + 1000) == []
     old = ServerView(root="/r", checkpoints=[ckpt("checkpoint-1", now - 5000)], exact={}, now=now, errors=[])
-    assert training_signals(old, {}, None) == []
-    assert "GPU process" in training_signals(old, {"gpu": ["123, python, 30000 MiB"]}, None)[0]
-    assert "pid 9" in training_signals(old, {"procs": [[9, "python train.py"]]}, "train.py")[0]
+    assert training_signals(old, procs(), None, now) == []
+    assert "GPU process" in training_signals(old, procs(gpu=["123, python, 30000 MiB"]), None, now)[0]
+    assert "pid 9" in training_signals(old, procs(matched=[(9, "python train.py")]), "train.py", now)[0]
+    assert "has /r/checkpoint-2/x.pt open" in training_signals(
+        old, procs(open_under=[(7, "python3 loop.py", "/r/checkpoint-2/x.pt")]), None, now)[0]
+    assert "training process" in training_signals(old, procs(trainers=[(8, "python3 train.py")]), None, now)[0]
+
+
+def test_abandoned_checkpoint_does_not_block_after_the_margin():
+    now = 100_000.0
+    done = [ckpt("checkpoint-3", now - 4000), ckpt("checkpoint-2", now - 4600), ckpt("checkpoint-1", now - 5200)]
+    fresh = ckpt("checkpoint-4", now - 900, complete=False)
+    stale = ckpt("checkpoint-4", now - 2000, complete=False)
+    marked = mark_abandoned(done + [fresh], now)
+    assert not marked[-1].abandoned  # 900 s: under max(3 x 600 s, 30 min)
+    marked = mark_abandoned(done + [stale], now)
+    assert marked[-1].abandoned
+    view = ServerView(root="/r", checkpoints=marked, exact={}, now=now, errors=[])
+    assert training_signals(view, procs(), None, now) == []
+
+
+@pytest.mark.parametrize("cmd,expected", [
+    ("python3 train.py --lr 1e-4", True),
+    ("/usr/bin/python3 -u finetune_train_lora.py", True),
+    ("python -m trl.scripts.train --x", True),
+    ("torchrun --nproc_per_node 8 run.py", True),
+    ("/opt/venv/bin/accelerate launch run.py", True),
+    ("deepspeed run.py", True),
+    ("python3 eval.py --data /home/me/socrates-training/data", False),
+    ("python3 -m ckptsync checklist -i 0", False),
+    ("bash train.sh", False),
+    ("", False),
+])
+def test_looks_like_trainer(cmd, expected):
+    assert looks_like_trainer(cmd) is expected

@@ -193,3 +193,21 @@ def test_cli_runs_where_click_is_not_installed(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "--bogus" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_error_class_names_its_kind():
+    """`kind` is the stable word --json reports for an error: one per class, set on the class."""
+    import re
+
+    from ckptsync import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.CkptsyncError)]
+    assert len(classes) >= 12
+    for cls in classes:
+        assert "kind" in vars(cls), cls.__name__
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", cls.kind), cls.kind
+    assert errors.UsageError.kind == "usage" and errors.ConfigError.kind == "config"
+    assert errors.NotFound.kind == "not_found" and errors.ConnectError.kind == "connect"
+    assert errors.HostKeyError.kind == "host_key" and errors.Interrupted.kind == "interrupted"
+    agent = errors.AgentError("on the server: is a directory", kind="is_dir", path="a/b")
+    assert (agent.kind, agent.agent_kind, agent.path, agent.exit_code) == ("io", "is_dir", "a/b", errors.IO)

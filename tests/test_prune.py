@@ -64,7 +64,8 @@ def test_keep_last_1_removes_older_with_reasons(store: Path) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert row(result.stdout, "checkpoint-12").split()[0] == "keep"
-    assert row(result.stdout, "checkpoint-12").endswith("last 1; newest verified backup")
+    # checkpoint-12 is also the best (trainer_state.json): kept by default for that reason too
+    assert row(result.stdout, "checkpoint-12").endswith("last 1; best; newest verified backup")
     for name in ("checkpoint-8", "checkpoint-4"):
         line = row(result.stdout, name)
         assert line.startswith("removed") and line.endswith("not matched by any rule")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
 import signal
 import sys
 import traceback
@@ -36,8 +34,10 @@ ABORTS = tuple(set(_exceptions("Abort")) | ({typer.Abort} if hasattr(typer, "Abo
 CLICK_ERRORS = _exceptions("ClickException")
 
 from ckptsync import __version__
-from ckptsync.errors import EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
-from ckptsync.output import Output
+from ckptsync.cli import commands, context
+from ckptsync.cli import options as o
+from ckptsync.errors import CONNECT, EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
+from ckptsync.output import Output, guard_std_streams
 
 EXIT_TABLE = "\n\n".join(f"{code:>3}  {text}" for code, text in EXIT_CODES)
 
@@ -52,12 +52,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-state = {"debug": bool(os.environ.get("CKPTSYNC_DEBUG"))}
-
-# Each module registers its command(s) on `app`.
-COMMANDS = ("list", "backup", "restore", "verify", "prune", "show", "compare", "archive",
-            "checklist", "cron", "demo")
-
 
 def _version(value: bool) -> None:
     if value:
@@ -68,19 +62,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also CKPTSYNC_DEBUG=1).")] = False,
+    json: o.Json = False, quiet: o.Quiet = False, log_file: o.LogFile = None, debug: o.Debug = False,
 ) -> None:
-    if debug:
-        state["debug"] = True
+    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug)
+
+
+commands.register(app)
 
 
 def _load_commands() -> None:
-    for name in COMMANDS:
-        try:
-            importlib.import_module(f"ckptsync.cli.cmd_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"ckptsync.cli.cmd_{name}":
-                raise
+    """Nothing left to load: commands.register(app) above lists them all. Kept because
+    .ci/make-completions calls it."""
 
 
 def _on_sigterm(_signum, _frame) -> None:
@@ -90,36 +82,64 @@ def _on_sigterm(_signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with the documented code."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    _load_commands()
-    out = Output()
+    guard_std_streams()
+    args = sys.argv[1:] if argv is None else list(argv)
+    run = context.begin()
     try:
-        code = app(args=argv, prog_name="ckptsync", standalone_mode=False)
+        code = app(args=args, prog_name="ckptsync", standalone_mode=False)
     except NO_ARGS as exc:
-        print(exc.ctx.get_help() if exc.ctx else "")
-        code = USAGE
+        code = _no_command(run, exc)
     except USAGE_ERRORS as exc:
+        if not run.output_built:
+            run.update(**context.scan_global_options(args))  # click stopped before it saw them
         hint = f"see '{exc.ctx.command_path} --help'" if exc.ctx else "see 'ckptsync --help'"
-        out.error(exc.format_message(), hint)
-        code = USAGE
-    except ABORTS:
-        out.error("interrupted")
-        code = INTERRUPTED
+        code = _fail(run, exc.format_message(), hint, USAGE, "usage")
+    except ABORTS as exc:
+        if isinstance(exc.__context__, EOFError):  # click turns an escaped EOFError into Abort
+            code = _fail(run, "the connection ended unexpectedly", "run the same command again",
+                         CONNECT, "connect")
+        else:
+            code = _fail(run, "interrupted", "", INTERRUPTED, "interrupted")
     except CLICK_ERRORS as exc:
-        out.error(exc.format_message())
-        code = exc.exit_code
+        code = _fail(run, exc.format_message(), "", exc.exit_code, "usage" if exc.exit_code == USAGE else "unexpected")
     except CkptsyncError as exc:
-        if state["debug"]:
-            traceback.print_exc()
-        out.error(exc.message, exc.hint)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        out.error("interrupted")
-        code = INTERRUPTED
-    except BrokenPipeError:
-        code = 0
+        code = _fail(run, exc.message, exc.hint, exc.exit_code, type(exc).kind, exc)
+    except KeyboardInterrupt:  # outside a command body, with a typer that lets it through
+        code = _fail(run, "interrupted", "", INTERRUPTED, "interrupted")
     except Exception as exc:  # the last line of defence: one line, and a way to get more
-        if state["debug"]:
-            traceback.print_exc()
-        out.error(f"unexpected {type(exc).__name__}: {exc}", "run again with --debug for a traceback, and report it")
-        code = UNEXPECTED
+        code = _fail(run, f"unexpected {type(exc).__name__}: {exc}",
+                     "run again with --debug for a traceback, and report it", UNEXPECTED, "unexpected", exc)
+    sys.stdout.flush()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_output(run: context.Settings) -> Output:
+    """The run's Output, even when its log file is what could not be opened."""
+    try:
+        return run.output()
+    except CkptsyncError as exc:
+        out = run.output()  # built without the log this time
+        out.warn(exc.message)
+        return out
+
+
+def _fail(run: context.Settings, message: str, hint: str, code: int, kind: str,
+          exc: BaseException | None = None) -> int:
+    out = _error_output(run)
+    if exc is not None and run.debug:
+        out.text_to_stderr("".join(traceback.format_exception(exc)))
+    out.failure(message, hint, exit_code=code, kind=kind)
+    return code
+
+
+def _no_command(run: context.Settings, exc) -> int:
+    """`ckptsync` or `ckptsync cron` alone: the help, and the usage exit code."""
+    text = exc.ctx.get_help() if exc.ctx else ""
+    out = _error_output(run)
+    if out.json_mode:  # stdout is for the JSON object
+        out.text_to_stderr(text + "\n")
+        out.failure("missing command", f"see '{exc.ctx.command_path} --help'" if exc.ctx else "",
+                    exit_code=USAGE, kind="usage")
+    else:
+        out.stdout.write(text + "\n")
+    return USAGE

@@ -7,19 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.archive import ArchiveOptions, run_archive
+from ckptsync.archive import ArchiveOptions, ArchiveResult, run_archive
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
 from ckptsync.output import Output, human
 
 
-@app.command("archive")
 def archive_cmd(
     instance: o.Instance = None, local_dir: o.LocalDir = None, config: o.Config = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Archive file (default: <backup-dir>-<YYYYmmdd>.tar.zst next to the backup directory).", show_default=False)] = None,
+    archive: Annotated[Optional[str], typer.Option("--output", "-o", help="Archive file (default: <backup-dir>-<YYYYmmdd>.tar.zst next to the backup directory).", show_default=False)] = None,
     remove: Annotated[bool, typer.Option("--remove", help="After the archive is read back and verified, remove the archived checkpoints and their manifests.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
-    json_out: o.Json = False, quiet: o.Quiet = False,
 ) -> int:
     """Pack a finished run's backup directory into one .tar.zst and verify it by reading it back.
 
@@ -28,14 +26,14 @@ def archive_cmd(
     --remove the originals go only after the read-back check passed; if the
     archive exists already, it is read back and checked instead of rewritten.
     """
-    out = Output(json_mode=json_out, quiet=quiet)
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
-    opts = ArchiveOptions(output=Path(output) if output else None, remove=remove, wait=wait)
+    opts = ArchiveOptions(output=Path(archive) if archive else None, remove=remove, wait=wait)
+    out = output()
     out.info(f"archive {t.local_dir}")
-    r = run_archive(t.local_dir, opts, out.reporter())
-    if json_out:
-        out.emit(r.to_dict())
-        return r.exit_code
+    return out.render(run_archive(t.local_dir, opts, out.reporter()), show_archive)
+
+
+def show_archive(out: Output, r: ArchiveResult) -> None:
     for w in r.warnings:
         out.warn(w)
     if r.reused:
@@ -49,6 +47,5 @@ def archive_cmd(
         out.result("read back and verified: every file matches its manifest")
     if r.removed:
         out.result(f"removed from {r.source}: {', '.join(r.removed)}")
-    elif not quiet:
+    elif not out.quiet:
         out.result("the originals can now be removed with --remove")
-    return r.exit_code

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.backup import BackupOptions, BackupResult, run_backup
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
 from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, human
 
 
-@app.command("backup")
+@dataclass
+class Skipped:
+    """--skip-if-locked met a lock: the run holding it does the work."""
+
+    target: str
+    dest: str
+    skipped: str
+    exit_code: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def backup_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
@@ -23,8 +36,7 @@ def backup_cmd(
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
     compress: o.Compress = "auto",
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
-    dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
-    log_file: Annotated[Optional[str], typer.Option("--log-file", help="Append log lines to this file.", show_default=False)] = None,
+    dry_run: o.DryRun = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
     skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron).")] = False,
 ) -> int:
@@ -35,31 +47,29 @@ def backup_cmd(
     """
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
-    out = Output(json_mode=json_out, quiet=quiet, log_file=log_file)
     opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
                          include_best=include_best, compress=o.parse_compress(compress), dry_run=dry_run,
                          wait=wait, extra_files=not no_extra_files)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+    out = output()
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
     try:
         result = run_backup(t, opts, out.reporter())
     except Locked as exc:
         if not skip_if_locked:
             raise
-        # An overlapping cron run: the one holding the lock does the work.
         out.info(f"skipped: {exc.message}")
-        if json_out:
-            out.emit({"target": t.label, "dest": str(t.local_dir), "skipped": exc.message, "exit_code": 0})
-        return 0
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
+        return out.render(Skipped(t.label, str(t.local_dir), exc.message), lambda out, r: None)
+    return out.render(result, show_backup)
+
+
+def show_backup(out: Output, result: BackupResult) -> None:
     for w in result.warnings:
         out.warn(w)
     skipped = [p for p in result.plan if p.action == "skip"]
     for p in skipped:
         out.warn(f"skipped {p.name}: {p.reason}")
-    if dry_run:
+    if result.dry_run:
         fetch = [p for p in result.plan if p.action == "fetch"]
         for p in result.plan:
             if p.action == "fetch":
@@ -68,22 +78,20 @@ def backup_cmd(
                 out.result(f"up to date  {p.name}")
         out.result(f"dry run: would fetch {human(sum(p.fetch_bytes for p in fetch))} "
                    f"in {len(fetch)} item(s) into {result.dest}; nothing was changed")
-        return 0
+        return
     for name, why in result.failed.items():
         out.warn(f"{name}: {why}")
     current = [p.name for p in result.plan if p.action == "up-to-date"]
     if not result.fetched and not result.failed:
-        if not quiet:
+        if not out.quiet:
             out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({result.seconds:.1f}s)")
-        return result.exit_code
+        return
+    if out.quiet and not result.failed:
+        return
     rate = result.raw_bytes / result.seconds if result.seconds else 0
-    summary = (f"fetched {len(result.fetched)} ({', '.join(result.fetched) or 'none'}), "
+    out.result(f"fetched {len(result.fetched)} ({', '.join(result.fetched) or 'none'}), "
                f"up to date {len(current)}, skipped {len(skipped)}, failed {len(result.failed)}; "
                f"{human(result.raw_bytes)} of files, {human(result.wire_bytes)} on the wire, "
                f"{human(max(result.disk_bytes, 0))} new on disk"
                + (f" ({result.linked_files} files hard-linked)" if result.linked_files else "")
                + f"; {result.seconds:.1f}s, {human(rate)}/s")
-    if quiet and not result.failed:
-        return result.exit_code
-    out.result(summary)
-    return result.exit_code

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
 
-from ckptsync.checklist import run_checklist
+from ckptsync.checklist import ChecklistResult, run_checklist
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
 from ckptsync.output import Output
 
 
-@app.command("checklist")
 def checklist_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     backup: Annotated[bool, typer.Option("--backup", help="Run the missing backup first, then check.")] = False,
-    json_out: o.Json = False,
 ) -> int:
     """May I delete this instance now? Exit 0 only when it is safe; otherwise 3 and what to do.
 
@@ -25,13 +24,14 @@ def checklist_cmd(
     checkpoint is backed up and re-verifies now; extra files are backed up
     and identical; the last backup succeeded.
     """
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+    out = output()
     result = run_checklist(t, backup_first=backup, rep=out.reporter())
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
-    out.result(f"pre-shutdown checklist for {result.server} ({t.remote_dir})")
+    return out.render(result, functools.partial(show_checklist, remote_dir=t.remote_dir))
+
+
+def show_checklist(out: Output, result: ChecklistResult, remote_dir: str) -> None:
+    out.result(f"pre-shutdown checklist for {result.server} ({remote_dir})")
     for c in result.checks:
         mark = "[ok]  " if c.ok else "[FAIL]"
         out.result(f"  {mark} {c.name}: {c.detail}")
@@ -41,4 +41,3 @@ def checklist_cmd(
         out.result("SAFE: everything on this server that matters is backed up and verified.")
     else:
         out.result("NOT SAFE to delete this instance yet.")
-    return result.exit_code

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
-from ckptsync.details import compare_backups
+from ckptsync.cli.context import render
+from ckptsync.details import CompareResult, compare_backups
 from ckptsync.output import Output, human, table
 from ckptsync.plot import number
 
@@ -16,24 +16,21 @@ LABELS = {"step": "step", "epoch": "epoch", "loss": "train loss", "eval_loss": "
           "learning_rate": "learning rate"}
 
 
-@app.command("compare")
 def compare_cmd(
     a: Annotated[str, typer.Argument(metavar="A", help="A backed-up checkpoint, e.g. checkpoint-500.")],
     b: Annotated[str, typer.Argument(metavar="B", help="Another one, e.g. checkpoint-1000.")],
     instance: o.Instance = None, local_dir: o.LocalDir = None, config: o.Config = None,
-    json_out: o.Json = False,
 ) -> int:
     """Compare two backed-up checkpoints: step, epoch, loss and learning-rate changes, and which files differ.
 
     Reads the backup directory only (no network). Files are compared by
     content (xxh3-128 and size from the manifests).
     """
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
-    r = compare_backups(t.local_dir, a, b)
-    if json_out:
-        out.emit(r.to_dict())
-        return r.exit_code
+    return render(compare_backups(t.local_dir, a, b), show_compare)
+
+
+def show_compare(out: Output, r: CompareResult) -> None:
     out.result(f"{r.a} -> {r.b}   (backups in {r.location})")
     values = table("", r.a, r.b, "change")
     for c in r.values:
@@ -49,7 +46,6 @@ def compare_cmd(
         for f in group:
             files.add_row(label, f.path, _sizes(f.a_size, f.b_size))
     out.rich(files)
-    return r.exit_code
 
 
 def _fmt(value) -> str:

@@ -9,28 +9,22 @@ import typer
 
 from ckptsync import cron
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import render
 from ckptsync.errors import LOCKED, PARTIAL
 from ckptsync.output import Output, ago
 
-cron_app = typer.Typer(
-    name="cron",
-    help="Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-)
-app.add_typer(cron_app, name="cron")
+HELP = "Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed."
 
 Every = Annotated[str, typer.Option("--every", help="How often, e.g. 15m, 30m, 1h, 2h, 1d or 1w: a divisor of an hour or of a day. Hourly and longer runs keep the current minute (and hour).")]
-LogFile = Annotated[Optional[str], typer.Option("--log-file", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log).", show_default=False)]
+# The global --log-file, with what it also means here (named log_file, it gets the value given
+# before or after the command name alike).
+CronLogFile = Annotated[Optional[str], typer.Option("--log-file", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log); this command logs there too.", show_default=False)]
 
 
-@cron_app.command("install")
 def install_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None,
-    every: Every = "30m", log_file: LogFile = None, json_out: o.Json = False,
+    every: Every = "30m", log_file: CronLogFile = None,
 ) -> int:
     """Add the crontab entry that backs up this target, or replace it when there is one.
 
@@ -38,33 +32,30 @@ def install_cmd(
     file in use and the target options given here, logs to the log file and
     sends no mail. Other lines of the crontab are left as they are.
     """
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, host, remote_dir, local_dir)
     job = cron.CronJob(instance=instance, host=host, remote_dir=remote_dir, config=config, every=every,
                        log_file=log_file)
-    r = cron.install(t, job, cron.Crontab())
-    if json_out:
-        out.emit(r.to_dict())
-        return r.exit_code
+    # The Output (which opens the log) is built after install made the log's directory.
+    return render(cron.install(t, job, cron.Crontab()), show_installed)
+
+
+def show_installed(out: Output, r: cron.CronResult) -> None:
     done = {"installed": "installed", "replaced": "replaced", "unchanged": "already installed"}[r.action]
     out.result(f"{done}: cron entry for {r.target} ({r.backup_dir}), every {r.every} ({r.schedule})")
     out.result(f"  log file: {r.log_file}")
     out.result(f"  {r.line}")
-    return r.exit_code
 
 
-@cron_app.command("show")
 def show_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
-    local_dir: o.LocalDir = None, config: o.Config = None, json_out: o.Json = False,
+    local_dir: o.LocalDir = None, config: o.Config = None,
 ) -> int:
     """The crontab entry of this target, how its last run went, and the end of its log."""
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
-    r = cron.show(t, cron.Crontab())
-    if json_out:
-        out.emit(r.to_dict())
-        return r.exit_code
+    return render(cron.show(t, cron.Crontab()), show_entry)
+
+
+def show_entry(out: Output, r: cron.CronResult) -> None:
     if r.installed:
         every = f"every {r.every} ({r.schedule})" if r.every else f"schedule {r.schedule or '?'}"
         out.result(f"cron entry for {r.target} ({r.backup_dir}): {every}")
@@ -80,27 +71,23 @@ def show_cmd(
         out.result(f"log {r.log_file} (last {n} line{'' if n == 1 else 's'}):")
         for line in r.log_tail:
             out.result(f"  {line}")
-    return r.exit_code
 
 
-@cron_app.command("remove")
 def remove_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
-    local_dir: o.LocalDir = None, config: o.Config = None, json_out: o.Json = False,
+    local_dir: o.LocalDir = None, config: o.Config = None,
 ) -> int:
     """Remove this target's crontab entry; other lines are left as they are."""
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
-    r = cron.remove(t, cron.Crontab())
-    if json_out:
-        out.emit(r.to_dict())
-        return r.exit_code
+    return render(cron.remove(t, cron.Crontab()), show_removed)
+
+
+def show_removed(out: Output, r: cron.CronResult) -> None:
     if r.action == "removed":
         out.result(f"removed the cron entry for {r.target} ({r.backup_dir})")
     else:
         out.result(f"no cron entry for {r.target} ({r.backup_dir}); nothing to remove")
         _others(out, r)
-    return r.exit_code
 
 
 def _others(out: Output, r: cron.CronResult) -> None:

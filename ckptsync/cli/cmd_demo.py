@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output, settings
 from ckptsync.demo import make_server_tree
 from ckptsync.output import Output
 
@@ -44,13 +46,26 @@ STEPS = [
 ]
 
 
-@app.command("demo")
+@dataclass
+class DemoResult:
+    base: str
+    kept: bool
+    steps: list[dict] = field(default_factory=list)   # title, command, exit_code (and output, with --json)
+
+    @property
+    def exit_code(self) -> int:
+        return max((s["exit_code"] for s in self.steps), default=0)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
 def demo_cmd(
     directory: Annotated[Optional[str], typer.Option("--dir", help="Where to build the demo (default: a new temp directory).", show_default=False)] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo files afterwards.")] = False,
 ) -> int:
     """Build a sample training run in a temp directory and run list, backup, verify and restore on it."""
-    out = Output()
+    out = output()
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="ckptsync-demo-"))
     server_root = base / "server" / "socrates-training"
     paths = {"server": str(server_root / "models" / "socrates-qwen-full-dataset"),
@@ -61,23 +76,39 @@ def demo_cmd(
     out.result(f"  server checkpoint directory: {paths['server']}\n  backup directory:            {paths['backups']}\n")
     env = dict(os.environ)
     env["CKPTSYNC_CONFIG"] = str(_demo_config(base, paths["server"]))
-    worst = 0
+    result = DemoResult(base=str(base), kept=bool(keep or directory))
     for title, text, args in STEPS:
         argv = [a.format(**paths) for a in args]
         out.result(f"--- {title} " + "-" * max(0, 60 - len(title)))
         out.result(text)
         out.result("$ ckptsync " + " ".join(shlex.quote(a) for a in argv))
-        sys.stdout.flush()
-        res = subprocess.run([sys.executable, "-m", "ckptsync", *argv], env=env)
-        worst = max(worst, res.returncode)
+        out.flush()  # before the child writes to the same stdout
+        # The child runs in this run's mode (--json, --quiet, --log-file, --debug); under --json
+        # its JSON becomes part of this one.
+        res = subprocess.run([sys.executable, "-m", "ckptsync", *settings().argv(), *argv], env=env,
+                             stdout=subprocess.PIPE if out.json_mode else None, text=True)
+        step = {"title": title, "command": ["ckptsync", *argv], "exit_code": res.returncode}
+        if out.json_mode:
+            step["output"] = _json_or_text(res.stdout)
+        result.steps.append(step)
         out.result("")
+    if not result.kept:
+        shutil.rmtree(base, ignore_errors=True)
+    return out.render(result, show_demo)
+
+
+def show_demo(out: Output, r: DemoResult) -> None:
     out.result("That is the whole loop. On a real GPU server use --instance N (the SSH alias tnr-N)\n"
                "or --host user@host, and --remote-dir where the trainer writes checkpoints.")
-    if keep or directory:
-        out.result(f"Demo files kept in {base}")
-    else:
-        shutil.rmtree(base, ignore_errors=True)
-    return worst
+    if r.kept:
+        out.result(f"Demo files kept in {r.base}")
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _demo_config(base: Path, server: str) -> Path:

@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
-from ckptsync.listing import run_list
+from ckptsync.cli.context import render
+from ckptsync.listing import ListResult, run_list
 from ckptsync.output import Output, ago, human, table, when
 
 
-@app.command("list")
 def list_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     local: Annotated[bool, typer.Option("--local", help="Only the backup directory; no connection.")] = False,
-    json_out: o.Json = False,
 ) -> int:
     """List checkpoints on the server and in the backup directory, newest first."""
-    out = Output(json_mode=json_out)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=not local)
     result = run_list(t, local_only=local)
-    if json_out:
-        out.emit(result.to_rows())
-        return 0
+    return render(result, functools.partial(show_list, remote_dir=None if local else t.remote_dir),
+                  ListResult.to_rows)
+
+
+def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
     where = f"server: {result.server}  " if result.server else ""
     out.result(f"{where}backups: {result.dest}")
     if not result.rows:
-        out.result("no checkpoints found" + ("" if local else f" in {t.remote_dir}"))
-        return 0
+        out.result("no checkpoints found" + (f" in {remote_dir}" if remote_dir else ""))
+        return
     tab = table("", "name", "step", "kind", "size", "modified", "state", "contents", "backed up")
     for r in result.rows:
         state = "-" if r.complete is None else ("complete" if r.complete else f"in progress: {r.reason}")
@@ -54,4 +54,3 @@ def list_cmd(
             out.warn(f"{r.name}: {r.meta_error}")
     if result.unmanaged:
         out.warn(f"not made by ckptsync (no manifest): {', '.join(result.unmanaged[:5])}")
-    return 0

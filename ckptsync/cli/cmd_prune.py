@@ -7,28 +7,30 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
+from ckptsync.errors import UsageError
 from ckptsync.output import Output, human, table, when
 from ckptsync.prune import PruneOptions, PruneResult, run_prune
 from ckptsync.retention import Policy, parse_duration
 
 
-@app.command("prune")
 def prune_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Prune the server's checkpoints instead of the backups.")] = False,
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="K", show_default=False, help="Keep the K newest complete checkpoints.")] = 0,
-    keep_best: Annotated[bool, typer.Option("--keep-best", help="Keep the best checkpoint(s) (trainer_state.json, best_model.pt).")] = False,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="Keep the best checkpoint(s) (trainer_state.json, best_model.pt); on by default with any other rule.")] = False,
+    no_keep_best: Annotated[bool, typer.Option("--no-keep-best", help="Let the other rules delete the best checkpoint too.")] = False,
     keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", show_default=False, help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
     keep_within: Annotated[Optional[str], typer.Option("--keep-within", metavar="DURATION", help="Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w).", show_default=False)] = None,
-    dry_run: o.DryRun = False, force: o.Force = False, json_out: o.Json = False,
+    dry_run: o.DryRun = False, force: o.Force = False,
 ) -> int:
     """Delete the checkpoints no --keep rule keeps, in the backup directory or (--remote) on the server.
 
     A checkpoint is kept if any rule keeps it; each one is listed with the
     reasons. Always kept, whatever the rules: checkpoints still being written,
-    and locally the newest backup. With --remote, a checkpoint without a
+    and locally the newest backup. The best checkpoint is kept unless
+    --no-keep-best. With --remote, a checkpoint without a
     verified local backup (same files, sizes and mtimes) is kept unless
     --force. Each checkpoint disappears whole; an interrupted run is finished
     by the next one.
@@ -36,20 +38,19 @@ def prune_cmd(
     Exit 2 without any --keep rule, 3 when a checkpoint could not be removed,
     11 when another run holds the backup directory.
     """
-    out = Output(json_mode=json_out)
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
-    result = run_prune(t, PruneOptions(policy=policy, remote=remote, dry_run=dry_run, force=force),
+    out = output()
+    if keep_best and no_keep_best:
+        raise UsageError("give --keep-best or --no-keep-best, not both")
+    result = run_prune(t, PruneOptions(policy=policy, remote=remote, dry_run=dry_run, force=force,
+                                       keep_best=not no_keep_best),
                        out.reporter())
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
-    _render(out, result)
-    return result.exit_code
+    return out.render(result, show_prune)
 
 
-def _render(out: Output, r: PruneResult) -> None:
+def show_prune(out: Output, r: PruneResult) -> None:
     for w in r.warnings:
         out.warn(w)
     out.result(f"{'server' if r.side == 'server' else 'backups'}: {r.where}")

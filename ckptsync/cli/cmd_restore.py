@@ -7,12 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
 from ckptsync.output import Output, human, table
 from ckptsync.restore import RestoreOptions, RestoreResult, files_text, run_restore
 
 
-@app.command("restore")
 def restore_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
@@ -20,7 +19,7 @@ def restore_cmd(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
     compress: o.Compress = "auto",
-    force: o.Force = False, dry_run: o.DryRun = False, json_out: o.Json = False, quiet: o.Quiet = False,
+    force: o.Force = False, dry_run: o.DryRun = False,
 ) -> int:
     """Put a backed-up checkpoint on a (new) server, ready to resume training.
 
@@ -32,22 +31,22 @@ def restore_cmd(
     to send only what is missing. Onto a new instance from the backups of an
     old one: --instance NEW --local-dir ~/ckpt-backups/instance-OLD.
     """
-    out = Output(json_mode=json_out, quiet=quiet)
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
                           force=force, dry_run=dry_run, compress=o.parse_compress(compress))
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+    out = output()
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
-    result = run_restore(t, opts, out.reporter())
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
+    return out.render(run_restore(t, opts, out.reporter()), show_restore)
+
+
+def show_restore(out: Output, result: RestoreResult) -> None:
     for w in result.warnings:
         out.warn(w)
-    if dry_run:
-        _show_plan(out, result)
-        return result.exit_code
-    if quiet:
-        return result.exit_code
+    if result.dry_run:
+        show_plan(out, result)
+        return
+    if out.quiet:
+        return
     resumed = f", {result.resumed_files} kept from an interrupted restore" if result.resumed_files else ""
     replaced = " (the existing copy was replaced)" if result.replaced else ""
     out.result(f"restored {result.checkpoint} to {result.server}:{result.path}{replaced}")
@@ -56,10 +55,9 @@ def restore_cmd(
     for e in result.extras:
         out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
     out.result(result.resume_hint)
-    return result.exit_code
 
 
-def _show_plan(out: Output, result: RestoreResult) -> None:
+def show_plan(out: Output, result: RestoreResult) -> None:
     step = "" if result.step is None else f" (step {result.step}, {result.content})"
     out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
                f"to {result.server}:{result.path}")

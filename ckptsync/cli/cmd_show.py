@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from typing import Annotated, Optional
@@ -9,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import render
 from ckptsync.details import ShowResult, describe_resume, show_backup, show_server
 from ckptsync.output import Output, ago, human, table, when
 from ckptsync.plot import Series, line_chart, number, sparkline
@@ -18,7 +19,6 @@ DEFAULT_WIDTH = 72
 CHART_STYLES = {r"[\u2800-\u28ff]+": "cyan", "●": "magenta"}
 
 
-@app.command("show")
 def show_cmd(
     name: Annotated[Optional[str], typer.Argument(help="Checkpoint name (default: the newest).", show_default=False)] = None,
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
@@ -26,22 +26,16 @@ def show_cmd(
     remote: Annotated[bool, typer.Option("--remote", help="Read the checkpoint on the server instead of the backup (implied by --host/--remote-dir).")] = False,
     ascii_: Annotated[bool, typer.Option("--ascii", help="Draw with ASCII characters only.")] = False,
     width: Annotated[Optional[int], typer.Option("--width", min=40, max=400, help="Chart width (default: the terminal's, 72 in a pipe).", show_default=False)] = None,
-    json_out: o.Json = False,
 ) -> int:
     """Details of one checkpoint: step, losses, best, files, resumability, backup times, loss curve.
 
     Reads the backup directory (no network) unless --remote is given.
     """
-    out = Output(json_mode=json_out)
     remote = remote or host is not None or remote_dir is not None
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
     result = show_server(t, name) if remote else show_backup(t.local_dir, name)
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
-    plain = ascii_ or not utf8_output()
-    render(out, result, width or terminal_width(), plain)
-    return result.exit_code
+    return render(result, functools.partial(show_checkpoint, width=width or terminal_width(),
+                                            plain=ascii_ or not utf8_output()))
 
 
 def utf8_output() -> bool:
@@ -55,7 +49,7 @@ def terminal_width() -> int:
     return DEFAULT_WIDTH
 
 
-def render(out: Output, r: ShowResult, width: int, plain: bool) -> None:
+def show_checkpoint(out: Output, r: ShowResult, width: int, plain: bool) -> None:
     where = "backup in" if r.source == "backup" else "on"
     out.result(f"{r.name}{'  * best checkpoint' if r.is_best else ''}   ({where} {r.location})")
     rows = [("layout", f"{r.layout} ({r.kind})")]

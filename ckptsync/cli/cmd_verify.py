@@ -7,18 +7,16 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.app import app
+from ckptsync.cli.context import output
 from ckptsync.output import Output, human
 from ckptsync.verify import EntryCheck, VerifyResult, run_verify
 
 
-@app.command("verify")
 def verify_cmd(
     names: Annotated[Optional[list[str]], typer.Argument(metavar="NAME", help="Checkpoints to verify (default: every backup and extra-files).", show_default=False)] = None,
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Compare the server's copy with the backup (hashed on the server) instead of re-reading the backup.")] = False,
-    json_out: o.Json = False, quiet: o.Quiet = False,
 ) -> int:
     """Check backups: re-read every file and compare size and xxh3-128 with the manifest.
 
@@ -31,18 +29,18 @@ def verify_cmd(
 
     Exit 30 when any check fails.
     """
-    out = Output(json_mode=json_out, quiet=quiet)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
+    out = output()
     if remote:
         out.info(f"verify {t.describe()}:{t.remote_dir} against {t.local_dir}")
-    result = run_verify(t, list(names or []), remote=remote, rep=out.reporter())
-    if json_out:
-        out.emit(result.to_dict())
-        return result.exit_code
+    return out.render(run_verify(t, list(names or []), remote=remote, rep=out.reporter()), show_verify)
+
+
+def show_verify(out: Output, result: VerifyResult) -> None:
     for w in result.warnings:
         out.warn(w)
     for e in result.entries:
-        if quiet and not e.failed:
+        if out.quiet and not e.failed:
             continue
         out.result(_line(e))
         for p in e.problems:
@@ -51,7 +49,6 @@ def verify_cmd(
     if result.failed:
         bad = ", ".join(f"{e.name} ({e.status})" for e in result.failed)
         out.error(f"integrity check failed: {bad}")
-    return result.exit_code
 
 
 def _line(e: EntryCheck) -> str:

@@ -40,8 +40,6 @@ class Subprocess(Process):
     def stderr_text(self) -> str:
         return self._stderr.text()
 
-    def exit_status(self) -> int | None:
-        return self.proc.poll()
 
     def close(self) -> None:
         for stream in (self.proc.stdin,):

@@ -135,18 +135,18 @@ class SshProcess(Process):
     def stderr_text(self) -> str:
         return self._stderr.text()
 
-    def exit_status(self) -> int | None:
-        return self.chan.recv_exit_status() if self.chan.exit_status_ready() else None
 
     def close(self) -> None:
-        try:
-            self.chan.shutdown_write()
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
-        self.chan.close()
-        self.client.close()
-        if self.jump is not None:
-            self.jump.close()
+        # On a connection that just died, paramiko's close() writes to the dead socket and raises
+        # EOFError; that must not replace the "connection lost" error being reported.
+        for step in (self.chan.shutdown_write, self.chan.close, self.client.close,
+                     self.jump.close if self.jump is not None else None):
+            if step is None:
+                continue
+            try:
+                step()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
 
 
 class SshTransport(Transport):

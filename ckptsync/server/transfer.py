@@ -15,8 +15,8 @@ import xxhash
 from ckptsync import agent as wire
 from ckptsync.errors import CkptsyncError, IntegrityError, ProtocolError
 from ckptsync.progress import Reporter
-from ckptsync.remote import Download
-from ckptsync.store import FileRecord, io_error
+from ckptsync.server.base import Download
+from ckptsync.store import io_error
 
 CHUNK = wire.CHUNK
 
@@ -106,12 +106,13 @@ class DiskWriter:
 
 
 def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
-            on_file: Callable[[Received], None]) -> Outcome:
+            on_file: Callable[[Received], None]) -> tuple[Outcome, int]:
     """Write each expected member to its target path ("<target>.part" until confirmed).
 
     A member counts only once the server's record for it has arrived and its
     size and hash match what was written here; `on_file` is then called.
     Anything the server sends that was not asked for stops the transfer.
+    Returns the outcome and the bytes that crossed the link.
     """
     pending: list[tuple[Received, Path, str]] = []
     received: list[Received] = []
@@ -150,7 +151,7 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             seen.add(name)
             pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep))
             settle(final=False)
-        dl.finish()
+        wire_bytes = dl.finish()
     except BaseException:
         for _rec, path, _h in pending:  # unconfirmed data is worthless; confirmed files stay
             path.with_name(path.name + ".part").unlink(missing_ok=True)
@@ -162,7 +163,7 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             record = dl.records.get(member, {})
             changed[member] = record.get("error") or "not sent by the server"
     settle(final=True)
-    return Outcome(received=received, changed=changed)
+    return Outcome(received=received, changed=changed), wire_bytes
 
 
 def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo, path: Path, alg: str,
@@ -196,7 +197,3 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
     rec = Received(member=member.name, size=written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest)
     return rec, path, digest if other is None else other
 
-
-def to_record(rec: Received, source: str = "") -> FileRecord:
-    return FileRecord(path=rec.member, size=rec.size, mode=rec.mode, mtime_ns=rec.mtime_ns,
-                      xxh3_128=rec.xxh3_128, source=source)

@@ -9,7 +9,10 @@ from importlib import resources
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
-from ckptsync.errors import AgentError, CkptsyncError, ConnectError, IntegrityError, NotFound, ProtocolError
+from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
+from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase
+from ckptsync.server.errors import from_reply
+from ckptsync.server.types import Arrived
 from ckptsync.transport import Process, Transport
 from ckptsync.transport.base import MARKER, NO_PYTHON
 
@@ -20,7 +23,8 @@ CHUNK = wire.CHUNK
 
 
 def agent_source() -> bytes:
-    return resources.files("ckptsync").joinpath("agent.py").read_bytes()
+    """The joined agent, zlib-compressed: the first stage decompresses it before running it."""
+    return wire.payload_compressed()
 
 
 class _Pipe:
@@ -59,16 +63,8 @@ class _Channel(wire.Channel):
         return kind, body
 
 
-def _raise(payload: dict, default_path: str = "") -> None:
-    kind = payload.get("kind", "")
-    message = payload.get("message", "the agent reported an error")
-    if kind == "not_found":
-        raise NotFound(f"on the server: {message}")
-    if kind in ("protocol", "unknown_op", "bad_member", "unsupported"):
-        raise ProtocolError(f"on the server: {message}")
-    if kind == "internal":
-        raise CkptsyncError(f"the agent failed on the server: {message}")
-    raise AgentError(f"on the server: {message}", kind=kind, path=payload.get("path", default_path))
+def _raise(payload: dict, where: str) -> None:
+    raise from_reply(payload, where)
 
 
 class Remote:
@@ -139,9 +135,12 @@ class Remote:
                 self.request("bye")  # no need to wait for the answer: saves a round trip
             except Exception:
                 pass
-        self.proc.close()
-        self.transport.close()
-        self.proc = None
+        proc, self.proc = self.proc, None
+        try:
+            proc.close()
+            self.transport.close()
+        except Exception:  # closing a broken link must not hide why it broke, nor fail finished work
+            pass
 
     # -------------------------------------------------- requests
 
@@ -172,7 +171,7 @@ class Remote:
     def reply(self) -> dict:
         kind, body = self._recv()
         if kind == b"X":
-            _raise(self._json(body))
+            _raise(self._json(body), self.describe())
         if kind != b"J":
             raise ProtocolError(f"{self.describe()}: expected a reply, got frame {kind!r}")
         return self._json(body)
@@ -204,7 +203,7 @@ class Remote:
         return Upload(self, root, name, compress)
 
 
-class Download:
+class Download(DownloadBase):
     """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
 
     def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str) -> None:
@@ -223,7 +222,7 @@ class Download:
             self.records[str(record.get("member"))] = record
         elif kind == b"X":
             self.remote.busy = False
-            _raise(self.remote._json(body))
+            _raise(self.remote._json(body), self.remote.describe())
         else:
             raise ProtocolError(f"{self.remote.describe()}: unexpected frame {kind!r} in a transfer")
 
@@ -237,17 +236,20 @@ class Download:
                 raise ProtocolError(f"{self.remote.describe()}: corrupt compressed data: {exc}") from None
             raise
 
-    def finish(self) -> dict:
+    def finish(self) -> int:
         try:
             self.reader.drain()
         except wire.Failure as exc:
             raise ProtocolError(f"{self.remote.describe()}: {exc.message}") from None
         self.remote.busy = False
         self.stats = self.remote.reply()
-        return self.stats
+        try:
+            return int(self.stats.get("wire_bytes", 0))
+        except (TypeError, ValueError):
+            return 0
 
 
-class Upload:
+class Upload(UploadBase):
     """Send files as a tar into a staging directory on the server; `finish` returns its hashes."""
 
     def __init__(self, remote: Remote, root: str, name: str, compress: str) -> None:
@@ -290,7 +292,11 @@ class Upload:
         except wire.Failure as exc:
             raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
 
-    def finish(self) -> dict:
+    @property
+    def wire_bytes(self) -> int:
+        return self.sender.wire_bytes
+
+    def finish(self) -> dict[str, Arrived]:
         try:
             self._write(b"\x00" * 1024)
             self.sender.close()
@@ -298,4 +304,11 @@ class Upload:
         except (wire.Failure, OSError) as exc:
             raise ConnectError(f"connection to {self.remote.describe()} lost: {exc}") from None
         self.remote.busy = False
-        return self.remote.reply()
+        reply = self.remote.reply()
+        arrived = {}
+        for x in reply.get("files") or []:
+            try:
+                arrived[str(x["member"])] = Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
+            except (KeyError, TypeError, ValueError):
+                raise ProtocolError(f"{self.remote.describe()}: malformed reply to receive") from None
+        return arrived

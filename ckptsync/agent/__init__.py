@@ -1,0 +1,27 @@
+"""The ckptsync agent: runs on the server, stdlib only, Python 3.8+.
+
+It is sent over the channel at every connection and executed from memory,
+so nothing is left on the server. Its modules import nothing from ckptsync
+but each other, and bundle.py joins them into the one source that is sent;
+the names below are what the client side uses of it.
+"""
+
+from ckptsync.agent.frames import CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure
+from ckptsync.agent.hashing import fsync_dir, hash_file, hash_names, new_hash, start_writeback
+from ckptsync.agent.paths import resolve, safe_member
+from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes, zstd_binary
+from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
+from ckptsync.agent.sender import Memory, Sender
+from ckptsync.agent.reader import FrameReader
+from ckptsync.agent.serve import serve
+from ckptsync.agent.bundle import payload, payload_compressed
+
+__all__ = [
+    "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX", "Channel", "Failure", "os_failure",
+    "fsync_dir", "hash_file", "hash_names", "new_hash", "start_writeback",
+    "resolve", "safe_member",
+    "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",
+    "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",
+    "Memory", "Sender", "FrameReader", "serve",
+    "payload", "payload_compressed",
+]

@@ -1,0 +1,201 @@
+"""Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir."""
+
+import os
+import shutil
+import tarfile
+
+from ckptsync.agent.frames import STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
+from ckptsync.agent.hashing import fsync_dir, hash_names, new_hash, start_writeback
+from ckptsync.agent.paths import resolve, safe_member
+from ckptsync.agent.reader import FrameReader
+from ckptsync.agent.tar import TarStream
+
+
+def staging_dir(root, name):
+    """root/.ckptsync-staging-<name>, for a name that is one plain path component."""
+    if not safe_member(name) or "/" in name:
+        raise Failure("bad_path", "bad staging name %r" % (name,))
+    return os.path.join(root, STAGING_PREFIX + name)
+
+
+def within(outer, inner):
+    outer, inner = os.path.abspath(outer), os.path.abspath(inner)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def move_target(root, staging, member, dest):
+    """Where one commit move lands, after checking both of its names."""
+    if not isinstance(member, str) or (member and not safe_member(member)):
+        raise Failure("bad_path", "bad staged member %r" % (member,))
+    if not isinstance(dest, str) or not dest or "\x00" in dest:
+        raise Failure("bad_path", "bad destination %r" % (dest,))
+    outside = dest.startswith("/") or ".." in dest.split("/")
+    if not outside and not safe_member(dest):
+        raise Failure("bad_path", "bad destination %r" % (dest,))
+    target = resolve(root, dest)
+    # Extra files may live outside the root ("../../config.json" or absolute), but no move
+    # may replace the root or a directory holding it, nor land inside the staging directory.
+    if within(target, root) or within(staging, target):
+        raise Failure("bad_path", "refusing to move onto %s" % target, target)
+    return target
+
+
+def op_receive(chan, req, _memory=None):
+    """Write an incoming tar into root/.ckptsync-staging-<name>/, hashing each file."""
+    root = resolve(req["root"])
+    staging = staging_dir(root, req["name"])
+    alg = req.get("alg") or hash_names()[0]
+    new_hash(alg)
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as exc:
+        raise os_failure(exc, staging)
+    chan.send_json({"ok": True, "alg": alg, "staging": staging})
+    reader = FrameReader(chan)
+    results = []
+    failure = None
+    written = []
+    try:
+        stream = TarStream(reader)
+        for member in stream.members():
+            if not member.isreg() or not safe_member(member.name):
+                raise Failure("bad_member", "refusing tar member %r" % member.name, member.name)
+            target = os.path.join(staging, *member.name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            h = new_hash(alg)
+            tmp = target + ".part"
+            with open(tmp, "wb") as out:
+                for block in stream.data(member.size):
+                    h.update(block)
+                    out.write(block)
+                out.flush()
+                start_writeback(out.fileno())
+            os.chmod(tmp, member.mode & 0o7777)
+            mtime_ns = int(member.pax_headers.get("ckptsync.mtime_ns", int(member.mtime) * 1000000000))
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            os.replace(tmp, target)
+            written.append(target)
+            results.append({"member": member.name, "size": member.size, "hash": h.hexdigest()})
+    except Failure as exc:
+        failure = exc
+    except OSError as exc:
+        failure = os_failure(exc, staging)
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        failure = Failure("protocol", "broken stream: %s" % exc)
+    if failure is not None:
+        reader.drain()
+        raise failure
+    reader.drain()
+    for path in written:  # everything reaches the disk before the client may commit
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for dirpath, _dirs, _files in os.walk(staging):
+        fsync_dir(dirpath)
+    return {"files": results, "staging": staging}
+
+
+def op_commit(req):
+    """Move a staged directory (or staged files) into place, atomically per item."""
+    root = resolve(req["root"])
+    staging = staging_dir(root, req["name"])
+    force = bool(req.get("force"))
+    moves = []
+    for move in req["moves"]:
+        if not isinstance(move, (list, tuple)) or len(move) != 2:
+            raise Failure("bad_path", "a move is [member, destination], got %r" % (move,))
+        member, dest = move
+        moves.append((member, dest, move_target(root, staging, member, dest)))
+    done = []
+    kept = []
+    for member, dest, target in moves:  # all checked before the first one moves
+        src = os.path.join(staging, *member.split("/")) if member else staging
+        parent = os.path.dirname(target)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            if os.path.lexists(target):
+                if not force:
+                    kept.append(dest)
+                    continue
+                aside = os.path.join(parent, TRASH_PREFIX + os.path.basename(target) + "-%d" % os.getpid())
+                os.rename(target, aside)
+                os.rename(src, target)
+                remove_tree(aside)
+            else:
+                os.rename(src, target)
+            fsync_dir(parent)
+            done.append(dest)
+        except OSError as exc:
+            raise os_failure(exc, target)
+    if os.path.isdir(staging) and not os.listdir(staging):
+        os.rmdir(staging)
+    return {"moved": done, "kept": kept}
+
+
+def remove_tree(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def op_staged(req):
+    """What an earlier, interrupted receive left in staging: member -> [size, mtime_ns].
+
+    "partial" lists members whose ".part" file was left half-written.
+    """
+    root = resolve(req["root"])
+    staging = staging_dir(root, req["name"])
+    out = {}
+    partial = []
+    for dirpath, _dirs, files in os.walk(staging):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, staging).replace(os.sep, "/")
+            if name.endswith(".part"):
+                partial.append(rel[: -len(".part")])
+                continue
+            st = os.stat(full)
+            out[rel] = [st.st_size, st.st_mtime_ns]
+    return {"staged": out, "partial": partial}
+
+
+def op_discard(req):
+    root = resolve(req["root"])
+    remove_tree(staging_dir(root, req["name"]))
+    return {}
+
+
+def op_remove(req):
+    """Delete checkpoints: rename aside first so no half-deleted one is ever visible."""
+    root = resolve(req["root"])
+    removed = []
+    for leftover in os.listdir(root) if os.path.isdir(root) else []:
+        if leftover.startswith(TRASH_PREFIX):
+            remove_tree(os.path.join(root, leftover))
+    for name in req["names"]:
+        if not safe_member(name) or "/" in name:
+            raise Failure("bad_path", "bad checkpoint name %r" % name)
+        target = os.path.join(root, name)
+        if not os.path.lexists(target):
+            continue
+        aside = os.path.join(root, TRASH_PREFIX + name)
+        try:
+            os.rename(target, aside)
+            fsync_dir(root)
+            remove_tree(aside)
+        except OSError as exc:
+            raise os_failure(exc, target)
+        removed.append(name)
+    return {"removed": removed}
+
+
+def op_mkdir(req):
+    path = resolve(req["path"])
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise os_failure(exc, path)
+    return {"path": os.path.abspath(path)}

@@ -1,0 +1,64 @@
+"""File hashes, and the fsync and write-back helpers that go with writing files safely."""
+
+import hashlib
+import os
+
+from ckptsync.agent.frames import CHUNK, Failure
+
+try:
+    import xxhash  # type: ignore
+except ImportError:
+    xxhash = None
+
+
+def hash_names():
+    names = []
+    if xxhash is not None:
+        names.append("xxh3_128")
+    names.extend(["sha1", "md5"])
+    return names
+
+
+def new_hash(name):
+    if name == "xxh3_128":
+        if xxhash is None:
+            raise Failure("unsupported", "xxhash is not available on this server")
+        return xxhash.xxh3_128()
+    if name in ("sha1", "md5", "sha256", "blake2b"):
+        return hashlib.new(name)
+    raise Failure("unsupported", "unknown hash %s" % name)
+
+
+def hash_file(path, alg="xxh3_128", on_block=None):
+    h = new_hash(alg)
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            if on_block is not None:
+                on_block(len(block))
+    return h.hexdigest()
+
+
+def start_writeback(fd):
+    """Start writing the file out now without waiting; the fsync before commit then finds little to do."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,22 @@
+"""Turning the paths in requests into server paths, and the member names we accept."""
+
+import os
+
+from ckptsync.agent.frames import Failure
+
+
+def resolve(root, rel=""):
+    base = os.path.expanduser(root)
+    if not rel:
+        return base
+    if "\x00" in rel:
+        raise Failure("bad_path", "path contains a NUL byte")
+    return os.path.normpath(os.path.join(base, os.path.expanduser(rel)))
+
+
+def safe_member(name):
+    """A tar member name we accept for writing: relative, no '..', no empties."""
+    if not name or not isinstance(name, str) or name.startswith("/") or "\x00" in name:
+        return False
+    parts = name.split("/")
+    return all(p not in ("", ".", "..") for p in parts)

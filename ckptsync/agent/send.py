@@ -1,0 +1,81 @@
+"""The send operation: files out as one tar, each followed by its checksum record."""
+
+import json
+import os
+import stat
+import tarfile
+
+from ckptsync.agent.frames import CHUNK, os_failure
+from ckptsync.agent.hashing import hash_names, new_hash
+from ckptsync.agent.paths import resolve
+from ckptsync.agent.sender import Sender
+from ckptsync.agent.tar import tar_header
+
+
+def send_one(sender, chan, source, member, alg):
+    record = {"member": member, "source": source}
+    try:
+        f = open(source, "rb")
+    except OSError as exc:
+        failure = os_failure(exc, source)
+        record["error"] = str(failure)
+        record["kind"] = failure.kind
+        chan_put_record(sender, record)
+        return
+    with f:
+        before = os.fstat(f.fileno())
+        size = before.st_size
+        sender.write(tar_header(member, size, before.st_mtime_ns, stat.S_IMODE(before.st_mode)))
+        sender.flush()  # so the file's data starts on a chunk boundary
+        h = new_hash(alg)
+        left = size
+        while left:
+            block = f.read(min(CHUNK, left))
+            if not block:
+                break
+            h.update(block)
+            sender.write(block)
+            left -= len(block)
+        if left:
+            sender.write(b"\x00" * left)  # the file shrank under us: keep the tar well-formed
+        if f.read(1):
+            record["changed"] = "grew while being read"
+        after = os.fstat(f.fileno())
+        try:
+            now = os.stat(source)
+            if now.st_ino != before.st_ino:
+                record["changed"] = "replaced while being read"
+        except OSError:
+            record["changed"] = "deleted while being read"
+        if left:
+            record["changed"] = "shrank while being read"
+        elif after.st_mtime_ns != before.st_mtime_ns or after.st_size != before.st_size:
+            record.setdefault("changed", "modified while being read")
+        pad = (-size) % tarfile.BLOCKSIZE
+        if pad:
+            sender.write(b"\x00" * pad)
+    record.update(size=size, mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode), hash=h.hexdigest())
+    chan_put_record(sender, record)
+
+
+def chan_put_record(sender, record):
+    sender.flush()
+    sender._put(b"H", json.dumps(record).encode("utf-8"))
+
+
+def op_send(chan, req, memory=None):
+    """Stream files as one tar: [[source relative to root or absolute, member name], ...].
+
+    `memory` is the connection's Memory: the next send starts from this one's verdict.
+    """
+    alg = req.get("alg") or hash_names()[0]
+    new_hash(alg)
+    root = req["root"]
+    chan.send_json({"ok": True, "alg": alg})
+    sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory)
+    for source, member in req["files"]:
+        send_one(sender, chan, resolve(root, source), member, alg)
+    sender.write(b"\x00" * (2 * tarfile.BLOCKSIZE))
+    sender.close()
+    chan.send(b"E")
+    return {"raw_bytes": sender.raw_bytes, "wire_bytes": sender.wire_bytes, "chunks": sender.chunks}

@@ -1,0 +1,89 @@
+"""The request loop: one JSON request at a time, each answered by a reply or an error frame."""
+
+import json
+import os
+import socket
+import sys
+import time
+
+from ckptsync.agent.frames import PROTOCOL, Channel, Failure, os_failure
+from ckptsync.agent.hashing import hash_names
+from ckptsync.agent.codec import zstandard, zstd_binary
+from ckptsync.agent.scan import op_df, op_hash, op_scan, op_stat
+from ckptsync.agent.procs import op_procs
+from ckptsync.agent.sender import Memory
+from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
+from ckptsync.agent.send import op_send
+
+
+def op_hello(_req):
+    zstd = "module" if zstandard is not None else ("binary" if zstd_binary() else None)
+    return {
+        "protocol": PROTOCOL,
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "zstd": zstd,
+        "hashes": hash_names(),
+        "hostname": socket.gethostname(),
+        "home": os.path.expanduser("~"),
+        "pid": os.getpid(),
+        "now": time.time(),
+    }
+
+
+SIMPLE = {
+    "hello": op_hello,
+    "scan": op_scan,
+    "stat": op_stat,
+    "hash": op_hash,
+    "df": op_df,
+    "procs": op_procs,
+    "commit": op_commit,
+    "staged": op_staged,
+    "discard": op_discard,
+    "remove": op_remove,
+    "mkdir": op_mkdir,
+}
+# These talk on the channel themselves; they also get the connection's Memory.
+STREAMING = {"send": op_send, "receive": op_receive}
+
+
+def error_reply(failure):
+    return {"kind": failure.kind, "message": failure.message, "path": failure.path}
+
+
+def serve(chan):
+    memory = Memory()  # per connection: what one send learned about the link serves the next
+    while True:
+        try:
+            kind, body = chan.recv()
+        except Failure:
+            return
+        if kind is None:
+            return
+        if kind != b"J":
+            chan.send_json({"kind": "protocol", "message": "expected a request, got %r" % kind}, b"X")
+            continue
+        try:
+            req = json.loads(body.decode("utf-8"))
+            if not isinstance(req, dict):
+                raise Failure("protocol", "a request is a JSON object")
+            op = req.get("op")
+            if op == "bye":
+                chan.send_json({})
+                return
+            if op in SIMPLE:
+                chan.send_json(SIMPLE[op](req))
+            elif op in STREAMING:
+                chan.send_json(STREAMING[op](chan, req, memory))
+            else:
+                raise Failure("unknown_op", "unknown operation %r" % (op,))
+        except Failure as exc:
+            chan.send_json(error_reply(exc), b"X")
+        except OSError as exc:
+            chan.send_json(error_reply(os_failure(exc, getattr(exc, "filename", "") or "")), b"X")
+        except Exception as exc:  # report, keep serving: the client decides
+            chan.send_json({"kind": "internal", "message": "%s: %s" % (type(exc).__name__, exc)}, b"X")
+
+
+def main():
+    serve(Channel(sys.stdin.buffer, sys.stdout.buffer))

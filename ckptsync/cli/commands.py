@@ -1,0 +1,85 @@
+"""Every command of the CLI, in one list, each also taking the global options."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, NamedTuple
+
+import typer
+
+from ckptsync.cli import (
+    cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_list, cmd_prune, cmd_restore,
+    cmd_show, cmd_verify, context,
+)
+from ckptsync.cli.options import GLOBAL_OPTIONS
+from ckptsync.errors import Interrupted
+
+
+class Group(NamedTuple):
+    help: str
+    commands: list[tuple[str, Callable[..., int]]]
+
+
+# In the order `ckptsync --help` lists them.
+COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
+    ("list", cmd_list.list_cmd),
+    ("backup", cmd_backup.backup_cmd),
+    ("restore", cmd_restore.restore_cmd),
+    ("verify", cmd_verify.verify_cmd),
+    ("prune", cmd_prune.prune_cmd),
+    ("show", cmd_show.show_cmd),
+    ("compare", cmd_compare.compare_cmd),
+    ("archive", cmd_archive.archive_cmd),
+    ("checklist", cmd_checklist.checklist_cmd),
+    ("cron", Group(cmd_cron.HELP, [
+        ("install", cmd_cron.install_cmd),
+        ("show", cmd_cron.show_cmd),
+        ("remove", cmd_cron.remove_cmd),
+    ])),
+    ("demo", cmd_demo.demo_cmd),
+]
+
+
+def register(app: typer.Typer) -> None:
+    for name, what in COMMANDS:
+        if isinstance(what, Group):
+            group = typer.Typer(name=name, help=what.help, no_args_is_help=True, add_completion=False,
+                                rich_markup_mode=None)
+            for sub, func in what.commands:
+                group.command(sub)(with_global_options(func))
+            app.add_typer(group, name=name)
+        else:
+            app.command(name)(with_global_options(what))
+
+
+def with_global_options(func: Callable[..., int]) -> Callable[..., int]:
+    """`func` as a command that also takes --json, --quiet, --log-file and --debug.
+
+    Their values go to the run's settings, merged with those given before the command name. A
+    command may declare one of them itself, for its own help text (cron install's --log-file);
+    it is then passed the merged value, so both positions mean the same.
+    """
+    sig = inspect.signature(func, eval_str=True)
+    declared = [name for name in GLOBAL_OPTIONS if name in sig.parameters]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in GLOBAL_OPTIONS.items() if name not in sig.parameters]
+
+    @functools.wraps(func)
+    def command(**kwargs):
+        run = context.settings()
+        run.update(**{name: kwargs[name] for name in GLOBAL_OPTIONS})
+        for p in added:
+            del kwargs[p.name]
+        for name in declared:
+            kwargs[name] = getattr(run, name)
+        try:
+            return func(**kwargs)
+        except KeyboardInterrupt:
+            # typer turns a KeyboardInterrupt into a silent exit 130; as an error it is reported.
+            raise Interrupted("interrupted") from None
+
+    params = [*sig.parameters.values(), *added]
+    command.__signature__ = sig.replace(parameters=params)  # what typer reads the options from
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

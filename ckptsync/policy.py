@@ -1,0 +1,60 @@
+"""Rules that several commands apply, each defined once: freshness, order, sizes, space."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Protocol, TypeVar
+
+# Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
+SPACE_MARGIN = 64 << 20
+
+
+class _Stamped(Protocol):
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+class _Ordered(Protocol):
+    name: str
+    step: int | None
+    mtime: float
+
+
+T = TypeVar("T", bound=_Ordered)
+
+
+def backup_is_current(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped]) -> bool:
+    """A backup is current when it lists exactly the server's files with the same size, mtime and mode.
+
+    `stored` are the manifest's file records (with `.path`); None means no backup.
+    """
+    if stored is None:
+        return False
+    mine = {f.path: (f.size, f.mtime_ns, f.mode) for f in stored}  # type: ignore[attr-defined]
+    return mine == {p: (s.size, s.mtime_ns, s.mode) for p, s in server.items()}
+
+
+def newest_key(step: int | None, mtime: float, name: str) -> tuple:
+    """Sort key, newest first: by step where there is one, then by time; unnumbered entries after."""
+    return (step is None, -(step or 0), -mtime, name)
+
+
+def newest_first(items: Iterable[T]) -> list[T]:
+    return sorted(items, key=lambda i: newest_key(i.step, i.mtime, i.name))
+
+
+def human(n: float | None) -> str:
+    """Decimal units, as disks and links are sold: 1.5 GB is 1.5e9 bytes."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def space_shortfall(need: int, free: int, already_staged: int = 0) -> int:
+    """Bytes missing for a transfer of `need` (staged bytes already count), margin included; 0 if it fits."""
+    want = max(need - already_staged, 0) + SPACE_MARGIN
+    return max(want - free, 0)

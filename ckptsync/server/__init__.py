@@ -1,0 +1,34 @@
+"""The server boundary: core code talks to a server only through `Server` and the values in `types`.
+
+`AgentServer` (agent_server.py) speaks the agent's frames over a Transport; `InProcessServer`
+(inprocess.py) runs the same agent on a thread here, with hooks for fault tests. Nothing
+outside this package, remote.py and transfer.py reads a frame or an op name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ckptsync.server.base import Download, Hashes, Server, Upload
+from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
+
+if TYPE_CHECKING:
+    from ckptsync.config import Target
+
+
+def open_server(target: "Target") -> Server:
+    """The server of a target, not yet opened (use it as a context manager)."""
+    if target.server_factory is not None:
+        return target.server_factory()
+    from ckptsync.errors import ConfigError
+    from ckptsync.server.agent_server import AgentServer
+
+    if target.transport is None:
+        raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
+    return AgentServer(target.transport)
+
+
+__all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "FileStat", "Listing", "Hello",
+           "Space", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
+           "ServerDiskFull", "ServerPermission"]

@@ -1,0 +1,151 @@
+"""`AgentServer`: the Server interface over the agent's frames, on any Transport."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Iterable
+
+from ckptsync.agent import STAGING_PREFIX, safe_member
+from ckptsync.errors import ProtocolError
+from ckptsync.server.remote import Remote
+from ckptsync.server.base import Download, Hashes, Server, Upload
+from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
+from ckptsync.server.types import Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
+from ckptsync.transport import Transport
+
+
+class AgentServer(Server):
+    def __init__(self, transport: Transport) -> None:
+        self.remote = Remote(transport)
+        self.hello = Hello(protocol=0, python="", zstd=None, hashes=("sha1",))
+
+    # -------------------------------------------------- lifecycle
+
+    def open(self) -> None:
+        self.remote.open()
+        h = self.remote.hello
+        try:
+            self.hello = Hello(protocol=int(h.get("protocol", 0)), python=str(h.get("python", "")),
+                               zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
+                               hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
+                               now=float(h.get("now", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise self._malformed("hello", exc) from None
+
+    def close(self, polite: bool = True) -> None:
+        self.remote.close(polite=polite)
+
+    def describe(self) -> str:
+        return self.remote.describe()
+
+    def _malformed(self, op: str, exc: BaseException) -> ProtocolError:
+        return ProtocolError(f"{self.describe()}: malformed reply to {op} ({exc})")
+
+    def _call(self, op: str, **args) -> dict:
+        return self.remote.call(op, **args)
+
+    # -------------------------------------------------- queries
+
+    def scan(self, root: str) -> Listing:
+        try:
+            reply = self._call("scan", root=root)
+        except MissingOnServer as exc:
+            raise RemoteDirMissing(f"remote directory does not exist on {self.describe()}: {exc.path or root}",
+                                   path=exc.path or root) from None
+        try:
+            files = []
+            for path, size, mtime_ns, mode in reply["files"]:
+                if not isinstance(path, str) or not safe_member(path):
+                    raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
+                files.append(FileStat(path, int(size), int(mtime_ns), int(mode)))
+            return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
+                           now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed("scan", exc) from None
+
+    def stat(self, root: str, paths: Iterable[str]) -> dict[str, Stat | None]:
+        paths = list(paths)
+        reply = self._call("stat", root=root, paths=paths).get("stat", {})
+        out: dict[str, Stat | None] = {}
+        try:
+            for p in paths:
+                info = reply.get(p)
+                out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]))
+        except (IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise self._malformed("stat", exc) from None
+        return out
+
+    def hash(self, root: str, paths: Iterable[str], alg: str | None = None) -> Hashes:
+        alg = alg or self.best_hash
+        paths = list(paths)
+        got = self._call("hash", root=root, paths=paths, alg=alg).get("hashes", {})
+        out = Hashes(alg=alg)
+        for p in paths:
+            value = got.get(p) if isinstance(got, dict) else None
+            if isinstance(value, str):
+                out.values[p] = value
+            elif isinstance(value, dict):
+                out.errors[p] = str(value.get("__error__", "cannot be read"))
+            else:
+                out.errors[p] = "no hash returned"
+        return out
+
+    def df(self, path: str) -> Space:
+        reply = self._call("df", path=path)
+        try:
+            return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)))
+        except (TypeError, ValueError) as exc:
+            raise self._malformed("df", exc) from None
+
+    def procs(self, pattern: str = "", root: str = "") -> Procs:
+        reply = self._call("procs", pattern=pattern, root=root)
+        try:
+            gpu = reply.get("gpu")
+            return Procs(
+                matched=[(int(p), str(c)) for p, c in reply.get("procs") or []],
+                gpu=None if gpu is None else [str(g) for g in gpu],
+                open_under=[(int(p), str(c), str(f)) for p, c, f in reply.get("open") or []],
+                open_checked=bool(reply.get("open_checked", False)),
+                open_error=str(reply.get("open_error") or ("" if "open_checked" in reply
+                                                          else "the agent cannot list open files")),
+                trainers=[(int(p), str(c)) for p, c in reply.get("trainers") or []],
+            )
+        except (TypeError, ValueError) as exc:
+            raise self._malformed("procs", exc) from None
+
+    def mkdir(self, path: str) -> str:
+        return str(self._call("mkdir", path=path).get("path", path))
+
+    # -------------------------------------------------- streams and staging
+
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
+        return self.remote.download(root, pairs, compress=compress)
+
+    def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
+        return self.remote.upload(root, name, compress=compress)
+
+    def staged(self, root: str, name: str) -> Staged:
+        reply = self._call("staged", root=root, name=name)
+        try:
+            files = {str(p): Stat(int(v[0]), int(v[1]), 0) for p, v in (reply.get("staged") or {}).items()}
+            return Staged(files=files, partial={str(p) for p in reply.get("partial") or []})
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise self._malformed("staged", exc) from None
+
+    def staging_path(self, root: str, name: str) -> str:
+        return posixpath.join(root, STAGING_PREFIX + name)
+
+    def staging_member(self, name: str, member: str) -> str:
+        return f"{STAGING_PREFIX}{name}/{member}"
+
+    def commit(self, root: str, name: str, moves: list[tuple[str, str]], force: bool = False) -> Committed:
+        reply = self._call("commit", root=root, name=name, moves=[list(m) for m in moves], force=force)
+        return Committed(moved=[str(x) for x in reply.get("moved") or []],
+                         kept=[str(x) for x in reply.get("kept") or []])
+
+    def discard(self, root: str, name: str) -> None:
+        self._call("discard", root=root, name=name)
+
+    def remove(self, root: str, names: list[str]) -> list[str]:
+        return [str(x) for x in self._call("remove", root=root, names=list(names)).get("removed") or []]
+

@@ -1,0 +1,130 @@
+"""The one interface between core code and a server: typed methods, typed answers, typed errors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable
+
+from ckptsync.server.types import Arrived, Committed, Hello, Listing, Procs, Space, Staged, Stat
+
+
+@dataclass
+class Hashes:
+    alg: str
+    values: dict[str, str] = field(default_factory=dict)   # path -> hex digest
+    errors: dict[str, str] = field(default_factory=dict)   # path -> why it could not be read
+
+    def get(self, path: str) -> str | None:
+        return self.values.get(path)
+
+
+
+
+class Download(ABC):
+    """The tar bytes of checkpoint files coming from the server; per-file checks arrive in `records`."""
+
+    alg: str
+    records: dict[str, dict]
+
+    @abstractmethod
+    def read(self, n: int = -1) -> bytes: ...
+
+    @abstractmethod
+    def finish(self) -> int:
+        """Drain the stream; returns the bytes that crossed the link (after compression)."""
+
+
+class Upload(ABC):
+    """Files going into a staging directory on the server."""
+
+    @abstractmethod
+    def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
+            also: Callable[[bytes], None] | None = None) -> str:
+        """Send one file; returns its hash in the server's algorithm."""
+
+    @abstractmethod
+    def finish(self) -> dict[str, Arrived]: ...
+
+    @property
+    @abstractmethod
+    def wire_bytes(self) -> int: ...
+
+
+class Server(ABC):
+    """A started agent on one server. Use as a context manager."""
+
+    hello: Hello
+
+    def __enter__(self) -> "Server":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(polite=exc[0] is None)
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def close(self, polite: bool = True) -> None: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @property
+    def hashes(self) -> tuple[str, ...]:
+        return self.hello.hashes
+
+    @property
+    def best_hash(self) -> str:
+        return self.hello.hashes[0]
+
+    @abstractmethod
+    def scan(self, root: str) -> Listing:
+        """Every regular file under root; raises RemoteDirMissing when root does not exist."""
+
+    @abstractmethod
+    def stat(self, root: str, paths: Iterable[str]) -> dict[str, Stat | None]: ...
+
+    @abstractmethod
+    def hash(self, root: str, paths: Iterable[str], alg: str | None = None) -> Hashes: ...
+
+    @abstractmethod
+    def df(self, path: str) -> Space: ...
+
+    @abstractmethod
+    def procs(self, pattern: str = "", root: str = "") -> Procs: ...
+
+    @abstractmethod
+    def mkdir(self, path: str) -> str:
+        """Create path (and parents); returns it resolved."""
+
+    @abstractmethod
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
+        """Stream (source, member) files from the server."""
+
+    @abstractmethod
+    def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
+        """Stream files into the staging directory `name` on the server."""
+
+    @abstractmethod
+    def staged(self, root: str, name: str) -> Staged: ...
+
+    @abstractmethod
+    def staging_path(self, root: str, name: str) -> str:
+        """Where the staging directory `name` is, for messages."""
+
+    @abstractmethod
+    def staging_member(self, name: str, member: str) -> str:
+        """The path of a staged member relative to root, for stat and hash."""
+
+    @abstractmethod
+    def commit(self, root: str, name: str, moves: list[tuple[str, str]], force: bool = False) -> Committed: ...
+
+    @abstractmethod
+    def discard(self, root: str, name: str) -> None: ...
+
+    @abstractmethod
+    def remove(self, root: str, names: list[str]) -> list[str]:
+        """Delete whole entries (renamed aside first); returns the names removed."""

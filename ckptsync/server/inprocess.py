@@ -1,0 +1,192 @@
+"""The in-process twin of a server: the real agent on a thread of this process, with fault hooks.
+
+Tests use it to put a fault at a known point of a run (a checkpoint deleted right
+after the scan, an error reply to one operation, a stream cut after N bytes)
+instead of racing a timer against a transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from typing import Any, Callable
+
+from ckptsync.server.agent_server import AgentServer
+from ckptsync.server.base import Download, Upload
+from ckptsync.server.errors import from_reply
+from ckptsync.transport.base import MARKER, Process, Transport
+
+Hook = Callable[[dict], Any]
+
+
+class Hooks:
+    """Callables run before or after an operation, keyed by its name (scan, stat, hash, send, receive...)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, list[Hook]] = defaultdict(list)
+        self.after: dict[str, list[Hook]] = defaultdict(list)
+        self.calls: list[str] = []
+
+    def on_before(self, op: str, hook: Hook, times: int | None = None) -> None:
+        self.before[op].append(_limited(hook, times))
+
+    def on_after(self, op: str, hook: Hook, times: int | None = None) -> None:
+        self.after[op].append(_limited(hook, times))
+
+    def fail(self, op: str, kind: str, message: str, path: str = "", times: int | None = 1) -> None:
+        """The next `times` calls of op get an error reply of this kind, as the agent would send it."""
+        def hook(_args: dict) -> None:
+            raise _Reply({"kind": kind, "message": message, "path": path})
+        self.on_before(op, hook, times)
+
+    def run(self, table: dict[str, list[Hook]], op: str, value: dict) -> None:
+        for hook in list(table.get(op, ())):
+            hook(value)
+
+
+class _Reply(Exception):
+    def __init__(self, payload: dict) -> None:
+        super().__init__(payload.get("message", ""))
+        self.payload = payload
+
+
+def _limited(hook: Hook, times: int | None) -> Hook:
+    if times is None:
+        return hook
+    left = [times]
+
+    def once(value: dict) -> Any:
+        if left[0] <= 0:
+            return None
+        left[0] -= 1
+        return hook(value)
+    return once
+
+
+class _Pipes:
+    def __init__(self) -> None:
+        c2a_r, c2a_w = os.pipe()
+        a2c_r, a2c_w = os.pipe()
+        self.agent_in = os.fdopen(c2a_r, "rb")
+        self.client_out = os.fdopen(c2a_w, "wb", buffering=0)
+        self.client_in = os.fdopen(a2c_r, "rb", buffering=0)
+        self.agent_out = os.fdopen(a2c_w, "wb")
+
+    def close_client(self) -> None:
+        for f in (self.client_out, self.client_in):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class ThreadProcess(Process):
+    """The agent's serve loop on a daemon thread, talking over two pipes."""
+
+    def __init__(self) -> None:
+        self.pipes = _Pipes()
+        self.read_bytes = 0
+        self.cut_at: int | None = None
+        self.cut = False
+        self.thread = threading.Thread(target=self._agent, daemon=True)
+        self.thread.start()
+
+    def _agent(self) -> None:
+        from ckptsync import agent
+
+        p = self.pipes
+        try:
+            p.agent_out.write(b"\n" + MARKER + b"\n")
+            p.agent_out.flush()
+            n = int(p.agent_in.readline())
+            p.agent_in.read(n)  # the payload: this twin runs the installed agent modules instead
+            agent.serve(agent.Channel(p.agent_in, p.agent_out))
+        except (OSError, ValueError):
+            pass
+        finally:
+            for f in (p.agent_in, p.agent_out):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def cut_after(self, nbytes: int) -> None:
+        """Drop the connection once `nbytes` more bytes have come from the agent."""
+        self.cut_at = self.read_bytes + nbytes
+
+    def write(self, data: bytes) -> None:
+        from ckptsync.errors import ConnectError
+
+        if self.cut:
+            raise ConnectError("connection lost: the in-process link was cut")
+        try:
+            self.pipes.client_out.write(data)
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"connection lost: {exc}") from None
+
+    def read(self, n: int) -> bytes:
+        if self.cut:
+            return b""
+        if self.cut_at is not None:
+            n = min(n, self.cut_at - self.read_bytes)
+            if n <= 0:
+                self.cut = True
+                self.pipes.close_client()
+                return b""
+        try:
+            block = self.pipes.client_in.read(n)
+        except (OSError, ValueError):
+            return b""
+        self.read_bytes += len(block)
+        return block
+
+    def close(self) -> None:
+        self.pipes.close_client()
+        self.thread.join(timeout=10)
+
+
+class InProcessTransport(Transport):
+    def __init__(self) -> None:
+        self.process: ThreadProcess | None = None
+
+    def start(self) -> Process:
+        self.process = ThreadProcess()
+        return self.process
+
+    def describe(self) -> str:
+        return "the in-process server"
+
+
+class InProcessServer(AgentServer):
+    """An AgentServer whose agent runs on a thread here; `hooks` inject faults at known points."""
+
+    def __init__(self, hooks: Hooks | None = None) -> None:
+        self.link = InProcessTransport()
+        super().__init__(self.link)
+        self.hooks = hooks or Hooks()
+
+    def cut_after(self, nbytes: int) -> None:
+        assert self.link.process is not None, "not open"
+        self.link.process.cut_after(nbytes)
+
+    def _call(self, op: str, **args) -> dict:
+        self._before(op, args)
+        reply = super()._call(op, **args)
+        self.hooks.run(self.hooks.after, op, {"args": args, "reply": reply})
+        return reply
+
+    def _before(self, op: str, args: dict) -> None:
+        self.hooks.calls.append(op)
+        try:
+            self.hooks.run(self.hooks.before, op, args)
+        except _Reply as exc:
+            raise from_reply(exc.payload, self.describe()) from None
+
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
+        self._before("send", {"root": root, "pairs": pairs, "compress": compress})
+        return super().send(root, pairs, compress)
+
+    def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
+        self._before("receive", {"root": root, "name": name, "compress": compress})
+        return super().receive(root, name, compress)

@@ -1,0 +1,376 @@
+"""The CLI's output contract: global options in either position, one JSON object per failure
+(on stdout, with --json), the final error in the log file, one exit code per path, and a
+closed stdout that never costs a run its work."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cli_env, run_cli
+
+ERROR_KEYS = {"message", "hint", "exit_code", "kind"}
+PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
+
+
+def isolated(tmp_path: Path) -> dict[str, str | None]:
+    """An environment with no config and a HOME whose ~/.ssh is empty."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    return {"HOME": str(home), "CKPTSYNC_CONFIG": None, "XDG_CONFIG_HOME": None, "SSH_AUTH_SOCK": None,
+            "CKPTSYNC_DEBUG": None}
+
+
+def json_error(res, code: int, kind: str) -> dict:
+    """The one JSON object on stdout of a failed --json run; the human line is on stderr."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    data = json.loads(res.stdout)  # the whole of stdout: exactly one JSON document
+    assert set(data) == {"error", "exit_code"}
+    assert set(data["error"]) == ERROR_KEYS
+    assert data["exit_code"] == data["error"]["exit_code"] == code
+    assert data["error"]["kind"] == kind
+    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+    assert res.stderr.startswith(f"error: {data['error']['message']}"), res.stderr
+    return data
+
+
+def log_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def bad_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("remote_dir: /x\nbogus: 1\n")
+    return cfg
+
+
+# -------------------------------------------------- one test per exit code
+
+
+def test_success_json_is_the_same_before_and_after_the_command(tmp_path):
+    env = isolated(tmp_path)
+    before = run_cli("--json", "list", "--local", "--local-dir", tmp_path / "b", env=env, cwd=tmp_path)
+    after = run_cli("list", "--local", "--local-dir", tmp_path / "b", "--json", env=env, cwd=tmp_path)
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert json.loads(before.stdout) == json.loads(after.stdout) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--json", "list", "--bogus"],       # --json on the root: known before the bad word
+    ["list", "--json", "--bogus"],       # --json on the command, before the bad word
+    ["list", "--bogus", "--json"],       # and after it
+    ["--json", "--bogus", "list"],       # the root's own parse fails
+])
+def test_usage_error_exit_2(tmp_path, args):
+    res = run_cli(*args, env=isolated(tmp_path), cwd=tmp_path)
+    data = json_error(res, 2, "usage")
+    assert "--bogus" in data["error"]["message"]
+    assert data["error"]["hint"].startswith("see 'ckptsync")
+
+
+def test_usage_error_in_a_value_exit_2(tmp_path):
+    res = run_cli("--json", "backup", "--max-checkpoints", "x", env=isolated(tmp_path), cwd=tmp_path)
+    assert "--max-checkpoints" in json_error(res, 2, "usage")["error"]["message"]
+
+
+def test_usage_error_human_keeps_stdout_empty(tmp_path):
+    res = run_cli("list", "--bogus", env=isolated(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: No such option: --bogus")
+    assert res.stderr.splitlines()[-1] == "  see 'ckptsync list --help'"
+
+
+def test_config_error_exit_4_same_before_and_after(tmp_path):
+    cfg = bad_config(tmp_path)
+    env = isolated(tmp_path)
+    before = run_cli("--json", "list", "-i", "1", "--config", cfg, env=env, cwd=tmp_path)
+    after = run_cli("list", "-i", "1", "--config", cfg, "--json", env=env, cwd=tmp_path)
+    data = json_error(before, 4, "config")
+    assert json_error(after, 4, "config") == data
+    assert str(cfg) in data["error"]["message"] and "unknown key 'bogus'" in data["error"]["message"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_file_gets_the_error_line(tmp_path, where):
+    log = tmp_path / "run.log"
+    log.write_text("2024-01-01 00:00:00 INFO an earlier run\n")
+    opts = ["--json", "--log-file", str(log)]
+    args = ["list", "-i", "1", "--config", str(bad_config(tmp_path))]
+    argv = opts + args if where == "before" else args + opts
+    data = json_error(run_cli(*argv, env=isolated(tmp_path), cwd=tmp_path), 4, "config")
+    lines = log_lines(log)
+    assert lines[0] == "2024-01-01 00:00:00 INFO an earlier run"  # appended, not replaced
+    assert len(lines) == 2 and lines[1].endswith(f" ERROR {data['error']['message']}")
+
+
+def test_log_file_gets_a_usage_error(tmp_path):
+    log = tmp_path / "run.log"
+    res = run_cli("--log-file", log, "list", "--bogus", env=isolated(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    [line] = log_lines(log)
+    assert " ERROR No such option: --bogus" in line and "(see 'ckptsync list --help')" in line
+
+
+def test_unopenable_log_file_is_a_usage_error(tmp_path):
+    log = tmp_path / "no-such-dir" / "run.log"
+    res = run_cli("--json", "--log-file", log, "list", "--local", "--local-dir", tmp_path / "b",
+                  env=isolated(tmp_path), cwd=tmp_path)
+    data = json_error(res, 2, "usage")
+    assert data["error"]["message"].startswith(f"--log-file {log}:")
+    assert not log.parent.exists()
+
+
+def test_not_found_exit_10(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("--json", "verify", "--local-dir", empty, "nope", env=isolated(tmp_path), cwd=tmp_path)
+    data = json_error(res, 10, "not_found")
+    assert "nope" in data["error"]["message"]
+    # there is no --checkpoint option on verify: that is a usage error
+    assert run_cli("verify", "--local-dir", empty, "--checkpoint", "nope", env=isolated(tmp_path)).returncode == 2
+
+
+def test_locked_exit_11_and_skip_if_locked(tmp_path, server_tree):
+    dest = tmp_path / "b"
+    (dest / ".ckptsync").mkdir(parents=True)
+    with open(dest / ".ckptsync" / "lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write(json.dumps({"pid": os.getpid(), "host": "test", "command": "test", "since": time.time()}))
+        holder.flush()
+        args = ["backup", "--remote-dir", server_tree, "--local-dir", dest]
+        res = run_cli("--json", *args, env=isolated(tmp_path), cwd=tmp_path)
+        data = json_error(res, 11, "locked")
+        assert data["error"]["hint"] == "use --wait to wait for it"
+        skipped = run_cli(*args, "--skip-if-locked", "--json", env=isolated(tmp_path), cwd=tmp_path)
+        assert skipped.returncode == 0, skipped.stderr
+        assert json.loads(skipped.stdout) == {"target": "local", "dest": str(dest), "exit_code": 0,
+                                              "skipped": data["error"]["message"]}
+
+
+def test_connect_exit_20(tmp_path):
+    log = tmp_path / "run.log"
+    res = run_cli("list", "--host", "127.0.0.1:1", "--remote-dir", "/data", "--local-dir", tmp_path / "b",
+                  "--json", "--log-file", log, env=isolated(tmp_path), cwd=tmp_path, timeout=60)
+    data = json_error(res, 20, "connect")
+    assert "cannot connect" in data["error"]["message"] and "127.0.0.1:1" in data["error"]["message"]
+    [line] = log_lines(log)
+    assert line.endswith(f"ERROR {data['error']['message']}")
+
+
+def test_unexpected_exit_1(tmp_path):
+    """A bug in core code: one line, exit 1, kind unexpected, and a traceback only with --debug."""
+    code = ("import sys\n"
+            "import ckptsync.cli.cmd_list as cmd\n"
+            "def boom(*a, **k): raise RuntimeError('kaboom')\n"
+            "cmd.run_list = boom\n"
+            "from ckptsync.cli import main\n"
+            "main(sys.argv[1:])\n")
+    argv = [sys.executable, "-c", code, "--json", "list", "--local", "--local-dir", str(tmp_path / "b")]
+    env = cli_env(isolated(tmp_path))
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    data = json_error(res, 1, "unexpected")
+    assert data["error"]["message"] == "unexpected RuntimeError: kaboom"
+    assert "--debug" in data["error"]["hint"]
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=60)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "kaboom" in debug.stderr
+    assert json.loads(debug.stdout)["error"]["kind"] == "unexpected"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_exit_130(tmp_path, signum):
+    """SIGTERM or Ctrl+C while waiting for the agent: exit 130, the JSON error, and the log line."""
+    ready = tmp_path / "ready"
+    cfg = tmp_path / "c.yaml"
+    # A "server" that starts, says nothing and waits for stdin to close.
+    cfg.write_text(json.dumps({"remote_dir": "/tmp", "local_dir": str(tmp_path / "b"), "instances": {
+        "5": {"command": ["sh", "-c", f"touch {shlex.quote(str(ready))}; exec cat >/dev/null", "x"]}}}))
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptsync", "--json", "--log-file", str(log),
+                             "list", "-i", "5", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(isolated(tmp_path)), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=30)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    data = json_error(res, 130, "interrupted")
+    assert data["error"]["message"] == "interrupted"
+    assert log_lines(log)[-1].endswith(" ERROR interrupted")
+
+
+# -------------------------------------------------- global options
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["--json", "list"], {"json": True}),
+    (["list", "-q", "--log-file", "a.log", "--debug"], {"quiet": True, "log_file": "a.log", "debug": True}),
+    (["--log-file=b.log", "backup", "--quiet"], {"log_file": "b.log", "quiet": True}),
+    (["show", "--", "--json"], {}),          # after --, an operand
+    (["list", "--jsonx"], {}),
+])
+def test_scan_global_options(words, expected):
+    from ckptsync.cli.context import scan_global_options
+
+    assert scan_global_options(words) == expected
+
+
+def test_every_command_takes_the_global_options():
+    import typer
+
+    from ckptsync.cli.app import app
+
+    def options(cmd) -> set[str]:
+        return {o for p in cmd.params for o in getattr(p, "opts", [])}
+
+    def leaves(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            yield " ".join(path), cmd
+        for name, sub in (subs or {}).items():
+            yield from leaves(sub, path + [name])
+
+    root = typer.main.get_command(app)
+    wanted = {"--json", "--quiet", "-q", "--log-file", "--debug"}
+    assert wanted <= options(root)
+    found = dict(leaves(root, []))
+    assert set(found) == {"list", "backup", "restore", "verify", "prune", "show", "compare", "archive",
+                          "checklist", "demo", "cron install", "cron show", "cron remove"}
+    for path, cmd in found.items():
+        assert wanted <= options(cmd), path
+
+
+def test_a_broken_command_module_is_not_hidden(tmp_path):
+    code = "import sys; sys.modules['ckptsync.cli.cmd_demo'] = None; import ckptsync.cli"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(("ImportError", "ModuleNotFoundError")) and "cmd_demo" in last
+
+
+FAKE_CRONTAB = """#!/bin/sh
+case "$1" in
+  -l) [ -f {table} ] || {{ echo "no crontab for $(id -un)" >&2; exit 1; }}; exec cat {table} ;;
+  -) exec cat > {table} ;;
+esac
+exit 2
+"""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cron_install_log_file_means_the_same_in_both_places(tmp_path, where):
+    table, script = tmp_path / "crontab.txt", tmp_path / "crontab"
+    script.write_text(FAKE_CRONTAB.format(table=shlex.quote(str(table))))
+    script.chmod(0o755)
+    log = tmp_path / "logs" / "cron.log"   # install makes the directory
+    args = ["cron", "install", "--remote-dir", tmp_path / "server", "--local-dir", tmp_path / "b"]
+    argv = ["--log-file", log, *args] if where == "before" else [*args, "--log-file", log]
+    res = run_cli(*argv, env={**isolated(tmp_path), "CKPTSYNC_CRONTAB": str(script)}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"--log-file {log}" in table.read_text()         # the entry's runs log there
+    assert any(" INFO installed: cron entry" in line for line in log_lines(log))  # and so did this run
+
+
+def test_quiet_before_the_command(tmp_path, server_tree):
+    res = run_cli("-q", "backup", "--remote-dir", server_tree, "--local-dir", tmp_path / "b",
+                  env=isolated(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and "fetching" not in res.stderr
+
+
+# -------------------------------------------------- a closed stdout
+
+
+def many_backups(dest: Path, n: int) -> None:
+    """A backup directory with n entries (empty checkpoints with a manifest each)."""
+    manifests = dest / ".ckptsync" / "manifests"
+    manifests.mkdir(parents=True)
+    now = time.time_ns()
+    for i in range(n):
+        name = f"checkpoint-{i * 10}"
+        (dest / name).mkdir()
+        (manifests / f"{name}.json").write_text(json.dumps({
+            "name": name, "layout": "hf-trainer", "kind": "checkpoint", "step": i * 10,
+            "files": [{"path": f"{name}/model.safetensors", "size": 1000 + i, "mode": 0o644,
+                       "mtime_ns": now - i * 10**9, "xxh3_128": "0" * 32}]}))
+
+
+def no_complaints(stderr: str) -> None:
+    for word in ("Traceback", "BrokenPipe", "Exception ignored", "error:"):
+        assert word not in stderr, stderr
+
+
+def test_output_cut_short_by_a_closed_reader(tmp_path):
+    """`ckptsync list ... | head -1`: the reader goes away with most of the output unwritten."""
+    dest = tmp_path / "b"
+    many_backups(dest, 3000)
+    args = [sys.executable, "-m", "ckptsync", "list", "--local", "--local-dir", str(dest)]
+    env = cli_env(isolated(tmp_path))
+    whole = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    assert len(whole.stdout.encode()) > 3 * PIPE_BUFFER  # it cannot all sit in the pipe
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert first.decode() == whole.stdout.splitlines(keepends=True)[0]
+    assert code == 0
+    no_complaints(err)
+
+
+def test_demo_with_stdout_closed_before_it_starts(tmp_path):
+    """Every write to stdout fails (EPIPE) from the first: the demo still does all of its work,
+    its child commands too, and exits 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    demo = tmp_path / "demo"
+    try:
+        res = subprocess.run([sys.executable, "-m", "ckptsync", "demo", "--dir", str(demo)], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, env=cli_env(isolated(tmp_path)), timeout=300)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0, res.stderr
+    no_complaints(res.stderr)
+    restored = demo / "new-server" / "socrates-training" / "models" / "socrates-qwen-full-dataset"
+    assert (restored / "checkpoint-300" / "trainer_state.json").is_file()  # the last step ran
+
+
+def test_json_with_stdout_closed(tmp_path, server_tree):
+    """The backup is done and recorded even though its JSON cannot be delivered."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    dest = tmp_path / "b"
+    try:
+        res = subprocess.run([sys.executable, "-m", "ckptsync", "--json", "backup", "--remote-dir", str(server_tree),
+                              "--local-dir", str(dest)], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                             env=cli_env(isolated(tmp_path)), timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0, res.stderr
+    no_complaints(res.stderr)
+    status = json.loads((dest / ".ckptsync" / "status.json").read_text())
+    assert status["ok"] is True and status["fetched"]

@@ -1,0 +1,152 @@
+"""The typed Server interface, through the in-process twin: faults put at a known point of a run."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.config import Target
+from ckptsync.errors import CONNECT, IO, NOT_FOUND, PARTIAL, CkptsyncError
+from ckptsync.server import RemoteDirMissing, ServerDiskFull, Stat
+from ckptsync.server.inprocess import Hooks, InProcessServer
+from helpers import run_cli, tree_digest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
+
+
+def make_target(remote_dir: Path, local_dir: Path, server) -> Target:
+    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
+                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
+                  server_factory=lambda: server)
+
+
+def test_typed_answers(server_tree):
+    with InProcessServer() as server:
+        listing = server.scan(str(server_tree))
+        assert listing.root == str(server_tree)
+        paths = {f.path for f in listing.files}
+        assert "checkpoint-12/optimizer.pt" in paths
+        st = server.stat(str(server_tree), ["checkpoint-12", "checkpoint-12/optimizer.pt", "nope"])
+        assert st["checkpoint-12"].is_dir and st["nope"] is None
+        on_disk = (server_tree / "checkpoint-12" / "optimizer.pt").stat()
+        assert st["checkpoint-12/optimizer.pt"] == Stat(on_disk.st_size, on_disk.st_mtime_ns, 0o644, False)
+        hashes = server.hash(str(server_tree), ["checkpoint-12/optimizer.pt", "gone.bin"])
+        assert set(hashes.values) == {"checkpoint-12/optimizer.pt"}
+        assert "gone.bin" in hashes.errors  # a missing file is an entry, never a dict where a hash belongs
+        assert server.df(str(server_tree)).free > 0
+
+
+def test_missing_remote_dir_is_its_own_error(tmp_path):
+    with InProcessServer() as server:
+        with pytest.raises(RemoteDirMissing) as info:
+            server.scan(str(tmp_path / "no-such-run"))
+    assert info.value.exit_code == NOT_FOUND
+    assert "remote directory does not exist" in info.value.message and "no-such-run" in info.value.message
+
+
+def test_error_replies_become_exceptions_by_kind(server_tree):
+    hooks = Hooks()
+    hooks.fail("df", "no_space", "No space left on device: /data", "/data")
+    with InProcessServer(hooks) as server:
+        with pytest.raises(ServerDiskFull) as info:
+            server.df(str(server_tree))
+        assert info.value.exit_code == IO and info.value.path == "/data"
+        assert server.df(str(server_tree)).free > 0  # the fault was for one call only
+
+
+def test_backup_finishes_the_others_when_a_checkpoint_vanishes_after_the_scan(server_tree, tmp_path):
+    hooks = Hooks()
+    victim = server_tree / "checkpoint-8"
+    seen = []
+
+    def rotate(value: dict) -> None:
+        listed = {f[0].split("/")[0] for f in value["reply"]["files"]}
+        seen.append("checkpoint-8" in listed)
+        shutil.rmtree(victim)  # what the Trainer's save_total_limit does between our scan and our read
+
+    hooks.on_after("scan", rotate, times=1)
+    dest = tmp_path / "b"
+    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions(all=True))
+    assert seen == [True]  # the fault happened after checkpoint-8 was listed
+    assert result.exit_code == PARTIAL
+    assert sorted(result.fetched) == ["checkpoint-12", "checkpoint-4"]
+    assert "vanished from the server" in result.failed["checkpoint-8"]
+    assert not (dest / "checkpoint-8").exists()
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    status = (dest / ".ckptsync" / "status.json").read_text()
+    assert '"exit_code": 3' in status and "checkpoint-8" in status
+
+
+def test_a_stream_cut_mid_transfer_is_a_connection_error_and_a_rerun_completes(server_tree, tmp_path):
+    big = server_tree / "checkpoint-12" / "big.bin"
+    big.write_bytes(os.urandom(24 << 20))  # incompressible: the cut comes mid-file
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(big, (old, old))
+    hooks = Hooks()
+    server = InProcessServer(hooks)
+    hooks.on_before("send", lambda _args: server.cut_after(4 << 20), times=1)
+    dest = tmp_path / "b"
+    target = make_target(server_tree, dest, server)
+    with pytest.raises(CkptsyncError) as info:
+        run_backup(target, BackupOptions(names=["checkpoint-12"]))
+    assert info.value.exit_code == CONNECT
+    assert server.link.process.cut  # the link really was cut, mid-stream
+    assert not (dest / "checkpoint-12").exists()
+    again = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(names=["checkpoint-12"]))
+    assert again.exit_code == 0 and again.fetched == ["checkpoint-12"]
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+# Core modules may use these helpers of the agent package (they are plain file functions);
+# everything else of the wire stays inside the server boundary (ckptsync/server/).
+ALLOWED_FROM_AGENT = {"hash_file", "fsync_dir", "safe_member"}
+
+
+def test_no_module_outside_the_boundary_touches_the_wire():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(("server/", "agent/", "transport/")):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module in ("ckptsync.server.remote", "ckptsync.server.agent_server"):
+                    offenders.append(f"{rel}: imports {node.module}")
+                if node.module.startswith("ckptsync.agent"):
+                    bad = {a.name for a in node.names} - ALLOWED_FROM_AGENT
+                    if bad:
+                        offenders.append(f"{rel}: imports {sorted(bad)} from {node.module}")
+                if node.module == "ckptsync" and any(a.name == "agent" for a in node.names):
+                    offenders.append(f"{rel}: imports the agent package")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call":
+                offenders.append(f"{rel}:{node.lineno}: calls .call(...)")
+    assert offenders == []
+
+
+def test_through_sshd_a_checkpoint_deleted_after_the_scan_fails_alone(ssh_home, server_tree, tmp_path):
+    victim = server_tree / "checkpoint-8"
+    script = Path(__file__).resolve().parent / "rotating_agent.py"
+    remote = f"{sys.executable} {script} {PACKAGE.parent} {victim} #"  # '#': the launcher after it is ignored
+    cfg = tmp_path / "rot.yaml"
+    cfg.write_text(json.dumps({"remote_dir": str(server_tree), "local_dir": str(tmp_path / "b"),
+                               "instances": {"1": {"command": ["ssh", "-F", str(ssh_home / ".ssh" / "config"),
+                                                               "tnr-1", remote]}}}))
+    res = run_cli("backup", "-i", "1", "--config", cfg, "--all", "--json")
+    assert not victim.exists()  # the rotation really ran, on the server, during the run
+    assert res.returncode == PARTIAL, res.stderr
+    out = json.loads(res.stdout)
+    assert sorted(out["fetched"]) == ["checkpoint-12", "checkpoint-4"]
+    assert "vanished from the server" in out["failed"]["checkpoint-8"]
+    assert "Traceback" not in res.stderr and "unexpected" not in res.stderr
+    dest = tmp_path / "b" / "instance-1"
+    assert not (dest / "checkpoint-8").exists()
+    same_bytes = {k: v[3] for k, v in tree_digest(server_tree / "checkpoint-4").items()}
+    assert {k: v[3] for k, v in tree_digest(dest / "checkpoint-4").items()} == same_bytes
