@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,8 @@ class Checklist:
                   if not bad else f"{c.name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]))
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
                  not bad and m.size == c.size, detail,
-                 f"{t.command('verify', '--repair', '--checkpoint', c.name)}   (fetches the damaged files again)")
+                 f"mv {shlex.quote(str(self.store.entry(c.name)))} {shlex.quote(str(self.store.entry(c.name)))}.damaged"
+                 f" && {t.command('backup', '--checkpoint', c.name)}")
 
     def _extra_stat(self, server, view: ServerView) -> dict:
         if not self.target.extra_files:
