@@ -94,6 +94,13 @@ def default_output(root: Path) -> Path:
 
 
 def run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> ArchiveResult:
+    try:
+        return _run_archive(root, opts, rep)
+    except OSError as exc:  # every local write failure is one line with exit 5
+        raise io_error(exc, f"archiving {root}") from None
+
+
+def _run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> ArchiveResult:
     started = time.monotonic()
     store = Store(Path(root))
     if not store.root.is_dir() or not store.manifests():

@@ -18,7 +18,10 @@ from ckptsync.policy import SPACE_MARGIN, backup_is_current, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, Server, open_server
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store, free_bytes, io_error
+from ckptsync.store import (
+    COPY, EXTRA, LINK, REFLINK, FileRecord, Manifest, Store, free_bytes, io_error, pick_source, place_copy,
+    share_copy,
+)
 from ckptsync.server.transfer import Received, receive
 # Names that are rewritten in place by design; a newer copy replaces the older backup.
 REWRITTEN_KINDS = {"latest", "backup"}
@@ -59,13 +62,27 @@ class BackupResult:
     warnings: list[str] = field(default_factory=list)
     raw_bytes: int = 0        # file bytes that crossed the link
     wire_bytes: int = 0       # after compression
-    disk_bytes: int = 0       # newly stored bytes (hard links excluded)
-    linked_files: int = 0
+    disk_bytes: int = 0       # newly stored bytes (hard links and reflinks excluded, local copies included)
+    linked_files: int = 0     # hard links to stored files with the same content, mode and mtime
+    linked_bytes: int = 0
+    reflinked_files: int = 0  # clones sharing a stored file's blocks, with their own mode and mtime
+    reflinked_bytes: int = 0
+    copied_files: int = 0     # copied from a stored file instead of fetched: no disk saved, no transfer
+    copied_bytes: int = 0
     seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
         return PARTIAL if self.failed else OK
+
+    @property
+    def to_fetch(self) -> list[PlanItem]:
+        return [p for p in self.plan if p.action == "fetch"]
+
+    @property
+    def fetch_bytes(self) -> int:
+        """What the plan fetches (or, in a dry run, would)."""
+        return sum(p.fetch_bytes for p in self.to_fetch)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -199,12 +216,14 @@ class Backup:
         if need + SPACE_MARGIN > free:
             leftover = self.store.staged_bytes()
             extra = (f"; {human(leftover)} of it is held by an interrupted backup's staging in "
-                     f"{self.store.meta / 'staging'} (kept to resume; remove that directory to drop it)"
+                     f"{self.store.meta / 'staging'} (kept to resume)"
                      if leftover else "")
             raise DiskFull(
                 f"not enough space in {self.store.root}: this backup needs {human(need)} plus a "
                 f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was written){extra}",
-                hint="free some space, choose another --local-dir, or back up fewer checkpoints",
+                hint="free some space, choose another --local-dir, or back up fewer checkpoints"
+                     + (f"; drop the staging with: {self.target.command('backup', '--discard-staged')}"
+                        if leftover else ""),
             )
 
     def _fetch(self, view: ServerView, c: Checkpoint) -> None:
@@ -228,7 +247,8 @@ class Backup:
             return
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"])
                  for p, r in sorted(progress.items())]
-        self._dedup(c.name, files)
+        self._dedup(c.name, files, fetched=set(todo),
+                    placed={p for p, r in progress.items() if r.get("placed")})
         m = Manifest(
             name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=files,
             resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
@@ -262,8 +282,8 @@ class Backup:
             raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
                               "the next run fetches only the rest") from None
         except (ConnectError, IntegrityError) as exc:
-            exc.message = f"{exc.message} ({name}: {len(progress)} verified files kept; rerun to resume)"
-            raise
+            raise type(exc)(f"{exc.message} ({name}: {len(progress)} verified files kept; rerun to resume)",
+                            hint=exc.hint) from exc
         finally:
             self.rep.finish()
         self.result.raw_bytes += sum(r.size for r in outcome.received)
@@ -284,54 +304,75 @@ class Backup:
         return changed
 
     def _link_known(self, view: ServerView, name: str, todo: list[str], server, progress) -> set[str]:
-        """Hard-link files whose content the store already holds, without transferring them."""
+        """Place files whose content the store already holds (reflink, hard link or local copy)
+        instead of transferring them."""
         if "xxh3_128" not in self.server.hashes or not todo:
             return set()
-        index = self.store.content_index()
-        sizes = {(k[1], k[2]) for k in index}
+        sources = self.store.content_sources()
+        sizes = {(k[1], k[2]) for k in sources}
         candidates = [p for p in todo if (server[p].size, server[p].mode) in sizes and server[p].size > 0]
         if not candidates:
             return set()
         hashes = self.server.hash(view.root, candidates, "xxh3_128")
-        linked = set()
+        placed = set()
         for p in candidates:
             size, mtime_ns, mode = server[p].size, server[p].mtime_ns, server[p].mode
             digest = hashes.get(p)
-            existing = index.get((digest, size, mode)) if digest else None
+            paths = sources.get((digest, size, mode)) if digest else None
+            existing = pick_source(paths, mtime_ns, mode) if paths else None
             if existing is None:
-                continue  # unreadable or gone on the server: the transfer reports it
+                continue  # unreadable or gone on the server (the transfer reports it), or gone here
             dest = self.store.staging(name) / p
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.unlink(missing_ok=True)
             try:
-                os.link(existing, dest)
+                how = place_copy(existing, dest, mtime_ns, mode, self.target.dedup)
             except OSError:
-                continue
-            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest}
-            linked.add(p)
-        if linked:
+                continue  # the transfer fetches it instead
+            # "placed" tells _dedup (also after a resume) not to place it again.
+            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest, "placed": how}
+            placed.add(p)
+            self._count(how, size, fetched=False)
+        if placed:
             self.store.save_progress(name, progress)
-            self.result.linked_files += len(linked)
-        return linked
+        return placed
 
-    def _dedup(self, name: str, files: list[FileRecord]) -> None:
-        """After a transfer, replace files identical to stored ones by hard links."""
-        index = self.store.content_index()
+    def _dedup(self, name: str, files: list[FileRecord], fetched: set[str], placed: set[str]) -> None:
+        """After a transfer, let files identical to stored ones share their bytes: a reflink,
+        or a hard link when the stored inode shows the same mode and mtime (any with dedup: link).
+        A copy would gain nothing here: the transferred file already is one."""
+        sources = self.store.content_sources()
         for f in files:
-            existing = index.get((f.xxh3_128, f.size, f.mode))
-            staged = self.store.staging(name) / f.path
-            if existing is None or f.size == 0:
+            paths = sources.get((f.xxh3_128, f.size, f.mode))
+            if not paths or f.size == 0 or f.path in placed:
                 continue
+            staged = self.store.staging(name) / f.path
             try:
-                if os.path.samefile(existing, staged):
+                if any(_same_inode(q, staged) for q in paths):
                     continue
-                tmp = staged.with_name(staged.name + ".link")
-                os.link(existing, tmp)
-                os.replace(tmp, staged)
+                existing = pick_source(paths, f.mtime_ns, f.mode)
+                if existing is None:
+                    continue
+                how = share_copy(existing, staged, f.mtime_ns, f.mode, self.target.dedup)
             except OSError:
                 continue
-            self.result.linked_files += 1
-            self.result.disk_bytes -= f.size
+            if how is not None:
+                self._count(how, f.size, fetched=f.path in fetched)
+
+    def _count(self, how: str, size: int, fetched: bool) -> None:
+        """Count one placed file; `fetched`: its bytes were transferred and counted in disk_bytes."""
+        r = self.result
+        if how == LINK:
+            r.linked_files += 1
+            r.linked_bytes += size
+        elif how == REFLINK:
+            r.reflinked_files += 1
+            r.reflinked_bytes += size
+        elif how == COPY:
+            r.copied_files += 1
+            r.copied_bytes += size
+            r.disk_bytes += size
+        if fetched and how in (LINK, REFLINK):
+            r.disk_bytes -= size
 
     # -------------------------------------------------- extra files
 
@@ -415,6 +456,23 @@ def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> Ba
     return result
 
 
+def discard_staging(target: Target, dry_run: bool = False) -> int:
+    """Delete what interrupted backups left in staging (under the lock); returns the bytes it held."""
+    store = Store(target.local_dir)
+    held = store.staged_bytes() if store.meta.is_dir() else 0
+    if dry_run or not (store.meta / "staging").is_dir():
+        return held
+    try:
+        with store.lock("ckptsync backup --discard-staged"):
+            for entry in sorted((store.meta / "staging").iterdir()):
+                if entry.name.endswith(".progress.json"):
+                    continue
+                store.discard_staging(entry.name)
+    except OSError as exc:
+        raise io_error(exc, f"deleting staging in {store.meta}") from None
+    return held
+
+
 def _record(job: Backup, code: int, error: str) -> None:
     if not job.store.root.exists():
         return  # a run that never got to write leaves no trace (it may have been refused for space)
@@ -435,6 +493,13 @@ def _record(job: Backup, code: int, error: str) -> None:
 
 
 DELETED = "deleted during the backup"
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
 
 
 def _changed_text(view: ServerView, c: Checkpoint, changed: dict[str, str]) -> str:

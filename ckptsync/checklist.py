@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import backup_is_current, human
+from ckptsync.policy import backup_is_current, human, last_run_summary
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Procs, RemoteDirMissing, open_server
 from ckptsync.store import EXTRA, Store
@@ -189,8 +188,7 @@ class Checklist:
                   if not bad else f"{c.name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]))
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
                  not bad and m.size == c.size, detail,
-                 f"mv {shlex.quote(str(self.store.entry(c.name)))} {shlex.quote(str(self.store.entry(c.name)))}.damaged"
-                 f" && {t.command('backup', '--checkpoint', c.name)}")
+                 f"{t.command('verify', '--repair', c.name)}   (fetches the damaged files again)")
 
     def _extra_stat(self, server, view: ServerView) -> dict:
         if not self.target.extra_files:
@@ -224,9 +222,8 @@ class Checklist:
             return
         age = (time.time() if now is None else now) - float(status.get("time", 0))
         when = f"{age / 60:.0f} min ago" if age < 7200 else f"{age / 3600:.1f} h ago"
-        ok = bool(status.get("ok"))
-        self.add("last backup succeeded", ok, f"{when}: " + ("ok" if ok else f"exit {status.get('exit_code')}: "
-                                                              f"{status.get('error', '')}"), fix)
+        ok, summary = last_run_summary(status)
+        self.add("last backup succeeded", ok, f"{when}: {summary}", fix)
 
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,

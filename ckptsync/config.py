@@ -28,6 +28,7 @@ COMMON_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "settle_seconds": ((int, float), "a number of seconds"),
     "host_key_policy": (str, "strict or accept-new"),
     "train_process": (str, "a process name pattern"),
+    "dedup": (str, "reflink or link"),
 }
 INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     **COMMON_KEYS,
@@ -65,6 +66,9 @@ class Target:
     assumed_instance: bool = False  # no --instance/--host/--remote-dir: instance 0 was taken
     # Tests hand in a server of their own (the in-process twin); None: the agent over `transport`.
     server_factory: Callable[[], Server] | None = None
+    # How identical files are stored: "reflink" (a clone, else a hard link when mode and
+    # mtime match, else a copy: every file shows its own mtime) or "link" (always hard-link).
+    dedup: str = "reflink"
 
     def command(self, *words: str) -> str:
         """`ckptsync WORDS` aimed at this target, ready to paste into a shell."""
@@ -105,6 +109,8 @@ def _check(where: str, data: dict, allowed: dict) -> None:
             raise ConfigError(f"{where}.{key}: expected {expected}, got {type(value).__name__} {value!r}")
     if "host_key_policy" in data and data["host_key_policy"] not in ("strict", "accept-new"):
         raise ConfigError(f"{where}.host_key_policy: expected strict or accept-new, got {data['host_key_policy']!r}")
+    if "dedup" in data and data["dedup"] not in ("reflink", "link"):
+        raise ConfigError(f"{where}.dedup: expected reflink or link, got {data['dedup']!r}")
     for key in ("extra_files", "command"):
         if key in data and not all(isinstance(x, str) for x in data[key]):
             raise ConfigError(f"{where}.{key}: expected a list of strings")
@@ -240,4 +246,5 @@ def resolve_target(
         host_key_policy=policy,
         args=tuple(args),
         assumed_instance=assumed,
+        dedup=pick("dedup", "reflink"),
     )

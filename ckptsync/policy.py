@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Protocol, TypeVar
 
+from ckptsync.errors import LOCKED, PARTIAL
+
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
 
@@ -58,3 +60,26 @@ def space_shortfall(need: int, free: int, already_staged: int = 0) -> int:
     """Bytes missing for a transfer of `need` (staged bytes already count), margin included; 0 if it fits."""
     want = max(need - already_staged, 0) + SPACE_MARGIN
     return max(want - free, 0)
+
+
+def last_run_summary(status: dict | None) -> tuple[bool, str]:
+    """(ok, one phrase) about the last recorded backup, from .ckptsync/status.json. Pure.
+
+    A run refused by the lock is not recorded at all, so it never hides the last real result;
+    an old status file may still hold one, which reads as skipped and does not count as failed.
+    """
+    if not status:
+        return False, "none recorded"
+    code = status.get("exit_code")
+    error = status.get("error") or "no message"
+    if status.get("ok"):
+        fetched = status.get("fetched") or []
+        if fetched:
+            return True, f"ok, fetched {', '.join(fetched)}"
+        current = status.get("up_to_date") or []
+        return True, "ok, up to date" + (f" ({', '.join(current)})" if current else "")
+    if code == LOCKED:
+        return True, "skipped, another run held the lock"
+    if code == PARTIAL:
+        return False, f"PARTIAL (exit {code}): {error}"
+    return False, f"FAILED (exit {code}): {error}"

@@ -26,7 +26,7 @@ from ckptsync.policy import backup_is_current
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store, fsync_dir, remove_tree
+from ckptsync.store import EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
 
 
 @dataclass
@@ -90,6 +90,8 @@ def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> Prun
     job = RemotePrune(target, opts, rep) if opts.remote else LocalPrune(target, opts, rep)
     try:
         return job.run()
+    except OSError as exc:  # a laptop-side write (lock, trash, manifests): one line, exit 5
+        raise io_error(exc, f"pruning in {job.store.root}") from None
     finally:
         job.result.seconds = time.monotonic() - started
 

@@ -13,6 +13,7 @@ next run checks the staged files on the server and sends only the rest.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import re
 import time
@@ -23,7 +24,7 @@ import xxhash
 from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.errors import (
-    OK, ConnectError, DiskFull, IntegrityError, Interrupted, Locked, NotFound, UsageError,
+    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
 )
 from ckptsync.policy import SPACE_MARGIN, human, newest_key
 from ckptsync.progress import QUIET, Reporter
@@ -48,6 +49,7 @@ STAGED = "staged"
 SAME = "already there"
 DIFFERS = "kept existing (differs)"
 REPLACE = "replace"
+OUTSIDE = "skipped (outside the new run's directory)"
 
 
 @dataclass
@@ -58,6 +60,8 @@ class RestoreOptions:
     force: bool = False
     dry_run: bool = False
     compress: str = "auto"
+    extra_files_to: str | None = None   # put every extra file here instead (on the server)
+    discard_staged: bool = False        # only drop what an interrupted restore left in staging
 
 
 @dataclass
@@ -69,10 +73,11 @@ class FileItem:
 
 @dataclass
 class ExtraItem:
-    source: str      # where it goes, relative to remote_dir, as configured when it was backed up
+    source: str      # where it was, relative to the remote_dir it was backed up from
     size: int
-    action: str      # send, already there, kept existing (differs), replace
-    dest: str = ""   # the same place as a path on the server
+    action: str      # send, already there, kept existing (differs), replace, skipped (outside ...)
+    dest: str = ""   # where it goes on the server (absolute once known); "" when skipped
+    kept_at: str = ""  # for a skipped one: the copy in the backup directory
 
 
 @dataclass
@@ -100,6 +105,7 @@ class RestoreResult:
     resume_hint: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    discarded_bytes: int | None = None   # with --discard-staged: what the staging held
 
     @property
     def exit_code(self) -> int:
@@ -226,7 +232,10 @@ class Restore:
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
             with self._lock(), open_server(self.target) as server:
                 self.server = server
-                self._restore(m, files, extras, ordered, manifests)
+                if self.opts.discard_staged:
+                    self._discard_staged(m)
+                else:
+                    self._restore(m, files, extras, ordered, manifests)
             return self.result
         except KeyboardInterrupt:
             if self.phase == "commit":
@@ -243,8 +252,12 @@ class Restore:
             try:
                 stack.enter_context(self.store.lock("ckptsync restore"))
             except Locked as exc:
-                exc.hint = "wait for it to finish, then run the restore again"
-                raise
+                raise Locked(exc.message, hint="wait for it to finish, then run the restore again") from None
+            except IOFailure:
+                if os.access(self.store.root, os.W_OK) and not _read_only(self.store.root):
+                    raise
+                # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
+                self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
         return stack
 
     def _select(self, m: Manifest) -> list[FileRecord]:
@@ -289,13 +302,14 @@ class Restore:
         r.resumed_files = sum(1 for f in r.files if f.action == STAGED)
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
-        self._check_space(root, sum(f.size for f in to_send))
+        self._check_space(root, sum(f.size for f in to_send), m.name)
         best_note = self._best_model_note(root, m, manifests)
         if not self.opts.dry_run:
             r.remote_dir = root = self.server.mkdir(root)
             r.path = posixpath.join(root, m.name)
             for item in r.extras:
-                item.dest = posixpath.normpath(posixpath.join(root, item.source))
+                if item.action != OUTSIDE:
+                    item.dest = posixpath.normpath(posixpath.join(root, self._extra_dest(item.source)))
             self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
                           + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
@@ -310,9 +324,11 @@ class Restore:
     # -------------------------------------------------- checks before sending
 
     def _check_server(self, root: str, m: Manifest, extras: Manifest | None) -> list[tuple[FileRecord, ExtraItem]]:
-        """Refuse an existing checkpoint without --force; sort extra files into send / same / differs."""
+        """Refuse an existing checkpoint without --force; sort extra files into send / same / differs / outside."""
         records = [f for f in (extras.files if extras else []) if f.source]
-        st = self.server.stat(root, [".", m.name] + [f.source for f in records])
+        placed = {f.path: self._extra_place(root, f, extras) for f in records}
+        dests = [placed[f.path] for f in records if placed[f.path] is not None]
+        st = self.server.stat(root, [".", m.name] + dests)
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
@@ -323,30 +339,63 @@ class Restore:
                     f"{m.name} already exists in {root} on {self.result.server}; nothing was sent",
                     hint="add --force to replace it (atomically: the old copy goes only once the new one is in place)")
             self.result.replaced = True
-        existing = [f for f in records if st.get(f.source) is not None]
-        same = self._same_on_server(root, [f for f in existing if not st[f.source].is_dir])
+        existing = [f for f in records if placed[f.path] is not None and st.get(placed[f.path]) is not None]
+        same = self._same_on_server(root, [f for f in existing if not st[placed[f.path]].is_dir], placed)
         items = []
         for f in records:
-            if st.get(f.source) is None:
+            dest = placed[f.path]
+            if dest is None:
+                kept = str(self.store.root / f.path)
+                items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", kept)))
+                self.result.warnings.append(
+                    f"not restored: {f.source} (it lay outside the run's directory on the old server, and "
+                    f"{root} is a different directory); the copy is kept at {kept}; place it with "
+                    f"{self.target.command('restore', '--checkpoint', m.name, '--extra-files-to', 'DIR')}")
+                continue
+            if st.get(dest) is None:
                 action = SEND
-            elif f.source in same:
+            elif f.path in same:
                 action = SAME
             else:
                 action = REPLACE if self.opts.force else DIFFERS
-            dest = posixpath.normpath(posixpath.join(root, f.source))
-            items.append((f, ExtraItem(f.source, f.size, action, dest)))
+            items.append((f, ExtraItem(f.source, f.size, action, posixpath.normpath(posixpath.join(root, dest)))))
             if action == DIFFERS:
-                self.result.warnings.append(f"kept existing {f.source} (differs from the backup; --force replaces it)")
+                self.result.warnings.append(f"kept existing {dest} (differs from the backup; --force replaces it)")
         return items
 
-    def _same_on_server(self, root: str, records: list[FileRecord]) -> set[str]:
-        """Sources whose server copy has the same content as the backup (hashed on the server)."""
+    def _extra_dest(self, source: str) -> str:
+        """Where an extra file goes, relative to remote_dir (or absolute)."""
+        if self.opts.extra_files_to:
+            return posixpath.join(self.opts.extra_files_to, posixpath.basename(source))
+        return source
+
+    def _extra_place(self, root: str, f: FileRecord, extras: Manifest | None) -> str | None:
+        """The destination of one extra file, or None when it would land outside a new run's tree."""
+        dest = self._extra_dest(f.source)
+        if self.opts.extra_files_to:
+            return dest
+        old_root = str((extras.source if extras else {}).get("remote_dir") or "")
+        if old_root and self._absolute(root) == posixpath.normpath(old_root):
+            return dest  # the same run directory: back where it came from
+        inside = posixpath.normpath(dest)
+        if inside.startswith("/") or inside == ".." or inside.startswith("../"):
+            return None
+        return dest
+
+    def _absolute(self, root: str) -> str:
+        home = self.server.hello.home or "/"
+        if root == "~" or root.startswith("~/"):
+            root = home + root[1:]
+        return posixpath.normpath(root if root.startswith("/") else posixpath.join(home, root))
+
+    def _same_on_server(self, root: str, records: list[FileRecord], placed: dict[str, str | None]) -> set[str]:
+        """Extra files whose server copy has the same content as the backup (hashed on the server)."""
         if not records:
             return set()
         alg = self.server.best_hash
-        got = self.server.hash(root, [f.source for f in records], alg)
-        return {f.source for f in records if got.get(f.source) is not None
-                and got.get(f.source) == self._local_hash(f, alg)}
+        got = self.server.hash(root, [placed[f.path] for f in records], alg)
+        return {f.path for f in records if got.get(placed[f.path]) is not None
+                and got.get(placed[f.path]) == self._local_hash(f, alg)}
 
     def _local_hash(self, f: FileRecord, alg: str) -> str | None:
         if alg == "xxh3_128":
@@ -388,6 +437,7 @@ class Restore:
         """Files an interrupted restore left in staging with the right size, mtime and (if check) hash."""
         stage = m.name
         found = self.server.staged(root, stage)
+        self._staged, self._usable = found, set()
         staged, partial = found.files, found.partial
         if not staged and not partial:
             return set()
@@ -397,24 +447,58 @@ class Restore:
             # It would be renamed into place with the checkpoint: start over.
             if not self.opts.dry_run:
                 self.server.discard(root, stage)
+                self._staged = None
             return set()
         # A member with a leftover ".part" is sent again, which replaces the ".part" too.
         fits = [p for p, info in staged.items()
                 if p in want and p not in partial and (info.size, info.mtime_ns) == (want[p].size, want[p].mtime_ns)]
         if not check or not fits:
+            self._usable = set(fits)
             return set(fits)
         alg = self.server.best_hash
         where = {p: self.server.staging_member(stage, p) for p in fits}
         got = self.server.hash(root, list(where.values()), alg)
-        return {p for p in fits if got.get(where[p]) is not None and got.get(where[p]) == self._local_hash(want[p], alg)}
+        self._usable = {p for p in fits if got.get(where[p]) is not None
+                        and got.get(where[p]) == self._local_hash(want[p], alg)}
+        return set(self._usable)
 
-    def _check_space(self, root: str, need: int) -> None:
+    def _check_space(self, root: str, need: int, stage: str) -> None:
         free = self.server.df(root).free
-        if need + SPACE_MARGIN > free:
-            raise DiskFull(
-                f"not enough space on {self.result.server} in {root}: this restore needs {human(need)}, "
-                f"{human(free)} is free (nothing was sent)",
-                hint="free some space on the server, or send only the weights with --adapter-only")
+        held, reclaim = self._staging_bytes(root, stage)
+        if need + SPACE_MARGIN <= free + reclaim:
+            return
+        leftover = (f"; an interrupted restore's staging {self.server.staging_path(root, stage)} holds "
+                    f"{human(held)} ({human(reclaim)} of it is sent again, so it was counted as free)"
+                    if held else "")
+        raise DiskFull(
+            f"not enough space on {self.result.server} in {root}: this restore needs {human(need)} plus a "
+            f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was sent){leftover}",
+            hint=("free some space on the server"
+                  + (f", or drop the leftover staging: {self.target.command('restore', '--checkpoint', stage, '--discard-staged')}"
+                     if held else "")
+                  + ", or send only the weights with --adapter-only"))
+
+    def _staging_bytes(self, root: str, stage: str) -> tuple[int, int]:
+        """Bytes the staging of `stage` holds, and how many of them this run overwrites."""
+        found = getattr(self, "_staged", None)
+        if found is None:
+            return 0, 0
+        usable = getattr(self, "_usable", set())
+        parts = {p: self.server.staging_member(stage, p + ".part") for p in found.partial}
+        part_sizes = {p: st.size for p, st in self.server.stat(root, list(parts.values())).items() if st is not None}
+        held = sum(st.size for st in found.files.values()) + sum(part_sizes.values())
+        reclaim = sum(st.size for p, st in found.files.items() if p not in usable) + sum(part_sizes.values())
+        return held, reclaim
+
+    def _discard_staged(self, m: Manifest) -> None:
+        root = self.target.remote_dir
+        found = self.server.staged(root, m.name)
+        self._staged, self._usable = found, set()
+        held, _ = self._staging_bytes(root, m.name)
+        self.result.checkpoint, self.result.path = m.name, self.server.staging_path(root, m.name)
+        self.result.discarded_bytes = held
+        if not self.opts.dry_run and (found.files or found.partial):
+            self.server.discard(root, m.name)
 
     def _best_model_note(self, root: str, m: Manifest, manifests: dict[str, Manifest]) -> str:
         best = m.state.get("best_model_checkpoint")
@@ -463,9 +547,15 @@ class Restore:
                 f"the files that arrived completely are kept in {staging} on the server, and running the same "
                 "restore again sends only the rest") from None
         except ConnectError as exc:
-            exc.message = (f"{exc.message} ({name}: nothing was put in place; the files that arrived are kept in "
-                           f"{staging} on the server; run the same restore again to send only the rest)")
-            raise
+            raise type(exc)(f"{exc.message} ({name}: nothing was put in place; the files that arrived are kept in "
+                            f"{staging} on the server; run the same restore again to send only the rest)",
+                            hint=exc.hint) from exc
+        except DiskFull as exc:
+            raise DiskFull(f"{exc.message} while sending {name}: nothing was put in place; what arrived is kept "
+                           f"in {staging} on the server",
+                           hint="free some space there and run the same restore again (it sends only the rest), "
+                                "or drop what arrived: "
+                                + self.target.command("restore", "--checkpoint", name, "--discard-staged")) from exc
         finally:
             self.rep.finish()
         if rotted:
@@ -489,13 +579,13 @@ class Restore:
             raise UsageError(
                 f"{m.name} appeared in {root} during the restore and was left as it is; the restored copy is in "
                 f"{self.server.staging_path(root, stage)}", hint="add --force to replace it")
-        moves = [(f.path, f.source) for f, item in extra_items if item.action in (SEND, REPLACE)]
+        moves = [(f.path, self._extra_dest(f.source)) for f, item in extra_items if item.action in (SEND, REPLACE)]
         if moves:
             done = self.server.commit(root, stage, moves, force=self.opts.force)
-            for source in done.kept:
-                self.result.warnings.append(f"kept existing {source} (it appeared during the restore)")
-                for _f, item in extra_items:
-                    if item.source == source:
+            for dest in done.kept:
+                self.result.warnings.append(f"kept existing {dest} (it appeared during the restore)")
+                for f, item in extra_items:
+                    if self._extra_dest(f.source) == dest:
                         item.action = DIFFERS
         self.server.discard(root, stage)
 
@@ -511,9 +601,19 @@ class Restore:
         return "give the backup directory with --local-dir"
 
 
+def _read_only(path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
     from ckptsync.archive import local_source
 
-    with local_source(target, reporter) as source:
-        return Restore(source, opts, reporter).run()
+    try:
+        with local_source(target, reporter) as source:
+            return Restore(source, opts, reporter).run()
+    except OSError as exc:  # the laptop side: reading the backup, taking its lock
+        raise io_error(exc, f"reading {target.local_dir}") from None

@@ -190,9 +190,11 @@ class LocalVerify:
         self.rep.start("verify", total)
         try:
             for m, check, todo in plans:
-                self._hash(check, todo)
+                restamped = self._hash(check, todo)
                 self._record(m, check)
                 self.result.entries.append(check)
+                if restamped and check.status != CHANGED:
+                    self.result.warnings.append(_mtime_warning(m.name, restamped))
         finally:
             self.rep.finish()
             self.result.bytes_read = self.hasher.bytes_read
@@ -243,7 +245,10 @@ class LocalVerify:
                     found.append(rel)
         return found
 
-    def _hash(self, check: EntryCheck, todo: list[tuple[FileRecord, Path, os.stat_result]]) -> None:
+    def _hash(self, check: EntryCheck, todo: list[tuple[FileRecord, Path, os.stat_result]]) -> list[tuple[str, bool]]:
+        """Compare contents; returns the intact files whose local mtime is not the manifest's
+        (path, hard-linked), which is worth a warning, not a failure: restore uses the manifest's."""
+        restamped = []
         for f, path, st in todo:
             try:
                 digest = self.hasher.digest(path, st)
@@ -252,8 +257,11 @@ class LocalVerify:
                 continue
             if digest != f.xxh3_128:
                 check.problems.append(Problem(f.path, CORRUPT, "content differs from the backup's checksum"))
+            elif st.st_mtime_ns != f.mtime_ns:
+                restamped.append((f.path, st.st_nlink > 1))
         check.problems.sort(key=lambda p: p.path)
         check.settle()
+        return restamped
 
     def _record(self, m: Manifest, check: EntryCheck) -> None:
         """Set verified_at, unless another run replaced or removed the entry meanwhile."""
@@ -272,6 +280,18 @@ class LocalVerify:
                                         f"{exc.strerror or exc}")
             return
         check.verified_at = current.verified_at
+
+
+MTIME_NAMES = 5
+
+
+def _mtime_warning(name: str, restamped: list[tuple[str, bool]]) -> str:
+    files = [path.removeprefix(f"{name}/") for path, _linked in sorted(restamped)]
+    shown = ", ".join(files[:MTIME_NAMES]) + (f" and {len(files) - MTIME_NAMES} more" if len(files) > MTIME_NAMES else "")
+    why = ("hard-linked to identical files, as with dedup: link" if all(linked for _p, linked in restamped)
+           else "changed after the backup; restore uses the manifest's")
+    what = "1 file's local mtime differs" if len(files) == 1 else f"{len(files)} files' local mtimes differ"
+    return f"{name}: {what} from the manifest ({why}): {shown}"
 
 
 # ------------------------------------------------------------------ remote

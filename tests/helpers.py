@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -130,3 +132,26 @@ def run_cli(*args: str | os.PathLike[str], env: Mapping[str, str | None] | None 
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def name_best(run_dir: Path, best: str, newest: str = "checkpoint-12") -> None:
+    """Make `newest`'s trainer_state.json name `best` as best_model_checkpoint, keeping its mtime."""
+    state = run_dir / newest / "trainer_state.json"
+    data = json.loads(state.read_text())
+    data["best_model_checkpoint"] = str(run_dir / best)
+    st = state.stat()
+    state.write_text(json.dumps(data))
+    os.utime(state, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at path for the block (root only), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        raise RuntimeError(f"could not mount a tmpfs: {mounted.stderr!r}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

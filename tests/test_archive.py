@@ -30,6 +30,8 @@ def cli(tmp_path: Path, *args):
 
 @pytest.fixture
 def store(tmp_path: Path, server_tree: Path) -> Path:
+    # dedup: link keeps identical files hard-linked, so the archive's link handling is exercised
+    (tmp_path / "ckptsync.yaml").write_text("dedup: link\n")
     dest = tmp_path / "backups" / "run"
     r = cli(tmp_path, "backup", "--all", "--remote-dir", server_tree, "--local-dir", dest)
     assert r.returncode == 0, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 
@@ -13,7 +14,7 @@ from ckptsync.checklist import looks_like_trainer, save_interval, training_signa
 from ckptsync.layout import Checkpoint, mark_abandoned
 from ckptsync.scan import ServerView
 from ckptsync.server import Procs
-from helpers import run_cli
+from helpers import name_best, run_cli
 
 
 def config(home, server, dest, **extra):
@@ -80,6 +81,11 @@ def test_corrupt_backup_and_changed_extra_file_fail(ssh_home, server_tree, tmp_p
     assert res.returncode == 3
     c = checks(res)
     assert not c["backup verifies"]["ok"] and "optimizer.pt" in c["backup verifies"]["detail"]
+    fix = c["backup verifies"]["fix"]
+    assert fix.startswith("ckptsync verify --repair checkpoint-12 --instance 1 --config ")
+    repaired = run_cli(*shlex.split(fix.split("   (")[0])[1:])  # the printed command, pasted
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "repaired checkpoint-12: checkpoint-12/optimizer.pt" in repaired.stdout
     assert not c["extra files backed up"]["ok"] and "changed since the backup" in c["extra files backed up"]["detail"]
 
 
@@ -150,3 +156,39 @@ def test_abandoned_checkpoint_does_not_block_after_the_margin():
 ])
 def test_looks_like_trainer(cmd, expected):
     assert looks_like_trainer(cmd) is expected
+
+
+def test_best_checkpoint_pruned_from_the_backups_is_not_safe(ssh_home, server_tree, tmp_path):
+    age_tree(server_tree, 3600)
+    name_best(server_tree, "checkpoint-8")
+    cfg = config(ssh_home, server_tree, tmp_path / "b")
+    assert run_cli("backup", "-i", "1", "--config", cfg, "--all").returncode == 0
+    assert run_cli("checklist", "-i", "1", "--config", cfg).returncode == 0
+    pruned = run_cli("prune", "-i", "1", "--config", cfg, "--keep-last", "1", "--no-keep-best")
+    assert pruned.returncode == 0 and not (tmp_path / "b" / "instance-1" / "checkpoint-8").exists()
+    res = run_cli("checklist", "-i", "1", "--config", cfg, "--json")
+    assert res.returncode == 3
+    c = checks(res)
+    assert not c["best checkpoint backed up"]["ok"] and "checkpoint-8" in c["best checkpoint backed up"]["detail"]
+
+
+def test_prune_keeps_the_best_checkpoint_by_default_and_says_why(ssh_home, server_tree, tmp_path):
+    age_tree(server_tree, 3600)
+    name_best(server_tree, "checkpoint-8")
+    cfg = config(ssh_home, server_tree, tmp_path / "b")
+    assert run_cli("backup", "-i", "1", "--config", cfg, "--all").returncode == 0
+    dry = run_cli("prune", "-i", "1", "--config", cfg, "--remote", "--keep-last", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "kept checkpoint-8: it is the best checkpoint" in dry.stderr and "--no-keep-best" in dry.stderr
+    res = run_cli("prune", "-i", "1", "--config", cfg, "--remote", "--keep-last", "1")
+    assert res.returncode == 0, res.stderr
+    assert (server_tree / "checkpoint-8").is_dir() and not (server_tree / "checkpoint-4").exists()
+
+
+def test_wrong_remote_dir_names_the_real_cause(ssh_home, server_tree, tmp_path):
+    cfg = config(ssh_home, server_tree / "no-such-run", tmp_path / "b")
+    res = run_cli("checklist", "-i", "1", "--config", cfg, "--json")
+    assert res.returncode == 3
+    c = checks(res)
+    assert c["server reachable"]["ok"]
+    assert not c["remote directory exists"]["ok"] and "no-such-run" in c["remote directory exists"]["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, cli_env, digest_diff, run_cli, set_tree_mtime, tree_digest
+from helpers import REPO_ROOT, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -35,9 +36,12 @@ def backup(cfg: Path, server: Path, dest: Path, *, ssh: bool = True) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def restore(cfg: Path, fresh: Path, dest: Path, *args: str, ssh: bool = True) -> subprocess.CompletedProcess[str]:
+def restore(cfg: Path, fresh: Path, dest: Path, *args: str, ssh: bool = True,
+            extras_to: str | None = "../..") -> subprocess.CompletedProcess[str]:
+    """Restore into `fresh`, a new run directory: the extra files go to the same place relative to it."""
     via = ["--instance", "1"] if ssh else []
-    return run_cli("restore", *via, "--config", cfg, "--remote-dir", fresh, "--local-dir", dest, *args)
+    to = ["--extra-files-to", extras_to] if extras_to and "--no-extra-files" not in args else []
+    return run_cli("restore", *via, "--config", cfg, "--remote-dir", fresh, "--local-dir", dest, *to, *args)
 
 
 def assert_same(a: Path, b: Path) -> None:
@@ -401,3 +405,48 @@ def test_local_restore_of_a_full_finetune(fixtures_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(fresh / "checkpoint-3")) == ["config.json", "generation_config.json", "model.safetensors"]
     assert json.loads(res.stdout)["exact_resume"] is False
+
+
+def test_extra_files_outside_a_new_run_dir_are_skipped_and_said_where_they_are(setup):
+    server, dest, fresh, cfg = setup
+    dry = restore(cfg, fresh, dest, "--dry-run", extras_to=None)
+    assert dry.returncode == 0, dry.stderr
+    kept = dest / "extra-files" / "config_full_dataset.json"
+    assert "not restored: ../../config_full_dataset.json" in dry.stderr and str(kept) in dry.stderr
+    assert "--extra-files-to DIR" in dry.stderr
+    assert str(fresh / "checkpoint-12") in dry.stdout  # every path the run would write is shown
+    res = restore(cfg, fresh, dest, "--json", extras_to=None)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert {e["action"] for e in out["extras"]} == {"skipped (outside the new run's directory)"}
+    assert sorted(os.listdir(fresh.parent.parent)) == ["models"]  # nothing written above the run's tree
+    assert not (fresh.parent.parent.parent / "config_full_dataset.json").exists()
+
+
+def test_extra_files_go_back_where_they_came_from_into_the_same_remote_dir(setup):
+    server, dest, _fresh, cfg = setup
+    shutil.rmtree(server / "checkpoint-12")
+    original = server.parent.parent / "config_full_dataset.json"
+    data = original.read_bytes()
+    original.unlink()
+    res = restore(cfg, server, dest, "--json", extras_to=None)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert {e["source"]: e["action"] for e in out["extras"]}["../../config_full_dataset.json"] == "send"
+    assert original.read_bytes() == data
+
+
+def test_printed_restore_hint_targets_the_same_server_when_pasted(ssh_home, server_tree, tmp_path):
+    name_best(server_tree, "checkpoint-8")
+    cfg = write_config(ssh_home)
+    dest = tmp_path / "backups" / "instance-0"
+    backup(cfg, server_tree, dest)
+    fresh = tmp_path / "new-server" / "run"
+    res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-12")
+    assert res.returncode == 0, res.stderr
+    hint = res.stderr.split("restore it too: ")[1].splitlines()[0]
+    argv = shlex.split(hint)
+    assert argv[:4] == ["ckptsync", "restore", "--checkpoint", "checkpoint-8"] and "--instance" in argv
+    pasted = run_cli(*argv[1:])
+    assert pasted.returncode == 0, pasted.stderr
+    assert_same(server_tree / "checkpoint-8", fresh / "checkpoint-8")

@@ -14,7 +14,7 @@ from ckptsync.config import Config, resolve_target
 from ckptsync.errors import IO, LOCKED, CkptsyncError, Locked
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.store import Store
-from helpers import run_cli, tree_digest
+from helpers import run_cli, tmpfs, tree_digest
 from test_server_boundary import make_target
 
 
@@ -71,12 +71,7 @@ def test_printed_commands_carry_the_target_and_paste(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
 def test_a_read_only_backup_directory_is_one_line_and_exit_5(server_tree, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=256m", "tmpfs", str(ro)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.fail(f"could not mount a tmpfs: {mounted.stderr!r}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=256m") as ro:
         with pytest.raises(CkptsyncError) as info:
             run_backup(make_target(server_tree, ro / "b", InProcessServer()), BackupOptions())
         assert info.value.exit_code == IO and "read-only file system" in info.value.message
@@ -85,8 +80,6 @@ def test_a_read_only_backup_directory_is_one_line_and_exit_5(server_tree, tmp_pa
         assert "Traceback" not in res.stderr and "unexpected" not in res.stderr
         assert "read-only file system" in res.stderr and str(ro / "b") in res.stderr
         assert list(ro.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 class _DeadChannel:
@@ -118,3 +111,157 @@ def test_closing_a_dead_ssh_session_does_not_hide_the_lost_connection():
     client = _DeadClient()
     SshProcess(client, _DeadChannel(), None).close()
     assert client.closed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_restore_that_filled_the_server_disk_does_not_block_its_rerun(server_tree, tmp_path):
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    big = server_tree / "checkpoint-12" / "zz-big.bin"
+    big.write_bytes(os.urandom(24 << 20))
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(big, (old, old))
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    with tmpfs(tmp_path / "disk", "size=96m") as disk:
+        run = disk / "run"
+        filler = disk / "filler"
+        opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False)
+
+        def fill_the_disk(_args: dict) -> None:
+            # Another process eats the space after the check: about 12 MiB of zz-big.bin will fit.
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            filler.write_bytes(b"\0" * (free - (13 << 20)))
+
+        hooks = Hooks()
+        hooks.on_before("receive", fill_the_disk, times=1)
+        with pytest.raises(CkptsyncError) as info:
+            run_restore(make_target(run, dest, InProcessServer(hooks)), opts)
+        assert info.value.exit_code == IO and filler.exists()
+        assert ".ckptsync-staging-checkpoint-12" in info.value.message
+        assert "--discard-staged" in info.value.hint
+        assert not (run / "checkpoint-12").exists()
+        filler.unlink()
+        staging = run / ".ckptsync-staging-checkpoint-12"
+        held = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+        assert held > 8 << 20  # enough that counting it decides whether the rerun may start
+        again = run_restore(make_target(run, dest, InProcessServer()), opts)
+        assert again.checkpoint == "checkpoint-12" and (run / "checkpoint-12" / "zz-big.bin").stat().st_size == 24 << 20
+        assert sorted(os.listdir(run)) == ["checkpoint-12"]
+
+
+def test_discard_staged_removes_what_an_interrupted_restore_left(server_tree, tmp_path):
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    run = tmp_path / "new-run"
+    staging = run / ".ckptsync-staging-checkpoint-12" / "checkpoint-12"
+    staging.mkdir(parents=True)
+    (staging / "optimizer.pt.part").write_bytes(b"x" * 1000)
+    res = run_cli("restore", "--remote-dir", run, "--local-dir", dest, "--checkpoint", "checkpoint-12",
+                  "--discard-staged")
+    assert res.returncode == 0, res.stderr
+    assert "deleted" in res.stdout and "(1.0 KB)" in res.stdout
+    assert os.listdir(run) == []
+
+
+def test_backup_discard_staged_drops_an_interrupted_backup(tmp_path):
+    dest = tmp_path / "b"
+    staged = dest / ".ckptsync" / "staging" / "checkpoint-8" / "checkpoint-8"
+    staged.mkdir(parents=True)
+    (staged / "optimizer.pt").write_bytes(b"y" * 2500)
+    (dest / ".ckptsync" / "staging" / "checkpoint-8.progress.json").write_text("{}")
+    dry = run_cli("backup", "--local-dir", dest, "--discard-staged", "--dry-run")
+    assert dry.returncode == 0 and "would delete 2.5 KB" in dry.stdout and staged.exists()
+    res = run_cli("backup", "--local-dir", dest, "--discard-staged")
+    assert res.returncode == 0, res.stderr
+    assert "deleted 2.5 KB of staging" in res.stdout
+    assert os.listdir(dest / ".ckptsync" / "staging") == []
+
+
+def test_verify_repair_fetches_a_damaged_file_again(server_tree, tmp_path):
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    victim = dest / "checkpoint-12" / "optimizer.pt"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    assert run_cli("verify", "--local-dir", dest).returncode == 30
+    backed_up = run_cli("backup", "--remote-dir", server_tree, "--local-dir", dest, "--all")
+    assert "up to date" in backed_up.stdout  # a backup alone does not notice: that is what --repair is for
+    res = run_cli("verify", "--remote-dir", server_tree, "--local-dir", dest, "--repair")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "repaired checkpoint-12: checkpoint-12/optimizer.pt" in res.stdout
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert run_cli("verify", "--local-dir", dest).returncode == 0
+    assert not (dest / ".ckptsync" / "repair").exists()
+
+
+def test_verify_repair_refuses_when_the_server_copy_changed(server_tree, tmp_path):
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    (dest / "checkpoint-8" / "scheduler.pt").unlink()
+    changed = server_tree / "checkpoint-8" / "scheduler.pt"
+    st = changed.stat()
+    changed.write_bytes(b"z" * st.st_size)  # same size, other bytes: the trainer rewrote it
+    res = run_cli("verify", "--remote-dir", server_tree, "--local-dir", dest, "--repair")
+    assert res.returncode == 30
+    assert "not repaired: checkpoint-8/scheduler.pt: the server's copy differs from the backup" in res.stderr
+    assert not (dest / "checkpoint-8" / "scheduler.pt").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="remounting a tmpfs read-only needs root")
+def test_every_command_on_a_read_only_backup_directory(server_tree, tmp_path):
+    with tmpfs(tmp_path / "disk", "size=256m") as disk:
+        dest = disk / "b"
+        assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        before = tree_digest(dest)
+        for argv, code, needle in [
+            (["prune", "--local-dir", dest, "--keep-last", "1"], IO, "read-only file system"),
+            (["archive", "--local-dir", dest, "--output", tmp_path / "ro.tar.zst"], None, None),
+            (["backup", "--remote-dir", server_tree, "--local-dir", dest, "--all"], 0, "up to date"),
+            (["verify", "--local-dir", dest], 0, "could not be updated"),
+            (["restore", "--remote-dir", tmp_path / "new", "--local-dir", dest, "--no-extra-files"], 0,
+             "read-only: restoring without its lock"),
+        ]:
+            res = run_cli(*argv)
+            out = res.stdout + res.stderr
+            assert "Traceback" not in out and "unexpected" not in out, (argv, out)
+            if code is not None:
+                assert res.returncode == code, (argv, out)
+                assert needle in out, (argv, out)
+            else:
+                assert res.returncode in (0, IO), (argv, out)
+        assert tree_digest(dest) == before
+        assert (tmp_path / "new" / "checkpoint-12").is_dir()
+
+
+def test_verify_remote_warns_about_checkpoints_never_backed_up(server_tree, tmp_path):
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    res = run_cli("verify", "--remote", "--remote-dir", server_tree, "--local-dir", dest)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "checkpoint-8 is on the server but has never been backed up" in res.stderr
+    hint = res.stderr.split("never been backed up: ")[1].splitlines()[0]
+    assert shlex.split(hint)[:4] == ["ckptsync", "backup", "--checkpoint", "checkpoint-8"]
+    changed = server_tree / "checkpoint-12" / "optimizer.pt"
+    data = bytearray(changed.read_bytes())
+    data[10] ^= 1
+    st = changed.stat()
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the hash tells
+    assert run_cli("verify", "--remote", "--remote-dir", server_tree, "--local-dir", dest).returncode == 30
+
+
+def test_assumed_instance_is_said_on_the_first_line(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("remote_dir: /data/run\n")
+    res = run_cli("list", "--config", cfg, env={"HOME": str(home), "CKPTSYNC_CONFIG": None})
+    assert res.returncode == 20
+    assert res.stderr.splitlines()[0].startswith("warning: no --instance or --host given: using instance 0 (")

@@ -15,16 +15,24 @@ from helpers import run_cli, tree_digest
 MANIFESTS = Path(".ckptsync") / "manifests"
 
 
-def backup(source: Path, dest: Path, *args: str) -> Path:
-    result = run_cli("backup", "--remote-dir", source, "--local-dir", dest, *args)
+def backup(source: Path, dest: Path, *args: str, dedup: str | None = None) -> Path:
+    env = None
+    if dedup:
+        cfg = dest.parent / "dedup.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(f"dedup: {dedup}\n")
+        env = {"CKPTSYNC_CONFIG": str(cfg)}
+    result = run_cli("backup", "--remote-dir", source, "--local-dir", dest, *args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return dest
 
 
 @pytest.fixture
 def store(tmp_path: Path, server_tree: Path) -> Path:
-    """checkpoint-4/8/12 backed up through the local transport, every verified_at set to 1.0."""
-    dest = backup(server_tree, tmp_path / "backups", "--all")
+    """checkpoint-4/8/12 backed up through the local transport, every verified_at set to 1.0.
+
+    With `dedup: link`, so identical files are hard links whatever their mtimes (read once by verify)."""
+    dest = backup(server_tree, tmp_path / "backups", "--all", dedup="link")
     for path in (dest / MANIFESTS).glob("*.json"):
         data = json.loads(path.read_text())
         data["verified_at"] = 1.0

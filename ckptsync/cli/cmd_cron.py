@@ -10,7 +10,7 @@ import typer
 from ckptsync import cron
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
-from ckptsync.errors import LOCKED, PARTIAL
+from ckptsync.policy import last_run_summary
 from ckptsync.output import Output, ago
 
 HELP = "Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed."
@@ -100,17 +100,4 @@ def last_run_text(status: dict | None, now: float | None = None) -> str:
     """One line about the last recorded backup run, from .ckptsync/status.json."""
     if not status:
         return "last run: none recorded"
-    when = ago(status.get("time"), now or time.time())
-    code = status.get("exit_code")
-    error = status.get("error") or "no message"
-    if status.get("ok"):
-        fetched = status.get("fetched") or []
-        if fetched:
-            return f"last run {when}: ok, fetched {', '.join(fetched)}"
-        current = status.get("up_to_date") or []
-        return f"last run {when}: ok, up to date" + (f" ({', '.join(current)})" if current else "")
-    if code == LOCKED:
-        return f"last run {when}: skipped, another run held the lock"
-    if code == PARTIAL:
-        return f"last run {when}: PARTIAL (exit {code}): {error}"
-    return f"last run {when}: FAILED (exit {code}): {error}"
+    return f"last run {ago(status.get('time'), now or time.time())}: {last_run_summary(status)[1]}"

@@ -10,6 +10,7 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
 from ckptsync.listing import ListResult, run_list
+from ckptsync.policy import last_run_summary
 from ckptsync.output import Output, ago, human, table, when
 
 
@@ -47,8 +48,7 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
     out.result("  ".join(footer))
     if result.last_backup:
         lb = result.last_backup
-        state = "ok" if lb.get("ok") else f"failed (exit {lb.get('exit_code')}): {lb.get('error', '')}"
-        out.result(f"last backup: {ago(lb.get('time'))}, {state}")
+        out.result(f"last backup: {ago(lb.get('time'))}, {last_run_summary(lb)[1]}")
     for r in result.rows:
         if r.meta_error:
             out.warn(f"{r.name}: {r.meta_error}")

@@ -18,6 +18,8 @@ def restore_cmd(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
+    extra_files_to: Annotated[Optional[str], typer.Option("--extra-files-to", metavar="DIR", help="Put the extra files in DIR on the server (relative to --remote-dir, or absolute) instead of where they were.", show_default=False)] = None,
+    discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what an interrupted restore of this checkpoint left in staging on the server.")] = False,
     compress: o.Compress = "auto",
     force: o.Force = False, dry_run: o.DryRun = False,
 ) -> int:
@@ -28,11 +30,15 @@ def restore_cmd(
     An existing checkpoint of the same name is never replaced without --force
     (exit 2). Damaged backup: exit 30. Not enough space on the server: exit 5.
     An interrupted restore leaves nothing under the final name; run it again
-    to send only what is missing. Onto a new instance from the backups of an
-    old one: --instance NEW --local-dir ~/ckpt-backups/instance-OLD.
+    to send only what is missing, or drop it with --discard-staged. Onto a new
+    instance from the backups of an old one: --instance NEW --local-dir
+    ~/ckpt-backups/instance-OLD. Extra files that lay outside the run's
+    directory go back only to the same remote_dir; elsewhere they are skipped
+    with a line saying where they are kept, unless --extra-files-to DIR.
     """
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
-                          force=force, dry_run=dry_run, compress=o.parse_compress(compress))
+                          force=force, dry_run=dry_run, compress=o.parse_compress(compress),
+                          extra_files_to=extra_files_to, discard_staged=discard_staged)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
     out = output()
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
@@ -42,6 +48,11 @@ def restore_cmd(
 def show_restore(out: Output, result: RestoreResult) -> None:
     for w in result.warnings:
         out.warn(w)
+    if result.discarded_bytes is not None:
+        verb = "would delete" if result.dry_run else "deleted"
+        out.result(f"{verb} {result.server}:{result.path} ({human(result.discarded_bytes)})"
+                   if result.discarded_bytes else f"nothing staged for {result.checkpoint} on {result.server}")
+        return
     if result.dry_run:
         show_plan(out, result)
         return
@@ -53,7 +64,10 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on "
                f"the wire){resumed}; {result.seconds:.1f}s")
     for e in result.extras:
-        out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
+        if e.dest:
+            out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
+        else:
+            out.result(f"  {e.source}: {e.action}; kept at {e.kept_at}")
     out.result(result.resume_hint)
 
 
@@ -69,7 +83,7 @@ def show_plan(out: Output, result: RestoreResult) -> None:
     for f in result.files:
         tab.add_row(f.path, human(f.size), "send" if f.action == "send" else "already staged on the server")
     for e in result.extras:
-        tab.add_row(e.dest, human(e.size), e.action)
+        tab.add_row(e.dest or f"{e.source} (kept at {e.kept_at})", human(e.size), e.action)
     out.rich(tab)
     out.result(f"would send {human(result.send_bytes)}; nothing was changed")
     out.result(f"then: {result.resume_hint}")

@@ -9,6 +9,8 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.output import Output, human
+from ckptsync.errors import UsageError
+from ckptsync.repair import RepairResult, run_repair
 from ckptsync.verify import EntryCheck, VerifyResult, run_verify
 
 
@@ -17,6 +19,7 @@ def verify_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Compare the server's copy with the backup (hashed on the server) instead of re-reading the backup.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Fetch again, from the server, the files that fail their manifest (when the server still has them unchanged).")] = False,
 ) -> int:
     """Check backups: re-read every file and compare size and xxh3-128 with the manifest.
 
@@ -27,13 +30,33 @@ def verify_cmd(
     With --remote, compares the server's checkpoints with the backups instead,
     file by file, and lists checkpoints found on one side only.
 
-    Exit 30 when any check fails.
+    With --repair, files that fail their manifest are fetched again from the
+    server, through staging, when the server still has them with the same
+    size and checksum; everything is then verified again.
+
+    Exit 30 when any check fails (or, with --repair, anything is left damaged).
     """
-    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
+    if remote and repair:
+        raise UsageError("give --remote or --repair, not both")
+    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote or repair)
     out = output()
+    if repair:
+        out.info(f"repair {t.local_dir} from {t.describe()}:{t.remote_dir}")
+        return out.render(run_repair(t, list(names or []), rep=out.reporter()), show_repair)
     if remote:
         out.info(f"verify {t.describe()}:{t.remote_dir} against {t.local_dir}")
     return out.render(run_verify(t, list(names or []), remote=remote, rep=out.reporter()), show_verify)
+
+
+def show_repair(out: Output, result: RepairResult) -> None:
+    for name, files in result.repaired.items():
+        out.result(f"repaired {name}: {', '.join(files)} fetched again and checked")
+    for path, why in result.unrepaired.items():
+        out.warn(f"not repaired: {path}: {why}")
+    if result.after is not None:
+        show_verify(out, result.after)
+    if not result.repaired and not result.unrepaired:
+        out.result("nothing to repair")
 
 
 def show_verify(out: Output, result: VerifyResult) -> None:
