@@ -21,7 +21,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (PARTIAL, "partial: some items failed or were skipped, the rest succeeded"),
     (CONFIG, "configuration error"),
     (IO, "I/O error: disk full, permission denied, a read or write failure (here or on the server)"),
-    (NOT_FOUND, "checkpoint not found"),
+    (NOT_FOUND, "not found: a checkpoint, a backup, or the remote directory on the server"),
     (LOCKED, "another run holds the lock"),
     (CONNECT, "cannot connect, authenticate or start the agent"),
     (INTEGRITY, "integrity check failed"),

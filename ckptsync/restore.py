@@ -30,6 +30,7 @@ from ckptsync.policy import SPACE_MARGIN, human, newest_key
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
+from ckptsync.verify import check_files
 from ckptsync.agent import hash_file
 
 # What --adapter-only sends: weights and the configs needed to load them, never training state.
@@ -188,21 +189,8 @@ def files_text(n: int) -> str:
 
 
 def verify_files(store: Store, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
-    """Re-read the stored copies: what does not match the manifest (missing, size, xxh3-128)."""
-    bad = []
-    for f in files:
-        path = store.root / f.path
-        try:
-            size = path.stat().st_size
-            if size != f.size:
-                bad.append(f"{f.path} (size {size}, the manifest says {f.size})")
-            elif hash_file(path, on_block=rep.advance) != f.xxh3_128:
-                bad.append(f"{f.path} (content differs from the manifest)")
-        except FileNotFoundError:
-            bad.append(f"{f.path} (missing)")
-        except OSError as exc:
-            bad.append(f"{f.path} (unreadable: {exc.strerror or exc})")
-    return bad
+    """Re-read the stored copies: what does not match the manifest, one phrase per file."""
+    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in check_files(store.root, files, rep)]
 
 
 # ------------------------------------------------------------ the run

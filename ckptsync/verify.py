@@ -152,6 +152,56 @@ class Hasher:
 
 # ------------------------------------------------------------------ local
 
+Todo = list[tuple[FileRecord, Path, os.stat_result]]
+
+
+def inspect_files(root: Path, files: list[FileRecord], resume: set[str] = frozenset()) -> tuple[list[Problem], Todo]:
+    """Presence, type and size of stored files; returns the problems and the files still to be read."""
+    problems, todo = [], []
+    for f in files:
+        path = root / f.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            problems.append(Problem(f.path, MISSING, "needed to resume" if f.path in resume else ""))
+            continue
+        except OSError as exc:
+            problems.append(Problem(f.path, CORRUPT, f"cannot read: {exc.strerror or exc}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(Problem(f.path, CORRUPT, "not a regular file"))
+        elif st.st_size != f.size:
+            what = "truncated" if st.st_size < f.size else "grown"
+            problems.append(Problem(f.path, CORRUPT, f"{what}: {st.st_size} bytes, the backup had {f.size}"))
+        else:
+            todo.append((f, path, st))
+    return problems, todo
+
+
+def hash_files(todo: Todo, hasher: "Hasher") -> tuple[list[Problem], list[tuple[str, bool]]]:
+    """Compare contents with the manifest; also returns the intact files whose local mtime is not the
+    manifest's, as (path, hard-linked): worth a warning, not a failure, since restore uses the manifest's."""
+    problems, restamped = [], []
+    for f, path, st in todo:
+        try:
+            digest = hasher.digest(path, st)
+        except OSError as exc:
+            problems.append(Problem(f.path, CORRUPT, f"read error: {exc.strerror or exc}"))
+            continue
+        if digest != f.xxh3_128:
+            problems.append(Problem(f.path, CORRUPT, "content differs from the backup's checksum"))
+        elif st.st_mtime_ns != f.mtime_ns:
+            restamped.append((f.path, st.st_nlink > 1))
+    return problems, restamped
+
+
+def check_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> list[Problem]:
+    """Every problem of these stored files against their manifest records (presence, size, xxh3-128)."""
+    problems, todo = inspect_files(root, files)
+    found, _restamped = hash_files(todo, Hasher(rep))
+    return sorted(problems + found, key=lambda p: p.path)
+
+
 
 class LocalVerify:
     def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
@@ -204,25 +254,8 @@ class LocalVerify:
         """Sizes, presence and unexpected files; returns the files whose content still needs reading."""
         check = EntryCheck(m.name, files=len(m.files), bytes=m.size, verified_at=m.verified_at)
         resume = set(m.resume_files)
-        todo = []
-        for f in m.files:
-            path = self.store.root / f.path
-            why = "needed to resume" if f.path in resume else ""
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                check.problems.append(Problem(f.path, MISSING, why))
-                continue
-            except OSError as exc:
-                check.problems.append(Problem(f.path, CORRUPT, f"cannot read: {exc.strerror or exc}"))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                check.problems.append(Problem(f.path, CORRUPT, "not a regular file"))
-            elif st.st_size != f.size:
-                what = "truncated" if st.st_size < f.size else "grown"
-                check.problems.append(Problem(f.path, CORRUPT, f"{what}: {st.st_size} bytes, the backup had {f.size}"))
-            else:
-                todo.append((f, path, st))
+        problems, todo = inspect_files(self.store.root, m.files, resume)
+        check.problems.extend(problems)
         listed = {f.path for f in m.files}
         for path in sorted(resume - listed):
             check.problems.append(Problem(path, MISSING, "needed to resume, not in the manifest"))
@@ -248,17 +281,8 @@ class LocalVerify:
     def _hash(self, check: EntryCheck, todo: list[tuple[FileRecord, Path, os.stat_result]]) -> list[tuple[str, bool]]:
         """Compare contents; returns the intact files whose local mtime is not the manifest's
         (path, hard-linked), which is worth a warning, not a failure: restore uses the manifest's."""
-        restamped = []
-        for f, path, st in todo:
-            try:
-                digest = self.hasher.digest(path, st)
-            except OSError as exc:
-                check.problems.append(Problem(f.path, CORRUPT, f"read error: {exc.strerror or exc}"))
-                continue
-            if digest != f.xxh3_128:
-                check.problems.append(Problem(f.path, CORRUPT, "content differs from the backup's checksum"))
-            elif st.st_mtime_ns != f.mtime_ns:
-                restamped.append((f.path, st.st_nlink > 1))
+        problems, restamped = hash_files(todo, self.hasher)
+        check.problems.extend(problems)
         check.problems.sort(key=lambda p: p.path)
         check.settle()
         return restamped

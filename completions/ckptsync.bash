@@ -18,7 +18,7 @@ _ckptsync_spec() {
             values="--instance -i"
             ;;
         "backup")
-            opts="--accept-new-host-key --all --checkpoint --compress --config -c --debug --dry-run -n --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --wait"
+            opts="--accept-new-host-key --all --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --wait"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--checkpoint --compress --host -H --instance -i --max-checkpoints -k"
@@ -75,10 +75,10 @@ _ckptsync_spec() {
             values="--host -H --instance -i --keep-every --keep-last --keep-within"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-to --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--checkpoint --compress --host -H --instance -i"
+            values="--checkpoint --compress --extra-files-to --host -H --instance -i"
             ;;
         "show")
             opts="--accept-new-host-key --ascii --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --width"
@@ -87,7 +87,7 @@ _ckptsync_spec() {
             values="--host -H --instance -i --width"
             ;;
         "verify")
-            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r"
+            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --repair"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--host -H --instance -i"

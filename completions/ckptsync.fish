@@ -41,7 +41,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'prune'
                 set values --config -c --host -H --instance -i --keep-every --keep-last --keep-within --local-dir -l --log-file --remote-dir -r
             case 'restore'
-                set values --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --checkpoint --compress --config -c --extra-files-to --host -H --instance -i --local-dir -l --log-file --remote-dir -r
             case 'show'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --width
             case 'verify'
@@ -96,6 +96,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l checkpoint -x -d 'Back up 
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l discard-staged -d 'Only delete what interrupted backups left in staging (kept to resume them)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l dry-run -s n -d 'Show what would happen; change nothing'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
@@ -209,7 +210,9 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l checkpoint -x -d 'Restore
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l discard-staged -d 'Only delete what an interrupted restore of this checkpoint left in staging on...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-to -x -d 'Put the extra files in DIR on the server (relative to --remote-dir, or absolu...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l force -d 'Allow replacing or deleting what is otherwise protected'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
@@ -246,3 +249,4 @@ complete -c ckptsync -n '__ckptsync_at \'verify\'' -l log-file -r -F -d 'Append 
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote -d 'Compare the server\'s copy with the backup (hashed on the server) instead of r...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'verify\'' -l repair -d 'Fetch again, from the server, the files that fail their manifest (when the se...'
