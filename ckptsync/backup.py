@@ -93,8 +93,7 @@ class BackupResult:
 def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Checkpoint], list[PlanItem]]:
     """Which checkpoints to back up (newest first), and which to report as skipped. Pure."""
     complete = [c for c in checkpoints if c.complete]
-    skipped = [PlanItem(c.name, "skip", c.size, step=c.step,
-                        reason=f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}")
+    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=_skip_reason(c))
                for c in checkpoints if not c.complete]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
@@ -197,8 +196,10 @@ class Backup:
         plan = [plan_checkpoint(self.store, view, c) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
         self.result.plan = plan + ([extras] if extras else []) + skipped
+        unreadable = {c.name for c in view.checkpoints if c.unreadable}
         for s in skipped:
-            if s.name in self.opts.names:  # asked for by name: not getting it is a failure
+            # Asked for by name, or holding files we may not read: not getting it is a failure.
+            if s.name in self.opts.names or s.name in unreadable:
                 self.result.failed[s.name] = s.reason
         todo = [p for p in plan if p.action == "fetch"]
         if extras is not None and extras.action == "fetch":
@@ -236,10 +237,14 @@ class Backup:
         todo = [p for p in todo if p not in linked]
         self.rep.info(f"{c.name}: fetching {len(todo)} files, {human(sum(server[p].size for p in todo))}"
                       + (f" ({len(staged)} kept from an interrupted run)" if staged else ""))
-        changed = {}
+        changed, unreadable = {}, {}
         if todo:
-            changed = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
-                                     sum(server[p].size for p in todo))
+            changed, unreadable = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
+                                                 sum(server[p].size for p in todo))
+        if unreadable:
+            what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
+            self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
+            return
         if not changed:
             changed = self._recheck(view, server)
         if changed:
@@ -266,7 +271,8 @@ class Backup:
         self.result.fetched.append(c.name)
 
     def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
-                  progress: dict[str, dict], total: int) -> dict[str, str]:
+                  progress: dict[str, dict], total: int) -> tuple[dict[str, str], dict[str, str]]:
+        """Fetch into staging; returns (member -> what changed on the server, member -> why unreadable)."""
         targets = {member: stage_root / member for _src, member in pairs}
         dl = self.server.send(root, pairs, compress=self.opts.compress)
 
@@ -289,7 +295,7 @@ class Backup:
         self.result.raw_bytes += sum(r.size for r in outcome.received)
         self.result.wire_bytes += wire_bytes
         self.result.disk_bytes += sum(r.size for r in outcome.received)
-        return outcome.changed
+        return outcome.changed, outcome.unreadable
 
     def _recheck(self, view: ServerView, server: dict[str, FileStat]) -> dict[str, str]:
         """After the transfer: is every file still there, unchanged? (Rotation may delete it mid-run.)"""
@@ -416,7 +422,11 @@ class Backup:
         progress: dict[str, dict] = {}
         pairs = [(src, member) for src, (member, *_rest) in self._extra_stat.items()]
         total = sum(size for _m, size, _t, _mode in self._extra_stat.values())
-        changed = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, total)
+        changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, total)
+        if unreadable:
+            what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
+            self.result.failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
+            return
         if changed:
             self.result.failed[EXTRA] = "extra files changed on the server while read; not recorded"
             return
@@ -509,3 +519,9 @@ def _changed_text(view: ServerView, c: Checkpoint, changed: dict[str, str]) -> s
                 "rotation); not backed up")
     what = "; ".join(f"{p}: {why}" for p, why in sorted(changed.items())[:3])
     return f"changed on the server while it was read ({what}); not recorded"
+
+
+def _skip_reason(c: Checkpoint) -> str:
+    if c.unreadable:
+        return f"{c.reason}; not recorded"
+    return f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}"

@@ -69,6 +69,7 @@ class Checkpoint:
     state: dict
     meta_error: str | None
     abandoned: bool = False  # incomplete, and untouched for far longer than a save takes
+    unreadable: str = ""     # a path under it the server's user may not read, and why
 
 
 TRAINER_DIR = re.compile(r"checkpoint-(\d+)")

@@ -92,6 +92,8 @@ def _repair(store: Store, server, target: Target, name: str, files: list[FileRec
     want = {f.path: f for f in todo}
     for path, why in outcome.changed.items():
         result.unrepaired[path] = f"changed on the server while read: {why}"
+    for path, why in outcome.unreadable.items():
+        result.unrepaired[path] = f"cannot be read on the server: {why}"
     for rec in outcome.received:
         f = want[rec.member]
         got = targets[rec.member]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ckptsync.layout import Checkpoint, FileEntry, Listing, discover
 from ckptsync.server import FileStat, Server
@@ -27,11 +27,21 @@ class ServerView:
 def scan_server(server: Server, remote_dir: str, settle_seconds: float) -> ServerView:
     listing = server.scan(remote_dir)
     files = tuple(FileEntry(path=f.path, size=f.size, mtime=f.mtime_ns / 1e9, mode=f.mode) for f in listing.files)
+    found = discover(Listing(files=files, meta=listing.meta, now=listing.now), settle_seconds)
     return ServerView(
         root=listing.root,
-        checkpoints=discover(Listing(files=files, meta=listing.meta, now=listing.now), settle_seconds),
+        checkpoints=[_mark_unreadable(c, listing.unreadable) for c in found],
         exact={f.path: f for f in listing.files},
         now=listing.now,
         errors=list(listing.errors),
         meta=listing.meta,
     )
+
+
+def _mark_unreadable(c: Checkpoint, unreadable: dict[str, str]) -> Checkpoint:
+    """A checkpoint holding a path the server's user may not read cannot be copied whole."""
+    hit = next((p for p in sorted(unreadable) if p == c.name or p.startswith(c.name + "/")), None)
+    if hit is None:
+        return c
+    why = f"{hit}: {unreadable[hit]}"
+    return replace(c, complete=False, resumable=False, unreadable=why, reason=f"cannot be read on the server ({why})")

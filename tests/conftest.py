@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,68 @@ def ssh_home(tmp_path: Path, sshd: SshdServer, monkeypatch: pytest.MonkeyPatch) 
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     return home
+
+
+@dataclass(frozen=True)
+class OtherUser:
+    """The unprivileged account the test sshd logs in on ``alias`` (instance ``instance``)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    alias: str
+
+    @property
+    def instance(self) -> str:
+        return self.alias.rsplit("-", 1)[-1]
+
+    def chown_tree(self, path: Path) -> None:
+        """Give ``path`` and everything under it to this user."""
+        for dirpath, dirnames, filenames in os.walk(path):
+            os.chown(dirpath, self.uid, self.gid)
+            for name in dirnames + filenames:
+                os.chown(os.path.join(dirpath, name), self.uid, self.gid, follow_symlinks=False)
+
+
+@pytest.fixture
+def other_user(sshd: SshdServer, ssh_home: Path) -> OtherUser:
+    """An unprivileged user on the test server; ``ssh_home``'s config has its alias."""
+    problem = sshd.other_user_problem
+    if problem is None and not sshd.other_user_ready:
+        problem = "the server did not set up its key"
+    if problem is not None:
+        message = f"these tests log in to the test sshd as an unprivileged user, but {problem}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    entry = pwd.getpwnam(sshd.other_user)
+    return OtherUser(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid,
+                     home=Path(entry.pw_dir), alias=sshd.other_alias)
+
+
+@pytest.fixture
+def reachable_tmp() -> Path:
+    """An empty directory (mode 0755) any user can reach: pytest's own tmp_path sits
+    under a 0700 directory of the user running the tests."""
+    path = Path(tempfile.mkdtemp(prefix="ckptsync-test-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def other_user_tree(server_tree: Path, other_user: OtherUser, reachable_tmp: Path) -> Path:
+    """``server_tree`` copied (mtimes kept) under ``reachable_tmp`` and owned by ``other_user``.
+
+    Returns ``<reachable_tmp>/socrates-training/models/socrates-qwen-full-dataset``.
+    """
+    root = reachable_tmp / "socrates-training"
+    shutil.copytree(server_tree.parents[1], root, symlinks=True)
+    other_user.chown_tree(root)
+    return root / server_tree.relative_to(server_tree.parents[1])
 
 
 @pytest.fixture(scope="session")

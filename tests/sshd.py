@@ -6,6 +6,10 @@ pid file, log) inside one directory.  Clients get a ``known_hosts`` file and an
 ``ssh_config`` that define the host aliases ``tnr-0``, ``tnr-1``, ``tnr-2`` and
 ``testhost``, all pointing at this server as the current user.
 
+When sshd runs as root and the unprivileged account ``ckptsync-test`` exists
+(``.ci/test`` creates it), the alias ``tnr-7`` logs in as that account with the
+same client key, so tests can meet "permission denied" on the server.
+
 It works as root (CI) and as an ordinary user.  Nothing here imports pytest.
 """
 
@@ -20,11 +24,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 HOST_ALIASES: tuple[str, ...] = ("tnr-0", "tnr-1", "tnr-2", "testhost")
+TEST_USER = "ckptsync-test"
+TEST_USER_ALIAS = "tnr-7"
+TEST_USER_HINT = f"useradd -m -s /bin/sh -p '*' {TEST_USER}"
 
 STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -86,6 +94,21 @@ def account_locked(user: str) -> bool:
     except OSError:
         pass
     return False
+
+
+def other_user_problem(user: str, *, is_root: bool, use_pam: bool) -> str | None:
+    """Why this sshd cannot log ``user`` in with a key; None when it can."""
+    if not is_root:
+        return f"logging in as {user} needs sshd to run as root"
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return f"user {user} does not exist (create it as root: {TEST_USER_HINT})"
+    if account_locked(user) and not use_pam:
+        # sshd without PAM refuses even key logins to a "!" account.
+        return (f"account {user} is locked (its shadow password starts with '!'), so sshd "
+                f"refuses it; unlock it without a password: usermod -p '*' {user}")
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -158,7 +181,8 @@ class SshdServer:
 
     def __init__(self, workdir: str | os.PathLike[str], *, start: bool = True,
                  startup_timeout: float = STARTUP_TIMEOUT,
-                 use_pam: bool | None = None) -> None:
+                 use_pam: bool | None = None,
+                 other_user: str | None = TEST_USER) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout = startup_timeout
@@ -170,6 +194,15 @@ class SshdServer:
         self.use_pam = (self.is_root and account_locked(self.user)) if use_pam is None \
             else use_pam
         self.aliases = HOST_ALIASES
+        # A second, unprivileged account on alias ``other_alias``; usable only when
+        # ``other_user_problem`` is None.
+        self.other_user = other_user
+        self.other_alias = TEST_USER_ALIAS
+        self.other_user_problem: str | None = (
+            "no other user configured" if other_user is None
+            else other_user_problem(other_user, is_root=self.is_root, use_pam=self.use_pam)
+        )
+        self.other_keys_dir: Path | None = None
 
         self.sshd_path = find_sshd()
         self.ssh_path = find_client_tool("ssh")
@@ -232,6 +265,29 @@ class SshdServer:
         self._keygen(self.identity_file, f"{self.user}@ckptsync-test")
         shutil.copyfile(self.identity_pub, self.authorized_keys)
         os.chmod(self.authorized_keys, 0o600)
+        if self.other_user_problem is None:
+            self._prepare_other_user_keys()
+
+    def _prepare_other_user_keys(self) -> None:
+        # sshd opens AuthorizedKeysFile as the user logging in, and the workdir may sit
+        # under a 0700 directory (pytest's), so that user's key lives in a world-readable
+        # directory of its own.
+        self._remove_other_keys()
+        self.other_keys_dir = Path(tempfile.mkdtemp(prefix="ckptsync-sshd-keys-", dir="/tmp"))
+        os.chmod(self.other_keys_dir, 0o755)
+        keys = self.other_keys_dir / self.other_user
+        shutil.copyfile(self.identity_pub, keys)
+        os.chmod(keys, 0o644)
+
+    def _remove_other_keys(self) -> None:
+        if self.other_keys_dir is not None:
+            shutil.rmtree(self.other_keys_dir, ignore_errors=True)
+            self.other_keys_dir = None
+
+    @property
+    def other_user_ready(self) -> bool:
+        """True when ``other_alias`` logs in as ``other_user``."""
+        return self.other_user_problem is None and self.other_keys_dir is not None
 
     def _write_sshd_config(self) -> None:
         lines = [
@@ -255,6 +311,10 @@ class SshdServer:
         ]
         if self.is_root:
             lines.append("PermitRootLogin yes")
+        if self.other_user_ready:
+            # Match blocks run to the end of the file: this one must stay last.
+            lines += [f"Match User {self.other_user}",
+                      f"    AuthorizedKeysFile {self.other_keys_dir / self.other_user}"]
         self.sshd_config.write_text("\n".join(lines) + "\n")
         os.chmod(self.sshd_config, 0o600)
 
@@ -266,14 +326,17 @@ class SshdServer:
                            known_hosts: Path | None = None) -> str:
         identity = identity_file or self.identity_file
         known = known_hosts or self.known_hosts
+        hosts = [(alias, self.user) for alias in self.aliases]
+        if self.other_user_ready:
+            hosts.append((self.other_alias, self.other_user))
         blocks = []
-        for alias in self.aliases:
+        for alias, user in hosts:
             blocks.append(
                 "\n".join([
                     f"Host {alias}",
                     f"    HostName {self.host}",
                     f"    Port {self.port}",
-                    f"    User {self.user}",
+                    f"    User {user}",
                     f"    IdentityFile {identity}",
                     f"    UserKnownHostsFile {known}",
                     "    StrictHostKeyChecking yes",
@@ -418,6 +481,7 @@ class SshdServer:
     def stop(self) -> None:
         """Kill all sessions and terminate the listener."""
         if self.process is None:
+            self._remove_other_keys()
             return
         atexit.unregister(self.stop)
         sessions = self.session_pids()
@@ -427,6 +491,7 @@ class SshdServer:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self._remove_other_keys()
 
     close = stop
 
@@ -470,7 +535,8 @@ class SshdServer:
         """Lay out ``home_dir/.ssh`` like a real user's set-up for this server.
 
         Writes ``config`` (the same host entries, pointing at the copies in this
-        ``.ssh``), ``known_hosts`` and ``id_ed25519`` (+ ``.pub``).  Returns the
+        ``.ssh``, with ``other_alias`` for the unprivileged user when it can log
+        in), ``known_hosts`` and ``id_ed25519`` (+ ``.pub``).  Returns the
         ``.ssh`` directory.
         """
         if not self.host_key_line:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from helpers import cli_env, run_cli, tree_digest
 
@@ -168,56 +170,86 @@ def test_leftovers_of_an_interrupted_prune(store: Path) -> None:
     assert entries(store) == {"checkpoint-12"}
 
 
-def add_files(store: Path, name: str, count: int) -> None:
-    """Add many small files to a backed-up checkpoint, and to its manifest."""
-    path = store / ".ckptsync" / "manifests" / f"{name}.json"
-    data = json.loads(path.read_text())
-    shards = store / name / "shards"
-    shards.mkdir()
-    for n in range(count):
-        body = b"%d" % n
-        (shards / f"{n:05d}").write_bytes(body)
-        data["files"].append({"path": f"{name}/shards/{n:05d}", "size": len(body), "mode": 0o644,
-                              "mtime_ns": 0, "xxh3_128": xxhash.xxh3_128_hexdigest(body), "source": ""})
-    path.write_text(json.dumps(data))
+CLONES = 200  # enough deletions that a prune is still at work well after the first one
 
 
-def interrupt_after(needle: str, sig: int, *args: str | Path) -> tuple[int, str]:
-    """Run the CLI and send `sig` once a stderr line contains `needle`; the exit code and stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, args)], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
+def add_clones(store: Path, count: int = CLONES) -> list[str]:
+    """Back up `count` more checkpoints (checkpoint-100 ...): hard links of checkpoint-4's files
+    under new names, each with its own manifest. Returns their names, oldest first."""
+    template = json.loads((store / ".ckptsync" / "manifests" / "checkpoint-4.json").read_text())
+    prefix = "checkpoint-4/"
+    names = []
+    for step in range(100, 100 + count):
+        name = f"checkpoint-{step}"
+        shutil.copytree(store / "checkpoint-4", store / name, copy_function=os.link)
+        data = dict(template, name=name, step=step, is_best=False)
+        data["files"] = [dict(f, path=name + "/" + f["path"][len(prefix):]) for f in template["files"]]
+        data["resume_files"] = [name + "/" + r[len(prefix):] for r in template["resume_files"]]
+        (store / ".ckptsync" / "manifests" / f"{name}.json").write_text(json.dumps(data))
+        names.append(name)
+    return names
+
+
+def interrupt_when(ready, sig: int, *args: str | Path, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI, send `sig` as soon as `ready()` is true; the exit code and stderr.
+
+    Fails when the run ends before `ready()` was seen: then no signal could interrupt it.
+    """
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, args)], env=cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if proc.poll() is not None:
+                    err.seek(0)
+                    pytest.fail(f"exit {proc.returncode} before the test saw the run under way:\n{err.read()}")
+                if time.monotonic() > deadline:
+                    pytest.fail("the run never got under way")
+                time.sleep(0.001)
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        return proc.returncode, err.read()
+
+
+def has_entries(folder: Path) -> bool:
     try:
-        for line in proc.stderr:
-            seen.append(line)
-            if needle in line:
-                proc.send_signal(sig)
-                break
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, "".join(seen) + err
+        return any(folder.iterdir())
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_prune_leaves_a_consistent_store(store: Path, sig: int) -> None:
-    # Many files in checkpoint-8 make its deletion take long enough to be interrupted.
-    add_files(store, "checkpoint-8", 2000)
-    dest = store
+    clones = add_clones(store)
+    whole = {name: tree_digest(store / name) for name in entries(store)}
+    trash = store / ".ckptsync" / "trash"
 
-    code, err = interrupt_after("removed checkpoint-4", sig, "prune", "--local-dir", dest, "--keep-last", "1")
-    assert code in (0, 130), err
-    if code == 130:
-        assert "prune interrupted: removed checkpoint-4" in err
+    # Something in the trash: checkpoint-4, the oldest, has been renamed away; 200 deletions remain.
+    code, err = interrupt_when(lambda: has_entries(trash), sig,
+                               "prune", "--local-dir", store, "--keep-last", "1")
 
-    assert "checkpoint-4" not in entries(dest)
-    assert run_cli("verify", "--local-dir", dest).returncode == 0
+    assert code == 130, err
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if "prune interrupted: " in line]
+    assert len(stopped) == 1 and "checkpoint-4" in stopped[0], err
+    left = entries(store)
+    assert "checkpoint-4" not in left
+    assert len(left) > 2 and {"checkpoint-12", clones[-1]} <= left, "nothing was left to interrupt"
+    for name in left:   # what is visible is whole and recorded
+        assert tree_digest(store / name) == whole[name], name
+    assert left <= manifests(store)
+    assert run_cli("verify", "--local-dir", store).returncode == 0
 
-    again = prune(dest, "--keep-last", "1")
+    again = prune(store, "--keep-last", "1")
     assert again.returncode == 0, again.stderr
-    assert entries(dest) == manifests(dest) == {"checkpoint-12"}
-    assert not (dest / ".ckptsync" / "trash").exists()
+    assert entries(store) == manifests(store) == {"checkpoint-12", clones[-1]}
+    assert not trash.exists()
 
 
 # ------------------------------------------------------------------ --remote
@@ -287,32 +319,27 @@ def test_remote_never_deletes_a_checkpoint_in_progress(ssh_home: Path, server_tr
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_remote_signal_mid_prune_leaves_whole_checkpoints_and_a_rerun_finishes(
         ssh_home: Path, server_tree: Path, tmp_path: Path, sig: int) -> None:
-    # Many small files make each deletion on the server take long enough to be interrupted.
-    for name in ("checkpoint-4", "checkpoint-8"):
-        shards = server_tree / name / "shards"
-        shards.mkdir()
-        when = (server_tree / name / "trainer_state.json").stat().st_mtime
-        for n in range(3000):
-            (shards / f"{n:05d}.bin").write_bytes(b"x")
-            os.utime(shards / f"{n:05d}.bin", (when, when))
-        for d in (shards, server_tree / name):
-            os.utime(d, (when, when))
     dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
-    complete = {name: tree_digest(server_tree / name) for name in ("checkpoint-4", "checkpoint-8", "checkpoint-12")}
+    # 200 more checkpoints on the server (hard links of checkpoint-12's files, mtimes kept), not
+    # backed up, hence --force: the prune is still deleting long after the first one has gone.
+    clones = [f"checkpoint-{step}" for step in range(100, 100 + CLONES)]
+    for name in clones:
+        shutil.copytree(server_tree / "checkpoint-12", server_tree / name, copy_function=os.link)
+    complete = {p.name: tree_digest(p) for p in server_tree.iterdir()}
 
-    code, err = interrupt_after("on the server", sig, "prune", "--remote", "--instance", "1",
-                                "--remote-dir", server_tree, "--local-dir", dest, "--keep-last", "1")
-    assert code in (0, 130), err
-    if code == 130:
-        assert "interrupted" in err and "Traceback" not in err
+    # checkpoint-4, the oldest, gone from its name: the agent has renamed it aside.
+    code, err = interrupt_when(lambda: not (server_tree / "checkpoint-4").exists(), sig,
+                               "prune", "--remote", "--instance", "1", "--remote-dir", server_tree,
+                               "--local-dir", dest, "--keep-last", "1", "--force")
 
-    # Whatever is still visible under a checkpoint's name is whole.
-    for name, digest in complete.items():
-        if (server_tree / name).exists():
-            assert tree_digest(server_tree / name) == digest, name
-    assert (server_tree / "checkpoint-12").is_dir()
+    assert code == 130, err
+    assert "prune interrupted: " in err and "Traceback" not in err
+    visible = [p.name for p in server_tree.iterdir() if not p.name.startswith(".")]
+    assert len(visible) > 2 and {"checkpoint-12", clones[-1]} <= set(visible), "nothing was left to interrupt"
+    for name in visible:   # whatever is still visible under a checkpoint's name is whole
+        assert tree_digest(server_tree / name) == complete[name], name
     assert run_cli("verify", "--local-dir", dest).returncode == 0
 
-    again = remote_prune(server_tree, dest, "--keep-last", "1")
+    again = remote_prune(server_tree, dest, "--keep-last", "1", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12"]  # no leftovers moved aside
+    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12", clones[-1]]  # no leftovers

@@ -7,15 +7,19 @@ import json
 import os
 import shutil
 import sys
+import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.config import Target
-from ckptsync.errors import CONNECT, IO, NOT_FOUND, PARTIAL, CkptsyncError
+from ckptsync.errors import CONNECT, IO, NOT_FOUND, PARTIAL, CkptsyncError, ProtocolError
+from ckptsync.progress import QUIET
 from ckptsync.server import RemoteDirMissing, ServerDiskFull, Stat
 from ckptsync.server.inprocess import Hooks, InProcessServer
+from ckptsync.server.transfer import DiskWriter, _write_member
 from helpers import run_cli, tree_digest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
@@ -149,3 +153,35 @@ def test_through_sshd_a_checkpoint_deleted_after_the_scan_fails_alone(ssh_home, 
     dest = tmp_path / "b" / "instance-1"
     assert not (dest / "checkpoint-8").exists()
     assert tree_digest(dest / "checkpoint-4") == tree_digest(server_tree / "checkpoint-4")
+
+
+class _PausedWriter(DiskWriter):
+    """A DiskWriter whose thread has not got to its queue yet when the stream breaks."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        super().__init__()
+
+    def _run(self) -> None:
+        self.go.wait()
+        super()._run()
+
+
+def test_a_stream_broken_before_the_writer_opened_the_file_leaves_no_part(tmp_path):
+    # The race behind an intermittent leftover "*.part": the file was unlinked before the writer
+    # thread created it. Removal now goes through the writer's queue, after its "open".
+    class Broken:
+        def data(self, size):
+            raise ProtocolError("the stream ended 10 bytes into a.bin")
+            yield b""
+
+    paused = _PausedWriter()
+    member = tarfile.TarInfo("ck/a.bin")
+    member.size = 10
+    target = tmp_path / "ck" / "a.bin"
+    with pytest.raises(ProtocolError):
+        _write_member(Broken(), paused, member, target, "xxh3_128", QUIET)
+    assert not target.with_name("a.bin.part").exists()  # the writer has not run yet
+    paused.go.set()
+    paused.stop()
+    assert list((tmp_path / "ck").iterdir()) == []

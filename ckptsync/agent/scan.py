@@ -60,28 +60,66 @@ def pt_summary(path):
     return {"keys": keys, "step": found.get("step", found.get("global_step")), "epoch": found.get("epoch")}
 
 
+def blocked_at(path):
+    """The first directory on the way to `path` this user may not enter, or ''."""
+    current = os.sep
+    for part in os.path.abspath(path).split(os.sep)[1:-1]:
+        current = os.path.join(current, part)
+        if not os.access(current, os.X_OK):
+            return current
+    return ""
+
+
+def walk_error(exc):
+    return "cannot list %s: %s" % (getattr(exc, "filename", "") or "a directory", exc.strerror or exc)
+
+
 def op_scan(req):
     root = resolve(req["root"])
     max_files = int(req.get("max_files", 200000))
-    if not os.path.exists(root):
+    try:
+        root_st = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
         raise Failure("not_found", "remote directory does not exist: %s" % root, root)
-    if not os.path.isdir(root):
+    except PermissionError:
+        # A parent this user may not enter hides the directory: say so, not "does not exist".
+        blocker = blocked_at(root)
+        raise Failure("permission", "permission denied: %s%s"
+                      % (root, " (cannot enter %s)" % blocker if blocker else ""), root)
+    except OSError as exc:
+        raise os_failure(exc, root)
+    if not stat.S_ISDIR(root_st.st_mode):
         raise Failure("not_dir", "not a directory: %s" % root, root)
     if not os.access(root, os.R_OK | os.X_OK):
         raise Failure("permission", "permission denied: %s" % root, root)
     files = []
     meta = {}
     errors = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: errors.append(str(e))):
+    unreadable = {}  # relative path -> why: the client must not call what holds it complete
+
+    def on_error(exc):
+        errors.append(walk_error(exc))
+        rel = os.path.relpath(getattr(exc, "filename", "") or root, root)
+        if rel != "." and not rel.startswith(".."):
+            unreadable[rel.replace(os.sep, "/")] = exc.strerror or str(exc)
+
+    truncated = False
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
+        if truncated:
+            break
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".ckptsync"))
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
+        hidden = []  # names a directory lists but whose files this user may not look at
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.join(rel_dir, name) if rel_dir else name
             try:
                 st = os.lstat(full)
-            except OSError:
+            except FileNotFoundError:
+                continue  # deleted since the directory was read
+            except OSError as exc:
+                hidden.append((name, exc))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
@@ -94,8 +132,16 @@ def op_scan(req):
                     meta[rel] = {"__pt__": summary}
             if len(files) >= max_files:
                 errors.append("listing truncated at %d files" % max_files)
+                truncated = True
                 break
-    return {"root": os.path.abspath(root), "files": files, "meta": meta, "now": time.time(), "errors": errors}
+        for name, exc in hidden:
+            unreadable[os.path.join(rel_dir, name).replace(os.sep, "/") if rel_dir else name] = exc.strerror or str(exc)
+        if hidden:
+            name, exc = hidden[0]
+            more = " and %d more" % (len(hidden) - 1) if len(hidden) > 1 else ""
+            errors.append("cannot look at %s%s in %s: %s" % (name, more, dirpath, exc.strerror or exc))
+    return {"root": os.path.abspath(root), "files": files, "meta": meta, "now": time.time(), "errors": errors,
+            "unreadable": unreadable}
 
 
 def op_stat(req):

@@ -59,7 +59,8 @@ class AgentServer(Server):
                     raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
                 files.append(FileStat(path, int(size), int(mtime_ns), int(mode)))
             return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
-                           now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []])
+                           now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []],
+                           unreadable={str(k): str(v) for k, v in (reply.get("unreadable") or {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed("scan", exc) from None
 

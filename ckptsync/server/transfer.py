@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tarfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,7 @@ class Received:
 class Outcome:
     received: list[Received]
     changed: dict[str, str]      # member -> what happened to it on the server
+    unreadable: dict[str, str] = field(default_factory=dict)   # member -> why the server could not read it
 
 
 class TarStream(wire.TarStream):
@@ -67,6 +69,13 @@ class DiskWriter:
             op, arg = self.queue.get()
             if op == "stop":
                 return
+            if op == "discard":
+                # Queued after the file's "open": it runs once the file exists, never before.
+                if out is not None and not out.closed:
+                    out.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(arg)
+                continue
             if self.error is not None:
                 if op == "close":
                     arg.set()
@@ -100,6 +109,10 @@ class DiskWriter:
             raise self.error
         self.queue.put((op, arg))
 
+    def discard(self, path: Path) -> None:
+        """Remove a half-written file, in order with the writes already queued for it."""
+        self.queue.put(("discard", path))
+
     def stop(self) -> None:
         self.queue.put(("stop", None))
         self.thread.join(timeout=30)
@@ -117,6 +130,7 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
     pending: list[tuple[Received, Path, str]] = []
     received: list[Received] = []
     changed: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
     seen: set[str] = set()
 
     def settle(final: bool) -> None:
@@ -161,9 +175,12 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
     for member in targets:
         if member not in seen:
             record = dl.records.get(member, {})
-            changed[member] = record.get("error") or "not sent by the server"
+            if record.get("error") and record.get("kind") not in (None, "not_found"):
+                unreadable[member] = record["error"]  # there, but the server's user may not read it
+            else:
+                changed[member] = record.get("error") or "not sent by the server"
     settle(final=True)
-    return Outcome(received=received, changed=changed), wire_bytes
+    return Outcome(received=received, changed=changed, unreadable=unreadable), wire_bytes
 
 
 def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo, path: Path, alg: str,
@@ -188,10 +205,10 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         os.chmod(part, mode)
         os.utime(part, ns=(mtime_ns, mtime_ns))
     except OSError as exc:
-        part.unlink(missing_ok=True)
+        writer.discard(part)
         raise io_error(exc, f"writing {path}") from None
-    except (CkptsyncError, ValueError):
-        part.unlink(missing_ok=True)
+    except BaseException:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
+        writer.discard(part)
         raise
     digest, other = result
     rec = Received(member=member.name, size=written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest)

@@ -40,6 +40,7 @@ class Listing:
     meta: dict                       # path -> parsed trainer_state.json, metadata.json, pickle summary
     now: float                       # the server's clock when it listed
     errors: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)   # path the server user may not read -> why
 
 
 @dataclass(frozen=True)
