@@ -28,13 +28,13 @@ import zstandard
 from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.policy import SPACE_MARGIN
 from ckptsync.store import META, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
 
 SUFFIXES = (".tar.zst", ".tzst")
 LEVEL = 3
 CHUNK = 1 << 20
 TAR_END = 1024          # two zero blocks close every tar stream
-SPACE_MARGIN = 64 << 20
 BOOKKEEPING = ("status.json", "history.jsonl")
 
 

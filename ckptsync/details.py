@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint, find_best, resume_files
-from ckptsync.policy import backup_is_current, newest_key
+from ckptsync.policy import backup_is_current, newest_first
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -268,7 +268,7 @@ def _pick(store: Store, name: str | None) -> tuple[Manifest, dict[str, Manifest]
 
 
 def _ordered(manifests: dict[str, Manifest]) -> list[str]:
-    return [m.name for m in sorted(manifests.values(), key=lambda m: newest_key(m.step, m.mtime, m.name))]
+    return [m.name for m in newest_first(manifests.values())]
 
 
 def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:

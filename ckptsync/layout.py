@@ -139,7 +139,7 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
 
     A checkpoint is complete when its layout's own markers say the save
     finished and none of its files changed within settle_seconds of
-    listing.now.  Order: policy.newest_first (step, then mtime).
+    listing.now.  Order: policy.newest_first.
     """
     meta = _normalised_meta(listing.meta)
     groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files

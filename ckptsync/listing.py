@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ckptsync.config import Target
-from ckptsync.policy import backup_is_current, newest_key
+from ckptsync.policy import backup_is_current, newest_first
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -65,7 +65,7 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest]) -> list[Row]:
                             c.resumable, backup, c.is_best, c.meta_error))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
-    local.sort(key=lambda m: newest_key(m.step, m.mtime, m.name))
+    local = newest_first(local)
     for m in local:
         rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, False, None, "", m.content, m.resumable,
                         "local only", m.is_best))

@@ -36,13 +36,17 @@ def backup_is_current(stored: Iterable[_Stamped] | None, server: Mapping[str, _S
     return mine == {p: (s.size, s.mtime_ns, s.mode) for p, s in server.items()}
 
 
-def newest_key(step: int | None, mtime: float, name: str) -> tuple:
-    """Sort key, newest first: by step where there is one, then by time; unnumbered entries after."""
-    return (step is None, -(step or 0), -mtime, name)
-
-
 def newest_first(items: Iterable[T]) -> list[T]:
-    return sorted(items, key=lambda i: newest_key(i.step, i.mtime, i.name))
+    """Newest first, for every list of checkpoints or backups.
+
+    When every item has a step: by step, then mtime, then name (steps survive copies that rewrite
+    mtimes). When any lacks one (latest.pt beside rolling_step_N.pt): by mtime, then name, since a
+    step-less item may well be the newest.
+    """
+    items = list(items)
+    if all(i.step is not None for i in items):
+        return sorted(items, key=lambda i: (i.step, i.mtime, i.name), reverse=True)
+    return sorted(items, key=lambda i: (i.mtime, i.name), reverse=True)
 
 
 def human(n: float | None) -> str:

@@ -26,7 +26,7 @@ from ckptsync.config import Target
 from ckptsync.errors import (
     OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
 )
-from ckptsync.policy import SPACE_MARGIN, human, newest_key
+from ckptsync.policy import SPACE_MARGIN, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
@@ -131,7 +131,7 @@ class RestoreResult:
 def newest_first(manifests: dict[str, Manifest]) -> list[Manifest]:
     """Checkpoints of the backup directory by step, then mtime, newest first (extra files left out)."""
     found = [m for name, m in manifests.items() if name != EXTRA]
-    return sorted(found, key=lambda m: newest_key(m.step, m.mtime, m.name))
+    return _newest(found)
 
 
 def weight_files(m: Manifest) -> list[FileRecord]:

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ckptsync.errors import UsageError
+from ckptsync.policy import newest_first
 
 __all__ = [
     "Decision",
@@ -224,12 +225,6 @@ def format_duration(seconds: float) -> str:
 # --------------------------------------------------------------------- plan
 
 
-def _newest_first(items: Sequence[Item]) -> list[Item]:
-    if all(item.step is not None for item in items):
-        return sorted(items, key=lambda i: (i.step, i.mtime, i.name), reverse=True)
-    return sorted(items, key=lambda i: (i.mtime, i.name), reverse=True)
-
-
 def plan(
     items: Sequence[Item],
     policy: Policy,
@@ -247,7 +242,7 @@ def plan(
     if not items:
         return []
 
-    ordered = _newest_first(items)
+    ordered = newest_first(items)
     reasons: list[list[str]] = [[] for _ in ordered]
 
     if policy.keep_last:

@@ -25,7 +25,7 @@ from pathlib import Path
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK, NotFound
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import newest_key
+from ckptsync.policy import newest_first
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store
@@ -123,8 +123,10 @@ def run_verify(target: Target, names: list[str], remote: bool = False, rep: Repo
             job.result.seconds = time.monotonic() - started
 
 
-def _order(m: Manifest) -> tuple:
-    return (m.name == EXTRA, *newest_key(m.step, m.mtime, m.name))
+def _ordered(manifests) -> list[Manifest]:
+    """Checkpoints newest first, then extra-files."""
+    manifests = list(manifests)
+    return newest_first(m for m in manifests if m.name != EXTRA) + [m for m in manifests if m.name == EXTRA]
 
 
 class Hasher:
@@ -216,12 +218,12 @@ class LocalVerify:
         if self.names:
             unknown = [n for n in self.names if n not in manifests]
             if unknown:
-                have = ", ".join(sorted(manifests, key=lambda n: _order(manifests[n]))) or "none"
+                have = ", ".join(m.name for m in _ordered(manifests.values())) or "none"
                 raise NotFound(f"no backup named {', '.join(unknown)} in {self.store.root} (backups there: {have})")
             return [manifests[n] for n in dict.fromkeys(self.names)]
         if not manifests:
             raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
-        return sorted(manifests.values(), key=_order)
+        return _ordered(manifests.values())
 
     def run(self) -> VerifyResult:
         chosen = self._select()
@@ -354,7 +356,7 @@ class RemoteVerify:
 
     def _select(self, view: ServerView, manifests: dict[str, Manifest]) -> list[str]:
         server = [c.name for c in view.checkpoints]
-        local = sorted((n for n in manifests if n not in server and n != EXTRA), key=lambda n: _order(manifests[n]))
+        local = [m.name for m in newest_first(m for n, m in manifests.items() if n not in server and n != EXTRA)]
         everything = server + local + ([EXTRA] if EXTRA in manifests else [])
         if not self.names:
             return everything

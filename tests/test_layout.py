@@ -408,13 +408,22 @@ def test_best_single_file():
 # ---------------------------------------------------------------- ordering
 
 
-def test_order_step_then_mtime_then_name():
+def test_order_with_a_step_less_entry_is_by_mtime():
+    # latest.pt has no step and is the newest save: one rule for every list (policy.newest_first).
     files = [entry("latest.pt", mtime=OLD + 50), entry("rolling_step_000100.pt"), entry("rolling_step_000200.pt"),
              entry("best_model.pt"), entry("best_model_backup.pt"), entry("epoch_00001.pt", mtime=OLD - 10)]
     meta = {"best_model.pt": pt(step=150)}
     assert [c.name for c in discover(listing(*files, meta=meta))] == [
-        "rolling_step_000200.pt", "best_model.pt", "rolling_step_000100.pt",
-        "latest.pt", "best_model_backup.pt", "epoch_00001.pt"]
+        "latest.pt", "rolling_step_000200.pt", "rolling_step_000100.pt",
+        "best_model_backup.pt", "best_model.pt", "epoch_00001.pt"]
+
+
+def test_order_when_every_entry_has_a_step_is_step_then_mtime_then_name():
+    files = [entry("rolling_step_000100.pt", mtime=OLD + 50), entry("rolling_step_000200.pt"),
+             entry("best_model.pt", mtime=OLD + 10), entry("epoch_00001.pt", mtime=OLD - 10)]
+    meta = {"best_model.pt": pt(step=200), "epoch_00001.pt": pt(step=50)}
+    assert [c.name for c in discover(listing(*files, meta=meta))] == [
+        "best_model.pt", "rolling_step_000200.pt", "rolling_step_000100.pt", "epoch_00001.pt"]
 
 
 def test_mixed_layouts_in_one_directory():
