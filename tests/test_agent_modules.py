@@ -411,7 +411,9 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     (root / "checkpoint-3").mkdir(parents=True)
     held = root / "checkpoint-3" / "train_log.txt"
     held.write_text("step 3\n")
-    child = subprocess.Popen([sys.executable, "-c", "import time,sys; f=open(sys.argv[1]); time.sleep(30)", str(held)])
+    # A relative name keeps the command line short whatever the temp path (it is cut at 200 chars).
+    child = subprocess.Popen([sys.executable, "-c", "import time,sys; f=open(sys.argv[1]); time.sleep(30)", held.name],
+                             cwd=held.parent)
     try:
         real = os.path.realpath(held)
         deadline = time.monotonic() + 20
