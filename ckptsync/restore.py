@@ -62,6 +62,7 @@ class RestoreOptions:
     dry_run: bool = False
     compress: str = "auto"
     extra_files_to: str | None = None   # put every extra file here instead (on the server)
+    extra_files_only: bool = False      # send only the extra files, not the checkpoint
     discard_staged: bool = False        # only drop what an interrupted restore left in staging
 
 
@@ -107,6 +108,7 @@ class RestoreResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     discarded_bytes: int | None = None   # with --discard-staged: what the staging held
+    extra_files_only: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -216,8 +218,16 @@ class Restore:
                 raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
             m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
             self.result.warnings.extend(notes)
-            files = self._select(m)
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
+            if self.opts.extra_files_only:
+                if extras is None:
+                    raise NotFound(f"no extra files in {self.store.root}" + ("" if self.opts.extra_files
+                                                                             else " (--no-extra-files was given)"))
+                self.result.checkpoint, self.result.step = m.name, m.step
+                self.result.extra_files_only = True
+                files = []
+            else:
+                files = self._select(m)
             with self._lock(), open_server(self.target) as server:
                 self.server = server
                 if self.opts.discard_staged:
@@ -291,7 +301,7 @@ class Restore:
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
         self._check_space(root, sum(f.size for f in to_send), m.name)
-        best_note = self._best_model_note(root, m, manifests)
+        best_note = "" if self.opts.extra_files_only else self._best_model_note(root, m, manifests)
         if not self.opts.dry_run:
             r.remote_dir = root = self.server.mkdir(root)
             r.path = posixpath.join(root, m.name)
@@ -307,7 +317,8 @@ class Restore:
             self.phase = "done"
         if best_note:
             r.warnings.append(best_note)
-        r.resume_hint = resume_hint(m, root, r.path, r.exact_resume)
+        if not self.opts.extra_files_only:
+            r.resume_hint = resume_hint(m, root, r.path, r.exact_resume)
 
     # -------------------------------------------------- checks before sending
 
@@ -321,7 +332,7 @@ class Restore:
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
         self.result.creates_remote_dir = here is None
-        if st.get(m.name) is not None:
+        if st.get(m.name) is not None and not self.opts.extra_files_only:
             if not self.opts.force:
                 raise UsageError(
                     f"{m.name} already exists in {root} on {self.result.server}; nothing was sent",
@@ -335,10 +346,12 @@ class Restore:
             if dest is None:
                 kept = str(self.store.root / f.path)
                 items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", kept)))
+                where = posixpath.dirname(f.source) or "."
                 self.result.warnings.append(
                     f"not restored: {f.source} (it lay outside the run's directory on the old server, and "
-                    f"{root} is a different directory); the copy is kept at {kept}; place it with "
-                    f"{self.target.command('restore', '--checkpoint', m.name, '--extra-files-to', 'DIR')}")
+                    f"{root} is a different directory); the copy is kept at {kept}; to put the extra files "
+                    f"at the same place relative to this run: "
+                    f"{self.target.command('restore', '--checkpoint', m.name, '--extra-files-only', '--extra-files-to', where)}")
                 continue
             if st.get(dest) is None:
                 action = SEND
@@ -562,8 +575,9 @@ class Restore:
 
     def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
         stage = m.name
-        done = self.server.commit(root, stage, [(m.name, m.name)], force=self.opts.force)
-        if m.name in done.kept:
+        done = self.server.commit(root, stage, [(m.name, m.name)], force=self.opts.force) \
+            if not self.opts.extra_files_only else None
+        if done is not None and m.name in done.kept:
             raise UsageError(
                 f"{m.name} appeared in {root} during the restore and was left as it is; the restored copy is in "
                 f"{self.server.staging_path(root, stage)}", hint="add --force to replace it")

@@ -75,7 +75,7 @@ _ckptsync_spec() {
             values="--host -H --instance -i --keep-every --keep-last --keep-within"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-to --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-only --extra-files-to --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--checkpoint --compress --extra-files-to --host -H --instance -i"

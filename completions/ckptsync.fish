@@ -212,6 +212,7 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l config -s c -r -F -d 'Con
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l discard-staged -d 'Only delete what an interrupted restore of this checkpoint left in staging on...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-only -d 'Send only the extra files (the checkpoint is already there)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-to -x -d 'Put the extra files in DIR on the server (relative to --remote-dir, or absolu...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l force -d 'Allow replacing or deleting what is otherwise protected'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l help -s h -d 'Show this message and exit'

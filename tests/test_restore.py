@@ -413,7 +413,7 @@ def test_extra_files_outside_a_new_run_dir_are_skipped_and_said_where_they_are(s
     assert dry.returncode == 0, dry.stderr
     kept = dest / "extra-files" / "config_full_dataset.json"
     assert "not restored: ../../config_full_dataset.json" in dry.stderr and str(kept) in dry.stderr
-    assert "--extra-files-to DIR" in dry.stderr
+    assert "--extra-files-only --extra-files-to ../.." in dry.stderr
     assert str(fresh / "checkpoint-12") in dry.stdout  # every path the run would write is shown
     res = restore(cfg, fresh, dest, "--json", extras_to=None)
     assert res.returncode == 0, res.stderr
@@ -421,6 +421,14 @@ def test_extra_files_outside_a_new_run_dir_are_skipped_and_said_where_they_are(s
     assert {e["action"] for e in out["extras"]} == {"skipped (outside the new run's directory)"}
     assert sorted(os.listdir(fresh.parent.parent)) == ["models"]  # nothing written above the run's tree
     assert not (fresh.parent.parent.parent / "config_full_dataset.json").exists()
+    # The printed command puts them at the same place relative to the new run, when pasted.
+    hint = next(w for w in out["warnings"] if "relative to this run" in w).split("relative to this run: ")[1]
+    pasted = run_cli(*shlex.split(hint)[1:])
+    assert pasted.returncode == 0, pasted.stderr
+    assert "config_full_dataset.json: restored" in pasted.stdout
+    for name in ("config_full_dataset.json", "deepspeed_config.json"):
+        assert (fresh.parent.parent / name).read_bytes() == (server.parent.parent / name).read_bytes()
+    assert_same(server / "checkpoint-12", fresh / "checkpoint-12")  # the checkpoint was left as it was
 
 
 def test_extra_files_go_back_where_they_came_from_into_the_same_remote_dir(setup):

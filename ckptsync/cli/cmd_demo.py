@@ -41,8 +41,9 @@ STEPS = [
      ["list", "--remote-dir", "{server}", "--local-dir", "{backups}"]),
     ("restore",
      "The instance died. Put the newest resumable checkpoint on a fresh \"server\"; it is\n"
-     "staged, checked and renamed into place in one step.",
-     ["restore", "--remote-dir", "{fresh}", "--local-dir", "{backups}"]),
+     "staged, checked and renamed into place in one step. The run directory there is a new\n"
+     "one, so the config files kept beside it go where --extra-files-to says (../.. of it).",
+     ["restore", "--remote-dir", "{fresh}", "--local-dir", "{backups}", "--extra-files-to", "../.."]),
 ]
 
 

@@ -19,6 +19,7 @@ def restore_cmd(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
     extra_files_to: Annotated[Optional[str], typer.Option("--extra-files-to", metavar="DIR", help="Put the extra files in DIR on the server (relative to --remote-dir, or absolute) instead of where they were.", show_default=False)] = None,
+    extra_files_only: Annotated[bool, typer.Option("--extra-files-only", help="Send only the extra files (the checkpoint is already there).")] = False,
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what an interrupted restore of this checkpoint left in staging on the server.")] = False,
     compress: o.Compress = "auto",
     force: o.Force = False, dry_run: o.DryRun = False,
@@ -38,7 +39,8 @@ def restore_cmd(
     """
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
                           force=force, dry_run=dry_run, compress=o.parse_compress(compress),
-                          extra_files_to=extra_files_to, discard_staged=discard_staged)
+                          extra_files_to=extra_files_to, discard_staged=discard_staged,
+                          extra_files_only=extra_files_only)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
     out = output()
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
@@ -57,6 +59,10 @@ def show_restore(out: Output, result: RestoreResult) -> None:
         show_plan(out, result)
         return
     if out.quiet:
+        return
+    if result.extra_files_only:
+        for e in result.extras:
+            out.result(f"{e.dest or e.source}: {'restored' if e.action in ('send', 'replace') else e.action}")
         return
     resumed = f", {result.resumed_files} kept from an interrupted restore" if result.resumed_files else ""
     replaced = " (the existing copy was replaced)" if result.replaced else ""
