@@ -208,6 +208,8 @@ class Restore:
                                     remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
                                     adapter_only=opts.adapter_only)
         self.phase = "prepare"
+        self._staged = None        # what an interrupted restore left in staging (server.staged)
+        self._usable: set[str] = set()   # the staged files that are checked and kept
 
     def run(self) -> RestoreResult:
         started = time.monotonic()
@@ -481,10 +483,10 @@ class Restore:
 
     def _staging_bytes(self, root: str, stage: str) -> tuple[int, int]:
         """Bytes the staging of `stage` holds, and how many of them this run overwrites."""
-        found = getattr(self, "_staged", None)
+        found = self._staged
         if found is None:
             return 0, 0
-        usable = getattr(self, "_usable", set())
+        usable = self._usable
         parts = {p: self.server.staging_member(stage, p + ".part") for p in found.partial}
         part_sizes = {p: st.size for p, st in self.server.stat(root, list(parts.values())).items() if st is not None}
         held = sum(st.size for st in found.files.values()) + sum(part_sizes.values())

@@ -1,8 +1,9 @@
 """The server boundary: core code talks to a server only through `Server` and the values in `types`.
 
-`AgentServer` (agent_server.py) speaks the agent's frames over a Transport; `InProcessServer`
-(inprocess.py) runs the same agent on a thread here, with hooks for fault tests. Nothing
-outside this package, remote.py and transfer.py reads a frame or an op name.
+`AgentServer` (agent_server.py) speaks the agent's frames over a Transport, through
+remote.py; `InProcessServer` (inprocess.py) runs the same agent on a thread here, with hooks
+for fault tests; transfer.py turns a Download into verified local files. Nothing outside this
+package reads a frame or names an agent operation.
 """
 
 from __future__ import annotations
