@@ -28,7 +28,7 @@ import zstandard
 from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import SPACE_MARGIN
+from ckptsync.policy import fits
 from ckptsync.store import META, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
 
 SUFFIXES = (".tar.zst", ".tzst")
@@ -171,7 +171,7 @@ def _write(store: Store, output: Path, manifests: dict[str, Manifest], result: A
     members = list(_members(store, result))
     need = _unique_bytes(members)
     free = free_bytes(output.parent)
-    if need + SPACE_MARGIN > free:
+    if not fits(need, free):
         raise DiskFull(f"not enough space for {output}: up to {need >> 20} MiB needed, {free >> 20} MiB free "
                        "(checkpoints hardly compress); nothing was written")
     part = output.with_name(output.name + ".part")

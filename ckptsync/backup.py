@@ -14,7 +14,7 @@ from ckptsync.errors import (
     CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
 )
 from ckptsync.layout import Checkpoint, resume_files
-from ckptsync.policy import SPACE_MARGIN, backup_is_current, human
+from ckptsync.policy import SPACE_MARGIN, backup_is_current, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, Server, open_server
@@ -214,7 +214,7 @@ class Backup:
             free = free_bytes(self.store.root)
         except OSError as exc:
             raise io_error(exc, f"measuring free space in {self.store.root}") from None
-        if need + SPACE_MARGIN > free:
+        if not fits(need, free):
             leftover = self.store.staged_bytes()
             extra = (f"; {human(leftover)} of it is held by an interrupted backup's staging in "
                      f"{self.store.meta / 'staging'} (kept to resume)"

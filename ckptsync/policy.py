@@ -60,10 +60,9 @@ def human(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
-def space_shortfall(need: int, free: int, already_staged: int = 0) -> int:
-    """Bytes missing for a transfer of `need` (staged bytes already count), margin included; 0 if it fits."""
-    want = max(need - already_staged, 0) + SPACE_MARGIN
-    return max(want - free, 0)
+def fits(need: int, free: int) -> bool:
+    """Whether a transfer of `need` bytes fits in `free`, leaving SPACE_MARGIN over."""
+    return need + SPACE_MARGIN <= free
 
 
 def last_run_summary(status: dict | None) -> tuple[bool, str]:

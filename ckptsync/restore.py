@@ -26,7 +26,7 @@ from ckptsync.config import Target
 from ckptsync.errors import (
     OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
 )
-from ckptsync.policy import SPACE_MARGIN, human, newest_first as _newest
+from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
@@ -468,7 +468,7 @@ class Restore:
     def _check_space(self, root: str, need: int, stage: str) -> None:
         free = self.server.df(root).free
         held, reclaim = self._staging_bytes(root, stage)
-        if need + SPACE_MARGIN <= free + reclaim:
+        if fits(need, free + reclaim):  # staged bytes this run overwrites count as free
             return
         leftover = (f"; an interrupted restore's staging {self.server.staging_path(root, stage)} holds "
                     f"{human(held)} ({human(reclaim)} of it is sent again, so it was counted as free)"

@@ -232,16 +232,8 @@ class Store:
 
     # -------------------------------------------------- dedup index
 
-    def content_index(self) -> dict[tuple[str, int, int], Path]:
-        """(xxh3, size, mode) -> an existing stored file, for hard-linking identical content."""
-        index: dict[tuple[str, int, int], Path] = {}
-        for m in self.manifests().values():
-            for f in m.files:
-                index.setdefault((f.xxh3_128, f.size, f.mode), self.root / f.path)
-        return index
-
     def content_sources(self) -> dict[tuple[str, int, int], list[Path]]:
-        """(xxh3, size, mode) -> every stored file with that content, in content_index order."""
+        """(xxh3, size, mode) -> every stored file with that content, in manifest order."""
         sources: dict[tuple[str, int, int], list[Path]] = {}
         for m in self.manifests().values():
             for f in m.files:

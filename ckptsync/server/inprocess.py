@@ -26,7 +26,6 @@ class Hooks:
     def __init__(self) -> None:
         self.before: dict[str, list[Hook]] = defaultdict(list)
         self.after: dict[str, list[Hook]] = defaultdict(list)
-        self.calls: list[str] = []
 
     def on_before(self, op: str, hook: Hook, times: int | None = None) -> None:
         self.before[op].append(_limited(hook, times))
@@ -177,7 +176,6 @@ class InProcessServer(AgentServer):
         return reply
 
     def _before(self, op: str, args: dict) -> None:
-        self.hooks.calls.append(op)
         try:
             self.hooks.run(self.hooks.before, op, args)
         except _Reply as exc:
