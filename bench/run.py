@@ -51,7 +51,11 @@ OPS = [
     ("restore-all", "restore push, all checkpoints"),
     ("restore-ckpt", f"restore push, {RESTORE_CKPT} only"),
     ("verify", "verify local copy (no network, warm cache)"),
+    ("bwlimit", f"backup and restore of {RESTORE_CKPT} with --bwlimit: achieved wire rate against the limit"),
 ]
+BWLIMIT_SHARE = 4             # the limit is a quarter of the shaped link rate
+BWLIMIT_UNSHAPED = 20_000_000  # bytes/s, when the link is not shaped
+BWLIMIT_TOLERANCE = 0.05
 RATIO_ANCHOR = {"backup": "best full-copy anchor", "noop": "rsync -a (no-op)",
                 "restore-ckpt": f"rsync -a push {RESTORE_CKPT}"}
 
@@ -724,9 +728,47 @@ class Bench:
                 self.measure(speed, rep, "verify", "ckptsync", "ckptsync verify",
                              [self.ck("verify", "--local-dir", str(ck_dst))], self.ck_env, total,
                              lambda: (True, "exit status 0"), ck_dst, network=False)
+                self.bwlimit_rows(speed, rep, rd, ck_map, ck_bytes)
         finally:
             if not self.a.keep:
                 shutil.rmtree(rd, ignore_errors=True)
+
+    def bwlimit_rows(self, speed: str, rep: int, rd: Path, ck_map: dict[str, int], ck_bytes: int) -> None:
+        """--bwlimit at a quarter of the link (or 20 MB/s unshaped), both directions: the wire bytes over the
+        run's own seconds (from --json) must be within 5% of the limit."""
+        rate = SPEEDS[speed]
+        limit = rate // 8 // BWLIMIT_SHARE if rate else BWLIMIT_UNSHAPED
+
+        def shell(argv: list[str], out: Path) -> list[list[str]]:
+            return [["bash", "-c", f"{shlex.join(argv)} > {q(out)}"]]
+
+        def check(out: Path, tree_ok) -> tuple[bool, str]:
+            ok, msg = tree_ok()
+            try:
+                res = json.loads(out.read_text())
+                achieved = res["wire_bytes"] / res["seconds"]
+            except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
+                return False, f"no usable --json result: {e}"
+            off = achieved / limit - 1
+            within = abs(off) <= BWLIMIT_TOLERANCE
+            return ok and within, (f"{msg}; limit {limit / 1e6:.2f} MB/s, achieved {achieved / 1e6:.2f} MB/s "
+                                   f"({off:+.1%}, {res['wire_bytes'] / 1e6:.1f} MB on the wire)")
+
+        dst = self.fresh(rd / "dst-bwlimit")
+        out = rd / "bwlimit-backup.json"
+        self.measure(speed, rep, "bwlimit", "ckptsync", f"ckptsync backup --bwlimit {limit // 1000}K",
+                     shell(self.ck("backup", "--host", ALIAS, "--remote-dir", str(self.src), "--checkpoint",
+                                   RESTORE_CKPT, "--no-extra-files", "--local-dir", str(dst), "--json",
+                                   "--quiet", "--bwlimit", str(limit)), out), self.ck_env, ck_bytes,
+                     lambda: check(out, lambda: compare(ck_map, dst / RESTORE_CKPT, allow_extra=True)), dst)
+        nd = self.fresh(rd / "srv-restore-bwlimit")
+        out = rd / "bwlimit-restore.json"
+        self.measure(speed, rep, "bwlimit", "ckptsync", f"ckptsync restore --bwlimit {limit // 1000}K",
+                     shell(self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir", str(dst),
+                                   "--checkpoint", RESTORE_CKPT, "--no-extra-files", "--json", "--quiet",
+                                   "--bwlimit", str(limit)), out), self.ck_env, ck_bytes,
+                     lambda: check(out, lambda: compare(ck_map, nd / RESTORE_CKPT, allow_extra=True)), nd)
+        shutil.rmtree(nd, ignore_errors=True)
 
     # summary -----------------------------------------------------------
     def summary(self, speed: str) -> list[dict]:

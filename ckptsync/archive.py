@@ -2,7 +2,7 @@
 only then (with --remove) remove the originals. Also opens such an archive as a Store for
 `verify` and `restore`.
 
-The archive holds `<dir-name>/` with every entry, `.ckptsync/manifests/`, status.json and
+The archive holds `<dir-name>/` with every entry, `.ckptsync/manifests/`, the status files and
 history.jsonl; modes and nanosecond mtimes are kept (pax headers). Files that share an inode
 in the store (identical content, hard-linked by backup) are stored once, as tar hard links,
 so the archive is no larger than the store; extracting it gives every path its full content.
@@ -28,14 +28,14 @@ import zstandard
 from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import fits
+from ckptsync.policy import fits, human
 from ckptsync.store import META, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
 
 SUFFIXES = (".tar.zst", ".tzst")
 LEVEL = 3
 CHUNK = 1 << 20
 TAR_END = 1024          # two zero blocks close every tar stream
-BOOKKEEPING = ("status.json", "history.jsonl")
+BOOKKEEPING = ("status.json", "status-scheduled.json", "status-manual.json", "history.jsonl")
 
 
 @dataclass
@@ -153,9 +153,13 @@ def _check_output(root: Path, output: Path) -> None:
 
 def _leftovers(store: Store) -> list[str]:
     staging = store.meta / "staging"
+    out = []
     if staging.is_dir() and any(staging.iterdir()):
-        return [f"an unfinished transfer in {staging} is not archived"]
-    return []
+        out.append(f"an unfinished transfer in {staging} is not archived")
+    gens = sum(len(g) for g in store.generations().values())
+    if gens:
+        out.append(f"{gens} earlier version(s) in {store.meta / 'generations'} are not archived (they stay there)")
+    return out
 
 
 def _check_complete(store: Store, manifests: dict[str, Manifest]) -> None:
@@ -172,7 +176,7 @@ def _write(store: Store, output: Path, manifests: dict[str, Manifest], result: A
     need = _unique_bytes(members)
     free = free_bytes(output.parent)
     if not fits(need, free):
-        raise DiskFull(f"not enough space for {output}: up to {need >> 20} MiB needed, {free >> 20} MiB free "
+        raise DiskFull(f"not enough space for {output}: up to {human(need)} needed, {human(free)} free "
                        "(checkpoints hardly compress); nothing was written")
     part = output.with_name(output.name + ".part")
     try:
@@ -513,7 +517,8 @@ def open_archive_as_store(path: str | os.PathLike, rep: Reporter = QUIET) -> Ite
         raise UsageError(f"no writable place to extract {path} (tried {path.parent} and $TMPDIR)")
     try:
         content = read_back(path, rep, extract_to=tmp)
-        yield Store(tmp / content.prefix)
+        with naming(tmp / content.prefix, path):
+            yield Store(tmp / content.prefix)
     finally:
         _remove_extracted(tmp)
 
@@ -533,3 +538,137 @@ def local_source(target, rep: Reporter = QUIET):
         return
     with open_archive_as_store(target.local_dir, rep) as store:
         yield dataclasses.replace(target, local_dir=store.root)
+
+
+# ---------------------------------------------------------------- an archive's bookkeeping, for list, show and compare
+
+
+@contextlib.contextmanager
+def archive_index(path: str | os.PathLike, wanted=None) -> Iterator[Path]:
+    """A temp directory laid out like the backup directory an archive holds, with only its
+    bookkeeping (manifests, status, history) and the files `wanted(rel)` picks (small state
+    files) written; every entry is an empty stand-in. Nothing else is extracted.
+
+    Without `wanted` the reading stops where the checkpoints begin: bookkeeping comes first.
+    The archive's integrity is verify's job; a damaged one is reported as far as it reads.
+    Errors raised inside name the archive, not the temp directory.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFound(f"{path}: no such archive")
+    tmp = Path(tempfile.mkdtemp(prefix=".ckptsync-index-"))
+    root = tmp
+    try:
+        root = _read_index(path, tmp, wanted)
+        with naming(root, path):
+            yield root
+    finally:
+        _remove_extracted(tmp)
+
+
+def _read_index(path: Path, tmp: Path, wanted) -> Path:
+    content = Content()
+    extractor = _Extractor(tmp)
+    try:
+        with open(path, "rb") as raw:
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as zr:
+                with tarfile.open(fileobj=zr, mode="r|", bufsize=CHUNK) as tar:
+                    for member in tar:
+                        rel = _relative(member.name, content)
+                        if extractor.root is None:
+                            extractor.root = tmp / content.prefix
+                            extractor.root.mkdir()
+                        bookkeeping = rel == META or rel.startswith(META + "/")
+                        if not bookkeeping and rel and wanted is None:
+                            break
+                        if not (member.isreg() or member.islnk()) or not (bookkeeping or wanted(rel)):
+                            continue
+                        if member.isreg():
+                            with extractor.open(rel) as out:
+                                shutil.copyfileobj(tar.extractfile(member), out, CHUNK)
+                        elif (extractor.root / _relative(member.linkname, content)).is_file():
+                            extractor.link(rel, _relative(member.linkname, content))
+    except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
+        raise IntegrityError(f"{path} cannot be read: {exc}", hint="check it with 'ckptsync verify'") from None
+    except OSError as exc:
+        raise io_error(exc, f"reading {path}") from None
+    if extractor.root is None:
+        raise IntegrityError(f"{path} is an empty archive")
+    store = Store(extractor.root)
+    for manifest in (store.meta / "manifests").glob("*.json"):
+        entry = store.entry(manifest.stem)
+        if not entry.exists():
+            with contextlib.suppress(OSError):
+                entry.mkdir(parents=True)
+    return extractor.root
+
+
+@contextlib.contextmanager
+def naming(inner: Path, outer: Path) -> Iterator[None]:
+    """Errors raised inside name `outer` (the archive) where they would name `inner` (its extracted copy)."""
+    from ckptsync.errors import CkptsyncError
+
+    try:
+        yield
+    except CkptsyncError as exc:
+        exc.message = exc.message.replace(str(inner), str(outer))
+        exc.hint = exc.hint.replace(str(inner), str(outer))
+        raise
+
+
+@contextlib.contextmanager
+def archive_view(target, wanted=None):
+    """The target itself, or, when its backup directory is an archive, the target over that
+    archive's index (see archive_index)."""
+    if not is_archive(target.local_dir):
+        yield target
+        return
+    with archive_index(target.local_dir, wanted) as root:
+        yield dataclasses.replace(target, local_dir=root)
+
+
+class ArchiveNames:
+    """Names the archive where a message or a result would name its temporary extraction."""
+
+    def __init__(self, target, source) -> None:
+        self.inner, self.outer = str(source.local_dir), str(target.local_dir)
+
+    def text(self, value: str) -> str:
+        return value.replace(self.inner, self.outer) if self.inner != self.outer else value
+
+    def reporter(self, rep: Reporter) -> Reporter:
+        return rep if self.inner == self.outer else _RenamingReporter(rep, self.text)
+
+    def result(self, value):
+        """The result with every path in it renamed, in place (dataclasses) or as a copy."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Path):
+            return Path(self.text(str(value)))
+        if isinstance(value, list):
+            return [self.result(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self.result(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.result(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                object.__setattr__(value, f.name, self.result(getattr(value, f.name)))
+        return value
+
+
+class _RenamingReporter(Reporter):
+    def __init__(self, rep: Reporter, text) -> None:
+        self.rep, self.text = rep, text
+
+    def info(self, message: str) -> None:
+        self.rep.info(self.text(message))
+
+    def start(self, label: str, total: int) -> None:
+        self.rep.start(self.text(label), total)
+
+    def advance(self, nbytes: int) -> None:
+        self.rep.advance(nbytes)
+
+    def finish(self) -> None:
+        self.rep.finish()

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ckptsync import notify
 from ckptsync.agent import hash_file
 from ckptsync.config import Target
 from ckptsync.errors import (
     CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
 )
 from ckptsync.layout import Checkpoint, resume_files
-from ckptsync.policy import SPACE_MARGIN, backup_is_current, fits, human
+from ckptsync.freshness import Judgement, judge
+from ckptsync.policy import CHECK, SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.store import (
     COPY, EXTRA, LINK, REFLINK, FileRecord, Manifest, Store, free_bytes, io_error, pick_source, place_copy,
     share_copy,
 )
-from ckptsync.server.transfer import Received, receive
-# Names that are rewritten in place by design; a newer copy replaces the older backup.
-REWRITTEN_KINDS = {"latest", "backup"}
+from ckptsync.server.transfer import Received, kept_prefixes, offers, receive
 
 
 @dataclass
@@ -42,7 +44,7 @@ class BackupOptions:
 @dataclass
 class PlanItem:
     name: str
-    action: str          # fetch, up-to-date, skip
+    action: str          # fetch, up-to-date, restamp (same bytes, new timestamps), skip
     size: int = 0        # bytes the checkpoint holds
     fetch_bytes: int = 0
     files: int = 0
@@ -58,9 +60,17 @@ class BackupResult:
     dry_run: bool
     plan: list[PlanItem] = field(default_factory=list)
     fetched: list[str] = field(default_factory=list)
+    restamped: list[str] = field(default_factory=list)   # same bytes on the server, new stamps recorded
+    generations: list[str] = field(default_factory=list)  # "NAME@ID": earlier versions kept
+    dropped_generations: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)      # NAME.replaced-* entries turned into generations
+    runs: list["BackupResult"] = field(default_factory=list)   # followed runs, each into its own directory
+    unfollowed: list[RunState] = field(default_factory=list)  # newer runs whose newest checkpoint is not saved
+    follow_hint: str = ""     # the command that backs them up
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     raw_bytes: int = 0        # file bytes that crossed the link
+    resumed_bytes: int = 0    # kept bytes of files an interrupted run had partly fetched: not sent again
     wire_bytes: int = 0       # after compression
     disk_bytes: int = 0       # newly stored bytes (hard links and reflinks excluded, local copies included)
     linked_files: int = 0     # hard links to stored files with the same content, mode and mtime
@@ -73,11 +83,16 @@ class BackupResult:
 
     @property
     def exit_code(self) -> int:
-        return PARTIAL if self.failed else OK
+        return PARTIAL if self.failed or any(r.exit_code for r in self.runs) else OK
 
     @property
     def to_fetch(self) -> list[PlanItem]:
         return [p for p in self.plan if p.action == "fetch"]
+
+    @property
+    def current(self) -> list[str]:
+        """Names the backup already held, including those whose stamps were brought up to date."""
+        return [p.name for p in self.plan if p.action in ("up-to-date", "restamp")]
 
     @property
     def fetch_bytes(self) -> int:
@@ -87,6 +102,7 @@ class BackupResult:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["exit_code"] = self.exit_code
+        out["runs"] = [r.to_dict() for r in self.runs]
         return out
 
 
@@ -114,11 +130,11 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Che
     return chosen, skipped
 
 
-def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint) -> PlanItem:
+def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judgement) -> PlanItem:
     server = view.files_of(c)
-    m = store.load(c.name)
-    if backup_is_current(m.files if m else None, server):
-        return PlanItem(c.name, "up-to-date", c.size, step=c.step)
+    if judged.current:
+        return PlanItem(c.name, "restamp" if judged.restamp else "up-to-date", c.size,
+                        files=len(judged.restamp), step=c.step)
     staged = _usable_staged(store, c.name, server, check_hash=False)
     need = [p for p in server if p not in staged]
     return PlanItem(c.name, "fetch", c.size, sum(server[p].size for p in need), len(need), step=c.step)
@@ -145,55 +161,93 @@ def _usable_staged(store: Store, name: str, server: dict[str, FileStat], check_h
 
 
 class Backup:
-    def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> None:
+    def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
+                 look_for_runs: bool = True) -> None:
         self.target = target
+        self.look_for_runs = look_for_runs
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
 
-    def run(self) -> BackupResult:
+    def run(self, server: Server | None = None) -> BackupResult:
+        """Back up remote_dir (and, with follow_runs, the newer runs beside it), over `server`
+        when given, else over a connection of its own."""
         started = time.monotonic()
         try:
-            with open_server(self.target) as server:
+            with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
                 self.server = server
                 view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
-                chosen, todo = self._plan(view)
-                if self.opts.dry_run or not todo:
-                    return self.result
-                self._check_space(todo)  # before the lock: a refused run leaves nothing on disk
-                waited = []
-
-                def on_wait(holder: str) -> None:
-                    waited.append(holder)
-                    self.rep.info(f"waiting for {holder}")
-
-                with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
-                    # Plan again under the lock: the run we waited for may have stored these already.
-                    if waited:
-                        view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
-                    self.result.warnings.clear()
-                    self.result.failed.clear()
-                    chosen, todo = self._plan(view)
-                    if not todo:
-                        return self.result
-                    self._check_space(todo)
-                    self.store.clean_trash()
-                    by_name = {c.name: c for c in chosen}
-                    for item in todo:
-                        if item.name == EXTRA and item.name not in by_name:
-                            self._fetch_extras(view)
-                        else:
-                            self._fetch(view, by_name[item.name])
+                self._backup(view)
+                if self.look_for_runs:
+                    self._runs(view)
             return self.result
         finally:
             self.result.seconds = time.monotonic() - started
 
+    def _backup(self, view: ServerView) -> None:
+        server = self.server
+        chosen, todo = self._plan(view)
+        if self.opts.dry_run or not todo:
+            return
+        self._check_space(todo)  # before the lock: a refused run leaves nothing on disk
+        waited = []
+
+        def on_wait(holder: str) -> None:
+            waited.append(holder)
+            self.rep.info(f"waiting for {holder}")
+
+        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
+            # Plan again under the lock: the run we waited for may have stored these already.
+            if waited:
+                view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+            self.result.warnings.clear()
+            self.result.failed.clear()
+            chosen, todo = self._plan(view)
+            if not todo:
+                return
+            self._check_space(todo)
+            self.store.clean_trash()
+            self.result.adopted = self.store.adopt_replaced()
+            by_name = {c.name: c for c in chosen}
+            for item in todo:
+                if item.action == "restamp":
+                    self._restamp(item.name, self._judged[item.name])
+                elif item.name == EXTRA and item.name not in by_name:
+                    self._fetch_extras(view)
+                else:
+                    self._fetch(view, by_name[item.name])
+
+    def _runs(self, view: ServerView) -> None:
+        """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
+        if not self.target.follow_runs:
+            self.result.unfollowed = [r for r in survey(self.server, view.root, self.target) if not r.covered]
+            if self.result.unfollowed:
+                self.result.follow_hint = self.target.command("backup", "--follow-runs")
+            return
+        opts = replace(self.opts, names=[], extra_files=False)
+        for run in find_runs(self.server, view.root, self.target.runs):
+            self.rep.info(f"run {run.name}: backing up {run.path}")
+            job = Backup(run_target(self.target, run), opts, self.rep, look_for_runs=False)
+            try:
+                sub = run_job(job, self.server)
+            except Locked as exc:  # another run is saving this one right now
+                self.result.warnings.append(f"run {run.name} skipped: {exc.message}")
+                continue
+            except CkptsyncError as exc:
+                self.result.failed[run.name] = exc.message
+                continue
+            self.result.runs.append(sub)
+
     def _plan(self, view: ServerView) -> tuple[list[Checkpoint], list[PlanItem]]:
         self.result.warnings.extend(view.errors)
         chosen, skipped = select(view.checkpoints, self.opts)
-        plan = [plan_checkpoint(self.store, view, c) for c in chosen]
+        self._judged: dict[str, Judgement] = {}
+        for c in chosen:
+            m = self.store.load(c.name)
+            self._judged[c.name] = judge(self.server, view.root, m.files if m else None, view.files_of(c), CHECK)
+        plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
         self.result.plan = plan + ([extras] if extras else []) + skipped
         unreadable = {c.name for c in view.checkpoints if c.unreadable}
@@ -201,8 +255,8 @@ class Backup:
             # Asked for by name, or holding files we may not read: not getting it is a failure.
             if s.name in self.opts.names or s.name in unreadable:
                 self.result.failed[s.name] = s.reason
-        todo = [p for p in plan if p.action == "fetch"]
-        if extras is not None and extras.action == "fetch":
+        todo = [p for p in plan if p.action in ("fetch", "restamp")]
+        if extras is not None and extras.action in ("fetch", "restamp"):
             todo.append(extras)
         return chosen, todo
 
@@ -250,7 +304,8 @@ class Backup:
         if changed:
             self.result.failed[c.name] = _changed_text(view, c, changed)
             return
-        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"])
+        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
+                            ctime_ns=server[p].ctime_ns, inode=server[p].inode)
                  for p, r in sorted(progress.items())]
         self._dedup(c.name, files, fetched=set(todo),
                     placed={p for p, r in progress.items() if r.get("placed")})
@@ -261,20 +316,47 @@ class Backup:
             source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
             backed_up_at=time.time(), verified_at=time.time(),
         )
-        try:
-            kept = self.store.commit(m, replace=c.kind in REWRITTEN_KINDS)
-        except OSError as exc:
-            raise io_error(exc, f"moving {c.name} into place") from None
-        if kept is not None:
-            self.result.warnings.append(f"{c.name} changed on the server since its last backup; "
-                                        f"the older copy was kept as {kept.name}")
+        self._commit(m, f"moving {c.name} into place")
         self.result.fetched.append(c.name)
+
+    def _commit(self, m: Manifest, what: str) -> None:
+        """Move a staged entry into place; the version it replaces is kept as a generation, and
+        generations beyond keep_generations are dropped."""
+        try:
+            kept = self.store.commit(m)
+            if kept is not None:
+                self.result.generations.append(f"{m.name}@{kept.id}")
+                dropped = self.store.trim_generations(m.name, self.target.keep_generations)
+                self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
+        except OSError as exc:
+            raise io_error(exc, what) from None
+
+    def _restamp(self, name: str, judged: Judgement) -> None:
+        """The server's files have the backup's bytes under new stamps (a touch, a chmod, a copy):
+        give the local files and the manifest the server's stamps. Nothing is sent."""
+        m = self.store.load(name)
+        if m is None:
+            return
+        try:
+            for f in m.files:
+                s = judged.restamp.get(f.source or f.path)
+                if s is None:
+                    continue
+                local = self.store.root / f.path
+                if (f.mtime_ns, f.mode) != (s.mtime_ns, s.mode):
+                    restamp_file(local, s.mtime_ns, s.mode, keep_links=self.target.dedup == LINK)
+                f.mtime_ns, f.mode, f.ctime_ns, f.inode = s.mtime_ns, s.mode, s.ctime_ns, s.inode
+            self.store.write_manifest(m)
+        except OSError as exc:
+            raise io_error(exc, f"updating the timestamps of {name}") from None
+        self.result.restamped.append(name)
 
     def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
                   progress: dict[str, dict], total: int) -> tuple[dict[str, str], dict[str, str]]:
         """Fetch into staging; returns (member -> what changed on the server, member -> why unreadable)."""
         targets = {member: stage_root / member for _src, member in pairs}
-        dl = self.server.send(root, pairs, compress=self.opts.compress)
+        prefixes = kept_prefixes(targets, self.server.best_hash, done=[stage_root / p for p in progress])
+        dl = self.server.send(root, pairs, compress=self.opts.compress, resume=offers(prefixes))
 
         def on_file(rec: Received) -> None:
             progress[rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
@@ -283,7 +365,7 @@ class Backup:
 
         self.rep.start(name, total)
         try:
-            outcome, wire_bytes = receive(dl, targets, self.rep, on_file)
+            outcome, wire_bytes = receive(dl, targets, self.rep, on_file, prefixes)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
                               "the next run fetches only the rest") from None
@@ -292,7 +374,8 @@ class Backup:
                             hint=exc.hint) from exc
         finally:
             self.rep.finish()
-        self.result.raw_bytes += sum(r.size for r in outcome.received)
+        self.result.raw_bytes += sum(r.size - r.skipped for r in outcome.received)
+        self.result.resumed_bytes += sum(r.skipped for r in outcome.received)
         self.result.wire_bytes += wire_bytes
         self.result.disk_bytes += sum(r.size for r in outcome.received)
         return outcome.changed, outcome.unreadable
@@ -407,13 +490,18 @@ class Backup:
             if info is None or info.is_dir:
                 self.result.warnings.append(f"extra file {src} not found on the server")
                 continue
-            self._extra_stat[src] = (member, info.size, info.mtime_ns, info.mode)
-        server = {m: FileStat(m, size, mt, mode) for m, size, mt, mode in self._extra_stat.values()}
+            self._extra_stat[src] = (member, info.size, info.mtime_ns, info.mode, info.ctime_ns, info.inode)
+        server = {m: FileStat(m, *rest) for m, *rest in self._extra_stat.values()}
         if not server:
             return None
         stored = self.store.load(EXTRA)
-        if backup_is_current(stored.files if stored else None, server):
-            return PlanItem(EXTRA, "up-to-date", sum(v.size for v in server.values()), files=len(server))
+        where = {member: src for src, (member, *_rest) in self._extra_stat.items()}
+        judged = judge(self.server, view.root, stored.files if stored else None, server, CHECK, where)
+        if judged.current:
+            # restamp looks files up by their configured path (FileRecord.source)
+            self._judged[EXTRA] = Judgement(True, {where[k]: v for k, v in judged.restamp.items()})
+            return PlanItem(EXTRA, "restamp" if judged.restamp else "up-to-date",
+                            sum(v.size for v in server.values()), files=len(server))
         total = sum(v.size for v in server.values())
         return PlanItem(EXTRA, "fetch", total, total, len(server))
 
@@ -421,7 +509,7 @@ class Backup:
         self.store.discard_staging(EXTRA)
         progress: dict[str, dict] = {}
         pairs = [(src, member) for src, (member, *_rest) in self._extra_stat.items()]
-        total = sum(size for _m, size, _t, _mode in self._extra_stat.values())
+        total = sum(size for _m, size, *_rest in self._extra_stat.values())
         changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, total)
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
@@ -431,24 +519,27 @@ class Backup:
             self.result.failed[EXTRA] = "extra files changed on the server while read; not recorded"
             return
         source = {member: src for src, member in pairs}
+        stamps = {member: rest for _src, (member, *rest) in self._extra_stat.items()}
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"],
-                            xxh3_128=r["xxh3_128"], source=source[p]) for p, r in sorted(progress.items())]
+                            xxh3_128=r["xxh3_128"], source=source[p], ctime_ns=stamps[p][3], inode=stamps[p][4])
+                 for p, r in sorted(progress.items())]
         m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
                      source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
                      backed_up_at=time.time(), verified_at=time.time())
-        try:
-            self.store.commit(m, replace=True)
-        except OSError as exc:
-            raise io_error(exc, "moving extra files into place") from None
+        self._commit(m, "moving extra files into place")
         self.result.fetched.append(EXTRA)
 
 
 def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
     """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
-    job = Backup(target, opts, rep)
+    return run_job(Backup(target, opts, rep))
+
+
+def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
+    opts = job.opts
     try:
         try:
-            result = job.run()
+            result = job.run(server)
         except OSError as exc:  # every laptop-side write failure is one line with exit 5
             raise io_error(exc, f"writing in {job.store.root}") from None
     except Locked:
@@ -490,19 +581,35 @@ def _record(job: Backup, code: int, error: str) -> None:
     status = {
         "command": "backup", "time": time.time(), "exit_code": code, "ok": code == OK, "error": error,
         "target": r.target, "server": r.server, "fetched": r.fetched, "failed": r.failed,
-        "up_to_date": [p.name for p in r.plan if p.action == "up-to-date"],
+        "up_to_date": r.current, "restamped": r.restamped, "generations": r.generations,
         "skipped": {p.name: p.reason for p in r.plan if p.action == "skip"},
         "raw_bytes": r.raw_bytes, "wire_bytes": r.wire_bytes, "seconds": round(r.seconds, 3),
+        "scheduled": notify.scheduled(),
     }
     try:
         job.store.record_status(status)
     except OSError as exc:
         r.warnings.append(f"could not record this run in {job.store.meta}: {exc.strerror or exc} "
                           "(list, cron show and checklist will not see it)")
+    sent = notify.after_run(status)
+    if sent:
+        job.rep.info(sent)
 
 
 
 DELETED = "deleted during the backup"
+
+
+def restamp_file(path: Path, mtime_ns: int, mode: int, keep_links: bool = False) -> None:
+    """Give a stored file new stamps. A file hard-linked into other entries is first given an
+    inode of its own (a reflink or a copy), so theirs keep the stamps their manifests record;
+    with dedup: link (`keep_links`) it stays shared and only the manifest changes."""
+    if os.lstat(path).st_nlink > 1:
+        if not keep_links:
+            place_copy(path, path, mtime_ns, mode, REFLINK)
+        return
+    os.chmod(path, mode)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 def _same_inode(a: Path, b: Path) -> bool:

@@ -11,7 +11,9 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import backup_is_current, human, last_run_summary
+from ckptsync.freshness import judge_view
+from ckptsync.runs import RunState, survey
+from ckptsync.policy import CHECK, human, last_run_summary
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Procs, RemoteDirMissing, open_server
 from ckptsync.store import EXTRA, Store
@@ -137,9 +139,12 @@ class Checklist:
                 view = scan_server(server, t.remote_dir, t.settle_seconds)
                 procs = server.procs(t.train_process or "", view.root)
                 extra = self._extra_stat(server, view)
+                # Strict: a backup made before inodes were recorded is hashed before it counts.
+                self._current = judge_view(server, view, self.store.manifests(), CHECK)
+                runs = survey(server, view.root, t)
         except RemoteDirMissing as exc:
             self.add("remote directory exists", False, exc.message,
-                     "check --remote-dir (or remote_dir in the config): nothing there can be checked")
+                     exc.hint or "check --remote-dir (or remote_dir in the config): nothing there can be checked")
             self._last_run(now)
             return self.result
         except CkptsyncError as exc:
@@ -169,14 +174,29 @@ class Checklist:
         best = next((c for c in view.checkpoints if c.is_best and c.complete), None)
         if best is not None and best is not newest:
             self._backed_up("best checkpoint backed up", view, best)
+        self._runs(runs)
         self._extras(extra)
         self._last_run(now)
         return self.result
 
+    def _runs(self, runs: list[RunState]) -> None:
+        """A newer run beside remote_dir (the trainer moved on) must be saved too."""
+        if not runs:
+            return
+        pending = [r for r in runs if not r.covered]
+        if not pending:
+            self.add("newer runs backed up", True, ", ".join(f"{r.name} ({r.newest or 'no checkpoint yet'})"
+                                                             for r in runs))
+            return
+        for r in pending:
+            self.add("newer run backed up", False,
+                     f"{r.path}: newest checkpoint {r.newest} not backed up ({r.checkpoints} complete)",
+                     self.target.command("backup", "--follow-runs"))
+
     def _backed_up(self, title: str, view: ServerView, c: Checkpoint) -> None:
         t = self.target
         m = self.store.load(c.name)
-        if not backup_is_current(m.files if m else None, view.files_of(c)):
+        if not self._current.get(c.name):
             state = "not backed up" if m is None else "backup is older than the server's copy"
             self.add(title, False, f"{c.name} (step {c.step}): {state}",
                      f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from ckptsync.errors import ConfigError, UsageError
-from ckptsync.transport import CommandTransport, LocalTransport, Transport, ssh_transport
+from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 
 if TYPE_CHECKING:
     from ckptsync.server import Server
 
 DEFAULT_LOCAL_DIR = "~/ckpt-backups"
+DEFAULT_GENERATIONS = 2
 SEARCH = ("./ckptsync.yaml", "~/.config/ckptsync/config.yaml")
 
 # key -> (type check, what is expected); shared by the top level and instances.
@@ -29,6 +30,11 @@ COMMON_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "host_key_policy": (str, "strict or accept-new"),
     "train_process": (str, "a process name pattern"),
     "dedup": (str, "reflink or link"),
+    "ssh": (str, "openssh, paramiko or auto"),
+    "keep_generations": (int, "a number of earlier versions to keep per name"),
+    "follow_runs": (bool, "true or false"),
+    "runs": (list, "a list of glob patterns for run directories, relative to remote_dir's parent"),
+    "bwlimit": ((str, int), "a rate in bytes per second, e.g. 20M or 500K"),
 }
 INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     **COMMON_KEYS,
@@ -38,7 +44,8 @@ INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "identity_file": (str, "a private key path"),
     "command": (list, "an argv list, e.g. [kubectl, exec, -i, pod, --]"),
 }
-TOP_KEYS = {**COMMON_KEYS, "instances": (dict, "a mapping of instance number to settings")}
+TOP_KEYS = {**COMMON_KEYS, "instances": (dict, "a mapping of instance number to settings"),
+            "s3": (dict, "bucket settings: endpoint_url, profile, region, ... (see the README, Team storage)")}
 
 
 @dataclass
@@ -69,10 +76,42 @@ class Target:
     # How identical files are stored: "reflink" (a clone, else a hard link when mode and
     # mtime match, else a copy: every file shows its own mtime) or "link" (always hard-link).
     dedup: str = "reflink"
+    verb: tuple[str, ...] = ()      # the command this run is, e.g. ("list",): for hints that repeat it
+    config_path: Path | None = None  # the config file in use, if any
+    keep_generations: int = 2        # earlier versions kept per reused name (latest.pt, a changed checkpoint)
+    follow_runs: bool = False        # also back up newer sibling run directories (see runs.py)
+    runs: tuple[str, ...] = ()       # glob patterns naming run directories, relative to remote_dir's parent
+    bwlimit: int | None = None       # bytes per second over the link, both directions (--bwlimit)
+    limiter: Any = None              # a RateLimiter shared with the other targets of one run, else None
+    store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
+    s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
 
     def command(self, *words: str) -> str:
         """`ckptsync WORDS` aimed at this target, ready to paste into a shell."""
         return " ".join(shlex.quote(w) for w in ("ckptsync", *words, *self.args))
+
+    def tilde_hint(self, missing: str, server_home: str) -> str:
+        """For a remote directory the server lacks: when it lies under this machine's home and the
+        server's home is another, the laptop's shell most likely expanded `~` (as in `~/run`)."""
+        home = os.path.expanduser("~").rstrip("/")
+        if not home or home == server_home.rstrip("/") or not missing.startswith(home + "/"):
+            return ""
+        rel = missing[len(home) + 1:]
+        said = f"{home} is this machine's home: the shell probably expanded ~ before ckptsync saw it."
+        if "--remote-dir" not in self.args:
+            where = f"remote_dir in {self.config_path}" if self.config_path else "remote_dir"
+            return f"{said} Write {where} relative to the server's home: {rel}"
+        return (f"{said} A relative path is relative to the server's home: "
+                f"{self.command_with('--remote-dir', rel, *self.verb)}")
+
+    def command_with(self, option: str, value: str, *words: str) -> str:
+        """Like command(), with one target option (--remote-dir, --local-dir) set to another value."""
+        args = list(self.args)
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+        return " ".join(shlex.quote(w) for w in ("ckptsync", *words, *args))
 
     def describe(self) -> str:
         if self.server_factory is not None:
@@ -105,13 +144,17 @@ def _check(where: str, data: dict, allowed: dict) -> None:
             known = ", ".join(sorted(allowed))
             raise ConfigError(f"{where}: unknown key '{key}' (known keys: {known})")
         kind, expected = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise ConfigError(f"{where}.{key}: expected {expected}, got {type(value).__name__} {value!r}")
     if "host_key_policy" in data and data["host_key_policy"] not in ("strict", "accept-new"):
         raise ConfigError(f"{where}.host_key_policy: expected strict or accept-new, got {data['host_key_policy']!r}")
+    if "ssh" in data and data["ssh"] not in SSH_CHOICES:
+        raise ConfigError(f"{where}.ssh: expected openssh, paramiko or auto, got {data['ssh']!r}")
     if "dedup" in data and data["dedup"] not in ("reflink", "link"):
         raise ConfigError(f"{where}.dedup: expected reflink or link, got {data['dedup']!r}")
-    for key in ("extra_files", "command"):
+    if "keep_generations" in data and data["keep_generations"] < 0:
+        raise ConfigError(f"{where}.keep_generations: expected 0 or more, got {data['keep_generations']}")
+    for key in ("extra_files", "command", "runs"):
         if key in data and not all(isinstance(x, str) for x in data[key]):
             raise ConfigError(f"{where}.{key}: expected a list of strings")
     if "port" in data and not 0 < data["port"] < 65536:
@@ -166,6 +209,26 @@ def parse_host(text: str) -> tuple[str | None, str, int | None]:
     return m.group("user"), m.group("host").strip("[]"), port
 
 
+def _config_rate(value: Any, path: Path | None) -> int | None:
+    if value is None:
+        return None
+    from ckptsync.ratelimit import parse_rate
+
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise ConfigError(f"bwlimit in {path or 'the config'}: {exc}") from None
+
+
+def is_store_url(text: str | None) -> bool:
+    return bool(text) and str(text).startswith("s3://")
+
+
+def store_url_of(where: str, label: str) -> str | None:
+    """The config's local_dir in a bucket: each target below <prefix>/<label>, as on disk."""
+    return f"{where.rstrip('/')}/{label}" if is_store_url(where) else None
+
+
 def _safe_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "host"
 
@@ -179,6 +242,7 @@ def resolve_target(
     local_dir: str | None = None,
     accept_new_host_key: bool = False,
     need_remote: bool = True,
+    ssh: str | None = None,
 ) -> Target:
     """Turn the options of one command into a Target. Per-instance keys override the top level."""
     if instance is not None and host is not None:
@@ -192,7 +256,7 @@ def resolve_target(
     if remote_dir is not None:
         args += ["--remote-dir", remote_dir]
     if local_dir is not None:
-        args += ["--local-dir", str(Path(local_dir).expanduser().absolute())]
+        args += ["--local-dir", local_dir if is_store_url(local_dir) else str(Path(local_dir).expanduser().absolute())]
     if config.explicit and config.path is not None:
         args += ["--config", str(Path(config.path).absolute())]
     top = config.values
@@ -202,8 +266,11 @@ def resolve_target(
         label = _safe_label(hostname if port is None else f"{hostname}-{port}")
     elif instance is not None or remote_dir is None:
         instance = "0" if instance is None else instance
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
-            raise UsageError(f"--instance {instance!r}: expected a number or a name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", instance) or (
+                not instance.isdigit() and instance not in config.instances):
+            named = ", ".join(sorted(k for k in config.instances if not k.isdigit()))
+            raise UsageError(f"--instance {instance!r}: expected a number (the SSH alias tnr-N)"
+                             + (f" or an instance named in the config ({named})" if named else ""))
         label = f"instance-{instance}"
         inst = config.instances.get(instance, {"host": f"tnr-{instance}"})
     else:
@@ -213,28 +280,30 @@ def resolve_target(
         return inst.get(key, top.get(key, default))
 
     policy = "accept-new" if accept_new_host_key else pick("host_key_policy", "strict")
+    store_url = local_dir.rstrip("/") if is_store_url(local_dir) else store_url_of(pick("local_dir", DEFAULT_LOCAL_DIR), label)
     backups = Path(local_dir).expanduser() if local_dir else Path(pick("local_dir", DEFAULT_LOCAL_DIR)).expanduser() / label
     rdir = remote_dir or pick("remote_dir")
+    if label == "local" and rdir is not None:
+        # A directory on this machine is relative to the current directory; on a server, the
+        # agent takes a relative path as relative to the home directory (as scp and rsync do).
+        rdir = os.path.abspath(os.path.expanduser(rdir))
     transport: Transport | None = None
     if need_remote:
         if rdir is None:
             where = f" in {config.path}" if config.path else " (no config file found)"
             raise ConfigError(f"no remote_dir for {label}{where}: give --remote-dir or set remote_dir")
         if host is not None:
-            from ckptsync.transport.ssh import SshTarget
-
-            transport = ssh_transport(SshTarget(host=hostname, user=user, port=port, host_key_policy=policy))
+            transport = ssh_transport(SshTarget(host=hostname, user=user, port=port, host_key_policy=policy),
+                                      ssh, pick("ssh"))
         elif label == "local":
             transport = LocalTransport()
         elif "command" in inst:
             transport = CommandTransport(list(inst["command"]))
         else:
-            from ckptsync.transport.ssh import SshTarget
-
             transport = ssh_transport(SshTarget(
                 host=inst["host"], user=inst.get("user"), port=inst.get("port"),
                 identity_file=inst.get("identity_file"), host_key_policy=policy,
-            ))
+            ), ssh, pick("ssh"))
     return Target(
         label=label,
         transport=transport,
@@ -247,4 +316,11 @@ def resolve_target(
         args=tuple(args),
         assumed_instance=assumed,
         dedup=pick("dedup", "reflink"),
+        config_path=config.path,
+        keep_generations=int(pick("keep_generations", DEFAULT_GENERATIONS)),
+        follow_runs=bool(pick("follow_runs", False)),
+        runs=tuple(pick("runs", []) or ()),
+        bwlimit=_config_rate(pick("bwlimit"), config.path),
+        store_url=store_url,
+        s3=dict(top.get("s3") or {}),
     )

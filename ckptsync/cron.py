@@ -3,7 +3,10 @@
 An entry is two lines: a marker naming the target and its backup directory, then the job.
 
     # ckptsync backup instance-1 -> /home/me/ckpt-backups/instance-1
-    */30 * * * * PATH=... /venv/bin/python3 -m ckptsync backup ... >/dev/null 2>>LOG
+    */30 * * * * CKPTSYNC_SCHEDULED=1 PATH=... /venv/bin/python3 -m ckptsync backup ... >/dev/null 2>>LOG
+
+CKPTSYNC_SCHEDULED marks the runs cron starts, so that `cron show` tells them from manual ones;
+with `--notify`, CKPTSYNC_NOTIFY makes a failed run put up a desktop notice (see notify.py).
 
 The backup directory is the key: installing again for it replaces its entry in place;
 every other line of the table is kept byte for byte. The table functions are pure;
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from ckptsync import notify
 from ckptsync.config import Target, find_config
 from ckptsync.errors import ConfigError, IOFailure, UsageError
 from ckptsync.store import Store
@@ -192,10 +196,13 @@ def remove_entry(table: str, backup_dir: str) -> tuple[str, bool]:
 # -------------------------------------------------- the job line (pure)
 
 def job_command(python: str, args: list[str], log_file: str, path_dirs: list[str],
-                pythonpath: str | None = None) -> str:
+                pythonpath: str | None = None, notify_on_failure: bool = False) -> str:
     """The shell command cron runs: quiet, lock-tolerant, no mail. stderr goes to the log too, so
     what fails before the log is open (no interpreter, a broken config) is still recorded."""
-    env = f"PATH={shlex.quote(':'.join(path_dirs))}"
+    env = f"{notify.SCHEDULED_ENV}=1 "
+    if notify_on_failure:
+        env += f"{notify.NOTIFY_ENV}=1 "
+    env += f"PATH={shlex.quote(':'.join(path_dirs))}"
     if pythonpath:
         env += f" PYTHONPATH={shlex.quote(pythonpath)}"
     argv = [python, "-m", "ckptsync", "backup", *args, "--quiet", "--skip-if-locked", "--log-file", log_file]
@@ -227,10 +234,10 @@ def option_value(command: str, option: str) -> str | None:
 
 # -------------------------------------------------- what the job needs from this machine
 
-def path_dirs(python: str) -> list[str]:
-    """PATH for the job: the interpreter, ssh, python3 and zstd as found now, then the usual."""
+def path_dirs(python: str, tools: tuple[str, ...] = ()) -> list[str]:
+    """PATH for the job: the interpreter, ssh, python3, zstd (and `tools`) as found now, then the usual."""
     dirs = [os.path.dirname(python)]
-    for tool in ("ssh", "python3", "zstd"):
+    for tool in ("ssh", "python3", "zstd", *tools):
         found = shutil.which(tool)
         if found:
             dirs.append(os.path.dirname(os.path.abspath(found)))
@@ -300,6 +307,7 @@ class CronJob:
     config: str | None = None
     every: str = "30m"
     log_file: str | None = None
+    notify: bool = False        # a desktop notice when a scheduled run fails
 
 
 @dataclass
@@ -313,9 +321,14 @@ class CronResult:
     every: str | None = None
     log_file: str | None = None
     others: list[dict] = field(default_factory=list)
-    last_run: dict | None = None
+    last_run: dict | None = None            # the last run of either kind
+    last_scheduled: dict | None = None      # the last run cron started
+    last_manual: dict | None = None         # the last run started by hand
     log_tail: list[str] = field(default_factory=list)
     stale: bool = False
+    notify: bool = False
+    removed_dir: bool = False               # remove: the backup directory held nothing, and is gone
+    warnings: list[str] = field(default_factory=list)
 
     exit_code = 0
 
@@ -362,12 +375,17 @@ def _result(action: str, target: Target, table: str, entry: Entry | None) -> Cro
         minutes = interval_of(entry.schedule)
         r.every = every_text(minutes) if minutes else None
         r.log_file = option_value(entry.command, "--log-file")
+        r.notify = f"{notify.NOTIFY_ENV}=1" in entry.command.split()
     return r
 
 
 def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = None) -> CronResult:
     now = time.time() if now is None else now
     schedule = parse_every(job.every, datetime.fromtimestamp(now))
+    problem = target.transport.unreachable() if target.transport is not None else None
+    if problem is not None:  # an entry that can only fail: refuse it now, not at every run
+        message, hint = problem
+        raise ConfigError(f"{target.label}: {message}; no cron entry installed", hint=hint)
     backup_dir = _abs(str(target.local_dir))
     log_file = _abs(job.log_file) if job.log_file else str(default_log_file(Path(backup_dir)))
     args = backup_args(target, job)
@@ -378,14 +396,22 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
     except OSError as exc:
         raise IOFailure(f"cannot create {Path(log_file).parent}: {exc.strerror or exc}") from None
     python = os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink that matters
-    command = job_command(python, args, log_file, path_dirs(python), package_path())
+    tools = notify.TOOLS if job.notify else ()
+    command = job_command(python, args, log_file, path_dirs(python, tools), package_path(), job.notify)
     line = job_line(schedule.expr, command)
     table = crontab.read()
     new, replaced = put_entry(table, target.label, backup_dir, line)
     if new != table:
         crontab.write(new)
     action = "unchanged" if new == table else "replaced" if replaced else "installed"
-    return _result(action, target, new, find_entry(new, backup_dir))
+    r = _result(action, target, new, find_entry(new, backup_dir))
+    running = daemon_running()
+    if running is False:
+        r.warnings.append(no_daemon_text(sys.platform))
+    if job.notify and notify.notifier() is None:
+        r.warnings.append(f"--notify: no {notify.wanted()} found on PATH; "
+                          "a failed run will only show in the log and in `ckptsync list`")
+    return r
 
 
 def remove(target: Target, crontab: Crontab) -> CronResult:
@@ -397,7 +423,26 @@ def remove(target: Target, crontab: Crontab) -> CronResult:
         crontab.write(new)
     r = _result("removed" if removed else "absent", target, new, None)
     r.target = old.label if old is not None else r.target
+    if old is not None:
+        log = option_value(old.command, "--log-file") if old.line else None
+        r.removed_dir = drop_if_unused(Path(backup_dir), Path(log) if log else None)
     return r
+
+
+def drop_if_unused(backup_dir: Path, log_file: Path | None) -> bool:
+    """Remove what install made when nothing else ever came into it: the backup directory, its
+    .ckptsync/ and an empty cron log. Anything else in there keeps the whole directory."""
+    meta = backup_dir / ".ckptsync"
+    default_log = default_log_file(backup_dir)
+    try:
+        if log_file in (None, default_log) and default_log.is_file() and default_log.stat().st_size == 0:
+            default_log.unlink()
+        for d in (meta, backup_dir):
+            if d.is_dir() and not d.is_symlink():
+                d.rmdir()  # only when empty
+    except OSError:
+        return False
+    return not backup_dir.exists()
 
 
 def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResult:
@@ -405,14 +450,59 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     table = crontab.read()
     backup_dir = _abs(str(target.local_dir))
     r = _result("shown", target, table, find_entry(table, backup_dir))
-    r.last_run = Store(Path(backup_dir)).status()
+    store = Store(Path(backup_dir))
+    r.last_run = store.status()
+    r.last_scheduled, r.last_manual = store.status("scheduled"), store.status("manual")
+    if r.last_scheduled is None and r.last_manual is None and r.last_run is not None:
+        # Recorded before runs were told apart: it counts as whichever kind it says it was.
+        if r.last_run.get("scheduled"):
+            r.last_scheduled = r.last_run
+        else:
+            r.last_manual = r.last_run
     log = r.log_file or str(default_log_file(Path(backup_dir)))
     r.log_file = log
     r.log_tail = tail(Path(log), LOG_TAIL)
     minutes = interval_of(r.schedule or "")
-    if r.installed and minutes and r.last_run and isinstance(r.last_run.get("time"), (int, float)):
-        r.stale = now - r.last_run["time"] > 2 * minutes * 60 + STALE_SLACK
+    # A manual run says nothing about whether cron still runs the entry.
+    last = r.last_scheduled
+    if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
+        r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
     return r
+
+
+# -------------------------------------------------- is a cron daemon running
+
+CRON_DAEMONS = {"cron", "crond", "cronie", "fcron", "busybox-crond"}
+
+
+def daemon_running(proc: str | None = None) -> bool | None:
+    """Whether a cron daemon runs here; None when this cannot be told. $CKPTSYNC_PROC replaces /proc."""
+    root = Path(proc or os.environ.get("CKPTSYNC_PROC") or "/proc")
+    if root.is_dir():
+        for comm in root.glob("[0-9]*/comm"):
+            try:
+                if comm.read_text(errors="replace").strip() in CRON_DAEMONS:
+                    return True
+            except OSError:
+                continue
+        return False
+    if shutil.which("pgrep") is None:
+        return None
+    try:
+        found = subprocess.run(["pgrep", "-x", "cron"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.returncode == 0
+
+
+def no_daemon_text(platform: str) -> str:
+    if platform == "darwin":
+        return ("no cron daemon is running. On macOS launchd starts cron once a crontab exists; if the "
+                "entry does not run, enable it with 'sudo launchctl load -w "
+                "/System/Library/LaunchDaemons/com.vix.cron.plist' and give /usr/sbin/cron Full Disk "
+                "Access (System Settings > Privacy & Security) when the backups are under your home")
+    return ("no cron daemon is running: the entry will not run until one is started "
+            "(Debian/Ubuntu: sudo systemctl enable --now cron; elsewhere: cronie or crond)")
 
 
 def tail(path: Path, count: int) -> list[str]:

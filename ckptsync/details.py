@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint, find_best, resume_files
-from ckptsync.policy import backup_is_current, newest_first
+from ckptsync.freshness import judge
+from ckptsync.policy import newest_first
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -287,7 +288,23 @@ def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
     return None, ""
 
 
+def _state_file(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1] in STATE_FILES
+
+
 def show_backup(root: Path, name: str | None) -> ShowResult:
+    """One backed-up checkpoint; root may be an archive (read without extracting the checkpoints)."""
+    from ckptsync.archive import archive_index, is_archive
+
+    if is_archive(root):
+        with archive_index(root, _state_file) as index:
+            result = _show_backup(index, name)
+        result.location = str(root)
+        return result
+    return _show_backup(root, name)
+
+
+def _show_backup(root: Path, name: str | None) -> ShowResult:
     store = Store(root)
     m, manifests = _pick(store, name)
     full, note = read_state_file(store, m)
@@ -303,6 +320,17 @@ def show_backup(root: Path, name: str | None) -> ShowResult:
 
 
 def compare_backups(root: Path, a: str, b: str) -> CompareResult:
+    from ckptsync.archive import archive_index, is_archive
+
+    if is_archive(root):
+        with archive_index(root, _state_file) as index:
+            result = _compare_backups(index, a, b)
+        result.location = str(root)
+        return result
+    return _compare_backups(root, a, b)
+
+
+def _compare_backups(root: Path, a: str, b: str) -> CompareResult:
     store = Store(root)
     ma, _ = _pick(store, a)
     mb, _ = _pick(store, b)
@@ -321,16 +349,18 @@ def compare_backups(root: Path, a: str, b: str) -> CompareResult:
 def show_server(target: Target, name: str | None) -> ShowResult:
     with open_server(target) as server:
         view = scan_server(server, target.remote_dir, target.settle_seconds)
-    where = f"{target.describe()}:{view.root}"
-    if name is None:
-        if not view.checkpoints:
-            raise NotFound(f"no checkpoints on {where}")
-        c = next((x for x in view.checkpoints if x.complete), view.checkpoints[0])
-    else:
-        c = view.find(name)
-        if c is None:
-            have = ", ".join(x.name for x in view.checkpoints) or "none"
-            raise NotFound(f"{name} is not on {where} (checkpoints there: {have})")
+        where = f"{target.describe()}:{view.root}"
+        if name is None:
+            if not view.checkpoints:
+                raise NotFound(f"no checkpoints on {where}")
+            c = next((x for x in view.checkpoints if x.complete), view.checkpoints[0])
+        else:
+            c = view.find(name)
+            if c is None:
+                have = ", ".join(x.name for x in view.checkpoints) or "none"
+                raise NotFound(f"{name} is not on {where} (checkpoints there: {have})")
+        m = Store(target.local_dir).load(c.name)
+        current = judge(server, view.root, m.files if m else None, view.files_of(c)).current
     full = _raw_state(view.meta, c)
     f = facts(c.state, full)
     best = find_best(view.checkpoints)
@@ -341,7 +371,7 @@ def show_server(target: Target, name: str | None) -> ShowResult:
     result.complete, result.reason = c.complete, c.reason
     if c.meta_error:
         result.notes.append(c.meta_error)
-    _backup_state(result, Store(target.local_dir), c, view.exact)
+    _backup_state(result, Store(target.local_dir), c, current)
     return result
 
 
@@ -353,13 +383,12 @@ def _raw_state(meta: dict, c: Checkpoint) -> dict | None:
     return None
 
 
-def _backup_state(result: ShowResult, store: Store, c: Checkpoint, exact: dict) -> None:
+def _backup_state(result: ShowResult, store: Store, c: Checkpoint, current: bool) -> None:
     m = store.load(c.name)
     if m is None:
         result.backup = "no"
         return
-    server = {x.path: exact[x.path] for x in c.files if x.path in exact}
-    result.backup = "yes" if backup_is_current(m.files, server) else "outdated"
+    result.backup = "yes" if current else "outdated"
     result.backed_up_at, result.verified_at = m.backed_up_at, m.verified_at
 
 

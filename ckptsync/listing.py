@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from ckptsync.config import Target
-from ckptsync.policy import backup_is_current, newest_first
+from ckptsync.freshness import judge_view
+from ckptsync.policy import newest_first
+from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -18,38 +21,88 @@ class Row:
     kind: str
     size: int
     mtime: float
-    on_server: bool
-    complete: bool | None          # None: not on the server
+    on_server: bool | None         # None: the server was not checked (list --local)
+    complete: bool | None          # None: not on the server, or not checked
     reason: str
     content: str
     resumable: bool
     backup: str                    # "yes", "no", "outdated" (server copy differs), "local only"
     is_best: bool
     meta_error: str | None = None
+    abandoned: bool = False
+
+    @property
+    def state(self) -> str | None:
+        """complete, writing (still being written) or abandoned; None when not seen on the server."""
+        if self.complete is None:
+            return None
+        return "complete" if self.complete else ("abandoned" if self.abandoned else "writing")
+
+
+@dataclass
+class GenerationRow:
+    index: int                     # 1: the version just before the current one
+    id: str                        # when that version was backed up (UTC), e.g. 20261201-101500
+    step: int | None
+    size: int
+    files: int
+    backed_up_at: float
+    verified_at: float
+
+
+def generation_rows(store: Store) -> dict[str, list[GenerationRow]]:
+    return {name: [GenerationRow(i, g.id, g.manifest.step, g.manifest.size, len(g.manifest.files),
+                                 g.manifest.backed_up_at, g.manifest.verified_at)
+                   for i, g in enumerate(gens, 1)]
+            for name, gens in store.generations().items()}
 
 
 @dataclass
 class ListResult:
     target: str
-    server: str | None
+    server: str | None             # None: not checked (list --local)
     dest: str
+    remote_dir: str | None = None
     rows: list[Row] = field(default_factory=list)
     last_backup: dict | None = None
     unmanaged: list[str] = field(default_factory=list)
+    runs: list[RunState] = field(default_factory=list)         # newer run directories beside remote_dir
+    generations: dict[str, list[GenerationRow]] = field(default_factory=dict)   # with --generations
+    follow_hint: str = ""
+    empty_hint: str = ""           # no checkpoints on the server: what its remote_dir holds instead
 
     @property
     def total_server(self) -> int:
         return sum(r.size for r in self.rows if r.on_server)
 
     @property
+    def backed_up(self) -> list[Row]:
+        return [r for r in self.rows if r.backup in ("yes", "outdated", "local only")]
+
+    @property
     def total_local(self) -> int:
-        return sum(r.size for r in self.rows if r.backup in ("yes", "outdated", "local only"))
+        return sum(r.size for r in self.backed_up)
 
-    def to_rows(self) -> list[dict]:
-        return [asdict(r) for r in self.rows]
+    exit_code = 0
+
+    def to_dict(self) -> dict:
+        checked = self.server is not None
+        on_server = [r for r in self.rows if r.on_server]
+        return {
+            "server": self.server, "server_checked": checked, "remote_dir": self.remote_dir,
+            "backup_dir": self.dest,
+            "checkpoints": [{**asdict(r), "state": r.state} for r in self.rows],
+            "totals": {"checkpoints": len(self.rows),
+                       "on_server": len(on_server) if checked else None,
+                       "server_bytes": self.total_server if checked else None,
+                       "backed_up": len(self.backed_up), "backed_up_bytes": self.total_local},
+            "last_backup": self.last_backup, "unmanaged": self.unmanaged, "exit_code": self.exit_code,
+            "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
+            "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
+        }
 
 
-def merge(view: ServerView | None, manifests: dict[str, Manifest]) -> list[Row]:
+def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict[str, bool] | None = None) -> list[Row]:
     """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time)."""
     rows: list[Row] = []
     seen = set()
@@ -59,27 +112,73 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest]) -> list[Row]:
             if m is None:
                 backup = "no"
             else:
-                backup = "yes" if backup_is_current(m.files, view.files_of(c)) else "outdated"
+                backup = "yes" if (current or {}).get(c.name) else "outdated"
             reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason
             rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, reason, c.content,
-                            c.resumable, backup, c.is_best, c.meta_error))
+                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
     local = newest_first(local)
+    # Without a view the server was not checked: a backup is all that is known of each.
+    on_server, backup = (False, "local only") if view is not None else (None, "yes")
     for m in local:
-        rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, False, None, "", m.content, m.resumable,
-                        "local only", m.is_best))
+        rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, on_server, None, "", m.content, m.resumable,
+                        backup, m.is_best))
     return rows
 
 
-def run_list(target: Target, local_only: bool) -> ListResult:
+def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
+    from ckptsync.archive import archive_view
+
+    with archive_view(target) as source:   # an archive: its manifests, read without extracting it
+        result = _run_list(source, local_only)
+        if generations:
+            result.generations = generation_rows(Store(source.local_dir))
+    result.dest = str(target.local_dir)
+    return result
+
+
+def _run_list(target: Target, local_only: bool) -> ListResult:
     store = Store(target.local_dir)
     manifests = store.manifests()
     result = ListResult(target=target.label, server=None if local_only else target.describe(),
-                        dest=str(target.local_dir), last_backup=store.status(), unmanaged=store.unmanaged())
-    view = None
+                        dest=str(target.local_dir), remote_dir=None if local_only else target.remote_dir,
+                        last_backup=store.status(), unmanaged=store.unmanaged())
+    view, current = None, None
     if not local_only:
         with open_server(target) as server:
             view = scan_server(server, target.remote_dir, target.settle_seconds)
-    result.rows = merge(view, manifests)
+            current = judge_view(server, view, manifests)
+            result.runs = survey(server, view.root, target)
+        if any(not r.covered for r in result.runs):
+            result.follow_hint = target.command("backup", "--follow-runs")
+        result.remote_dir = view.root
+        if not view.checkpoints:
+            result.empty_hint = empty_hint(view, target)
+    result.rows = merge(view, manifests, current)
     return result
+
+
+CHECKPOINT_PART = re.compile(r"(checkpoint|global_step|step|epoch)[-_]?\d+")
+
+
+def empty_hint(view: ServerView, target: Target) -> str:
+    """What to say about a remote_dir without checkpoints: empty, or where deeper down they are."""
+    if not view.exact:
+        return f"{view.root} is empty on the server: is it the directory the trainer saves into?"
+    deeper = set()
+    for path in view.exact:
+        parts = path.split("/")
+        at = next((i for i, part in enumerate(parts[:-1]) if CHECKPOINT_PART.fullmatch(part)), 0)
+        if at:
+            deeper.add("/".join(parts[:at]))
+    parent, name = view.root.rstrip("/").rsplit("/", 1) if "/" in view.root.strip("/") else ("", "")
+    if not deeper and CHECKPOINT_PART.fullmatch(name):
+        return f"{view.root} looks like one checkpoint; the run is its parent: {target.command_with('--remote-dir', parent, 'list')}"
+    if not deeper:
+        return (f"{view.root} holds {len(view.exact)} file(s) on the server, none of them in a "
+                "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?")
+    first = min(deeper, key=lambda d: (d.count("/"), d))
+    shown = ", ".join(sorted(deeper)[:3]) + (", ..." if len(deeper) > 3 else "")
+    line = target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", "list")
+    return f"{view.root} has checkpoints further down ({shown}): {line}"

@@ -8,15 +8,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable, TextIO
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
 )
 from rich.table import Table
 
-from ckptsync.policy import human  # re-exported: commands format sizes through output
+from ckptsync.policy import human, rate  # re-exported: commands format sizes through output
 from ckptsync.progress import Reporter
 
 
@@ -113,6 +114,9 @@ class Output:
         self.stderr = guarded(sys.stderr)
         self.out = Console(file=self.stdout, highlight=False, soft_wrap=True)
         self.err = Console(file=self.stderr, highlight=False, soft_wrap=True)
+        # The width tables are laid out for: $COLUMNS when set, else the terminal's; None off a
+        # terminal, where tables are plain rows of one word per cell.
+        self.width: int | None = columns_env() or (self.out.size.width if self.out.is_terminal else None)
         if not self.out.is_terminal:
             self.out.width = 200  # pipes and logs get whole cells, not ellipses
         self.interactive = self.err.is_terminal and not quiet and not json_mode
@@ -180,6 +184,26 @@ class Output:
                 text.highlight_regex(pattern, style)
             self.out.print(text)
 
+    def table(self, candidates: "list[TextTable]") -> None:
+        """The first of `candidates` (widest layout first) that fits the width; plain rows off a terminal."""
+        if self.json_mode:
+            return
+        from rich.text import Text
+
+        chosen = candidates[0] if self.width is None else \
+            next((t for t in candidates if t.width() <= self.width), candidates[-1])
+        for line, spans in chosen.render(self.width):
+            self._log("INFO", line)
+            text = Text(line, no_wrap=True)
+            for start, end, style in spans:
+                text.stylize(style, start, end)
+            self.out.print(text, soft_wrap=True)
+
+    def paragraph(self, text: str, indent: str = "", first: str = "") -> None:
+        """Text wrapped at word boundaries to the width (whole words, never cut)."""
+        for line in wrap(text, self.width, indent, first):
+            self.result(line)
+
     def emit(self, data: Any) -> None:
         self.emitted = True
         self.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -239,7 +263,26 @@ class LineReporter(Reporter):
     def finish(self) -> None:
         spent = max(time.monotonic() - self.started, 1e-6)
         if self.done:
-            self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s ({human(self.done / spent)}/s)")
+            speed = rate(self.done, spent)
+            self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s" + (f" ({speed})" if speed else ""))
+
+
+class BytesColumn(ProgressColumn):
+    """Done and total in the units of every other size ckptsync prints (policy.human)."""
+
+    def render(self, task) -> Any:
+        from rich.text import Text
+
+        done = human(task.completed)
+        return Text(f"{done}/{human(task.total)}" if task.total else done, style="progress.download")
+
+
+class SpeedColumn(ProgressColumn):
+    def render(self, task) -> Any:
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
 
 
 class TerminalReporter(LineReporter):
@@ -253,7 +296,7 @@ class TerminalReporter(LineReporter):
     def start(self, label: str, total: int) -> None:
         super().start(label, total)
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
             TimeRemainingColumn(), console=self.out.err, transient=True,
         )
         self.progress.start()
@@ -277,3 +320,153 @@ def table(*columns: str, title: str | None = None) -> Table:
         justify = "right" if c in ("step", "size", "files", "bytes") else "left"
         t.add_column(c, justify=justify, no_wrap=c in ("name", "size", "modified"))
     return t
+
+
+# ---------------------------------------------------------------- tables laid out for a width
+
+
+def columns_env() -> int | None:
+    value = os.environ.get("COLUMNS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 20 else None
+
+
+def wrap(text: str, width: int | None, indent: str = "", first: str = "") -> list[str]:
+    """`first + text` as lines no wider than width, continued with `indent`; words are never cut,
+    so a single word longer than the width (a path) stands alone on its line."""
+    if width is None:
+        return [first + text]
+    lines, line, empty = [], first.rstrip() if not text else first, True
+    for word in text.split():
+        if empty and (len(line) + len(word) <= width or not line.strip()):
+            line += word
+        elif empty:   # a label, then a word too long to follow it: the word goes below, whole
+            lines.append(line.rstrip())
+            line = indent + word
+        elif len(line) + 1 + len(word) <= width:
+            line += " " + word
+        else:
+            lines.append(line)
+            line = indent + word
+        empty = False
+    return lines + [line]
+
+
+def where_lines(label: str, server: str, path: str, width: int | None) -> list[str]:
+    """`label server:path` on one line, or with the path whole on a line of its own when too wide."""
+    line = f"{label}{server}:{path}"
+    if width is None or len(line) <= width:
+        return [line]
+    return [f"{label}{server}", " " * len(label) + path]
+
+
+def command_lines(command: str, width: int | None, first: str = "", indent: str = "") -> list[str]:
+    """A shell command laid out for the width: whole words, continued with a backslash, so that
+    pasting all its lines runs the same command."""
+    import shlex
+
+    try:
+        words = [shlex.quote(w) for w in shlex.split(command)]
+    except ValueError:
+        return wrap(command, width, indent, first)
+    if width is None:
+        return [first + " ".join(words)]
+    lines, line = [], first + words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) + 2 > width and line.strip():
+            lines.append(line + " \\")
+            # Less indent for a long word (a path) where that lets it fit.
+            line = " " * max(2, min(len(indent), width - len(word) - 2)) + word
+        else:
+            line += " " + word
+    return lines + [line]
+
+
+def age(ts: float | None, now: float | None = None) -> str:
+    """A short age: 45s, 19m, 5h, 3d."""
+    return ago(ts, now).replace(" ago", "") if ts else "-"
+
+
+def size_cell(n: int | None, plain: bool) -> str:
+    """A size for a table cell: one word in plain rows (208.1KB), as in the text elsewhere (208.1 KB)."""
+    text = human(n) if n is not None else "-"
+    return text.replace(" ", "") if plain else text
+
+
+def stamp(ts: float | None) -> str:
+    """A local time as one word, for plain rows."""
+    return time.strftime("%Y-%m-%dT%H:%M", time.localtime(ts)) if ts else "-"
+
+
+@dataclass
+class Column:
+    header: str
+    right: bool = False
+    plain_header: str = ""        # off a terminal: one word, for a blank or several-word header
+
+
+@dataclass
+class TextTable:
+    """Columns and rows of short cells, drawn for a width; cells are never cut or wrapped.
+
+    A row that is still too wide (one very long name) gets its widest cell on a line of its
+    own and the rest of the row below it. Off a terminal (width None) empty cells read `-`,
+    so every row has the same number of words.
+    """
+
+    columns: list[Column]
+    rows: list[tuple[list[str], dict[int, str]]] = dc_field(default_factory=list)
+    gap: int = 2
+
+    @classmethod
+    def of(cls, *specs: str | Column) -> "TextTable":
+        return cls([c if isinstance(c, Column) else Column(c, right=c in RIGHT) for c in specs])
+
+    def add(self, *cells: Any, styles: dict[int, str] | None = None) -> None:
+        self.rows.append(([str(c) for c in cells], styles or {}))
+
+    def widths(self) -> list[int]:
+        return [max([len(c.header)] + [len(r[0][i]) for r in self.rows]) for i, c in enumerate(self.columns)]
+
+    def width(self) -> int:
+        w = self.widths()
+        return sum(w) + self.gap * (len(w) - 1)
+
+    def render(self, width: int | None) -> list[tuple[str, list[tuple[int, int, str]]]]:
+        if width is None:
+            return self._plain()
+        widths = self.widths()
+        over = self.width() - width
+        wide = max(range(len(widths)), key=lambda i: widths[i])
+        cap = widths[wide] - over if over > 0 else widths[wide]
+        if over > 0 and cap >= len(self.columns[wide].header):
+            widths[wide] = cap
+        lines = [(self._line([c.header for c in self.columns], widths), [(0, -1, "bold")])]
+        for cells, styles in self.rows:
+            if len(cells[wide]) > widths[wide]:
+                start = sum(widths[:wide]) + self.gap * wide
+                lines.append((" " * start + cells[wide], []))
+                cells = cells[:wide] + [""] + cells[wide + 1:]
+            lines.append((self._line(cells, widths), self._spans(cells, widths, styles)))
+        return [(line, [(s, len(line) if e < 0 else e, st) for s, e, st in spans]) for line, spans in lines]
+
+    def _line(self, cells: list[str], widths: list[int]) -> str:
+        parts = [c.rjust(w) if col.right else c.ljust(w) for c, w, col in zip(cells, widths, self.columns)]
+        return (" " * self.gap).join(parts).rstrip()
+
+    def _spans(self, cells: list[str], widths: list[int], styles: dict[int, str]) -> list[tuple[int, int, str]]:
+        spans, pos = [], 0
+        for i, (cell, w) in enumerate(zip(cells, widths)):
+            if i in styles and cell:
+                start = pos + (w - len(cell) if self.columns[i].right else 0)
+                spans.append((start, start + len(cell), styles[i]))
+            pos += w + self.gap
+        return spans
+
+    def _plain(self) -> list[tuple[str, list]]:
+        header = [c.plain_header or c.header or "-" for c in self.columns]
+        rows = [header] + [[c or "-" for c in cells] for cells, _ in self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.columns))]
+        return [(self._line(r, widths), []) for r in rows]
+
+
+RIGHT = ("step", "size", "files", "bytes", "age")

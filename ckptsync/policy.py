@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol, TypeVar
 
 from ckptsync.errors import LOCKED, PARTIAL
+from ckptsync.server.types import same_identity
 
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
@@ -14,6 +15,8 @@ class _Stamped(Protocol):
     size: int
     mtime_ns: int
     mode: int
+    ctime_ns: int
+    inode: int
 
 
 class _Ordered(Protocol):
@@ -25,15 +28,32 @@ class _Ordered(Protocol):
 T = TypeVar("T", bound=_Ordered)
 
 
-def backup_is_current(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped]) -> bool:
-    """A backup is current when it lists exactly the server's files with the same size, mtime and mode.
+CURRENT, CHANGED, CHECK = "current", "changed", "check"
 
-    `stored` are the manifest's file records (with `.path`); None means no backup.
+
+def quick_check(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped],
+                legacy: str = CURRENT) -> tuple[str, list[str]]:
+    """Compare a backup's file records with the server's files without reading bytes. Pure.
+
+    (CURRENT, []): same paths, sizes, mtimes and modes, and the same inode and ctime wherever the
+    record has them. (CHANGED, []): no backup, or a path or a size differs. (CHECK, paths): sizes
+    match but a stamp does not (a touch, a chmod, a rename over the file, a rewrite that kept size
+    and mtime): those files must be hashed to tell. A record made before inodes were recorded
+    counts as `legacy` (CURRENT: trust size and mtime; CHECK: hash it once).
     """
     if stored is None:
-        return False
-    mine = {f.path: (f.size, f.mtime_ns, f.mode) for f in stored}  # type: ignore[attr-defined]
-    return mine == {p: (s.size, s.mtime_ns, s.mode) for p, s in server.items()}
+        return CHANGED, []
+    mine = {f.path: f for f in stored}  # type: ignore[attr-defined]
+    if set(mine) != set(server) or any(mine[p].size != s.size for p, s in server.items()):
+        return CHANGED, []
+    check = []
+    for p, s in server.items():
+        f = mine[p]
+        if (f.mtime_ns, f.mode) != (s.mtime_ns, s.mode) or not same_identity(f, s):
+            check.append(p)
+        elif legacy == CHECK and not getattr(f, "inode", 0) and getattr(s, "inode", 0):
+            check.append(p)
+    return (CHECK, sorted(check)) if check else (CURRENT, [])
 
 
 def newest_first(items: Iterable[T]) -> list[T]:
@@ -58,6 +78,17 @@ def human(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+# Below this, a run's time is mostly connecting and listing: a rate would mislead (1.4 KB/s).
+RATE_MIN_BYTES = 1_000_000
+
+
+def rate(nbytes: int, seconds: float) -> str:
+    """`12.3 MB/s`, or "" when too little moved for a rate to mean anything."""
+    if nbytes < RATE_MIN_BYTES or seconds <= 0:
+        return ""
+    return f"{human(nbytes / seconds)}/s"
 
 
 def fits(need: int, free: int) -> bool:

@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptsync.config import Target
-from ckptsync.errors import OK, PARTIAL, AgentError, Interrupted, NotFound
+from ckptsync.errors import OK, PARTIAL, AgentError, Interrupted, NotFound, UsageError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import backup_is_current
+from ckptsync.freshness import judge_view
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
+from ckptsync.store import Generation, EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
 
 
 @dataclass
@@ -36,6 +36,7 @@ class PruneOptions:
     dry_run: bool = False
     force: bool = False
     keep_best: bool = True     # the best checkpoint stays unless the user says --no-keep-best
+    keep_generations: int | None = None   # earlier versions kept per name (None: leave them as they are)
 
 
 @dataclass
@@ -62,10 +63,15 @@ class PruneResult:
     policy: dict
     entries: list[PruneEntry] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    generations: list[str] = field(default_factory=list)   # NAME@ID removed (or, dry run, to remove)
     freed_bytes: int = 0       # freed, or with --dry-run what would be
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def policy_empty(self) -> bool:
+        return not any(self.policy.values())
 
     @property
     def doomed(self) -> list[PruneEntry]:
@@ -82,9 +88,12 @@ class PruneResult:
 
 
 def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> PruneResult:
-    if opts.policy.is_empty:
+    if opts.policy.is_empty and opts.keep_generations is None:
         raise PolicyError(EMPTY_POLICY_MESSAGE)
-    if opts.keep_best and not opts.policy.keep_best:
+    if opts.remote and opts.keep_generations is not None:
+        raise UsageError("--keep-generations applies to the backups; the server keeps no generations")
+    # keep_best adds to the rules given; with none (only --keep-generations) no entry is planned at all.
+    if opts.keep_best and not opts.policy.keep_best and not opts.policy.is_empty:
         opts = replace(opts, policy=replace(opts.policy, keep_best=True))
     started = time.monotonic()
     job = RemotePrune(target, opts, rep) if opts.remote else LocalPrune(target, opts, rep)
@@ -136,17 +145,38 @@ class LocalPrune:
 
     def _plan(self) -> None:
         manifests = {n: m for n, m in self.store.manifests().items() if n != EXTRA}
-        items = [Item(name=m.name, step=m.step, mtime=m.mtime, is_best=m.is_best, complete=True,
-                      verified=True, kind=m.kind) for m in manifests.values()]
-        decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
-        self.result.entries = _entries(decisions, {n: m.size for n, m in manifests.items()})
-        _note_best(self.result)
-        self.result.freed_bytes = freed_bytes(self.store, [e.name for e in self.result.doomed])
+        if not self.opts.policy.is_empty:
+            items = [Item(name=m.name, step=m.step, mtime=m.mtime, is_best=m.is_best, complete=True,
+                          verified=True, kind=m.kind) for m in manifests.values()]
+            decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
+            self.result.entries = _entries(decisions, {n: m.size for n, m in manifests.items()})
+            _note_best(self.result)
+        self._old = self._old_generations()
+        self.result.generations = [f"{g.name}@{g.id}" for g in self._old]
+        self.result.freed_bytes = freed_bytes(self.store, [e.name for e in self.result.doomed],
+                                              [g.root for g in self._old])
         unmanaged = self.store.unmanaged()
         if unmanaged:
             self.result.warnings.append(f"not made by ckptsync, left alone: {', '.join(unmanaged)}")
 
+    def _old_generations(self) -> list[Generation]:
+        """Generations beyond --keep-generations, and every generation of an entry being removed."""
+        doomed = {e.name for e in self.result.doomed}
+        keep = self.opts.keep_generations
+        out = []
+        for name, gens in self.store.generations().items():
+            if name in doomed:
+                out += gens
+            elif keep is not None:
+                out += gens[keep:]
+        return out
+
     def _delete(self) -> None:
+        for g in self._old:
+            try:
+                self.store.drop_generation(g)
+            except OSError as exc:
+                self.result.failed[f"{g.name}@{g.id}"] = f"could not remove: {exc.strerror or exc}"
         current = None
         try:
             for entry in reversed(self.result.doomed):        # oldest first
@@ -190,11 +220,12 @@ def clean_leftovers(store: Store) -> list[str]:
     return dropped
 
 
-def freed_bytes(store: Store, names: list[str]) -> int:
-    """Bytes that deleting these entries gives back: hard-linked files count only if every link goes."""
+def freed_bytes(store: Store, names: list[str], folders: list[Path] = ()) -> int:
+    """Bytes that deleting these entries (and folders) gives back: hard-linked files count only if
+    every link goes."""
     links: dict[tuple[int, int], list[int]] = {}
-    for name in names:
-        for path in _files_under(store.entry(name)):
+    for where in [store.entry(name) for name in names] + list(folders):
+        for path in _files_under(where):
             try:
                 st = os.lstat(path)
             except OSError:
@@ -240,9 +271,9 @@ class RemotePrune:
         return self.result
 
     def _plan(self, view: ServerView) -> None:
-        manifests = self.store.manifests()
+        current = judge_view(self.server, view, self.store.manifests())
         items = [Item(name=c.name, step=c.step, mtime=c.mtime, is_best=c.is_best, complete=c.complete,
-                      verified=backed_up(manifests.get(c.name), view, c), kind=c.kind)
+                      verified=current.get(c.name, False), kind=c.kind)
                  for c in view.checkpoints]
         decisions = plan(items, self.opts.policy, view.now, remote=True, force=self.opts.force)
         self.result.entries = _entries(decisions, {c.name: c.size for c in view.checkpoints})
@@ -285,11 +316,6 @@ class RemotePrune:
             if not st.same_content_stamp(view.exact[path].stat):
                 return f"{path} changed"
         return ""
-
-
-def backed_up(m: Manifest | None, view: ServerView, c: Checkpoint) -> bool:
-    """A backup exists and is current for the server's copy."""
-    return backup_is_current(m.files if m else None, view.files_of(c))
 
 
 def _note_best(result: PruneResult) -> None:

@@ -18,6 +18,7 @@ import posixpath
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import xxhash
 
@@ -29,7 +30,8 @@ from ckptsync.errors import (
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store, io_error
+from ckptsync.server.transfer import KEEP_PREFIX_MIN
+from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store, io_error
 from ckptsync.verify import check_files
 from ckptsync.agent import hash_file
 
@@ -64,6 +66,8 @@ class RestoreOptions:
     extra_files_to: str | None = None   # put every extra file here instead (on the server)
     extra_files_only: bool = False      # send only the extra files, not the checkpoint
     discard_staged: bool = False        # only drop what an interrupted restore left in staging
+    also: frozenset = frozenset()       # names restored by the same run (restore --all): not "missing"
+    generation: str | None = None       # an earlier version of --checkpoint: 1 = the one before, or its id
 
 
 @dataclass
@@ -90,6 +94,7 @@ class RestoreResult:
     remote_dir: str              # absolute on the server once known
     dry_run: bool
     checkpoint: str = ""
+    generation: str = ""         # the id of the earlier version restored, if one was asked for
     step: int | None = None
     layout: str = ""
     content: str = ""
@@ -104,6 +109,7 @@ class RestoreResult:
     sent_bytes: int = 0
     wire_bytes: int = 0
     resumed_files: int = 0
+    resumed_bytes: int = 0       # first bytes of partly sent files kept in staging, not sent again
     resume_hint: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -186,13 +192,26 @@ def resume_hint(m: Manifest, root: str, path: str, exact: bool) -> str:
     return f"resume your training script from {path}"
 
 
+def pick_generation(store: Store, name: str, wanted: str) -> Generation:
+    """Generation `wanted` of `name`: its index (1 = the version before the current one) or its id."""
+    gens = store.generations(name).get(name, [])
+    if not gens:
+        raise NotFound(f"no earlier versions of {name} in {store.root}",
+                       hint="an earlier version is kept when a newer one replaces it under the same name")
+    for i, g in enumerate(gens, 1):
+        if wanted in (str(i), g.id):
+            return g
+    have = ", ".join(f"{i} ({g.id})" for i, g in enumerate(gens, 1))
+    raise NotFound(f"no generation {wanted} of {name} (there are: {have})")
+
+
 def files_text(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def verify_files(store: Store, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
+def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
     """Re-read the stored copies: what does not match the manifest, one phrase per file."""
-    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in check_files(store.root, files, rep)]
+    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in check_files(root, files, rep)]
 
 
 # ------------------------------------------------------------ the run
@@ -210,8 +229,10 @@ class Restore:
         self.phase = "prepare"
         self._staged = None        # what an interrupted restore left in staging (server.staged)
         self._usable: set[str] = set()   # the staged files that are checked and kept
+        self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
 
-    def run(self) -> RestoreResult:
+    def run(self, server=None) -> RestoreResult:
+        """`server`: an open connection to reuse (restore --all), else one is opened here."""
         started = time.monotonic()
         try:
             manifests = self.store.manifests()
@@ -220,6 +241,10 @@ class Restore:
                 raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
             m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
             self.result.warnings.extend(notes)
+            if self.opts.generation is not None:
+                g = pick_generation(self.store, m.name, self.opts.generation)
+                m, self.files_root = g.manifest, g.root
+                self.result.generation = g.id
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
             if self.opts.extra_files_only:
                 if extras is None:
@@ -230,7 +255,7 @@ class Restore:
                 files = []
             else:
                 files = self._select(m)
-            with self._lock(), open_server(self.target) as server:
+            with self._lock(), (contextlib.nullcontext(server) if server else open_server(self.target)) as server:
                 self.server = server
                 if self.opts.discard_staged:
                     self._discard_staged(m)
@@ -346,7 +371,7 @@ class Restore:
         for f in records:
             dest = placed[f.path]
             if dest is None:
-                kept = str(self.store.root / f.path)
+                kept = str(self.files_root / f.path)
                 items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", kept)))
                 where = posixpath.dirname(f.source) or "."
                 self.result.warnings.append(
@@ -404,7 +429,7 @@ class Restore:
         if alg == "xxh3_128":
             return f.xxh3_128
         try:
-            return hash_file(self.store.root / f.path, alg)
+            return hash_file(self.files_root / f.path, alg)
         except OSError:
             return None
 
@@ -414,14 +439,14 @@ class Restore:
         self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
         self.rep.start(f"verify {m.name}", total)
         try:
-            bad = verify_files(self.store, files, self.rep)
+            bad = verify_files(self.files_root, files, self.rep)
         finally:
             self.rep.finish()
         if bad:
             raise IntegrityError(f"the backup of {m.name} is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint=self._older_hint(m, ordered))
         sent_extras = [f for f, item in extra_items if item.action in (SEND, REPLACE)]
-        bad = verify_files(self.store, sent_extras)
+        bad = verify_files(self.store.root, sent_extras)
         if bad:
             raise IntegrityError(f"the backup of the extra files is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint="restore without them: --no-extra-files")
@@ -432,7 +457,7 @@ class Restore:
             if not (has_weights(other) if self.opts.adapter_only else other.resumable):
                 continue
             files = weight_files(other) if self.opts.adapter_only else other.files
-            if not verify_files(self.store, files):
+            if not verify_files(self.store.root, files):
                 return f"the next older backup verifies: {self.target.command('restore', '--checkpoint', other.name)}"
         return "no older backup verifies either" if older else "there is no older backup"
 
@@ -508,7 +533,7 @@ class Restore:
         if self.opts.adapter_only or not isinstance(best, str) or not best.strip():
             return ""
         last = re.split(r"[\\/]", best.rstrip("/\\"))[-1]
-        if not last or last == m.name or not safe_member(last):
+        if not last or last == m.name or last in self.opts.also or not safe_member(last):
             return ""
         if self.server.stat(root, [last]).get(last) is not None:
             return ""
@@ -525,6 +550,7 @@ class Restore:
         stage = name  # the staging directory is named after the checkpoint: a rerun finds it
         staging = self.server.staging_path(root, stage)
         rotted = []
+        kept = self._kept_parts(root, stage, files)
         self.rep.start(f"send {name}", sum(f.size for f in files))
         try:
             up = self.server.receive(root, stage, compress=self.opts.compress)
@@ -535,10 +561,10 @@ class Restore:
                     seen.update(block)
                     self.rep.advance(len(block))
 
-                path = self.store.root / f.path
+                path = self.files_root / f.path
                 try:
                     with open(path, "rb") as fh:
-                        up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also)
+                        up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
                 except OSError as exc:
                     raise io_error(exc, f"reading {path}") from None
                 if seen.hexdigest() != f.xxh3_128:
@@ -572,8 +598,34 @@ class Restore:
                                  hint="run the same restore again")
         r = self.result
         r.sent_files += len(files)
-        r.sent_bytes += sum(f.size for f in files)
+        r.sent_bytes += sum(f.size for f in files) - sum(kept.values())
+        r.resumed_bytes += sum(kept.values())
         r.wire_bytes += up.wire_bytes
+
+    def _kept_parts(self, root: str, stage: str, files: list[FileRecord]) -> dict[str, int]:
+        """Large files an interrupted restore left partly written in staging, whose bytes there hash
+        like the same first bytes of the backup's copy: path -> how many need not be sent again."""
+        found = self._staged
+        want = {f.path: f for f in files if found is not None and f.path in found.partial}
+        if not want:
+            return {}
+        parts = {p: self.server.staging_member(stage, p + ".part") for p in want}
+        st = self.server.stat(root, list(parts.values()))
+        sizes = {p: st[parts[p]].size for p in want if st.get(parts[p]) is not None
+                 and KEEP_PREFIX_MIN <= st[parts[p]].size <= want[p].size}
+        if not sizes:
+            return {}
+        alg = self.server.best_hash
+        got = self.server.hash(root, [parts[p] for p in sizes], alg)
+        kept = {}
+        for p, n in sizes.items():
+            try:
+                mine = hash_file(self.files_root / p, alg, limit=n)
+            except OSError:
+                continue  # the send reports it
+            if got.get(parts[p]) == mine:
+                kept[p] = n
+        return kept
 
     def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
         stage = m.name
@@ -594,10 +646,18 @@ class Restore:
         self.server.discard(root, stage)
 
     def _elsewhere(self) -> str:
-        parent = self.store.root.parent
+        root = self.store.root
+        try:  # the parent of the backup directories (<local_dir>, not <local_dir>/instance-N)?
+            inside = sorted(p for p in root.iterdir() if (p / ".ckptsync" / "manifests").is_dir())
+        except OSError:
+            inside = []
+        if inside:
+            names = ", ".join(p.name for p in inside[:5]) + (", ..." if len(inside) > 5 else "")
+            return (f"{root} holds backup directories ({names}), not a backup itself: choose one, e.g. "
+                    + self.target.command_with("--local-dir", str(inside[0].absolute()), "restore"))
         try:
-            found = sorted(str(p) for p in parent.iterdir()
-                           if p != self.store.root and (p / ".ckptsync" / "manifests").is_dir())
+            found = sorted(str(p) for p in root.parent.iterdir()
+                           if p != root and (p / ".ckptsync" / "manifests").is_dir())
         except OSError:
             found = []
         if found:
@@ -614,10 +674,11 @@ def _read_only(path) -> bool:
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
-    from ckptsync.archive import local_source
+    from ckptsync.archive import ArchiveNames, local_source
 
     try:
         with local_source(target, reporter) as source:
-            return Restore(source, opts, reporter).run()
+            named = ArchiveNames(target, source)   # messages name the archive, not its extraction
+            return named.result(Restore(source, opts, named.reporter(reporter)).run())
     except OSError as exc:  # the laptop side: reading the backup, taking its lock
         raise io_error(exc, f"reading {target.local_dir}") from None

@@ -5,10 +5,14 @@
     <dest>/extra-files/...             the configured extra files
     <dest>/.ckptsync/manifests/N.json  one manifest per entry
     <dest>/.ckptsync/staging/N/        files of an unfinished transfer, kept for the next run
-    <dest>/.ckptsync/lock, status.json, history.jsonl
+    <dest>/.ckptsync/generations/N/ID.json and ID/N
+                                       earlier versions of entry N, each with its manifest
+    <dest>/<run-dir>/                  a followed run: a store of its own (its own .ckptsync/)
+    <dest>/.ckptsync/lock, status.json (and status-scheduled/-manual.json), history.jsonl
 
 A manifest is written before its entry is renamed into place, so every
-visible entry has one; a manifest without its entry is ignored.
+visible entry has one; a manifest without its entry is ignored. The same
+holds for generations: ID.json is written before the entry moves to ID/.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -33,6 +38,9 @@ from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 META = ".ckptsync"
 EXTRA = "extra-files"
 FORMAT = 1
+GENERATIONS = "generations"
+# What versions before generations left beside an entry that changed on the server.
+REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
 
 
 @dataclass
@@ -43,6 +51,8 @@ class FileRecord:
     mtime_ns: int
     xxh3_128: str
     source: str = ""   # for extra files: the path as configured, relative to remote_dir
+    ctime_ns: int = 0  # the server file's ctime and inode when backed up (0: not recorded)
+    inode: int = 0
 
 
 @dataclass
@@ -79,6 +89,20 @@ class Manifest:
         files = [FileRecord(**f) for f in data.pop("files")]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(files=files, **known)
+
+
+@dataclass
+class Generation:
+    """An earlier version of an entry, kept when a newer one replaced it under the same name."""
+
+    name: str          # the entry's name, e.g. latest.pt
+    id: str            # when that version was backed up, e.g. 20261201-101500
+    root: Path         # holds the entry under its own name, so manifest paths resolve as in the store
+    manifest: Manifest
+
+    @property
+    def entry(self) -> Path:
+        return self.root / self.name
 
 
 def sync_tree(path: Path) -> None:
@@ -162,7 +186,9 @@ class Store:
         if not self.root.is_dir():
             return []
         known = set(self.manifests())
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in known)
+        # A directory with its own .ckptsync/ is a followed run's store, not a stray entry.
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in known
+                      and not (p / META).is_dir())
 
     def write_manifest(self, m: Manifest) -> None:
         atomic_write(self.manifest_path(m.name), m.to_json())
@@ -203,29 +229,123 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.progress_path(name).unlink()
 
-    def commit(self, m: Manifest, replace: bool) -> Path | None:
-        """Move a staged entry into place. Returns where a replaced older copy went, if kept."""
+    def commit(self, m: Manifest) -> Generation | None:
+        """Move a staged entry into place. An entry it replaces becomes a generation, returned.
+
+        Order: the old entry leaves its name (its manifest copied to the generation first), then
+        the new manifest is written, then the new entry is renamed in. A crash at any point leaves
+        either no entry under the name (the next run fetches it) or a matching pair.
+        """
         staged = self.staging(m.name) / m.name
         final = self.entry(m.name)
-        kept = None
         sync_tree(staged)
-        self.write_manifest(m)
+        kept = None
         if final.exists() or final.is_symlink():
-            aside = self.meta / "trash" / f"{m.name}.{time.time_ns()}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(final, aside)
-            if replace:
-                os.rename(staged, final)
-                remove_tree(aside)
-            else:
-                kept = self.root / f"{m.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.rename(staged, final)
-                os.rename(aside, kept)
-        else:
-            os.rename(staged, final)
+            old = self.load(m.name) or self.manifest_from_bytes(final, m.name, template=m, backed_up_at=0.0)
+            kept = self.keep_generation(old, final)
+        self.write_manifest(m)
+        os.rename(staged, final)
         fsync_dir(self.root)
         self.discard_staging(m.name)
         return kept
+
+    # -------------------------------------------------- generations
+
+    def generation_dir(self, name: str) -> Path:
+        return self.meta / GENERATIONS / name
+
+    def generations(self, name: str | None = None) -> dict[str, list[Generation]]:
+        """Entry name -> its kept generations, newest first. A generation counts only when both
+        its manifest and its entry are there."""
+        top = self.meta / GENERATIONS
+        names = [name] if name is not None else (sorted(p.name for p in top.iterdir() if p.is_dir())
+                                                 if top.is_dir() else [])
+        out: dict[str, list[Generation]] = {}
+        for n in names:
+            found = []
+            for path in sorted(self.generation_dir(n).glob("*.json")):
+                root = path.with_suffix("")
+                if not (root / n).exists():
+                    continue
+                try:
+                    m = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError, TypeError, KeyError):
+                    continue
+                found.append(Generation(n, root.name, root, m))
+            if found:
+                out[n] = sorted(found, key=lambda g: (g.manifest.backed_up_at, g.id), reverse=True)
+        return out
+
+    def keep_generation(self, old: Manifest, entry: Path) -> Generation:
+        """Move `entry` (whose manifest is `old`) into the generations of old.name."""
+        folder = self.generation_dir(old.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        base = time.strftime("%Y%m%d-%H%M%S", time.gmtime(old.backed_up_at)) if old.backed_up_at else "unknown"
+        gid, n = base, 1
+        while (folder / gid).exists() or (folder / f"{gid}.json").exists():
+            n += 1
+            gid = f"{base}-{n}"
+        g = Generation(old.name, gid, folder / gid, old)
+        self.write_generation(g)
+        (folder / gid).mkdir()
+        os.rename(entry, folder / gid / old.name)
+        fsync_dir(folder / gid)
+        return g
+
+    def write_generation(self, g: Generation) -> None:
+        atomic_write(g.root.parent / f"{g.id}.json", g.manifest.to_json())
+
+    def drop_generation(self, g: Generation) -> None:
+        """Manifest first, so a half-removed generation is never listed."""
+        with contextlib.suppress(FileNotFoundError):
+            (g.root.parent / f"{g.id}.json").unlink()
+        aside = self.meta / "trash" / f"{g.name}.{g.id}.{time.time_ns()}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(g.root, aside)
+        remove_tree(aside)
+
+    def trim_generations(self, name: str, keep: int) -> list[Generation]:
+        """Drop all but the `keep` newest generations of `name`; returns the dropped ones."""
+        dropped = self.generations(name).get(name, [])[max(keep, 0):]
+        for g in dropped:
+            self.drop_generation(g)
+        return dropped
+
+    def manifest_from_bytes(self, entry: Path, name: str, template: Manifest, backed_up_at: float) -> Manifest:
+        """A manifest for an entry that has none, read from its bytes (layout and kind from `template`)."""
+        from ckptsync.agent import hash_file
+
+        paths = [entry] if not entry.is_dir() else sorted(p for p in entry.rglob("*") if p.is_file()
+                                                           and not p.is_symlink())
+        files = []
+        for p in paths:
+            st = p.stat()
+            rel = name if p == entry else f"{name}/{p.relative_to(entry).as_posix()}"
+            files.append(FileRecord(path=rel, size=st.st_size, mode=stat.S_IMODE(st.st_mode),
+                                    mtime_ns=st.st_mtime_ns, xxh3_128=hash_file(p)))
+        return Manifest(name=name, layout=template.layout, kind=template.kind, step=None, files=files,
+                        content=template.content, source=dict(template.source),
+                        backed_up_at=backed_up_at, verified_at=time.time())
+
+    def adopt_replaced(self) -> list[str]:
+        """Turn `NAME.replaced-YYYYMMDD-HHMMSS` entries left by earlier versions into generations
+        of NAME, each with a manifest built from its bytes. Returns the adopted entry names."""
+        if not self.root.is_dir():
+            return []
+        current = self.manifests()
+        adopted = []
+        for p in sorted(self.root.iterdir()):
+            m = REPLACED.match(p.name)
+            if not m or p.name in current or m["name"] not in current:
+                continue
+            when = time.mktime(time.strptime(m["ts"], "%Y%m%d-%H%M%S"))  # written in local time
+            old = self.manifest_from_bytes(p, m["name"], template=current[m["name"]], backed_up_at=when)
+            self.keep_generation(old, p)
+            adopted.append(p.name)
+        if adopted:
+            fsync_dir(self.root)
+        return adopted
 
     def clean_trash(self) -> None:
         shutil.rmtree(self.meta / "trash", ignore_errors=True)
@@ -238,19 +358,27 @@ class Store:
         for m in self.manifests().values():
             for f in m.files:
                 sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(self.root / f.path)
+        for gens in self.generations().values():
+            for g in gens:
+                for f in g.manifest.files:
+                    sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(g.root / f.path)
         return sources
 
     # -------------------------------------------------- status
 
     def record_status(self, status: dict[str, Any]) -> None:
         self.meta.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.meta / "status.json", json.dumps(status, indent=1, sort_keys=True))
+        text = json.dumps(status, indent=1, sort_keys=True)
+        atomic_write(self.meta / "status.json", text)
+        # The last run of each kind too: a manual run must not hide how the last cron run went.
+        atomic_write(self.meta / f"status-{'scheduled' if status.get('scheduled') else 'manual'}.json", text)
         with open(self.meta / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(status, sort_keys=True) + "\n")
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self, kind: str = "") -> dict[str, Any] | None:
+        """The last recorded run; of one kind ("scheduled" or "manual") when given."""
         try:
-            return json.loads((self.meta / "status.json").read_text(encoding="utf-8"))
+            return json.loads((self.meta / (f"status-{kind}.json" if kind else "status.json")).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 

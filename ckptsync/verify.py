@@ -112,13 +112,15 @@ class VerifyResult:
 
 
 def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET) -> VerifyResult:
-    from ckptsync.archive import local_source
+    from ckptsync.archive import ArchiveNames, local_source
 
     started = time.monotonic()
     with local_source(target, rep) as source:
+        named = ArchiveNames(target, source)   # messages name the archive, not its extraction
+        rep = named.reporter(rep)
         job = RemoteVerify(source, names, rep) if remote else LocalVerify(source, names, rep)
         try:
-            return job.run()
+            return named.result(job.run())
         finally:
             job.result.seconds = time.monotonic() - started
 
@@ -230,10 +232,13 @@ class LocalVerify:
         unmanaged = self.store.unmanaged()
         if unmanaged and not self.names:
             self.result.warnings.append(f"not made by ckptsync, not verified: {', '.join(unmanaged)}")
-        plans = [(m, *self._inspect(m)) for m in chosen]
+        plans = [(m, *self._inspect(m), None) for m in chosen]
+        for gens in self.store.generations().values():
+            plans += [(g.manifest, *self._inspect(g.manifest, g.root, f"{g.name}@{g.id}"), g) for g in gens
+                      if not self.names or g.name in self.names]
         seen: set[tuple] = set()
         total = 0
-        for _m, _check, todo in plans:
+        for _m, _check, todo, _g in plans:
             for _f, _path, st in todo:
                 key = Hasher.key(st, "xxh3_128")
                 if key not in seen:
@@ -241,9 +246,17 @@ class LocalVerify:
                     total += st.st_size
         self.rep.start("verify", total)
         try:
-            for m, check, todo in plans:
+            for m, check, todo, g in plans:
                 restamped = self._hash(check, todo)
-                self._record(m, check)
+                if g is None:
+                    self._record(m, check)
+                elif not check.failed:
+                    m.verified_at = check.verified_at = time.time()
+                    try:
+                        self.store.write_generation(g)
+                    except OSError as exc:
+                        self.result.warnings.append(f"{check.name}: verified, but its manifest could not be "
+                                                    f"updated: {exc.strerror or exc}")
                 self.result.entries.append(check)
                 if restamped and check.status != CHANGED:
                     self.result.warnings.append(_mtime_warning(m.name, restamped))
@@ -252,26 +265,29 @@ class LocalVerify:
             self.result.bytes_read = self.hasher.bytes_read
         return self.result
 
-    def _inspect(self, m: Manifest) -> tuple[EntryCheck, list[tuple[FileRecord, Path, os.stat_result]]]:
-        """Sizes, presence and unexpected files; returns the files whose content still needs reading."""
-        check = EntryCheck(m.name, files=len(m.files), bytes=m.size, verified_at=m.verified_at)
+    def _inspect(self, m: Manifest, root: Path | None = None,
+                 label: str = "") -> tuple[EntryCheck, list[tuple[FileRecord, Path, os.stat_result]]]:
+        """Sizes, presence and unexpected files; returns the files whose content still needs reading.
+        `root`: where the entry is (a generation's folder; default the backup directory)."""
+        root = root or self.store.root
+        check = EntryCheck(label or m.name, files=len(m.files), bytes=m.size, verified_at=m.verified_at)
         resume = set(m.resume_files)
-        problems, todo = inspect_files(self.store.root, m.files, resume)
+        problems, todo = inspect_files(root, m.files, resume)
         check.problems.extend(problems)
         listed = {f.path for f in m.files}
         for path in sorted(resume - listed):
             check.problems.append(Problem(path, MISSING, "needed to resume, not in the manifest"))
-        for rel in self._extra_paths(m.name, listed):
+        for rel in self._extra_paths(root, m.name, listed):
             check.problems.append(Problem(rel, UNEXPECTED, "not in the manifest"))
         return check, todo
 
-    def _extra_paths(self, name: str, listed: set[str]) -> list[str]:
-        entry = self.store.entry(name)
+    def _extra_paths(self, root: Path, name: str, listed: set[str]) -> list[str]:
+        entry = root / name
         if not entry.is_dir() or entry.is_symlink():
             return []
         found = []
         for dirpath, dirnames, filenames in os.walk(entry):
-            rel_dir = Path(dirpath).relative_to(self.store.root).as_posix()
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
             links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(IGNORED_PREFIX) and d not in links)
             for n in sorted(filenames + links):

@@ -8,89 +8,91 @@ _ckptsync_spec() {
     case "$1" in
         "")
             cmds="archive backup checklist compare cron demo list prune restore show verify"
-            opts="--debug --help -h --json --log-file --quiet -q --version -V"
+            opts="--debug --help -h --json --log-file --quiet -q --ssh --version -V"
             files="--log-file"
+            values="--ssh"
             ;;
         "archive")
-            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --output -o --quiet -q --remove --wait"
+            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --output -o --quiet -q --remove --ssh --wait"
             dirs="--local-dir -l"
             files="--config -c --log-file --output -o"
-            values="--instance -i"
+            values="--instance -i --ssh"
             ;;
         "backup")
-            opts="--accept-new-host-key --all --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --wait"
+            opts="--accept-new-host-key --all --all-instances --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --follow-runs --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --ssh --via-laptop --wait"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--checkpoint --compress --host -H --instance -i --max-checkpoints -k"
+            values="--bwlimit --checkpoint --compress --host -H --instance -i --max-checkpoints -k --ssh"
             ;;
         "checklist")
-            opts="--accept-new-host-key --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --all-instances --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i"
+            values="--host -H --instance -i --ssh"
             ;;
         "compare")
-            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --quiet -q"
+            opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --quiet -q --ssh"
             dirs="--local-dir -l"
             files="--config -c --log-file"
-            values="--instance -i"
+            values="--instance -i --ssh"
             ;;
         "cron")
             cmds="install remove show"
             opts="--help -h"
             ;;
         "cron install")
-            opts="--config -c --debug --every --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
+            opts="--all-instances --config -c --debug --every --help -h --host -H --instance -i --json --local-dir -l --log-file --notify --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--every --host -H --instance -i"
+            values="--every --host -H --instance -i --ssh"
             ;;
         "cron remove")
-            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
+            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i"
+            values="--host -H --instance -i --ssh"
             ;;
         "cron show")
-            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r"
+            opts="--config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i"
+            values="--host -H --instance -i --ssh"
             ;;
         "demo")
-            opts="--debug --dir --help -h --json --keep --log-file --quiet -q"
+            opts="--debug --dir --help -h --json --keep --log-file --quiet -q --ssh"
             dirs="--dir"
             files="--log-file"
+            values="--ssh"
             ;;
         "list")
-            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local --local-dir -l --log-file --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --all-instances --config -c --debug --generations --help -h --host -H --instance -i --json --local --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i"
+            values="--host -H --instance -i --ssh"
             ;;
         "prune")
-            opts="--accept-new-host-key --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-last --keep-within --local-dir -l --log-file --no-keep-best --quiet -q --remote --remote-dir -r"
+            opts="--accept-new-host-key --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --no-keep-best --quiet -q --remote --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i --keep-every --keep-last --keep-within"
+            values="--host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --ssh"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-only --extra-files-to --force --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r"
+            opts="--accept-new-host-key --adapter-only --all --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-only --extra-files-to --force --generation --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--checkpoint --compress --extra-files-to --host -H --instance -i"
+            values="--bwlimit --checkpoint --compress --extra-files-to --generation --host -H --instance -i --ssh"
             ;;
         "show")
-            opts="--accept-new-host-key --ascii --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --width"
+            opts="--accept-new-host-key --ascii --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --ssh --width"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i --width"
+            values="--host -H --instance -i --ssh --width"
             ;;
         "verify")
-            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --repair"
+            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --read-data --remote --remote-dir -r --repair --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--host -H --instance -i"
+            values="--host -H --instance -i --ssh"
             ;;
     esac
 }

@@ -17,35 +17,35 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
         switch "$path"
             case ''
                 set cmds archive backup checklist compare cron demo list prune restore show verify
-                set values --log-file
+                set values --log-file --ssh
             case 'archive'
-                set values --config -c --instance -i --local-dir -l --log-file --output -o
+                set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
             case 'backup'
-                set values --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --remote-dir -r
+                set values --bwlimit --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --remote-dir -r --ssh
             case 'checklist'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'compare'
-                set values --config -c --instance -i --local-dir -l --log-file
+                set values --config -c --instance -i --local-dir -l --log-file --ssh
             case 'cron'
                 set cmds install remove show
             case 'cron install'
-                set values --config -c --every --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --every --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'cron remove'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'cron show'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'demo'
-                set values --dir --log-file
+                set values --dir --log-file --ssh
             case 'list'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'prune'
-                set values --config -c --host -H --instance -i --keep-every --keep-last --keep-within --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --remote-dir -r --ssh
             case 'restore'
-                set values --checkpoint --compress --config -c --extra-files-to --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --bwlimit --checkpoint --compress --config -c --extra-files-to --generation --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'show'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --width
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh --width
             case 'verify'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
         end
         if contains -- $word $values
             set pending 1
@@ -78,6 +78,7 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -l help -s h -d 'Show this message 
 complete -c ckptsync -n '__ckptsync_at \'\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l version -s V -d 'Print the version and exit'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -89,15 +90,19 @@ complete -c ckptsync -n '__ckptsync_at \'archive\'' -l log-file -r -F -d 'Append
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l output -s o -r -F -d 'Archive file (default: <backup-dir>-<YYYYmmdd>.tar.zst next to the backup dir...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l remove -d 'After the archive is read back and verified, remove the archived checkpoints...'
+complete -c ckptsync -n '__ckptsync_at \'archive\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l wait -d 'Wait for another run on the same backup directory instead of exiting 11'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l all -d 'Every complete checkpoint'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l checkpoint -x -d 'Back up this checkpoint (repeatable)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l discard-staged -d 'Only delete what interrupted backups left in staging (kept to resume them)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l follow-runs -d 'Also back up newer run directories beside remote_dir (NAME_run_YYYYMMDD_HHMMS...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l include-best -d 'Also the best checkpoint (trainer_state.json), when older'
@@ -110,8 +115,11 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip th
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron)'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l via-laptop -d 'A bucket store (s3://...) the server cannot reach: relay the bytes through th...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l wait -d 'Wait for another run on the same backup directory instead of exiting 11'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l backup -d 'Run the missing backup first, then check'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -123,6 +131,7 @@ complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l local-dir -s l -x -a '(
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l help -s h -d 'Show this message and exit'
@@ -131,10 +140,12 @@ complete -c ckptsync -n '__ckptsync_at \'compare\'' -l json -d 'Print the result
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'compare\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'cron\'' -a install -d 'Add the crontab entry that backs up this target, or replace it when there is one'
 complete -c ckptsync -n '__ckptsync_at \'cron\'' -a remove -d 'Remove this target\'s crontab entry; other lines are left as they are'
 complete -c ckptsync -n '__ckptsync_at \'cron\'' -a show -d 'The crontab entry of this target, how its last run went, and the end of its log'
 complete -c ckptsync -n '__ckptsync_at \'cron\'' -l help -s h -d 'Show this message and exit'
+complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l every -x -d 'How often, e.g. 15m, 30m, 1h, 2h, 1d or 1w: a divisor of an hour or of a day'
@@ -144,8 +155,10 @@ complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l instance -s i -x -d 
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l log-file -r -F -d 'Log of the cron runs (default: <backup dir>/.ckptsync/cron.log); this command...'
+complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l notify -d 'When a scheduled run fails, show a desktop notice (notify-send on Linux, osas...'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l help -s h -d 'Show this message and exit'
@@ -156,6 +169,7 @@ complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l local-dir -s l -x -a 
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l help -s h -d 'Show this message and exit'
@@ -166,6 +180,7 @@ complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l local-dir -s l -x -a '(
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l dir -x -a '(__fish_complete_directories (commandline -ct))' -d 'Where to build the demo (default: a new temp directory)'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l help -s h -d 'Show this message and exit'
@@ -173,9 +188,12 @@ complete -c ckptsync -n '__ckptsync_at \'demo\'' -l json -d 'Print the result as
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l keep -d 'Keep the demo files afterwards'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'demo\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'list\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'list\'' -l generations -d 'Also the earlier versions kept of reused names (latest.pt, a checkpoint that...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
@@ -185,6 +203,7 @@ complete -c ckptsync -n '__ckptsync_at \'list\'' -l local-dir -s l -x -a '(__fis
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'list\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -196,6 +215,7 @@ complete -c ckptsync -n '__ckptsync_at \'prune\'' -l instance -s i -x -d 'Instan
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l keep-best -d 'Keep the best checkpoint(s) (trainer_state.json, best_model.pt); on by defaul...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l keep-every -x -d 'Keep the first checkpoint at or after every multiple of STEPS'
+complete -c ckptsync -n '__ckptsync_at \'prune\'' -l keep-generations -x -d 'Keep the N newest earlier versions of each reused name (backups only; backup...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l keep-last -x -d 'Keep the K newest complete checkpoints'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l keep-within -x -d 'Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w)'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
@@ -204,8 +224,11 @@ complete -c ckptsync -n '__ckptsync_at \'prune\'' -l no-keep-best -d 'Let the ot
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote -d 'Prune the server\'s checkpoints instead of the backups'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'prune\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l adapter-only -d 'Send only the adapter/model weights and their configs: to fine-tune from, not...'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l all -d 'Restore every backed-up checkpoint, newest first, each checked and renamed in...'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l checkpoint -x -d 'Restore this checkpoint (default: the newest resumable backup)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
@@ -215,6 +238,7 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l dry-run -s n -d 'Show wha
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-only -d 'Send only the extra files (the checkpoint is already there)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-to -x -d 'Put the extra files in DIR on the server (relative to --remote-dir, or absolu...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l force -d 'Allow replacing or deleting what is otherwise protected'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l generation -x -d 'With --checkpoint: an earlier version kept of it (1 = the one before the curr...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
@@ -224,6 +248,7 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l log-file -r -F -d 'Append
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l no-extra-files -d 'Do not put the backed-up extra files back'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l ascii -d 'Draw with ASCII characters only'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
@@ -237,6 +262,7 @@ complete -c ckptsync -n '__ckptsync_at \'show\'' -l log-file -r -F -d 'Append lo
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l remote -d 'Read the checkpoint on the server instead of the backup (implied by --host/--...'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'show\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l width -x -d 'Chart width (default: the terminal\'s, 72 in a pipe)'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
@@ -248,6 +274,8 @@ complete -c ckptsync -n '__ckptsync_at \'verify\'' -l json -d 'Print the result 
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'verify\'' -l read-data -d 'A bucket store: also stream every object through this machine and hash it (wi...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote -d 'Compare the server\'s copy with the backup (hashed on the server) instead of r...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l repair -d 'Fetch again, from the server, the files that fail their manifest (when the se...'
+complete -c ckptsync -n '__ckptsync_at \'verify\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'

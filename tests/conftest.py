@@ -18,7 +18,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 from helpers import set_mtime, set_tree_mtime  # noqa: E402
-from sshd import SshdServer, missing_tools  # noqa: E402
+from sshd import SshdServer, missing_tools, stop_masters  # noqa: E402
 
 PRIVATE_FILES = {"adapter_model.safetensors", "model.safetensors"}
 CHECKPOINT_AGES = {"checkpoint-4": 3600, "checkpoint-8": 2400, "checkpoint-12": 1200}
@@ -79,6 +79,19 @@ def ssh_home(tmp_path: Path, sshd: SshdServer, monkeypatch: pytest.MonkeyPatch) 
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     return home
+
+
+@pytest.fixture(autouse=True)
+def ssh_runtime_dir(monkeypatch: pytest.MonkeyPatch):
+    """XDG_RUNTIME_DIR is a short private directory of each test, so the shared SSH connections
+    (and the ssh config) ckptsync leaves there serve only this test and end with it."""
+    runtime = Path(tempfile.mkdtemp(prefix="ck-", dir="/tmp"))  # socket paths must stay short
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    try:
+        yield runtime
+    finally:
+        stop_masters(runtime)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @dataclass(frozen=True)

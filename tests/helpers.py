@@ -16,6 +16,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Digest = dict[str, tuple[int, int, int, str]]
 
+# A stand-in for `crontab` (as $CKPTSYNC_CRONTAB): `-l` prints {table}, `-` replaces it.
+FAKE_CRONTAB = """#!/bin/sh
+case "$1" in
+  -l) [ -f {table} ] || {{ echo "no crontab for $(id -un)" >&2; exit 1; }}; exec cat {table} ;;
+  -) exec cat > {table} ;;
+esac
+exit 2
+"""
+
 
 def set_mtime(path: str | os.PathLike[str], when: float) -> None:
     """Set atime and mtime of one path (symlinks themselves, not their targets)."""

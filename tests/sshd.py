@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -555,6 +556,21 @@ class SshdServer:
         _write_private(known, (self.host_key_line + "\n").encode())
         _write_private(config, self.client_config_text(key, known).encode())
         return ssh_dir
+
+
+def stop_masters(directory: str | os.PathLike[str]) -> None:
+    """End every OpenSSH connection master whose control socket lies under ``directory``."""
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                is_socket = stat.S_ISSOCK(os.lstat(path).st_mode)
+            except OSError:
+                continue
+            if is_socket:
+                subprocess.run([find_client_tool("ssh") or "ssh", "-F", "none", "-o", f"ControlPath={path}",
+                                "-O", "exit", "master"], stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=30, check=False)
 
 
 def _write_private(path: Path, data: bytes) -> None:

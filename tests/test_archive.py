@@ -102,7 +102,7 @@ def test_remove_only_after_the_read_back(tmp_path: Path, store: Path) -> None:
     assert data["removed"] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert data["linked"] > 0 and data["files"] == len(before)
     left = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
-    assert left == sorted([LOCK, ".ckptsync/history.jsonl", ".ckptsync/status.json"])
+    assert left == sorted([LOCK, ".ckptsync/history.jsonl", ".ckptsync/status.json", ".ckptsync/status-manual.json"])
     assert not any((store / ".ckptsync" / "manifests").iterdir())
     assert sorted(p.name for p in output.parent.iterdir()) == ["run.tar.zst"]
 
@@ -111,7 +111,7 @@ def test_remove_only_after_the_read_back(tmp_path: Path, store: Path) -> None:
     assert digest_diff(digest(out / store.name), before) == []
 
     listed = cli(tmp_path, "list", "--local", "--local-dir", store, "--json")
-    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    assert listed.returncode == 0 and json.loads(listed.stdout)["checkpoints"] == []
 
 
 def test_corrupted_archive_is_caught_and_nothing_is_removed(tmp_path: Path, store: Path) -> None:
@@ -209,3 +209,47 @@ def test_verify_and_restore_accept_an_archive(tmp_path: Path, store: Path, serve
     flip_middle_byte(out)
     bad = cli(tmp_path, "verify", "--local-dir", out)
     assert bad.returncode == 30 and "Traceback" not in bad.stderr
+
+
+def test_list_show_and_compare_read_an_archive(tmp_path: Path, store: Path) -> None:
+    before = {args[0]: json.loads(cli(tmp_path, *args, "--local-dir", store, "--json").stdout)
+              for args in (["list", "--local"], ["show", "checkpoint-8"], ["compare", "checkpoint-4", "checkpoint-12"])}
+    out = tmp_path / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", out, "--remove").returncode == 0
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**_env(tmp_path), "TMPDIR": str(scratch)}
+    for args in (["list", "--local"], ["show", "checkpoint-8"], ["compare", "checkpoint-4", "checkpoint-12"]):
+        r = run_cli(*args, "--local-dir", out, "--json", env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        got, want = json.loads(r.stdout), before[args[0]]
+        where = "backup_dir" if args[0] == "list" else "location"
+        assert got.pop(where) == str(out)
+        want.pop(where)
+        assert got == want, args
+        human = run_cli(*args, "--local-dir", out, env=env, cwd=tmp_path)
+        assert human.returncode == 0 and str(out) in human.stdout and ".ckptsync-" not in human.stdout + human.stderr
+    assert list(scratch.iterdir()) == []   # the index read from the archive is gone
+    missing = run_cli("show", "checkpoint-5", "--local-dir", out, env=env, cwd=tmp_path)
+    assert missing.returncode == 10 and f"not in the backup directory {out} " in missing.stderr
+    assert ".ckptsync-" not in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_verify_and_restore_name_the_archive(tmp_path: Path, store: Path, server_tree: Path) -> None:
+    (tmp_path / "ckptsync.yaml").write_text("dedup: link\nextra_files: [../../config_full_dataset.json]\n")
+    assert cli(tmp_path, "backup", "--remote-dir", server_tree, "--local-dir", store).returncode == 0
+    out = tmp_path / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", out).returncode == 0
+    for json_mode in ([], ["--json"]):
+        v = cli(tmp_path, "verify", "--local-dir", out, *json_mode)
+        assert v.returncode == 0, v.stderr
+        assert ".ckptsync-extract" not in v.stdout + v.stderr and str(out) in v.stdout
+    assert json.loads(cli(tmp_path, "verify", "--local-dir", out, "--json").stdout)["dest"] == str(out)
+    fresh = tmp_path / "fresh" / "run"
+    r = cli(tmp_path, "restore", "--local-dir", out, "--remote-dir", fresh, "--checkpoint", "checkpoint-8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert ".ckptsync-extract" not in r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    assert data["source"] == str(out)
+    [extra] = data["extras"]   # outside the new run's directory: not sent, and kept in the archive
+    assert extra["kept_at"] == f"{out}/extra-files/config_full_dataset.json"

@@ -67,24 +67,24 @@ def test_list_shows_fixture_checkpoints_over_ssh(setup):
     server, dest, home = setup
     res = run_cli("list", "--instance", "1", *cfg_args(home), "--json")
     assert res.returncode == 0, res.stderr
-    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    rows = {r["name"]: r for r in json.loads(res.stdout)["checkpoints"]}
     assert set(rows) == {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
-    assert [r["name"] for r in json.loads(res.stdout)] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert [r["name"] for r in json.loads(res.stdout)["checkpoints"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
     assert rows["checkpoint-12"]["step"] == 12 and rows["checkpoint-12"]["is_best"]
     assert all(r["complete"] and r["resumable"] and r["backup"] == "no" for r in rows.values())
     assert rows["checkpoint-4"]["kind"] == "rolling"
 
     human = run_cli("list", "--instance", "1", *cfg_args(home))
     assert human.returncode == 0
-    assert "checkpoint-12" in human.stdout and "* = best checkpoint" in human.stdout
-    assert "server total" in human.stdout
+    assert "checkpoint-12" in human.stdout and "* best checkpoint" in human.stdout
+    assert "on the server: 3," in human.stdout
 
 
 def test_list_marks_in_progress(setup):
     server, dest, home = setup
     (server / "checkpoint-12" / "trainer_state.json").unlink()
     os.utime(server / "checkpoint-8" / "optimizer.pt")  # just written
-    rows = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)}
+    rows = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)["checkpoints"]}
     assert rows["checkpoint-12"]["complete"] is False
     assert "trainer_state.json" in rows["checkpoint-12"]["reason"]
     assert rows["checkpoint-8"]["complete"] is False
@@ -116,9 +116,9 @@ def test_backup_newest_two_plus_extras_then_noop(setup):
     assert time.monotonic() - started < 15
     assert tree_digest(dest / "checkpoint-12") == before
 
-    listed = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)}
+    listed = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)["checkpoints"]}
     assert listed["checkpoint-12"]["backup"] == "yes" and listed["checkpoint-4"]["backup"] == "no"
-    local = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", "--local", *cfg_args(home), "--json").stdout)}
+    local = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", "--local", *cfg_args(home), "--json").stdout)["checkpoints"]}
     assert set(local) == {"checkpoint-12", "checkpoint-8"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, run_cli
+from helpers import FAKE_CRONTAB, cli_env, run_cli
 
 ERROR_KEYS = {"message", "hint", "exit_code", "kind"}
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
@@ -62,7 +63,8 @@ def test_success_json_is_the_same_before_and_after_the_command(tmp_path):
     before = run_cli("--json", "list", "--local", "--local-dir", tmp_path / "b", env=env, cwd=tmp_path)
     after = run_cli("list", "--local", "--local-dir", tmp_path / "b", "--json", env=env, cwd=tmp_path)
     assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
-    assert json.loads(before.stdout) == json.loads(after.stdout) == []
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    assert json.loads(before.stdout)["checkpoints"] == []
 
 
 @pytest.mark.parametrize("args", [
@@ -265,15 +267,6 @@ def test_a_broken_command_module_is_not_hidden(tmp_path):
     assert last.startswith(("ImportError", "ModuleNotFoundError")) and "cmd_demo" in last
 
 
-FAKE_CRONTAB = """#!/bin/sh
-case "$1" in
-  -l) [ -f {table} ] || {{ echo "no crontab for $(id -un)" >&2; exit 1; }}; exec cat {table} ;;
-  -) exec cat > {table} ;;
-esac
-exit 2
-"""
-
-
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_cron_install_log_file_means_the_same_in_both_places(tmp_path, where):
     table, script = tmp_path / "crontab.txt", tmp_path / "crontab"
@@ -374,3 +367,119 @@ def test_json_with_stdout_closed(tmp_path, server_tree):
     no_complaints(res.stderr)
     status = json.loads((dest / ".ckptsync" / "status.json").read_text())
     assert status["ok"] is True and status["fetched"]
+
+
+# -------------------------------------------------- laid out for 80 columns
+
+
+def fits(text: str, width: int = 80) -> list[str]:
+    """The lines wider than `width`; a single word (a long path) alone on its line may be,
+    continued with a backslash in a command."""
+    return [line for line in text.splitlines()
+            if len(line) > width and len(line.removesuffix(" \\").split()) > 1]
+
+
+def narrow(tmp_path: Path, columns: int | None = 80) -> dict[str, str | None]:
+    return {**isolated(tmp_path), "COLUMNS": None if columns is None else str(columns)}
+
+
+@pytest.fixture
+def busy_run(tmp_path: Path, server_tree: Path) -> tuple[Path, Path]:
+    """checkpoint-4 and -8 backed up, checkpoint-12 still being written (no trainer_state.json)."""
+    dest = tmp_path / "b"
+    res = run_cli("backup", "--all", "--remote-dir", server_tree, "--local-dir", dest,
+                  env=isolated(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (server_tree / "checkpoint-12" / "trainer_state.json").unlink()
+    changed = server_tree / "checkpoint-8" / "optimizer.pt"
+    before = changed.stat()
+    changed.write_bytes(b"changed")   # the backup is now outdated; the checkpoint stays settled
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return server_tree, dest
+
+
+def test_list_at_80_columns(tmp_path, busy_run):
+    server, dest = busy_run
+    res = run_cli("list", "--remote-dir", server, "--local-dir", dest, env=narrow(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert fits(res.stdout) == [] and "…" not in res.stdout
+    rows = {m[1]: m[0].split() for m in re.finditer(r"^[ *]  (checkpoint-\d+) .*$", res.stdout, re.M)}
+    # One line a checkpoint, whole words: no wrapped cells.
+    assert rows["checkpoint-12"][-3:] == ["writing", "partial", "old"]   # backed up before it was rewritten
+    assert rows["checkpoint-8"][-3:] == ["complete", "exact", "old"]
+    assert rows["checkpoint-4"][-3:] == ["complete", "exact", "yes"]
+    # The reason on its own line below the table, and a legend for the short words on screen.
+    assert re.search(r"^checkpoint-12 \(writing\): trainer_state\.json not written yet$", res.stdout, re.M)
+    assert "state: writing = still being written" in res.stdout
+    assert "old = backed up, but the server's copy changed since" in res.stdout
+    assert "abandoned =" not in res.stdout   # only the words on the screen are explained
+
+
+def test_list_uses_a_wide_terminal_and_plain_rows_off_one(tmp_path, busy_run):
+    server, dest = busy_run
+    args = ["list", "--remote-dir", server, "--local-dir", dest]
+    wide = run_cli(*args, env=narrow(tmp_path, 160), cwd=tmp_path)
+    header = next(line for line in wide.stdout.splitlines() if "name" in line.split())
+    assert header.split() == ["name", "step", "kind", "size", "modified", "state", "contents", "backup"]
+    assert re.search(r"^\s+checkpoint-4 .* \d{4}-\d\d-\d\d \d\d:\d\d  complete", wide.stdout, re.M)
+
+    plain = run_cli(*args, env=narrow(tmp_path, None), cwd=tmp_path)   # a pipe, no $COLUMNS
+    lines = plain.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("best "))
+    table = lines[start:start + 4]
+    assert table[0].split() == ["best", "name", "step", "kind", "size", "modified", "state", "contents", "backup"]
+    for line in table[1:]:   # one word a cell, so `awk '{print $2}'` reads the names
+        assert len(line.split()) == 9, line
+    assert [line.split()[1] for line in table[1:]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert table[3].split()[0] == "-" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d", table[3].split()[5])
+
+
+def test_list_local_says_the_server_was_not_checked(tmp_path, busy_run):
+    _server, dest = busy_run
+    res = run_cli("list", "--local", "--local-dir", dest, "--json", env=isolated(tmp_path), cwd=tmp_path)
+    data = json.loads(res.stdout)
+    assert data["server"] is None and data["server_checked"] is False
+    assert {r["on_server"] for r in data["checkpoints"]} == {None}
+    assert {r["state"] for r in data["checkpoints"]} == {None}
+    assert data["totals"]["on_server"] is None and data["totals"]["backed_up"] == 3
+    human = run_cli("list", "--local", "--local-dir", dest, env=narrow(tmp_path), cwd=tmp_path)
+    assert "state" not in human.stdout.split() and "server:" not in human.stdout
+
+
+def test_checklist_at_80_columns_keeps_its_commands_pasteable(tmp_path, busy_run):
+    server, dest = busy_run
+    args = ["checklist", "--remote-dir", server, "--local-dir", tmp_path / "never-backed-up"]
+    res = run_cli(*args, env=narrow(tmp_path), cwd=tmp_path)
+    assert res.returncode == 3, res.stderr
+    assert fits(res.stdout) == [] and "…" not in res.stdout
+    plain = run_cli(*args, env=narrow(tmp_path, None), cwd=tmp_path)
+    whole = [line.split("fix: ", 1)[1] for line in plain.stdout.splitlines() if "fix: ckptsync" in line]
+    assert whole
+    # The same commands, continued with backslashes: joined, they are the words of the whole one.
+    joined = re.sub(r" \\\n\s+", " ", res.stdout)
+    laid_out = [line.split("fix: ", 1)[1] for line in joined.splitlines() if "fix: ckptsync" in line]
+    assert [shlex.split(c) for c in laid_out] == [shlex.split(c) for c in whole]
+    assert any(line.endswith(" \\") for line in res.stdout.splitlines())
+
+
+def test_show_and_compare_at_80_columns(tmp_path, busy_run):
+    _server, dest = busy_run
+    for args in (["show", "checkpoint-8"], ["compare", "checkpoint-4", "checkpoint-8"]):
+        res = run_cli(*args, "--local-dir", dest, env=narrow(tmp_path), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert fits(res.stdout) == [] and "…" not in res.stdout, args
+    show = run_cli("show", "checkpoint-8", "--local-dir", dest, env=narrow(tmp_path), cwd=tmp_path)
+    assert re.search(r"^  resume        resumable: exact resume \(weights, optimizer, scheduler and RNG\n"
+                     r" {16}state present\)$", show.stdout, re.M)
+
+
+def test_demo_at_80_columns(tmp_path):
+    res = run_cli("demo", "--dir", tmp_path / "demo", env=narrow(tmp_path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    # Its own narration and commands fit; the commands it runs are checked above.
+    own = [line for line in lines if line.startswith(("$ ", "    ", "What is", "Back up", "That is"))]
+    assert own and fits("\n".join(own)) == []
+    first = re.sub(r" \\\n\s+", " ", res.stdout).splitlines()
+    command = next(line for line in first if line.startswith("$ ckptsync list"))
+    assert shlex.split(command)[1:4] == ["ckptsync", "list", "--remote-dir"]

@@ -150,8 +150,8 @@ def test_job_line_escapes_percent_and_splits_back():
     when, back = cron.split_line(line)
     assert (when, back) == ("*/30 * * * *", command)
     words = shlex.split(back)
-    assert words[:2] == ["PATH=/v env/bin:/usr/bin", "/v env/bin/python3"]
-    assert words[2:5] == ["-m", "ckptsync", "backup"]
+    assert words[:3] == ["CKPTSYNC_SCHEDULED=1", "PATH=/v env/bin:/usr/bin", "/v env/bin/python3"]
+    assert words[3:6] == ["-m", "ckptsync", "backup"]
     assert cron.option_value(back, "--log-file") == "/b/log's"
     assert cron.option_value(back, "--local-dir") == "/b/50%/x"
     assert back.endswith(" >/dev/null 2>>'/b/log'\"'\"'s'")
@@ -162,16 +162,30 @@ def test_job_line_escapes_percent_and_splits_back():
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A fake `crontab` and an isolated HOME/cwd: -> (env for run_cli, table file)."""
+    """A fake `crontab`, an isolated HOME/cwd whose ~/.ssh/config names tnr-1 to tnr-3, and a
+    process table with a cron daemon in it: -> (env for run_cli, table file)."""
     table = tmp_path / "crontab.txt"
     script = tmp_path / "fake-crontab"
     script.write_text(FAKE_CRONTAB.format(table=shlex.quote(str(table))))
     script.chmod(0o755)
     home = tmp_path / "home"
     (home / "cwd").mkdir(parents=True)
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "config").write_text("".join(f"Host tnr-{n}\n  HostName 127.0.0.1\n" for n in (1, 2, 3)))
     monkeypatch.chdir(home / "cwd")
-    env = {"CKPTSYNC_CRONTAB": str(script), "HOME": str(home), "CKPTSYNC_CONFIG": None, "XDG_CONFIG_HOME": None}
+    env = {"CKPTSYNC_CRONTAB": str(script), "HOME": str(home), "CKPTSYNC_CONFIG": None, "XDG_CONFIG_HOME": None,
+           "CKPTSYNC_PROC": str(fake_proc(tmp_path / "proc", "cron")),
+           "COLUMNS": None}  # plain lines, as in a pipe (pytest-xdist workers set COLUMNS)
     return env, table
+
+
+def fake_proc(root: Path, *names: str) -> Path:
+    """A /proc with one process per name (only `<pid>/comm` is read)."""
+    root.mkdir()
+    for pid, name in enumerate(names, start=100):
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "comm").write_text(name + "\n")
+    return root
 
 
 def cli(env, *args):
@@ -185,7 +199,9 @@ def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
     args = ("--remote-dir", tmp_path / "server", "--local-dir", dest)
     first = cli(env, "install", *args)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith(f"installed: cron entry for local ({dest}), every 30m (*/30 * * * *)")
+    assert first.stdout.splitlines()[:2] == ["installed: cron entry for local, every 30m (*/30 * * * *)",
+                                             f"  backups:  {dest}"]
+    assert "warning" not in first.stderr
     once = table.read_bytes()
     assert once.startswith(USER_TABLE + b"\n# ckptsync backup local -> " + str(dest).encode() + b"\n*/30 * * * * ")
     assert (dest / ".ckptsync").is_dir()  # the log's directory exists before the first run
@@ -201,7 +217,8 @@ def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
 
     # the line: this interpreter, absolute paths, quiet, lock-tolerant, logged, no mail
     words = shlex.split(entry.command)
-    path = words[0].removeprefix("PATH=").split(":")
+    assert words[0] == "CKPTSYNC_SCHEDULED=1" and "CKPTSYNC_NOTIFY=1" not in words
+    path = words[1].removeprefix("PATH=").split(":")
     assert os.path.dirname(os.path.abspath(sys.executable)) in path
     if shutil.which("ssh"):
         assert os.path.dirname(shutil.which("ssh")) in path
@@ -290,37 +307,45 @@ def test_show_without_and_with_status(fake, tmp_path):
     dest = tmp_path / "b"
     res = cli(env, "show", "--local-dir", dest)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == [f"no cron entry for instance-0 ({dest})", "last run: none recorded"]
+    assert res.stdout.splitlines() == [f"no cron entry for instance-0 ({dest})", "last scheduled run: none recorded",
+                                       "last manual run: none recorded"]
 
     assert cli(env, "install", "--remote-dir", tmp_path, "--local-dir", dest).returncode == 0
     res = cli(env, "show", "--local-dir", dest)
     lines = res.stdout.splitlines()
-    assert lines[0] == f"cron entry for local ({dest}): every 30m (*/30 * * * *)"
-    assert lines[1].strip() == cron.find_entry(table.read_text(), str(dest)).line
-    assert lines[2] == "last run: none recorded"
+    assert lines[:2] == ["cron entry for local: every 30m (*/30 * * * *)", f"  backups: {dest}"]
+    assert lines[2].strip() == cron.find_entry(table.read_text(), str(dest)).line
+    assert lines[3:] == ["last scheduled run: none recorded", "last manual run: none recorded"]
 
     Store(dest).record_status({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
                                "error": "", "fetched": ["checkpoint-500"], "failed": {}, "skipped": {},
-                               "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0})
+                               "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0, "scheduled": True})
     log = dest / ".ckptsync" / "cron.log"
     log.write_text("".join(f"2024-12-24 14:{m:02d}:00 INFO line {m}\n" for m in range(8)))
     res = cli(env, "show", "--local-dir", dest)
     lines = res.stdout.splitlines()
-    assert lines[2] == "last run 12m ago: ok, fetched checkpoint-500"
-    assert lines[3] == f"log {log} (last 5 lines):"
-    assert [l.strip() for l in lines[4:]] == [f"2024-12-24 14:{m:02d}:00 INFO line {m}" for m in range(3, 8)]
+    assert lines[3:5] == ["last scheduled run 12m ago: ok, fetched checkpoint-500", "last manual run: none recorded"]
+    assert lines[5] == f"log {log} (last 5 lines):"
+    assert [l.strip() for l in lines[6:]] == [f"2024-12-24 14:{m:02d}:00 INFO line {m}" for m in range(3, 8)]
     assert "warning" not in res.stderr
 
     Store(dest).record_status({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
                                "error": "cannot connect to tnr-1: Connection refused", "fetched": [], "failed": {},
-                               "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2})
+                               "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2, "scheduled": True})
+    # a manual run since then does not hide the failed scheduled one, nor that cron went quiet
+    Store(dest).record_status({"command": "backup", "time": time.time() - 60, "ok": True, "exit_code": 0,
+                               "error": "", "fetched": [], "failed": {}, "skipped": {},
+                               "up_to_date": ["checkpoint-500"], "raw_bytes": 0, "seconds": 0.2, "scheduled": False})
     res = cli(env, "show", "--local-dir", dest)
-    assert "last run 2h ago: FAILED (exit 20): cannot connect to tnr-1: Connection refused" in res.stdout.splitlines()
-    assert "no run recorded for longer than two intervals" in res.stderr  # every 30m, nothing for 2h
+    lines = res.stdout.splitlines()
+    assert lines[3:5] == ["last scheduled run 2h ago: FAILED (exit 20): cannot connect to tnr-1: Connection refused",
+                          "last manual run 1m ago: ok, up to date (checkpoint-500)"]
+    assert "no scheduled run recorded for longer than two intervals" in res.stderr  # every 30m, nothing for 2h
 
     data = json.loads(cli(env, "show", "--local-dir", dest, "--json").stdout)
     assert data["installed"] and data["every"] == "30m" and data["schedule"] == "*/30 * * * *"
-    assert data["last_run"]["exit_code"] == 20 and data["stale"] is True
+    assert data["last_scheduled"]["exit_code"] == 20 and data["stale"] is True
+    assert data["last_manual"]["exit_code"] == 0 and data["last_run"]["scheduled"] is False
     assert data["log_file"] == str(log) and len(data["log_tail"]) == 5
 
 
@@ -421,6 +446,154 @@ def test_skip_if_locked_exits_0_with_one_log_line(tmp_path, server_tree):
     assert done.returncode == 0 and (dest / "checkpoint-12").is_dir()
 
 
+# -------------------------------------------------- what install checks, what remove cleans up
+
+@pytest.mark.parametrize("target, named", [
+    (("--instance", "5"), "tnr-5"),                       # no config entry, no tnr-5 alias
+    (("--host", "ubuntu@no-such-host.invalid"), "no-such-host.invalid"),
+])
+def test_install_refuses_a_target_that_does_not_resolve(fake, tmp_path, target, named):
+    env, table = fake
+    table.write_bytes(USER_TABLE)
+    dest = tmp_path / "b"
+    res = cli(env, "install", *target, "--remote-dir", "/srv/ckpt", "--local-dir", dest)
+    assert res.returncode == 4, res.stderr
+    assert f"cannot resolve host {named}" in res.stderr and "no cron entry installed" in res.stderr
+    if named == "tnr-5":
+        assert "tnr connect 5" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert table.read_bytes() == USER_TABLE and not dest.exists()
+
+
+def test_install_refuses_a_command_that_is_not_installed(fake, tmp_path):
+    env, table = fake
+    Path("ckptsync.yaml").write_text(json.dumps({"instances": {"4": {"command": ["no-such-kubectl", "exec"]}}}))
+    res = cli(env, "install", "-i", "4", "--remote-dir", "/srv/ckpt", "--local-dir", tmp_path / "b")
+    assert res.returncode == 4 and "cannot run no-such-kubectl: not found" in res.stderr
+    assert not table.exists()
+
+
+def test_install_warns_when_no_cron_daemon_runs(fake, tmp_path):
+    env, table = fake
+    env = {**env, "CKPTSYNC_PROC": str(fake_proc(tmp_path / "quiet-proc", "sshd", "bash"))}
+    res = cli(env, "install", "--remote-dir", tmp_path, "--local-dir", tmp_path / "b")
+    assert res.returncode == 0 and res.stdout.startswith("installed: ")
+    assert "warning: no cron daemon is running" in res.stderr
+    assert cron.find_entry(table.read_text(), str(tmp_path / "b")) is not None
+
+
+def test_daemon_detection_and_the_macos_note(tmp_path):
+    assert cron.daemon_running(str(fake_proc(tmp_path / "a", "bash", "crond"))) is True
+    assert cron.daemon_running(str(fake_proc(tmp_path / "b", "bash", "cronjob-runner"))) is False
+    mac = cron.no_daemon_text("darwin")
+    assert "launchctl load -w /System/Library/LaunchDaemons/com.vix.cron.plist" in mac and "Full Disk Access" in mac
+    assert "systemctl enable --now cron" in cron.no_daemon_text("linux")
+
+
+def test_remove_leaves_no_empty_backup_directory(fake, tmp_path):
+    env, table = fake
+    home = Path(env["HOME"])
+    res = cli(env, "install", "-i", "1", "--remote-dir", "/srv/ckpt")
+    assert res.returncode == 0, res.stderr
+    made = home / "ckpt-backups" / "instance-1"
+    assert (made / ".ckptsync").is_dir()
+    res = cli(env, "remove", "-i", "1")
+    assert res.returncode == 0 and f"{made} held no backups and was removed too" in res.stdout
+    assert not made.exists() and (home / "ckpt-backups").is_dir()
+
+    # a directory that holds anything else stays as it is
+    assert cli(env, "install", "-i", "2", "--remote-dir", "/srv/ckpt").returncode == 0
+    kept = home / "ckpt-backups" / "instance-2"
+    (kept / ".ckptsync" / "cron.log").write_text("2024-12-24 14:00:00 ERROR cannot connect\n")
+    res = cli(env, "remove", "-i", "2")
+    assert res.returncode == 0 and "removed too" not in res.stdout
+    assert (kept / ".ckptsync" / "cron.log").is_file()
+    assert cron.entries(table.read_text()) == []
+
+
+def test_install_and_show_fit_80_columns(fake, tmp_path):
+    env, table = fake
+    env = {**env, "COLUMNS": "80"}
+    dest = tmp_path / "b"
+    installed = cli(env, "install", "--remote-dir", tmp_path / "server", "--local-dir", dest)
+    shown = cli(env, "show", "--local-dir", dest)
+    assert installed.returncode == 0 and shown.returncode == 0, installed.stderr + shown.stderr
+    line = cron.find_entry(table.read_text(), str(dest)).line
+    for res in (installed, shown):
+        lines = res.stdout.splitlines()
+        # only a word longer than the width (a path) may stand out, alone on its line
+        assert all(len(l) <= 80 or len(l.split()) == 1 for l in lines), lines
+        assert " ".join(" ".join(lines).split()).count(" ".join(line.split())) == 1  # the entry, whole
+
+
+# -------------------------------------------------- scheduled runs: marked, and a notice on failure
+
+FAKE_NOTIFIER = """#!/bin/sh
+# Records each call: one argument per line, then a blank line.
+for a in "$@"; do printf '%s\\n' "$a"; done >> {calls}
+echo >> {calls}
+"""
+
+
+def install_notifier(tmp_path: Path) -> tuple[Path, Path]:
+    """A notify-send (osascript on macOS) that only records its arguments: -> (its dir, the record)."""
+    bin_dir = tmp_path / "notifier-bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "notices.txt"
+    tool = bin_dir / ("osascript" if sys.platform == "darwin" else "notify-send")
+    tool.write_text(FAKE_NOTIFIER.format(calls=shlex.quote(str(calls))))
+    tool.chmod(0o755)
+    return bin_dir, calls
+
+
+def test_failed_scheduled_run_puts_up_a_desktop_notice(fake, tmp_path):
+    env, table = fake
+    bin_dir, calls = install_notifier(tmp_path)
+    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    dest = tmp_path / "backups"
+    res = cli(env, "install", "--remote-dir", tmp_path / "no-such-run", "--local-dir", dest, "--notify")
+    assert res.returncode == 0, res.stderr
+    assert "a failed run shows a desktop notice" in res.stdout and "--notify" not in res.stderr
+    _when, command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)
+    assert shlex.split(command)[:2] == ["CKPTSYNC_SCHEDULED=1", "CKPTSYNC_NOTIFY=1"]
+    assert "desktop notice on failure" in cli(env, "show", "--local-dir", dest).stdout.splitlines()[0]
+
+    home = Path(env["HOME"])
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 10 and (run.stdout, run.stderr) == ("", "")
+    notice = calls.read_text().split("\n\n")[0].splitlines()
+    assert "ckptsync backup failed" in notice
+    assert any(line.startswith("local: exit 10: ") and "no-such-run" in line for line in notice)
+    assert "desktop notice sent with" in (dest / ".ckptsync" / "cron.log").read_text()
+
+    # a manual run that fails the same way is the user's to see: no notice
+    calls.unlink()
+    manual = run_cli("backup", "--remote-dir", tmp_path / "no-such-run", "--local-dir", dest,
+                     env={**env, "CKPTSYNC_NOTIFY": "1"})
+    assert manual.returncode == 10 and not calls.exists()
+
+    # a scheduled run that fails before the backup starts (here a bad option) gets its notice too
+    broken = command.replace(" backup ", " backup --instance 'no such' ", 1)
+    run = subprocess.run(["/bin/sh", "-c", broken], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and (run.stdout, run.stderr) == ("", "")
+    notices = calls.read_text().split("\n\n")
+    assert len(notices) == 2 and notices[1] == ""  # one notice, ended by its blank line
+    assert any(line.startswith("backup: exit 2: --instance 'no such'") for line in notices[0].splitlines())
+
+
+def test_install_notify_without_a_notifier_warns(fake, tmp_path):
+    env, table = fake
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    for tool in ("sh", "cat", "mv", "id"):  # what the fake crontab needs
+        os.symlink(shutil.which(tool), empty / tool)
+    res = cli({**env, "PATH": str(empty)}, "install", "--remote-dir", tmp_path, "--local-dir", tmp_path / "b", "--notify")
+    assert res.returncode == 0, res.stderr
+    assert "--notify: no " in res.stderr and "found on PATH" in res.stderr
+
+
 # -------------------------------------------------- the real crontab
 
 def _in_ci() -> bool:
@@ -444,7 +617,7 @@ def test_real_crontab_round_trip(tmp_path, monkeypatch):
     if original is None and "no crontab" not in saved.stderr.lower():
         pytest.fail(f"crontab -l: {saved.stderr.strip()}", pytrace=False)
     monkeypatch.chdir(tmp_path)
-    env = {"CKPTSYNC_CRONTAB": None, "HOME": str(tmp_path), "CKPTSYNC_CONFIG": None}
+    env = {"CKPTSYNC_CRONTAB": None, "HOME": str(tmp_path), "CKPTSYNC_CONFIG": None, "COLUMNS": None}
     mine = "# a line of the user's own\n17 4 * * * true\n"
     dest = tmp_path / "backups 100%"
     try:

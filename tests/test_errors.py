@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def test_unknown_host_key_refused_then_accepted(ssh_home, sshd, server_tree):
     one_line_error(res, 20, "unknown host key", "--accept-new-host-key")
     ok = run_cli("list", "--host", "tnr-1", "--remote-dir", server_tree, "--accept-new-host-key")
     assert ok.returncode == 0, ok.stderr
-    assert str(sshd.port) in (ssh_home / ".ssh" / "known_hosts").read_text()
+    # OpenSSH may store the name hashed (HashKnownHosts); ssh-keygen -F finds it either way.
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{sshd.port}", "-f", ssh_home / ".ssh" / "known_hosts"],
+                           capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip(), found
     again = run_cli("list", "--host", "tnr-1", "--remote-dir", server_tree)
     assert again.returncode == 0
 
@@ -120,7 +124,7 @@ def test_unreadable_trainer_state_is_reported_not_fatal(server_tree, tmp_path):
     assert "metadata unreadable" in res.stdout
     assert "checkpoint-8: trainer_state.json" in res.stderr
     rows = {r["name"]: r for r in json.loads(run_cli("list", "--remote-dir", server_tree, "--local-dir",
-                                                     tmp_path / "b", "--json").stdout)}
+                                                     tmp_path / "b", "--json").stdout)["checkpoints"]}
     assert rows["checkpoint-8"]["meta_error"] and rows["checkpoint-8"]["step"] == 8
 
 
@@ -153,7 +157,7 @@ def test_config_found_in_cwd(tmp_path, server_tree):
                                             "instances:\n  '9': {command: [sh, -c, 'exec \"$@\"', x]}\n")
     res = run_cli("list", "-i", "9", "--json", cwd=tmp_path, env={"CKPTSYNC_CONFIG": None})
     assert res.returncode == 0, res.stderr
-    assert len(json.loads(res.stdout)) == 3
+    assert len(json.loads(res.stdout)["checkpoints"]) == 3
 
 
 @pytest.mark.parametrize("args,needle", [

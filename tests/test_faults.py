@@ -110,7 +110,7 @@ def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server
         assert "no space left" in err and "Traceback" not in err
         assert not (dest / "checkpoint-12").exists()
         verify = run_cli("list", "--local", "--local-dir", dest, "--json")
-        assert [r["name"] for r in json.loads(verify.stdout)] == ["checkpoint-4"]
+        assert [r["name"] for r in json.loads(verify.stdout)["checkpoints"]] == ["checkpoint-4"]
         filler.unlink()
         again = run_cli(*base, "--checkpoint", "checkpoint-12")
         assert again.returncode == 0, again.stderr

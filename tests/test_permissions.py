@@ -100,7 +100,7 @@ def test_unreadable_file_fails_only_its_checkpoint(other_user: OtherUser, other_
     for name in ("checkpoint-4", "checkpoint-12"):
         assert not digest_diff(tree_digest(run / name), tree_digest(dest / name)), name
     listed = run_cli("list", "--local", "--local-dir", dest, "--json")
-    assert {r["name"] for r in json.loads(listed.stdout)} == {"checkpoint-4", "checkpoint-12"}
+    assert {r["name"] for r in json.loads(listed.stdout)["checkpoints"]} == {"checkpoint-4", "checkpoint-12"}
     assert run_cli("verify", "--local-dir", dest).returncode == 0
 
 
@@ -188,7 +188,7 @@ def test_fixtures_give_the_tree_to_the_user(other_user: OtherUser, other_user_tr
         assert os.stat(parent).st_mode & 0o001, f"{parent} is not searchable by others"
     listed = remote(other_user, "list", other_user_tree, "--json")
     assert listed.returncode == 0, listed.stderr
-    assert {r["name"] for r in json.loads(listed.stdout)} == CKPTS
+    assert {r["name"] for r in json.loads(listed.stdout)["checkpoints"]} == CKPTS
 
 
 def test_alias_logs_in_as_the_unprivileged_user(other_user: OtherUser, ssh_home: Path, sshd) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import stat
@@ -13,7 +14,7 @@ from pathlib import Path
 from helpers import REPO_ROOT, run_cli, set_tree_mtime
 
 README = REPO_ROOT / "README.md"
-SERVER_DIR = "~/socrates-training/models/socrates-qwen-full-dataset"
+SERVER_DIR = "socrates-training/models/socrates-qwen-full-dataset"   # relative to the server's home
 
 
 def readme_commands() -> list[str]:
@@ -62,8 +63,12 @@ def test_every_readme_command_runs(ssh_home, server_tree, tmp_path):
     }))
     env = {"CKPTSYNC_CRONTAB": str(fake_crontab(tmp_path))}
     ran = []
+    # tnr-0 logs in as this user, whose home on the server is the passwd one, not the test's $HOME:
+    # the README's relative path, pointed at the fixture from that home.
+    server_home = pwd.getpwuid(os.getuid()).pw_dir
+    assert server_home != os.environ["HOME"]
     for line in readme_commands():
-        line = line.replace(SERVER_DIR, str(server_tree))
+        line = line.replace(SERVER_DIR, os.path.relpath(server_tree, server_home))
         args = [os.path.expanduser(a) if a.startswith("~") else a for a in shlex.split(line)[1:]]
         res = run_cli(*args, env=env, timeout=180)
         assert res.returncode == 0, f"README command failed: {line}\n{res.stdout}\n{res.stderr}"

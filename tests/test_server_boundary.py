@@ -40,7 +40,10 @@ def test_typed_answers(server_tree):
         st = server.stat(str(server_tree), ["checkpoint-12", "checkpoint-12/optimizer.pt", "nope"])
         assert st["checkpoint-12"].is_dir and st["nope"] is None
         on_disk = (server_tree / "checkpoint-12" / "optimizer.pt").stat()
-        assert st["checkpoint-12/optimizer.pt"] == Stat(on_disk.st_size, on_disk.st_mtime_ns, 0o644, False)
+        assert st["checkpoint-12/optimizer.pt"] == Stat(on_disk.st_size, on_disk.st_mtime_ns, 0o644, False,
+                                                        on_disk.st_ctime_ns, on_disk.st_ino)
+        listed = next(f for f in listing.files if f.path == "checkpoint-12/optimizer.pt")
+        assert (listed.ctime_ns, listed.inode) == (on_disk.st_ctime_ns, on_disk.st_ino)
         hashes = server.hash(str(server_tree), ["checkpoint-12/optimizer.pt", "gone.bin"])
         assert set(hashes.values) == {"checkpoint-12/optimizer.pt"}
         assert "gone.bin" in hashes.errors  # a missing file is an entry, never a dict where a hash belongs

@@ -59,8 +59,8 @@ def test_show_reads_the_backup(tmp_path: Path, server_tree: Path, store: Path) -
     assert re.search(r"^\s+resume\s+resumable: exact resume", r.stdout, re.M)
     assert re.search(r"^\s+backed up\s+\d{4}-\d\d-\d\d \d\d:\d\d \(\d+s ago\)$", r.stdout, re.M)
     size = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_size
-    assert re.search(rf"^optimizer\.pt\s+{size / 1000:.1f} KB\s+yes", r.stdout, re.M)
-    assert re.search(r"^training_args\.bin\s+\S+ KB\s*$", r.stdout, re.M)   # not needed to resume
+    assert re.search(rf"^optimizer\.pt\s+{size / 1000:.1f}KB\s+yes$", r.stdout, re.M)   # plain rows: one word a cell
+    assert re.search(r"^training_args\.bin\s+\S+KB\s+no$", r.stdout, re.M)   # not needed to resume
 
     # The curve: y-axis labels span exactly the logged losses, both series are drawn.
     values = _history(state, "loss") + _history(state, "eval_loss")
@@ -134,7 +134,7 @@ def test_show_remote_reads_the_server(tmp_path: Path, server_tree: Path, store: 
     assert f"(on this machine:{server_tree})" in r.stdout
     assert re.search(r"^\s+step\s+8 of 12", r.stdout, re.M)
     assert re.search(r"^\s+backed up\s+outdated", r.stdout, re.M)
-    assert re.search(r"^optimizer\.pt\s+7 B\s+yes", r.stdout, re.M)
+    assert re.search(r"^optimizer\.pt\s+7B\s+yes", r.stdout, re.M)
     assert r.stdout.count("●") == 2 + 1   # two eval points and the legend
 
 
@@ -161,7 +161,7 @@ def test_show_single_file_checkpoint_without_history(tmp_path: Path, fixtures_di
     assert re.search(r"^\s+best\s+best_model\.pt$", r.stdout, re.M)
     assert "note: no loss curve" in r.stdout
     assert "┤" not in r.stdout
-    assert re.search(r"^rolling_step_000150\.pt\s+\S+ KB\s+yes", r.stdout, re.M)
+    assert re.search(r"^rolling_step_000150\.pt\s+\S+KB\s+yes", r.stdout, re.M)
     data = json.loads(show(tmp_path, store, "rolling_step_000150.pt", "--json").stdout)
     assert data["step"] == 150 and data["curve"] == {"train": [], "eval": [], "learning_rate": []}
 

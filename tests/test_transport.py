@@ -1,5 +1,5 @@
 """One contract, every transport, through the typed Server interface: local subprocess, argv command
-prefix, SSH through paramiko, and the in-process twin."""
+prefix, SSH through the OpenSSH client and through paramiko, and the in-process twin."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from ckptsync.errors import NotFound, ProtocolError
 from ckptsync.server.agent_server import AgentServer
 from ckptsync.server.inprocess import InProcessTransport
 from ckptsync.transport import CommandTransport, LocalTransport, ssh_transport
-from ckptsync.transport.ssh import SshTarget
+from ckptsync.transport import SshTarget
 
 STDLIB_ENV = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin"]
 
 
-@pytest.fixture(params=["local", "command-stdlib-python", "command-with-noise", "ssh", "in-process"])
+@pytest.fixture(params=["local", "command-stdlib-python", "command-with-noise", "openssh", "paramiko", "in-process"])
 def transport(request):
     kind = request.param
     if kind == "local":
@@ -38,8 +38,7 @@ def transport(request):
         # Login noise on stdout before the agent starts must be skipped.
         return CommandTransport(["sh", "-c", 'echo "Welcome to the GPU box"; printf "motd without newline"; exec "$@"', "x"])
     request.getfixturevalue("ssh_home")
-    sshd = request.getfixturevalue("sshd")
-    return ssh_transport(SshTarget(host="tnr-1"))
+    return ssh_transport(SshTarget(host="tnr-1"), kind)
 
 
 def test_hello_reports_abilities(transport):

@@ -4,7 +4,7 @@ import os
 import shutil
 import tarfile
 
-from ckptsync.agent.frames import STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
+from ckptsync.agent.frames import CHUNK, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
 from ckptsync.agent.hashing import fsync_dir, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.reader import FrameReader
@@ -40,6 +40,28 @@ def move_target(root, staging, member, dest):
     return target
 
 
+def open_part(tmp, offset, h):
+    """A member's .part: a new one, or (offset > 0) the first offset bytes an earlier try left,
+    fed to h so that the member's hash is still the whole file's."""
+    if not offset:
+        return open(tmp, "wb")
+    out = open(tmp, "r+b")
+    try:
+        left = offset
+        while left:
+            block = out.read(min(CHUNK, left))
+            if not block:
+                raise Failure("protocol", "resumed at byte %d, but the staged part is shorter" % offset, tmp)
+            h.update(block)
+            left -= len(block)
+        out.truncate(offset)
+        out.seek(offset)
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
 def op_receive(chan, req, _memory=None):
     """Write an incoming tar into root/.ckptsync-staging-<name>/, hashing each file."""
     root = resolve(req["root"])
@@ -64,7 +86,8 @@ def op_receive(chan, req, _memory=None):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             h = new_hash(alg)
             tmp = target + ".part"
-            with open(tmp, "wb") as out:
+            offset = int(member.pax_headers.get("ckptsync.offset", 0) or 0)
+            with open_part(tmp, offset, h) as out:
                 for block in stream.data(member.size):
                     h.update(block)
                     out.write(block)
@@ -75,7 +98,7 @@ def op_receive(chan, req, _memory=None):
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, target)
             written.append(target)
-            results.append({"member": member.name, "size": member.size, "hash": h.hexdigest()})
+            results.append({"member": member.name, "size": offset + member.size, "hash": h.hexdigest()})
     except Failure as exc:
         failure = exc
     except OSError as exc:
@@ -125,6 +148,8 @@ def op_commit(req):
                 remove_tree(aside)
             else:
                 os.rename(src, target)
+            if os.path.isdir(target) and not os.path.islink(target):
+                stamp_dirs(target)
             fsync_dir(parent)
             done.append(dest)
         except OSError as exc:
@@ -132,6 +157,23 @@ def op_commit(req):
     if os.path.isdir(staging) and not os.listdir(staging):
         os.rmdir(staging)
     return {"moved": done, "kept": kept}
+
+
+def stamp_dirs(top):
+    """Give each directory of a moved tree the newest mtime inside it. Files carry their own
+    mtimes; a directory's was lost when staging made it, and the newest entry is what it had."""
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):  # children before parents
+        newest = 0
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime_ns)
+            except OSError:
+                continue
+        if newest:
+            try:
+                os.utime(dirpath, ns=(newest, newest))
+            except OSError:
+                pass  # a timestamp is not worth failing a restore that is already in place
 
 
 def remove_tree(path):

@@ -4,9 +4,10 @@ Frames on stdin/stdout, each a 5-byte header (type byte, big-endian u32
 length) and a payload. Requests and replies are JSON ("J"); errors are JSON
 ("X"); bulk data travels as "D" (raw tar bytes), "Z" (one complete zstd
 frame of tar bytes), "Y" (a zstd frame of tar bytes split into byte lanes,
-see split_lanes) or "S" (a piece of one continuous zstd stream), then "E"
-ends the data. "H" carries one file's checksum record while a tar stream is
-being sent. Paths only ever travel inside frames.
+see split_lanes), "S" (a piece of one continuous zstd stream) or "L" (byte
+lanes packed with zlib or lzma, see LaneCoder), then "E" ends the data.
+"H" carries one file's checksum record while a tar stream is being sent.
+Paths only ever travel inside frames.
 """
 
 import errno

@@ -29,13 +29,17 @@ def new_hash(name):
     raise Failure("unsupported", "unknown hash %s" % name)
 
 
-def hash_file(path, alg="xxh3_128", on_block=None):
+def hash_file(path, alg="xxh3_128", on_block=None, limit=None):
+    """The file's hash; with `limit`, of its first `limit` bytes only."""
     h = new_hash(alg)
+    left = limit
     with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK)
+        while left is None or left > 0:
+            block = f.read(CHUNK if left is None else min(CHUNK, left))
             if not block:
                 break
+            if left is not None:
+                left -= len(block)
             h.update(block)
             if on_block is not None:
                 on_block(len(block))

@@ -6,7 +6,8 @@ from ckptsync.agent.frames import Failure
 
 
 def resolve(root, rel=""):
-    base = os.path.expanduser(root)
+    # A relative root is relative to the home directory, whatever the cwd the login gave us.
+    base = os.path.join(os.path.expanduser("~"), os.path.expanduser(root))
     if not rel:
         return base
     if "\x00" in rel:

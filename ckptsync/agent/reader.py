@@ -5,18 +5,18 @@ import subprocess
 import threading
 
 from ckptsync.agent.frames import CHUNK, Failure
-from ckptsync.agent.codec import DATA_FRAMES, join_lanes, zstandard, zstd_binary
+from ckptsync.agent.codec import DATA_FRAMES, FrameDecompressor, decode_lanes, join_lanes, zstd_binary, zstd_library
 
 
 class FrameReader:
-    """File-like view of the tar bytes arriving as D/Z/S frames until E."""
+    """File-like view of the tar bytes arriving as D/Z/Y/S/L frames until E."""
 
     def __init__(self, chan, other=None):
         self.chan = chan
         self.other = other
         self.pending = bytearray()
         self.done = False
-        self.dz = zstandard.ZstdDecompressor() if zstandard is not None else None
+        self.dz = FrameDecompressor() if zstd_library() is not None else None
         self.dstream = None
         self.proc = None
         self.proc_out = queue.Queue()
@@ -67,6 +67,8 @@ class FrameReader:
             if self.dz is None:
                 raise Failure("protocol", "byte-lane frame sent to a receiver without the zstandard module")
             self.pending += join_lanes(self.dz.decompress(body))
+        elif kind == b"L":
+            self.pending += decode_lanes(body)
         elif kind == b"S":
             if self.dz is not None:
                 if self.dstream is None:

@@ -123,7 +123,8 @@ def op_scan(req):
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)])
+            # ctime and inode let the client see a rename or rewrite that kept size and mtime.
+            files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_ctime_ns, st.st_ino])
             if name in META_NAMES or name == "latest":
                 meta[rel] = read_meta(full, name)
             elif name.endswith(".pt") and (not rel_dir or name == "state.pt") and req.get("pt_meta", True):
@@ -149,7 +150,8 @@ def op_stat(req):
     for rel in req["paths"]:
         try:
             st = os.stat(resolve(req["root"], rel))
-            out[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode)]
+            out[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode),
+                        st.st_ctime_ns, st.st_ino]
         except OSError:
             out[rel] = None
     return {"stat": out}
@@ -164,6 +166,20 @@ def op_hash(req):
         except OSError as exc:
             out[rel] = {"__error__": str(os_failure(exc, rel))}
     return {"alg": alg, "hashes": out}
+
+
+def op_glob(req):
+    """Directories matching shell patterns relative to root (run directories beside remote_dir)."""
+    import glob
+
+    root = resolve(req["root"])
+    found = set()
+    for pattern in req.get("patterns", []):
+        for path in glob.glob(os.path.join(glob.escape(root), pattern)):
+            rel = os.path.relpath(path, root)
+            if os.path.isdir(path) and not rel.startswith(".."):
+                found.add(rel.replace(os.sep, "/"))
+    return {"root": os.path.abspath(root), "dirs": sorted(found)}
 
 
 def op_df(req):

@@ -12,7 +12,21 @@ from ckptsync.agent.sender import Sender
 from ckptsync.agent.tar import tar_header
 
 
-def send_one(sender, chan, source, member, alg):
+def kept_prefix(f, offset, prefix_hash, h):
+    """Feed the first `offset` bytes to h; True when they hash to what the receiver holds."""
+    left = offset
+    while left:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            return False
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest() == prefix_hash
+
+
+def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None):
+    """One file as a tar member. With an offset, the receiver holds that many bytes of an earlier
+    try: when they hash alike here, only the rest is sent, and the record's hash is still the whole file's."""
     record = {"member": member, "source": source}
     try:
         f = open(source, "rb")
@@ -25,10 +39,18 @@ def send_one(sender, chan, source, member, alg):
     with f:
         before = os.fstat(f.fileno())
         size = before.st_size
-        sender.write(tar_header(member, size, before.st_mtime_ns, stat.S_IMODE(before.st_mode)))
-        sender.flush()  # so the file's data starts on a chunk boundary
         h = new_hash(alg)
-        left = size
+        skip = 0
+        if 0 < offset <= size and prefix_hash:
+            if kept_prefix(f, offset, prefix_hash, h):
+                skip = offset
+            else:
+                h = new_hash(alg)
+                f.seek(0)
+        sender.write(tar_header(member, size - skip, before.st_mtime_ns, stat.S_IMODE(before.st_mode),
+                                offset=skip))
+        sender.flush()  # so the file's data starts on a chunk boundary
+        left = size - skip
         while left:
             block = f.read(min(CHUNK, left))
             if not block:
@@ -51,10 +73,11 @@ def send_one(sender, chan, source, member, alg):
             record["changed"] = "shrank while being read"
         elif after.st_mtime_ns != before.st_mtime_ns or after.st_size != before.st_size:
             record.setdefault("changed", "modified while being read")
-        pad = (-size) % tarfile.BLOCKSIZE
+        pad = (-(size - skip)) % tarfile.BLOCKSIZE
         if pad:
             sender.write(b"\x00" * pad)
-    record.update(size=size, mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode), hash=h.hexdigest())
+    record.update(size=size, mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode), hash=h.hexdigest(),
+                  offset=skip)
     chan_put_record(sender, record)
 
 
@@ -64,7 +87,8 @@ def chan_put_record(sender, record):
 
 
 def op_send(chan, req, memory=None):
-    """Stream files as one tar: [[source relative to root or absolute, member name], ...].
+    """Stream files as one tar: [[source relative to root or absolute, member name], ...]; an entry
+    may add [..., offset, hash of the receiver's first offset bytes] to resume a partly received file.
 
     `memory` is the connection's Memory: the next send starts from this one's verdict.
     """
@@ -73,8 +97,10 @@ def op_send(chan, req, memory=None):
     root = req["root"]
     chan.send_json({"ok": True, "alg": alg})
     sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory)
-    for source, member in req["files"]:
-        send_one(sender, chan, resolve(root, source), member, alg)
+    for entry in req["files"]:
+        source, member = entry[0], entry[1]
+        offset, prefix_hash = (int(entry[2]), str(entry[3])) if len(entry) >= 4 else (0, None)
+        send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash)
     sender.write(b"\x00" * (2 * tarfile.BLOCKSIZE))
     sender.close()
     chan.send(b"E")

@@ -6,7 +6,7 @@ import threading
 import time
 
 from ckptsync.agent.frames import CHUNK, Failure
-from ckptsync.agent.codec import DATA_FRAMES, BinaryStream, ZstdStream, split_lanes, zstandard, zstd_binary
+from ckptsync.agent.codec import DATA_FRAMES, BinaryStream, FrameCompressor, LaneCoder, ZstdStream, split_lanes, stream_compressor, zstd_binary, zstd_library
 
 
 class Memory:
@@ -29,7 +29,9 @@ class Sender:
     it into byte lanes first packs it smaller), chosen per chunk from
     measured compression and link rates. A receiver with only the zstd
     binary gets raw chunks, then at most one switch to a continuous "S"
-    stream, which keeps its bytes in order through the binary.
+    stream, which keeps its bytes in order through the binary. When either
+    end has no zstd at all, chunks go raw or as "L" frames instead (byte
+    lanes packed with zlib or lzma, see LaneCoder), chosen the same way.
 
     `memory` (a Memory) carries the verdict from one stream to the next;
     `clock` times every decision, so tests can stand in for the link.
@@ -77,11 +79,17 @@ class Sender:
             self.warmup, self.settle = 0, 0
         level = 1 if compress == "auto" else (0 if compress == "off" else int(compress))
         self.level = max(1, min(level, 19))
-        can_local = zstandard is not None or zstd_binary() is not None
-        self.per_chunk = receiver_zstd == "module" and zstandard is not None
-        self.enabled = compress != "off" and receiver_zstd is not None and can_local
-        if self.enabled and self.per_chunk:
-            self.zc = zstandard.ZstdCompressor(level=self.level)
+        has_lib = zstd_library() is not None
+        can_local = has_lib or zstd_binary() is not None
+        self.per_chunk = receiver_zstd == "module" and has_lib
+        self.lane_coder = None
+        if not self.per_chunk and (receiver_zstd is None or not can_local):
+            # no zstd that both ends can use: every receiver decodes L frames with its standard library
+            self.lane_coder = LaneCoder(self.level)
+            self.per_chunk = True
+        self.enabled = compress != "off" and (self.per_chunk or can_local)
+        if self.enabled and self.per_chunk and self.lane_coder is None:
+            self.zc = FrameCompressor(self.level)
         self.writer = threading.Thread(target=self._write_loop)
         self.writer.daemon = True
         self.writer.start()
@@ -110,8 +118,8 @@ class Sender:
         self.queue.put((kind, bytes(payload)))
 
     def _start_stream(self):
-        if zstandard is not None:
-            self.stream = ZstdStream(zstandard.ZstdCompressor(level=self.level, threads=-1).compressobj(), self._put)
+        if zstd_library() is not None:
+            self.stream = ZstdStream(stream_compressor(self.level), self._put)
         else:
             self.stream = BinaryStream(self.level, self._put)
 
@@ -151,6 +159,8 @@ class Sender:
 
     def _pack(self, chunk):
         """One zstd frame of the chunk, split into byte lanes when that has been packing smaller."""
+        if self.lane_coder is not None:
+            return b"L", self.lane_coder.encode(chunk)
         full = len(chunk) == CHUNK  # tar headers and file tails say little about the data
         if full:
             self.packed_chunks += 1
@@ -245,8 +255,8 @@ class Sender:
 
     def _maybe_start_stream(self, sample):
         start = self.clock()
-        if zstandard is not None:
-            packed = zstandard.ZstdCompressor(level=self.level).compress(bytes(sample))
+        if zstd_library() is not None:
+            packed = FrameCompressor(self.level).compress(bytes(sample))
         else:
             try:
                 packed = subprocess.run(

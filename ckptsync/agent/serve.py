@@ -8,16 +8,17 @@ import time
 
 from ckptsync.agent.frames import PROTOCOL, Channel, Failure, os_failure
 from ckptsync.agent.hashing import hash_names
-from ckptsync.agent.codec import zstandard, zstd_binary
-from ckptsync.agent.scan import op_df, op_hash, op_scan, op_stat
+from ckptsync.agent.codec import zstd_binary, zstd_library
+from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
 from ckptsync.agent.send import op_send
+from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
 
 
 def op_hello(_req):
-    zstd = "module" if zstandard is not None else ("binary" if zstd_binary() else None)
+    zstd = "module" if zstd_library() is not None else ("binary" if zstd_binary() else None)
     return {
         "protocol": PROTOCOL,
         "python": "%d.%d.%d" % sys.version_info[:3],
@@ -36,12 +37,16 @@ SIMPLE = {
     "stat": op_stat,
     "hash": op_hash,
     "df": op_df,
+    "glob": op_glob,
     "procs": op_procs,
     "commit": op_commit,
     "staged": op_staged,
     "discard": op_discard,
     "remove": op_remove,
     "mkdir": op_mkdir,
+    "http_put": op_http_put,
+    "http_get": op_http_get,
+    "range_hash": op_range_hash,
 }
 # These talk on the channel themselves; they also get the connection's Memory.
 STREAMING = {"send": op_send, "receive": op_receive}

@@ -7,7 +7,8 @@ from ckptsync.agent.frames import CHUNK, Failure
 NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 
-def tar_header(name, size, mtime_ns, mode):
+def tar_header(name, size, mtime_ns, mode, offset=0):
+    """A PAX header; `offset`: the member's data starts that far into the file (a resumed one)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = mtime_ns // 1000000000
@@ -15,6 +16,8 @@ def tar_header(name, size, mtime_ns, mode):
     info.type = tarfile.REGTYPE
     info.uname = info.gname = ""
     info.pax_headers = {"ckptsync.mtime_ns": str(mtime_ns)}
+    if offset:
+        info.pax_headers["ckptsync.offset"] = str(offset)
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 

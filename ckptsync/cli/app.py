@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import textwrap
 import traceback
 from typing import Annotated, Optional
 
@@ -33,18 +34,27 @@ USAGE_ERRORS = _exceptions("UsageError")
 ABORTS = tuple(set(_exceptions("Abort")) | ({typer.Abort} if hasattr(typer, "Abort") else set()))
 CLICK_ERRORS = _exceptions("ClickException")
 
-from ckptsync import __version__
+try:  # typer prints an argument's Python type after its name ("NAME <list[str]>"): the name says it
+    from typer.core import TyperArgument
+
+    if hasattr(TyperArgument, "display_type_rich"):
+        TyperArgument.display_type_rich = lambda self, ctx: None
+except ImportError:  # pragma: no cover
+    pass
+
+from ckptsync import __version__, notify
 from ckptsync.cli import commands, context
 from ckptsync.cli import options as o
 from ckptsync.errors import CONNECT, EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
 from ckptsync.output import Output, guard_std_streams
 
-EXIT_TABLE = "\n\n".join(f"{code:>3}  {text}" for code, text in EXIT_CODES)
+# One line per code, wrapped by hand to fit 80 columns under click's two-space indent.
+EXIT_TABLE = "\n".join(f"{code:>3}  " + "\n     ".join(textwrap.wrap(text, 70)) for code, text in EXIT_CODES)
 
 app = typer.Typer(
     name="ckptsync",
     help="Back up, verify and restore training checkpoints between rented GPU servers and this machine.",
-    epilog="Exit codes:\n\n" + EXIT_TABLE,
+    epilog="Exit codes:\n\n\b\n" + EXIT_TABLE,  # \b: click keeps the lines as they are
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -63,8 +73,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     json: o.Json = False, quiet: o.Quiet = False, log_file: o.LogFile = None, debug: o.Debug = False,
+    ssh: o.Ssh = None,
 ) -> None:
-    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug)
+    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug, ssh=ssh)
 
 
 commands.register(app)
@@ -129,6 +140,7 @@ def _fail(run: context.Settings, message: str, hint: str, code: int, kind: str,
     if exc is not None and run.debug:
         out.text_to_stderr("".join(traceback.format_exception(exc)))
     out.failure(message, hint, exit_code=code, kind=kind)
+    notify.after_error(code, message)  # a scheduled run with --notify: no-op when the backup sent one
     return code
 
 

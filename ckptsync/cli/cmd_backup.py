@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Optional
 
 import typer
 
 from ckptsync.backup import BackupOptions, BackupResult, discard_staging, run_backup
-from ckptsync.cli import options as o
+from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import Locked, UsageError
-from ckptsync.output import Output, human
+from ckptsync.multi import ManyResult, run_many
+from ckptsync.output import Output, TextTable, human, rate
 
 
 @dataclass
@@ -28,31 +30,58 @@ class Skipped:
 
 
 def backup_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
+    remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
-    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, help="How many of the newest complete checkpoints.")] = 2,
-    checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
+    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, metavar="N", help="How many of the newest complete checkpoints.")] = 2,
+    checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", metavar="NAME", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
-    compress: o.Compress = "auto",
+    compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
     skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron).")] = False,
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what interrupted backups left in staging (kept to resume them).")] = False,
+    via_laptop: Annotated[bool, typer.Option("--via-laptop", help="A bucket store (s3://...) the server cannot reach: relay the bytes through this machine.")] = False,
+    follow_runs: Annotated[bool, typer.Option("--follow-runs", help="Also back up newer run directories beside remote_dir (NAME_run_YYYYMMDD_HHMMSS, or the config's runs:), each into its own subdirectory.")] = False,
 ) -> int:
     """Fetch complete checkpoints from the server, verified, into the backup directory.
 
     Default: the 2 newest complete checkpoints plus extra_files. Checkpoints
-    still being written are skipped. Safe to run from cron.
+    still being written are skipped. Safe to run from cron. Several instances
+    (-i 0 -i 1, or --all-instances) are backed up in parallel, each into its
+    own directory under its own lock, with one summary table; the exit code
+    is the worst of theirs.
     """
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
+    if all_ and checkpoint:
+        raise UsageError("give --all or --checkpoint, not both",
+                         hint="--all backs up every complete checkpoint; --checkpoint NAME only the named ones")
     opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
                          include_best=include_best, compress=o.parse_compress(compress), dry_run=dry_run,
                          wait=wait, extra_files=not no_extra_files)
-    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=not discard_staged)
+    ts = o.with_bwlimits(o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
+                                   need_remote=not discard_staged), bwlimit)
+    if follow_runs:
+        ts = [replace(t, follow_runs=True) for t in ts]
+    bt = bucket.one(ts)
+    if bt is not None:
+        bucket.refuse("--discard-staged", discard_staged)
+        bucket.refuse("--follow-runs", follow_runs)
+        bucket.refuse("--wait", wait)
+        bucket.refuse("--skip-if-locked", skip_if_locked)
+        return bucket.backup(bt, opts, via_laptop)
+    if via_laptop:
+        raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
     out = output()
+    if len(ts) > 1:
+        if discard_staged:
+            raise UsageError("--discard-staged clears one backup directory: give one --instance")
+        return out.render(run_many("backup", ts, functools.partial(_backup_one, opts=opts, skip_if_locked=skip_if_locked),
+                                   out.reporter()), show_backups)
+    t = ts[0]
     if discard_staged:
         held = discard_staging(t, dry_run)
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
@@ -94,6 +123,16 @@ def _shared(r: BackupResult) -> str:
 
 
 def show_backup(out: Output, result: BackupResult) -> None:
+    _show_one(out, result)
+    for sub in result.runs:
+        out.result(f"run {sub.dest}:")
+        _show_one(out, sub)
+    for r in result.unfollowed:
+        out.warn(f"newer run on the server: {r.path} ({r.checkpoints} complete checkpoint(s), newest "
+                 f"{r.newest} not backed up); back up with: {result.follow_hint}")
+
+
+def _show_one(out: Output, result: BackupResult) -> None:
     for w in result.warnings:
         out.warn(w)
     skipped = [p for p in result.plan if p.action == "skip"]
@@ -105,22 +144,74 @@ def show_backup(out: Output, result: BackupResult) -> None:
                 out.result(f"would fetch {p.name}: {p.files} files, {human(p.fetch_bytes)}")
             elif p.action == "up-to-date":
                 out.result(f"up to date  {p.name}")
+            elif p.action == "restamp":
+                out.result(f"up to date  {p.name} (same bytes; would record {p.files} new timestamp(s))")
         out.result(f"dry run: would fetch {human(result.fetch_bytes)} "
                    f"in {len(result.to_fetch)} item(s) into {result.dest}; nothing was changed")
         return
     for name, why in result.failed.items():
         out.warn(f"{name}: {why}")
-    current = [p.name for p in result.plan if p.action == "up-to-date"]
+    if result.adopted:
+        out.info(f"adopted {len(result.adopted)} older copies left by an earlier version as generations "
+                 f"(manifests built from their bytes): {', '.join(result.adopted)}")
+    if result.restamped:
+        out.info(f"same bytes, new timestamps on the server (0 bytes sent): {', '.join(result.restamped)}")
+    if result.generations:
+        out.info(f"previous versions kept as generations: {', '.join(result.generations)}"
+                 + (f"; dropped beyond keep_generations: {', '.join(result.dropped_generations)}"
+                    if result.dropped_generations else ""))
+    current = result.current
     if not result.fetched and not result.failed:
         if not out.quiet:
             out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({result.seconds:.1f}s)")
         return
     if out.quiet and not result.failed:
         return
-    rate = result.raw_bytes / result.seconds if result.seconds else 0
+    speed = rate(result.raw_bytes, result.seconds)
     out.result(f"fetched {len(result.fetched)} ({', '.join(result.fetched) or 'none'}), "
                f"up to date {len(current)}, skipped {len(skipped)}, failed {len(result.failed)}; "
                f"{human(result.raw_bytes)} of files, {human(result.wire_bytes)} on the wire, "
                f"{human(max(result.disk_bytes, 0))} new on disk"
                + _shared(result)
-               + f"; {result.seconds:.1f}s, {human(rate)}/s")
+               + (f"; {human(result.resumed_bytes)} of partly fetched files kept from an interrupted run, "
+                  "not sent again" if result.resumed_bytes else "")
+               + f"; {result.seconds:.1f}s" + (f", {speed}" if speed else ""))
+
+
+def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
+    """One instance of a multi-instance backup; a lock held elsewhere is that instance's outcome."""
+    try:
+        return run_backup(t, opts, rep)
+    except Locked as exc:
+        if not skip_if_locked:
+            raise
+        return Skipped(t.label, str(t.local_dir), exc.message)
+
+
+def show_backups(out: Output, many: ManyResult) -> None:
+    """Several instances: each one's warnings and failures, then one table and the errors."""
+    for o in many.outcomes:
+        r = o.result
+        if isinstance(r, BackupResult):
+            for w in r.warnings:
+                out.warn(f"{o.target}: {w}")
+            for name, why in r.failed.items():
+                out.warn(f"{o.target}: {name}: {why}")
+    tab = TextTable.of("instance", "exit", "fetched", "current", "failed", "files", "wire", "time")
+    for o in many.outcomes:
+        r = o.result
+        if isinstance(r, BackupResult):
+            tab.add(o.target, o.exit_code, len(r.fetched), sum(1 for p in r.plan if p.action == "up-to-date"),
+                    len(r.failed), human(r.fetch_bytes if r.dry_run else r.raw_bytes),
+                    "-" if r.dry_run else human(r.wire_bytes), f"{r.seconds:.1f}s")
+        else:
+            what = "skipped (locked)" if isinstance(r, Skipped) else "error"
+            tab.add(o.target, o.exit_code, what, "", "", "", "", "")
+    out.table([tab])
+    for o in many.outcomes:
+        if o.error:
+            out.error(f"{o.target}: {o.error}", o.hint)
+        elif isinstance(o.result, Skipped):
+            out.info(f"{o.target}: skipped: {o.result.skipped}")
+    if any(isinstance(o.result, BackupResult) and o.result.dry_run for o in many.outcomes):
+        out.result("dry run: nothing was changed (files: what would be fetched)")

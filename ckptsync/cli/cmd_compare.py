@@ -9,7 +9,7 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
 from ckptsync.details import CompareResult, compare_backups
-from ckptsync.output import Output, human, table
+from ckptsync.output import Column, Output, TextTable, human, size_cell
 from ckptsync.plot import number
 
 LABELS = {"step": "step", "epoch": "epoch", "loss": "train loss", "eval_loss": "eval loss",
@@ -31,21 +31,27 @@ def compare_cmd(
 
 
 def show_compare(out: Output, r: CompareResult) -> None:
-    out.result(f"{r.a} -> {r.b}   (backups in {r.location})")
-    values = table("", r.a, r.b, "change")
+    out.result(f"{r.a} -> {r.b}")
+    out.paragraph(r.location, indent="  ", first="  backups in ")
+    # Plain rows name their value by its JSON key: one word a cell.
+    values = TextTable.of(Column("", plain_header="value"), r.a, r.b, Column("change", right=True))
     for c in r.values:
         delta = "" if c.delta is None else (f"{c.delta:+d}" if isinstance(c.delta, int) else f"{c.delta:+.4g}")
-        values.add_row(LABELS.get(c.key, c.key), _fmt(c.a), _fmt(c.b), delta)
-    out.rich(values)
+        values.add(c.key if out.width is None else LABELS.get(c.key, c.key), _fmt(c.a), _fmt(c.b), delta)
+    out.table([values])
     out.result("")
-    out.result(f"files: {len(r.differ)} differ, {len(r.identical)} identical, "
-               f"{len(r.only_a)} only in {r.a}, {len(r.only_b)} only in {r.b}")
-    files = table("", "file", "size")
-    for label, group in (("differs", r.differ), (f"only in {r.a}", r.only_a), (f"only in {r.b}", r.only_b),
+    out.paragraph(f"files: {len(r.differ)} differ, {len(r.identical)} identical, "
+                  f"{len(r.only_a)} only in {r.a}, {len(r.only_b)} only in {r.b}", indent="  ")
+    # One word for where a file is; the line below says which checkpoint A and B are.
+    files = TextTable.of(Column("", plain_header="where"), "file", Column("size", right=True))
+    plain = out.width is None
+    for label, group in (("differs", r.differ), ("only-A", r.only_a), ("only-B", r.only_b),
                          ("identical", r.identical)):
         for f in group:
-            files.add_row(label, f.path, _sizes(f.a_size, f.b_size))
-    out.rich(files)
+            files.add(label, f.path, _sizes(f.a_size, f.b_size, plain))
+    out.table([files])
+    if (r.only_a or r.only_b) and not plain:
+        out.paragraph(f"only-A: only in {r.a}; only-B: only in {r.b}", indent="  ")
 
 
 def _fmt(value) -> str:
@@ -56,7 +62,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _sizes(a: int | None, b: int | None) -> str:
+def _sizes(a: int | None, b: int | None, plain: bool) -> str:
     if a is None or b is None or a == b:
-        return human(a if b is None else b)
-    return f"{human(a)} -> {human(b)}"
+        return size_cell(a if b is None else b, plain)
+    return f"{size_cell(a, plain)}->{size_cell(b, plain)}" if plain else f"{human(a)} -> {human(b)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
@@ -10,40 +11,59 @@ import typer
 from ckptsync import cron
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
+from ckptsync.cli.many import show_each
+from ckptsync.multi import run_many
 from ckptsync.policy import last_run_summary
 from ckptsync.output import Output, ago
 
 HELP = "Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed."
 
-Every = Annotated[str, typer.Option("--every", help="How often, e.g. 15m, 30m, 1h, 2h, 1d or 1w: a divisor of an hour or of a day. Hourly and longer runs keep the current minute (and hour).")]
+Every = Annotated[str, typer.Option("--every", metavar="INTERVAL", help="How often, e.g. 15m, 30m, 1h, 2h, 1d or 1w: a divisor of an hour or of a day. Hourly and longer runs keep the current minute (and hour).")]
 # The global --log-file, with what it also means here (named log_file, it gets the value given
 # before or after the command name alike).
-CronLogFile = Annotated[Optional[str], typer.Option("--log-file", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log); this command logs there too.", show_default=False)]
+CronLogFile = Annotated[Optional[str], typer.Option("--log-file", metavar="FILE", help="Log of the cron runs (default: <backup dir>/.ckptsync/cron.log); this command logs there too.", show_default=False)]
+Notify = Annotated[bool, typer.Option("--notify", help="When a scheduled run fails, show a desktop notice (notify-send on Linux, osascript on macOS).")]
 
 
 def install_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
+    remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None,
-    every: Every = "30m", log_file: CronLogFile = None,
+    every: Every = "30m", log_file: CronLogFile = None, notify: Notify = False,
 ) -> int:
     """Add the crontab entry that backs up this target, or replace it when there is one.
 
     The entry runs `backup --quiet --skip-if-locked` with this Python, the config
     file in use and the target options given here, logs to the log file and
-    sends no mail. Other lines of the crontab are left as they are.
+    sends no mail. Other lines of the crontab are left as they are. A target
+    whose host does not resolve is refused (exit 4); a missing cron daemon is
+    reported. Several instances (-i 0 -i 1, or --all-instances) get one entry
+    each; the exit code is the worst of theirs.
     """
-    t = o.target(config, instance, host, remote_dir, local_dir)
-    job = cron.CronJob(instance=instance, host=host, remote_dir=remote_dir, config=config, every=every,
-                       log_file=log_file)
+    ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir)
+    job = cron.CronJob(instance=instance[0] if instance else None, host=host, remote_dir=remote_dir, config=config,
+                       every=every, log_file=log_file, notify=notify)
+    if len(ts) > 1:
+        def one(t, _rep):  # one at a time: each install rewrites the crontab
+            return cron.install(t, replace(job, instance=t.label.removeprefix("instance-")), cron.Crontab())
+
+        return render(run_many("cron install", ts, one, parallel=False),
+                      lambda out, many: show_each(out, many, show_installed))
+    t = ts[0]
     # The Output (which opens the log) is built after install made the log's directory.
     return render(cron.install(t, job, cron.Crontab()), show_installed)
 
 
 def show_installed(out: Output, r: cron.CronResult) -> None:
     done = {"installed": "installed", "replaced": "replaced", "unchanged": "already installed"}[r.action]
-    out.result(f"{done}: cron entry for {r.target} ({r.backup_dir}), every {r.every} ({r.schedule})")
-    out.result(f"  log file: {r.log_file}")
-    out.result(f"  {r.line}")
+    out.result(f"{done}: cron entry for {r.target}, every {r.every} ({r.schedule})")
+    out.paragraph(r.backup_dir or "", indent="    ", first="  backups:  ")
+    out.paragraph(r.log_file or "", indent="    ", first="  log file: ")
+    if r.notify:
+        out.result("  a failed run shows a desktop notice")
+    out.paragraph(r.line or "", indent="      ", first="  ")  # wrapped on a terminal, whole in a pipe
+    for w in r.warnings:
+        out.warn(w)
 
 
 def show_cmd(
@@ -58,17 +78,21 @@ def show_cmd(
 def show_entry(out: Output, r: cron.CronResult) -> None:
     if r.installed:
         every = f"every {r.every} ({r.schedule})" if r.every else f"schedule {r.schedule or '?'}"
-        out.result(f"cron entry for {r.target} ({r.backup_dir}): {every}")
-        out.result(f"  {r.line or '(the marker line has no job line after it: run cron install again)'}")
+        out.result(f"cron entry for {r.target}: {every}{', desktop notice on failure' if r.notify else ''}")
+        out.paragraph(r.backup_dir, indent="    ", first="  backups: ")
+        out.paragraph(r.line or "(the marker line has no job line after it: run cron install again)",
+                      indent="      ", first="  ")
     else:
-        out.result(f"no cron entry for {r.target} ({r.backup_dir})")
+        out.paragraph(f"no cron entry for {r.target} ({r.backup_dir})", indent="  ")
         _others(out, r)
-    out.result(last_run_text(r.last_run))
+    out.paragraph(last_run_text(r.last_scheduled, label="last scheduled run"), indent="  ")
+    out.paragraph(last_run_text(r.last_manual, label="last manual run"), indent="  ")
     if r.stale:
-        out.warn("no run recorded for longer than two intervals; run the entry's command by hand to see why")
+        out.warn("no scheduled run recorded for longer than two intervals; "
+                 "run the entry's command by hand to see why")
     if r.log_tail:
         n = len(r.log_tail)
-        out.result(f"log {r.log_file} (last {n} line{'' if n == 1 else 's'}):")
+        out.paragraph(f"log {r.log_file} (last {n} line{'' if n == 1 else 's'}):", indent="  ")
         for line in r.log_tail:
             out.result(f"  {line}")
 
@@ -84,20 +108,22 @@ def remove_cmd(
 
 def show_removed(out: Output, r: cron.CronResult) -> None:
     if r.action == "removed":
-        out.result(f"removed the cron entry for {r.target} ({r.backup_dir})")
+        out.paragraph(f"removed the cron entry for {r.target} ({r.backup_dir})", indent="  ")
+        if r.removed_dir:
+            out.paragraph(f"{r.backup_dir} held no backups and was removed too", indent="  ", first="  ")
     else:
-        out.result(f"no cron entry for {r.target} ({r.backup_dir}); nothing to remove")
+        out.paragraph(f"no cron entry for {r.target} ({r.backup_dir}); nothing to remove", indent="  ")
         _others(out, r)
 
 
 def _others(out: Output, r: cron.CronResult) -> None:
     if r.others:
         listed = ", ".join(f"{e['target']} -> {e['backup_dir']}" for e in r.others)
-        out.result(f"  other ckptsync entries (select them with --local-dir): {listed}")
+        out.paragraph(f"other ckptsync entries (select them with --local-dir): {listed}", indent="    ", first="  ")
 
 
-def last_run_text(status: dict | None, now: float | None = None) -> str:
-    """One line about the last recorded backup run, from .ckptsync/status.json."""
+def last_run_text(status: dict | None, now: float | None = None, label: str = "last run") -> str:
+    """One line about a recorded backup run, from .ckptsync/status*.json."""
     if not status:
-        return "last run: none recorded"
-    return f"last run {ago(status.get('time'), now or time.time())}: {last_run_summary(status)[1]}"
+        return f"{label}: none recorded"
+    return f"{label} {ago(status.get('time'), now or time.time())}: {last_run_summary(status)[1]}"

@@ -17,7 +17,7 @@ import typer
 
 from ckptsync.cli.context import output, settings
 from ckptsync.demo import make_server_tree
-from ckptsync.output import Output
+from ckptsync.output import Output, command_lines
 
 STEPS = [
     ("list",
@@ -62,7 +62,7 @@ class DemoResult:
 
 
 def demo_cmd(
-    directory: Annotated[Optional[str], typer.Option("--dir", help="Where to build the demo (default: a new temp directory).", show_default=False)] = None,
+    directory: Annotated[Optional[str], typer.Option("--dir", metavar="DIR", help="Where to build the demo (default: a new temp directory).", show_default=False)] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo files afterwards.")] = False,
 ) -> int:
     """Build a sample training run in a temp directory and run list, backup, verify and restore on it."""
@@ -72,17 +72,20 @@ def demo_cmd(
     paths = {"server": str(server_root / "models" / "socrates-qwen-full-dataset"),
              "backups": str(base / "backups" / "instance-0"),
              "fresh": str(base / "new-server" / "socrates-training" / "models" / "socrates-qwen-full-dataset")}
-    out.result(f"Building a sample training run in {base} ...")
+    out.paragraph(f"{base} ...", first="Building a sample training run in ", indent="  ")
     make_server_tree(server_root)
-    out.result(f"  server checkpoint directory: {paths['server']}\n  backup directory:            {paths['backups']}\n")
+    out.paragraph(paths["server"], first="  server checkpoint directory: ", indent="    ")
+    out.paragraph(paths["backups"], first="  backup directory:            ", indent="    ")
+    out.result("")
     env = dict(os.environ)
     env["CKPTSYNC_CONFIG"] = str(_demo_config(base, paths["server"]))
     result = DemoResult(base=str(base), kept=bool(keep or directory))
     for title, text, args in STEPS:
         argv = [a.format(**paths) for a in args]
         out.result(f"--- {title} " + "-" * max(0, 60 - len(title)))
-        out.result(text)
-        out.result("$ ckptsync " + " ".join(shlex.quote(a) for a in argv))
+        out.paragraph(" ".join(text.split()))   # the text's own line breaks give way to the width
+        for line in command_lines(" ".join(shlex.quote(a) for a in ["ckptsync", *argv]), out.width, "$ ", "    "):
+            out.result(line)
         out.flush()  # before the child writes to the same stdout
         # The child runs in this run's mode (--json, --quiet, --log-file, --debug); under --json
         # its JSON becomes part of this one.
@@ -99,10 +102,10 @@ def demo_cmd(
 
 
 def show_demo(out: Output, r: DemoResult) -> None:
-    out.result("That is the whole loop. On a real GPU server use --instance N (the SSH alias tnr-N)\n"
-               "or --host user@host, and --remote-dir where the trainer writes checkpoints.")
+    out.paragraph("That is the whole loop. On a real GPU server use --instance N (the SSH alias tnr-N) "
+                  "or --host user@host, and --remote-dir where the trainer writes checkpoints.")
     if r.kept:
-        out.result(f"Demo files kept in {r.base}")
+        out.paragraph(r.base, first="Demo files kept in ")
 
 
 def _json_or_text(text: str):

@@ -7,50 +7,152 @@ from typing import Annotated
 
 import typer
 
-from ckptsync.cli import options as o
+from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import render
-from ckptsync.listing import ListResult, run_list
+from ckptsync.cli.many import show_each
+from ckptsync.listing import ListResult, Row, run_list
+from ckptsync.multi import run_many
 from ckptsync.policy import last_run_summary
-from ckptsync.output import Output, ago, human, table, when
+from ckptsync.output import Column, Output, TextTable, age, ago, human, size_cell, stamp, when, where_lines
 
 
 def list_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
+    remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     local: Annotated[bool, typer.Option("--local", help="Only the backup directory; no connection.")] = False,
+    generations: Annotated[bool, typer.Option("--generations", help="Also the earlier versions kept of reused names (latest.pt, a checkpoint that changed).")] = False,
 ) -> int:
-    """List checkpoints on the server and in the backup directory, newest first."""
-    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=not local)
-    result = run_list(t, local_only=local)
-    return render(result, functools.partial(show_list, remote_dir=None if local else t.remote_dir),
-                  ListResult.to_rows)
+    """List checkpoints on the server and in the backup directory, newest first.
+
+    Several instances (-i 0 -i 1, or --all-instances) are asked in parallel and
+    listed one after the other; the exit code is the worst of theirs.
+    """
+    ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
+                   need_remote=not local)
+    if len(ts) > 1:
+        many = run_many("list", ts, lambda t, _rep: run_list(t, local_only=local, generations=generations))
+        return render(many, lambda out, m: show_each(out, m, lambda out, r: show_list(out, r, None if local else r.remote_dir)))
+    if bucket.one(ts) is not None:
+        return bucket.listing(ts[0])
+    t = ts[0]
+    result = run_list(t, local_only=local, generations=generations)
+    return render(result, functools.partial(show_list, remote_dir=None if local else t.remote_dir))
 
 
 def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
-    where = f"server: {result.server}  " if result.server else ""
-    out.result(f"{where}backups: {result.dest}")
+    checked = result.server is not None
+    if checked:
+        for line in where_lines("server:  ", result.server, result.remote_dir or remote_dir, out.width):
+            out.result(line)
+    out.paragraph(result.dest, indent="         ", first="backups: ")
     if not result.rows:
-        out.result("no checkpoints found" + (f" in {remote_dir}" if remote_dir else ""))
+        out.result("no checkpoints found" + (f" in {result.remote_dir or remote_dir}" if remote_dir else ""))
+        if result.empty_hint:
+            out.warn(result.empty_hint)
         return
-    tab = table("", "name", "step", "kind", "size", "modified", "state", "contents", "backed up")
-    for r in result.rows:
-        state = "-" if r.complete is None else ("complete" if r.complete else f"in progress: {r.reason}")
-        if r.meta_error:
-            state += " (metadata unreadable)"
-        tab.add_row("*" if r.is_best else "", r.name, "-" if r.step is None else str(r.step), r.kind,
-                    human(r.size), when(r.mtime), state,
-                    "resumable" if r.resumable else r.content, r.backup)
-    out.rich(tab)
-    footer = [f"server total {human(result.total_server)}"] if result.server else []
-    footer.append(f"backed up {human(result.total_local)}")
-    if any(r.is_best for r in result.rows):
-        footer.append("* = best checkpoint")
-    out.result("  ".join(footer))
+    plain = out.width is None
+    out.table([list_table(result.rows, checked, plain, wide) for wide in (2, 1, 0)])
+    totals = []
+    if checked:
+        totals.append(f"on the server: {sum(1 for r in result.rows if r.on_server)}, {human(result.total_server)}")
+    totals.append(f"backed up: {len(result.backed_up)}, {human(result.total_local)}")
+    out.paragraph("; ".join(totals))
     if result.last_backup:
         lb = result.last_backup
-        out.result(f"last backup: {ago(lb.get('time'))}, {last_run_summary(lb)[1]}")
+        out.paragraph(f"last backup: {ago(lb.get('time'))}, {last_run_summary(lb)[1]}", indent="  ")
+    for line in legend(result.rows, checked):
+        out.paragraph(line, indent="  ")
+    for r in result.rows:
+        if r.reason and r.complete is False:
+            out.paragraph(f"{r.name} ({r.state}): {r.reason}", indent="  ")
+        if r.meta_error:
+            out.paragraph(f"{r.name}: metadata unreadable (the warning says why)", indent="  ")
     for r in result.rows:
         if r.meta_error:
             out.warn(f"{r.name}: {r.meta_error}")
     if result.unmanaged:
         out.warn(f"not made by ckptsync (no manifest): {', '.join(result.unmanaged[:5])}")
+    show_runs(out, result)
+    show_generations(out, result)
+
+
+def show_runs(out: Output, result: ListResult) -> None:
+    for r in result.runs:
+        if r.covered:
+            out.paragraph(f"run {r.name}: {r.checkpoints} complete checkpoint(s), newest backed up in "
+                          f"{r.local_dir}", indent="  ")
+        else:
+            out.warn(f"newer run on the server: {r.path} ({r.checkpoints} complete checkpoint(s), newest "
+                     f"{r.newest} not backed up); back up with: {result.follow_hint}")
+
+
+def show_generations(out: Output, result: ListResult) -> None:
+    if not result.generations:
+        return
+    out.paragraph("earlier versions (restore one with --checkpoint NAME --generation N):")
+    tab = TextTable.of("name", "N", Column("backed up (UTC)", plain_header="backed_up_utc"), "step", "size",
+                       "files")
+    for name, gens in sorted(result.generations.items()):
+        for g in gens:
+            tab.add(name, g.index, g.id, "-" if g.step is None else g.step, size_cell(g.size, out.width is None),
+                    g.files)
+    out.table([tab])
+
+
+# Short words for the contents column: what the checkpoint can be used for.
+CONTENTS = {
+    "exact": "resumes exactly",
+    "no-rng": "resumes without the RNG state (data order differs)",
+    "full": "full contents, not usable to resume (see below)",
+    "partial": "part of the training state is missing",
+    "adapter": "adapter weights only",
+    "weights": "model weights only",
+    "optim": "optimizer state only",
+    "unknown": "contents not recognised",
+}
+BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory"}
+STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long"}
+STYLES = {"writing": "yellow", "abandoned": "red", "no": "red", "old": "yellow", "yes": "green",
+          "complete": "green"}
+
+
+def contents_word(r: Row) -> str:
+    if r.resumable:
+        return "exact" if r.content == "full" else "no-rng"
+    return {"adapter-only": "adapter", "weights-only": "weights", "optimizer-only": "optim",
+            "no-rng": "partial"}.get(r.content, r.content)
+
+
+def backup_word(r: Row) -> str:
+    return {"outdated": "old", "local only": "local"}.get(r.backup, r.backup)
+
+
+def list_table(rows: list[Row], checked: bool, plain: bool, wide: int) -> TextTable:
+    """wide 2: kind and the modification time; 1: kind and age; 0: age only. Plain rows: one word a cell."""
+    cols: list = [Column("", plain_header="best"), "name", "step"]
+    cols += ["kind"] if wide or plain else []
+    cols += ["size", "modified" if wide == 2 or plain else "age"]
+    cols += ["state", "contents", "backup"] if checked else ["contents"]
+    tab = TextTable.of(*cols)
+    for r in rows:
+        size = size_cell(r.size, plain)
+        modified = stamp(r.mtime) if plain else (when(r.mtime) if wide == 2 else age(r.mtime))
+        cells = ["*" if r.is_best else "", r.name, "-" if r.step is None else r.step]
+        cells += [r.kind] if wide or plain else []
+        cells += [size, modified]
+        cells += [r.state or "-", contents_word(r), backup_word(r)] if checked else [contents_word(r)]
+        tab.add(*cells, styles={i: STYLES[c] for i, c in enumerate(map(str, cells)) if i > 2 and c in STYLES})
+    return tab
+
+
+def legend(rows: list[Row], checked: bool) -> list[str]:
+    """One line per column whose words need explaining, naming only the words on the screen."""
+    lines = ["* best checkpoint"] if any(r.is_best for r in rows) else []
+    for title, words, table in (("state", {r.state for r in rows}, STATE if checked else {}),
+                                ("contents", {contents_word(r) for r in rows}, CONTENTS),
+                                ("backup", {backup_word(r) for r in rows}, BACKUP if checked else {})):
+        shown = [f"{w} = {text}" for w, text in table.items() if w in words]
+        if shown:
+            lines.append(f"{title}: " + "; ".join(shown))
+    return lines

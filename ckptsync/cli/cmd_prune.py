@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.cli import options as o
+from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import UsageError
 from ckptsync.output import Output, human, table, when
@@ -23,6 +23,7 @@ def prune_cmd(
     no_keep_best: Annotated[bool, typer.Option("--no-keep-best", help="Let the other rules delete the best checkpoint too.")] = False,
     keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", show_default=False, help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
     keep_within: Annotated[Optional[str], typer.Option("--keep-within", metavar="DURATION", help="Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w).", show_default=False)] = None,
+    keep_generations: Annotated[Optional[int], typer.Option("--keep-generations", min=0, metavar="N", show_default=False, help="Keep the N newest earlier versions of each reused name (backups only; backup itself keeps keep_generations, default 2).")] = None,
     dry_run: o.DryRun = False, force: o.Force = False,
 ) -> int:
     """Delete the checkpoints no --keep rule keeps, in the backup directory or (--remote) on the server.
@@ -41,11 +42,16 @@ def prune_cmd(
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
+    if t.store_url:
+        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within),
+                            ("--keep-generations", keep_generations is not None)):
+            bucket.refuse(flag, bool(given))
+        return bucket.prune(t, keep_last, dry_run)
     out = output()
     if keep_best and no_keep_best:
         raise UsageError("give --keep-best or --no-keep-best, not both")
     result = run_prune(t, PruneOptions(policy=policy, remote=remote, dry_run=dry_run, force=force,
-                                       keep_best=not no_keep_best),
+                                       keep_best=not no_keep_best, keep_generations=keep_generations),
                        out.reporter())
     return out.render(result, show_prune)
 
@@ -54,6 +60,11 @@ def show_prune(out: Output, r: PruneResult) -> None:
     for w in r.warnings:
         out.warn(w)
     out.result(f"{'server' if r.side == 'server' else 'backups'}: {r.where}")
+    if r.generations:
+        out.paragraph(f"{'would remove' if r.dry_run else 'removed'} {len(r.generations)} earlier version(s): "
+                      f"{', '.join(r.generations)}")
+    if not r.entries and r.policy_empty:
+        return
     if not r.entries:
         out.result("no checkpoints: nothing to prune")
         return

@@ -6,22 +6,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.cli import options as o
+from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
-from ckptsync.output import Output, human, table
+from ckptsync.output import Output, TextTable, human, table
+from ckptsync.errors import UsageError
 from ckptsync.restore import RestoreOptions, RestoreResult, files_text, run_restore
+from ckptsync.restore_all import RESTORED, SKIPPED, WOULD, RestoreAllResult, run_restore_all
 
 
 def restore_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="NAME", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
     extra_files_to: Annotated[Optional[str], typer.Option("--extra-files-to", metavar="DIR", help="Put the extra files in DIR on the server (relative to --remote-dir, or absolute) instead of where they were.", show_default=False)] = None,
     extra_files_only: Annotated[bool, typer.Option("--extra-files-only", help="Send only the extra files (the checkpoint is already there).")] = False,
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what an interrupted restore of this checkpoint left in staging on the server.")] = False,
-    compress: o.Compress = "auto",
+    all_: Annotated[bool, typer.Option("--all", help="Restore every backed-up checkpoint, newest first, each checked and renamed into place on its own.")] = False,
+    generation: Annotated[Optional[str], typer.Option("--generation", metavar="N", help="With --checkpoint: an earlier version kept of it (1 = the one before the current; see list --generations).", show_default=False)] = None,
+    compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
     force: o.Force = False, dry_run: o.DryRun = False,
 ) -> int:
     """Put a backed-up checkpoint on a (new) server, ready to resume training.
@@ -36,14 +40,34 @@ def restore_cmd(
     ~/ckpt-backups/instance-OLD. Extra files that lay outside the run's
     directory go back only to the same remote_dir; elsewhere they are skipped
     with a line saying where they are kept, unless --extra-files-to DIR.
+    --all restores every checkpoint of the backup (those already on the
+    server are skipped unless --force); when some fail the others are still
+    restored, with exit 3 and a line per failure.
     """
+    if generation is not None and not checkpoint:
+        raise UsageError("--generation needs --checkpoint NAME (list --generations shows them)")
+    if all_:
+        given = [flag for flag, on in (("--checkpoint", checkpoint), ("--adapter-only", adapter_only),
+                                       ("--generation", generation is not None),
+                                       ("--extra-files-only", extra_files_only),
+                                       ("--discard-staged", discard_staged)) if on]
+        if given:
+            raise UsageError(f"--all restores every checkpoint whole: it cannot be combined with {', '.join(given)}")
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
                           force=force, dry_run=dry_run, compress=o.parse_compress(compress),
                           extra_files_to=extra_files_to, discard_staged=discard_staged,
-                          extra_files_only=extra_files_only)
-    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
+                          extra_files_only=extra_files_only, generation=generation)
+    t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
+    if t.store_url:
+        for flag, given in (("--all", all_), ("--adapter-only", adapter_only), ("--generation", generation),
+                            ("--extra-files-only", extra_files_only), ("--discard-staged", discard_staged),
+                            ("--dry-run", dry_run)):
+            bucket.refuse(flag, bool(given))
+        return bucket.restore(t, checkpoint, force)
     out = output()
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
+    if all_:
+        return out.render(run_restore_all(t, opts, out.reporter()), show_restore_all)
     return out.render(run_restore(t, opts, out.reporter()), show_restore)
 
 
@@ -65,8 +89,12 @@ def show_restore(out: Output, result: RestoreResult) -> None:
             out.result(f"{e.dest or e.source}: {'restored' if e.action in ('send', 'replace') else e.action}")
         return
     resumed = f", {result.resumed_files} kept from an interrupted restore" if result.resumed_files else ""
+    if result.resumed_bytes:
+        resumed += (f", {human(result.resumed_bytes)} of partly sent files kept on the server from an interrupted "
+                    "restore, not sent again")
     replaced = " (the existing copy was replaced)" if result.replaced else ""
-    out.result(f"restored {result.checkpoint} to {result.server}:{result.path}{replaced}")
+    version = f" (generation {result.generation})" if result.generation else ""
+    out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
     out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on "
                f"the wire){resumed}; {result.seconds:.1f}s")
     for e in result.extras:
@@ -93,3 +121,30 @@ def show_plan(out: Output, result: RestoreResult) -> None:
     out.rich(tab)
     out.result(f"would send {human(result.send_bytes)}; nothing was changed")
     out.result(f"then: {result.resume_hint}")
+
+
+def show_restore_all(out: Output, result: RestoreAllResult) -> None:
+    for w in result.warnings:
+        out.warn(w)
+    for item in result.failed:
+        out.warn(f"{item.checkpoint}: {item.error or item.outcome}")
+    if out.quiet and not result.failed:
+        return
+    tab = TextTable.of("checkpoint", "step", "size", "result")
+    for item in result.items:
+        tab.add(item.checkpoint, "-" if item.step is None else item.step, human(item.size), item.outcome)
+    out.table([tab])
+    for item in result.items:
+        if item.outcome == SKIPPED:
+            out.paragraph(f"{item.checkpoint}: skipped, {item.error}", indent="    ", first="  ")
+    if result.dry_run:
+        out.result(f"dry run: would restore {sum(1 for i in result.items if i.outcome == WOULD)} checkpoints "
+                   f"from {result.source} to {result.server}:{result.remote_dir}; nothing was changed")
+        return
+    restored = sum(1 for i in result.items if i.outcome == RESTORED)
+    out.result(f"restored {restored} of {len(result.items)} checkpoints to {result.server}:{result.remote_dir}, "
+               f"{human(result.sent_bytes)} sent ({human(result.wire_bytes)} on the wire), "
+               f"{sum(1 for i in result.items if i.outcome == SKIPPED)} skipped, "
+               f"{len(result.failed)} failed; {result.seconds:.1f}s")
+    if result.restores:
+        out.result(result.restores[0].resume_hint)

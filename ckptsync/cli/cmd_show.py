@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 from typing import Annotated, Optional
 
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.context import render
+from ckptsync.cli.context import output, render
 from ckptsync.details import ShowResult, describe_resume, show_backup, show_server
-from ckptsync.output import Output, ago, human, table, when
+from ckptsync.output import Output, TextTable, ago, human, size_cell, when
 from ckptsync.plot import Series, line_chart, number, sparkline
 
 DEFAULT_WIDTH = 72
@@ -25,7 +24,7 @@ def show_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Read the checkpoint on the server instead of the backup (implied by --host/--remote-dir).")] = False,
     ascii_: Annotated[bool, typer.Option("--ascii", help="Draw with ASCII characters only.")] = False,
-    width: Annotated[Optional[int], typer.Option("--width", min=40, max=400, help="Chart width (default: the terminal's, 72 in a pipe).", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option("--width", min=40, max=400, metavar="COLUMNS", help="Chart width (default: the terminal's, 72 in a pipe).", show_default=False)] = None,
 ) -> int:
     """Details of one checkpoint: step, losses, best, files, resumability, backup times, loss curve.
 
@@ -34,7 +33,7 @@ def show_cmd(
     remote = remote or host is not None or remote_dir is not None
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
     result = show_server(t, name) if remote else show_backup(t.local_dir, name)
-    return render(result, functools.partial(show_checkpoint, width=width or terminal_width(),
+    return render(result, functools.partial(show_checkpoint, width=width or terminal_width(output().width),
                                             plain=ascii_ or not utf8_output()))
 
 
@@ -43,15 +42,19 @@ def utf8_output() -> bool:
     return encoding == "utf8"
 
 
-def terminal_width() -> int:
-    if sys.stdout.isatty():
-        return max(shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns, 40)
-    return DEFAULT_WIDTH
+def terminal_width(columns: int | None) -> int:
+    """The chart's width: the output's ($COLUMNS, else the terminal's), else 72."""
+    return max(columns, 40) if columns else DEFAULT_WIDTH
 
 
 def show_checkpoint(out: Output, r: ShowResult, width: int, plain: bool) -> None:
     where = "backup in" if r.source == "backup" else "on"
-    out.result(f"{r.name}{'  * best checkpoint' if r.is_best else ''}   ({where} {r.location})")
+    title = f"{r.name}{'  * best checkpoint' if r.is_best else ''}"
+    if out.width is not None and len(title) + len(where) + len(r.location) + 5 > out.width:
+        out.result(title)   # the location on a line of its own, never cut
+        out.paragraph(r.location, first=f"  {where} ", indent="    ")
+    else:
+        out.result(f"{title}   ({where} {r.location})")
     rows = [("layout", f"{r.layout} ({r.kind})")]
     if r.complete is not None:
         rows.append(("state", "complete" if r.complete else f"in progress: {r.reason}"))
@@ -78,17 +81,17 @@ def show_checkpoint(out: Output, r: ShowResult, width: int, plain: bool) -> None
         rows.append(("backed up", f"{when(r.backed_up_at)} ({ago(r.backed_up_at)})"))
         rows.append(("verified", f"{when(r.verified_at)} ({ago(r.verified_at)})"))
     for label, value in rows:
-        out.result(f"  {label:<14}{value}")
+        out.paragraph(value, indent=" " * 16, first=f"  {label:<14}")
     out.result("")
-    tab = table("file", "size", "resume")
+    tab = TextTable.of("file", "size", "resume")
     for f in r.files:
-        tab.add_row(f.path, human(f.size), "yes" if f.resume else "")
-    out.rich(tab)
+        tab.add(f.path, size_cell(f.size, out.width is None), "yes" if f.resume else "no")
+    out.table([tab])
     needed = [f for f in r.files if f.resume]
     out.result(f"{len(r.files)} file{'s' if len(r.files) != 1 else ''}, {human(r.size)}; "
                f"{len(needed)} needed to resume ({human(r.resume_size)})")
     for note in r.notes:
-        out.result(f"note: {note}")
+        out.paragraph(note, indent="  ", first="note: ")
     if r.curve:
         out.result("")
         out.result("loss by step")

@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptsync.cli import options as o
+from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
-from ckptsync.output import Output, human
+from ckptsync.output import Output, human, rate
 from ckptsync.errors import UsageError
 from ckptsync.repair import RepairResult, run_repair
 from ckptsync.verify import EntryCheck, VerifyResult, run_verify
@@ -20,6 +20,7 @@ def verify_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     remote: Annotated[bool, typer.Option("--remote", help="Compare the server's copy with the backup (hashed on the server) instead of re-reading the backup.")] = False,
     repair: Annotated[bool, typer.Option("--repair", help="Fetch again, from the server, the files that fail their manifest (when the server still has them unchanged).")] = False,
+    read_data: Annotated[bool, typer.Option("--read-data", help="A bucket store: also stream every object through this machine and hash it (without it: sizes and ETags). A backup directory is always read.")] = False,
 ) -> int:
     """Check backups: re-read every file and compare size and xxh3-128 with the manifest.
 
@@ -39,6 +40,10 @@ def verify_cmd(
     if remote and repair:
         raise UsageError("give --remote or --repair, not both")
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote or repair)
+    if t.store_url:
+        bucket.refuse("--remote", remote)
+        bucket.refuse("--repair", repair)
+        return bucket.verify(t, list(names or []), read_data)
     out = output()
     if repair:
         out.info(f"repair {t.local_dir} from {t.describe()}:{t.remote_dir}")
@@ -86,7 +91,7 @@ def _summary(r: VerifyResult) -> str:
         if not e.failed:
             counts[e.status] = counts.get(e.status, 0) + 1
     states = ", ".join(f"{n} {status}" for status, n in counts.items())
-    rate = f", {human(r.bytes_read / r.seconds)}/s" if r.seconds and r.bytes_read else ""
+    speed = rate(r.bytes_read, r.seconds)
     where = f"{r.server}:{r.remote_dir} against {r.dest} ({r.alg})" if r.remote else r.dest
     return (f"checked {len(r.entries)} in {where}: {states}, {len(r.failed)} failed; "
-            f"{human(r.bytes_read)} read in {r.seconds:.1f}s{rate}")
+            f"{human(r.bytes_read)} read in {r.seconds:.1f}s" + (f", {speed}" if speed else ""))

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
 
 def with_global_options(func: Callable[..., int]) -> Callable[..., int]:
-    """`func` as a command that also takes --json, --quiet, --log-file and --debug.
+    """`func` as a command that also takes --json, --quiet, --log-file, --debug and --ssh.
 
     Their values go to the run's settings, merged with those given before the command name. A
     command may declare one of them itself, for its own help text (cron install's --log-file);

@@ -27,7 +27,8 @@ def open_server(target: "Target") -> Server:
 
     if target.transport is None:
         raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
-    return AgentServer(target.transport)
+    return AgentServer(target.transport, missing_hint=target.tilde_hint, bwlimit=target.bwlimit,
+                       limiter=target.limiter)
 
 
 __all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "FileStat", "Listing", "Hello",

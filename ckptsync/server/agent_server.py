@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import posixpath
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ckptsync.agent import STAGING_PREFIX, safe_member
-from ckptsync.errors import ProtocolError
+from ckptsync.errors import AgentError, ProtocolError, UsageError
+from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
-from ckptsync.server.base import Download, Hashes, Server, Upload
+from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
 from ckptsync.server.types import Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
 from ckptsync.transport import Transport
 
 
 class AgentServer(Server):
-    def __init__(self, transport: Transport) -> None:
-        self.remote = Remote(transport)
+    def __init__(self, transport: Transport, missing_hint: Callable[[str, str], str] | None = None,
+                 bwlimit: int | None = None, limiter: RateLimiter | None = None) -> None:
+        self.remote = Remote(transport, limiter or (RateLimiter(bwlimit) if bwlimit else None))
+        self.missing_hint = missing_hint  # (missing root, server's home) -> a hint, or ""
         self.hello = Hello(protocol=0, python="", zstd=None, hashes=("sha1",))
 
     # -------------------------------------------------- lifecycle
@@ -50,14 +53,23 @@ class AgentServer(Server):
         try:
             reply = self._call("scan", root=root)
         except MissingOnServer as exc:
-            raise RemoteDirMissing(f"remote directory does not exist on {self.describe()}: {exc.path or root}",
-                                   path=exc.path or root) from None
+            path = exc.path or root
+            hint = self.missing_hint(path, self.hello.home) if self.missing_hint else ""
+            raise RemoteDirMissing(f"remote directory does not exist on {self.describe()}: {path}",
+                                   path=path, hint=hint) from None
+        except AgentError as exc:
+            if exc.agent_kind != "not_dir":
+                raise
+            raise UsageError(f"the remote directory is a file on {self.describe()}: {exc.path or root}",
+                             hint="give the directory the checkpoints are saved in "
+                             "(--remote-dir, or remote_dir in the config)") from None
         try:
             files = []
-            for path, size, mtime_ns, mode in reply["files"]:
+            for row in reply["files"]:
+                path = row[0]
                 if not isinstance(path, str) or not safe_member(path):
                     raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
-                files.append(FileStat(path, int(size), int(mtime_ns), int(mode)))
+                files.append(FileStat(path, *(int(v) for v in row[1:6])))
             return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
                            now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []],
                            unreadable={str(k): str(v) for k, v in (reply.get("unreadable") or {}).items()})
@@ -71,7 +83,8 @@ class AgentServer(Server):
         try:
             for p in paths:
                 info = reply.get(p)
-                out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]))
+                out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]),
+                                                        *(int(v) for v in info[4:6]))
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             raise self._malformed("stat", exc) from None
         return out
@@ -117,10 +130,18 @@ class AgentServer(Server):
     def mkdir(self, path: str) -> str:
         return str(self._call("mkdir", path=path).get("path", path))
 
+    def dirs(self, root: str, patterns: list[str]) -> list[str]:
+        reply = self._call("glob", root=root, patterns=list(patterns))
+        found = reply.get("dirs") or []
+        if not all(isinstance(d, str) and safe_member(d) for d in found):
+            raise ProtocolError(f"{self.describe()}: the server listed an unsafe path in {found!r}")
+        return list(found)
+
     # -------------------------------------------------- streams and staging
 
-    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
-        return self.remote.download(root, pairs, compress=compress)
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
+             resume: dict[str, tuple[int, str]] | None = None) -> Download:
+        return self.remote.download(root, pairs, compress=compress, resume=resume)
 
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
         return self.remote.upload(root, name, compress=compress)
@@ -150,3 +171,27 @@ class AgentServer(Server):
     def remove(self, root: str, names: list[str]) -> list[str]:
         return [str(x) for x in self._call("remove", root=root, names=list(names)).get("removed") or []]
 
+    # -------------------------------------------------- presigned URLs
+
+    def _moved(self, op: str, reply: dict, count: int) -> list[Moved]:
+        try:
+            rows = list(reply["results"])
+            if len(rows) != count:
+                raise ValueError(f"{len(rows)} results for {count} items")
+            return [Moved(etag=str(r.get("etag", "")), md5=str(r.get("md5", "")), hash=str(r.get("hash", "")),
+                          size=int(r.get("size", 0)), error=str(r.get("error", "")),
+                          message=str(r.get("message", ""))) for r in rows]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._malformed(op, exc) from None
+
+    def put_urls(self, root: str, items: list[dict], alg: str = "", workers: int = 4) -> list[Moved]:
+        reply = self._call("http_put", root=root, items=items, alg=alg, workers=workers)
+        return self._moved("http_put", reply, len(items))
+
+    def get_urls(self, root: str, name: str, items: list[dict], alg: str, workers: int = 4) -> list[Moved]:
+        reply = self._call("http_get", root=root, name=name, items=items, alg=alg, workers=workers)
+        return self._moved("http_get", reply, len(items))
+
+    def range_hashes(self, root: str, ranges: list[tuple[str, int, int]], alg: str = "md5") -> list[str | None]:
+        got = self._call("range_hash", root=root, ranges=[list(r) for r in ranges], alg=alg).get("hashes") or []
+        return [g if isinstance(g, str) else None for g in got] + [None] * (len(ranges) - len(got))

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable
 
+from ckptsync.errors import UsageError
 from ckptsync.server.types import Arrived, Committed, Hello, Listing, Procs, Space, Staged, Stat
 
 
@@ -18,6 +19,18 @@ class Hashes:
     def get(self, path: str) -> str | None:
         return self.values.get(path)
 
+
+@dataclass
+class Moved:
+    """One item of a transfer between the server and a presigned URL: what the bucket answered
+    (`etag`), the MD5 and hash of the bytes moved, or why it failed (`error`, `message`)."""
+
+    etag: str = ""
+    md5: str = ""
+    hash: str = ""
+    size: int = 0
+    error: str = ""
+    message: str = ""
 
 
 
@@ -40,8 +53,9 @@ class Upload(ABC):
 
     @abstractmethod
     def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
-            also: Callable[[bytes], None] | None = None) -> str:
-        """Send one file; returns its hash in the server's algorithm."""
+            also: Callable[[bytes], None] | None = None, offset: int = 0) -> str:
+        """Send one file; returns its hash in the server's algorithm. `offset`: the staging already
+        holds that many of its first bytes (checked by hash): they are read and hashed, not sent."""
 
     @abstractmethod
     def finish(self) -> dict[str, Arrived]: ...
@@ -101,8 +115,14 @@ class Server(ABC):
         """Create path (and parents); returns it resolved."""
 
     @abstractmethod
-    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
-        """Stream (source, member) files from the server."""
+    def dirs(self, root: str, patterns: list[str]) -> list[str]:
+        """Directories under root matching shell glob patterns, relative to root, sorted."""
+
+    @abstractmethod
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
+             resume: dict[str, tuple[int, str]] | None = None) -> Download:
+        """Stream (source, member) files from the server. `resume`: member -> (bytes already here, their
+        hash in the server's best algorithm); when the server's first bytes hash the same, only the rest comes."""
 
     @abstractmethod
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
@@ -128,3 +148,14 @@ class Server(ABC):
     @abstractmethod
     def remove(self, root: str, names: list[str]) -> list[str]:
         """Delete whole entries (renamed aside first); returns the names removed."""
+
+    # Optional: moving bytes between the server and presigned URLs (a bucket). Items are dicts:
+    # put {path, offset, length, url}; get {member, url, size, mode, mtime_ns, hash}.
+    def put_urls(self, root: str, items: list[dict], alg: str = "", workers: int = 4) -> list[Moved]:
+        raise UsageError(f"{self.describe()} cannot send files to a bucket")
+
+    def get_urls(self, root: str, name: str, items: list[dict], alg: str, workers: int = 4) -> list[Moved]:
+        raise UsageError(f"{self.describe()} cannot fetch files from a bucket")
+
+    def range_hashes(self, root: str, ranges: list[tuple[str, int, int]], alg: str = "md5") -> list[str | None]:
+        raise UsageError(f"{self.describe()} cannot hash byte ranges")

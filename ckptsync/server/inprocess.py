@@ -181,9 +181,10 @@ class InProcessServer(AgentServer):
         except _Reply as exc:
             raise from_reply(exc.payload, self.describe()) from None
 
-    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto") -> Download:
-        self._before("send", {"root": root, "pairs": pairs, "compress": compress})
-        return super().send(root, pairs, compress)
+    def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
+             resume: dict[str, tuple[int, str]] | None = None) -> Download:
+        self._before("send", {"root": root, "pairs": pairs, "compress": compress, "resume": resume})
+        return super().send(root, pairs, compress, resume)
 
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
         self._before("receive", {"root": root, "name": name, "compress": compress})

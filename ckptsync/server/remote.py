@@ -10,6 +10,7 @@ from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
+from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase
 from ckptsync.server.errors import from_reply
 from ckptsync.server.types import Arrived
@@ -30,17 +31,23 @@ def agent_source() -> bytes:
 class _Pipe:
     """File-like adapter over a Process, with a pushback buffer for bytes read past the marker."""
 
-    def __init__(self, proc: Process) -> None:
+    def __init__(self, proc: Process, limiter: RateLimiter | None = None) -> None:
         self.proc = proc
         self.head = b""
+        self.limiter = limiter  # --bwlimit: both directions share it
 
     def read(self, n: int) -> bytes:
         if self.head:
             out, self.head = self.head[:n], self.head[n:]
             return out
-        return self.proc.read(n)
+        block = self.proc.read(n)
+        if self.limiter is not None:
+            self.limiter.take(len(block))  # reading later makes the sender wait: the link stays at the rate
+        return block
 
     def write(self, data: bytes) -> None:
+        if self.limiter is not None:
+            self.limiter.take(len(data))
         self.proc.write(data)
 
     def flush(self) -> None:
@@ -70,8 +77,9 @@ def _raise(payload: dict, where: str) -> None:
 class Remote:
     """A started agent. Use as a context manager."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, limiter: RateLimiter | None = None) -> None:
         self.transport = transport
+        self.limiter = limiter
         self.proc: Process | None = None
         self.chan: _Channel | None = None
         self.hello: dict[str, Any] = {}
@@ -91,7 +99,7 @@ class Remote:
 
     def open(self) -> None:
         self.proc = self.transport.start()
-        pipe = _Pipe(self.proc)
+        pipe = _Pipe(self.proc, self.limiter)
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
         timer.daemon = True
         timer.start()
@@ -196,8 +204,9 @@ class Remote:
 
     # -------------------------------------------------- streams
 
-    def download(self, root: str, pairs: list[tuple[str, str]], *, compress: str = "auto") -> "Download":
-        return Download(self, root, pairs, compress)
+    def download(self, root: str, pairs: list[tuple[str, str]], *, compress: str = "auto",
+                 resume: dict[str, tuple[int, str]] | None = None) -> "Download":
+        return Download(self, root, pairs, compress, resume or {})
 
     def upload(self, root: str, name: str, *, compress: str = "auto") -> "Upload":
         return Upload(self, root, name, compress)
@@ -206,11 +215,13 @@ class Remote:
 class Download(DownloadBase):
     """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
 
-    def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str) -> None:
+    def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str,
+                 resume: dict[str, tuple[int, str]]) -> None:
         self.remote = remote
         self.records: dict[str, dict] = {}
         self.alg = remote.best_hash
-        remote.request("send", root=root, files=[list(p) for p in pairs], compress=compress, alg=self.alg)
+        files = [[src, member, *resume[member]] if member in resume else [src, member] for src, member in pairs]
+        remote.request("send", root=root, files=files, compress=compress, alg=self.alg)
         remote.reply()
         remote.busy = True
         self.reader = wire.FrameReader(remote.chan, other=self._other)
@@ -262,25 +273,27 @@ class Upload(UploadBase):
         self.sent: dict[str, str] = {}
 
     def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
-            also: Callable[[bytes], None] | None = None) -> str:
+            also: Callable[[bytes], None] | None = None, offset: int = 0) -> str:
         """Stream one file; returns the hash (in the server's algorithm) of what was read."""
-        self._write(wire.tar_header(member, size, mtime_ns, mode))
+        self._write(wire.tar_header(member, size - offset, mtime_ns, mode, offset=offset))
         try:
             self.sender.flush()  # file data then starts on a chunk boundary and is sent without copies
         except wire.Failure as exc:
             raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
         h = wire.new_hash(self.alg)
-        left = size
-        while left:
-            block = f.read(min(CHUNK, left))
-            if not block:
-                raise IntegrityError(f"{member}: file shrank while being sent")
-            h.update(block)
-            if also is not None:
-                also(block)
-            self._write(block)
-            left -= len(block)
-        pad = (-size) % 512
+        for n, send in ((offset, False), (size - offset, True)):  # the kept prefix is only hashed
+            left = n
+            while left:
+                block = f.read(min(CHUNK, left))
+                if not block:
+                    raise IntegrityError(f"{member}: file shrank while being sent")
+                h.update(block)
+                if also is not None:
+                    also(block)
+                if send:
+                    self._write(block)
+                left -= len(block)
+        pad = (-(size - offset)) % 512
         if pad:
             self._write(b"\x00" * pad)
         self.sent[member] = h.hexdigest()

@@ -9,17 +9,21 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import xxhash
 
 from ckptsync import agent as wire
-from ckptsync.errors import CkptsyncError, IntegrityError, ProtocolError
+from ckptsync.errors import CkptsyncError, ConnectError, IntegrityError, ProtocolError
 from ckptsync.progress import Reporter
 from ckptsync.server.base import Download
 from ckptsync.store import io_error
 
 CHUNK = wire.CHUNK
+# A partly received file at least this large keeps its bytes when the link drops or the run is
+# stopped; the next run offers them to the server, which sends only the rest when its first bytes
+# hash the same. Smaller ones are cheaper to send again than to hash on both sides.
+KEEP_PREFIX_MIN = 16 << 20
 
 
 @dataclass
@@ -29,6 +33,57 @@ class Received:
     mode: int
     mtime_ns: int
     xxh3_128: str
+    skipped: int = 0     # leading bytes that were already here (a kept prefix), not sent again
+
+
+@dataclass
+class Prefix:
+    """The kept first bytes of a partly received file, hashed, so that the writer continues the hashes."""
+
+    size: int
+    digest: str          # in the server's algorithm: what the server compares
+    xxh: Any             # xxh3_128 state after the prefix
+    other: Any = None    # the server's algorithm's state, when that is not xxh3_128
+
+
+def kept_prefixes(targets: dict[str, Path], alg: str, done: Iterable[Path] = ()) -> dict[str, Prefix]:
+    """Hash the kept `.part` of each target that has one worth offering (the rest are dropped).
+
+    `done`: files already complete in staging by other means (a resumed or locally placed copy);
+    a `.part` beside one of those is stale and would otherwise be committed with the entry.
+    """
+    for path in done:
+        path.with_name(path.name + ".part").unlink(missing_ok=True)
+    out = {}
+    for member, path in targets.items():
+        part = path.with_name(path.name + ".part")
+        try:
+            size = part.stat().st_size
+        except OSError:
+            continue
+        if size < KEEP_PREFIX_MIN:
+            part.unlink(missing_ok=True)
+            continue
+        hx = xxhash.xxh3_128()
+        other = None if alg == "xxh3_128" else wire.new_hash(alg)
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(CHUNK), b""):
+                hx.update(block)
+                if other is not None:
+                    other.update(block)
+        out[member] = Prefix(size, (other or hx).hexdigest(), hx, other)
+    return out
+
+
+def offers(prefixes: dict[str, Prefix]) -> dict[str, tuple[int, str]]:
+    """What Server.send takes as `resume`."""
+    return {member: (p.size, p.digest) for member, p in prefixes.items()}
+
+
+def _keep(exc: BaseException, size: int) -> bool:
+    """Is a partly written file worth keeping after this failure? Only an interruption keeps it:
+    the bytes that arrived are what the server sent, and the next run checks them against its hash."""
+    return size >= KEEP_PREFIX_MIN and isinstance(exc, (KeyboardInterrupt, ConnectError))
 
 
 @dataclass
@@ -76,16 +131,33 @@ class DiskWriter:
                 with contextlib.suppress(OSError):
                     os.unlink(arg)
                 continue
+            if op == "keep":
+                # An interrupted file: its written bytes stay for the next run, unless writing failed.
+                try:
+                    if out is not None and not out.closed:
+                        out.close()
+                except OSError:
+                    self.error = self.error or OSError("close failed")
+                if self.error is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(arg)
+                continue
             if self.error is not None:
                 if op == "close":
                     arg.set()
                 continue
             try:
                 if op == "open":
-                    path, alg, self.result = arg
-                    out = open(path, "wb")
-                    hx = xxhash.xxh3_128()
-                    other = None if alg == "xxh3_128" else wire.new_hash(alg)
+                    path, alg, self.result, prefix = arg
+                    if prefix is None:
+                        out = open(path, "wb")
+                        hx = xxhash.xxh3_128()
+                        other = None if alg == "xxh3_128" else wire.new_hash(alg)
+                    else:  # the server sends the rest of a kept prefix
+                        out = open(path, "r+b")
+                        out.truncate(prefix.size)
+                        out.seek(prefix.size)
+                        hx, other = prefix.xxh, prefix.other
                 elif op == "data":
                     hx.update(arg)
                     if other is not None:
@@ -113,20 +185,28 @@ class DiskWriter:
         """Remove a half-written file, in order with the writes already queued for it."""
         self.queue.put(("discard", path))
 
+    def keep(self, path: Path) -> None:
+        """Close a half-written file once the writes queued for it are done, and leave it."""
+        self.queue.put(("keep", path))
+
     def stop(self) -> None:
         self.queue.put(("stop", None))
         self.thread.join(timeout=30)
 
 
 def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
-            on_file: Callable[[Received], None]) -> tuple[Outcome, int]:
+            on_file: Callable[[Received], None], prefixes: dict[str, Prefix] | None = None) -> tuple[Outcome, int]:
     """Write each expected member to its target path ("<target>.part" until confirmed).
 
     A member counts only once the server's record for it has arrived and its
     size and hash match what was written here; `on_file` is then called.
     Anything the server sends that was not asked for stops the transfer.
-    Returns the outcome and the bytes that crossed the link.
+    `prefixes`: the kept prefixes offered in the send request (see kept_prefixes);
+    a member the server resumes continues after its prefix. An interruption
+    keeps large partly written files for the next run. Returns the outcome and
+    the bytes that crossed the link.
     """
+    prefixes = prefixes or {}
     pending: list[tuple[Received, Path, str]] = []
     received: list[Received] = []
     changed: dict[str, str] = {}
@@ -163,12 +243,13 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             if name not in targets or name in seen or not member.isreg():
                 raise ProtocolError(f"the server sent an unexpected tar member {name!r}")
             seen.add(name)
-            pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep))
+            pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep, prefixes.get(name)))
             settle(final=False)
         wire_bytes = dl.finish()
-    except BaseException:
-        for _rec, path, _h in pending:  # unconfirmed data is worthless; confirmed files stay
-            path.with_name(path.name + ".part").unlink(missing_ok=True)
+    except BaseException as exc:
+        for rec, path, _h in pending:  # unconfirmed data is worthless, unless kept to resume; confirmed files stay
+            if not _keep(exc, rec.size):
+                path.with_name(path.name + ".part").unlink(missing_ok=True)
         raise
     finally:
         writer.stop()
@@ -184,14 +265,20 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
 
 
 def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo, path: Path, alg: str,
-                  rep: Reporter) -> tuple[Received, Path, str]:
+                  rep: Reporter, prefix: Prefix | None = None) -> tuple[Received, Path, str]:
     part = path.with_name(path.name + ".part")
+    offset = int(member.pax_headers.get("ckptsync.offset", 0) or 0)
+    if offset and (prefix is None or prefix.size != offset):
+        raise ProtocolError(f"the server resumed {member.name} at byte {offset}, which was not offered")
+    if not offset:
+        prefix = None  # the server's first bytes differ from the kept ones: the whole file comes
     written = 0
     result: list = []
     done = threading.Event()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer.put("open", (part, alg, result))
+        writer.put("open", (part, alg, result, prefix))
+        rep.advance(offset)
         for piece in stream.data(member.size):
             writer.put("data", piece)
             written += len(piece)
@@ -207,10 +294,14 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
     except OSError as exc:
         writer.discard(part)
         raise io_error(exc, f"writing {path}") from None
-    except BaseException:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
-        writer.discard(part)
+    except BaseException as exc:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
+        if _keep(exc, offset + written):
+            writer.keep(part)
+        else:
+            writer.discard(part)
         raise
     digest, other = result
-    rec = Received(member=member.name, size=written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest)
+    rec = Received(member=member.name, size=offset + written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest,
+                   skipped=offset)
     return rec, path, digest if other is None else other
 

@@ -13,10 +13,21 @@ class Stat:
     mtime_ns: int
     mode: int
     is_dir: bool = False
+    ctime_ns: int = 0                # 0: not reported
+    inode: int = 0
 
     def same_content_stamp(self, other: "Stat") -> bool:
-        """Size and mtime match: rsync's quick check."""
-        return self.size == other.size and self.mtime_ns == other.mtime_ns
+        """Size, mtime and (where both sides know it) inode match. ctime is left out: a chmod or
+        a hard link of the file changes it, not the bytes; quick_check uses it to hash, not to judge."""
+        return ((self.size, self.mtime_ns) == (other.size, other.mtime_ns)
+                and not (self.inode and other.inode and self.inode != other.inode))
+
+
+def same_identity(a, b) -> bool:
+    """Same inode and ctime, where both are known: a rename or a rewrite changes one of them."""
+    if a.inode and b.inode and a.inode != b.inode:
+        return False
+    return not (a.ctime_ns and b.ctime_ns and a.ctime_ns != b.ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,12 @@ class FileStat:
     size: int
     mtime_ns: int
     mode: int
+    ctime_ns: int = 0                # 0: not reported (an older agent, or not a scan)
+    inode: int = 0
 
     @property
     def stat(self) -> Stat:
-        return Stat(self.size, self.mtime_ns, self.mode)
+        return Stat(self.size, self.mtime_ns, self.mode, False, self.ctime_ns, self.inode)
 
 
 @dataclass

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ckptsync.errors import ConfigError
 
 # The first stage runs under the server's python3 -c. It prints a marker line
 # (so login banners and shell noise before it can be skipped), reads a length
@@ -26,6 +32,57 @@ SHELL_LAUNCH = (
     "if command -v $p >/dev/null 2>&1; then exec $p -c '" + STAGE1 + "'; fi; "
     "done; echo '" + NO_PYTHON + "' >&2; exit 127"
 )
+
+
+@dataclass
+class SshTarget:
+    """An SSH server as the config and the options name it; both SSH transports take one."""
+
+    host: str                      # an address or a ~/.ssh/config alias
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    host_key_policy: str = "strict"   # strict | accept-new
+    ssh_config: str = "~/.ssh/config"
+    extra_known_hosts: list[str] = field(default_factory=list)
+
+
+CONNECT_TIMEOUT = 15.0
+# Seconds for each step of an SSH connection: TCP connect, the server's banner, authentication.
+TIMEOUT_ENV = "CKPTSYNC_CONNECT_TIMEOUT"
+
+
+def connect_timeout() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return CONNECT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{TIMEOUT_ENV}={text}: expected a number of seconds (0-3600)")
+    return value
+
+
+def unknown_alias_hint(alias: str, hostname: str) -> str:
+    """For a `tnr-N` name that nothing resolved: what makes it known."""
+    if alias == hostname and alias.startswith("tnr-"):
+        n = alias[4:]
+        return (f"{alias} is not in ~/.ssh/config: run 'tnr connect {n}' first, "
+                f"or add instance {n} to the ckptsync config")
+    return ""
+
+
+def unresolved(alias: str, hostname: str, port: int) -> tuple[str, str] | None:
+    """(problem, hint) when `hostname` does not resolve on this machine; None when it does."""
+    try:
+        socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {hostname}: {exc.strerror}", unknown_alias_hint(alias, hostname)
+    except (OSError, UnicodeError):
+        return None
+    return None
 
 
 class Process(ABC):
@@ -52,11 +109,19 @@ class Process(ABC):
 class Transport(ABC):
     """Where the agent runs. `describe` names it for messages."""
 
+    # The CLI's way to hear what the user must know about (a host key trusted on first use).
+    on_notice: Callable[[str], None] | None = None
+
     @abstractmethod
     def start(self) -> Process: ...
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def unreachable(self) -> tuple[str, str] | None:
+        """(problem, hint) when this can be known not to work without connecting (a host name that
+        does not resolve, a command that is not installed); None when it may work."""
+        return None
 
     def close(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +83,8 @@ class CommandTransport(Transport):
 
     def describe(self) -> str:
         return " ".join(self.prefix)
+
+    def unreachable(self) -> tuple[str, str] | None:
+        if shutil.which(self.prefix[0]) is None:
+            return f"cannot run {self.prefix[0]}: not found", "install it, or change command: in the ckptsync config"
+        return None

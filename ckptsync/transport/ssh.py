@@ -6,18 +6,19 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import paramiko
 
 from ckptsync.errors import ConnectError, HostKeyError
-from ckptsync.transport.base import SHELL_LAUNCH, Process, StderrTail, Transport
+from ckptsync.transport.base import (
+    SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unresolved,
+)
 
 # paramiko logs failures that we report ourselves in one line; without a handler of its own,
 # Python would print its warnings to stderr as well.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
-CONNECT_TIMEOUT = 15.0
 # AES-GCM runs on AES-NI at several GB/s; paramiko's default, AES-CTR with a
 # separate HMAC, costs the client more CPU per byte. Measured on a veth link.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
@@ -26,17 +27,6 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 class _FastTransport(paramiko.Transport):
     _preferred_ciphers = PREFERRED_CIPHERS + tuple(
         c for c in paramiko.Transport._preferred_ciphers if c not in PREFERRED_CIPHERS)
-
-
-@dataclass
-class SshTarget:
-    host: str                      # an address or a ~/.ssh/config alias
-    user: str | None = None
-    port: int | None = None
-    identity_file: str | None = None
-    host_key_policy: str = "strict"   # strict | accept-new
-    ssh_config: str = "~/.ssh/config"
-    extra_known_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,9 +85,10 @@ def _host_label(hostname: str, port: int) -> str:
 
 
 class _Policy(paramiko.MissingHostKeyPolicy):
-    def __init__(self, accept_new: bool, save_to: str) -> None:
+    def __init__(self, accept_new: bool, save_to: str, on_notice=None) -> None:
         self.accept_new = accept_new
         self.save_to = save_to
+        self.on_notice = on_notice
 
     def missing_host_key(self, client, hostname, key) -> None:
         fingerprint = key.fingerprint if hasattr(key, "fingerprint") else key.get_base64()[:20]
@@ -111,6 +102,9 @@ class _Policy(paramiko.MissingHostKeyPolicy):
         os.makedirs(os.path.dirname(self.save_to) or ".", exist_ok=True)
         with open(self.save_to, "a", encoding="ascii") as f:
             f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        if self.on_notice is not None:
+            self.on_notice(f"trusted the new host key of {hostname}: {key.get_name()} {fingerprint} "
+                           f"(added to {self.save_to})")
 
 
 class SshProcess(Process):
@@ -158,6 +152,12 @@ class SshTransport(Transport):
         r = self.resolved
         return f"{r.user}@{r.hostname}:{r.port}" if r.alias == r.hostname else f"{r.alias} ({r.user}@{r.hostname}:{r.port})"
 
+    def unreachable(self) -> tuple[str, str] | None:
+        r = self.resolved
+        if r.proxy_jump and r.proxy_jump.lower() != "none":
+            return None  # the jump host resolves the name
+        return unresolved(r.alias, r.hostname, r.port)
+
     def _client(self, r: Resolved) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         primary = r.known_hosts[0]
@@ -167,18 +167,20 @@ class SshTransport(Transport):
                     client.load_host_keys(path) if path == primary else client.get_host_keys().load(path)
                 except (OSError, paramiko.SSHException) as exc:
                     raise ConnectError(f"cannot read known hosts file {path}: {exc}") from None
-        client.set_missing_host_key_policy(_Policy(self.target.host_key_policy == "accept-new", primary))
+        client.set_missing_host_key_policy(_Policy(self.target.host_key_policy == "accept-new", primary,
+                                                   self.on_notice))
         return client
 
     def _connect(self, r: Resolved, sock=None) -> paramiko.SSHClient:
         client = self._client(r)
         label = f"{r.user}@{r.hostname}:{r.port}"
         keys = [p for p in r.identity_files if os.path.exists(p)]
+        timeout = connect_timeout()
         try:
             client.connect(
                 r.hostname, port=r.port, username=r.user, key_filename=keys or None,
                 allow_agent=not r.identities_only, look_for_keys=not (r.identities_only or keys),
-                timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                 sock=sock, **_factory(),
             )
         except HostKeyError:
@@ -198,24 +200,26 @@ class SshTransport(Transport):
             raise ConnectError(f"authentication failed for {label} (tried {tried})") from None
         except socket.gaierror as exc:
             client.close()
-            hint = ""
-            if r.alias == r.hostname and r.alias.startswith("tnr-"):
-                n = r.alias[4:]
-                hint = (f"{r.alias} is not in ~/.ssh/config: run 'tnr connect {n}' first, "
-                        f"or add instance {n} to the ckptsync config")
-            raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}", hint=hint) from None
+            raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}", hint=unknown_alias_hint(r.alias, r.hostname)) from None
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
             client.close()
             why = "connection refused" if all(e.errno == 111 for e in exc.errors.values()) else str(exc)
             raise ConnectError(f"cannot connect to {label}: {why}") from None
         except (socket.timeout, TimeoutError):
             client.close()
-            raise ConnectError(f"cannot connect to {label}: timed out after {CONNECT_TIMEOUT:.0f}s") from None
+            raise ConnectError(f"cannot connect to {label}: timed out after {timeout:g}s") from None
         except OSError as exc:
             client.close()
             raise ConnectError(f"cannot connect to {label}: {exc.strerror or exc}") from None
         except (paramiko.SSHException, EOFError) as exc:
+            started = client.get_transport()
+            silent = started is not None and not started.remote_version
             client.close()
+            if silent:  # TCP was accepted, but nothing on that port speaks SSH
+                raise ConnectError(
+                    f"no SSH server answered on {r.hostname}:{r.port} "
+                    f"(connected, but no SSH banner within {timeout:g} s)",
+                    hint="check the port: something else listens there, or sshd is hung") from None
             raise ConnectError(f"SSH failed with {label}: {exc or type(exc).__name__}") from None
         transport = client.get_transport()
         if transport is not None:
@@ -234,7 +238,7 @@ class SshTransport(Transport):
             if len(hops) > 1:
                 raise ConnectError(
                     f"ProxyJump {r.proxy_jump} for {r.alias} has {len(hops)} hops; only one is supported",
-                    hint=f"give the instance a command instead, e.g. command: [ssh, {r.alias}] in the ckptsync config")
+                    hint="the OpenSSH client follows any chain: use --ssh openssh (or ssh: openssh in the config)")
             hop = hops[0]
             user, _, rest = hop.rpartition("@")
             host, _, port = rest.partition(":")

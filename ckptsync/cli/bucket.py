@@ -1,0 +1,162 @@
+"""The commands that work on a bucket store (local_dir / --local-dir `s3://bucket/prefix`), rendered."""
+
+from __future__ import annotations
+
+from ckptsync.backup import BackupOptions
+from ckptsync.cli.context import output
+from ckptsync.config import Target
+from ckptsync.errors import UsageError
+from ckptsync.output import Output, TextTable, human, rate, when
+
+SUPPORTED = ("backup", "list", "verify", "restore", "prune")
+
+
+def refuse_unsupported(t: Target) -> None:
+    """One line, exit 2, for a command that has no bucket version; and boto3 must be installed."""
+    from ckptsync.s3 import require_boto3
+
+    verb = " ".join(t.verb) or "this command"
+    if t.verb and t.verb[0] not in SUPPORTED:
+        raise UsageError(f"{verb} does not work on a bucket store ({t.store_url}); "
+                         f"{', '.join(SUPPORTED)} do")
+    require_boto3()
+
+
+def one(ts: list[Target]) -> Target | None:
+    """The bucket target of a run, or None when the run uses backup directories."""
+    if not any(t.store_url for t in ts):
+        return None
+    if len(ts) > 1:
+        raise UsageError("a bucket store serves one instance per run: give one --instance")
+    return ts[0]
+
+
+def refuse(flag: str, given: bool) -> None:
+    if given:
+        raise UsageError(f"{flag} does not work on a bucket store")
+
+
+def _store(t: Target):
+    from ckptsync.s3.backup import open_store
+
+    return open_store(t)
+
+
+# -------------------------------------------------- backup
+
+
+def backup(t: Target, opts: BackupOptions, via_laptop: bool = False) -> int:
+    from ckptsync.s3.backup import run_bucket_backup
+
+    out = output()
+    store = _store(t)
+    how = "relayed through this machine" if via_laptop else "from the server straight to the bucket"
+    out.info(f"backup {t.describe()}:{t.remote_dir} -> {store.root} ({how})")
+    return out.render(run_bucket_backup(t, opts, out.reporter(), store, via_laptop=via_laptop), show_backup)
+
+
+def show_backup(out: Output, r) -> None:
+    for w in r.warnings:
+        out.warn(w)
+    for name, why in r.failed.items():
+        out.warn(f"{name}: {why}")
+    if r.dry_run:
+        for name, action in r.planned.items():
+            out.result(f"{action:<10} {name}")
+        out.result(f"dry run: would send {human(r.plan_bytes)} to {r.dest}; nothing was changed")
+        return
+    current = [n for n, a in r.planned.items() if a == "up-to-date"]
+    if not r.uploaded and not r.failed:
+        out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({r.seconds:.1f}s)")
+        return
+    speed = rate(r.sent_bytes, r.seconds)
+    out.result(f"uploaded {len(r.uploaded)} ({', '.join(r.uploaded) or 'none'}), up to date {len(current)}, "
+               f"failed {len(r.failed)}; {human(r.sent_bytes)} sent from the server to the bucket"
+               + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
+               + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else "")
+               + f"; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+
+
+# -------------------------------------------------- list, verify
+
+
+def listing(t: Target) -> int:
+    from ckptsync.s3.flows import run_bucket_list
+
+    return output().render(run_bucket_list(_store(t)), show_list)
+
+
+def show_list(out: Output, r) -> None:
+    out.result(f"bucket: {r.store}")
+    if not r.entries:
+        out.result("no backups")
+    else:
+        wide = TextTable.of("name", "step", "kind", "files", "size", "backed up")
+        narrow = TextTable.of("name", "step", "size", "backed up")
+        for e in r.entries:
+            step = "-" if e.step is None else e.step
+            wide.add(e.name, step, e.kind, e.files, human(e.size), when(e.backed_up_at))
+            narrow.add(e.name, step, human(e.size), when(e.backed_up_at))
+        out.table([wide, narrow])
+    if r.unfinished_uploads:
+        out.result(f"{r.unfinished_uploads} unfinished upload(s) in the bucket: the next backup resumes "
+                   "them, prune aborts them")
+
+
+def verify(t: Target, names: list[str], read_data: bool) -> int:
+    from ckptsync.s3.flows import run_bucket_verify
+
+    out = output()
+    return out.render(run_bucket_verify(_store(t), names, read_data, out.reporter()), show_verify)
+
+
+def show_verify(out: Output, r) -> None:
+    for c in r.checked:
+        out.result(f"{'FAILED' if c.problems else 'ok':<7} {c.name} ({c.files} files"
+                   + (f", {human(c.bytes_read)} read" if r.read_data else ", sizes and ETags") + ")")
+        for p in c.problems:
+            out.result(f"    {p}")
+    bad = [c.name for c in r.checked if c.problems]
+    if bad:
+        out.error(f"integrity check failed: {', '.join(bad)}")
+    elif not r.checked:
+        out.result(f"no backups in {r.store}")
+
+
+# -------------------------------------------------- restore, prune
+
+
+def restore(t: Target, name: str | None, force: bool) -> int:
+    from ckptsync.s3.flows import run_bucket_restore
+
+    out = output()
+    store = _store(t)
+    out.info(f"restore {store.root} -> {t.describe()}:{t.remote_dir} (from the bucket straight to the server)")
+    return out.render(run_bucket_restore(t, store, name, force, out.reporter()), show_restore)
+
+
+def show_restore(out: Output, r) -> None:
+    for n in r.notes:
+        out.info(n)
+    speed = rate(r.bytes, r.seconds)
+    out.result(f"restored {r.name} to {r.server}:{r.path}: {r.files} files, {human(r.bytes)}, checked on the "
+               f"server; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+    if r.hint:
+        out.result(r.hint)
+
+
+def prune(t: Target, keep_last: int, dry_run: bool) -> int:
+    from ckptsync.s3.flows import run_bucket_prune
+
+    if keep_last < 1:
+        raise UsageError("prune of a bucket store needs --keep-last K (K >= 1)")
+    out = output()
+    return out.render(run_bucket_prune(_store(t), keep_last, dry_run, out.reporter()), show_prune)
+
+
+def show_prune(out: Output, r) -> None:
+    verb = "would remove" if r.dry_run else "removed"
+    out.result(f"bucket: {r.store}; kept {', '.join(r.kept) or 'none'}; {verb} {', '.join(r.removed) or 'none'}")
+    out.result(f"{verb} {r.deleted_objects} object(s) no manifest names ({human(r.deleted_bytes)})"
+               + (f"; {'would abort' if r.dry_run else 'aborted'} {r.aborted_uploads} unfinished upload(s)"
+                  if r.aborted_uploads else ""))

@@ -1,0 +1,162 @@
+"""`ckptsync restore --all`: every backed-up checkpoint of a run, newest first, over one connection.
+
+Each checkpoint is a full single restore (checked against its manifest, staged,
+checked on the server, renamed into place), so an interruption leaves every
+finished one in place and the current one in staging only. Checkpoints whose
+name is already taken on the server are skipped unless --force; the rest of
+the run carries on past a failed checkpoint, and the result says which failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from ckptsync.config import Target
+from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, Interrupted, NotFound
+from ckptsync.policy import SPACE_MARGIN, fits, human
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
+from ckptsync.server import open_server
+from ckptsync.store import EXTRA, Store, io_error
+
+# RestoreAllItem.outcome values.
+RESTORED = "restored"
+WOULD = "would restore"
+SKIPPED = "skipped"      # `error` says why
+FAILED = "failed"
+NOT_TRIED = "not tried"
+EXISTS = "already on the server (--force replaces it)"
+LOST = "the connection was lost"
+
+
+@dataclass
+class RestoreAllItem:
+    checkpoint: str
+    step: int | None
+    size: int
+    outcome: str
+    error: str = ""
+    exit_code: int = OK
+
+
+@dataclass
+class RestoreAllResult:
+    target: str
+    server: str
+    source: str
+    remote_dir: str
+    dry_run: bool
+    items: list[RestoreAllItem] = field(default_factory=list)
+    restores: list[RestoreResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[RestoreAllItem]:
+        return [i for i in self.items if i.outcome in (FAILED, NOT_TRIED)]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when nothing failed; 3 when some failed; a lone failure's own code when nothing else was tried."""
+        bad = self.failed
+        if not bad:
+            return OK
+        if all(i.outcome != RESTORED for i in self.items) and len({i.exit_code for i in bad}) == 1:
+            return bad[0].exit_code or PARTIAL
+        return PARTIAL
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(r.sent_bytes for r in self.restores)
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(r.wire_bytes for r in self.restores)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(exit_code=self.exit_code, sent_bytes=self.sent_bytes, wire_bytes=self.wire_bytes)
+        return out
+
+
+def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
+    """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first."""
+    from ckptsync.archive import local_source
+
+    try:
+        with local_source(target, rep) as source:
+            return _RestoreAll(source, opts, rep).run()
+    except OSError as exc:
+        raise io_error(exc, f"reading {target.local_dir}") from None
+
+
+class _RestoreAll:
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter) -> None:
+        self.target, self.opts, self.rep = target, opts, rep
+        self.result = RestoreAllResult(target=target.label, server=target.describe(), source=str(target.local_dir),
+                                       remote_dir=target.remote_dir or "", dry_run=opts.dry_run)
+
+    def run(self) -> RestoreAllResult:
+        started = time.monotonic()
+        r = self.result
+        try:
+            store = Store(self.target.local_dir)
+            manifests = store.manifests()
+            ordered = newest_first(manifests)
+            if not ordered:
+                raise NotFound(f"no checkpoint backups in {store.root}", hint="give the backup directory with --local-dir")
+            names = frozenset(m.name for m in ordered)
+            with open_server(self.target) as server:
+                root = self.target.remote_dir
+                there = server.stat(root, [m.name for m in ordered])
+                todo = []
+                for m in ordered:
+                    if there.get(m.name) is not None and not self.opts.force:
+                        r.items.append(RestoreAllItem(m.name, m.step, m.size, SKIPPED, EXISTS))
+                    else:
+                        todo.append(m)
+                self._check_space(server, root, todo, manifests.get(EXTRA))
+                extras = self.opts.extra_files and EXTRA in manifests
+                lost = False
+                for m in todo:
+                    if lost:
+                        r.items.append(RestoreAllItem(m.name, m.step, m.size, NOT_TRIED, LOST, ConnectError.exit_code))
+                        continue
+                    one = dataclasses.replace(self.opts, checkpoint=m.name, extra_files=extras, also=names)
+                    try:
+                        done = Restore(self.target, one, self.rep).run(server=server)
+                    except Interrupted as exc:
+                        restored = [i.checkpoint for i in r.items if i.outcome == RESTORED]
+                        raise Interrupted(exc.message + (f" (already restored: {', '.join(restored)})" if restored else ""),
+                                          hint=exc.hint) from None
+                    except CkptsyncError as exc:
+                        r.items.append(RestoreAllItem(m.name, m.step, m.size, FAILED, exc.message, exc.exit_code))
+                        lost = isinstance(exc, ConnectError)
+                        continue
+                    extras = False  # the extra files go back once, with the first checkpoint that made it
+                    r.restores.append(done)
+                    r.warnings.extend(f"{m.name}: {w}" for w in done.warnings)
+                    if done.remote_dir:
+                        r.remote_dir = done.remote_dir
+                    r.items.append(RestoreAllItem(m.name, m.step, m.size, WOULD if self.opts.dry_run else RESTORED))
+            order = {m.name: i for i, m in enumerate(ordered)}
+            r.items.sort(key=lambda i: order[i.checkpoint])
+            return r
+        finally:
+            r.seconds = time.monotonic() - started
+
+    def _check_space(self, server, root: str, todo, extras) -> None:
+        """All of it must fit before the first byte is sent, not only the next checkpoint."""
+        need = sum(m.size for m in todo) + (extras.size if extras is not None and self.opts.extra_files else 0)
+        free = server.df(root).free
+        if todo and not fits(need, free):
+            if self.opts.dry_run:
+                self.result.warnings.append(f"not enough space on {self.result.server}: the restore needs "
+                                            f"{human(need)} plus a {human(SPACE_MARGIN)} margin, {human(free)} is free")
+                return
+            raise DiskFull(
+                f"not enough space on {self.result.server} in {root}: restoring {len(todo)} checkpoints needs "
+                f"{human(need)} plus a {human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was sent)",
+                hint="free some space on the server, or restore fewer checkpoints with --checkpoint NAME")

@@ -1,0 +1,115 @@
+"""Run directories beside remote_dir.
+
+A trainer that protects a finished run starts the next one in a sibling directory
+(`checkpoints/` -> `checkpoints_run_20261201_101500/`, seed 004's habit); `runs:` globs in the
+config name other layouts. Backing up only remote_dir would then keep saving the old run while
+the new one goes unsaved, so backup, list and checklist look for these and name them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, replace
+
+from ckptsync.config import Target
+from ckptsync.freshness import judge_view
+from ckptsync.policy import CHECK
+from ckptsync.scan import scan_server
+from ckptsync.server import RemoteDirMissing, Server
+from ckptsync.store import Store
+
+RUN_NAME = re.compile(r"^(?P<base>.+?)_run_(?P<stamp>\d{8}_\d{6})$")
+
+
+@dataclass
+class Run:
+    name: str            # the directory's name, and the backup subdirectory's
+    path: str            # absolute, on the server
+
+
+@dataclass
+class RunState:
+    name: str
+    path: str
+    local_dir: str                   # where its backups go: <instance dir>/<name>
+    checkpoints: int = 0             # complete checkpoints on the server
+    newest: str | None = None        # the newest complete one
+    newest_backed_up: bool = False   # ... and whether its backup is current
+
+    @property
+    def covered(self) -> bool:
+        """Nothing to lose: no complete checkpoint yet, or the newest one is backed up."""
+        return self.newest is None or self.newest_backed_up
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def newer_runs(own: str, found: list[str], configured: list[str]) -> list[str]:
+    """Of directory names found beside `own`, the runs to follow. Pure.
+
+    A `<base>_run_YYYYMMDD_HHMMSS` sibling with the same base counts when it is newer than `own`
+    (any, when `own` has no stamp: it is the first run). A name matched by a configured pattern
+    always counts.
+    """
+    mine = RUN_NAME.match(own)
+    base = mine["base"] if mine else own
+    out = []
+    for name in found:
+        if name == own:
+            continue
+        m = RUN_NAME.match(posixpath.basename(name))
+        if name in configured or (m and m["base"] == base and (mine is None or m["stamp"] > mine["stamp"])):
+            out.append(name)
+    return out
+
+
+def find_runs(server: Server, root: str, patterns: tuple[str, ...] = ()) -> list[Run]:
+    """Run directories beside `root` (remote_dir as the server resolved it), oldest first."""
+    root = root.rstrip("/")
+    parent, own = posixpath.dirname(root), posixpath.basename(root)
+    if not own or not parent:
+        return []
+    mine = RUN_NAME.match(own)
+    base = mine["base"] if mine else own
+    configured = server.dirs(parent, list(patterns)) if patterns else []
+    found = server.dirs(parent, [f"{_glob_escape(base)}_run_*", *patterns])
+    names = newer_runs(own, found, configured)
+    return [Run(name.replace("/", "_"), posixpath.join(parent, name)) for name in names]
+
+
+def run_target(target: Target, run: Run) -> Target:
+    """The same server and options, aimed at one run: its own directory and its own backups."""
+    args = list(target.args)
+    if "--remote-dir" in args:
+        args[args.index("--remote-dir") + 1] = run.path
+    else:
+        args += ["--remote-dir", run.path]
+    if "--local-dir" in args:
+        args[args.index("--local-dir") + 1] = str(target.local_dir / run.name)
+    else:
+        args += ["--local-dir", str(target.local_dir / run.name)]
+    return replace(target, remote_dir=run.path, local_dir=target.local_dir / run.name, extra_files=[],
+                   follow_runs=False, runs=(), args=tuple(args))
+
+
+def survey(server: Server, root: str, target: Target) -> list[RunState]:
+    """Every run to follow, with what is on the server and whether its newest checkpoint is saved."""
+    states = []
+    for run in find_runs(server, root, target.runs):
+        state = RunState(run.name, run.path, str(target.local_dir / run.name))
+        try:
+            view = scan_server(server, run.path, target.settle_seconds)
+        except RemoteDirMissing:
+            continue  # removed since it was listed
+        complete = [c for c in view.checkpoints if c.complete]
+        state.checkpoints = len(complete)
+        if complete:
+            state.newest = complete[0].name
+            current = judge_view(server, view, Store(target.local_dir / run.name).manifests(), CHECK,
+                                 names=[complete[0].name])
+            state.newest_backed_up = current.get(complete[0].name, False)
+        states.append(state)
+    return states

@@ -1,0 +1,335 @@
+"""backup into a bucket: the server sends each file straight to presigned URLs, the laptop signs.
+
+Per checkpoint: the server hashes its files (xxh3-128 where it can); files whose bytes the
+bucket already holds under another entry are copied there server-side; the rest go up as
+one PUT (small files) or as parts of a multipart upload, a batch of fresh URLs at a time;
+an upload an earlier run left unfinished keeps the parts whose MD5 matches. The manifest,
+naming every object's size, hash and ETag, is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptsync.backup import BackupOptions, select
+from ckptsync.errors import OK, PARTIAL, AgentError, ConnectError, IntegrityError, IOFailure, Locked
+from ckptsync.freshness import judge
+from ckptsync.layout import Checkpoint, resume_files
+from ckptsync.policy import CHECK, human
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.s3 import parse_url
+from ckptsync.s3.bucket import Bucket, Conflict, Settings, etag, part_size, plain_md5
+from ckptsync.s3.store import BucketStore, Entry
+from ckptsync.scan import ServerView, scan_server
+from ckptsync.server import Server, open_server
+from ckptsync.server.transfer import receive
+from ckptsync.store import FileRecord, Manifest
+
+BATCH_ITEMS = 64          # URLs per request to the agent, signed just before it is sent
+BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per batch
+
+
+@dataclass
+class BucketBackupResult:
+    target: str
+    server: str
+    dest: str
+    dry_run: bool
+    planned: dict[str, str] = field(default_factory=dict)   # name -> upload, up-to-date, skip: why
+    uploaded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    sent_bytes: int = 0        # bytes the server sent to the bucket
+    copied_bytes: int = 0      # bytes copied inside the bucket instead of sent
+    resumed_bytes: int = 0     # parts an interrupted upload had already stored
+    plan_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return PARTIAL if self.failed else OK
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+@dataclass
+class _File:
+    path: str
+    size: int
+    hash: str
+    key: str
+    etag: str = ""
+    upload: str = ""                                       # multipart upload id
+    parts: dict[int, str] = field(default_factory=dict)   # part number -> etag, once stored
+    error: str = ""
+
+
+@contextlib.contextmanager
+def endpoint_errors(hint: str):
+    """The agent's `unreachable` failure is the one-line connect error (exit 20) it stands for."""
+    try:
+        yield
+    except AgentError as exc:
+        if exc.agent_kind != "unreachable":
+            raise
+        raise ConnectError(f"{exc.message} (the bucket's endpoint as the server sees it)", hint=hint) from None
+
+
+def open_store(target, clock=time.time) -> BucketStore:
+    url = parse_url(target.store_url)
+    settings = Settings.from_config(target.s3, str(target.config_path or "the config"))
+    return BucketStore(Bucket(url, settings), url, clock)
+
+
+def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store: BucketStore | None = None,
+                      server: Server | None = None, via_laptop: bool = False) -> BucketBackupResult:
+    """`via_laptop`: for a server that cannot reach the bucket, the bytes come here over the
+    agent's link (checked as a backup's are), wait in a temporary directory, and go up from here."""
+    store = store or open_store(target)
+    result = BucketBackupResult(target=target.label, server=target.describe(), dest=str(store.root),
+                                dry_run=opts.dry_run)
+    started = time.monotonic()
+    try:
+        with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
+            job = _Upload(target, store, server, rep, result, via_laptop)
+            view = scan_server(server, target.remote_dir, target.settle_seconds)
+            todo = job.plan(view, opts)
+            if opts.dry_run or not todo:
+                return result
+            with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
+                todo = job.plan(view, opts)   # again under the lock: another run may have stored them
+                for c in todo:
+                    job.checkpoint(view, c)
+                    if lock.lost:
+                        raise Locked(lock.lost)
+        return result
+    finally:
+        result.seconds = time.monotonic() - started
+
+
+class _Upload:
+    def __init__(self, target, store: BucketStore, server: Server, rep: Reporter, result: BucketBackupResult,
+                 via_laptop: bool = False) -> None:
+        self.target = target
+        self.via_laptop = via_laptop
+        self.store = store
+        self.bucket = store.bucket
+        self.settings = store.bucket.settings
+        self.server = server
+        self.rep = rep
+        self.result = result
+        self.alg = "xxh3_128" if "xxh3_128" in server.hashes else server.best_hash
+
+    def plan(self, view: ServerView, opts: BackupOptions) -> list[Checkpoint]:
+        r = self.result
+        r.planned.clear()
+        r.failed.clear()
+        r.warnings[:] = list(view.errors)
+        if opts.extra_files and self.target.extra_files:
+            r.warnings.append("extra_files are not backed up to a bucket store (only checkpoints)")
+        self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
+        chosen, skipped = select(view.checkpoints, opts)
+        todo = []
+        for s in skipped:
+            r.planned[s.name] = f"skip: {s.reason}"
+            if s.name in opts.names:
+                r.failed[s.name] = s.reason
+        for c in chosen:
+            entry = self.entries.get(c.name)
+            if entry is None:
+                r.planned[c.name] = "upload"
+                todo.append(c)
+            elif judge(self.server, view.root, entry.manifest.files, view.files_of(c), CHECK).current:
+                r.planned[c.name] = "up-to-date"
+            else:
+                r.planned[c.name] = "changed"
+                r.failed[c.name] = ("changed on the server since its backup; the bucket keeps one version of a "
+                                    "name: prune it from the bucket to back up the new one")
+        r.plan_bytes = sum(c.size for c in todo)
+        return todo
+
+    # -------------------------------------------------- one checkpoint
+
+    def checkpoint(self, view: ServerView, c: Checkpoint) -> None:
+        listed = view.files_of(c)
+        paths = sorted(listed)
+        hashes = self.server.hash(view.root, paths, self.alg)
+        if hashes.errors:
+            what = "; ".join(f"{p}: {why}" for p, why in sorted(hashes.errors.items())[:3])
+            self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
+            return
+        files = [_File(p, listed[p].size, hashes.values[p], self.store.key(p)) for p in paths]
+        known = self._known()
+        send, twins, first = [], [], {}
+        for f in files:
+            have = known.get((f.hash, f.size))
+            if have is not None and have[0] == f.key:
+                f.etag = have[1]
+            elif have is not None:
+                f.etag = self.bucket.copy(have[0], f.key, f.size)
+                self.result.copied_bytes += f.size
+            elif (f.hash, f.size) in first:   # the same bytes twice in this checkpoint: sent once
+                twins.append((f, first[(f.hash, f.size)]))
+            else:
+                first[(f.hash, f.size)] = f
+                send.append(f)
+        total = sum(f.size for f in send)
+        self.rep.info(f"{c.name}: sending {len(send)} files, {human(total)} from the server to the bucket"
+                      + (f" ({len(files) - len(send)} copied inside the bucket)" if len(send) < len(files) else ""))
+        self.rep.start(c.name, total)
+        try:
+            (self._relay if self.via_laptop else self._send)(view.root, send)
+        finally:
+            self.rep.finish()
+        for f, src in twins:
+            if src.error:
+                f.error = src.error
+            else:
+                f.etag = self.bucket.copy(src.key, f.key, f.size)
+                self.result.copied_bytes += f.size
+        bad = {f.path: f.error for f in files if f.error}
+        if not bad:
+            bad = self._recheck(view, listed)
+        if bad:
+            what = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())[:3])
+            self.result.failed[c.name] = f"not recorded ({what})"
+            return
+        entry = Entry(self._manifest(view, c, files), {f.path: f.etag for f in files}, self.alg)
+        try:
+            self.store.write_entry(entry)
+        except Conflict:
+            self.result.failed[c.name] = "another run recorded it meanwhile; its manifest was kept"
+            return
+        self.entries[c.name] = entry
+        self.result.uploaded.append(c.name)
+
+    def _known(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """(hash, size) -> (key, etag) of the objects the bucket's entries hold."""
+        out = {}
+        for e in self.entries.values():
+            if e.alg == self.alg:
+                for f in e.manifest.files:
+                    if f.path in e.etags:
+                        out[(f.xxh3_128, f.size)] = (self.store.key(f.path), e.etags[f.path])
+        return out
+
+    def _recheck(self, view: ServerView, listed) -> dict[str, str]:
+        now = self.server.stat(view.root, sorted(listed))
+        return {p: "deleted during the backup" if now.get(p) is None else "modified during the backup"
+                for p, st in listed.items() if now.get(p) is None or not now[p].same_content_stamp(st.stat)}
+
+    def _manifest(self, view: ServerView, c: Checkpoint, files: list[_File]) -> Manifest:
+        listed = view.files_of(c)
+        records = [FileRecord(path=f.path, size=f.size, mode=listed[f.path].mode, mtime_ns=listed[f.path].mtime_ns,
+                              xxh3_128=f.hash, ctime_ns=listed[f.path].ctime_ns, inode=listed[f.path].inode)
+                   for f in files]
+        return Manifest(name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=records,
+                        resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
+                        missing=list(c.missing), is_best=c.is_best, state=dict(c.state),
+                        source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
+                        backed_up_at=time.time(), verified_at=time.time())
+
+    # -------------------------------------------------- the bytes
+
+    def _send(self, root: str, files: list[_File]) -> None:
+        """Every file's bytes: small ones as one PUT, large ones in parts (resuming an earlier upload)."""
+        ps_wanted = self.settings.part_size
+        jobs = []   # (file, part number or 0, offset, length)
+        for f in files:
+            if f.size < ps_wanted:
+                jobs.append((f, 0, 0, f.size))
+                continue
+            ps = part_size(f.size, ps_wanted)
+            ranges = [(n, off, min(ps, f.size - off)) for n, off in enumerate(range(0, f.size, ps), 1)]
+            kept = self._resume(root, f, ranges)
+            jobs.extend((f, n, off, length) for n, off, length in ranges if n not in kept)
+        for batch in _batches(jobs, ps_wanted):
+            self._batch(root, batch)
+        for f in files:
+            if f.upload and not f.error:
+                f.etag = self.bucket.complete_multipart(f.key, f.upload, sorted(f.parts.items()))
+
+    def _relay(self, root: str, files: list[_File]) -> None:
+        if not files:
+            return
+        with tempfile.TemporaryDirectory(prefix="ckptsync-relay-") as tmp:
+            targets = {f.path: Path(tmp) / f.path for f in files}
+            dl = self.server.send(root, [(f.path, f.path) for f in files])
+            outcome, _wire = receive(dl, targets, self.rep, lambda _rec: None)
+            got = {r.member: r for r in outcome.received}
+            for f in files:
+                why = outcome.changed.get(f.path) or outcome.unreadable.get(f.path)
+                rec = got.get(f.path)
+                if why or rec is None:
+                    f.error = why or "not received"
+                elif self.alg == "xxh3_128" and rec.xxh3_128 != f.hash:
+                    f.error = "modified during the backup"
+                else:
+                    f.etag = self.bucket.upload_file(f.key, targets[f.path], f.size)
+                    self.result.sent_bytes += f.size
+
+    def _resume(self, root: str, f: _File, ranges: list[tuple[int, int, int]]) -> set[int]:
+        """Start the file's multipart upload, or continue the newest one left for its key, keeping
+        each listed part whose size and MD5 match the server's bytes there."""
+        left = [u for u in self.bucket.uploads(f.key) if u[0] == f.key]
+        if not left:
+            f.upload = self.bucket.start_multipart(f.key)
+            return set()
+        f.upload = left[-1][1]
+        listed = self.bucket.parts(f.key, f.upload)
+        candidates = [(n, off, length) for n, off, length in ranges
+                      if n in listed and listed[n][0] == length and plain_md5(listed[n][1])]
+        sums = self.server.range_hashes(root, [(f.path, off, length) for _n, off, length in candidates])
+        kept = set()
+        for (n, _off, length), md5 in zip(candidates, sums):
+            if md5 is not None and md5 == plain_md5(listed[n][1]):
+                f.parts[n] = listed[n][1]
+                kept.add(n)
+                self.result.resumed_bytes += length
+        return kept
+
+    def _batch(self, root: str, batch: list[tuple[_File, int, int, int]]) -> None:
+        items = []
+        for f, n, off, length in batch:
+            url = self.bucket.url_part(f.key, f.upload, n) if n else self.bucket.url_put(f.key)
+            items.append({"path": f.path, "offset": off, "length": length, "url": url})
+        with endpoint_errors("back up with --via-laptop to relay through this machine, or set "
+                             "s3.server_endpoint_url to an address the server can reach"):
+            moved = self.server.put_urls(root, items, alg="", workers=self.settings.workers)
+        for (f, n, _off, length), m in zip(batch, moved):
+            if m.error:
+                f.error = f.error or m.message or m.error
+                continue
+            expected = plain_md5(m.etag)
+            if expected is not None and expected != m.md5:
+                f.error = f.error or f"the bucket stored other bytes than were sent (ETag {m.etag}, MD5 {m.md5})"
+                continue
+            if n:
+                f.parts[n] = m.etag
+            else:
+                f.etag = etag(m.etag)
+            self.result.sent_bytes += length
+            self.rep.advance(length)
+        failed = next((f for f, *_ in batch if f.error), None)
+        if failed is not None and all(f.error for f, *_ in batch):
+            raise IntegrityError(f"{failed.path}: {failed.error}") if "other bytes" in failed.error else \
+                IOFailure(f"sending to the bucket failed: {failed.path}: {failed.error}")
+
+
+def _batches(jobs, part: int):
+    """Groups of jobs, each small enough that its URLs are used well within their lifetime."""
+    batch, weight = [], 0
+    for job in jobs:
+        size = job[3]
+        if batch and (len(batch) >= BATCH_ITEMS or weight + size > BATCH_PARTS * part):
+            yield batch
+            batch, weight = [], 0
+        batch.append(job)
+        weight += size
+    if batch:
+        yield batch

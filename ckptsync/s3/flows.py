@@ -1,0 +1,252 @@
+"""list, verify, restore and prune of a bucket store (backup is in backup.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+
+import xxhash
+
+from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError, NotFound, UsageError
+from ckptsync.policy import SPACE_MARGIN, fits, human
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.restore import choose, newest_first, resume_hint
+from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
+from ckptsync.s3.store import META, BucketStore, Entry
+from ckptsync.server import Server, open_server
+
+
+# -------------------------------------------------- list
+
+
+@dataclass
+class BucketEntry:
+    name: str
+    kind: str
+    step: int | None
+    files: int
+    size: int
+    backed_up_at: float
+    resumable: bool
+    content: str
+
+
+@dataclass
+class BucketListing:
+    store: str
+    entries: list[BucketEntry] = field(default_factory=list)
+    unfinished_uploads: int = 0    # multipart uploads in progress or abandoned (prune aborts them)
+    exit_code: int = OK
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bucket_list(store: BucketStore) -> BucketListing:
+    """The entries that have a manifest, newest first; objects without one are never shown."""
+    entries = store.entries()
+    out = BucketListing(store=str(store.root))
+    for m in newest_first({n: e.manifest for n, e in entries.items()}):
+        out.entries.append(BucketEntry(m.name, m.kind, m.step, len(m.files), m.size, m.backed_up_at,
+                                       m.resumable, m.content))
+    out.unfinished_uploads = len(store.bucket.uploads(store.key("")))
+    return out
+
+
+# -------------------------------------------------- verify
+
+
+@dataclass
+class BucketCheck:
+    name: str
+    files: int = 0
+    bytes_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BucketVerify:
+    store: str
+    read_data: bool
+    checked: list[BucketCheck] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return INTEGRITY if any(c.problems for c in self.checked) else OK
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+def new_hasher(alg: str):
+    return xxhash.xxh3_128() if alg == "xxh3_128" else hashlib.new(alg)
+
+
+def run_bucket_verify(store: BucketStore, names: list[str], read_data: bool, rep: Reporter = QUIET) -> BucketVerify:
+    """Every object of every entry (or those named) against its manifest: size and ETag from a
+    listing; with read_data, the bytes too, streamed through this machine and hashed."""
+    entries = _named(store, names)
+    objects = store.objects()
+    out = BucketVerify(store=str(store.root), read_data=read_data)
+    for e in entries:
+        check = BucketCheck(e.name, files=len(e.manifest.files))
+        out.checked.append(check)
+        if read_data:
+            rep.start(e.name, e.manifest.size)
+        try:
+            for f in e.manifest.files:
+                key = store.key(f.path)
+                got = objects.get(key)
+                if got is None:
+                    check.problems.append(f"{f.path}: missing from the bucket")
+                    continue
+                if got[0] != f.size:
+                    check.problems.append(f"{f.path}: {got[0]} bytes in the bucket, the manifest says {f.size}")
+                    continue
+                if e.etags.get(f.path) and got[1] != e.etags[f.path]:
+                    check.problems.append(f"{f.path}: the object was replaced (ETag {got[1]}, "
+                                          f"recorded {e.etags[f.path]})")
+                    continue
+                if read_data:
+                    h = new_hasher(e.alg)
+                    for block in store.bucket.stream(key):
+                        h.update(block)
+                        check.bytes_read += len(block)
+                        rep.advance(len(block))
+                    if h.hexdigest() != f.xxh3_128:
+                        check.problems.append(f"{f.path}: its bytes hash to {h.hexdigest()}, "
+                                              f"the manifest says {f.xxh3_128}")
+        finally:
+            if read_data:
+                rep.finish()
+    return out
+
+
+def _named(store: BucketStore, names: list[str]) -> list[Entry]:
+    entries = store.entries()
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise NotFound(f"not in {store.root}: {', '.join(missing)} "
+                       f"(entries there: {', '.join(sorted(entries)) or 'none'})")
+    return [entries[n] for n in (names or sorted(entries))]
+
+
+# -------------------------------------------------- restore
+
+
+@dataclass
+class BucketRestore:
+    store: str
+    server: str
+    name: str
+    path: str
+    files: int = 0
+    bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+    hint: str = ""
+    seconds: float = 0.0
+    exit_code: int = OK
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool = False,
+                       rep: Reporter = QUIET, server: Server | None = None) -> BucketRestore:
+    """One entry from the bucket onto the server: presigned GETs, the agent downloads into staging
+    and checks every file's size and hash there, then the entry is renamed into place whole."""
+    started = time.monotonic()
+    entries = store.entries()
+    m, notes = choose(newest_first({n: e.manifest for n, e in entries.items()}), name, adapter_only=False)
+    entry = entries[m.name]
+    with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
+        root = server.mkdir(target.remote_dir)
+        if entry.alg not in server.hashes:
+            raise UsageError(f"{server.describe()} cannot compute {entry.alg}, the hash {m.name} was recorded with")
+        free = server.df(root).free
+        if not fits(m.size, free):
+            raise DiskFull(f"not enough space on {server.describe()} in {root}: {m.name} needs {human(m.size)} "
+                           f"plus a {human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was written)")
+        there = server.stat(root, [m.name]).get(m.name)
+        if there is not None and not force:
+            raise UsageError(f"{posixpath.join(root, m.name)} already exists on {server.describe()}",
+                             hint="add --force to replace it, or restore into another --remote-dir")
+        out = BucketRestore(store=str(store.root), server=server.describe(), name=m.name,
+                            path=posixpath.join(root, m.name), notes=notes)
+        rep.start(m.name, m.size)
+        try:
+            files = list(m.files)
+            for i in range(0, len(files), BATCH_ITEMS):
+                batch = files[i:i + BATCH_ITEMS]
+                items = [{"member": f.path, "url": store.bucket.url_get(store.key(f.path)), "size": f.size,
+                          "mode": f.mode, "mtime_ns": f.mtime_ns, "hash": f.xxh3_128} for f in batch]
+                moved = _get(server, root, m.name, items, entry.alg, store.bucket.settings.workers)
+                for f, got in zip(batch, moved):
+                    if got.error:
+                        cls = IntegrityError if got.error == "integrity" else AgentError
+                        raise cls(f"restoring {f.path}: {got.message or got.error}; the entry stays in "
+                                  f"{server.staging_path(root, m.name)}, not in place")
+                    out.files += 1
+                    out.bytes += f.size
+                    rep.advance(f.size)
+        finally:
+            rep.finish()
+        done = server.commit(root, m.name, [(m.name, m.name)], force=force)
+        if m.name in done.kept:
+            raise UsageError(f"{m.name} appeared in {root} during the restore and was left as it is",
+                             hint="add --force to replace it")
+        server.discard(root, m.name)
+        out.hint = resume_hint(m, root, out.path, exact=m.resumable)
+    out.seconds = time.monotonic() - started
+    return out
+
+
+def _get(server: Server, root: str, name: str, items: list[dict], alg: str, workers: int):
+    with endpoint_errors("set s3.server_endpoint_url to an address the server can reach"):
+        return server.get_urls(root, name, items, alg, workers)
+
+
+# -------------------------------------------------- prune
+
+
+@dataclass
+class BucketPrune:
+    store: str
+    dry_run: bool
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    deleted_objects: int = 0
+    deleted_bytes: int = 0
+    aborted_uploads: int = 0
+    exit_code: int = OK
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bucket_prune(store: BucketStore, keep_last: int, dry_run: bool, rep: Reporter = QUIET) -> BucketPrune:
+    """Keep the newest `keep_last` entries: manifests go first (so an entry disappears whole at
+    once), then every object no remaining manifest names; unfinished uploads are aborted."""
+    out = BucketPrune(store=str(store.root), dry_run=dry_run)
+    with (contextlib.nullcontext() if dry_run else store.lock("ckptsync prune", on_takeover=rep.info)):
+        entries = store.entries()
+        ordered = newest_first({n: e.manifest for n, e in entries.items()})
+        out.kept = [m.name for m in ordered[:keep_last]]
+        out.removed = [m.name for m in ordered[keep_last:]]
+        if not dry_run:
+            for name in out.removed:
+                store.drop_entry(name)
+        wanted = {store.key(f.path) for n in out.kept for f in entries[n].manifest.files}
+        meta = store.key(META + "/")
+        unreferenced = {k: s for k, (s, _e) in store.objects().items() if k not in wanted and not k.startswith(meta)}
+        out.deleted_objects, out.deleted_bytes = len(unreferenced), sum(unreferenced.values())
+        uploads = store.bucket.uploads(store.key(""))
+        out.aborted_uploads = len(uploads)
+        if not dry_run:
+            store.bucket.delete(sorted(unreferenced))
+            for key, upload, _started in uploads:  # under the lock, no upload of ours is running
+                store.bucket.abort_multipart(key, upload)
+    return out

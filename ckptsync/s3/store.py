@@ -1,0 +1,184 @@
+"""A backup directory in a bucket: `<prefix>/<label>/`, laid out like the local one.
+
+    <checkpoint>/<file>                      the file's plain bytes
+    .ckptsync/manifests/<name>.json          written last: an entry exists only when its manifest does
+    .ckptsync/lock                           owner and lease, taken with a conditional write
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ckptsync.errors import CkptsyncError, IOFailure, Locked
+from ckptsync.s3 import StoreUrl
+from ckptsync.s3.bucket import Bucket, Conflict
+from ckptsync.store import Manifest
+
+META = ".ckptsync"
+MANIFESTS = f"{META}/manifests/"
+LOCK = f"{META}/lock"
+
+
+@dataclass
+class Entry:
+    """A manifest in the bucket, with the ETag of every object it names."""
+
+    manifest: Manifest
+    etags: dict[str, str] = field(default_factory=dict)   # path -> ETag
+    alg: str = "xxh3_128"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def to_json(self) -> bytes:
+        data = asdict(self.manifest)
+        data["etags"] = self.etags
+        data["hash_alg"] = self.alg
+        return json.dumps(data, indent=1, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Entry":
+        data = json.loads(raw.decode("utf-8"))
+        etags = {str(k): str(v) for k, v in (data.pop("etags", None) or {}).items()}
+        alg = str(data.pop("hash_alg", "xxh3_128"))
+        return cls(Manifest.from_dict(data), etags, alg)
+
+
+class BucketStore:
+    def __init__(self, bucket: Bucket, root: StoreUrl, clock: Callable[[], float] = time.time) -> None:
+        self.bucket = bucket
+        self.root = root
+        self.clock = clock
+
+    def key(self, path: str) -> str:
+        return self.root.key(path)
+
+    def manifest_key(self, name: str) -> str:
+        return self.key(MANIFESTS + name + ".json")
+
+    def entries(self) -> dict[str, Entry]:
+        """Every entry that has a manifest; an unreadable manifest is an error, not a silent gap."""
+        out = {}
+        for key, _size, _etag in self.bucket.list(self.key(MANIFESTS)):
+            if not key.endswith(".json"):
+                continue
+            got = self.bucket.get(key)
+            if got is None:
+                continue  # deleted since the listing (a prune)
+            try:
+                entry = Entry.from_json(got[0])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise IOFailure(f"s3://{self.root.bucket}/{key}: not a ckptsync manifest ({exc})") from None
+            out[entry.name] = entry
+        return out
+
+    def write_entry(self, entry: Entry, replace: bool = False) -> None:
+        """The last write of a backup. Without `replace`, only when no manifest of that name exists."""
+        self.bucket.put(self.manifest_key(entry.name), entry.to_json(), if_none_match=not replace)
+
+    def drop_entry(self, name: str) -> None:
+        self.bucket.delete([self.manifest_key(name)])
+
+    def objects(self) -> dict[str, tuple[int, str]]:
+        """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside)."""
+        meta = self.key(META + "/")
+        return {k: (s, e) for k, s, e in self.bucket.list(self.key("")) if not k.startswith(meta)}
+
+    def lock(self, command: str, on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
+        return LeaseLock(self, command, on_takeover)
+
+
+class LeaseLock:
+    """One run per store prefix: a lock object holding its owner and when its lease ends.
+
+    Taken with If-None-Match, refreshed (If-Match) by a thread at a third of the lease, so a
+    run that dies leaves a lock that others take over once the lease has passed.
+    """
+
+    def __init__(self, store: BucketStore, command: str, on_takeover: Callable[[str], None] | None) -> None:
+        self.store = store
+        self.key = store.key(LOCK)
+        self.lease = store.bucket.settings.lease_seconds
+        self.owner = f"{command} pid {os.getpid()} on {socket.gethostname()}"
+        self.token = uuid.uuid4().hex
+        self.on_takeover = on_takeover
+        self.etag = ""
+        self.lost = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "token": self.token,
+                           "expires": self.store.clock() + self.lease}).encode("utf-8")
+
+    def acquire(self) -> None:
+        bucket = self.store.bucket
+        try:
+            self.etag = bucket.put(self.key, self._body(), if_none_match=True)
+            return
+        except Conflict:
+            pass
+        got = bucket.get(self.key)
+        if got is None:  # released meanwhile
+            self.etag = bucket.put(self.key, self._body(), if_none_match=True)
+            return
+        raw, etag = got
+        try:
+            held = json.loads(raw.decode("utf-8"))
+            owner, expires = str(held.get("owner", "?")), float(held.get("expires", 0))
+        except (ValueError, AttributeError):
+            owner, expires = "an unreadable lock", 0.0
+        now = self.store.clock()
+        if expires > now:
+            raise Locked(f"s3://{self.store.root.bucket}/{self.key} is held by {owner} "
+                         f"(lease ends in {expires - now:.0f}s)",
+                         hint="wait for that run to end; a lock whose lease has passed is taken over")
+        try:
+            self.etag = bucket.put(self.key, self._body(), if_match=etag)
+        except Conflict:
+            raise Locked(f"s3://{self.store.root.bucket}/{self.key} was just taken by another run") from None
+        if self.on_takeover:
+            self.on_takeover(f"took over the lock of {owner}: its lease ended {now - expires:.0f}s ago")
+
+    def refresh(self) -> None:
+        try:
+            self.etag = self.store.bucket.put(self.key, self._body(), if_match=self.etag)
+        except Conflict:
+            self.lost = "the lock was taken over by another run (this run's lease had passed)"
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            try:
+                self.refresh()
+            except CkptsyncError:  # a refresh that failed is tried again at the next beat
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        got = self.store.bucket.get(self.key)
+        if got is not None:
+            try:
+                mine = json.loads(got[0].decode("utf-8")).get("token") == self.token
+            except (ValueError, AttributeError):
+                mine = False
+            if mine:
+                self.store.bucket.delete([self.key])
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        self._thread = threading.Thread(target=self._keep, daemon=True, name="ckptsync-lease")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

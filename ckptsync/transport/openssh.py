@@ -1,0 +1,359 @@
+"""The SSH transport through the system's OpenSSH client: all of ~/.ssh/config, one shared login.
+
+Every ssh we start reads a config file of our own (`-F`): ckptsync's settings first (the first
+value OpenSSH obtains for an option wins), then the user's config, then the system's, then our
+defaults. ssh hands `-F` on to the ssh it starts for each ProxyJump hop, so the jump hosts get
+the same host-key policy, BatchMode and forwarding rules as the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+from ckptsync.errors import ConfigError, ConnectError, HostKeyError
+from ckptsync.transport.base import (
+    SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unresolved,
+)
+from ckptsync.transport.local import Subprocess
+
+CONTROL_PERSIST = 60
+SYSTEM_CONFIG = "/etc/ssh/ssh_config"
+# sun_path holds 108 bytes; ssh binds a temporary name 17 bytes longer than ControlPath first.
+MAX_CONTROL_PATH = 90
+# What ssh -G reports that messages need.
+FIELDS = ("hostname", "port", "user", "proxyjump", "connecttimeout", "identityfile", "userknownhostsfile")
+
+
+def ssh_binary() -> str | None:
+    return shutil.which("ssh")
+
+
+def control_dir() -> str:
+    """A private directory for the shared-connection sockets and our ssh config."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = os.path.join(runtime, "ckptsync") if runtime and os.path.isdir(runtime) else f"/tmp/ckptsync-{os.getuid()}"
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConnectError(f"cannot create {base}: {exc.strerror}") from None
+    st = os.lstat(base)
+    # Another user could have made it first (it holds sockets that log in as us).
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConnectError(f"{base} is not a private directory of this user (mode 0700)",
+                           hint=f"remove it (rm -r {base}) and run again")
+    return base
+
+
+def _home_is_fake() -> bool:
+    # OpenSSH takes ~ from the passwd entry; $HOME may name another (tests, sudo -E, containers).
+    try:
+        real = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return False
+    home = os.environ.get("HOME", "")
+    return bool(home) and os.path.realpath(home) != os.path.realpath(real)
+
+
+def _quote(path: str) -> str:
+    return '"' + path + '"'
+
+
+def config_text(target: SshTarget) -> str:
+    """The ssh config every ssh of this target reads."""
+    strict = "accept-new" if target.host_key_policy == "accept-new" else "yes"
+    lines = [
+        "Host *",
+        "    BatchMode yes",
+        # Wins over a `StrictHostKeyChecking no` in the user's config (what `tnr connect` writes);
+        # a changed key is refused under both values.
+        f"    StrictHostKeyChecking {strict}",
+        # A LocalForward of the user's config would fight their own session for the port.
+        "    ClearAllForwardings yes",
+        "    RemoteCommand none",
+        "    RequestTTY no",
+        "    PermitLocalCommand no",
+        # The level whose messages are parsed below (a jump host's failure is INFO).
+        "    LogLevel INFO",
+    ]
+    user_config = os.path.expanduser(target.ssh_config)
+    if os.path.exists(user_config):
+        lines += ["Match all", f"Include {_quote(os.path.abspath(user_config))}"]
+    if os.path.exists(SYSTEM_CONFIG):
+        lines += ["Match all", f"Include {SYSTEM_CONFIG}"]
+    lines += ["Match all", f"    ConnectTimeout {max(1, math.ceil(connect_timeout()))}", "    ServerAliveInterval 30"]
+    if _home_is_fake():
+        home = os.path.expanduser("~/.ssh")
+        lines.append(f"    UserKnownHostsFile {_quote(home + '/known_hosts')} {_quote(home + '/known_hosts2')}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_once(path: str, text: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"  # several instances connect from threads at once
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Settings:
+    """What ssh -G says it will use for the target."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    proxy_jump: str | None
+    timeout: str
+    identity_files: list[str]
+    known_hosts: list[str] = field(default_factory=list)   # where accept-new writes: the first
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    @property
+    def hops(self) -> list[str]:
+        if not self.proxy_jump or self.proxy_jump.lower() == "none":
+            return []
+        return [h.strip() for h in self.proxy_jump.split(",") if h.strip()]
+
+
+class OpenSshTransport(Transport):
+    def __init__(self, target: SshTarget, ssh: str = "ssh") -> None:
+        self.target = target
+        self.ssh = ssh
+        self._argv: list[str] | None = None
+        self._settings: Settings | None = None
+
+    # ------------------------------------------------------------ the command line
+
+    def argv(self, share: bool = True) -> list[str]:
+        """ssh's argv up to the destination (no command); `share`: through the shared connection."""
+        if self._argv is None:
+            t = self.target
+            where = control_dir()
+            text = config_text(t)
+            key = hashlib.sha1(text.encode()).hexdigest()[:8]
+            config = os.path.join(where, f"config-{key}")
+            _write_once(config, text)
+            argv = [self.ssh, "-F", config, "-T"]
+            if t.user:
+                argv += ["-l", t.user]
+            if t.port:
+                argv += ["-p", str(t.port)]
+            ident = ["-i", os.path.expanduser(t.identity_file)] if t.identity_file else []
+            # A master is shared only by runs with the same settings: the hash covers the config
+            # and the identity; %C covers host, port, user and jump hosts.
+            mux = hashlib.sha1("\0".join([text, *ident]).encode()).hexdigest()[:8]
+            self._control = os.path.join(where, f"{mux}-%C")
+            self._argv = argv + ident
+        control = self._control
+        if share and len(control) - 2 + 40 <= MAX_CONTROL_PATH:
+            return [*self._argv, "-o", "ControlMaster=auto", "-o", f"ControlPath={control}",
+                    "-o", f"ControlPersist={CONTROL_PERSIST}"]
+        return [*self._argv, "-o", "ControlPath=none"]
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            t = self.target
+            try:
+                res = subprocess.run([*self.argv(), "-G", "--", t.host], capture_output=True,
+                                     stdin=subprocess.DEVNULL, timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise ConnectError(f"cannot run {self.ssh}: {getattr(exc, 'strerror', None) or exc}") from None
+            err = res.stderr.decode("utf-8", "replace")
+            if res.returncode != 0:
+                raise explain(err, Settings(t.host, t.host, t.port or 22, t.user or "", None, "", []))
+            found: dict[str, list[str]] = {}
+            for line in res.stdout.decode("utf-8", "replace").splitlines():
+                name, _, value = line.partition(" ")
+                if name in FIELDS:
+                    found.setdefault(name, []).append(value)
+            one = {k: v[0] for k, v in found.items()}
+            home = pwd.getpwuid(os.getuid()).pw_dir
+            self._settings = Settings(
+                alias=t.host, hostname=one.get("hostname", t.host), port=int(one.get("port", 22)),
+                user=one.get("user", ""), proxy_jump=one.get("proxyjump"),
+                timeout=one.get("connecttimeout", f"{connect_timeout():g}"),
+                identity_files=[p.replace("~", home, 1) if p.startswith("~/") else p
+                                for p in found.get("identityfile", [])],
+                # ssh -G prints the files space-separated, unquoted: split before each absolute path
+                known_hosts=re.split(r" (?=/)", one["userknownhostsfile"]) if one.get("userknownhostsfile") else [],
+            )
+        return self._settings
+
+    # ------------------------------------------------------------ Transport
+
+    def describe(self) -> str:
+        s = self.settings()
+        return s.label if s.alias == s.hostname else f"{s.alias} ({s.label})"
+
+    def start(self) -> Process:
+        argv = [*self.argv(), "--", self.target.host, SHELL_LAUNCH]
+        return OpenSshProcess(argv, self)
+
+    def unreachable(self) -> tuple[str, str] | None:
+        s = self.settings()
+        if s.hops:
+            return None  # the jump host resolves the name
+        return unresolved(s.alias, s.hostname, s.port)
+
+    def failure(self, stderr: str) -> ConnectError | ConfigError:
+        s = self.settings()
+        if s.hops:
+            # With a shared connection ssh sends a jump host's own messages to /dev/null:
+            # ask again without it, only to learn why.
+            try:
+                res = subprocess.run([*self.argv(share=False), "--", self.target.host, "true"],
+                                     capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+                stderr = res.stderr.decode("utf-8", "replace")
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return explain(stderr, s)
+
+    def stop_master(self) -> None:
+        """End the shared connection now instead of after ControlPersist."""
+        subprocess.run([*self.argv(), "-O", "exit", "--", self.target.host], capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=30, check=False)
+
+
+class OpenSshProcess(Subprocess):
+    """ssh with the agent launcher; a failure of ssh itself becomes one classified error."""
+
+    def __init__(self, argv: list[str], transport: OpenSshTransport) -> None:
+        super().__init__(argv)
+        self.transport = transport
+        self._got_output = False
+
+    def read(self, n: int) -> bytes:
+        data = super().read(n)
+        if data:
+            self._got_output = True
+        elif not self._got_output:
+            self._raise_if_ssh_failed()
+        return data
+
+    def _raise_if_ssh_failed(self) -> None:
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            return
+        # 255 is ssh's own failure; anything else is the remote command's exit status.
+        if code == 255:
+            raise self.transport.failure(self._stderr.text(wait=5))
+
+    def close(self) -> None:
+        super().close()
+        notice = self.transport.on_notice
+        if notice is not None:
+            # Printed before the session started, so complete once ssh has exited.
+            m = _first(r"^Warning: Permanently added '?([^' ]+)'? \((\S+)\)", self._stderr.text(wait=5))
+            if m:
+                where = self.transport.settings().known_hosts[:1]
+                fingerprint = _fingerprint(m.group(1), where[0]) if where else ""
+                notice(f"trusted the new host key of {m.group(1)}: {m.group(2)}"
+                       f"{' ' + fingerprint if fingerprint else ''} (added to {where[0] if where else 'known_hosts'})")
+
+
+def _fingerprint(host: str, known_hosts: str) -> str:
+    """SHA256:... of the key known_hosts holds for host ("" when it cannot be read)."""
+    try:
+        res = subprocess.run(["ssh-keygen", "-l", "-F", host, "-f", known_hosts], capture_output=True,
+                             stdin=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"\b(SHA256:\S+)", res.stdout.decode("utf-8", "replace"))
+    return m.group(1) if m else ""
+
+
+# ---------------------------------------------------------------- ssh's stderr -> one error
+
+def _first(pattern: str, text: str) -> re.Match | None:
+    return re.search(pattern, text, re.MULTILINE)
+
+
+def _unknown_alias_hint(s: Settings) -> str:
+    return unknown_alias_hint(s.alias, s.hostname)
+
+
+def _reason(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[:1].isupper() and text[1:2].islower() else text
+
+
+def explain(stderr: str, s: Settings) -> ConnectError | ConfigError:
+    """The one-line error for what ssh printed before giving up."""
+    text = stderr.replace("\r", "")
+    m = _first(r"^(.*?): line (\d+): (.+)$", text)
+    if m and ("Bad configuration option" in text or "terminating" in text):
+        return ConfigError(f"{m.group(1)} line {m.group(2)}: {m.group(3)}")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or _first(r"^Host key for \S+ has changed", text):
+        host = _first(r"^Host key for (\S+) has changed", text)
+        kind = _first(r"The fingerprint for the (\S+) key sent", text)
+        where = _first(r"^Offending \S+ key in (\S+):\d+", text)
+        label = host.group(1) if host else s.hostname
+        file = f" -f {where.group(1)}" if where else ""
+        return HostKeyError(
+            f"host key for {label} has CHANGED ({kind.group(1) if kind else 'unknown type'}); refusing to connect",
+            hint="if the server was really rebuilt, remove its old line from known_hosts "
+                 f"(ssh-keygen -R '{label}'{file}) and accept the new key")
+    m = _first(r"^No (\S+) host key is known for (\S+) and you have requested strict checking", text)
+    if m:
+        return HostKeyError(
+            f"unknown host key for {m.group(2)} ({m.group(1)})",
+            hint="check the fingerprint, then rerun with --accept-new-host-key "
+                 "(or set host_key_policy: accept-new in the config)")
+    if _first(r"^Host key verification failed", text):
+        return HostKeyError(f"host key verification failed for {s.label}")
+    m = _first(r"^ssh: Could not resolve hostname (\S+?): (.+?)\.?$", text)
+    if m:
+        jump = "" if m.group(1) == s.hostname.lower() or not s.hops else " (a jump host)"
+        return ConnectError(f"cannot resolve host {m.group(1)}{jump}: {m.group(2)}", hint=_unknown_alias_hint(s))
+    m = _first(r"^channel \d+: open failed: [^:]+: (.+)$", text)
+    if m and s.hops:
+        why = _reason(m.group(1))
+        if len(s.hops) == 1:
+            return ConnectError(f"jump host {s.hops[0]} cannot reach {s.hostname}:{s.port}: {why}")
+        return ConnectError(f"a jump host on the way to {s.alias} (ProxyJump {s.proxy_jump}) "
+                            f"cannot reach the next host: {why}")
+    m = _first(r"^ssh: connect to host (\S+) port (\d+): (.+)$", text)
+    if m:
+        why = m.group(3)
+        why = f"timed out after {s.timeout}s" if "timed out" in why else _reason(why)
+        if s.hops:
+            return ConnectError(f"cannot connect to jump host {m.group(1)}:{m.group(2)} "
+                                f"(ProxyJump {s.proxy_jump}): {why}")
+        return ConnectError(f"cannot connect to {s.label}: {why}")
+    m = _first(r"^(\S+)@(\S+): Permission denied \((.+)\)", text)
+    if m:
+        if (m.group(1), m.group(2)) == (s.user, s.hostname) or not s.hops:
+            keys = [p for p in s.identity_files if os.path.exists(p)]
+            tried = ", ".join(keys) if keys else "default keys and the SSH agent"
+            return ConnectError(f"authentication failed for {s.label} (tried {tried})")
+        return ConnectError(f"authentication failed for jump host {m.group(1)}@{m.group(2)}")
+    m = _first(r"banner exchange: .*(invalid format|timed out)|(timed out) during banner exchange", text)
+    if m:
+        why = "it does not speak SSH" if m.group(1) == "invalid format" else f"no SSH banner within {s.timeout} s"
+        return ConnectError(f"no SSH server answered on {s.hostname}:{s.port} (connected, but {why})",
+                            hint="check the port: something else listens there, or sshd is hung")
+    if _first(r"^(kex_exchange_identification|Connection closed by|Connection reset by)", text):
+        return ConnectError(f"SSH failed with {s.label}: the connection closed during the handshake")
+    return ConnectError(f"SSH failed with {s.label} (ssh exited with status 255)",
+                        hint=f"ssh -v {s.alias} true shows why")

@@ -1,0 +1,161 @@
+"""An interrupted large file keeps the bytes that arrived; the next run sends only the rest."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.errors import CONNECT, CkptsyncError, Interrupted
+from ckptsync.progress import Reporter
+from ckptsync.restore import RestoreOptions, run_restore
+from ckptsync.server.inprocess import Hooks, InProcessServer
+from ckptsync.server.transfer import KEEP_PREFIX_MIN
+from helpers import run_cli, tree_digest
+from test_server_boundary import make_target
+
+MB = 1 << 20
+BIG = 48 * MB
+CUT = 20 * MB            # link bytes from the agent before the cut: inside big.bin
+OVERHEAD = 512 * 1024    # frames, tar headers and the small files of the checkpoint
+PART = ".ckptsync/staging/checkpoint-12/checkpoint-12/big.bin.part"
+
+
+def add_big(server_tree):
+    big = server_tree / "checkpoint-12" / "big.bin"
+    big.write_bytes(os.urandom(BIG))
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(big, (old, old))
+    return big
+
+
+def cut_backup(server_tree, dest):
+    """A backup of checkpoint-12 whose link drops after CUT bytes; returns the kept prefix's size."""
+    hooks = Hooks()
+    server = InProcessServer(hooks)
+    hooks.on_before("send", lambda _args: server.cut_after(CUT), times=1)
+    with pytest.raises(CkptsyncError) as info:
+        run_backup(make_target(server_tree, dest, server), BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert info.value.exit_code == CONNECT and server.link.process.cut
+    assert not (dest / "checkpoint-12").exists()
+    return (dest / PART).stat().st_size
+
+
+def test_the_rerun_sends_only_the_rest_of_the_interrupted_file(server_tree, tmp_path):
+    big = add_big(server_tree)
+    dest = tmp_path / "b"
+    kept = cut_backup(server_tree, dest)
+    assert CUT - MB - OVERHEAD < kept <= CUT  # the frame the cut fell into is lost whole
+    assert (dest / PART).read_bytes() == big.read_bytes()[:kept]  # what arrived, byte for byte
+
+    offered = []
+    hooks = Hooks()
+    hooks.on_before("send", lambda args: offered.append(args["resume"]))
+    again = run_backup(make_target(server_tree, dest, InProcessServer(hooks)),
+                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert again.exit_code == 0 and again.fetched == ["checkpoint-12"]
+    assert [{m: size for m, (size, _h) in o.items()} for o in offered] == [{"checkpoint-12/big.bin": kept}]
+    assert again.resumed_bytes == kept
+    assert BIG - kept <= again.raw_bytes <= BIG - kept + OVERHEAD
+    assert BIG - kept <= again.wire_bytes <= BIG - kept + OVERHEAD
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert not list(dest.rglob("*.part"))
+
+
+def test_a_prefix_that_differs_on_the_server_is_sent_again_whole(server_tree, tmp_path):
+    big = add_big(server_tree)
+    dest = tmp_path / "b"
+    kept = cut_backup(server_tree, dest)
+    st = big.stat()
+    with open(big, "r+b") as f:  # rewritten inside the kept prefix, same size and mtime
+        f.seek(kept // 2)
+        byte = f.read(1)
+        f.seek(kept // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = run_backup(make_target(server_tree, dest, InProcessServer()),
+                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert again.exit_code == 0 and again.resumed_bytes == 0
+    assert again.raw_bytes >= BIG
+    assert (dest / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
+
+
+def test_a_small_partial_file_is_not_kept(server_tree, tmp_path):
+    big = server_tree / "checkpoint-12" / "big.bin"
+    big.write_bytes(os.urandom(KEEP_PREFIX_MIN // 2))
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(big, (old, old))
+    hooks = Hooks()
+    server = InProcessServer(hooks)
+    hooks.on_before("send", lambda _args: server.cut_after(KEEP_PREFIX_MIN // 4), times=1)
+    dest = tmp_path / "b"
+    with pytest.raises(CkptsyncError):
+        run_backup(make_target(server_tree, dest, server), BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert not list(dest.rglob("*.part"))
+
+
+def test_the_cli_summary_reports_the_bytes_not_sent_again(server_tree, tmp_path):
+    add_big(server_tree)
+    dest = tmp_path / "b"
+    kept = cut_backup(server_tree, dest)
+    res = run_cli("backup", "--remote-dir", server_tree, "--local-dir", dest, "--checkpoint", "checkpoint-12",
+                  "--compress", "off", "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    from ckptsync.policy import human
+
+    assert f"{human(kept)} of partly fetched files kept from an interrupted run, not sent again" in res.stdout
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+class StopAt(Reporter):
+    """Ctrl+C once `at` bytes of a transfer labelled `label...` have been handed on."""
+
+    def __init__(self, label: str, at: int) -> None:
+        self.label, self.at, self.current, self.done = label, at, "", 0
+
+    def start(self, label: str, total: int) -> None:
+        self.current, self.done = label, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.current.startswith(self.label) and self.done >= self.at:
+            self.at = float("inf")
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_backup_keeps_the_prefix_too(server_tree, tmp_path):
+    big = add_big(server_tree)
+    dest = tmp_path / "b"
+    with pytest.raises(Interrupted):
+        run_backup(make_target(server_tree, dest, InProcessServer()),
+                   BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", CUT))
+    kept = (dest / PART).stat().st_size
+    assert KEEP_PREFIX_MIN <= kept <= CUT + MB
+    assert (dest / PART).read_bytes() == big.read_bytes()[:kept]
+    again = run_backup(make_target(server_tree, dest, InProcessServer()),
+                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert again.exit_code == 0 and again.resumed_bytes == kept
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+def test_an_interrupted_restore_keeps_the_prefix_on_the_server_and_sends_the_rest(server_tree, tmp_path):
+    add_big(server_tree)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    fresh = tmp_path / "fresh" / "run"
+    opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
+    with pytest.raises(Interrupted):
+        run_restore(make_target(fresh, dest, InProcessServer()), opts, StopAt("send", 32 * MB))
+    part = fresh / ".ckptsync-staging-checkpoint-12" / "checkpoint-12" / "big.bin.part"
+    kept = part.stat().st_size
+    assert KEEP_PREFIX_MIN <= kept <= 32 * MB
+    assert not (fresh / "checkpoint-12").exists()
+
+    again = run_restore(make_target(fresh, dest, InProcessServer()), opts)
+    assert again.resumed_bytes == kept
+    assert again.sent_bytes <= BIG - kept + OVERHEAD
+    assert BIG - kept <= again.wire_bytes <= BIG - kept + OVERHEAD
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]

