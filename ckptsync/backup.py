@@ -304,6 +304,8 @@ class Backup:
         if changed:
             self.result.failed[c.name] = _changed_text(view, c, changed)
             return
+        for p in server:  # a prefix kept by an interrupted run whose file was then placed locally
+            (stage_root / (p + ".part")).unlink(missing_ok=True)
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
                             ctime_ns=server[p].ctime_ns, inode=server[p].inode)
                  for p, r in sorted(progress.items())]

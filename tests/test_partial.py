@@ -159,3 +159,24 @@ def test_an_interrupted_restore_keeps_the_prefix_on_the_server_and_sends_the_res
     assert BIG - kept <= again.wire_bytes <= BIG - kept + OVERHEAD
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+
+
+def test_a_kept_prefix_never_ends_up_inside_a_checkpoint_placed_from_the_store(server_tree, tmp_path):
+    """The rerun fetches nothing: every file of checkpoint-12, big.bin included, is already
+    stored under another checkpoint and placed locally. The kept .part must not be committed."""
+    import shutil
+
+    add_big(server_tree)
+    dest = tmp_path / "b"
+    cut_backup(server_tree, dest)
+    shutil.copytree(server_tree / "checkpoint-12", server_tree / "checkpoint-13")  # copy2: same mtimes
+    first = run_backup(make_target(server_tree, dest, InProcessServer()),
+                       BackupOptions(names=["checkpoint-13"], compress="off"))
+    assert first.exit_code == 0 and first.fetched == ["checkpoint-13"]
+    assert (dest / PART).exists()   # still kept for checkpoint-12
+
+    again = run_backup(make_target(server_tree, dest, InProcessServer()),
+                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert again.exit_code == 0 and again.fetched == ["checkpoint-12"] and again.raw_bytes == 0
+    assert not list(dest.rglob("*.part"))
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
