@@ -184,6 +184,10 @@ class LocalPrune:
                 try:
                     remove_entry(self.store, entry.name)
                 except OSError as exc:
+                    if isinstance(exc.__context__, KeyboardInterrupt):
+                        # Ctrl+C inside the deletion's own cleanup (a second close of a directory
+                        # fd gives EBADF): the signal, not this error, is what happened.
+                        raise KeyboardInterrupt from None
                     self.result.failed[entry.name] = f"could not remove: {exc.strerror or exc}"
                     continue
                 entry.removed = True
