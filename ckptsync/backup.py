@@ -165,6 +165,7 @@ class Backup:
                  look_for_runs: bool = True) -> None:
         self.target = target
         self.look_for_runs = look_for_runs
+        self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
@@ -240,13 +241,22 @@ class Backup:
                 continue
             self.result.runs.append(sub)
 
+    def _judge(self, view: ServerView, c: Checkpoint) -> Judgement:
+        """judge(), once per run for the same manifest and listing: the plan is made again under
+        the lock, and files it doubts would otherwise be hashed on the server twice."""
+        m = self.store.load(c.name)
+        stored, files = (m.files if m else None), view.files_of(c)
+        seen = self._judge_memo.get(c.name)
+        if seen is not None and seen[0] == stored and seen[1] == files:
+            return seen[2]
+        judged = judge(self.server, view.root, stored, files, CHECK)
+        self._judge_memo[c.name] = (stored, files, judged)
+        return judged
+
     def _plan(self, view: ServerView) -> tuple[list[Checkpoint], list[PlanItem]]:
         self.result.warnings.extend(view.errors)
         chosen, skipped = select(view.checkpoints, self.opts)
-        self._judged: dict[str, Judgement] = {}
-        for c in chosen:
-            m = self.store.load(c.name)
-            self._judged[c.name] = judge(self.server, view.root, m.files if m else None, view.files_of(c), CHECK)
+        self._judged = {c.name: self._judge(view, c) for c in chosen}
         plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
         self.result.plan = plan + ([extras] if extras else []) + skipped

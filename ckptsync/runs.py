@@ -75,8 +75,8 @@ def find_runs(server: Server, root: str, patterns: tuple[str, ...] = ()) -> list
     mine = RUN_NAME.match(own)
     base = mine["base"] if mine else own
     configured = server.dirs(parent, list(patterns)) if patterns else []
-    found = server.dirs(parent, [f"{_glob_escape(base)}_run_*", *patterns])
-    names = newer_runs(own, found, configured)
+    found = server.dirs(parent, [f"{_glob_escape(base)}_run_*"])
+    names = newer_runs(own, found + [d for d in configured if d not in found], configured)
     return [Run(name.replace("/", "_"), posixpath.join(parent, name)) for name in names]
 
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ckptsync.agent import fsync_dir
+from ckptsync.agent import fsync_dir, hash_file
 from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 
 META = ".ckptsync"
@@ -314,8 +314,6 @@ class Store:
 
     def manifest_from_bytes(self, entry: Path, name: str, template: Manifest, backed_up_at: float) -> Manifest:
         """A manifest for an entry that has none, read from its bytes (layout and kind from `template`)."""
-        from ckptsync.agent import hash_file
-
         paths = [entry] if not entry.is_dir() else sorted(p for p in entry.rglob("*") if p.is_file()
                                                            and not p.is_symlink())
         files = []

@@ -283,3 +283,27 @@ def test_newer_runs():
     assert newer_runs("checkpoints_run_20261101_000000", found, []) == ["checkpoints_run_20261201_101500"]
     assert newer_runs("checkpoints", found, ["extra"]) == ["checkpoints_run_20261201_101500",
                                                            "checkpoints_run_20261101_000000", "extra"]
+
+
+def test_files_that_only_look_changed_are_hashed_once_per_run(tmp_path):
+    """Backup plans twice (before and under the lock); the doubtful files are hashed on the server once."""
+    from ckptsync.backup import BackupOptions, run_backup
+    from ckptsync.server.inprocess import Hooks, InProcessServer
+    from test_server_boundary import make_target
+
+    run = tmp_path / "checkpoints"
+    shutil.copytree(FIXTURES / "single_file", run)
+    for p in run.iterdir():
+        os.chmod(p, 0o644)
+    set_tree_mtime(run, time.time() - WRITTEN_AGO)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(run, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    later = time.time() - WRITTEN_AGO / 2
+    for p in run.iterdir():
+        os.utime(p, (later, later))
+    hashed = []
+    hooks = Hooks()
+    hooks.on_before("hash", lambda args: hashed.extend(args["paths"]))
+    result = run_backup(make_target(run, dest, InProcessServer(hooks)), BackupOptions(all=True))
+    assert result.exit_code == 0 and len(result.restamped) == 14 and result.raw_bytes == 0
+    assert sorted(hashed) == sorted(p.name for p in run.iterdir())

@@ -53,6 +53,12 @@ class FrameReader:
         self._absorb(kind, body)
         return True
 
+    def _to_binary(self, body):
+        """Without the zstandard module, the zstd binary decodes: its stdin takes the frames."""
+        if self.proc is None:
+            self._start_proc()
+        self.proc.stdin.write(body)
+
     def _absorb(self, kind, body):
         if kind == b"D":
             self.pending += body
@@ -60,9 +66,7 @@ class FrameReader:
             if self.dz is not None:
                 self.pending += self.dz.decompress(body)
             else:
-                if self.proc is None:
-                    self._start_proc()
-                self.proc.stdin.write(body)
+                self._to_binary(body)
         elif kind == b"Y":
             if self.dz is None:
                 raise Failure("protocol", "byte-lane frame sent to a receiver without the zstandard module")
@@ -75,9 +79,7 @@ class FrameReader:
                     self.dstream = self.dz.decompressobj()
                 self.pending += self.dstream.decompress(body)
             else:
-                if self.proc is None:
-                    self._start_proc()
-                self.proc.stdin.write(body)
+                self._to_binary(body)
         elif kind == b"E":
             self.done = True
             if self.proc is not None:
