@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -10,7 +11,8 @@ from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.errors import CONNECT, CkptsyncError, Interrupted
 from ckptsync.progress import Reporter
 from ckptsync.restore import RestoreOptions, run_restore
-from ckptsync.server.inprocess import Hooks, InProcessServer
+from ckptsync.server import remote
+from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from helpers import run_cli, tree_digest
 from test_server_boundary import make_target
@@ -139,13 +141,18 @@ def test_ctrl_c_during_a_backup_keeps_the_prefix_too(server_tree, tmp_path):
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
-def test_an_interrupted_restore_keeps_the_prefix_on_the_server_and_sends_the_rest(server_tree, tmp_path):
+def backed_up_big(server_tree, tmp_path):
+    """checkpoint-12 with big.bin backed up; (backup dir, an empty run dir, restore options for it)."""
     add_big(server_tree)
     dest = tmp_path / "b"
     assert run_backup(make_target(server_tree, dest, InProcessServer()),
                       BackupOptions(names=["checkpoint-12"])).exit_code == 0
-    fresh = tmp_path / "fresh" / "run"
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
+    return dest, tmp_path / "fresh" / "run", opts
+
+
+def test_an_interrupted_restore_keeps_the_prefix_on_the_server_and_sends_the_rest(server_tree, tmp_path):
+    dest, fresh, opts = backed_up_big(server_tree, tmp_path)
     with pytest.raises(Interrupted):
         run_restore(make_target(fresh, dest, InProcessServer()), opts, StopAt("send", 32 * MB))
     part = fresh / ".ckptsync-staging-checkpoint-12" / "checkpoint-12" / "big.bin.part"
@@ -180,3 +187,60 @@ def test_a_kept_prefix_never_ends_up_inside_a_checkpoint_placed_from_the_store(s
     assert again.exit_code == 0 and again.fetched == ["checkpoint-12"] and again.raw_bytes == 0
     assert not list(dest.rglob("*.part"))
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+class StalledLink(ThreadProcess):
+    """A link that stops taking bytes once `after` have gone out: a write then ends only by kill()."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.sent = after, 0
+        self.stalled, self.killed = threading.Event(), threading.Event()
+        self.watch: threading.Thread | None = None
+        self.writing_at_close: bool | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.sent >= self.after:
+            self.stalled.set()
+            self.killed.wait(30)
+            raise CkptsyncError("connection lost: the link was killed")
+        self.sent += len(data)
+        super().write(data)
+
+    def kill(self) -> None:
+        self.killed.set()
+
+    def close(self) -> None:
+        self.writing_at_close = self.watch is not None and self.watch.is_alive()
+        super().close()
+
+
+class CtrlCOnStall(Reporter):
+    """Ctrl+C at the first progress step after the link stalled, noting the upload's writer thread."""
+
+    def __init__(self, server: InProcessServer, link: StalledLink) -> None:
+        self.server, self.link = server, link
+
+    def advance(self, nbytes: int) -> None:
+        if self.link.stalled.is_set() and self.link.watch is None:
+            self.link.watch = self.server.remote.sender.writer
+            raise KeyboardInterrupt
+
+
+def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree, tmp_path, monkeypatch):
+    """A frame still being written when the link closes could land in whatever file reuses the
+    descriptor; the writer is stopped (the stalled peer killed) before anything is closed."""
+    monkeypatch.setattr(remote, "ABORT_WAIT", 0.2)
+    dest, fresh, opts = backed_up_big(server_tree, tmp_path)
+    link = StalledLink(after=16 * MB)
+    server = InProcessServer()
+    server.link.start = lambda: link
+    with pytest.raises(Interrupted):
+        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(server, link))
+    assert link.killed.is_set()            # the writer was stuck in a write when Ctrl+C came
+    assert link.writing_at_close is False  # and had stopped before the link closed
+    assert not (fresh / "checkpoint-12").exists()
+
+    again = run_restore(make_target(fresh, dest, InProcessServer()), opts)
+    assert again.resumed_bytes > 0
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")

@@ -11,6 +11,8 @@ from ckptsync.agent.paths import resolve
 from ckptsync.agent.sender import Sender
 from ckptsync.agent.tar import tar_header
 
+ABORT_WAIT = 10  # seconds for a frame already being written when a send fails
+
 
 def kept_prefix(f, offset, prefix_hash, h):
     """Feed the first `offset` bytes to h; True when they hash to what the receiver holds."""
@@ -97,11 +99,15 @@ def op_send(chan, req, memory=None):
     root = req["root"]
     chan.send_json({"ok": True, "alg": alg})
     sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory)
-    for entry in req["files"]:
-        source, member = entry[0], entry[1]
-        offset, prefix_hash = (int(entry[2]), str(entry[3])) if len(entry) >= 4 else (0, None)
-        send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash)
-    sender.write(b"\x00" * (2 * tarfile.BLOCKSIZE))
+    try:
+        for entry in req["files"]:
+            source, member = entry[0], entry[1]
+            offset, prefix_hash = (int(entry[2]), str(entry[3])) if len(entry) >= 4 else (0, None)
+            send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash)
+        sender.write(b"\x00" * (2 * tarfile.BLOCKSIZE))
+    except BaseException:
+        sender.abort(ABORT_WAIT)  # no frame of this stream may follow the error reply
+        raise
     sender.close()
     chan.send(b"E")
     return {"raw_bytes": sender.raw_bytes, "wire_bytes": sender.wire_bytes, "chunks": sender.chunks}

@@ -58,6 +58,7 @@ class Sender:
         self.ratio = None
         self.chunks = 0
         self.error = None
+        self.aborted = False
         self.stream = None
         self.zc = None
         self.plan_mode = "raw"
@@ -101,6 +102,8 @@ class Sender:
             item = self.queue.get()
             if item is None:
                 return
+            if self.aborted:
+                continue
             kind, payload = item
             start = self.clock()
             try:
@@ -111,6 +114,22 @@ class Sender:
             if kind in DATA_FRAMES:
                 self.write_seconds += self.clock() - start
                 self.wire_bytes += len(payload)
+
+    def abort(self, wait):
+        """Stop sending: drop what is queued; True once a send under way has also ended.
+
+        The link must not be closed while the writer may still write to it: its
+        file descriptor could by then belong to another file of this process.
+        """
+        self.aborted = True
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.queue.put(None)
+        self.writer.join(wait)
+        return not self.writer.is_alive()
 
     def _put(self, kind, payload):
         if self.error is not None:

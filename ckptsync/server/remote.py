@@ -20,6 +20,7 @@ from ckptsync.transport.base import MARKER, NO_PYTHON
 MAX_FRAME = 64 << 20
 MAX_NOISE = 256 << 10
 START_TIMEOUT = 60.0
+ABORT_WAIT = 5.0  # seconds for an abandoned upload's frame in flight before the link is killed
 CHUNK = wire.CHUNK
 
 
@@ -84,6 +85,7 @@ class Remote:
         self.chan: _Channel | None = None
         self.hello: dict[str, Any] = {}
         self.busy = False
+        self.sender: wire.Sender | None = None  # an upload's writer thread, while it may write
 
     # -------------------------------------------------- lifecycle
 
@@ -144,6 +146,10 @@ class Remote:
             except Exception:
                 pass
         proc, self.proc = self.proc, None
+        sender, self.sender = self.sender, None
+        if sender is not None and not sender.abort(ABORT_WAIT):
+            proc.kill()  # a write stalled on a dead link fails once the peer is gone
+            sender.abort(ABORT_WAIT)
         try:
             proc.close()
             self.transport.close()
@@ -270,6 +276,7 @@ class Upload(UploadBase):
         self.info = remote.reply()
         remote.busy = True
         self.sender = wire.Sender(remote.chan, compress, remote.zstd)
+        remote.sender = self.sender
         self.sent: dict[str, str] = {}
 
     def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
@@ -313,6 +320,7 @@ class Upload(UploadBase):
         try:
             self._write(b"\x00" * 1024)
             self.sender.close()
+            self.remote.sender = None
             self.remote.chan.send(b"E")
         except (wire.Failure, OSError) as exc:
             raise ConnectError(f"connection to {self.remote.describe()} lost: {exc}") from None

@@ -101,9 +101,11 @@ class Process(ABC):
     def flush(self) -> None:
         pass
 
+    def kill(self) -> None:
+        """End the peer now, so a write blocked on it fails; our end stays open until close."""
+
     def stderr_text(self) -> str:
         return ""
-
 
 
 class Transport(ABC):

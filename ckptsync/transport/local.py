@@ -42,6 +42,12 @@ class Subprocess(Process):
         return self._stderr.text()
 
 
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
     def close(self) -> None:
         for stream in (self.proc.stdin,):
             try:

@@ -130,6 +130,12 @@ class SshProcess(Process):
         return self._stderr.text()
 
 
+    def kill(self) -> None:
+        try:
+            self.chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
     def close(self) -> None:
         # On a connection that just died, paramiko's close() writes to the dead socket and raises
         # EOFError; that must not replace the "connection lost" error being reported.
