@@ -17,7 +17,7 @@ from ckptsync.errors import (
 )
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.freshness import Judgement, judge
-from ckptsync.policy import CHECK, SPACE_MARGIN, fits, human
+from ckptsync.policy import CHECK, SPACE_MARGIN, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, scan_server
@@ -590,14 +590,10 @@ def _record(job: Backup, code: int, error: str) -> None:
     if not job.store.root.exists():
         return  # a run that never got to write leaves no trace (it may have been refused for space)
     r = job.result
-    status = {
-        "command": "backup", "time": time.time(), "exit_code": code, "ok": code == OK, "error": error,
-        "target": r.target, "server": r.server, "fetched": r.fetched, "failed": r.failed,
-        "up_to_date": r.current, "restamped": r.restamped, "generations": r.generations,
-        "skipped": {p.name: p.reason for p in r.plan if p.action == "skip"},
-        "raw_bytes": r.raw_bytes, "wire_bytes": r.wire_bytes, "seconds": round(r.seconds, 3),
-        "scheduled": notify.scheduled(),
-    }
+    status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed, r.current,
+                        notify.scheduled(), restamped=r.restamped, generations=r.generations,
+                        skipped={p.name: p.reason for p in r.plan if p.action == "skip"},
+                        raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3))
     try:
         job.store.record_status(status)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,12 +128,36 @@ class Checklist:
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
         self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
 
+    # What differs for a bucket store (see s3/checks.py): how the backup runs, where the
+    # manifests are read, how a backup is re-checked, what is kept.
+
+    def backup(self) -> None:
+        run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
+
+    def reading(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def verify(self, name: str) -> tuple[bool, str, str]:
+        """(ok, detail, fix) of re-checking the stored copy of `name` now."""
+        bad = run_verify(self.target, [name], rep=self.rep).failed
+        if not bad:
+            return True, f"{name}: every file re-read and matches its manifest", ""
+        return (False, f"{name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]),
+                f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
+
+    def extras_fix(self) -> str:
+        return self.target.command("backup")
+
     def run(self, backup_first: bool, now: float | None = None) -> ChecklistResult:
-        t = self.target
         if backup_first:
             self.rep.info("running the backup first")
-            run_backup(t, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
+            self.backup()
             self.result.backup_ran = True
+        with self.reading():
+            return self._run(now)
+
+    def _run(self, now: float | None) -> ChecklistResult:
+        t = self.target
         try:
             with open_server(t) as server:
                 self.add("server reachable", True, f"{server.describe()}, Python {server.hello.python}")
@@ -202,13 +227,11 @@ class Checklist:
                      f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")
             return
         self.add(title, True, f"{c.name} (step {c.step}), {human(m.size)}")
-        check = run_verify(t, [c.name], rep=self.rep)
-        bad = check.failed
-        detail = (f"{c.name}: every file re-read and matches its manifest; size equals the server's"
-                  if not bad else f"{c.name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]))
+        ok, detail, fix = self.verify(c.name)
+        if ok:
+            detail += "; size equals the server's"
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
-                 not bad and m.size == c.size, detail,
-                 f"{t.command('verify', '--repair', c.name)}   (fetches the damaged files again)")
+                 ok and m.size == c.size, detail, fix)
 
     def _extra_stat(self, server, view: ServerView) -> dict:
         if not self.target.extra_files:
@@ -231,8 +254,7 @@ class Checklist:
                 differs.append(src)
         problems = [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
         self.add("extra files backed up", not problems,
-                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's",
-                 self.target.command("backup"))
+                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's", self.extras_fix())
 
     def _last_run(self, now: float | None) -> None:
         status = self.store.status()
@@ -248,5 +270,9 @@ class Checklist:
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
                   now: float | None = None) -> ChecklistResult:
+    if target.store_url:
+        from ckptsync.s3.checks import BucketChecklist
+
+        return BucketChecklist(target, rep).run(backup_first, now)
     return Checklist(target, rep).run(backup_first, now)
 

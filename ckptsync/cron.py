@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ckptsync import notify
-from ckptsync.config import Target, find_config
+from ckptsync.config import Target, find_config, is_store_url
 from ckptsync.errors import ConfigError, IOFailure, UsageError
 from ckptsync.store import Store
 
@@ -196,7 +196,8 @@ def remove_entry(table: str, backup_dir: str) -> tuple[str, bool]:
 # -------------------------------------------------- the job line (pure)
 
 def job_command(python: str, args: list[str], log_file: str, path_dirs: list[str],
-                pythonpath: str | None = None, notify_on_failure: bool = False) -> str:
+                pythonpath: str | None = None, notify_on_failure: bool = False,
+                more_env: dict[str, str] | None = None) -> str:
     """The shell command cron runs: quiet, lock-tolerant, no mail. stderr goes to the log too, so
     what fails before the log is open (no interpreter, a broken config) is still recorded."""
     env = f"{notify.SCHEDULED_ENV}=1 "
@@ -205,6 +206,8 @@ def job_command(python: str, args: list[str], log_file: str, path_dirs: list[str
     env += f"PATH={shlex.quote(':'.join(path_dirs))}"
     if pythonpath:
         env += f" PYTHONPATH={shlex.quote(pythonpath)}"
+    for name, value in sorted((more_env or {}).items()):
+        env += f" {name}={shlex.quote(value)}"
     argv = [python, "-m", "ckptsync", "backup", *args, "--quiet", "--skip-if-locked", "--log-file", log_file]
     return f"{env} {shlex.join(argv)} >/dev/null 2>>{shlex.quote(log_file)}"
 
@@ -338,12 +341,43 @@ class CronResult:
         return out
 
 
-def default_log_file(backup_dir: Path) -> Path:
-    return backup_dir / ".ckptsync" / "cron.log"
+def default_log_file(backup_dir: Path | str) -> Path:
+    if is_store_url(str(backup_dir)):  # a bucket holds no log: it stays on this machine
+        state = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser()
+        return state / "ckptsync" / str(backup_dir)[len("s3://"):] / "cron.log"
+    return Path(backup_dir) / ".ckptsync" / "cron.log"
 
 
 def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
+
+
+def backup_dir_of(target: Target) -> str:
+    """Where the target's backups are: its store URL, or its backup directory made absolute."""
+    return target.store_url or _abs(str(target.local_dir))
+
+
+def last_runs(target: Target) -> tuple[dict | None, dict | None, dict | None]:
+    """(last run, last scheduled run, last manual run), from the backup directory or the bucket."""
+    if target.store_url:
+        from ckptsync.s3.backup import open_store
+
+        store = open_store(target)
+    else:
+        store = Store(Path(backup_dir_of(target)))
+    return store.status(), store.status("scheduled"), store.status("manual")
+
+
+AWS_CARRIED = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+AWS_SECRET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def aws_environment(environ) -> tuple[dict[str, str], list[str]]:
+    """For a bucket's cron entry: the AWS settings of this shell that go into the entry (where
+    and who, never a key), and the names of the keys that cannot."""
+    carried = {n: environ[n] for n in AWS_CARRIED if environ.get(n)}
+    return carried, [n for n in AWS_SECRET if environ.get(n)]
 
 
 def backup_args(target: Target, job: CronJob) -> list[str]:
@@ -359,12 +393,12 @@ def backup_args(target: Target, job: CronJob) -> list[str]:
     if job.remote_dir is not None:
         # A local source is a path here; a server's path stays as given.
         args += ["--remote-dir", _abs(job.remote_dir) if target.label == "local" else job.remote_dir]
-    args += ["--local-dir", _abs(str(target.local_dir))]
+    args += ["--local-dir", backup_dir_of(target)]
     return args
 
 
 def _result(action: str, target: Target, table: str, entry: Entry | None) -> CronResult:
-    backup_dir = _abs(str(target.local_dir))
+    backup_dir = backup_dir_of(target)
     others = [{"target": e.label, "backup_dir": e.backup_dir} for e in entries(table) if e.backup_dir != backup_dir]
     label = entry.label if entry is not None else target.label  # as installed, even if chosen by --local-dir now
     r = CronResult(action=action, target=label, backup_dir=backup_dir, installed=entry is not None,
@@ -386,8 +420,8 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
     if problem is not None:  # an entry that can only fail: refuse it now, not at every run
         message, hint = problem
         raise ConfigError(f"{target.label}: {message}; no cron entry installed", hint=hint)
-    backup_dir = _abs(str(target.local_dir))
-    log_file = _abs(job.log_file) if job.log_file else str(default_log_file(Path(backup_dir)))
+    backup_dir = backup_dir_of(target)
+    log_file = _abs(job.log_file) if job.log_file else str(default_log_file(backup_dir))
     args = backup_args(target, job)
     if any("\n" in a or "\r" in a for a in args + [log_file]):
         raise UsageError("a path or option with a line break cannot go into a crontab")
@@ -397,7 +431,8 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
         raise IOFailure(f"cannot create {Path(log_file).parent}: {exc.strerror or exc}") from None
     python = os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink that matters
     tools = notify.TOOLS if job.notify else ()
-    command = job_command(python, args, log_file, path_dirs(python, tools), package_path(), job.notify)
+    carried, secret = aws_environment(os.environ) if target.store_url else ({}, [])
+    command = job_command(python, args, log_file, path_dirs(python, tools), package_path(), job.notify, carried)
     line = job_line(schedule.expr, command)
     table = crontab.read()
     new, replaced = put_entry(table, target.label, backup_dir, line)
@@ -408,6 +443,9 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
     running = daemon_running()
     if running is False:
         r.warnings.append(no_daemon_text(sys.platform))
+    if secret:
+        r.warnings.append(f"{', '.join(secret)} set in this shell will not reach the cron job (keys do not go "
+                          "into a crontab): keep them in ~/.aws/credentials or a profile")
     if job.notify and notify.notifier() is None:
         r.warnings.append(f"--notify: no {notify.wanted()} found on PATH; "
                           "a failed run will only show in the log and in `ckptsync list`")
@@ -416,14 +454,14 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
 
 def remove(target: Target, crontab: Crontab) -> CronResult:
     table = crontab.read()
-    backup_dir = _abs(str(target.local_dir))
+    backup_dir = backup_dir_of(target)
     old = find_entry(table, backup_dir)
     new, removed = remove_entry(table, backup_dir)
     if removed:
         crontab.write(new)
     r = _result("removed" if removed else "absent", target, new, None)
     r.target = old.label if old is not None else r.target
-    if old is not None:
+    if old is not None and not target.store_url:
         log = option_value(old.command, "--log-file") if old.line else None
         r.removed_dir = drop_if_unused(Path(backup_dir), Path(log) if log else None)
     return r
@@ -448,18 +486,16 @@ def drop_if_unused(backup_dir: Path, log_file: Path | None) -> bool:
 def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResult:
     now = time.time() if now is None else now
     table = crontab.read()
-    backup_dir = _abs(str(target.local_dir))
+    backup_dir = backup_dir_of(target)
     r = _result("shown", target, table, find_entry(table, backup_dir))
-    store = Store(Path(backup_dir))
-    r.last_run = store.status()
-    r.last_scheduled, r.last_manual = store.status("scheduled"), store.status("manual")
+    r.last_run, r.last_scheduled, r.last_manual = last_runs(target)
     if r.last_scheduled is None and r.last_manual is None and r.last_run is not None:
         # Recorded before runs were told apart: it counts as whichever kind it says it was.
         if r.last_run.get("scheduled"):
             r.last_scheduled = r.last_run
         else:
             r.last_manual = r.last_run
-    log = r.log_file or str(default_log_file(Path(backup_dir)))
+    log = r.log_file or str(default_log_file(backup_dir))
     r.log_file = log
     r.log_tail = tail(Path(log), LOG_TAIL)
     minutes = interval_of(r.schedule or "")

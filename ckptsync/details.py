@@ -288,7 +288,7 @@ def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
     return None, ""
 
 
-def _state_file(rel: str) -> bool:
+def state_file(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in STATE_FILES
 
 
@@ -297,14 +297,14 @@ def show_backup(root: Path, name: str | None) -> ShowResult:
     from ckptsync.archive import archive_index, is_archive
 
     if is_archive(root):
-        with archive_index(root, _state_file) as index:
-            result = _show_backup(index, name)
+        with archive_index(root, state_file) as index:
+            result = show_stored(index, name)
         result.location = str(root)
         return result
-    return _show_backup(root, name)
+    return show_stored(root, name)
 
 
-def _show_backup(root: Path, name: str | None) -> ShowResult:
+def show_stored(root: Path, name: str | None) -> ShowResult:
     store = Store(root)
     m, manifests = _pick(store, name)
     full, note = read_state_file(store, m)
@@ -323,14 +323,14 @@ def compare_backups(root: Path, a: str, b: str) -> CompareResult:
     from ckptsync.archive import archive_index, is_archive
 
     if is_archive(root):
-        with archive_index(root, _state_file) as index:
-            result = _compare_backups(index, a, b)
+        with archive_index(root, state_file) as index:
+            result = compare_stored(index, a, b)
         result.location = str(root)
         return result
-    return _compare_backups(root, a, b)
+    return compare_stored(root, a, b)
 
 
-def _compare_backups(root: Path, a: str, b: str) -> CompareResult:
+def compare_stored(root: Path, a: str, b: str) -> CompareResult:
     store = Store(root)
     ma, _ = _pick(store, a)
     mb, _ = _pick(store, b)
@@ -346,7 +346,10 @@ def _compare_backups(root: Path, a: str, b: str) -> CompareResult:
 # ---------------------------------------------------------------- the server
 
 
-def show_server(target: Target, name: str | None) -> ShowResult:
+def show_server(target: Target, name: str | None, stored: Path | None = None) -> ShowResult:
+    """One checkpoint on the server, and whether the backup directory (or `stored`, a bucket's
+    index) holds it as it is now."""
+    store = Store(stored or target.local_dir)
     with open_server(target) as server:
         view = scan_server(server, target.remote_dir, target.settle_seconds)
         where = f"{target.describe()}:{view.root}"
@@ -359,7 +362,7 @@ def show_server(target: Target, name: str | None) -> ShowResult:
             if c is None:
                 have = ", ".join(x.name for x in view.checkpoints) or "none"
                 raise NotFound(f"{name} is not on {where} (checkpoints there: {have})")
-        m = Store(target.local_dir).load(c.name)
+        m = store.load(c.name)
         current = judge(server, view.root, m.files if m else None, view.files_of(c)).current
     full = _raw_state(view.meta, c)
     f = facts(c.state, full)
@@ -371,7 +374,7 @@ def show_server(target: Target, name: str | None) -> ShowResult:
     result.complete, result.reason = c.complete, c.reason
     if c.meta_error:
         result.notes.append(c.meta_error)
-    _backup_state(result, Store(target.local_dir), c, current)
+    _backup_state(result, store, c, current)
     return result
 
 

@@ -96,6 +96,14 @@ def fits(need: int, free: int) -> bool:
     return need + SPACE_MARGIN <= free
 
 
+def run_status(now: float, code: int, error: str, target: str, server: str, fetched: list[str],
+               failed: dict[str, str], up_to_date: list[str], scheduled: bool, **more) -> dict:
+    """What a backup run records as .ckptsync/status.json, on disk or in a bucket. Pure."""
+    return {"command": "backup", "time": now, "exit_code": code, "ok": code == 0, "error": error,
+            "target": target, "server": server, "fetched": fetched, "failed": failed,
+            "up_to_date": up_to_date, "scheduled": scheduled, **more}
+
+
 def last_run_summary(status: dict | None) -> tuple[bool, str]:
     """(ok, one phrase) about the last recorded backup, from .ckptsync/status.json. Pure.
 

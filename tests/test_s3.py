@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -175,7 +176,7 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     restored = tmp_path / "restored"
     client = seaweed.client()
     commands = readme_commands()
-    assert [c.split()[1] for c in commands] == ["backup", "list", "verify", "restore", "prune"]
+    assert [c.split()[1] for c in commands] == ["backup", "list", "show", "compare", "verify", "restore", "prune"]
     results = {}
     for line in commands:
         words = line.split()[1:]
@@ -200,6 +201,8 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert set(manifest["etags"]) == {f["path"] for f in manifest["files"]}
 
     assert [e["name"] for e in results["list"]["entries"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert (results["show"]["name"], results["show"]["location"]) == ("checkpoint-12", f"{store}/instance-1")
+    assert [(v["a"], v["b"]) for v in results["compare"]["values"] if v["key"] == "step"] == [(8, 12)]
     assert all(not c["problems"] for c in results["verify"]["checked"])
     assert sum(c["bytes_read"] for c in results["verify"]["checked"]) == sum(
         p.stat().st_size for c in ("checkpoint-4", "checkpoint-8", "checkpoint-12") for p in (server / c).iterdir())
@@ -261,8 +264,10 @@ def test_wrong_secret_missing_bucket_and_unsupported_commands(ssh_home, server_t
     assert missing.returncode == 10, missing.stderr
     assert "bucket no-such-bucket-here does not exist" in one_line_error(missing)
 
-    show = run_cli("show", "-i", "1", "--config", cfg)
-    assert show.returncode == 2 and "does not work on a bucket store" in one_line_error(show)
+    archive = run_cli("archive", "-i", "1", "--config", cfg)
+    assert archive.returncode == 2 and "does not work on a bucket store" in one_line_error(archive)
+    empty = run_cli("show", "-i", "1", "--config", cfg)
+    assert empty.returncode == 10 and one_line_error(empty) == f"error: no backups in s3://{bucket}/t/instance-1"
 
 
 def test_without_boto3_one_line_says_how_to_install(ssh_home, server_tree, tmp_path):
@@ -286,6 +291,8 @@ def test_server_that_cannot_reach_the_endpoint_and_the_relay(ssh_home, server_tr
     assert f"cannot reach http://127.0.0.1:{closed} from this server" in line
     assert "--via-laptop" in res.stderr
     assert not objects(seaweed.client(), bucket, "t/instance-1/.ckptsync/manifests/")
+    failed = client_status(seaweed, bucket)   # recorded, for cron show and the checklist
+    assert (failed["ok"], failed["exit_code"]) == (False, 20) and "cannot reach" in failed["error"]
     relayed = run_cli("backup", "-i", "1", "--checkpoint", "checkpoint-4", "--via-laptop", "--config", cfg, "--json")
     assert relayed.returncode == 0, relayed.stderr
     assert json.loads(relayed.stdout)["uploaded"] == ["checkpoint-4"]
@@ -307,6 +314,10 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
         res = run_cli("backup", "-i", "1", "--config", cfg)
         assert res.returncode == 11, res.stderr
         assert "is held by ckptsync backup (the other run)" in one_line_error(res)
+        skipped = run_cli("backup", "-i", "1", "--config", cfg, "--skip-if-locked", "--json")
+        assert skipped.returncode == 0, skipped.stderr
+        assert "is held by ckptsync backup (the other run)" in json.loads(skipped.stdout)["skipped"]
+        assert client_status(seaweed, bucket) is None   # a refused run is not recorded
         with pytest.raises(Locked):
             open_store(t).lock("second").acquire()
     client = seaweed.client()
@@ -334,6 +345,15 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
     assert result.uploaded == ["checkpoint-4"]
     assert [m for m in heard.lines if m.startswith("took over the lock of a run that died")]
     assert not objects(client, bucket, "t/instance-1/.ckptsync/lock")
+    status = client_status(seaweed, bucket)
+    assert status["ok"] and status["fetched"] == ["checkpoint-4"] and status["store"] == f"s3://{bucket}/t/instance-1"
+
+
+def client_status(seaweed, bucket: str) -> dict | None:
+    found = objects(seaweed.client(), bucket, "t/instance-1/.ckptsync/status.json")
+    if not found:
+        return None
+    return json.loads(seaweed.client().get_object(Bucket=bucket, Key="t/instance-1/.ckptsync/status.json")["Body"].read())
 
 
 class Heard(Reporter):
@@ -447,3 +467,82 @@ def test_store_urls():
     for bad in ("s3://", "s3:///x", "s3://b/../x"):
         with pytest.raises(UsageError):
             parse_url(bad)
+
+
+# -------------------------------------------------- the reading commands and cron, on a bucket
+
+
+def test_show_compare_checklist_and_cron_on_a_bucket(ssh_home, server_tree, seaweed, bucket, tmp_path):
+    from test_checklist import age_tree
+    from test_cron import FAKE_CRONTAB, cron_env, fake_proc
+
+    from ckptsync import cron
+
+    age_tree(server_tree, 3600)  # training plainly stopped: far more than a save interval ago
+    store = f"s3://{bucket}/team"
+    cfg = write_config(ssh_home, server_tree, store, seaweed.endpoint)
+    aws_home(ssh_home)
+    where = f"{store}/instance-1"
+    assert run_cli("backup", "-i", "1", "--all", "--config", cfg).returncode == 0
+
+    shown = run_cli("show", "-i", "1", "checkpoint-12", "--config", cfg, "--json")
+    assert shown.returncode == 0, shown.stderr
+    s = json.loads(shown.stdout)
+    assert (s["name"], s["source"], s["location"], s["step"]) == ("checkpoint-12", "backup", where, 12)
+    assert sorted(f["path"] for f in s["files"]) == sorted(p.name for p in (server_tree / "checkpoint-12").iterdir())
+    assert s["curve"]["train"]     # trainer_state.json was read from the bucket
+    on_server = json.loads(run_cli("show", "-i", "1", "checkpoint-12", "--remote", "--config", cfg, "--json").stdout)
+    assert (on_server["source"], on_server["backup"]) == ("server", "yes")
+    missing = run_cli("show", "-i", "1", "checkpoint-99", "--config", cfg)
+    assert missing.returncode == 10 and ".ckptsync-index" not in missing.stderr and where in missing.stderr
+
+    compared = run_cli("compare", "-i", "1", "checkpoint-8", "checkpoint-12", "--config", cfg, "--json")
+    assert compared.returncode == 0, compared.stderr
+    steps = [v for v in json.loads(compared.stdout)["values"] if v["key"] == "step"]
+    assert [(v["a"], v["b"]) for v in steps] == [(8, 12)]
+
+    checked = run_cli("checklist", "-i", "1", "--backup", "--config", cfg, "--json")
+    result = json.loads(checked.stdout)
+    assert (checked.returncode, result["safe"], result["dest"]) == (0, True, where), checked.stdout
+    assert result["backup_ran"]
+    names = {c["name"]: c for c in result["checks"]}
+    assert "size and ETag" in names["backup verifies"]["detail"]
+    assert names["last backup succeeded"]["ok"]
+
+    # An object replaced in the bucket: NOT SAFE, and the fix given works when pasted.
+    key = f"team/instance-1/checkpoint-12/optimizer.pt"
+    seaweed.client().put_object(Bucket=bucket, Key=key, Body=b"not the optimizer")
+    unsafe = run_cli("checklist", "-i", "1", "--config", cfg, "--json")
+    bad = next(c for c in json.loads(unsafe.stdout)["checks"] if c["name"] == "backup verifies")
+    assert unsafe.returncode == 3 and not bad["ok"] and "optimizer.pt" in bad["detail"]
+    fix = shlex.split(bad["fix"].split("   (")[0])
+    assert fix[:2] == ["ckptsync", "verify"]
+    assert run_cli(*fix[1:]).returncode == 30   # it finds the same damage
+
+    # cron: the entry backs up into the bucket, its log stays on this machine, show reads the bucket.
+    table = tmp_path / "crontab.txt"
+    script = tmp_path / "fake-crontab"
+    script.write_text(FAKE_CRONTAB.format(table=shlex.quote(str(table))))
+    script.chmod(0o755)
+    env = {"CKPTSYNC_CRONTAB": str(script), "CKPTSYNC_PROC": str(fake_proc(tmp_path / "proc", "cron")),
+           "COLUMNS": None}
+    installed = run_cli("cron", "install", "-i", "1", "--config", cfg, "--json",
+                        env={**env, "AWS_REGION": "us-east-1", "AWS_SESSION_TOKEN": "tok-not-for-crontab"})
+    assert installed.returncode == 0, installed.stderr
+    entry = json.loads(installed.stdout)
+    assert entry["backup_dir"] == where
+    assert "AWS_REGION=us-east-1" in entry["line"] and "tok-not-for-crontab" not in table.read_text()
+    assert any("AWS_SESSION_TOKEN" in w for w in entry["warnings"])
+    assert entry["log_file"] == str(ssh_home / ".local/state/ckptsync" / bucket / "team/instance-1/cron.log")
+    _when, command = cron.split_line(cron.find_entry(table.read_text(), where).line)
+    assert f"--local-dir {where}" in command
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(ssh_home), cwd=ssh_home,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    shown = json.loads(run_cli("cron", "show", "-i", "1", "--config", cfg, "--json", env=env).stdout)
+    assert shown["installed"] and shown["last_scheduled"]["ok"] and shown["last_scheduled"]["store"] == where
+    assert shown["last_manual"]["ok"]     # the backup by hand above
+    assert Path(entry["log_file"]).read_text().strip()
+    removed = run_cli("cron", "remove", "-i", "1", "--config", cfg, "--json", env=env)
+    assert removed.returncode == 0 and json.loads(removed.stdout)["action"] == "removed"
+    assert not [p for p in ssh_home.rglob("*") if "s3:" in p.name]   # no directory named after the URL

@@ -8,7 +8,7 @@ from ckptsync.config import Target
 from ckptsync.errors import UsageError
 from ckptsync.output import Output, TextTable, human, rate, when
 
-SUPPORTED = ("backup", "list", "verify", "restore", "prune")
+SUPPORTED = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
 
 
 def refuse_unsupported(t: Target) -> None:
@@ -45,14 +45,17 @@ def _store(t: Target):
 # -------------------------------------------------- backup
 
 
-def backup(t: Target, opts: BackupOptions, via_laptop: bool = False) -> int:
+def backup(t: Target, opts: BackupOptions, via_laptop: bool = False, skip_if_locked: bool = False) -> int:
+    from ckptsync.cli.cmd_backup import run_or_skip
     from ckptsync.s3.backup import run_bucket_backup
 
     out = output()
     store = _store(t)
     how = "relayed through this machine" if via_laptop else "from the server straight to the bucket"
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {store.root} ({how})")
-    return out.render(run_bucket_backup(t, opts, out.reporter(), store, via_laptop=via_laptop), show_backup)
+    return run_or_skip(out, t.label, str(store.root),
+                       lambda: run_bucket_backup(t, opts, out.reporter(), store, via_laptop=via_laptop),
+                       skip_if_locked, show_backup)
 
 
 def show_backup(out: Output, r) -> None:
@@ -75,6 +78,21 @@ def show_backup(out: Output, r) -> None:
                + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
                + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else "")
                + f"; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+
+
+# -------------------------------------------------- show, compare (rendered by their commands)
+
+
+def show(t: Target, name: str | None, on_server: bool):
+    from ckptsync.s3.checks import show_bucket, show_on_server
+
+    return show_on_server(t, _store(t), name) if on_server else show_bucket(_store(t), name)
+
+
+def compare(t: Target, a: str, b: str):
+    from ckptsync.s3.checks import compare_bucket
+
+    return compare_bucket(_store(t), a, b)
 
 
 # -------------------------------------------------- list, verify

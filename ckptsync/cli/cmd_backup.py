@@ -71,8 +71,7 @@ def backup_cmd(
         bucket.refuse("--discard-staged", discard_staged)
         bucket.refuse("--follow-runs", follow_runs)
         bucket.refuse("--wait", wait)
-        bucket.refuse("--skip-if-locked", skip_if_locked)
-        return bucket.backup(bt, opts, via_laptop)
+        return bucket.backup(bt, opts, via_laptop, skip_if_locked)
     if via_laptop:
         raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
     out = output()
@@ -86,14 +85,20 @@ def backup_cmd(
         held = discard_staging(t, dry_run)
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
+    return run_or_skip(out, t.label, str(t.local_dir), lambda: run_backup(t, opts, out.reporter()),
+                       skip_if_locked, show_backup)
+
+
+def run_or_skip(out, label: str, dest: str, run, skip_if_locked: bool, show) -> int:
+    """run() rendered by show; with --skip-if-locked, a lock held by another run is one line and exit 0."""
     try:
-        result = run_backup(t, opts, out.reporter())
+        result = run()
     except Locked as exc:
         if not skip_if_locked:
             raise
         out.info(f"skipped: {exc.message}")
-        return out.render(Skipped(t.label, str(t.local_dir), exc.message), lambda out, r: None)
-    return out.render(result, show_backup)
+        return out.render(Skipped(label, dest, exc.message), lambda out, r: None)
+    return out.render(result, show)
 
 
 @dataclass

@@ -27,6 +27,10 @@ def compare_cmd(
     content (xxh3-128 and size from the manifests).
     """
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
+    if t.store_url:
+        from ckptsync.cli import bucket
+
+        return render(bucket.compare(t, a, b), show_compare)
     return render(compare_backups(t.local_dir, a, b), show_compare)
 
 

@@ -32,7 +32,12 @@ def show_cmd(
     """
     remote = remote or host is not None or remote_dir is not None
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
-    result = show_server(t, name) if remote else show_backup(t.local_dir, name)
+    if t.store_url:
+        from ckptsync.cli import bucket
+
+        result = bucket.show(t, name, remote)
+    else:
+        result = show_server(t, name) if remote else show_backup(t.local_dir, name)
     return render(result, functools.partial(show_checkpoint, width=width or terminal_width(output().width),
                                             plain=ascii_ or not utf8_output()))
 

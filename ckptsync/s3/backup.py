@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptsync.backup import BackupOptions, select
-from ckptsync.errors import OK, PARTIAL, AgentError, ConnectError, IntegrityError, IOFailure, Locked
+from ckptsync import notify
+from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
+                             IOFailure, Locked)
 from ckptsync.freshness import judge
 from ckptsync.layout import Checkpoint, resume_files
-from ckptsync.policy import CHECK, human
+from ckptsync.policy import CHECK, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.s3 import parse_url
 from ckptsync.s3.bucket import Bucket, Conflict, Settings, etag, part_size, plain_md5
@@ -94,22 +96,48 @@ def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store:
     result = BucketBackupResult(target=target.label, server=target.describe(), dest=str(store.root),
                                 dry_run=opts.dry_run)
     started = time.monotonic()
+    code, error = None, ""
     try:
         with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
             job = _Upload(target, store, server, rep, result, via_laptop)
             view = scan_server(server, target.remote_dir, target.settle_seconds)
             todo = job.plan(view, opts)
-            if opts.dry_run or not todo:
-                return result
-            with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
-                todo = job.plan(view, opts)   # again under the lock: another run may have stored them
-                for c in todo:
-                    job.checkpoint(view, c)
-                    if lock.lost:
-                        raise Locked(lock.lost)
+            if todo and not opts.dry_run:
+                with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
+                    todo = job.plan(view, opts)   # again under the lock: another run may have stored them
+                    for c in todo:
+                        job.checkpoint(view, c)
+                        if lock.lost:
+                            raise Locked(lock.lost)
+        code, error = result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items())
         return result
+    except Locked:
+        raise  # another run is doing the work: its result, not this refusal, is the last backup
+    except CkptsyncError as exc:
+        code, error = exc.exit_code, exc.message
+        raise
+    except KeyboardInterrupt:
+        code, error = Interrupted.exit_code, "interrupted"
+        raise
     finally:
         result.seconds = time.monotonic() - started
+        if code is not None and not opts.dry_run:
+            _record(store, result, code, error, rep)
+
+
+def _record(store: BucketStore, r: BucketBackupResult, code: int, error: str, rep: Reporter) -> None:
+    status = run_status(time.time(), code, error, r.target, r.server, r.uploaded, r.failed,
+                        [n for n, a in r.planned.items() if a == "up-to-date"], notify.scheduled(),
+                        store=r.dest, sent_bytes=r.sent_bytes, copied_bytes=r.copied_bytes,
+                        seconds=round(r.seconds, 3))
+    try:
+        store.record_status(status)
+    except CkptsyncError as exc:  # the bucket that just failed may refuse this too
+        r.warnings.append(f"could not record this run in {r.dest}: {exc.message} "
+                          "(cron show and checklist will not see it)")
+    sent = notify.after_run(status)
+    if sent:
+        rep.info(sent)
 
 
 class _Upload:

@@ -3,6 +3,7 @@
     <checkpoint>/<file>                      the file's plain bytes
     .ckptsync/manifests/<name>.json          written last: an entry exists only when its manifest does
     .ckptsync/lock                           owner and lease, taken with a conditional write
+    .ckptsync/status.json                    the last backup run (and status-scheduled/-manual.json)
 """
 
 from __future__ import annotations
@@ -91,6 +92,25 @@ class BucketStore:
         """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside)."""
         meta = self.key(META + "/")
         return {k: (s, e) for k, s, e in self.bucket.list(self.key("")) if not k.startswith(meta)}
+
+    def status_key(self, kind: str = "") -> str:
+        return self.key(f"{META}/status-{kind}.json" if kind else f"{META}/status.json")
+
+    def record_status(self, status: dict) -> None:
+        """As the local store does: the last run, and the last of its kind (scheduled or manual)."""
+        raw = json.dumps(status, indent=1, sort_keys=True).encode("utf-8")
+        self.bucket.put(self.status_key(), raw)
+        self.bucket.put(self.status_key("scheduled" if status.get("scheduled") else "manual"), raw)
+
+    def status(self, kind: str = "") -> dict | None:
+        got = self.bucket.get(self.status_key(kind))
+        if got is None:
+            return None
+        try:
+            value = json.loads(got[0].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
 
     def lock(self, command: str, on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
         return LeaseLock(self, command, on_takeover)

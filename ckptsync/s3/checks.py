@@ -1,0 +1,74 @@
+"""show, compare and checklist of a bucket store: the directory code over the bucket's index."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from ckptsync.backup import BackupOptions
+from ckptsync.checklist import Checklist
+from ckptsync.config import Target
+from ckptsync.details import CompareResult, ShowResult, compare_stored, show_server, show_stored, state_file
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.s3.backup import open_store, run_bucket_backup
+from ckptsync.s3.flows import run_bucket_verify
+from ckptsync.s3.index import bucket_index
+from ckptsync.s3.store import BucketStore
+from ckptsync.store import Store
+
+
+@contextlib.contextmanager
+def renamed(index, store: BucketStore) -> Iterator[None]:
+    """Messages raised inside name the bucket, not the temp directory standing in for it."""
+    from ckptsync.archive import naming
+
+    with naming(index, str(store.root)):
+        yield
+
+
+def show_bucket(store: BucketStore, name: str | None) -> ShowResult:
+    with bucket_index(store, state_file) as index, renamed(index, store):
+        result = show_stored(index, name)
+    result.location = str(store.root)
+    return result
+
+
+def show_on_server(target: Target, store: BucketStore, name: str | None) -> ShowResult:
+    with bucket_index(store) as index, renamed(index, store):
+        return show_server(target, name, index)
+
+
+def compare_bucket(store: BucketStore, a: str, b: str) -> CompareResult:
+    with bucket_index(store, state_file) as index, renamed(index, store):
+        result = compare_stored(index, a, b)
+    result.location = str(store.root)
+    return result
+
+
+class BucketChecklist(Checklist):
+    """The checklist against a bucket: manifests from its index, sizes and ETags re-checked."""
+
+    def __init__(self, target: Target, rep: Reporter = QUIET, store: BucketStore | None = None) -> None:
+        super().__init__(target, rep)
+        self.bucket = store or open_store(target)
+        self.result.dest = str(self.bucket.root)
+
+    def backup(self) -> None:
+        run_bucket_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep, self.bucket)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with bucket_index(self.bucket) as index, renamed(index, self.bucket):
+            self.store = Store(index)
+            yield
+
+    def verify(self, name: str) -> tuple[bool, str, str]:
+        problems = [p for c in run_bucket_verify(self.bucket, [name], False, self.rep).checked for p in c.problems]
+        if not problems:
+            return True, f"{name}: every object's size and ETag match its manifest", ""
+        return (False, f"{name}: " + "; ".join(problems[:3]),
+                f"{self.target.command('verify', '--read-data', name)}   (reads every object back)")
+
+    def extras_fix(self) -> str:
+        return ("a bucket store keeps checkpoints only: back the extra files up to a directory, "
+                "e.g. " + self.target.command_with("--local-dir", "~/ckptsync-extra", "backup"))
