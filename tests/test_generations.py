@@ -52,6 +52,16 @@ def rotate(run: Path, k: int, mtime_ns: int, new_best: bool) -> None:
         variant(FIXTURES / "single_file" / "best_model.pt", run / "best_model.pt", k, mtime_ns)
 
 
+def replayed(run: Path, tick: int, history: list[str]):
+    """Three saves of the manager, all within one mtime tick (a new best at the 1st and 3rd);
+    yields after each, with the new latest.pt's hash appended to history."""
+    for k in (1, 2, 3):
+        rotate(run, k, tick, new_best=k != 2)
+        os.utime(run / "latest_backup.pt", ns=(tick, tick))
+        history.append(file_sha256(run / "latest.pt"))
+        yield k
+
+
 def write_config(home: Path, remote_dir: Path, local_dir: Path, **extra) -> None:
     cfg = {"local_dir": str(local_dir), "remote_dir": str(remote_dir), "settle_seconds": 60, **extra}
     (home / "ckptsync.yaml").write_text(json.dumps(cfg))
@@ -67,14 +77,20 @@ def cli_json(home: Path, *args: str) -> dict:
     return json.loads(res.stdout)
 
 
-@pytest.fixture
-def seed_run(ssh_home: Path, tmp_path: Path):
-    """The seed-style single-file run on the server, and its backup directory."""
+def seed_tree(tmp_path: Path) -> Path:
+    """A copy of the seed-style single-file run, written well before now."""
     run = tmp_path / "server" / "project" / "checkpoints"
     shutil.copytree(FIXTURES / "single_file", run)
     for p in run.iterdir():
         os.chmod(p, 0o644)
     set_tree_mtime(run, time.time() - WRITTEN_AGO)
+    return run
+
+
+@pytest.fixture
+def seed_run(ssh_home: Path, tmp_path: Path):
+    """The seed-style single-file run on the server, and its backup directory."""
+    run = seed_tree(tmp_path)
     dest = tmp_path / "backups"
     write_config(ssh_home, run, dest)
     return run, dest / "instance-1", ssh_home
@@ -112,10 +128,7 @@ def test_rotations_keep_the_previous_generations_verified_listed_and_restorable(
     # The manager writes within one mtime tick: sizes and mtimes of the rotated names never change.
     tick = (dest / "latest.pt").stat().st_mtime_ns
     history = [file_sha256(run / "latest.pt")]
-    for k in (1, 2, 3):
-        rotate(run, k, tick, new_best=k != 2)
-        os.utime(run / "latest_backup.pt", ns=(tick, tick))
-        history.append(file_sha256(run / "latest.pt"))
+    for k in replayed(run, tick, history):
         result = cli_json(home, "backup", "--all")
         assert result["exit_code"] == 0, result
         # The renamed file kept size and mtime of the old latest_backup.pt entry: only its inode

@@ -546,3 +546,106 @@ def test_show_compare_checklist_and_cron_on_a_bucket(ssh_home, server_tree, seaw
     removed = run_cli("cron", "remove", "-i", "1", "--config", cfg, "--json", env=env)
     assert removed.returncode == 0 and json.loads(removed.stdout)["action"] == "removed"
     assert not [p for p in ssh_home.rglob("*") if "s3:" in p.name]   # no directory named after the URL
+
+
+def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seaweed, bucket):
+    """The seed manager's latest.pt -> latest_backup.pt rotation, backed up into a bucket: every
+    changed name is replaced, its earlier version kept (copied inside the bucket), listed,
+    verified, restorable and pruned as on disk."""
+    from test_generations import replayed, seed_tree
+
+    from helpers import file_sha256
+
+    run = seed_tree(tmp_path)
+    cfg = write_config(ssh_home, run, f"s3://{bucket}/seed", seaweed.endpoint)
+    aws_home(ssh_home)
+    client = seaweed.client()
+
+    def backup() -> dict:
+        res = run_cli("backup", "-i", "1", "--all", "--config", cfg, "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        return json.loads(res.stdout)
+
+    def stored(name: str) -> str:
+        body = client.get_object(Bucket=bucket, Key=f"seed/instance-1/{name}")["Body"].read()
+        return hashlib.sha256(body).hexdigest()
+
+    first = backup()
+    assert "latest.pt" in first["uploaded"] and not first["generations"]
+    tick = (run / "latest.pt").stat().st_mtime_ns
+    history = [file_sha256(run / "latest.pt")]
+    for k in replayed(run, tick, history):
+        result = backup()
+        assert {"latest.pt", "latest_backup.pt"} <= set(result["replaced"]), result
+        assert f"latest.pt@" in " ".join(result["generations"])
+        assert result["copied_bytes"] > 0   # latest_backup.pt is the old latest.pt: copied, not sent
+        for name in ("latest.pt", "latest_backup.pt", "best_model.pt", "best_model_previous.pt"):
+            assert stored(name) == file_sha256(run / name), (k, name)
+    assert len(result["dropped_generations"]) > 0    # keep_generations: 2
+
+    listed = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    assert [g["index"] for g in listed["generations"]["latest.pt"]] == [1, 2]
+    text = run_cli("list", "-i", "1", "--generations", "--config", cfg)
+    assert "earlier versions" in text.stdout and "latest.pt" in text.stdout
+    checked = json.loads(run_cli("verify", "-i", "1", "--read-data", "--config", cfg, "--json").stdout)
+    names = [c["name"] for c in checked["checked"]]
+    assert sum(n.startswith("latest.pt@") for n in names) == 2 and not any(c["problems"] for c in checked["checked"])
+
+    fresh = tmp_path / "fresh"
+    back = run_cli("restore", "-i", "1", "--checkpoint", "latest.pt", "--generation", "1", "--remote-dir", fresh,
+                   "--config", cfg)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "generation" in back.stdout and file_sha256(fresh / "latest.pt") == history[-2]
+
+    gen_key = f"seed/instance-1/.ckptsync/generations/latest.pt/{listed['generations']['latest.pt'][1]['id']}/latest.pt"
+    pruned = json.loads(run_cli("prune", "-i", "1", "--keep-generations", "1", "--config", cfg, "--json").stdout)
+    assert sum(g.startswith("latest.pt@") for g in pruned["generations"]) == 1
+    assert not objects(client, bucket, gen_key)
+    again = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    assert len(again["generations"]["latest.pt"]) == 1 and len(again["entries"]) == len(listed["entries"])
+
+
+def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_completes(
+        server_tree, seaweed, bucket, monkeypatch):
+    """The link drops while a changed checkpoint's new bytes go up: the old version is already a
+    generation, the name has no entry (not a mix of old and new), prune keeps the generation, and
+    the next run records the new version."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = seaweed.client()
+    url = f"s3://{bucket}/x/instance-0"
+    assert run_bucket_backup(local_target(server_tree, url, seaweed.endpoint),
+                             BackupOptions(names=["checkpoint-12"])).uploaded == ["checkpoint-12"]
+    old = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
+    changed = server_tree / "checkpoint-12" / "optimizer.pt"
+    st = changed.stat()
+    changed.write_bytes(b"new optimizer state".ljust(st.st_size, b"."))  # same size and mtime: only inode/ctime tell
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    hooks = Hooks()
+    cut = []
+
+    def drop(_args: dict) -> None:
+        cut.append(1)
+        raise ConnectError("connection to the server lost")
+
+    hooks.on_before("http_put", drop, times=1)
+    t = local_target(server_tree, url, seaweed.endpoint, server=InProcessServer(hooks))
+    with pytest.raises(ConnectError):
+        run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert cut   # the upload of the new bytes was under way
+    store = open_store(t)
+    assert "checkpoint-12" not in store.entries()
+    (g,) = store.generations()["checkpoint-12"]
+    gen = client.get_object(Bucket=bucket, Key=store.object_key(g, "checkpoint-12/optimizer.pt"))["Body"].read()
+    assert gen == old
+    from ckptsync.s3.flows import run_bucket_prune
+
+    assert run_bucket_prune(store, keep_last=1, dry_run=False).generations == []   # kept: it may be all there is
+
+    again = run_bucket_backup(local_target(server_tree, url, seaweed.endpoint), BackupOptions(names=["checkpoint-12"]))
+    assert again.uploaded == ["checkpoint-12"] and not again.failed
+    now = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
+    assert now == changed.read_bytes()
+    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ckptsync.backup import BackupOptions
 from ckptsync.cli.context import output
 from ckptsync.config import Target
@@ -78,6 +80,11 @@ def show_backup(out: Output, r) -> None:
                + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
                + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else "")
                + f"; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+    if r.generations:
+        out.paragraph(f"changed on the server: {', '.join(r.replaced) or 'none recorded'}; the earlier version(s) "
+                      f"kept as {', '.join(r.generations)}"
+                      + (f"; dropped {', '.join(r.dropped_generations)} (keep_generations)" if r.dropped_generations
+                         else ""))
 
 
 # -------------------------------------------------- show, compare (rendered by their commands)
@@ -98,13 +105,15 @@ def compare(t: Target, a: str, b: str):
 # -------------------------------------------------- list, verify
 
 
-def listing(t: Target) -> int:
+def listing(t: Target, generations: bool = False) -> int:
     from ckptsync.s3.flows import run_bucket_list
 
-    return output().render(run_bucket_list(_store(t)), show_list)
+    return output().render(run_bucket_list(_store(t)), functools.partial(show_list, generations=generations))
 
 
-def show_list(out: Output, r) -> None:
+def show_list(out: Output, r, generations: bool = False) -> None:
+    from ckptsync.cli.cmd_list import show_generations
+
     out.result(f"bucket: {r.store}")
     if not r.entries:
         out.result("no backups")
@@ -116,6 +125,11 @@ def show_list(out: Output, r) -> None:
             wide.add(e.name, step, e.kind, e.files, human(e.size), when(e.backed_up_at))
             narrow.add(e.name, step, human(e.size), when(e.backed_up_at))
         out.table([wide, narrow])
+    if generations:
+        show_generations(out, r)
+    elif r.generations:
+        count = sum(len(g) for g in r.generations.values())
+        out.result(f"{count} earlier version(s) of {', '.join(sorted(r.generations))} kept: see list --generations")
     if r.unfinished_uploads:
         out.result(f"{r.unfinished_uploads} unfinished upload(s) in the bucket: the next backup resumes "
                    "them, prune aborts them")
@@ -144,37 +158,41 @@ def show_verify(out: Output, r) -> None:
 # -------------------------------------------------- restore, prune
 
 
-def restore(t: Target, name: str | None, force: bool) -> int:
+def restore(t: Target, name: str | None, force: bool, generation: str | None = None) -> int:
     from ckptsync.s3.flows import run_bucket_restore
 
     out = output()
     store = _store(t)
     out.info(f"restore {store.root} -> {t.describe()}:{t.remote_dir} (from the bucket straight to the server)")
-    return out.render(run_bucket_restore(t, store, name, force, out.reporter()), show_restore)
+    return out.render(run_bucket_restore(t, store, name, force, out.reporter(), generation=generation), show_restore)
 
 
 def show_restore(out: Output, r) -> None:
     for n in r.notes:
         out.info(n)
     speed = rate(r.bytes, r.seconds)
-    out.result(f"restored {r.name} to {r.server}:{r.path}: {r.files} files, {human(r.bytes)}, checked on the "
+    version = f" (generation {r.generation})" if r.generation else ""
+    out.result(f"restored {r.name}{version} to {r.server}:{r.path}: {r.files} files, {human(r.bytes)}, checked on the "
                f"server; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
     if r.hint:
         out.result(r.hint)
 
 
-def prune(t: Target, keep_last: int, dry_run: bool) -> int:
+def prune(t: Target, keep_last: int, dry_run: bool, keep_generations: int | None = None) -> int:
     from ckptsync.s3.flows import run_bucket_prune
 
-    if keep_last < 1:
-        raise UsageError("prune of a bucket store needs --keep-last K (K >= 1)")
+    if keep_last < 1 and keep_generations is None:
+        raise UsageError("prune of a bucket store needs --keep-last K (K >= 1) or --keep-generations N")
     out = output()
-    return out.render(run_bucket_prune(_store(t), keep_last, dry_run, out.reporter()), show_prune)
+    return out.render(run_bucket_prune(_store(t), keep_last if keep_last >= 1 else None, dry_run, out.reporter(),
+                                       keep_generations), show_prune)
 
 
 def show_prune(out: Output, r) -> None:
     verb = "would remove" if r.dry_run else "removed"
     out.result(f"bucket: {r.store}; kept {', '.join(r.kept) or 'none'}; {verb} {', '.join(r.removed) or 'none'}")
+    if r.generations:
+        out.paragraph(f"{verb} {len(r.generations)} earlier version(s): {', '.join(r.generations)}")
     out.result(f"{verb} {r.deleted_objects} object(s) no manifest names ({human(r.deleted_bytes)})"
                + (f"; {'would abort' if r.dry_run else 'aborted'} {r.aborted_uploads} unfinished upload(s)"
                   if r.aborted_uploads else ""))

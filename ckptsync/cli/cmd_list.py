@@ -30,11 +30,11 @@ def list_cmd(
     """
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                    need_remote=not local)
+    if bucket.one(ts) is not None:
+        return bucket.listing(ts[0], generations)
     if len(ts) > 1:
         many = run_many("list", ts, lambda t, _rep: run_list(t, local_only=local, generations=generations))
         return render(many, lambda out, m: show_each(out, m, lambda out, r: show_list(out, r, None if local else r.remote_dir)))
-    if bucket.one(ts) is not None:
-        return bucket.listing(ts[0])
     t = ts[0]
     result = run_list(t, local_only=local, generations=generations)
     return render(result, functools.partial(show_list, remote_dir=None if local else t.remote_dir))

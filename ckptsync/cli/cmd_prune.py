@@ -43,10 +43,9 @@ def prune_cmd(
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
     if t.store_url:
-        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within),
-                            ("--keep-generations", keep_generations is not None)):
+        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within)):
             bucket.refuse(flag, bool(given))
-        return bucket.prune(t, keep_last, dry_run)
+        return bucket.prune(t, keep_last, dry_run, keep_generations)
     out = output()
     if keep_best and no_keep_best:
         raise UsageError("give --keep-best or --no-keep-best, not both")

@@ -43,6 +43,9 @@ class BucketBackupResult:
     dry_run: bool
     planned: dict[str, str] = field(default_factory=dict)   # name -> upload, up-to-date, skip: why
     uploaded: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)     # uploaded over an older version of the name
+    generations: list[str] = field(default_factory=list)  # "NAME@ID": earlier versions kept
+    dropped_generations: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     sent_bytes: int = 0        # bytes the server sent to the bucket
@@ -161,6 +164,7 @@ class _Upload:
         if opts.extra_files and self.target.extra_files:
             r.warnings.append("extra_files are not backed up to a bucket store (only checkpoints)")
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
+        self.kept = [g for gens in self.store.generations().values() for g in gens]
         chosen, skipped = select(view.checkpoints, opts)
         todo = []
         for s in skipped:
@@ -175,9 +179,8 @@ class _Upload:
             elif judge(self.server, view.root, entry.manifest.files, view.files_of(c), CHECK).current:
                 r.planned[c.name] = "up-to-date"
             else:
-                r.planned[c.name] = "changed"
-                r.failed[c.name] = ("changed on the server since its backup; the bucket keeps one version of a "
-                                    "name: prune it from the bucket to back up the new one")
+                r.planned[c.name] = "replace"   # the stored version becomes a generation
+                todo.append(c)
         r.plan_bytes = sum(c.size for c in todo)
         return todo
 
@@ -193,6 +196,9 @@ class _Upload:
             return
         files = [_File(p, listed[p].size, hashes.values[p], self.store.key(p)) for p in paths]
         known = self._known()
+        old = self.entries.get(c.name)
+        if old is not None:
+            self._set_aside(old)
         send, twins, first = [], [], {}
         for f in files:
             have = known.get((f.hash, f.size))
@@ -235,15 +241,32 @@ class _Upload:
             return
         self.entries[c.name] = entry
         self.result.uploaded.append(c.name)
+        if old is not None:
+            self.result.replaced.append(c.name)
+            dropped = self.store.trim_generations(c.name, self.target.keep_generations)
+            self.result.dropped_generations.extend(g.label for g in dropped)
+            gone = {g.label for g in dropped}
+            self.kept = [g for g in self.kept if g.label not in gone]   # no longer a source of copies
+
+    def _set_aside(self, old: Entry) -> None:
+        """Before a changed entry's objects are overwritten: its version is copied to a generation,
+        then its manifest goes. Until the new manifest is written the name has no entry (the next
+        run uploads it); the earlier bytes are in the generation from the first step on."""
+        kept = self.store.keep_generation(old)
+        self.kept.append(kept)
+        self.result.generations.append(kept.label)
+        self.store.drop_entry(old.name)
+        del self.entries[old.name]
 
     def _known(self) -> dict[tuple[str, int], tuple[str, str]]:
-        """(hash, size) -> (key, etag) of the objects the bucket's entries hold."""
+        """(hash, size) -> (key, etag) of the objects the bucket's entries and generations hold
+        (an entry's own first: the rotated latest_backup.pt is then a copy of the old latest.pt)."""
         out = {}
-        for e in self.entries.values():
+        for e in [*self.kept, *self.entries.values()]:
             if e.alg == self.alg:
                 for f in e.manifest.files:
                     if f.path in e.etags:
-                        out[(f.xxh3_128, f.size)] = (self.store.key(f.path), e.etags[f.path])
+                        out[(f.xxh3_128, f.size)] = (self.store.object_key(e, f.path), e.etags[f.path])
         return out
 
     def _recheck(self, view: ServerView, listed) -> dict[str, str]:

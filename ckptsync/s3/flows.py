@@ -13,7 +13,8 @@ import xxhash
 from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError, NotFound, UsageError
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.restore import choose, newest_first, resume_hint
+from ckptsync.listing import GenerationRow, generation_rows
+from ckptsync.restore import choose, newest_first, pick_generation, resume_hint
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
 from ckptsync.s3.store import META, BucketStore, Entry
 from ckptsync.server import Server, open_server
@@ -38,6 +39,7 @@ class BucketEntry:
 class BucketListing:
     store: str
     entries: list[BucketEntry] = field(default_factory=list)
+    generations: dict[str, list[GenerationRow]] = field(default_factory=dict)  # earlier versions per name
     unfinished_uploads: int = 0    # multipart uploads in progress or abandoned (prune aborts them)
     exit_code: int = OK
 
@@ -52,6 +54,7 @@ def run_bucket_list(store: BucketStore) -> BucketListing:
     for m in newest_first({n: e.manifest for n, e in entries.items()}):
         out.entries.append(BucketEntry(m.name, m.kind, m.step, len(m.files), m.size, m.backed_up_at,
                                        m.resumable, m.content))
+    out.generations = generation_rows(store)
     out.unfinished_uploads = len(store.bucket.uploads(store.key("")))
     return out
 
@@ -89,16 +92,18 @@ def run_bucket_verify(store: BucketStore, names: list[str], read_data: bool, rep
     """Every object of every entry (or those named) against its manifest: size and ETag from a
     listing; with read_data, the bytes too, streamed through this machine and hashed."""
     entries = _named(store, names)
-    objects = store.objects()
+    kept = store.generations()
+    entries += [g for e in list(entries) for g in kept.get(e.name, [])]   # checked as NAME@ID
+    objects = store.objects(generations=True)
     out = BucketVerify(store=str(store.root), read_data=read_data)
     for e in entries:
-        check = BucketCheck(e.name, files=len(e.manifest.files))
+        check = BucketCheck(e.label, files=len(e.manifest.files))
         out.checked.append(check)
         if read_data:
             rep.start(e.name, e.manifest.size)
         try:
             for f in e.manifest.files:
-                key = store.key(f.path)
+                key = store.object_key(e, f.path)
                 got = objects.get(key)
                 if got is None:
                     check.problems.append(f"{f.path}: missing from the bucket")
@@ -147,6 +152,7 @@ class BucketRestore:
     bytes: int = 0
     notes: list[str] = field(default_factory=list)
     hint: str = ""
+    generation: str = ""         # the id of the earlier version restored, if one was asked for
     seconds: float = 0.0
     exit_code: int = OK
 
@@ -155,13 +161,18 @@ class BucketRestore:
 
 
 def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool = False,
-                       rep: Reporter = QUIET, server: Server | None = None) -> BucketRestore:
-    """One entry from the bucket onto the server: presigned GETs, the agent downloads into staging
-    and checks every file's size and hash there, then the entry is renamed into place whole."""
+                       rep: Reporter = QUIET, server: Server | None = None,
+                       generation: str | None = None) -> BucketRestore:
+    """One entry (or, with `generation`, an earlier version of it) from the bucket onto the server:
+    presigned GETs, the agent downloads into staging and checks every file's size and hash there,
+    then the entry is renamed into place whole."""
     started = time.monotonic()
     entries = store.entries()
     m, notes = choose(newest_first({n: e.manifest for n, e in entries.items()}), name, adapter_only=False)
     entry = entries[m.name]
+    if generation is not None:
+        entry = pick_generation(store, m.name, generation)
+        m = entry.manifest
     with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
         root = server.mkdir(target.remote_dir)
         if entry.alg not in server.hashes:
@@ -175,13 +186,13 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
             raise UsageError(f"{posixpath.join(root, m.name)} already exists on {server.describe()}",
                              hint="add --force to replace it, or restore into another --remote-dir")
         out = BucketRestore(store=str(store.root), server=server.describe(), name=m.name,
-                            path=posixpath.join(root, m.name), notes=notes)
+                            path=posixpath.join(root, m.name), notes=notes, generation=entry.gid)
         rep.start(m.name, m.size)
         try:
             files = list(m.files)
             for i in range(0, len(files), BATCH_ITEMS):
                 batch = files[i:i + BATCH_ITEMS]
-                items = [{"member": f.path, "url": store.bucket.url_get(store.key(f.path)), "size": f.size,
+                items = [{"member": f.path, "url": store.bucket.url_get(store.object_key(entry, f.path)), "size": f.size,
                           "mode": f.mode, "mtime_ns": f.mtime_ns, "hash": f.xxh3_128} for f in batch]
                 moved = _get(server, root, m.name, items, entry.alg, store.bucket.settings.workers)
                 for f, got in zip(batch, moved):
@@ -221,21 +232,33 @@ class BucketPrune:
     deleted_objects: int = 0
     deleted_bytes: int = 0
     aborted_uploads: int = 0
+    generations: list[str] = field(default_factory=list)   # "NAME@ID" removed (or that would be)
     exit_code: int = OK
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def run_bucket_prune(store: BucketStore, keep_last: int, dry_run: bool, rep: Reporter = QUIET) -> BucketPrune:
-    """Keep the newest `keep_last` entries: manifests go first (so an entry disappears whole at
-    once), then every object no remaining manifest names; unfinished uploads are aborted."""
+def run_bucket_prune(store: BucketStore, keep_last: int | None, dry_run: bool, rep: Reporter = QUIET,
+                     keep_generations: int | None = None) -> BucketPrune:
+    """Keep the newest `keep_last` entries (None: all): manifests go first (so an entry disappears
+    whole at once), then every object no remaining manifest names; unfinished uploads are aborted.
+    A removed entry takes its generations along; `keep_generations` trims the others'."""
     out = BucketPrune(store=str(store.root), dry_run=dry_run)
     with (contextlib.nullcontext() if dry_run else store.lock("ckptsync prune", on_takeover=rep.info)):
         entries = store.entries()
         ordered = newest_first({n: e.manifest for n, e in entries.items()})
-        out.kept = [m.name for m in ordered[:keep_last]]
-        out.removed = [m.name for m in ordered[keep_last:]]
+        cut = len(ordered) if keep_last is None else keep_last
+        out.kept = [m.name for m in ordered[:cut]]
+        out.removed = [m.name for m in ordered[cut:]]
+        kept_gens = store.generations()
+        for name, gens in sorted(kept_gens.items()):
+            # A name with no entry (its replacement was cut off) keeps its versions: they may be all there is.
+            keep = 0 if name in out.removed else (len(gens) if keep_generations is None else keep_generations)
+            for g in gens[keep:]:
+                out.generations.append(g.label)
+                if not dry_run:
+                    store.drop_generation(g)
         if not dry_run:
             for name in out.removed:
                 store.drop_entry(name)

@@ -2,6 +2,8 @@
 
     <checkpoint>/<file>                      the file's plain bytes
     .ckptsync/manifests/<name>.json          written last: an entry exists only when its manifest does
+    .ckptsync/generations/<name>/<id>.json   an earlier version of a reused name, its objects under
+    .ckptsync/generations/<name>/<id>/...    (copied there inside the bucket before the name is reused)
     .ckptsync/lock                           owner and lease, taken with a conditional write
     .ckptsync/status.json                    the last backup run (and status-scheduled/-manual.json)
 """
@@ -24,6 +26,7 @@ from ckptsync.store import Manifest
 
 META = ".ckptsync"
 MANIFESTS = f"{META}/manifests/"
+GENERATIONS = f"{META}/generations/"
 LOCK = f"{META}/lock"
 
 
@@ -34,10 +37,20 @@ class Entry:
     manifest: Manifest
     etags: dict[str, str] = field(default_factory=dict)   # path -> ETag
     alg: str = "xxh3_128"
+    base: str = ""   # where its objects are, below the store: "" for an entry, a generation's folder
+    gid: str = ""    # a generation's id (its old backup time), "" for an entry
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def id(self) -> str:
+        return self.gid
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.gid}" if self.gid else self.name
 
     def to_json(self) -> bytes:
         data = asdict(self.manifest)
@@ -71,15 +84,69 @@ class BucketStore:
         for key, _size, _etag in self.bucket.list(self.key(MANIFESTS)):
             if not key.endswith(".json"):
                 continue
-            got = self.bucket.get(key)
-            if got is None:
-                continue  # deleted since the listing (a prune)
-            try:
-                entry = Entry.from_json(got[0])
-            except (ValueError, TypeError, KeyError) as exc:
-                raise IOFailure(f"s3://{self.root.bucket}/{key}: not a ckptsync manifest ({exc})") from None
-            out[entry.name] = entry
+            entry = self._read_entry(key)
+            if entry is not None:
+                out[entry.name] = entry
         return out
+
+    def object_key(self, entry: Entry, path: str) -> str:
+        return self.key(entry.base + path)
+
+    def _read_entry(self, key: str) -> Entry | None:
+        got = self.bucket.get(key)
+        if got is None:
+            return None  # deleted since the listing (a prune)
+        try:
+            return Entry.from_json(got[0])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise IOFailure(f"s3://{self.root.bucket}/{key}: not a ckptsync manifest ({exc})") from None
+
+    # -------------------------------------------------- generations
+
+    def generations(self, name: str | None = None) -> dict[str, list[Entry]]:
+        """Name -> its earlier versions, newest first; as on disk, a generation is its manifest."""
+        top = self.key(GENERATIONS + (f"{name}/" if name else ""))
+        out: dict[str, list[Entry]] = {}
+        for key, _size, _etag in self.bucket.list(top):
+            rel = key[len(self.key(GENERATIONS)):]
+            owner, _, file = rel.partition("/")
+            if "/" in file or not file.endswith(".json"):
+                continue  # an object of a generation, not its manifest
+            g = self._read_entry(key)
+            if g is None:
+                continue
+            g.gid, g.base = file[:-len(".json")], f"{GENERATIONS}{owner}/{file[:-len('.json')]}/"
+            out.setdefault(owner, []).append(g)
+        for gens in out.values():
+            gens.sort(key=lambda g: (g.manifest.backed_up_at, g.gid), reverse=True)
+        return out
+
+    def keep_generation(self, old: Entry) -> Entry:
+        """Copy `old`'s objects to a generation of its name and write that generation's manifest.
+        Nothing of `old` is touched: the caller may reuse the name once this returns."""
+        base_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(old.manifest.backed_up_at)) \
+            if old.manifest.backed_up_at else "unknown"
+        taken = {g.gid for g in self.generations(old.name).get(old.name, [])}
+        gid, n = base_id, 1
+        while gid in taken:
+            n += 1
+            gid = f"{base_id}-{n}"
+        g = Entry(old.manifest, {}, old.alg, base=f"{GENERATIONS}{old.name}/{gid}/", gid=gid)
+        for f in old.manifest.files:
+            g.etags[f.path] = self.bucket.copy(self.object_key(old, f.path), self.object_key(g, f.path), f.size)
+        self.bucket.put(self.key(f"{GENERATIONS}{old.name}/{gid}.json"), g.to_json())
+        return g
+
+    def drop_generation(self, g: Entry) -> None:
+        """Its manifest first, so a half-removed generation is never listed; then its objects."""
+        self.bucket.delete([self.key(f"{GENERATIONS}{g.name}/{g.gid}.json")])
+        self.bucket.delete(sorted(k for k, _s, _e in self.bucket.list(self.key(g.base))))
+
+    def trim_generations(self, name: str, keep: int) -> list[Entry]:
+        dropped = self.generations(name).get(name, [])[max(keep, 0):]
+        for g in dropped:
+            self.drop_generation(g)
+        return dropped
 
     def write_entry(self, entry: Entry, replace: bool = False) -> None:
         """The last write of a backup. Without `replace`, only when no manifest of that name exists."""
@@ -88,10 +155,12 @@ class BucketStore:
     def drop_entry(self, name: str) -> None:
         self.bucket.delete([self.manifest_key(name)])
 
-    def objects(self) -> dict[str, tuple[int, str]]:
-        """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside)."""
-        meta = self.key(META + "/")
-        return {k: (s, e) for k, s, e in self.bucket.list(self.key("")) if not k.startswith(meta)}
+    def objects(self, generations: bool = False) -> dict[str, tuple[int, str]]:
+        """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside),
+        and of the generations' too when asked."""
+        meta, kept = self.key(META + "/"), self.key(GENERATIONS)
+        return {k: (s, e) for k, s, e in self.bucket.list(self.key(""))
+                if not k.startswith(meta) or (generations and k.startswith(kept) and k[len(kept):].count("/") >= 2)}
 
     def status_key(self, kind: str = "") -> str:
         return self.key(f"{META}/status-{kind}.json" if kind else f"{META}/status.json")
