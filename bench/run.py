@@ -2,7 +2,8 @@
 """Benchmark ckptsync against rsync/scp/tar over a shaped SSH link.
 
 A throwaway "GPU server" runs sshd inside a network namespace joined to the
-host by a veth pair; the link is shaped with tbf on both ends. Every client
+host by a veth pair; the link is shaped with tbf on both ends, and the long link
+also goes through bench/relay.py, which delays every byte. Every client
 command is timed, its peak memory is measured, and every copy is checked
 against the source tree. See bench/README.md.
 """
@@ -40,7 +41,12 @@ VENV_PACKAGES = ["torch==2.13.0", "transformers", "peft", "accelerate"]
 CHECKPOINTS = ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 RESTORE_CKPT = "checkpoint-6"
 
-SPEEDS = {"200mbit": 200_000_000, "1gbit": 1_000_000_000, "unshaped": None}
+SPEEDS = {"200mbit": 200_000_000, "1gbit": 1_000_000_000, "1gbit-100ms": 1_000_000_000, "unshaped": None}
+# speeds that also pass through bench/relay.py: seconds each byte is held per direction (RTT = twice that)
+RELAY_DELAY = {"1gbit-100ms": 0.050}
+RELAY_PORT = 2222           # in the namespace, in front of sshd's port 22
+PROBE_PORT = 2223           # the relay's built-in echo/sink/source, for checking the delay without ssh
+RELAY_MAX_HELD = 16 * 1024 * 1024  # per direction of a connection; 1 Gbit/s for 50 ms is 6.25 MB
 TOOLS = ["rsync", "scp", "tar", "tarzstd", "ckptsync"]
 TIME_BIN = "/usr/bin/time"
 TBF_LATENCY = "50ms"
@@ -48,7 +54,7 @@ TBF_LATENCY = "50ms"
 OPS = [
     ("backup", "full backup (3 checkpoints, cold destination)"),
     ("noop", "no-op backup (destination already complete)"),
-    ("restore-all", "restore push, all checkpoints"),
+    ("restore-all", "restore of every checkpoint (push to a new directory)"),
     ("restore-ckpt", f"restore push, {RESTORE_CKPT} only"),
     ("verify", "verify local copy (no network, warm cache)"),
     ("bwlimit", f"backup and restore of {RESTORE_CKPT} with --bwlimit: achieved wire rate against the limit"),
@@ -57,7 +63,7 @@ BWLIMIT_SHARE = 4             # the limit is a quarter of the shaped link rate
 BWLIMIT_UNSHAPED = 20_000_000  # bytes/s, when the link is not shaped
 BWLIMIT_TOLERANCE = 0.05
 RATIO_ANCHOR = {"backup": "best full-copy anchor", "noop": "rsync -a (no-op)",
-                "restore-ckpt": f"rsync -a push {RESTORE_CKPT}"}
+                "restore-all": "rsync -a push (all)", "restore-ckpt": f"rsync -a push {RESTORE_CKPT}"}
 
 
 def log(msg: str = "") -> None:
@@ -174,6 +180,7 @@ class Timer:
     def __init__(self, have_time: bool, sample_interval: float = 0.1):
         self.have_time = have_time
         self.interval = sample_interval
+        self.counter = None  # callable -> bytes on the link so far, sampled with the memory
 
     def run(self, stages: list[list[str]], env=None, cwd=None, stdout_null=True) -> dict:
         """Run a pipeline of client-side stages; return wall time and memory."""
@@ -192,6 +199,7 @@ class Timer:
             with open(errpath, "w+") as errf:
                 stop = threading.Event()
                 peak = [0]
+                wire: list[tuple[float, int]] = []
                 t0 = time.monotonic()
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL if stdout_null else None,
@@ -201,6 +209,8 @@ class Timer:
                 def sampler():
                     while not stop.is_set():
                         peak[0] = max(peak[0], tree_rss(proc.pid, skip))
+                        if self.counter is not None:
+                            wire.append((time.monotonic() - t0, self.counter()))
                         stop.wait(self.interval)
 
                 th = threading.Thread(target=sampler, daemon=True)
@@ -239,6 +249,7 @@ class Timer:
                 "rss_kb_stages": rss_stages,
                 "rss_kb": sum(known) if known else None,
                 "tree_peak_kb": peak[0] // 1024,
+                "wire_samples": wire,
                 "argv": argv,
             }
         finally:
@@ -262,6 +273,9 @@ class Lab:
         self.closed = False
         self.extra_dirs: list[Path] = []
         self.shaping: dict = {}
+        self.relay: subprocess.Popen | None = None
+        self.relay_log = None
+        self.port = 22
 
     # paths
     @property
@@ -294,7 +308,9 @@ class Lab:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ckptsync-bench-user", "-f", str(userkey)])
         shutil.copyfile(f"{userkey}.pub", t / "authorized_keys")
         ktype, kb64 = Path(f"{hostkey}.pub").read_text().split()[:2]
-        known = f"{ALIAS},{NS_IP} {ktype} {kb64}\n"
+        # the same server under the relay's port, which ssh looks up as [host]:port
+        names = [ALIAS, NS_IP, f"[{ALIAS}]:{RELAY_PORT}", f"[{NS_IP}]:{RELAY_PORT}"]
+        known = f"{','.join(names)} {ktype} {kb64}\n"
         (t / "known_hosts").write_text(known)
         sftp = "/usr/lib/openssh/sftp-server"
         sftp = sftp if os.path.exists(sftp) else "internal-sftp"
@@ -318,20 +334,6 @@ class Lab:
             f"Subsystem sftp {sftp}\n"
             "LogLevel ERROR\n"
         )
-        client_cfg = (
-            f"Host {ALIAS}\n"
-            f"    HostName {NS_IP}\n"
-            "    User root\n"
-            "    Port 22\n"
-            f"    IdentityFile {userkey}\n"
-            "    IdentitiesOnly yes\n"
-            f"    UserKnownHostsFile {t / 'known_hosts'}\n"
-            "    GlobalKnownHostsFile /dev/null\n"
-            "    StrictHostKeyChecking yes\n"
-            "    BatchMode yes\n"
-            "    LogLevel ERROR\n"
-        )
-        (t / "ssh_config").write_text(client_cfg)
         # a home directory for tools that read ~/.ssh/config (ckptsync)
         dot = t / "home" / ".ssh"
         dot.mkdir(parents=True)
@@ -341,8 +343,7 @@ class Lab:
         shutil.copyfile(f"{userkey}.pub", dot / "id_ed25519.pub")
         os.chmod(dot / "id_ed25519", 0o600)
         (dot / "known_hosts").write_text(known)
-        (dot / "config").write_text(client_cfg.replace(str(userkey), str(dot / "id_ed25519"))
-                                    .replace(str(t / "known_hosts"), str(dot / "known_hosts")))
+        self.write_client_configs(22)
         # sshd
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         run(["/usr/sbin/sshd", "-t", "-f", str(t / "sshd_config")])
@@ -360,6 +361,83 @@ class Lab:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cannot reach sshd in {self.ns}: {r.stderr.strip()}")
             time.sleep(0.2)
+
+    def write_client_configs(self, port: int) -> None:
+        """`Host benchsrv` for ssh -F (rsync, scp, tar) and in the home's ~/.ssh/config (ckptsync)."""
+        t = self.tmp
+        dot = t / "home" / ".ssh"
+
+        def text(key, known) -> str:
+            return (f"Host {ALIAS}\n"
+                    f"    HostName {NS_IP}\n"
+                    "    User root\n"
+                    f"    Port {port}\n"
+                    f"    IdentityFile {key}\n"
+                    "    IdentitiesOnly yes\n"
+                    f"    UserKnownHostsFile {known}\n"
+                    "    GlobalKnownHostsFile /dev/null\n"
+                    "    StrictHostKeyChecking yes\n"
+                    "    BatchMode yes\n"
+                    "    LogLevel ERROR\n")
+
+        (t / "ssh_config").write_text(text(t / "id_ed25519", t / "known_hosts"))
+        (dot / "config").write_text(text(dot / "id_ed25519", dot / "known_hosts"))
+        self.port = port
+
+    def start_relay(self, delay: float) -> dict:
+        """bench/relay.py inside the namespace, between the veth and sshd; clients are pointed at it."""
+        self.stop_relay()
+        logpath = self.tmp / "relay.log"
+        self.relay_log = open(logpath, "w")
+        argv = ["ip", "netns", "exec", self.ns, sys.executable, str(BENCH_DIR / "relay.py"),
+                "--listen", f"{NS_IP}:{RELAY_PORT}", "--target", f"{NS_IP}:22", "--delay", str(delay),
+                "--max-held", str(RELAY_MAX_HELD), "--probe-listen", f"{NS_IP}:{PROBE_PORT}"]
+        self.relay = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.relay_log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while "listening" not in logpath.read_text():
+            if self.relay.poll() is not None:
+                raise RuntimeError(f"relay exited ({self.relay.returncode}): {logpath.read_text().strip()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"relay did not start: {logpath.read_text().strip()}")
+            time.sleep(0.05)
+        self.write_client_configs(RELAY_PORT)
+        return {"program": "bench/relay.py", "argv": argv[4:], "delay_s_each_way": delay,
+                "max_held_bytes_per_direction": RELAY_MAX_HELD, "listen": f"{NS_IP}:{RELAY_PORT}",
+                "target": f"{NS_IP}:22", "pid": self.relay.pid}
+
+    def stop_relay(self) -> None:
+        if self.relay is not None:
+            if self.relay.poll() is None:
+                self.relay.terminate()
+                try:
+                    self.relay.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.relay.kill()
+                    self.relay.wait()
+            self.relay = None
+        if self.relay_log is not None:
+            self.relay_log.close()
+            self.relay_log = None
+        if self.tmp and self.port != 22:
+            self.write_client_configs(22)
+
+    def relay_cpu_s(self) -> float | None:
+        """user+system CPU seconds of the relay so far (None without a relay)."""
+        if self.relay is None:
+            return None
+        try:
+            with open(f"/proc/{self.relay.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def veth_bytes(self) -> tuple[int, int]:
+        """(received, sent) bytes on the host end of the veth: every byte of every ssh session crosses it."""
+        base = f"/sys/class/net/{self.vh}/statistics/"
+        with open(base + "rx_bytes") as rx, open(base + "tx_bytes") as tx:
+            return int(rx.read()), int(tx.read())
 
     def shape(self, rate_bps: int | None) -> dict:
         """tbf on the egress of both veth ends, or no qdisc at all."""
@@ -387,10 +465,15 @@ class Lab:
         try:
             if self.keep:
                 log(f"--keep: left running: netns {self.ns}, sshd pid "
-                    f"{self.sshd.pid if self.sshd else '-'}, files in {self.tmp}")
+                    f"{self.sshd.pid if self.sshd else '-'}, relay pid {self.relay.pid if self.relay else '-'}, "
+                    f"files in {self.tmp}")
                 log(f"  try: ssh -F {self.cfg} {ALIAS}")
                 log(f"  clean up: python3 {Path(__file__).resolve()} --cleanup")
                 return
+            try:
+                self.stop_relay()
+            except Exception as e:  # the namespace sweep below still kills it
+                log(f"warning: stopping the relay: {e}")
             if self.sshd is not None and self.sshd.poll() is None:
                 self.sshd.terminate()
                 try:
@@ -580,6 +663,9 @@ class Bench:
         self.ck_ok = ck_ok
         self.records: list[dict] = []
         self.failures = 0
+        self.links: dict[str, dict] = {}
+        self.last_wire_samples: list[tuple[float, int]] = []
+        self.ops = set(args.op_list)
         self.drop = args.drop_caches
         self.work = Path(args.data).resolve() / f"work-{os.getpid()}"
         self.py = sys.executable
@@ -631,7 +717,14 @@ class Bench:
         os.sync()  # untimed: no dirty pages from the previous copy leak into this one
         if network:
             self.drop_caches()
+        rx0, tx0 = self.lab.veth_bytes()
+        cpu0 = self.lab.relay_cpu_s()
         res = self.timer.run(stages, env=env, cwd=self.lab.home)
+        rx1, tx1 = self.lab.veth_bytes()
+        cpu1 = self.lab.relay_cpu_s()
+        self.last_wire_samples = res.pop("wire_samples")
+        # counted at the host end of the veth, frame headers included; rx is server -> laptop
+        wire = {"down": rx1 - rx0, "up": tx1 - tx0, "total": (rx1 - rx0) + (tx1 - tx0)}
         ok = res["rc"] == 0
         if ok:
             ok, msg = check()
@@ -639,13 +732,18 @@ class Bench:
             msg = f"exit status {res['rc']}: {res['stderr'].strip()[-800:]}"
         rec = {"speed": speed, "rep": rep, "op": op, "tool": tool, "label": label, "ok": ok,
                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-               "check": msg, "bytes": nbytes, "dest": str(dest), **{k: v for k, v in res.items() if k != "stderr"},
+               "check": msg, "bytes": nbytes, "wire_bytes": wire, "dest": str(dest),
+               "relay_cpu_s": round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
+               **{k: v for k, v in res.items() if k != "stderr"},
                "stderr_tail": res["stderr"].strip()[-2000:]}
         rec["argv"] = [str(x) for x in rec["argv"]]
         self.records.append(rec)
         rss = f"{rec['rss_kb'] / 1024:.0f}" if rec["rss_kb"] is not None else "?"
         line = (f"  [{speed} {rep + 1}/{self.a.reps}] {op:<12} {label:<40} {res['wall_s']:8.2f}s "
-                f"{nbytes / 1e6 / res['wall_s']:8.1f} MB/s  rss {rss:>4} MB  tree {rec['tree_peak_kb'] / 1024:.0f} MB")
+                f"{nbytes / 1e6 / res['wall_s']:8.1f} MB/s  rss {rss:>4} MB  tree {rec['tree_peak_kb'] / 1024:.0f} MB"
+                f"  wire {mb(wire['total'])} MB")
+        if rec["relay_cpu_s"] is not None:
+            line += f"  relay cpu {rec['relay_cpu_s']:.1f} s"
         if ok:
             log(line + "  ok")
         else:
@@ -688,13 +786,13 @@ class Bench:
                     shutil.rmtree(dst, ignore_errors=True)
 
             # no-op backups into complete destinations
-            if self.selected("rsync") and "rsync -a" in complete:
+            if "noop" in self.ops and self.selected("rsync") and "rsync -a" in complete:
                 dst = complete["rsync -a"]
                 self.measure(speed, rep, "noop", "rsync", "rsync -a (no-op)",
                              [["rsync", "-a", "-e", self.rsh(), f"{ALIAS}:{self.src}/", f"{dst}/"]], None, total,
                              lambda d=dst: compare(src_map, d, allow_extra=False), dst)
             ck_dst = complete.get("ckptsync backup")
-            if self.selected("ckptsync") and ck_dst:
+            if "noop" in self.ops and self.selected("ckptsync") and ck_dst:
                 self.measure(speed, rep, "noop", "ckptsync", "ckptsync backup (no-op)",
                              [self.ck("backup", "--host", ALIAS, "--remote-dir", str(self.src), "--all",
                                       "--local-dir", str(ck_dst), "--quiet")], self.ck_env, total,
@@ -703,31 +801,41 @@ class Bench:
             # restore direction (push back to the server)
             anchor_dst = complete.get("rsync -a") or next((v for k, v in complete.items()
                                                            if not k.startswith("ckptsync")), None)
-            if self.selected("rsync") and anchor_dst:
+            if "restore-all" in self.ops and self.selected("rsync") and anchor_dst:
                 nd = self.fresh(rd / "srv-restore-all")
                 self.measure(speed, rep, "restore-all", "rsync", "rsync -a push (all)",
                              [["rsync", "-a", "-e", self.rsh(), f"{anchor_dst}/", f"{ALIAS}:{nd}/"]], None, total,
                              lambda d=nd: compare(src_map, d, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
+            if "restore-all" in self.ops and self.selected("ckptsync") and ck_dst:
+                nd = self.fresh(rd / "srv-restore-all-ckptsync")
+                self.measure(speed, rep, "restore-all", "ckptsync", "ckptsync restore --all",
+                             [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
+                                      str(ck_dst), "--all")], self.ck_env, total,
+                             lambda d=nd: compare(src_map, d, allow_extra=True), nd)
+                shutil.rmtree(nd, ignore_errors=True)
+            if "restore-ckpt" in self.ops and self.selected("rsync") and anchor_dst:
                 nd = self.fresh(rd / "srv-restore-rsync")
                 self.measure(speed, rep, "restore-ckpt", "rsync", f"rsync -a push {RESTORE_CKPT}",
                              [["rsync", "-a", "-e", self.rsh(), f"{anchor_dst}/{RESTORE_CKPT}/",
                                f"{ALIAS}:{nd}/{RESTORE_CKPT}/"]], None, ck_bytes,
                              lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
-            if self.selected("ckptsync") and ck_dst:
+            if "restore-ckpt" in self.ops and self.selected("ckptsync") and ck_dst:
                 nd = self.fresh(rd / "srv-restore-ckptsync")
                 self.measure(speed, rep, "restore-ckpt", "ckptsync", f"ckptsync restore {RESTORE_CKPT}",
                              [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
                                       str(ck_dst), "--checkpoint", RESTORE_CKPT)], self.ck_env, ck_bytes,
                              lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=True), nd)
                 shutil.rmtree(nd, ignore_errors=True)
+            if "verify" in self.ops and self.selected("ckptsync") and ck_dst:
                 # local verification from a warm page cache: one untimed pass reads the files in
                 subprocess.run(self.ck("verify", "--local-dir", str(ck_dst)), env=self.ck_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
                 self.measure(speed, rep, "verify", "ckptsync", "ckptsync verify",
                              [self.ck("verify", "--local-dir", str(ck_dst))], self.ck_env, total,
                              lambda: (True, "exit status 0"), ck_dst, network=False)
+            if "bwlimit" in self.ops and self.selected("ckptsync") and ck_dst:
                 self.bwlimit_rows(speed, rep, rd, ck_map, ck_bytes)
         finally:
             if not self.a.keep:
@@ -735,9 +843,14 @@ class Bench:
 
     def bwlimit_rows(self, speed: str, rep: int, rd: Path, ck_map: dict[str, int], ck_bytes: int) -> None:
         """--bwlimit at a quarter of the link (or 20 MB/s unshaped), both directions: the wire bytes over the
-        run's own seconds (from --json) must be within 5% of the limit."""
+        run's own seconds (from --json) must be within 5% of the limit. Behind the relay, one ssh stream may
+        not reach the shaped rate, so the quarter is of the slower measured ssh stream if that is lower."""
         rate = SPEEDS[speed]
         limit = rate // 8 // BWLIMIT_SHARE if rate else BWLIMIT_UNSHAPED
+        chk = self.links.get(speed, {}).get("check")
+        if speed in RELAY_DELAY and chk:
+            stream = min(chk["pull_mbit"], chk["push_mbit"]) * 1e6 / 8
+            limit = min(limit, int(stream) // BWLIMIT_SHARE // 1000 * 1000)
 
         def shell(argv: list[str], out: Path) -> list[list[str]]:
             return [["bash", "-c", f"{shlex.join(argv)} > {q(out)}"]]
@@ -751,8 +864,17 @@ class Bench:
                 return False, f"no usable --json result: {e}"
             off = achieved / limit - 1
             within = abs(off) <= BWLIMIT_TOLERANCE
-            return ok and within, (f"{msg}; limit {limit / 1e6:.2f} MB/s, achieved {achieved / 1e6:.2f} MB/s "
-                                   f"({off:+.1%}, {res['wire_bytes'] / 1e6:.1f} MB on the wire)")
+            text = (f"{msg}; limit {limit / 1e6:.2f} MB/s, achieved {achieved / 1e6:.2f} MB/s "
+                    f"({off:+.1%}, {res['wire_bytes'] / 1e6:.1f} MB on the wire)")
+            steady = steady_rate(self.last_wire_samples)
+            if steady:
+                s_off = steady / limit - 1
+                text += f"; while sending (veth, 5%-95% of the bytes) {steady / 1e6:.2f} MB/s ({s_off:+.1%})"
+                if speed in RELAY_DELAY:
+                    # round trips at start and end (login, staging, renames) are not the limiter's doing
+                    within = abs(s_off) <= BWLIMIT_TOLERANCE
+                    text += ", which is what is checked on this link"
+            return ok and within, text
 
         dst = self.fresh(rd / "dst-bwlimit")
         out = rd / "bwlimit-backup.json"
@@ -790,6 +912,9 @@ class Bench:
                 "peak_rss_mb": (max(rss) / 1024) if rss else None,
                 "peak_tree_mb": max(r["tree_peak_kb"] for r in good) / 1024 if good else None,
                 "bytes": recs[0]["bytes"],
+                "wire_mb": (statistics.median(r["wire_bytes"]["total"] for r in good) / 1e6) if good else None,
+                "wire_mb_down": (statistics.median(r["wire_bytes"]["down"] for r in good) / 1e6) if good else None,
+                "wire_mb_up": (statistics.median(r["wire_bytes"]["up"] for r in good) / 1e6) if good else None,
             })
         for s in out:
             s["ratio"] = None
@@ -797,10 +922,8 @@ class Bench:
             if s["tool"] != "ckptsync" or s["median_s"] is None:
                 continue
             anchors = [o for o in out if o["op"] == s["op"] and o["tool"] != "ckptsync" and o["median_s"]]
-            if s["op"] == "noop":
-                anchors = [o for o in anchors if o["label"] == "rsync -a (no-op)"]
-            elif s["op"] == "restore-ckpt":
-                anchors = [o for o in anchors if o["label"] == f"rsync -a push {RESTORE_CKPT}"]
+            if s["op"] in ("noop", "restore-all", "restore-ckpt"):
+                anchors = [o for o in anchors if o["label"] == RATIO_ANCHOR[s["op"]]]
             elif s["op"] != "backup":
                 anchors = []
             if anchors:
@@ -816,7 +939,7 @@ class Bench:
         log("")
         log(f"=== link: {speed}  {describe_link(link)}")
         hdr = (f"{'operation':<13}{'tool':<42}{'ok':>5}{'median s':>10}{'MB/s':>9}"
-               f"{'RSS MB':>8}{'tree MB':>9}  ckptsync/anchor")
+               f"{'RSS MB':>8}{'tree MB':>9}{'wire MB':>9}  ckptsync/anchor")
         log(hdr)
         log("-" * len(hdr))
         for s in summ:
@@ -824,26 +947,103 @@ class Bench:
             mbs = f"{s['mb_per_s']:.1f}" if s["mb_per_s"] else "-"
             rss = f"{s['peak_rss_mb']:.0f}" if s["peak_rss_mb"] is not None else "-"
             tree = f"{s['peak_tree_mb']:.0f}" if s["peak_tree_mb"] is not None else "-"
+            wire = mb(s["wire_mb"] * 1e6) if s["wire_mb"] is not None else "-"
             ratio = f"{s['ratio']:.2f}x vs {s['ratio_vs']}" if s["ratio"] is not None else ""
             log(f"{s['op']:<13}{s['label']:<42}{s['reps_ok']:>2}/{s['reps']:<2}{med:>10}{mbs:>9}"
-                f"{rss:>8}{tree:>9}  {ratio}")
+                f"{rss:>8}{tree:>9}{wire:>9}  {ratio}")
+
+
+def steady_rate(samples: list[tuple[float, int]]) -> float | None:
+    """Bytes/s on the link between the samples where 5% and 95% of the command's bytes had crossed it."""
+    if len(samples) < 10:
+        return None
+    base = samples[0][1]
+    total = samples[-1][1] - base
+    if total <= 0:
+        return None
+    a = next((t, b) for t, b in samples if b - base >= 0.05 * total)
+    z = next((t, b) for t, b in samples if b - base >= 0.95 * total)
+    return (z[1] - a[1]) / (z[0] - a[0]) if z[0] > a[0] else None
+
+
+def mb(nbytes: float) -> str:
+    # a no-op moves kilobytes; keep them visible next to the gigabyte rows
+    return f"{nbytes / 1e6:.1f}" if nbytes >= 10e6 else f"{nbytes / 1e6:.3f}"
 
 
 def describe_link(link: dict) -> str:
     sh = link.get("shaping", {})
     if sh.get("qdisc") == "tbf":
-        s = f"(tbf {sh['rate_bit'] / 1e6:.0f} Mbit/s burst {sh['burst_bytes']} B latency {sh['latency']}, both ends)"
+        s = f"(tbf {sh['rate_bit'] / 1e6:.0f} Mbit/s burst {sh['burst_bytes']} B latency {sh['latency']}, both ends"
     else:
-        s = "(no qdisc)"
+        s = "(no qdisc"
+    rl = link.get("relay")
+    if rl:
+        s += f"; relay holding each byte {rl['delay_s_each_way'] * 1000:.0f} ms each way"
+    s += ")"
     chk = link.get("check")
     if chk:
         s += (f"  measured payload: pull {chk['pull_mbit']:.0f} Mbit/s, push {chk['push_mbit']:.0f} Mbit/s"
               f" (ssh connect+login {chk['connect_s'] * 1000:.0f} ms)")
+        if chk.get("ssh_rtt_ms"):
+            s += f"; 1-byte round trip over ssh {chk['ssh_rtt_ms']['median']:.1f} ms"
+        pr = chk.get("probe")
+        if pr:
+            s += (f"; without ssh: round trip {pr['rtt_ms']['median']:.1f} ms, pull {pr['pull_mbit']:.0f} Mbit/s, "
+                  f"push {pr['push_mbit']:.0f} Mbit/s")
     return s
 
 
-def link_check(lab: Lab, rate_bps: int | None) -> dict:
-    """Time a plain ssh stream each way over the current link."""
+def _ms(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples) * 1000, "min": min(samples) * 1000,
+            "max": max(samples) * 1000, "count": len(samples)}
+
+
+def ssh_rtt(cfg: str, count: int = 20) -> list[float]:
+    """One byte to `cat` on the server and back, `count` times over one ssh session."""
+    proc = subprocess.Popen(["ssh", "-F", cfg, ALIAS, "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            bufsize=0)
+    try:
+        out = []
+        for i in range(count + 1):
+            t0 = time.monotonic()
+            proc.stdin.write(b"x")
+            if proc.stdout.read(1) != b"x":
+                raise RuntimeError("ssh echo: no reply from cat on the server")
+            if i:  # the first one also waits for the login
+                out.append(time.monotonic() - t0)
+        return out
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def probe_check(rate_bps: int | None) -> dict:
+    """The relay's built-in echo/sink/source, straight over TCP: the link as the relay makes it, without ssh."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import relay
+    where = (NS_IP, PROBE_PORT)
+    rtt = relay.probe_rtt(where, 20)
+    base = statistics.median(rtt)
+    nbytes = min(200 * 1024 * 1024, rate_bps // 8 * 4) if rate_bps else 200 * 1024 * 1024
+    # each timing includes one round trip (request or confirmation); take it out
+    pull = relay.probe_rate(where, nbytes, push=False)
+    push = relay.probe_rate(where, nbytes, push=True)
+    res = {"rtt_ms": _ms(rtt), "bytes": nbytes, "pull_s": pull, "push_s": push,
+           "pull_mbit": nbytes * 8 / 1e6 / max(pull - base, 1e-3),
+           "push_mbit": nbytes * 8 / 1e6 / max(push - base, 1e-3)}
+    log(f"  relay probe (raw TCP through the relay, no ssh): 1-byte round trip median {res['rtt_ms']['median']:.1f} ms "
+        f"(min {res['rtt_ms']['min']:.1f}, max {res['rtt_ms']['max']:.1f}, n={len(rtt)}); "
+        f"{nbytes / 1e6:.0f} MB pull {res['pull_mbit']:.0f} Mbit/s, push {res['push_mbit']:.0f} Mbit/s")
+    return res
+
+
+def link_check(lab: Lab, rate_bps: int | None, relayed: bool = False) -> dict:
+    """Time a plain ssh stream each way over the current link, and a one-byte echo."""
     nbytes = 200 * 1024 * 1024
     if rate_bps:
         nbytes = min(nbytes, rate_bps // 8 * 4)  # about 4 seconds on shaped links
@@ -851,6 +1051,7 @@ def link_check(lab: Lab, rate_bps: int | None) -> dict:
     t0 = time.monotonic()
     run(["ssh", "-F", cfg, ALIAS, "true"])
     connect = time.monotonic() - t0
+    rtt = ssh_rtt(cfg)
     t0 = time.monotonic()
     subprocess.run(["ssh", "-F", cfg, ALIAS, f"head -c {nbytes} /dev/zero"], stdout=subprocess.DEVNULL, check=True)
     pull = time.monotonic() - t0
@@ -860,15 +1061,27 @@ def link_check(lab: Lab, rate_bps: int | None) -> dict:
     push = time.monotonic() - t0
     res = {"bytes": nbytes, "connect_s": connect, "pull_s": pull, "push_s": push,
            "pull_mbit": nbytes * 8 / 1e6 / max(pull - connect, 1e-3),
-           "push_mbit": nbytes * 8 / 1e6 / max(push - connect, 1e-3)}
+           "push_mbit": nbytes * 8 / 1e6 / max(push - connect, 1e-3),
+           "ssh_rtt_ms": _ms(rtt), "port": lab.port,
+           "commands": {"rtt": f"ssh -F CFG {ALIAS} cat (1 byte written, 1 read back, {len(rtt)} times)",
+                        "pull": f"ssh -F CFG {ALIAS} 'head -c {nbytes} /dev/zero' > /dev/null",
+                        "push": f"head -c {nbytes} /dev/zero | ssh -F CFG {ALIAS} 'cat > /dev/null'"}}
     log(f"  link check: {nbytes / 1e6:.0f} MB through ssh: pull {pull:.2f}s, push {push:.2f}s; "
         f"ssh connect+login {connect * 1000:.0f} ms; payload rate excluding connect: "
         f"pull {res['pull_mbit']:.0f} Mbit/s, push {res['push_mbit']:.0f} Mbit/s")
+    log(f"  1-byte round trip over ssh (cat on the server): median {res['ssh_rtt_ms']['median']:.1f} ms "
+        f"(min {res['ssh_rtt_ms']['min']:.1f}, max {res['ssh_rtt_ms']['max']:.1f}, n={len(rtt)})")
+    if relayed:
+        res["probe"] = probe_check(rate_bps)
     if rate_bps:
         for d in ("pull", "push"):
             ratio = res[f"{d}_mbit"] * 1e6 / rate_bps
             if ratio > 1.05 or ratio < 0.6:
                 log(f"  warning: {d} rate is {ratio:.2f}x the configured {rate_bps / 1e6:.0f} Mbit/s")
+    if relayed:
+        window = res["ssh_rtt_ms"]["median"] / 1000 * min(res["pull_mbit"], res["push_mbit"]) * 1e6 / 8
+        log(f"  note: one ssh stream keeps about {window / 2**20:.1f} MiB in flight per round trip "
+            f"(rate x RTT); OpenSSH's channel window is 2 MiB, so a single channel cannot fill this link")
     return res
 
 
@@ -894,10 +1107,13 @@ def ckptsync_probe(lab: Lab, env: dict) -> tuple[bool, str | None, str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark ckptsync against rsync/scp/tar over a shaped SSH link "
                                             "to an sshd in a private network namespace (needs root).")
-    p.add_argument("--speeds", default="200mbit,1gbit,unshaped",
+    p.add_argument("--speeds", default=",".join(SPEEDS),
                    help="comma list of: " + ",".join(SPEEDS) + " (default: all)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per row (default 3)")
     p.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ",".join(TOOLS) + " (default: all)")
+    p.add_argument("--ops", default=",".join(op for op, _d in OPS),
+                   help="comma list of: " + ",".join(op for op, _d in OPS) + " (default: all); the full backups "
+                        "always run, since the other operations start from their copies")
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help=f"cache for the generated checkpoints and their venv (default {DEFAULT_DATA})")
     p.add_argument("--fixture", default=str(DEFAULT_FIXTURE), help="path to make_hf_fixture.py")
@@ -917,8 +1133,10 @@ def parse_args(argv=None):
     bad = [s for s in a.speed_list if s not in SPEEDS]
     a.tool_list = [t.strip() for t in a.tools.split(",") if t.strip()]
     badt = [t for t in a.tool_list if t not in TOOLS]
-    if bad or badt or a.reps < 1:
-        p.error(f"unknown speeds {bad} / tools {badt}, or --reps < 1")
+    a.op_list = [o.strip() for o in a.ops.split(",") if o.strip()]
+    bado = [o for o in a.op_list if o not in dict(OPS)]
+    if bad or badt or bado or a.reps < 1:
+        p.error(f"unknown speeds {bad} / tools {badt} / ops {bado}, or --reps < 1")
     return a
 
 
@@ -968,7 +1186,11 @@ def main(argv=None) -> int:
             if not ck_ok:
                 log(f"ckptsync is not available (`python3 -m ckptsync --help` failed: {why}); skipping its rows")
         out["machine"] = machine_facts(ck_version)
-        out["config"] = {"speeds": a.speed_list, "reps": a.reps, "tools": a.tool_list, "ckptsync_available": ck_ok,
+        out["config"] = {"speeds": a.speed_list, "reps": a.reps, "tools": a.tool_list, "ops": a.op_list,
+                         "ckptsync_available": ck_ok,
+                         "wire_bytes": "bytes counted on the host end of the veth (/sys/class/net/DEV/statistics "
+                                       "rx_bytes + tx_bytes) across each command, both directions, frame "
+                                       "headers included",
                          "drop_caches": a.drop_caches, "source": str(src), "source_files": len(src_map),
                          "source_bytes": total, "restore_checkpoint": RESTORE_CKPT,
                          "restore_checkpoint_bytes": sum(subtree(src_map, RESTORE_CKPT).values()),
@@ -979,6 +1201,7 @@ def main(argv=None) -> int:
             out["config"]["fixture"] = json.loads(fx.read_text())
         out["links"] = {}
         timer = Timer(have_time)
+        timer.counter = lambda: sum(lab.veth_bytes())
         bench = Bench(a, lab, src, timer, a.tool_list, ck_ok)
         lab.extra_dirs.append(bench.work)
         bench.work.mkdir(parents=True, exist_ok=True)
@@ -986,8 +1209,17 @@ def main(argv=None) -> int:
             log("")
             log(f"--- {speed}")
             shaping = lab.shape(SPEEDS[speed])
-            link = {"shaping": shaping, "check": link_check(lab, SPEEDS[speed])}
+            link = {"shaping": shaping}
+            if speed in RELAY_DELAY:
+                link["relay"] = lab.start_relay(RELAY_DELAY[speed])
+                log(f"  relay: {NS_IP}:{RELAY_PORT} -> sshd {NS_IP}:22, each byte held "
+                    f"{RELAY_DELAY[speed] * 1000:.0f} ms each way, at most {RELAY_MAX_HELD / 2**20:.0f} MiB "
+                    f"per direction; Host {ALIAS} now uses port {RELAY_PORT}")
+            else:
+                lab.stop_relay()
+            link["check"] = link_check(lab, SPEEDS[speed], relayed=speed in RELAY_DELAY)
             out["links"][speed] = link
+            bench.links[speed] = link
             if a.link_check_only:
                 continue
             for rep in range(a.reps):
