@@ -456,6 +456,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         import boto3  # noqa: F401
+        from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         log(f"boto3 is missing for {sys.executable}: pip install 'ckptsync[s3]'")
         return 1
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
         if sb.failures:
             log(f"\n{sb.failures} timed command(s) FAILED (see the !!! lines above)")
             rc = 1
-    except RuntimeError as e:
+    except (RuntimeError, BotoCoreError, ClientError) as e:
         log(f"error: {e}")
         rc = 1
     finally:
