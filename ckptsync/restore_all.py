@@ -19,7 +19,7 @@ from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Store, io_error
+from ckptsync.store import EXTRA, Manifest, Store, io_error
 
 # RestoreAllItem.outcome values.
 RESTORED = "restored"
@@ -87,12 +87,12 @@ def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET)
 
     try:
         with local_source(target, rep) as source:
-            return _RestoreAll(source, opts, rep).run()
+            return RestoreAll(source, opts, rep).run()
     except OSError as exc:
         raise io_error(exc, f"reading {target.local_dir}") from None
 
 
-class _RestoreAll:
+class RestoreAll:
     def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter) -> None:
         self.target, self.opts, self.rep = target, opts, rep
         self.result = RestoreAllResult(target=target.label, server=target.describe(), source=str(target.local_dir),
@@ -102,11 +102,10 @@ class _RestoreAll:
         started = time.monotonic()
         r = self.result
         try:
-            store = Store(self.target.local_dir)
-            manifests = store.manifests()
+            manifests = self.manifests()
             ordered = newest_first(manifests)
             if not ordered:
-                raise NotFound(f"no checkpoint backups in {store.root}", hint="give the backup directory with --local-dir")
+                raise NotFound(f"no checkpoint backups in {r.source}", hint="give the backup directory with --local-dir")
             names = frozenset(m.name for m in ordered)
             with open_server(self.target) as server:
                 root = self.target.remote_dir
@@ -124,9 +123,8 @@ class _RestoreAll:
                     if lost:
                         r.items.append(RestoreAllItem(m.name, m.step, m.size, NOT_TRIED, LOST, ConnectError.exit_code))
                         continue
-                    one = dataclasses.replace(self.opts, checkpoint=m.name, extra_files=extras, also=names)
                     try:
-                        done = Restore(self.target, one, self.rep).run(server=server)
+                        done = self.restore_one(server, m.name, extras, names)
                     except Interrupted as exc:
                         restored = [i.checkpoint for i in r.items if i.outcome == RESTORED]
                         raise Interrupted(exc.message + (f" (already restored: {', '.join(restored)})" if restored else ""),
@@ -146,6 +144,15 @@ class _RestoreAll:
             return r
         finally:
             r.seconds = time.monotonic() - started
+
+    # What a bucket store does its own way (s3/flows.py).
+
+    def manifests(self) -> dict[str, Manifest]:
+        return Store(self.target.local_dir).manifests()
+
+    def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
+        one = dataclasses.replace(self.opts, checkpoint=name, extra_files=extras, also=names)
+        return Restore(self.target, one, self.rep).run(server=server)
 
     def _check_space(self, server, root: str, todo, extras) -> None:
         """All of it must fit before the first byte is sent, not only the next checkpoint."""

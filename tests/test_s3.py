@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, run_cli
+from helpers import REPO_ROOT, run_cli, tree_digest
 
 boto3 = pytest.importorskip("boto3")
 
@@ -500,6 +500,17 @@ def test_show_compare_checklist_and_cron_on_a_bucket(ssh_home, server_tree, seaw
     assert compared.returncode == 0, compared.stderr
     steps = [v for v in json.loads(compared.stdout)["values"] if v["key"] == "step"]
     assert [(v["a"], v["b"]) for v in steps] == [(8, 12)]
+
+    moved = tmp_path / "new-instance" / "run"
+    every = run_cli("restore", "-i", "1", "--all", "--remote-dir", moved, "--config", cfg, "--json")
+    assert every.returncode == 0, every.stdout + every.stderr
+    items = json.loads(every.stdout)["items"]
+    assert [(i["checkpoint"], i["outcome"]) for i in items] == [
+        ("checkpoint-12", "restored"), ("checkpoint-8", "restored"), ("checkpoint-4", "restored")]
+    for name in ("checkpoint-4", "checkpoint-8", "checkpoint-12"):
+        assert tree_digest(moved / name) == tree_digest(server_tree / name)
+    twice = run_cli("restore", "-i", "1", "--all", "--remote-dir", moved, "--config", cfg)
+    assert twice.returncode == 0 and "0 failed" in twice.stdout and "3 skipped" in twice.stdout
 
     checked = run_cli("checklist", "-i", "1", "--backup", "--config", cfg, "--json")
     result = json.loads(checked.stdout)

@@ -167,6 +167,16 @@ def restore(t: Target, name: str | None, force: bool, generation: str | None = N
     return out.render(run_bucket_restore(t, store, name, force, out.reporter(), generation=generation), show_restore)
 
 
+def restore_all(t: Target, force: bool) -> int:
+    from ckptsync.cli.cmd_restore import show_restore_all
+    from ckptsync.s3.flows import run_bucket_restore_all
+
+    out = output()
+    store = _store(t)
+    out.info(f"restore {store.root} -> {t.describe()}:{t.remote_dir}, every entry (from the bucket straight to the server)")
+    return out.render(run_bucket_restore_all(t, store, force, out.reporter()), show_restore_all)
+
+
 def show_restore(out: Output, r) -> None:
     for n in r.notes:
         out.info(n)

@@ -59,10 +59,11 @@ def restore_cmd(
                           extra_files_only=extra_files_only, generation=generation)
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     if t.store_url:
-        for flag, given in (("--all", all_), ("--adapter-only", adapter_only),
-                            ("--extra-files-only", extra_files_only), ("--discard-staged", discard_staged),
-                            ("--dry-run", dry_run)):
+        for flag, given in (("--adapter-only", adapter_only), ("--extra-files-only", extra_files_only),
+                            ("--discard-staged", discard_staged), ("--dry-run", dry_run)):
             bucket.refuse(flag, bool(given))
+        if all_:
+            return bucket.restore_all(t, force)
         return bucket.restore(t, checkpoint, force, generation)
     out = output()
     out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")

@@ -7,6 +7,7 @@ import hashlib
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import xxhash
 
@@ -14,7 +15,8 @@ from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError,
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.listing import GenerationRow, generation_rows
-from ckptsync.restore import choose, newest_first, pick_generation, resume_hint
+from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generation, resume_hint
+from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
 from ckptsync.s3.store import META, BucketStore, Entry
 from ckptsync.server import Server, open_server
@@ -158,6 +160,41 @@ class BucketRestore:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    # As a RestoreResult reads, for restore --all's summary.
+    warnings: ClassVar[list[str]] = []
+    remote_dir: ClassVar[str] = ""
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.bytes   # from the bucket to the server; none through this machine
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes
+
+    @property
+    def resume_hint(self) -> str:
+        return self.hint
+
+
+class BucketRestoreAll(RestoreAll):
+    """restore --all from a bucket: every entry newest first, each a bucket restore."""
+
+    def __init__(self, target, store: BucketStore, opts: RestoreOptions, rep: Reporter) -> None:
+        super().__init__(target, opts, rep)
+        self.store = store
+        self.result.source = str(store.root)
+
+    def manifests(self):
+        return {n: e.manifest for n, e in self.store.entries().items()}
+
+    def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
+        return run_bucket_restore(self.target, self.store, name, self.opts.force, self.rep, server)
+
+
+def run_bucket_restore_all(target, store: BucketStore, force: bool = False, rep: Reporter = QUIET):
+    return BucketRestoreAll(target, store, RestoreOptions(force=force, extra_files=False), rep).run()
 
 
 def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool = False,
