@@ -16,11 +16,13 @@ from helpers import FAKE_CRONTAB, REPO_ROOT, run_cli
 
 DOC = REPO_ROOT / "docs" / "json.md"
 # ```json ckptsync list --json ...   (the words after "json" are the command that prints it)
-FENCE = re.compile(r"^```json(?P<command>[^\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
+# ```json-bucket ckptsync ...: a bucket store's output, run by tests/test_s3.py against SeaweedFS
+FENCE = re.compile(r"^```json(?P<kind>-bucket)? (?P<command>[^\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
 
 
-def examples() -> list[tuple[str, str]]:
-    return [(m["command"].strip(), m["body"]) for m in FENCE.finditer(DOC.read_text(encoding="utf-8"))]
+def examples(kind: str = "") -> list[tuple[str, str]]:
+    return [(m["command"].strip(), m["body"]) for m in FENCE.finditer(DOC.read_text(encoding="utf-8"))
+            if (m["kind"] or "").lstrip("-") == kind]
 
 
 def shape(value):

@@ -660,3 +660,23 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     now = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
     assert now == changed.read_bytes()
     assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+
+
+def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, big_server_tree, seaweed, bucket,
+                                                                      tmp_path):
+    from test_json_docs import differences, examples, shape
+
+    cfg = write_config(ssh_home, big_server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    found = examples("bucket")
+    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "verify", "restore", "prune"]
+    problems = []
+    for n, (command, body) in enumerate(found):
+        words = [w.format(config=cfg, scratch=tmp_path / f"scratch-{n}") for w in shlex.split(command)]
+        res = run_cli(*words[1:])
+        assert "Traceback" not in res.stderr, (command, res.stderr)
+        doc, real = json.loads(body), json.loads(res.stdout)
+        if not res.returncode == real["exit_code"] == doc["exit_code"]:
+            problems.append(f"{command}: exit {res.returncode}: {res.stderr.strip()}")
+        problems += [f"{command}: {d}" for d in differences(shape(doc), shape(real))]
+    assert not problems, "docs/json.md differs from the bucket commands:\n" + "\n".join(problems)

@@ -38,6 +38,12 @@ def refuse(flag: str, given: bool) -> None:
         raise UsageError(f"{flag} does not work on a bucket store")
 
 
+def labelled(result, t: Target):
+    """The target's label in the result, as every command's JSON has it."""
+    result.target = t.label
+    return result
+
+
 def _store(t: Target):
     from ckptsync.s3.backup import open_store
 
@@ -108,7 +114,7 @@ def compare(t: Target, a: str, b: str):
 def listing(t: Target, generations: bool = False) -> int:
     from ckptsync.s3.flows import run_bucket_list
 
-    return output().render(run_bucket_list(_store(t)), functools.partial(show_list, generations=generations))
+    return output().render(labelled(run_bucket_list(_store(t)), t), functools.partial(show_list, generations=generations))
 
 
 def show_list(out: Output, r, generations: bool = False) -> None:
@@ -139,7 +145,7 @@ def verify(t: Target, names: list[str], read_data: bool) -> int:
     from ckptsync.s3.flows import run_bucket_verify
 
     out = output()
-    return out.render(run_bucket_verify(_store(t), names, read_data, out.reporter()), show_verify)
+    return out.render(labelled(run_bucket_verify(_store(t), names, read_data, out.reporter()), t), show_verify)
 
 
 def show_verify(out: Output, r) -> None:
@@ -194,8 +200,8 @@ def prune(t: Target, keep_last: int, dry_run: bool, keep_generations: int | None
     if keep_last < 1 and keep_generations is None:
         raise UsageError("prune of a bucket store needs --keep-last K (K >= 1) or --keep-generations N")
     out = output()
-    return out.render(run_bucket_prune(_store(t), keep_last if keep_last >= 1 else None, dry_run, out.reporter(),
-                                       keep_generations), show_prune)
+    return out.render(labelled(run_bucket_prune(_store(t), keep_last if keep_last >= 1 else None, dry_run,
+                                                out.reporter(), keep_generations), t), show_prune)
 
 
 def show_prune(out: Output, r) -> None:

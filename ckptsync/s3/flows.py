@@ -40,6 +40,7 @@ class BucketEntry:
 @dataclass
 class BucketListing:
     store: str
+    target: str = ""
     entries: list[BucketEntry] = field(default_factory=list)
     generations: dict[str, list[GenerationRow]] = field(default_factory=dict)  # earlier versions per name
     unfinished_uploads: int = 0    # multipart uploads in progress or abandoned (prune aborts them)
@@ -76,6 +77,7 @@ class BucketCheck:
 class BucketVerify:
     store: str
     read_data: bool
+    target: str = ""
     checked: list[BucketCheck] = field(default_factory=list)
 
     @property
@@ -150,6 +152,7 @@ class BucketRestore:
     server: str
     name: str
     path: str
+    target: str = ""
     files: int = 0
     bytes: int = 0
     notes: list[str] = field(default_factory=list)
@@ -223,7 +226,8 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
             raise UsageError(f"{posixpath.join(root, m.name)} already exists on {server.describe()}",
                              hint="add --force to replace it, or restore into another --remote-dir")
         out = BucketRestore(store=str(store.root), server=server.describe(), name=m.name,
-                            path=posixpath.join(root, m.name), notes=notes, generation=entry.gid)
+                            path=posixpath.join(root, m.name), notes=notes, generation=entry.gid,
+                            target=target.label)
         rep.start(m.name, m.size)
         try:
             files = list(m.files)
@@ -264,6 +268,7 @@ def _get(server: Server, root: str, name: str, items: list[dict], alg: str, work
 class BucketPrune:
     store: str
     dry_run: bool
+    target: str = ""
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     deleted_objects: int = 0
