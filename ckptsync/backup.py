@@ -477,33 +477,11 @@ class Backup:
 
     # -------------------------------------------------- extra files
 
-    def _extra_members(self) -> dict[str, str]:
-        """Configured path -> member name under extra-files/ (basenames made unique)."""
-        out: dict[str, str] = {}
-        used: set[str] = set()
-        for src in self.target.extra_files:
-            base = posixpath.basename(src.rstrip("/")) or "file"
-            name, n = base, 1
-            while name in used:
-                n += 1
-                name = f"{n}-{base}"
-            used.add(name)
-            out[src] = f"{EXTRA}/{name}"
-        return out
-
     def _plan_extras(self, view: ServerView) -> PlanItem | None:
-        members = self._extra_members()
-        if not members:
-            return None
-        st = self.server.stat(view.root, list(members))
-        self._extra_stat = {}
-        for src, member in members.items():
-            info = st.get(src)
-            if info is None or info.is_dir:
-                self.result.warnings.append(f"extra file {src} not found on the server")
-                continue
-            self._extra_stat[src] = (member, info.size, info.mtime_ns, info.mode, info.ctime_ns, info.inode)
-        server = {m: FileStat(m, *rest) for m, *rest in self._extra_stat.values()}
+        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        self._extra_stat = {src: (member, st.size, st.mtime_ns, st.mode, st.ctime_ns, st.inode)
+                            for member, (src, st) in found.items()}
+        server = {member: st for member, (_src, st) in found.items()}
         if not server:
             return None
         stored = self.store.load(EXTRA)
@@ -540,6 +518,38 @@ class Backup:
                      backed_up_at=time.time(), verified_at=time.time())
         self._commit(m, "moving extra files into place")
         self.result.fetched.append(EXTRA)
+
+
+def extra_members(extra_files: list[str]) -> dict[str, str]:
+    """Configured path -> member name under extra-files/ (basenames made unique)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for src in extra_files:
+        base = posixpath.basename(src.rstrip("/")) or "file"
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{n}-{base}"
+        used.add(name)
+        out[src] = f"{EXTRA}/{name}"
+    return out
+
+
+def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str]) -> dict[str, tuple[str, FileStat]]:
+    """member -> (configured path, its FileStat as the member) of the extra files the server has;
+    a missing one is a warning, not an error (it may not exist yet)."""
+    members = extra_members(extra_files)
+    if not members:
+        return {}
+    st = server.stat(root, list(members))
+    out = {}
+    for src, member in members.items():
+        info = st.get(src)
+        if info is None or info.is_dir:
+            warnings.append(f"extra file {src} not found on the server")
+            continue
+        out[member] = (src, FileStat(member, info.size, info.mtime_ns, info.mode, info.ctime_ns, info.inode))
+    return out
 
 
 def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:

@@ -129,7 +129,7 @@ class Checklist:
         self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
 
     # What differs for a bucket store (see s3/checks.py): how the backup runs, where the
-    # manifests are read, how a backup is re-checked, what is kept.
+    # manifests are read, how a backup is re-checked.
 
     def backup(self) -> None:
         run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
@@ -144,9 +144,6 @@ class Checklist:
             return True, f"{name}: every file re-read and matches its manifest", ""
         return (False, f"{name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]),
                 f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
-
-    def extras_fix(self) -> str:
-        return self.target.command("backup")
 
     def run(self, backup_first: bool, now: float | None = None) -> ChecklistResult:
         if backup_first:
@@ -254,7 +251,8 @@ class Checklist:
                 differs.append(src)
         problems = [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
         self.add("extra files backed up", not problems,
-                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's", self.extras_fix())
+                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's",
+                 self.target.command("backup"))
 
     def _last_run(self, now: float | None) -> None:
         status = self.store.status()

@@ -680,3 +680,46 @@ def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, 
             problems.append(f"{command}: exit {res.returncode}: {res.stderr.strip()}")
         problems += [f"{command}: {d}" for d in differences(shape(doc), shape(real))]
     assert not problems, "docs/json.md differs from the bucket commands:\n" + "\n".join(problems)
+
+
+def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, bucket, tmp_path):
+    """extra_files (a config beside the run, a script given by absolute path) are the entry
+    extra-files/ in the bucket: sent once, current after, replaced (with a generation) when they
+    change, checked by the checklist, never pruned."""
+    from test_checklist import age_tree
+
+    age_tree(server_tree, 3600)
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n")
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    data = json.loads(cfg.read_text())
+    data["extra_files"] = ["../../config_full_dataset.json", str(script)]
+    cfg.write_text(json.dumps(data))
+    aws_home(ssh_home)
+    client = seaweed.client()
+    config_file = server_tree.parent.parent / "config_full_dataset.json"
+
+    first = json.loads(run_cli("backup", "-i", "1", "--config", cfg, "--json").stdout)
+    assert "extra-files" in first["uploaded"], first
+    for name, src in (("config_full_dataset.json", config_file), ("train.py", script)):
+        body = client.get_object(Bucket=bucket, Key=f"team/instance-1/extra-files/{name}")["Body"].read()
+        assert body == src.read_bytes()
+    again = json.loads(run_cli("backup", "-i", "1", "--config", cfg, "--json").stdout)
+    assert again["planned"]["extra-files"] == "up-to-date" and again["sent_bytes"] == 0
+    assert json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)["safe"]
+
+    script.write_text("print('train, longer')\n")
+    unsafe = json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)
+    extra = next(c for c in unsafe["checks"] if c["name"] == "extra files backed up")
+    assert not extra["ok"] and "train.py" in extra["detail"]
+    fix = shlex.split(extra["fix"])
+    assert run_cli(*fix[1:], "--json").returncode == 0           # the fix, as pasted, backs it up
+    after = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    assert len(after["generations"]["extra-files"]) == 1
+    assert json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)["safe"]
+
+    pruned = json.loads(run_cli("prune", "-i", "1", "--keep-last", "1", "--config", cfg, "--json").stdout)
+    assert "extra-files" not in pruned["removed"]
+    assert client.get_object(Bucket=bucket, Key="team/instance-1/extra-files/train.py")["Body"].read() \
+        == script.read_bytes()
+    assert not run_cli("verify", "-i", "1", "--config", cfg).returncode

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptsync.backup import BackupOptions, select
+from ckptsync.backup import BackupOptions, select, stat_extras
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
@@ -29,7 +29,7 @@ from ckptsync.s3.store import BucketStore, Entry
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Server, open_server
 from ckptsync.server.transfer import receive
-from ckptsync.store import FileRecord, Manifest
+from ckptsync.store import EXTRA, FileRecord, Manifest
 
 BATCH_ITEMS = 64          # URLs per request to the agent, signed just before it is sent
 BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per batch
@@ -64,10 +64,11 @@ class BucketBackupResult:
 
 @dataclass
 class _File:
-    path: str
+    path: str                # in the manifest: relative to the store
     size: int
     hash: str
     key: str
+    source: str = ""         # where the server reads it (relative to remote_dir, or absolute): path if ""
     etag: str = ""
     upload: str = ""                                       # multipart upload id
     parts: dict[int, str] = field(default_factory=dict)   # part number -> etag, once stored
@@ -105,13 +106,16 @@ def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store:
             job = _Upload(target, store, server, rep, result, via_laptop)
             view = scan_server(server, target.remote_dir, target.settle_seconds)
             todo = job.plan(view, opts)
-            if todo and not opts.dry_run:
+            extras = opts.extra_files and bool(target.extra_files)
+            if (todo or extras) and not opts.dry_run:
                 with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
                     todo = job.plan(view, opts)   # again under the lock: another run may have stored them
                     for c in todo:
                         job.checkpoint(view, c)
                         if lock.lost:
                             raise Locked(lock.lost)
+                    if extras:
+                        job.extras(view)
         code, error = result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items())
         return result
     except Locked:
@@ -161,8 +165,6 @@ class _Upload:
         r.planned.clear()
         r.failed.clear()
         r.warnings[:] = list(view.errors)
-        if opts.extra_files and self.target.extra_files:
-            r.warnings.append("extra_files are not backed up to a bucket store (only checkpoints)")
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
         self.kept = [g for gens in self.store.generations().values() for g in gens]
         chosen, skipped = select(view.checkpoints, opts)
@@ -187,16 +189,44 @@ class _Upload:
     # -------------------------------------------------- one checkpoint
 
     def checkpoint(self, view: ServerView, c: Checkpoint) -> None:
-        listed = view.files_of(c)
+        self._entry(view.root, c.name, view.files_of(c), {}, lambda files: self._manifest(view, c, files))
+
+    def extras(self, view: ServerView) -> None:
+        """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
+        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        if not found:
+            return
+        listed = {member: st for member, (_src, st) in found.items()}
+        sources = {member: src for member, (src, _st) in found.items()}
+        entry = self.entries.get(EXTRA)
+        if entry is not None and judge(self.server, view.root, entry.manifest.files, listed, CHECK, sources).current:
+            self.result.planned[EXTRA] = "up-to-date"
+            return
+        self.result.planned[EXTRA] = "upload" if entry is None else "replace"
+
+        def manifest(files: list[_File]) -> Manifest:
+            records = [FileRecord(path=f.path, size=f.size, mode=listed[f.path].mode, mtime_ns=listed[f.path].mtime_ns,
+                                  xxh3_128=f.hash, source=f.source, ctime_ns=listed[f.path].ctime_ns,
+                                  inode=listed[f.path].inode) for f in files]
+            return Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=records,
+                            source={"target": self.target.label, "server": self.target.describe(),
+                                    "remote_dir": view.root}, backed_up_at=time.time(), verified_at=time.time())
+
+        self._entry(view.root, EXTRA, listed, sources, manifest)
+
+    def _entry(self, root: str, name: str, listed: dict, sources: dict[str, str], manifest) -> None:
+        """Upload one entry's files (members of `listed`, read on the server at `sources`, or at
+        their own path) and write its manifest, `manifest(files)`, last."""
         paths = sorted(listed)
-        hashes = self.server.hash(view.root, paths, self.alg)
+        read = {p: sources.get(p, p) for p in paths}
+        hashes = self.server.hash(root, sorted(set(read.values())), self.alg)
         if hashes.errors:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(hashes.errors.items())[:3])
-            self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
+            self.result.failed[name] = f"could not be read on the server ({what}); not recorded"
             return
-        files = [_File(p, listed[p].size, hashes.values[p], self.store.key(p)) for p in paths]
+        files = [_File(p, listed[p].size, hashes.values[read[p]], self.store.key(p), read[p]) for p in paths]
         known = self._known()
-        old = self.entries.get(c.name)
+        old = self.entries.get(name)
         if old is not None:
             self._set_aside(old)
         send, twins, first = [], [], {}
@@ -213,11 +243,11 @@ class _Upload:
                 first[(f.hash, f.size)] = f
                 send.append(f)
         total = sum(f.size for f in send)
-        self.rep.info(f"{c.name}: sending {len(send)} files, {human(total)} from the server to the bucket"
+        self.rep.info(f"{name}: sending {len(send)} files, {human(total)} from the server to the bucket"
                       + (f" ({len(files) - len(send)} copied inside the bucket)" if len(send) < len(files) else ""))
-        self.rep.start(c.name, total)
+        self.rep.start(name, total)
         try:
-            (self._relay if self.via_laptop else self._send)(view.root, send)
+            (self._relay if self.via_laptop else self._send)(root, send)
         finally:
             self.rep.finish()
         for f, src in twins:
@@ -228,22 +258,22 @@ class _Upload:
                 self.result.copied_bytes += f.size
         bad = {f.path: f.error for f in files if f.error}
         if not bad:
-            bad = self._recheck(view, listed)
+            bad = self._recheck(root, listed, read)
         if bad:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())[:3])
-            self.result.failed[c.name] = f"not recorded ({what})"
+            self.result.failed[name] = f"not recorded ({what})"
             return
-        entry = Entry(self._manifest(view, c, files), {f.path: f.etag for f in files}, self.alg)
+        entry = Entry(manifest(files), {f.path: f.etag for f in files}, self.alg)
         try:
             self.store.write_entry(entry)
         except Conflict:
-            self.result.failed[c.name] = "another run recorded it meanwhile; its manifest was kept"
+            self.result.failed[name] = "another run recorded it meanwhile; its manifest was kept"
             return
-        self.entries[c.name] = entry
-        self.result.uploaded.append(c.name)
+        self.entries[name] = entry
+        self.result.uploaded.append(name)
         if old is not None:
-            self.result.replaced.append(c.name)
-            dropped = self.store.trim_generations(c.name, self.target.keep_generations)
+            self.result.replaced.append(name)
+            dropped = self.store.trim_generations(name, self.target.keep_generations)
             self.result.dropped_generations.extend(g.label for g in dropped)
             gone = {g.label for g in dropped}
             self.kept = [g for g in self.kept if g.label not in gone]   # no longer a source of copies
@@ -269,10 +299,11 @@ class _Upload:
                         out[(f.xxh3_128, f.size)] = (self.store.object_key(e, f.path), e.etags[f.path])
         return out
 
-    def _recheck(self, view: ServerView, listed) -> dict[str, str]:
-        now = self.server.stat(view.root, sorted(listed))
-        return {p: "deleted during the backup" if now.get(p) is None else "modified during the backup"
-                for p, st in listed.items() if now.get(p) is None or not now[p].same_content_stamp(st.stat)}
+    def _recheck(self, root: str, listed, read: dict[str, str]) -> dict[str, str]:
+        now = self.server.stat(root, sorted(set(read.values())))
+        gone = {p: now.get(read[p]) for p in listed}
+        return {p: "deleted during the backup" if gone[p] is None else "modified during the backup"
+                for p, st in listed.items() if gone[p] is None or not gone[p].same_content_stamp(st.stat)}
 
     def _manifest(self, view: ServerView, c: Checkpoint, files: list[_File]) -> Manifest:
         listed = view.files_of(c)
@@ -310,7 +341,7 @@ class _Upload:
             return
         with tempfile.TemporaryDirectory(prefix="ckptsync-relay-") as tmp:
             targets = {f.path: Path(tmp) / f.path for f in files}
-            dl = self.server.send(root, [(f.path, f.path) for f in files])
+            dl = self.server.send(root, [(f.source or f.path, f.path) for f in files])
             outcome, _wire = receive(dl, targets, self.rep, lambda _rec: None)
             got = {r.member: r for r in outcome.received}
             for f in files:
@@ -335,7 +366,7 @@ class _Upload:
         listed = self.bucket.parts(f.key, f.upload)
         candidates = [(n, off, length) for n, off, length in ranges
                       if n in listed and listed[n][0] == length and plain_md5(listed[n][1])]
-        sums = self.server.range_hashes(root, [(f.path, off, length) for _n, off, length in candidates])
+        sums = self.server.range_hashes(root, [(f.source or f.path, off, length) for _n, off, length in candidates])
         kept = set()
         for (n, _off, length), md5 in zip(candidates, sums):
             if md5 is not None and md5 == plain_md5(listed[n][1]):
@@ -348,7 +379,7 @@ class _Upload:
         items = []
         for f, n, off, length in batch:
             url = self.bucket.url_part(f.key, f.upload, n) if n else self.bucket.url_put(f.key)
-            items.append({"path": f.path, "offset": off, "length": length, "url": url})
+            items.append({"path": f.source or f.path, "offset": off, "length": length, "url": url})
         with endpoint_errors("back up with --via-laptop to relay through this machine, or set "
                              "s3.server_endpoint_url to an address the server can reach"):
             moved = self.server.put_urls(root, items, alg="", workers=self.settings.workers)

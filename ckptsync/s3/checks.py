@@ -68,7 +68,3 @@ class BucketChecklist(Checklist):
             return True, f"{name}: every object's size and ETag match its manifest", ""
         return (False, f"{name}: " + "; ".join(problems[:3]),
                 f"{self.target.command('verify', '--read-data', name)}   (reads every object back)")
-
-    def extras_fix(self) -> str:
-        return ("a bucket store keeps checkpoints only: back the extra files up to a directory, "
-                "e.g. " + self.target.command_with("--local-dir", "~/ckptsync-extra", "backup"))

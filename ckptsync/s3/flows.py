@@ -19,6 +19,7 @@ from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generati
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
 from ckptsync.s3.store import META, BucketStore, Entry
+from ckptsync.store import EXTRA
 from ckptsync.server import Server, open_server
 
 
@@ -304,7 +305,8 @@ def run_bucket_prune(store: BucketStore, keep_last: int | None, dry_run: bool, r
         if not dry_run:
             for name in out.removed:
                 store.drop_entry(name)
-        wanted = {store.key(f.path) for n in out.kept for f in entries[n].manifest.files}
+        held = [*out.kept, *([EXTRA] if EXTRA in entries else [])]   # extra files are never pruned
+        wanted = {store.key(f.path) for n in held for f in entries[n].manifest.files}
         meta = store.key(META + "/")
         unreferenced = {k: s for k, (s, _e) in store.objects().items() if k not in wanted and not k.startswith(meta)}
         out.deleted_objects, out.deleted_bytes = len(unreferenced), sum(unreferenced.values())
