@@ -1,4 +1,8 @@
-"""All terminal output: messages, tables, progress, JSON. The only module that uses rich."""
+"""All terminal output: messages, tables, progress, JSON. With progress_bar.py, the only module that uses rich.
+
+rich is imported where it is used, not here: `--help` and the command modules import this
+module without paying for rich, and a run pays for rich.progress only when it shows a bar.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field as dc_field
-from typing import Any, Callable, TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
-)
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from ckptsync.policy import human, rate  # re-exported: commands format sizes through output
 from ckptsync.progress import Reporter
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 
@@ -107,6 +108,8 @@ class Output:
     """
 
     def __init__(self, json_mode: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
+        from rich.console import Console
+
         self.json_mode = json_mode
         self.quiet = quiet
         self.emitted = False
@@ -232,7 +235,11 @@ class Output:
         self.stderr.flush()
 
     def reporter(self) -> Reporter:
-        return TerminalReporter(self) if self.interactive else LineReporter(self)
+        if not self.interactive:
+            return LineReporter(self)
+        from ckptsync.progress_bar import TerminalReporter
+
+        return TerminalReporter(self)
 
 
 def escape(text: str) -> str:
@@ -267,54 +274,9 @@ class LineReporter(Reporter):
             self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s" + (f" ({speed})" if speed else ""))
 
 
-class BytesColumn(ProgressColumn):
-    """Done and total in the units of every other size ckptsync prints (policy.human)."""
-
-    def render(self, task) -> Any:
-        from rich.text import Text
-
-        done = human(task.completed)
-        return Text(f"{done}/{human(task.total)}" if task.total else done, style="progress.download")
-
-
-class SpeedColumn(ProgressColumn):
-    def render(self, task) -> Any:
-        from rich.text import Text
-
-        speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
-
-
-class TerminalReporter(LineReporter):
-    """A rich progress bar with bytes, rate and ETA."""
-
-    def __init__(self, out: Output) -> None:
-        super().__init__(out)
-        self.progress: Progress | None = None
-        self.task = None
-
-    def start(self, label: str, total: int) -> None:
-        super().start(label, total)
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
-            TimeRemainingColumn(), console=self.out.err, transient=True,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(label, total=total or None)
-
-    def advance(self, nbytes: int) -> None:
-        super().advance(nbytes)
-        if self.progress is not None:
-            self.progress.advance(self.task, nbytes)
-
-    def finish(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        super().finish()
-
-
 def table(*columns: str, title: str | None = None) -> Table:
+    from rich.table import Table
+
     t = Table(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
     for c in columns:
         justify = "right" if c in ("step", "size", "files", "bytes") else "left"

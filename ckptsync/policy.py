@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol, TypeVar
 
 from ckptsync.errors import LOCKED, PARTIAL
-from ckptsync.server.types import same_identity
 
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
@@ -41,6 +40,10 @@ def quick_check(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped
     and mtime): those files must be hashed to tell. A record made before inodes were recorded
     counts as `legacy` (CURRENT: trust size and mtime; CHECK: hash it once).
     """
+    # Imported here: output imports this module for human() and rate(), and `--help` need not
+    # load the server package.
+    from ckptsync.server.types import same_identity
+
     if stored is None:
         return CHANGED, []
     mine = {f.path: f for f in stored}  # type: ignore[attr-defined]

@@ -29,4 +29,4 @@ out, inp = sys.stdout.buffer, sys.stdin.buffer
 out.write(b"\nCKPTSYNC-AGENT-READY\n")
 out.flush()
 inp.read(int(inp.readline()))  # the shipped payload: this wrapper runs the repository's agent instead
-agent.serve(agent.Channel(inp, out))
+serve_module.serve(agent.Channel(inp, out))

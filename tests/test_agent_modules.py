@@ -72,6 +72,10 @@ def test_each_module_parses_as_python_38_and_is_bundled(path):
             assert not any(a.name.startswith("ckptsync") for a in node.names)
 
 
+def test_payload_passes_the_bundler_checks():
+    assert bundle.join(bundle.sources()).encode("utf-8") == wire.payload()
+
+
 def test_bundler_refuses_imports_it_cannot_strip():
     wrapped = "from ckptsync.agent.frames import (\n    Failure,\n)\n"
     with pytest.raises(RuntimeError, match="still imports"):

@@ -172,9 +172,9 @@ def test_connect_exit_20(tmp_path):
 def test_unexpected_exit_1(tmp_path):
     """A bug in core code: one line, exit 1, kind unexpected, and a traceback only with --debug."""
     code = ("import sys\n"
-            "import ckptsync.cli.cmd_list as cmd\n"
+            "import ckptsync.listing as listing\n"
             "def boom(*a, **k): raise RuntimeError('kaboom')\n"
-            "cmd.run_list = boom\n"
+            "listing.run_list = boom\n"
             "from ckptsync.cli import main\n"
             "main(sys.argv[1:])\n")
     argv = [sys.executable, "-c", code, "--json", "list", "--local", "--local-dir", str(tmp_path / "b")]

@@ -184,7 +184,7 @@ def test_exit_codes_in_help_are_one_per_line_within_80_columns(tmp_path):
 def test_progress_columns_use_the_units_of_every_other_size():
     from rich.progress import Progress
 
-    from ckptsync.output import BytesColumn, SpeedColumn
+    from ckptsync.progress_bar import BytesColumn, SpeedColumn
     from ckptsync.policy import human
 
     progress = Progress()

@@ -3,7 +3,10 @@
 It is sent over the channel at every connection and executed from memory,
 so nothing is left on the server. Its modules import nothing from ckptsync
 but each other, and bundle.py joins them into the one source that is sent;
-the names below are what the client side uses of it.
+the names below are what the client side uses of it. The server side (serve
+and the modules only it needs: http, scan, fileops) is left out, so that a
+client connecting over SSH does not import it; the in-process server imports
+ckptsync.agent.serve itself.
 """
 
 from ckptsync.agent.frames import CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure
@@ -13,7 +16,6 @@ from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes, zstd_bina
 from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
 from ckptsync.agent.sender import Memory, Sender
 from ckptsync.agent.reader import FrameReader
-from ckptsync.agent.serve import serve
 from ckptsync.agent.bundle import payload, payload_compressed
 
 __all__ = [
@@ -22,6 +24,6 @@ __all__ = [
     "resolve", "safe_member",
     "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",
     "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",
-    "Memory", "Sender", "FrameReader", "serve",
+    "Memory", "Sender", "FrameReader",
     "payload", "payload_compressed",
 ]

@@ -6,8 +6,9 @@ and the URL to move it through. Items run on a few threads; each reply says, per
 item, what the bucket answered (the ETag) and the MD5 and hash of the bytes moved.
 """
 
+# http.client is imported inside the functions that use it: it brings ssl and email, a large
+# part of the agent's start-up on the server, and most runs never talk to a bucket.
 import hashlib
-import http.client
 import os
 import re
 import socket
@@ -42,6 +43,8 @@ class Connections:
         self.open = {}
 
     def get(self, parts):
+        import http.client
+
         key = (parts.scheme, parts.netloc)
         conn = self.open.get(key)
         if conn is None:
@@ -76,6 +79,8 @@ def _answer(resp, parts, method):
 
 def _exchange(conns, url, method, send_body, on_response):
     """One request; a kept-alive connection the bucket closed meanwhile is opened again once."""
+    import http.client
+
     parts = _endpoint(url)
     target = parts.path + ("?" + parts.query if parts.query else "")
     for attempt in (0, 1):
@@ -175,6 +180,8 @@ def get_member(conns, staging, item, alg):
 def run_items(items, workers, work):
     """work(conns, item) for every item on up to `workers` threads; results in item order, each
     a dict or {"error": kind, "message": ...}. Unreachable endpoints stop the whole call."""
+    import http.client
+
     results = [None] * len(items)
     lock = threading.Lock()
     todo = list(range(len(items)))

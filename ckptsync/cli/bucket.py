@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from ckptsync.backup import BackupOptions
 from ckptsync.cli.context import output
-from ckptsync.config import Target
 from ckptsync.errors import UsageError
 from ckptsync.output import Output, TextTable, human, rate, when
+
+if TYPE_CHECKING:
+    from ckptsync.backup import BackupOptions
+    from ckptsync.config import Target
 
 SUPPORTED = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
 

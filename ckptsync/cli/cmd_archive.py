@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.archive import ArchiveOptions, ArchiveResult, run_archive
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.output import Output, human
+
+if TYPE_CHECKING:
+    from ckptsync.archive import ArchiveResult
 
 
 def archive_cmd(
@@ -26,6 +28,8 @@ def archive_cmd(
     --remove the originals go only after the read-back check passed; if the
     archive exists already, it is read back and checked instead of rewritten.
     """
+    from ckptsync.archive import ArchiveOptions, run_archive
+
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
     opts = ArchiveOptions(output=Path(archive) if archive else None, remove=remove, wait=wait)
     out = output()

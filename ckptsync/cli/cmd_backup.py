@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.backup import BackupOptions, BackupResult, discard_staging, run_backup
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import Locked, UsageError
-from ckptsync.multi import ManyResult, run_many
 from ckptsync.output import Output, TextTable, human, rate
+
+if TYPE_CHECKING:
+    from ckptsync.backup import BackupOptions, BackupResult
+    from ckptsync.multi import ManyResult
 
 
 @dataclass
@@ -54,6 +56,9 @@ def backup_cmd(
     own directory under its own lock, with one summary table; the exit code
     is the worst of theirs.
     """
+    from ckptsync.backup import BackupOptions, discard_staging, run_backup
+    from ckptsync.multi import run_many
+
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
     if all_ and checkpoint:
@@ -185,6 +190,8 @@ def _show_one(out: Output, result: BackupResult) -> None:
 
 def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
     """One instance of a multi-instance backup; a lock held elsewhere is that instance's outcome."""
+    from ckptsync.backup import run_backup
+
     try:
         return run_backup(t, opts, rep)
     except Locked as exc:
@@ -195,6 +202,8 @@ def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
 
 def show_backups(out: Output, many: ManyResult) -> None:
     """Several instances: each one's warnings and failures, then one table and the errors."""
+    from ckptsync.backup import BackupResult
+
     for o in many.outcomes:
         r = o.result
         if isinstance(r, BackupResult):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ckptsync.checklist import ChecklistResult, run_checklist
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.cli.many import show_each
-from ckptsync.multi import ManyResult, run_many
 from ckptsync.output import Output, command_lines, where_lines
+
+if TYPE_CHECKING:
+    from ckptsync.checklist import ChecklistResult
+    from ckptsync.multi import ManyResult
 
 
 def checklist_cmd(
@@ -29,6 +31,9 @@ def checklist_cmd(
     or --all-instances) are checked in parallel; exit 0 only when every one
     is safe.
     """
+    from ckptsync.checklist import run_checklist
+    from ckptsync.multi import run_many
+
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key)
     out = output()
     if len(ts) > 1:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
-from ckptsync.details import CompareResult, compare_backups
 from ckptsync.output import Column, Output, TextTable, human, size_cell
-from ckptsync.plot import number
+
+if TYPE_CHECKING:
+    from ckptsync.details import CompareResult
 
 LABELS = {"step": "step", "epoch": "epoch", "loss": "train loss", "eval_loss": "eval loss",
           "learning_rate": "learning rate"}
@@ -26,6 +27,8 @@ def compare_cmd(
     Reads the backup directory only (no network). Files are compared by
     content (xxh3-128 and size from the manifests).
     """
+    from ckptsync.details import compare_backups
+
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
     if t.store_url:
         from ckptsync.cli import bucket
@@ -62,6 +65,8 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        from ckptsync.plot import number
+
         return number(value)
     return str(value)
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync import cron
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render
 from ckptsync.cli.many import show_each
-from ckptsync.multi import run_many
 from ckptsync.policy import last_run_summary
 from ckptsync.output import Output, ago
+
+if TYPE_CHECKING:
+    from ckptsync.cron import CronResult
 
 HELP = "Run `ckptsync backup` from your crontab: one entry per target, installed, shown or removed."
 
@@ -40,6 +41,9 @@ def install_cmd(
     reported. Several instances (-i 0 -i 1, or --all-instances) get one entry
     each; the exit code is the worst of theirs.
     """
+    from ckptsync import cron
+    from ckptsync.multi import run_many
+
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir)
     job = cron.CronJob(instance=instance[0] if instance else None, host=host, remote_dir=remote_dir, config=config,
                        every=every, log_file=log_file, notify=notify)
@@ -54,7 +58,7 @@ def install_cmd(
     return render(cron.install(t, job, cron.Crontab()), show_installed)
 
 
-def show_installed(out: Output, r: cron.CronResult) -> None:
+def show_installed(out: Output, r: CronResult) -> None:
     done = {"installed": "installed", "replaced": "replaced", "unchanged": "already installed"}[r.action]
     out.result(f"{done}: cron entry for {r.target}, every {r.every} ({r.schedule})")
     out.paragraph(r.backup_dir or "", indent="    ", first="  backups:  ")
@@ -71,11 +75,13 @@ def show_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None,
 ) -> int:
     """The crontab entry of this target, how its last run went, and the end of its log."""
+    from ckptsync import cron
+
     t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
     return render(cron.show(t, cron.Crontab()), show_entry)
 
 
-def show_entry(out: Output, r: cron.CronResult) -> None:
+def show_entry(out: Output, r: CronResult) -> None:
     if r.installed:
         every = f"every {r.every} ({r.schedule})" if r.every else f"schedule {r.schedule or '?'}"
         out.result(f"cron entry for {r.target}: {every}{', desktop notice on failure' if r.notify else ''}")
@@ -102,11 +108,13 @@ def remove_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None,
 ) -> int:
     """Remove this target's crontab entry; other lines are left as they are."""
+    from ckptsync import cron
+
     t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
     return render(cron.remove(t, cron.Crontab()), show_removed)
 
 
-def show_removed(out: Output, r: cron.CronResult) -> None:
+def show_removed(out: Output, r: CronResult) -> None:
     if r.action == "removed":
         out.paragraph(f"removed the cron entry for {r.target} ({r.backup_dir})", indent="  ")
         if r.removed_dir:
@@ -116,7 +124,7 @@ def show_removed(out: Output, r: cron.CronResult) -> None:
         _others(out, r)
 
 
-def _others(out: Output, r: cron.CronResult) -> None:
+def _others(out: Output, r: CronResult) -> None:
     if r.others:
         listed = ", ".join(f"{e['target']} -> {e['backup_dir']}" for e in r.others)
         out.paragraph(f"other ckptsync entries (select them with --local-dir): {listed}", indent="    ", first="  ")

@@ -8,7 +8,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +15,6 @@ from typing import Annotated, Optional
 import typer
 
 from ckptsync.cli.context import output, settings
-from ckptsync.demo import make_server_tree
 from ckptsync.output import Output, command_lines
 
 STEPS = [
@@ -66,6 +64,10 @@ def demo_cmd(
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo files afterwards.")] = False,
 ) -> int:
     """Build a sample training run in a temp directory and run list, backup, verify and restore on it."""
+    import tempfile
+
+    from ckptsync.demo import make_server_tree
+
     out = output()
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="ckptsync-demo-"))
     server_root = base / "server" / "socrates-training"

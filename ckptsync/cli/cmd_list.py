@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import render
 from ckptsync.cli.many import show_each
-from ckptsync.listing import ListResult, Row, run_list
-from ckptsync.multi import run_many
 from ckptsync.policy import last_run_summary
 from ckptsync.output import Column, Output, TextTable, age, ago, human, size_cell, stamp, when, where_lines
+
+if TYPE_CHECKING:
+    from ckptsync.listing import ListResult, Row
 
 
 def list_cmd(
@@ -28,6 +29,9 @@ def list_cmd(
     Several instances (-i 0 -i 1, or --all-instances) are asked in parallel and
     listed one after the other; the exit code is the worst of theirs.
     """
+    from ckptsync.listing import run_list
+    from ckptsync.multi import run_many
+
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                    need_remote=not local)
     if bucket.one(ts) is not None:

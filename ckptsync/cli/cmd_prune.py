@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -10,8 +10,9 @@ from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import UsageError
 from ckptsync.output import Output, human, table, when
-from ckptsync.prune import PruneOptions, PruneResult, run_prune
-from ckptsync.retention import Policy, parse_duration
+
+if TYPE_CHECKING:
+    from ckptsync.prune import PruneResult
 
 
 def prune_cmd(
@@ -39,6 +40,9 @@ def prune_cmd(
     Exit 2 without any --keep rule, 3 when a checkpoint could not be removed,
     11 when another run holds the backup directory.
     """
+    from ckptsync.prune import PruneOptions, run_prune
+    from ckptsync.retention import Policy, parse_duration
+
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)

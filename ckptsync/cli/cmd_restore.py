@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -10,8 +10,10 @@ from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.output import Output, TextTable, human, table
 from ckptsync.errors import UsageError
-from ckptsync.restore import RestoreOptions, RestoreResult, files_text, run_restore
-from ckptsync.restore_all import RESTORED, SKIPPED, WOULD, RestoreAllResult, run_restore_all
+
+if TYPE_CHECKING:
+    from ckptsync.restore import RestoreResult
+    from ckptsync.restore_all import RestoreAllResult
 
 
 def restore_cmd(
@@ -44,6 +46,9 @@ def restore_cmd(
     server are skipped unless --force); when some fail the others are still
     restored, with exit 3 and a line per failure.
     """
+    from ckptsync.restore import RestoreOptions, run_restore
+    from ckptsync.restore_all import run_restore_all
+
     if generation is not None and not checkpoint:
         raise UsageError("--generation needs --checkpoint NAME (list --generations shows them)")
     if all_:
@@ -73,6 +78,8 @@ def restore_cmd(
 
 
 def show_restore(out: Output, result: RestoreResult) -> None:
+    from ckptsync.restore import files_text
+
     for w in result.warnings:
         out.warn(w)
     if result.discarded_bytes is not None:
@@ -125,6 +132,8 @@ def show_plan(out: Output, result: RestoreResult) -> None:
 
 
 def show_restore_all(out: Output, result: RestoreAllResult) -> None:
+    from ckptsync.restore_all import RESTORED, SKIPPED, WOULD
+
     for w in result.warnings:
         out.warn(w)
     for item in result.failed:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output, render
-from ckptsync.details import ShowResult, describe_resume, show_backup, show_server
 from ckptsync.output import Output, TextTable, ago, human, size_cell, when
-from ckptsync.plot import Series, line_chart, number, sparkline
+
+if TYPE_CHECKING:
+    from ckptsync.details import ShowResult
 
 DEFAULT_WIDTH = 72
 CHART_STYLES = {r"[\u2800-\u28ff]+": "cyan", "●": "magenta"}
@@ -30,6 +31,8 @@ def show_cmd(
 
     Reads the backup directory (no network) unless --remote is given.
     """
+    from ckptsync.details import show_backup, show_server
+
     remote = remote or host is not None or remote_dir is not None
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
     if t.store_url:
@@ -53,6 +56,9 @@ def terminal_width(columns: int | None) -> int:
 
 
 def show_checkpoint(out: Output, r: ShowResult, width: int, plain: bool) -> None:
+    from ckptsync.details import describe_resume
+    from ckptsync.plot import Series, line_chart, number, sparkline
+
     where = "backup in" if r.source == "backup" else "on"
     title = f"{r.name}{'  * best checkpoint' if r.is_best else ''}"
     if out.width is not None and len(title) + len(where) + len(r.location) + 5 > out.width:

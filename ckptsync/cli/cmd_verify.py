@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -10,8 +10,10 @@ from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.output import Output, human, rate
 from ckptsync.errors import UsageError
-from ckptsync.repair import RepairResult, run_repair
-from ckptsync.verify import EntryCheck, VerifyResult, run_verify
+
+if TYPE_CHECKING:
+    from ckptsync.repair import RepairResult
+    from ckptsync.verify import EntryCheck, VerifyResult
 
 
 def verify_cmd(
@@ -37,6 +39,9 @@ def verify_cmd(
 
     Exit 30 when any check fails (or, with --repair, anything is left damaged).
     """
+    from ckptsync.repair import run_repair
+    from ckptsync.verify import run_verify
+
     if remote and repair:
         raise UsageError("give --remote or --repair, not both")
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote or repair)

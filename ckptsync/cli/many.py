@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ckptsync.multi import ManyResult
-from ckptsync.output import Output
+if TYPE_CHECKING:
+    from ckptsync.multi import ManyResult
+    from ckptsync.output import Output
 
 
 def show_each(out: Output, many: ManyResult, show_one: Callable[[Output, Any], None]) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.config import Target, load_config, resolve_target
 from ckptsync.errors import UsageError
 from ckptsync.ratelimit import RATE_HELP, RateLimiter, parse_rate
-from ckptsync.transport import SSH_CHOICES
+
+if TYPE_CHECKING:
+    from ckptsync.config import Target
 
 Config = Annotated[Optional[str], typer.Option("--config", "-c", metavar="FILE", help="Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/config.yaml).", show_default=False)]
 Instance = Annotated[Optional[str], typer.Option("--instance", "-i", metavar="N", help="Instance number: from the config, else the SSH alias tnr-N (what `tnr connect N` writes).", show_default=False)]
@@ -70,6 +71,8 @@ def target(config: str | None, instance: str | None = None, host: str | None = N
            remote_dir: str | None = None, local_dir: str | None = None,
            accept_new: bool = False, need_remote: bool = True) -> Target:
     from ckptsync.cli.context import settings
+    from ckptsync.config import load_config, resolve_target
+    from ckptsync.transport import SSH_CHOICES
 
     ssh = settings().ssh
     if ssh is not None and ssh not in SSH_CHOICES:
@@ -96,6 +99,8 @@ def targets(config: str | None, instances: list[str] | None, all_instances: bool
             remote_dir: str | None = None, local_dir: str | None = None, accept_new: bool = False,
             need_remote: bool = True) -> list[Target]:
     """The targets of -i N (repeatable) or --all-instances; one target for every other form."""
+    from ckptsync.config import load_config
+
     names = list(dict.fromkeys(instances or []))
     if all_instances:
         if names:

@@ -92,7 +92,8 @@ class ThreadProcess(Process):
         self.thread.start()
 
     def _agent(self) -> None:
-        from ckptsync import agent
+        from ckptsync.agent import Channel
+        from ckptsync.agent.serve import serve
 
         p = self.pipes
         try:
@@ -100,7 +101,7 @@ class ThreadProcess(Process):
             p.agent_out.flush()
             n = int(p.agent_in.readline())
             p.agent_in.read(n)  # the payload: this twin runs the installed agent modules instead
-            agent.serve(agent.Channel(p.agent_in, p.agent_out))
+            serve(Channel(p.agent_in, p.agent_out))
         except (OSError, ValueError):
             pass
         finally:
