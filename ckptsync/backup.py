@@ -26,7 +26,9 @@ from ckptsync.store import (
     COPY, EXTRA, LINK, REFLINK, FileRecord, Manifest, Store, free_bytes, io_error, pick_source, place_copy,
     share_copy,
 )
-from ckptsync.server.transfer import Received, kept_prefixes, offers, receive
+from ckptsync.ratelimit import RateLimiter
+from ckptsync.server.parallel import Channels, fetch
+from ckptsync.server.transfer import Received, kept_prefixes
 
 
 @dataclass
@@ -79,6 +81,7 @@ class BackupResult:
     reflinked_bytes: int = 0
     copied_files: int = 0     # copied from a stored file instead of fetched: no disk saved, no transfer
     copied_bytes: int = 0
+    channels: int = 1         # the most connections one transfer of this run used at once (--parallel)
     seconds: float = 0.0
 
     @property
@@ -162,8 +165,11 @@ def _usable_staged(store: Store, name: str, server: dict[str, FileStat], check_h
 
 class Backup:
     def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
-                 look_for_runs: bool = True) -> None:
+                 look_for_runs: bool = True, channels: Channels | None = None) -> None:
+        if target.parallel > 1 and target.bwlimit and target.limiter is None:
+            target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
+        self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
         self.opts = opts
@@ -179,10 +185,20 @@ class Backup:
         try:
             with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
                 self.server = server
-                view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
-                self._backup(view)
-                if self.look_for_runs:
-                    self._runs(view)
+                own = self.channels is None
+                if own:
+                    self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                try:
+                    view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+                    self._backup(view)
+                    if self.look_for_runs:
+                        self._runs(view)
+                finally:
+                    self.result.channels = self.channels.most
+                    if own:
+                        if self.channels.warning:
+                            self.result.warnings.append(self.channels.warning)
+                        self.channels.close()
             return self.result
         finally:
             self.result.seconds = time.monotonic() - started
@@ -230,7 +246,7 @@ class Backup:
         opts = replace(self.opts, names=[], extra_files=False)
         for run in find_runs(self.server, view.root, self.target.runs):
             self.rep.info(f"run {run.name}: backing up {run.path}")
-            job = Backup(run_target(self.target, run), opts, self.rep, look_for_runs=False)
+            job = Backup(run_target(self.target, run), opts, self.rep, look_for_runs=False, channels=self.channels)
             try:
                 sub = run_job(job, self.server)
             except Locked as exc:  # another run is saving this one right now
@@ -304,7 +320,7 @@ class Backup:
         changed, unreadable = {}, {}
         if todo:
             changed, unreadable = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
-                                                 sum(server[p].size for p in todo))
+                                                 {p: server[p].size for p in todo})
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
             self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
@@ -364,11 +380,11 @@ class Backup:
         self.result.restamped.append(name)
 
     def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
-                  progress: dict[str, dict], total: int) -> tuple[dict[str, str], dict[str, str]]:
+                  progress: dict[str, dict], sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
         """Fetch into staging; returns (member -> what changed on the server, member -> why unreadable)."""
         targets = {member: stage_root / member for _src, member in pairs}
         prefixes = kept_prefixes(targets, self.server.best_hash, done=[stage_root / p for p in progress])
-        dl = self.server.send(root, pairs, compress=self.opts.compress, resume=offers(prefixes))
+        total = sum(sizes.values())
 
         def on_file(rec: Received) -> None:
             progress[rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
@@ -377,7 +393,8 @@ class Backup:
 
         self.rep.start(name, total)
         try:
-            outcome, wire_bytes = receive(dl, targets, self.rep, on_file, prefixes)
+            outcome, wire_bytes = fetch(self.channels, root, pairs, sizes, targets, prefixes, self.rep, on_file,
+                                        self.opts.compress)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
                               "the next run fetches only the rest") from None
@@ -499,8 +516,8 @@ class Backup:
         self.store.discard_staging(EXTRA)
         progress: dict[str, dict] = {}
         pairs = [(src, member) for src, (member, *_rest) in self._extra_stat.items()]
-        total = sum(size for _m, size, *_rest in self._extra_stat.values())
-        changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, total)
+        sizes = {member: size for member, size, *_rest in self._extra_stat.values()}
+        changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, sizes)
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
             self.result.failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"

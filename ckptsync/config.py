@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LOCAL_DIR = "~/ckpt-backups"
 DEFAULT_GENERATIONS = 2
+MAX_PARALLEL = 16   # channels of one backup (--parallel)
 SEARCH = ("./ckptsync.yaml", "~/.config/ckptsync/config.yaml")
 
 # key -> (type check, what is expected); shared by the top level and instances.
@@ -35,6 +36,7 @@ COMMON_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "follow_runs": (bool, "true or false"),
     "runs": (list, "a list of glob patterns for run directories, relative to remote_dir's parent"),
     "bwlimit": ((str, int), "a rate in bytes per second, e.g. 20M or 500K"),
+    "parallel": (int, f"a number of channels, 1-{MAX_PARALLEL}"),
 }
 INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     **COMMON_KEYS,
@@ -83,6 +85,7 @@ class Target:
     runs: tuple[str, ...] = ()       # glob patterns naming run directories, relative to remote_dir's parent
     bwlimit: int | None = None       # bytes per second over the link, both directions (--bwlimit)
     limiter: Any = None              # a RateLimiter shared with the other targets of one run, else None
+    parallel: int = 1                # channels a backup fetches over at once (--parallel)
     store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
     s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
 
@@ -157,6 +160,8 @@ def _check(where: str, data: dict, allowed: dict) -> None:
     for key in ("extra_files", "command", "runs"):
         if key in data and not all(isinstance(x, str) for x in data[key]):
             raise ConfigError(f"{where}.{key}: expected a list of strings")
+    if "parallel" in data and not 1 <= data["parallel"] <= MAX_PARALLEL:
+        raise ConfigError(f"{where}.parallel: expected 1-{MAX_PARALLEL}, got {data['parallel']}")
     if "port" in data and not 0 < data["port"] < 65536:
         raise ConfigError(f"{where}.port: expected a port number (1-65535), got {data['port']}")
 
@@ -321,6 +326,7 @@ def resolve_target(
         follow_runs=bool(pick("follow_runs", False)),
         runs=tuple(pick("runs", []) or ()),
         bwlimit=_config_rate(pick("bwlimit"), config.path),
+        parallel=int(pick("parallel", 1)),
         store_url=store_url,
         s3=dict(top.get("s3") or {}),
     )

@@ -19,10 +19,10 @@ _ckptsync_spec() {
             values="--instance -i --ssh"
             ;;
         "backup")
-            opts="--accept-new-host-key --all --all-instances --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --follow-runs --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --quiet -q --remote-dir -r --skip-if-locked --ssh --via-laptop --wait"
+            opts="--accept-new-host-key --all --all-instances --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --follow-runs --help -h --host -H --include-best --instance -i --json --local-dir -l --log-file --max-checkpoints -k --no-extra-files --parallel --quiet -q --remote-dir -r --skip-if-locked --ssh --via-laptop --wait"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--bwlimit --checkpoint --compress --host -H --instance -i --max-checkpoints -k --ssh"
+            values="--bwlimit --checkpoint --compress --host -H --instance -i --max-checkpoints -k --parallel --ssh"
             ;;
         "checklist")
             opts="--accept-new-host-key --all-instances --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"

@@ -21,7 +21,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'archive'
                 set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
             case 'backup'
-                set values --bwlimit --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --remote-dir -r --ssh
+                set values --bwlimit --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --parallel --remote-dir -r --ssh
             case 'checklist'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'compare'
@@ -112,6 +112,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l local-dir -s l -x -a '(__f
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l max-checkpoints -s k -x -d 'How many of the newest complete checkpoints'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip the configured extra_files'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Fetch over N channels at once (1-16), each a share of the files, a large file...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron)'

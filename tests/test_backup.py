@@ -232,6 +232,23 @@ def test_dropped_connection_then_resume(setup, sshd):
     assert not (dest / ".ckptsync" / "staging" / "checkpoint-12").exists()
 
 
+def test_parallel_backup_over_ssh(setup):
+    """Two channels over one login: big enough that the large shard is split into two ranges."""
+    server, dest, home = setup
+    big_checkpoint(server, mb=80)
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12", "--parallel", "2",
+                  "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["channels"] == 2 and result["fetched"] == ["checkpoint-12", "extra-files"]
+    assert_same_as_server(server / "checkpoint-12", dest / "checkpoint-12", manifest(dest, "checkpoint-12"),
+                          "checkpoint-12")
+    assert not list(dest.rglob("*.part"))
+
+    res = run_cli("backup", "-i", "1", *cfg_args(home), "--parallel", "17")
+    assert res.returncode == 2 and "--parallel" in res.stderr and "16" in res.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_130(setup, sig):
     server, dest, home = setup

@@ -5,7 +5,7 @@ import os
 import stat
 import tarfile
 
-from ckptsync.agent.frames import CHUNK, os_failure
+from ckptsync.agent.frames import CHUNK, Failure, os_failure
 from ckptsync.agent.hashing import hash_names, new_hash
 from ckptsync.agent.paths import resolve
 from ckptsync.agent.sender import Sender
@@ -26,9 +26,11 @@ def kept_prefix(f, offset, prefix_hash, h):
     return h.hexdigest() == prefix_hash
 
 
-def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None):
+def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, start=None, length=None):
     """One file as a tar member. With an offset, the receiver holds that many bytes of an earlier
-    try: when they hash alike here, only the rest is sent, and the record's hash is still the whole file's."""
+    try: when they hash alike here, only the rest is sent, and the record's hash is still the whole file's.
+    With `start` and `length`, only that byte range of the file is the member (its record's hash is
+    the range's; a kept prefix applies to a range that starts at 0)."""
     record = {"member": member, "source": source}
     try:
         f = open(source, "rb")
@@ -41,18 +43,21 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None):
     with f:
         before = os.fstat(f.fileno())
         size = before.st_size
+        first, span = (0, size) if start is None else (start, length)
         h = new_hash(alg)
         skip = 0
-        if 0 < offset <= size and prefix_hash:
+        if first == 0 and 0 < offset <= span and prefix_hash:
             if kept_prefix(f, offset, prefix_hash, h):
                 skip = offset
             else:
                 h = new_hash(alg)
                 f.seek(0)
-        sender.write(tar_header(member, size - skip, before.st_mtime_ns, stat.S_IMODE(before.st_mode),
-                                offset=skip))
+        elif first:
+            f.seek(first)
+        sender.write(tar_header(member, span - skip, before.st_mtime_ns, stat.S_IMODE(before.st_mode),
+                                offset=skip, start=start))
         sender.flush()  # so the file's data starts on a chunk boundary
-        left = size - skip
+        left = span - skip
         while left:
             block = f.read(min(CHUNK, left))
             if not block:
@@ -62,7 +67,7 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None):
             left -= len(block)
         if left:
             sender.write(b"\x00" * left)  # the file shrank under us: keep the tar well-formed
-        if f.read(1):
+        if start is None and f.read(1):
             record["changed"] = "grew while being read"
         after = os.fstat(f.fileno())
         try:
@@ -75,11 +80,13 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None):
             record["changed"] = "shrank while being read"
         elif after.st_mtime_ns != before.st_mtime_ns or after.st_size != before.st_size:
             record.setdefault("changed", "modified while being read")
-        pad = (-(size - skip)) % tarfile.BLOCKSIZE
+        pad = (-(span - skip)) % tarfile.BLOCKSIZE
         if pad:
             sender.write(b"\x00" * pad)
-    record.update(size=size, mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode), hash=h.hexdigest(),
+    record.update(size=span, mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode), hash=h.hexdigest(),
                   offset=skip)
+    if start is not None:
+        record.update(start=start, file_size=size)
     chan_put_record(sender, record)
 
 
@@ -91,16 +98,25 @@ def chan_put_record(sender, record):
 def op_send(chan, req, memory=None):
     """Stream files as one tar: [[source relative to root or absolute, member name], ...]; an entry
     may add [..., offset, hash of the receiver's first offset bytes] to resume a partly received file.
+    An entry {"source", "member", "start", "length"} (and "offset", "hash" as above) is one byte
+    range of a file; a stream carries at most one range of a file, so members stay unique.
 
     `memory` is the connection's Memory: the next send starts from this one's verdict.
     """
     alg = req.get("alg") or hash_names()[0]
     new_hash(alg)
     root = req["root"]
+    for entry in req["files"]:
+        if isinstance(entry, dict) and not (int(entry["start"]) >= 0 and int(entry["length"]) >= 0):
+            raise Failure("protocol", "a byte range must not be negative")
     chan.send_json({"ok": True, "alg": alg})
     sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory)
     try:
         for entry in req["files"]:
+            if isinstance(entry, dict):
+                send_one(sender, chan, resolve(root, entry["source"]), entry["member"], alg,
+                         int(entry.get("offset", 0)), entry.get("hash"), int(entry["start"]), int(entry["length"]))
+                continue
             source, member = entry[0], entry[1]
             offset, prefix_hash = (int(entry[2]), str(entry[3])) if len(entry) >= 4 else (0, None)
             send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash)

@@ -7,8 +7,9 @@ from ckptsync.agent.frames import CHUNK, Failure
 NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 
-def tar_header(name, size, mtime_ns, mode, offset=0):
-    """A PAX header; `offset`: the member's data starts that far into the file (a resumed one)."""
+def tar_header(name, size, mtime_ns, mode, offset=0, start=None):
+    """A PAX header; `offset`: the member's data starts that far into the file (a resumed one);
+    `start`: the member is the byte range of the file that begins there."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = mtime_ns // 1000000000
@@ -18,6 +19,8 @@ def tar_header(name, size, mtime_ns, mode, offset=0):
     info.pax_headers = {"ckptsync.mtime_ns": str(mtime_ns)}
     if offset:
         info.pax_headers["ckptsync.offset"] = str(offset)
+    if start is not None:
+        info.pax_headers["ckptsync.start"] = str(start)
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 

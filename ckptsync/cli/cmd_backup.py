@@ -10,6 +10,7 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
+from ckptsync.config import MAX_PARALLEL
 from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, TextTable, human, rate
 
@@ -40,6 +41,7 @@ def backup_cmd(
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
     compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Fetch over N channels at once (1-{MAX_PARALLEL}), each a share of the files, a large file split into byte ranges: one SSH channel moves at most its window per round trip. Default: parallel in the config, else 1.", show_default=False)] = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
@@ -71,11 +73,14 @@ def backup_cmd(
                                    need_remote=not discard_staged), bwlimit)
     if follow_runs:
         ts = [replace(t, follow_runs=True) for t in ts]
+    if parallel is not None:
+        ts = [replace(t, parallel=parallel) for t in ts]
     bt = bucket.one(ts)
     if bt is not None:
         bucket.refuse("--discard-staged", discard_staged)
         bucket.refuse("--follow-runs", follow_runs)
         bucket.refuse("--wait", wait)
+        bucket.refuse("--parallel", parallel is not None and parallel > 1)
         return bucket.backup(bt, opts, via_laptop, skip_if_locked)
     if via_laptop:
         raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
@@ -185,7 +190,8 @@ def _show_one(out: Output, result: BackupResult) -> None:
                + _shared(result)
                + (f"; {human(result.resumed_bytes)} of partly fetched files kept from an interrupted run, "
                   "not sent again" if result.resumed_bytes else "")
-               + f"; {result.seconds:.1f}s" + (f", {speed}" if speed else ""))
+               + f"; {result.seconds:.1f}s" + (f", {speed}" if speed else "")
+               + (f" over {result.channels} channels" if result.channels > 1 else ""))
 
 
 def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):

@@ -140,8 +140,12 @@ class AgentServer(Server):
     # -------------------------------------------------- streams and staging
 
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
-             resume: dict[str, tuple[int, str]] | None = None) -> Download:
-        return self.remote.download(root, pairs, compress=compress, resume=resume)
+             resume: dict[str, tuple[int, str]] | None = None,
+             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
+        return self.remote.download(root, pairs, compress=compress, resume=resume, ranges=ranges)
+
+    def abort(self) -> None:
+        self.remote.abort()
 
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
         return self.remote.upload(root, name, compress=compress)

@@ -120,9 +120,15 @@ class Server(ABC):
 
     @abstractmethod
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
-             resume: dict[str, tuple[int, str]] | None = None) -> Download:
+             resume: dict[str, tuple[int, str]] | None = None,
+             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
         """Stream (source, member) files from the server. `resume`: member -> (bytes already here, their
-        hash in the server's best algorithm); when the server's first bytes hash the same, only the rest comes."""
+        hash in the server's best algorithm); when the server's first bytes hash the same, only the rest comes.
+        `ranges`: member -> (start, length): only that byte range of the file comes, and its record's
+        hash is the range's (a `resume` offer then applies to a range starting at 0)."""
+
+    def abort(self) -> None:
+        """Break the link now, from any thread: a transfer reading from it ends with ConnectError."""
 
     @abstractmethod
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:

@@ -141,6 +141,9 @@ class ThreadProcess(Process):
         self.read_bytes += len(block)
         return block
 
+    def kill(self) -> None:
+        self.cut = True  # the read in progress returns with the agent's next bytes; then EOF
+
     def close(self) -> None:
         self.pipes.close_client()
         self.thread.join(timeout=10)
@@ -161,8 +164,8 @@ class InProcessTransport(Transport):
 class InProcessServer(AgentServer):
     """An AgentServer whose agent runs on a thread here; `hooks` inject faults at known points."""
 
-    def __init__(self, hooks: Hooks | None = None) -> None:
-        self.link = InProcessTransport()
+    def __init__(self, hooks: Hooks | None = None, link: InProcessTransport | None = None) -> None:
+        self.link = link or InProcessTransport()  # a test's own link can alter what passes
         super().__init__(self.link)
         self.hooks = hooks or Hooks()
 
@@ -183,9 +186,11 @@ class InProcessServer(AgentServer):
             raise from_reply(exc.payload, self.describe()) from None
 
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
-             resume: dict[str, tuple[int, str]] | None = None) -> Download:
-        self._before("send", {"root": root, "pairs": pairs, "compress": compress, "resume": resume})
-        return super().send(root, pairs, compress, resume)
+             resume: dict[str, tuple[int, str]] | None = None,
+             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
+        self._before("send", {"root": root, "pairs": pairs, "compress": compress, "resume": resume,
+                              "ranges": ranges})
+        return super().send(root, pairs, compress, resume, ranges)
 
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
         self._before("receive", {"root": root, "name": name, "compress": compress})

@@ -211,22 +211,39 @@ class Remote:
     # -------------------------------------------------- streams
 
     def download(self, root: str, pairs: list[tuple[str, str]], *, compress: str = "auto",
-                 resume: dict[str, tuple[int, str]] | None = None) -> "Download":
-        return Download(self, root, pairs, compress, resume or {})
+                 resume: dict[str, tuple[int, str]] | None = None,
+                 ranges: dict[str, tuple[int, int]] | None = None) -> "Download":
+        return Download(self, root, pairs, compress, resume or {}, ranges or {})
+
+    def abort(self) -> None:
+        """End the peer from any thread; whoever reads from the link then gets end of stream."""
+        proc = self.proc
+        if proc is not None:
+            proc.kill()
 
     def upload(self, root: str, name: str, *, compress: str = "auto") -> "Upload":
         return Upload(self, root, name, compress)
+
+
+def _entry(source: str, member: str, kept: tuple[int, str] | None, span: tuple[int, int] | None) -> Any:
+    """One file of a send request: [source, member], plus [offset, hash] to resume; a byte range as an object."""
+    if span is None:
+        return [source, member, *kept] if kept else [source, member]
+    entry = {"source": source, "member": member, "start": span[0], "length": span[1]}
+    if kept:
+        entry.update(offset=kept[0], hash=kept[1])
+    return entry
 
 
 class Download(DownloadBase):
     """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
 
     def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str,
-                 resume: dict[str, tuple[int, str]]) -> None:
+                 resume: dict[str, tuple[int, str]], ranges: dict[str, tuple[int, int]]) -> None:
         self.remote = remote
         self.records: dict[str, dict] = {}
         self.alg = remote.best_hash
-        files = [[src, member, *resume[member]] if member in resume else [src, member] for src, member in pairs]
+        files = [_entry(src, member, resume.get(member), ranges.get(member)) for src, member in pairs]
         remote.request("send", root=root, files=files, compress=compress, alg=self.alg)
         remote.reply()
         remote.busy = True

@@ -34,6 +34,17 @@ class Received:
     mtime_ns: int
     xxh3_128: str
     skipped: int = 0     # leading bytes that were already here (a kept prefix), not sent again
+    start: int | None = None   # a byte range of the file that begins here (`size` is the range's)
+    file_size: int = 0         # for a range: the whole file's size as the server read it
+
+
+@dataclass
+class Span:
+    """A byte range of a file whose ranges come over several channels into one `.part`."""
+
+    start: int
+    length: int
+    done: int = 0        # bytes of the range written so far, from its start (a kept prefix included)
 
 
 @dataclass
@@ -80,7 +91,7 @@ def offers(prefixes: dict[str, Prefix]) -> dict[str, tuple[int, str]]:
     return {member: (p.size, p.digest) for member, p in prefixes.items()}
 
 
-def _keep(exc: BaseException, size: int) -> bool:
+def keepable(exc: BaseException, size: int) -> bool:
     """Is a partly written file worth keeping after this failure? Only an interruption keeps it:
     the bytes that arrived are what the server sent, and the next run checks them against its hash."""
     return size >= KEEP_PREFIX_MIN and isinstance(exc, (KeyboardInterrupt, ConnectError))
@@ -131,6 +142,12 @@ class DiskWriter:
                 with contextlib.suppress(OSError):
                     os.unlink(arg)
                 continue
+            if op == "leave":
+                # A range of a file other channels also write: closed, never removed here.
+                if out is not None and not out.closed:
+                    with contextlib.suppress(OSError):
+                        out.close()
+                continue
             if op == "keep":
                 # An interrupted file: its written bytes stay for the next run, unless writing failed.
                 try:
@@ -148,8 +165,14 @@ class DiskWriter:
                 continue
             try:
                 if op == "open":
-                    path, alg, self.result, prefix = arg
-                    if prefix is None:
+                    path, alg, self.result, prefix, start = arg
+                    if start is not None:  # a range, into a file other channels write too
+                        out = open(path, "r+b")
+                        out.seek(prefix.size if prefix is not None else start)
+                        hx = prefix.xxh if prefix is not None else xxhash.xxh3_128()
+                        other = prefix.other if prefix is not None else (
+                            None if alg == "xxh3_128" else wire.new_hash(alg))
+                    elif prefix is None:
                         out = open(path, "wb")
                         hx = xxhash.xxh3_128()
                         other = None if alg == "xxh3_128" else wire.new_hash(alg)
@@ -185,6 +208,10 @@ class DiskWriter:
         """Remove a half-written file, in order with the writes already queued for it."""
         self.queue.put(("discard", path))
 
+    def leave(self, path: Path) -> None:
+        """Close a range's file once the writes queued for it are done; whoever split it decides its fate."""
+        self.queue.put(("leave", path))
+
     def keep(self, path: Path) -> None:
         """Close a half-written file once the writes queued for it are done, and leave it."""
         self.queue.put(("keep", path))
@@ -195,7 +222,8 @@ class DiskWriter:
 
 
 def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
-            on_file: Callable[[Received], None], prefixes: dict[str, Prefix] | None = None) -> tuple[Outcome, int]:
+            on_file: Callable[[Received], None], prefixes: dict[str, Prefix] | None = None,
+            spans: dict[str, Span] | None = None) -> tuple[Outcome, int]:
     """Write each expected member to its target path ("<target>.part" until confirmed).
 
     A member counts only once the server's record for it has arrived and its
@@ -203,10 +231,14 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
     Anything the server sends that was not asked for stops the transfer.
     `prefixes`: the kept prefixes offered in the send request (see kept_prefixes);
     a member the server resumes continues after its prefix. An interruption
-    keeps large partly written files for the next run. Returns the outcome and
-    the bytes that crossed the link.
+    keeps large partly written files for the next run. `spans`: members that
+    are one byte range of their file, written at its offset into a `.part`
+    that already exists; `on_file` gets each verified range (`start` set), and
+    the `.part` is left in place for whoever split the file. Returns the
+    outcome and the bytes that crossed the link.
     """
     prefixes = prefixes or {}
+    spans = spans or {}
     pending: list[tuple[Received, Path, str]] = []
     received: list[Received] = []
     changed: dict[str, str] = {}
@@ -223,14 +255,21 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
                 still.append((rec, path, alg_hash))
                 continue
             part = path.with_name(path.name + ".part")
+            ranged = rec.member in spans
             if record.get("changed") or record.get("error"):
                 changed[rec.member] = record.get("changed") or record.get("error")
-                part.unlink(missing_ok=True)
+                if not ranged:
+                    part.unlink(missing_ok=True)
                 continue
             if record.get("size") != rec.size or record.get("hash") != alg_hash:
-                part.unlink(missing_ok=True)
-                raise IntegrityError(f"{rec.member}: what arrived does not match the server's checksum")
-            os.replace(part, path)
+                if not ranged:
+                    part.unlink(missing_ok=True)
+                what = f"bytes {rec.start}-{rec.start + rec.size} of {rec.member}" if ranged else rec.member
+                raise IntegrityError(f"{what}: what arrived does not match the server's checksum")
+            if ranged:
+                rec.file_size = _int(record.get("file_size"))
+            else:
+                os.replace(part, path)
             received.append(rec)
             on_file(rec)
         pending[:] = still
@@ -243,12 +282,13 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
             if name not in targets or name in seen or not member.isreg():
                 raise ProtocolError(f"the server sent an unexpected tar member {name!r}")
             seen.add(name)
-            pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep, prefixes.get(name)))
+            pending.append(_write_member(stream, writer, member, targets[name], dl.alg, rep, prefixes.get(name),
+                                         spans.get(name)))
             settle(final=False)
         wire_bytes = dl.finish()
     except BaseException as exc:
         for rec, path, _h in pending:  # unconfirmed data is worthless, unless kept to resume; confirmed files stay
-            if not _keep(exc, rec.size):
+            if rec.member not in spans and not keepable(exc, rec.size):
                 path.with_name(path.name + ".part").unlink(missing_ok=True)
         raise
     finally:
@@ -265,23 +305,30 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
 
 
 def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo, path: Path, alg: str,
-                  rep: Reporter, prefix: Prefix | None = None) -> tuple[Received, Path, str]:
+                  rep: Reporter, prefix: Prefix | None = None, span: Span | None = None) -> tuple[Received, Path, str]:
     part = path.with_name(path.name + ".part")
     offset = int(member.pax_headers.get("ckptsync.offset", 0) or 0)
-    if offset and (prefix is None or prefix.size != offset):
+    start = member.pax_headers.get("ckptsync.start")
+    if (start is None) != (span is None) or (span is not None and _int(start) != span.start):
+        raise ProtocolError(f"the server sent {member.name} from byte {start or 0}, which was not asked for")
+    if offset and (prefix is None or prefix.size != offset or (span is not None and span.start != 0)):
         raise ProtocolError(f"the server resumed {member.name} at byte {offset}, which was not offered")
     if not offset:
         prefix = None  # the server's first bytes differ from the kept ones: the whole file comes
     written = 0
+    if span is not None:
+        span.done = offset  # a kept prefix the server did not take is being written over
     result: list = []
     done = threading.Event()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer.put("open", (part, alg, result, prefix))
+        writer.put("open", (part, alg, result, prefix, None if span is None else span.start))
         rep.advance(offset)
         for piece in stream.data(member.size):
             writer.put("data", piece)
             written += len(piece)
+            if span is not None:
+                span.done = offset + written
             rep.advance(len(piece))
         writer.put("close", done)
         done.wait()
@@ -289,19 +336,32 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
             raise writer.error
         mtime_ns = int(member.pax_headers.get("ckptsync.mtime_ns", int(member.mtime) * 10**9))
         mode = member.mode & 0o7777
-        os.chmod(part, mode)
-        os.utime(part, ns=(mtime_ns, mtime_ns))
+        if span is None:  # a split file gets its stamps once all its ranges are in
+            os.chmod(part, mode)
+            os.utime(part, ns=(mtime_ns, mtime_ns))
     except OSError as exc:
-        writer.discard(part)
+        if span is not None:
+            writer.leave(part)
+        else:
+            writer.discard(part)
         raise io_error(exc, f"writing {path}") from None
     except BaseException as exc:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
-        if _keep(exc, offset + written):
+        if span is not None:
+            writer.leave(part)
+        elif keepable(exc, offset + written):
             writer.keep(part)
         else:
             writer.discard(part)
         raise
     digest, other = result
     rec = Received(member=member.name, size=offset + written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest,
-                   skipped=offset)
+                   skipped=offset, start=None if span is None else span.start)
     return rec, path, digest if other is None else other
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"the server sent {value!r} where a number belongs") from None
 

@@ -1,0 +1,257 @@
+"""One transfer over several channels: each streams a share of the files (shares.py), a large
+file split into byte ranges that land in one `.part`, so one channel's window no longer caps a run.
+
+Every share runs `transfer.receive` on a thread of its own, with the same checks as one channel.
+A split file is complete once every range has arrived and matched the server's hash of it; its
+xxh3-128 for the manifest is then read back from the assembled file. The first error stops
+every channel (their links are broken, so no read stays blocked) and is raised once all have
+stopped; a split file then keeps its contiguous first bytes, as a single channel keeps a prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import xxhash
+
+from ckptsync.errors import ConnectError
+from ckptsync.progress import Reporter
+from ckptsync.server import shares as sharing
+from ckptsync.server.base import Server
+from ckptsync.server.transfer import (
+    CHUNK, Outcome, Prefix, Received, Span, keepable, offers, receive,
+)
+from ckptsync.store import io_error
+
+MAX_CHANNELS = 16   # as config.MAX_PARALLEL
+
+
+class Channels:
+    """The connections a run fetches over: its own first, the others opened when a transfer can use them.
+
+    `open_more()` gives a new, unopened server (with OpenSSH it shares the first one's login).
+    A channel that cannot be opened (sshd's MaxSessions, a refused login) leaves the run with
+    those that did; `warning` says so.
+    """
+
+    def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int) -> None:
+        self.servers = [first]
+        self.open_more = open_more
+        self.wanted = max(1, min(wanted, MAX_CHANNELS))
+        self.warning = ""
+        self.most = 1   # the most channels one transfer used
+
+    def take(self, k: int) -> list[Server]:
+        while len(self.servers) < min(k, self.wanted):
+            server = self.open_more()
+            if any(server is s for s in self.servers):  # a factory that hands out one server
+                self.wanted = len(self.servers)
+                break
+            try:
+                server.open()
+            except ConnectError as exc:
+                with contextlib.suppress(Exception):
+                    server.close(polite=False)
+                self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
+                                f"another failed: {exc.message}")
+                self.wanted = len(self.servers)
+                break
+            self.servers.append(server)
+        return self.servers[:k]
+
+    def close(self) -> None:
+        """Close all but the first (the run closes that one)."""
+        extra, self.servers = self.servers[1:], self.servers[:1]
+        for server in extra:
+            with contextlib.suppress(Exception):
+                server.close()
+
+
+class _Shared(Reporter):
+    """One progress bar fed by several threads."""
+
+    def __init__(self, rep: Reporter) -> None:
+        self.rep = rep
+        self.lock = threading.Lock()
+
+    def info(self, message: str) -> None:
+        with self.lock:
+            self.rep.info(message)
+
+    def advance(self, nbytes: int) -> None:
+        with self.lock:
+            self.rep.advance(nbytes)
+
+
+def fetch(channels: Channels, root: str, pairs: list[tuple[str, str]], sizes: dict[str, int],
+          targets: dict[str, Path], prefixes: dict[str, Prefix], rep: Reporter,
+          on_file: Callable[[Received], None], compress: str = "auto") -> tuple[Outcome, int]:
+    """Fetch (source, member) files into their targets as `transfer.receive` does, over as many
+    channels as the files can keep busy (at most channels.wanted)."""
+    files = [(source, member, sizes[member]) for source, member in pairs]
+    kept = {member: p.size for member, p in prefixes.items()}
+    planned = [s for s in sharing.plan(files, channels.wanted, kept) if s]
+    servers = channels.take(max(len(planned), 1))
+    if len(servers) < len(planned):
+        planned = [s for s in sharing.plan(files, len(servers), kept) if s]
+    if len(planned) <= 1:
+        dl = servers[0].send(root, pairs, compress=compress, resume=offers(prefixes))
+        return receive(dl, targets, rep, on_file, prefixes)
+    channels.most = max(channels.most, len(planned))
+    return _Run(servers, planned, root, sizes, targets, prefixes, rep, on_file, compress).go()
+
+
+class _Run:
+    def __init__(self, servers: list[Server], planned: list[list[sharing.Piece]], root: str,
+                 sizes: dict[str, int], targets: dict[str, Path], prefixes: dict[str, Prefix], rep: Reporter,
+                 on_file: Callable[[Received], None], compress: str) -> None:
+        self.servers, self.planned, self.root, self.compress = servers, planned, root, compress
+        self.sizes, self.targets, self.prefixes = sizes, targets, prefixes
+        self.rep, self.on_file = _Shared(rep), on_file
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.spans: dict[str, list[Span]] = {}       # split member -> its ranges, one per share
+        self.arrived: dict[str, list[Received]] = {}  # split member -> its verified ranges
+        self.assembled: list[Received] = []
+        self.changed: dict[str, str] = {}
+        for share in planned:
+            for p in share:
+                if p.start is not None:
+                    kept = prefixes[p.member].size if p.start == 0 and p.member in prefixes else 0
+                    self.spans.setdefault(p.member, []).append(Span(p.start, p.length, done=kept))
+
+    def go(self) -> tuple[Outcome, int]:
+        self._create_parts()
+        results: list[tuple[Outcome, int] | None] = [None] * len(self.planned)
+        threads = [threading.Thread(target=self._work, args=(i, results), daemon=True)
+                   for i in range(len(self.planned))]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException as exc:  # Ctrl+C and SIGTERM land on this thread
+            self._stop(exc)
+            for t in threads:
+                t.join()
+        if self.errors:
+            self._leave_split(self.errors[0])
+            raise self.errors[0]
+        self._leave_split(None)
+        outcome = Outcome(received=[], changed=dict(self.changed))
+        wire_bytes = 0
+        for got, sent in results:
+            outcome.received += [r for r in got.received if r.start is None]
+            outcome.changed.update(got.changed)
+            outcome.unreadable.update(got.unreadable)
+            wire_bytes += sent
+        outcome.received += self.assembled
+        return outcome, wire_bytes
+
+    # -------------------------------------------------- the channels
+
+    def _work(self, i: int, results: list) -> None:
+        share = self.planned[i]
+        members = {p.member for p in share}
+        spans = {}
+        for p in share:
+            if p.start is not None:
+                spans[p.member] = next(s for s in self.spans[p.member] if s.start == p.start)
+        prefixes = {m: self.prefixes[m] for m in members
+                    if m in self.prefixes and (m not in spans or spans[m].start == 0)}
+        try:
+            dl = self.servers[i].send(self.root, [(p.source, p.member) for p in share], compress=self.compress,
+                                      resume=offers(prefixes),
+                                      ranges={m: (s.start, s.length) for m, s in spans.items()})
+            results[i] = receive(dl, {m: self.targets[m] for m in members}, self.rep, self._arrived, prefixes, spans)
+        except BaseException as exc:
+            self._stop(exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append(exc)
+            if len(self.errors) > 1:
+                return
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.abort()
+
+    def _arrived(self, rec: Received) -> None:
+        if rec.start is None:
+            with self.lock:
+                self.on_file(rec)
+            return
+        with self.lock:
+            got = self.arrived.setdefault(rec.member, [])
+            got.append(rec)
+            if len(got) < len(self.spans[rec.member]):
+                return
+        whole = self._assemble(rec.member, got)  # outside the lock: it reads the whole file
+        if whole is not None:
+            with self.lock:
+                self.assembled.append(whole)
+                self.on_file(whole)
+
+    # -------------------------------------------------- split files
+
+    def _part(self, member: str) -> Path:
+        path = self.targets[member]
+        return path.with_name(path.name + ".part")
+
+    def _create_parts(self) -> None:
+        """Every range writes into the one `.part`, so it exists first (a kept prefix stays in it)."""
+        for member in self.spans:
+            part = self._part(member)
+            try:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                if member not in self.prefixes:
+                    part.open("wb").close()
+            except OSError as exc:
+                raise io_error(exc, f"writing {self.targets[member]}") from None
+
+    def _assemble(self, member: str, got: list[Received]) -> Received | None:
+        """All ranges verified: one version of the file? Then its hash, its stamps, its final name."""
+        first = got[0]
+        if any((r.mtime_ns, r.mode, r.file_size) != (first.mtime_ns, first.mode, self.sizes[member]) for r in got):
+            with self.lock:
+                self.changed[member] = "modified during the backup (its ranges differ)"
+            return None
+        part, path = self._part(member), self.targets[member]
+        hx = xxhash.xxh3_128()
+        try:
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(CHUNK), b""):
+                    hx.update(block)
+            os.chmod(part, first.mode)
+            os.utime(part, ns=(first.mtime_ns, first.mtime_ns))
+            os.replace(part, path)
+        except OSError as exc:
+            raise io_error(exc, f"writing {path}") from None
+        return Received(member=member, size=self.sizes[member], mode=first.mode, mtime_ns=first.mtime_ns,
+                        xxh3_128=hx.hexdigest(), skipped=sum(r.skipped for r in got))
+
+    def _leave_split(self, exc: BaseException | None) -> None:
+        """After the channels stopped: a split file not assembled keeps its contiguous first bytes
+        when the failure is an interruption (as one channel keeps a prefix), else its `.part` goes."""
+        for member, spans in self.spans.items():
+            part = self._part(member)
+            if not part.exists():
+                continue
+            upto = 0
+            for s in sorted(spans, key=lambda s: s.start):
+                if s.start != upto:
+                    break
+                upto = s.start + s.done
+                if s.done < s.length:
+                    break
+            try:
+                if exc is not None and keepable(exc, upto):
+                    os.truncate(part, upto)
+                else:
+                    part.unlink(missing_ok=True)
+            except OSError:
+                pass

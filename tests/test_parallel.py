@@ -1,0 +1,326 @@
+"""backup --parallel: several channels, each a share of the files, large files split into byte ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import xxhash
+
+from ckptsync.backup import Backup, BackupOptions, run_backup
+from ckptsync.config import Target
+from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError, ConfigError, Interrupted
+from ckptsync.server import open_server, shares
+from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
+from ckptsync.server.shares import Piece, plan
+from ckptsync.server.transfer import KEEP_PREFIX_MIN
+from ckptsync.transport import LocalTransport
+from helpers import tree_digest
+from test_partial import StopAt
+from test_server_boundary import make_target
+
+MB = 1 << 20
+BIG = 48 * MB
+PART = ".ckptsync/staging/checkpoint-12/checkpoint-12/big.bin.part"
+NAMES = ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+
+
+# ---------------------------------------------------------------- the shares, pure
+
+def sizes(share: list[Piece], files: dict[str, int]) -> int:
+    return sum(p.length if p.start is not None else files[p.member] for p in share)
+
+
+@pytest.mark.parametrize("files, n, kept, expect", [
+    # small files go whole, each to the share holding its middle
+    ({"a": 10, "b": 10, "c": 10}, 3, {}, [["a"], ["b"], ["c"]]),
+    ({"a": 10, "b": 10}, 4, {}, [[], ["a"], [], ["b"]]),
+    # one channel: everything, in order
+    ({"a": 10, "b": 200 * MB}, 1, {}, [["a", "b"]]),
+    # a large file across the cuts: one range per share, end to end
+    ({"big": 300 * MB}, 3, {}, [["big@0+100"], ["big@100+100"], ["big@200+100"]]),
+    # cuts closer than RANGE_MIN to an end are dropped: fewer, longer ranges
+    ({"big": 70 * MB}, 16, {}, [[]] * 3 + [["big@0+17.5"]] + [[]] * 3 + [["big@17.5+17.5"]]
+     + [[]] * 3 + [["big@35+17.5"], ["big@52.5+17.5"]] + [[]] * 3),
+    # a kept prefix is not counted, and rides with the first range
+    ({"big": 200 * MB}, 3, {"big": 50 * MB}, [["big@0+100"], ["big@100+50"], ["big@150+50"]]),
+    # below SPLIT_MIN a file is never split
+    ({"a": 60 * MB, "b": 60 * MB}, 3, {}, [["a"], [], ["b"]]),
+])
+def test_shares_are_balanced_by_bytes(files, n, kept, expect):
+    got = plan([(m, m, s) for m, s in files.items()], n, kept)
+
+    def show(p: Piece) -> str:
+        if p.start is None:
+            return p.member
+        return f"{p.member}@{p.start / MB:g}+{p.length / MB:g}"
+    assert [[show(p) for p in share] for share in got] == expect
+
+
+def test_the_ranges_of_a_file_cover_it_once_each_on_its_own_share():
+    files = [("a", "a", 5 * MB), ("big", "big", 1000 * MB + 3), ("c", "c", 70 * MB), ("d", "d", 1)]
+    got = plan(files, 7)
+    assert [p for share in got for p in share if p.member == "c"] == [Piece("c", "c")]  # no cut crosses it
+    for member, size in (("big", 1000 * MB + 3),):
+        pieces = [(i, p) for i, share in enumerate(got) for p in share if p.member == member]
+        assert len(pieces) == 7
+        assert len({i for i, _p in pieces}) == len(pieces)
+        spans = sorted((p.start, p.length) for _i, p in pieces)
+        assert spans[0][0] == 0 and all(a + n == b for (a, n), (b, _m) in zip(spans, spans[1:]))
+        assert spans[-1][0] + spans[-1][1] == size
+    loads = [sizes(share, {m: s for _src, m, s in files}) for share in got]
+    assert max(loads) - min(loads) <= 5 * MB   # the small file a is the only unevenness
+
+
+# ---------------------------------------------------------------- backups over several channels
+
+def parallel_target(server_tree, dest, n: int, hooks_for=None) -> tuple[Target, list[InProcessServer]]:
+    """A target whose every connection is a new in-process server; `hooks_for(i)` gives the hooks
+    of the i-th one opened (0 is the run's own connection)."""
+    made: list[InProcessServer] = []
+
+    def factory() -> InProcessServer:
+        server = InProcessServer(hooks_for(len(made)) if hooks_for else None)
+        made.append(server)
+        return server
+    t = make_target(server_tree, dest, None)
+    return dataclasses.replace(t, server_factory=factory, parallel=n), made
+
+
+def manifests(dest) -> dict:
+    out = {}
+    for name in NAMES:
+        m = json.loads((dest / ".ckptsync" / "manifests" / f"{name}.json").read_text())
+        out[name] = {k: v for k, v in m.items() if k not in ("backed_up_at", "verified_at")}
+    return out
+
+
+def add_big(server_tree, size: int = BIG):
+    big = server_tree / "checkpoint-12" / "big.bin"
+    big.write_bytes(os.urandom(size))
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(big, (old, old))
+    return big
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    """Split files from 8 MiB on into ranges of at least 2 MiB, so tests move little."""
+    monkeypatch.setattr(shares, "SPLIT_MIN", 8 * MB)
+    monkeypatch.setattr(shares, "RANGE_MIN", 2 * MB)
+
+
+def test_three_channels_give_what_one_gives(server_tree, tmp_path):
+    one = run_backup(make_target(server_tree, tmp_path / "one", InProcessServer()), BackupOptions(all=True))
+    sent = []
+
+    def hooks(_i):
+        h = Hooks()
+        h.on_before("send", lambda args: sent.append(len(args["pairs"])))
+        return h
+    t, made = parallel_target(server_tree, tmp_path / "three", 3, hooks)
+    three = run_backup(t, BackupOptions(all=True))
+    assert one.exit_code == three.exit_code == 0
+    assert one.fetched == three.fetched and three.channels == 3 and one.channels == 1
+    assert len(made) == 3 and len(sent) > len(NAMES)   # some checkpoint went over more than one
+    for name in NAMES:
+        assert tree_digest(tmp_path / "three" / name) == tree_digest(server_tree / name)
+    assert manifests(tmp_path / "three") == manifests(tmp_path / "one")
+    assert one.raw_bytes == three.raw_bytes
+    assert not (tmp_path / "three" / ".ckptsync" / "staging").exists() or not list(
+        (tmp_path / "three" / ".ckptsync" / "staging").rglob("*"))
+
+
+def test_a_large_file_comes_in_ranges_over_several_channels(server_tree, tmp_path, small_split):
+    big = add_big(server_tree, 24 * MB)
+    ranges = []
+
+    def hooks(_i):
+        h = Hooks()
+        h.on_before("send", lambda args: ranges.append(args["ranges"]))
+        return h
+    t, _made = parallel_target(server_tree, tmp_path / "b", 3, hooks)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert r.exit_code == 0 and r.channels == 3
+    spans = sorted(s for got in ranges for m, s in got.items() if m == "checkpoint-12/big.bin")
+    assert len(spans) == 3 and spans[0][0] == 0 and sum(n for _s, n in spans) == 24 * MB
+    assert (tmp_path / "b" / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
+    assert tree_digest(tmp_path / "b" / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    record = next(f for f in json.loads((tmp_path / "b" / ".ckptsync/manifests/checkpoint-12.json").read_text())["files"]
+                  if f["path"] == "checkpoint-12/big.bin")
+    assert record["xxh3_128"] == xxhash.xxh3_128(big.read_bytes()).hexdigest()
+    assert record["size"] == 24 * MB and r.raw_bytes >= 24 * MB
+
+
+def test_a_cut_channel_fails_the_run_as_one_channel_would_and_the_rerun_completes(server_tree, tmp_path, small_split):
+    big = add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+
+    def hooks(i):
+        h = Hooks()
+        if i == 1:  # the first extra channel: cut inside its range of big.bin
+            h.on_before("send", lambda _args: made[1].cut_after(4 * MB), times=1)
+        return h
+    t, made = parallel_target(server_tree, dest, 3, hooks)
+    with pytest.raises(CkptsyncError) as info:
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert info.value.exit_code == CONNECT and made[1].link.process.cut
+    assert "rerun to resume" in info.value.message
+    assert not (dest / "checkpoint-12").exists()
+    assert not (dest / ".ckptsync" / "manifests" / "checkpoint-12.json").exists()
+    assert not (dest / PART).exists()   # its contiguous first bytes were too few to keep
+
+    again, _made = parallel_target(server_tree, dest, 3)
+    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert r.exit_code == 0 and r.fetched == ["checkpoint-12"]
+    assert (dest / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert not list(dest.rglob("*.part"))
+
+
+def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(server_tree, tmp_path):
+    """The run's own channel carries big.bin's first range and is cut 20 MiB in: that prefix is
+    kept (the other range's bytes are not: they do not follow on from it), and offered again."""
+    big = add_big(server_tree)   # 48 MiB: split in two at its middle with the default sizes
+    dest = tmp_path / "b"
+
+    def hooks(i):
+        h = Hooks()
+        if i == 0:
+            h.on_before("send", lambda _args: made[0].cut_after(20 * MB), times=1)
+        return h
+    shares.SPLIT_MIN, saved = 32 * MB, shares.SPLIT_MIN
+    try:
+        t, made = parallel_target(server_tree, dest, 2, hooks)
+        with pytest.raises(CkptsyncError) as info:
+            run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+        assert info.value.exit_code == CONNECT
+        kept = (dest / PART).stat().st_size
+        assert KEEP_PREFIX_MIN <= kept <= 20 * MB
+        assert (dest / PART).read_bytes() == big.read_bytes()[:kept]
+
+        offered = []
+
+        def watch(_i):
+            h = Hooks()
+            h.on_before("send", lambda args: offered.append(args["resume"]))
+            return h
+        again, _made = parallel_target(server_tree, dest, 2, watch)
+        r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
+    finally:
+        shares.SPLIT_MIN = saved
+    assert r.exit_code == 0 and r.resumed_bytes == kept
+    assert {m: s for o in offered for m, (s, _h) in o.items()} == {"checkpoint-12/big.bin": kept}
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+class FlipProcess(ThreadProcess):
+    """A link that inverts one byte from the agent, `at` bytes into the next send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: int | None = None
+
+    def read(self, n: int) -> bytes:
+        block = super().read(n)
+        if self.at is not None and self.read_bytes - len(block) <= self.at < self.read_bytes:
+            i = self.at - (self.read_bytes - len(block))
+            block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
+            self.at = None
+        return block
+
+
+class FlipServer(InProcessServer):
+    def __init__(self) -> None:
+        super().__init__(link=FlipTransport())
+        self.hooks.on_before("send", lambda _args: setattr(self.link.process, "at",
+                                                           self.link.process.read_bytes + 3 * MB), times=1)
+
+
+class FlipTransport(InProcessTransport):
+    def start(self) -> ThreadProcess:
+        self.process = FlipProcess()
+        return self.process
+
+
+def test_a_corrupted_range_is_caught_by_its_hash(server_tree, tmp_path, small_split):
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    made = []
+
+    def factory():
+        made.append(FlipServer() if len(made) == 2 else InProcessServer())
+        return made[-1]
+    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=3)
+    with pytest.raises(CkptsyncError) as info:
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert info.value.exit_code == INTEGRITY
+    assert "of checkpoint-12/big.bin: what arrived does not match the server's checksum" in info.value.message
+    assert not (dest / "checkpoint-12").exists() and not list(dest.rglob("*.part"))
+    again, _made = parallel_target(server_tree, dest, 3)
+    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off")).exit_code == 0
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+def test_ctrl_c_on_one_channel_stops_them_all(server_tree, tmp_path, small_split):
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    t, made = parallel_target(server_tree, dest, 3)
+    with pytest.raises(Interrupted):
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB))
+    assert not (dest / "checkpoint-12").exists()
+    again, _made = parallel_target(server_tree, dest, 3)
+    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off")).exit_code == 0
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, tmp_path, small_split):
+    add_big(server_tree, 24 * MB)
+    made = []
+
+    class Refused(InProcessServer):
+        def open(self) -> None:
+            from ckptsync.errors import ConnectError
+            raise ConnectError("session open refused by peer")
+
+    def factory():
+        made.append(Refused() if len(made) == 2 else InProcessServer())
+        return made[-1]
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=3)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert r.exit_code == 0 and r.channels == 2
+    assert any("2 of 3 channels opened" in w and "session open refused" in w for w in r.warnings)
+    assert tree_digest(tmp_path / "b" / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+def test_one_server_for_every_connection_means_one_channel(server_tree, tmp_path):
+    r = run_backup(dataclasses.replace(make_target(server_tree, tmp_path / "b", InProcessServer()), parallel=4),
+                   BackupOptions(all=True))
+    assert r.exit_code == 0 and r.channels == 1
+
+
+def test_bwlimit_is_one_rate_for_all_channels(tmp_path):
+    t = Target(label="local", transport=LocalTransport(), remote_dir=str(tmp_path), local_dir=tmp_path / "b",
+               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
+               bwlimit=1 << 20, parallel=3)
+    job = Backup(t, BackupOptions())
+    first, second = open_server(job.target), open_server(job.target)
+    assert first.remote.limiter is not None and first.remote.limiter is second.remote.limiter
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_parallel_in_the_config(tmp_path):
+    from ckptsync.config import load_config, resolve_target
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("parallel: 4\ninstances:\n  '1': {host: h1, parallel: 2}\n  '2': {host: h2}\n")
+    config = load_config(str(cfg))
+    assert resolve_target(config, instance="1", remote_dir="r").parallel == 2
+    assert resolve_target(config, instance="2", remote_dir="r").parallel == 4
+    for bad in ("0", "17", "two"):
+        cfg.write_text(f"parallel: {bad}\n")
+        with pytest.raises(ConfigError, match="parallel"):
+            load_config(str(cfg))
