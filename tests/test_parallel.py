@@ -324,3 +324,28 @@ def test_parallel_in_the_config(tmp_path):
         cfg.write_text(f"parallel: {bad}\n")
         with pytest.raises(ConfigError, match="parallel"):
             load_config(str(cfg))
+
+
+@pytest.mark.parametrize("lie, message", [
+    (lambda start, length: (start, length + 1), "not the"),        # a range longer than asked for
+    (lambda start, length: (None, None), "which was not asked for"),  # the whole file instead
+    (lambda start, length: (start + 1, length), "which was not asked for"),
+])
+def test_a_server_that_sends_other_bytes_than_the_range_asked_for_is_refused(server_tree, tmp_path, small_split,
+                                                                            monkeypatch, lie, message):
+    from ckptsync.agent import send as agent_send
+
+    real = agent_send.send_one
+
+    def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, start=None, length=None):
+        if start:
+            start, length = lie(start, length)
+        return real(sender, chan, source, member, alg, offset, prefix_hash, start, length)
+    monkeypatch.setattr(agent_send, "send_one", send_one)
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    t, _made = parallel_target(server_tree, dest, 3)
+    with pytest.raises(CkptsyncError, match=message) as info:
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert info.value.exit_code == CONNECT   # a protocol error
+    assert not (dest / "checkpoint-12").exists() and not list(dest.rglob("*.part"))

@@ -53,9 +53,11 @@ class Channels:
                 break
             try:
                 server.open()
-            except ConnectError as exc:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     server.close(polite=False)
+                if not isinstance(exc, ConnectError):
+                    raise
                 self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
                                 f"another failed: {exc.message}")
                 self.wanted = len(self.servers)

@@ -313,6 +313,9 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         raise ProtocolError(f"the server sent {member.name} from byte {start or 0}, which was not asked for")
     if offset and (prefix is None or prefix.size != offset or (span is not None and span.start != 0)):
         raise ProtocolError(f"the server resumed {member.name} at byte {offset}, which was not offered")
+    if span is not None and offset + member.size != span.length:
+        raise ProtocolError(f"the server sent {offset + member.size} bytes of {member.name} from byte "
+                            f"{span.start}, not the {span.length} asked for")
     if not offset:
         prefix = None  # the server's first bytes differ from the kept ones: the whole file comes
     written = 0
