@@ -349,3 +349,29 @@ def test_a_server_that_sends_other_bytes_than_the_range_asked_for_is_refused(ser
         run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
     assert info.value.exit_code == CONNECT   # a protocol error
     assert not (dest / "checkpoint-12").exists() and not list(dest.rglob("*.part"))
+
+
+class Counting(StopAt):
+    """Counts what every transfer reports, from however many threads."""
+
+    def __init__(self) -> None:
+        super().__init__("", float("inf"))
+        self.starts: list[tuple[str, int]] = []
+        self.total = 0
+
+    def start(self, label: str, total: int) -> None:
+        super().start(label, total)
+        self.starts.append((label, total))
+
+    def advance(self, nbytes: int) -> None:
+        super().advance(nbytes)
+        self.total += nbytes
+
+
+def test_one_progress_bar_counts_every_channel(server_tree, tmp_path, small_split):
+    add_big(server_tree, 24 * MB)
+    rep = Counting()
+    t, _made = parallel_target(server_tree, tmp_path / "b", 3)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), rep)
+    assert r.exit_code == 0 and r.channels == 3
+    assert rep.starts == [("checkpoint-12", r.raw_bytes)] and rep.total == r.raw_bytes
