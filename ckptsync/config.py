@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from ckptsync.errors import ConfigError, UsageError
+from ckptsync.policy import MAX_PARALLEL
 from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 
 if TYPE_CHECKING:
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 
 DEFAULT_LOCAL_DIR = "~/ckpt-backups"
 DEFAULT_GENERATIONS = 2
-MAX_PARALLEL = 16   # channels of one backup (--parallel)
 SEARCH = ("./ckptsync.yaml", "~/.config/ckptsync/config.yaml")
 
 # key -> (type check, what is expected); shared by the top level and instances.

@@ -6,6 +6,8 @@ from typing import Iterable, Mapping, Protocol, TypeVar
 
 from ckptsync.errors import LOCKED, PARTIAL
 
+MAX_PARALLEL = 16   # channels of one transfer (--parallel, parallel: in the config)
+
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
 

@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import xxhash
@@ -29,7 +29,9 @@ from ckptsync.errors import (
 )
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.server import open_server
+from ckptsync.ratelimit import RateLimiter
+from ckptsync.server import Arrived, Server, open_server, shares
+from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store, io_error
 from ckptsync.verify import check_files
@@ -112,6 +114,7 @@ class RestoreResult:
     resumed_bytes: int = 0       # first bytes of partly sent files kept in staging, not sent again
     resume_hint: str = ""
     warnings: list[str] = field(default_factory=list)
+    channels: int = 1             # the most connections one transfer used at once (--parallel)
     seconds: float = 0.0
     discarded_bytes: int | None = None   # with --discard-staged: what the staging held
     extra_files_only: bool = False
@@ -219,6 +222,8 @@ def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> 
 
 class Restore:
     def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> None:
+        if target.parallel > 1 and target.bwlimit and target.limiter is None:
+            target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
         self.opts = opts
         self.rep = rep
@@ -257,10 +262,17 @@ class Restore:
                 files = self._select(m)
             with self._lock(), (contextlib.nullcontext(server) if server else open_server(self.target)) as server:
                 self.server = server
-                if self.opts.discard_staged:
-                    self._discard_staged(m)
-                else:
-                    self._restore(m, files, extras, ordered, manifests)
+                self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                try:
+                    if self.opts.discard_staged:
+                        self._discard_staged(m)
+                    else:
+                        self._restore(m, files, extras, ordered, manifests)
+                finally:
+                    self.result.channels = self.channels.most
+                    if self.channels.warning:
+                        self.result.warnings.append(self.channels.warning)
+                    self.channels.close()
             return self.result
         except KeyboardInterrupt:
             if self.phase == "commit":
@@ -553,23 +565,7 @@ class Restore:
         kept = self._kept_parts(root, stage, files)
         self.rep.start(f"send {name}", sum(f.size for f in files))
         try:
-            up = self.server.receive(root, stage, compress=self.opts.compress)
-            for f in files:
-                seen = xxhash.xxh3_128()
-
-                def also(block: bytes, seen=seen) -> None:
-                    seen.update(block)
-                    self.rep.advance(len(block))
-
-                path = self.files_root / f.path
-                try:
-                    with open(path, "rb") as fh:
-                        up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
-                except OSError as exc:
-                    raise io_error(exc, f"reading {path}") from None
-                if seen.hexdigest() != f.xxh3_128:
-                    rotted.append(f.path)
-            arrived = up.finish()
+            sent = self._uploads(root, stage, files, kept)
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted while sending {name}: nothing was put in place under {posixpath.join(root, name)}; "
@@ -587,12 +583,20 @@ class Restore:
                                 + self.target.command("restore", "--checkpoint", name, "--discard-staged")) from exc
         finally:
             self.rep.finish()
+        arrived: dict[str, Arrived] = {}
+        hashes: dict[str, str] = {}
+        wire_bytes = 0
+        for got, hashed, rot, on_wire in sent:
+            arrived.update(got)
+            hashes.update(hashed)
+            rotted += rot
+            wire_bytes += on_wire
         if rotted:
             raise IntegrityError(
                 f"changed in the backup directory while being sent: {', '.join(rotted)}; nothing was put in place",
                 hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
         bad = [f.path for f in files
-               if f.path not in arrived or arrived[f.path].size != f.size or arrived[f.path].hash != up.sent.get(f.path)]
+               if f.path not in arrived or arrived[f.path].size != f.size or arrived[f.path].hash != hashes.get(f.path)]
         if bad:
             raise IntegrityError(f"arrived damaged on the server: {', '.join(bad)}; nothing was put in place",
                                  hint="run the same restore again")
@@ -600,7 +604,45 @@ class Restore:
         r.sent_files += len(files)
         r.sent_bytes += sum(f.size for f in files) - sum(kept.values())
         r.resumed_bytes += sum(kept.values())
-        r.wire_bytes += up.wire_bytes
+        r.wire_bytes += wire_bytes
+
+    def _uploads(self, root: str, stage: str, files: list[FileRecord], kept: dict[str, int]) -> list[tuple]:
+        """Send the files into staging over as many channels as they can keep busy (whole files,
+        about the same bytes each); one (arrived, hashes sent, rotted, wire bytes) per channel."""
+        weights = [(f.path, f.path, f.size) for f in files]
+        planned = [s for s in shares.plan(weights, self.channels.wanted, kept, split=False) if s]
+        servers = self.channels.take(max(len(planned), 1))
+        if len(planned) <= 1 or len(servers) < 2:
+            return [self._upload(self.server, root, stage, files, kept, self.rep)]
+        if len(servers) < len(planned):
+            planned = [s for s in shares.plan(weights, len(servers), kept, split=False) if s]
+        self.channels.most = max(self.channels.most, len(planned))
+        by_path = {f.path: f for f in files}
+        rep = Shared(self.rep)
+        return run_all(servers[:len(planned)], lambda i: self._upload(
+            servers[i], root, stage, [by_path[p.member] for p in planned[i]], kept, rep))
+
+    def _upload(self, server: Server, root: str, stage: str, files: list[FileRecord], kept: dict[str, int],
+                rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
+        up = server.receive(root, stage, compress=self.opts.compress)
+        rotted = []
+        for f in files:
+            seen = xxhash.xxh3_128()
+
+            def also(block: bytes, seen=seen) -> None:
+                seen.update(block)
+                rep.advance(len(block))
+
+            path = self.files_root / f.path
+            try:
+                with open(path, "rb") as fh:
+                    up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
+            except OSError as exc:
+                raise io_error(exc, f"reading {path}") from None
+            if seen.hexdigest() != f.xxh3_128:
+                rotted.append(f.path)
+        arrived = up.finish()
+        return arrived, dict(up.sent), rotted, up.wire_bytes
 
     def _kept_parts(self, root: str, stage: str, files: list[FileRecord]) -> dict[str, int]:
         """Large files an interrupted restore left partly written in staging, whose bytes there hash

@@ -77,10 +77,10 @@ _ckptsync_spec() {
             values="--host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --ssh"
             ;;
         "restore")
-            opts="--accept-new-host-key --adapter-only --all --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-only --extra-files-to --force --generation --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --quiet -q --remote-dir -r --ssh"
+            opts="--accept-new-host-key --adapter-only --all --bwlimit --checkpoint --compress --config -c --debug --discard-staged --dry-run -n --extra-files-only --extra-files-to --force --generation --help -h --host -H --instance -i --json --local-dir -l --log-file --no-extra-files --parallel --quiet -q --remote-dir -r --ssh"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
-            values="--bwlimit --checkpoint --compress --extra-files-to --generation --host -H --instance -i --ssh"
+            values="--bwlimit --checkpoint --compress --extra-files-to --generation --host -H --instance -i --parallel --ssh"
             ;;
         "show")
             opts="--accept-new-host-key --ascii --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote --remote-dir -r --ssh --width"

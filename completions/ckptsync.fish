@@ -41,7 +41,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'prune'
                 set values --config -c --host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --remote-dir -r --ssh
             case 'restore'
-                set values --bwlimit --checkpoint --compress --config -c --extra-files-to --generation --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
+                set values --bwlimit --checkpoint --compress --config -c --extra-files-to --generation --host -H --instance -i --local-dir -l --log-file --parallel --remote-dir -r --ssh
             case 'show'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh --width
             case 'verify'
@@ -112,7 +112,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l local-dir -s l -x -a '(__f
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l max-checkpoints -s k -x -d 'How many of the newest complete checkpoints'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip the configured extra_files'
-complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Fetch over N channels at once (1-16), each a share of the files, a large file...'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron)'
@@ -247,6 +247,7 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l json -d 'Print the result
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l no-extra-files -d 'Do not put the backed-up extra files back'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'

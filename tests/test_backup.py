@@ -245,6 +245,13 @@ def test_parallel_backup_over_ssh(setup):
                           "checkpoint-12")
     assert not list(dest.rglob("*.part"))
 
+    fresh = server.parent / "restored"
+    res = run_cli("restore", "-i", "1", *cfg_args(home), "--remote-dir", fresh, "--checkpoint", "checkpoint-12",
+                  "--no-extra-files", "--parallel", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["channels"] == 2
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server / "checkpoint-12")
+
     res = run_cli("backup", "-i", "1", *cfg_args(home), "--parallel", "17")
     assert res.returncode == 2 and "--parallel" in res.stderr and "16" in res.stderr
 

@@ -375,3 +375,48 @@ def test_one_progress_bar_counts_every_channel(server_tree, tmp_path, small_spli
     r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), rep)
     assert r.exit_code == 0 and r.channels == 3
     assert rep.starts == [("checkpoint-12", r.raw_bytes)] and rep.total == r.raw_bytes
+
+
+# ---------------------------------------------------------------- restore over several channels
+
+def test_restore_over_three_channels_puts_back_what_one_would(server_tree, tmp_path):
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    received = []
+
+    def hooks(_i):
+        h = Hooks()
+        h.on_before("receive", lambda args: received.append(args["name"]))
+        return h
+    fresh = tmp_path / "fresh" / "run"
+    t, made = parallel_target(fresh, dest, 3, hooks)
+    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False))
+    assert r.exit_code == 0 and r.channels == 3 and received == ["checkpoint-12"] * 3
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+
+
+def test_an_interrupted_parallel_restore_puts_nothing_in_place_and_the_rerun_completes(server_tree, tmp_path):
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    add_big(server_tree, 24 * MB)
+    (server_tree / "checkpoint-12" / "big2.bin").write_bytes(os.urandom(24 * MB))
+    old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
+    os.utime(server_tree / "checkpoint-12" / "big2.bin", (old, old))
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    fresh = tmp_path / "fresh" / "run"
+    opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
+    t, _made = parallel_target(fresh, dest, 2)
+    with pytest.raises(Interrupted):
+        run_restore(t, opts, StopAt("send", 30 * MB))
+    assert not (fresh / "checkpoint-12").exists()
+    again, _made = parallel_target(fresh, dest, 2)
+    r = run_restore(again, opts)
+    assert r.exit_code == 0 and r.channels == 2
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]

@@ -10,7 +10,6 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
-from ckptsync.config import MAX_PARALLEL
 from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, TextTable, human, rate
 
@@ -41,7 +40,7 @@ def backup_cmd(
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
     compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Fetch over N channels at once (1-{MAX_PARALLEL}), each a share of the files, a large file split into byte ranges: one SSH channel moves at most its window per round trip. Default: parallel in the config, else 1.", show_default=False)] = None,
+    parallel: o.Parallel = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
@@ -73,8 +72,7 @@ def backup_cmd(
                                    need_remote=not discard_staged), bwlimit)
     if follow_runs:
         ts = [replace(t, follow_runs=True) for t in ts]
-    if parallel is not None:
-        ts = [replace(t, parallel=parallel) for t in ts]
+    ts = o.with_parallel(ts, parallel)
     bt = bucket.one(ts)
     if bt is not None:
         bucket.refuse("--discard-staged", discard_staged)

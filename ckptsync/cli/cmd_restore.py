@@ -27,7 +27,7 @@ def restore_cmd(
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what an interrupted restore of this checkpoint left in staging on the server.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Restore every backed-up checkpoint, newest first, each checked and renamed into place on its own.")] = False,
     generation: Annotated[Optional[str], typer.Option("--generation", metavar="N", help="With --checkpoint: an earlier version kept of it (1 = the one before the current; see list --generations).", show_default=False)] = None,
-    compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
+    compress: o.Compress = "auto", bwlimit: o.BwLimit = None, parallel: o.Parallel = None,
     force: o.Force = False, dry_run: o.DryRun = False,
 ) -> int:
     """Put a backed-up checkpoint on a (new) server, ready to resume training.
@@ -63,7 +63,9 @@ def restore_cmd(
                           extra_files_to=extra_files_to, discard_staged=discard_staged,
                           extra_files_only=extra_files_only, generation=generation)
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
+    t = o.with_parallel([t], parallel)[0]
     if t.store_url:
+        bucket.refuse("--parallel", parallel is not None and parallel > 1)
         for flag, given in (("--adapter-only", adapter_only), ("--extra-files-only", extra_files_only),
                             ("--discard-staged", discard_staged), ("--dry-run", dry_run)):
             bucket.refuse(flag, bool(given))
@@ -104,7 +106,8 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     version = f" (generation {result.generation})" if result.generation else ""
     out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
     out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on "
-               f"the wire){resumed}; {result.seconds:.1f}s")
+               f"the wire){resumed}; {result.seconds:.1f}s"
+               + (f" over {result.channels} channels" if result.channels > 1 else ""))
     for e in result.extras:
         if e.dest:
             out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ckptsync.policy import MAX_PARALLEL
 from ckptsync.errors import UsageError
 from ckptsync.ratelimit import RATE_HELP, RateLimiter, parse_rate
 
@@ -26,6 +27,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would h
 Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deleting what is otherwise protected.")]
 Compress = Annotated[str, typer.Option("--compress", metavar="auto|off|1-19", help="auto (measure and decide), off, or a zstd level 1-19.")]
 BwLimit = Annotated[Optional[str], typer.Option("--bwlimit", metavar="RATE", help=f"Limit the link to RATE {RATE_HELP}; both directions together, after compression; several instances share it. Default: bwlimit in the config, else none.", show_default=False)]
+Parallel = Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Move files over N channels at once (1-{MAX_PARALLEL}), each a share of the bytes (backup also splits a large file into byte ranges): one SSH channel carries at most its window per round trip. Default: parallel in the config, else 1.", show_default=False)]
 
 # Global options: accepted before the command and after it, with the same meaning (see
 # ckptsync.cli.commands, which adds them to every command, and the root callback in app.py).
@@ -57,6 +59,11 @@ def with_bwlimits(ts: list[Target], value: str | None) -> list[Target]:
         return ts
     shared = RateLimiter(ts[0].bwlimit)
     return [dataclasses.replace(t, limiter=shared) for t in ts]
+
+
+def with_parallel(ts: list[Target], value: int | None) -> list[Target]:
+    """--parallel overrides the config's parallel."""
+    return ts if value is None else [dataclasses.replace(t, parallel=value) for t in ts]
 
 
 def parse_compress(value: str) -> str:

@@ -14,11 +14,12 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import xxhash
 
 from ckptsync.errors import ConnectError
+from ckptsync.policy import MAX_PARALLEL
 from ckptsync.progress import Reporter
 from ckptsync.server import shares as sharing
 from ckptsync.server.base import Server
@@ -27,7 +28,8 @@ from ckptsync.server.transfer import (
 )
 from ckptsync.store import io_error
 
-MAX_CHANNELS = 16   # as config.MAX_PARALLEL
+MAX_CHANNELS = MAX_PARALLEL
+T = TypeVar("T")
 
 
 class Channels:
@@ -73,7 +75,45 @@ class Channels:
                 server.close()
 
 
-class _Shared(Reporter):
+def run_all(servers: list[Server], work: Callable[[int], T]) -> list[T]:
+    """work(i) for every server, each on a thread of its own. The first error breaks every link
+    (so no thread stays blocked reading one) and is raised once all threads have stopped; Ctrl+C
+    and SIGTERM, which land on this thread, do the same."""
+    results: list = [None] * len(servers)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def stop(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)
+            if len(errors) > 1:
+                return
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.abort()
+
+    def run(i: int) -> None:
+        try:
+            results[i] = work(i)
+        except BaseException as exc:
+            stop(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(servers))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as exc:
+        stop(exc)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class Shared(Reporter):
     """One progress bar fed by several threads."""
 
     def __init__(self, rep: Reporter) -> None:
@@ -113,9 +153,8 @@ class _Run:
                  on_file: Callable[[Received], None], compress: str) -> None:
         self.servers, self.planned, self.root, self.compress = servers, planned, root, compress
         self.sizes, self.targets, self.prefixes = sizes, targets, prefixes
-        self.rep, self.on_file = _Shared(rep), on_file
+        self.rep, self.on_file = Shared(rep), on_file
         self.lock = threading.Lock()
-        self.errors: list[BaseException] = []
         self.spans: dict[str, list[Span]] = {}       # split member -> its ranges, one per share
         self.arrived: dict[str, list[Received]] = {}  # split member -> its verified ranges
         self.assembled: list[Received] = []
@@ -128,21 +167,11 @@ class _Run:
 
     def go(self) -> tuple[Outcome, int]:
         self._create_parts()
-        results: list[tuple[Outcome, int] | None] = [None] * len(self.planned)
-        threads = [threading.Thread(target=self._work, args=(i, results), daemon=True)
-                   for i in range(len(self.planned))]
-        for t in threads:
-            t.start()
         try:
-            for t in threads:
-                t.join()
-        except BaseException as exc:  # Ctrl+C and SIGTERM land on this thread
-            self._stop(exc)
-            for t in threads:
-                t.join()
-        if self.errors:
-            self._leave_split(self.errors[0])
-            raise self.errors[0]
+            results = run_all(self.servers[:len(self.planned)], self._work)
+        except BaseException as exc:
+            self._leave_split(exc)
+            raise
         self._leave_split(None)
         outcome = Outcome(received=[], changed=dict(self.changed))
         wire_bytes = 0
@@ -156,7 +185,7 @@ class _Run:
 
     # -------------------------------------------------- the channels
 
-    def _work(self, i: int, results: list) -> None:
+    def _work(self, i: int) -> tuple[Outcome, int]:
         share = self.planned[i]
         members = {p.member for p in share}
         spans = {}
@@ -165,22 +194,9 @@ class _Run:
                 spans[p.member] = next(s for s in self.spans[p.member] if s.start == p.start)
         prefixes = {m: self.prefixes[m] for m in members
                     if m in self.prefixes and (m not in spans or spans[m].start == 0)}
-        try:
-            dl = self.servers[i].send(self.root, [(p.source, p.member) for p in share], compress=self.compress,
-                                      resume=offers(prefixes),
-                                      ranges={m: (s.start, s.length) for m, s in spans.items()})
-            results[i] = receive(dl, {m: self.targets[m] for m in members}, self.rep, self._arrived, prefixes, spans)
-        except BaseException as exc:
-            self._stop(exc)
-
-    def _stop(self, exc: BaseException) -> None:
-        with self.lock:
-            self.errors.append(exc)
-            if len(self.errors) > 1:
-                return
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                server.abort()
+        dl = self.servers[i].send(self.root, [(p.source, p.member) for p in share], compress=self.compress,
+                                  resume=offers(prefixes), ranges={m: (s.start, s.length) for m, s in spans.items()})
+        return receive(dl, {m: self.targets[m] for m in members}, self.rep, self._arrived, prefixes, spans)
 
     def _arrived(self, rec: Received) -> None:
         if rec.start is None:

@@ -20,7 +20,7 @@ class Piece:
 
 
 def plan(files: list[tuple[str, str, int]], n: int, kept: dict[str, int] | None = None,
-         split_min: int | None = None, range_min: int | None = None) -> list[list[Piece]]:
+         split_min: int | None = None, range_min: int | None = None, split: bool = True) -> list[list[Piece]]:
     """`n` shares of `files` ((source, member, size), kept in their order).
 
     The files are laid end to end and the line is cut at every n-th of its bytes. A file of at
@@ -28,7 +28,7 @@ def plan(files: list[tuple[str, str, int]], n: int, kept: dict[str, int] | None 
     `range_min` (a cut closer than that to another is dropped); every other file goes whole to
     the share holding its middle. The ranges of one file therefore go to different shares.
     `kept`: member -> bytes of a kept prefix, not sent again and so not counted; they belong to
-    the file's first range, which starts at 0.
+    the file's first range, which starts at 0. `split=False`: whole files only.
     """
     kept = kept or {}
     split_min = SPLIT_MIN if split_min is None else split_min
@@ -43,7 +43,7 @@ def plan(files: list[tuple[str, str, int]], n: int, kept: dict[str, int] | None 
     at = 0   # bytes laid out before this file
     for (source, member, size), weight in zip(files, weights):
         cuts: list[tuple[int, int]] = []   # (k, bytes into the file to send) for the cut at k * step
-        if weight >= split_min:
+        if split and weight >= split_min:
             last = 0
             for k in range(1, n):
                 x = int(k * step - at)
