@@ -1,5 +1,6 @@
 """One transfer over several channels: each streams a share of the files (shares.py), a large
 file split into byte ranges that land in one `.part`, so one channel's window no longer caps a run.
+`run_all` (one thread per channel, the first error stops all) serves restore too.
 
 Every share runs `transfer.receive` on a thread of its own, with the same checks as one channel.
 A split file is complete once every range has arrived and matched the server's hash of it; its
@@ -33,7 +34,7 @@ T = TypeVar("T")
 
 
 class Channels:
-    """The connections a run fetches over: its own first, the others opened when a transfer can use them.
+    """The connections a run moves files over: its own first, the others opened when a transfer can use them.
 
     `open_more()` gives a new, unopened server (with OpenSSH it shares the first one's login).
     A channel that cannot be opened (sshd's MaxSessions, a refused login) leaves the run with
