@@ -180,10 +180,11 @@ def test_a_cut_channel_fails_the_run_as_one_channel_would_and_the_rerun_complete
     assert not list(dest.rglob("*.part"))
 
 
-def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(server_tree, tmp_path):
+def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(server_tree, tmp_path, monkeypatch):
     """The run's own channel carries big.bin's first range and is cut 20 MiB in: that prefix is
     kept (the other range's bytes are not: they do not follow on from it), and offered again."""
-    big = add_big(server_tree)   # 48 MiB: split in two at its middle with the default sizes
+    monkeypatch.setattr(shares, "SPLIT_MIN", 32 * MB)   # 48 MiB: split in two at its middle
+    big = add_big(server_tree)
     dest = tmp_path / "b"
 
     def hooks(i):
@@ -191,26 +192,22 @@ def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(se
         if i == 0:
             h.on_before("send", lambda _args: made[0].cut_after(20 * MB), times=1)
         return h
-    shares.SPLIT_MIN, saved = 32 * MB, shares.SPLIT_MIN
-    try:
-        t, made = parallel_target(server_tree, dest, 2, hooks)
-        with pytest.raises(CkptsyncError) as info:
-            run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
-        assert info.value.exit_code == CONNECT
-        kept = (dest / PART).stat().st_size
-        assert KEEP_PREFIX_MIN <= kept <= 20 * MB
-        assert (dest / PART).read_bytes() == big.read_bytes()[:kept]
+    t, made = parallel_target(server_tree, dest, 2, hooks)
+    with pytest.raises(CkptsyncError) as info:
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert info.value.exit_code == CONNECT
+    kept = (dest / PART).stat().st_size
+    assert KEEP_PREFIX_MIN <= kept <= 20 * MB
+    assert (dest / PART).read_bytes() == big.read_bytes()[:kept]
 
-        offered = []
+    offered = []
 
-        def watch(_i):
-            h = Hooks()
-            h.on_before("send", lambda args: offered.append(args["resume"]))
-            return h
-        again, _made = parallel_target(server_tree, dest, 2, watch)
-        r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
-    finally:
-        shares.SPLIT_MIN = saved
+    def watch(_i):
+        h = Hooks()
+        h.on_before("send", lambda args: offered.append(args["resume"]))
+        return h
+    again, _made = parallel_target(server_tree, dest, 2, watch)
+    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
     assert r.exit_code == 0 and r.resumed_bytes == kept
     assert {m: s for o in offered for m, (s, _h) in o.items()} == {"checkpoint-12/big.bin": kept}
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
