@@ -666,6 +666,7 @@ class Bench:
         self.links: dict[str, dict] = {}
         self.last_wire_samples: list[tuple[float, int]] = []
         self.ops = set(args.op_list)
+        self.parallel = getattr(args, "ck_parallel_list", [])   # extra ckptsync rows with --parallel N
         self.drop = args.drop_caches
         self.work = Path(args.data).resolve() / f"work-{os.getpid()}"
         self.py = sys.executable
@@ -692,6 +693,9 @@ class Bench:
             ("ckptsync", "ckptsync backup", [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s), "--all",
                                                      "--local-dir", str(dst), "--quiet")], self.ck_env),
         ]
+        rows += [("ckptsync", f"ckptsync backup --parallel {n}",
+                  [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s), "--all", "--local-dir", str(dst),
+                           "--quiet", "--parallel", str(n))], self.ck_env) for n in self.parallel]
         return rows
 
     def ck(self, *args) -> list[str]:
@@ -807,11 +811,13 @@ class Bench:
                              [["rsync", "-a", "-e", self.rsh(), f"{anchor_dst}/", f"{ALIAS}:{nd}/"]], None, total,
                              lambda d=nd: compare(src_map, d, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
-            if "restore-all" in self.ops and self.selected("ckptsync") and ck_dst:
+            for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
+                if not ("restore-all" in self.ops and self.selected("ckptsync") and ck_dst):
+                    break
                 nd = self.fresh(rd / "srv-restore-all-ckptsync")
-                self.measure(speed, rep, "restore-all", "ckptsync", "ckptsync restore --all",
+                self.measure(speed, rep, "restore-all", "ckptsync", " ".join(["ckptsync restore --all", *extra]),
                              [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
-                                      str(ck_dst), "--all")], self.ck_env, total,
+                                      str(ck_dst), "--all", *extra)], self.ck_env, total,
                              lambda d=nd: compare(src_map, d, allow_extra=True), nd)
                 shutil.rmtree(nd, ignore_errors=True)
             if "restore-ckpt" in self.ops and self.selected("rsync") and anchor_dst:
@@ -821,11 +827,14 @@ class Bench:
                                f"{ALIAS}:{nd}/{RESTORE_CKPT}/"]], None, ck_bytes,
                              lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
-            if "restore-ckpt" in self.ops and self.selected("ckptsync") and ck_dst:
+            for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
+                if not ("restore-ckpt" in self.ops and self.selected("ckptsync") and ck_dst):
+                    break
                 nd = self.fresh(rd / "srv-restore-ckptsync")
-                self.measure(speed, rep, "restore-ckpt", "ckptsync", f"ckptsync restore {RESTORE_CKPT}",
+                self.measure(speed, rep, "restore-ckpt", "ckptsync",
+                             " ".join([f"ckptsync restore {RESTORE_CKPT}", *extra]),
                              [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
-                                      str(ck_dst), "--checkpoint", RESTORE_CKPT)], self.ck_env, ck_bytes,
+                                      str(ck_dst), "--checkpoint", RESTORE_CKPT, *extra)], self.ck_env, ck_bytes,
                              lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=True), nd)
                 shutil.rmtree(nd, ignore_errors=True)
             if "verify" in self.ops and self.selected("ckptsync") and ck_dst:
@@ -1114,6 +1123,8 @@ def parse_args(argv=None):
     p.add_argument("--ops", default=",".join(op for op, _d in OPS),
                    help="comma list of: " + ",".join(op for op, _d in OPS) + " (default: all); the full backups "
                         "always run, since the other operations start from their copies")
+    p.add_argument("--ck-parallel", default="", metavar="N[,N...]",
+                   help="also time ckptsync backup and restore with --parallel N, beside the default rows")
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help=f"cache for the generated checkpoints and their venv (default {DEFAULT_DATA})")
     p.add_argument("--fixture", default=str(DEFAULT_FIXTURE), help="path to make_hf_fixture.py")
@@ -1134,6 +1145,10 @@ def parse_args(argv=None):
     a.tool_list = [t.strip() for t in a.tools.split(",") if t.strip()]
     badt = [t for t in a.tool_list if t not in TOOLS]
     a.op_list = [o.strip() for o in a.ops.split(",") if o.strip()]
+    try:
+        a.ck_parallel_list = [int(n) for n in a.ck_parallel.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--ck-parallel {a.ck_parallel!r}: expected numbers, e.g. 2,4")
     bado = [o for o in a.op_list if o not in dict(OPS)]
     if bad or badt or bado or a.reps < 1:
         p.error(f"unknown speeds {bad} / tools {badt} / ops {bado}, or --reps < 1")
@@ -1186,7 +1201,7 @@ def main(argv=None) -> int:
             if not ck_ok:
                 log(f"ckptsync is not available (`python3 -m ckptsync --help` failed: {why}); skipping its rows")
         out["machine"] = machine_facts(ck_version)
-        out["config"] = {"speeds": a.speed_list, "reps": a.reps, "tools": a.tool_list, "ops": a.op_list,
+        out["config"] = {"speeds": a.speed_list, "reps": a.reps, "tools": a.tool_list, "ops": a.op_list, "ck_parallel": a.ck_parallel_list,
                          "ckptsync_available": ck_ok,
                          "wire_bytes": "bytes counted on the host end of the veth (/sys/class/net/DEV/statistics "
                                        "rx_bytes + tx_bytes) across each command, both directions, frame "
