@@ -408,13 +408,7 @@ class Lab:
 
     def stop_relay(self) -> None:
         if self.relay is not None:
-            if self.relay.poll() is None:
-                self.relay.terminate()
-                try:
-                    self.relay.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.relay.kill()
-                    self.relay.wait()
+            stop_process(self.relay, 5)
             self.relay = None
         if self.relay_log is not None:
             self.relay_log.close()
@@ -474,13 +468,8 @@ class Lab:
                 self.stop_relay()
             except Exception as e:  # the namespace sweep below still kills it
                 log(f"warning: stopping the relay: {e}")
-            if self.sshd is not None and self.sshd.poll() is None:
-                self.sshd.terminate()
-                try:
-                    self.sshd.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.sshd.kill()
-                    self.sshd.wait()
+            if self.sshd is not None:
+                stop_process(self.sshd, 5)
             if self.ns_created:
                 kill_ns_pids(self.ns)
                 run(["ip", "netns", "del", self.ns], check=False)
@@ -495,6 +484,18 @@ class Lab:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def kill_ns_pids(ns: str) -> None:
@@ -1094,6 +1095,19 @@ def link_check(lab: Lab, rate_bps: int | None, relayed: bool = False) -> dict:
     return res
 
 
+def end_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP end the run through SystemExit, so `finally` and atexit tear
+    everything down; a second signal during the teardown is ignored, so it cannot cut it short."""
+    def on_signal(signum, _frame):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        log(f"\nsignal {signum}: stopping and tearing down")
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+
 def ck_pythonpath(a) -> str:
     root = str(Path(a.ckptsync_root).resolve())
     old = os.environ.get("PYTHONPATH")
@@ -1180,12 +1194,7 @@ def main(argv=None) -> int:
     lab = Lab(keep=a.keep)
     atexit.register(lab.close)
 
-    def on_signal(signum, _frame):
-        log(f"\nsignal {signum}: stopping and tearing down")
-        raise SystemExit(128 + signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    end_on_signals()
 
     started = _dt.datetime.now(_dt.timezone.utc)
     out: dict = {"started": started.isoformat(), "argv": sys.argv, "complete": False}

@@ -18,7 +18,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,8 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import run as lab_mod  # noqa: E402  (bench/run.py: the lab, the timer and the tree checks)
 from run import (ALIAS, DEFAULT_DATA, DEFAULT_FIXTURE, REPO, RESTORE_CKPT, RESULTS_DIR, Bench,  # noqa: E402
-                 Lab, Timer, ck_pythonpath, ckptsync_probe, compare, ensure_data, ensure_prereqs, link_check,
-                 log, machine_facts, subtree, tree_map)
+                 Lab, Timer, ck_pythonpath, ckptsync_probe, compare, end_on_signals, ensure_data, ensure_prereqs, link_check,
+                 log, machine_facts, stop_process, subtree, tree_map)
 
 # A subnet other than run.py's, so that the two do not refuse each other (they still share the CPU).
 NET = "10.231.78"
@@ -150,13 +149,8 @@ class Weed:
             log(f"  warning: could not remove bucket {bucket}: {e}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         if self.log:
             self.log.close()
             self.log = None
@@ -491,14 +485,7 @@ def main(argv=None) -> int:
 
     atexit.register(stop_weed)  # atexit runs last-in first: weed stops before the namespace goes
 
-    def on_signal(signum, _frame):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl+C must not cut the teardown
-            signal.signal(s, signal.SIG_IGN)
-        log(f"\nsignal {signum}: stopping and tearing down")
-        raise SystemExit(128 + signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    end_on_signals()
 
     started = _dt.datetime.now(_dt.timezone.utc)
     out: dict = {"started": started.isoformat(), "argv": sys.argv, "complete": False}

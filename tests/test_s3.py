@@ -474,6 +474,7 @@ def test_store_urls():
 
 def test_show_compare_checklist_and_cron_on_a_bucket(ssh_home, server_tree, seaweed, bucket, tmp_path):
     from test_checklist import age_tree
+    from sshd import stop_masters
     from test_cron import FAKE_CRONTAB, cron_env, fake_proc
 
     from ckptsync import cron
@@ -547,8 +548,13 @@ def test_show_compare_checklist_and_cron_on_a_bucket(ssh_home, server_tree, seaw
     assert entry["log_file"] == str(ssh_home / ".local/state/ckptsync" / bucket / "team/instance-1/cron.log")
     _when, command = cron.split_line(cron.find_entry(table.read_text(), where).line)
     assert f"--local-dir {where}" in command
-    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(ssh_home), cwd=ssh_home,
-                         capture_output=True, text=True, timeout=120)
+    try:
+        run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(ssh_home), cwd=ssh_home,
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        # cron gives no XDG_RUNTIME_DIR: the job's shared connection is in /tmp/ckptsync-UID, which
+        # this test's private runtime directory does not cover; it would outlive the test by a minute.
+        stop_masters(f"/tmp/ckptsync-{os.getuid()}")
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     shown = json.loads(run_cli("cron", "show", "-i", "1", "--config", cfg, "--json", env=env).stdout)
     assert shown["installed"] and shown["last_scheduled"]["ok"] and shown["last_scheduled"]["store"] == where
