@@ -20,7 +20,8 @@ from ckptsync.transport.base import MARKER, NO_PYTHON
 MAX_FRAME = 64 << 20
 MAX_NOISE = 256 << 10
 START_TIMEOUT = 60.0
-ABORT_WAIT = 5.0  # seconds for an abandoned upload's frame in flight before the link is killed
+ABORT_WAIT = 5.0    # seconds for an abandoned upload's frame in flight before the link is killed
+KILLED_WAIT = 10.0  # then for the writer to see its write fail
 CHUNK = wire.CHUNK
 
 
@@ -149,7 +150,7 @@ class Remote:
         sender, self.sender = self.sender, None
         if sender is not None and not sender.abort(ABORT_WAIT):
             proc.kill()  # a write stalled on a dead link fails once the peer is gone
-            sender.abort(ABORT_WAIT)
+            sender.abort(KILLED_WAIT)
         try:
             proc.close()
             self.transport.close()
