@@ -166,7 +166,7 @@ def _usable_staged(store: Store, name: str, server: dict[str, FileStat], check_h
 class Backup:
     def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
                  look_for_runs: bool = True, channels: Channels | None = None) -> None:
-        if target.parallel > 1 and target.bwlimit and target.limiter is None:
+        if target.parallel != 1 and target.bwlimit and target.limiter is None:
             target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
         self.channels = channels  # a followed run fetches over its parent's

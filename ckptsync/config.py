@@ -85,7 +85,7 @@ class Target:
     runs: tuple[str, ...] = ()       # glob patterns naming run directories, relative to remote_dir's parent
     bwlimit: int | None = None       # bytes per second over the link, both directions (--bwlimit)
     limiter: Any = None              # a RateLimiter shared with the other targets of one run, else None
-    parallel: int = 1                # channels a backup fetches over at once (--parallel)
+    parallel: int | None = None      # channels a transfer uses at once (--parallel); None: from the round trip
     store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
     s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
 
@@ -326,7 +326,7 @@ def resolve_target(
         follow_runs=bool(pick("follow_runs", False)),
         runs=tuple(pick("runs", []) or ()),
         bwlimit=_config_rate(pick("bwlimit"), config.path),
-        parallel=int(pick("parallel", 1)),
+        parallel=None if pick("parallel", None) is None else int(pick("parallel", None)),
         store_url=store_url,
         s3=dict(top.get("s3") or {}),
     )

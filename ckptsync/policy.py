@@ -7,6 +7,17 @@ from typing import Iterable, Mapping, Protocol, TypeVar
 from ckptsync.errors import LOCKED, PARTIAL
 
 MAX_PARALLEL = 16   # channels of one transfer (--parallel, parallel: in the config)
+# Without --parallel or parallel:, a transfer to a server this far away (round trip, seconds)
+# goes over AUTO_CHANNELS. One SSH channel moves at most its 2 MiB window per round trip: at
+# 30 ms that is about 70 MB/s, near what ssh's cipher manages on one core here; nearer, more
+# channels only cost CPU (docs/performance.md: 1.30x slower at 1 Gbit/s, 2.5x faster at 100 ms).
+AUTO_RTT = 0.030
+AUTO_CHANNELS = 4
+
+
+def auto_channels(round_trip: float) -> int:
+    """How many channels a transfer uses when none were asked for, from the link's round trip. Pure."""
+    return AUTO_CHANNELS if round_trip >= AUTO_RTT else 1
 
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20

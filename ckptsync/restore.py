@@ -222,7 +222,7 @@ def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> 
 
 class Restore:
     def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> None:
-        if target.parallel > 1 and target.bwlimit and target.limiter is None:
+        if target.parallel != 1 and target.bwlimit and target.limiter is None:
             target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
         self.opts = opts

@@ -74,6 +74,8 @@ def main():
         op = req["op"]
         if op == "hello":
             send_json({"protocol": 1, "python": "3.8.0", "zstd": None, "hashes": ["sha1"], "now": time.time()})
+        elif op == "ping":
+            send_json({})
         elif op == "scan":
             path = "../outside/a.bin" if MODE == "unsafe-scan" else "checkpoint-5/a.bin"
             old = int((time.time() - 3600) * 1e9)

@@ -417,3 +417,67 @@ def test_an_interrupted_parallel_restore_puts_nothing_in_place_and_the_rerun_com
     assert r.exit_code == 0 and r.channels == 2
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+
+
+# -------------------------------------------------- the default: from the round trip
+
+
+@pytest.mark.parametrize("rtt,channels", [(0.0, 1), (0.0299, 1), (0.030, 4), (0.101, 4)])
+def test_channels_chosen_from_the_round_trip(rtt, channels):
+    from ckptsync.policy import auto_channels
+
+    assert auto_channels(rtt) == channels
+
+
+def test_the_round_trip_is_the_shortest_of_three_pings():
+    ticks = iter([10.0, 10.5, 11.0, 11.04, 12.0, 12.2])   # 0.5 s, 0.04 s, 0.2 s
+    with InProcessServer() as server:
+        assert server.round_trip(clock=lambda: next(ticks)) == pytest.approx(0.04)
+
+
+class FarServer(InProcessServer):
+    """The in-process agent, reporting the round trip of a server on another continent."""
+
+    def __init__(self, rtt: float) -> None:
+        super().__init__()
+        self.rtt = rtt
+        self.asked = 0
+
+    def round_trip(self, clock=None) -> float:
+        self.asked += 1
+        return self.rtt
+
+
+@pytest.mark.parametrize("rtt,channels", [(0.1, {2, 3, 4}), (0.001, {1})])
+def test_without_parallel_a_far_server_gets_four_channels_and_a_near_one_one(server_tree, tmp_path, rtt, channels):
+    """Four wanted for the far one; the fixture's few files fill three of them."""
+    made: list[FarServer] = []
+
+    def factory() -> FarServer:
+        made.append(FarServer(rtt))
+        return made[-1]
+
+    dest = tmp_path / "b"
+    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=None)
+    result = run_backup(t, BackupOptions(all=True))
+    assert result.exit_code == 0 and result.channels in channels
+    assert made[0].asked == 1 and len(made) == result.channels   # measured once, on the run's own connection
+    assert manifests(dest) == manifests_of_one_channel(server_tree, tmp_path)
+
+
+def manifests_of_one_channel(server_tree, tmp_path) -> dict:
+    dest = tmp_path / "one"
+    assert run_backup(parallel_target(server_tree, dest, 1)[0], BackupOptions(all=True)).exit_code == 0
+    return manifests(dest)
+
+
+def test_an_explicit_parallel_is_never_second_guessed(server_tree, tmp_path):
+    made: list[FarServer] = []
+
+    def factory() -> FarServer:
+        made.append(FarServer(0.2))
+        return made[-1]
+
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=1)
+    assert run_backup(t, BackupOptions(all=True)).channels == 1
+    assert made[0].asked == 0

@@ -33,6 +33,7 @@ def op_hello(_req):
 
 SIMPLE = {
     "hello": op_hello,
+    "ping": lambda _req: {},   # the client times it: the link's round trip
     "scan": op_scan,
     "stat": op_stat,
     "hash": op_hash,

@@ -27,7 +27,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would h
 Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deleting what is otherwise protected.")]
 Compress = Annotated[str, typer.Option("--compress", metavar="auto|off|1-19", help="auto (measure and decide), off, or a zstd level 1-19.")]
 BwLimit = Annotated[Optional[str], typer.Option("--bwlimit", metavar="RATE", help=f"Limit the link to RATE {RATE_HELP}; both directions together, after compression; several instances share it. Default: bwlimit in the config, else none.", show_default=False)]
-Parallel = Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Move files over N channels at once (1-{MAX_PARALLEL}), each a share of the bytes (backup also splits a large file into byte ranges): one SSH channel carries at most its window per round trip. Default: parallel in the config, else 1.", show_default=False)]
+Parallel = Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Move files over N channels at once (1-{MAX_PARALLEL}), each a share of the bytes (backup also splits a large file into byte ranges): one SSH channel carries at most its window per round trip. Default: parallel in the config, else 4 when the server's round trip is 30 ms or more, 1 when it is less.", show_default=False)]
 
 # Global options: accepted before the command and after it, with the same meaning (see
 # ckptsync.cli.commands, which adds them to every command, and the root callback in app.py).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import time
 from typing import Callable, Iterable
 
 from ckptsync.agent import STAGING_PREFIX, safe_member
@@ -46,6 +47,15 @@ class AgentServer(Server):
 
     def _call(self, op: str, **args) -> dict:
         return self.remote.call(op, **args)
+
+    def round_trip(self, clock: Callable[[], float] = time.monotonic) -> float:
+        """The shortest of three empty requests: the link's round trip, not the server's work."""
+        best = float("inf")
+        for _ in range(3):
+            start = clock()
+            self._call("ping")
+            best = min(best, clock() - start)
+        return best
 
     # -------------------------------------------------- queries
 

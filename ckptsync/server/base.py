@@ -86,6 +86,10 @@ class Server(ABC):
     @abstractmethod
     def describe(self) -> str: ...
 
+    def round_trip(self) -> float:
+        """Seconds one request takes to come back; a server on this machine answers at once."""
+        return 0.0
+
     @property
     def hashes(self) -> tuple[str, ...]:
         return self.hello.hashes

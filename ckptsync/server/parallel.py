@@ -20,7 +20,7 @@ from typing import Callable, TypeVar
 import xxhash
 
 from ckptsync.errors import ConnectError
-from ckptsync.policy import MAX_PARALLEL
+from ckptsync.policy import MAX_PARALLEL, auto_channels
 from ckptsync.progress import Reporter
 from ckptsync.server import shares as sharing
 from ckptsync.server.base import Server
@@ -41,18 +41,27 @@ class Channels:
     those that did; `warning` says so.
     """
 
-    def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int) -> None:
+    def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int | None) -> None:
+        """`wanted` None: chosen from the link's round trip the first time a transfer asks."""
         self.servers = [first]
         self.open_more = open_more
-        self.wanted = max(1, min(wanted, MAX_CHANNELS))
+        self._wanted = None if wanted is None else max(1, min(wanted, MAX_CHANNELS))
+        self.round_trip: float | None = None   # seconds, when it was measured for the choice
         self.warning = ""
         self.most = 1   # the most channels one transfer used
+
+    @property
+    def wanted(self) -> int:
+        if self._wanted is None:
+            self.round_trip = self.servers[0].round_trip()
+            self._wanted = auto_channels(self.round_trip)
+        return self._wanted
 
     def take(self, k: int) -> list[Server]:
         while len(self.servers) < min(k, self.wanted):
             server = self.open_more()
             if any(server is s for s in self.servers):  # a factory that hands out one server
-                self.wanted = len(self.servers)
+                self._wanted = len(self.servers)
                 break
             try:
                 server.open()
@@ -63,7 +72,7 @@ class Channels:
                     raise
                 self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
                                 f"another failed: {exc.message}")
-                self.wanted = len(self.servers)
+                self._wanted = len(self.servers)
                 break
             self.servers.append(server)
         return self.servers[:k]
