@@ -495,14 +495,12 @@ class Backup:
     # -------------------------------------------------- extra files
 
     def _plan_extras(self, view: ServerView) -> PlanItem | None:
-        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
-        self._extra_stat = {src: (member, st.size, st.mtime_ns, st.mode, st.ctime_ns, st.inode)
-                            for member, (src, st) in found.items()}
-        server = {member: st for member, (_src, st) in found.items()}
+        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        server = {member: st for member, (_src, st) in self._extras.items()}
         if not server:
             return None
         stored = self.store.load(EXTRA)
-        where = {member: src for src, (member, *_rest) in self._extra_stat.items()}
+        where = {member: src for member, (src, _st) in self._extras.items()}
         judged = judge(self.server, view.root, stored.files if stored else None, server, CHECK, where)
         if judged.current:
             # restamp looks files up by their configured path (FileRecord.source)
@@ -515,8 +513,8 @@ class Backup:
     def _fetch_extras(self, view: ServerView) -> None:
         self.store.discard_staging(EXTRA)
         progress: dict[str, dict] = {}
-        pairs = [(src, member) for src, (member, *_rest) in self._extra_stat.items()]
-        sizes = {member: size for member, size, *_rest in self._extra_stat.values()}
+        pairs = [(src, member) for member, (src, _st) in self._extras.items()]
+        sizes = {member: st.size for member, (_src, st) in self._extras.items()}
         changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, sizes)
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
@@ -525,10 +523,9 @@ class Backup:
         if changed:
             self.result.failed[EXTRA] = "extra files changed on the server while read; not recorded"
             return
-        source = {member: src for src, member in pairs}
-        stamps = {member: rest for _src, (member, *rest) in self._extra_stat.items()}
-        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"],
-                            xxh3_128=r["xxh3_128"], source=source[p], ctime_ns=stamps[p][3], inode=stamps[p][4])
+        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
+                            source=self._extras[p][0], ctime_ns=self._extras[p][1].ctime_ns,
+                            inode=self._extras[p][1].inode)
                  for p, r in sorted(progress.items())]
         m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
                      source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},

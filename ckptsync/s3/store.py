@@ -105,20 +105,25 @@ class BucketStore:
 
     def generations(self, name: str | None = None) -> dict[str, list[Entry]]:
         """Name -> its earlier versions, newest first; as on disk, a generation is its manifest."""
-        top = self.key(GENERATIONS + (f"{name}/" if name else ""))
         out: dict[str, list[Entry]] = {}
-        for key, _size, _etag in self.bucket.list(top):
-            rel = key[len(self.key(GENERATIONS)):]
-            owner, _, file = rel.partition("/")
-            if "/" in file or not file.endswith(".json"):
-                continue  # an object of a generation, not its manifest
+        for key, owner, gid in self._generation_manifests(name):
             g = self._read_entry(key)
             if g is None:
                 continue
-            g.gid, g.base = file[:-len(".json")], f"{GENERATIONS}{owner}/{file[:-len('.json')]}/"
+            g.gid, g.base = gid, f"{GENERATIONS}{owner}/{gid}/"
             out.setdefault(owner, []).append(g)
         for gens in out.values():
             gens.sort(key=lambda g: (g.manifest.backed_up_at, g.gid), reverse=True)
+        return out
+
+    def _generation_manifests(self, name: str | None) -> list[tuple[str, str, str]]:
+        """(key, name, id) of the generation manifests (of `name`, or of every name), from one listing."""
+        top = self.key(GENERATIONS)
+        out = []
+        for key, _size, _etag in self.bucket.list(top + (f"{name}/" if name else "")):
+            owner, _, file = key[len(top):].partition("/")
+            if "/" not in file and file.endswith(".json"):   # not an object of a generation
+                out.append((key, owner, file[:-len(".json")]))
         return out
 
     def keep_generation(self, old: Entry) -> Entry:
@@ -126,7 +131,7 @@ class BucketStore:
         Nothing of `old` is touched: the caller may reuse the name once this returns."""
         base_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(old.manifest.backed_up_at)) \
             if old.manifest.backed_up_at else "unknown"
-        taken = {g.gid for g in self.generations(old.name).get(old.name, [])}
+        taken = {gid for _key, _owner, gid in self._generation_manifests(old.name)}
         gid, n = base_id, 1
         while gid in taken:
             n += 1

@@ -29,7 +29,6 @@ from ckptsync.server.transfer import (
 )
 from ckptsync.store import io_error
 
-MAX_CHANNELS = MAX_PARALLEL
 T = TypeVar("T")
 
 
@@ -45,7 +44,7 @@ class Channels:
         """`wanted` None: chosen from the link's round trip the first time a transfer asks."""
         self.servers = [first]
         self.open_more = open_more
-        self._wanted = None if wanted is None else max(1, min(wanted, MAX_CHANNELS))
+        self._wanted = None if wanted is None else max(1, min(wanted, MAX_PARALLEL))
         self.round_trip: float | None = None   # seconds, when it was measured for the choice
         self.warning = ""
         self.most = 1   # the most channels one transfer used
