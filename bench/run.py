@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -58,12 +59,16 @@ OPS = [
     ("restore-ckpt", f"restore push, {RESTORE_CKPT} only"),
     ("verify", "verify local copy (no network, warm cache)"),
     ("bwlimit", f"backup and restore of {RESTORE_CKPT} with --bwlimit: achieved wire rate against the limit"),
+    ("many", "first backup of a run that kept every checkpoint (200 small LoRA checkpoints, 1,600 files)"),
 ]
+MANY_SOURCE = REPO.parent / "shared" / "fixtures" / "socrates-training" / "models" / "socrates-qwen-full-dataset" / "checkpoint-12"
+MANY_COUNT = 200
 BWLIMIT_SHARE = 4             # the limit is a quarter of the shaped link rate
 BWLIMIT_UNSHAPED = 20_000_000  # bytes/s, when the link is not shaped
 BWLIMIT_TOLERANCE = 0.05
 RATIO_ANCHOR = {"backup": "best full-copy anchor", "noop": "rsync -a (no-op)",
-                "restore-all": "rsync -a push (all)", "restore-ckpt": f"rsync -a push {RESTORE_CKPT}"}
+                "restore-all": "rsync -a push (all)", "restore-ckpt": f"rsync -a push {RESTORE_CKPT}",
+                "many": "rsync -a --fsync"}
 
 
 def log(msg: str = "") -> None:
@@ -607,6 +612,42 @@ def ensure_data(data: Path, fixture: Path) -> Path:
     return src
 
 
+def ensure_many(data: Path, source: Path = MANY_SOURCE, count: int = MANY_COUNT) -> Path:
+    """`count` LoRA checkpoints made from one real one: trainer_state.json gets its step, and
+    8 bytes in every 4 KiB of each binary file are drawn at random (seeded), so that no two
+    checkpoints share those files' bytes while they pack as the real ones do. The small files
+    (README.md, adapter_config.json, training_args.bin, scheduler.pt) are shared, as in a real run.
+    mtimes are an hour old, so that every checkpoint counts as complete."""
+    out = data / "many" / "output"
+    if (out / f"checkpoint-{4 * count}").is_dir():
+        return out
+    if not source.is_dir():
+        raise SystemExit(f"many-checkpoints source not found: {source}")
+    partial = data / "many" / "output.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    rng = random.Random(0)
+    old = time.time() - 3600
+    for i in range(1, count + 1):
+        step = 4 * i
+        d = partial / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        for f in sorted(source.iterdir()):
+            data_ = bytearray(f.read_bytes())
+            if f.name == "trainer_state.json":
+                state = json.loads(data_)
+                state["global_step"] = step
+                data_ = bytearray(json.dumps(state, indent=2).encode())
+            elif f.suffix in (".safetensors", ".pt", ".pth") and f.name != "scheduler.pt":
+                for off in range(512, len(data_) - 8, 4096):
+                    data_[off:off + 8] = rng.randbytes(8)
+            (d / f.name).write_bytes(bytes(data_))
+            os.chmod(d / f.name, 0o644)
+            os.utime(d / f.name, (old, old))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
 def first_line(argv) -> str:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
@@ -667,6 +708,7 @@ class Bench:
         self.links: dict[str, dict] = {}
         self.last_wire_samples: list[tuple[float, int]] = []
         self.ops = set(args.op_list)
+        self.many: Path | None = None   # the many-checkpoints run (ensure_many), when "many" is asked for
         self.parallel = getattr(args, "ck_parallel_list", [])   # extra ckptsync rows with --parallel N
         self.drop = args.drop_caches
         self.work = Path(args.data).resolve() / f"work-{os.getpid()}"
@@ -776,6 +818,10 @@ class Bench:
         self.fresh(rd)
         complete: dict[str, Path] = {}
         try:
+            if "many" in self.ops:
+                self.many_rows(speed, rep, rd)
+            if not self.ops - {"many"}:
+                return
             full = [r for r in self.full_rows(Path("/nonexistent")) if self.selected(r[0])]
             order = full[rep % len(full):] + full[:rep % len(full)] if full else []
             for tool, label, _stages, _env in order:
@@ -850,6 +896,26 @@ class Bench:
         finally:
             if not self.a.keep:
                 shutil.rmtree(rd, ignore_errors=True)
+
+    def many_rows(self, speed: str, rep: int, rd: Path) -> None:
+        """A first backup of MANY_COUNT small checkpoints: `rsync -a --fsync` (ckptsync makes every
+        file durable before it counts too) against ckptsync backup --all; the order alternates."""
+        src = self.many
+        src_map = tree_map(src)
+        total = sum(src_map.values())
+        rows = []
+        if self.selected("rsync"):
+            rows.append(("rsync", "rsync -a --fsync", lambda d: [["rsync", "-a", "--fsync", "-e", self.rsh(),
+                                                                  f"{ALIAS}:{src}/", f"{d}/"]], None))
+        if self.selected("ckptsync"):
+            rows.append(("ckptsync", "ckptsync backup (many)",
+                         lambda d: [self.ck("backup", "--host", ALIAS, "--remote-dir", str(src), "--all",
+                                            "--local-dir", str(d), "--quiet")], self.ck_env))
+        for tool, label, stages, env in (rows if rep % 2 == 0 else rows[::-1]):
+            dst = self.fresh(rd / f"many-{tool}")
+            self.measure(speed, rep, "many", tool, label, stages(dst), env, total,
+                         lambda d=dst, t=tool: compare(src_map, d, allow_extra=(t == "ckptsync")), dst)
+            shutil.rmtree(dst, ignore_errors=True)
 
     def bwlimit_rows(self, speed: str, rep: int, rd: Path, ck_map: dict[str, int], ck_bytes: int) -> None:
         """--bwlimit at a quarter of the link (or 20 MB/s unshaped), both directions: the wire bytes over the
@@ -932,7 +998,7 @@ class Bench:
             if s["tool"] != "ckptsync" or s["median_s"] is None:
                 continue
             anchors = [o for o in out if o["op"] == s["op"] and o["tool"] != "ckptsync" and o["median_s"]]
-            if s["op"] in ("noop", "restore-all", "restore-ckpt"):
+            if s["op"] in ("noop", "restore-all", "restore-ckpt", "many"):
                 anchors = [o for o in anchors if o["label"] == RATIO_ANCHOR[s["op"]]]
             elif s["op"] != "backup":
                 anchors = []
@@ -1227,6 +1293,12 @@ def main(argv=None) -> int:
         timer = Timer(have_time)
         timer.counter = lambda: sum(lab.veth_bytes())
         bench = Bench(a, lab, src, timer, a.tool_list, ck_ok)
+        if "many" in a.op_list:
+            bench.many = ensure_many(data)
+            many_map = tree_map(bench.many)
+            log(f"many: {bench.many}  {len(many_map)} files, {sum(many_map.values()) / 1e6:.1f} MB")
+            out["config"]["many"] = {"source": str(bench.many), "files": len(many_map),
+                                     "bytes": sum(many_map.values()), "made_from": str(MANY_SOURCE)}
         lab.extra_dirs.append(bench.work)
         bench.work.mkdir(parents=True, exist_ok=True)
         for speed in a.speed_list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import os
 import posixpath
 import time
@@ -17,7 +18,7 @@ from ckptsync.errors import (
 )
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.freshness import Judgement, judge
-from ckptsync.policy import CHECK, SPACE_MARGIN, fits, human, run_status
+from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, scan_server
@@ -172,6 +173,7 @@ class Backup:
         self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
+        self._sources: dict[tuple[str, int, int], list[Path]] | None = None   # see _content_sources
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
@@ -227,14 +229,17 @@ class Backup:
             self._check_space(todo)
             self.store.clean_trash()
             self.result.adopted = self.store.adopt_replaced()
+            self._add_sources(None)
             by_name = {c.name: c for c in chosen}
+            fetches = [(p.name, p.fetch_bytes) for p in todo if p.action == "fetch" and p.name in by_name]
+            batch_of = {names[0]: names for names in batches(fetches)}
             for item in todo:
                 if item.action == "restamp":
                     self._restamp(item.name, self._judged[item.name])
                 elif item.name == EXTRA and item.name not in by_name:
                     self._fetch_extras(view)
-                else:
-                    self._fetch(view, by_name[item.name])
+                elif item.name in batch_of:
+                    self._fetch(view, [by_name[n] for n in batch_of[item.name]])
 
     def _runs(self, view: ServerView) -> None:
         """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
@@ -307,36 +312,66 @@ class Backup:
                         if leftover else ""),
             )
 
-    def _fetch(self, view: ServerView, c: Checkpoint) -> None:
-        server = view.files_of(c)
-        staged = _usable_staged(self.store, c.name, server, check_hash=True)
-        progress = dict(staged)
-        stage_root = self.store.staging(c.name)
-        todo = [p for p in server if p not in staged]
-        linked = self._link_known(view, c.name, todo, server, progress)
-        todo = [p for p in todo if p not in linked]
-        self.rep.info(f"{c.name}: fetching {len(todo)} files, {human(sum(server[p].size for p in todo))}"
-                      + (f" ({len(staged)} kept from an interrupted run)" if staged else ""))
+    def _fetch(self, view: ServerView, batch: list[Checkpoint]) -> None:
+        """Fetch checkpoints over one transfer, then commit each in turn (manifest, then rename)."""
+        listed = {c.name: view.files_of(c) for c in batch}
+        progress: dict[str, dict[str, dict]] = {}
+        todo: dict[str, list[str]] = {}
+        for c in batch:
+            progress[c.name] = _usable_staged(self.store, c.name, listed[c.name], check_hash=True)
+            todo[c.name] = [p for p in listed[c.name] if p not in progress[c.name]]
+        twins = self._link_known(view, todo, listed, progress)
+        owner = {p: name for name, paths in todo.items() for p in paths
+                 if p not in progress[name] and (name, p) not in twins}
+        sizes = {p: listed[owner[p]][p].size for p in owner}
+        kept = sum(len(progress[c.name]) for c in batch)
+        label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
+        self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(sizes.values()))}"
+                      + (f" ({kept} kept from an interrupted run)" if kept else ""))
         changed, unreadable = {}, {}
-        if todo:
-            changed, unreadable = self._download(view.root, [(p, p) for p in todo], stage_root, c.name, progress,
-                                                 {p: server[p].size for p in todo})
-        if unreadable:
-            what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
-            self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
-            return
-        if not changed:
-            changed = self._recheck(view, server)
-        if changed:
-            self.result.failed[c.name] = _changed_text(view, c, changed)
-            return
+        if owner:
+            changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, label, progress, sizes)
+        orphans = {p: name for name, p in self._place_twins(twins, listed, progress)}
+        if orphans:  # their twin did not arrive: fetch them after all
+            more = self._download(view.root, [(p, p) for p in orphans], orphans, label, progress,
+                                  {p: listed[name][p].size for p, name in orphans.items()})
+            changed.update(more[0])
+            unreadable.update(more[1])
+        for c in batch:
+            mine = {p: why for p, why in unreadable.items() if p in listed[c.name]}
+            if mine:
+                what = "; ".join(f"{p}: {why}" for p, why in sorted(mine.items())[:3])
+                self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
+        clean = [c for c in batch if c.name not in self.result.failed
+                 and not any(p in listed[c.name] for p in changed)]
+        if clean:  # rotation may delete or rewrite a file after it was sent
+            changed.update(self._recheck(view, {p: st for c in clean for p, st in listed[c.name].items()}))
+        for c in batch:
+            mine = {p: why for p, why in changed.items() if p in listed[c.name]}
+            if mine and c.name not in self.result.failed:
+                self.result.failed[c.name] = _changed_text(view, c, mine)
+            if c.name in self.result.failed:
+                if progress[c.name]:  # its verified files stay staged for the next run
+                    self._save_progress(c.name, progress[c.name])
+                continue
+            self._store_fetched(view, c, listed[c.name], progress[c.name], set(todo[c.name]))
+
+    def _save_progress(self, name: str, progress: dict[str, dict]) -> None:
+        try:
+            self.store.save_progress(name, progress)
+        except OSError as exc:
+            raise io_error(exc, f"recording what was fetched of {name}") from None
+
+    def _store_fetched(self, view: ServerView, c: Checkpoint, server: dict[str, FileStat],
+                       progress: dict[str, dict], fetched: set[str]) -> None:
+        stage_root = self.store.staging(c.name)
         for p in server:  # a prefix kept by an interrupted run whose file was then placed locally
             (stage_root / (p + ".part")).unlink(missing_ok=True)
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
                             ctime_ns=server[p].ctime_ns, inode=server[p].inode)
                  for p, r in sorted(progress.items())]
-        self._dedup(c.name, files, fetched=set(todo),
-                    placed={p for p, r in progress.items() if r.get("placed")})
+        placed = {p for p, r in progress.items() if r.get("placed")}
+        self._dedup(c.name, files, fetched=fetched - placed, placed=placed)
         m = Manifest(
             name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=files,
             resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
@@ -352,6 +387,7 @@ class Backup:
         generations beyond keep_generations are dropped."""
         try:
             kept = self.store.commit(m)
+            self._add_sources(m if kept is None else None)
             if kept is not None:
                 self.result.generations.append(f"{m.name}@{kept.id}")
                 dropped = self.store.trim_generations(m.name, self.target.keep_generations)
@@ -377,29 +413,48 @@ class Backup:
             self.store.write_manifest(m)
         except OSError as exc:
             raise io_error(exc, f"updating the timestamps of {name}") from None
+        finally:
+            self._add_sources(None)  # modes may have changed
         self.result.restamped.append(name)
 
-    def _download(self, root: str, pairs: list[tuple[str, str]], stage_root: Path, name: str,
-                  progress: dict[str, dict], sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
-        """Fetch into staging; returns (member -> what changed on the server, member -> why unreadable)."""
-        targets = {member: stage_root / member for _src, member in pairs}
-        prefixes = kept_prefixes(targets, self.server.best_hash, done=[stage_root / p for p in progress])
-        total = sum(sizes.values())
+    def _download(self, root: str, pairs: list[tuple[str, str]], owner: dict[str, str], label: str,
+                  progress: dict[str, dict[str, dict]], sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
+        """Fetch each member into the staging of the entry `owner` names, recording what was
+        verified in `progress` (entry -> member -> record). Returns (member -> what changed on
+        the server, member -> why unreadable)."""
+        targets = {member: self.store.staging(owner[member]) / member for _src, member in pairs}
+        done = [self.store.staging(name) / p for name, recs in progress.items() for p in recs]
+        prefixes = kept_prefixes(targets, self.server.best_hash, done=done)
+        unsaved: dict[str, int] = {}
+
+        def save(name: str) -> None:
+            self.store.save_progress(name, progress[name])
+            unsaved.pop(name, None)
 
         def on_file(rec: Received) -> None:
-            progress[rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
-                                    "xxh3_128": rec.xxh3_128}
-            self.store.save_progress(name, progress)
+            name = owner[rec.member]
+            progress[name][rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
+                                          "xxh3_128": rec.xxh3_128}
+            unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
+            if unsaved[name] >= PROGRESS_BYTES:
+                save(name)
 
-        self.rep.start(name, total)
+        self.rep.start(label, sum(sizes.values()))
+        verified = lambda: sum(len(progress[name]) for name in set(owner.values()))  # noqa: E731
         try:
-            outcome, wire_bytes = fetch(self.channels, root, pairs, sizes, targets, prefixes, self.rep, on_file,
-                                        self.opts.compress)
+            try:
+                outcome, wire_bytes = fetch(self.channels, root, pairs, sizes, targets, prefixes, self.rep, on_file,
+                                            self.opts.compress)
+            except BaseException:
+                with contextlib.suppress(OSError):  # for the next run; unrecorded files are fetched again
+                    for name in list(unsaved):
+                        save(name)
+                raise
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted during {name}: {len(progress)} verified files kept; "
+            raise Interrupted(f"interrupted during {label}: {verified()} verified files kept; "
                               "the next run fetches only the rest") from None
         except (ConnectError, IntegrityError) as exc:
-            raise type(exc)(f"{exc.message} ({name}: {len(progress)} verified files kept; rerun to resume)",
+            raise type(exc)(f"{exc.message} ({label}: {verified()} verified files kept; rerun to resume)",
                             hint=exc.hint) from exc
         finally:
             self.rep.finish()
@@ -421,25 +476,37 @@ class Backup:
                 changed[path] = "modified during the backup"
         return changed
 
-    def _link_known(self, view: ServerView, name: str, todo: list[str], server, progress) -> set[str]:
+    def _link_known(self, view: ServerView, todo: dict[str, list[str]], listed: dict[str, dict[str, FileStat]],
+                    progress: dict[str, dict[str, dict]]) -> dict[tuple[str, str], tuple[str, str]]:
         """Place files whose content the store already holds (reflink, hard link or local copy)
-        instead of transferring them."""
-        if "xxh3_128" not in self.server.hashes or not todo:
-            return set()
-        sources = self.store.content_sources()
-        sizes = {(k[1], k[2]) for k in sources}
-        candidates = [p for p in todo if (server[p].size, server[p].mode) in sizes and server[p].size > 0]
+        instead of transferring them; each placed file joins its entry's `progress`. Returns the
+        twins: (entry, file) -> the earlier (entry, file) of this batch with the same content,
+        fetched once and placed by _place_twins."""
+        if "xxh3_128" not in self.server.hashes or not any(todo.values()):
+            return {}
+        sources = self._content_sources()
+        stored = {(k[1], k[2]) for k in sources}
+        keys = [(listed[name][p].size, listed[name][p].mode) for name, paths in todo.items() for p in paths]
+        repeated = {k for k, n in Counter(keys).items() if n > 1} if len(todo) > 1 else set()
+        candidates = [(name, p) for name, paths in todo.items() for p in paths if listed[name][p].size > 0
+                      and (listed[name][p].size, listed[name][p].mode) in stored | repeated]
         if not candidates:
-            return set()
-        hashes = self.server.hash(view.root, candidates, "xxh3_128")
-        placed = set()
-        for p in candidates:
-            size, mtime_ns, mode = server[p].size, server[p].mtime_ns, server[p].mode
+            return {}
+        hashes = self.server.hash(view.root, [p for _name, p in candidates], "xxh3_128")
+        touched, first, twins = set(), {}, {}
+        for name, p in candidates:
+            size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
             digest = hashes.get(p)
-            paths = sources.get((digest, size, mode)) if digest else None
+            if not digest:
+                continue  # unreadable or gone on the server: the transfer reports it
+            paths = sources.get((digest, size, mode))
             existing = pick_source(paths, mtime_ns, mode) if paths else None
             if existing is None:
-                continue  # unreadable or gone on the server (the transfer reports it), or gone here
+                if (digest, size, mode) in first:
+                    twins[(name, p)] = first[(digest, size, mode)]
+                else:
+                    first[(digest, size, mode)] = (name, p)
+                continue
             dest = self.store.staging(name) / p
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -447,25 +514,63 @@ class Backup:
             except OSError:
                 continue  # the transfer fetches it instead
             # "placed" tells _dedup (also after a resume) not to place it again.
-            progress[p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest, "placed": how}
-            placed.add(p)
+            progress[name][p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest,
+                                 "placed": how}
+            touched.add(name)
             self._count(how, size, fetched=False)
-        if placed:
-            self.store.save_progress(name, progress)
-        return placed
+        for name in sorted(touched):
+            self.store.save_progress(name, progress[name])
+        return twins
+
+    def _place_twins(self, twins: dict[tuple[str, str], tuple[str, str]], listed: dict[str, dict[str, FileStat]],
+                     progress: dict[str, dict[str, dict]]) -> list[tuple[str, str]]:
+        """Place each twin from the file of this batch it matched, once that arrived. Returns
+        the twins whose original did not arrive."""
+        missing = []
+        for (name, p), (origin, q) in twins.items():
+            rec = progress[origin].get(q)
+            if rec is None:
+                missing.append((name, p))
+                continue
+            st = listed[name][p]
+            dest = self.store.staging(name) / p
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                how = place_copy(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode, self.target.dedup)
+            except OSError as exc:
+                raise io_error(exc, f"placing {p}") from None
+            progress[name][p] = {"size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns,
+                                 "xxh3_128": rec["xxh3_128"], "placed": how}
+            self._count(how, st.size, fetched=False)
+        return missing
+
+    def _content_sources(self) -> dict[tuple[str, int, int], list[Path]]:
+        """The store's dedup index, read once per run and kept current by _add_sources."""
+        if self._sources is None:
+            self._sources = self.store.content_sources()
+        return self._sources
+
+    def _add_sources(self, m: Manifest | None) -> None:
+        """A new entry's files join the index; None: the store changed otherwise, read it again."""
+        if m is None or self._sources is None:
+            self._sources = None
+            return
+        for f in m.files:
+            self._sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(self.store.root / f.path)
 
     def _dedup(self, name: str, files: list[FileRecord], fetched: set[str], placed: set[str]) -> None:
         """After a transfer, let files identical to stored ones share their bytes: a reflink,
         or a hard link when the stored inode shows the same mode and mtime (any with dedup: link).
         A copy would gain nothing here: the transferred file already is one."""
-        sources = self.store.content_sources()
+        sources = self._content_sources()
         for f in files:
             paths = sources.get((f.xxh3_128, f.size, f.mode))
             if not paths or f.size == 0 or f.path in placed:
                 continue
             staged = self.store.staging(name) / f.path
             try:
-                if any(_same_inode(q, staged) for q in paths):
+                st = os.stat(staged)
+                if st.st_nlink > 1 and any(_same_inode(q, st) for q in paths):
                     continue
                 existing = pick_source(paths, f.mtime_ns, f.mode)
                 if existing is None:
@@ -512,10 +617,12 @@ class Backup:
 
     def _fetch_extras(self, view: ServerView) -> None:
         self.store.discard_staging(EXTRA)
-        progress: dict[str, dict] = {}
+        books: dict[str, dict[str, dict]] = {EXTRA: {}}
+        progress = books[EXTRA]
         pairs = [(src, member) for member, (src, _st) in self._extras.items()]
         sizes = {member: st.size for member, (_src, st) in self._extras.items()}
-        changed, unreadable = self._download(view.root, pairs, self.store.staging(EXTRA), EXTRA, progress, sizes)
+        changed, unreadable = self._download(view.root, pairs, {member: EXTRA for _src, member in pairs}, EXTRA,
+                                             books, sizes)
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
             self.result.failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
@@ -644,9 +751,9 @@ def restamp_file(path: Path, mtime_ns: int, mode: int, keep_links: bool = False)
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
-def _same_inode(a: Path, b: Path) -> bool:
+def _same_inode(a: Path, b: os.stat_result) -> bool:
     try:
-        return os.path.samefile(a, b)
+        return os.path.samestat(os.stat(a), b)
     except FileNotFoundError:
         return False
 

@@ -19,6 +19,30 @@ def auto_channels(round_trip: float) -> int:
     """How many channels a transfer uses when none were asked for, from the link's round trip. Pure."""
     return AUTO_CHANNELS if round_trip >= AUTO_RTT else 1
 
+# Checkpoints smaller than BATCH_BYTES travel together, up to BATCH_BYTES per transfer, and
+# are then committed one by one: a run that kept hundreds of small adapters would otherwise pay
+# a transfer's set-up and the server's round trips for each. An interruption costs at most one
+# batch's commits (its verified files stay staged for the next run).
+BATCH_BYTES = 64 << 20
+# A transfer records what it verified (for a resume) once this much is unrecorded, and at its end.
+PROGRESS_BYTES = 8 << 20
+
+
+def batches(sizes: list[tuple[str, int]], limit: int = BATCH_BYTES) -> list[list[str]]:
+    """Consecutive names grouped so that each group's bytes stay within `limit`; a name
+    as large as `limit` goes alone. Order is kept. Pure."""
+    out: list[list[str]] = []
+    total = 0
+    for name, size in sizes:
+        if out and size < limit and total + size <= limit:
+            out[-1].append(name)
+            total += size
+        else:
+            out.append([name])
+            total = size
+    return out
+
+
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
 

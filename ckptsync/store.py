@@ -467,6 +467,12 @@ def pick_source(paths: list[Path], mtime_ns: int, mode: int) -> Path | None:
     return first
 
 
+# (source device, destination device) pairs where FICLONE was refused: not tried again, since
+# each try creates and removes a file, which costs more than the link or copy that follows.
+_NO_CLONE: set[tuple[int, int]] = set()
+_CLONE_REFUSED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
+
+
 def _reflink(src: Path, tmp: Path) -> bool:
     """Clone src's extents into a new file tmp; False where the filesystem cannot."""
     if sys.platform == "darwin":
@@ -486,16 +492,29 @@ def _reflink(src: Path, tmp: Path) -> bool:
         return False
     try:
         try:
+            devices = (os.fstat(sfd).st_dev, os.stat(tmp.parent).st_dev)
+        except OSError:
+            return False
+        if devices in _NO_CLONE:
+            return False
+        try:
             dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
             return False
         try:
             fcntl.ioctl(dfd, FICLONE, sfd)
             return True
-        except OSError:  # EOPNOTSUPP, EXDEV, EINVAL...: no reflinks here
+        except OSError as exc:  # EOPNOTSUPP, EXDEV, EINVAL...: no reflinks here
+            if exc.errno in _CLONE_REFUSED:
+                _NO_CLONE.add(devices)
+            os.close(dfd)
+            dfd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             return False
         finally:
-            os.close(dfd)
+            if dfd >= 0:
+                os.close(dfd)
     finally:
         os.close(sfd)
 

@@ -212,7 +212,8 @@ def test_dropped_connection_then_resume(setup, sshd):
          "--compress", "off"],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress = dest / ".ckptsync" / "staging" / "checkpoint-12.progress.json"
-    assert wait_for(lambda: progress.exists() and (dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part").exists())
+    # The large shard comes last: once it is being written, every small file has been verified.
+    assert wait_for(lambda: (dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part").exists())
     sshd.kill_sessions()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 20, err

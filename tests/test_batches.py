@@ -1,0 +1,144 @@
+"""A run that kept every checkpoint: small checkpoints travel together and are committed one by one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.errors import OK, PARTIAL, Interrupted
+from ckptsync.policy import BATCH_BYTES, batches
+from ckptsync.server.inprocess import Hooks, InProcessServer
+from helpers import tree_digest
+from test_partial import StopAt
+from test_server_boundary import make_target
+
+COUNT = 30
+OWN = ("optimizer.pt", "trainer_state.json")   # the files each copy in `many` gets its own bytes of
+
+
+@pytest.mark.parametrize("sizes, expect", [
+    ([("a", 10), ("b", 20), ("c", 30)], [["a", "b", "c"]]),
+    # a batch closes before it would pass the limit
+    ([("a", 40), ("b", 30), ("c", 20)], [["a"], ["b", "c"]]),
+    # a checkpoint as large as the limit goes alone, and the next starts a new batch
+    ([("a", 10), ("big", 64), ("b", 10), ("c", 54)], [["a"], ["big"], ["b", "c"]]),
+    ([], []),
+])
+def test_batches_keep_order_and_stay_within_the_limit(sizes, expect):
+    assert batches(sizes, limit=64) == expect
+
+
+def test_the_default_limit_groups_adapters_but_not_full_checkpoints():
+    adapters = [(f"checkpoint-{i}", 250_000) for i in range(200)]
+    assert batches(adapters) == [[n for n, _s in adapters]]
+    full = [(f"checkpoint-{i}", 300_000_000) for i in range(3)]
+    assert batches(full) == [[n] for n, _s in full]
+    assert BATCH_BYTES < 300_000_000
+
+
+@pytest.fixture
+def many(server_tree: Path) -> Path:
+    """COUNT copies of checkpoint-12, each with its own OWN files; the others keep checkpoint-12's
+    bytes, mode and mtime, as an adapter's config and README do in a real run."""
+    src = server_tree / "checkpoint-12"
+    stamp = src.stat().st_mtime_ns
+    rng = random.Random(7)
+    for i in range(1, COUNT + 1):
+        d = server_tree / f"checkpoint-{100 + i}"
+        shutil.copytree(src, d)
+        opt = bytearray((d / "optimizer.pt").read_bytes())
+        opt[100:116] = rng.randbytes(16)
+        (d / "optimizer.pt").write_bytes(bytes(opt))
+        state = json.loads((d / "trainer_state.json").read_text())
+        state["global_step"] = 100 + i
+        (d / "trainer_state.json").write_text(json.dumps(state))
+        for p in d.iterdir():
+            os.utime(p, ns=(stamp, stamp))
+        os.utime(d, ns=(stamp, stamp))
+    return server_tree
+
+
+def checkpoints(tree: Path) -> list[str]:
+    return sorted(p.name for p in tree.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def counting_server(sent: list[list[str]], hooks: Hooks | None = None) -> InProcessServer:
+    hooks = hooks or Hooks()
+    hooks.on_before("send", lambda args: sent.append([member for _src, member in args["pairs"]]))
+    return InProcessServer(hooks=hooks)
+
+
+def test_many_small_checkpoints_go_over_one_transfer(many, tmp_path):
+    dest = tmp_path / "b"
+    sent: list[list[str]] = []
+    result = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True))
+    names = checkpoints(many)
+    assert result.exit_code == OK, result.failed
+    assert sorted(result.fetched) == names and len(names) == COUNT + 3
+    assert len(sent) == 1   # one transfer for every checkpoint
+    # each content crossed once; the other copies of it were placed from that one
+    for base in sorted({p.name for n in names for p in (many / n).iterdir()}):
+        contents = {xxhash.xxh3_128_hexdigest((many / n / base).read_bytes()) for n in names}
+        assert sum(1 for m in sent[0] if m.endswith("/" + base)) == len(contents), base
+    files = sum(1 for n in names for _p in (many / n).iterdir())
+    assert len(sent[0]) + result.linked_files + result.copied_files + result.reflinked_files == files
+    # the copies' shared files show the same mode and mtime: hard links to one inode
+    shared = len([p for p in (many / "checkpoint-12").iterdir() if p.name not in OWN])
+    assert result.linked_files >= (COUNT - 1) * shared
+    assert os.stat(dest / "checkpoint-101" / "README.md").st_ino == os.stat(dest / "checkpoint-130" / "README.md").st_ino
+    for name in names:
+        assert tree_digest(dest / name) == tree_digest(many / name), name
+        m = json.loads((dest / ".ckptsync" / "manifests" / f"{name}.json").read_text())
+        assert sorted(f["path"] for f in m["files"]) == sorted(
+            f"{name}/{p.name}" for p in (many / name).iterdir())
+    assert not list((dest / ".ckptsync" / "staging").glob("*"))
+    again = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True))
+    assert again.exit_code == OK and again.fetched == [] and len(sent) == 1
+
+
+def test_an_interrupted_batch_shows_no_entry_and_the_next_run_sends_the_rest(many, tmp_path):
+    dest = tmp_path / "b"
+    names = checkpoints(many)
+    total = sum(p.stat().st_size for n in names for p in (many / n).iterdir())
+    with pytest.raises(Interrupted) as caught:
+        run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"),
+                   StopAt(f"{len(names)} checkpoints", total // 2))
+    assert "verified files kept" in caught.value.message
+    # nothing of the batch is visible under its name, and what arrived is kept for the next run
+    assert [n for n in names if (dest / n).exists()] == []
+    kept = {p.name.removesuffix(".progress.json"): json.loads(p.read_text())
+            for p in (dest / ".ckptsync" / "staging").glob("*.progress.json")}
+    assert 0 < sum(len(v) for v in kept.values()) < sum(len(list((many / n).iterdir())) for n in names)
+    again = run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"))
+    assert again.exit_code == OK and sorted(again.fetched) == names
+    assert again.raw_bytes < total
+    for name in names:
+        assert tree_digest(dest / name) == tree_digest(many / name), name
+
+
+def test_a_checkpoint_rotated_away_mid_batch_fails_alone(many, tmp_path):
+    """The newest checkpoint holds the copies of the shared files the others are placed from:
+    its deletion after the plan must cost only itself."""
+    dest = tmp_path / "b"
+    newest = max(checkpoints(many), key=lambda n: int(n.split("-")[1]))
+    hooks = Hooks()
+    hooks.on_before("send", lambda _args: shutil.rmtree(many / newest), times=1)
+    sent: list[list[str]] = []
+    result = run_backup(make_target(many, dest, counting_server(sent, hooks)), BackupOptions(all=True))
+    assert not (many / newest).exists()   # the fault happened after the plan, during the transfer
+    assert result.exit_code == PARTIAL
+    assert list(result.failed) == [newest] and "deleted" in result.failed[newest]
+    assert not (dest / newest).exists()
+    # the others' copies of the shared files, meant to be placed from the deleted checkpoint's,
+    # were fetched after all
+    assert len(sent) == 2 and sent[1] and all(m.rsplit("/", 1)[1] not in OWN for m in sent[1])
+    assert not any(m.startswith(newest + "/") for m in sent[1])
+    for name in checkpoints(many):
+        assert tree_digest(dest / name) == tree_digest(many / name), name
