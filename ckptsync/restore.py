@@ -31,7 +31,9 @@ from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server import Arrived, Server, open_server, shares
+from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
+from ckptsync.server.shares import Piece
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store, io_error
 from ckptsync.verify import check_files
@@ -607,26 +609,67 @@ class Restore:
         r.wire_bytes += wire_bytes
 
     def _uploads(self, root: str, stage: str, files: list[FileRecord], kept: dict[str, int]) -> list[tuple]:
-        """Send the files into staging over as many channels as they can keep busy (whole files,
-        about the same bytes each); one (arrived, hashes sent, rotted, wire bytes) per channel."""
+        """Send the files into staging over as many channels as they can keep busy, about the same
+        bytes each, a large file as byte ranges over several (finished by Server.assemble); one
+        (arrived, hashes sent, rotted, wire bytes) per channel. A split file's kept prefix is
+        written over, so `kept` loses it."""
         weights = [(f.path, f.path, f.size) for f in files]
-        planned = [s for s in shares.plan(weights, self.channels.wanted, kept, split=False) if s]
+        planned = [s for s in shares.plan(weights, self.channels.wanted) if s]
         servers = self.channels.take(max(len(planned), 1))
         if len(planned) <= 1 or len(servers) < 2:
-            return [self._upload(self.server, root, stage, files, kept, self.rep)]
+            self._by_path = {f.path: f for f in files}
+            return [self._upload(self.server, root, stage, [Piece(f.path, f.path) for f in files], kept, self.rep)]
         if len(servers) < len(planned):
-            planned = [s for s in shares.plan(weights, len(servers), kept, split=False) if s]
+            planned = [s for s in shares.plan(weights, len(servers)) if s]
         self.channels.most = max(self.channels.most, len(planned))
-        by_path = {f.path: f for f in files}
+        self._planned = [p for share in planned for p in share]
+        self._by_path = {f.path: f for f in files}
+        split = {p.member for p in self._planned if p.start is not None}
+        for member in split:
+            kept.pop(member, None)
         rep = Shared(self.rep)
-        return run_all(servers[:len(planned)], lambda i: self._upload(
-            servers[i], root, stage, [by_path[p.member] for p in planned[i]], kept, rep))
+        sent = run_all(servers[:len(planned)], lambda i: self._upload(servers[i], root, stage, planned[i], kept, rep))
+        if split:
+            sent.append(self._assemble(root, stage, [f for f in files if f.path in split], sent))
+        return sent
 
-    def _upload(self, server: Server, root: str, stage: str, files: list[FileRecord], kept: dict[str, int],
+    def _assemble(self, root: str, stage: str, files: list[FileRecord], sent: list[tuple]) -> tuple:
+        """Check every range of the split files, then have the server finish them; returns the
+        whole files as one more channel's (arrived, hashes, rotted, wire bytes)."""
+        arrived: dict[str, Arrived] = {}
+        hashes: dict[str, str] = {}
+        for got, hashed, _rot, _wire in sent:
+            arrived.update(got)
+            hashes.update(hashed)
+        ranges = [range_key(p.member, p.start) for p in self._planned if p.start is not None]
+        bad = [k for k in ranges if k not in arrived or k not in hashes or arrived[k].hash != hashes[k]]
+        if bad:
+            raise IntegrityError(f"arrived damaged on the server: {', '.join(sorted(bad))}; nothing was put in place",
+                                 hint="run the same restore again")
+        alg = self.server.best_hash
+        whole = self.server.assemble(root, stage, [(f.path, f.size, f.mtime_ns, f.mode) for f in files])
+        expect, rotted = {}, []
+        for f in files:
+            local = self.files_root / f.path
+            try:
+                expect[f.path] = f.xxh3_128 if alg == "xxh3_128" else hash_file(local, alg)
+                if whole.get(f.path) is not None and whole[f.path].hash != expect[f.path] \
+                        and hash_file(local) != f.xxh3_128:
+                    rotted.append(f.path)   # the ranges were read from a copy that changed here
+            except OSError as exc:
+                raise io_error(exc, f"reading {local}") from None
+        return whole, expect, rotted, 0
+
+    def _upload(self, server: Server, root: str, stage: str, pieces: list[Piece], kept: dict[str, int],
                 rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
         up = server.receive(root, stage, compress=self.opts.compress)
         rotted = []
-        for f in files:
+        by_path = self._by_path
+        for piece in pieces:
+            f = by_path[piece.member]
+            if piece.start is not None:
+                self._upload_range(up, f, piece, rep)
+                continue
             seen = xxhash.xxh3_128()
 
             def also(block: bytes, seen=seen) -> None:
@@ -643,6 +686,15 @@ class Restore:
                 rotted.append(f.path)
         arrived = up.finish()
         return arrived, dict(up.sent), rotted, up.wire_bytes
+
+    def _upload_range(self, up: Upload, f: FileRecord, piece: Piece, rep: Reporter) -> None:
+        path = self.files_root / f.path
+        try:
+            with open(path, "rb") as fh:
+                up.add_range(f.path, fh, piece.start, piece.length, f.mtime_ns, f.mode,
+                             also=lambda block: rep.advance(len(block)))
+        except OSError as exc:
+            raise io_error(exc, f"reading {path}") from None
 
     def _kept_parts(self, root: str, stage: str, files: list[FileRecord]) -> dict[str, int]:
         """Large files an interrupted restore left partly written in staging, whose bytes there hash

@@ -423,6 +423,88 @@ def test_an_interrupted_parallel_restore_puts_nothing_in_place_and_the_rerun_com
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 
 
+def backed_up_with_big(server_tree, tmp_path):
+    """checkpoint-12 with a 24 MiB big.bin, backed up; returns the backup directory."""
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest, InProcessServer()),
+                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    return dest
+
+
+def test_a_large_file_is_restored_as_byte_ranges_over_the_channels(server_tree, tmp_path, small_split):
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    dest = backed_up_with_big(server_tree, tmp_path)
+    assembled = []
+
+    def hooks(_i):
+        h = Hooks()
+        h.on_before("assemble", lambda args: assembled.append([f["member"] for f in args["files"]]))
+        return h
+    fresh = tmp_path / "fresh" / "run"
+    t, _made = parallel_target(fresh, dest, 3, hooks)
+    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"))
+    assert r.exit_code == 0 and r.channels == 3
+    assert assembled == [["checkpoint-12/big.bin"]]   # split, then finished on the server
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+    assert r.sent_bytes == sum(p.stat().st_size for p in (server_tree / "checkpoint-12").iterdir())
+
+
+def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp_path, small_split):
+    from ckptsync.errors import IntegrityError
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    dest = backed_up_with_big(server_tree, tmp_path)
+    stored = dest / "checkpoint-12" / "big.bin"
+    rotted = []
+
+    def rot(_args) -> None:
+        """After the backup was verified, before any range is read: one byte flips, same size and mtime."""
+        stamp = stored.stat().st_mtime_ns
+        with open(stored, "r+b") as f:
+            f.seek(12 * MB)
+            byte = f.read(1)
+            f.seek(12 * MB)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(stored, ns=(stamp, stamp))
+        rotted.append(True)
+
+    def hooks(i):
+        h = Hooks()
+        if i == 1:
+            h.on_before("receive", rot, times=1)
+        return h
+    fresh = tmp_path / "fresh" / "run"
+    t, _made = parallel_target(fresh, dest, 3, hooks)
+    with pytest.raises(IntegrityError) as caught:
+        run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"))
+    assert rotted == [True]
+    assert caught.value.message == ("changed in the backup directory while being sent: checkpoint-12/big.bin; "
+                                    "nothing was put in place")
+    assert not (fresh / "checkpoint-12").exists()
+
+
+def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split):
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    dest = backed_up_with_big(server_tree, tmp_path)
+    fresh = tmp_path / "fresh" / "run"
+    opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
+    t, _made = parallel_target(fresh, dest, 3)
+    with pytest.raises(Interrupted):
+        run_restore(t, opts, StopAt("send", 12 * MB))
+    staged = list((fresh / ".ckptsync-staging-checkpoint-12").rglob("big.bin.part"))
+    assert staged and staged[0].stat().st_size > 0   # ranges had started arriving
+    assert not (fresh / "checkpoint-12").exists()
+    again, _made = parallel_target(fresh, dest, 3)
+    r = run_restore(again, opts)
+    assert r.exit_code == 0
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
+
+
 # -------------------------------------------------- the default: from the round trip
 
 

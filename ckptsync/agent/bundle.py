@@ -14,7 +14,7 @@ from importlib import resources
 # Dependency order: a module only imports from modules before it.
 ORDER = (
     "frames", "hashing", "paths", "codec", "tar", "scan", "procs",
-    "sender", "reader", "fileops", "http", "send", "serve",
+    "sender", "reader", "fileops", "assemble", "http", "send", "serve",
 )
 SIBLING = re.compile(r"from ckptsync\.agent\.(\w+) import \w+(?:, \w+)*")
 ENTRY = '\n\nif __name__ == "__main__":\n    main()\n'

@@ -62,6 +62,23 @@ def open_part(tmp, offset, h):
     return out
 
 
+def write_range(tmp, start, pieces, h):
+    """Write pieces into tmp from byte `start` on, creating it but never truncating it: the
+    file's other ranges may be arriving over other channels at the same time."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        at = start
+        for block in pieces:
+            h.update(block)
+            view = memoryview(block)
+            while view:
+                n = os.pwrite(fd, view, at)
+                at += n
+                view = view[n:]
+    finally:
+        os.close(fd)
+
+
 def op_receive(chan, req, _memory=None):
     """Write an incoming tar into root/.ckptsync-staging-<name>/, hashing each file."""
     root = resolve(req["root"])
@@ -77,6 +94,7 @@ def op_receive(chan, req, _memory=None):
     results = []
     failure = None
     written = []
+    ranged = []   # the .part files ranges went into: assemble finishes them
     try:
         stream = TarStream(reader)
         for member in stream.members():
@@ -87,6 +105,15 @@ def op_receive(chan, req, _memory=None):
             h = new_hash(alg)
             tmp = target + ".part"
             offset = int(member.pax_headers.get("ckptsync.offset", 0) or 0)
+            start = member.pax_headers.get("ckptsync.start")
+            if start is not None:  # one byte range of a file other channels write too
+                if offset:
+                    raise Failure("protocol", "a byte range cannot resume", member.name)
+                start = int(start)
+                write_range(tmp, start, stream.data(member.size), h)
+                ranged.append(tmp)
+                results.append({"member": member.name, "start": start, "size": member.size, "hash": h.hexdigest()})
+                continue
             with open_part(tmp, offset, h) as out:
                 for block in stream.data(member.size):
                     h.update(block)
@@ -109,7 +136,7 @@ def op_receive(chan, req, _memory=None):
         reader.drain()
         raise failure
     reader.drain()
-    for path in written:  # everything reaches the disk before the client may commit
+    for path in written + sorted(set(ranged)):  # everything reaches the disk before the client may commit
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

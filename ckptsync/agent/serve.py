@@ -13,6 +13,7 @@ from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
+from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
 
@@ -41,6 +42,7 @@ SIMPLE = {
     "glob": op_glob,
     "procs": op_procs,
     "commit": op_commit,
+    "assemble": op_assemble,
     "staged": op_staged,
     "discard": op_discard,
     "remove": op_remove,

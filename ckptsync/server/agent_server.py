@@ -12,7 +12,7 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.types import Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
 from ckptsync.transport import Transport
 
 
@@ -173,6 +173,15 @@ class AgentServer(Server):
 
     def staging_member(self, name: str, member: str) -> str:
         return f"{STAGING_PREFIX}{name}/{member}"
+
+    def assemble(self, root: str, name: str, files: list[tuple[str, int, int, int]]) -> dict[str, Arrived]:
+        items = [{"member": m, "size": size, "mtime_ns": mtime_ns, "mode": mode} for m, size, mtime_ns, mode in files]
+        reply = self._call("assemble", root=root, name=name, files=items, alg=self.best_hash)
+        try:
+            return {str(x["member"]): Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
+                    for x in reply.get("files") or []}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._malformed("assemble", exc) from None
 
     def commit(self, root: str, name: str, moves: list[tuple[str, str]], force: bool = False) -> Committed:
         reply = self._call("commit", root=root, name=name, moves=[list(m) for m in moves], force=force)

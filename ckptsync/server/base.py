@@ -58,11 +58,23 @@ class Upload(ABC):
         holds that many of its first bytes (checked by hash): they are read and hashed, not sent."""
 
     @abstractmethod
-    def finish(self) -> dict[str, Arrived]: ...
+    def add_range(self, member: str, f: BinaryIO, start: int, length: int, mtime_ns: int, mode: int,
+                  also: Callable[[bytes], None] | None = None) -> str:
+        """Send bytes start..start+length of one file, written at that offset into its staged
+        `.part` (other channels send its other ranges); returns the range's hash. Server.assemble
+        finishes the file."""
+
+    @abstractmethod
+    def finish(self) -> dict[str, Arrived]:
+        """What arrived: member -> Arrived; a byte range under range_key(member, start)."""
 
     @property
     @abstractmethod
     def wire_bytes(self) -> int: ...
+
+
+def range_key(member: str, start: int) -> str:
+    return f"{member}@{start}"
 
 
 class Server(ABC):
@@ -148,6 +160,11 @@ class Server(ABC):
     @abstractmethod
     def staging_member(self, name: str, member: str) -> str:
         """The path of a staged member relative to root, for stat and hash."""
+
+    @abstractmethod
+    def assemble(self, root: str, name: str, files: list[tuple[str, int, int, int]]) -> dict[str, Arrived]:
+        """Finish files of staging `name` that arrived as ranges: (member, size, mtime_ns, mode)
+        each; returns member -> its size and whole hash in the server's best algorithm."""
 
     @abstractmethod
     def commit(self, root: str, name: str, moves: list[tuple[str, str]], force: bool = False) -> Committed: ...

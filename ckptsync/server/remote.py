@@ -11,7 +11,7 @@ from typing import Any, BinaryIO, Callable
 from ckptsync import agent as wire
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase
+from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
 from ckptsync.server.errors import from_reply
 from ckptsync.server.types import Arrived
 from ckptsync.transport import Process, Transport
@@ -300,13 +300,29 @@ class Upload(UploadBase):
     def add(self, member: str, f: BinaryIO, size: int, mtime_ns: int, mode: int,
             also: Callable[[bytes], None] | None = None, offset: int = 0) -> str:
         """Stream one file; returns the hash (in the server's algorithm) of what was read."""
-        self._write(wire.tar_header(member, size - offset, mtime_ns, mode, offset=offset))
+        self.sent[member] = self._stream(member, f, wire.tar_header(member, size - offset, mtime_ns, mode,
+                                                                    offset=offset), offset, size - offset, also)
+        return self.sent[member]
+
+    def add_range(self, member: str, f: BinaryIO, start: int, length: int, mtime_ns: int, mode: int,
+                  also: Callable[[bytes], None] | None = None) -> str:
+        f.seek(start)
+        key = range_key(member, start)
+        self.sent[key] = self._stream(member, f, wire.tar_header(member, length, mtime_ns, mode, start=start),
+                                      0, length, also)
+        return self.sent[key]
+
+    def _stream(self, member: str, f: BinaryIO, header: bytes, hashed: int, length: int,
+                also: Callable[[bytes], None] | None) -> str:
+        """A tar member from f: `hashed` bytes only read and hashed (a kept prefix), then `length`
+        bytes sent; returns the hash of everything read."""
+        self._write(header)
         try:
             self.sender.flush()  # file data then starts on a chunk boundary and is sent without copies
         except wire.Failure as exc:
             raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
         h = wire.new_hash(self.alg)
-        for n, send in ((offset, False), (size - offset, True)):  # the kept prefix is only hashed
+        for n, send in ((hashed, False), (length, True)):
             left = n
             while left:
                 block = f.read(min(CHUNK, left))
@@ -318,11 +334,10 @@ class Upload(UploadBase):
                 if send:
                     self._write(block)
                 left -= len(block)
-        pad = (-(size - offset)) % 512
+        pad = (-length) % 512
         if pad:
             self._write(b"\x00" * pad)
-        self.sent[member] = h.hexdigest()
-        return self.sent[member]
+        return h.hexdigest()
 
     def _write(self, data: bytes) -> None:
         try:
@@ -347,7 +362,8 @@ class Upload(UploadBase):
         arrived = {}
         for x in reply.get("files") or []:
             try:
-                arrived[str(x["member"])] = Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
-            except (KeyError, TypeError, ValueError):
+                key = str(x["member"]) if x.get("start") is None else range_key(str(x["member"]), int(x["start"]))
+                arrived[key] = Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
+            except (KeyError, TypeError, ValueError, AttributeError):
                 raise ProtocolError(f"{self.remote.describe()}: malformed reply to receive") from None
         return arrived
