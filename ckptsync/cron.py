@@ -311,6 +311,7 @@ class CronJob:
     every: str = "30m"
     log_file: str | None = None
     notify: bool = False        # a desktop notice when a scheduled run fails
+    ssh: str | None = None      # --ssh (or $CKPTSYNC_SSH) as given to install: the job uses the same client
 
 
 @dataclass
@@ -394,6 +395,8 @@ def backup_args(target: Target, job: CronJob) -> list[str]:
         # A local source is a path here; a server's path stays as given.
         args += ["--remote-dir", _abs(job.remote_dir) if target.label == "local" else job.remote_dir]
     args += ["--local-dir", backup_dir_of(target)]
+    if job.ssh is not None:
+        args += ["--ssh", job.ssh]
     return args
 
 

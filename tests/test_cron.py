@@ -401,6 +401,27 @@ def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
     assert "ago: ok, up to date (checkpoint-12, checkpoint-8" in shown
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_the_ssh_client_chosen_at_install_is_the_jobs(fake, server_tree, tmp_path, how):
+    env, table = fake
+    dest = tmp_path / "backups"
+    if how == "flag":
+        done = cli(env, "install", "--remote-dir", server_tree, "--local-dir", dest, "--ssh", "paramiko")
+    else:
+        done = cli({**env, "CKPTSYNC_SSH": "paramiko"}, "install", "--remote-dir", server_tree, "--local-dir", dest)
+    assert done.returncode == 0, done.stderr
+    _when, command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)
+    assert cron.option_value(command, "--ssh") == "paramiko"
+    home = Path(env["HOME"])
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (0, "")   # the entry's --ssh is accepted where it stands
+    assert (dest / "checkpoint-12").is_dir()
+    plain = tmp_path / "plain"
+    assert cli(env, "install", "--remote-dir", server_tree, "--local-dir", plain).returncode == 0
+    assert cron.option_value(cron.split_line(cron.find_entry(table.read_text(), str(plain)).line)[1], "--ssh") is None
+
+
 def test_failed_cron_run_is_in_the_log_and_in_show(fake, tmp_path):
     env, table = fake
     dest = tmp_path / "backups"

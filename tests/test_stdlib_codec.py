@@ -264,10 +264,12 @@ def test_standard_zstd_reads_a_continuous_stream(monkeypatch):
 BLOCKER = """\
 import sys
 
+BLOCKED = {blocked!r}
+
 
 class NoOptionalModules:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("zstandard", "xxhash", "compression", "backports"):
+        if name.split(".")[0] in BLOCKED:
             raise ImportError("not on this server: " + name)
 
 
@@ -278,11 +280,13 @@ exec(compile(stage, "<stage1>", "exec"))
 """
 
 
-def bare_server(where: Path) -> list[str]:
-    """A command: prefix for a server whose Python has only the standard library and whose PATH has no zstd."""
+def bare_server(where: Path, also: tuple[str, ...] = ()) -> list[str]:
+    """A command: prefix for a server whose Python has only the standard library (less `also`, such
+    as lzma, which some builds lack) and whose PATH has no zstd."""
     bin_dir = where / "bare-bin"
     bin_dir.mkdir()
-    (bin_dir / "block.py").write_text(BLOCKER)
+    blocked = ("zstandard", "xxhash", "compression", "backports", *also)
+    (bin_dir / "block.py").write_text(BLOCKER.replace("{blocked!r}", repr(blocked)))
     python = bin_dir / "python3"
     python.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I {bin_dir / "block.py"} "$@"\n')
     python.chmod(0o755)
@@ -345,3 +349,23 @@ def test_backup_and_restore_with_a_bare_server(bare, run_copy, tmp_path, compres
     if compress == "1":
         assert out["wire_bytes"] < 0.95 * out["sent_bytes"], out
     assert not [p for p in fresh.iterdir() if p.name.startswith(".ckptsync-")]
+
+
+def test_a_server_python_without_lzma_gets_lanes_it_can_unpack(tmp_path, run_copy):
+    """--compress 10 and up adds lzma to the lanes' trial; a server built without liblzma must
+    not be sent lzma lanes, and says it has none."""
+    prefix = bare_server(tmp_path, also=("lzma", "_lzma"))
+    with AgentServer(CommandTransport(prefix)) as r:
+        assert r.hello.zstd is None and r.hello.lzma is False
+    cfg = tmp_path / "ckptsync.yaml"
+    cfg.write_text(json.dumps({"settle_seconds": 60, "instances": {"9": {"command": prefix}}}))
+    via = ("--config", cfg, "--instance", "9")
+    dest = tmp_path / "backups"
+    cli_json("backup", *via, "--remote-dir", run_copy, "--local-dir", dest, "--checkpoint", "checkpoint-6",
+             "--compress", "12")
+    fresh = tmp_path / "new-server" / "output"
+    fresh.mkdir(parents=True)
+    out = cli_json("restore", *via, "--remote-dir", fresh, "--local-dir", dest, "--checkpoint", "checkpoint-6",
+                   "--compress", "12")
+    assert not digest_diff(tree_digest(run_copy / "checkpoint-6"), tree_digest(fresh / "checkpoint-6"))
+    assert out["wire_bytes"] < 0.95 * out["sent_bytes"], out   # deflate lanes still packed it

@@ -187,9 +187,10 @@ class LaneCoder:
     PAYS = 0.97     # a lane is packed only when that makes its sample at least 3% smaller
     SLOWER = 0.97   # a slower way must pack at least 3% smaller than a faster one to be chosen
 
-    def __init__(self, level):
+    def __init__(self, level, receiver_lzma=True):
         self.zlevel = max(1, min(level, 9))
-        self.xz = min(level - 10, 9) if level >= 10 and lzma is not None else None
+        # lzma only when both ends have it (a Python may be built without liblzma)
+        self.xz = min(level - 10, 9) if level >= 10 and lzma is not None and receiver_lzma else None
         self.ways = None  # per lane, from the last trial on a full chunk
         self.full = 0
 

@@ -110,7 +110,8 @@ def op_send(chan, req, memory=None):
         if isinstance(entry, dict) and not (int(entry["start"]) >= 0 and int(entry["length"]) >= 0):
             raise Failure("protocol", "a byte range must not be negative")
     chan.send_json({"ok": True, "alg": alg})
-    sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory)
+    sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory,
+                    receiver_lzma=bool(req.get("lzma", True)))
     try:
         for entry in req["files"]:
             if isinstance(entry, dict):

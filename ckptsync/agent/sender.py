@@ -33,6 +33,7 @@ class Sender:
     end has no zstd at all, chunks go raw or as "L" frames instead (byte
     lanes packed with zlib or lzma, see LaneCoder), chosen the same way.
 
+    `receiver_lzma`: whether the receiver can unpack lzma lanes.
     `memory` (a Memory) carries the verdict from one stream to the next;
     `clock` times every decision, so tests can stand in for the link.
     """
@@ -44,7 +45,8 @@ class Sender:
     SETTLE = 8      # untimed chunks after a switch: the queue and the channel still drain the other mode
     LANE_CHECK = 32  # every so many compressed chunks, try both with and without byte lanes
 
-    def __init__(self, chan, compress, receiver_zstd="module", *, memory=None, clock=time.perf_counter):
+    def __init__(self, chan, compress, receiver_zstd="module", *, memory=None, clock=time.perf_counter,
+                 receiver_lzma=True):
         self.chan = chan
         self.compress = compress  # "off", "auto" or an int level
         self.memory = memory
@@ -86,7 +88,7 @@ class Sender:
         self.lane_coder = None
         if not self.per_chunk and (receiver_zstd is None or not can_local):
             # no zstd that both ends can use: every receiver decodes L frames with its standard library
-            self.lane_coder = LaneCoder(self.level)
+            self.lane_coder = LaneCoder(self.level, receiver_lzma)
             self.per_chunk = True
         self.enabled = compress != "off" and (self.per_chunk or can_local)
         if self.enabled and self.per_chunk and self.lane_coder is None:

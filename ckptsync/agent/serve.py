@@ -8,7 +8,7 @@ import time
 
 from ckptsync.agent.frames import PROTOCOL, Channel, Failure, os_failure
 from ckptsync.agent.hashing import hash_names
-from ckptsync.agent.codec import zstd_binary, zstd_library
+from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.sender import Memory
@@ -24,6 +24,7 @@ def op_hello(_req):
         "protocol": PROTOCOL,
         "python": "%d.%d.%d" % sys.version_info[:3],
         "zstd": zstd,
+        "lzma": lzma is not None,
         "hashes": hash_names(),
         "hostname": socket.gethostname(),
         "home": os.path.expanduser("~"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ckptsync.cli import options as o
-from ckptsync.cli.context import render
+from ckptsync.cli.context import render, settings
 from ckptsync.cli.many import show_each
 from ckptsync.policy import last_run_summary
 from ckptsync.output import Output, ago
@@ -35,7 +36,8 @@ def install_cmd(
     """Add the crontab entry that backs up this target, or replace it when there is one.
 
     The entry runs `backup --quiet --skip-if-locked` with this Python, the config
-    file in use and the target options given here, logs to the log file and
+    file in use, the target options given here and the SSH client chosen with
+    --ssh or $CKPTSYNC_SSH, logs to the log file and
     sends no mail. Other lines of the crontab are left as they are. A target
     whose host does not resolve is refused (exit 4); a missing cron daemon is
     reported. Several instances (-i 0 -i 1, or --all-instances) get one entry
@@ -46,7 +48,8 @@ def install_cmd(
 
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir)
     job = cron.CronJob(instance=instance[0] if instance else None, host=host, remote_dir=remote_dir, config=config,
-                       every=every, log_file=log_file, notify=notify)
+                       every=every, log_file=log_file, notify=notify,
+                       ssh=settings().ssh or os.environ.get("CKPTSYNC_SSH") or None)
     if len(ts) > 1:
         def one(t, _rep):  # one at a time: each install rewrites the crontab
             return cron.install(t, replace(job, instance=t.label.removeprefix("instance-")), cron.Crontab())

@@ -32,7 +32,7 @@ class AgentServer(Server):
             self.hello = Hello(protocol=int(h.get("protocol", 0)), python=str(h.get("python", "")),
                                zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
-                               now=float(h.get("now", 0.0)))
+                               now=float(h.get("now", 0.0)), lzma=bool(h.get("lzma", True)))
         except (TypeError, ValueError) as exc:
             raise self._malformed("hello", exc) from None
 

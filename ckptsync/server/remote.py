@@ -9,6 +9,7 @@ from importlib import resources
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
+from ckptsync.agent.codec import lzma
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
@@ -23,6 +24,7 @@ START_TIMEOUT = 60.0
 ABORT_WAIT = 5.0    # seconds for an abandoned upload's frame in flight before the link is killed
 KILLED_WAIT = 10.0  # then for the writer to see its write fail
 CHUNK = wire.CHUNK
+HAVE_LZMA = lzma is not None   # whether this end unpacks lzma lanes, told to a sending server
 
 
 def agent_source() -> bytes:
@@ -245,7 +247,7 @@ class Download(DownloadBase):
         self.records: dict[str, dict] = {}
         self.alg = remote.best_hash
         files = [_entry(src, member, resume.get(member), ranges.get(member)) for src, member in pairs]
-        remote.request("send", root=root, files=files, compress=compress, alg=self.alg)
+        remote.request("send", root=root, files=files, compress=compress, alg=self.alg, lzma=HAVE_LZMA)
         remote.reply()
         remote.busy = True
         self.reader = wire.FrameReader(remote.chan, other=self._other)
@@ -293,7 +295,7 @@ class Upload(UploadBase):
         remote.request("receive", root=root, name=name, alg=self.alg)
         self.info = remote.reply()
         remote.busy = True
-        self.sender = wire.Sender(remote.chan, compress, remote.zstd)
+        self.sender = wire.Sender(remote.chan, compress, remote.zstd, receiver_lzma=bool(remote.hello.get("lzma", True)))
         remote.sender = self.sender
         self.sent: dict[str, str] = {}
 

@@ -65,6 +65,7 @@ class Hello:
     hostname: str = ""
     home: str = ""
     now: float = 0.0
+    lzma: bool = True                # can unpack lzma lanes (some Pythons are built without it)
 
 
 @dataclass(frozen=True)
