@@ -418,7 +418,7 @@ def test_the_ssh_client_chosen_at_install_is_the_jobs(fake, server_tree, tmp_pat
     assert (run.returncode, run.stderr) == (0, "")   # the entry's --ssh is accepted where it stands
     assert (dest / "checkpoint-12").is_dir()
     plain = tmp_path / "plain"
-    assert cli(env, "install", "--remote-dir", server_tree, "--local-dir", plain).returncode == 0
+    assert cli({**env, "CKPTSYNC_SSH": None}, "install", "--remote-dir", server_tree, "--local-dir", plain).returncode == 0
     assert cron.option_value(cron.split_line(cron.find_entry(table.read_text(), str(plain)).line)[1], "--ssh") is None
 
 
