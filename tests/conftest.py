@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,6 +29,11 @@ LAST_WRITTEN_DELAY = 2
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits
+    # SIGINT ignored, and so would every ckptsync it starts: the Ctrl+C tests would then test
+    # nothing. A Python-level handler here is reset to the default in each child at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "ssh: needs a real sshd")
 
 
