@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,18 +207,81 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:
     return False
 
 
+class CutLink:
+    """A TCP relay in front of sshd that drops the connection once `limit` bytes have come from
+    the server: a link that breaks at a known point of a transfer, whatever the machine's speed."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.port, self.limit, self.passed, self.cut = port, limit, 0, False
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.relay_port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _addr = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if from_server:
+                    with self.lock:
+                        room = self.limit - self.passed
+                        self.passed += min(len(data), room)
+                        if len(data) >= room:
+                            self.cut = True
+                            data = data[:room]
+                dst.sendall(data)
+                if self.cut:
+                    break
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def cut_alias(home: Path, sshd, link: CutLink) -> str:
+    """A Host alias in home's ssh config that reaches sshd through `link`."""
+    text = sshd.client_config_text(home / ".ssh" / "id_ed25519", home / ".ssh" / "known_hosts")
+    block = text.split("\n\n")[0].splitlines()
+    block[0] = "Host cutlink"
+    block = [f"    Port {link.relay_port}" if line.strip().startswith("Port ") else line for line in block]
+    with open(home / ".ssh" / "config", "a") as f:
+        f.write("\n" + "\n".join(block) + "\n")
+    key = sshd.host_key_line.split(" ", 1)[1]
+    with open(home / ".ssh" / "known_hosts", "a") as f:
+        f.write(f"[127.0.0.1]:{link.relay_port} {key}\n")
+    return "cutlink"
+
+
 def test_dropped_connection_then_resume(setup, sshd):
     server, dest, home = setup
-    big_checkpoint(server)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
-         "--compress", "off"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    big_checkpoint(server)   # 160 MiB, last in the checkpoint: the link breaks 64 MiB into it
+    link = CutLink(sshd.port, 64 << 20)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptsync", "backup", "--host", cut_alias(home, sshd, link), *cfg_args(home),
+             "--remote-dir", str(server), "--local-dir", str(dest), "--checkpoint", "checkpoint-12",
+             "--compress", "off"],
+            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        link.close()
+    err = proc.stderr
     progress = dest / ".ckptsync" / "staging" / "checkpoint-12.progress.json"
-    # The large shard comes last: once it is being written, every small file has been verified.
-    assert wait_for(lambda: (dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part").exists())
-    sshd.kill_sessions()
-    out, err = proc.communicate(timeout=60)
+    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
+    assert link.cut and part.exists()   # the fault happened, during the large shard
     assert proc.returncode == 20, err
     assert "verified files kept" in err
     assert not (dest / "checkpoint-12").exists()
