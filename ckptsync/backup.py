@@ -488,8 +488,9 @@ class Backup:
         stored = {(k[1], k[2]) for k in sources}
         keys = [(listed[name][p].size, listed[name][p].mode) for name, paths in todo.items() for p in paths]
         repeated = {k for k, n in Counter(keys).items() if n > 1} if len(todo) > 1 else set()
+        wanted = stored | repeated
         candidates = [(name, p) for name, paths in todo.items() for p in paths if listed[name][p].size > 0
-                      and (listed[name][p].size, listed[name][p].mode) in stored | repeated]
+                      and (listed[name][p].size, listed[name][p].mode) in wanted]
         if not candidates:
             return {}
         hashes = self.server.hash(view.root, [p for _name, p in candidates], "xxh3_128")

@@ -614,34 +614,36 @@ class Restore:
         (arrived, hashes sent, rotted, wire bytes) per channel. A split file's kept prefix is
         written over, so `kept` loses it."""
         weights = [(f.path, f.path, f.size) for f in files]
+        by_path = {f.path: f for f in files}
         planned = [s for s in shares.plan(weights, self.channels.wanted) if s]
         servers = self.channels.take(max(len(planned), 1))
         if len(planned) <= 1 or len(servers) < 2:
-            self._by_path = {f.path: f for f in files}
-            return [self._upload(self.server, root, stage, [Piece(f.path, f.path) for f in files], kept, self.rep)]
+            whole = [Piece(f.path, f.path) for f in files]
+            return [self._upload(self.server, root, stage, whole, by_path, kept, self.rep)]
         if len(servers) < len(planned):
             planned = [s for s in shares.plan(weights, len(servers)) if s]
         self.channels.most = max(self.channels.most, len(planned))
-        self._planned = [p for share in planned for p in share]
-        self._by_path = {f.path: f for f in files}
-        split = {p.member for p in self._planned if p.start is not None}
+        ranges = [p for share in planned for p in share if p.start is not None]
+        split = {p.member for p in ranges}
         for member in split:
             kept.pop(member, None)
         rep = Shared(self.rep)
-        sent = run_all(servers[:len(planned)], lambda i: self._upload(servers[i], root, stage, planned[i], kept, rep))
+        sent = run_all(servers[:len(planned)],
+                       lambda i: self._upload(servers[i], root, stage, planned[i], by_path, kept, rep))
         if split:
-            sent.append(self._assemble(root, stage, [f for f in files if f.path in split], sent))
+            sent.append(self._assemble(root, stage, [f for f in files if f.path in split], ranges, sent))
         return sent
 
-    def _assemble(self, root: str, stage: str, files: list[FileRecord], sent: list[tuple]) -> tuple:
-        """Check every range of the split files, then have the server finish them; returns the
-        whole files as one more channel's (arrived, hashes, rotted, wire bytes)."""
+    def _assemble(self, root: str, stage: str, files: list[FileRecord], pieces: list[Piece],
+                  sent: list[tuple]) -> tuple:
+        """Check every range (`pieces`) of the split files, then have the server finish them;
+        returns the whole files as one more channel's (arrived, hashes, rotted, wire bytes)."""
         arrived: dict[str, Arrived] = {}
         hashes: dict[str, str] = {}
         for got, hashed, _rot, _wire in sent:
             arrived.update(got)
             hashes.update(hashed)
-        ranges = [range_key(p.member, p.start) for p in self._planned if p.start is not None]
+        ranges = [range_key(p.member, p.start) for p in pieces]
         bad = [k for k in ranges if k not in arrived or k not in hashes or arrived[k].hash != hashes[k]]
         if bad:
             raise IntegrityError(f"arrived damaged on the server: {', '.join(sorted(bad))}; nothing was put in place",
@@ -660,11 +662,10 @@ class Restore:
                 raise io_error(exc, f"reading {local}") from None
         return whole, expect, rotted, 0
 
-    def _upload(self, server: Server, root: str, stage: str, pieces: list[Piece], kept: dict[str, int],
-                rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
+    def _upload(self, server: Server, root: str, stage: str, pieces: list[Piece], by_path: dict[str, FileRecord],
+                kept: dict[str, int], rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
         up = server.receive(root, stage, compress=self.opts.compress)
         rotted = []
-        by_path = self._by_path
         for piece in pieces:
             f = by_path[piece.member]
             if piece.start is not None:

@@ -507,14 +507,11 @@ def _reflink(src: Path, tmp: Path) -> bool:
         except OSError as exc:  # EOPNOTSUPP, EXDEV, EINVAL...: no reflinks here
             if exc.errno in _CLONE_REFUSED:
                 _NO_CLONE.add(devices)
-            os.close(dfd)
-            dfd = -1
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return False
         finally:
-            if dfd >= 0:
-                os.close(dfd)
+            os.close(dfd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
     finally:
         os.close(sfd)
 
