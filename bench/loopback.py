@@ -6,7 +6,7 @@ the tests use), the real CLI, and a byte-for-byte check of what comes back.
 Client and server share this machine's cores, so figures are a floor for a
 real link, not a ceiling.
 
-    python3 bench/loopback.py ../shared/fixtures/socrates-training/models/socrates-qwen-full-dataset
+    python3 bench/loopback.py tests/fixtures/socrates-training/models/socrates-qwen-full-dataset
     python3 bench/loopback.py ~/.cache/ckptsync-bench/output
 """
 

@@ -36,7 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_DATA = Path(os.path.expanduser("~")) / ".cache" / "ckptsync-bench"
-DEFAULT_FIXTURE = REPO.parent / "shared" / "tools" / "make_hf_fixture.py"
+DEFAULT_FIXTURE = REPO / "tests" / "fixtures" / "tools" / "make_hf_fixture.py"
 FIXTURE_ARGS = ["--width", "1024", "--layers", "12", "--rank", "128", "--steps", "6", "--save", "2"]
 VENV_PACKAGES = ["torch==2.13.0", "transformers", "peft", "accelerate"]
 CHECKPOINTS = ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
@@ -61,7 +61,7 @@ OPS = [
     ("bwlimit", f"backup and restore of {RESTORE_CKPT} with --bwlimit: achieved wire rate against the limit"),
     ("many", "first backup of a run that kept every checkpoint (200 small LoRA checkpoints, 1,600 files)"),
 ]
-MANY_SOURCE = REPO.parent / "shared" / "fixtures" / "socrates-training" / "models" / "socrates-qwen-full-dataset" / "checkpoint-12"
+MANY_SOURCE = REPO / "tests" / "fixtures" / "socrates-training" / "models" / "socrates-qwen-full-dataset" / "checkpoint-12"
 MANY_COUNT = 200
 BWLIMIT_SHARE = 4             # the limit is a quarter of the shaped link rate
 BWLIMIT_UNSHAPED = 20_000_000  # bytes/s, when the link is not shaped

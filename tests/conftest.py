@@ -18,7 +18,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import set_mtime, set_tree_mtime  # noqa: E402
+from helpers import FIXTURES, set_mtime, set_tree_mtime  # noqa: E402
 from sshd import SshdServer, missing_tools, stop_masters  # noqa: E402
 
 PRIVATE_FILES = {"adapter_model.safetensors", "model.safetensors"}
@@ -164,17 +164,10 @@ def other_user_tree(server_tree: Path, other_user: OtherUser, reachable_tmp: Pat
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The shared, read-only checkpoint fixtures (``../shared/fixtures``)."""
-    override = os.environ.get("CKPTSYNC_FIXTURES")
-    path = Path(override) if override else (
-        Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    )
+    """The read-only checkpoint fixtures in ``tests/fixtures`` (``CKPTSYNC_FIXTURES`` overrides)."""
+    path = Path(os.environ.get("CKPTSYNC_FIXTURES") or FIXTURES)
     if not (path / "socrates-training").is_dir():
-        pytest.fail(
-            f"checkpoint fixtures not found at {path}: they are expected in "
-            "shared/fixtures next to the repository (or set CKPTSYNC_FIXTURES)",
-            pytrace=False,
-        )
+        pytest.fail(f"checkpoint fixtures not found at {path}", pytrace=False)
     return path
 
 

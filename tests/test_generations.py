@@ -23,9 +23,9 @@ from ckptsync.policy import CHANGED, CHECK, CURRENT, quick_check
 from ckptsync.runs import newer_runs
 from ckptsync.server import FileStat
 from ckptsync.store import FileRecord
-from helpers import file_sha256, run_cli, set_tree_mtime
+from helpers import FIXTURES, file_sha256, run_cli, set_tree_mtime
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-style"
+SEED_STYLE = FIXTURES / "seed-style"
 DATA_OFFSET = 10_400   # inside latest/data/0 of the fixture's torch zip: same size, other bytes
 # Every file is written this long before the test runs: far past settle_seconds (60).
 WRITTEN_AGO = 3600
@@ -46,10 +46,10 @@ def rotate(run: Path, k: int, mtime_ns: int, new_best: bool) -> None:
     """One save of the seed manager: latest.pt -> latest_backup.pt, a new latest.pt; on a new best,
     best_model.pt -> best_model_previous.pt and a new best_model.pt."""
     os.replace(run / "latest.pt", run / "latest_backup.pt")
-    variant(FIXTURES / "single_file" / "latest.pt", run / "latest.pt", k, mtime_ns)
+    variant(SEED_STYLE / "single_file" / "latest.pt", run / "latest.pt", k, mtime_ns)
     if new_best:
         os.replace(run / "best_model.pt", run / "best_model_previous.pt")
-        variant(FIXTURES / "single_file" / "best_model.pt", run / "best_model.pt", k, mtime_ns)
+        variant(SEED_STYLE / "single_file" / "best_model.pt", run / "best_model.pt", k, mtime_ns)
 
 
 def replayed(run: Path, tick: int, history: list[str]):
@@ -80,7 +80,7 @@ def cli_json(home: Path, *args: str) -> dict:
 def seed_tree(tmp_path: Path) -> Path:
     """A copy of the seed-style single-file run, written well before now."""
     run = tmp_path / "server" / "project" / "checkpoints"
-    shutil.copytree(FIXTURES / "single_file", run)
+    shutil.copytree(SEED_STYLE / "single_file", run)
     for p in run.iterdir():
         os.chmod(p, 0o644)
     set_tree_mtime(run, time.time() - WRITTEN_AGO)
@@ -229,8 +229,8 @@ def test_prune_keep_generations(seed_run):
 def test_a_run_moved_to_a_new_directory_is_named_checked_and_followed(ssh_home, tmp_path):
     project = tmp_path / "server" / "project"
     old, new = project / "checkpoints", project / "checkpoints_run_20261201_101500"
-    shutil.copytree(FIXTURES / "step_dirs", old)
-    shutil.copytree(FIXTURES / "step_dirs", new)
+    shutil.copytree(SEED_STYLE / "step_dirs", old)
+    shutil.copytree(SEED_STYLE / "step_dirs", new)
     for d in (old, new):
         for p in d.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
@@ -305,7 +305,7 @@ def test_files_that_only_look_changed_are_hashed_once_per_run(tmp_path):
     from test_server_boundary import make_target
 
     run = tmp_path / "checkpoints"
-    shutil.copytree(FIXTURES / "single_file", run)
+    shutil.copytree(SEED_STYLE / "single_file", run)
     for p in run.iterdir():
         os.chmod(p, 0o644)
     set_tree_mtime(run, time.time() - WRITTEN_AGO)
