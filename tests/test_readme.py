@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shlex
 import stat
@@ -65,6 +64,8 @@ def test_every_readme_command_runs(ssh_home, server_tree, tmp_path):
     ran = []
     # tnr-0 logs in as this user, whose home on the server is the passwd one, not the test's $HOME:
     # the README's relative path, pointed at the fixture from that home.
+    import pwd
+
     server_home = pwd.getpwuid(os.getuid()).pw_dir
     assert server_home != os.environ["HOME"]
     for line in readme_commands():

@@ -75,9 +75,9 @@ def resolve(target: SshTarget) -> Resolved:
 
 
 def _local_user() -> str:
-    import getpass
+    from ckptsync import osdeps
 
-    return getpass.getuser()
+    return osdeps.user_name()
 
 
 def _host_label(hostname: str, port: int) -> str:
