@@ -100,3 +100,15 @@ def test_no_proc_and_no_pgrep_means_it_cannot_be_told(monkeypatch, tmp_path):
     (proc / "100" / "comm").write_text("crond\n")
     assert osdeps.process_running({"cron", "crond"}, str(proc)) is True
     assert osdeps.process_running({"cron"}, str(proc)) is False
+
+
+def test_paramiko_without_a_user_name_asks_for_one(monkeypatch, tmp_path):
+    from ckptsync.errors import ConfigError
+    from ckptsync.transport.base import SshTarget
+    from ckptsync.transport.ssh import resolve
+
+    monkeypatch.setattr(osdeps, "user_name", lambda: "")
+    with pytest.raises(ConfigError) as info:
+        resolve(SshTarget(host="somehost", ssh_config=str(tmp_path / "no-config")))
+    assert "somehost: no user to log in as" in info.value.message
+    assert resolve(SshTarget(host="somehost", user="me", ssh_config=str(tmp_path / "no-config"))).user == "me"
