@@ -31,9 +31,10 @@ exit 2
 
 def set_mtime(path: str | os.PathLike[str], when: float) -> None:
     """Set atime and mtime of one path (symlinks themselves, not their targets, where the
-    system can: not on Windows)."""
+    system can: Windows cannot, and sets the target's)."""
     ns = int(round(when * 1_000_000_000))
-    os.utime(path, ns=(ns, ns), follow_symlinks=os.utime not in os.supports_follow_symlinks)
+    own_times = os.utime in os.supports_follow_symlinks
+    os.utime(path, ns=(ns, ns), follow_symlinks=not own_times)
 
 
 def set_tree_mtime(path: str | os.PathLike[str], when: float) -> None:
