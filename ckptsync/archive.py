@@ -25,6 +25,7 @@ from typing import Iterator
 import xxhash
 import zstandard
 
+from ckptsync import osdeps
 from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
 from ckptsync.progress import QUIET, Reporter
@@ -284,8 +285,7 @@ def _pack(store: Store, part: Path, members: list[tuple[str, Path]], manifests: 
             raw.flush()
             os.fsync(raw.fileno())
             # Drop the cached pages so the read-back comes from the disk, not from memory.
-            with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            osdeps.drop_cached(raw.fileno())
     finally:
         rep.finish()
     return packed

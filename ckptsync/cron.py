@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ckptsync import notify
+from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
 from ckptsync.errors import ConfigError, IOFailure, UsageError
 from ckptsync.store import Store
@@ -516,22 +516,7 @@ CRON_DAEMONS = {"cron", "crond", "cronie", "fcron", "busybox-crond"}
 
 def daemon_running(proc: str | None = None) -> bool | None:
     """Whether a cron daemon runs here; None when this cannot be told. $CKPTSYNC_PROC replaces /proc."""
-    root = Path(proc or os.environ.get("CKPTSYNC_PROC") or "/proc")
-    if root.is_dir():
-        for comm in root.glob("[0-9]*/comm"):
-            try:
-                if comm.read_text(errors="replace").strip() in CRON_DAEMONS:
-                    return True
-            except OSError:
-                continue
-        return False
-    if shutil.which("pgrep") is None:
-        return None
-    try:
-        found = subprocess.run(["pgrep", "-x", "cron"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return found.returncode == 0
+    return osdeps.process_running(CRON_DAEMONS, proc)
 
 
 def no_daemon_text(platform: str) -> str:

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 SCHEDULED_ENV = "CKPTSYNC_SCHEDULED"
 NOTIFY_ENV = "CKPTSYNC_NOTIFY"
@@ -43,9 +42,11 @@ def argv(tool: str, title: str, body: str) -> list[str]:
 
 def _session_env() -> dict[str, str]:
     """cron gives a job no session bus address; the user's bus is at a fixed place on Linux."""
+    from ckptsync import osdeps  # not at the top: the CLI imports this module for --help
+
     env = dict(os.environ)
-    bus = Path(f"/run/user/{os.getuid()}/bus")
-    if "DBUS_SESSION_BUS_ADDRESS" not in env and bus.exists():
+    bus = osdeps.session_bus() if "DBUS_SESSION_BUS_ADDRESS" not in env else None
+    if bus is not None:
         env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={bus}"
     return env
 

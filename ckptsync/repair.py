@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ckptsync.agent import fsync_file
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK
 from ckptsync.progress import QUIET, Reporter
@@ -103,11 +104,7 @@ def _repair(store: Store, server, target: Target, name: str, files: list[FileRec
             continue
         os.chmod(got, f.mode)
         os.utime(got, ns=(f.mtime_ns, f.mtime_ns))
-        fd = os.open(got, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(got)
         final = store.root / f.path
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(got, final)  # a hard-linked damaged copy elsewhere keeps its own inode

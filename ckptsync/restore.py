@@ -22,6 +22,7 @@ from pathlib import Path
 
 import xxhash
 
+from ckptsync import osdeps
 from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.errors import (
@@ -293,7 +294,7 @@ class Restore:
             except Locked as exc:
                 raise Locked(exc.message, hint="wait for it to finish, then run the restore again") from None
             except IOFailure:
-                if os.access(self.store.root, os.W_OK) and not _read_only(self.store.root):
+                if os.access(self.store.root, os.W_OK) and not osdeps.read_only_fs(self.store.root):
                     raise
                 # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
                 self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
@@ -758,13 +759,6 @@ class Restore:
         if found:
             return f"backups exist in {', '.join(found[:3])}: choose one with --local-dir"
         return "give the backup directory with --local-dir"
-
-
-def _read_only(path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import socket
 import stat
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ckptsync.agent import fsync_dir, hash_file
+from ckptsync import osdeps
+from ckptsync.agent import fsync_dir, fsync_file, hash_file
 from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 
 META = ".ckptsync"
@@ -114,11 +113,7 @@ def sync_tree(path: Path) -> None:
         if p.is_dir():
             fsync_dir(p)
             continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(p)
     fsync_dir(path.parent)
 
 
@@ -138,7 +133,7 @@ def io_error(exc: OSError, what: str) -> CkptsyncError:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) and str(exc.filename) not in what else ""
     if exc.errno == errno.ENOSPC:
         return DiskFull(f"no space left on the device while {what}{where}")
-    if exc.errno == errno.EDQUOT:
+    if exc.errno == getattr(errno, "EDQUOT", None):  # not every system has quotas
         return DiskFull(f"disk quota exceeded while {what}{where}")
     if exc.errno == errno.EROFS:
         return IOFailure(f"{what}: read-only file system{where}", hint="choose a writable --local-dir")
@@ -384,7 +379,7 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, command: str, wait: bool = False, on_wait=None) -> Iterator[None]:
-        """One run per backup directory. flock is released by the kernel when a holder dies."""
+        """One run per backup directory. The system releases the lock when a holder dies."""
         path = self.meta / "lock"
         try:
             self.meta.mkdir(parents=True, exist_ok=True)
@@ -393,24 +388,25 @@ class Store:
             raise io_error(exc, f"taking the lock in {self.root}") from None
         held = False
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not osdeps.lock_file(fd, path, wait=False):
                 holder = read_holder(path)
                 if not wait:
                     raise Locked(f"{self.root} is in use by {holder}", hint="use --wait to wait for it") from None
                 if on_wait is not None:
                     on_wait(holder)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                osdeps.lock_file(fd, path, wait=True)
             held = True
             info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(info).encode())
             yield
         finally:
             if held:  # a refused run must not erase the holder's info
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):
+                    osdeps.unlock_file(fd, path)
             os.close(fd)
 
 
@@ -442,7 +438,6 @@ def free_bytes(path: Path) -> int:
 
 DEDUP_POLICIES = ("reflink", "link")
 REFLINK, LINK, COPY = "reflink", "link", "copy"
-FICLONE = 0x40049409  # Linux _IOW(0x94, 9, int)
 
 
 def _same_stamp(st: os.stat_result, mtime_ns: int, mode: int) -> bool:
@@ -465,55 +460,6 @@ def pick_source(paths: list[Path], mtime_ns: int, mode: int) -> Path | None:
         if first is None:
             first = p
     return first
-
-
-# (source device, destination device) pairs where FICLONE was refused: not tried again, since
-# each try creates and removes a file, which costs more than the link or copy that follows.
-_NO_CLONE: set[tuple[int, int]] = set()
-_CLONE_REFUSED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
-
-
-def _reflink(src: Path, tmp: Path) -> bool:
-    """Clone src's extents into a new file tmp; False where the filesystem cannot."""
-    if sys.platform == "darwin":
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        clonefile = getattr(libc, "clonefile", None)
-        if clonefile is None:
-            return False
-        clonefile.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint32)
-        return clonefile(os.fsencode(src), os.fsencode(tmp), 0) == 0
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        sfd = os.open(src, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        try:
-            devices = (os.fstat(sfd).st_dev, os.stat(tmp.parent).st_dev)
-        except OSError:
-            return False
-        if devices in _NO_CLONE:
-            return False
-        try:
-            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            return False
-        try:
-            fcntl.ioctl(dfd, FICLONE, sfd)
-            return True
-        except OSError as exc:  # EOPNOTSUPP, EXDEV, EINVAL...: no reflinks here
-            if exc.errno in _CLONE_REFUSED:
-                _NO_CLONE.add(devices)
-        finally:
-            os.close(dfd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return False
-    finally:
-        os.close(sfd)
 
 
 def _set_stamp(path: Path, mtime_ns: int, mode: int) -> None:
@@ -541,7 +487,7 @@ def share_copy(existing: Path, dest: Path, mtime_ns: int, mode: int, policy: str
         how = LINK
     else:
         try:
-            if _reflink(existing, tmp):
+            if osdeps.clone_file(existing, tmp):
                 _set_stamp(tmp, mtime_ns, mode)
                 os.replace(tmp, dest)
                 return REFLINK

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import sys
@@ -91,7 +90,8 @@ def ssh_home(tmp_path: Path, sshd: SshdServer, monkeypatch: pytest.MonkeyPatch) 
 def ssh_runtime_dir(monkeypatch: pytest.MonkeyPatch):
     """XDG_RUNTIME_DIR is a short private directory of each test, so the shared SSH connections
     (and the ssh config) ckptsync leaves there serve only this test and end with it."""
-    runtime = Path(tempfile.mkdtemp(prefix="ck-", dir="/tmp"))  # socket paths must stay short
+    # Socket paths must stay short: /tmp, where there is one (not on Windows).
+    runtime = Path(tempfile.mkdtemp(prefix="ck-", dir="/tmp" if os.path.isdir("/tmp") else None))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     try:
         yield runtime
@@ -133,6 +133,8 @@ def other_user(sshd: SshdServer, ssh_home: Path) -> OtherUser:
         if _in_ci():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+    import pwd  # POSIX only: conftest itself loads on every laptop
+
     entry = pwd.getpwnam(sshd.other_user)
     return OtherUser(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid,
                      home=Path(entry.pw_dir), alias=sshd.other_alias)

@@ -14,6 +14,8 @@ from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
+# Root may mount a tmpfs; Windows has neither root nor os.geteuid.
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 Digest = dict[str, tuple[int, int, int, str]]
 
@@ -28,9 +30,11 @@ exit 2
 
 
 def set_mtime(path: str | os.PathLike[str], when: float) -> None:
-    """Set atime and mtime of one path (symlinks themselves, not their targets)."""
+    """Set atime and mtime of one path (symlinks themselves, not their targets, where the
+    system can: Windows cannot, and sets the target's)."""
     ns = int(round(when * 1_000_000_000))
-    os.utime(path, ns=(ns, ns), follow_symlinks=False)
+    own_times = os.utime in os.supports_follow_symlinks
+    os.utime(path, ns=(ns, ns), follow_symlinks=not own_times)
 
 
 def set_tree_mtime(path: str | os.PathLike[str], when: float) -> None:

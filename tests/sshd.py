@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import getpass
 import os
-import pwd
 import shlex
 import shutil
 import signal
@@ -76,6 +75,8 @@ def missing_tools() -> list[str]:
 def current_user() -> str:
     """Login name for the tests: ``getpass.getuser()``, unless that disagrees
     with the effective uid (sshd, when not root, can only log in its own user)."""
+    import pwd  # POSIX only, like sshd: the module stays importable on any laptop
+
     name = getpass.getuser()
     try:
         real = pwd.getpwuid(os.geteuid()).pw_name
@@ -99,6 +100,8 @@ def account_locked(user: str) -> bool:
 
 def other_user_problem(user: str, *, is_root: bool, use_pam: bool) -> str | None:
     """Why this sshd cannot log ``user`` in with a key; None when it can."""
+    import pwd
+
     if not is_root:
         return f"logging in as {user} needs sshd to run as root"
     try:

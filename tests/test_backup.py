@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, file_sha256, run_cli, tree_digest
+from helpers import ROOT, cli_env, file_sha256, run_cli, tree_digest
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
 
@@ -362,7 +362,7 @@ def test_checkpoint_deleted_mid_backup_is_not_recorded(setup):
     assert not (dest / "checkpoint-12").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 def test_disk_too_small_fails_before_writing(setup, tmp_path):
     server, _dest, home = setup
     small = tmp_path / "small"

@@ -4,7 +4,6 @@ closed stdout that never costs a run its work."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -143,6 +142,8 @@ def test_not_found_exit_10(tmp_path):
 
 
 def test_locked_exit_11_and_skip_if_locked(tmp_path, server_tree):
+    import fcntl
+
     dest = tmp_path / "b"
     (dest / ".ckptsync").mkdir(parents=True)
     with open(dest / ".ckptsync" / "lock", "w") as holder:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, run_cli, tree_digest
+from helpers import ROOT, cli_env, run_cli, tree_digest
 
 HOSTILE = Path(__file__).resolve().parent / "hostile_agent.py"
 
@@ -75,7 +75,7 @@ def test_awkward_file_names_round_trip(tmp_path, server_tree, request, via):
     assert not list(tmp_path.rglob("pwned")) and not Path.home().joinpath("pwned").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server_tree):
     small = tmp_path / "small"
     small.mkdir()

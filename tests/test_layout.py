@@ -12,6 +12,8 @@ import pytest
 from ckptsync.layout import Checkpoint, FileEntry, Listing, discover, find_best, resume_files
 from helpers import FIXTURES
 
+pytestmark = pytest.mark.laptop  # pure tables: the macOS and Windows jobs run them too
+
 NOW = 1_700_000_000.0
 OLD = NOW - 3600
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -143,6 +142,8 @@ def test_empty_policy_and_bad_duration_exit_2(store: Path) -> None:
 
 
 def test_locked_store_exits_11(store: Path) -> None:
+    import fcntl
+
     with open(store / ".ckptsync" / "lock", "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         result = prune(store, "--keep-last", "1")

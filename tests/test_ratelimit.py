@@ -12,6 +12,8 @@ from ckptsync.server.agent_server import AgentServer
 from ckptsync.server.inprocess import InProcessTransport
 from helpers import run_cli, tree_digest
 
+pytestmark = pytest.mark.laptop  # a fake clock and the in-process agent: the macOS and Windows jobs run them too
+
 
 class FakeClock:
     """Time moves only when the limiter sleeps, or when a test says so."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shlex
 import stat
@@ -63,6 +62,8 @@ def test_every_readme_command_runs(ssh_home, server_tree, tmp_path):
     }))
     env = {"CKPTSYNC_CRONTAB": str(fake_crontab(tmp_path))}
     ran = []
+    import pwd
+
     # tnr-0 logs in as this user, whose home on the server is the passwd one, not the test's $HOME:
     # the README's relative path, pointed at the fixture from that home.
     server_home = pwd.getpwuid(os.getuid()).pw_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
+from helpers import REPO_ROOT, ROOT, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -300,7 +300,7 @@ def test_missing_best_checkpoint_is_pointed_out(ssh_home, server_tree, tmp_path)
     assert res.returncode == 0 and "best_model_checkpoint" not in res.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 def test_too_little_space_on_the_server_fails_before_sending(setup, tmp_path):
     server, dest, _fresh, cfg = setup
     small = tmp_path / "small"

@@ -17,6 +17,8 @@ from ckptsync.retention import (
     plan,
 )
 
+pytestmark = pytest.mark.laptop  # pure tables: the macOS and Windows jobs run them too
+
 NOW = 1_700_000_000.0
 MIN = 60.0
 HOUR = 3600.0

@@ -14,7 +14,7 @@ from ckptsync.config import Config, resolve_target
 from ckptsync.errors import IO, LOCKED, CkptsyncError, Locked
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.store import Store
-from helpers import run_cli, tmpfs, tree_digest
+from helpers import ROOT, run_cli, tmpfs, tree_digest
 from test_server_boundary import make_target
 
 
@@ -69,7 +69,7 @@ def test_printed_commands_carry_the_target_and_paste(tmp_path):
     assert assumed.assumed_instance and "--instance 0" in assumed.command("list")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+@pytest.mark.skipif(not ROOT, reason="mounting a read-only tmpfs needs root")
 def test_a_read_only_backup_directory_is_one_line_and_exit_5(server_tree, tmp_path):
     with tmpfs(tmp_path / "ro", "ro,size=256m") as ro:
         with pytest.raises(CkptsyncError) as info:
@@ -113,7 +113,7 @@ def test_closing_a_dead_ssh_session_does_not_hide_the_lost_connection():
     assert client.closed
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 def test_a_restore_that_filled_the_server_disk_does_not_block_its_rerun(server_tree, tmp_path):
     from ckptsync.restore import RestoreOptions, run_restore
 
@@ -212,7 +212,7 @@ def test_verify_repair_refuses_when_the_server_copy_changed(server_tree, tmp_pat
     assert not (dest / "checkpoint-8" / "scheduler.pt").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="remounting a tmpfs read-only needs root")
+@pytest.mark.skipif(not ROOT, reason="remounting a tmpfs read-only needs root")
 def test_every_command_on_a_read_only_backup_directory(server_tree, tmp_path):
     with tmpfs(tmp_path / "disk", "size=256m") as disk:
         dest = disk / "b"

@@ -10,7 +10,7 @@ ckptsync.agent.serve itself.
 """
 
 from ckptsync.agent.frames import CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure
-from ckptsync.agent.hashing import fsync_dir, hash_file, hash_names, new_hash, start_writeback
+from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes, zstd_binary
 from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
@@ -20,7 +20,7 @@ from ckptsync.agent.bundle import payload, payload_compressed
 
 __all__ = [
     "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX", "Channel", "Failure", "os_failure",
-    "fsync_dir", "hash_file", "hash_names", "new_hash", "start_writeback",
+    "fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback",
     "resolve", "safe_member",
     "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",
     "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",

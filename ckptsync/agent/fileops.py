@@ -5,7 +5,7 @@ import shutil
 import tarfile
 
 from ckptsync.agent.frames import CHUNK, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
-from ckptsync.agent.hashing import fsync_dir, hash_names, new_hash, start_writeback
+from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.reader import FrameReader
 from ckptsync.agent.tar import TarStream
@@ -137,11 +137,7 @@ def op_receive(chan, req, _memory=None):
         raise failure
     reader.drain()
     for path in written + sorted(set(ranged)):  # everything reaches the disk before the client may commit
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
     for dirpath, _dirs, _files in os.walk(staging):
         fsync_dir(dirpath)
     return {"files": results, "staging": staging}

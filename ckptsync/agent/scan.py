@@ -3,6 +3,7 @@
 import json
 import os
 import pickletools
+import shutil
 import stat
 import time
 import zipfile
@@ -191,7 +192,7 @@ def op_df(req):
             break
         probe = parent
     try:
-        st = os.statvfs(probe or "/")
+        free = shutil.disk_usage(probe or "/").free   # statvfs's f_bavail * f_frsize; Windows too
     except OSError as exc:
         raise os_failure(exc, probe)
-    return {"free": st.f_bavail * st.f_frsize, "path": probe}
+    return {"free": free, "path": probe}

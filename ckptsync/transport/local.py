@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+from ckptsync import osdeps
 from ckptsync.errors import ConnectError
 from ckptsync.transport.base import SHELL_LAUNCH, STAGE1, Process, StderrTail, Transport
 
@@ -20,7 +21,7 @@ class Subprocess(Process):
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                bufsize=0, env=env, start_new_session=True,
+                bufsize=0, env=env, **osdeps.DETACHED,
             )
         except OSError as exc:
             raise ConnectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None

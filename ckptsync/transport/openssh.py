@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pwd
 import re
 import shutil
-import stat
 import subprocess
 import threading
 from dataclasses import dataclass, field
 
+from ckptsync import osdeps
 from ckptsync.errors import ConfigError, ConnectError, HostKeyError
 from ckptsync.transport.base import (
     SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unresolved,
@@ -27,8 +26,8 @@ from ckptsync.transport.local import Subprocess
 
 CONTROL_PERSIST = 60
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
-# sun_path holds 108 bytes; ssh binds a temporary name 17 bytes longer than ControlPath first.
-MAX_CONTROL_PATH = 90
+# ssh binds a temporary name 17 bytes longer than ControlPath first (90 on Linux).
+MAX_CONTROL_PATH = osdeps.SOCKET_PATH_MAX - 18
 # What ssh -G reports that messages need.
 FIELDS = ("hostname", "port", "user", "proxyjump", "connecttimeout", "identityfile", "userknownhostsfile")
 
@@ -39,8 +38,7 @@ def ssh_binary() -> str | None:
 
 def control_dir() -> str:
     """A private directory for the shared-connection sockets and our ssh config."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    base = os.path.join(runtime, "ckptsync") if runtime and os.path.isdir(runtime) else f"/tmp/ckptsync-{os.getuid()}"
+    base = osdeps.runtime_dir("ckptsync")
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -49,7 +47,7 @@ def control_dir() -> str:
         raise ConnectError(f"cannot create {base}: {exc.strerror}") from None
     st = os.lstat(base)
     # Another user could have made it first (it holds sockets that log in as us).
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not osdeps.is_private_dir(st):
         raise ConnectError(f"{base} is not a private directory of this user (mode 0700)",
                            hint=f"remove it (rm -r {base}) and run again")
     return base
@@ -57,9 +55,8 @@ def control_dir() -> str:
 
 def _home_is_fake() -> bool:
     # OpenSSH takes ~ from the passwd entry; $HOME may name another (tests, sudo -E, containers).
-    try:
-        real = pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
+    real = osdeps.passwd_home()
+    if real is None:
         return False
     home = os.environ.get("HOME", "")
     return bool(home) and os.path.realpath(home) != os.path.realpath(real)
@@ -166,7 +163,7 @@ class OpenSshTransport(Transport):
             self._control = os.path.join(where, f"{mux}-%C")
             self._argv = argv + ident
         control = self._control
-        if share and len(control) - 2 + 40 <= MAX_CONTROL_PATH:
+        if share and osdeps.SHARED_SSH and len(control) - 2 + 40 <= MAX_CONTROL_PATH:
             return [*self._argv, "-o", "ControlMaster=auto", "-o", f"ControlPath={control}",
                     "-o", f"ControlPersist={CONTROL_PERSIST}"]
         return [*self._argv, "-o", "ControlPath=none"]
@@ -188,7 +185,7 @@ class OpenSshTransport(Transport):
                 if name in FIELDS:
                     found.setdefault(name, []).append(value)
             one = {k: v[0] for k, v in found.items()}
-            home = pwd.getpwuid(os.getuid()).pw_dir
+            home = osdeps.ssh_home()
             self._settings = Settings(
                 alias=t.host, hostname=one.get("hostname", t.host), port=int(one.get("port", 22)),
                 user=one.get("user", ""), proxy_jump=one.get("proxyjump"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from ckptsync.errors import ConnectError, HostKeyError
+from ckptsync.errors import ConfigError, ConnectError, HostKeyError
 from ckptsync.transport.base import (
     SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unresolved,
 )
@@ -66,7 +66,7 @@ def resolve(target: SshTarget) -> Resolved:
         alias=target.host,
         hostname=found.get("hostname", target.host),
         port=port,
-        user=target.user or found.get("user") or _local_user(),
+        user=target.user or found.get("user") or _local_user(target.host),
         identity_files=[os.path.expanduser(p) for p in identity],
         identities_only=found.get("identitiesonly", "no").lower() == "yes",
         known_hosts=[os.path.expanduser(p) for p in known + target.extra_known_hosts],
@@ -74,10 +74,14 @@ def resolve(target: SshTarget) -> Resolved:
     )
 
 
-def _local_user() -> str:
-    import getpass
+def _local_user(host: str) -> str:
+    from ckptsync import osdeps
 
-    return getpass.getuser()
+    name = osdeps.user_name()
+    if not name:
+        raise ConfigError(f"{host}: no user to log in as, and this machine does not say who you are",
+                          hint="give --host USER@HOST, or User in ~/.ssh/config")
+    return name
 
 
 def _host_label(hostname: str, port: int) -> str:
