@@ -51,7 +51,7 @@ REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
 OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "status.json",
              "status-scheduled.json", "status-manual.json", "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
-WAIT_HINT = "add --wait to wait for it"
+WAIT_HINT = "use --wait to wait for it"
 
 
 @dataclass
