@@ -4,11 +4,13 @@ closed stdout that never costs a run its work."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +159,47 @@ def test_locked_exit_11_and_skip_if_locked(tmp_path, server_tree):
         assert skipped.returncode == 0, skipped.stderr
         assert json.loads(skipped.stdout) == {"target": "local", "dest": str(dest), "exit_code": 0,
                                               "skipped": data["error"]["message"]}
+
+
+@contextlib.contextmanager
+def lock_held(dest: Path):
+    """The backup directory's lock, held by this process as another run would hold it."""
+    (dest / ".ckptsync").mkdir(parents=True, exist_ok=True)
+    with open(dest / ".ckptsync" / "lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write(json.dumps({"pid": os.getpid(), "host": "test", "command": "test", "since": time.time()}))
+        holder.flush()
+        yield
+
+
+def test_a_lock_message_names_only_flags_the_command_has(tmp_path, server_tree):
+    dest = tmp_path / "b"
+    res = run_cli("backup", "--all", "--remote-dir", server_tree, "--local-dir", dest, env=isolated(tmp_path))
+    assert res.returncode == 0, res.stderr
+    damaged = dest / "checkpoint-4" / "optimizer.pt"
+    damaged.write_bytes(b"damaged")   # so that verify --repair gets as far as the lock
+    shutil.rmtree(dest / "checkpoint-8")   # and backup has something to fetch
+    (dest / ".ckptsync" / "manifests" / "checkpoint-8.json").unlink()
+    where = ["--remote-dir", server_tree, "--local-dir", dest]
+    commands = {
+        "backup": ["backup", "--all", *where],
+        "backup --discard-staged": ["backup", "--discard-staged", *where],
+        "prune": ["prune", "--keep-last", "1", "--local-dir", dest],
+        "prune --remote": ["prune", "--remote", "--keep-last", "1", *where],
+        "archive": ["archive", "--local-dir", dest, "--output", tmp_path / "run.tar.zst"],
+        "restore": ["restore", "--checkpoint", "checkpoint-12", "--remote-dir", tmp_path / "new", "--local-dir", dest],
+        "verify --repair": ["verify", "--repair", *where],
+    }
+    (dest / ".ckptsync" / "staging" / "x").mkdir(parents=True)   # something for --discard-staged to delete
+    with lock_held(dest):
+        for what, args in commands.items():
+            res = run_cli("--json", *args, env=isolated(tmp_path), cwd=tmp_path)
+            error = json_error(res, 11, "locked")["error"]
+            assert "in use by 'test' (pid" in error["message"], what
+            flags = set(re.findall(r"--[a-z][a-z-]+", error["message"] + " " + error["hint"]))
+            helps = run_cli(args[0], "--help", env={**isolated(tmp_path), "COLUMNS": "200"}).stdout
+            assert not [f for f in flags if f not in helps], (what, error)
+    assert (dest / ".ckptsync" / "staging" / "x").is_dir()
 
 
 def test_connect_exit_20(tmp_path):
