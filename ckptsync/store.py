@@ -47,7 +47,7 @@ FORMAT = 1
 GENERATIONS = "generations"
 # What versions before generations left beside an entry that changed on the server.
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
-# ckptsync's own paths under .ckptsync/ (with the folders inside staging/ and generations/).
+# ckptsync's own paths under .ckptsync/ (and two levels inside staging/ and generations/).
 OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "status.json",
              "status-scheduled.json", "status-manual.json", "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
@@ -134,7 +134,6 @@ def read_manifest(path: Path, name: str) -> Manifest:
     try:
         data = json.loads(text)
     except ValueError as exc:
-        where = f", character {exc.pos} of {len(text)}" if isinstance(exc, json.JSONDecodeError) else ""
         cut = "cut short: " if not text.rstrip().endswith("}") else ""
         raise DamagedManifest(f"{cut}not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -235,11 +234,11 @@ class Store:
             return
         for path in [self.meta] + [self.meta / p for p in OWN_PATHS]:
             _refuse_link(path)
-        for path in _children(self.meta / "staging") + _children(self.meta / GENERATIONS):
-            _refuse_link(path)
-        for folder in _children(self.meta / GENERATIONS):
-            for path in _children(folder):
+        for top in ("staging", GENERATIONS):   # staging/NAME/NAME, generations/NAME/ID
+            for path in _children(self.meta / top):
                 _refuse_link(path)
+                for inner in _children(path):
+                    _refuse_link(inner)
         self._own_checked = True
 
     # -------------------------------------------------- manifests
