@@ -111,7 +111,10 @@ def _run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> Arc
     with store.lock("ckptsync archive", wait=opts.wait, on_wait=lambda h: rep.info(f"waiting for {h}"), hint=WAIT_HINT):
         manifests = store.manifests()
         result.entries = sorted(manifests)
-        result.unmanaged = store.unmanaged()
+        damaged = {n: why for n, why in store.damaged().items() if "@" not in n}
+        result.unmanaged = store.unmanaged() + sorted(damaged)   # archived as found, never removed
+        result.warnings.extend(f"{n}: archived as it is but not verified, its manifest {path} is damaged ({why})"
+                               for n, (path, why) in damaged.items())
         result.warnings.extend(_leftovers(store))
         if output.exists():
             result.reused = True

@@ -209,3 +209,17 @@ def test_a_checkpoint_replaced_by_a_symlink_fails_verify_and_restore(store: Path
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert entries(store) == {"checkpoint-12"}
     assert tree_digest(moved) == before
+
+
+def test_archive_keeps_a_checkpoint_with_a_damaged_manifest_and_says_so(store: Path, tmp_path: Path) -> None:
+    path = cut_manifest(store, "checkpoint-8")
+    kept = tree_digest(store / "checkpoint-8")
+    archive = tmp_path / "run.tar.zst"
+
+    res = run_cli("archive", "--local-dir", store, "--output", archive, "--remove")
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"checkpoint-8: archived as it is but not verified, its manifest {path} is damaged" in res.stderr
+    assert entries(store) == {"checkpoint-8"} and tree_digest(store / "checkpoint-8") == kept
+    listed = run_cli("list", "--local", "--local-dir", archive, "--json")
+    assert {r["name"] for r in json.loads(listed.stdout)["checkpoints"]} == {"checkpoint-12", "checkpoint-4"}
