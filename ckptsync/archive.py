@@ -30,7 +30,7 @@ from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import fits, human
-from ckptsync.store import META, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
+from ckptsync.store import META, WAIT_HINT, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
 
 SUFFIXES = (".tar.zst", ".tzst")
 LEVEL = 3
@@ -109,10 +109,13 @@ def _run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> Arc
     output = Path(opts.output).expanduser() if opts.output else default_output(store.root)
     _check_output(store.root, output)
     result = ArchiveResult(source=str(store.root), archive=str(output))
-    with store.lock("ckptsync archive", wait=opts.wait, on_wait=lambda h: rep.info(f"waiting for {h}")):
+    with store.lock("ckptsync archive", wait=opts.wait, on_wait=lambda h: rep.info(f"waiting for {h}"), hint=WAIT_HINT):
         manifests = store.manifests()
         result.entries = sorted(manifests)
-        result.unmanaged = store.unmanaged()
+        damaged = {n: why for n, why in store.damaged().items() if "@" not in n}
+        result.unmanaged = store.unmanaged() + sorted(damaged)   # archived as found, never removed
+        result.warnings.extend(f"{n}: archived as it is but not verified, its manifest {path} is damaged ({why})"
+                               for n, (path, why) in damaged.items())
         result.warnings.extend(_leftovers(store))
         if output.exists():
             result.reused = True

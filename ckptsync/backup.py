@@ -23,10 +23,8 @@ from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, Server, open_server
-from ckptsync.store import (
-    COPY, EXTRA, LINK, REFLINK, FileRecord, Manifest, Store, free_bytes, io_error, pick_source, place_copy,
-    share_copy,
-)
+from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
+from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store, free_bytes, io_error
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.parallel import Channels, fetch
 from ckptsync.server.transfer import Received, kept_prefixes
@@ -217,7 +215,7 @@ class Backup:
             waited.append(holder)
             self.rep.info(f"waiting for {holder}")
 
-        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
+        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT):
             # Plan again under the lock: the run we waited for may have stored these already.
             if waited:
                 view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
@@ -701,14 +699,14 @@ def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
     return result
 
 
-def discard_staging(target: Target, dry_run: bool = False) -> int:
+def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -> int:
     """Delete what interrupted backups left in staging (under the lock); returns the bytes it held."""
     store = Store(target.local_dir)
     held = store.staged_bytes() if store.meta.is_dir() else 0
     if dry_run or not (store.meta / "staging").is_dir():
         return held
     try:
-        with store.lock("ckptsync backup --discard-staged"):
+        with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT):
             for entry in sorted((store.meta / "staging").iterdir()):
                 if entry.name.endswith(".progress.json"):
                     continue
@@ -728,6 +726,8 @@ def _record(job: Backup, code: int, error: str) -> None:
                         raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3))
     try:
         job.store.record_status(status)
+    except IntegrityError:
+        return  # a backup directory refused for a symlink in its bookkeeping: nothing is written there
     except OSError as exc:
         r.warnings.append(f"could not record this run in {job.store.meta}: {exc.strerror or exc} "
                           "(list, cron show and checklist will not see it)")

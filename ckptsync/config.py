@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -46,6 +47,9 @@ INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "identity_file": (str, "a private key path"),
     "command": (list, "an argv list, e.g. [kubectl, exec, -i, pod, --]"),
 }
+# Keys whose value names something (a path, a host, a pattern): an empty one would quietly mean
+# the current directory, "root@:22" or every process.
+NAMES = ("local_dir", "remote_dir", "host", "user", "identity_file", "train_process")
 TOP_KEYS = {**COMMON_KEYS, "instances": (dict, "a mapping of instance number to settings"),
             "s3": (dict, "bucket settings: endpoint_url, profile, region, ... (see the README, Team storage)")}
 
@@ -157,9 +161,19 @@ def _check(where: str, data: dict, allowed: dict) -> None:
         raise ConfigError(f"{where}.dedup: expected reflink or link, got {data['dedup']!r}")
     if "keep_generations" in data and data["keep_generations"] < 0:
         raise ConfigError(f"{where}.keep_generations: expected 0 or more, got {data['keep_generations']}")
+    if "settle_seconds" in data and not (math.isfinite(data["settle_seconds"]) and data["settle_seconds"] >= 0):
+        raise ConfigError(f"{where}.settle_seconds: expected a number of seconds, 0 or more, "
+                          f"got {data['settle_seconds']!r}")
+    for key in NAMES:
+        if key in data and not data[key].strip():
+            raise ConfigError(f"{where}.{key}: expected {allowed[key][1]}, got an empty string")
     for key in ("extra_files", "command", "runs"):
         if key in data and not all(isinstance(x, str) for x in data[key]):
             raise ConfigError(f"{where}.{key}: expected a list of strings")
+        if key in data and key != "command" and not all(x.strip() for x in data[key]):
+            raise ConfigError(f"{where}.{key}: an empty string in the list")
+    if data.get("command") and not data["command"][0].strip():
+        raise ConfigError(f"{where}.command: the program (the first word) is empty")
     if "parallel" in data and not 1 <= data["parallel"] <= MAX_PARALLEL:
         raise ConfigError(f"{where}.parallel: expected 1-{MAX_PARALLEL}, got {data['parallel']}")
     if "port" in data and not 0 < data["port"] < 65536:
@@ -172,6 +186,8 @@ def load_config(explicit: str | None = None) -> Config:
         return Config()
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a ckptsync config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -252,6 +268,10 @@ def resolve_target(
     """Turn the options of one command into a Target. Per-instance keys override the top level."""
     if instance is not None and host is not None:
         raise UsageError("give --instance or --host, not both")
+    for flag, value in (("--instance", instance), ("--host", host), ("--remote-dir", remote_dir),
+                        ("--local-dir", local_dir)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag}: an empty value (give a name or a path)")
     assumed = instance is None and host is None and remote_dir is None
     args: list[str] = []
     if host is not None:

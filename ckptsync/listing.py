@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +27,7 @@ class Row:
     reason: str
     content: str
     resumable: bool
-    backup: str                    # "yes", "no", "outdated" (server copy differs), "local only"
+    backup: str                    # "yes", "no", "outdated" (server copy differs), "local only", "damaged"
     is_best: bool
     meta_error: str | None = None
     abandoned: bool = False
@@ -66,6 +67,7 @@ class ListResult:
     rows: list[Row] = field(default_factory=list)
     last_backup: dict | None = None
     unmanaged: list[str] = field(default_factory=list)
+    damaged: dict[str, str] = field(default_factory=dict)      # name -> why its manifest cannot be trusted
     runs: list[RunState] = field(default_factory=list)         # newer run directories beside remote_dir
     generations: dict[str, list[GenerationRow]] = field(default_factory=dict)   # with --generations
     follow_hint: str = ""
@@ -96,20 +98,29 @@ class ListResult:
                        "on_server": len(on_server) if checked else None,
                        "server_bytes": self.total_server if checked else None,
                        "backed_up": len(self.backed_up), "backed_up_bytes": self.total_local},
-            "last_backup": self.last_backup, "unmanaged": self.unmanaged, "exit_code": self.exit_code,
+            "last_backup": self.last_backup, "unmanaged": self.unmanaged, "damaged": self.damaged,
+            "exit_code": self.exit_code,
             "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
         }
 
 
-def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict[str, bool] | None = None) -> list[Row]:
-    """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time)."""
+DAMAGED = "damaged"
+
+
+def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict[str, bool] | None = None,
+          damaged: dict[str, tuple[int, float]] | None = None) -> list[Row]:
+    """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time,
+    then those whose manifest is damaged: `damaged` gives their bytes and mtime on disk)."""
     rows: list[Row] = []
     seen = set()
+    damaged = damaged or {}
     if view is not None:
         for c in view.checkpoints:
             m = manifests.get(c.name)
-            if m is None:
+            if c.name in damaged:
+                backup = DAMAGED
+            elif m is None:
                 backup = "no"
             else:
                 backup = "yes" if (current or {}).get(c.name) else "outdated"
@@ -124,6 +135,9 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict
     for m in local:
         rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, on_server, None, "", m.content, m.resumable,
                         backup, m.is_best))
+    for name, (size, mtime) in sorted(damaged.items()):
+        if name not in seen and name != EXTRA:
+            rows.append(Row(name, None, "-", size, mtime, on_server, None, "", DAMAGED, False, DAMAGED, False))
     return rows
 
 
@@ -141,9 +155,14 @@ def run_list(target: Target, local_only: bool, generations: bool = False) -> Lis
 def _run_list(target: Target, local_only: bool) -> ListResult:
     store = Store(target.local_dir)
     manifests = store.manifests()
+    damaged = {name: why for name, why in store.damaged().items() if "@" not in name}
     result = ListResult(target=target.label, server=None if local_only else target.describe(),
                         dest=str(target.local_dir), remote_dir=None if local_only else target.remote_dir,
                         last_backup=store.status(), unmanaged=store.unmanaged())
+    for name, (path, why) in damaged.items():
+        result.damaged[name] = (f"its manifest {path} is damaged ({why}): not verified and not restored; "
+                                f"to back it up again while the server has it: "
+                                f"{target.command('backup', '--checkpoint', name)}")
     view, current = None, None
     if not local_only:
         with open_server(target) as server:
@@ -155,8 +174,26 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
         result.remote_dir = view.root
         if not view.checkpoints:
             result.empty_hint = empty_hint(view, target)
-    result.rows = merge(view, manifests, current)
+    result.rows = merge(view, manifests, current, {name: _on_disk(store.entry(name)) for name in damaged})
     return result
+
+
+def _on_disk(entry) -> tuple[int, float]:
+    """Bytes and mtime of an entry as it is on disk (links not followed)."""
+    try:
+        mtime = os.lstat(entry).st_mtime
+    except OSError:
+        return 0, 0.0
+    if not os.path.isdir(entry) or os.path.islink(entry):
+        return os.lstat(entry).st_size, mtime
+    total = 0
+    for dirpath, _dirs, files in os.walk(entry):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total, mtime
 
 
 CHECKPOINT_PART = re.compile(r"(checkpoint|global_step|step|epoch)[-_]?\d+")

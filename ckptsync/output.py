@@ -2,6 +2,9 @@
 
 rich is imported where it is used, not here: `--help` and the command modules import this
 module without paying for rich, and a run pays for rich.progress only when it shows a bar.
+
+Every human-readable line passes through `printable`: names come from the server, and a file
+name must not be able to recolour, retitle or rewrite the terminal. JSON keeps exact strings.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field as dc_field
@@ -21,6 +25,22 @@ from ckptsync.progress import Reporter
 if TYPE_CHECKING:
     from rich.table import Table
 
+
+
+# What a terminal acts on instead of showing: C0 and C1 controls (ESC starts colour, cursor and
+# title sequences), DEL, line and paragraph separators, bidirectional marks and overrides; and lone
+# surrogates (a server's undecodable file name), which cannot be written to the terminal at all.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """`text` with each character in UNPRINTABLE shown as an escape (ESC as \\x1b, U+202E as \\u202e)."""
+    return UNPRINTABLE.sub(_escaped, str(text))
+
+
+def _escaped(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def when(ts: float | None) -> str:
@@ -134,11 +154,12 @@ class Output:
 
     def _log(self, level: str, message: str) -> None:
         if self.log is not None:
-            self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}\n")
+            self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {printable(message)}\n")
             self.log.flush()
 
     def info(self, message: str) -> None:
         """Progress-type information: stderr, hidden by --quiet and --json."""
+        message = printable(message)
         self._log("INFO", message)
         if self.quiet or self.json_mode:
             return
@@ -149,10 +170,12 @@ class Output:
             self.stderr.flush()
 
     def warn(self, message: str) -> None:
+        message = printable(message)
         self._log("WARN", message)
         self.err.print(f"[yellow]warning:[/] {escape(message)}")
 
     def error(self, message: str, hint: str = "") -> None:
+        message, hint = printable(message), printable(hint)
         self._log("ERROR", message + (f" ({hint})" if hint else ""))
         self.err.print(f"[bold red]error:[/] {escape(message)}")
         if hint:
@@ -167,6 +190,7 @@ class Output:
 
     def result(self, text: str) -> None:
         """The command's answer on stdout (not shown with --json: render() emits the JSON instead)."""
+        text = printable(text)
         self._log("INFO", text)
         if not self.json_mode:
             self.out.print(text, markup=False)
@@ -182,7 +206,7 @@ class Output:
         from rich.text import Text
 
         for line in lines:
-            text = Text(line, no_wrap=True, overflow="crop")
+            text = Text(printable(line), no_wrap=True, overflow="crop")
             for pattern, style in (styles or {}).items():
                 text.highlight_regex(pattern, style)
             self.out.print(text)
@@ -204,7 +228,7 @@ class Output:
 
     def paragraph(self, text: str, indent: str = "", first: str = "") -> None:
         """Text wrapped at word boundaries to the width (whole words, never cut)."""
-        for line in wrap(text, self.width, indent, first):
+        for line in wrap(printable(text), self.width, indent, printable(first)):
             self.result(line)
 
     def emit(self, data: Any) -> None:
@@ -275,9 +299,15 @@ class LineReporter(Reporter):
 
 
 def table(*columns: str, title: str | None = None) -> Table:
+    """A rich table whose cells are plain text: markup in a name is shown, not applied."""
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    class PlainTable(Table):
+        def add_row(self, *cells, **kwargs) -> None:
+            super().add_row(*(Text(printable(c)) if isinstance(c, str) else c for c in cells), **kwargs)
+
+    t = PlainTable(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
     for c in columns:
         justify = "right" if c in ("step", "size", "files", "bytes") else "left"
         t.add_column(c, justify=justify, no_wrap=c in ("name", "size", "modified"))
@@ -384,7 +414,7 @@ class TextTable:
         return cls([c if isinstance(c, Column) else Column(c, right=c in RIGHT) for c in specs])
 
     def add(self, *cells: Any, styles: dict[int, str] | None = None) -> None:
-        self.rows.append(([str(c) for c in cells], styles or {}))
+        self.rows.append(([printable(c) for c in cells], styles or {}))
 
     def widths(self) -> list[int]:
         return [max([len(c.header)] + [len(r[0][i]) for r in self.rows]) for i, c in enumerate(self.columns)]

@@ -11,7 +11,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ckptsync.output import LineReporter, Output
+from ckptsync.output import LineReporter, Output, escape, printable
 from ckptsync.policy import human
 
 
@@ -44,7 +44,7 @@ class TerminalReporter(LineReporter):
             TimeRemainingColumn(), console=self.out.err, transient=True,
         )
         self.progress.start()
-        self.task = self.progress.add_task(label, total=total or None)
+        self.task = self.progress.add_task(escape(printable(label)), total=total or None)
 
     def advance(self, nbytes: int) -> None:
         super().advance(nbytes)

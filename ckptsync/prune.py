@@ -1,7 +1,10 @@
 """`ckptsync prune`: delete the checkpoints a retention policy does not keep, in the backup
 directory (default) or on the server (`--remote`).
 
-The decisions come from `retention.plan`. Deleting one local checkpoint is one
+The decisions come from `retention.plan`. Before a local prune deletes anything,
+the newest complete backup is re-read against its manifest's checksums; one that
+fails is not counted as the verified copy, the next older one is tried, and a
+store where none verifies loses nothing. Deleting one local checkpoint is one
 rename into `.ckptsync/trash/` (it disappears whole), then its manifest goes,
 then the files; an interrupted run leaves trash and possibly a manifest whose
 entry is gone, both cleaned under the lock at the start of the next run. On
@@ -19,14 +22,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptsync.config import Target
-from ckptsync.errors import OK, PARTIAL, AgentError, Interrupted, NotFound, UsageError
+from ckptsync.errors import INTEGRITY, OK, PARTIAL, AgentError, Interrupted, NotFound, UsageError
 from ckptsync.layout import Checkpoint
+from ckptsync.policy import newest_first
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.freshness import judge_view
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import Generation, EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
+from ckptsync.store import WAIT_HINT, Generation, EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
+from ckptsync.verify import check_files
 
 
 @dataclass
@@ -37,6 +42,7 @@ class PruneOptions:
     force: bool = False
     keep_best: bool = True     # the best checkpoint stays unless the user says --no-keep-best
     keep_generations: int | None = None   # earlier versions kept per name (None: leave them as they are)
+    wait: bool = False         # wait for another run's lock instead of exiting 11
 
 
 @dataclass
@@ -66,6 +72,7 @@ class PruneResult:
     generations: list[str] = field(default_factory=list)   # NAME@ID removed (or, dry run, to remove)
     freed_bytes: int = 0       # freed, or with --dry-run what would be
     failed: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)   # backups that failed verification, damaged manifests
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -79,7 +86,7 @@ class PruneResult:
 
     @property
     def exit_code(self) -> int:
-        return PARTIAL if self.failed else OK
+        return INTEGRITY if self.damaged else PARTIAL if self.failed else OK
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -123,6 +130,7 @@ def _interrupted(done: list[str], current: str | None, state: str) -> Interrupte
 
 class LocalPrune:
     def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
+        self.target = target
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
@@ -135,7 +143,8 @@ class LocalPrune:
         if self.opts.dry_run:
             self._plan()
             return self.result
-        with self.store.lock("ckptsync prune"):
+        with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT,
+                             on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
             clean_leftovers(self.store)
             self._plan()
             self._delete()
@@ -145,10 +154,18 @@ class LocalPrune:
 
     def _plan(self) -> None:
         manifests = {n: m for n, m in self.store.manifests().items() if n != EXTRA}
+        for name, (path, why) in self.store.damaged().items():
+            self.result.damaged[name] = f"its manifest {path} is damaged: {why}"
+            self.result.warnings.append(f"{name}: left alone, its manifest {path} is damaged ({why})")
         if not self.opts.policy.is_empty:
             items = [Item(name=m.name, step=m.step, mtime=m.mtime, is_best=m.is_best, complete=True,
                           verified=True, kind=m.kind) for m in manifests.values()]
             decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
+            if any(not d.keep for d in decisions):
+                bad = self._verify_newest(items, manifests)
+                if bad:
+                    items = [replace(i, verified=i.name not in bad) for i in items]
+                    decisions = plan(items, self.opts.policy, time.time(), remote=False, force=self.opts.force)
             self.result.entries = _entries(decisions, {n: m.size for n, m in manifests.items()})
             _note_best(self.result)
         self._old = self._old_generations()
@@ -158,6 +175,33 @@ class LocalPrune:
         unmanaged = self.store.unmanaged()
         if unmanaged:
             self.result.warnings.append(f"not made by ckptsync, left alone: {', '.join(unmanaged)}")
+
+    def _verify_newest(self, items: list[Item], manifests: dict[str, Manifest]) -> set[str]:
+        """Re-read the newest backups, newest first, until one matches its manifest: that one is
+        the copy a prune keeps whatever the rules say. Returns the names that failed."""
+        bad: dict[str, str] = {}
+        good = None
+        for item in newest_first(items):
+            m = manifests[item.name]
+            self.rep.info(f"{m.name}: verifying, before anything older is removed")
+            self.rep.start(f"verify {m.name}", m.size)
+            try:
+                problems = check_files(self.store.root, m.files, self.rep)
+            finally:
+                self.rep.finish()
+            if not problems:
+                good = m.name
+                break
+            shown = "; ".join(f"{p.path}: {p.kind}" + (f" ({p.detail})" if p.detail else "") for p in problems[:3])
+            bad[m.name] = shown + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        for name, why in bad.items():
+            self.result.damaged[name] = f"fails verification: {why}"
+            self.result.warnings.append(f"{name} fails verification ({why}); to fetch the damaged files again "
+                                        f"while the server has them: {self.target.command('verify', '--repair', name)}")
+        if bad:
+            self.result.warnings.append(f"kept {good}: the newest backup that verifies, whatever the rules say"
+                                        if good else "no backup verifies: nothing is removed")
+        return set(bad)
 
     def _old_generations(self) -> list[Generation]:
         """Generations beyond --keep-generations, and every generation of an entry being removed."""
@@ -269,7 +313,8 @@ class RemotePrune:
                     self._delete(view)
                 return self.result
             # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put.
-            with self.store.lock("ckptsync prune --remote"):
+            with self.store.lock("ckptsync prune --remote", wait=self.opts.wait, hint=WAIT_HINT,
+                                 on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
                 self._plan(view)
                 self._delete(view)
         return self.result

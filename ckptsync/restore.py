@@ -245,15 +245,25 @@ class Restore:
         try:
             manifests = self.store.manifests()
             ordered = newest_first(manifests)
+            damaged = {n: why for n, why in self.store.damaged().items() if "@" not in n}
+            self._refuse_damaged(damaged, ordered)
             if not ordered:
                 raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
             m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
+            if not self.opts.checkpoint:
+                self.result.warnings.extend(
+                    f"skipped {name}: its manifest {path} is damaged ({why}), so its files cannot be checked; "
+                    f"restoring {m.name}" for name, (path, why) in damaged.items() if name != EXTRA)
             self.result.warnings.extend(notes)
             if self.opts.generation is not None:
                 g = pick_generation(self.store, m.name, self.opts.generation)
                 m, self.files_root = g.manifest, g.root
                 self.result.generation = g.id
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
+            if EXTRA in damaged and self.opts.extra_files and not self.opts.extra_files_only:
+                path, why = damaged[EXTRA]
+                self.result.warnings.append(f"the extra files are not restored: their manifest {path} is "
+                                            f"damaged ({why})")
             if self.opts.extra_files_only:
                 if extras is None:
                     raise NotFound(f"no extra files in {self.store.root}" + ("" if self.opts.extra_files
@@ -285,14 +295,26 @@ class Restore:
         finally:
             self.result.seconds = time.monotonic() - started
 
+    def _refuse_damaged(self, damaged: dict[str, tuple[Path, str]], ordered: list[Manifest]) -> None:
+        """A backup asked for by name (or the extra files alone) whose manifest is damaged, or a
+        store where every checkpoint's is: exit 30 naming the manifest."""
+        wanted = EXTRA if self.opts.extra_files_only and self.opts.extra_files else self.opts.checkpoint
+        if wanted in damaged:
+            path, why = damaged[wanted]
+            raise IntegrityError(f"the backup of {wanted} cannot be checked, nothing was sent: its manifest "
+                                 f"{path} is damaged ({why})", hint=self._older_hint(None, ordered))
+        if not ordered and set(damaged) - {EXTRA}:
+            shown = "; ".join(f"{n}: {p} ({why})" for n, (p, why) in damaged.items() if n != EXTRA)
+            raise IntegrityError(f"no backup in {self.store.root} can be checked, nothing was sent: "
+                                 f"damaged manifests: {shown}")
+
     def _lock(self) -> contextlib.ExitStack:
         """Hold the backup directory's lock, so prune or a backup cannot change what is being read."""
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore"))
-            except Locked as exc:
-                raise Locked(exc.message, hint="wait for it to finish, then run the restore again") from None
+                stack.enter_context(self.store.lock("ckptsync restore",
+                                                    hint="wait for it to finish, then run the restore again"))
             except IOFailure:
                 if os.access(self.store.root, os.W_OK) and not osdeps.read_only_fs(self.store.root):
                     raise
@@ -466,14 +488,18 @@ class Restore:
             raise IntegrityError(f"the backup of the extra files is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint="restore without them: --no-extra-files")
 
-    def _older_hint(self, m: Manifest, ordered: list[Manifest]) -> str:
-        older = ordered[ordered.index(m) + 1:]
+    def _older_hint(self, m: Manifest | None, ordered: list[Manifest]) -> str:
+        """The next older backup that verifies (with m None: the newest one), as a command."""
+        older = ordered[ordered.index(m) + 1:] if m is not None else ordered
         for other in older:
             if not (has_weights(other) if self.opts.adapter_only else other.resumable):
                 continue
             files = weight_files(other) if self.opts.adapter_only else other.files
             if not verify_files(self.store.root, files):
-                return f"the next older backup verifies: {self.target.command('restore', '--checkpoint', other.name)}"
+                which = "the next older backup" if m is not None else "the newest backup that"
+                return f"{which} verifies: {self.target.command('restore', '--checkpoint', other.name)}"
+        if m is None:
+            return "no other backup verifies" if older else "there is no other backup"
         return "no older backup verifies either" if older else "there is no older backup"
 
     def _usable_staged(self, root: str, m: Manifest, records: list[FileRecord], check: bool) -> set[str]:

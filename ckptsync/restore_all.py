@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ckptsync.config import Target
-from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, Interrupted, NotFound
+from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, IntegrityError, Interrupted, NotFound
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
@@ -104,6 +104,12 @@ class RestoreAll:
         try:
             manifests = self.manifests()
             ordered = newest_first(manifests)
+            for name, (path, why) in self.damaged().items():
+                r.items.append(RestoreAllItem(name, None, 0, FAILED, f"its manifest {path} is damaged ({why})",
+                                              IntegrityError.exit_code))
+            if not ordered and r.items:
+                raise IntegrityError(f"no backup in {r.source} can be checked: "
+                                     + "; ".join(f"{i.checkpoint}: {i.error}" for i in r.items))
             if not ordered:
                 raise NotFound(f"no checkpoint backups in {r.source}", hint="give the backup directory with --local-dir")
             names = frozenset(m.name for m in ordered)
@@ -140,7 +146,7 @@ class RestoreAll:
                         r.remote_dir = done.remote_dir
                     r.items.append(RestoreAllItem(m.name, m.step, m.size, WOULD if self.opts.dry_run else RESTORED))
             order = {m.name: i for i, m in enumerate(ordered)}
-            r.items.sort(key=lambda i: order[i.checkpoint])
+            r.items.sort(key=lambda i: order.get(i.checkpoint, len(order)))
             return r
         finally:
             r.seconds = time.monotonic() - started
@@ -149,6 +155,10 @@ class RestoreAll:
 
     def manifests(self) -> dict[str, Manifest]:
         return Store(self.target.local_dir).manifests()
+
+    def damaged(self) -> dict:
+        """Checkpoints whose manifest is damaged: name -> (manifest path, why)."""
+        return {n: why for n, why in Store(self.target.local_dir).damaged().items() if "@" not in n and n != EXTRA}
 
     def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
         one = dataclasses.replace(self.opts, checkpoint=name, extra_files=extras, also=names)

@@ -39,7 +39,8 @@ Safety (applied after the rules, whatever the policy says)
       ("in progress"). ``force`` does not change this.
     * Local stores (``remote=False``): the newest complete, verified item is
       always kept ("newest verified backup"), so a prune never leaves only
-      backups that fail verification.
+      backups that fail verification. When no complete item is verified,
+      every item is kept ("no backup verifies").
     * Remote (``remote=True``): an item without a verified local backup
       (``verified=False``) is kept ("no verified local backup") unless
       ``force=True``.
@@ -88,6 +89,7 @@ REASON_UNMATCHED = "not matched by any rule"
 REASON_BEST = "best"
 REASON_IN_PROGRESS = "in progress"
 REASON_NEWEST_VERIFIED = "newest verified backup"
+REASON_NONE_VERIFIED = "no backup verifies"
 REASON_NO_LOCAL_BACKUP = "no verified local backup"
 
 
@@ -293,10 +295,12 @@ def plan(
                 if not item.verified:
                     reasons[n].append(REASON_NO_LOCAL_BACKUP)
     else:
+        newest = next((n for n, item in enumerate(ordered) if item.complete and item.verified), None)
         for n, item in enumerate(ordered):
-            if item.complete and item.verified:
+            if n == newest:
                 reasons[n].append(REASON_NEWEST_VERIFIED)
-                break
+            elif newest is None and item.complete:
+                reasons[n].append(REASON_NONE_VERIFIED)
 
     decisions = []
     for item, why in zip(ordered, reasons):

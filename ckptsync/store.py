@@ -13,6 +13,13 @@
 A manifest is written before its entry is renamed into place, so every
 visible entry has one; a manifest without its entry is ignored. The same
 holds for generations: ID.json is written before the entry moves to ID/.
+A manifest that cannot be read as one (cut short, not JSON, naming another
+entry or files outside it) is damaged: its entry is neither trusted nor
+taken for a stranger's (`Store.damaged`).
+
+Nothing of `.ckptsync/` is ever reached through a symlink: ckptsync deletes
+in staging and trash, and a link there would make it delete elsewhere. The
+first use of a Store checks its bookkeeping paths (`Store.check_own`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any, Iterator
 
 from ckptsync import osdeps
 from ckptsync.agent import fsync_dir, fsync_file, hash_file
-from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
+from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure, Locked
 
 META = ".ckptsync"
 EXTRA = "extra-files"
@@ -40,6 +47,11 @@ FORMAT = 1
 GENERATIONS = "generations"
 # What versions before generations left beside an entry that changed on the server.
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
+# ckptsync's own paths under .ckptsync/ (and two levels inside staging/ and generations/).
+OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "status.json",
+             "status-scheduled.json", "status-manual.json", "history.jsonl")
+# How a lock message tells a command that has --wait from one that has not.
+WAIT_HINT = "use --wait to wait for it"
 
 
 @dataclass
@@ -104,6 +116,68 @@ class Generation:
         return self.root / self.name
 
 
+class DamagedManifest(ValueError):
+    """A manifest file that is there but cannot be trusted; the message says why."""
+
+
+def read_manifest(path: Path, name: str) -> Manifest:
+    """The manifest at `path`, which must describe entry `name` and only files inside it.
+
+    FileNotFoundError when there is none; DamagedManifest when there is one that is cut short,
+    not JSON, not a manifest, about another entry, or listing a path outside the entry."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedManifest(f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        cut = "cut short: " if not text.rstrip().endswith("}") else ""
+        raise DamagedManifest(f"{cut}not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedManifest("not a manifest (expected a JSON object)")
+    try:
+        m = Manifest.from_dict(data)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise DamagedManifest(f"not a whole manifest ({type(exc).__name__}: {exc})") from None
+    if m.name != name:
+        raise DamagedManifest(f"describes {m.name!r}, not {name!r}")
+    for f in m.files:
+        if not (isinstance(f.path, str) and _inside(f.path, name) and isinstance(f.size, int)
+                and isinstance(f.xxh3_128, str)):
+            raise DamagedManifest(f"lists a file outside {name}, or one without a size and checksum: {f.path!r}")
+    return m
+
+
+def _inside(path: str, name: str) -> bool:
+    parts = path.split("/")
+    return parts[0] == name and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _refuse_link(path: Path) -> None:
+    if os.path.islink(path):
+        try:
+            where = f" (to {os.readlink(path)})"
+        except OSError:
+            where = ""
+        raise IntegrityError(
+            f"{path} is a symlink{where}: ckptsync keeps its own files inside the backup directory and "
+            "never follows them out of it; nothing was changed",
+            hint="if it points to ckptsync's own files moved elsewhere, move them back in its place; "
+                 "otherwise remove the link; then run again")
+
+
+def _children(folder: Path) -> list[Path]:
+    """The entries of a real directory (not a link to one); [] when there is none."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def sync_tree(path: Path) -> None:
     """fsync every file and directory of a staged entry: nothing is renamed into place unsynced."""
     paths = [path] if path.is_file() else sorted(path.rglob("*")) + [path]
@@ -146,41 +220,79 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.meta = self.root / META
+        self._own_checked = False
+
+    def check_own(self) -> None:
+        """Refuse a backup directory where .ckptsync, or a path ckptsync keeps in it, is a symlink:
+        staging and trash are deleted from and manifests written, and a link would take that
+        elsewhere. Checked once per Store, before its first use of them (IntegrityError, exit 30)."""
+        if self._own_checked:
+            return
+        for path in [self.meta] + [self.meta / p for p in OWN_PATHS]:
+            _refuse_link(path)
+        for top in ("staging", GENERATIONS):   # staging/NAME/NAME, generations/NAME/ID
+            for path in _children(self.meta / top):
+                _refuse_link(path)
+                for inner in _children(path):
+                    _refuse_link(inner)
+        self._own_checked = True
 
     # -------------------------------------------------- manifests
 
     def manifest_path(self, name: str) -> Path:
+        self.check_own()
         return self.meta / "manifests" / f"{name}.json"
 
     def entry(self, name: str) -> Path:
         return self.root / name
 
     def load(self, name: str) -> Manifest | None:
-        """The manifest of a visible entry, or None (missing, unreadable, or entry absent)."""
+        """The manifest of a visible entry, or None (missing, damaged, or entry absent)."""
         path = self.manifest_path(name)
-        if not self.entry(name).exists():
+        if not os.path.lexists(self.entry(name)):
             return None
         try:
-            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, KeyError):
+            return read_manifest(path, name)
+        except (OSError, DamagedManifest):
             return None
 
-    def manifests(self) -> dict[str, Manifest]:
-        out: dict[str, Manifest] = {}
+    def _read_manifests(self) -> tuple[dict[str, Manifest], dict[str, tuple[Path, str]]]:
+        """The manifests of visible entries, and the damaged ones (name -> (path, why))."""
+        good: dict[str, Manifest] = {}
+        bad: dict[str, tuple[Path, str]] = {}
+        self.check_own()
         folder = self.meta / "manifests"
         if not folder.is_dir():
-            return out
+            return good, bad
         for path in sorted(folder.glob("*.json")):
-            m = self.load(path.stem)
-            if m is not None:
-                out[m.name] = m
+            if not os.path.lexists(self.entry(path.stem)):
+                continue   # left by an interrupted prune: ignored, and cleaned by the next one
+            try:
+                good[path.stem] = read_manifest(path, path.stem)
+            except FileNotFoundError:
+                continue
+            except DamagedManifest as exc:
+                bad[path.stem] = (path, str(exc))
+        return good, bad
+
+    def manifests(self) -> dict[str, Manifest]:
+        return self._read_manifests()[0]
+
+    def damaged(self) -> dict[str, tuple[Path, str]]:
+        """Manifests that are there, beside their entry, but cannot be trusted: the entry's name
+        (NAME@ID for a generation) -> (the manifest's path, why). Such an entry is not verified,
+        listed as backed up or restored, and not taken for one made by another tool either."""
+        out = dict(self._read_manifests()[1])
+        for name, (_found, bad) in self._scan_generations().items():
+            out.update({f"{name}@{gid}": why for gid, why in bad.items()})
         return out
 
     def unmanaged(self) -> list[str]:
         """Entries in the backup directory that have no manifest (copied by hand, or left by other tools)."""
         if not self.root.is_dir():
             return []
-        known = set(self.manifests())
+        good, bad = self._read_manifests()
+        known = set(good) | set(bad)
         # A directory with its own .ckptsync/ is a followed run's store, not a stray entry.
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in known
                       and not (p / META).is_dir())
@@ -195,9 +307,11 @@ class Store:
     # -------------------------------------------------- staging
 
     def staging(self, name: str) -> Path:
+        self.check_own()
         return self.meta / "staging" / name
 
     def progress_path(self, name: str) -> Path:
+        self.check_own()
         return self.meta / "staging" / f"{name}.progress.json"
 
     def load_progress(self, name: str) -> dict[str, dict]:
@@ -213,6 +327,7 @@ class Store:
     def staged_bytes(self) -> int:
         """Bytes that interrupted transfers keep in staging."""
         total = 0
+        self.check_own()
         for dirpath, _dirs, files in os.walk(self.meta / "staging"):
             for f in files:
                 with contextlib.suppress(OSError):
@@ -247,28 +362,38 @@ class Store:
     # -------------------------------------------------- generations
 
     def generation_dir(self, name: str) -> Path:
+        self.check_own()
         return self.meta / GENERATIONS / name
 
     def generations(self, name: str | None = None) -> dict[str, list[Generation]]:
         """Entry name -> its kept generations, newest first. A generation counts only when both
-        its manifest and its entry are there."""
+        its manifest and its entry are there (and the manifest is whole: see damaged())."""
+        out: dict[str, list[Generation]] = {}
+        for n, (found, _bad) in self._scan_generations(name).items():
+            if found:
+                out[n] = sorted(found, key=lambda g: (g.manifest.backed_up_at, g.id), reverse=True)
+        return out
+
+    def _scan_generations(self, name: str | None = None) -> dict[str, tuple[list[Generation], dict]]:
+        """Entry name -> (its generations, {id: (manifest path, why)} for damaged manifests)."""
+        self.check_own()
         top = self.meta / GENERATIONS
         names = [name] if name is not None else (sorted(p.name for p in top.iterdir() if p.is_dir())
                                                  if top.is_dir() else [])
-        out: dict[str, list[Generation]] = {}
+        out: dict[str, tuple[list[Generation], dict]] = {}
         for n in names:
-            found = []
+            found, bad = [], {}
             for path in sorted(self.generation_dir(n).glob("*.json")):
                 root = path.with_suffix("")
-                if not (root / n).exists():
+                if not os.path.lexists(root / n):
                     continue
                 try:
-                    m = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-                except (OSError, ValueError, TypeError, KeyError):
+                    found.append(Generation(n, root.name, root, read_manifest(path, n)))
+                except FileNotFoundError:
                     continue
-                found.append(Generation(n, root.name, root, m))
-            if found:
-                out[n] = sorted(found, key=lambda g: (g.manifest.backed_up_at, g.id), reverse=True)
+                except DamagedManifest as exc:
+                    bad[root.name] = (path, str(exc))
+            out[n] = (found, bad)
         return out
 
     def keep_generation(self, old: Manifest, entry: Path) -> Generation:
@@ -341,6 +466,7 @@ class Store:
         return adopted
 
     def clean_trash(self) -> None:
+        self.check_own()
         shutil.rmtree(self.meta / "trash", ignore_errors=True)
 
     # -------------------------------------------------- dedup index
@@ -360,6 +486,7 @@ class Store:
     # -------------------------------------------------- status
 
     def record_status(self, status: dict[str, Any]) -> None:
+        self.check_own()
         self.meta.mkdir(parents=True, exist_ok=True)
         text = json.dumps(status, indent=1, sort_keys=True)
         atomic_write(self.meta / "status.json", text)
@@ -378,12 +505,16 @@ class Store:
     # -------------------------------------------------- lock
 
     @contextlib.contextmanager
-    def lock(self, command: str, wait: bool = False, on_wait=None) -> Iterator[None]:
-        """One run per backup directory. The system releases the lock when a holder dies."""
+    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "") -> Iterator[None]:
+        """One run per backup directory. The system releases the lock when a holder dies.
+
+        `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
+        others get "wait for it to finish", since a hint must name only flags the command has."""
         path = self.meta / "lock"
+        self.check_own()
         try:
             self.meta.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise io_error(exc, f"taking the lock in {self.root}") from None
         held = False
@@ -391,7 +522,8 @@ class Store:
             if not osdeps.lock_file(fd, path, wait=False):
                 holder = read_holder(path)
                 if not wait:
-                    raise Locked(f"{self.root} is in use by {holder}", hint="use --wait to wait for it") from None
+                    raise Locked(f"{self.root} is in use by {holder}",
+                                 hint=hint or "wait for it to finish, then run the command again") from None
                 if on_wait is not None:
                     on_wait(holder)
                 osdeps.lock_file(fd, path, wait=True)
@@ -432,106 +564,3 @@ def free_bytes(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
-
-
-# -------------------------------------------------- placing known content
-
-DEDUP_POLICIES = ("reflink", "link")
-REFLINK, LINK, COPY = "reflink", "link", "copy"
-
-
-def _same_stamp(st: os.stat_result, mtime_ns: int, mode: int) -> bool:
-    return st.st_mtime_ns == mtime_ns and stat.S_IMODE(st.st_mode) == mode
-
-
-def pick_source(paths: list[Path], mtime_ns: int, mode: int) -> Path | None:
-    """Of stored files with the wanted content, one already showing this mtime and mode
-    (so it can be hard-linked), else the first that is still there."""
-    first = None
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if _same_stamp(st, mtime_ns, mode):
-            return p
-        if first is None:
-            first = p
-    return first
-
-
-def _set_stamp(path: Path, mtime_ns: int, mode: int) -> None:
-    os.chmod(path, mode)
-    os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-def _place_tmp(dest: Path) -> Path:
-    # A dot name that verify ignores, should a killed run leave it behind.
-    return dest.with_name(f".ckptsync-place-{dest.name}")
-
-
-def share_copy(existing: Path, dest: Path, mtime_ns: int, mode: int, policy: str = REFLINK) -> str | None:
-    """Make dest share existing's bytes without writing them: "reflink" or "link", or None.
-
-    A reflink is its own inode, so it gets this file's mode and mtime. A hard link shares
-    the inode, so (unless policy is "link") it is made only when that inode already shows
-    this mode and mtime. dest is replaced atomically if it exists; failures raise OSError.
-    """
-    tmp = _place_tmp(dest)
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    if policy == LINK:
-        os.link(existing, tmp)
-        how = LINK
-    else:
-        try:
-            if osdeps.clone_file(existing, tmp):
-                _set_stamp(tmp, mtime_ns, mode)
-                os.replace(tmp, dest)
-                return REFLINK
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if not _same_stamp(os.stat(existing), mtime_ns, mode):
-            return None
-        try:
-            os.link(existing, tmp)
-        except OSError:  # EXDEV, EMLINK: place_copy copies instead
-            return None
-        how = LINK
-    _swap_in(tmp, dest, lambda: None)
-    return how
-
-
-def _swap_in(tmp: Path, dest: Path, prepare) -> None:
-    """Run prepare() (which fills tmp), then rename tmp over dest; tmp never outlives a failure."""
-    try:
-        prepare()
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def place_copy(existing: Path, dest: Path, mtime_ns: int, mode: int, policy: str = REFLINK) -> str:
-    """Put existing's content at dest as this file: "reflink", "link" or "copy" (see share_copy).
-
-    A copy writes the bytes again (no disk saved, but no transfer either) and gets its own mode
-    and mtime. dest is replaced atomically if it exists; failures raise OSError.
-    """
-    how = share_copy(existing, dest, mtime_ns, mode, policy)
-    if how is not None:
-        return how
-    tmp = _place_tmp(dest)
-
-    def fill() -> None:
-        shutil.copyfile(existing, tmp)
-        _set_stamp(tmp, mtime_ns, mode)
-    _swap_in(tmp, dest, fill)
-    return COPY

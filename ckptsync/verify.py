@@ -4,7 +4,9 @@ Local (the default) needs no connection: every file of every entry is read
 again and its size and xxh3-128 compared with the manifest; files a resume
 needs must be there, and nothing else may be in the entry (only `.ckptsync*`
 names are ignored). A file hard-linked into several checkpoints is read once.
-An entry that passes gets its manifest's `verified_at` set.
+An entry that passes gets its manifest's `verified_at` set. A file reached
+through a symlink (the entry, or a directory in it) is not the backup's own
+copy and fails, and so does an entry whose manifest is damaged.
 
 `--remote` compares the server's copy with the backup instead: sizes from
 the server's listing, hashes computed on the server in its best algorithm.
@@ -45,6 +47,7 @@ CHANGED = "changed by another run during the check"
 CORRUPT = "corrupt"
 MISSING = "missing"
 UNEXPECTED = "unexpected"
+DAMAGED = "damaged manifest"
 # Problem kinds, remote.
 DIFFERS = "differs"
 MISSING_ON_SERVER = "missing on the server"
@@ -77,7 +80,7 @@ class EntryCheck:
         """Name the status after the kinds of problems found (local checks)."""
         if not self.problems:
             return
-        labels = {CORRUPT: "corrupt", MISSING: "missing files", UNEXPECTED: "unexpected files"}
+        labels = {DAMAGED: DAMAGED, CORRUPT: "corrupt", MISSING: "missing files", UNEXPECTED: "unexpected files"}
         kinds = {p.kind for p in self.problems}
         self.status = ", ".join(label for kind, label in labels.items() if kind in kinds)
 
@@ -160,10 +163,19 @@ Todo = list[tuple[FileRecord, Path, os.stat_result]]
 
 
 def inspect_files(root: Path, files: list[FileRecord], resume: set[str] = frozenset()) -> tuple[list[Problem], Todo]:
-    """Presence, type and size of stored files; returns the problems and the files still to be read."""
+    """Presence, type and size of stored files; returns the problems and the files still to be read.
+    Nothing is read through a symlink: a linked entry or directory is reported once, its files not read."""
     problems, todo = [], []
+    links: dict[str, bool] = {}    # directory (relative to root) -> whether it is a symlink
+    reported: set[str] = set()
     for f in files:
         path = root / f.path
+        link = _linked_dir(root, f.path, links)
+        if link is not None:
+            if link not in reported:
+                reported.add(link)
+                problems.append(Problem(link, CORRUPT, _link_text(root / link, "directory")))
+            continue
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -172,7 +184,9 @@ def inspect_files(root: Path, files: list[FileRecord], resume: set[str] = frozen
         except OSError as exc:
             problems.append(Problem(f.path, CORRUPT, f"cannot read: {exc.strerror or exc}"))
             continue
-        if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(Problem(f.path, CORRUPT, _link_text(path, "file")))
+        elif not stat.S_ISREG(st.st_mode):
             problems.append(Problem(f.path, CORRUPT, "not a regular file"))
         elif st.st_size != f.size:
             what = "truncated" if st.st_size < f.size else "grown"
@@ -180,6 +194,43 @@ def inspect_files(root: Path, files: list[FileRecord], resume: set[str] = frozen
         else:
             todo.append((f, path, st))
     return problems, todo
+
+
+def _linked_dir(root: Path, rel: str, seen: dict[str, bool]) -> str | None:
+    """The first directory on the way to `rel` that is a symlink, or None."""
+    parts = rel.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if d not in seen:
+            try:
+                seen[d] = stat.S_ISLNK(os.lstat(root / d).st_mode)
+            except OSError:
+                seen[d] = False   # missing: the file's own lstat says so
+        if seen[d]:
+            return d
+    return None
+
+
+def _link_text(path: Path, what: str) -> str:
+    try:
+        to = f" to {os.readlink(path)}"
+    except OSError:
+        to = ""
+    return f"a symlink{to}, not a {what} of the backup: its files are not checked or trusted"
+
+
+def damaged_checks(store: Store, names: list[str]) -> list[EntryCheck]:
+    """A failed check for each entry (or generation, NAME@ID) whose manifest is damaged; limited
+    to `names` (and their generations) when given."""
+    out = []
+    for label, (path, why) in store.damaged().items():
+        if names and label.split("@")[0] not in names:
+            continue
+        check = EntryCheck(label)
+        check.problems.append(Problem(path.relative_to(store.root).as_posix(), DAMAGED, why))
+        check.settle()
+        out.append(check)
+    return out
 
 
 def hash_files(todo: Todo, hasher: "Hasher") -> tuple[list[Problem], list[tuple[str, bool]]]:
@@ -217,18 +268,20 @@ class LocalVerify:
 
     def _select(self) -> list[Manifest]:
         manifests = self.store.manifests()
+        damaged = self.store.damaged()
         if self.names:
-            unknown = [n for n in self.names if n not in manifests]
+            unknown = [n for n in self.names if n not in manifests and n not in damaged]
             if unknown:
                 have = ", ".join(m.name for m in _ordered(manifests.values())) or "none"
                 raise NotFound(f"no backup named {', '.join(unknown)} in {self.store.root} (backups there: {have})")
-            return [manifests[n] for n in dict.fromkeys(self.names)]
-        if not manifests:
+            return [manifests[n] for n in dict.fromkeys(self.names) if n in manifests]
+        if not manifests and not damaged:
             raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
         return _ordered(manifests.values())
 
     def run(self) -> VerifyResult:
         chosen = self._select()
+        self.result.entries.extend(damaged_checks(self.store, self.names))
         unmanaged = self.store.unmanaged()
         if unmanaged and not self.names:
             self.result.warnings.append(f"not made by ckptsync, not verified: {', '.join(unmanaged)}")
@@ -358,7 +411,10 @@ class RemoteVerify:
             self.result.remote_dir = view.root
             self.result.warnings.extend(view.errors)
             manifests = self.store.manifests()
-            names = self._select(view, manifests)
+            damaged = [c for c in damaged_checks(self.store, self.names) if "@" not in c.name]
+            self.result.entries.extend(damaged)
+            names = [n for n in self._select(view, manifests, {c.name for c in damaged})
+                     if n not in {c.name for c in damaged}]
             pairs = [(n, view.find(n), manifests.get(n)) for n in names]
             compared = [m for n, c, m in pairs if m is not None and (n == EXTRA or c is not None)]
             total = sum(m.size for m in compared)
@@ -370,10 +426,10 @@ class RemoteVerify:
                 self.rep.finish()
         return self.result
 
-    def _select(self, view: ServerView, manifests: dict[str, Manifest]) -> list[str]:
+    def _select(self, view: ServerView, manifests: dict[str, Manifest], damaged: set[str]) -> list[str]:
         server = [c.name for c in view.checkpoints]
         local = [m.name for m in newest_first(m for n, m in manifests.items() if n not in server and n != EXTRA)]
-        everything = server + local + ([EXTRA] if EXTRA in manifests else [])
+        everything = server + local + ([EXTRA] if EXTRA in manifests else []) + sorted(damaged - set(server))
         if not self.names:
             return everything
         unknown = [n for n in self.names if n not in everything]

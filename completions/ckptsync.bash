@@ -71,7 +71,7 @@ _ckptsync_spec() {
             values="--host -H --instance -i --ssh"
             ;;
         "prune")
-            opts="--accept-new-host-key --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --no-keep-best --quiet -q --remote --remote-dir -r --ssh"
+            opts="--accept-new-host-key --config -c --debug --dry-run -n --force --help -h --host -H --instance -i --json --keep-best --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --no-keep-best --quiet -q --remote --remote-dir -r --ssh --wait"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --ssh"

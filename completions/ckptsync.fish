@@ -226,6 +226,7 @@ complete -c ckptsync -n '__ckptsync_at \'prune\'' -l quiet -s q -d 'Print less: 
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote -d 'Prune the server\'s checkpoints instead of the backups'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'prune\'' -l wait -d 'Wait for another run on the same backup directory instead of exiting 11'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l adapter-only -d 'Send only the adapter/model weights and their configs: to fine-tune from, not...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l all -d 'Restore every backed-up checkpoint, newest first, each checked and renamed in...'

@@ -4,10 +4,12 @@ closed stdout that never costs a run its work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +160,49 @@ def test_locked_exit_11_and_skip_if_locked(tmp_path, server_tree):
         assert skipped.returncode == 0, skipped.stderr
         assert json.loads(skipped.stdout) == {"target": "local", "dest": str(dest), "exit_code": 0,
                                               "skipped": data["error"]["message"]}
+
+
+@contextlib.contextmanager
+def lock_held(dest: Path):
+    """The backup directory's lock, held by this process as another run would hold it."""
+    import fcntl
+
+    (dest / ".ckptsync").mkdir(parents=True, exist_ok=True)
+    with open(dest / ".ckptsync" / "lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write(json.dumps({"pid": os.getpid(), "host": "test", "command": "test", "since": time.time()}))
+        holder.flush()
+        yield
+
+
+def test_a_lock_message_names_only_flags_the_command_has(tmp_path, server_tree):
+    dest = tmp_path / "b"
+    res = run_cli("backup", "--all", "--remote-dir", server_tree, "--local-dir", dest, env=isolated(tmp_path))
+    assert res.returncode == 0, res.stderr
+    damaged = dest / "checkpoint-4" / "optimizer.pt"
+    damaged.write_bytes(b"damaged")   # so that verify --repair gets as far as the lock
+    shutil.rmtree(dest / "checkpoint-8")   # and backup has something to fetch
+    (dest / ".ckptsync" / "manifests" / "checkpoint-8.json").unlink()
+    where = ["--remote-dir", server_tree, "--local-dir", dest]
+    commands = {
+        "backup": ["backup", "--all", *where],
+        "backup --discard-staged": ["backup", "--discard-staged", *where],
+        "prune": ["prune", "--keep-last", "1", "--local-dir", dest],
+        "prune --remote": ["prune", "--remote", "--keep-last", "1", *where],
+        "archive": ["archive", "--local-dir", dest, "--output", tmp_path / "run.tar.zst"],
+        "restore": ["restore", "--checkpoint", "checkpoint-12", "--remote-dir", tmp_path / "new", "--local-dir", dest],
+        "verify --repair": ["verify", "--repair", *where],
+    }
+    (dest / ".ckptsync" / "staging" / "x").mkdir(parents=True)   # something for --discard-staged to delete
+    with lock_held(dest):
+        for what, args in commands.items():
+            res = run_cli("--json", *args, env=isolated(tmp_path), cwd=tmp_path)
+            error = json_error(res, 11, "locked")["error"]
+            assert "in use by 'test' (pid" in error["message"], what
+            flags = set(re.findall(r"--[a-z][a-z-]+", error["message"] + " " + error["hint"]))
+            helps = run_cli(args[0], "--help", env={**isolated(tmp_path), "COLUMNS": "200"}).stdout
+            assert not [f for f in flags if f not in helps], (what, error)
+    assert (dest / ".ckptsync" / "staging" / "x").is_dir()
 
 
 def test_connect_exit_20(tmp_path):
@@ -484,3 +529,86 @@ def test_demo_at_80_columns(tmp_path):
     first = re.sub(r" \\\n\s+", " ", res.stdout).splitlines()
     command = next(line for line in first if line.startswith("$ ckptsync list"))
     assert shlex.split(command)[1:4] == ["ckptsync", "list", "--remote-dir"]
+
+
+# -------------------------------------------------- names from the server reach the terminal escaped
+
+# A colour, a window title (OSC ... BEL) and a right-to-left override, in one file name.
+HOSTILE = "\x1b[31mred\x1b]0;pwned\x07\u202eevil"
+RAW = ("\x1b", "\x07", "\u202e")
+
+
+@pytest.fixture
+def hostile_names(tmp_path: Path, server_tree: Path) -> tuple[Path, Path]:
+    """checkpoint-8 and -12 each hold a file with escape sequences in its name; the backup of the one in
+    checkpoint-12 is then damaged, so that verify, checklist and restore name it too."""
+    for ckpt in ("checkpoint-8", "checkpoint-12"):
+        path = server_tree / ckpt / f"{HOSTILE}.txt"
+        path.write_bytes(b"x" * 64)
+        st = (server_tree / ckpt / "optimizer.pt").stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    dest = tmp_path / "b"
+    res = run_cli("backup", "--all", "--remote-dir", server_tree, "--local-dir", dest,
+                  env=isolated(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    damaged = dest / "checkpoint-12" / f"{HOSTILE}.txt"
+    st = damaged.stat()
+    damaged.write_bytes(b"y" * 64)
+    os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return server_tree, dest
+
+
+def test_file_names_from_the_server_are_printed_escaped(tmp_path, hostile_names):
+    server, dest = hostile_names
+    log = tmp_path / "run.log"
+    runs = {
+        "show": (["show", "checkpoint-12", "--local-dir", dest], 0),
+        "show --remote": (["show", "--remote", "checkpoint-8", "--remote-dir", server, "--local-dir", dest], 0),
+        "verify": (["verify", "--local-dir", dest, "--log-file", log], 30),
+        "checklist": (["checklist", "--remote-dir", server, "--local-dir", dest], 3),
+        "restore": (["restore", "--dry-run", "--checkpoint", "checkpoint-8", "--remote-dir", tmp_path / "new",
+                     "--local-dir", dest], 0),
+        "restore refused": (["restore", "--checkpoint", "checkpoint-12", "--remote-dir", tmp_path / "new",
+                             "--local-dir", dest], 30),
+    }
+    for what, (args, code) in runs.items():
+        res = run_cli(*args, env=isolated(tmp_path), cwd=tmp_path)
+        shown = res.stdout + res.stderr
+        assert res.returncode == code, (what, shown)
+        assert not [c for c in RAW if c in shown], (what, shown)
+        assert "\\x1b[31mred\\x1b]0;pwned\\x07\\u202eevil.txt" in shown, (what, shown)
+    assert not [c for c in RAW if c in log.read_text(encoding="utf-8")]
+    # JSON keeps the exact name.
+    data = json.loads(run_cli("verify", "--json", "--local-dir", dest, env=isolated(tmp_path)).stdout)
+    paths = [p["path"] for e in data["entries"] for p in e["problems"]]
+    assert paths == [f"checkpoint-12/{HOSTILE}.txt"]
+
+
+def test_on_a_terminal_a_file_name_cannot_set_the_title_or_ring(tmp_path, hostile_names):
+    import pty
+
+    _server, dest = hostile_names
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", "verify", "--local-dir", str(dest)],
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                env=cli_env({**isolated(tmp_path), "COLUMNS": "200", "TERM": "xterm"}))
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:   # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 30
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "\x1b]" not in shown and "\x07" not in shown and "\u202e" not in shown, shown
+    assert "\\x1b]0;pwned\\x07" in shown, shown

@@ -12,7 +12,7 @@ from ckptsync.backup import BackupOptions, BackupResult, run_backup
 from ckptsync.config import Target, load_config, resolve_target
 from ckptsync.errors import OK, ConfigError
 from ckptsync.server.inprocess import InProcessServer
-from ckptsync.store import place_copy
+from ckptsync.dedup import place_copy
 from ckptsync.verify import run_verify
 from helpers import digest_diff, set_mtime, tree_digest
 

@@ -139,6 +139,21 @@ def test_unreadable_trainer_state_is_reported_not_fatal(server_tree, tmp_path):
     ("remote_dir: [unclosed\n", ["not valid YAML"]),
     ("- just\n- a list\n", ["expected a mapping"]),
     ("instances:\n  '1': {host: h, colour: red}\n", ["instances.1", "unknown key 'colour'"]),
+    # values of the right type that make no sense
+    ("remote_dir: /x\nsettle_seconds: -5\n", ["settle_seconds", "0 or more, got -5"]),
+    ("remote_dir: /x\nsettle_seconds: .nan\n", ["settle_seconds", "got nan"]),
+    ("remote_dir: /x\nsettle_seconds: .inf\n", ["settle_seconds", "got inf"]),
+    ("remote_dir: /x\ninstances:\n  '1': {host: ''}\n", ["instances.1.host", "an empty string"]),
+    ("remote_dir: /x\nlocal_dir: ''\n", ["local_dir", "an empty string"]),
+    ("remote_dir: ' '\n", ["remote_dir", "an empty string"]),
+    ("remote_dir: /x\ninstances:\n  '1': {host: h, user: ''}\n", ["instances.1.user", "an empty string"]),
+    ("remote_dir: /x\nextra_files: [config.json, '']\n", ["extra_files", "an empty string"]),
+    ("remote_dir: /x\ninstances:\n  '1': {command: ['', x]}\n", ["instances.1.command", "program"]),
+    ("remote_dir: /x\nparallel: -1\n", ["parallel", "got -1"]),
+    ("remote_dir: /x\nkeep_generations: -1\n", ["keep_generations", "got -1"]),
+    ("remote_dir: /x\nbwlimit: -5M\n", ["bwlimit", "is not a rate"]),
+    ("remote_dir: /x\nbwlimit: 0\n", ["bwlimit", "below the smallest rate"]),
+    ("a: " + "[" * 10000 + "]" * 10000 + "\n", ["nested too deeply"]),
 ])
 def test_broken_config_exits_4_naming_file_and_key(tmp_path, text, needles):
     cfg = tmp_path / "ckptsync.yaml"
@@ -167,6 +182,9 @@ def test_config_found_in_cwd(tmp_path, server_tree):
     (["nosuchcommand"], "nosuchcommand"),
     (["list", "--instance", "1", "--host", "h", "--remote-dir", "/tmp"], "not both"),
     (["list", "--host", "a@b@c:x", "--remote-dir", "/tmp"], "--host"),
+    (["list", "--local", "--local-dir", ""], "--local-dir: an empty value"),
+    (["backup", "--remote-dir", "", "--local-dir", "/tmp/b"], "--remote-dir: an empty value"),
+    (["list", "--instance", " "], "--instance: an empty value"),
 ])
 def test_usage_errors_exit_2(args, needle, tmp_path):
     res = run_cli(*args, cwd=tmp_path, env={"CKPTSYNC_CONFIG": None})

@@ -151,6 +151,23 @@ def test_locked_store_exits_11(store: Path) -> None:
     assert entries(store) == set(CKPTS)
 
 
+def test_wait_waits_for_the_run_holding_the_lock(store: Path) -> None:
+    with open(store / ".ckptsync" / "lock", "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps({"pid": os.getpid(), "host": "test", "command": "ckptsync backup", "since": time.time()}))
+        f.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", "prune", "--local-dir", str(store),
+                                 "--keep-last", "1", "--wait"], env=cli_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = proc.stderr.readline()   # said once it found the lock taken, before blocking on it
+        assert "waiting for 'ckptsync backup' (pid" in first, first
+        assert entries(store) == set(CKPTS)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert entries(store) == {"checkpoint-12"}
+
+
 def test_leftovers_of_an_interrupted_prune(store: Path) -> None:
     """Moved to trash, manifest still there (or not): invisible, verifies, cleaned by the next run."""
     trash = store / ".ckptsync" / "trash"

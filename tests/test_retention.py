@@ -26,6 +26,7 @@ DAY = 86400.0
 
 DROP = ("not matched by any rule",)
 NEWEST = "newest verified backup"
+NONE_VERIFIES = "no backup verifies"
 UNBACKED = "no verified local backup"
 BUSY = "in progress"
 
@@ -221,11 +222,12 @@ PLAN_CASES = {
         {},
         [("ckpt-300", ("last 1",)), ("ckpt-200", DROP), ("ckpt-100", (NEWEST,))],
     ),
-    "local-nothing-verified-adds-nothing": (
+    "local-nothing-verified-keeps-everything": (
         steps(100, 200, 300, verified=False),
         Policy(keep_last=1),
         {},
-        [("ckpt-300", ("last 1",)), ("ckpt-200", DROP), ("ckpt-100", DROP)],
+        [("ckpt-300", ("last 1", NONE_VERIFIES)), ("ckpt-200", (NONE_VERIFIES,)),
+         ("ckpt-100", (NONE_VERIFIES,))],
     ),
     "local-backup-in-progress-is-kept-and-not-the-newest-verified": (
         [ck("ckpt-100", 100, 3 * HOUR), ck("ckpt-200", 200, 2 * HOUR),

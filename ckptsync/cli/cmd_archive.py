@@ -19,7 +19,7 @@ def archive_cmd(
     instance: o.Instance = None, local_dir: o.LocalDir = None, config: o.Config = None,
     archive: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Archive file (default: <backup-dir>-<YYYYmmdd>.tar.zst next to the backup directory).", show_default=False)] = None,
     remove: Annotated[bool, typer.Option("--remove", help="After the archive is read back and verified, remove the archived checkpoints and their manifests.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
+    wait: o.Wait = False,
 ) -> int:
     """Pack a finished run's backup directory into one .tar.zst and verify it by reading it back.
 

@@ -43,7 +43,7 @@ def backup_cmd(
     parallel: o.Parallel = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")] = False,
+    wait: o.Wait = False,
     skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron).")] = False,
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what interrupted backups left in staging (kept to resume them).")] = False,
     via_laptop: Annotated[bool, typer.Option("--via-laptop", help="A bucket store (s3://...) the server cannot reach: relay the bytes through this machine.")] = False,
@@ -90,7 +90,7 @@ def backup_cmd(
                                    out.reporter()), show_backups)
     t = ts[0]
     if discard_staged:
-        held = discard_staging(t, dry_run)
+        held = discard_staging(t, dry_run, wait)
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
     return run_or_skip(out, t.label, str(t.local_dir), lambda: run_backup(t, opts, out.reporter()),

@@ -75,6 +75,8 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
     for r in result.rows:
         if r.meta_error:
             out.warn(f"{r.name}: {r.meta_error}")
+    for name, why in result.damaged.items():
+        out.warn(f"{name}: {why}")
     if result.unmanaged:
         out.warn(f"not made by ckptsync (no manifest): {', '.join(result.unmanaged[:5])}")
     show_runs(out, result)
@@ -114,11 +116,13 @@ CONTENTS = {
     "weights": "model weights only",
     "optim": "optimizer state only",
     "unknown": "contents not recognised",
+    "damaged": "its manifest is damaged (the warning says how)",
 }
-BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory"}
+BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory",
+          "damaged": "its manifest is damaged: not a usable backup"}
 STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long"}
 STYLES = {"writing": "yellow", "abandoned": "red", "no": "red", "old": "yellow", "yes": "green",
-          "complete": "green"}
+          "complete": "green", "damaged": "red"}
 
 
 def contents_word(r: Row) -> str:

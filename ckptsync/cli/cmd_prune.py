@@ -25,7 +25,7 @@ def prune_cmd(
     keep_every: Annotated[int, typer.Option("--keep-every", min=0, metavar="STEPS", show_default=False, help="Keep the first checkpoint at or after every multiple of STEPS.")] = 0,
     keep_within: Annotated[Optional[str], typer.Option("--keep-within", metavar="DURATION", help="Keep checkpoints written within DURATION (e.g. 12h, 7d, 2w).", show_default=False)] = None,
     keep_generations: Annotated[Optional[int], typer.Option("--keep-generations", min=0, metavar="N", show_default=False, help="Keep the N newest earlier versions of each reused name (backups only; backup itself keeps keep_generations, default 2).")] = None,
-    dry_run: o.DryRun = False, force: o.Force = False,
+    dry_run: o.DryRun = False, force: o.Force = False, wait: o.Wait = False,
 ) -> int:
     """Delete the checkpoints no --keep rule keeps, in the backup directory or (--remote) on the server.
 
@@ -37,8 +37,13 @@ def prune_cmd(
     --force. Each checkpoint disappears whole; an interrupted run is finished
     by the next one.
 
+    Before anything older is removed, the newest backup kept is verified
+    (every file re-read against its checksum); one that fails is kept, the
+    newest that verifies is kept too, and when none verifies nothing is removed.
+
     Exit 2 without any --keep rule, 3 when a checkpoint could not be removed,
-    11 when another run holds the backup directory.
+    11 when another run holds the backup directory (--wait waits for it),
+    30 when a backup failed verification or a manifest is damaged.
     """
     from ckptsync.prune import PruneOptions, run_prune
     from ckptsync.retention import Policy, parse_duration
@@ -47,14 +52,15 @@ def prune_cmd(
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
     if t.store_url:
-        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within)):
+        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within),
+                            ("--wait", wait)):
             bucket.refuse(flag, bool(given))
         return bucket.prune(t, keep_last, dry_run, keep_generations)
     out = output()
     if keep_best and no_keep_best:
         raise UsageError("give --keep-best or --no-keep-best, not both")
     result = run_prune(t, PruneOptions(policy=policy, remote=remote, dry_run=dry_run, force=force,
-                                       keep_best=not no_keep_best, keep_generations=keep_generations),
+                                       keep_best=not no_keep_best, keep_generations=keep_generations, wait=wait),
                        out.reporter())
     return out.render(result, show_prune)
 

@@ -24,6 +24,7 @@ Instances = Annotated[Optional[list[str]], typer.Option("--instance", "-i", meta
 AllInstances = Annotated[bool, typer.Option("--all-instances", help="Every instance of the config, each with its own backup directory <local_dir>/instance-N.")]
 AcceptNew = Annotated[bool, typer.Option("--accept-new-host-key", help="Trust and remember the host key of a server seen for the first time.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would happen; change nothing.")]
+Wait = Annotated[bool, typer.Option("--wait", help="Wait for another run on the same backup directory instead of exiting 11.")]
 Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deleting what is otherwise protected.")]
 Compress = Annotated[str, typer.Option("--compress", metavar="auto|off|1-19", help="auto (measure and decide), off, or a zstd level 1-19.")]
 BwLimit = Annotated[Optional[str], typer.Option("--bwlimit", metavar="RATE", help=f"Limit the link to RATE {RATE_HELP}; both directions together, after compression; several instances share it. Default: bwlimit in the config, else none.", show_default=False)]

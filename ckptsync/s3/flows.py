@@ -193,6 +193,9 @@ class BucketRestoreAll(RestoreAll):
     def manifests(self):
         return {n: e.manifest for n, e in self.store.entries().items()}
 
+    def damaged(self) -> dict:
+        return {}   # a bucket's unreadable manifests are the bucket store's to report
+
     def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
         return run_bucket_restore(self.target, self.store, name, self.opts.force, self.rep, server)
 
