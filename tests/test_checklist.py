@@ -234,7 +234,7 @@ def test_a_server_clock_hours_behind_is_reported_and_decides_nothing(server_tree
     monkeypatch.setattr(agent_scan, "time", behind)
     target = in_process_target(server_tree, tmp_path / "b")
     backed = run_backup(target, BackupOptions(all=True))
-    assert sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.skipped
+    assert sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.plan
     result = run_checklist(target)
     assert result.safe, result.checks
     assert -3 * 3600 - 60 < result.clock_offset < -3 * 3600 + 60
@@ -257,7 +257,7 @@ def test_files_dated_after_the_servers_clock_are_judged_by_their_markers(server_
     hooks.on_after("scan", behind)
     target = in_process_target(server_tree, tmp_path / "b", hooks)
     backed = run_backup(target, BackupOptions(all=True))
-    assert moved and sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.skipped
+    assert moved and sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.plan
     assert any("dated up to" in w and "after the server's clock" in w for w in backed.warnings)
     result = run_checklist(target)
     assert result.safe, result.checks
@@ -267,11 +267,16 @@ def test_files_dated_after_the_servers_clock_are_judged_by_their_markers(server_
 # ---------------------------------------------------------------- extra files, by content
 
 
-def test_extra_files_are_checked_by_content_on_both_sides(ssh_home, server_tree, tmp_path):
+def backed_up_with_extras(ssh_home, server_tree, tmp_path):
     age_tree(server_tree, 3600)
     cfg = config(ssh_home, server_tree, tmp_path / "b")
     assert run_cli("backup", "-i", "1", "--config", cfg).returncode == 0
     assert run_cli("checklist", "-i", "1", "--config", cfg).returncode == 0
+    return cfg
+
+
+def test_local_copies_of_extra_files_are_read_again(ssh_home, server_tree, tmp_path):
+    cfg = backed_up_with_extras(ssh_home, server_tree, tmp_path)
     extras = tmp_path / "b" / "instance-1" / "extra-files"
     (extras / "config_full_dataset.json").unlink()
     flipped = extras / "deepspeed_config.json"
@@ -289,7 +294,10 @@ def test_extra_files_are_checked_by_content_on_both_sides(ssh_home, server_tree,
     assert run_cli(*shlex.split(fix.split("   (")[0])[1:]).returncode == 0   # pasted, it fetches them again
     assert run_cli("checklist", "-i", "1", "--config", cfg).returncode == 0
 
-    # The server's copy rewritten in place: same size, same mtime, other bytes.
+
+def test_the_servers_extra_file_is_compared_by_content(ssh_home, server_tree, tmp_path):
+    cfg = backed_up_with_extras(ssh_home, server_tree, tmp_path)
+    # rewritten in place: same size, same mtime, other bytes
     on_server = server_tree.parent.parent / "deepspeed_config.json"
     st = on_server.stat()
     data = bytearray(on_server.read_bytes())
