@@ -86,15 +86,16 @@ class Checklist:
                 f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
 
     def run(self, backup_first: bool, now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
-        self.training_stopped = training_stopped
+        """`now`: this computer's clock, for the last backup's age; `training_stopped`: the user
+        says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
             self.backup()
             self.result.backup_ran = True
         with self.reading():
-            return self._run(now)
+            return self._run(now, training_stopped)
 
-    def _run(self, now: float | None) -> ChecklistResult:
+    def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
         t = self.target
         try:
             with open_server(t) as server:
@@ -121,7 +122,7 @@ class Checklist:
             return self.result
         if view.clock:
             self.result.warnings.append(view.clock)
-        self._training(judge_training(view, procs, t.settle_seconds, self.training_stopped))
+        self._training(judge_training(view, procs, t.settle_seconds, training_stopped))
         for c in view.checkpoints:
             if c.abandoned:
                 self.result.warnings.append(f"{c.name} is abandoned (incomplete: {c.reason}); it cannot be "
@@ -190,9 +191,9 @@ class Checklist:
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
                  ok and m.size == c.size, detail, fix)
 
-    def _extras_on_server(self, server: Server, view: ServerView) -> list[str] | None:
-        """Problems of the extra files the server has, their content compared with the backup's;
-        None when none is configured."""
+    def _extras_on_server(self, server: Server, view: ServerView) -> tuple[list[str], str] | None:
+        """(problems, what was compared) of the extra files the server has, their content hashed
+        there and compared with the backup's; None when none is configured."""
         if not self.target.extra_files:
             return None
         m = self.store.load(EXTRA)
@@ -201,21 +202,18 @@ class Checklist:
         present = [src for src in self.target.extra_files if listed.get(src) is not None and not listed[src].is_dir]
         problems = [f"{src}: not backed up" for src in present if src not in stored]
         compared = [src for src in present if src in stored]
-        self._extras_compared = len(compared)
         alg = server.best_hash
         hashes = server.hash(view.root, compared, alg) if compared else None
         for src in compared:
             theirs = hashes.get(src)
+            ours = self._digest(stored[src], alg)
             if theirs is None:
                 problems.append(f"{src}: cannot be read on the server ({hashes.errors.get(src, 'no hash')})")
-                continue
-            ours = self._digest(stored[src], alg)
-            if ours is None:
+            elif ours is None:
                 problems.append(f"{src}: the backup's copy cannot be read to compare")
             elif ours != theirs:
                 problems.append(f"{src}: changed since the backup")
-        self._extras_alg = alg
-        return problems
+        return problems, f"{len(compared)} file(s): the server's copies have the backup's content ({alg})"
 
     def _digest(self, f: FileRecord, alg: str) -> str | None:
         """The stored copy's hash in `alg`: the manifest's for xxh3-128, else read from the copy."""
@@ -226,13 +224,11 @@ class Checklist:
         except OSError:
             return None
 
-    def _extras(self, problems: list[str] | None) -> None:
-        if problems is None:
+    def _extras(self, found: tuple[list[str], str] | None) -> None:
+        if found is None:
             return
-        self.add("extra files backed up", not problems,
-                 "; ".join(problems) or f"{self._extras_compared} file(s): the server's copies have the "
-                                         f"backup's content ({self._extras_alg})",
-                 self.target.command("backup"))
+        problems, compared = found
+        self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.command("backup"))
         if self.store.load(EXTRA) is not None:
             ok, detail, fix = self.verify(EXTRA)
             self.add("extra files verify", ok, detail, fix)

@@ -8,8 +8,6 @@ import shlex
 import shutil
 import time
 
-import pytest
-
 from ckptsync.layout import Checkpoint, mark_abandoned, save_interval
 from ckptsync.scan import ServerView
 from ckptsync.server import Procs

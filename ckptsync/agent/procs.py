@@ -239,8 +239,8 @@ def gpu_apps():
     return apps
 
 
-def process_record(pid, argv, root, real, above, pattern, me_uid):
-    """This process as the client sees it, and the files it writes under root."""
+def process_record(pid, argv, real, above, pattern, me_uid):
+    """This process as the client sees it, and the files it writes under `real` (the root)."""
     cmd = " ".join(argv)
     try:
         uid = os.stat("/proc/%d" % pid).st_uid
@@ -267,7 +267,7 @@ def process_record(pid, argv, root, real, above, pattern, me_uid):
         run = "works in %s, above the run's directory" % cwd
     return {"pid": pid, "cmd": shown(argv)[:MAX_CMDLINE], "mine": mine, "run": run,
             "trainer": is_trainer(argv) or bool(pattern and pattern in cmd),
-            "python": program(argv)[0] != "exe", "seen": readable and (bool(cwd) or not mine)}, \
+            "python": program(argv)[0] != "exe", "seen": readable}, \
         [[pid, shown(argv)[:MAX_CMDLINE], path] for path, wrote in opened if wrote]
 
 
@@ -289,6 +289,7 @@ def op_procs(req):
     me_uid = os.geteuid()
     denied = 0
     seen_pids = set()
+    found = []
     for pid in pids:
         if pid in skip:
             seen_pids.add(pid)
@@ -300,11 +301,13 @@ def op_procs(req):
         seen_pids.add(pid)
         if is_ckptsync(argv):
             continue
-        proc, wrote = process_record(pid, argv, root, real, above, pattern, me_uid)
+        proc, wrote = process_record(pid, argv, real, above, pattern, me_uid)
         proc["gpu"] = gpu is not None and pid in gpu
         reply["writing"].extend(wrote[:MAX_LISTED - len(reply["writing"])])
-        if (proc["run"] or proc["trainer"] or proc["gpu"]) and len(reply["processes"]) < MAX_LISTED:
-            reply["processes"].append(proc)
+        if proc["run"] or proc["trainer"] or proc["gpu"]:
+            found.append(proc)
+    # This run's first: on a busy server, others' trainers must not crowd them out.
+    reply["processes"] = sorted(found, key=lambda p: not p["run"])[:MAX_LISTED]
     if denied:
         reply["blind"].append("%d processes could not be read by this user" % denied)
     if hidden_by_hidepid():
