@@ -9,8 +9,8 @@ Decisions worth knowing:
 
 * Only the top level of ``remote_dir`` is searched, and only names that match
   a known layout count, so hidden entries, ``tmp-checkpoint-N/`` and
-  ``latest.pt.tmp`` never do (``temporary_saves`` names those: saves in
-  progress, for the checklist).  Anything under a ``.ckptsync*`` component is
+  ``latest.pt.tmp`` never do (``training.temporary_saves`` names those: saves
+  in progress, for the checklist).  Anything under a ``.ckptsync*`` component is
   dropped.  Hidden files *inside* a checkpoint directory are kept, because
   FSDP's sharded state (``pytorch_model_fsdp_0/.metadata``) cannot be loaded
   without them.
@@ -241,35 +241,6 @@ def dated_ahead(mtimes: Iterable[float], now: float) -> tuple[int, float]:
     """(how many, by how much at most) files are dated past CLOCK_TOLERANCE after `now`. Pure."""
     ahead = [m - now for m in mtimes if m - now > CLOCK_TOLERANCE]
     return len(ahead), max(ahead, default=0.0)
-
-
-# What a save in progress leaves under remote_dir before its final name exists: the Trainer's
-# staging directory (renamed to checkpoint-N when the save is done), and the temporary files
-# of single-file savers (latest.pt.tmp, tempfile's tmpXXXXXXXX, .tmp*, *.part, *.incomplete).
-STAGING_DIR = re.compile(r"tmp-checkpoint-\d+")
-TEMP_FILE = re.compile(r"\.tmp.*|tmp[a-z0-9_]{8}(\..*)?")
-TEMP_SUFFIXES = {"tmp", "temp", "part", "partial", "incomplete"}
-
-
-def temporary_save(path: str) -> str | None:
-    """The save in progress `path` belongs to (its staging directory or itself), or None. Pure."""
-    parts = _split(path) or []
-    for i, part in enumerate(parts[:-1]):
-        if STAGING_DIR.fullmatch(part):
-            return "/".join(parts[: i + 1]) + "/"
-    if parts and (TEMP_FILE.fullmatch(parts[-1]) or TEMP_SUFFIXES & set(parts[-1].lower().split(".")[1:])):
-        return "/".join(parts)
-    return None
-
-
-def temporary_saves(files: Iterable[FileEntry]) -> dict[str, float]:
-    """Saves in progress (see temporary_save) -> the newest mtime of their files. Pure."""
-    out: dict[str, float] = {}
-    for f in files:
-        name = temporary_save(f.path)
-        if name is not None:
-            out[name] = max(out.get(name, f.mtime), f.mtime)
-    return out
 
 
 def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:

@@ -11,9 +11,11 @@ intervals, or a save still unfinished, means training may still run. `--training
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
-from ckptsync.layout import FileEntry, abandon_after, save_interval, temporary_saves, written_recently
+from ckptsync.layout import FileEntry, abandon_after, save_interval, written_recently
 from ckptsync.policy import span
 from ckptsync.scan import ServerView
 from ckptsync.server import Process, Procs
@@ -22,6 +24,34 @@ from ckptsync.server import Process, Procs
 # by less than that may still be running (saving a checkpoint takes time too).
 DUE_MARGIN = 1.5
 SHOWN = 60  # characters of a command line in a sentence
+
+# What a save in progress leaves under remote_dir before its final name exists: the Trainer's
+# staging directory (renamed to checkpoint-N when the save is done), and the temporary files
+# of single-file savers (latest.pt.tmp, tempfile's tmpXXXXXXXX, .tmp*, *.part, *.incomplete).
+STAGING_DIR = re.compile(r"tmp-checkpoint-\d+")
+TEMP_FILE = re.compile(r"\.tmp.*|tmp[a-z0-9_]{8}(\..*)?")
+TEMP_SUFFIXES = {"tmp", "temp", "part", "partial", "incomplete"}
+
+
+def temporary_save(path: str) -> str | None:
+    """The save in progress `path` belongs to (its staging directory or itself), or None. Pure."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for i, part in enumerate(parts[:-1]):
+        if STAGING_DIR.fullmatch(part):
+            return "/".join(parts[: i + 1]) + "/"
+    if parts and (TEMP_FILE.fullmatch(parts[-1]) or TEMP_SUFFIXES & set(parts[-1].lower().split(".")[1:])):
+        return "/".join(parts)
+    return None
+
+
+def temporary_saves(files: Iterable[FileEntry]) -> dict[str, float]:
+    """Saves in progress (see temporary_save) -> the newest mtime of their files. Pure."""
+    out: dict[str, float] = {}
+    for f in files:
+        name = temporary_save(f.path)
+        if name is not None:
+            out[name] = max(out.get(name, f.mtime), f.mtime)
+    return out
 
 
 @dataclass

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from ckptsync.agent.procs import is_ckptsync, is_trainer, op_procs
-from ckptsync.layout import temporary_save
 from ckptsync.scan import ServerView
 from ckptsync.server import FileStat, Process, Procs
-from ckptsync.training import judge_training
+from ckptsync.training import judge_training, temporary_save
 from ckptsync.transport.base import STAGE1
 from helpers import run_cli
 
