@@ -307,3 +307,23 @@ def test_the_servers_extra_file_is_compared_by_content(ssh_home, server_tree, tm
     c = checks(res)
     assert res.returncode == 3 and not c["extra files backed up"]["ok"]
     assert "deepspeed_config.json: changed since the backup" in c["extra files backed up"]["detail"]
+
+
+def test_where_processes_cannot_be_seen_the_checklist_says_so_and_the_cadence_stands_in(
+        server_tree, tmp_path, monkeypatch):
+    from ckptsync.agent import procs as agent_procs
+    from ckptsync.backup import BackupOptions, run_backup
+    from ckptsync.checklist import run_checklist
+
+    age_tree(server_tree, -600)   # newest 10 min old, saves every 20: the next one is due in ~10 min
+    monkeypatch.setattr(agent_procs, "process_ids", lambda: None)   # a server without /proc
+    target = in_process_target(server_tree, tmp_path / "b")
+    assert run_backup(target, BackupOptions()).exit_code == 0
+    result = run_checklist(target)
+    training = next(c for c in result.checks if c.name == "training stopped")
+    assert not training.ok and not result.safe
+    assert training.detail.startswith("a checkpoint is saved every ~20 min; the next one is due in ~")
+    assert training.detail.endswith("could not see: no /proc on this server: its processes cannot be seen")
+    assert "--training-stopped" in training.fix
+    stated = run_checklist(target, training_stopped=True)
+    assert stated.safe, stated.checks
