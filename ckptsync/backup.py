@@ -273,7 +273,7 @@ class Backup:
         return judged
 
     def _plan(self, view: ServerView) -> tuple[list[Checkpoint], list[PlanItem]]:
-        self.result.warnings.extend(view.errors)
+        self.result.warnings.extend(view.errors + ([view.clock] if view.clock else []))
         chosen, skipped = select(view.checkpoints, self.opts)
         self._judged = {c.name: self._judge(view, c) for c in chosen}
         plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from ckptsync.agent import hash_file
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
@@ -14,11 +14,15 @@ from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.freshness import judge_view
 from ckptsync.runs import RunState, survey
-from ckptsync.policy import CHECK, human, last_run_summary
+from ckptsync.policy import CHECK, human, last_run_summary, span
 from ckptsync.scan import ServerView, scan_server
-from ckptsync.server import Procs, RemoteDirMissing, open_server
-from ckptsync.store import EXTRA, Store
+from ckptsync.server import RemoteDirMissing, Server, open_server
+from ckptsync.store import EXTRA, FileRecord, Store
+from ckptsync.training import Verdict, judge_training
 from ckptsync.verify import run_verify
+
+# The server's clock this far from this computer's is worth saying (it decides nothing).
+CLOCK_REPORT = 120.0
 
 
 @dataclass
@@ -37,6 +41,8 @@ class ChecklistResult:
     checks: list[Check] = field(default_factory=list)
     backup_ran: bool = False
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # information: other training on the server
+    clock_offset: float | None = None                  # the server's clock minus this computer's, seconds
 
     @property
     def safe(self) -> bool:
@@ -50,72 +56,6 @@ class ChecklistResult:
         out = asdict(self)
         out.update(safe=self.safe, exit_code=self.exit_code)
         return out
-
-
-def save_interval(checkpoints: list[Checkpoint]) -> float | None:
-    """The typical time between two saves, from the complete checkpoints' mtimes. Pure."""
-    times = sorted(c.mtime for c in checkpoints if c.complete)
-    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
-    return statistics.median(gaps) if gaps else None
-
-
-LAUNCHERS = {"torchrun", "deepspeed", "accelerate"}
-
-
-def looks_like_trainer(cmd: str) -> bool:
-    """A launcher, or a python script or module whose own name says train (not any path that does). Pure."""
-    words = cmd.split()
-    if not words or "ckptsync" in cmd:
-        return False
-    names = [w.rsplit("/", 1)[-1] for w in words]
-    if names[0] in LAUNCHERS or any(n in LAUNCHERS for n in names[1:3]):
-        return True
-    if not names[0].startswith("python"):
-        return False
-    rest = words[1:]
-    while rest and rest[0].startswith("-") and rest[0] != "-m":
-        rest = rest[1:]
-    if rest[:1] == ["-m"] and len(rest) > 1:
-        script = rest[1].rsplit(".", 1)[-1]
-    elif rest:
-        script = rest[0].rsplit("/", 1)[-1]
-    else:
-        return False
-    return "train" in script.lower() or script in LAUNCHERS
-
-
-# A save is "due" until this many intervals have passed without one: a trainer that is late
-# by less than that may still be running (saving a checkpoint takes time too).
-DUE_MARGIN = 1.5
-
-
-def training_signals(view: ServerView, procs: Procs | None, pattern: str | None, now: float) -> list[str]:
-    """Reasons to think the trainer is still running. Pure: `now` is the server's clock."""
-    reasons = []
-    busy = [c for c in view.checkpoints if not c.complete and not c.abandoned]
-    if busy:
-        reasons.append(f"{busy[0].name} is still being written ({busy[0].reason})")
-    interval = save_interval(view.checkpoints)
-    newest = next((c for c in view.checkpoints if c.complete), None)
-    if interval and newest is not None and now - newest.mtime < interval * DUE_MARGIN:
-        due = interval - (now - newest.mtime)
-        when = f"is due in ~{due / 60:.0f} min" if due >= 60 else "is due now"
-        reasons.append(f"a checkpoint is saved every ~{interval / 60:.0f} min; the next one {when}")
-    if procs is None:
-        return reasons
-    if procs.gpu:
-        reasons.append(f"{len(procs.gpu)} GPU process(es) running: {procs.gpu[0]}")
-    if pattern and procs.matched:
-        pid, cmd = procs.matched[0]
-        reasons.append(f"process matching '{pattern}' is running (pid {pid}: {cmd[:60]})")
-    if procs.open_under:
-        pid, cmd, path = procs.open_under[0]
-        reasons.append(f"pid {pid} ({cmd[:60]}) has {path} open")
-    trainers = [(pid, cmd) for pid, cmd in procs.trainers if looks_like_trainer(cmd)]
-    if trainers:
-        pid, cmd = trainers[0]
-        reasons.append(f"a training process is running (pid {pid}: {cmd[:60]})")
-    return reasons
 
 
 class Checklist:
@@ -145,22 +85,25 @@ class Checklist:
         return (False, f"{name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]),
                 f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
 
-    def run(self, backup_first: bool, now: float | None = None) -> ChecklistResult:
+    def run(self, backup_first: bool, now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
+        """`now`: this computer's clock, for the last backup's age; `training_stopped`: the user
+        says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
             self.backup()
             self.result.backup_ran = True
         with self.reading():
-            return self._run(now)
+            return self._run(now, training_stopped)
 
-    def _run(self, now: float | None) -> ChecklistResult:
+    def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
         t = self.target
         try:
             with open_server(t) as server:
                 self.add("server reachable", True, f"{server.describe()}, Python {server.hello.python}")
+                self._clock(server)
                 view = scan_server(server, t.remote_dir, t.settle_seconds)
                 procs = server.procs(t.train_process or "", view.root)
-                extra = self._extra_stat(server, view)
+                extras = self._extras_on_server(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
                 self._current = judge_view(server, view, self.store.manifests(), CHECK)
                 runs = survey(server, view.root, t)
@@ -177,12 +120,9 @@ class Checklist:
                 self.add("server answered", False, exc.message, "run the checklist again; if it repeats, report it")
             self._last_run(now)
             return self.result
-        signals = training_signals(view, procs, t.train_process, view.now if now is None else now)
-        detail = "; ".join(signals) or "no checkpoint in progress, no training process"
-        if not procs.open_checked:
-            detail += f" (open files under {view.root} not checked: {procs.open_error or 'unknown reason'})"
-        self.add("training stopped", not signals, detail,
-                 "stop training (or wait for the next checkpoint), then run the checklist again")
+        if view.clock:
+            self.result.warnings.append(view.clock)
+        self._training(judge_training(view, procs, t.settle_seconds, training_stopped))
         for c in view.checkpoints:
             if c.abandoned:
                 self.result.warnings.append(f"{c.name} is abandoned (incomplete: {c.reason}); it cannot be "
@@ -197,9 +137,30 @@ class Checklist:
         if best is not None and best is not newest:
             self._backed_up("best checkpoint backed up", view, best)
         self._runs(runs)
-        self._extras(extra)
+        self._extras(extras)
         self._last_run(now)
         return self.result
+
+    def _clock(self, server: Server) -> None:
+        offset = server.hello.offset
+        if not server.hello.now:
+            return
+        self.result.clock_offset = round(offset, 1)
+        if abs(offset) >= CLOCK_REPORT:
+            way = "behind" if offset < 0 else "ahead of"
+            self.result.warnings.append(f"the server's clock is {span(offset)} {way} this computer's; the ages "
+                                        "of its files are measured by the server's own clock")
+
+    def _training(self, v: Verdict) -> None:
+        t = self.target
+        if v.writing:
+            fix = "wait for the save to finish (or stop training), then run the checklist again"
+        else:
+            fix = (f"stop training (or wait for the next checkpoint), then run the checklist again"
+                   f"   (or: {t.command('checklist', '--training-stopped')})")
+        self.add("training stopped", v.stopped, v.detail, fix)
+        self.result.notes.extend(v.notes)
+        self.result.warnings.extend(v.stale)
 
     def _runs(self, runs: list[RunState]) -> None:
         """A newer run beside remote_dir (the trainer moved on) must be saved too."""
@@ -230,29 +191,47 @@ class Checklist:
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
                  ok and m.size == c.size, detail, fix)
 
-    def _extra_stat(self, server, view: ServerView) -> dict:
+    def _extras_on_server(self, server: Server, view: ServerView) -> tuple[list[str], str] | None:
+        """(problems, what was compared) of the extra files the server has, their content hashed
+        there and compared with the backup's; None when none is configured."""
         if not self.target.extra_files:
-            return {}
-        return server.stat(view.root, list(self.target.extra_files))
-
-    def _extras(self, stat: dict) -> None:
-        if not self.target.extra_files:
-            return
+            return None
         m = self.store.load(EXTRA)
-        stored = {f.source: (f.size, f.mtime_ns) for f in (m.files if m else [])}
-        missing, differs = [], []
-        for src in self.target.extra_files:
-            info = stat.get(src)
-            if info is None:
-                continue  # not on the server: nothing to lose
-            if src not in stored:
-                missing.append(src)
-            elif (info.size, info.mtime_ns) != stored[src]:
-                differs.append(src)
-        problems = [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
-        self.add("extra files backed up", not problems,
-                 "; ".join(problems) or f"{len(stored)} file(s) identical to the server's",
-                 self.target.command("backup"))
+        stored = {f.source or f.path: f for f in (m.files if m else [])}
+        listed = server.stat(view.root, list(self.target.extra_files))
+        present = [src for src in self.target.extra_files if listed.get(src) is not None and not listed[src].is_dir]
+        problems = [f"{src}: not backed up" for src in present if src not in stored]
+        compared = [src for src in present if src in stored]
+        alg = server.best_hash
+        hashes = server.hash(view.root, compared, alg) if compared else None
+        for src in compared:
+            theirs = hashes.get(src)
+            ours = self._digest(stored[src], alg)
+            if theirs is None:
+                problems.append(f"{src}: cannot be read on the server ({hashes.errors.get(src, 'no hash')})")
+            elif ours is None:
+                problems.append(f"{src}: the backup's copy cannot be read to compare")
+            elif ours != theirs:
+                problems.append(f"{src}: changed since the backup")
+        return problems, f"{len(compared)} file(s): the server's copies have the backup's content ({alg})"
+
+    def _digest(self, f: FileRecord, alg: str) -> str | None:
+        """The stored copy's hash in `alg`: the manifest's for xxh3-128, else read from the copy."""
+        if alg == "xxh3_128":
+            return f.xxh3_128
+        try:
+            return hash_file(str(self.store.root / f.path), alg)
+        except OSError:
+            return None
+
+    def _extras(self, found: tuple[list[str], str] | None) -> None:
+        if found is None:
+            return
+        problems, compared = found
+        self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.command("backup"))
+        if self.store.load(EXTRA) is not None:
+            ok, detail, fix = self.verify(EXTRA)
+            self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
         status = self.store.status()
@@ -261,16 +240,14 @@ class Checklist:
             self.add("last backup succeeded", False, "no backup has run for this target", fix)
             return
         age = (time.time() if now is None else now) - float(status.get("time", 0))
-        when = f"{age / 60:.0f} min ago" if age < 7200 else f"{age / 3600:.1f} h ago"
         ok, summary = last_run_summary(status)
-        self.add("last backup succeeded", ok, f"{when}: {summary}", fix)
+        self.add("last backup succeeded", ok, f"{span(age)} ago: {summary}", fix)
 
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
-                  now: float | None = None) -> ChecklistResult:
+                  now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
     if target.store_url:
         from ckptsync.s3.checks import BucketChecklist
 
-        return BucketChecklist(target, rep).run(backup_first, now)
-    return Checklist(target, rep).run(backup_first, now)
-
+        return BucketChecklist(target, rep).run(backup_first, now, training_stopped)
+    return Checklist(target, rep).run(backup_first, now, training_stopped)

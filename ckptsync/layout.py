@@ -9,10 +9,14 @@ Decisions worth knowing:
 
 * Only the top level of ``remote_dir`` is searched, and only names that match
   a known layout count, so hidden entries, ``tmp-checkpoint-N/`` and
-  ``latest.pt.tmp`` never do.  Anything under a ``.ckptsync*`` component is
+  ``latest.pt.tmp`` never do (``training.temporary_saves`` names those: saves
+  in progress, for the checklist).  Anything under a ``.ckptsync*`` component is
   dropped.  Hidden files *inside* a checkpoint directory are kept, because
   FSDP's sharded state (``pytorch_model_fsdp_0/.metadata``) cannot be loaded
   without them.
+* Settling is judged per file against the server's clock: a file dated more
+  than ``CLOCK_TOLERANCE`` after it was not stamped by a write happening now,
+  so only the layout's completion markers decide for it.
 * The top-level DeepSpeed ``latest`` file belongs to no checkpoint: it moves
   on with every save, and ``global_stepN/`` loads with an explicit tag.
 * RNG state is required for an *exact* resume: when it is absent it is listed
@@ -31,7 +35,9 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import re
+import statistics
 from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 from ckptsync.policy import newest_first
 
@@ -197,18 +203,44 @@ ABANDON_INTERVALS = 3
 ABANDON_MIN_S = 1800.0
 
 
+def save_interval(checkpoints: list[Checkpoint]) -> float | None:
+    """The typical time between two saves: the median gap between complete checkpoints. Pure."""
+    times = sorted(c.mtime for c in checkpoints if c.complete)
+    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+    return statistics.median(gaps) if gaps else None
+
+
+def abandon_after(checkpoints: list[Checkpoint]) -> float:
+    """Seconds after which an unfinished save that stopped changing is a crashed one. Pure."""
+    return max(ABANDON_INTERVALS * (save_interval(checkpoints) or 0.0), ABANDON_MIN_S)
+
+
 def mark_abandoned(checkpoints: list[Checkpoint], now: float) -> list[Checkpoint]:
     """Flag incomplete checkpoints whose files stopped changing long ago. Pure."""
-    times = sorted(c.mtime for c in checkpoints if c.complete)
-    gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
-    interval = gaps[len(gaps) // 2] if gaps else 0.0
-    limit = max(ABANDON_INTERVALS * interval, ABANDON_MIN_S)
+    limit = abandon_after(checkpoints)
     out = []
     for c in checkpoints:
         if not c.complete and now - c.mtime > limit:
             c = replace(c, abandoned=True)
         out.append(c)
     return out
+
+
+# A file dated further than this after the server's clock was not stamped by a write happening
+# now (a copy that kept another machine's times, a network filesystem with its own clock):
+# its age says nothing, so it neither holds a checkpoint back nor counts as being written.
+CLOCK_TOLERANCE = 120.0
+
+
+def written_recently(mtime: float, now: float, seconds: float) -> bool:
+    """Modified within `seconds` before `now`, by the clock that stamps the files. Pure."""
+    return -CLOCK_TOLERANCE <= now - mtime < seconds
+
+
+def dated_ahead(mtimes: Iterable[float], now: float) -> tuple[int, float]:
+    """(how many, by how much at most) files are dated past CLOCK_TOLERANCE after `now`. Pure."""
+    ahead = [m - now for m in mtimes if m - now > CLOCK_TOLERANCE]
+    return len(ahead), max(ahead, default=0.0)
 
 
 def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:
@@ -395,10 +427,11 @@ def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds) -> C
             if rel[r].size == 0 and (layout != "trainer" or _is_trainer_resume_file(r)):
                 problems.append(f"{r} is empty")
                 break
-    newest_rel = max(rel, key=lambda r: rel[r].mtime)
-    mtime = rel[newest_rel].mtime
-    age = now - mtime
-    if age < settle_seconds:
+    mtime = max(e.mtime for e in rel.values())
+    recent = [r for r in rel if written_recently(rel[r].mtime, now, settle_seconds)]
+    if recent:
+        newest_rel = max(recent, key=lambda r: rel[r].mtime)
+        age = now - rel[newest_rel].mtime
         problems.append(f"{newest_rel} modified {int(max(age, 0))}s ago (settle {settle_seconds:g}s)")
 
     content = _content(found)

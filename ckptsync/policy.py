@@ -120,6 +120,18 @@ def human(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
+def span(seconds: float) -> str:
+    """A length of time in the unit that reads best: 40 s, 22 min, 3.0 h, 2.5 days."""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 # Below this, a run's time is mostly connecting and listing: a rate would mislead (1.4 KB/s).
 RATE_MIN_BYTES = 1_000_000
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ckptsync.layout import Checkpoint, FileEntry, Listing, discover
+from ckptsync.layout import Checkpoint, FileEntry, Listing, dated_ahead, discover
+from ckptsync.policy import span
 from ckptsync.server import FileStat, Server
 
 
@@ -16,6 +17,7 @@ class ServerView:
     now: float
     errors: list[str]
     meta: dict = field(default_factory=dict)   # path -> parsed trainer_state.json etc., as the agent read it
+    clock: str = ""                            # files dated after the server's clock, when some are
 
     def find(self, name: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.name == name), None)
@@ -28,6 +30,10 @@ def scan_server(server: Server, remote_dir: str, settle_seconds: float) -> Serve
     listing = server.scan(remote_dir)
     files = tuple(FileEntry(path=f.path, size=f.size, mtime=f.mtime_ns / 1e9, mode=f.mode) for f in listing.files)
     found = discover(Listing(files=files, meta=listing.meta, now=listing.now), settle_seconds)
+    ahead, most = dated_ahead((f.mtime for f in files), listing.now)
+    clock = (f"{ahead} file(s) under {listing.root} are dated up to {span(most)} after the server's clock "
+             "(copied with another machine's times, or a filesystem with its own clock): only their "
+             "layout's completion markers say whether they are finished") if ahead else ""
     return ServerView(
         root=listing.root,
         checkpoints=[_mark_unreadable(c, listing.unreadable) for c in found],
@@ -35,6 +41,7 @@ def scan_server(server: Server, remote_dir: str, settle_seconds: float) -> Serve
         now=listing.now,
         errors=list(listing.errors),
         meta=listing.meta,
+        clock=clock,
     )
 
 

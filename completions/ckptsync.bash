@@ -25,7 +25,7 @@ _ckptsync_spec() {
             values="--bwlimit --checkpoint --compress --host -H --instance -i --max-checkpoints -k --parallel --ssh"
             ;;
         "checklist")
-            opts="--accept-new-host-key --all-instances --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
+            opts="--accept-new-host-key --all-instances --backup --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh --training-stopped"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--host -H --instance -i --ssh"

@@ -133,6 +133,7 @@ complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l log-file -r -F -d 'Appe
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l training-stopped -d 'Training has stopped: do not judge it by processes or the save cadence (a fil...'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l help -s h -d 'Show this message and exit'

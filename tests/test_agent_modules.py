@@ -415,39 +415,28 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     (root / "checkpoint-3").mkdir(parents=True)
     held = root / "checkpoint-3" / "train_log.txt"
     held.write_text("step 3\n")
+    # The child inherits the file open for reading: it is in /proc once Popen returns (after the exec).
     # A relative name keeps the command line short whatever the temp path (it is cut at 200 chars).
-    child = subprocess.Popen([sys.executable, "-c", "import time,sys; f=open(sys.argv[1]); time.sleep(30)", held.name],
-                             cwd=held.parent)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", held.name],
+                                 cwd=tmp_path, pass_fds=(fd,))
+    finally:
+        os.close(fd)
     try:
         real = os.path.realpath(held)
-        deadline = time.monotonic() + 20
-        while True:  # wait for the child to have opened it
-            links = []
-            for fd in os.listdir("/proc/%d/fd" % child.pid) if os.path.isdir("/proc/%d/fd" % child.pid) else []:
-                try:
-                    links.append(os.readlink("/proc/%d/fd/%s" % (child.pid, fd)))
-                except OSError:
-                    pass
-            if real in links:
-                break
-            assert time.monotonic() < deadline, "the child never opened the file"
-            assert child.poll() is None, "the child exited"
-            time.sleep(0.05)
         reply = op_procs({"root": str(root), "pattern": "train_log"})
-        assert reply["open_checked"] is True and "open_error" not in reply
-        mine = [entry for entry in reply["open"] if entry[0] == child.pid]
-        assert mine and mine[0][2] == real and "train_log.txt" in mine[0][1]
-        assert all(entry[0] != os.getpid() for entry in reply["open"])
-        # Its command line is a python one naming train_log.txt: it also counts as a trainer.
-        assert child.pid in [pid for pid, _cmd in reply["trainers"]]
-        assert child.pid in [pid for pid, _cmd in reply["procs"]]
-        assert set(reply) >= {"procs", "gpu", "open", "open_checked", "trainers"}
-        assert all(len(cmd) <= 200 for _pid, cmd in reply["trainers"])
-        assert len(reply["open"]) <= 50 and len(reply["trainers"]) <= 50
+        mine = [p for p in reply["processes"] if p["pid"] == child.pid]
+        assert mine and mine[0]["run"] == "has %s open" % real and "train_log.txt" in mine[0]["cmd"]
+        # Open for reading only: it is this run's, and the pattern makes it training; nothing is written.
+        assert mine[0]["trainer"] and mine[0]["python"] and reply["writing"] == []
+        assert all(p["pid"] != os.getpid() for p in reply["processes"])
+        assert set(reply) == {"processes", "writing", "gpu", "blind"}
+        assert all(len(p["cmd"]) <= 200 for p in reply["processes"]) and len(reply["processes"]) <= 50
     finally:
         child.kill()
         child.wait()
     nobody = op_procs({"root": str(root)})
-    assert nobody["open_checked"] is True and nobody["open"] == []
+    assert all(p["pid"] != child.pid for p in nobody["processes"])
     without_root = op_procs({})
-    assert without_root["open_checked"] is False and without_root["open_error"]
+    assert without_root["writing"] == [] and all(not p["run"] for p in without_root["processes"])

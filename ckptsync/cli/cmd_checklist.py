@@ -22,25 +22,34 @@ def checklist_cmd(
     remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     backup: Annotated[bool, typer.Option("--backup", help="Run the missing backup first, then check.")] = False,
+    training_stopped: Annotated[bool, typer.Option(
+        "--training-stopped",
+        help="Training has stopped: do not judge it by processes or the save cadence (a file being "
+             "written now still fails the check).")] = False,
 ) -> int:
     """May I delete this instance now? Exit 0 only when it is safe; otherwise 3 and what to do.
 
-    Checks: the server answers; training has stopped; the newest complete
-    checkpoint is backed up and re-verifies now; extra files are backed up
-    and identical; the last backup succeeded. Several instances (-i 0 -i 1,
-    or --all-instances) are checked in parallel; exit 0 only when every one
-    is safe.
+    Checks: the server answers; training has stopped (no process of this
+    run training, no GPU in use by one, nothing being written); the newest
+    complete checkpoint is backed up and re-verifies now; the extra files
+    have the server's content and their copies re-verify; the last backup
+    succeeded. Several instances (-i 0 -i 1, or --all-instances) are
+    checked in parallel; exit 0 only when every one is safe.
     """
     from ckptsync.checklist import run_checklist
     from ckptsync.multi import run_many
 
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key)
     out = output()
+
+    def check(t, rep):
+        return run_checklist(t, backup_first=backup, rep=rep, training_stopped=training_stopped)
+
     if len(ts) > 1:
-        many = run_many("checklist", ts, lambda t, rep: run_checklist(t, backup_first=backup, rep=rep), out.reporter())
+        many = run_many("checklist", ts, check, out.reporter())
         return out.render(many, functools.partial(show_checklists, remote_dirs={t.label: t.remote_dir for t in ts}))
     t = ts[0]
-    result = run_checklist(t, backup_first=backup, rep=out.reporter())
+    result = check(t, out.reporter())
     return out.render(result, functools.partial(show_checklist, remote_dir=t.remote_dir))
 
 
@@ -53,6 +62,8 @@ def show_checklist(out: Output, result: ChecklistResult, remote_dir: str) -> Non
         out.paragraph(f"{c.name}: {c.detail}", indent=" " * 9, first=f"  {mark} ")
         if c.fix:
             show_fix(out, c.fix)
+    for note in result.notes:
+        out.paragraph(note, indent=" " * 8, first="  note: ")
     for warning in result.warnings:
         out.warn(warning)
     if result.safe:

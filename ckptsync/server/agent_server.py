@@ -12,7 +12,7 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Process, Procs, Space, Staged, Stat
 from ckptsync.transport import Transport
 
 
@@ -28,11 +28,13 @@ class AgentServer(Server):
     def open(self) -> None:
         self.remote.open()
         h = self.remote.hello
+        arrived = time.time()
         try:
+            now = float(h.get("now", 0.0))
             self.hello = Hello(protocol=int(h.get("protocol", 0)), python=str(h.get("python", "")),
                                zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
-                               now=float(h.get("now", 0.0)), lzma=bool(h.get("lzma", True)))
+                               now=now, lzma=bool(h.get("lzma", True)), offset=now - arrived if now else 0.0)
         except (TypeError, ValueError) as exc:
             raise self._malformed("hello", exc) from None
 
@@ -126,15 +128,14 @@ class AgentServer(Server):
         try:
             gpu = reply.get("gpu")
             return Procs(
-                matched=[(int(p), str(c)) for p, c in reply.get("procs") or []],
+                processes=[Process(int(p["pid"]), str(p["cmd"]), bool(p["mine"]), str(p["run"]), bool(p["trainer"]),
+                                   bool(p["python"]), bool(p.get("gpu")), bool(p.get("seen", True)))
+                           for p in reply.get("processes") or []],
+                writing=[(int(p), str(c), str(f)) for p, c, f in reply.get("writing") or []],
                 gpu=None if gpu is None else [str(g) for g in gpu],
-                open_under=[(int(p), str(c), str(f)) for p, c, f in reply.get("open") or []],
-                open_checked=bool(reply.get("open_checked", False)),
-                open_error=str(reply.get("open_error") or ("" if "open_checked" in reply
-                                                          else "the agent cannot list open files")),
-                trainers=[(int(p), str(c)) for p, c in reply.get("trainers") or []],
+                blind=[str(b) for b in reply.get("blind") or []],
             )
-        except (TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed("procs", exc) from None
 
     def mkdir(self, path: str) -> str:

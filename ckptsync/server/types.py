@@ -66,6 +66,7 @@ class Hello:
     home: str = ""
     now: float = 0.0
     lzma: bool = True                # can unpack lzma lanes (some Pythons are built without it)
+    offset: float = 0.0              # the server's clock minus this computer's when the hello arrived
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,26 @@ class Space:
     path: str                        # the existing directory that was measured
 
 
+@dataclass(frozen=True)
+class Process:
+    """A process the server reported: one of this run's, or one that looks like training."""
+
+    pid: int
+    cmd: str
+    mine: bool                   # the server user's own
+    run: str                     # why it is this run's ("works in DIR", "writes PATH", ...); "" when not
+    trainer: bool                # a launcher, a program named for training, or matching train_process
+    python: bool                 # a Python program (trainers often are, whatever their name)
+    gpu: bool = False            # nvidia-smi lists it as a compute app
+    seen: bool = True            # its working directory and open files could be read
+
+
 @dataclass
 class Procs:
-    matched: list[tuple[int, str]]           # processes whose command line contains the configured pattern
+    processes: list[Process]
+    writing: list[tuple[int, str, str]]      # (pid, command, path) of files open for writing under the root
     gpu: list[str] | None                    # nvidia-smi's compute apps; None when it could not be asked
-    open_under: list[tuple[int, str, str]]   # (pid, command, path) of files open under the checked root
-    open_checked: bool                       # False when /proc could not be read for open files
-    open_error: str
-    trainers: list[tuple[int, str]]          # python processes whose command line names a trainer
+    blind: list[str] = field(default_factory=list)   # what the server could not see, a reason each
 
 
 @dataclass
