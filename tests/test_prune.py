@@ -152,6 +152,8 @@ def test_locked_store_exits_11(store: Path) -> None:
 
 
 def test_wait_waits_for_the_run_holding_the_lock(store: Path) -> None:
+    import fcntl
+
     with open(store / ".ckptsync" / "lock", "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(json.dumps({"pid": os.getpid(), "host": "test", "command": "ckptsync backup", "since": time.time()}))
