@@ -17,6 +17,7 @@ from ckptsync.errors import (
     CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
 )
 from ckptsync.digests import XXH3, LocalDigests
+from ckptsync.doctor import fallback_line
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
@@ -189,6 +190,11 @@ class Backup:
         try:
             with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
                 self.server = server
+                if self.look_for_runs and not (self.store.meta / "manifests").is_dir():
+                    # A new target: say once when the server falls back to a slower hash or codec.
+                    line = fallback_line(server.hello, self.target.describe(), self.target.command("doctor"))
+                    if line:
+                        self.rep.info(line)
                 own = self.channels is None
                 if own:
                     self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)

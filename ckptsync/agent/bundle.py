@@ -13,7 +13,7 @@ from importlib import resources
 
 # Dependency order: a module only imports from modules before it.
 ORDER = (
-    "frames", "hashing", "paths", "codec", "tar", "scan", "procs",
+    "frames", "hashing", "paths", "codec", "tar", "scan", "procs", "probe",
     "sender", "reader", "fileops", "assemble", "http", "send", "serve",
 )
 SIBLING = re.compile(r"from ckptsync\.agent\.(\w+) import \w+(?:, \w+)*")
