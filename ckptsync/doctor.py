@@ -57,13 +57,14 @@ def fallback_line(hello: Hello, server: str, doctor: str) -> str:
     lacks = missing(hello)
     if not lacks:
         return ""
-    names = " and ".join(m.piece for m in lacks)
+    pieces = [m.piece for m in lacks]
+    names = pieces[0] if len(pieces) == 1 else f"neither {pieces[0]} nor {pieces[1]}"
     how = []
     if any(m.piece == "xxhash" for m in lacks):
         how.append(f"hashing with {hello.hashes[0] if hello.hashes else 'sha1'}")
     if any(m.piece != "xxhash" for m in lacks):
         how.append("compressing with the zstd binary" if hello.zstd == "binary" else "compressing with zlib")
-    return (f"{server}: its python3 {hello.python} has no {names}, so ckptsync is {' and '.join(how)} "
+    return (f"{server}: its python3 {hello.python} has {'no ' if len(pieces) == 1 else ''}{names}, so ckptsync is {' and '.join(how)} "
             f"(slower, same results); to install them there: {PIP_FIX} (details: {doctor})")
 
 

@@ -57,29 +57,44 @@ def test_a_copied_checkpoint_moves_nothing_on_the_wire(ssh_home: Path, server_tr
     assert ok(run_cli("verify", "--local-dir", dest, "checkpoint-16", "--json"))["exit_code"] == 0
 
 
-@SERVERS
-def test_a_restored_checkpoint_is_current_everywhere(ssh_home: Path, server_tree: Path, tmp_path: Path,
-                                                    host: str) -> None:
-    """Restored files have new inodes and ctimes: the quick check doubts them, and the server's
-    hash must settle it in both directions (list, prune --remote, verify --remote, backup)."""
-    dest = tmp_path / "b"
+def restored(host: str, server_tree: Path, dest: Path) -> None:
+    """checkpoint-8 backed up, deleted on the server, restored: its files have new inodes and
+    ctimes, so the quick check doubts them and the server's hash must settle it."""
     ok(cli(host, "backup", server_tree, dest, "--all"))
     shutil.rmtree(server_tree / "checkpoint-8")
     ok(cli(host, "restore", server_tree, dest, "--checkpoint", "checkpoint-8"))
 
-    rows = {r["name"]: r["backup"] for r in ok(cli(host, "list", server_tree, dest))["checkpoints"]}
+
+@SERVERS
+def test_a_restored_checkpoint_is_listed_as_backed_up(ssh_home: Path, server_tree: Path, tmp_path: Path,
+                                                     host: str) -> None:
+    restored(host, server_tree, tmp_path / "b")
+    rows = {r["name"]: r["backup"] for r in ok(cli(host, "list", server_tree, tmp_path / "b"))["checkpoints"]}
     assert rows == {"checkpoint-12": "yes", "checkpoint-8": "yes", "checkpoint-4": "yes"}
 
+
+@SERVERS
+def test_verify_remote_and_prune_remote_agree_on_a_restored_checkpoint(ssh_home: Path, server_tree: Path,
+                                                                      tmp_path: Path, host: str) -> None:
+    dest = tmp_path / "b"
+    restored(host, server_tree, dest)
     checks = {e["name"]: e["status"] for e in ok(cli(host, "verify", server_tree, dest, "--remote"))["entries"]}
     assert checks["checkpoint-8"] == "ok"
     pruned = ok(cli(host, "prune", server_tree, dest, "--remote", "--dry-run", "--keep-last", "1"))
     entry = next(e for e in pruned["entries"] if e["name"] == "checkpoint-8")
     assert entry["verified"] is True and entry["keep"] is False, entry
 
+
+@SERVERS
+def test_backing_up_a_restored_checkpoint_again_fetches_nothing(ssh_home: Path, server_tree: Path,
+                                                               tmp_path: Path, host: str) -> None:
+    dest = tmp_path / "b"
+    restored(host, server_tree, dest)
     again = ok(cli(host, "backup", server_tree, dest, "--checkpoint", "checkpoint-8"))
     assert again["fetched"] == [] and again["generations"] == [] and again["raw_bytes"] == 0
     assert again["restamped"] == ["checkpoint-8"]   # the new inodes are recorded: the next check is quick
     assert not (dest / ".ckptsync" / "generations").exists()
+    assert ok(cli(host, "backup", server_tree, dest, "--checkpoint", "checkpoint-8"))["restamped"] == []
 
 
 def test_a_backup_made_with_xxhash_is_compared_in_sha1_once(ssh_home: Path, server_tree: Path,
