@@ -11,16 +11,17 @@ here. Values learnt for free (the hashes a transfer or a restore computes anyway
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
 import xxhash
 
-from ckptsync.agent import CHUNK, new_hash
 from ckptsync.errors import CkptsyncError
 from ckptsync.store import FileRecord, Store
 
 XXH3 = "xxh3_128"
+BLOCK = 1 << 20
 
 
 def recorded(f: FileRecord, alg: str) -> str | None:
@@ -29,10 +30,10 @@ def recorded(f: FileRecord, alg: str) -> str | None:
 
 
 def hash_both(path: Path, alg: str, on_block: Callable[[int], None] | None = None) -> tuple[str, str]:
-    """(xxh3-128, alg) of one file, read once."""
-    hx, other = xxhash.xxh3_128(), new_hash(alg)
+    """(xxh3-128, alg) of one file, read once; `alg` is one of hashlib's (what servers fall back to)."""
+    hx, other = xxhash.xxh3_128(), hashlib.new(alg)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
+        for block in iter(lambda: f.read(BLOCK), b""):
             hx.update(block)
             other.update(block)
             if on_block is not None:
@@ -81,6 +82,8 @@ class LocalDigests:
             mine, value = hash_both(path, alg, self.on_block)
         except OSError as exc:
             self.errors[f.path] = exc.strerror or str(exc)
+            return None
+        except ValueError:  # an algorithm hashlib does not know here
             return None
         self.bytes_read += f.size
         if mine != f.xxh3_128:

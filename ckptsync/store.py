@@ -84,12 +84,15 @@ class Manifest:
     def mtime(self) -> float:
         return max((f.mtime_ns for f in self.files), default=0) / 1e9
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         data = asdict(self)
         for f in data["files"]:
             if not f["hashes"]:
                 del f["hashes"]  # a record with xxh3-128 only reads as it did before hashes existed
-        return json.dumps(data, indent=1, sort_keys=True)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
