@@ -70,7 +70,7 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -a checklist -d 'May I delete this 
 complete -c ckptsync -n '__ckptsync_at \'\'' -a compare -d 'Compare two backed-up checkpoints: step, epoch, loss and learning-rate change...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a cron -d 'Run `ckptsync backup` from your crontab: one entry per target, installed, sho...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a demo -d 'Build a sample training run in a temp directory and run list, backup, verify...'
-complete -c ckptsync -n '__ckptsync_at \'\'' -a doctor -d 'What the server\'s python3 offers ckptsync: its version, the hash and the code...'
+complete -c ckptsync -n '__ckptsync_at \'\'' -a doctor -d 'Say what the server\'s python3 offers: hash, codec, their speed there, what is...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a list -d 'List checkpoints on the server and in the backup directory, newest first'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a prune -d 'Delete the checkpoints no --keep rule keeps, in the backup directory or (--re...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a restore -d 'Put a backed-up checkpoint on a (new) server, ready to resume training'

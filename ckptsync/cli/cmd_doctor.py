@@ -16,8 +16,10 @@ def doctor_cmd(
     instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
 ) -> int:
-    """What the server's python3 offers ckptsync: its version, the hash and the codec it uses
-    and how fast they run there (measured on a short sample), the free space under remote_dir,
+    """Say what the server's python3 offers: hash, codec, their speed there, what is missing.
+
+    Prints the server's python3 and its version, the hash and the codec it uses and how fast
+    they run there (measured on a short sample in memory), the free space under remote_dir,
     whether the open files of other processes (a trainer still writing) can be seen, and the
     command that installs each missing piece.
 
