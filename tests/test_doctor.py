@@ -11,8 +11,12 @@ from helpers import run_cli
 from sshd import FULL_ALIAS, STOCK_PYTHON
 
 STOCK = "tnr-0"
-# What a stock server's python3 packs with: the zstd binary when the machine has one, else zlib.
-STOCK_CODEC = "zstd-binary" if shutil.which("zstd") else "zlib-lanes"
+# What a stock server's python3 packs with: its own zstd from Python 3.14 on, else the zstd binary
+# when the machine has one, else zlib.
+STOCK_CODEC = ("zstd-stdlib" if subprocess.run([*STOCK_PYTHON, "-c", "import compression.zstd"],
+                                               capture_output=True).returncode == 0
+               else "zstd-binary" if shutil.which("zstd") else "zlib-lanes")
+MISSING_CODEC = {"zstd-stdlib": [], "zstd-binary": ["zstandard"], "zlib-lanes": ["zstd"]}[STOCK_CODEC]
 
 
 def doctor(host: str, remote_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +38,7 @@ def test_doctor_on_a_stock_server_says_what_is_missing_and_how_to_install_it(ssh
     assert got["free_path"] == str(server_tree) and got["free_bytes"] > 0
     assert got["writers_visible"] is True and 0 < got["fd_readable"] <= got["fd_total"]
     pieces = {m["piece"]: m["fix"] for m in got["missing"]}
-    assert sorted(pieces) == sorted(["xxhash", "zstandard" if STOCK_CODEC == "zstd-binary" else "zstd"])
+    assert sorted(pieces) == sorted(["xxhash", *MISSING_CODEC])
     assert pieces["xxhash"].startswith("python3 -m pip install --user xxhash zstandard")
     if STOCK_CODEC == "zlib-lanes":
         assert pieces["zstd"].endswith("apt install zstd")
@@ -75,7 +79,8 @@ def test_first_backup_of_a_new_target_says_once_that_the_server_falls_back(ssh_h
     first = run_cli("backup", "--host", STOCK, *args)
     assert first.returncode == 0, first.stderr
     [line] = note_lines(first.stderr)
-    assert f"its python3 {stock_version()} has neither xxhash nor zstandard" in line
+    lacks = " has no xxhash" if not MISSING_CODEC else f" has neither xxhash nor {MISSING_CODEC[0]}"
+    assert f"its python3 {stock_version()}{lacks}" in line
     assert "python3 -m pip install --user xxhash zstandard" in line
     assert f"ckptsync doctor --host {STOCK} --remote-dir {server_tree} --local-dir {dest}" in line
 
