@@ -16,6 +16,8 @@ from ckptsync.config import Target
 from ckptsync.errors import (
     CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
 )
+from ckptsync.digests import XXH3, LocalDigests
+from ckptsync.doctor import fallback_line
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
@@ -171,10 +173,11 @@ class Backup:
         self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
-        self._sources: dict[tuple[str, int, int], list[Path]] | None = None   # see _content_sources
+        self._sources: dict[tuple[str, int, int], list[tuple[Path, FileRecord]]] | None = None   # see _content_sources
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
+        self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
 
@@ -185,6 +188,11 @@ class Backup:
         try:
             with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
                 self.server = server
+                if self.look_for_runs and not (self.store.meta / "manifests").is_dir():
+                    # A new target: say once when the server falls back to a slower hash or codec.
+                    line = fallback_line(server.hello, self.target.describe(), self.target.command("doctor"))
+                    if line:
+                        self.rep.info(line)
                 own = self.channels is None
                 if own:
                     self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
@@ -204,9 +212,10 @@ class Backup:
             self.result.seconds = time.monotonic() - started
 
     def _backup(self, view: ServerView) -> None:
-        server = self.server
         chosen, todo = self._plan(view)
         if self.opts.dry_run or not todo:
+            if not self.opts.dry_run:
+                self.digests.save()
             return
         self._check_space(todo)  # before the lock: a refused run leaves nothing on disk
         waited = []
@@ -216,28 +225,37 @@ class Backup:
             self.rep.info(f"waiting for {holder}")
 
         with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT):
-            # Plan again under the lock: the run we waited for may have stored these already.
-            if waited:
-                view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
-            self.result.warnings.clear()
-            self.result.failed.clear()
-            chosen, todo = self._plan(view)
-            if not todo:
-                return
-            self._check_space(todo)
-            self.store.clean_trash()
-            self.result.adopted = self.store.adopt_replaced()
-            self._add_sources(None)
-            by_name = {c.name: c for c in chosen}
-            fetches = [(p.name, p.fetch_bytes) for p in todo if p.action == "fetch" and p.name in by_name]
-            batch_of = {names[0]: names for names in batches(fetches)}
-            for item in todo:
-                if item.action == "restamp":
-                    self._restamp(item.name, self._judged[item.name])
-                elif item.name == EXTRA and item.name not in by_name:
-                    self._fetch_extras(view)
-                elif item.name in batch_of:
-                    self._fetch(view, [by_name[n] for n in batch_of[item.name]])
+            self.digests.held = True
+            try:
+                self._locked(view, bool(waited))
+            finally:
+                self.digests.save()
+                self.digests.held = False
+
+    def _locked(self, view: ServerView, waited: bool) -> None:
+        """The backup's work under the lock."""
+        # Plan again under the lock: the run we waited for may have stored these already.
+        if waited:
+            view = scan_server(self.server, self.target.remote_dir, self.target.settle_seconds)
+        self.result.warnings.clear()
+        self.result.failed.clear()
+        chosen, todo = self._plan(view)
+        if not todo:
+            return
+        self._check_space(todo)
+        self.store.clean_trash()
+        self.result.adopted = self.store.adopt_replaced()
+        self._add_sources(None)
+        by_name = {c.name: c for c in chosen}
+        fetches = [(p.name, p.fetch_bytes) for p in todo if p.action == "fetch" and p.name in by_name]
+        batch_of = {names[0]: names for names in batches(fetches)}
+        for item in todo:
+            if item.action == "restamp":
+                self._restamp(item.name, self._judged[item.name])
+            elif item.name == EXTRA and item.name not in by_name:
+                self._fetch_extras(view)
+            elif item.name in batch_of:
+                self._fetch(view, [by_name[n] for n in batch_of[item.name]])
 
     def _runs(self, view: ServerView) -> None:
         """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
@@ -268,7 +286,7 @@ class Backup:
         seen = self._judge_memo.get(c.name)
         if seen is not None and seen[0] == stored and seen[1] == files:
             return seen[2]
-        judged = judge(self.server, view.root, stored, files, CHECK)
+        judged = judge(self.server, view.root, stored, files, CHECK, local=self.digests)
         self._judge_memo[c.name] = (stored, files, judged)
         return judged
 
@@ -366,7 +384,7 @@ class Backup:
         for p in server:  # a prefix kept by an interrupted run whose file was then placed locally
             (stage_root / (p + ".part")).unlink(missing_ok=True)
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
-                            ctime_ns=server[p].ctime_ns, inode=server[p].inode)
+                            ctime_ns=server[p].ctime_ns, inode=server[p].inode, hashes=dict(r.get("hashes") or {}))
                  for p, r in sorted(progress.items())]
         placed = {p for p, r in progress.items() if r.get("placed")}
         self._dedup(c.name, files, fetched=fetched - placed, placed=placed)
@@ -432,7 +450,7 @@ class Backup:
         def on_file(rec: Received) -> None:
             name = owner[rec.member]
             progress[name][rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
-                                          "xxh3_128": rec.xxh3_128}
+                                          "xxh3_128": rec.xxh3_128, "hashes": dict(rec.hashes)}
             unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
             if unsaved[name] >= PROGRESS_BYTES:
                 save(name)
@@ -480,7 +498,7 @@ class Backup:
         instead of transferring them; each placed file joins its entry's `progress`. Returns the
         twins: (entry, file) -> the earlier (entry, file) of this batch with the same content,
         fetched once and placed by _place_twins."""
-        if "xxh3_128" not in self.server.hashes or not any(todo.values()):
+        if not any(todo.values()):
             return {}
         sources = self._content_sources()
         stored = {(k[1], k[2]) for k in sources}
@@ -491,15 +509,18 @@ class Backup:
                       and (listed[name][p].size, listed[name][p].mode) in wanted]
         if not candidates:
             return {}
-        hashes = self.server.hash(view.root, [p for _name, p in candidates], "xxh3_128")
+        alg = self.server.best_hash
+        hashes = self.server.hash(view.root, [p for _name, p in candidates], alg)
+        by_alg = sources if alg == XXH3 else self._sources_in(alg, {(listed[n][p].size, listed[n][p].mode)
+                                                                   for n, p in candidates})
         touched, first, twins = set(), {}, {}
         for name, p in candidates:
             size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
             digest = hashes.get(p)
             if not digest:
                 continue  # unreadable or gone on the server: the transfer reports it
-            paths = sources.get((digest, size, mode))
-            existing = pick_source(paths, mtime_ns, mode) if paths else None
+            found = by_alg.get((digest, size, mode))
+            existing = pick_source([q for q, _f in found], mtime_ns, mode) if found else None
             if existing is None:
                 if (digest, size, mode) in first:
                     twins[(name, p)] = first[(digest, size, mode)]
@@ -513,8 +534,9 @@ class Backup:
             except OSError:
                 continue  # the transfer fetches it instead
             # "placed" tells _dedup (also after a resume) not to place it again.
-            progress[name][p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest,
-                                 "placed": how}
+            record = next(f for q, f in found if q == existing)
+            progress[name][p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": record.xxh3_128,
+                                 "hashes": {} if alg == XXH3 else {alg: digest}, "placed": how}
             touched.add(name)
             self._count(how, size, fetched=False)
         for name in sorted(touched):
@@ -539,15 +561,33 @@ class Backup:
             except OSError as exc:
                 raise io_error(exc, f"placing {p}") from None
             progress[name][p] = {"size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns,
-                                 "xxh3_128": rec["xxh3_128"], "placed": how}
+                                 "xxh3_128": rec["xxh3_128"], "hashes": dict(rec.get("hashes") or {}), "placed": how}
             self._count(how, st.size, fetched=False)
         return missing
 
-    def _content_sources(self) -> dict[tuple[str, int, int], list[Path]]:
+    def _content_sources(self) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
         """The store's dedup index, read once per run and kept current by _add_sources."""
         if self._sources is None:
             self._sources = self.store.content_sources()
         return self._sources
+
+    def _sources_in(self, alg: str, sizes: set[tuple[int, int]]) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
+        """The dedup index keyed by `alg` (the server's, when it cannot compute xxh3-128), for the
+        stored files of these (size, mode): a value not recorded yet is hashed from the stored copy
+        once (then recorded in its manifests)."""
+        out: dict[tuple[str, int, int], list[tuple[Path, FileRecord]]] = {}
+        before = self.digests.bytes_read
+        for (_x, size, mode), found in self._content_sources().items():
+            if (size, mode) not in sizes:
+                continue
+            digest = next(filter(None, (self.digests.get(f, alg, q) for q, f in found)), None)
+            if digest is not None:
+                out[(digest, size, mode)] = found
+        read = self.digests.bytes_read - before
+        if read:
+            self.rep.info(f"read {human(read)} of the backup directory once to compare it in {alg}, the "
+                          "server's hash (recorded in the manifests)")
+        return out
 
     def _add_sources(self, m: Manifest | None) -> None:
         """A new entry's files join the index; None: the store changed otherwise, read it again."""
@@ -555,7 +595,7 @@ class Backup:
             self._sources = None
             return
         for f in m.files:
-            self._sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(self.store.root / f.path)
+            self._sources.setdefault((f.xxh3_128, f.size, f.mode), []).append((self.store.root / f.path, f))
 
     def _dedup(self, name: str, files: list[FileRecord], fetched: set[str], placed: set[str]) -> None:
         """After a transfer, let files identical to stored ones share their bytes: a reflink,
@@ -563,7 +603,7 @@ class Backup:
         A copy would gain nothing here: the transferred file already is one."""
         sources = self._content_sources()
         for f in files:
-            paths = sources.get((f.xxh3_128, f.size, f.mode))
+            paths = [q for q, _r in sources.get((f.xxh3_128, f.size, f.mode), ())]
             if not paths or f.size == 0 or f.path in placed:
                 continue
             staged = self.store.staging(name) / f.path
@@ -605,7 +645,7 @@ class Backup:
             return None
         stored = self.store.load(EXTRA)
         where = {member: src for member, (src, _st) in self._extras.items()}
-        judged = judge(self.server, view.root, stored.files if stored else None, server, CHECK, where)
+        judged = judge(self.server, view.root, stored.files if stored else None, server, CHECK, where, self.digests)
         if judged.current:
             # restamp looks files up by their configured path (FileRecord.source)
             self._judged[EXTRA] = Judgement(True, {where[k]: v for k, v in judged.restamp.items()})
@@ -631,7 +671,7 @@ class Backup:
             return
         files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
                             source=self._extras[p][0], ctime_ns=self._extras[p][1].ctime_ns,
-                            inode=self._extras[p][1].inode)
+                            inode=self._extras[p][1].inode, hashes=dict(r.get("hashes") or {}))
                  for p, r in sorted(progress.items())]
         m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
                      source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},

@@ -12,6 +12,7 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary, span
@@ -105,7 +106,7 @@ class Checklist:
                 procs = server.procs(t.train_process or "", view.root)
                 extras = self._extras_on_server(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
-                self._current = judge_view(server, view, self.store.manifests(), CHECK)
+                self._current = judge_view(server, view, self.store.manifests(), CHECK, local=LocalDigests(self.store))
                 runs = survey(server, view.root, t)
         except RemoteDirMissing as exc:
             self.add("remote directory exists", False, exc.message,

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint, find_best, resume_files
+from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
 from ckptsync.policy import newest_first
 from ckptsync.scan import scan_server
@@ -363,7 +364,9 @@ def show_server(target: Target, name: str | None, stored: Path | None = None) ->
                 have = ", ".join(x.name for x in view.checkpoints) or "none"
                 raise NotFound(f"{name} is not on {where} (checkpoints there: {have})")
         m = store.load(c.name)
-        current = judge(server, view.root, m.files if m else None, view.files_of(c)).current
+        local = LocalDigests(store)
+        current = judge(server, view.root, m.files if m else None, view.files_of(c), local=local).current
+        local.save()
     full = _raw_state(view.meta, c)
     f = facts(c.state, full)
     best = find_best(view.checkpoints)

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ckptsync.config import Target
+from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.policy import newest_first
 from ckptsync.runs import RunState, survey
@@ -167,7 +168,7 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
     if not local_only:
         with open_server(target) as server:
             view = scan_server(server, target.remote_dir, target.settle_seconds)
-            current = judge_view(server, view, manifests)
+            current = judge_view(server, view, manifests, local=LocalDigests(store))
             result.runs = survey(server, view.root, target)
         if any(not r.covered for r in result.runs):
             result.follow_hint = target.command("backup", "--follow-runs")

@@ -26,6 +26,7 @@ from ckptsync.errors import INTEGRITY, OK, PARTIAL, AgentError, Interrupted, Not
 from ckptsync.layout import Checkpoint
 from ckptsync.policy import newest_first
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
@@ -308,19 +309,19 @@ class RemotePrune:
             self.result.where = f"{self.target.describe()}:{view.root}"
             self.result.warnings.extend(view.errors)
             if self.opts.dry_run or not self.store.root.is_dir():
-                self._plan(view)
+                self._plan(view, held=False)
                 if not self.opts.dry_run:
                     self._delete(view)
                 return self.result
             # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put.
             with self.store.lock("ckptsync prune --remote", wait=self.opts.wait, hint=WAIT_HINT,
                                  on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
-                self._plan(view)
+                self._plan(view, held=True)
                 self._delete(view)
         return self.result
 
-    def _plan(self, view: ServerView) -> None:
-        current = judge_view(self.server, view, self.store.manifests())
+    def _plan(self, view: ServerView, held: bool) -> None:
+        current = judge_view(self.server, view, self.store.manifests(), local=LocalDigests(self.store, held))
         items = [Item(name=c.name, step=c.step, mtime=c.mtime, is_best=c.is_best, complete=c.complete,
                       verified=current.get(c.name, False), kind=c.kind)
                  for c in view.checkpoints]

@@ -25,8 +25,9 @@ import xxhash
 from ckptsync import osdeps
 from ckptsync.agent import safe_member
 from ckptsync.config import Target
+from ckptsync.digests import LocalDigests
 from ckptsync.errors import (
-    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
+    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
 )
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
@@ -238,6 +239,7 @@ class Restore:
         self._staged = None        # what an interrupted restore left in staging (server.staged)
         self._usable: set[str] = set()   # the staged files that are checked and kept
         self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
+        self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
 
     def run(self, server=None) -> RestoreResult:
         """`server`: an open connection to reuse (restore --all), else one is opened here."""
@@ -282,6 +284,8 @@ class Restore:
                     else:
                         self._restore(m, files, extras, ordered, manifests)
                 finally:
+                    if not self.opts.dry_run:
+                        self.digests.save()   # what sending computed: the next comparison reads nothing
                     self.result.channels = self.channels.most
                     if self.channels.warning:
                         self.result.warnings.append(self.channels.warning)
@@ -315,6 +319,7 @@ class Restore:
             try:
                 stack.enter_context(self.store.lock("ckptsync restore",
                                                     hint="wait for it to finish, then run the restore again"))
+                self.digests.held = True
             except IOFailure:
                 if os.access(self.store.root, os.W_OK) and not osdeps.read_only_fs(self.store.root):
                     raise
@@ -460,15 +465,7 @@ class Restore:
         alg = self.server.best_hash
         got = self.server.hash(root, [placed[f.path] for f in records], alg)
         return {f.path for f in records if got.get(placed[f.path]) is not None
-                and got.get(placed[f.path]) == self._local_hash(f, alg)}
-
-    def _local_hash(self, f: FileRecord, alg: str) -> str | None:
-        if alg == "xxh3_128":
-            return f.xxh3_128
-        try:
-            return hash_file(self.files_root / f.path, alg)
-        except OSError:
-            return None
+                and got.get(placed[f.path]) == self.digests.get(f, alg, self.store.root / f.path)}
 
     def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]],
                 ordered: list[Manifest]) -> None:
@@ -528,7 +525,7 @@ class Restore:
         where = {p: self.server.staging_member(stage, p) for p in fits}
         got = self.server.hash(root, list(where.values()), alg)
         self._usable = {p for p in fits if got.get(where[p]) is not None
-                        and got.get(where[p]) == self._local_hash(want[p], alg)}
+                        and got.get(where[p]) == self.digests.get(want[p], alg, self.files_root / p)}
         return set(self._usable)
 
     def _check_space(self, root: str, need: int, stage: str) -> None:
@@ -681,7 +678,7 @@ class Restore:
         for f in files:
             local = self.files_root / f.path
             try:
-                expect[f.path] = f.xxh3_128 if alg == "xxh3_128" else hash_file(local, alg)
+                expect[f.path] = self.digests.get(f, alg, local) or ""   # "": the copy here changed
                 if whole.get(f.path) is not None and whole[f.path].hash != expect[f.path] \
                         and hash_file(local) != f.xxh3_128:
                     rotted.append(f.path)   # the ranges were read from a copy that changed here
@@ -707,11 +704,13 @@ class Restore:
             path = self.files_root / f.path
             try:
                 with open(path, "rb") as fh:
-                    up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
+                    sent = up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
             except OSError as exc:
                 raise io_error(exc, f"reading {path}") from None
             if seen.hexdigest() != f.xxh3_128:
                 rotted.append(f.path)
+            else:
+                self.digests.learn(f.xxh3_128, f.size, server.best_hash, sent)
         arrived = up.finish()
         return arrived, dict(up.sent), rotted, up.wire_bytes
 

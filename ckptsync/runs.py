@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, replace
 
 from ckptsync.config import Target
+from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.policy import CHECK
 from ckptsync.scan import scan_server
@@ -108,8 +109,9 @@ def survey(server: Server, root: str, target: Target) -> list[RunState]:
         state.checkpoints = len(complete)
         if complete:
             state.newest = complete[0].name
-            current = judge_view(server, view, Store(target.local_dir / run.name).manifests(), CHECK,
-                                 names=[complete[0].name])
+            store = Store(target.local_dir / run.name)
+            current = judge_view(server, view, store.manifests(), CHECK, names=[complete[0].name],
+                                 local=LocalDigests(store))
             state.newest_backed_up = current.get(complete[0].name, False)
         states.append(state)
     return states

@@ -64,6 +64,9 @@ class FileRecord:
     source: str = ""   # for extra files: the path as configured, relative to remote_dir
     ctime_ns: int = 0  # the server file's ctime and inode when backed up (0: not recorded)
     inode: int = 0
+    # The same bytes in other algorithms (sha1: what a server without xxhash computes), recorded
+    # when first needed (digests.py). Not part of a record's identity: the bytes are the same.
+    hashes: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -92,12 +95,20 @@ class Manifest:
     def mtime(self) -> float:
         return max((f.mtime_ns for f in self.files), default=0) / 1e9
 
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for f in data["files"]:
+            if not f["hashes"]:
+                del f["hashes"]  # a record with xxh3-128 only reads as it did before hashes existed
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        files = [FileRecord(**f) for f in data.pop("files")]
+        fields = FileRecord.__dataclass_fields__
+        files = [FileRecord(**{k: v for k, v in f.items() if k in fields}) for f in data.pop("files")]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(files=files, **known)
 
@@ -471,16 +482,16 @@ class Store:
 
     # -------------------------------------------------- dedup index
 
-    def content_sources(self) -> dict[tuple[str, int, int], list[Path]]:
-        """(xxh3, size, mode) -> every stored file with that content, in manifest order."""
-        sources: dict[tuple[str, int, int], list[Path]] = {}
+    def content_sources(self) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
+        """(xxh3, size, mode) -> every stored file with that content and its record, in manifest order."""
+        sources: dict[tuple[str, int, int], list[tuple[Path, FileRecord]]] = {}
         for m in self.manifests().values():
             for f in m.files:
-                sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(self.root / f.path)
+                sources.setdefault((f.xxh3_128, f.size, f.mode), []).append((self.root / f.path, f))
         for gens in self.generations().values():
             for g in gens:
                 for f in g.manifest.files:
-                    sources.setdefault((f.xxh3_128, f.size, f.mode), []).append(g.root / f.path)
+                    sources.setdefault((f.xxh3_128, f.size, f.mode), []).append((g.root / f.path, f))
         return sources
 
     # -------------------------------------------------- status

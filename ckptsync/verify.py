@@ -10,7 +10,9 @@ copy and fails, and so does an entry whose manifest is damaged.
 
 `--remote` compares the server's copy with the backup instead: sizes from
 the server's listing, hashes computed on the server in its best algorithm.
-When that is not xxh3-128 the local copy is hashed with the same algorithm.
+When that is not xxh3-128, the manifest's value in that algorithm is used; a
+file without one is hashed here once (in both algorithms: it counts only when
+its xxh3-128 matches the manifest) and the value is recorded (digests.py).
 Checkpoints present on one side only are reported; they fail the run only
 when they were named on the command line (a server rotates old checkpoints
 away, and a new one is not backed up yet: both are normal).
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptsync.config import Target
+from ckptsync.digests import LocalDigests
 from ckptsync.errors import INTEGRITY, OK, NotFound
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import newest_first
@@ -398,9 +401,12 @@ class RemoteVerify:
         self.store = Store(target.local_dir)
         self.names = names
         self.rep = rep
-        self.hasher = Hasher(rep)
+        self.digests = LocalDigests(self.store, on_block=self._advance)
         self.result = VerifyResult(target=target.label, dest=str(target.local_dir), remote=True,
                                    server=target.describe())
+
+    def _advance(self, n: int) -> None:
+        self.rep.advance(n)
 
     def run(self) -> VerifyResult:
         with open_server(self.target) as server:
@@ -417,13 +423,14 @@ class RemoteVerify:
                      if n not in {c.name for c in damaged}]
             pairs = [(n, view.find(n), manifests.get(n)) for n in names]
             compared = [m for n, c, m in pairs if m is not None and (n == EXTRA or c is not None)]
-            total = sum(m.size for m in compared)
-            self.rep.start("verify", total if self.alg == "xxh3_128" else 2 * total)
+            here = sum(f.size for m in compared for f in m.files if self.digests.known(f, self.alg) is None)
+            self.rep.start("verify", sum(m.size for m in compared) + here)
             try:
                 for name, c, m in pairs:
                     self.result.entries.append(self._entry(name, c, m))
             finally:
                 self.rep.finish()
+                self.digests.save()
         return self.result
 
     def _select(self, view: ServerView, manifests: dict[str, Manifest], damaged: set[str]) -> list[str]:
@@ -511,14 +518,15 @@ class RemoteVerify:
         check.problems.sort(key=lambda p: p.path)
 
     def _local_hash(self, check: EntryCheck, f: FileRecord) -> str | None:
-        if self.alg == "xxh3_128":
-            return f.xxh3_128
-        path = self.store.root / f.path
-        try:
-            return self.hasher.digest(path, os.stat(path), self.alg)
-        except OSError as exc:
-            check.problems.append(Problem(f.path, MISSING_HERE, f"cannot read the local copy: {exc.strerror or exc}"))
-            return None
+        """The backup's value in the server's algorithm: the manifest's, or its stored copy's."""
+        value = self.digests.get(f, self.alg)
+        if value is None and f.path in self.digests.damaged:
+            check.problems.append(Problem(f.path, NOT_COMPARED, "the copy here no longer matches its manifest "
+                                          f"(check it: {self.target.command('verify', check.name)})"))
+        elif value is None:
+            why = self.digests.errors.get(f.path, "")
+            check.problems.append(Problem(f.path, MISSING_HERE, f"cannot read the local copy: {why}"))
+        return value
 
 
 def _batches(files: list[FileRecord]) -> list[list[FileRecord]]:

@@ -7,7 +7,7 @@ _ckptsync_spec() {
     cmds= opts= dirs= files= values=
     case "$1" in
         "")
-            cmds="archive backup checklist compare cron demo list prune restore show verify"
+            cmds="archive backup checklist compare cron demo doctor list prune restore show verify"
             opts="--debug --help -h --json --log-file --quiet -q --ssh --version -V"
             files="--log-file"
             values="--ssh"
@@ -63,6 +63,12 @@ _ckptsync_spec() {
             dirs="--dir"
             files="--log-file"
             values="--ssh"
+            ;;
+        "doctor")
+            opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"
+            dirs="--local-dir -l --remote-dir -r"
+            files="--config -c --log-file"
+            values="--host -H --instance -i --ssh"
             ;;
         "list")
             opts="--accept-new-host-key --all-instances --config -c --debug --generations --help -h --host -H --instance -i --json --local --local-dir -l --log-file --quiet -q --remote-dir -r --ssh"

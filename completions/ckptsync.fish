@@ -16,7 +16,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
         set -l values
         switch "$path"
             case ''
-                set cmds archive backup checklist compare cron demo list prune restore show verify
+                set cmds archive backup checklist compare cron demo doctor list prune restore show verify
                 set values --log-file --ssh
             case 'archive'
                 set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
@@ -36,6 +36,8 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'demo'
                 set values --dir --log-file --ssh
+            case 'doctor'
+                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'list'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'prune'
@@ -68,6 +70,7 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -a checklist -d 'May I delete this 
 complete -c ckptsync -n '__ckptsync_at \'\'' -a compare -d 'Compare two backed-up checkpoints: step, epoch, loss and learning-rate change...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a cron -d 'Run `ckptsync backup` from your crontab: one entry per target, installed, sho...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a demo -d 'Build a sample training run in a temp directory and run list, backup, verify...'
+complete -c ckptsync -n '__ckptsync_at \'\'' -a doctor -d 'Say what the server\'s python3 offers: hash, codec, their speed there, what is...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a list -d 'List checkpoints on the server and in the backup directory, newest first'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a prune -d 'Delete the checkpoints no --keep rule keeps, in the backup directory or (--re...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a restore -d 'Put a backed-up checkpoint on a (new) server, ready to resume training'
@@ -191,6 +194,18 @@ complete -c ckptsync -n '__ckptsync_at \'demo\'' -l keep -d 'Keep the demo files
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l help -s h -d 'Show this message and exit'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'

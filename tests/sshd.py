@@ -10,6 +10,15 @@ When sshd runs as root and the unprivileged account ``ckptsync-test`` exists
 (``.ci/test`` creates it), the alias ``tnr-7`` logs in as that account with the
 same client key, so tests can meet "permission denied" on the server.
 
+The server's ``python3`` is chosen here, not by whatever the login shell's rc files put
+first on PATH: every session runs through a ForceCommand that puts a directory holding a
+``python3`` wrapper first on PATH, then runs the client's command with ``/bin/sh -c``.
+On the default port (every alias but ``tnr-8``) that wrapper is a stock server's Python:
+the system interpreter (``STOCK_PYTHON``) isolated from every site-packages (``-I -S``), so
+it has the standard library only, as on a rented GPU server where the training venv is
+not on a non-interactive login's PATH. The alias ``tnr-8`` reaches a second port whose
+``python3`` is the interpreter running the tests, with xxhash and zstandard (``FULL_PYTHON``).
+
 It works as root (CI) and as an ordinary user.  Nothing here imports pytest.
 """
 
@@ -24,6 +33,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +42,27 @@ from typing import Sequence
 HOST_ALIASES: tuple[str, ...] = ("tnr-0", "tnr-1", "tnr-2", "testhost")
 TEST_USER = "ckptsync-test"
 TEST_USER_ALIAS = "tnr-7"
+# A server whose python3 has xxhash and zstandard (the other aliases' has the standard library only).
+FULL_ALIAS = "tnr-8"
+
+# The server sides' interpreters, each an argv prefix. The stock one is the machine's system
+# Python when it has one (what a rented server runs), else this one; either way isolated from
+# site-packages, so nothing outside the standard library imports.
+STOCK_PYTHON: tuple[str, ...] = (
+    "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable, "-I", "-S")
+FULL_PYTHON: tuple[str, ...] = (sys.executable,)
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
+
+# The ForceCommand of a session: python3 from {bindir} first on PATH, then the client's command.
+LOGIN_SCRIPT = """#!/bin/sh
+PATH={bindir}:$PATH
+export PATH
+case "$SSH_ORIGINAL_COMMAND" in
+  "") exec "${{SHELL:-/bin/sh}}" -l ;;
+  internal-sftp) exec {sftp} ;;
+esac
+exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+"""
 TEST_USER_HINT = f"useradd -m -s /bin/sh -p '*' {TEST_USER}"
 
 STARTUP_TIMEOUT = 10.0
@@ -207,6 +238,8 @@ class SshdServer:
             else other_user_problem(other_user, is_root=self.is_root, use_pam=self.use_pam)
         )
         self.other_keys_dir: Path | None = None
+        self.full_alias = FULL_ALIAS
+        self.bin_dir: Path | None = None   # the sessions' python3 wrappers and login scripts
 
         self.sshd_path = find_sshd()
         self.ssh_path = find_client_tool("ssh")
@@ -221,7 +254,8 @@ class SshdServer:
         self.known_hosts = self.workdir / "known_hosts"
         self.ssh_config = self.workdir / "ssh_config"
 
-        self.port: int = 0
+        self.port: int = 0            # the stock server's (every alias but full_alias)
+        self.full_port: int = 0       # the server whose python3 has xxhash and zstandard
         self.host_key_line: str = ""
         self.process: subprocess.Popen[bytes] | None = None
         self._log_handle = None
@@ -271,6 +305,27 @@ class SshdServer:
         os.chmod(self.authorized_keys, 0o600)
         if self.other_user_problem is None:
             self._prepare_other_user_keys()
+        self._prepare_pythons()
+
+    def _prepare_pythons(self) -> None:
+        """The python3 of each port, and the ForceCommand that puts it first on PATH. In a
+        world-readable directory: the unprivileged user's sessions run them too."""
+        self._remove_bin_dir()
+        self.bin_dir = Path(tempfile.mkdtemp(prefix="ckptsync-sshd-bin-", dir="/tmp"))
+        os.chmod(self.bin_dir, 0o755)
+        sftp = next((p for p in SFTP_SERVERS if os.access(p, os.X_OK)), "false")
+        for kind, argv in (("stock", STOCK_PYTHON), ("full", FULL_PYTHON)):
+            bindir = self.bin_dir / kind
+            bindir.mkdir()
+            os.chmod(bindir, 0o755)
+            _write_script(bindir / "python3", f'#!/bin/sh\nexec {shlex.join(argv)} "$@"\n')
+            _write_script(self.bin_dir / f"login-{kind}", LOGIN_SCRIPT.format(bindir=shlex.quote(str(bindir)),
+                                                                              sftp=sftp))
+
+    def _remove_bin_dir(self) -> None:
+        if self.bin_dir is not None:
+            shutil.rmtree(self.bin_dir, ignore_errors=True)
+            self.bin_dir = None
 
     def _prepare_other_user_keys(self) -> None:
         # sshd opens AuthorizedKeysFile as the user logging in, and the workdir may sit
@@ -297,6 +352,7 @@ class SshdServer:
         lines = [
             f"ListenAddress {self.host}",
             f"Port {self.port}",
+            f"Port {self.full_port}",
             f"HostKey {self.host_key}",
             f"PidFile {self.pid_file}",
             f"AuthorizedKeysFile {self.authorized_keys}",
@@ -315,6 +371,9 @@ class SshdServer:
         ]
         if self.is_root:
             lines.append("PermitRootLogin yes")
+        # Match blocks run to the next Match: these come after every global setting.
+        lines += [f"Match LocalPort {self.port}", f"    ForceCommand {self.bin_dir / 'login-stock'}",
+                  f"Match LocalPort {self.full_port}", f"    ForceCommand {self.bin_dir / 'login-full'}"]
         if self.other_user_ready:
             # Match blocks run to the end of the file: this one must stay last.
             lines += [f"Match User {self.other_user}",
@@ -322,24 +381,30 @@ class SshdServer:
         self.sshd_config.write_text("\n".join(lines) + "\n")
         os.chmod(self.sshd_config, 0o600)
 
-    def _host_key_line(self) -> str:
+    def _host_key_line(self, port: int | None = None) -> str:
         fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
-        return f"[{self.host}]:{self.port} {fields[0]} {fields[1]}"
+        return f"[{self.host}]:{port or self.port} {fields[0]} {fields[1]}"
+
+    @property
+    def known_hosts_text(self) -> str:
+        """known_hosts for both ports (the same host key)."""
+        return f"{self.host_key_line}\n{self._host_key_line(self.full_port)}\n"
 
     def client_config_text(self, identity_file: Path | None = None,
                            known_hosts: Path | None = None) -> str:
         identity = identity_file or self.identity_file
         known = known_hosts or self.known_hosts
-        hosts = [(alias, self.user) for alias in self.aliases]
+        hosts = [(alias, self.user, self.port) for alias in self.aliases]
         if self.other_user_ready:
-            hosts.append((self.other_alias, self.other_user))
+            hosts.append((self.other_alias, self.other_user, self.port))
+        hosts.append((self.full_alias, self.user, self.full_port))
         blocks = []
-        for alias, user in hosts:
+        for alias, user, port in hosts:
             blocks.append(
                 "\n".join([
                     f"Host {alias}",
                     f"    HostName {self.host}",
-                    f"    Port {self.port}",
+                    f"    Port {port}",
                     f"    User {user}",
                     f"    IdentityFile {identity}",
                     f"    UserKnownHostsFile {known}",
@@ -353,7 +418,7 @@ class SshdServer:
 
     def _write_client_files(self) -> None:
         self.host_key_line = self._host_key_line()
-        self.known_hosts.write_text(self.host_key_line + "\n")
+        self.known_hosts.write_text(self.known_hosts_text)
         os.chmod(self.known_hosts, 0o644)
         self.ssh_config.write_text(self.client_config_text())
         os.chmod(self.ssh_config, 0o600)
@@ -367,6 +432,9 @@ class SshdServer:
         last_error: SshdError | None = None
         for _attempt in range(3):
             self.port = free_port(self.host)
+            self.full_port = free_port(self.host)
+            while self.full_port == self.port:
+                self.full_port = free_port(self.host)
             self._write_sshd_config()
             self._write_client_files()
             try:
@@ -486,6 +554,7 @@ class SshdServer:
         """Kill all sessions and terminate the listener."""
         if self.process is None:
             self._remove_other_keys()
+            self._remove_bin_dir()
             return
         atexit.unregister(self.stop)
         sessions = self.session_pids()
@@ -496,6 +565,7 @@ class SshdServer:
             except (ProcessLookupError, PermissionError):
                 pass
         self._remove_other_keys()
+        self._remove_bin_dir()
 
     close = stop
 
@@ -556,7 +626,7 @@ class SshdServer:
         config = ssh_dir / "config"
         _write_private(key, self.identity_file.read_bytes())
         _write_private(pub, self.identity_pub.read_bytes())
-        _write_private(known, (self.host_key_line + "\n").encode())
+        _write_private(known, self.known_hosts_text.encode())
         _write_private(config, self.client_config_text(key, known).encode())
         return ssh_dir
 
@@ -574,6 +644,11 @@ def stop_masters(directory: str | os.PathLike[str]) -> None:
                 subprocess.run([find_client_tool("ssh") or "ssh", "-F", "none", "-o", f"ControlPath={path}",
                                 "-O", "exit", "master"], stdin=subprocess.DEVNULL, capture_output=True,
                                timeout=30, check=False)
+
+
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o755)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -21,7 +21,7 @@ SHARED = ("README.md", "adapter_config.json", "training_args.bin")
 
 
 class Sha1OnlyServer(InProcessServer):
-    """A server without xxhash: nothing is placed before the transfer, so dedup happens after it."""
+    """A server without xxhash: it hashes with sha1, and the store is compared in sha1 too."""
 
     def open(self) -> None:
         super().open()
@@ -86,7 +86,7 @@ def test_fixture_shares_content_with_different_mtimes(server_tree: Path) -> None
         assert len({f.stat().st_mode for f in files}) == 1, name
 
 
-@pytest.mark.parametrize("hashes", [True, False], ids=["placed-before-transfer", "dedup-after-transfer"])
+@pytest.mark.parametrize("hashes", [True, False], ids=["xxh3-server", "sha1-server"])
 def test_default_keeps_every_files_own_mtime_and_mode(server_tree: Path, tmp_path: Path, reflinks: bool,
                                                       hashes: bool) -> None:
     dest = tmp_path / "b"
@@ -105,18 +105,18 @@ def test_default_keeps_every_files_own_mtime_and_mode(server_tree: Path, tmp_pat
     else:
         assert (result.reflinked_files, result.reflinked_bytes) == (0, 0)
         assert result.disk_bytes == total
-    if hashes and not reflinks:  # copied here instead of fetched
+    if not reflinks:  # copied here instead of fetched
         assert (result.copied_files, result.copied_bytes) == (6, saved)
     else:
         assert (result.copied_files, result.copied_bytes) == (0, 0)
-    assert result.raw_bytes == (total - saved if hashes else total)
+    assert result.raw_bytes == total - saved
 
     verified = run_verify(make_target(server_tree, dest, None), [])
     assert verified.exit_code == OK
     assert mtime_warnings(verified) == {}
 
 
-@pytest.mark.parametrize("hashes", [True, False], ids=["placed-before-transfer", "dedup-after-transfer"])
+@pytest.mark.parametrize("hashes", [True, False], ids=["xxh3-server", "sha1-server"])
 def test_dedup_link_hard_links_and_verify_warns(server_tree: Path, tmp_path: Path, hashes: bool) -> None:
     dest = tmp_path / "b"
     result = backup_all(server_tree, dest, dedup="link", hashes=hashes)
@@ -130,7 +130,7 @@ def test_dedup_link_hard_links_and_verify_warns(server_tree: Path, tmp_path: Pat
     assert (result.linked_files, result.linked_bytes) == (6, 2 * shared)
     assert result.reflinked_files == result.reflinked_bytes == result.copied_files == result.copied_bytes == 0
     assert result.disk_bytes == total - 2 * shared
-    assert result.raw_bytes == (total - 2 * shared if hashes else total)
+    assert result.raw_bytes == total - 2 * shared
 
     verified = run_verify(make_target(server_tree, dest, None), [])
     assert verified.exit_code == OK
@@ -142,7 +142,7 @@ def test_dedup_link_hard_links_and_verify_warns(server_tree: Path, tmp_path: Pat
                                       "README.md, adapter_config.json, training_args.bin")
 
 
-@pytest.mark.parametrize("hashes", [True, False], ids=["placed-before-transfer", "dedup-after-transfer"])
+@pytest.mark.parametrize("hashes", [True, False], ids=["xxh3-server", "sha1-server"])
 def test_same_content_mode_and_mtime_is_shared_under_the_default(server_tree: Path, tmp_path: Path,
                                                                  reflinks: bool, hashes: bool) -> None:
     for name in SHARED:  # checkpoint-12's copies now carry checkpoint-8's mtimes
@@ -166,7 +166,7 @@ def test_same_content_mode_and_mtime_is_shared_under_the_default(server_tree: Pa
         assert (result.linked_files, result.linked_bytes) == (3, shared)  # checkpoint-8's
         assert result.reflinked_files == 0
         # checkpoint-4's differ in mtime: copied instead of fetched, or kept as fetched
-        assert (result.copied_files, result.copied_bytes) == ((3, shared) if hashes else (0, 0))
+        assert (result.copied_files, result.copied_bytes) == (3, shared)
         assert result.disk_bytes == total - shared
 
     verified = run_verify(make_target(server_tree, dest, None), [])

@@ -95,7 +95,7 @@ def test_every_json_block_names_its_command() -> None:
         [c for c, _ in found if not c.startswith("ckptsync ")]
     commands = {shlex.split(c)[1] for c, _ in found}
     assert commands >= {"list", "backup", "restore", "verify", "prune", "show", "compare", "archive",
-                        "checklist", "demo", "cron"}
+                        "checklist", "demo", "cron", "doctor"}
 
 
 def test_examples_are_what_the_commands_print(world: dict) -> None:

@@ -60,7 +60,8 @@ def test_attributes_and_files(sshd: SshdServer) -> None:
     assert isinstance(sshd.port, int) and sshd.port > 0
     assert sshd.is_running()
     assert sshd.host_key_line.startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
-    assert sshd.known_hosts.read_text() == sshd.host_key_line + "\n"
+    assert sshd.known_hosts.read_text().splitlines() == [
+        sshd.host_key_line, sshd.host_key_line.replace(f":{sshd.port} ", f":{sshd.full_port} ")]
     assert stat.S_IMODE(os.stat(sshd.identity_file).st_mode) == 0o600
     config = sshd.ssh_config.read_text()
     for alias in HOST_ALIASES:
@@ -183,7 +184,7 @@ def test_write_home(sshd: SshdServer, tmp_path: Path) -> None:
     for name in ("config", "known_hosts", "id_ed25519", "id_ed25519.pub"):
         assert stat.S_IMODE(os.stat(ssh_dir / name).st_mode) == 0o600, name
     assert (ssh_dir / "id_ed25519").read_bytes() == sshd.identity_file.read_bytes()
-    assert (ssh_dir / "known_hosts").read_text() == sshd.host_key_line + "\n"
+    assert (ssh_dir / "known_hosts").read_text() == sshd.known_hosts_text
     config = (ssh_dir / "config").read_text()
     assert f"IdentityFile {ssh_dir / 'id_ed25519'}" in config
     assert f"UserKnownHostsFile {ssh_dir / 'known_hosts'}" in config

@@ -20,11 +20,13 @@ from ckptsync.server.agent_server import AgentServer
 from ckptsync.server.inprocess import InProcessTransport
 from ckptsync.transport import CommandTransport, LocalTransport, ssh_transport
 from ckptsync.transport import SshTarget
+from sshd import FULL_ALIAS
 
 STDLIB_ENV = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin"]
 
 
-@pytest.fixture(params=["local", "command-stdlib-python", "command-with-noise", "openssh", "paramiko", "in-process"])
+@pytest.fixture(params=["local", "command-stdlib-python", "command-with-noise", "openssh", "paramiko",
+                        "openssh-with-modules", "in-process"])
 def transport(request):
     kind = request.param
     if kind == "local":
@@ -38,7 +40,9 @@ def transport(request):
         # Login noise on stdout before the agent starts must be skipped.
         return CommandTransport(["sh", "-c", 'echo "Welcome to the GPU box"; printf "motd without newline"; exec "$@"', "x"])
     request.getfixturevalue("ssh_home")
-    return ssh_transport(SshTarget(host="tnr-1"), kind)
+    if kind == "openssh-with-modules":  # the test sshd's server whose python3 has xxhash and zstandard
+        return ssh_transport(SshTarget(host=FULL_ALIAS), "openssh")
+    return ssh_transport(SshTarget(host="tnr-1"), kind)  # a stock python3: the standard library only
 
 
 def test_hello_reports_abilities(transport):

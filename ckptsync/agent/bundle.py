@@ -7,13 +7,13 @@ import a sibling, since every name then lives in one namespace.
 
 import ast
 import functools
+import pkgutil
 import re
 import zlib
-from importlib import resources
 
 # Dependency order: a module only imports from modules before it.
 ORDER = (
-    "frames", "hashing", "paths", "codec", "tar", "scan", "procs",
+    "frames", "hashing", "paths", "codec", "tar", "scan", "procs", "probe",
     "sender", "reader", "fileops", "assemble", "http", "send", "serve",
 )
 SIBLING = re.compile(r"from ckptsync\.agent\.(\w+) import \w+(?:, \w+)*")
@@ -21,7 +21,7 @@ ENTRY = '\n\nif __name__ == "__main__":\n    main()\n'
 
 
 def module_source(name):
-    return resources.files("ckptsync.agent").joinpath(name + ".py").read_text(encoding="utf-8")
+    return pkgutil.get_data("ckptsync.agent", name + ".py").decode("utf-8")
 
 
 def defined_names(tree):

@@ -11,6 +11,7 @@ from ckptsync.agent.hashing import hash_names
 from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
+from ckptsync.agent.probe import op_probe
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
 from ckptsync.agent.assemble import op_assemble
@@ -42,6 +43,7 @@ SIMPLE = {
     "df": op_df,
     "glob": op_glob,
     "procs": op_procs,
+    "probe": op_probe,
     "commit": op_commit,
     "assemble": op_assemble,
     "staged": op_staged,

@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple
 import typer
 
 from ckptsync.cli import (
-    cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_list, cmd_prune, cmd_restore,
-    cmd_show, cmd_verify, context,
+    cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
+    cmd_restore, cmd_show, cmd_verify, context,
 )
 from ckptsync.cli.options import GLOBAL_OPTIONS
 from ckptsync.errors import Interrupted
@@ -39,6 +39,7 @@ COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
     ("compare", cmd_compare.compare_cmd),
     ("archive", cmd_archive.archive_cmd),
     ("checklist", cmd_checklist.checklist_cmd),
+    ("doctor", cmd_doctor.doctor_cmd),
     ("cron", Group(cmd_cron.HELP, [
         ("install", cmd_cron.install_cmd),
         ("show", cmd_cron.show_cmd),

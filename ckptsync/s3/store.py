@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ckptsync.errors import CkptsyncError, IOFailure, Locked
@@ -53,7 +53,7 @@ class Entry:
         return f"{self.name}@{self.gid}" if self.gid else self.name
 
     def to_json(self) -> bytes:
-        data = asdict(self.manifest)
+        data = self.manifest.to_dict()
         data["etags"] = self.etags
         data["hash_alg"] = self.alg
         return json.dumps(data, indent=1, sort_keys=True).encode("utf-8")

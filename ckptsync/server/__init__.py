@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Process, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat
 
 if TYPE_CHECKING:
     from ckptsync.config import Target
@@ -32,5 +32,5 @@ def open_server(target: "Target") -> Server:
 
 
 __all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "FileStat", "Listing", "Hello",
-           "Space", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
+           "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
            "ServerDiskFull", "ServerPermission"]

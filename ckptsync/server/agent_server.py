@@ -12,7 +12,7 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Process, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat
 from ckptsync.transport import Transport
 
 
@@ -122,6 +122,16 @@ class AgentServer(Server):
             return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)))
         except (TypeError, ValueError) as exc:
             raise self._malformed("df", exc) from None
+
+    def probe(self) -> Probe:
+        reply = self._call("probe")
+        try:
+            return Probe(python=str(reply["python"]), executable=str(reply.get("executable", "")),
+                         hash=str(reply["hash"]), hash_rate=float(reply["hash_rate"]), codec=str(reply["codec"]),
+                         codec_rate=float(reply.get("codec_rate") or 0.0), fd_readable=int(reply["fd_readable"]),
+                         fd_total=int(reply["fd_total"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed("probe", exc) from None
 
     def procs(self, pattern: str = "", root: str = "") -> Procs:
         reply = self._call("procs", pattern=pattern, root=root)

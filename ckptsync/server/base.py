@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable
 
 from ckptsync.errors import UsageError
-from ckptsync.server.types import Arrived, Committed, Hello, Listing, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, Hello, Listing, Probe, Procs, Space, Staged, Stat
 
 
 @dataclass
@@ -125,6 +125,10 @@ class Server(ABC):
 
     @abstractmethod
     def procs(self, pattern: str = "", root: str = "") -> Procs: ...
+
+    def probe(self) -> Probe:
+        """The server's Python, hash and codec with their speeds there, and whose open files it sees."""
+        raise UsageError(f"{self.describe()} cannot be probed")
 
     @abstractmethod
     def mkdir(self, path: str) -> str:

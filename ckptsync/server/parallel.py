@@ -19,6 +19,7 @@ from typing import Callable, TypeVar
 
 import xxhash
 
+from ckptsync.agent import new_hash
 from ckptsync.errors import ConnectError
 from ckptsync.policy import MAX_PARALLEL, auto_channels
 from ckptsync.progress import Reporter
@@ -249,17 +250,22 @@ class _Run:
             return None
         part, path = self._part(member), self.targets[member]
         hx = xxhash.xxh3_128()
+        alg = self.servers[0].best_hash
+        other = None if alg == "xxh3_128" else new_hash(alg)   # recorded for the next comparison
         try:
             with open(part, "rb") as f:
                 for block in iter(lambda: f.read(CHUNK), b""):
                     hx.update(block)
+                    if other is not None:
+                        other.update(block)
             os.chmod(part, first.mode)
             os.utime(part, ns=(first.mtime_ns, first.mtime_ns))
             os.replace(part, path)
         except OSError as exc:
             raise io_error(exc, f"writing {path}") from None
         return Received(member=member, size=self.sizes[member], mode=first.mode, mtime_ns=first.mtime_ns,
-                        xxh3_128=hx.hexdigest(), skipped=sum(r.skipped for r in got))
+                        xxh3_128=hx.hexdigest(), skipped=sum(r.skipped for r in got),
+                        hashes={} if other is None else {alg: other.hexdigest()})
 
     def _leave_split(self, exc: BaseException | None) -> None:
         """After the channels stopped: a split file not assembled keeps its contiguous first bytes

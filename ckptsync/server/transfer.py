@@ -36,6 +36,7 @@ class Received:
     skipped: int = 0     # leading bytes that were already here (a kept prefix), not sent again
     start: int | None = None   # a byte range of the file that begins here (`size` is the range's)
     file_size: int = 0         # for a range: the whole file's size as the server read it
+    hashes: dict[str, str] = field(default_factory=dict)   # the server's algorithm -> its checked value, when not xxh3
 
 
 @dataclass
@@ -358,7 +359,8 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         raise
     digest, other = result
     rec = Received(member=member.name, size=offset + written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest,
-                   skipped=offset, start=None if span is None else span.start)
+                   skipped=offset, start=None if span is None else span.start,
+                   hashes={} if other is None or span is not None else {alg: other})
     return rec, path, digest if other is None else other
 
 

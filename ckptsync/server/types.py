@@ -70,6 +70,20 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """What the server's python3 offers, measured there on samples in memory."""
+
+    python: str                      # version
+    executable: str                  # the interpreter's path
+    hash: str                        # what it hashes with (xxh3_128, else sha1)
+    hash_rate: float                 # bytes per second
+    codec: str                       # zstd-zstandard, zstd-stdlib, zstd-binary or zlib-lanes
+    codec_rate: float                # bytes per second packed at level 1; 0: not measured
+    fd_readable: int                 # other processes whose open files this user can read
+    fd_total: int                    # other processes
+
+
+@dataclass(frozen=True)
 class Space:
     free: int                        # bytes an unprivileged writer may use
     path: str                        # the existing directory that was measured

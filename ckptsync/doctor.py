@@ -1,0 +1,115 @@
+"""`ckptsync doctor`: what the server's python3 offers ckptsync, what it costs, how to add what it lacks.
+
+A server's python3 is the one a non-interactive SSH login finds: on a rented GPU server the
+system's, without xxhash or zstandard (the training venv is not on that PATH). ckptsync works
+with the standard library alone and gives the same answers; what it costs is speed, measured
+here on the server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from ckptsync.config import Target
+from ckptsync.errors import OK
+from ckptsync.server import Hello, open_server
+
+PIP_FIX = "python3 -m pip install --user xxhash zstandard"
+APT_FIX = "apt install python3-xxhash python3-zstandard"
+ZSTD_FIX = "apt install zstd"
+
+CODECS = {
+    "zstd-zstandard": "zstd per 1 MiB chunk (the zstandard module)",
+    "zstd-stdlib": "zstd per 1 MiB chunk (Python's compression.zstd)",
+    "zstd-binary": "zstd through the zstd binary (one stream, switched on at most once)",
+    "zlib-lanes": "zlib byte lanes (the standard library)",
+}
+
+
+@dataclass
+class Missing:
+    piece: str          # xxhash, zstandard or zstd
+    meaning: str        # what its absence costs
+    fix: str            # the command that installs it, on the server
+
+
+def missing(hello: Hello) -> list[Missing]:
+    """What the server's python3 lacks, from its hello. Pure."""
+    out = []
+    modules = f"{PIP_FIX} (or, as root on Debian/Ubuntu: {APT_FIX})"
+    if "xxh3_128" not in hello.hashes:
+        out.append(Missing("xxhash", f"files are hashed with {hello.hashes[0] if hello.hashes else 'sha1'} instead of "
+                           "xxh3-128: the same checks, several times slower to compute on the server; the "
+                           "backups are compared through sha1 values kept in their manifests", modules))
+    if hello.zstd == "binary":
+        out.append(Missing("zstandard", "compression runs through the zstd binary: one stream that starts "
+                           "raw and switches to zstd at most once, instead of a choice per chunk", modules))
+    elif hello.zstd is None:
+        out.append(Missing("zstd", "no zstd on the server: data is packed with zlib, slower and larger "
+                           "on the wire than zstd", f"{modules}, or {ZSTD_FIX}"))
+    return out
+
+
+def fallback_line(hello: Hello, server: str, doctor: str) -> str:
+    """One line for a new target's first backup when the server falls back to a slower hash or
+    codec; "" when it has both modules. `doctor`: the command that says more."""
+    lacks = missing(hello)
+    if not lacks:
+        return ""
+    pieces = [m.piece for m in lacks]
+    names = pieces[0] if len(pieces) == 1 else f"neither {pieces[0]} nor {pieces[1]}"
+    how = []
+    if any(m.piece == "xxhash" for m in lacks):
+        how.append(f"hashing with {hello.hashes[0] if hello.hashes else 'sha1'}")
+    if any(m.piece != "xxhash" for m in lacks):
+        how.append("compressing with the zstd binary" if hello.zstd == "binary" else "compressing with zlib")
+    return (f"{server}: its python3 {hello.python} has {'no ' if len(pieces) == 1 else ''}{names}, so ckptsync is {' and '.join(how)} "
+            f"(slower, same results); to install them there: {PIP_FIX} (details: {doctor})")
+
+
+@dataclass
+class DoctorResult:
+    target: str
+    server: str
+    remote_dir: str
+    python: str = ""
+    executable: str = ""
+    hash: str = ""
+    hash_rate: float = 0.0          # bytes per second, measured on the server
+    codec: str = ""
+    codec_rate: float = 0.0
+    free_bytes: int = 0
+    free_path: str = ""             # the existing directory measured (remote_dir or its nearest parent)
+    writers_visible: bool = False   # other processes' open files can be read (the completion rule uses them)
+    fd_readable: int = 0
+    fd_total: int = 0
+    missing: list[Missing] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return OK
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+
+def run_doctor(target: Target) -> DoctorResult:
+    """Ask the server's agent what it has and how fast it hashes and packs there."""
+    started = time.monotonic()
+    result = DoctorResult(target=target.label, server=target.describe(), remote_dir=target.remote_dir or "")
+    with open_server(target) as server:
+        probe = server.probe()
+        space = server.df(target.remote_dir or ".")
+        result.missing = missing(server.hello)
+    result.python, result.executable = probe.python, probe.executable
+    result.hash, result.hash_rate = probe.hash, probe.hash_rate
+    result.codec, result.codec_rate = probe.codec, probe.codec_rate
+    result.free_bytes, result.free_path = space.free, space.path
+    result.fd_readable, result.fd_total = probe.fd_readable, probe.fd_total
+    result.writers_visible = probe.fd_readable > 0
+    result.seconds = time.monotonic() - started
+    return result
