@@ -12,7 +12,9 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat
+from ckptsync.server.types import (
+    Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat, Unseen,
+)
 from ckptsync.transport import Transport
 
 
@@ -80,9 +82,10 @@ class AgentServer(Server):
                 if not isinstance(path, str) or not safe_member(path):
                     raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
                 files.append(FileStat(path, *(int(v) for v in row[1:6])))
+            unseen = [Unseen(str(path), str(why), int(mtime or 0)) for path, why, mtime in reply.get("unseen") or []]
             return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
                            now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []],
-                           unreadable={str(k): str(v) for k, v in (reply.get("unreadable") or {}).items()})
+                           unseen=unseen, stopped=str(reply.get("stopped") or ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed("scan", exc) from None
 
