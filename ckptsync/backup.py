@@ -609,7 +609,8 @@ class Backup:
     # -------------------------------------------------- extra files
 
     def _plan_extras(self, view: ServerView) -> PlanItem | None:
-        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings,
+                                   self.result.failed)
         server = {member: st for member, (_src, st) in self._extras.items()}
         if not server:
             return None
@@ -665,13 +666,19 @@ def extra_members(extra_files: list[str]) -> dict[str, str]:
     return out
 
 
-def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str]) -> dict[str, tuple[str, FileStat]]:
+def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str],
+                failed: dict[str, str]) -> dict[str, tuple[str, FileStat]]:
     """member -> (configured path, its FileStat as the member) of the extra files the server has;
-    a missing one is a warning, not an error (it may not exist yet)."""
+    a missing one is a warning, not an error (it may not exist yet). One the server could not
+    look at is not taken as missing: the extra files fail (in `failed`) and none are returned."""
     members = extra_members(extra_files)
     if not members:
         return {}
     st = server.stat(root, list(members))
+    if st.errors:
+        what = "; ".join(f"{p}: {why}" for p, why in sorted(st.errors.items())[:3])
+        failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
+        return {}
     out = {}
     for src, member in members.items():
         info = st.get(src)

@@ -16,7 +16,7 @@ from ckptsync.freshness import judge_view
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary
 from ckptsync.scan import ServerView, scan_server
-from ckptsync.server import Procs, RemoteDirMissing, open_server
+from ckptsync.server import Procs, RemoteDirMissing, Stats, open_server
 from ckptsync.store import EXTRA, Store
 from ckptsync.verify import run_verify
 
@@ -248,12 +248,12 @@ class Checklist:
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
                  ok and m.size == c.size, detail, fix)
 
-    def _extra_stat(self, server, view: ServerView) -> dict:
+    def _extra_stat(self, server, view: ServerView) -> Stats:
         if not self.target.extra_files:
-            return {}
+            return Stats()
         return server.stat(view.root, list(self.target.extra_files))
 
-    def _extras(self, stat: dict) -> None:
+    def _extras(self, stat: Stats) -> None:
         if not self.target.extra_files:
             return
         m = self.store.load(EXTRA)
@@ -267,7 +267,8 @@ class Checklist:
                 missing.append(src)
             elif (info.size, info.mtime_ns) != stored[src]:
                 differs.append(src)
-        problems = [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
+        problems = [f"{p}: could not be read on the server ({why})" for p, why in sorted(stat.errors.items())]
+        problems += [f"{p}: not backed up" for p in missing] + [f"{p}: changed since the backup" for p in differs]
         self.add("extra files backed up", not problems,
                  "; ".join(problems) or f"{len(stored)} file(s) identical to the server's",
                  self.target.command("backup"))

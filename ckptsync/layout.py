@@ -26,6 +26,11 @@ Decisions worth knowing:
 * With DeepSpeed the LR scheduler lives in the engine state, so a missing
   ``scheduler.pt`` is not reported for checkpoints that have a
   ``global_stepN/`` directory.
+* A path the server could not list or read (``Listing.unseen``) belongs to
+  the checkpoint its top-level name makes it part of, which is then incomplete
+  with ``unreadable`` set (never abandoned); a checkpoint known only by such a
+  name (a dangling ``checkpoint-300`` link) is listed with unknown contents,
+  never left out.
 """
 
 from __future__ import annotations

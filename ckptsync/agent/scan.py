@@ -212,8 +212,7 @@ class Tree(object):
         if len(self.files) >= self.max_files:
             self.stopped = "the listing stopped at %d files, the most one scan lists" % len(self.files)
         elif self.size >= self.max_reply:
-            self.stopped = "the listing stopped at %d files: the reply would pass %d MiB" % (
-                len(self.files), self.max_reply >> 20)
+            self.stopped = "the listing stopped at %d files, the most one reply holds" % len(self.files)
 
 
 def op_scan(req):
@@ -241,15 +240,22 @@ def op_scan(req):
 
 
 def op_stat(req):
+    """[size, mtime_ns, mode, is_dir, ctime_ns, inode] of each path (symlinks followed); None when
+    there is no such path, and also when it cannot be looked at, which `errors` then says why."""
     out = {}
+    errors = {}
     for rel in req["paths"]:
+        full = resolve(req["root"], rel)
         try:
-            st = os.stat(resolve(req["root"], rel))
+            st = os.stat(full)
             out[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode),
                         st.st_ctime_ns, st.st_ino]
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             out[rel] = None
-    return {"stat": out}
+        except OSError as exc:
+            out[rel] = None
+            errors[rel] = os_why(exc, full)
+    return {"stat": out, "errors": errors}
 
 
 def op_hash(req):

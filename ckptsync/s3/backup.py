@@ -194,7 +194,7 @@ class _Upload:
 
     def extras(self, view: ServerView) -> None:
         """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
-        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings, self.result.failed)
         if not found:
             return
         listed = {member: st for member, (_src, st) in found.items()}

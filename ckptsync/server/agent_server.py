@@ -13,7 +13,7 @@ from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
 from ckptsync.server.types import (
-    Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat, Unseen,
+    Arrived, Committed, FileStat, Hello, Listing, Procs, Space, Staged, Stat, Stats, Unseen,
 )
 from ckptsync.transport import Transport
 
@@ -89,15 +89,17 @@ class AgentServer(Server):
         except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed("scan", exc) from None
 
-    def stat(self, root: str, paths: Iterable[str]) -> dict[str, Stat | None]:
+    def stat(self, root: str, paths: Iterable[str]) -> Stats:
         paths = list(paths)
-        reply = self._call("stat", root=root, paths=paths).get("stat", {})
-        out: dict[str, Stat | None] = {}
+        answer = self._call("stat", root=root, paths=paths)
+        reply = answer.get("stat", {})
+        out = Stats()
         try:
             for p in paths:
                 info = reply.get(p)
                 out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]),
                                                         *(int(v) for v in info[4:6]))
+            out.errors = {str(k): str(v) for k, v in (answer.get("errors") or {}).items() if k in out}
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             raise self._malformed("stat", exc) from None
         return out

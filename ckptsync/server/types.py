@@ -30,6 +30,15 @@ def same_identity(a, b) -> bool:
     return not (a.ctime_ns and b.ctime_ns and a.ctime_ns != b.ctime_ns)
 
 
+class Stats(dict):
+    """path -> Stat, or None when the server has no such path or could not look at it;
+    `errors`: the paths it could not look at (a directory on the way it may not enter), and why."""
+
+    def __init__(self, found: dict | None = None, errors: dict[str, str] | None = None) -> None:
+        super().__init__(found or {})
+        self.errors = dict(errors or {})
+
+
 @dataclass(frozen=True)
 class FileStat:
     """A regular file found by a scan, relative to the scanned root."""
