@@ -286,6 +286,28 @@ def test_a_listing_cut_at_its_limit_fails_what_it_did_not_reach(server_tree, tmp
     assert not read.ok and f"{stopped}; checkpoints past that point were not seen" in read.detail
 
 
+def test_a_newer_run_whose_newest_checkpoint_cannot_be_read_is_not_covered(server_tree, tmp_path):
+    """A run the trainer moved on to, beside remote_dir: its newest complete checkpoint is backed
+    up, but a newer one is a dangling link. It is not covered: list warns, checklist fails."""
+    age_tree(server_tree, 3600)
+    newer = server_tree.parent / f"{server_tree.name}_run_20991231_000000"
+    newer.mkdir()
+    shutil.copytree(server_tree / "checkpoint-4", newer / "checkpoint-4")
+    (newer / "checkpoint-20").symlink_to(tmp_path / "unmounted")
+    target = dataclasses.replace(make_target(server_tree, tmp_path / "b", Hooks()), follow_runs=True)
+    run_backup(target, BackupOptions(all=True))
+    assert (tmp_path / "b" / newer.name / "checkpoint-4").is_dir()
+
+    why = f"checkpoint-20: could not be read on the server (checkpoint-20: symlink to {tmp_path / 'unmounted'}, " \
+          "which does not exist)"
+    listed = run_list(dataclasses.replace(target, follow_runs=False), local_only=False)
+    (state,) = listed.runs
+    assert not state.covered and state.problem == f"not all of it could be read on the server: {why}", state
+    checked = run_checklist(dataclasses.replace(target, follow_runs=False))
+    run = next(c for c in checked.checks if c.name == "newer run backed up")
+    assert not checked.safe and not run.ok and run.detail == f"{newer}: not all of it could be read on the server: {why}"
+
+
 # ------------------------------------------------------------ the agent's walk, one rule at a time
 
 
