@@ -161,7 +161,7 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
         key = _owner(parts, in_dir=len(parts) > 1)
         if key is not None:
             groups.setdefault(key, []).append((entry, "/".join(parts[1:]) or parts[0]))
-    unseen = _unseen_by_owner(listing.unseen)
+    unseen = _sort_unseen(listing.unseen)[0]
 
     checkpoints = []
     best_sources = []  # (step, trainer_state mtime, best_model_checkpoint)
@@ -220,43 +220,36 @@ def mark_abandoned(checkpoints: list[Checkpoint], now: float) -> list[Checkpoint
 
 
 def _owner(parts: list[str], in_dir: bool) -> tuple[str, str, str] | None:
-    """(name, layout, kind) of the checkpoint a path belongs to, by its top-level name; None for
-    a path in no checkpoint. A top-level name alone may be a directory or a file (`in_dir` False:
-    only the file layouts, unless it is unseen and so of unknown type)."""
-    top = parts[0]
+    """(name, layout, kind) of the checkpoint a path belongs to by its top-level name (`in_dir`:
+    a path inside a directory, so only the directory layouts), or None."""
     if in_dir:
-        for pattern, layout, kind in DIR_LAYOUTS:
-            if pattern.fullmatch(top):
-                return top, layout, kind
-        return None
-    single = _single_file_kind(top)
-    return (top, "single-file", single[0]) if single else None
+        return next(((parts[0], layout, kind) for pattern, layout, kind in DIR_LAYOUTS
+                     if pattern.fullmatch(parts[0])), None)
+    single = _single_file_kind(parts[0])
+    return (parts[0], "single-file", single[0]) if single else None
 
 
-def _unseen_by_owner(unseen) -> dict[tuple[str, str, str], list[tuple[str, str, float]]]:
-    """The unseen paths that belong to a checkpoint, by checkpoint. A top-level entry that could
-    not be looked at may be a directory or a file: both layouts are tried."""
-    out: dict[tuple[str, str, str], list[tuple[str, str, float]]] = {}
+def _sort_unseen(unseen) -> tuple[dict[tuple[str, str, str], list[tuple[str, str, float]]], list[tuple[str, str]]]:
+    """The unseen paths by the checkpoint they belong to, and (path, why) of those in none. A
+    top-level entry that could not be looked at may be a directory or a file: both are tried."""
+    owned: dict[tuple[str, str, str], list[tuple[str, str, float]]] = {}
+    outside = []
     for path, why, mtime in sorted(unseen):
         parts = _split(path)
         if not parts or any(p.startswith(".ckptsync") for p in parts):
             continue
         key = _owner(parts, in_dir=True) or (_owner(parts, in_dir=False) if len(parts) == 1 else None)
-        if key is not None:
-            out.setdefault(key, []).append(("/".join(parts), why, mtime))
-    return out
+        if key is None:
+            outside.append(("/".join(parts), why))
+        else:
+            owned.setdefault(key, []).append(("/".join(parts), why, mtime))
+    return owned, outside
 
 
 def unseen_outside(unseen) -> list[tuple[str, str]]:
     """(path, why) of the unseen paths in no checkpoint (a log directory, a stray socket): by its
     name nothing there would be backed up, so the caller only names them. Pure."""
-    owned = {p for missed in _unseen_by_owner(unseen).values() for p, _why, _mtime in missed}
-    out = []
-    for path, why, _mtime in sorted(unseen):
-        parts = _split(path)
-        if parts and not any(p.startswith(".ckptsync") for p in parts) and "/".join(parts) not in owned:
-            out.append(("/".join(parts), why))
-    return out
+    return _sort_unseen(unseen)[1]
 
 
 def _unseen_text(missed: list[tuple[str, str, float]]) -> str:
@@ -280,12 +273,10 @@ def _not_seen_at_all(name: str, layout: str, kind: str, missed: list[tuple[str, 
         step = single[2] if single and single[1] == "step" else None
     else:
         step = _number_in(STEP_PATTERN[layout], name)
-    return Checkpoint(
-        name=name, layout=layout, kind=kind, step=step, files=(), size=0,
-        mtime=max(m for _p, _w, m in missed), complete=False, reason=f"could not be read on the server ({why})",
-        content="unknown", resumable=False, missing=(), is_best=False, state={}, meta_error=None,
-        unreadable=why,
-    )
+    return Checkpoint(name=name, layout=layout, kind=kind, step=step, files=(), size=0,
+                      mtime=max(m for _p, _w, m in missed), complete=False,
+                      reason=f"could not be read on the server ({why})", content="unknown", resumable=False,
+                      missing=(), is_best=False, state={}, meta_error=None, unreadable=why)
 
 
 def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:
