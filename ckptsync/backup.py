@@ -134,6 +134,15 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Che
     return chosen, skipped
 
 
+def unseen_failures(view: ServerView, names: list[str]) -> dict[str, str]:
+    """What a backup of this listing cannot vouch for: each checkpoint (of `names`, when given)
+    that the server could not list or read whole, and the listing itself when it stopped early. Pure."""
+    failed = {c.name: _skip_reason(c) for c in view.checkpoints if c.unreadable and (not names or c.name in names)}
+    if view.stopped:
+        failed[view.root] = f"{view.stopped}; checkpoints past that point were not seen, nor backed up"
+    return failed
+
+
 def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judgement) -> PlanItem:
     server = view.files_of(c)
     if judged.current:
@@ -297,11 +306,10 @@ class Backup:
         plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
         self.result.plan = plan + ([extras] if extras else []) + skipped
-        unreadable = {c.name for c in view.checkpoints if c.unreadable}
         for s in skipped:
-            # Asked for by name, or holding files we may not read: not getting it is a failure.
-            if s.name in self.opts.names or s.name in unreadable:
+            if s.name in self.opts.names:  # asked for by name: not getting it is a failure
                 self.result.failed[s.name] = s.reason
+        self.result.failed.update(unseen_failures(view, self.opts.names))
         todo = [p for p in plan if p.action in ("fetch", "restamp")]
         if extras is not None and extras.action in ("fetch", "restamp"):
             todo.append(extras)
@@ -639,7 +647,8 @@ class Backup:
     # -------------------------------------------------- extra files
 
     def _plan_extras(self, view: ServerView) -> PlanItem | None:
-        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings,
+                                   self.result.failed)
         server = {member: st for member, (_src, st) in self._extras.items()}
         if not server:
             return None
@@ -695,13 +704,19 @@ def extra_members(extra_files: list[str]) -> dict[str, str]:
     return out
 
 
-def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str]) -> dict[str, tuple[str, FileStat]]:
+def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str],
+                failed: dict[str, str]) -> dict[str, tuple[str, FileStat]]:
     """member -> (configured path, its FileStat as the member) of the extra files the server has;
-    a missing one is a warning, not an error (it may not exist yet)."""
+    a missing one is a warning, not an error (it may not exist yet). One the server could not
+    look at is not taken as missing: the extra files fail (in `failed`) and none are returned."""
     members = extra_members(extra_files)
     if not members:
         return {}
     st = server.stat(root, list(members))
+    if st.errors:
+        what = "; ".join(f"{p}: {why}" for p, why in sorted(st.errors.items())[:3])
+        failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
+        return {}
     out = {}
     for src, member in members.items():
         info = st.get(src)

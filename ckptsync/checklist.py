@@ -124,16 +124,24 @@ class Checklist:
         if view.clock:
             self.result.warnings.append(view.clock)
         self._training(judge_training(view, procs, t.settle_seconds, training_stopped))
+        self._unseen(view)
         for c in view.checkpoints:
             if c.abandoned:
                 self.result.warnings.append(f"{c.name} is abandoned (incomplete: {c.reason}); it cannot be "
                                             "backed up and does not block deleting the instance")
         newest = next((c for c in view.checkpoints if c.complete), None)
-        if newest is None:
+        top = next((c for c in view.checkpoints if c.complete or c.unreadable), None)
+        if top is not None and top.unreadable:
+            # The newest checkpoint there is may be the one that could not be read.
+            self.add("newest checkpoint backed up", False,
+                     f"{top.name} could not be read on the server, and it is newer than every checkpoint that could",
+                     "make it readable on the server, then back it up")
+        if top is None:
             self.add("newest checkpoint backed up", False, f"no complete checkpoint in {t.remote_dir}",
                      "nothing to save yet")
-        else:
-            self._backed_up("newest checkpoint backed up", view, newest)
+        elif newest is not None:
+            title = "newest checkpoint backed up" if top is newest else "newest readable checkpoint backed up"
+            self._backed_up(title, view, newest)
         best = next((c for c in view.checkpoints if c.is_best and c.complete), None)
         if best is not None and best is not newest:
             self._backed_up("best checkpoint backed up", view, best)
@@ -163,6 +171,18 @@ class Checklist:
         self.result.notes.extend(v.notes)
         self.result.warnings.extend(v.stale)
 
+    def _unseen(self, view: ServerView) -> None:
+        """What the server could not list or read may be what matters most (the newest checkpoint
+        behind a dangling link): it is never taken as absent."""
+        problems = [f"{c.name}: {c.reason}" for c in view.checkpoints if c.unreadable]
+        if view.stopped:
+            problems.append(f"{view.stopped}; checkpoints past that point were not seen")
+        self.add("everything on the server read", not problems,
+                 "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+                 or f"every checkpoint under {view.root} listed and readable",
+                 "make them readable by the login user on the server (or repair the link), "
+                 "then run the checklist again")
+
     def _runs(self, runs: list[RunState]) -> None:
         """A newer run beside remote_dir (the trainer moved on) must be saved too."""
         if not runs:
@@ -173,9 +193,7 @@ class Checklist:
                                                              for r in runs))
             return
         for r in pending:
-            self.add("newer run backed up", False,
-                     f"{r.path}: newest checkpoint {r.newest} not backed up ({r.checkpoints} complete)",
-                     self.target.command("backup", "--follow-runs"))
+            self.add("newer run backed up", False, f"{r.path}: {r.problem}", self.target.command("backup", "--follow-runs"))
 
     def _backed_up(self, title: str, view: ServerView, c: Checkpoint) -> None:
         t = self.target
@@ -201,7 +219,8 @@ class Checklist:
         stored = {f.source or f.path: f for f in (m.files if m else [])}
         listed = server.stat(view.root, list(self.target.extra_files))
         present = [src for src in self.target.extra_files if listed.get(src) is not None and not listed[src].is_dir]
-        problems = [f"{src}: not backed up" for src in present if src not in stored]
+        problems = [f"{p}: could not be read on the server ({why})" for p, why in sorted(listed.errors.items())]
+        problems += [f"{src}: not backed up" for src in present if src not in stored]
         compared = [src for src in present if src in stored]
         alg = server.best_hash
         hashes = server.hash(view.root, compared, alg) if compared else None

@@ -30,6 +30,11 @@ Decisions worth knowing:
 * With DeepSpeed the LR scheduler lives in the engine state, so a missing
   ``scheduler.pt`` is not reported for checkpoints that have a
   ``global_stepN/`` directory.
+* A path the server could not list or read (``Listing.unseen``) belongs to
+  the checkpoint its top-level name makes it part of, which is then incomplete
+  with ``unreadable`` set (never abandoned); a checkpoint known only by such a
+  name (a dangling ``checkpoint-300`` link) is listed with unknown contents,
+  never left out.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Listing:
     files: tuple[FileEntry, ...]
     meta: dict  # relative path -> parsed JSON, text of `latest`, {"__pt__": ...} or {"__error__": msg}
     now: float  # the server's clock when it listed
+    unseen: tuple[tuple[str, str, float], ...] = ()  # (path, why, its mtime or 0) the server could not list or read
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Checkpoint:
     state: dict
     meta_error: str | None
     abandoned: bool = False  # incomplete, and untouched for far longer than a save takes
-    unreadable: str = ""     # a path under it the server's user may not read, and why
+    unreadable: str = ""     # a path under it the server could not list or read, and why
 
 
 TRAINER_DIR = re.compile(r"checkpoint-(\d+)")
@@ -86,6 +92,9 @@ SHARD = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
 RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
 FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_\d+")
 FSDP_OPTIM_DIR = re.compile(r"optimizer_\d+")
+
+# Where a directory layout's name gives the step (epoch_N/ gives an epoch, not a step).
+STEP_PATTERN = {"trainer": TRAINER_DIR, "deepspeed": DEEPSPEED_DIR, "step-dir": STEP_DIR}
 
 # Top-level directories that are checkpoints: (pattern, layout, kind).
 DIR_LAYOUTS = (
@@ -154,17 +163,11 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
         parts = _split(entry.path)
         if not parts or any(p.startswith(".ckptsync") for p in parts):
             continue
-        top = parts[0]
-        if len(parts) == 1:
-            has_latest = has_latest or top == "latest"
-            single = _single_file_kind(top)
-            if single:
-                groups[(top, "single-file", single[0])] = [(entry, top)]
-            continue
-        for pattern, layout, kind in DIR_LAYOUTS:
-            if pattern.fullmatch(top):
-                groups.setdefault((top, layout, kind), []).append((entry, "/".join(parts[1:])))
-                break
+        has_latest = has_latest or parts == ["latest"]
+        key = _owner(parts, in_dir=len(parts) > 1)
+        if key is not None:
+            groups.setdefault(key, []).append((entry, "/".join(parts[1:]) or parts[0]))
+    unseen = _sort_unseen(listing.unseen)[0]
 
     checkpoints = []
     best_sources = []  # (step, trainer_state mtime, best_model_checkpoint)
@@ -181,7 +184,12 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
             found = _analyse_step_dir(name, rel, meta)
         else:
             found = _analyse_single_file(name, meta)
-        checkpoints.append(_finish(name, layout, kind, rel, found, listing.now, settle_seconds))
+        checkpoint = _finish(name, layout, kind, rel, found, listing.now, settle_seconds)
+        if (name, layout, kind) in unseen:
+            checkpoint = _not_seen_whole(checkpoint, unseen.pop((name, layout, kind)))
+        checkpoints.append(checkpoint)
+    for (name, layout, kind), missed in unseen.items():
+        checkpoints.append(_not_seen_at_all(name, layout, kind, missed))
 
     best_name = None
     if best_sources:
@@ -220,7 +228,7 @@ def mark_abandoned(checkpoints: list[Checkpoint], now: float) -> list[Checkpoint
     limit = abandon_after(checkpoints)
     out = []
     for c in checkpoints:
-        if not c.complete and now - c.mtime > limit:
+        if not c.complete and not c.unreadable and now - c.mtime > limit:
             c = replace(c, abandoned=True)
         out.append(c)
     return out
@@ -241,6 +249,66 @@ def dated_ahead(mtimes: Iterable[float], now: float) -> tuple[int, float]:
     """(how many, by how much at most) files are dated past CLOCK_TOLERANCE after `now`. Pure."""
     ahead = [m - now for m in mtimes if m - now > CLOCK_TOLERANCE]
     return len(ahead), max(ahead, default=0.0)
+
+
+def _owner(parts: list[str], in_dir: bool) -> tuple[str, str, str] | None:
+    """(name, layout, kind) of the checkpoint a path belongs to by its top-level name (`in_dir`:
+    a path inside a directory, so only the directory layouts), or None."""
+    if in_dir:
+        return next(((parts[0], layout, kind) for pattern, layout, kind in DIR_LAYOUTS
+                     if pattern.fullmatch(parts[0])), None)
+    single = _single_file_kind(parts[0])
+    return (parts[0], "single-file", single[0]) if single else None
+
+
+def _sort_unseen(unseen) -> tuple[dict[tuple[str, str, str], list[tuple[str, str, float]]], list[tuple[str, str]]]:
+    """The unseen paths by the checkpoint they belong to, and (path, why) of those in none. A
+    top-level entry that could not be looked at may be a directory or a file: both are tried."""
+    owned: dict[tuple[str, str, str], list[tuple[str, str, float]]] = {}
+    outside = []
+    for path, why, mtime in sorted(unseen):
+        parts = _split(path)
+        if not parts or any(p.startswith(".ckptsync") for p in parts):
+            continue
+        key = _owner(parts, in_dir=True) or (_owner(parts, in_dir=False) if len(parts) == 1 else None)
+        if key is None:
+            outside.append(("/".join(parts), why))
+        else:
+            owned.setdefault(key, []).append(("/".join(parts), why, mtime))
+    return owned, outside
+
+
+def unseen_outside(unseen) -> list[tuple[str, str]]:
+    """(path, why) of the unseen paths in no checkpoint (a log directory, a stray socket): by its
+    name nothing there would be backed up, so the caller only names them. Pure."""
+    return _sort_unseen(unseen)[1]
+
+
+def _unseen_text(missed: list[tuple[str, str, float]]) -> str:
+    path, why, _mtime = missed[0]
+    more = f" and {len(missed) - 1} more" if len(missed) > 1 else ""
+    return f"{path}: {why}{more}"
+
+
+def _not_seen_whole(c: Checkpoint, missed: list[tuple[str, str, float]]) -> Checkpoint:
+    """A checkpoint part of which could not be listed or read cannot be copied whole."""
+    why = _unseen_text(missed)
+    return replace(c, complete=False, resumable=False, unreadable=why,
+                   reason=f"could not be read on the server ({why})")
+
+
+def _not_seen_at_all(name: str, layout: str, kind: str, missed: list[tuple[str, str, float]]) -> Checkpoint:
+    """A checkpoint known only by its name (a dangling symlink, a directory that cannot be listed)."""
+    why = _unseen_text(missed)
+    if layout == "single-file":
+        single = _single_file_kind(name)
+        step = single[2] if single and single[1] == "step" else None
+    else:
+        step = _number_in(STEP_PATTERN[layout], name)
+    return Checkpoint(name=name, layout=layout, kind=kind, step=step, files=(), size=0,
+                      mtime=max(m for _p, _w, m in missed), complete=False,
+                      reason=f"could not be read on the server ({why})", content="unknown", resumable=False,
+                      missing=(), is_best=False, state={}, meta_error=None, unreadable=why)
 
 
 def resume_files(checkpoint: Checkpoint) -> tuple[str, ...]:

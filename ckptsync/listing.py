@@ -32,13 +32,16 @@ class Row:
     is_best: bool
     meta_error: str | None = None
     abandoned: bool = False
+    unreadable: bool = False       # part or all of it could not be listed or read on the server (reason: why)
 
     @property
     def state(self) -> str | None:
-        """complete, writing (still being written) or abandoned; None when not seen on the server."""
+        """complete, writing (still being written), abandoned or unreadable; None when not seen on the server."""
         if self.complete is None:
             return None
-        return "complete" if self.complete else ("abandoned" if self.abandoned else "writing")
+        if self.complete:
+            return "complete"
+        return "unreadable" if self.unreadable else ("abandoned" if self.abandoned else "writing")
 
 
 @dataclass
@@ -73,6 +76,8 @@ class ListResult:
     generations: dict[str, list[GenerationRow]] = field(default_factory=dict)   # with --generations
     follow_hint: str = ""
     empty_hint: str = ""           # no checkpoints on the server: what its remote_dir holds instead
+    stopped: str = ""              # why the server's listing is incomplete; "" when it is whole
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_server(self) -> int:
@@ -103,6 +108,7 @@ class ListResult:
             "exit_code": self.exit_code,
             "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
+            "stopped": self.stopped, "warnings": self.warnings,
         }
 
 
@@ -127,7 +133,7 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict
                 backup = "yes" if (current or {}).get(c.name) else "outdated"
             reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason
             rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, reason, c.content,
-                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned))
+                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned, bool(c.unreadable)))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
     local = newest_first(local)
@@ -173,6 +179,7 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
         if any(not r.covered for r in result.runs):
             result.follow_hint = target.command("backup", "--follow-runs")
         result.remote_dir = view.root
+        result.stopped, result.warnings = view.stopped, list(view.errors)
         if not view.checkpoints:
             result.empty_hint = empty_hint(view, target)
     result.rows = merge(view, manifests, current, {name: _on_disk(store.entry(name)) for name in damaged})

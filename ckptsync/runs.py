@@ -37,11 +37,22 @@ class RunState:
     checkpoints: int = 0             # complete checkpoints on the server
     newest: str | None = None        # the newest complete one
     newest_backed_up: bool = False   # ... and whether its backup is current
+    unreadable: str = ""             # what of it the server could not list or read, and why
 
     @property
     def covered(self) -> bool:
-        """Nothing to lose: no complete checkpoint yet, or the newest one is backed up."""
-        return self.newest is None or self.newest_backed_up
+        """Nothing to lose: all of it could be read, and it has no complete checkpoint yet or
+        the newest one is backed up."""
+        return not self.unreadable and (self.newest is None or self.newest_backed_up)
+
+    @property
+    def problem(self) -> str:
+        """Why it is not covered, in a few words ("" when it is)."""
+        if self.covered:
+            return ""
+        if self.newest is not None and not self.newest_backed_up:
+            return f"newest checkpoint {self.newest} not backed up ({self.checkpoints} complete)"
+        return f"not all of it could be read on the server: {self.unreadable}"
 
 
 def _glob_escape(text: str) -> str:
@@ -106,6 +117,8 @@ def survey(server: Server, root: str, target: Target) -> list[RunState]:
         except RemoteDirMissing:
             continue  # removed since it was listed
         complete = [c for c in view.checkpoints if c.complete]
+        state.unreadable = "; ".join([f"{c.name}: {c.reason}" for c in view.checkpoints if c.unreadable][:2]
+                                     + ([view.stopped] if view.stopped else []))
         state.checkpoints = len(complete)
         if complete:
             state.newest = complete[0].name

@@ -44,6 +44,7 @@ OK_STATUS = "ok"
 ONLY_LOCAL = "only in the backup"
 ONLY_SERVER = "only on the server"
 IN_PROGRESS = "in progress on the server"
+UNREADABLE = "not all readable on the server"
 CHANGED = "changed by another run during the check"
 
 # Problem kinds, local.
@@ -448,7 +449,8 @@ class RemoteVerify:
     def _entry(self, name: str, c, m: Manifest | None) -> EntryCheck:
         named = name in self.names
         if m is None:
-            check = EntryCheck(name, ONLY_SERVER + ("" if c.complete else " (in progress)"), len(c.files), c.size)
+            busy = "" if c.complete else " (not all readable)" if c.unreadable else " (in progress)"
+            check = EntryCheck(name, ONLY_SERVER + busy, len(c.files), c.size)
             if named:
                 check.problems.append(Problem(name, NOT_IN_BACKUP, "never backed up"))
             elif c.complete:
@@ -469,9 +471,9 @@ class RemoteVerify:
         self._compare(check, m, server, where)
         busy = c is not None and not c.complete
         if check.failed:
-            check.status = DIFFERS + (f" ({IN_PROGRESS})" if busy else "")
+            check.status = DIFFERS + (f" ({_busy(c)})" if busy else "")
         elif busy:
-            check.status = IN_PROGRESS
+            check.status = _busy(c)
         return check
 
     def _extra_stat(self, m: Manifest) -> tuple[dict[str, FileStat], dict[str, str]]:
@@ -539,3 +541,8 @@ def _batches(files: list[FileRecord]) -> list[list[FileRecord]]:
         out[-1].append(f)
         size += f.size
     return out
+
+
+def _busy(c) -> str:
+    """Why a checkpoint on the server is not complete, in the words of a status."""
+    return UNREADABLE if c.unreadable else IN_PROGRESS

@@ -1,5 +1,6 @@
 """Read-only operations: list a checkpoint tree with its metadata, stat, hash, free space."""
 
+import errno
 import json
 import os
 import pickletools
@@ -87,13 +88,152 @@ def stamp_now():
     return stamped if stamped > 0 else time.time()
 
 
-def walk_error(exc):
-    return "cannot list %s: %s" % (getattr(exc, "filename", "") or "a directory", exc.strerror or exc)
+# How far a scan goes. Directories deeper than MAX_DEPTH below the root are not entered; a scan
+# stops after MAX_FILES files or once its reply would pass MAX_REPLY bytes (a frame holds 64 MiB).
+# What is left out is reported as unseen, never dropped.
+MAX_DEPTH = 64
+MAX_FILES = 200000
+MAX_REPLY = 48 << 20
+KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"))
+
+
+def os_why(exc, path):
+    return "%s: %s" % (exc.strerror or exc, getattr(exc, "filename", None) or path)
+
+
+def link_why(full, what):
+    try:
+        target = os.readlink(full)
+    except OSError:
+        target = "?"
+    return "symlink to %s, %s" % (target, what)
+
+
+def mtime_of(path):
+    try:
+        return os.lstat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+class Tree(object):
+    """One scan's walk: every regular file under root, symlinks followed, and what it could not see.
+
+    A symlink is followed to its target (a file's bytes, a directory's files) wherever it points;
+    a link to a directory that contains it (a loop), a dangling link, a directory that cannot be
+    listed, a file that cannot be read, anything that is not a regular file or directory and a
+    directory deeper than max_depth become `unseen` entries: [relative path, why, mtime_ns or None].
+    """
+
+    def __init__(self, root, max_files, max_depth, max_reply, pt_meta):
+        self.root = root
+        self.max_files = max_files
+        self.max_depth = max_depth
+        self.max_reply = max_reply
+        self.pt_meta = pt_meta
+        self.files = []
+        self.meta = {}
+        self.unseen = []
+        self.stopped = ""
+        self.size = 0
+
+    def miss(self, rel, why, full):
+        self.unseen.append([rel, why, mtime_of(full)])
+
+    def walk(self, root_st):
+        # Depth first, in name order; each entry carries the directories above it (device, inode).
+        stack = [("", self.root, 0, frozenset([(root_st.st_dev, root_st.st_ino)]))]
+        while stack:
+            rel_dir, full_dir, depth, above = stack.pop()
+            try:
+                with os.scandir(full_dir) as it:
+                    names = sorted(entry.name for entry in it)
+            except OSError as exc:
+                if not rel_dir:
+                    raise os_failure(exc, full_dir)
+                self.miss(rel_dir, os_why(exc, full_dir), full_dir)
+                continue
+            below = []
+            for i, name in enumerate(names):
+                rel = rel_dir + "/" + name if rel_dir else name
+                full = os.path.join(full_dir, name)
+                st = self.look(rel, full)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if name.startswith(".ckptsync"):
+                        continue
+                    if (st.st_dev, st.st_ino) in above:
+                        self.miss(rel, link_why(full, "a directory that contains it (a loop)"), full)
+                    elif depth + 1 > self.max_depth:
+                        self.miss(rel, "more than %d directories deep; not listed" % self.max_depth, full)
+                    else:
+                        below.append((rel, full, depth + 1, above | {(st.st_dev, st.st_ino)}))
+                elif stat.S_ISREG(st.st_mode):
+                    self.add(rel, name, full, st, top=not rel_dir)
+                    if self.stopped:
+                        self.stop(rel_dir, full_dir, names[i + 1:], below + stack)
+                        return
+                else:
+                    kind = next((word for test, word in KINDS if test(st.st_mode)), "an unknown kind of file")
+                    self.miss(rel, kind + ", not a regular file", full)
+            stack.extend(reversed(below))
+
+    def stop(self, rel_dir, full_dir, rest, pending):
+        """The listing ends here: what it did not reach is unseen. Inside a directory below the
+        root, that directory stands for the rest of it; in the root, each name left does."""
+        why = "not listed: " + self.stopped
+        if rel_dir:
+            self.miss(rel_dir, "not listed completely: " + self.stopped, full_dir)
+        else:
+            for name in rest:
+                self.miss(name, why, os.path.join(full_dir, name))
+        for entry in pending:
+            if not rel_dir or not entry[0].startswith(rel_dir + "/"):
+                self.miss(entry[0], why, entry[1])
+
+    def look(self, rel, full):
+        """The file's stat, its target's for a symlink; None (and an unseen entry) when it cannot be had."""
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return None  # deleted since the directory was read
+        except OSError as exc:
+            self.miss(rel, os_why(exc, full), full)
+            return None
+        if not stat.S_ISLNK(st.st_mode):
+            return st
+        try:
+            return os.stat(full)
+        except FileNotFoundError:
+            self.miss(rel, link_why(full, "which does not exist"), full)
+        except OSError as exc:
+            self.miss(rel, link_why(full, "which cannot be reached: " + os_why(exc, full)), full)
+        return None
+
+    def add(self, rel, name, full, st, top):
+        # ctime and inode let the client see a rename or rewrite that kept size and mtime.
+        self.files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_ctime_ns, st.st_ino])
+        self.size += len(rel.encode("utf-8", "surrogateescape")) + 80
+        if not os.access(full, os.R_OK):
+            self.miss(rel, "%s: %s" % (os.strerror(errno.EACCES), full), full)
+        if name in META_NAMES or name == "latest":
+            self.meta[rel] = read_meta(full, name)
+        elif name.endswith(".pt") and (top or name == "state.pt") and self.pt_meta:
+            summary = pt_summary(full)
+            if summary is not None:
+                self.meta[rel] = {"__pt__": summary}
+        if rel in self.meta:
+            self.size += len(json.dumps(self.meta[rel])) + len(rel) + 8
+        if len(self.files) >= self.max_files:
+            self.stopped = "the listing stopped at %d files, the most one scan lists" % len(self.files)
+        elif self.size >= self.max_reply:
+            self.stopped = "the listing stopped at %d files, the most one reply holds" % len(self.files)
 
 
 def op_scan(req):
     root = resolve(req["root"])
-    max_files = int(req.get("max_files", 200000))
     try:
         root_st = os.stat(root)
     except (FileNotFoundError, NotADirectoryError):
@@ -109,69 +249,30 @@ def op_scan(req):
         raise Failure("not_dir", "not a directory: %s" % root, root)
     if not os.access(root, os.R_OK | os.X_OK):
         raise Failure("permission", "permission denied: %s" % root, root)
-    files = []
-    meta = {}
-    errors = []
-    unreadable = {}  # relative path -> why: the client must not call what holds it complete
-
-    def on_error(exc):
-        errors.append(walk_error(exc))
-        rel = os.path.relpath(getattr(exc, "filename", "") or root, root)
-        if rel != "." and not rel.startswith(".."):
-            unreadable[rel.replace(os.sep, "/")] = exc.strerror or str(exc)
-
-    truncated = False
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
-        if truncated:
-            break
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".ckptsync"))
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        hidden = []  # names a directory lists but whose files this user may not look at
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.join(rel_dir, name) if rel_dir else name
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue  # deleted since the directory was read
-            except OSError as exc:
-                hidden.append((name, exc))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            # ctime and inode let the client see a rename or rewrite that kept size and mtime.
-            files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_ctime_ns, st.st_ino])
-            if name in META_NAMES or name == "latest":
-                meta[rel] = read_meta(full, name)
-            elif name.endswith(".pt") and (not rel_dir or name == "state.pt") and req.get("pt_meta", True):
-                summary = pt_summary(full)
-                if summary is not None:
-                    meta[rel] = {"__pt__": summary}
-            if len(files) >= max_files:
-                errors.append("listing truncated at %d files" % max_files)
-                truncated = True
-                break
-        for name, exc in hidden:
-            unreadable[os.path.join(rel_dir, name).replace(os.sep, "/") if rel_dir else name] = exc.strerror or str(exc)
-        if hidden:
-            name, exc = hidden[0]
-            more = " and %d more" % (len(hidden) - 1) if len(hidden) > 1 else ""
-            errors.append("cannot look at %s%s in %s: %s" % (name, more, dirpath, exc.strerror or exc))
-    return {"root": os.path.abspath(root), "files": files, "meta": meta, "now": stamp_now(), "errors": errors,
-            "unreadable": unreadable}
+    tree = Tree(root, int(req.get("max_files", MAX_FILES)), int(req.get("max_depth", MAX_DEPTH)),
+                int(req.get("max_reply", MAX_REPLY)), req.get("pt_meta", True))
+    tree.walk(root_st)
+    return {"root": os.path.abspath(root), "files": tree.files, "meta": tree.meta, "now": stamp_now(),
+            "unseen": tree.unseen, "stopped": tree.stopped}
 
 
 def op_stat(req):
+    """[size, mtime_ns, mode, is_dir, ctime_ns, inode] of each path (symlinks followed); None when
+    there is no such path, and also when it cannot be looked at, which `errors` then says why."""
     out = {}
+    errors = {}
     for rel in req["paths"]:
+        full = resolve(req["root"], rel)
         try:
-            st = os.stat(resolve(req["root"], rel))
+            st = os.stat(full)
             out[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode),
                         st.st_ctime_ns, st.st_ino]
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             out[rel] = None
-    return {"stat": out}
+        except OSError as exc:
+            out[rel] = None
+            errors[rel] = os_why(exc, full)
+    return {"stat": out, "errors": errors}
 
 
 def op_hash(req):

@@ -141,8 +141,7 @@ def show_backup(out: Output, result: BackupResult) -> None:
         out.result(f"run {sub.dest}:")
         _show_one(out, sub)
     for r in result.unfollowed:
-        out.warn(f"newer run on the server: {r.path} ({r.checkpoints} complete checkpoint(s), newest "
-                 f"{r.newest} not backed up); back up with: {result.follow_hint}")
+        out.warn(f"newer run on the server: {r.path} ({r.problem}); back up with: {result.follow_hint}")
 
 
 def _show_one(out: Output, result: BackupResult) -> None:
@@ -150,7 +149,10 @@ def _show_one(out: Output, result: BackupResult) -> None:
         out.warn(w)
     skipped = [p for p in result.plan if p.action == "skip"]
     for p in skipped:
-        out.warn(f"skipped {p.name}: {p.reason}")
+        if p.name not in result.failed:  # a failure is said once, below
+            out.warn(f"skipped {p.name}: {p.reason}")
+    for name, why in result.failed.items():
+        out.warn(f"{name}: {why}")
     if result.dry_run:
         for p in result.plan:
             if p.action == "fetch":
@@ -162,8 +164,6 @@ def _show_one(out: Output, result: BackupResult) -> None:
         out.result(f"dry run: would fetch {human(result.fetch_bytes)} "
                    f"in {len(result.to_fetch)} item(s) into {result.dest}; nothing was changed")
         return
-    for name, why in result.failed.items():
-        out.warn(f"{name}: {why}")
     if result.adopted:
         out.info(f"adopted {len(result.adopted)} older copies left by an earlier version as generations "
                  f"(manifests built from their bytes): {', '.join(result.adopted)}")

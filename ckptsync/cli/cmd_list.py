@@ -50,6 +50,11 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
         for line in where_lines("server:  ", result.server, result.remote_dir or remote_dir, out.width):
             out.result(line)
     out.paragraph(result.dest, indent="         ", first="backups: ")
+    for w in result.warnings:
+        out.warn(w)
+    if result.stopped:
+        out.warn(f"the server's listing is incomplete ({result.stopped}): checkpoints past that point "
+                 "are not shown")
     if not result.rows:
         out.result("no checkpoints found" + (f" in {result.remote_dir or remote_dir}" if remote_dir else ""))
         if result.empty_hint:
@@ -89,8 +94,7 @@ def show_runs(out: Output, result: ListResult) -> None:
             out.paragraph(f"run {r.name}: {r.checkpoints} complete checkpoint(s), newest backed up in "
                           f"{r.local_dir}", indent="  ")
         else:
-            out.warn(f"newer run on the server: {r.path} ({r.checkpoints} complete checkpoint(s), newest "
-                     f"{r.newest} not backed up); back up with: {result.follow_hint}")
+            out.warn(f"newer run on the server: {r.path} ({r.problem}); back up with: {result.follow_hint}")
 
 
 def show_generations(out: Output, result: ListResult) -> None:
@@ -120,8 +124,9 @@ CONTENTS = {
 }
 BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory",
           "damaged": "its manifest is damaged: not a usable backup"}
-STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long"}
-STYLES = {"writing": "yellow", "abandoned": "red", "no": "red", "old": "yellow", "yes": "green",
+STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long",
+         "unreadable": "could not be listed or read whole on the server (why: below)"}
+STYLES = {"writing": "yellow", "abandoned": "red", "unreadable": "red", "no": "red", "old": "yellow", "yes": "green",
           "complete": "green", "damaged": "red"}
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptsync.backup import BackupOptions, select, stat_extras
+from ckptsync.backup import BackupOptions, select, stat_extras, unseen_failures
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
@@ -173,6 +173,7 @@ class _Upload:
             r.planned[s.name] = f"skip: {s.reason}"
             if s.name in opts.names:
                 r.failed[s.name] = s.reason
+        r.failed.update(unseen_failures(view, opts.names))
         for c in chosen:
             entry = self.entries.get(c.name)
             if entry is None:
@@ -193,7 +194,7 @@ class _Upload:
 
     def extras(self, view: ServerView) -> None:
         """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
-        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings)
+        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings, self.result.failed)
         if not found:
             return
         listed = {member: st for member, (_src, st) in found.items()}

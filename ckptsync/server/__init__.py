@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat
+from ckptsync.server.types import (
+    Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
+)
 
 if TYPE_CHECKING:
     from ckptsync.config import Target
@@ -31,6 +33,6 @@ def open_server(target: "Target") -> Server:
                        limiter=target.limiter)
 
 
-__all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "FileStat", "Listing", "Hello",
-           "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
+__all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
+           "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
            "ServerDiskFull", "ServerPermission"]

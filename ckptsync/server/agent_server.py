@@ -12,7 +12,9 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat
+from ckptsync.server.types import (
+    Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
+)
 from ckptsync.transport import Transport
 
 
@@ -82,21 +84,24 @@ class AgentServer(Server):
                 if not isinstance(path, str) or not safe_member(path):
                     raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
                 files.append(FileStat(path, *(int(v) for v in row[1:6])))
+            unseen = [Unseen(str(path), str(why), int(mtime or 0)) for path, why, mtime in reply.get("unseen") or []]
             return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
                            now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []],
-                           unreadable={str(k): str(v) for k, v in (reply.get("unreadable") or {}).items()})
+                           unseen=unseen, stopped=str(reply.get("stopped") or ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed("scan", exc) from None
 
-    def stat(self, root: str, paths: Iterable[str]) -> dict[str, Stat | None]:
+    def stat(self, root: str, paths: Iterable[str]) -> Stats:
         paths = list(paths)
-        reply = self._call("stat", root=root, paths=paths).get("stat", {})
-        out: dict[str, Stat | None] = {}
+        answer = self._call("stat", root=root, paths=paths)
+        reply = answer.get("stat", {})
+        out = Stats()
         try:
             for p in paths:
                 info = reply.get(p)
                 out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]),
                                                         *(int(v) for v in info[4:6]))
+            out.errors = {str(k): str(v) for k, v in (answer.get("errors") or {}).items() if k in out}
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             raise self._malformed("stat", exc) from None
         return out

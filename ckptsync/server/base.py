@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable
 
 from ckptsync.errors import UsageError
-from ckptsync.server.types import Arrived, Committed, Hello, Listing, Probe, Procs, Space, Staged, Stat
+from ckptsync.server.types import Arrived, Committed, Hello, Listing, Probe, Procs, Space, Staged, Stats
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Server(ABC):
         """Every regular file under root; raises RemoteDirMissing when root does not exist."""
 
     @abstractmethod
-    def stat(self, root: str, paths: Iterable[str]) -> dict[str, Stat | None]: ...
+    def stat(self, root: str, paths: Iterable[str]) -> Stats: ...
 
     @abstractmethod
     def hash(self, root: str, paths: Iterable[str], alg: str | None = None) -> Hashes: ...

@@ -30,6 +30,15 @@ def same_identity(a, b) -> bool:
     return not (a.ctime_ns and b.ctime_ns and a.ctime_ns != b.ctime_ns)
 
 
+class Stats(dict):
+    """path -> Stat, or None when the server has no such path or could not look at it;
+    `errors`: the paths it could not look at (a directory on the way it may not enter), and why."""
+
+    def __init__(self, found: dict | None = None, errors: dict[str, str] | None = None) -> None:
+        super().__init__(found or {})
+        self.errors = dict(errors or {})
+
+
 @dataclass(frozen=True)
 class FileStat:
     """A regular file found by a scan, relative to the scanned root."""
@@ -53,7 +62,18 @@ class Listing:
     meta: dict                       # path -> parsed trainer_state.json, metadata.json, pickle summary
     now: float                       # the server's clock when it listed
     errors: list[str] = field(default_factory=list)
-    unreadable: dict[str, str] = field(default_factory=dict)   # path the server user may not read -> why
+    unseen: list["Unseen"] = field(default_factory=list)      # what the scan could not list or read
+    stopped: str = ""                # why the scan ended before it had listed everything; "" when it did not
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """A path under the scanned root that the server's user could not list or read (a directory
+    it may not enter, a dangling symlink, a tree nested too deep), and why."""
+
+    path: str
+    why: str
+    mtime_ns: int = 0                # the entry's own mtime (a link's, a directory's); 0: not known
 
 
 @dataclass(frozen=True)
