@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from ckptsync.commit import staging_note
 from ckptsync.config import Target
 from ckptsync.freshness import judge_view
 from ckptsync.policy import newest_first
@@ -70,6 +71,9 @@ class ListResult:
     generations: dict[str, list[GenerationRow]] = field(default_factory=dict)   # with --generations
     follow_hint: str = ""
     empty_hint: str = ""           # no checkpoints on the server: what its remote_dir holds instead
+    staged: list[str] = field(default_factory=list)   # entries unfinished backups left in staging
+    staged_bytes: int = 0
+    staging_note: str = ""         # says so, with the command that clears it
 
     @property
     def total_server(self) -> int:
@@ -99,6 +103,7 @@ class ListResult:
             "last_backup": self.last_backup, "unmanaged": self.unmanaged, "exit_code": self.exit_code,
             "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
+            "staged": self.staged, "staged_bytes": self.staged_bytes,
         }
 
 
@@ -144,6 +149,8 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
     result = ListResult(target=target.label, server=None if local_only else target.describe(),
                         dest=str(target.local_dir), remote_dir=None if local_only else target.remote_dir,
                         last_backup=store.status(), unmanaged=store.unmanaged())
+    result.staged, result.staged_bytes, result.staging_note = staging_note(
+        store, target.command("backup", "--discard-staged"))
     view, current = None, None
     if not local_only:
         with open_server(target) as server:
