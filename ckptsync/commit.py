@@ -59,13 +59,16 @@ class Pending:
 
     def arrived(self, name: str, member: str) -> None:
         """`member` of `name` is verified and recorded in `progress`."""
+        touched = {name}
         for twin_name, twin in self.copies.pop((name, member), []):
             self.place(twin_name, twin, name, member)
-        self.commit_ready()
+            touched.add(twin_name)
+        self.commit_ready(touched)
 
-    def commit_ready(self) -> None:
+    def commit_ready(self, names: set[str] | None = None) -> None:
+        """Commit every checkpoint (of `names`, when given) whose files are all copied, newest first."""
         for c in self.order:
-            if c.name in self.waiting and self.ready(c.name):
+            if c.name in self.waiting and (names is None or c.name in names) and self.ready(c.name):
                 self.waiting.discard(c.name)
                 self.commit(c)
                 self.committed.append(c.name)

@@ -87,21 +87,14 @@ def skip_reason(c: Checkpoint) -> str:
 
 def unsaved(checkpoints: list[Checkpoint], taken: set[str], failed: Mapping[str, str], stored: set[str],
             first_run: bool, opts: BackupOptions, hint: str) -> tuple[list[str], str]:
-    """The complete checkpoints a run leaves without a backup (newest first): failed, or not selected
-    and not stored before; and one warning naming them with why, and `hint` (the command that takes
-    them all) for those not selected. Pure."""
+    """The complete checkpoints a run leaves without a backup, newest first: failed (each already
+    named with its error), or not selected and not stored before; and a warning naming those not
+    selected, why, and `hint` (the command that takes them all). Pure."""
     left = [c.name for c in checkpoints if c.complete and c.name not in taken
             and (c.name in failed or c.name not in stored)]
-    if not left:
-        return [], ""
-    why = []
-    broken = [n for n in left if n in failed]
-    if broken:
-        why.append(f"failed: {', '.join(broken)}")
     unchosen = [n for n in left if n not in failed]
-    if unchosen:
-        rule = ("not asked for" if opts.names else "a first run takes the --max-checkpoints newest" if first_run
-                else "older than the newest backup")
-        why.append(f"{rule}: {', '.join(unchosen)}")
-    return left, (f"complete on the server but not backed up ({'; '.join(why)})"
-                  + (f"; back them up with: {hint}" if unchosen else ""))
+    if not unchosen:
+        return left, ""
+    why = ("not asked for" if opts.names else "a first run takes the --max-checkpoints newest" if first_run
+           else "older than the newest backup")
+    return left, f"complete on the server but not backed up ({why}: {', '.join(unchosen)}); back them up with: {hint}"

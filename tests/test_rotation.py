@@ -159,8 +159,6 @@ def test_in_one_batch_the_newest_deleted_after_its_read_is_committed_and_an_olde
     assert "checkpoint-8/shard.bin: modified while being read" in result.failed["checkpoint-8"]
     assert not (dest / "checkpoint-8").exists()
     assert result.not_backed_up == ["checkpoint-8"]
-    assert any(w.startswith("complete on the server but not backed up (failed: checkpoint-8)")
-               for w in result.warnings)
     status = json.loads((dest / ".ckptsync" / "status.json").read_text())
     assert status["not_backed_up"] == ["checkpoint-8"] and status["deleted_on_server"] == ["checkpoint-12"]
 

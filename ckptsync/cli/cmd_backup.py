@@ -35,7 +35,7 @@ def backup_cmd(
     instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
     remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
-    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, metavar="N", help="How many of the newest complete checkpoints, at least (a first run takes just these).")] = 2,
+    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, metavar="N", help="At least the N newest complete checkpoints (a first run takes these).")] = 2,
     checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", metavar="NAME", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
