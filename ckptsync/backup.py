@@ -268,6 +268,7 @@ class Backup:
             progress[c.name] = usable_staged(self.store, c.name, listed[c.name], check_hash=True)
             todo[c.name] = [p for p in listed[c.name] if p not in progress[c.name]]
             self._write(lambda m=planned[c.name]: self.store.save_pending(m), f"recording the files of {c.name}")
+        kept = sum(len(progress[c.name]) for c in batch)
         twins = self.placement.known(self.server, view.root, todo, listed, progress)
         pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
                           lambda c: self._store_fetched(planned[c.name], progress[c.name], set(todo[c.name])))
@@ -275,7 +276,6 @@ class Backup:
         owner = {p: name for name, paths in todo.items() for p in paths
                  if p not in progress[name] and (name, p) not in twins}
         label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
-        kept = sum(len(progress[c.name]) for c in batch)
         self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(listed[n][p].size for p, n in owner.items()))}"
                       + (f" ({kept} kept from an interrupted run)" if kept else ""))
         changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, listed, label, progress,
@@ -291,7 +291,8 @@ class Backup:
                 continue
             self.result.failed[c.name] = failed_text(c, len(progress[c.name]), changed, unreadable)
             if progress[c.name]:  # its verified files stay staged for the next run
-                self._write(lambda n=c.name: self.store.save_progress(n, progress[n]), f"recording what was fetched of {c.name}")
+                self._write(lambda n=c.name: self.store.save_progress(n, progress[n]),
+                            f"recording what was fetched of {c.name}")
         self._note_deleted(view, {n: listed[n] for n in pending.committed})
 
     def _write(self, step: Callable[[], None], what: str) -> None:
@@ -411,7 +412,8 @@ class Backup:
 
         def on_file(rec: Received) -> None:
             name = owner[rec.member]
-            progress[name][rec.member] = record(rec.size, rec.mode, rec.mtime_ns, rec.xxh3_128, listed[name][rec.member])
+            progress[name][rec.member] = record(rec.size, rec.mode, rec.mtime_ns, rec.xxh3_128,
+                                                listed[name][rec.member])
             unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
             if pending is not None:
                 pending.arrived(name, rec.member)
@@ -421,7 +423,7 @@ class Backup:
                 save(name)
 
         self.rep.start(label, sum(sizes.values()))
-        verified = lambda: sum(len(progress[name]) for name in set(owner.values()))  # noqa: E731
+        verified = lambda: sum(len(progress[name]) for name in set(owner.values()) if name in waiting)  # noqa: E731
         stamps = {member: listed[name][member] for member, name in owner.items()}
         try:
             try:

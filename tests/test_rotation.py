@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from ckptsync.output import Output
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.store import Store, place_copy
 from helpers import run_cli, set_tree_mtime, tree_digest
+from test_parallel import add_big, parallel_target, small_split  # noqa: F401 (a fixture)
 from test_partial import StopAt
 from test_server_boundary import PACKAGE, make_target
 
@@ -161,6 +163,27 @@ def test_in_one_batch_the_newest_deleted_after_its_read_is_committed_and_an_olde
     assert result.not_backed_up == ["checkpoint-8"]
     status = json.loads((dest / ".ckptsync" / "status.json").read_text())
     assert status["not_backed_up"] == ["checkpoint-8"] and status["deleted_on_server"] == ["checkpoint-12"]
+
+
+def test_a_split_file_rewritten_while_its_ranges_are_read_fails_its_checkpoint(server_tree, tmp_path, small_split):
+    """Over three channels each byte range is checked against the listing at the end of its read."""
+    big = add_big(server_tree, 48 * MB)   # three ranges of 16 MiB
+    lock, rewritten = threading.Lock(), []
+
+    def rewrite(value: dict) -> None:
+        with lock:
+            if value["member"] == "checkpoint-12/big.bin" and not rewritten:
+                rewrite_same_size(big, keep_mtime=True)
+                rewritten.append(True)
+
+    hooks = Hooks()
+    hooks.on_after("send_member", rewrite)
+    t, _made = parallel_target(server_tree, tmp_path / "b", 3, lambda _i: hooks)
+    result = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    assert rewritten and result.channels == 3
+    assert result.exit_code == PARTIAL
+    assert "checkpoint-12/big.bin: modified while being read" in result.failed["checkpoint-12"]
+    assert not (tmp_path / "b" / "checkpoint-12").exists()
 
 
 def test_a_checkpoint_deleted_before_its_read_still_fails(server_tree, tmp_path):
