@@ -3,56 +3,36 @@
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-import os
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+
+from typing import Callable
 
 from ckptsync import notify
-from ckptsync.agent import hash_file
+from ckptsync.commit import (
+    Pending, failed_text, finished_manifest, gone, planned_manifest, record, staged_copy, usable_staged,
+)
 from ckptsync.config import Target
 from ckptsync.errors import (
-    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
+    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, PARTIAL, OK,
 )
-from ckptsync.digests import XXH3, LocalDigests
+from ckptsync.digests import LocalDigests
 from ckptsync.doctor import fallback_line
-from ckptsync.layout import Checkpoint, resume_files
+from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, Server, open_server
-from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
+from ckptsync.dedup import LINK
 from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store, free_bytes, io_error
+from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
+from ckptsync.selection import BackupOptions, PlanItem, select, unseen_failures, unsaved
 from ckptsync.server.parallel import Channels, fetch
 from ckptsync.server.transfer import Received, kept_prefixes
-
-
-@dataclass
-class BackupOptions:
-    max_checkpoints: int = 2
-    names: list[str] = field(default_factory=list)
-    all: bool = False
-    include_best: bool = False
-    compress: str = "auto"
-    dry_run: bool = False
-    wait: bool = False
-    extra_files: bool = True
-
-
-@dataclass
-class PlanItem:
-    name: str
-    action: str          # fetch, up-to-date, restamp (same bytes, new timestamps), skip
-    size: int = 0        # bytes the checkpoint holds
-    fetch_bytes: int = 0
-    files: int = 0
-    reason: str = ""
-    step: int | None = None
 
 
 @dataclass
@@ -71,6 +51,11 @@ class BackupResult:
     unfollowed: list[RunState] = field(default_factory=list)  # newer runs whose newest checkpoint is not saved
     follow_hint: str = ""     # the command that backs them up
     failed: dict[str, str] = field(default_factory=dict)
+    # Committed, then found deleted on the server (or staged by an earlier run for a checkpoint the
+    # server has deleted since): the backup is now the only copy.
+    deleted_on_server: list[str] = field(default_factory=list)
+    # Complete on the server and not in the backup after this run (not selected, or failed).
+    not_backed_up: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     raw_bytes: int = 0        # file bytes that crossed the link
     resumed_bytes: int = 0    # kept bytes of files an interrupted run had partly fetched: not sent again
@@ -110,67 +95,14 @@ class BackupResult:
         return out
 
 
-def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Checkpoint], list[PlanItem]]:
-    """Which checkpoints to back up (newest first), and which to report as skipped. Pure."""
-    complete = [c for c in checkpoints if c.complete]
-    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=_skip_reason(c))
-               for c in checkpoints if not c.complete]
-    if opts.names:
-        by_name = {c.name: c for c in checkpoints}
-        missing = [n for n in opts.names if n not in by_name]
-        if missing:
-            have = ", ".join(c.name for c in checkpoints) or "none"
-            raise NotFound(f"not on the server: {', '.join(missing)} (checkpoints there: {have})")
-        chosen = [c for c in complete if c.name in opts.names]
-        skipped = [s for s in skipped if s.name in opts.names]
-    elif opts.all:
-        chosen = list(complete)
-    else:
-        chosen = complete[: max(opts.max_checkpoints, 0)]
-    if opts.include_best:
-        best = next((c for c in complete if c.is_best), None)
-        if best is not None and best not in chosen:
-            chosen.append(best)
-    return chosen, skipped
-
-
-def unseen_failures(view: ServerView, names: list[str]) -> dict[str, str]:
-    """What a backup of this listing cannot vouch for: each checkpoint (of `names`, when given)
-    that the server could not list or read whole, and the listing itself when it stopped early. Pure."""
-    failed = {c.name: _skip_reason(c) for c in view.checkpoints if c.unreadable and (not names or c.name in names)}
-    if view.stopped:
-        failed[view.root] = f"{view.stopped}; checkpoints past that point were not seen, nor backed up"
-    return failed
-
-
 def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judgement) -> PlanItem:
     server = view.files_of(c)
     if judged.current:
         return PlanItem(c.name, "restamp" if judged.restamp else "up-to-date", c.size,
                         files=len(judged.restamp), step=c.step)
-    staged = _usable_staged(store, c.name, server, check_hash=False)
+    staged = usable_staged(store, c.name, server, check_hash=False)
     need = [p for p in server if p not in staged]
     return PlanItem(c.name, "fetch", c.size, sum(server[p].size for p in need), len(need), step=c.step)
-
-
-def _usable_staged(store: Store, name: str, server: dict[str, FileStat], check_hash: bool) -> dict[str, dict]:
-    """Files an interrupted run verified and left in staging, still current on the server."""
-    keep = {}
-    root = store.staging(name)
-    for path, rec in store.load_progress(name).items():
-        s = server.get(path)
-        if s is None or (s.size, s.mtime_ns, s.mode) != (rec.get("size"), rec.get("mtime_ns"), rec.get("mode")):
-            continue
-        local = root / path
-        try:
-            if local.stat().st_size != rec["size"]:
-                continue
-        except OSError:
-            continue
-        if check_hash and hash_file(local) != rec.get("xxh3_128"):
-            continue
-        keep[path] = rec
-    return keep
 
 
 class Backup:
@@ -182,13 +114,13 @@ class Backup:
         self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
-        self._sources: dict[tuple[str, int, int], list[tuple[Path, FileRecord]]] | None = None   # see _content_sources
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
-        self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
+        self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
+        self.placement = Placement(self.store, target.dedup, self.result, self.digests, rep)
 
     def run(self, server: Server | None = None) -> BackupResult:
         """Back up remote_dir (and, with follow_runs, the newer runs beside it), over `server`
@@ -208,6 +140,7 @@ class Backup:
                 try:
                     view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
                     self._backup(view)
+                    self._name_unsaved()
                     if self.look_for_runs:
                         self._runs(view)
                 finally:
@@ -222,7 +155,8 @@ class Backup:
 
     def _backup(self, view: ServerView) -> None:
         chosen, todo = self._plan(view)
-        if self.opts.dry_run or not todo:
+        orphans = self._orphans(view)
+        if self.opts.dry_run or not (todo or orphans):
             if not self.opts.dry_run:
                 self.digests.save()
             return
@@ -249,12 +183,13 @@ class Backup:
         self.result.warnings.clear()
         self.result.failed.clear()
         chosen, todo = self._plan(view)
+        self._settle_orphans(self._orphans(view))
         if not todo:
             return
         self._check_space(todo)
         self.store.clean_trash()
         self.result.adopted = self.store.adopt_replaced()
-        self._add_sources(None)
+        self.placement.add(None)
         by_name = {c.name: c for c in chosen}
         fetches = [(p.name, p.fetch_bytes) for p in todo if p.action == "fetch" and p.name in by_name]
         batch_of = {names[0]: names for names in batches(fetches)}
@@ -301,7 +236,10 @@ class Backup:
 
     def _plan(self, view: ServerView) -> tuple[list[Checkpoint], list[PlanItem]]:
         self.result.warnings.extend(view.errors + ([view.clock] if view.clock else []))
-        chosen, skipped = select(view.checkpoints, self.opts)
+        self._view = view
+        stored = self.store.manifests()
+        self._first_run = not set(stored) - {EXTRA}
+        chosen, skipped = select(view.checkpoints, self.opts, stored.values())
         self._judged = {c.name: self._judge(view, c) for c in chosen}
         plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
@@ -337,81 +275,113 @@ class Backup:
             )
 
     def _fetch(self, view: ServerView, batch: list[Checkpoint]) -> None:
-        """Fetch checkpoints over one transfer, then commit each in turn (manifest, then rename)."""
+        """Fetch checkpoints over one transfer, committing each (manifest, then rename) as soon as
+        every one of its files is copied, the newest first."""
         listed = {c.name: view.files_of(c) for c in batch}
         progress: dict[str, dict[str, dict]] = {}
         todo: dict[str, list[str]] = {}
+        source = {"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root}
+        planned = {c.name: planned_manifest(c, listed[c.name], source) for c in batch}
         for c in batch:
-            progress[c.name] = _usable_staged(self.store, c.name, listed[c.name], check_hash=True)
+            progress[c.name] = usable_staged(self.store, c.name, listed[c.name], check_hash=True)
             todo[c.name] = [p for p in listed[c.name] if p not in progress[c.name]]
-        twins = self._link_known(view, todo, listed, progress)
+            self._write(lambda m=planned[c.name]: self.store.save_pending(m), f"recording the files of {c.name}")
+        kept = sum(len(progress[c.name]) for c in batch)
+        twins = self.placement.known(self.server, view.root, todo, listed, progress)
+        pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
+                          lambda c: self._store_fetched(planned[c.name], progress[c.name], set(todo[c.name])))
+        pending.commit_ready()   # whole already: kept from an interrupted run, or placed from the store
         owner = {p: name for name, paths in todo.items() for p in paths
                  if p not in progress[name] and (name, p) not in twins}
-        sizes = {p: listed[owner[p]][p].size for p in owner}
-        kept = sum(len(progress[c.name]) for c in batch)
         label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
-        self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(sizes.values()))}"
+        self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(listed[n][p].size for p, n in owner.items()))}"
                       + (f" ({kept} kept from an interrupted run)" if kept else ""))
-        changed, unreadable = {}, {}
-        if owner:
-            changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, label, progress, sizes)
-        orphans = {p: name for name, p in self._place_twins(twins, listed, progress)}
-        if orphans:  # their twin did not arrive: fetch them after all
-            more = self._download(view.root, [(p, p) for p in orphans], orphans, label, progress,
-                                  {p: listed[name][p].size for p, name in orphans.items()})
+        changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, listed, label, progress,
+                                             pending) if owner else ({}, {})
+        left = pending.unplaced()
+        if left:  # copies whose origin did not arrive: fetched themselves
+            more = self._download(view.root, [(p, p) for p in left], left, listed, label, progress, pending)
             changed.update(more[0])
             unreadable.update(more[1])
+        pending.commit_ready()
         for c in batch:
-            mine = {p: why for p, why in unreadable.items() if p in listed[c.name]}
-            if mine:
-                what = "; ".join(f"{p}: {why}" for p, why in sorted(mine.items())[:3])
-                self.result.failed[c.name] = f"could not be read on the server ({what}); not recorded"
-        clean = [c for c in batch if c.name not in self.result.failed
-                 and not any(p in listed[c.name] for p in changed)]
-        if clean:  # rotation may delete or rewrite a file after it was sent
-            changed.update(self._recheck(view, {p: st for c in clean for p, st in listed[c.name].items()}))
-        for c in batch:
-            mine = {p: why for p, why in changed.items() if p in listed[c.name]}
-            if mine and c.name not in self.result.failed:
-                self.result.failed[c.name] = _changed_text(view, c, mine)
-            if c.name in self.result.failed:
-                if progress[c.name]:  # its verified files stay staged for the next run
-                    self._save_progress(c.name, progress[c.name])
+            if c.name not in pending.waiting:
                 continue
-            self._store_fetched(view, c, listed[c.name], progress[c.name], set(todo[c.name]))
+            self.result.failed[c.name] = failed_text(c, len(progress[c.name]), changed, unreadable)
+            if progress[c.name]:  # its verified files stay staged for the next run
+                self._write(lambda n=c.name: self.store.save_progress(n, progress[n]),
+                            f"recording what was fetched of {c.name}")
+        self._note_deleted(view, {n: listed[n] for n in pending.committed})
 
-    def _save_progress(self, name: str, progress: dict[str, dict]) -> None:
+    def _write(self, step: Callable[[], None], what: str) -> None:
         try:
-            self.store.save_progress(name, progress)
+            step()
         except OSError as exc:
-            raise io_error(exc, f"recording what was fetched of {name}") from None
+            raise io_error(exc, what) from None
 
-    def _store_fetched(self, view: ServerView, c: Checkpoint, server: dict[str, FileStat],
-                       progress: dict[str, dict], fetched: set[str]) -> None:
-        stage_root = self.store.staging(c.name)
-        for p in server:  # a prefix kept by an interrupted run whose file was then placed locally
-            (stage_root / (p + ".part")).unlink(missing_ok=True)
-        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
-                            ctime_ns=server[p].ctime_ns, inode=server[p].inode, hashes=dict(r.get("hashes") or {}))
-                 for p, r in sorted(progress.items())]
+    def _store_fetched(self, planned: Manifest, progress: dict[str, dict], fetched: set[str]) -> None:
+        stage_root = self.store.staging(planned.name)
+        for f in planned.files:  # a prefix kept by an interrupted run whose file was then placed locally
+            (stage_root / (f.path + ".part")).unlink(missing_ok=True)
+        m = finished_manifest(planned, progress)
+        # Recorded first: should the commit not finish (a crash), the next run commits it from staging.
+        self._write(lambda: self.store.save_progress(m.name, progress), f"recording what was fetched of {m.name}")
         placed = {p for p, r in progress.items() if r.get("placed")}
-        self._dedup(c.name, files, fetched=fetched - placed, placed=placed)
-        m = Manifest(
-            name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=files,
-            resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
-            missing=list(c.missing), is_best=c.is_best, state=dict(c.state),
-            source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
-            backed_up_at=time.time(), verified_at=time.time(),
-        )
-        self._commit(m, f"moving {c.name} into place")
-        self.result.fetched.append(c.name)
+        self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
+        self._commit(m, f"moving {m.name} into place")
+        self.result.fetched.append(m.name)
+
+    def _note_deleted(self, view: ServerView, committed: dict[str, dict[str, FileStat]]) -> None:
+        """Say which checkpoints just committed the server has deleted since (a rotation)."""
+        self.result.deleted_on_server += gone(self.server, view.root, committed)
+
+    def _orphans(self, view: ServerView) -> list[str]:
+        """Staged entries of checkpoints the server no longer has, and the bookkeeping a commit
+        that moved the files in place did not get to delete."""
+        on_server = {c.name for c in view.checkpoints}
+        return [n for n in self.store.staged_names() if n != EXTRA and (n not in on_server or self._finished(n))]
+
+    def _finished(self, name: str) -> bool:
+        return not any(p.is_file() for p in self.store.staging(name).rglob("*")) and self.store.load(name) is not None
+
+    def _settle_orphans(self, names: list[str]) -> None:
+        """Commit what a run staged of a checkpoint the server has deleted since, when every file of
+        it was copied; drop it otherwise (it can never be completed)."""
+        for name in names:
+            if self._finished(name):
+                self._write(lambda n=name: self.store.discard_staging(n), f"deleting the staging of {name}")
+                continue
+            m = staged_copy(self.store, name)
+            if m is None:
+                self._write(lambda n=name: self.store.discard_staging(n), f"deleting the staging of {name}")
+                self.result.warnings.append(f"dropped what was staged of {name}: the server no longer has it "
+                                            "and not every file of it had been copied")
+                continue
+            self._commit(m, f"moving {name} into place")
+            self.result.fetched.append(name)
+            self.result.deleted_on_server.append(name)
+
+    def _name_unsaved(self) -> None:
+        """Every complete checkpoint that is not backed up after this run, and why: never silently."""
+        view = getattr(self, "_view", None)
+        if view is None:
+            return
+        taken = set(self.result.fetched) | set(self.result.current)
+        if self.opts.dry_run:
+            taken |= {p.name for p in self.result.plan if p.action == "fetch"}
+        stored = set(self.store.manifests()) if self.store.meta.is_dir() else set()
+        self.result.not_backed_up, warning = unsaved(view.checkpoints, taken, self.result.failed, stored,
+                                                     self._first_run, self.opts,
+                                                     self.target.command("backup", "--all"))
+        if warning:
+            self.result.warnings.append(warning)
 
     def _commit(self, m: Manifest, what: str) -> None:
         """Move a staged entry into place; the version it replaces is kept as a generation, and
         generations beyond keep_generations are dropped."""
         try:
             kept = self.store.commit(m)
-            self._add_sources(m if kept is None else None)
+            self.placement.add(m if kept is None else None)
             if kept is not None:
                 self.result.generations.append(f"{m.name}@{kept.id}")
                 dropped = self.store.trim_generations(m.name, self.target.keep_generations)
@@ -438,15 +408,18 @@ class Backup:
         except OSError as exc:
             raise io_error(exc, f"updating the timestamps of {name}") from None
         finally:
-            self._add_sources(None)  # modes may have changed
+            self.placement.add(None)  # modes may have changed
         self.result.restamped.append(name)
 
-    def _download(self, root: str, pairs: list[tuple[str, str]], owner: dict[str, str], label: str,
-                  progress: dict[str, dict[str, dict]], sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
-        """Fetch each member into the staging of the entry `owner` names, recording what was
-        verified in `progress` (entry -> member -> record). Returns (member -> what changed on
-        the server, member -> why unreadable)."""
-        targets = {member: self.store.staging(owner[member]) / member for _src, member in pairs}
+    def _download(self, root: str, pairs: list[tuple[str, str]], owner: dict[str, str],
+                  listed: dict[str, dict[str, FileStat]], label: str, progress: dict[str, dict[str, dict]],
+                  pending: Pending | None = None) -> tuple[dict[str, str], dict[str, str]]:
+        """Fetch each (source, member) into the staging of the entry `owner` names, each checked
+        against its listing, recording what was copied in `progress` (entry -> member -> record) and
+        telling `pending`. Returns (member -> what changed on the server, member -> why unreadable)."""
+        waiting = pending.waiting if pending is not None else set(owner.values())
+        targets = {member: self.store.staging(name) / member for member, name in owner.items()}
+        sizes = {member: listed[name][member].size for member, name in owner.items()}
         done = [self.store.staging(name) / p for name, recs in progress.items() for p in recs]
         prefixes = kept_prefixes(targets, self.server.best_hash, done=done)
         unsaved: dict[str, int] = {}
@@ -457,28 +430,34 @@ class Backup:
 
         def on_file(rec: Received) -> None:
             name = owner[rec.member]
-            progress[name][rec.member] = {"size": rec.size, "mode": rec.mode, "mtime_ns": rec.mtime_ns,
-                                          "xxh3_128": rec.xxh3_128, "hashes": dict(rec.hashes)}
+            progress[name][rec.member] = record(rec.size, rec.mode, rec.mtime_ns, rec.xxh3_128,
+                                                listed[name][rec.member], hashes=dict(rec.hashes))
             unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
-            if unsaved[name] >= PROGRESS_BYTES:
+            if pending is not None:
+                pending.arrived(name, rec.member)
+            if name not in waiting:
+                unsaved.pop(name, None)   # committed: its staging is gone
+            elif unsaved[name] >= PROGRESS_BYTES:
                 save(name)
 
         self.rep.start(label, sum(sizes.values()))
-        verified = lambda: sum(len(progress[name]) for name in set(owner.values()))  # noqa: E731
+        verified = lambda: sum(len(progress[name]) for name in set(owner.values()) if name in waiting)  # noqa: E731
+        stamps = {member: listed[name][member] for member, name in owner.items()}
         try:
             try:
-                outcome, wire_bytes = fetch(self.channels, root, pairs, sizes, targets, prefixes, self.rep, on_file,
-                                            self.opts.compress)
+                outcome, wire_bytes = fetch(self.channels, root, pairs, sizes, targets, prefixes,
+                                            self.rep, on_file, self.opts.compress, listed=stamps)
             except BaseException:
                 with contextlib.suppress(OSError):  # for the next run; unrecorded files are fetched again
-                    for name in list(unsaved):
-                        save(name)
+                    for name in sorted(waiting):
+                        if name in unsaved or progress[name]:   # copies placed in it count too
+                            save(name)
                 raise
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted during {label}: {verified()} verified files kept; "
+            raise Interrupted(f"interrupted during {label}: {self._kept(verified(), pending)}; "
                               "the next run fetches only the rest") from None
         except (ConnectError, IntegrityError) as exc:
-            raise type(exc)(f"{exc.message} ({label}: {verified()} verified files kept; rerun to resume)",
+            raise type(exc)(f"{exc.message} ({label}: {self._kept(verified(), pending)}; rerun to resume)",
                             hint=exc.hint) from exc
         finally:
             self.rep.finish()
@@ -488,161 +467,10 @@ class Backup:
         self.result.disk_bytes += sum(r.size for r in outcome.received)
         return outcome.changed, outcome.unreadable
 
-    def _recheck(self, view: ServerView, server: dict[str, FileStat]) -> dict[str, str]:
-        """After the transfer: is every file still there, unchanged? (Rotation may delete it mid-run.)"""
-        now = self.server.stat(view.root, sorted(server))
-        changed = {}
-        for path, listed in server.items():
-            st = now.get(path)
-            if st is None:
-                changed[path] = DELETED
-            elif not st.same_content_stamp(listed.stat):
-                changed[path] = "modified during the backup"
-        return changed
-
-    def _link_known(self, view: ServerView, todo: dict[str, list[str]], listed: dict[str, dict[str, FileStat]],
-                    progress: dict[str, dict[str, dict]]) -> dict[tuple[str, str], tuple[str, str]]:
-        """Place files whose content the store already holds (reflink, hard link or local copy)
-        instead of transferring them; each placed file joins its entry's `progress`. Returns the
-        twins: (entry, file) -> the earlier (entry, file) of this batch with the same content,
-        fetched once and placed by _place_twins."""
-        if not any(todo.values()):
-            return {}
-        sources = self._content_sources()
-        stored = {(k[1], k[2]) for k in sources}
-        keys = [(listed[name][p].size, listed[name][p].mode) for name, paths in todo.items() for p in paths]
-        repeated = {k for k, n in Counter(keys).items() if n > 1} if len(todo) > 1 else set()
-        wanted = stored | repeated
-        candidates = [(name, p) for name, paths in todo.items() for p in paths if listed[name][p].size > 0
-                      and (listed[name][p].size, listed[name][p].mode) in wanted]
-        if not candidates:
-            return {}
-        alg = self.server.best_hash
-        hashes = self.server.hash(view.root, [p for _name, p in candidates], alg)
-        by_alg = sources if alg == XXH3 else self._sources_in(alg, {(listed[n][p].size, listed[n][p].mode)
-                                                                   for n, p in candidates})
-        touched, first, twins = set(), {}, {}
-        for name, p in candidates:
-            size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
-            digest = hashes.get(p)
-            if not digest:
-                continue  # unreadable or gone on the server: the transfer reports it
-            found = by_alg.get((digest, size, mode))
-            existing = pick_source([q for q, _f in found], mtime_ns, mode) if found else None
-            if existing is None:
-                if (digest, size, mode) in first:
-                    twins[(name, p)] = first[(digest, size, mode)]
-                else:
-                    first[(digest, size, mode)] = (name, p)
-                continue
-            dest = self.store.staging(name) / p
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                how = place_copy(existing, dest, mtime_ns, mode, self.target.dedup)
-            except OSError:
-                continue  # the transfer fetches it instead
-            # "placed" tells _dedup (also after a resume) not to place it again.
-            record = next(f for q, f in found if q == existing)
-            progress[name][p] = {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": record.xxh3_128,
-                                 "hashes": {} if alg == XXH3 else {alg: digest}, "placed": how}
-            touched.add(name)
-            self._count(how, size, fetched=False)
-        for name in sorted(touched):
-            self.store.save_progress(name, progress[name])
-        return twins
-
-    def _place_twins(self, twins: dict[tuple[str, str], tuple[str, str]], listed: dict[str, dict[str, FileStat]],
-                     progress: dict[str, dict[str, dict]]) -> list[tuple[str, str]]:
-        """Place each twin from the file of this batch it matched, once that arrived. Returns
-        the twins whose original did not arrive."""
-        missing = []
-        for (name, p), (origin, q) in twins.items():
-            rec = progress[origin].get(q)
-            if rec is None:
-                missing.append((name, p))
-                continue
-            st = listed[name][p]
-            dest = self.store.staging(name) / p
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                how = place_copy(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode, self.target.dedup)
-            except OSError as exc:
-                raise io_error(exc, f"placing {p}") from None
-            progress[name][p] = {"size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns,
-                                 "xxh3_128": rec["xxh3_128"], "hashes": dict(rec.get("hashes") or {}), "placed": how}
-            self._count(how, st.size, fetched=False)
-        return missing
-
-    def _content_sources(self) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
-        """The store's dedup index, read once per run and kept current by _add_sources."""
-        if self._sources is None:
-            self._sources = self.store.content_sources()
-        return self._sources
-
-    def _sources_in(self, alg: str, sizes: set[tuple[int, int]]) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
-        """The dedup index keyed by `alg` (the server's, when it cannot compute xxh3-128), for the
-        stored files of these (size, mode): a value not recorded yet is hashed from the stored copy
-        once (then recorded in its manifests)."""
-        out: dict[tuple[str, int, int], list[tuple[Path, FileRecord]]] = {}
-        before = self.digests.bytes_read
-        for (_x, size, mode), found in self._content_sources().items():
-            if (size, mode) not in sizes:
-                continue
-            digest = next(filter(None, (self.digests.get(f, alg, q) for q, f in found)), None)
-            if digest is not None:
-                out[(digest, size, mode)] = found
-        read = self.digests.bytes_read - before
-        if read:
-            self.rep.info(f"read {human(read)} of the backup directory once to compare it in {alg}, the "
-                          "server's hash (recorded in the manifests)")
-        return out
-
-    def _add_sources(self, m: Manifest | None) -> None:
-        """A new entry's files join the index; None: the store changed otherwise, read it again."""
-        if m is None or self._sources is None:
-            self._sources = None
-            return
-        for f in m.files:
-            self._sources.setdefault((f.xxh3_128, f.size, f.mode), []).append((self.store.root / f.path, f))
-
-    def _dedup(self, name: str, files: list[FileRecord], fetched: set[str], placed: set[str]) -> None:
-        """After a transfer, let files identical to stored ones share their bytes: a reflink,
-        or a hard link when the stored inode shows the same mode and mtime (any with dedup: link).
-        A copy would gain nothing here: the transferred file already is one."""
-        sources = self._content_sources()
-        for f in files:
-            paths = [q for q, _r in sources.get((f.xxh3_128, f.size, f.mode), ())]
-            if not paths or f.size == 0 or f.path in placed:
-                continue
-            staged = self.store.staging(name) / f.path
-            try:
-                st = os.stat(staged)
-                if st.st_nlink > 1 and any(_same_inode(q, st) for q in paths):
-                    continue
-                existing = pick_source(paths, f.mtime_ns, f.mode)
-                if existing is None:
-                    continue
-                how = share_copy(existing, staged, f.mtime_ns, f.mode, self.target.dedup)
-            except OSError:
-                continue
-            if how is not None:
-                self._count(how, f.size, fetched=f.path in fetched)
-
-    def _count(self, how: str, size: int, fetched: bool) -> None:
-        """Count one placed file; `fetched`: its bytes were transferred and counted in disk_bytes."""
-        r = self.result
-        if how == LINK:
-            r.linked_files += 1
-            r.linked_bytes += size
-        elif how == REFLINK:
-            r.reflinked_files += 1
-            r.reflinked_bytes += size
-        elif how == COPY:
-            r.copied_files += 1
-            r.copied_bytes += size
-            r.disk_bytes += size
-        if fetched and how in (LINK, REFLINK):
-            r.disk_bytes -= size
+    @staticmethod
+    def _kept(verified: int, pending: Pending | None) -> str:
+        done = f"committed {', '.join(pending.committed)}; " if pending is not None and pending.committed else ""
+        return f"{done}{verified} verified files kept"
 
     # -------------------------------------------------- extra files
 
@@ -668,9 +496,9 @@ class Backup:
         books: dict[str, dict[str, dict]] = {EXTRA: {}}
         progress = books[EXTRA]
         pairs = [(src, member) for member, (src, _st) in self._extras.items()]
-        sizes = {member: st.size for member, (_src, st) in self._extras.items()}
-        changed, unreadable = self._download(view.root, pairs, {member: EXTRA for _src, member in pairs}, EXTRA,
-                                             books, sizes)
+        listed = {EXTRA: {member: st for member, (_src, st) in self._extras.items()}}
+        changed, unreadable = self._download(view.root, pairs, {member: EXTRA for _src, member in pairs}, listed,
+                                             EXTRA, books)
         if unreadable:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(unreadable.items())[:3])
             self.result.failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
@@ -762,10 +590,8 @@ def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -
         return held
     try:
         with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT):
-            for entry in sorted((store.meta / "staging").iterdir()):
-                if entry.name.endswith(".progress.json"):
-                    continue
-                store.discard_staging(entry.name)
+            for name in store.staged_names():
+                store.discard_staging(name)
     except OSError as exc:
         raise io_error(exc, f"deleting staging in {store.meta}") from None
     return held
@@ -778,6 +604,7 @@ def _record(job: Backup, code: int, error: str) -> None:
     status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed, r.current,
                         notify.scheduled(), restamped=r.restamped, generations=r.generations,
                         skipped={p.name: p.reason for p in r.plan if p.action == "skip"},
+                        not_backed_up=r.not_backed_up, deleted_on_server=r.deleted_on_server,
                         raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3))
     try:
         job.store.record_status(status)
@@ -789,41 +616,3 @@ def _record(job: Backup, code: int, error: str) -> None:
     sent = notify.after_run(status)
     if sent:
         job.rep.info(sent)
-
-
-
-DELETED = "deleted during the backup"
-
-
-def restamp_file(path: Path, mtime_ns: int, mode: int, keep_links: bool = False) -> None:
-    """Give a stored file new stamps. A file hard-linked into other entries is first given an
-    inode of its own (a reflink or a copy), so theirs keep the stamps their manifests record;
-    with dedup: link (`keep_links`) it stays shared and only the manifest changes."""
-    if os.lstat(path).st_nlink > 1:
-        if not keep_links:
-            place_copy(path, path, mtime_ns, mode, REFLINK)
-        return
-    os.chmod(path, mode)
-    os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-def _same_inode(a: Path, b: os.stat_result) -> bool:
-    try:
-        return os.path.samestat(os.stat(a), b)
-    except FileNotFoundError:
-        return False
-
-
-def _changed_text(view: ServerView, c: Checkpoint, changed: dict[str, str]) -> str:
-    if len(changed) == len(c.files) and all(why in (DELETED, "not sent by the server") or "not_found" in why
-                                            or "No such file" in why for why in changed.values()):
-        return ("vanished from the server after the listing (deleted, e.g. by the trainer's checkpoint "
-                "rotation); not backed up")
-    what = "; ".join(f"{p}: {why}" for p, why in sorted(changed.items())[:3])
-    return f"changed on the server while it was read ({what}); not recorded"
-
-
-def _skip_reason(c: Checkpoint) -> str:
-    if c.unreadable:
-        return f"{c.reason}; not recorded"
-    return f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}"

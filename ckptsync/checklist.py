@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from ckptsync.agent import hash_file
 from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.commit import staging_note
 from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
@@ -147,6 +148,7 @@ class Checklist:
             self._backed_up("best checkpoint backed up", view, best)
         self._runs(runs)
         self._extras(extras)
+        self._not_backed_up(view)
         self._last_run(now)
         return self.result
 
@@ -182,6 +184,18 @@ class Checklist:
                  or f"every checkpoint under {view.root} listed and readable",
                  "make them readable by the login user on the server (or repair the link), "
                  "then run the checklist again")
+
+    def _not_backed_up(self, view: ServerView) -> None:
+        """Name every complete checkpoint the backup does not hold (deleting the instance loses it),
+        and what unfinished backups left in staging."""
+        left = [c.name for c in view.checkpoints if c.complete and not self._current.get(c.name)]
+        if left:
+            self.result.warnings.append(
+                f"complete on the server but not backed up: {', '.join(left)} (deleting the instance loses "
+                f"them); back them up with: {self.target.command('backup', '--all')}")
+        note = staging_note(self.store, self.target.command("backup", "--discard-staged"))[2]
+        if note:
+            self.result.warnings.append(note)
 
     def _runs(self, runs: list[RunState]) -> None:
         """A newer run beside remote_dir (the trainer moved on) must be saved too."""

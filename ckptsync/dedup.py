@@ -92,6 +92,10 @@ def _swap_in(tmp: Path, dest: Path, prepare) -> None:
     try:
         prepare()
         os.replace(tmp, dest)
+        # rename() does nothing when both names already link one inode (a staged copy placed
+        # as a link to the stored file it is placed from again): tmp is then left, dest is right
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+from ckptsync.commit import staging_note
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
@@ -78,6 +79,9 @@ class ListResult:
     empty_hint: str = ""           # no checkpoints on the server: what its remote_dir holds instead
     stopped: str = ""              # why the server's listing is incomplete; "" when it is whole
     warnings: list[str] = field(default_factory=list)
+    staged: list[str] = field(default_factory=list)   # entries unfinished backups left in staging
+    staged_bytes: int = 0
+    staging_note: str = ""         # says so, with the command that clears it
 
     @property
     def total_server(self) -> int:
@@ -109,6 +113,7 @@ class ListResult:
             "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
             "stopped": self.stopped, "warnings": self.warnings,
+            "staged": self.staged, "staged_bytes": self.staged_bytes,
         }
 
 
@@ -170,6 +175,8 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
         result.damaged[name] = (f"its manifest {path} is damaged ({why}): not verified and not restored; "
                                 f"to back it up again while the server has it: "
                                 f"{target.command('backup', '--checkpoint', name)}")
+    result.staged, result.staged_bytes, result.staging_note = staging_note(
+        store, target.command("backup", "--discard-staged"))
     view, current = None, None
     if not local_only:
         with open_server(target) as server:

@@ -166,12 +166,14 @@ def last_run_summary(status: dict | None) -> tuple[bool, str]:
         return False, "none recorded"
     code = status.get("exit_code")
     error = status.get("error") or "no message"
+    left = status.get("not_backed_up") or []
+    unsaved = f"; not backed up: {', '.join(left)}" if left else ""
     if status.get("ok"):
         fetched = status.get("fetched") or []
         if fetched:
-            return True, f"ok, fetched {', '.join(fetched)}"
+            return True, f"ok, fetched {', '.join(fetched)}{unsaved}"
         current = status.get("up_to_date") or []
-        return True, "ok, up to date" + (f" ({', '.join(current)})" if current else "")
+        return True, "ok, up to date" + (f" ({', '.join(current)})" if current else "") + unsaved
     if code == LOCKED:
         return True, "skipped, another run held the lock"
     if code == PARTIAL:

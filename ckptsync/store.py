@@ -4,7 +4,8 @@
     <dest>/latest.pt                   a single-file checkpoint
     <dest>/extra-files/...             the configured extra files
     <dest>/.ckptsync/manifests/N.json  one manifest per entry
-    <dest>/.ckptsync/staging/N/        files of an unfinished transfer, kept for the next run
+    <dest>/.ckptsync/staging/N/        files of an unfinished transfer, kept for the next run;
+                                       N.progress.json: those verified, N.manifest.json: N as listed
     <dest>/.ckptsync/generations/N/ID.json and ID/N
                                        earlier versions of entry N, each with its manifest
     <dest>/<run-dir>/                  a followed run: a store of its own (its own .ckptsync/)
@@ -335,6 +336,36 @@ class Store:
     def save_progress(self, name: str, progress: dict[str, dict]) -> None:
         atomic_write(self.progress_path(name), json.dumps(progress))
 
+    def pending_path(self, name: str) -> Path:
+        return self.meta / "staging" / f"{name}.manifest.json"
+
+    def save_pending(self, m: Manifest) -> None:
+        """The manifest a fetch will commit, as listed (no hashes yet): with the progress it lets a
+        later run commit the staging of a checkpoint the server deleted once every file was copied."""
+        atomic_write(self.pending_path(m.name), m.to_json())
+
+    def load_pending(self, name: str) -> Manifest | None:
+        try:
+            return Manifest.from_dict(json.loads(self.pending_path(name).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def staged_names(self) -> list[str]:
+        """Entries that staging holds anything of: files, a progress record or a pending manifest."""
+        folder = self.meta / "staging"
+        if not folder.is_dir():
+            return []
+        names = set()
+        for p in folder.iterdir():
+            for suffix in (".progress.json", ".manifest.json"):
+                if p.name.endswith(suffix) and p.is_file():
+                    names.add(p.name[:-len(suffix)])
+                    break
+            else:
+                if p.is_dir():
+                    names.add(p.name)
+        return sorted(names)
+
     def staged_bytes(self) -> int:
         """Bytes that interrupted transfers keep in staging."""
         total = 0
@@ -347,8 +378,9 @@ class Store:
 
     def discard_staging(self, name: str) -> None:
         shutil.rmtree(self.staging(name), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.progress_path(name).unlink()
+        for path in (self.progress_path(name), self.pending_path(name)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def commit(self, m: Manifest) -> Generation | None:
         """Move a staged entry into place. An entry it replaces becomes a generation, returned.

@@ -113,7 +113,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l instance -s i -x -d 'Insta
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
-complete -c ckptsync -n '__ckptsync_at \'backup\'' -l max-checkpoints -s k -x -d 'How many of the newest complete checkpoints'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l max-checkpoints -s k -x -d 'At least the N newest complete checkpoints (a first run takes these)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip the configured extra_files'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'

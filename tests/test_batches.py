@@ -103,7 +103,7 @@ def test_many_small_checkpoints_go_over_one_transfer(many, tmp_path):
     assert again.exit_code == OK and again.fetched == [] and len(sent) == 1
 
 
-def test_an_interrupted_batch_shows_no_entry_and_the_next_run_sends_the_rest(many, tmp_path):
+def test_an_interrupted_batch_keeps_what_it_committed_and_the_next_run_sends_the_rest(many, tmp_path):
     dest = tmp_path / "b"
     names = checkpoints(many)
     total = sum(p.stat().st_size for n in names for p in (many / n).iterdir())
@@ -111,13 +111,20 @@ def test_an_interrupted_batch_shows_no_entry_and_the_next_run_sends_the_rest(man
         run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"),
                    StopAt(f"{len(names)} checkpoints", total // 2))
     assert "verified files kept" in caught.value.message
-    # nothing of the batch is visible under its name, and what arrived is kept for the next run
-    assert [n for n in names if (dest / n).exists()] == []
+    # each checkpoint was committed as soon as all of it had arrived, the newest first: those are
+    # whole; none of the others is visible under its name, and what arrived of them is kept
+    newest_first = sorted(names, key=lambda n: int(n.split("-")[1]), reverse=True)
+    committed = [n for n in newest_first if (dest / n).exists()]
+    assert 0 < len(committed) < len(names) and committed == newest_first[:len(committed)]
+    assert "committed " + ", ".join(committed) in caught.value.message
+    for name in committed:
+        assert tree_digest(dest / name) == tree_digest(many / name), name
     kept = {p.name.removesuffix(".progress.json"): json.loads(p.read_text())
             for p in (dest / ".ckptsync" / "staging").glob("*.progress.json")}
+    assert not set(kept) & set(committed)
     assert 0 < sum(len(v) for v in kept.values()) < sum(len(list((many / n).iterdir())) for n in names)
     again = run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"))
-    assert again.exit_code == OK and sorted(again.fetched) == names
+    assert again.exit_code == OK and sorted(again.fetched) == sorted(set(names) - set(committed))
     assert again.raw_bytes < total
     for name in names:
         assert tree_digest(dest / name) == tree_digest(many / name), name

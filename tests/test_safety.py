@@ -30,7 +30,9 @@ def test_a_run_that_got_the_lock_after_another_committed_plans_again(server_tree
     hooks.on_after("scan", another_run_finishes_first, times=1)
     late = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions())
     assert other and other[0].fetched == ["checkpoint-12", "checkpoint-8"]
-    assert late.fetched == [] and late.failed == {} and late.warnings == []
+    assert late.fetched == [] and late.failed == {}
+    # no false "changed": its only warning names the complete checkpoint neither run took
+    assert late.not_backed_up == ["checkpoint-4"] and len(late.warnings) == 1 and "checkpoint-4" in late.warnings[0]
     assert sorted(p.name for p in dest.iterdir()) == [".ckptsync", "checkpoint-12", "checkpoint-8"]
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 

@@ -46,6 +46,28 @@ def hash_file(path, alg="xxh3_128", on_block=None, limit=None):
     return h.hexdigest()
 
 
+def unlike_listing(stamp, st):
+    """Whether an open file's fstat differs from the listing's stamp [size, mtime_ns, inode, ctime_ns]
+    (an inode or ctime of 0: not known). Any write, rename over, truncation, chmod or unlink since
+    the listing moves one of them; equal stamps mean the bytes are the listed file's."""
+    size, mtime_ns, inode, ctime_ns = (int(v) for v in stamp)
+    return (st.st_size != size or st.st_mtime_ns != mtime_ns or bool(inode and st.st_ino != inode)
+            or bool(ctime_ns and st.st_ctime_ns != ctime_ns))
+
+
+def hash_listed(path, alg, stamp):
+    """The file's hash, or None when the open file is not (or stops being) the one listed with `stamp`."""
+    h = new_hash(alg)
+    with open(path, "rb") as f:
+        if unlike_listing(stamp, os.fstat(f.fileno())):
+            return None
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+        if unlike_listing(stamp, os.fstat(f.fileno())):
+            return None
+    return h.hexdigest()
+
+
 def start_writeback(fd):
     """Start writing the file out now without waiting; the fsync before commit then finds little to do."""
     if hasattr(os, "posix_fadvise"):

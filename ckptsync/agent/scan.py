@@ -10,7 +10,7 @@ import time
 import zipfile
 
 from ckptsync.agent.frames import Failure, os_failure
-from ckptsync.agent.hashing import hash_file, hash_names
+from ckptsync.agent.hashing import hash_file, hash_listed, hash_names
 from ckptsync.agent.paths import resolve
 
 META_NAMES = ("trainer_state.json", "metadata.json")
@@ -276,11 +276,18 @@ def op_stat(req):
 
 
 def op_hash(req):
+    """Hashes of files; a path given a listing's stamp in "stamps" is hashed only while its open
+    file still matches that stamp (else an error entry: the bytes would not be the listed file's)."""
     alg = req.get("alg", hash_names()[0])
+    stamps = req.get("stamps") or {}
     out = {}
     for rel in req["paths"]:
         try:
-            out[rel] = hash_file(resolve(req["root"], rel), alg)
+            if rel in stamps:
+                digest = hash_listed(resolve(req["root"], rel), alg, stamps[rel])
+                out[rel] = digest if digest is not None else {"__error__": "changed since the listing: %s" % rel}
+            else:
+                out[rel] = hash_file(resolve(req["root"], rel), alg)
         except OSError as exc:
             out[rel] = {"__error__": str(os_failure(exc, rel))}
     return {"alg": alg, "hashes": out}

@@ -6,7 +6,7 @@ import stat
 import tarfile
 
 from ckptsync.agent.frames import CHUNK, Failure, os_failure
-from ckptsync.agent.hashing import hash_names, new_hash
+from ckptsync.agent.hashing import hash_names, new_hash, unlike_listing
 from ckptsync.agent.paths import resolve
 from ckptsync.agent.sender import Sender
 from ckptsync.agent.tar import tar_header
@@ -26,11 +26,17 @@ def kept_prefix(f, offset, prefix_hash, h):
     return h.hexdigest() == prefix_hash
 
 
-def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, start=None, length=None):
+def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, start=None, length=None,
+             stamp=None):
     """One file as a tar member. With an offset, the receiver holds that many bytes of an earlier
     try: when they hash alike here, only the rest is sent, and the record's hash is still the whole file's.
     With `start` and `length`, only that byte range of the file is the member (its record's hash is
-    the range's; a kept prefix applies to a range that starts at 0)."""
+    the range's; a kept prefix applies to a range that starts at 0).
+
+    `stamp`: the listing's [size, mtime_ns, inode, ctime_ns] of the file. The fstat of the open file
+    at the end of the read must equal it: then every byte sent is the listed file's, whatever happens
+    to the path afterwards (a rotation may delete it the next moment). Without a stamp, the file must
+    not change while read and must still be at its path afterwards."""
     record = {"member": member, "source": source}
     try:
         f = open(source, "rb")
@@ -67,19 +73,14 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, star
             left -= len(block)
         if left:
             sender.write(b"\x00" * left)  # the file shrank under us: keep the tar well-formed
-        if start is None and f.read(1):
-            record["changed"] = "grew while being read"
+        grew = start is None and bool(f.read(1))
         after = os.fstat(f.fileno())
-        try:
-            now = os.stat(source)
-            if now.st_ino != before.st_ino:
-                record["changed"] = "replaced while being read"
-        except OSError:
-            record["changed"] = "deleted while being read"
-        if left:
-            record["changed"] = "shrank while being read"
-        elif after.st_mtime_ns != before.st_mtime_ns or after.st_size != before.st_size:
-            record.setdefault("changed", "modified while being read")
+        if stamp is not None:
+            why = _unlike(stamp, before, after, left, grew)
+        else:
+            why = _moved(source, before, after, left, grew)
+        if why:
+            record["changed"] = why
         pad = (-(span - skip)) % tarfile.BLOCKSIZE
         if pad:
             sender.write(b"\x00" * pad)
@@ -90,6 +91,34 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, star
     chan_put_record(sender, record)
 
 
+def _unlike(stamp, before, after, left, grew):
+    """Why the bytes read are not the listed file's ("" when they are)."""
+    if unlike_listing(stamp, before):
+        return "changed on the server since the listing"
+    if left:
+        return "shrank while being read"
+    if grew:
+        return "grew while being read"
+    if unlike_listing(stamp, after):
+        return "deleted while being read" if after.st_nlink == 0 else "modified while being read"
+    return ""
+
+
+def _moved(source, before, after, left, grew):
+    """Without a listing to compare with: did the file change while read, or leave its path?"""
+    if left:
+        return "shrank while being read"
+    why = "grew while being read" if grew else ""
+    try:
+        if os.stat(source).st_ino != before.st_ino:
+            why = "replaced while being read"
+    except OSError:
+        why = "deleted while being read"
+    if not why and (after.st_mtime_ns != before.st_mtime_ns or after.st_size != before.st_size):
+        why = "modified while being read"
+    return why
+
+
 def chan_put_record(sender, record):
     sender.flush()
     sender._put(b"H", json.dumps(record).encode("utf-8"))
@@ -97,9 +126,10 @@ def chan_put_record(sender, record):
 
 def op_send(chan, req, memory=None):
     """Stream files as one tar: [[source relative to root or absolute, member name], ...]; an entry
-    may add [..., offset, hash of the receiver's first offset bytes] to resume a partly received file.
-    An entry {"source", "member", "start", "length"} (and "offset", "hash" as above) is one byte
-    range of a file; a stream carries at most one range of a file, so members stay unique.
+    may add [..., offset, hash of the receiver's first offset bytes] to resume a partly received file
+    (0, null: nothing to resume), then the listing's stamp [size, mtime_ns, inode, ctime_ns] (see
+    send_one). An entry {"source", "member", "start", "length"} (and "offset", "hash", "stamp" as
+    above) is one byte range of a file; a stream carries at most one range of a file, so members stay unique.
 
     `memory` is the connection's Memory: the next send starts from this one's verdict.
     """
@@ -116,11 +146,13 @@ def op_send(chan, req, memory=None):
         for entry in req["files"]:
             if isinstance(entry, dict):
                 send_one(sender, chan, resolve(root, entry["source"]), entry["member"], alg,
-                         int(entry.get("offset", 0)), entry.get("hash"), int(entry["start"]), int(entry["length"]))
+                         int(entry.get("offset", 0)), entry.get("hash"), int(entry["start"]), int(entry["length"]),
+                         entry.get("stamp"))
                 continue
             source, member = entry[0], entry[1]
-            offset, prefix_hash = (int(entry[2]), str(entry[3])) if len(entry) >= 4 else (0, None)
-            send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash)
+            offset, prefix_hash = (int(entry[2] or 0), entry[3]) if len(entry) >= 4 else (0, None)
+            stamp = entry[4] if len(entry) >= 5 else None
+            send_one(sender, chan, resolve(root, source), member, alg, offset, prefix_hash, stamp=stamp)
         sender.write(b"\x00" * (2 * tarfile.BLOCKSIZE))
     except BaseException:
         sender.abort(ABORT_WAIT)  # no frame of this stream may follow the error reply

@@ -35,7 +35,7 @@ def backup_cmd(
     instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
     remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
-    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, metavar="N", help="How many of the newest complete checkpoints.")] = 2,
+    max_checkpoints: Annotated[int, typer.Option("--max-checkpoints", "-k", min=1, metavar="N", help="At least the N newest complete checkpoints (a first run takes these).")] = 2,
     checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", metavar="NAME", help="Back up this checkpoint (repeatable).", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every complete checkpoint.")] = False,
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
@@ -51,8 +51,12 @@ def backup_cmd(
 ) -> int:
     """Fetch complete checkpoints from the server, verified, into the backup directory.
 
-    Default: the 2 newest complete checkpoints plus extra_files. Checkpoints
-    still being written are skipped. Safe to run from cron. Several instances
+    Default: every complete checkpoint newer than the newest one already
+    backed up, and the 2 newest (all that a first run takes), plus
+    extra_files; a complete checkpoint left out is named. Checkpoints still
+    being written are skipped. A checkpoint is committed as soon as all of
+    it is copied, even if the server deletes it right after (rotation).
+    Safe to run from cron. Several instances
     (-i 0 -i 1, or --all-instances) are backed up in parallel, each into its
     own directory under its own lock, with one summary table; the exit code
     is the worst of theirs.
@@ -164,6 +168,7 @@ def _show_one(out: Output, result: BackupResult) -> None:
         out.result(f"dry run: would fetch {human(result.fetch_bytes)} "
                    f"in {len(result.to_fetch)} item(s) into {result.dest}; nothing was changed")
         return
+    _show_deleted(out, result)
     if result.adopted:
         out.info(f"adopted {len(result.adopted)} older copies left by an earlier version as generations "
                  f"(manifests built from their bytes): {', '.join(result.adopted)}")
@@ -192,6 +197,13 @@ def _show_one(out: Output, result: BackupResult) -> None:
                + (f" over {result.channels} channels" if result.channels > 1 else ""))
 
 
+def _show_deleted(out: Output, result: BackupResult, prefix: str = "") -> None:
+    from ckptsync.commit import DELETED_AFTER_COPY
+
+    for name in result.deleted_on_server:
+        out.result(f"{prefix}{name}: {DELETED_AFTER_COPY}")
+
+
 def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
     """One instance of a multi-instance backup; a lock held elsewhere is that instance's outcome."""
     from ckptsync.backup import run_backup
@@ -215,6 +227,7 @@ def show_backups(out: Output, many: ManyResult) -> None:
                 out.warn(f"{o.target}: {w}")
             for name, why in r.failed.items():
                 out.warn(f"{o.target}: {name}: {why}")
+            _show_deleted(out, r, f"{o.target}: ")
     tab = TextTable.of("instance", "exit", "fetched", "current", "failed", "files", "wire", "time")
     for o in many.outcomes:
         r = o.result

@@ -84,6 +84,8 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
         out.warn(f"{name}: {why}")
     if result.unmanaged:
         out.warn(f"not made by ckptsync (no manifest): {', '.join(result.unmanaged[:5])}")
+    if result.staging_note:
+        out.warn(result.staging_note)
     show_runs(out, result)
     show_generations(out, result)
 

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptsync.backup import BackupOptions, select, stat_extras, unseen_failures
+from ckptsync.backup import stat_extras
+from ckptsync.selection import BackupOptions, select, unseen_failures
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
@@ -167,7 +168,7 @@ class _Upload:
         r.warnings[:] = list(view.errors)
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
         self.kept = [g for gens in self.store.generations().values() for g in gens]
-        chosen, skipped = select(view.checkpoints, opts)
+        chosen, skipped = select(view.checkpoints, opts, [e.manifest for e in self.entries.values()])
         todo = []
         for s in skipped:
             r.planned[s.name] = f"skip: {s.reason}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from ckptsync.agent import STAGING_PREFIX, safe_member
 from ckptsync.errors import AgentError, ProtocolError, UsageError
@@ -106,10 +106,12 @@ class AgentServer(Server):
             raise self._malformed("stat", exc) from None
         return out
 
-    def hash(self, root: str, paths: Iterable[str], alg: str | None = None) -> Hashes:
+    def hash(self, root: str, paths: Iterable[str], alg: str | None = None,
+             listed: Mapping[str, FileStat] | None = None) -> Hashes:
         alg = alg or self.best_hash
         paths = list(paths)
-        got = self._call("hash", root=root, paths=paths, alg=alg).get("hashes", {})
+        args = {"stamps": {p: listed[p].stamp for p in paths if p in listed}} if listed else {}
+        got = self._call("hash", root=root, paths=paths, alg=alg, **args).get("hashes", {})
         out = Hashes(alg=alg)
         for p in paths:
             value = got.get(p) if isinstance(got, dict) else None
@@ -167,8 +169,10 @@ class AgentServer(Server):
 
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
              resume: dict[str, tuple[int, str]] | None = None,
-             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
-        return self.remote.download(root, pairs, compress=compress, resume=resume, ranges=ranges)
+             ranges: dict[str, tuple[int, int]] | None = None,
+             listed: Mapping[str, FileStat] | None = None) -> Download:
+        stamps = {member: listed[member].stamp for _src, member in pairs if member in listed} if listed else None
+        return self.remote.download(root, pairs, compress=compress, resume=resume, ranges=ranges, stamps=stamps)
 
     def abort(self) -> None:
         self.remote.abort()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 from ckptsync.errors import UsageError
-from ckptsync.server.types import Arrived, Committed, Hello, Listing, Probe, Procs, Space, Staged, Stats
+from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Procs, Space, Staged, Stats
 
 
 @dataclass
@@ -118,7 +118,10 @@ class Server(ABC):
     def stat(self, root: str, paths: Iterable[str]) -> Stats: ...
 
     @abstractmethod
-    def hash(self, root: str, paths: Iterable[str], alg: str | None = None) -> Hashes: ...
+    def hash(self, root: str, paths: Iterable[str], alg: str | None = None,
+             listed: Mapping[str, FileStat] | None = None) -> Hashes:
+        """Hashes of files. A path in `listed` is hashed only while its open file still has the
+        listing's stamp (size, mtime, inode, ctime); otherwise it is an error entry."""
 
     @abstractmethod
     def df(self, path: str) -> Space: ...
@@ -141,11 +144,15 @@ class Server(ABC):
     @abstractmethod
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
              resume: dict[str, tuple[int, str]] | None = None,
-             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
+             ranges: dict[str, tuple[int, int]] | None = None,
+             listed: Mapping[str, FileStat] | None = None) -> Download:
         """Stream (source, member) files from the server. `resume`: member -> (bytes already here, their
         hash in the server's best algorithm); when the server's first bytes hash the same, only the rest comes.
         `ranges`: member -> (start, length): only that byte range of the file comes, and its record's
-        hash is the range's (a `resume` offer then applies to a range starting at 0)."""
+        hash is the range's (a `resume` offer then applies to a range starting at 0).
+        `listed`: member -> the listing's FileStat; the server checks the open file against it at the
+        end of the read, and a member's record says "changed" when it differs. A member read whole and
+        unchanged is a copy of the listed file even if the server deletes it right after."""
 
     def abort(self) -> None:
         """Break the link now, from any thread: a transfer reading from it ends with ConnectError."""

@@ -10,18 +10,28 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from typing import Any, Callable
+import tarfile
+from typing import Any, Callable, Mapping
 
 from ckptsync.server.agent_server import AgentServer
 from ckptsync.server.base import Download, Upload
 from ckptsync.server.errors import from_reply
+from ckptsync.server.types import FileStat
 from ckptsync.transport.base import MARKER, Process, Transport
 
 Hook = Callable[[dict], Any]
 
 
 class Hooks:
-    """Callables run before or after an operation, keyed by its name (scan, stat, hash, send, receive...)."""
+    """Callables run before or after an operation, keyed by its name (scan, stat, hash, send, receive...).
+
+    A send has three more points, all on the client's side of the stream, so each is known to have
+    happened on the server: after "send" runs once the stream has ended (every file read);
+    after "send_member" gets {"member"} once that member's tar header has arrived (the server has
+    opened the file and is reading it: what it may have read ahead is bounded by the frames in
+    flight, a few MiB); after "send_record" gets {"record"} once the file's checksum record has
+    arrived (the server has finished reading it).
+    """
 
     def __init__(self) -> None:
         self.before: dict[str, list[Hook]] = defaultdict(list)
@@ -187,11 +197,112 @@ class InProcessServer(AgentServer):
 
     def send(self, root: str, pairs: list[tuple[str, str]], compress: str = "auto",
              resume: dict[str, tuple[int, str]] | None = None,
-             ranges: dict[str, tuple[int, int]] | None = None) -> Download:
-        self._before("send", {"root": root, "pairs": pairs, "compress": compress, "resume": resume,
-                              "ranges": ranges})
-        return super().send(root, pairs, compress, resume, ranges)
+             ranges: dict[str, tuple[int, int]] | None = None,
+             listed: Mapping[str, FileStat] | None = None) -> Download:
+        args = {"root": root, "pairs": pairs, "compress": compress, "resume": resume, "ranges": ranges,
+                "listed": listed}
+        self._before("send", args)
+        return _Tapped(super().send(root, pairs, compress, resume, ranges, listed), self.hooks, args)
 
     def receive(self, root: str, name: str, compress: str = "auto") -> Upload:
         self._before("receive", {"root": root, "name": name, "compress": compress})
         return super().receive(root, name, compress)
+
+
+class _Tapped(Download):
+    """A send's stream as the client reads it, running the send hooks at their points."""
+
+    def __init__(self, dl: Download, hooks: Hooks, args: dict) -> None:
+        self.dl, self.hooks, self.args = dl, hooks, args
+        self.alg = dl.alg
+        self.tar = _TarFollower()
+        self.told: set[str] = set()
+
+    @property
+    def records(self) -> dict[str, dict]:  # type: ignore[override]
+        return self.dl.records
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.dl.read(n)
+        for member in self.tar.feed(data):
+            self.hooks.run(self.hooks.after, "send_member", {"member": member})
+        self._records()
+        return data
+
+    def finish(self) -> int:
+        wire_bytes = self.dl.finish()
+        self._records()
+        self.hooks.run(self.hooks.after, "send", {"args": self.args, "reply": {"wire_bytes": wire_bytes}})
+        return wire_bytes
+
+    def _records(self) -> None:
+        for member, record in list(self.dl.records.items()):
+            if member not in self.told:
+                self.told.add(member)
+                self.hooks.run(self.hooks.after, "send_record", {"record": record})
+
+
+class _TarFollower:
+    """Follows a tar stream fed in pieces; feed() returns the members whose header just completed."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.skip = 0              # data bytes (with padding) of the current member still to pass
+        self.extended: bytearray | None = None   # a PAX or long-name header's data being collected
+        self.want = 0
+        self.name = ""             # from a PAX or long-name header, for the next member
+        self.size: int | None = None   # from a PAX header, for the next member
+        self.kind = b""
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[str]:
+        found, i = [], 0
+        while i < len(data) and not self.ended:
+            if self.skip:
+                step = min(self.skip, len(data) - i)
+                if self.extended is not None:
+                    self.extended += data[i:i + step]
+                self.skip -= step
+                i += step
+                if not self.skip and self.extended is not None:
+                    self._extended(bytes(self.extended[:self.want]))
+                    self.extended = None
+                continue
+            step = min(tarfile.BLOCKSIZE - len(self.head), len(data) - i)
+            self.head += data[i:i + step]
+            i += step
+            if len(self.head) == tarfile.BLOCKSIZE:
+                block, self.head = bytes(self.head), bytearray()
+                member = self._header(block)
+                if member:
+                    found.append(member)
+        return found
+
+    def _header(self, block: bytes) -> str:
+        if block == bytes(tarfile.BLOCKSIZE):
+            self.ended = True
+            return ""
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        extended = info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME)
+        size = info.size if extended or self.size is None else self.size
+        self.skip = size + (-size % tarfile.BLOCKSIZE)
+        if extended:
+            self.extended, self.want, self.kind = bytearray(), info.size, info.type
+            if not self.skip:
+                self._extended(b"")
+                self.extended = None
+            return ""
+        name, self.name, self.size = self.name or info.name, "", None
+        return name
+
+    def _extended(self, data: bytes) -> None:
+        if self.kind == tarfile.GNUTYPE_LONGNAME:
+            self.name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            return
+        from ckptsync.agent import parse_pax
+
+        pax = parse_pax(data)
+        if "path" in pax:
+            self.name = pax["path"]
+        if "size" in pax:
+            self.size = int(pax["size"])

@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 import xxhash
 
@@ -25,6 +25,7 @@ from ckptsync.policy import MAX_PARALLEL, auto_channels
 from ckptsync.progress import Reporter
 from ckptsync.server import shares as sharing
 from ckptsync.server.base import Server
+from ckptsync.server.types import FileStat
 from ckptsync.server.transfer import (
     CHUNK, Outcome, Prefix, Received, Span, keepable, offers, receive,
 )
@@ -141,9 +142,10 @@ class Shared(Reporter):
 
 def fetch(channels: Channels, root: str, pairs: list[tuple[str, str]], sizes: dict[str, int],
           targets: dict[str, Path], prefixes: dict[str, Prefix], rep: Reporter,
-          on_file: Callable[[Received], None], compress: str = "auto") -> tuple[Outcome, int]:
+          on_file: Callable[[Received], None], compress: str = "auto",
+          listed: Mapping[str, FileStat] | None = None) -> tuple[Outcome, int]:
     """Fetch (source, member) files into their targets as `transfer.receive` does, over as many
-    channels as the files can keep busy (at most channels.wanted)."""
+    channels as the files can keep busy (at most channels.wanted). `listed`: see Server.send."""
     files = [(source, member, sizes[member]) for source, member in pairs]
     kept = {member: p.size for member, p in prefixes.items()}
     planned = [s for s in sharing.plan(files, channels.wanted, kept) if s]
@@ -151,17 +153,19 @@ def fetch(channels: Channels, root: str, pairs: list[tuple[str, str]], sizes: di
     if len(servers) < len(planned):
         planned = [s for s in sharing.plan(files, len(servers), kept) if s]
     if len(planned) <= 1:
-        dl = servers[0].send(root, pairs, compress=compress, resume=offers(prefixes))
+        dl = servers[0].send(root, pairs, compress=compress, resume=offers(prefixes), listed=listed)
         return receive(dl, targets, rep, on_file, prefixes)
     channels.most = max(channels.most, len(planned))
-    return _Run(servers, planned, root, sizes, targets, prefixes, rep, on_file, compress).go()
+    return _Run(servers, planned, root, sizes, targets, prefixes, rep, on_file, compress, listed).go()
 
 
 class _Run:
     def __init__(self, servers: list[Server], planned: list[list[sharing.Piece]], root: str,
                  sizes: dict[str, int], targets: dict[str, Path], prefixes: dict[str, Prefix], rep: Reporter,
-                 on_file: Callable[[Received], None], compress: str) -> None:
+                 on_file: Callable[[Received], None], compress: str,
+                 listed: Mapping[str, FileStat] | None = None) -> None:
         self.servers, self.planned, self.root, self.compress = servers, planned, root, compress
+        self.listed = listed
         self.sizes, self.targets, self.prefixes = sizes, targets, prefixes
         self.rep, self.on_file = Shared(rep), on_file
         self.lock = threading.Lock()
@@ -205,7 +209,8 @@ class _Run:
         prefixes = {m: self.prefixes[m] for m in members
                     if m in self.prefixes and (m not in spans or spans[m].start == 0)}
         dl = self.servers[i].send(self.root, [(p.source, p.member) for p in share], compress=self.compress,
-                                  resume=offers(prefixes), ranges={m: (s.start, s.length) for m, s in spans.items()})
+                                  resume=offers(prefixes), ranges={m: (s.start, s.length) for m, s in spans.items()},
+                                  listed=self.listed)
         return receive(dl, {m: self.targets[m] for m in members}, self.rep, self._arrived, prefixes, spans)
 
     def _arrived(self, rec: Received) -> None:

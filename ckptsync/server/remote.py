@@ -215,8 +215,9 @@ class Remote:
 
     def download(self, root: str, pairs: list[tuple[str, str]], *, compress: str = "auto",
                  resume: dict[str, tuple[int, str]] | None = None,
-                 ranges: dict[str, tuple[int, int]] | None = None) -> "Download":
-        return Download(self, root, pairs, compress, resume or {}, ranges or {})
+                 ranges: dict[str, tuple[int, int]] | None = None,
+                 stamps: dict[str, list[int]] | None = None) -> "Download":
+        return Download(self, root, pairs, compress, resume or {}, ranges or {}, stamps or {})
 
     def abort(self) -> None:
         """End the peer from any thread; whoever reads from the link then gets end of stream."""
@@ -228,13 +229,19 @@ class Remote:
         return Upload(self, root, name, compress)
 
 
-def _entry(source: str, member: str, kept: tuple[int, str] | None, span: tuple[int, int] | None) -> Any:
-    """One file of a send request: [source, member], plus [offset, hash] to resume; a byte range as an object."""
+def _entry(source: str, member: str, kept: tuple[int, str] | None, span: tuple[int, int] | None,
+           stamp: list[int] | None) -> Any:
+    """One file of a send request: [source, member], plus [offset, hash] to resume and the listing's
+    stamp to check the read against; a byte range as an object."""
     if span is None:
+        if stamp is not None:
+            return [source, member, *(kept or (0, None)), stamp]
         return [source, member, *kept] if kept else [source, member]
     entry = {"source": source, "member": member, "start": span[0], "length": span[1]}
     if kept:
         entry.update(offset=kept[0], hash=kept[1])
+    if stamp is not None:
+        entry["stamp"] = stamp
     return entry
 
 
@@ -242,11 +249,13 @@ class Download(DownloadBase):
     """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
 
     def __init__(self, remote: Remote, root: str, pairs: list[tuple[str, str]], compress: str,
-                 resume: dict[str, tuple[int, str]], ranges: dict[str, tuple[int, int]]) -> None:
+                 resume: dict[str, tuple[int, str]], ranges: dict[str, tuple[int, int]],
+                 stamps: dict[str, list[int]]) -> None:
         self.remote = remote
         self.records: dict[str, dict] = {}
         self.alg = remote.best_hash
-        files = [_entry(src, member, resume.get(member), ranges.get(member)) for src, member in pairs]
+        files = [_entry(src, member, resume.get(member), ranges.get(member), stamps.get(member))
+                 for src, member in pairs]
         remote.request("send", root=root, files=files, compress=compress, alg=self.alg, lzma=HAVE_LZMA)
         remote.reply()
         remote.busy = True

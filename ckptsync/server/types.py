@@ -54,6 +54,11 @@ class FileStat:
     def stat(self) -> Stat:
         return Stat(self.size, self.mtime_ns, self.mode, False, self.ctime_ns, self.inode)
 
+    @property
+    def stamp(self) -> list[int]:
+        """What the agent compares an open file's fstat with: [size, mtime_ns, inode, ctime_ns]."""
+        return [self.size, self.mtime_ns, self.inode, self.ctime_ns]
+
 
 @dataclass
 class Listing:

@@ -1,0 +1,196 @@
+"""Files whose bytes the backup directory already holds: placed instead of fetched, shared after.
+
+Before a transfer, files the server hashes (each while it still has its listing's stamp) to
+content the store holds are placed in staging: a reflink, a hard link when mode and mtime match
+(any with dedup: link), else a local copy. Files of one transfer with the same bytes are fetched
+once and the others placed from it when it arrives (`twin`). After a transfer, fetched files
+identical to stored ones share their bytes (`dedup`). Every placed file counts in the result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from ckptsync.commit import record
+from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
+from ckptsync.digests import XXH3, LocalDigests
+from ckptsync.policy import human
+from ckptsync.progress import Reporter
+from ckptsync.server import FileStat, Server
+from ckptsync.store import FileRecord, Manifest, Store, io_error
+
+Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
+
+if TYPE_CHECKING:
+    from ckptsync.backup import BackupResult
+
+
+class Placement:
+    def __init__(self, store: Store, policy: str, result: "BackupResult", digests: LocalDigests,
+                 rep: Reporter) -> None:
+        self.store = store
+        self.policy = policy      # dedup: reflink (the default) or link
+        self.result = result
+        self.digests = digests    # the stored files' hashes in the server's algorithm
+        self.rep = rep
+        self._index: Index | None = None
+
+    def known(self, server: Server, root: str, todo: dict[str, list[str]], listed: Mapping[str, Mapping[str, FileStat]],
+              progress: dict[str, dict[str, dict]]) -> dict[tuple[str, str], tuple[str, str]]:
+        """Place files whose content the store already holds (reflink, hard link or local copy)
+        instead of transferring them; each placed file joins its entry's `progress`. Returns the
+        twins: (entry, file) -> the earlier (entry, file) of this batch with the same content,
+        fetched once and placed by `twin`."""
+        if not any(todo.values()):
+            return {}
+        sources = self.sources()
+        stored = {(k[1], k[2]) for k in sources}
+        keys = [(listed[name][p].size, listed[name][p].mode) for name, paths in todo.items() for p in paths]
+        repeated = {k for k, n in Counter(keys).items() if n > 1} if len(todo) > 1 else set()
+        wanted = stored | repeated
+        candidates = [(name, p) for name, paths in todo.items() for p in paths if listed[name][p].size > 0
+                      and (listed[name][p].size, listed[name][p].mode) in wanted]
+        if not candidates:
+            return {}
+        alg = server.best_hash
+        hashes = server.hash(root, [p for _name, p in candidates], alg,
+                             listed={p: listed[name][p] for name, p in candidates})
+        by_alg = sources if alg == XXH3 else self.sources_in(alg, {(listed[n][p].size, listed[n][p].mode)
+                                                                  for n, p in candidates})
+        touched, first, twins = set(), {}, {}
+        for name, p in candidates:
+            size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
+            digest = hashes.get(p)
+            if not digest:
+                continue  # unreadable, changed or gone on the server: the transfer reports it
+            found = by_alg.get((digest, size, mode))
+            existing = pick_source([q for q, _f in found], mtime_ns, mode) if found else None
+            if existing is None:
+                if (digest, size, mode) in first:
+                    twins[(name, p)] = first[(digest, size, mode)]
+                else:
+                    first[(digest, size, mode)] = (name, p)
+                continue
+            dest = self.store.staging(name) / p
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                how = place_copy(existing, dest, mtime_ns, mode, self.policy)
+            except OSError:
+                continue  # the transfer fetches it instead
+            # "placed" tells dedup (also after a resume) not to place it again.
+            stored = next(f for q, f in found if q == existing)
+            progress[name][p] = record(size, mode, mtime_ns, stored.xxh3_128, listed[name][p], placed=how,
+                                       hashes={} if alg == XXH3 else {alg: digest})
+            touched.add(name)
+            self.count(how, size, fetched=False)
+        for name in sorted(touched):
+            self.store.save_progress(name, progress[name])
+        return twins
+
+    def twin(self, listed: Mapping[str, Mapping[str, FileStat]], progress: dict[str, dict[str, dict]],
+             name: str, p: str, origin: str, q: str) -> None:
+        """Place file `p` of `name` from the same bytes of this batch (`q` of `origin`), just verified."""
+        rec = progress[origin][q]
+        st = listed[name][p]
+        dest = self.store.staging(name) / p
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            how = place_copy(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode, self.policy)
+        except OSError as exc:
+            raise io_error(exc, f"placing {p}") from None
+        progress[name][p] = record(st.size, st.mode, st.mtime_ns, rec["xxh3_128"], st, placed=how,
+                                   hashes=dict(rec.get("hashes") or {}))
+        self.count(how, st.size, fetched=False)
+
+    def sources(self) -> Index:
+        """The store's dedup index, read once per run and kept current by `add`."""
+        if self._index is None:
+            self._index = self.store.content_sources()
+        return self._index
+
+    def sources_in(self, alg: str, sizes: set[tuple[int, int]]) -> Index:
+        """The dedup index keyed by `alg` (the server's, when it cannot compute xxh3-128), for the
+        stored files of these (size, mode): a value not recorded yet is hashed from the stored copy
+        once (then recorded in its manifests)."""
+        out: Index = {}
+        before = self.digests.bytes_read
+        for (_x, size, mode), found in self.sources().items():
+            if (size, mode) not in sizes:
+                continue
+            digest = next(filter(None, (self.digests.get(f, alg, q) for q, f in found)), None)
+            if digest is not None:
+                out[(digest, size, mode)] = found
+        read = self.digests.bytes_read - before
+        if read:
+            self.rep.info(f"read {human(read)} of the backup directory once to compare it in {alg}, the "
+                          "server's hash (recorded in the manifests)")
+        return out
+
+    def add(self, m: Manifest | None) -> None:
+        """A new entry's files join the index; None: the store changed otherwise, read it again."""
+        if m is None or self._index is None:
+            self._index = None
+            return
+        for f in m.files:
+            self._index.setdefault((f.xxh3_128, f.size, f.mode), []).append((self.store.root / f.path, f))
+
+    def dedup(self, name: str, files: list[FileRecord], fetched: set[str], placed: set[str]) -> None:
+        """After a transfer, let files identical to stored ones share their bytes: a reflink,
+        or a hard link when the stored inode shows the same mode and mtime (any with dedup: link).
+        A copy would gain nothing here: the transferred file already is one."""
+        sources = self.sources()
+        for f in files:
+            paths = [q for q, _r in sources.get((f.xxh3_128, f.size, f.mode), ())]
+            if not paths or f.size == 0 or f.path in placed:
+                continue
+            staged = self.store.staging(name) / f.path
+            try:
+                st = os.stat(staged)
+                if st.st_nlink > 1 and any(_same_inode(q, st) for q in paths):
+                    continue
+                existing = pick_source(paths, f.mtime_ns, f.mode)
+                if existing is None:
+                    continue
+                how = share_copy(existing, staged, f.mtime_ns, f.mode, self.policy)
+            except OSError:
+                continue
+            if how is not None:
+                self.count(how, f.size, fetched=f.path in fetched)
+
+    def count(self, how: str, size: int, fetched: bool) -> None:
+        """Count one placed file; `fetched`: its bytes were transferred and counted in disk_bytes."""
+        r = self.result
+        if how == LINK:
+            r.linked_files += 1
+            r.linked_bytes += size
+        elif how == REFLINK:
+            r.reflinked_files += 1
+            r.reflinked_bytes += size
+        elif how == COPY:
+            r.copied_files += 1
+            r.copied_bytes += size
+            r.disk_bytes += size
+        if fetched and how in (LINK, REFLINK):
+            r.disk_bytes -= size
+
+
+def restamp_file(path: Path, mtime_ns: int, mode: int, keep_links: bool = False) -> None:
+    """Give a stored file new stamps. A file hard-linked into other entries is first given an
+    inode of its own (a reflink or a copy), so theirs keep the stamps their manifests record;
+    with dedup: link (`keep_links`) it stays shared and only the manifest changes."""
+    if os.lstat(path).st_nlink > 1:
+        if not keep_links:
+            place_copy(path, path, mtime_ns, mode, REFLINK)
+        return
+    os.chmod(path, mode)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _same_inode(a: Path, b: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), b)
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,112 @@
+"""Which checkpoints a backup takes: the options, the rule, and the ones it leaves out. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from ckptsync.errors import NotFound
+from ckptsync.layout import Checkpoint
+from ckptsync.policy import newest_first
+from ckptsync.store import EXTRA, Manifest
+
+if TYPE_CHECKING:
+    from ckptsync.scan import ServerView
+
+
+@dataclass
+class BackupOptions:
+    max_checkpoints: int = 2
+    names: list[str] = field(default_factory=list)
+    all: bool = False
+    include_best: bool = False
+    compress: str = "auto"
+    dry_run: bool = False
+    wait: bool = False
+    extra_files: bool = True
+
+
+@dataclass
+class PlanItem:
+    name: str
+    action: str          # fetch, up-to-date, restamp (same bytes, new timestamps), skip
+    size: int = 0        # bytes the checkpoint holds
+    fetch_bytes: int = 0
+    files: int = 0
+    reason: str = ""
+    step: int | None = None
+
+
+def select(checkpoints: list[Checkpoint], opts: BackupOptions,
+           stored: Iterable[Manifest] = ()) -> tuple[list[Checkpoint], list[PlanItem]]:
+    """Which checkpoints to back up (newest first), and which to report as skipped. Pure.
+
+    By default: every complete checkpoint newer than the newest one in `stored` (the backups
+    already made), and the `max_checkpoints` newest (all that a first run takes)."""
+    complete = [c for c in checkpoints if c.complete]
+    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c))
+               for c in checkpoints if not c.complete]
+    if opts.names:
+        by_name = {c.name: c for c in checkpoints}
+        missing = [n for n in opts.names if n not in by_name]
+        if missing:
+            have = ", ".join(c.name for c in checkpoints) or "none"
+            raise NotFound(f"not on the server: {', '.join(missing)} (checkpoints there: {have})")
+        chosen = [c for c in complete if c.name in opts.names]
+        skipped = [s for s in skipped if s.name in opts.names]
+    elif opts.all:
+        chosen = list(complete)
+    else:
+        wanted = {c.name for c in complete[: max(opts.max_checkpoints, 0)]}
+        wanted.update(c.name for c in new_since(complete, stored))
+        chosen = [c for c in complete if c.name in wanted]
+    if opts.include_best:
+        best = next((c for c in complete if c.is_best), None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    return chosen, skipped
+
+
+def unseen_failures(view: "ServerView", names: list[str]) -> dict[str, str]:
+    """What a backup of this listing cannot vouch for: each checkpoint (of `names`, when given)
+    that the server could not list or read whole, and the listing itself when it stopped early. Pure."""
+    failed = {c.name: skip_reason(c) for c in view.checkpoints if c.unreadable and (not names or c.name in names)}
+    if view.stopped:
+        failed[view.root] = f"{view.stopped}; checkpoints past that point were not seen, nor backed up"
+    return failed
+
+
+def new_since(complete: list[Checkpoint], stored: Iterable[Manifest]) -> list[Checkpoint]:
+    """The complete checkpoints newer than the newest backup in `stored` (none when nothing is
+    stored: a first run takes the --max-checkpoints newest instead). Pure."""
+    backups = [m for m in stored if m.name != EXTRA]
+    names = {m.name for m in backups}
+    if not backups:
+        return []
+    newer = []
+    for item in newest_first([*complete, *backups]):
+        if item.name in names:
+            break
+        newer.append(item)
+    return newer  # type: ignore[return-value]  # only checkpoints come before the first backup
+
+
+def skip_reason(c: Checkpoint) -> str:
+    if c.unreadable:
+        return f"{c.reason}; not recorded"
+    return f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}"
+
+
+def unsaved(checkpoints: list[Checkpoint], taken: set[str], failed: Mapping[str, str], stored: set[str],
+            first_run: bool, opts: BackupOptions, hint: str) -> tuple[list[str], str]:
+    """The complete checkpoints a run leaves without a backup, newest first: failed (each already
+    named with its error), or not selected and not stored before; and a warning naming those not
+    selected, why, and `hint` (the command that takes them all). Pure."""
+    left = [c.name for c in checkpoints if c.complete and c.name not in taken
+            and (c.name in failed or c.name not in stored)]
+    unchosen = [n for n in left if n not in failed]
+    if not unchosen:
+        return left, ""
+    why = ("not asked for" if opts.names else "a first run takes the --max-checkpoints newest" if first_run
+           else "older than the newest backup")
+    return left, f"complete on the server but not backed up ({why}: {', '.join(unchosen)}); back them up with: {hint}"
