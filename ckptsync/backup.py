@@ -217,7 +217,8 @@ class Backup:
             waited.append(holder)
             self.rep.info(f"waiting for {holder}")
 
-        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
+        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait,
+                             stall_limit=self.target.stall_timeout):
             # Plan again under the lock: the run we waited for may have stored these already.
             if waited:
                 view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
@@ -708,7 +709,7 @@ def discard_staging(target: Target, dry_run: bool = False) -> int:
     if dry_run or not (store.meta / "staging").is_dir():
         return held
     try:
-        with store.lock("ckptsync backup --discard-staged"):
+        with store.lock("ckptsync backup --discard-staged", stall_limit=target.stall_timeout):
             for entry in sorted((store.meta / "staging").iterdir()):
                 if entry.name.endswith(".progress.json"):
                     continue

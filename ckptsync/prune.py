@@ -123,6 +123,7 @@ def _interrupted(done: list[str], current: str | None, state: str) -> Interrupte
 
 class LocalPrune:
     def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
+        self.target = target
         self.opts = opts
         self.rep = rep
         self.store = Store(target.local_dir)
@@ -135,7 +136,7 @@ class LocalPrune:
         if self.opts.dry_run:
             self._plan()
             return self.result
-        with self.store.lock("ckptsync prune"):
+        with self.store.lock("ckptsync prune", stall_limit=self.target.stall_timeout):
             clean_leftovers(self.store)
             self._plan()
             self._delete()
@@ -266,10 +267,13 @@ class RemotePrune:
             if self.opts.dry_run or not self.store.root.is_dir():
                 self._plan(view)
                 if not self.opts.dry_run:
+                    server.lock(view.root, "ckptsync prune --remote")
                     self._delete(view)
                 return self.result
-            # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put.
-            with self.store.lock("ckptsync prune --remote"):
+            # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put;
+            # the server's lock, so that no restore puts a checkpoint back while it is deleted.
+            with self.store.lock("ckptsync prune --remote", stall_limit=self.target.stall_timeout):
+                server.lock(view.root, "ckptsync prune --remote")
                 self._plan(view)
                 self._delete(view)
         return self.result

@@ -25,12 +25,12 @@ import xxhash
 from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.errors import (
-    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
+    OK, AgentError, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, Locked, NotFound, UsageError,
 )
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.server import Arrived, Server, open_server, shares
+from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, open_server, shares
 from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
@@ -289,7 +289,7 @@ class Restore:
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore"))
+                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.stall_timeout))
             except Locked as exc:
                 raise Locked(exc.message, hint="wait for it to finish, then run the restore again") from None
             except IOFailure:
@@ -298,6 +298,19 @@ class Restore:
                 # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
                 self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
         return stack
+
+    def _hold_server(self, root: str, create: bool) -> None:
+        """Take the server directory's lock for as long as the connection lasts: two restores into
+        one directory would otherwise mix their files, and both say they succeeded."""
+        try:
+            if self.server.lock(root, "ckptsync restore", create=create):
+                self.result.creates_remote_dir = True
+        except ServerLocked as exc:
+            raise ServerLocked(f"{exc.message}; nothing was sent", path=exc.path, holder=exc.holder) from None
+        except AgentError as exc:
+            if exc.agent_kind != "not_dir":
+                raise
+            raise UsageError(f"{root} on {self.result.server} is not a directory") from None
 
     def _select(self, m: Manifest) -> list[FileRecord]:
         r = self.result
@@ -332,6 +345,8 @@ class Restore:
         root = self.target.remote_dir
         r.path = posixpath.join(root, m.name)
         self.rep.info(f"{m.name}: checking the server")
+        if not self.opts.dry_run:
+            self._hold_server(root, create=True)
         extra_items = self._check_server(root, m, extras)
         self._verify(m, files, extra_items, ordered)
         records = files + [f for f, _item in extra_items]
@@ -372,7 +387,7 @@ class Restore:
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
-        self.result.creates_remote_dir = here is None
+        self.result.creates_remote_dir = self.result.creates_remote_dir or here is None
         if st.get(m.name) is not None and not self.opts.extra_files_only:
             if not self.opts.force:
                 raise UsageError(
@@ -534,6 +549,9 @@ class Restore:
 
     def _discard_staged(self, m: Manifest) -> None:
         root = self.target.remote_dir
+        if not self.opts.dry_run:
+            with contextlib.suppress(MissingOnServer):  # no directory, nothing staged in it
+                self._hold_server(root, create=False)
         found = self.server.staged(root, m.name)
         self._staged, self._usable = found, set()
         held, _ = self._staging_bytes(root, m.name)

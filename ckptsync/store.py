@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ckptsync import liveness
 from ckptsync.agent import fsync_dir, hash_file
 from ckptsync.errors import CkptsyncError, DiskFull, IOFailure, Locked
 
@@ -383,8 +384,12 @@ class Store:
     # -------------------------------------------------- lock
 
     @contextlib.contextmanager
-    def lock(self, command: str, wait: bool = False, on_wait=None) -> Iterator[None]:
-        """One run per backup directory. flock is released by the kernel when a holder dies."""
+    def lock(self, command: str, wait: bool = False, on_wait=None, stall_limit: float | None = None) -> Iterator[None]:
+        """One run per backup directory. flock is released by the kernel when a holder dies.
+
+        The holder's info (and, as its work advances, its progress time) is in the lock file; with
+        `stall_limit`, a refusal says when that holder lives but has not progressed for longer.
+        """
         path = self.meta / "lock"
         try:
             self.meta.mkdir(parents=True, exist_ok=True)
@@ -396,31 +401,38 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = read_holder(path)
+                info = liveness.read_holder(path)
+                idle = liveness.stuck(info, time.time(), stall_limit) if stall_limit else None
+                if idle is not None:
+                    raise Locked(f"{self.root} is locked: {liveness.stuck_text(info, idle, stall_limit)}",
+                                 hint=liveness.stuck_hint(info), stuck=True) from None
+                holder = liveness.holder_text(info)
                 if not wait:
                     raise Locked(f"{self.root} is in use by {holder}", hint="use --wait to wait for it") from None
                 if on_wait is not None:
                     on_wait(holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             held = True
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            now = time.time()
+            liveness.RECORDER.hold(fd, {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                        "since": now, "progress": now})
             yield
         finally:
             if held:  # a refused run must not erase the holder's info
+                liveness.RECORDER.drop(fd)
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
             os.close(fd)
 
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock, as its file says (a holder killed with SIGKILL leaves its info behind)."""
+        return liveness.read_holder(self.meta / "lock")
 
-def read_holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-        return f"'{info['command']}' (pid {info['pid']} on {info['host']}, since {since})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another ckptsync run"
+    def stuck_holder(self, now: float, limit: float) -> str:
+        """A warning when a live run holds the lock and has made no progress for longer than `limit`."""
+        info = self.holder()
+        idle = liveness.stuck(info, now, limit)
+        return "" if idle is None else f"{liveness.stuck_text(info, idle, limit)}; {liveness.stuck_hint(info)}"
 
 
 def remove_tree(path: Path) -> None:

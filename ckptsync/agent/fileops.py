@@ -1,10 +1,13 @@
-"""Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir."""
+"""Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir, lock."""
 
+import errno
+import fcntl
+import json
 import os
 import shutil
 import tarfile
 
-from ckptsync.agent.frames import CHUNK, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
+from ckptsync.agent.frames import CHUNK, LOCK_NAME, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.reader import FrameReader
@@ -54,6 +57,7 @@ def open_part(tmp, offset, h):
                 raise Failure("protocol", "resumed at byte %d, but the staged part is shorter" % offset, tmp)
             h.update(block)
             left -= len(block)
+            tick()
         out.truncate(offset)
         out.seek(offset)
     except BaseException:
@@ -142,8 +146,10 @@ def op_receive(chan, req, _memory=None):
             os.fsync(fd)
         finally:
             os.close(fd)
+        tick()
     for dirpath, _dirs, _files in os.walk(staging):
         fsync_dir(dirpath)
+        tick()
     return {"files": results, "staging": staging}
 
 
@@ -268,3 +274,64 @@ def op_mkdir(req):
     except OSError as exc:
         raise os_failure(exc, path)
     return {"path": os.path.abspath(path)}
+
+
+def op_lock(req, held):
+    """Hold root/.ckptsync-lock (flock) until the connection ends: one run at a time writes into a
+    server directory. The asking run's `owner` (pid, host, command, since) goes into the file, so
+    that a run refused gets it back; a lock this connection holds already is granted again.
+    With `create`, a missing root is made first (the run would make it anyway)."""
+    root = resolve(req["root"])
+    created = False
+    if not os.path.isdir(root):
+        if os.path.lexists(root):
+            raise Failure("not_dir", "not a directory: %s" % root, root)
+        if not req.get("create"):
+            raise Failure("not_found", "no such directory: %s" % root, root)
+        try:
+            os.makedirs(root)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise os_failure(exc, root)
+        created = True
+    path = os.path.join(root, LOCK_NAME)
+    if path in held:
+        return {"path": path, "created": created}
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise os_failure(exc, path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            owner = json.loads(os.pread(fd, 65536, 0).decode("utf-8") or "null")
+        except (OSError, ValueError):
+            owner = None
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise os_failure(exc, path)
+        raise Failure("locked", "%s is being written by another run" % root, root,
+                      info=owner if isinstance(owner, dict) else {})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(req.get("owner") or {}).encode("utf-8"), 0)
+    except OSError:
+        pass  # the lock holds all the same; a refused run then cannot say who holds it
+    held[path] = fd
+    return {"path": path, "created": created}
+
+
+def unlock_all(held):
+    """The connection ended: its lock files are emptied and released."""
+    for fd in held.values():
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    held.clear()

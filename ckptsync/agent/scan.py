@@ -7,7 +7,7 @@ import stat
 import time
 import zipfile
 
-from ckptsync.agent.frames import Failure, os_failure
+from ckptsync.agent.frames import LOCK_NAME, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_file, hash_names
 from ckptsync.agent.paths import resolve
 
@@ -108,10 +108,13 @@ def op_scan(req):
         if truncated:
             break
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".ckptsync"))
+        tick(1 + len(filenames))
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
         hidden = []  # names a directory lists but whose files this user may not look at
         for name in sorted(filenames):
+            if not rel_dir and name == LOCK_NAME:
+                continue  # a restore's lock, not the trainer's
             full = os.path.join(dirpath, name)
             rel = os.path.join(rel_dir, name) if rel_dir else name
             try:

@@ -216,6 +216,7 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
         m = entry.manifest
     with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
         root = server.mkdir(target.remote_dir)
+        server.lock(root, "ckptsync restore")  # one run at a time writes into a server directory
         if entry.alg not in server.hashes:
             raise UsageError(f"{server.describe()} cannot compute {entry.alg}, the hash {m.name} was recorded with")
         free = server.df(root).free

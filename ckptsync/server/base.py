@@ -131,6 +131,12 @@ class Server(ABC):
         """Create path (and parents); returns it resolved."""
 
     @abstractmethod
+    def lock(self, root: str, command: str, create: bool = False) -> bool:
+        """Hold the lock of the server directory `root` until this connection ends, so that one run
+        at a time writes into it; another holder raises ServerLocked naming it. With `create`, a
+        missing root is made first; returns whether it was."""
+
+    @abstractmethod
     def dirs(self, root: str, patterns: list[str]) -> list[str]:
         """Directories under root matching shell glob patterns, relative to root, sorted."""
 

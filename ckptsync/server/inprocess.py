@@ -79,6 +79,19 @@ class _Pipes:
             except OSError:
                 pass
 
+    def end_agent(self) -> None:
+        """As when the agent's process dies: a read blocked on it ends, a write blocked on it fails.
+        Its pipe ends become /dev/null in place, so no number is freed for another file to take."""
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for f in (self.agent_out, self.agent_in):
+                try:
+                    os.dup2(null, f.fileno())
+                except (OSError, ValueError):
+                    pass
+        finally:
+            os.close(null)
+
 
 class ThreadProcess(Process):
     """The agent's serve loop on a daemon thread, talking over two pipes."""
@@ -142,7 +155,8 @@ class ThreadProcess(Process):
         return block
 
     def kill(self) -> None:
-        self.cut = True  # the read in progress returns with the agent's next bytes; then EOF
+        self.cut = True
+        self.pipes.end_agent()
 
     def close(self) -> None:
         self.pipes.close_client()
