@@ -36,6 +36,7 @@ class Recorder:
             os.ftruncate(fd, 0)
             self.sizes[fd] = 0
             self._write(fd)
+            self.written = self.clock()
 
     def drop(self, fd: int) -> None:
         with self.lock:

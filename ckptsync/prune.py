@@ -267,13 +267,13 @@ class RemotePrune:
             if self.opts.dry_run or not self.store.root.is_dir():
                 self._plan(view)
                 if not self.opts.dry_run:
-                    server.lock(view.root, "ckptsync prune --remote")
-                    self._delete(view)
+                    with server.holding(view.root, "ckptsync prune --remote"):
+                        self._delete(view)
                 return self.result
             # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put;
             # the server's lock, so that no restore puts a checkpoint back while it is deleted.
-            with self.store.lock("ckptsync prune --remote", stall_limit=self.target.stall_timeout):
-                server.lock(view.root, "ckptsync prune --remote")
+            with self.store.lock("ckptsync prune --remote", stall_limit=self.target.stall_timeout), \
+                    server.holding(view.root, "ckptsync prune --remote"):
                 self._plan(view)
                 self._delete(view)
         return self.result

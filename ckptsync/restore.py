@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -266,10 +267,11 @@ class Restore:
                 self.server = server
                 self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
-                    if self.opts.discard_staged:
-                        self._discard_staged(m)
-                    else:
-                        self._restore(m, files, extras, ordered, manifests)
+                    with self._server_lock():
+                        if self.opts.discard_staged:
+                            self._discard_staged(m)
+                        else:
+                            self._restore(m, files, extras, ordered, manifests)
                 finally:
                     self.result.channels = self.channels.most
                     if self.channels.warning:
@@ -299,18 +301,30 @@ class Restore:
                 self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
         return stack
 
-    def _hold_server(self, root: str, create: bool) -> None:
-        """Take the server directory's lock for as long as the connection lasts: two restores into
-        one directory would otherwise mix their files, and both say they succeeded."""
+    @contextlib.contextmanager
+    def _server_lock(self) -> Iterator[None]:
+        """The server directory's lock, from the first look at the server to the commit: two restores
+        into one directory would otherwise mix their files, and both say they succeeded."""
+        root = self.target.remote_dir
+        if self.opts.dry_run:
+            yield
+            return
+        held = contextlib.ExitStack()
         try:
-            if self.server.lock(root, "ckptsync restore", create=create):
-                self.result.creates_remote_dir = True
+            created = held.enter_context(self.server.holding(root, "ckptsync restore",
+                                                             create=not self.opts.discard_staged))
         except ServerLocked as exc:
             raise ServerLocked(f"{exc.message}; nothing was sent", path=exc.path, holder=exc.holder) from None
+        except MissingOnServer:  # --discard-staged in a directory that is not there: nothing is staged
+            yield
+            return
         except AgentError as exc:
             if exc.agent_kind != "not_dir":
                 raise
             raise UsageError(f"{root} on {self.result.server} is not a directory") from None
+        with held:
+            self.result.creates_remote_dir = created
+            yield
 
     def _select(self, m: Manifest) -> list[FileRecord]:
         r = self.result
@@ -345,8 +359,6 @@ class Restore:
         root = self.target.remote_dir
         r.path = posixpath.join(root, m.name)
         self.rep.info(f"{m.name}: checking the server")
-        if not self.opts.dry_run:
-            self._hold_server(root, create=True)
         extra_items = self._check_server(root, m, extras)
         self._verify(m, files, extra_items, ordered)
         records = files + [f for f, _item in extra_items]
@@ -549,9 +561,6 @@ class Restore:
 
     def _discard_staged(self, m: Manifest) -> None:
         root = self.target.remote_dir
-        if not self.opts.dry_run:
-            with contextlib.suppress(MissingOnServer):  # no directory, nothing staged in it
-                self._hold_server(root, create=False)
         found = self.server.staged(root, m.name)
         self._staged, self._usable = found, set()
         held, _ = self._staging_bytes(root, m.name)

@@ -12,7 +12,7 @@ from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.sender import Memory
-from ckptsync.agent.fileops import op_commit, op_discard, op_lock, op_mkdir, op_receive, op_remove, op_staged, unlock_all
+from ckptsync.agent.fileops import op_commit, op_discard, op_lock, op_mkdir, op_receive, op_remove, op_staged, op_unlock, unlock_all
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
@@ -55,7 +55,7 @@ SIMPLE = {
 # These talk on the channel themselves; they also get the connection's Memory.
 STREAMING = {"send": op_send, "receive": op_receive}
 # These keep something for as long as the connection lasts: its locks.
-HOLDING = {"lock": op_lock}
+HOLDING = {"lock": op_lock, "unlock": op_unlock}
 
 
 def error_reply(failure):

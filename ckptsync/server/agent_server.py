@@ -39,7 +39,8 @@ class AgentServer(Server):
             self.hello = Hello(protocol=int(h.get("protocol", 0)), python=str(h.get("python", "")),
                                zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
-                               now=float(h.get("now", 0.0)), lzma=bool(h.get("lzma", True)))
+                               now=float(h.get("now", 0.0)), lzma=bool(h.get("lzma", True)),
+                               pid=int(h.get("pid", 0)))
 
     def close(self, polite: bool = True) -> None:
         self.remote.close(polite=polite)
@@ -145,6 +146,10 @@ class AgentServer(Server):
     def lock(self, root: str, command: str, create: bool = False) -> bool:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
         return self._call("lock", root=root, owner=owner, create=create).get("created") is True
+
+    def unlock(self, root: str) -> None:
+        if self.remote.proc is not None and not self.remote.busy:  # mid-transfer, a request would break the stream
+            self._call("unlock", root=root)
 
     def dirs(self, root: str, patterns: list[str]) -> list[str]:
         reply = self._call("glob", root=root, patterns=list(patterns))

@@ -178,9 +178,10 @@ class InProcessTransport(Transport):
 class InProcessServer(AgentServer):
     """An AgentServer whose agent runs on a thread here; `hooks` inject faults at known points."""
 
-    def __init__(self, hooks: Hooks | None = None, link: InProcessTransport | None = None) -> None:
+    def __init__(self, hooks: Hooks | None = None, link: InProcessTransport | None = None,
+                 stall_timeout: float | None = None) -> None:
         self.link = link or InProcessTransport()  # a test's own link can alter what passes
-        super().__init__(self.link)
+        super().__init__(self.link, stall_timeout=stall_timeout)
         self.hooks = hooks or Hooks()
 
     def cut_after(self, nbytes: int) -> None:

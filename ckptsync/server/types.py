@@ -66,6 +66,7 @@ class Hello:
     home: str = ""
     now: float = 0.0
     lzma: bool = True                # can unpack lzma lanes (some Pythons are built without it)
+    pid: int = 0                     # the agent's process on the server
 
 
 @dataclass(frozen=True)
