@@ -344,7 +344,9 @@ def test_dropped_connection_leaves_nothing_visible_and_a_rerun_resumes(big_setup
     assert proc.returncode == 20, err
     assert "nothing was put in place" in err and "run the same restore again" in err
     assert not (fresh / "checkpoint-12").exists()
-    assert sorted(os.listdir(fresh)) == [staging(fresh).name]
+    # An agent killed with its session cannot remove the lock file it held (the lock went with the
+    # process); one that saw its link close first does. The next run takes it over either way.
+    assert sorted(set(os.listdir(fresh)) - {".ckptsync-lock"}) == [staging(fresh).name]
 
     again = run_cli(*argv[3:], "--json")
     assert again.returncode == 0, again.stderr

@@ -7,8 +7,8 @@ frame of tar bytes), "Y" (a zstd frame of tar bytes split into byte lanes,
 see split_lanes), "S" (a piece of one continuous zstd stream) or "L" (byte
 lanes packed with zlib or lzma, see LaneCoder), then "E" ends the data.
 "H" carries one file's checksum record while a tar stream is being sent.
-"K" (a heartbeat: the count of work done, u64) tells the client that work which
-sends nothing else still advances. Paths only ever travel inside frames.
+"K" (a heartbeat, numbered from 1, u64) tells the client that work which sends
+nothing else still advances. Paths only ever travel inside frames.
 """
 
 import errno
@@ -105,18 +105,20 @@ class Heartbeat:
 
     def __init__(self, chan):
         self.chan = chan
-        self.sent = Work.done
+        self.seen = Work.done
+        self.beats = 0  # numbers the frames: the client refuses one that does not count up
         self.stopped = threading.Event()
         self.every = None
 
     def beat(self):
-        """One look at the count: True while the channel still takes frames."""
+        """One look at the count of work: True while the channel still takes frames."""
         done = Work.done
-        if done == self.sent:
+        if done == self.seen:
             return True
-        self.sent = done
+        self.seen = done
+        self.beats += 1
         try:
-            self.chan.send(BEAT, BEAT_COUNT.pack(done % (1 << 64)))
+            self.chan.send(BEAT, BEAT_COUNT.pack(self.beats))
         except Exception:
             return False
         return True

@@ -79,16 +79,15 @@ class _Pipes:
             except OSError:
                 pass
 
-    def end_agent(self) -> None:
-        """As when the agent's process dies: a read blocked on it ends, a write blocked on it fails.
-        Its pipe ends become /dev/null in place, so no number is freed for another file to take."""
-        null = os.open(os.devnull, os.O_RDWR)
+    def mute_agent(self) -> None:
+        """A read blocked on the agent ends (with what it sent so far, then EOF), even when the agent
+        itself is stuck. Its end of the pipe becomes /dev/null in place (so no number is freed for
+        another file to take); it still reads what was sent to it, until the client closes."""
+        null = os.open(os.devnull, os.O_WRONLY)
         try:
-            for f in (self.agent_out, self.agent_in):
-                try:
-                    os.dup2(null, f.fileno())
-                except (OSError, ValueError):
-                    pass
+            os.dup2(null, self.agent_out.fileno())
+        except (OSError, ValueError):
+            pass
         finally:
             os.close(null)
 
@@ -156,7 +155,7 @@ class ThreadProcess(Process):
 
     def kill(self) -> None:
         self.cut = True
-        self.pipes.end_agent()
+        self.pipes.mute_agent()
 
     def close(self) -> None:
         self.pipes.close_client()

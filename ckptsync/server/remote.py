@@ -26,7 +26,6 @@ START_TIMEOUT = 60.0
 ABORT_WAIT = 5.0    # seconds for an abandoned upload's frame in flight before the link is killed
 KILLED_WAIT = 10.0  # then for the writer to see its write fail
 CHUNK = wire.CHUNK
-WRITE_PIECE = 256 << 10  # a write is timed per piece, so a slow link shows progress within one chunk
 HAVE_LZMA = lzma is not None   # whether this end unpacks lzma lanes, told to a sending server
 
 
@@ -68,21 +67,20 @@ class _Pipe:
     def write(self, data: bytes) -> None:
         if self.limiter is not None:
             self.limiter.take(len(data))
-        view = memoryview(data)
-        for at in range(0, max(len(view), 1), WRITE_PIECE):  # a slow link still shows progress
-            self.watch.begin(WRITE)
-            done = False
-            try:
-                self.proc.write(view[at:at + WRITE_PIECE])
-                done = True
-            except ConnectError:
-                if self.watch.fired:
-                    raise self.stalled() from None
-                raise
-            finally:
-                self.watch.end(WRITE, done)
+        # One write is at most a frame (about 1 MiB): on any link worth using it ends well inside the limit.
+        self.watch.begin(WRITE)
+        done = False
+        try:
+            self.proc.write(data)
+            done = True
+        except ConnectError:
             if self.watch.fired:
-                raise self.stalled()
+                raise self.stalled() from None
+            raise
+        finally:
+            self.watch.end(WRITE, done)
+        if self.watch.fired:
+            raise self.stalled()
 
     def flush(self) -> None:
         self.proc.flush()
@@ -91,8 +89,8 @@ class _Pipe:
 class _Channel(wire.Channel):
     """The agent's framing, with a size limit: a broken server must not make us allocate gigabytes.
 
-    Heartbeat frames (`K`, the agent's count of work done) are taken here: their bytes are what
-    keeps the watchdog quiet while the server works without sending anything else.
+    Heartbeat frames (`K`, numbered) are taken here: their bytes are what keeps the watchdog quiet
+    while the server works without sending anything else.
     """
 
     beats = -1
@@ -164,8 +162,10 @@ class Remote:
             pipe.write(b"%d\n" % len(src) + src)
             self.hello = self.call("hello", beat=self.watch.beat_every)
         except Stalled:
+            self.watch.close()
             raise
         except (ConnectError, wire.Failure) as exc:
+            self.watch.close()
             raise ConnectError(f"the agent did not start on {self.describe()}: {exc}") from None
         if self.hello.get("protocol") != wire.PROTOCOL:
             raise ConnectError(f"the agent on {self.describe()} speaks protocol {self.hello.get('protocol')}")
