@@ -71,6 +71,14 @@ def test_a_server_that_stalls_or_never_ends_its_reply_is_exit_20(tmp_path, mode,
     assert not (dest / "checkpoint-5").exists()
 
 
+def test_the_stall_limit_comes_from_the_config_too(tmp_path):
+    cfg = hostile_config(tmp_path, "stall-send")
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "stall_timeout": 1}))
+    res = run_cli("backup", "-i", "6", "--config", cfg, "--no-extra-files", env={"CKPTSYNC_STALL_TIMEOUT": None},
+                  timeout=60)
+    assert res.returncode == 20 and "no data from the server for 1 s" in res.stderr, (res.stdout, res.stderr)
+
+
 AWKWARD = ["sp ace.bin", "quote'\"d.bin", "semi;colon.bin", "$(touch pwned).bin", "new\nline.bin",
            "ünïcödé-名前.json", "back\\slash.bin", "-dash-first.bin"]
 

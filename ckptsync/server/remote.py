@@ -322,7 +322,8 @@ class Download(DownloadBase):
         if kind == b"H":
             record = self.remote._json(body)
             member = record.get("member")
-            if member not in self.members or member in self.records:  # one each: a stream of them ends
+            if not isinstance(member, str) or member not in self.members or member in self.records:
+                # one each, for what was asked: an endless stream of them is refused
                 raise ProtocolError(f"{self.remote.describe()}: a checksum record for {member!r}, "
                                     "which was not asked for or came twice")
             self.records[member] = record
