@@ -111,7 +111,8 @@ def idle_for(info: dict[str, Any], now: float) -> float | None:
     return max(0.0, now - last)
 
 
-def stuck(info: dict[str, Any] | None, now: float, limit: float, alive: Callable[[int], bool] = pid_alive) -> float | None:
+def stuck(info: dict[str, Any] | None, now: float, limit: float,
+          alive: Callable[[int], bool] = pid_alive) -> float | None:
     """Seconds without progress of a live holder idle for longer than `limit`; None otherwise."""
     if not info:
         return None

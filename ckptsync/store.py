@@ -384,7 +384,8 @@ class Store:
     # -------------------------------------------------- lock
 
     @contextlib.contextmanager
-    def lock(self, command: str, wait: bool = False, on_wait=None, stall_limit: float | None = None) -> Iterator[None]:
+    def lock(self, command: str, wait: bool = False, on_wait=None,
+             stall_limit: float | None = None) -> Iterator[None]:
         """One run per backup directory. flock is released by the kernel when a holder dies.
 
         The holder's info (and, as its work advances, its progress time) is in the lock file; with

@@ -82,7 +82,8 @@ def test_a_stopped_agent_ends_a_download_with_exit_20(transport, big_tree):
             while dl.read(1 << 20):
                 pass
     assert caught.value.exit_code == 20
-    assert caught.value.message.startswith(f"no data from the server for 1 s; ended the connection to {transport.describe()}")
+    assert caught.value.message.startswith(
+        f"no data from the server for 1 s; ended the connection to {transport.describe()}")
 
 
 def test_a_stopped_agent_ends_an_upload_with_exit_20(transport, big_tree, tmp_path):
@@ -345,3 +346,24 @@ def test_heartbeats_keep_a_link_alive_and_one_without_progress_is_refused():
     assert _Channel(frames(1, 2, 5), io.BytesIO()).recv() == (b"J", b"{}")
     with pytest.raises(Failure, match="no progress"):
         _Channel(frames(4, 4), io.BytesIO()).recv()
+
+
+def test_a_backup_holds_its_lock_with_its_progress_time_in_it(server_tree, tmp_path):
+    from ckptsync import liveness
+    from ckptsync.backup import BackupOptions, run_backup
+    from ckptsync.config import Target
+    from ckptsync.server.inprocess import Hooks
+
+    dest = tmp_path / "b"
+    seen = []
+    hooks = Hooks()
+    hooks.on_before("send", lambda _args: seen.append(liveness.read_holder(dest / ".ckptsync" / "lock")), times=1)
+    server = InProcessServer(hooks)
+    target = Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest, extra_files=[],
+                    settle_seconds=60, train_process=None, host_key_policy="strict", server_factory=lambda: server)
+    before = time.time()
+    assert run_backup(target, BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    info = seen[0]  # read while the transfer was about to start, the lock held
+    assert (info["pid"], info["command"]) == (os.getpid(), "ckptsync backup")
+    assert before <= info["since"] <= info["progress"] <= time.time()
+    assert liveness.read_holder(dest / ".ckptsync" / "lock") is None  # let go of at the end

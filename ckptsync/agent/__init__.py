@@ -21,7 +21,8 @@ from ckptsync.agent.reader import FrameReader
 from ckptsync.agent.bundle import payload, payload_compressed
 
 __all__ = [
-    "BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX", "Channel", "Failure", "os_failure",
+    "BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX",
+    "Channel", "Failure", "os_failure",
     "fsync_dir", "hash_file", "hash_names", "new_hash", "start_writeback",
     "resolve", "safe_member",
     "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",

@@ -276,7 +276,6 @@ def op_mkdir(req):
     return {"path": os.path.abspath(path)}
 
 
-
 def op_lock(req, held):
     """Hold root/.ckptsync-lock (flock) until `unlock` or the end of the connection: one run at a time
     writes into a server directory. The asking run's `owner` (pid, host, command, since) goes into

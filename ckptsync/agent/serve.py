@@ -12,7 +12,8 @@ from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.sender import Memory
-from ckptsync.agent.fileops import op_commit, op_discard, op_lock, op_mkdir, op_receive, op_remove, op_staged, op_unlock, unlock_all
+from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
+from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
@@ -67,7 +68,7 @@ def error_reply(failure):
 
 def serve(chan):
     memory = Memory()  # per connection: what one send learned about the link serves the next
-    held = {}  # lock file -> its fd: released when the connection ends, however it ends
+    held = {}  # lock file -> (fd, directories it made): let go of when the connection ends
     beat = Heartbeat(chan)
     try:
         _serve(chan, memory, held, beat)
