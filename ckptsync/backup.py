@@ -167,7 +167,8 @@ class Backup:
             waited.append(holder)
             self.rep.info(f"waiting for {holder}")
 
-        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT):
+        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT,
+                             stall_limit=self.target.stall_timeout):
             self.digests.held = True
             try:
                 self._locked(view, bool(waited))
@@ -589,7 +590,8 @@ def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -
     if dry_run or not (store.meta / "staging").is_dir():
         return held
     try:
-        with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT):
+        with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT,
+                        stall_limit=target.stall_timeout):
             for name in store.staged_names():
                 store.discard_staging(name)
     except OSError as exc:

@@ -268,6 +268,9 @@ class Checklist:
             self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
+        stuck = self.store.stuck_holder(time.time() if now is None else now, self.target.stall_timeout)
+        if stuck:
+            self.result.warnings.append(stuck)
         status = self.store.status()
         fix = self.target.command("backup")
         if status is None:

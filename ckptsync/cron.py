@@ -506,6 +506,9 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     last = r.last_scheduled
     if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
         r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
+    stuck = "" if target.store_url else Store(Path(backup_dir)).stuck_holder(now, target.stall_timeout)
+    if stuck:
+        r.warnings.append(stuck)
     return r
 
 

@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -27,12 +28,12 @@ from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.errors import (
-    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
+    OK, AgentError, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
 )
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.server import Arrived, Server, open_server, shares
+from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, open_server, shares
 from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
@@ -279,10 +280,11 @@ class Restore:
                 self.server = server
                 self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
-                    if self.opts.discard_staged:
-                        self._discard_staged(m)
-                    else:
-                        self._restore(m, files, extras, ordered, manifests)
+                    with self._server_lock():
+                        if self.opts.discard_staged:
+                            self._discard_staged(m)
+                        else:
+                            self._restore(m, files, extras, ordered, manifests)
                 finally:
                     if not self.opts.dry_run:
                         self.digests.save()   # what sending computed: the next comparison reads nothing
@@ -317,7 +319,7 @@ class Restore:
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore",
+                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.stall_timeout,
                                                     hint="wait for it to finish, then run the restore again"))
                 self.digests.held = True
             except IOFailure:
@@ -326,6 +328,31 @@ class Restore:
                 # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
                 self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
         return stack
+
+    @contextlib.contextmanager
+    def _server_lock(self) -> Iterator[None]:
+        """The server directory's lock, from the first look at the server to the commit: two restores
+        into one directory would otherwise mix their files, and both say they succeeded."""
+        root = self.target.remote_dir
+        if self.opts.dry_run:
+            yield
+            return
+        held = contextlib.ExitStack()
+        try:
+            created = held.enter_context(self.server.holding(root, "ckptsync restore",
+                                                             create=not self.opts.discard_staged))
+        except ServerLocked as exc:
+            raise ServerLocked(f"{exc.message}; nothing was sent", path=exc.path, holder=exc.holder) from None
+        except MissingOnServer:  # --discard-staged in a directory that is not there: nothing is staged
+            yield
+            return
+        except AgentError as exc:
+            if exc.agent_kind != "not_dir":
+                raise
+            raise UsageError(f"{root} on {self.result.server} is not a directory") from None
+        with held:
+            self.result.creates_remote_dir = created
+            yield
 
     def _select(self, m: Manifest) -> list[FileRecord]:
         r = self.result
@@ -400,7 +427,7 @@ class Restore:
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
-        self.result.creates_remote_dir = here is None
+        self.result.creates_remote_dir = self.result.creates_remote_dir or here is None
         if st.get(m.name) is not None and not self.opts.extra_files_only:
             if not self.opts.force:
                 raise UsageError(

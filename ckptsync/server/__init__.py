@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ckptsync.server.base import Download, Hashes, Server, Upload
-from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
+from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerLocked, ServerPermission
 from ckptsync.server.types import (
     Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
 )
@@ -30,9 +30,9 @@ def open_server(target: "Target") -> Server:
     if target.transport is None:
         raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
     return AgentServer(target.transport, missing_hint=target.tilde_hint, bwlimit=target.bwlimit,
-                       limiter=target.limiter)
+                       limiter=target.limiter, stall_timeout=target.stall_timeout)
 
 
 __all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
            "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
-           "ServerDiskFull", "ServerPermission"]
+           "ServerDiskFull", "ServerLocked", "ServerPermission"]
