@@ -14,7 +14,8 @@ from ckptsync import notify
 from ckptsync.agent import hash_file
 from ckptsync.config import Target
 from ckptsync.errors import (
-    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
+    CkptsyncError, ConfigError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
+    UsageError,
 )
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.freshness import Judgement, judge
@@ -113,8 +114,9 @@ class BackupResult:
 def select(checkpoints: list[Checkpoint], opts: BackupOptions) -> tuple[list[Checkpoint], list[PlanItem]]:
     """Which checkpoints to back up (newest first), and which to report as skipped. Pure."""
     complete = [c for c in checkpoints if c.complete]
+    # Weights that restore --adapter-only put there come from a backup: skipped only when named.
     skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=_skip_reason(c))
-               for c in checkpoints if not c.complete]
+               for c in checkpoints if not c.complete and (not c.restored or c.name in opts.names)]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
         missing = [n for n in opts.names if n not in by_name]
@@ -176,6 +178,7 @@ class Backup:
         self._sources: dict[tuple[str, int, int], list[Path]] | None = None   # see _content_sources
         self.opts = opts
         self.rep = rep
+        self.touched = False   # the lock was taken: from here on the run is a backup result
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
@@ -192,6 +195,7 @@ class Backup:
                     self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
                     view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+                    self._check_found(view)
                     self._backup(view)
                     if self.look_for_runs:
                         self._runs(view)
@@ -218,6 +222,7 @@ class Backup:
             self.rep.info(f"waiting for {holder}")
 
         with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait):
+            self.touched = True
             # Plan again under the lock: the run we waited for may have stored these already.
             if waited:
                 view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
@@ -240,6 +245,18 @@ class Backup:
                     self._fetch_extras(view)
                 elif item.name in batch_of:
                     self._fetch(view, [by_name[n] for n in batch_of[item.name]])
+
+    def _check_found(self, view: ServerView) -> None:
+        """No checkpoint in remote_dir, and none ever backed up from it: a wrong remote_dir (exit 10,
+        saying where they are), unless the directory is new and the run has not saved yet."""
+        if view.checkpoints or not self.look_for_runs or any(n != EXTRA for n in self.store.manifests()):
+            return
+        from ckptsync.listing import empty_remote_dir
+
+        empty = empty_remote_dir(self.server, view, self.target, "backup")
+        if not empty.young:
+            raise NotFound(empty.message, hint=empty.hint)
+        self.result.warnings.append(empty.young_text)
 
     def _runs(self, view: ServerView) -> None:
         """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
@@ -320,14 +337,15 @@ class Backup:
         for c in batch:
             progress[c.name] = _usable_staged(self.store, c.name, listed[c.name], check_hash=True)
             todo[c.name] = [p for p in listed[c.name] if p not in progress[c.name]]
+        kept = sum(len(progress[c.name]) for c in batch)
         twins = self._link_known(view, todo, listed, progress)
+        placed = sum(len(progress[c.name]) for c in batch) - kept
         owner = {p: name for name, paths in todo.items() for p in paths
                  if p not in progress[name] and (name, p) not in twins}
         sizes = {p: listed[owner[p]][p].size for p in owner}
-        kept = sum(len(progress[c.name]) for c in batch)
         label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
         self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(sizes.values()))}"
-                      + (f" ({kept} kept from an interrupted run)" if kept else ""))
+                      + _not_fetched_text(kept, placed))
         changed, unreadable = {}, {}
         if owner:
             changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, label, progress, sizes)
@@ -635,8 +653,11 @@ class Backup:
                             source=self._extras[p][0], ctime_ns=self._extras[p][1].ctime_ns,
                             inode=self._extras[p][1].inode)
                  for p, r in sorted(progress.items())]
+        # The server's home: a restore to the same remote_dir relative to another server's home
+        # puts the files back at the same place relative to it.
         m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
-                     source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
+                     source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root,
+                             "home": self.server.hello.home},
                      backed_up_at=time.time(), verified_at=time.time())
         self._commit(m, "moving extra files into place")
         self.result.fetched.append(EXTRA)
@@ -689,7 +710,7 @@ def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
     except Locked:
         raise  # another run is doing the work; its result, not this refusal, is the last backup
     except CkptsyncError as exc:
-        if not opts.dry_run:
+        if not opts.dry_run and (job.touched or not _refusal(exc)):
             _record(job, exc.exit_code, exc.message)
         raise
     except KeyboardInterrupt:
@@ -716,6 +737,19 @@ def discard_staging(target: Target, dry_run: bool = False) -> int:
     except OSError as exc:
         raise io_error(exc, f"deleting staging in {store.meta}") from None
     return held
+
+
+def _refusal(exc: CkptsyncError) -> bool:
+    """A manual run refused before it took the lock (a usage error, nothing found, a config error) is
+    not a backup result: the last real one stays. A scheduled run is always recorded, so that
+    cron show and checklist see an entry that keeps failing."""
+    return isinstance(exc, (UsageError, NotFound, ConfigError)) and not notify.scheduled()
+
+
+def _not_fetched_text(kept: int, placed: int) -> str:
+    parts = ([f"{kept} kept from an interrupted run"] if kept else []) + (
+        [f"{placed} placed from the backup"] if placed else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _record(job: Backup, code: int, error: str) -> None:
@@ -769,6 +803,8 @@ def _changed_text(view: ServerView, c: Checkpoint, changed: dict[str, str]) -> s
 
 
 def _skip_reason(c: Checkpoint) -> str:
+    if c.restored:
+        return f"{c.reason} from a backup; not backed up again"
     if c.unreadable:
         return f"{c.reason}; not recorded"
     return f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}"

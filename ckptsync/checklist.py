@@ -13,6 +13,7 @@ from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.freshness import judge_view
+from ckptsync.listing import empty_remote_dir
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary
 from ckptsync.scan import ServerView, scan_server
@@ -92,7 +93,7 @@ DUE_MARGIN = 1.5
 def training_signals(view: ServerView, procs: Procs | None, pattern: str | None, now: float) -> list[str]:
     """Reasons to think the trainer is still running. Pure: `now` is the server's clock."""
     reasons = []
-    busy = [c for c in view.checkpoints if not c.complete and not c.abandoned]
+    busy = [c for c in view.checkpoints if not c.complete and not c.abandoned and not c.restored]
     if busy:
         reasons.append(f"{busy[0].name} is still being written ({busy[0].reason})")
     interval = save_interval(view.checkpoints)
@@ -162,8 +163,11 @@ class Checklist:
                 procs = server.procs(t.train_process or "", view.root)
                 extra = self._extra_stat(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
-                self._current = judge_view(server, view, self.store.manifests(), CHECK)
+                self._manifests = self.store.manifests()
+                self._current = judge_view(server, view, self._manifests, CHECK)
                 runs = survey(server, view.root, t)
+                self._read_again(server, view)
+                empty = None if view.checkpoints else empty_remote_dir(server, view, t, "checklist")
         except RemoteDirMissing as exc:
             self.add("remote directory exists", False, exc.message,
                      exc.hint or "check --remote-dir (or remote_dir in the config): nothing there can be checked")
@@ -188,7 +192,10 @@ class Checklist:
                 self.result.warnings.append(f"{c.name} is abandoned (incomplete: {c.reason}); it cannot be "
                                             "backed up and does not block deleting the instance")
         newest = next((c for c in view.checkpoints if c.complete), None)
-        if newest is None:
+        if empty is not None:
+            self.add("newest checkpoint backed up", False, f"{empty.message}: {empty.detail}",
+                     empty.command or "nothing to save yet")
+        elif newest is None:
             self.add("newest checkpoint backed up", False, f"no complete checkpoint in {t.remote_dir}",
                      "nothing to save yet")
         else:
@@ -215,9 +222,19 @@ class Checklist:
                      f"{r.path}: newest checkpoint {r.newest} not backed up ({r.checkpoints} complete)",
                      self.target.command("backup", "--follow-runs"))
 
+    def _read_again(self, server, view: ServerView) -> None:
+        """A backup running beside the checklist may have committed since the manifests were read:
+        judge again the ones that changed, so that each verdict is about the manifest it names."""
+        now = self.store.manifests()
+        changed = [name for name, m in now.items() if self._manifests.get(name) != m]
+        for name in set(self._current) - set(now):
+            del self._current[name]
+        self._current.update(judge_view(server, view, now, CHECK, names=changed))
+        self._manifests = now
+
     def _backed_up(self, title: str, view: ServerView, c: Checkpoint) -> None:
         t = self.target
-        m = self.store.load(c.name)
+        m = self._manifests.get(c.name)
         if not self._current.get(c.name):
             state = "not backed up" if m is None else "backup is older than the server's copy"
             self.add(title, False, f"{c.name} (step {c.step}): {state}",

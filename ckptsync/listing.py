@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 
 from ckptsync.config import Target
 from ckptsync.freshness import judge_view
-from ckptsync.policy import newest_first
+from ckptsync.layout import best_checkpoint
+from ckptsync.policy import FIRST_SAVE_GRACE, newest_first
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, scan_server
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.store import EXTRA, Manifest, Store
 
 
@@ -30,12 +31,16 @@ class Row:
     is_best: bool
     meta_error: str | None = None
     abandoned: bool = False
+    restored: bool = False         # weights put there by restore --adapter-only: not a save in progress
 
     @property
     def state(self) -> str | None:
-        """complete, writing (still being written) or abandoned; None when not seen on the server."""
+        """complete, writing (still being written), abandoned or restored (adapter only); None when
+        not seen on the server."""
         if self.complete is None:
             return None
+        if self.restored:
+            return "restored"
         return "complete" if self.complete else ("abandoned" if self.abandoned else "writing")
 
 
@@ -103,7 +108,7 @@ class ListResult:
 
 
 def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict[str, bool] | None = None) -> list[Row]:
-    """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time)."""
+    """Pure: one row per checkpoint name, server rows and backup-only rows together newest first."""
     rows: list[Row] = []
     seen = set()
     if view is not None:
@@ -115,16 +120,26 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict
                 backup = "yes" if (current or {}).get(c.name) else "outdated"
             reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason
             rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, reason, c.content,
-                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned))
+                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned, c.restored))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
-    local = newest_first(local)
+    # A manifest says whether its checkpoint was the best when it was backed up; a later state may
+    # name another. The server's word counts when it has one, else the newest backed-up state's.
+    best = None if any(r.is_best for r in rows) else best_backed_up(local)
     # Without a view the server was not checked: a backup is all that is known of each.
     on_server, backup = (False, "local only") if view is not None else (None, "yes")
     for m in local:
         rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, on_server, None, "", m.content, m.resumable,
-                        backup, m.is_best))
-    return rows
+                        backup, best is not None and m.name in best))
+    return newest_first(rows)
+
+
+def best_backed_up(manifests: list[Manifest]) -> set[str]:
+    """The best checkpoint among backups, by the rule discovery applies on the server. Pure."""
+    sources = [(m.step or 0, m.mtime, m.state["best_model_checkpoint"]) for m in manifests
+               if isinstance(m.state.get("best_model_checkpoint"), str)]
+    named = best_checkpoint(sources)
+    return {m.name for m in manifests if m.name == named or (m.layout == "single-file" and m.kind == "best")}
 
 
 def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
@@ -162,10 +177,53 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
 CHECKPOINT_PART = re.compile(r"(checkpoint|global_step|step|epoch)[-_]?\d+")
 
 
-def empty_hint(view: ServerView, target: Target) -> str:
+@dataclass
+class Empty:
+    """A remote_dir without checkpoints: what it holds instead, said the same by list, backup,
+    cron install and checklist."""
+
+    root: str
+    detail: str        # what is there instead
+    command: str       # the same command for the directory the checkpoints are in, or ""
+    young: bool        # changed within FIRST_SAVE_GRACE: a new run may not have saved yet
+    age: float = 0.0   # seconds since the directory changed, by the server's clock
+
+    @property
+    def message(self) -> str:
+        return f"no checkpoints in {self.root}"
+
+    @property
+    def hint(self) -> str:
+        return f"{self.detail}: {self.command}" if self.command else self.detail
+
+    @property
+    def young_text(self) -> str:
+        return (f"no checkpoints in {self.root} yet: it changed {self.age / 60:.0f} min ago on the server, "
+                "so the run may not have saved its first one")
+
+
+def empty_remote_dir(server: Server, view: ServerView, target: Target, verb: str) -> Empty:
+    """What to say about a remote_dir without checkpoints; `verb`: the command to repeat."""
+    detail, command = _elsewhere(view, target, verb)
+    age = None
+    if not command:  # checkpoints elsewhere mean a wrong directory, however new
+        st = server.stat(view.root, ["."]).get(".")
+        age = None if st is None else max(view.now - st.mtime_ns / 1e9, 0.0)
+    young = age is not None and age < max(FIRST_SAVE_GRACE, target.settle_seconds)
+    return Empty(view.root, detail, command, young, age or 0.0)
+
+
+def empty_hint(view: ServerView, target: Target, verb: str = "list") -> str:
     """What to say about a remote_dir without checkpoints: empty, or where deeper down they are."""
+    detail, command = _elsewhere(view, target, verb)
+    return f"{detail}: {command}" if command else detail
+
+
+def _elsewhere(view: ServerView, target: Target, verb: str) -> tuple[str, str]:
+    """(what remote_dir holds instead of checkpoints, the command for where they are or "")."""
+    words = verb.split()
     if not view.exact:
-        return f"{view.root} is empty on the server: is it the directory the trainer saves into?"
+        return f"{view.root} is empty on the server: is it the directory the trainer saves into?", ""
     deeper = set()
     for path in view.exact:
         parts = path.split("/")
@@ -174,11 +232,12 @@ def empty_hint(view: ServerView, target: Target) -> str:
             deeper.add("/".join(parts[:at]))
     parent, name = view.root.rstrip("/").rsplit("/", 1) if "/" in view.root.strip("/") else ("", "")
     if not deeper and CHECKPOINT_PART.fullmatch(name):
-        return f"{view.root} looks like one checkpoint; the run is its parent: {target.command_with('--remote-dir', parent, 'list')}"
+        return (f"{view.root} looks like one checkpoint; the run is its parent",
+                target.command_with("--remote-dir", parent, *words))
     if not deeper:
         return (f"{view.root} holds {len(view.exact)} file(s) on the server, none of them in a "
-                "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?")
+                "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?"), ""
     first = min(deeper, key=lambda d: (d.count("/"), d))
     shown = ", ".join(sorted(deeper)[:3]) + (", ..." if len(deeper) > 3 else "")
-    line = target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", "list")
-    return f"{view.root} has checkpoints further down ({shown}): {line}"
+    return (f"{view.root} has checkpoints further down ({shown})",
+            target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", *words))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -484,6 +485,20 @@ def test_install_refuses_a_target_that_does_not_resolve(fake, tmp_path, target, 
         assert "tnr connect 5" in res.stderr
     assert "Traceback" not in res.stderr
     assert table.read_bytes() == USER_TABLE and not dest.exists()
+
+
+def test_install_says_where_the_checkpoints_are_when_remote_dir_is_above_them(fake, server_tree, tmp_path):
+    env, table = fake
+    dest = tmp_path / "b"
+    res = cli(env, "install", "--remote-dir", server_tree.parent, "--local-dir", dest)
+    assert res.returncode == 0, res.stderr
+    hint = re.search(rf"^warning: no checkpoints in {re.escape(str(server_tree.parent))}: .* has checkpoints "
+                     r"further down \(.+?\): (ckptsync cron install .+)$", res.stderr, re.M)
+    assert hint, res.stderr
+    pasted = cli(env, *shlex.split(hint.group(1))[2:])
+    assert pasted.returncode == 0 and "warning" not in pasted.stderr, pasted.stderr
+    command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)[1]
+    assert cron.option_value(command, "--remote-dir") == str(server_tree)
 
 
 def test_install_refuses_a_command_that_is_not_installed(fake, tmp_path):

@@ -116,7 +116,8 @@ CONTENTS = {
     "unknown": "contents not recognised",
 }
 BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory"}
-STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long"}
+STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long",
+         "restored": "weights put there by restore --adapter-only, not a save in progress"}
 STYLES = {"writing": "yellow", "abandoned": "red", "no": "red", "old": "yellow", "yes": "green",
           "complete": "green"}
 
