@@ -193,7 +193,8 @@ class Checklist:
                                             "backed up and does not block deleting the instance")
         newest = next((c for c in view.checkpoints if c.complete), None)
         if empty is not None:
-            self.add("newest checkpoint backed up", False, f"{empty.message}: {empty.detail}",
+            self.add("newest checkpoint backed up", False,
+                     empty.young_text if empty.young else f"{empty.message}: {empty.detail}",
                      empty.command or "nothing to save yet")
         elif newest is None:
             self.add("newest checkpoint backed up", False, f"no complete checkpoint in {t.remote_dir}",

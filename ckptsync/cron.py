@@ -462,7 +462,7 @@ def remote_dir_warnings(target: Target) -> list[str]:
     from ckptsync.errors import CkptsyncError
     from ckptsync.listing import empty_remote_dir
     from ckptsync.scan import scan_server
-    from ckptsync.server import open_server
+    from ckptsync.server import RemoteDirMissing, open_server
 
     if target.transport is None and target.server_factory is None:
         return []
@@ -472,6 +472,8 @@ def remote_dir_warnings(target: Target) -> list[str]:
             if view.checkpoints:
                 return []
             empty = empty_remote_dir(server, view, target, "cron install")
+    except RemoteDirMissing as exc:  # not made yet, perhaps: the entry's backups fail until it is
+        return [f"{exc.message}; each backup fails (exit 10) until it exists" + (f"; {exc.hint}" if exc.hint else "")]
     except CkptsyncError as exc:
         return [f"could not look into {target.remote_dir} now: {exc.message}"]
     if empty.young:

@@ -193,11 +193,11 @@ def cli(env, *args):
     return run_cli("cron", *args, env=env, timeout=60)
 
 
-def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
+def test_install_twice_keeps_one_entry_and_other_lines(fake, server_tree, tmp_path):
     env, table = fake
     table.write_bytes(USER_TABLE)
     dest = tmp_path / "backups" / "a"
-    args = ("--remote-dir", tmp_path / "server", "--local-dir", dest)
+    args = ("--remote-dir", server_tree, "--local-dir", dest)
     first = cli(env, "install", *args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines()[:2] == ["installed: cron entry for local, every 30m (*/30 * * * *)",
@@ -226,7 +226,7 @@ def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
     python = words.index(os.path.abspath(sys.executable))
     assert words[python + 1:python + 4] == ["-m", "ckptsync", "backup"]
     assert "--config" not in words
-    assert cron.option_value(entry.command, "--remote-dir") == str(tmp_path / "server")
+    assert cron.option_value(entry.command, "--remote-dir") == str(server_tree)
     assert cron.option_value(entry.command, "--local-dir") == str(dest)
     assert cron.option_value(entry.command, "--log-file") == str(dest / ".ckptsync" / "cron.log")
     assert {"--quiet", "--skip-if-locked"} <= set(words)
