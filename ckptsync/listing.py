@@ -116,6 +116,8 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict
             m = manifests.get(c.name)
             if m is None:
                 backup = "no"
+            elif c.restored:  # weights restore --adapter-only put there from this backup
+                backup = "yes"
             else:
                 backup = "yes" if (current or {}).get(c.name) else "outdated"
             reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason

@@ -339,6 +339,7 @@ class Restore:
         extra_items = self._check_server(root, m, extras)
         if r.identical:  # the server's copy has these bytes: nothing of the checkpoint is sent
             r.files, files = [FileItem(f.path, f.size, SAME) for f in files], []
+            self.rep.info(f"{m.name}: already there, identical (hashed on the server)")
         self._verify(m, files, extra_items, ordered)
         records = files + [f for f, _item in extra_items]
         staged = self._usable_staged(root, m, records, check=not self.opts.dry_run)
@@ -361,8 +362,9 @@ class Restore:
             for item in r.extras:
                 if item.action != OUTSIDE:
                     item.dest = posixpath.normpath(posixpath.join(root, self._extra_dest(item.source)))
-            self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
-                          + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
+            if to_send or not r.identical:
+                self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
+                              + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
             self._send(root, m.name, to_send)
             if self.opts.adapter_only and not r.identical:
@@ -478,7 +480,8 @@ class Restore:
     def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]],
                 ordered: list[Manifest]) -> None:
         total = sum(f.size for f in files)
-        self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
+        if files:
+            self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
         self.rep.start(f"verify {m.name}", total)
         try:
             bad = verify_files(self.files_root, files, self.rep)
