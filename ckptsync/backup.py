@@ -22,7 +22,7 @@ from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
-from ckptsync.scan import ServerView, scan_server
+from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.store import (
     COPY, EXTRA, LINK, REFLINK, FileRecord, Manifest, Store, free_bytes, io_error, pick_source, place_copy,
@@ -251,8 +251,6 @@ class Backup:
         saying where they are), unless the directory is new and the run has not saved yet."""
         if view.checkpoints or not self.look_for_runs or any(n != EXTRA for n in self.store.manifests()):
             return
-        from ckptsync.listing import empty_remote_dir
-
         empty = empty_remote_dir(self.server, view, self.target, "backup")
         if not empty.young:
             raise NotFound(empty.message, hint=empty.hint)

@@ -13,10 +13,9 @@ from ckptsync.errors import OK, PARTIAL, CkptsyncError
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.freshness import judge_view
-from ckptsync.listing import empty_remote_dir
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary
-from ckptsync.scan import ServerView, scan_server
+from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import Procs, RemoteDirMissing, open_server
 from ckptsync.store import EXTRA, Store
 from ckptsync.verify import run_verify

@@ -460,8 +460,7 @@ def remote_dir_warnings(target: Target) -> list[str]:
     """What the entry's backup will find in remote_dir, said as list says it: no checkpoints there
     (and where they are instead), or that it cannot be looked at now."""
     from ckptsync.errors import CkptsyncError
-    from ckptsync.listing import empty_remote_dir
-    from ckptsync.scan import scan_server
+    from ckptsync.scan import empty_remote_dir, scan_server
     from ckptsync.server import RemoteDirMissing, open_server
 
     if target.transport is None and target.server_factory is None:

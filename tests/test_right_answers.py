@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -165,7 +164,7 @@ def test_restoring_a_checkpoint_that_is_there_with_the_same_bytes_sends_nothing(
     assert dry.returncode == 0 and "checkpoint-12 (step 12, full) is already there, identical" in dry.stdout, dry.stderr
     res = run_cli("restore", *args)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith(f"already there, identical: checkpoint-12 at ") and " sent," not in res.stdout
+    assert res.stdout.startswith("already there, identical: checkpoint-12 at ") and " sent," not in res.stdout
     assert tree_digest(server_tree) == before
 
     # a different copy under the name is still refused without --force
@@ -190,6 +189,8 @@ def run_in_other_home(other_user, server_tree, tmp_path):
     top = other_user.home / name
     shutil.copytree(server_tree.parents[1], top, symlinks=True, copy_function=shutil.copy2)
     other_user.chown_tree(top)
+    import pwd  # POSIX only, like sshd: the module stays importable on any laptop
+
     home = Path(pwd.getpwuid(os.getuid()).pw_dir)     # tnr-1 logs in as the user running the tests
     try:
         yield f"{name}/{RUN}", home / name
@@ -276,3 +277,18 @@ def test_a_checklist_beside_a_backup_judges_the_manifest_it_names(server_tree, t
     assert committed == [["checkpoint-12"]]
     check = {c.name: c for c in result.checks}["newest checkpoint backed up"]
     assert check.ok and check.detail.startswith("checkpoint-12 (step 12)"), check.detail
+
+
+@pytest.mark.parametrize("source, root, home, same", [
+    ({"remote_dir": "/home/a/run/models/x", "home": "/home/a"}, "/root/run/models/x", "/root", True),
+    ({"remote_dir": "/home/a/run/models/x", "home": "/home/a"}, "/root/other/models/x", "/root", False),
+    ({"remote_dir": "/home/a/run/models/x"}, "/root/run/models/x", "/root", True),      # no home recorded
+    ({"remote_dir": "/data/run/models/x", "home": "/home/a"}, "/root/run/models/x", "/root", False),
+    ({"remote_dir": "/data/run"}, "/data/run", "/root", True),                          # the same path
+    ({"remote_dir": "/data/run"}, "/srv/run", "/", False),                               # no home to go by
+    ({}, "/root/run", "/root", False),
+])
+def test_the_same_place_is_the_same_path_or_the_same_path_below_each_home(source, root, home, same):
+    from ckptsync.placement import same_place
+
+    assert same_place(source, root, home) is same
