@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
-from ckptsync.errors import ConfigError, IOFailure, UsageError
+from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
 from ckptsync.store import Store
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
@@ -459,7 +459,6 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
 def remote_dir_warnings(target: Target) -> list[str]:
     """What the entry's backup will find in remote_dir, said as list says it: no checkpoints there
     (and where they are instead), or that it cannot be looked at now."""
-    from ckptsync.errors import CkptsyncError
     from ckptsync.scan import empty_remote_dir, scan_server
     from ckptsync.server import RemoteDirMissing, open_server
 

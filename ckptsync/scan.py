@@ -92,9 +92,9 @@ def empty_remote_dir(server: Server, view: ServerView, target: Target, verb: str
     return Empty(view.root, detail, command, young, age or 0.0)
 
 
-def empty_hint(view: ServerView, target: Target, verb: str = "list") -> str:
-    """What to say about a remote_dir without checkpoints: empty, or where deeper down they are."""
-    detail, command = _elsewhere(view, target, verb)
+def empty_hint(view: ServerView, target: Target) -> str:
+    """What list says about a remote_dir without checkpoints: empty, or where deeper down they are."""
+    detail, command = _elsewhere(view, target, "list")
     return f"{detail}: {command}" if command else detail
 
 
