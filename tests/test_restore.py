@@ -255,10 +255,12 @@ def test_adapter_only_sends_weights_and_configs_only(setup):
     res = restore(cfg, fresh, dest, "--adapter-only", "--no-extra-files", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert sorted(os.listdir(fresh / "checkpoint-12")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(fresh / "checkpoint-12")) == [".ckptsync-restored", "adapter_config.json",
+                                                           "adapter_model.safetensors"]
     original = tree_digest(server / "checkpoint-12")
-    assert tree_digest(fresh / "checkpoint-12") == {k: original[k] for k in
-                                                    ("adapter_config.json", "adapter_model.safetensors")}
+    restored = tree_digest(fresh / "checkpoint-12")
+    assert restored.pop(".ckptsync-restored")  # says what the directory is: adapter only, restored
+    assert restored == {k: original[k] for k in ("adapter_config.json", "adapter_model.safetensors")}
     assert not out["exact_resume"] and "cannot be resumed exactly" in " ".join(out["warnings"])
     assert "--resume-from-checkpoint" not in out["resume_hint"]
     assert not (fresh.parent.parent / "config_full_dataset.json").exists()
@@ -405,7 +407,8 @@ def test_local_restore_of_a_full_finetune(fixtures_dir, tmp_path):
 
     res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-3", "--adapter-only", "--json", ssh=False)
     assert res.returncode == 0, res.stderr
-    assert sorted(os.listdir(fresh / "checkpoint-3")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(fresh / "checkpoint-3")) == [".ckptsync-restored", "config.json", "generation_config.json",
+                                                          "model.safetensors"]
     assert json.loads(res.stdout)["exact_resume"] is False
 
 
@@ -413,8 +416,10 @@ def test_extra_files_outside_a_new_run_dir_are_skipped_and_said_where_they_are(s
     server, dest, fresh, cfg = setup
     dry = restore(cfg, fresh, dest, "--dry-run", extras_to=None)
     assert dry.returncode == 0, dry.stderr
-    kept = dest / "extra-files" / "config_full_dataset.json"
-    assert "not restored: ../../config_full_dataset.json" in dry.stderr and str(kept) in dry.stderr
+    kept = dest / "extra-files"
+    assert dry.stderr.count("not restored: ") == 1   # one line for all of them
+    assert "not restored: ../../config_full_dataset.json, ../../deepspeed_config.json" in dry.stderr
+    assert f"kept in {kept})" in dry.stderr
     assert "--extra-files-only --extra-files-to ../.." in dry.stderr
     assert str(fresh / "checkpoint-12") in dry.stdout  # every path the run would write is shown
     res = restore(cfg, fresh, dest, "--json", extras_to=None)
