@@ -90,7 +90,7 @@ def main():
             reply = {"root": "/srv", "files": files, "now": time.time(),
                      "meta": {"checkpoint-5/trainer_state.json": {"global_step": 5}}}
             if MODE == "scan-shape":
-                reply["unreadable"] = ["a list where a mapping belongs"]
+                reply["unseen"] = ["a word where [path, why, mtime] belongs"]
             if MODE == "scan-stall":  # a frame that promises 1000 bytes, brings 10, and nothing more
                 OUT.write(HEADER.pack(b"J", 1000) + b'{"root": "')
                 OUT.flush()

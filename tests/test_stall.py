@@ -9,7 +9,6 @@ thing that can end the wait, so no outcome depends on how fast the machine is.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -193,6 +192,8 @@ def test_a_restore_whose_agent_stops_mid_upload_exits_20_and_puts_nothing_in_pla
 @contextlib.contextmanager
 def held_lock(path: Path, info: dict):
     """The lock file taken and filled in as a run holding it would (this test process is the holder)."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -1,12 +1,19 @@
 """Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir, lock."""
 
 import errno
-import fcntl
 import json
 import os
 import shutil
 import tarfile
 
+try:
+    import fcntl
+except ImportError:  # Windows, where the local agent of a laptop runs
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 from ckptsync.agent.frames import CHUNK, LOCK_NAME, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
@@ -302,7 +309,7 @@ def op_lock(req, held):
         except OSError as exc:
             raise os_failure(exc, path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try_lock(fd)
         except OSError as exc:
             owner = read_owner(fd)
             os.close(fd)
@@ -317,11 +324,22 @@ def op_lock(req, held):
         raise Failure("locked", "%s: its lock keeps changing hands" % root, root, info={})
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(req.get("owner") or {}).encode("utf-8"), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(req.get("owner") or {}).encode("utf-8"))
     except OSError:
         pass  # the lock holds all the same; a run refused then cannot say who holds it
     held[path] = (fd, made)
     return {"path": path, "created": bool(made)}
+
+
+def try_lock(fd):
+    """An exclusive lock on fd, taken without waiting; OSError when another holds it. The system
+    lets go when the process ends. Windows locks one byte far past the owner's text."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif msvcrt is not None:
+        os.lseek(fd, 1 << 30, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
 def op_unlock(req, held):
@@ -331,7 +349,8 @@ def op_unlock(req, held):
 
 def read_owner(fd):
     try:
-        owner = json.loads(os.pread(fd, 65536, 0).decode("utf-8") or "null")
+        os.lseek(fd, 0, os.SEEK_SET)
+        owner = json.loads(os.read(fd, 65536).decode("utf-8") or "null")
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}
