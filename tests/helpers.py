@@ -6,11 +6,14 @@ import contextlib
 import hashlib
 import json
 import os
+import select
+import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import IO, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -165,3 +168,72 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+# -------------------------------------------------- faults at a known point, without a clock
+
+HANG = 120  # seconds: only bounds a hang; no result depends on it
+
+
+def ctrl_c() -> None:
+    """Ctrl+C as a terminal gives it: SIGINT to the main thread, from whichever thread reached the point."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def wait_fifo(path: str | os.PathLike[str], timeout: float = HANG) -> str:
+    """What a process writes into the FIFO at `path` (made with os.mkfifo) up to its closing it:
+    the process has reached the point where it writes there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO no writer has opened yet is not readable
+    try:
+        data = b""
+        while True:
+            ready, _w, _x = select.select([fd], [], [], timeout)
+            assert ready, f"nothing came through {path} in {timeout} s"
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data.decode()
+            data += chunk
+    finally:
+        os.close(fd)
+
+
+def release_fifo(path: str | os.PathLike[str]) -> None:
+    """Let a process waiting to read the FIFO at `path` go on (it reads an end of file)."""
+    os.close(os.open(path, os.O_WRONLY))
+
+
+class Lines:
+    """Everything a process writes to one pipe, read on a thread, so that a test can wait for the
+    line that says the process got somewhere."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = HANG) -> str:
+        """The first line containing `needle`; fails if the pipe closes (the process ended) without one."""
+        def seen() -> str | None:
+            return next((line for line in self.lines if needle in line), None)
+        with self.changed:
+            self.changed.wait_for(lambda: seen() is not None or self.ended, timeout)
+            line = seen()
+        assert line is not None, f"no line with {needle!r}; got:\n{self.text(0)}"
+        return line
+
+    def text(self, timeout: float = HANG) -> str:
+        """All of it, once the pipe has closed."""
+        self.thread.join(timeout)
+        with self.changed:
+            return "".join(self.lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 
 import pytest
 import xxhash
@@ -17,7 +18,7 @@ from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport
 from ckptsync.server.shares import Piece, plan
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.transport import LocalTransport
-from helpers import tree_digest
+from helpers import HANG, ctrl_c, tree_digest
 from test_partial import StopAt
 from test_server_boundary import make_target
 
@@ -277,6 +278,29 @@ def test_ctrl_c_on_one_channel_stops_them_all(server_tree, tmp_path, small_split
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
+def test_ctrl_c_while_the_channels_start_stops_those_already_started(monkeypatch):
+    from ckptsync.server.parallel import run_all
+
+    broken = threading.Event()
+
+    class Link:
+        def abort(self) -> None:
+            broken.set()
+
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if started:
+            raise KeyboardInterrupt   # lands while the second channel's thread is being started
+        started.append(thread)
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([Link(), Link()], lambda i: broken.wait(HANG))   # a transfer ends when its link breaks
+    assert broken.is_set() and not started[0].is_alive()
+
+
 def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, tmp_path, small_split):
     add_big(server_tree, 24 * MB)
     made = []
@@ -486,18 +510,36 @@ def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp
     assert not (fresh / "checkpoint-12").exists()
 
 
-def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split):
+def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split, monkeypatch):
+    from ckptsync.agent import fileops
     from ckptsync.restore import RestoreOptions, run_restore
+
+    real = fileops.write_range
+    lock, on_disk = threading.Lock(), []
+
+    def write_range(tmp, start, pieces, h):
+        """Ctrl+C once the server has written the first block of a range: the next block is asked
+        for only after the last one is on its disk."""
+        def then_ctrl_c():
+            for block in pieces:
+                yield block
+                with lock:
+                    if not on_disk:
+                        on_disk.append(start + len(block))
+                        ctrl_c()
+        real(tmp, start, then_ctrl_c(), h)
+    monkeypatch.setattr(fileops, "write_range", write_range)
 
     dest = backed_up_with_big(server_tree, tmp_path)
     fresh = tmp_path / "fresh" / "run"
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
     t, _made = parallel_target(fresh, dest, 3)
     with pytest.raises(Interrupted):
-        run_restore(t, opts, StopAt("send", 12 * MB))
+        run_restore(t, opts)
     staged = list((fresh / ".ckptsync-staging-checkpoint-12").rglob("big.bin.part"))
-    assert staged and staged[0].stat().st_size > 0   # ranges had started arriving
+    assert on_disk and staged and staged[0].stat().st_size >= on_disk[0]   # ranges had started arriving
     assert not (fresh / "checkpoint-12").exists()
+    monkeypatch.setattr(fileops, "write_range", real)
     again, _made = parallel_target(fresh, dest, 3)
     r = run_restore(again, opts)
     assert r.exit_code == 0
