@@ -14,7 +14,7 @@ from ckptsync.restore import RestoreOptions, run_restore
 from ckptsync.server import remote
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from helpers import run_cli, tree_digest
+from helpers import HANG, ctrl_c, run_cli, tree_digest
 from test_server_boundary import make_target
 
 MB = 1 << 20
@@ -190,19 +190,22 @@ def test_a_kept_prefix_never_ends_up_inside_a_checkpoint_placed_from_the_store(s
 
 
 class StalledLink(ThreadProcess):
-    """A link that stops taking bytes once `after` have gone out: a write then ends only by kill()."""
+    """A link that stops taking bytes once `after` have gone out: Ctrl+C comes as a write gets stuck
+    there, and that write then ends only by kill()."""
 
     def __init__(self, after: int) -> None:
         super().__init__()
         self.after, self.sent = after, 0
-        self.stalled, self.killed = threading.Event(), threading.Event()
+        self.killed = threading.Event()
         self.watch: threading.Thread | None = None
         self.writing_at_close: bool | None = None
 
     def write(self, data: bytes) -> None:
         if self.sent >= self.after:
-            self.stalled.set()
-            self.killed.wait(30)
+            if self.watch is None:
+                self.watch = threading.current_thread()   # the upload's writer
+                ctrl_c()
+            self.killed.wait(HANG)
             raise CkptsyncError("connection lost: the link was killed")
         self.sent += len(data)
         super().write(data)
@@ -215,18 +218,6 @@ class StalledLink(ThreadProcess):
         super().close()
 
 
-class CtrlCOnStall(Reporter):
-    """Ctrl+C at the first progress step after the link stalled, noting the upload's writer thread."""
-
-    def __init__(self, server: InProcessServer, link: StalledLink) -> None:
-        self.server, self.link = server, link
-
-    def advance(self, nbytes: int) -> None:
-        if self.link.stalled.is_set() and self.link.watch is None:
-            self.link.watch = self.server.remote.sender.writer
-            raise KeyboardInterrupt
-
-
 def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree, tmp_path, monkeypatch):
     """A frame still being written when the link closes could land in whatever file reuses the
     descriptor; the writer is stopped (the stalled peer killed) before anything is closed."""
@@ -236,7 +227,7 @@ def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree
     server = InProcessServer()
     server.link.start = lambda: link
     with pytest.raises(Interrupted):
-        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(server, link))
+        run_restore(make_target(fresh, dest, server), opts)
     assert link.killed.is_set()            # the writer was stuck in a write when Ctrl+C came
     assert link.writing_at_close is False  # and had stopped before the link closed
     assert not (fresh / "checkpoint-12").exists()
