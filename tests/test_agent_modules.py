@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -416,23 +415,13 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     held = root / "checkpoint-3" / "train_log.txt"
     held.write_text("step 3\n")
     # A relative name keeps the command line short whatever the temp path (it is cut at 200 chars).
-    child = subprocess.Popen([sys.executable, "-c", "import time,sys; f=open(sys.argv[1]); time.sleep(30)", held.name],
-                             cwd=held.parent)
+    # It says so once the file is open, then waits for its input to close.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; f=open(sys.argv[1]); print('open', flush=True); "
+                              "sys.stdin.read()", held.name],
+                             cwd=held.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         real = os.path.realpath(held)
-        deadline = time.monotonic() + 20
-        while True:  # wait for the child to have opened it
-            links = []
-            for fd in os.listdir("/proc/%d/fd" % child.pid) if os.path.isdir("/proc/%d/fd" % child.pid) else []:
-                try:
-                    links.append(os.readlink("/proc/%d/fd/%s" % (child.pid, fd)))
-                except OSError:
-                    pass
-            if real in links:
-                break
-            assert time.monotonic() < deadline, "the child never opened the file"
-            assert child.poll() is None, "the child exited"
-            time.sleep(0.05)
+        assert child.stdout.readline() == "open\n", "the child exited before it opened the file"
         reply = op_procs({"root": str(root), "pattern": "train_log"})
         assert reply["open_checked"] is True and "open_error" not in reply
         mine = [entry for entry in reply["open"] if entry[0] == child.pid]
@@ -447,6 +436,8 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     finally:
         child.kill()
         child.wait()
+        child.stdin.close()
+        child.stdout.close()
     nobody = op_procs({"root": str(root)})
     assert nobody["open_checked"] is True and nobody["open"] == []
     without_root = op_procs({})
