@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import select
-import signal
 import stat
 import subprocess
 import sys
@@ -175,11 +175,6 @@ def tmpfs(path: Path, options: str):
 HANG = 120  # seconds: only bounds a hang; no result depends on it
 
 
-def ctrl_c() -> None:
-    """Ctrl+C as a terminal gives it: SIGINT to the main thread, from whichever thread reached the point."""
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-
 def wait_fifo(path: str | os.PathLike[str], timeout: float = HANG) -> str:
     """What a process writes into the FIFO at `path` (made with os.mkfifo) up to its closing it:
     the process has reached the point where it writes there."""
@@ -198,8 +193,29 @@ def wait_fifo(path: str | os.PathLike[str], timeout: float = HANG) -> str:
 
 
 def release_fifo(path: str | os.PathLike[str]) -> None:
-    """Let a process waiting to read the FIFO at `path` go on (it reads an end of file)."""
+    """Let a process that opens the FIFO at `path` to read it go on (it reads an end of file)."""
     os.close(os.open(path, os.O_WRONLY))
+
+
+class Gate:
+    """A known point a process is held at (see paused_agent.py, paused_cli.py): there it writes a line
+    into the FIFO DIR/reached, then waits for the lock on DIR/gate, which the test holds until
+    release(). A signal sent meanwhile lands in that wait, or, if it came just before, right after it."""
+
+    def __init__(self, where: Path) -> None:
+        self.dir = where
+        where.mkdir(parents=True)
+        os.mkfifo(where / "reached")
+        self.lock = open(where / "gate", "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+
+    def reached(self, timeout: float = HANG) -> str:
+        """What the process wrote there: it is held at the point."""
+        return wait_fifo(self.dir / "reached", timeout)
+
+    def release(self) -> None:
+        if not self.lock.closed:
+            self.lock.close()
 
 
 class Lines:

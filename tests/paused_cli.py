@@ -1,38 +1,40 @@
-"""The real CLI, paused once at a known point: the first call of MODULE:NAME (a function, or a
-Class.method) with an argument containing MATCH writes that argument into the FIFO, then waits for
-a signal, which lands inside that call as it would in the real one (SIGTERM and SIGINT both raise
-there, as the CLI sets them up).
+"""The real CLI, held once at a known point: the first call of MODULE:NAME (a function, or a
+Class.method) with an argument containing MATCH waits at the helpers.Gate in DIR before it goes
+on into the call. A test sends its signal there (SIGTERM and SIGINT both raise KeyboardInterrupt,
+as the CLI sets them up), then releases the gate.
 
-Usage: python paused_cli.py MODULE:NAME MATCH FIFO ckptsync-arguments...
+Usage: python paused_cli.py MODULE:NAME MATCH DIR ckptsync-arguments...
 """
 
+import fcntl
 import functools
 import importlib
-import signal
+import os
 import sys
 
-where, match, fifo, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+where, match, gate, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 module_name, path = where.split(":")
 owner = importlib.import_module(module_name)
 *outer, name = path.split(".")
 for part in outer:
     owner = getattr(owner, part)
 real = getattr(owner, name)
-paused = []
+held = []
 
 
 @functools.wraps(real)
-def pause_then_call(*a, **k):
+def hold_then_call(*a, **k):
     hit = next((str(v) for v in a if match in str(v)), None)
-    if not paused and hit is not None:
-        paused.append(hit)
-        with open(fifo, "w") as f:
+    if not held and hit is not None:
+        held.append(hit)
+        with open(os.path.join(gate, "reached"), "w") as f:
             f.write("%s\n" % hit)
-        signal.pause()
+        with open(os.path.join(gate, "gate")) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)   # until the test releases it
     return real(*a, **k)
 
 
-setattr(owner, name, pause_then_call)
+setattr(owner, name, hold_then_call)
 
 from ckptsync.cli import main  # noqa: E402
 

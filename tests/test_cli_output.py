@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAKE_CRONTAB, HANG, cli_env, run_cli, wait_fifo
+from helpers import FAKE_CRONTAB, HANG, cli_env, release_fifo, run_cli, wait_fifo
 
 ERROR_KEYS = {"message", "hint", "exit_code", "kind"}
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
@@ -191,12 +191,14 @@ def test_unexpected_exit_1(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_exit_130(tmp_path, signum):
     """SIGTERM or Ctrl+C while waiting for the agent: exit 130, the JSON error, and the log line."""
-    started = tmp_path / "started"
+    started, go = tmp_path / "started", tmp_path / "go"
     os.mkfifo(started)
+    os.mkfifo(go)
     cfg = tmp_path / "c.yaml"
-    # A "server" that starts, says so to the test, then says nothing and waits for stdin to close.
+    # A "server" that starts, says so to the test, then sends nothing until the test lets it end.
+    script = f"echo up > {shlex.quote(str(started))}; cat {shlex.quote(str(go))} >/dev/null"
     cfg.write_text(json.dumps({"remote_dir": "/tmp", "local_dir": str(tmp_path / "b"), "instances": {
-        "5": {"command": ["sh", "-c", f"echo up > {shlex.quote(str(started))}; exec cat >/dev/null", "x"]}}}))
+        "5": {"command": ["sh", "-c", script, "x"]}}}))
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "ckptsync", "--json", "--log-file", str(log),
                              "list", "-i", "5", "--config", str(cfg)],
@@ -205,6 +207,7 @@ def test_interrupted_exit_130(tmp_path, signum):
     try:
         assert wait_fifo(started) == "up\n"   # the run has started the server and waits for its agent
         proc.send_signal(signum)
+        release_fifo(go)   # the server ends: a signal that came just before the run's read is handled then
         out, err = proc.communicate(timeout=HANG)
     finally:
         if proc.poll() is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, Lines, cli_env, release_fifo, run_cli, tree_digest, wait_fifo
+from helpers import HANG, Gate, Lines, cli_env, run_cli, tree_digest
 
 HOSTILE = Path(__file__).resolve().parent / "hostile_agent.py"
 
@@ -94,19 +94,16 @@ def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server
         old = time.time() - 1000
         os.utime(server_tree / "checkpoint-12" / "big.bin", (old, old))
         # The agent stops sending once PAUSE_AT bytes are out, until the disk is full.
-        fifos = tmp_path / "fifos"
-        fifos.mkdir()
-        for name in ("reached", "go"):
-            os.mkfifo(fifos / name)
+        gate = Gate(tmp_path / "gate")
         cfg = tmp_path / "paused.yaml"
         cfg.write_text(json.dumps({"instances": {"7": {"command": [
-            sys.executable, str(PAUSED), str(Path(__file__).resolve().parents[1]), str(fifos), str(PAUSE_AT)]}}}))
+            sys.executable, str(PAUSED), str(Path(__file__).resolve().parents[1]), str(gate.dir), str(PAUSE_AT)]}}}))
         proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, base), "-i", "7", "--config", str(cfg),
                                  "--checkpoint", "checkpoint-12", "--compress", "off", "--parallel", "1"],
                                 env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = Lines(proc.stdout), Lines(proc.stderr)
-            assert int(wait_fifo(fifos / "reached")) >= PAUSE_AT, err.text(0)
+            assert int(gate.reached()) >= PAUSE_AT, err.text(0)
             part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/big.bin.part"
             assert part.exists()   # big.bin is under way
             filler = small / "filler"
@@ -117,9 +114,10 @@ def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server
                         f.flush()
                 except OSError:
                     pass
-            release_fifo(fifos / "go")
+            gate.release()
             code = proc.wait(HANG)
         finally:
+            gate.release()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import collections
 import json
 import os
 import threading
@@ -15,10 +16,11 @@ from ckptsync.config import Target
 from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError, ConfigError, Interrupted
 from ckptsync.server import open_server, shares
 from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
+from ckptsync.progress import Reporter
 from ckptsync.server.shares import Piece, plan
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.transport import LocalTransport
-from helpers import HANG, ctrl_c, tree_digest
+from helpers import HANG, tree_digest
 from test_partial import StopAt
 from test_server_boundary import make_target
 
@@ -510,24 +512,41 @@ def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp
     assert not (fresh / "checkpoint-12").exists()
 
 
+class CtrlCOnceOnDisk(Reporter):
+    """Ctrl+C on a channel's thread once it has handed on 4 MiB and the server has written a block
+    of a range (`on_disk`). A channel's share is a range of at least 8 MiB after under 1 MiB of
+    small files, so what it handed on before the current block holds whole blocks of its range,
+    already on their way to the server: the wait ends."""
+
+    def __init__(self, on_disk: threading.Event) -> None:
+        self.on_disk, self.sending, self.done, self.fired = on_disk, False, collections.Counter(), False
+
+    def start(self, label: str, total: int) -> None:
+        self.sending = label.startswith("send")   # not the check of the backup before it
+
+    def advance(self, nbytes: int) -> None:   # under the Shared reporter's lock while sending
+        me = threading.get_ident()
+        self.done[me] += nbytes
+        if self.sending and not self.fired and self.done[me] >= 4 * MB:
+            self.fired = True
+            assert self.on_disk.wait(HANG), "no range reached the server's disk"
+            raise KeyboardInterrupt
+
+
 def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split, monkeypatch):
     from ckptsync.agent import fileops
     from ckptsync.restore import RestoreOptions, run_restore
 
     real = fileops.write_range
-    lock, on_disk = threading.Lock(), []
+    on_disk, ends = threading.Event(), []
 
     def write_range(tmp, start, pieces, h):
-        """Ctrl+C once the server has written the first block of a range: the next block is asked
-        for only after the last one is on its disk."""
-        def then_ctrl_c():
+        def noted():
             for block in pieces:
                 yield block
-                with lock:
-                    if not on_disk:
-                        on_disk.append(start + len(block))
-                        ctrl_c()
-        real(tmp, start, then_ctrl_c(), h)
+                ends.append(start + len(block))   # the next block is asked for once this one is written
+                on_disk.set()
+        real(tmp, start, noted(), h)
     monkeypatch.setattr(fileops, "write_range", write_range)
 
     dest = backed_up_with_big(server_tree, tmp_path)
@@ -535,9 +554,9 @@ def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tm
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
     t, _made = parallel_target(fresh, dest, 3)
     with pytest.raises(Interrupted):
-        run_restore(t, opts)
+        run_restore(t, opts, CtrlCOnceOnDisk(on_disk))
     staged = list((fresh / ".ckptsync-staging-checkpoint-12").rglob("big.bin.part"))
-    assert on_disk and staged and staged[0].stat().st_size >= on_disk[0]   # ranges had started arriving
+    assert staged and staged[0].stat().st_size >= ends[0]   # ranges had started arriving
     assert not (fresh / "checkpoint-12").exists()
     monkeypatch.setattr(fileops, "write_range", real)
     again, _made = parallel_target(fresh, dest, 3)

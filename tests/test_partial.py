@@ -14,7 +14,7 @@ from ckptsync.restore import RestoreOptions, run_restore
 from ckptsync.server import remote
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from helpers import HANG, ctrl_c, run_cli, tree_digest
+from helpers import HANG, run_cli, tree_digest
 from test_server_boundary import make_target
 
 MB = 1 << 20
@@ -190,21 +190,19 @@ def test_a_kept_prefix_never_ends_up_inside_a_checkpoint_placed_from_the_store(s
 
 
 class StalledLink(ThreadProcess):
-    """A link that stops taking bytes once `after` have gone out: Ctrl+C comes as a write gets stuck
-    there, and that write then ends only by kill()."""
+    """A link that stops taking bytes once `after` have gone out: a write then ends only by kill()."""
 
     def __init__(self, after: int) -> None:
         super().__init__()
         self.after, self.sent = after, 0
-        self.killed = threading.Event()
+        self.stalled, self.killed = threading.Event(), threading.Event()
         self.watch: threading.Thread | None = None
         self.writing_at_close: bool | None = None
 
     def write(self, data: bytes) -> None:
         if self.sent >= self.after:
-            if self.watch is None:
-                self.watch = threading.current_thread()   # the upload's writer
-                ctrl_c()
+            self.watch = threading.current_thread()   # the upload's writer
+            self.stalled.set()
             self.killed.wait(HANG)
             raise CkptsyncError("connection lost: the link was killed")
         self.sent += len(data)
@@ -218,6 +216,25 @@ class StalledLink(ThreadProcess):
         super().close()
 
 
+class CtrlCOnStall(Reporter):
+    """Ctrl+C once 2 MiB past the link's limit are handed on and the link has stalled: what was
+    handed on before the current block is queued for the writer, which gets past the limit and
+    sticks in its next write, while the upload's queue still has room for those 2 MiB."""
+
+    def __init__(self, link: StalledLink) -> None:
+        self.link, self.sending, self.done, self.fired = link, False, 0, False
+
+    def start(self, label: str, total: int) -> None:
+        self.sending, self.done = label.startswith("send"), 0   # not the check of the backup before it
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.sending and not self.fired and self.done >= self.link.after + 2 * MB:
+            self.fired = True
+            assert self.link.stalled.wait(HANG), "the writer never got past the link's limit"
+            raise KeyboardInterrupt
+
+
 def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree, tmp_path, monkeypatch):
     """A frame still being written when the link closes could land in whatever file reuses the
     descriptor; the writer is stopped (the stalled peer killed) before anything is closed."""
@@ -227,7 +244,7 @@ def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree
     server = InProcessServer()
     server.link.start = lambda: link
     with pytest.raises(Interrupted):
-        run_restore(make_target(fresh, dest, server), opts)
+        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(link))
     assert link.killed.is_set()            # the writer was stuck in a write when Ctrl+C came
     assert link.writing_at_close is False  # and had stopped before the link closed
     assert not (fresh / "checkpoint-12").exists()

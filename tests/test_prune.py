@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, Lines, cli_env, run_cli, tree_digest, wait_fifo
+from helpers import HANG, Gate, Lines, cli_env, run_cli, tree_digest
 
 CKPTS = ("checkpoint-12", "checkpoint-8", "checkpoint-4")
 
@@ -192,18 +192,19 @@ PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
 
 
 def interrupt_at(where: str, match: str, sig: int, tmp: Path, *args: str | Path) -> tuple[int, str, str]:
-    """Run the CLI paused at the first call of `where` (module:function) on a path containing
-    `match`, send `sig` there; the exit code, stderr and the path it was paused on."""
-    fifo = tmp / "paused"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), where, match, str(fifo), *map(str, args)],
+    """Run the CLI held at the first call of `where` (module:function) on an argument containing
+    `match`, send `sig` there, then let it go on; the exit code, stderr and where it was held."""
+    gate = Gate(tmp / "gate")
+    proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), where, match, str(gate.dir), *map(str, args)],
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         err = Lines(proc.stderr)
-        at = wait_fifo(fifo).strip()
+        at = gate.reached().strip()
         proc.send_signal(sig)
+        gate.release()
         proc.wait(timeout=HANG)
     finally:
+        gate.release()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -216,8 +217,8 @@ def test_signal_mid_prune_leaves_a_consistent_store(store: Path, tmp_path: Path,
     whole = {name: tree_digest(store / name) for name in entries(store)}
     trash = store / ".ckptsync" / "trash"
 
-    # The signal comes as checkpoint-4, the oldest, has been renamed into the trash and its files are
-    # about to go; every later deletion is still to come.
+    # The signal comes as checkpoint-4, the oldest, has been renamed into the trash and its files
+    # are about to go; every later deletion is still to come.
     code, err, at = interrupt_at("ckptsync.prune:remove_tree", "checkpoint-4", sig, tmp_path,
                                  "prune", "--local-dir", store, "--keep-last", "1")
 
