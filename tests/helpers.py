@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import select
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import IO, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -169,3 +172,88 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+# -------------------------------------------------- faults at a known point, without a clock
+
+HANG = 120  # seconds: only bounds a hang; no result depends on it
+
+
+def wait_fifo(path: str | os.PathLike[str], timeout: float = HANG) -> str:
+    """What a process writes into the FIFO at `path` (made with os.mkfifo) up to its closing it:
+    the process has reached the point where it writes there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO no writer has opened yet is not readable
+    try:
+        data = b""
+        while True:
+            ready, _w, _x = select.select([fd], [], [], timeout)
+            assert ready, f"nothing came through {path} in {timeout} s"
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data.decode()
+            data += chunk
+    finally:
+        os.close(fd)
+
+
+def release_fifo(path: str | os.PathLike[str]) -> None:
+    """Let a process that opens the FIFO at `path` to read it go on (it reads an end of file)."""
+    os.close(os.open(path, os.O_WRONLY))
+
+
+class Gate:
+    """A known point a process is held at (see paused_agent.py, paused_cli.py): there it writes a line
+    into the FIFO DIR/reached, then waits for the lock on DIR/gate, which the test holds until
+    release(). A signal sent meanwhile lands in that wait, or, if it came just before, right after it."""
+
+    def __init__(self, where: Path) -> None:
+        self.dir = where
+        where.mkdir(parents=True)
+        os.mkfifo(where / "reached")
+        self.lock = open(where / "gate", "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+
+    def reached(self, timeout: float = HANG) -> str:
+        """What the process wrote there: it is held at the point."""
+        return wait_fifo(self.dir / "reached", timeout)
+
+    def release(self) -> None:
+        if not self.lock.closed:
+            self.lock.close()
+
+
+class Lines:
+    """Everything a process writes to one pipe, read on a thread, so that a test can wait for the
+    line that says the process got somewhere."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = HANG) -> str:
+        """The first line containing `needle`; fails if the pipe closes (the process ended) without one."""
+        def seen() -> str | None:
+            return next((line for line in self.lines if needle in line), None)
+        with self.changed:
+            self.changed.wait_for(lambda: seen() is not None or self.ended, timeout)
+            line = seen()
+        assert line is not None, f"no line with {needle!r}; got:\n{self.text(0)}"
+        return line
+
+    def text(self, timeout: float = HANG) -> str:
+        """All of it, once the pipe has closed."""
+        self.thread.join(timeout)
+        with self.changed:
+            return "".join(self.lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import getpass
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -476,9 +477,7 @@ class SshdServer:
                 )
             time.sleep(0.05)
         # Let the child that served the readiness probe go away.
-        settle = time.monotonic() + 2.0
-        while self.session_pids() and time.monotonic() < settle:
-            time.sleep(0.02)
+        self.wait_idle()
 
     def _banner_ok(self) -> bool:
         try:
@@ -510,8 +509,19 @@ class SshdServer:
             return []
         return process_tree(self.process.pid)
 
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Until no session is left (each process waited on as it exits, see wait_gone); False if
+        some are still there after `timeout`, which only bounds a hang."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.session_pids()
+            if not pids:
+                return True
+            if wait_gone(pids, max(0.0, deadline - time.monotonic())):
+                return False
+
     def kill_sessions(self, sig: int = signal.SIGKILL, *, sshd_only: bool = False,
-                      wait: float = 5.0) -> list[int]:
+                      wait: float = 60.0) -> list[int]:
         """Send ``sig`` to every session process (never the listener).
 
         With ``sshd_only`` only the sshd processes of the connections are hit and
@@ -529,12 +539,7 @@ class SshdServer:
             except (ProcessLookupError, PermissionError):
                 pass
         if sig in (signal.SIGKILL, signal.SIGTERM) and wait > 0:
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                alive = [p for p in signalled if _alive(p)]
-                if not alive:
-                    break
-                time.sleep(0.02)
+            wait_gone(signalled, wait)
         return signalled
 
     def _terminate_listener(self) -> None:
@@ -658,7 +663,20 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def _alive(pid: int) -> bool:
-    info = _read_stat(pid)
-    return info is not None and info[0] not in ("Z", "X")
-
+def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait for each of `pids` to exit, woken by the exit itself (a pidfd), not by polling; the
+    ones still alive after `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            exited, _w, _x = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not exited:
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    return alive

@@ -6,16 +6,15 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli_env, file_sha256, run_cli, tree_digest
+from helpers import HANG, ROOT, Lines, cli_env, file_sha256, run_cli, tree_digest
+from relay import Relay, relay_alias
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
 
@@ -112,11 +111,11 @@ def test_backup_newest_two_plus_extras_then_noop(setup):
     assert status["ok"] and status["fetched"] == ["checkpoint-12", "checkpoint-8", "extra-files"]
 
     before = tree_digest(dest / "checkpoint-12")
-    started = time.monotonic()
     again = run_cli("backup", "--instance", "1", *cfg_args(home))
     assert again.returncode == 0
     assert again.stdout.startswith("up to date: checkpoint-12, checkpoint-8, extra-files")
-    assert time.monotonic() - started < 15
+    status = json.loads((dest / ".ckptsync" / "status.json").read_text())
+    assert status["fetched"] == [] and status["raw_bytes"] == 0   # nothing was sent again
     assert tree_digest(dest / "checkpoint-12") == before
 
     listed = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)["checkpoints"]}
@@ -181,11 +180,16 @@ def test_second_run_exits_11_while_locked_and_wait_works(setup):
         waiting = subprocess.Popen(
             [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--wait"],
             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2)
-        assert waiting.poll() is None
-    out, err = waiting.communicate(timeout=60)
-    assert waiting.returncode == 0, err
-    assert (dest / "checkpoint-12").is_dir()
+        out, err = Lines(waiting.stdout), Lines(waiting.stderr)
+        try:
+            # It says so just before it blocks on the lock this test holds: it cannot have gone on.
+            assert "waiting for 'ckptsync backup (test holder)'" in err.wait_for("waiting for")
+            assert waiting.poll() is None and not (dest / "checkpoint-12").exists()
+        except BaseException:
+            waiting.kill()
+            raise
+    assert waiting.wait(HANG) == 0, err.text()
+    assert "fetched" in out.text() and (dest / "checkpoint-12").is_dir()
 
 
 def big_checkpoint(server: Path, mb: int = 160) -> None:
@@ -198,83 +202,15 @@ def big_checkpoint(server: Path, mb: int = 160) -> None:
     os.utime(server / "checkpoint-12" / "zz_large_shard.bin", (old, old))
 
 
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-class CutLink:
-    """A TCP relay in front of sshd that drops the connection once `limit` bytes have come from
-    the server: a link that breaks at a known point of a transfer, whatever the machine's speed."""
-
-    def __init__(self, port: int, limit: int) -> None:
-        self.port, self.limit, self.passed, self.cut = port, limit, 0, False
-        self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.relay_port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _addr = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if from_server:
-                    with self.lock:
-                        room = self.limit - self.passed
-                        self.passed += min(len(data), room)
-                        if len(data) >= room:
-                            self.cut = True
-                            data = data[:room]
-                dst.sendall(data)
-                if self.cut:
-                    break
-        except OSError:
-            pass
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def cut_alias(home: Path, sshd, link: CutLink) -> str:
-    """A Host alias in home's ssh config that reaches sshd through `link`."""
-    text = sshd.client_config_text(home / ".ssh" / "id_ed25519", home / ".ssh" / "known_hosts")
-    block = text.split("\n\n")[0].splitlines()
-    block[0] = "Host cutlink"
-    block = [f"    Port {link.relay_port}" if line.strip().startswith("Port ") else line for line in block]
-    with open(home / ".ssh" / "config", "a") as f:
-        f.write("\n" + "\n".join(block) + "\n")
-    key = sshd.host_key_line.split(" ", 1)[1]
-    with open(home / ".ssh" / "known_hosts", "a") as f:
-        f.write(f"[127.0.0.1]:{link.relay_port} {key}\n")
-    return "cutlink"
-
-
 def test_dropped_connection_then_resume(setup, sshd):
     server, dest, home = setup
     big_checkpoint(server)   # 160 MiB, last in the checkpoint: the link breaks 64 MiB into it
-    link = CutLink(sshd.port, 64 << 20)
+    link = Relay(sshd.port, 64 << 20)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "ckptsync", "backup", "--host", cut_alias(home, sshd, link), *cfg_args(home),
+            [sys.executable, "-m", "ckptsync", "backup", "--host", relay_alias(home, sshd, link), *cfg_args(home),
              "--remote-dir", str(server), "--local-dir", str(dest), "--checkpoint", "checkpoint-12",
-             "--compress", "off"],
+             "--compress", "off", "--parallel", "1"],
             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         link.close()
@@ -323,40 +259,60 @@ def test_parallel_backup_over_ssh(setup):
     assert res.returncode == 2 and "--parallel" in res.stderr and "16" in res.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_cleanly_with_130(setup, sig):
+HELD_AT = 64 << 20   # bytes from the server: inside the large shard, far from either end of it
+SHARD_PART = ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
+
+
+@contextlib.contextmanager
+def held_backup(setup, sshd, *args: str):
+    """A backup over one channel whose link holds once HELD_AT bytes have come from the server: yields
+    (relay, process, its stdout, its stderr) while it is held there; the test releases it."""
     server, dest, home = setup
-    big_checkpoint(server, mb=300)
+    relay = Relay(sshd.port, HELD_AT, hold=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
-         "--compress", "off"],
+        [sys.executable, "-m", "ckptsync", "backup", "--host", relay_alias(home, sshd, relay), *cfg_args(home),
+         "--remote-dir", str(server), "--local-dir", str(dest), "--compress", "off", "--parallel", "1", *args],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
-    assert wait_for(part.exists)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "verified files kept" in err
+    try:
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        relay.wait(proc)
+        yield relay, proc, out, err
+    finally:
+        relay.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_130(setup, sshd, sig):
+    from ckptsync.server.transfer import KEEP_PREFIX_MIN
+
+    server, dest, home = setup
+    big_checkpoint(server, mb=160)
+    with held_backup(setup, sshd, "--checkpoint", "checkpoint-12") as (relay, proc, _out, err):
+        proc.send_signal(sig)   # while the large shard is under way
+        relay.release()
+        code = proc.wait(HANG)
+    assert code == 130, err.text()
+    assert "interrupted" in err.text() and "verified files kept" in err.text()
     assert not (dest / "checkpoint-12").exists()
+    assert KEEP_PREFIX_MIN <= (dest / SHARD_PART).stat().st_size <= HELD_AT   # the shard's prefix is kept
     assert json.loads((dest / ".ckptsync" / "status.json").read_text())["exit_code"] == 130
 
 
-def test_checkpoint_deleted_mid_backup_is_not_recorded(setup):
+def test_checkpoint_deleted_mid_backup_is_not_recorded(setup, sshd):
     server, dest, home = setup
-    big_checkpoint(server, mb=200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--all", "--compress", "off",
-         "--json"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
-    assert wait_for(part.exists)
-    # rotation: the trainer deletes the checkpoint being read
-    for p in sorted((server / "checkpoint-12").iterdir()):
-        p.unlink()
-    (server / "checkpoint-12").rmdir()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 3, err
-    result = json.loads(out)
+    big_checkpoint(server, mb=160)
+    with held_backup(setup, sshd, "--all", "--json") as (relay, proc, out, err):
+        # rotation: the trainer deletes the checkpoint being read
+        for p in sorted((server / "checkpoint-12").iterdir()):
+            p.unlink()
+        (server / "checkpoint-12").rmdir()
+        relay.release()
+        code = proc.wait(HANG)
+    assert code == 3, err.text()
+    result = json.loads(out.text())
     assert "checkpoint-12" in result["failed"] and "checkpoint-12" not in result["fetched"]
     assert "checkpoint-8" in result["fetched"] and "checkpoint-4" in result["fetched"]
     assert not (dest / "checkpoint-12").exists()
@@ -379,25 +335,22 @@ def test_disk_too_small_fails_before_writing(setup, tmp_path):
         subprocess.run(["umount", str(small)])
 
 
-def test_file_rewritten_while_read_is_not_recorded(setup):
+def test_file_rewritten_while_read_is_not_recorded(setup, sshd):
     """The trainer rewrites a file of the checkpoint being read: not recorded, exit 3; later it is."""
     server, dest, home = setup
-    big_checkpoint(server, mb=200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsync", "backup", "-i", "1", *cfg_args(home), "--checkpoint", "checkpoint-12",
-         "--compress", "off", "--json"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/zz_large_shard.bin.part"
-    assert wait_for(part.exists)
-    with open(server / "checkpoint-12" / "zz_large_shard.bin", "r+b") as f:
-        f.seek(150 << 20)
-        f.write(b"rewritten by the trainer")
-    # and the trainer starts its next checkpoint meanwhile
-    (server / "checkpoint-16").mkdir()
-    (server / "checkpoint-16" / "optimizer.pt").write_bytes(b"partial")
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
-    result = json.loads(out)
+    big_checkpoint(server, mb=160)
+    with held_backup(setup, sshd, "--checkpoint", "checkpoint-12", "--json") as (relay, proc, out, err):
+        # far past what the server has read: the held link stops it within a few MiB of HELD_AT
+        with open(server / "checkpoint-12" / "zz_large_shard.bin", "r+b") as f:
+            f.seek(150 << 20)
+            f.write(b"rewritten by the trainer")
+        # and the trainer starts its next checkpoint meanwhile
+        (server / "checkpoint-16").mkdir()
+        (server / "checkpoint-16" / "optimizer.pt").write_bytes(b"partial")
+        relay.release()
+        code = proc.wait(HANG)
+    assert code == 3, err.text()
+    result = json.loads(out.text())
     assert "changed on the server while it was read" in result["failed"]["checkpoint-12"]
     assert not (dest / "checkpoint-12").exists()
     old = time.time() - 600

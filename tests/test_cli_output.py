@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAKE_CRONTAB, cli_env, run_cli
+from helpers import FAKE_CRONTAB, HANG, cli_env, release_fifo, run_cli, wait_fifo
 
 ERROR_KEYS = {"message", "hint", "exit_code", "kind"}
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
@@ -237,23 +237,24 @@ def test_unexpected_exit_1(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_exit_130(tmp_path, signum):
     """SIGTERM or Ctrl+C while waiting for the agent: exit 130, the JSON error, and the log line."""
-    ready = tmp_path / "ready"
+    started, go = tmp_path / "started", tmp_path / "go"
+    os.mkfifo(started)
+    os.mkfifo(go)
     cfg = tmp_path / "c.yaml"
-    # A "server" that starts, says nothing and waits for stdin to close.
+    # A "server" that starts, says so to the test, then sends nothing until the test lets it end.
+    script = f"echo up > {shlex.quote(str(started))}; cat {shlex.quote(str(go))} >/dev/null"
     cfg.write_text(json.dumps({"remote_dir": "/tmp", "local_dir": str(tmp_path / "b"), "instances": {
-        "5": {"command": ["sh", "-c", f"touch {shlex.quote(str(ready))}; exec cat >/dev/null", "x"]}}}))
+        "5": {"command": ["sh", "-c", script, "x"]}}}))
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "ckptsync", "--json", "--log-file", str(log),
                              "list", "-i", "5", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(isolated(tmp_path)), cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), proc.communicate(timeout=30)
+        assert wait_fifo(started) == "up\n"   # the run has started the server and waits for its agent
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
+        release_fifo(go)   # the server ends: a signal that came just before the run's read is handled then
+        out, err = proc.communicate(timeout=HANG)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli_env, run_cli, tree_digest
+from helpers import HANG, ROOT, Gate, Lines, cli_env, run_cli, tree_digest
 
 HOSTILE = Path(__file__).resolve().parent / "hostile_agent.py"
 
@@ -104,6 +104,10 @@ def test_awkward_file_names_round_trip(tmp_path, server_tree, request, via):
     assert not list(tmp_path.rglob("pwned")) and not Path.home().joinpath("pwned").exists()
 
 
+PAUSED = Path(__file__).resolve().parent / "paused_agent.py"
+PAUSE_AT = 48 << 20   # bytes of file data from the server: inside big.bin, far from either end of it
+
+
 @pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server_tree):
     small = tmp_path / "small"
@@ -118,25 +122,36 @@ def test_disk_full_mid_backup_keeps_earlier_backups_and_resumes(tmp_path, server
                 f.write(os.urandom(1 << 20))
         old = time.time() - 1000
         os.utime(server_tree / "checkpoint-12" / "big.bin", (old, old))
-        # level 19 on random bytes is slow: the transfer is still running when the disk fills
-        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, base), "--checkpoint", "checkpoint-12",
-                                 "--compress", "19"], env=cli_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/big.bin.part"
-        end = time.monotonic() + 30
-        while not part.exists() and time.monotonic() < end:
-            time.sleep(0.002)
-        filler = small / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(bytes(1 << 20))
-                    f.flush()
-            except OSError:
-                pass
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 5, err
-        assert "no space left" in err and "Traceback" not in err
+        # The agent stops sending once PAUSE_AT bytes are out, until the disk is full.
+        gate = Gate(tmp_path / "gate")
+        cfg = tmp_path / "paused.yaml"
+        cfg.write_text(json.dumps({"instances": {"7": {"command": [
+            sys.executable, str(PAUSED), str(Path(__file__).resolve().parents[1]), str(gate.dir), str(PAUSE_AT)]}}}))
+        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, base), "-i", "7", "--config", str(cfg),
+                                 "--checkpoint", "checkpoint-12", "--compress", "off", "--parallel", "1"],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = Lines(proc.stdout), Lines(proc.stderr)
+            assert int(gate.reached()) >= PAUSE_AT, err.text(0)
+            part = dest / ".ckptsync/staging/checkpoint-12/checkpoint-12/big.bin.part"
+            assert part.exists()   # big.bin is under way
+            filler = small / "filler"
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(bytes(1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+            gate.release()
+            code = proc.wait(HANG)
+        finally:
+            gate.release()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == 5, err.text()
+        assert "no space left" in err.text() and "Traceback" not in err.text()
         assert not (dest / "checkpoint-12").exists()
         verify = run_cli("list", "--local", "--local-dir", dest, "--json")
         assert [r["name"] for r in json.loads(verify.stdout)["checkpoints"]] == ["checkpoint-4"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import collections
 import json
 import os
+import threading
 
 import pytest
 import xxhash
@@ -14,10 +16,11 @@ from ckptsync.config import Target
 from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError, ConfigError, Interrupted
 from ckptsync.server import open_server, shares
 from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
+from ckptsync.progress import Reporter
 from ckptsync.server.shares import Piece, plan
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.transport import LocalTransport
-from helpers import tree_digest
+from helpers import HANG, tree_digest
 from test_partial import StopAt
 from test_server_boundary import make_target
 
@@ -278,6 +281,29 @@ def test_ctrl_c_on_one_channel_stops_them_all(server_tree, tmp_path, small_split
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
+def test_ctrl_c_while_the_channels_start_stops_those_already_started(monkeypatch):
+    from ckptsync.server.parallel import run_all
+
+    broken = threading.Event()
+
+    class Link:
+        def abort(self) -> None:
+            broken.set()
+
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if started:
+            raise KeyboardInterrupt   # lands while the second channel's thread is being started
+        started.append(thread)
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([Link(), Link()], lambda i: broken.wait(HANG))   # a transfer ends when its link breaks
+    assert broken.is_set() and not started[0].is_alive()
+
+
 def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, tmp_path, small_split):
     add_big(server_tree, 24 * MB)
     made = []
@@ -488,18 +514,53 @@ def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp
     assert not (fresh / "checkpoint-12").exists()
 
 
-def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split):
+class CtrlCOnceOnDisk(Reporter):
+    """Ctrl+C on a channel's thread once it has handed on 4 MiB and the server has written a block
+    of a range (`on_disk`). A channel's share is a range of at least 8 MiB after under 1 MiB of
+    small files, so what it handed on before the current block holds whole blocks of its range,
+    already on their way to the server: the wait ends."""
+
+    def __init__(self, on_disk: threading.Event) -> None:
+        self.on_disk, self.sending, self.done, self.fired = on_disk, False, collections.Counter(), False
+
+    def start(self, label: str, total: int) -> None:
+        self.sending = label.startswith("send")   # not the check of the backup before it
+
+    def advance(self, nbytes: int) -> None:   # under the Shared reporter's lock while sending
+        me = threading.get_ident()
+        self.done[me] += nbytes
+        if self.sending and not self.fired and self.done[me] >= 4 * MB:
+            self.fired = True
+            assert self.on_disk.wait(HANG), "no range reached the server's disk"
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tmp_path, small_split, monkeypatch):
+    from ckptsync.agent import fileops
     from ckptsync.restore import RestoreOptions, run_restore
+
+    real = fileops.write_range
+    on_disk, ends = threading.Event(), []
+
+    def write_range(tmp, start, pieces, h):
+        def noted():
+            for block in pieces:
+                yield block
+                ends.append(start + len(block))   # the next block is asked for once this one is written
+                on_disk.set()
+        real(tmp, start, noted(), h)
+    monkeypatch.setattr(fileops, "write_range", write_range)
 
     dest = backed_up_with_big(server_tree, tmp_path)
     fresh = tmp_path / "fresh" / "run"
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
     t, _made = parallel_target(fresh, dest, 3)
     with pytest.raises(Interrupted):
-        run_restore(t, opts, StopAt("send", 12 * MB))
+        run_restore(t, opts, CtrlCOnceOnDisk(on_disk))
     staged = list((fresh / ".ckptsync-staging-checkpoint-12").rglob("big.bin.part"))
-    assert staged and staged[0].stat().st_size > 0   # ranges had started arriving
+    assert staged and staged[0].stat().st_size >= ends[0]   # ranges had started arriving
     assert not (fresh / "checkpoint-12").exists()
+    monkeypatch.setattr(fileops, "write_range", real)
     again, _made = parallel_target(fresh, dest, 3)
     r = run_restore(again, opts)
     assert r.exit_code == 0

@@ -14,7 +14,7 @@ from ckptsync.restore import RestoreOptions, run_restore
 from ckptsync.server import remote
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from helpers import run_cli, tree_digest
+from helpers import HANG, run_cli, tree_digest
 from test_server_boundary import make_target
 
 MB = 1 << 20
@@ -201,8 +201,9 @@ class StalledLink(ThreadProcess):
 
     def write(self, data: bytes) -> None:
         if self.sent >= self.after:
+            self.watch = threading.current_thread()   # the upload's writer
             self.stalled.set()
-            self.killed.wait(30)
+            self.killed.wait(HANG)
             raise CkptsyncError("connection lost: the link was killed")
         self.sent += len(data)
         super().write(data)
@@ -216,14 +217,21 @@ class StalledLink(ThreadProcess):
 
 
 class CtrlCOnStall(Reporter):
-    """Ctrl+C at the first progress step after the link stalled, noting the upload's writer thread."""
+    """Ctrl+C once 2 MiB past the link's limit are handed on and the link has stalled: what was
+    handed on before the current block is queued for the writer, which gets past the limit and
+    sticks in its next write, while the upload's queue still has room for those 2 MiB."""
 
-    def __init__(self, server: InProcessServer, link: StalledLink) -> None:
-        self.server, self.link = server, link
+    def __init__(self, link: StalledLink) -> None:
+        self.link, self.sending, self.done, self.fired = link, False, 0, False
+
+    def start(self, label: str, total: int) -> None:
+        self.sending, self.done = label.startswith("send"), 0   # not the check of the backup before it
 
     def advance(self, nbytes: int) -> None:
-        if self.link.stalled.is_set() and self.link.watch is None:
-            self.link.watch = self.server.remote.sender.writer
+        self.done += nbytes
+        if self.sending and not self.fired and self.done >= self.link.after + 2 * MB:
+            self.fired = True
+            assert self.link.stalled.wait(HANG), "the writer never got past the link's limit"
             raise KeyboardInterrupt
 
 
@@ -236,7 +244,7 @@ def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree
     server = InProcessServer()
     server.link.start = lambda: link
     with pytest.raises(Interrupted):
-        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(server, link))
+        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(link))
     assert link.killed.is_set()            # the writer was stuck in a write when Ctrl+C came
     assert link.writing_at_close is False  # and had stopped before the link closed
     assert not (fresh / "checkpoint-12").exists()

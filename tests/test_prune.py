@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, run_cli, tree_digest
+from helpers import HANG, Gate, Lines, cli_env, run_cli, tree_digest
 
 CKPTS = ("checkpoint-12", "checkpoint-8", "checkpoint-4")
 
@@ -190,7 +189,7 @@ def test_leftovers_of_an_interrupted_prune(store: Path) -> None:
     assert entries(store) == {"checkpoint-12"}
 
 
-CLONES = 200  # enough deletions that a prune is still at work well after the first one
+CLONES = 3  # later checkpoints, still there when a prune of the oldest is stopped
 
 
 def add_clones(store: Path, count: int = CLONES) -> list[str]:
@@ -210,57 +209,48 @@ def add_clones(store: Path, count: int = CLONES) -> list[str]:
     return names
 
 
-def interrupt_when(ready, sig: int, *args: str | Path, timeout: float = 60) -> tuple[int, str]:
-    """Run the CLI, send `sig` as soon as `ready()` is true; the exit code and stderr.
-
-    Fails when the run ends before `ready()` was seen: then no signal could interrupt it.
-    """
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ckptsync", *map(str, args)], env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while not ready():
-                if proc.poll() is not None:
-                    err.seek(0)
-                    pytest.fail(f"exit {proc.returncode} before the test saw the run under way:\n{err.read()}")
-                if time.monotonic() > deadline:
-                    pytest.fail("the run never got under way")
-                time.sleep(0.001)
-            proc.send_signal(sig)
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err.seek(0)
-        return proc.returncode, err.read()
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
 
 
-def has_entries(folder: Path) -> bool:
+def interrupt_at(where: str, match: str, sig: int, tmp: Path, *args: str | Path) -> tuple[int, str, str]:
+    """Run the CLI held at the first call of `where` (module:function) on an argument containing
+    `match`, send `sig` there, then let it go on; the exit code, stderr and where it was held."""
+    gate = Gate(tmp / "gate")
+    proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), where, match, str(gate.dir), *map(str, args)],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        return any(folder.iterdir())
-    except FileNotFoundError:
-        return False
+        err = Lines(proc.stderr)
+        at = gate.reached().strip()
+        proc.send_signal(sig)
+        gate.release()
+        proc.wait(timeout=HANG)
+    finally:
+        gate.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.text(), at
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_prune_leaves_a_consistent_store(store: Path, sig: int) -> None:
+def test_signal_mid_prune_leaves_a_consistent_store(store: Path, tmp_path: Path, sig: int) -> None:
     clones = add_clones(store)
     whole = {name: tree_digest(store / name) for name in entries(store)}
     trash = store / ".ckptsync" / "trash"
 
-    # Something in the trash: checkpoint-4, the oldest, has been renamed away; 200 deletions remain.
-    code, err = interrupt_when(lambda: has_entries(trash), sig,
-                               "prune", "--local-dir", store, "--keep-last", "1")
+    # The signal comes as checkpoint-4, the oldest, has been renamed into the trash and its files
+    # are about to go; every later deletion is still to come.
+    code, err, at = interrupt_at("ckptsync.prune:remove_tree", "checkpoint-4", sig, tmp_path,
+                                 "prune", "--local-dir", store, "--keep-last", "1")
 
+    assert Path(at).parent == trash, at
     assert code == 130, err
     assert "Traceback" not in err
     stopped = [line for line in err.splitlines() if "prune interrupted: " in line]
     assert len(stopped) == 1 and "checkpoint-4" in stopped[0], err
+    assert "was removed (what is left of it is cleaned by the next run)" in stopped[0]
     left = entries(store)
-    assert "checkpoint-4" not in left
-    assert len(left) > 2 and {"checkpoint-12", clones[-1]} <= left, "nothing was left to interrupt"
+    assert left == {"checkpoint-12", "checkpoint-8", *clones}
     for name in left:   # what is visible is whole and recorded
         assert tree_digest(store / name) == whole[name], name
     assert left <= manifests(store)
@@ -343,26 +333,28 @@ def test_remote_never_deletes_a_checkpoint_in_progress(ssh_home: Path, server_tr
 def test_remote_signal_mid_prune_leaves_whole_checkpoints_and_a_rerun_finishes(
         ssh_home: Path, server_tree: Path, tmp_path: Path, sig: int) -> None:
     dest = backup(server_tree, tmp_path / "backups", "--instance", "1", "--all")
-    # 200 more checkpoints on the server (hard links of checkpoint-12's files, mtimes kept), not
-    # backed up, hence --force: the prune is still deleting long after the first one has gone.
+    # More checkpoints on the server (hard links of checkpoint-12's files, mtimes kept), not
+    # backed up, hence --force.
     clones = [f"checkpoint-{step}" for step in range(100, 100 + CLONES)]
     for name in clones:
         shutil.copytree(server_tree / "checkpoint-12", server_tree / name, copy_function=os.link)
     complete = {p.name: tree_digest(p) for p in server_tree.iterdir()}
 
-    # checkpoint-4, the oldest, gone from its name: the agent has renamed it aside.
-    code, err = interrupt_when(lambda: not (server_tree / "checkpoint-4").exists(), sig,
-                               "prune", "--remote", "--instance", "1", "--remote-dir", server_tree,
-                               "--local-dir", dest, "--keep-last", "1", "--force")
+    # The signal comes as the agent is about to be asked to remove checkpoint-8: checkpoint-4, the
+    # oldest, is gone; every later deletion is still to come.
+    code, err, at = interrupt_at("ckptsync.server.agent_server:AgentServer.remove", "checkpoint-8", sig, tmp_path,
+                                 "prune", "--remote", "--instance", "1", "--remote-dir", server_tree,
+                                 "--local-dir", dest, "--keep-last", "1", "--force")
 
+    assert at == "['checkpoint-8']"
     assert code == 130, err
     assert "prune interrupted: " in err and "Traceback" not in err
-    visible = [p.name for p in server_tree.iterdir() if not p.name.startswith(".")]
-    assert len(visible) > 2 and {"checkpoint-12", clones[-1]} <= set(visible), "nothing was left to interrupt"
+    visible = {p.name for p in server_tree.iterdir() if not p.name.startswith(".")}
+    assert visible == {"checkpoint-8", "checkpoint-12", *clones}
     for name in visible:   # whatever is still visible under a checkpoint's name is whole
         assert tree_digest(server_tree / name) == complete[name], name
     assert run_cli("verify", "--local-dir", dest).returncode == 0
 
     again = remote_prune(server_tree, dest, "--keep-last", "1", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sorted(p.name for p in server_tree.iterdir()) == ["checkpoint-12", clones[-1]]  # no leftovers
+    assert {p.name for p in server_tree.iterdir()} == {"checkpoint-12", clones[-1]}  # no leftovers

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, ROOT, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
+from helpers import HANG, REPO_ROOT, ROOT, Lines, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
+from relay import Relay, relay_alias
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -85,15 +86,6 @@ def big_setup(ssh_home, server_tree, tmp_path):
     assert res.returncode == 0, res.stderr
     fresh = tmp_path / "new-server" / "run"
     return server_tree, dest, fresh, cfg
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ------------------------------------------------------------ the main story
@@ -322,64 +314,75 @@ def test_too_little_space_on_the_server_fails_before_sending(setup, tmp_path):
 # ------------------------------------------------------------ interruptions
 
 
-def debian_instance(home: Path) -> list[str]:
+def debian_instance(home: Path, host: str = "tnr-1") -> list[str]:
     """The OpenSSH client, with the server's PATH cut down to the system python (sha1, zstd binary)."""
-    return ["ssh", "-F", str(home / ".ssh" / "config"), "tnr-1", "PATH=/usr/bin:/bin;"]
+    return ["ssh", "-F", str(home / ".ssh" / "config"), host, "PATH=/usr/bin:/bin;"]
+
+
+AT = 64 << 20   # bytes to the server: inside the large file, which comes last, far from either end of it
 
 
 @pytest.mark.parametrize("via", ["paramiko", "ssh-binary-system-python"])
 def test_dropped_connection_leaves_nothing_visible_and_a_rerun_resumes(big_setup, sshd, ssh_home, via):
-    server, dest, fresh, cfg = big_setup
-    if via != "paramiko":
-        cfg.write_text(json.dumps({"instances": {"1": {"command": debian_instance(ssh_home)}}}))
-    argv = [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
-            "--local-dir", str(dest)]
-    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = staging(fresh) / "checkpoint-12" / (BIG + ".part")
-    try:
-        assert wait_for(part.exists), proc.communicate(timeout=60)
-        sshd.kill_sessions()
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 20, err
-    assert "nothing was put in place" in err and "run the same restore again" in err
-    assert not (fresh / "checkpoint-12").exists()
-    # An agent killed with its session cannot remove the lock file it held (the lock went with the
-    # process); one that saw its link close first does. The next run takes it over either way.
-    assert sorted(set(os.listdir(fresh)) - {".ckptsync-lock"}) == [staging(fresh).name]
+    from ckptsync.server.transfer import KEEP_PREFIX_MIN
 
-    again = run_cli(*argv[3:], "--json")
+    server, dest, fresh, cfg = big_setup
+    link = Relay(sshd.port, AT, upload=True)   # the link drops there, then passes every later byte
+    alias = relay_alias(ssh_home, sshd, link)
+    if via == "paramiko":
+        cfg.write_text(json.dumps({"ssh": "paramiko", "instances": {"1": {"host": alias}}}))
+    else:
+        cfg.write_text(json.dumps({"instances": {"1": {"command": debian_instance(ssh_home, alias)}}}))
+    # One channel: the large file goes whole, so what arrived of it is a prefix the rerun keeps.
+    argv = ["restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh), "--local-dir", str(dest),
+            "--parallel", "1"]
+    try:
+        res = run_cli(*argv, timeout=HANG)
+        assert link.cut, res.stderr   # the fault happened, inside the large file
+        assert res.returncode == 20, res.stderr
+        assert "nothing was put in place" in res.stderr and "run the same restore again" in res.stderr
+        assert not (fresh / "checkpoint-12").exists()
+        assert sorted(os.listdir(fresh)) == [staging(fresh).name]
+        assert sshd.wait_idle()   # the server's end of the dropped link is gone: it wrote all that reached it
+
+        again = run_cli(*argv, "--json")
+    finally:
+        link.close()
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["resumed_files"] == 8 and result["sent_files"] == 1
-    assert result["sent_bytes"] == BIG_MB << 20
+    assert KEEP_PREFIX_MIN <= result["resumed_bytes"] <= AT   # what had arrived of the large file
+    assert result["sent_bytes"] + result["resumed_bytes"] == BIG_MB << 20
     assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_exits_130_keeps_only_the_staging_dir_and_a_rerun_completes(big_setup, sig):
+def test_signal_exits_130_keeps_only_the_staging_dir_and_a_rerun_completes(big_setup, sshd, ssh_home, sig):
     server, dest, fresh, cfg = big_setup
     argv = [sys.executable, "-m", "ckptsync", "restore", "-i", "1", "--config", str(cfg), "--remote-dir", str(fresh),
-            "--local-dir", str(dest)]
-    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = staging(fresh) / "checkpoint-12" / (BIG + ".part")
+            "--local-dir", str(dest), "--parallel", "1"]
+    relay = Relay(sshd.port, AT, upload=True, hold=True)
+    proc = subprocess.Popen([*argv[:4], "--host", relay_alias(ssh_home, sshd, relay), *argv[6:]], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(part.exists), proc.communicate(timeout=60)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        relay.wait(proc)
+        proc.send_signal(sig)   # while the large file is under way
+        relay.release()
+        code = proc.wait(HANG)
     finally:
+        relay.close()
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted while sending checkpoint-12" in err and "kept in" in err
+            proc.wait()
+    assert code == 130, err.text()
+    assert "interrupted while sending checkpoint-12" in err.text() and "kept in" in err.text()
     assert not (fresh / "checkpoint-12").exists()
     staged = sorted(p.name for p in (staging(fresh) / "checkpoint-12").iterdir())
     assert "optimizer.pt" in staged and BIG not in staged
 
-    again = subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=120)
+    again = subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0, again.stderr
     assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
     assert not staging(fresh).exists()

@@ -13,25 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from helpers import digest_diff, run_cli, set_tree_mtime, tree_digest
+from helpers import HANG, digest_diff, run_cli, set_tree_mtime, tree_digest
 from sshd import HOST_ALIASES, SshdServer, missing_tools, process_tree
 
 
-def _comm(pid: int) -> str:
+def _running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def _wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+def _remote_pid(client: subprocess.Popen) -> int:
+    """The pid the remote command printed first ("echo $$; exec ..."): it is running."""
+    line = client.stdout.readline()
+    assert line.strip().isdigit(), f"the remote command did not start: {line!r}"
+    return int(line)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -119,58 +118,54 @@ def test_sftp_subsystem(sshd: SshdServer, tmp_path: Path) -> None:
 
 
 def test_no_sessions_when_idle(sshd: SshdServer) -> None:
-    assert _wait_for(lambda: sshd.session_pids() == [], timeout=5)
+    assert sshd.wait_idle()
 
 
 def test_kill_sessions_drops_a_running_command(sshd: SshdServer) -> None:
+    # The remote command reads its input, which stays open: only the kill can end it.
     client = subprocess.Popen(
-        [*sshd.ssh_argv("tnr-1"), "sleep 30"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*sshd.ssh_argv("tnr-1"), "echo $$; exec cat"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        sleeping = _wait_for(
-            lambda: [p for p in sshd.session_pids() if _comm(p) == "sleep"], timeout=15)
-        assert sleeping, "remote sleep never started\n" + sshd.log_tail()
+        remote = _remote_pid(client)
+        assert remote in sshd.session_pids(), sshd.log_tail()
         assert sshd.pid not in sshd.session_pids()
 
-        started = time.monotonic()
         killed = sshd.kill_sessions()
-        assert set(sleeping) <= set(killed)
-        client.wait(timeout=15)
-        assert time.monotonic() - started < 10
-        assert client.returncode != 0
+        assert remote in killed and not _running(remote)
+        assert client.wait(timeout=HANG) != 0
     finally:
         if client.poll() is None:
             client.kill()
-            client.wait(timeout=5)
-        client.stdout.close()
-        client.stderr.close()
+            client.wait(timeout=HANG)
+        for stream in (client.stdin, client.stdout, client.stderr):
+            stream.close()
 
     assert sshd.is_running()
-    assert _wait_for(lambda: sshd.session_pids() == [], timeout=5)
+    assert sshd.wait_idle()
     after = sshd.run_ssh("echo still-up", timeout=30)
     assert after.returncode == 0 and after.stdout == "still-up\n"
 
 
 def test_kill_sessions_sshd_only_leaves_remote_command(sshd: SshdServer) -> None:
     client = subprocess.Popen(
-        [*sshd.ssh_argv(), "sleep 30"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [*sshd.ssh_argv(), "echo $$; exec sleep 600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
-    sleeping: list[int] = []
+    remote: list[int] = []
     try:
-        sleeping = _wait_for(
-            lambda: [p for p in sshd.session_pids() if _comm(p) == "sleep"], timeout=15)
-        assert sleeping
+        remote.append(_remote_pid(client))
         killed = sshd.kill_sessions(signal.SIGKILL, sshd_only=True)
-        assert killed and not set(sleeping) & set(killed)
-        assert client.wait(timeout=15) != 0
-        assert all(_comm(p) == "sleep" for p in sleeping)
+        assert killed and remote[0] not in killed
+        assert client.wait(timeout=HANG) != 0
+        assert _running(remote[0])
     finally:
         if client.poll() is None:
             client.kill()
-            client.wait(timeout=5)
-        for pid in sleeping:
+            client.wait(timeout=HANG)
+        client.stdout.close()
+        for pid in remote:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -272,7 +267,7 @@ def test_separate_server_start_stop(tmp_path: Path) -> None:
     assert not server.is_running()
     assert server.process.returncode is not None
     assert process_tree(pid) == []
-    assert _wait_for(lambda: not _port_open("127.0.0.1", port), timeout=5)
+    assert not _port_open("127.0.0.1", port)   # the listener went with sshd
 
 
 def test_run_cli_sets_pythonpath(tmp_path: Path) -> None:

@@ -110,15 +110,16 @@ def run_all(servers: list[Server], work: Callable[[int], T]) -> list[T]:
             stop(exc)
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(servers))]
-    for t in threads:
-        t.start()
-    try:
+    try:  # Ctrl+C while the threads are starting stops those already started too
+        for t in threads:
+            t.start()
         for t in threads:
             t.join()
     except BaseException as exc:
         stop(exc)
         for t in threads:
-            t.join()
+            if t.ident is not None:  # started
+                t.join()
     if errors:
         raise errors[0]
     return results
