@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -207,6 +206,8 @@ class Gate:
     release(). A signal sent meanwhile lands in that wait, or, if it came just before, right after it."""
 
     def __init__(self, where: Path) -> None:
+        import fcntl  # POSIX only, like the processes a gate holds: helpers stays importable anywhere
+
         self.dir = where
         where.mkdir(parents=True)
         os.mkfifo(where / "reached")

@@ -435,8 +435,6 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     finally:
         child.kill()
         child.wait()
-        child.stdin.close()
-        child.stdout.close()
     nobody = op_procs({"root": str(root)})
     assert all(p["pid"] != child.pid for p in nobody["processes"])
     without_root = op_procs({})
