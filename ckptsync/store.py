@@ -49,7 +49,8 @@ GENERATIONS = "generations"
 # What versions before generations left beside an entry that changed on the server.
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
 # ckptsync's own paths under .ckptsync/ (and two levels inside staging/ and generations/).
-OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "status.json",
+WATCH_LOCK = "watch.lock"
+OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "watch.lock", "status.json",
              "status-scheduled.json", "status-manual.json", "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
 WAIT_HINT = "use --wait to wait for it"
@@ -548,12 +549,13 @@ class Store:
     # -------------------------------------------------- lock
 
     @contextlib.contextmanager
-    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "") -> Iterator[None]:
+    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "", name: str = "lock") -> Iterator[None]:
         """One run per backup directory. The system releases the lock when a holder dies.
 
         `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
-        others get "wait for it to finish", since a hint must name only flags the command has."""
-        path = self.meta / "lock"
+        others get "wait for it to finish", since a hint must name only flags the command has.
+        `name`: WATCH_LOCK is held by a watch for as long as it runs (it takes "lock" per cycle)."""
+        path = self.meta / name
         self.check_own()
         try:
             self.meta.mkdir(parents=True, exist_ok=True)
@@ -582,6 +584,25 @@ class Store:
                     os.ftruncate(fd, 0)
                 with contextlib.suppress(OSError):
                     osdeps.unlock_file(fd, path)
+            os.close(fd)
+
+
+    def watcher(self) -> str:
+        """Who runs a watch on this backup directory ('' when none does)."""
+        path = self.meta / WATCH_LOCK
+        if not path.is_file():
+            return ""
+        self.check_own()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return ""
+        try:
+            if osdeps.lock_file(fd, path, wait=False):
+                osdeps.unlock_file(fd, path)
+                return ""
+            return read_holder(path)
+        finally:
             os.close(fd)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli_env, file_sha256, run_cli, tree_digest
+from helpers import ROOT, cli_env, file_sha256, open_for_writing, run_cli, tree_digest
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
 
@@ -126,14 +126,15 @@ def test_backup_newest_two_plus_extras_then_noop(setup):
 
 
 def test_backup_skips_in_progress_and_says_why(setup):
+    """A file a process holds open for writing keeps its checkpoint back, however old it is."""
     server, dest, home = setup
-    os.utime(server / "checkpoint-12" / "optimizer.pt")
-    res = run_cli("backup", "-i", "1", *cfg_args(home), "--json")
+    with open_for_writing(server / "checkpoint-12" / "optimizer.pt"):
+        res = run_cli("backup", "-i", "1", *cfg_args(home), "--json")
     assert res.returncode == 0
     out = json.loads(res.stdout)
     assert out["fetched"] == ["checkpoint-8", "checkpoint-4", "extra-files"]
     skipped = [p for p in out["plan"] if p["action"] == "skip"]
-    assert skipped[0]["name"] == "checkpoint-12" and "optimizer.pt modified" in skipped[0]["reason"]
+    assert skipped[0]["name"] == "checkpoint-12" and "optimizer.pt is open for writing" in skipped[0]["reason"]
     assert not (dest / "checkpoint-12").exists()
 
 

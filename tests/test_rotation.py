@@ -26,7 +26,8 @@ from ckptsync.cli.cmd_backup import show_backup
 from ckptsync.errors import OK, PARTIAL, Interrupted
 from ckptsync.output import Output
 from ckptsync.server.inprocess import Hooks, InProcessServer
-from ckptsync.store import Store, place_copy
+from ckptsync.dedup import place_copy
+from ckptsync.store import Store
 from helpers import run_cli, set_tree_mtime, tree_digest
 from test_parallel import add_big, parallel_target, small_split  # noqa: F401 (a fixture)
 from test_partial import StopAt

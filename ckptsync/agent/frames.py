@@ -20,6 +20,7 @@ CHUNK = 1 << 20
 HEADER = struct.Struct(">cI")
 STAGING_PREFIX = ".ckptsync-staging-"
 TRASH_PREFIX = ".ckptsync-trash-"
+HOLD_DIR = ".ckptsync-hold"   # checkpoints held against rotation (agent/hold.py)
 
 OS_KINDS = {
     "FileNotFoundError": "not_found",

@@ -17,6 +17,8 @@ from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, 
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
+from ckptsync.agent.watching import close_watchers, op_wait
+from ckptsync.agent.hold import op_hold, op_release
 
 
 def op_hello(_req):
@@ -53,6 +55,8 @@ SIMPLE = {
     "http_put": op_http_put,
     "http_get": op_http_get,
     "range_hash": op_range_hash,
+    "hold": op_hold,
+    "release": op_release,
 }
 # These talk on the channel themselves; they also get the connection's Memory.
 STREAMING = {"send": op_send, "receive": op_receive}
@@ -64,6 +68,14 @@ def error_reply(failure):
 
 def serve(chan):
     memory = Memory()  # per connection: what one send learned about the link serves the next
+    watchers = {}      # per connection: root -> what watches it for `wait`
+    try:
+        serve_requests(chan, memory, watchers)
+    finally:
+        close_watchers(watchers)
+
+
+def serve_requests(chan, memory, watchers):
     while True:
         try:
             kind, body = chan.recv()
@@ -84,6 +96,8 @@ def serve(chan):
                 return
             if op in SIMPLE:
                 chan.send_json(SIMPLE[op](req))
+            elif op == "wait":
+                chan.send_json(op_wait(req, watchers))
             elif op in STREAMING:
                 chan.send_json(STREAMING[op](chan, req, memory))
             else:

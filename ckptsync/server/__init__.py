@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
 from ckptsync.server.types import (
-    Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
+    Unseen,
 )
 
 if TYPE_CHECKING:
@@ -34,5 +35,5 @@ def open_server(target: "Target") -> Server:
 
 
 __all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
-           "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
+           "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held", "RemoteDirMissing", "MissingOnServer",
            "ServerDiskFull", "ServerPermission"]
