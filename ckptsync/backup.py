@@ -121,6 +121,7 @@ class Backup:
         self.rep = rep
         self.command = command
         self.record_idle = True   # record a run that did nothing in status.json (a watch's cycles mostly do not)
+        self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
                                                         pattern=self.target.train_process or ""))
@@ -407,7 +408,7 @@ class Backup:
         self.result.not_backed_up, warning = unsaved(view.checkpoints, taken, self.result.failed, stored,
                                                      self._first_run, self.opts,
                                                      self.target.command("backup", "--all"))
-        if warning:
+        if warning and self.warn_unsaved:
             self.result.warnings.append(warning)
 
     def _commit(self, m: Manifest, what: str) -> None:

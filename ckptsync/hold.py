@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ckptsync.agent.frames import HOLD_DIR
-from ckptsync.policy import human
-from ckptsync.server.types import FileStat, Listing
+from ckptsync.policy import HOLD_MAX, human
+from ckptsync.server import HOLD_DIR, FileStat, Listing
 
-HOLD_MAX = 3
 FREE_SHARE = 0.10     # of the filesystem, kept free whatever the holds
 
 

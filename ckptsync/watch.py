@@ -24,9 +24,9 @@ from ckptsync.config import Target
 from ckptsync.errors import (
     CkptsyncError, ConnectError, HostKeyError, Interrupted, LoginRefused, OK,
 )
-from ckptsync.hold import HOLD_MAX, Candidate, plan, source_of
+from ckptsync.hold import Candidate, plan, source_of
 from ckptsync.layout import Checkpoint
-from ckptsync.policy import human, rate, span
+from ckptsync.policy import HOLD_MAX, rate, span
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.selection import new_since
@@ -168,7 +168,7 @@ class Watch:
             return False
 
     def start(self) -> None:
-        self.open()
+        self.guarded(self.open)   # a server not reachable yet is waited for, as a lost one is
         self.emit("started", f"watching {self.target.describe()}:{self.target.remote_dir} -> {self.target.local_dir} "
                              f"({self.watching_how()})",
                   remote_dir=str(self.target.remote_dir), dest=str(self.target.local_dir), how=self.how,
@@ -266,6 +266,7 @@ class Watch:
         job = Backup(self.target, opts, self.rep, look_for_runs=False, channels=self.channels,
                      scan=self.rescan(view), command="watch")
         job.record_idle = self.cycles == 1 or not self.last_ok
+        job.warn_unsaved = self.cycles == 1   # what the first cycle leaves out is named once
         try:
             result = run_job(job, server)
         except CkptsyncError:
@@ -351,7 +352,8 @@ class Watch:
             self.held |= set(made.held)
             for name in made.held:
                 self.unheld.pop(name, None)
-            self.emit("held", f"held {', '.join(made.held)} against rotation until it is backed up",
+            self.emit("held", f"held {', '.join(made.held)} against rotation until "
+                              + ("it is" if len(made.held) == 1 else "they are") + " backed up",
                       checkpoints=sorted(made.held))
         return with_holds(view, made.held)
 

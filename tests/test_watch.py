@@ -16,6 +16,7 @@ from ckptsync.store import Store
 from ckptsync.watch import Event, Watch, WatchOptions
 from fake_trainer import FakeTrainer
 from helpers import tree_digest
+from test_json_docs import differences, documented_events, shape
 from test_server_boundary import make_target
 
 HOLD = ".ckptsync-hold"
@@ -65,6 +66,21 @@ class World:
     def close(self) -> None:
         self.watch.close()
         self.trainer.stop()
+        as_documented(self.events)
+
+
+def as_documented(events: list) -> None:
+    """Every event printed (Events, or the objects `watch --json` printed) has an example in
+    docs/json.md with the same keys and types."""
+    doc = documented_events()
+    problems = []
+    for e in events:
+        real = e.to_dict() if isinstance(e, Event) else e
+        if real["event"] not in doc:
+            problems.append(f"{real['event']}: no example in docs/json.md")
+        else:
+            problems += [f"{real['event']}: {d}" for d in differences(shape(doc[real["event"]]), shape(real))]
+    assert not problems, "\n".join(sorted(set(problems)))
 
 
 @pytest.fixture

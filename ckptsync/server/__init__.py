@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ckptsync.agent.frames import HOLD_DIR   # where the agent holds checkpoints against rotation
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
 from ckptsync.server.types import (
@@ -34,6 +35,6 @@ def open_server(target: "Target") -> Server:
                        limiter=target.limiter)
 
 
-__all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
+__all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
            "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held", "RemoteDirMissing", "MissingOnServer",
            "ServerDiskFull", "ServerPermission"]
