@@ -6,6 +6,7 @@ and puts faults (a rotation during the copy, a cut link, a full disk) at known p
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,45 @@ def test_holds_a_stopped_watch_left_are_taken_over(world):
     assert w.said("adopted")[0].data["checkpoints"] == ["checkpoint-10"]
     assert "checkpoint-10" in w.committed()
     assert not (w.run / HOLD).exists()
+
+
+# ---------------------------------------------------------------- completion, and waiting without inotify
+
+
+def test_a_checkpoint_nobody_writes_is_complete_at_once(server_tree, tmp_path):
+    """backup and list: where writers are seen, a checkpoint touched a moment ago that no process
+    writes is complete; one a process holds open for writing is not, however old."""
+    from ckptsync.backup import BackupOptions, run_backup
+    from ckptsync.listing import run_list
+    from helpers import open_for_writing
+
+    os.utime(server_tree / "checkpoint-12" / "optimizer.pt")     # settle_seconds is 60
+    target = make_target(server_tree, tmp_path / "b", None)
+    target.server_factory = InProcessServer
+    rows = {r.name: r for r in run_list(target, local_only=False).rows}
+    assert rows["checkpoint-12"].state == "complete"
+    with open_for_writing(server_tree / "checkpoint-8" / "optimizer.pt"):
+        result = run_backup(target, BackupOptions(names=["checkpoint-12", "checkpoint-8"]))
+    assert result.fetched == ["checkpoint-12"]
+    assert result.failed["checkpoint-8"] == "in progress: optimizer.pt is open for writing"
+
+
+def test_without_inotify_the_agent_compares_walks(tmp_path, monkeypatch):
+    from ckptsync.agent import watching
+
+    def none():
+        raise watching.NoInotify("no inotify here")
+
+    monkeypatch.setattr(watching, "inotify_calls", none)
+    watchers: dict = {}
+    first = watching.op_wait({"root": str(tmp_path), "timeout": 5}, watchers)
+    assert (first["how"], first["why"], first["changed"], first["started"]) == ("poll", "no inotify here", [], True)
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "a.bin").write_bytes(b"x")
+    (tmp_path / ".ckptsync-hold").mkdir()                        # its own: not a change
+    got = watching.op_wait({"root": str(tmp_path), "timeout": 5, "interval": 0.05}, watchers)
+    assert got["changed"] == ["checkpoint-1", "checkpoint-1/a.bin"]
+    assert watching.op_wait({"root": str(tmp_path), "timeout": 0}, watchers)["changed"] == []
+    (tmp_path / "checkpoint-1" / "a.bin").unlink()
+    assert watching.op_wait({"root": str(tmp_path), "timeout": 5}, watchers)["changed"] == [
+        "checkpoint-1", "checkpoint-1/a.bin"]   # the directory's mtime moves with it
