@@ -15,7 +15,8 @@ from ckptsync.commit import (
 )
 from ckptsync.config import Target
 from ckptsync.errors import (
-    CkptsyncError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, PARTIAL, OK,
+    CkptsyncError, ConfigError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
+    UsageError,
 )
 from ckptsync.digests import LocalDigests
 from ckptsync.doctor import fallback_line
@@ -24,7 +25,7 @@ from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import RunState, find_runs, run_target, survey
-from ckptsync.scan import ServerView, scan_server
+from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.dedup import LINK
 from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store, free_bytes, io_error
@@ -125,6 +126,7 @@ class Backup:
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
                                                         pattern=self.target.train_process or ""))
+        self.touched = False   # the lock was taken: from here on the run is a backup result
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
@@ -150,6 +152,7 @@ class Backup:
                     self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
                     view = self.scan(server)
+                    self._check_found(view)
                     self._backup(view)
                     self._name_unsaved()
                     if self.command == "backup" and not self.opts.dry_run:
@@ -180,7 +183,9 @@ class Backup:
             waited.append(holder)
             self.rep.info(f"waiting for {holder}")
 
-        with self.store.lock(f"ckptsync {self.command}", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT):
+        with self.store.lock(f"ckptsync {self.command}", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT,
+                             stall_limit=self.target.stall_timeout):
+            self.touched = True
             self.digests.held = True
             try:
                 self._locked(view, bool(waited))
@@ -213,6 +218,16 @@ class Backup:
                 self._fetch_extras(view)
             elif item.name in batch_of:
                 self._fetch(view, [by_name[n] for n in batch_of[item.name]])
+
+    def _check_found(self, view: ServerView) -> None:
+        """No checkpoint in remote_dir, and none ever backed up from it: a wrong remote_dir (exit 10,
+        saying where they are), unless the directory is new and the run has not saved yet."""
+        if view.checkpoints or not self.look_for_runs or any(n != EXTRA for n in self.store.manifests()):
+            return
+        empty = empty_remote_dir(self.server, view, self.target, "backup")
+        if not empty.young:
+            raise NotFound(empty.message, hint=empty.hint)
+        self.result.warnings.append(empty.young_text)
 
     def _runs(self, view: ServerView) -> None:
         """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
@@ -303,6 +318,7 @@ class Backup:
             self._write(lambda m=planned[c.name]: self.store.save_pending(m), f"recording the files of {c.name}")
         kept = sum(len(progress[c.name]) for c in batch)
         twins = self.placement.known(self.server, view.root, todo, listed, progress, view.source)
+        placed = sum(len(progress[c.name]) for c in batch) - kept
         pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
                           lambda c: self._store_fetched(planned[c.name], progress[c.name], set(todo[c.name])))
         pending.commit_ready()   # whole already: kept from an interrupted run, or placed from the store
@@ -310,7 +326,7 @@ class Backup:
                  if p not in progress[name] and (name, p) not in twins}
         label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
         self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(listed[n][p].size for p, n in owner.items()))}"
-                      + (f" ({kept} kept from an interrupted run)" if kept else ""))
+                      + _not_fetched_text(kept, placed))
         changed, unreadable = self._download(view.root, [(view.source(p), p) for p in owner], owner, listed, label,
                                              progress, pending) if owner else ({}, {})
         left = pending.unplaced()
@@ -545,8 +561,11 @@ class Backup:
                             source=self._extras[p][0], ctime_ns=self._extras[p][1].ctime_ns,
                             inode=self._extras[p][1].inode, hashes=dict(r.get("hashes") or {}))
                  for p, r in sorted(progress.items())]
+        # The server's home: a restore to the same remote_dir relative to another server's home
+        # puts the files back at the same place relative to it.
         m = Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=files,
-                     source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
+                     source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root,
+                             "home": self.server.hello.home},
                      backed_up_at=time.time(), verified_at=time.time())
         self._commit(m, "moving extra files into place")
         self.result.fetched.append(EXTRA)
@@ -605,7 +624,7 @@ def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
     except Locked:
         raise  # another run is doing the work; its result, not this refusal, is the last backup
     except CkptsyncError as exc:
-        if not opts.dry_run:
+        if not opts.dry_run and (job.touched or not _refusal(exc)):
             _record(job, exc.exit_code, exc.message)
         raise
     except KeyboardInterrupt:
@@ -625,12 +644,26 @@ def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -
     if dry_run or not (store.meta / "staging").is_dir():
         return held
     try:
-        with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT):
+        with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT,
+                        stall_limit=target.stall_timeout):
             for name in store.staged_names():
                 store.discard_staging(name)
     except OSError as exc:
         raise io_error(exc, f"deleting staging in {store.meta}") from None
     return held
+
+
+def _refusal(exc: CkptsyncError) -> bool:
+    """A manual run refused before it took the lock (a usage error, nothing found, a config error) is
+    not a backup result: the last real one stays. A scheduled run is always recorded, so that
+    cron show and checklist see an entry that keeps failing."""
+    return isinstance(exc, (UsageError, NotFound, ConfigError)) and not notify.scheduled()
+
+
+def _not_fetched_text(kept: int, placed: int) -> str:
+    parts = ([f"{kept} kept from an interrupted run"] if kept else []) + (
+        [f"{placed} placed from the backup"] if placed else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _record(job: Backup, code: int, error: str) -> None:

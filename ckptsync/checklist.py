@@ -17,7 +17,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary, span
-from ckptsync.scan import ServerView, scan_server
+from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import RemoteDirMissing, Server, open_server
 from ckptsync.store import EXTRA, FileRecord, Store
 from ckptsync.training import Verdict, judge_training
@@ -107,8 +107,11 @@ class Checklist:
                 procs = server.procs(t.train_process or "", view.root)
                 extras = self._extras_on_server(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
-                self._current = judge_view(server, view, self.store.manifests(), CHECK, local=LocalDigests(self.store))
+                self._manifests = self.store.manifests()
+                self._current = judge_view(server, view, self._manifests, CHECK, local=LocalDigests(self.store))
                 runs = survey(server, view.root, t)
+                self._read_again(server, view)
+                empty = None if view.checkpoints else empty_remote_dir(server, view, t, "checklist")
         except RemoteDirMissing as exc:
             self.add("remote directory exists", False, exc.message,
                      exc.hint or "check --remote-dir (or remote_dir in the config): nothing there can be checked")
@@ -137,7 +140,11 @@ class Checklist:
             self.add("newest checkpoint backed up", False,
                      f"{top.name} could not be read on the server, and it is newer than every checkpoint that could",
                      "make it readable on the server, then back it up")
-        if top is None:
+        if empty is not None:
+            self.add("newest checkpoint backed up", False,
+                     empty.young_text if empty.young else f"{empty.message}: {empty.detail}",
+                     empty.command or "nothing to save yet")
+        elif top is None:
             self.add("newest checkpoint backed up", False, f"no complete checkpoint in {t.remote_dir}",
                      "nothing to save yet")
         elif newest is not None:
@@ -209,9 +216,19 @@ class Checklist:
         for r in pending:
             self.add("newer run backed up", False, f"{r.path}: {r.problem}", self.target.command("backup", "--follow-runs"))
 
+    def _read_again(self, server, view: ServerView) -> None:
+        """A backup running beside the checklist may have committed since the manifests were read:
+        judge again the ones that changed, so that each verdict is about the manifest it names."""
+        now = self.store.manifests()
+        changed = [name for name, m in now.items() if self._manifests.get(name) != m]
+        for name in set(self._current) - set(now):
+            del self._current[name]
+        self._current.update(judge_view(server, view, now, CHECK, names=changed))
+        self._manifests = now
+
     def _backed_up(self, title: str, view: ServerView, c: Checkpoint) -> None:
         t = self.target
-        m = self.store.load(c.name)
+        m = self._manifests.get(c.name)
         if not self._current.get(c.name):
             state = "not backed up" if m is None else "backup is older than the server's copy"
             self.add(title, False, f"{c.name} (step {c.step}): {state}",
@@ -268,6 +285,9 @@ class Checklist:
             self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
+        stuck = self.store.stuck_holder(time.time() if now is None else now, self.target.stall_timeout)
+        if stuck:
+            self.result.warnings.append(stuck)
         status = self.store.status()
         fix = self.target.command("backup")
         if status is None:

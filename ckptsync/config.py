@@ -14,6 +14,7 @@ import yaml
 
 from ckptsync.errors import ConfigError, UsageError
 from ckptsync.policy import HOLD_MAX, MAX_PARALLEL
+from ckptsync.server.watchdog import MAX_STALL, STALL_TIMEOUT, stall_limit, valid_limit
 from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ COMMON_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "bwlimit": ((str, int), "a rate in bytes per second, e.g. 20M or 500K"),
     "parallel": (int, f"a number of channels, 1-{MAX_PARALLEL}"),
     "hold_max": (int, "the most checkpoints `watch` holds on the server against rotation"),
+    "stall_timeout": ((int, float), "a number of seconds"),
 }
 INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     **COMMON_KEYS,
@@ -94,6 +96,7 @@ class Target:
     store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
     s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
     hold_max: int = HOLD_MAX         # checkpoints a watch holds against rotation at most (hold.py)
+    stall_timeout: float = STALL_TIMEOUT  # seconds a server link may move nothing before the run ends
 
     def command(self, *words: str) -> str:
         """`ckptsync WORDS` aimed at this target, ready to paste into a shell."""
@@ -180,6 +183,9 @@ def _check(where: str, data: dict, allowed: dict) -> None:
         raise ConfigError(f"{where}.command: the program (the first word) is empty")
     if "parallel" in data and not 1 <= data["parallel"] <= MAX_PARALLEL:
         raise ConfigError(f"{where}.parallel: expected 1-{MAX_PARALLEL}, got {data['parallel']}")
+    if "stall_timeout" in data and not valid_limit(data["stall_timeout"]):
+        raise ConfigError(f"{where}.stall_timeout: expected a number of seconds (more than 0, at most "
+                          f"{MAX_STALL:g}), got {data['stall_timeout']}")
     if "port" in data and not 0 < data["port"] < 65536:
         raise ConfigError(f"{where}.port: expected a port number (1-65535), got {data['port']}")
 
@@ -354,4 +360,5 @@ def resolve_target(
         store_url=store_url,
         s3=dict(top.get("s3") or {}),
         hold_max=int(pick("hold_max", HOLD_MAX)),
+        stall_timeout=stall_limit(pick("stall_timeout")),
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
-from ckptsync.errors import ConfigError, IOFailure, UsageError
+from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
 from ckptsync.store import Store
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
@@ -452,7 +452,31 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
     if job.notify and notify.notifier() is None:
         r.warnings.append(f"--notify: no {notify.wanted()} found on PATH; "
                           "a failed run will only show in the log and in `ckptsync list`")
+    r.warnings.extend(remote_dir_warnings(target))
     return r
+
+
+def remote_dir_warnings(target: Target) -> list[str]:
+    """What the entry's backup will find in remote_dir, said as list says it: no checkpoints there
+    (and where they are instead), or that it cannot be looked at now."""
+    from ckptsync.scan import empty_remote_dir, scan_server
+    from ckptsync.server import RemoteDirMissing, open_server
+
+    if target.transport is None and target.server_factory is None:
+        return []
+    try:
+        with open_server(target) as server:
+            view = scan_server(server, target.remote_dir, target.settle_seconds)
+            if view.checkpoints:
+                return []
+            empty = empty_remote_dir(server, view, target, "cron install")
+    except RemoteDirMissing as exc:  # not made yet, perhaps: the entry's backups fail until it is
+        return [f"{exc.message}; each backup fails (exit 10) until it exists" + (f"; {exc.hint}" if exc.hint else "")]
+    except CkptsyncError as exc:
+        return [f"could not look into {target.remote_dir} now: {exc.message}"]
+    if empty.young:
+        return [empty.young_text]
+    return [f"{empty.message}: {empty.hint}"]
 
 
 def remove(target: Target, crontab: Crontab) -> CronResult:
@@ -506,6 +530,9 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     last = r.last_scheduled
     if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
         r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
+    stuck = "" if target.store_url else Store(Path(backup_dir)).stuck_holder(now, target.stall_timeout)
+    if stuck:
+        r.warnings.append(stuck)
     return r
 
 

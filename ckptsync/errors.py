@@ -60,6 +60,10 @@ class Locked(CkptsyncError):
     exit_code = LOCKED
     kind = "locked"
 
+    def __init__(self, message: str, *, hint: str = "", stuck: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.stuck = stuck  # the holder lives but has made no progress for longer than the stall limit
+
 
 class ConnectError(CkptsyncError):
     exit_code = CONNECT
@@ -102,6 +106,12 @@ class ProtocolError(ConnectError):
     """The other side sent something that is not our protocol, or stopped mid-frame."""
 
     kind = "protocol"
+
+
+class Stalled(ConnectError):
+    """The link to the server moved nothing for longer than the stall limit, and was ended."""
+
+    kind = "stalled"
 
 
 class IntegrityError(CkptsyncError):

@@ -100,7 +100,12 @@ class Checkpoint:
     meta_error: str | None
     abandoned: bool = False  # incomplete, and untouched for far longer than a save takes
     unreadable: str = ""     # a path under it the server could not list or read, and why
+    restored: bool = False   # weights only, put there by `restore --adapter-only` (RESTORED_MARKER)
 
+
+# What `restore --adapter-only` leaves in the checkpoint directory it writes: the directory holds
+# weights, not a save in progress, and is never waited for or backed up again.
+RESTORED_MARKER = ".ckptsync-restored"
 
 TRAINER_DIR = re.compile(r"checkpoint-(\d+)")
 DEEPSPEED_DIR = re.compile(r"global_step(\d+)")
@@ -178,8 +183,11 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
     meta = _normalised_meta(listing.meta)
     groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files
     has_latest = False  # top-level DeepSpeed `latest` file
+    restored = set()
     for entry in listing.files:
         parts = _split(entry.path)
+        if parts and parts[1:] == [RESTORED_MARKER]:
+            restored.add(parts[0])
         if not parts or any(p.startswith(".ckptsync") for p in parts):
             continue
         has_latest = has_latest or parts == ["latest"]
@@ -210,18 +218,31 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
     for (name, layout, kind), missed in unseen.items():
         checkpoints.append(_not_seen_at_all(name, layout, kind, missed))
 
-    best_name = None
-    if best_sources:
-        best_path = max(best_sources, key=lambda s: (s[0], s[1]))[2]
-        best_name = re.split(r"[\\/]", best_path.rstrip("/\\"))[-1]
+    best_name = best_checkpoint(best_sources)
     checkpoints = [
         replace(c, is_best=True) if c.name == best_name or (c.layout == "single-file" and c.kind == "best") else c
         for c in checkpoints
     ]
+    checkpoints = [_as_restored(c) if c.name in restored else c for c in checkpoints]
     # Steps order checkpoints more reliably than mtimes, which copies and
     # checkouts rewrite; mtime breaks ties (latest.pt vs rolling_step_N.pt).
     checkpoints = mark_abandoned(newest_first(checkpoints), listing.now)
     return checkpoints
+
+
+def best_checkpoint(sources: list[tuple[int, float, str]]) -> str | None:
+    """The name of the best checkpoint, from (step, trainer_state.json mtime, best_model_checkpoint)
+    of each checkpoint that names one: the newest state's word counts. Pure."""
+    if not sources:
+        return None
+    best_path = max(sources, key=lambda s: (s[0], s[1]))[2]
+    return re.split(r"[\\/]", best_path.rstrip("/\\"))[-1] or None
+
+
+def _as_restored(c: Checkpoint) -> Checkpoint:
+    """A directory `restore --adapter-only` wrote: weights to load, not a save still running."""
+    what = "adapter" if c.content == "adapter-only" else "weights"
+    return replace(c, complete=False, resumable=False, restored=True, reason=f"{what} only, restored")
 
 
 # An incomplete checkpoint untouched for this many save intervals (and at least ABANDON_MIN_S)
@@ -247,7 +268,7 @@ def mark_abandoned(checkpoints: list[Checkpoint], now: float) -> list[Checkpoint
     limit = abandon_after(checkpoints)
     out = []
     for c in checkpoints:
-        if not c.complete and not c.unreadable and now - c.mtime > limit:
+        if not c.complete and not c.unreadable and not c.restored and now - c.mtime > limit:
             c = replace(c, abandoned=True)
         out.append(c)
     return out

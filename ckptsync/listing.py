@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 from ckptsync.commit import staging_note
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
+from ckptsync.layout import best_checkpoint
 from ckptsync.policy import newest_first
 from ckptsync.runs import RunState, survey
-from ckptsync.scan import ServerView, scan_server
+from ckptsync.scan import ServerView, empty_hint, scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
 
@@ -34,12 +34,16 @@ class Row:
     meta_error: str | None = None
     abandoned: bool = False
     unreadable: bool = False       # part or all of it could not be listed or read on the server (reason: why)
+    restored: bool = False         # weights put there by restore --adapter-only: not a save in progress
 
     @property
     def state(self) -> str | None:
-        """complete, writing (still being written), abandoned or unreadable; None when not seen on the server."""
+        """complete, writing (still being written), abandoned, unreadable or restored (adapter only);
+        None when not seen on the server."""
         if self.complete is None:
             return None
+        if self.restored:
+            return "restored"
         if self.complete:
             return "complete"
         return "unreadable" if self.unreadable else ("abandoned" if self.abandoned else "writing")
@@ -122,8 +126,8 @@ DAMAGED = "damaged"
 
 def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict[str, bool] | None = None,
           damaged: dict[str, tuple[int, float]] | None = None) -> list[Row]:
-    """Pure: one row per checkpoint name, newest first (server order, then local-only ones by step/time,
-    then those whose manifest is damaged: `damaged` gives their bytes and mtime on disk)."""
+    """Pure: one row per checkpoint name, server rows, backup-only rows and those whose manifest is
+    damaged (`damaged` gives their bytes and mtime on disk) together, newest first."""
     rows: list[Row] = []
     seen = set()
     damaged = damaged or {}
@@ -134,23 +138,36 @@ def merge(view: ServerView | None, manifests: dict[str, Manifest], current: dict
                 backup = DAMAGED
             elif m is None:
                 backup = "no"
+            elif c.restored:  # weights restore --adapter-only put there from this backup
+                backup = "yes"
             else:
                 backup = "yes" if (current or {}).get(c.name) else "outdated"
             reason = f"abandoned (incomplete): {c.reason}" if c.abandoned else c.reason
             rows.append(Row(c.name, c.step, c.kind, c.size, c.mtime, True, c.complete, reason, c.content,
-                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned, bool(c.unreadable)))
+                            c.resumable, backup, c.is_best, c.meta_error, c.abandoned, bool(c.unreadable),
+                            c.restored))
             seen.add(c.name)
     local = [m for name, m in manifests.items() if name not in seen and name != EXTRA]
-    local = newest_first(local)
+    # A manifest says whether its checkpoint was the best when it was backed up; a later state may
+    # name another. The server's word counts when it has one, else the newest backed-up state's.
+    best = None if any(r.is_best for r in rows) else best_backed_up(local)
     # Without a view the server was not checked: a backup is all that is known of each.
     on_server, backup = (False, "local only") if view is not None else (None, "yes")
     for m in local:
         rows.append(Row(m.name, m.step, m.kind, m.size, m.mtime, on_server, None, "", m.content, m.resumable,
-                        backup, m.is_best))
+                        backup, best is not None and m.name in best))
     for name, (size, mtime) in sorted(damaged.items()):
         if name not in seen and name != EXTRA:
             rows.append(Row(name, None, "-", size, mtime, on_server, None, "", DAMAGED, False, DAMAGED, False))
-    return rows
+    return newest_first(rows)
+
+
+def best_backed_up(manifests: list[Manifest]) -> set[str]:
+    """The best checkpoint among backups, by the rule discovery applies on the server. Pure."""
+    sources = [(m.step or 0, m.mtime, m.state["best_model_checkpoint"]) for m in manifests
+               if isinstance(m.state.get("best_model_checkpoint"), str)]
+    named = best_checkpoint(sources)
+    return {m.name for m in manifests if m.name == named or (m.layout == "single-file" and m.kind == "best")}
 
 
 def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
@@ -211,27 +228,3 @@ def _on_disk(entry) -> tuple[int, float]:
                 continue
     return total, mtime
 
-
-CHECKPOINT_PART = re.compile(r"(checkpoint|global_step|step|epoch)[-_]?\d+")
-
-
-def empty_hint(view: ServerView, target: Target) -> str:
-    """What to say about a remote_dir without checkpoints: empty, or where deeper down they are."""
-    if not view.exact:
-        return f"{view.root} is empty on the server: is it the directory the trainer saves into?"
-    deeper = set()
-    for path in view.exact:
-        parts = path.split("/")
-        at = next((i for i, part in enumerate(parts[:-1]) if CHECKPOINT_PART.fullmatch(part)), 0)
-        if at:
-            deeper.add("/".join(parts[:at]))
-    parent, name = view.root.rstrip("/").rsplit("/", 1) if "/" in view.root.strip("/") else ("", "")
-    if not deeper and CHECKPOINT_PART.fullmatch(name):
-        return f"{view.root} looks like one checkpoint; the run is its parent: {target.command_with('--remote-dir', parent, 'list')}"
-    if not deeper:
-        return (f"{view.root} holds {len(view.exact)} file(s) on the server, none of them in a "
-                "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?")
-    first = min(deeper, key=lambda d: (d.count("/"), d))
-    shown = ", ".join(sorted(deeper)[:3]) + (", ..." if len(deeper) > 3 else "")
-    line = target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", "list")
-    return f"{view.root} has checkpoints further down ({shown}): {line}"

@@ -137,7 +137,8 @@ def process_running(names: set[str] | frozenset[str], proc: str | None = None) -
     return found.returncode == 0
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (on Windows it is taken to run)."""
     if not POSIX:
         return True  # os.kill would end it on Windows: count it as running
     try:
@@ -235,7 +236,7 @@ def _stale(marker: str, host: str) -> bool:
         return True
     except (OSError, ValueError, KeyError, TypeError):
         return False  # being written, or not ours to judge: count it as held
-    return held.get("host") == host and not _pid_running(pid)
+    return held.get("host") == host and not pid_running(pid)
 
 
 # -------------------------------------------------- files and filesystems

@@ -276,6 +276,9 @@ class LineReporter(Reporter):
     """Plain timestamped lines: for cron, pipes and log files."""
 
     def __init__(self, out: Output) -> None:
+        from ckptsync.liveness import note
+
+        self.note = note
         self.out = out
         self.label = ""
         self.total = 0
@@ -290,6 +293,7 @@ class LineReporter(Reporter):
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
+        self.note()  # a lock this run holds then says it still advances
 
     def finish(self) -> None:
         spent = max(time.monotonic() - self.started, 1e-6)

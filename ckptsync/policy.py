@@ -44,6 +44,10 @@ def batches(sizes: list[tuple[str, int]], limit: int = BATCH_BYTES) -> list[list
     return out
 
 
+# A remote_dir without checkpoints that changed this recently (by the server's clock) belongs to
+# a run that may not have saved its first checkpoint yet: a warning, not a wrong remote_dir.
+FIRST_SAVE_GRACE = 30 * 60
+
 # Kept free on top of what a transfer needs, on either side: filesystems misbehave when full.
 SPACE_MARGIN = 64 << 20
 

@@ -144,7 +144,7 @@ class LocalPrune:
         if self.opts.dry_run:
             self._plan()
             return self.result
-        with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT,
+        with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT, stall_limit=self.target.stall_timeout,
                              on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
             clean_leftovers(self.store)
             self._plan()
@@ -311,11 +311,15 @@ class RemotePrune:
             if self.opts.dry_run or not self.store.root.is_dir():
                 self._plan(view, held=False)
                 if not self.opts.dry_run:
-                    self._delete(view)
+                    with server.holding(view.root, "ckptsync prune --remote"):
+                        self._delete(view)
                 return self.result
-            # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put.
+            # Held so that no backup reads a checkpoint while it is deleted, and the manifests stay put;
+            # the server's lock, so that no restore puts a checkpoint back while it is deleted.
             with self.store.lock("ckptsync prune --remote", wait=self.opts.wait, hint=WAIT_HINT,
-                                 on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
+                                 on_wait=lambda holder: self.rep.info(f"waiting for {holder}"),
+                                 stall_limit=self.target.stall_timeout), \
+                    server.holding(view.root, "ckptsync prune --remote"):
                 self._plan(view, held=True)
                 self._delete(view)
         return self.result

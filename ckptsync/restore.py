@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -27,12 +28,14 @@ from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.errors import (
-    OK, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
+    OK, AgentError, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
 )
+from ckptsync.layout import RESTORED_MARKER
+from ckptsync.destination import identical_there, mark_restored, same_place
 from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.server import Arrived, Server, open_server, shares
+from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, Stat, open_server, shares
 from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
@@ -80,7 +83,7 @@ class RestoreOptions:
 class FileItem:
     path: str        # relative to remote_dir, the same string as in the backup directory
     size: int
-    action: str      # "send", or "staged": left by an interrupted run and checked on the server
+    action: str      # "send"; "staged": left by an interrupted run and checked on the server; "already there"
 
 
 @dataclass
@@ -109,6 +112,7 @@ class RestoreResult:
     exact_resume: bool = False
     creates_remote_dir: bool = False
     replaced: bool = False       # an existing copy on the server was replaced (--force)
+    identical: bool = False      # the server already had it with the same bytes: nothing of it was sent
     files: list[FileItem] = field(default_factory=list)
     extras: list[ExtraItem] = field(default_factory=list)
     sent_files: int = 0
@@ -279,10 +283,11 @@ class Restore:
                 self.server = server
                 self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
-                    if self.opts.discard_staged:
-                        self._discard_staged(m)
-                    else:
-                        self._restore(m, files, extras, ordered, manifests)
+                    with self._server_lock():
+                        if self.opts.discard_staged:
+                            self._discard_staged(m)
+                        else:
+                            self._restore(m, files, extras, ordered, manifests)
                 finally:
                     if not self.opts.dry_run:
                         self.digests.save()   # what sending computed: the next comparison reads nothing
@@ -317,7 +322,7 @@ class Restore:
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore",
+                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.stall_timeout,
                                                     hint="wait for it to finish, then run the restore again"))
                 self.digests.held = True
             except IOFailure:
@@ -326,6 +331,31 @@ class Restore:
                 # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
                 self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
         return stack
+
+    @contextlib.contextmanager
+    def _server_lock(self) -> Iterator[None]:
+        """The server directory's lock, from the first look at the server to the commit: two restores
+        into one directory would otherwise mix their files, and both say they succeeded."""
+        root = self.target.remote_dir
+        if self.opts.dry_run:
+            yield
+            return
+        held = contextlib.ExitStack()
+        try:
+            created = held.enter_context(self.server.holding(root, "ckptsync restore",
+                                                             create=not self.opts.discard_staged))
+        except ServerLocked as exc:
+            raise ServerLocked(f"{exc.message}; nothing was sent", path=exc.path, holder=exc.holder) from None
+        except MissingOnServer:  # --discard-staged in a directory that is not there: nothing is staged
+            yield
+            return
+        except AgentError as exc:
+            if exc.agent_kind != "not_dir":
+                raise
+            raise UsageError(f"{root} on {self.result.server} is not a directory") from None
+        with held:
+            self.result.creates_remote_dir = created
+            yield
 
     def _select(self, m: Manifest) -> list[FileRecord]:
         r = self.result
@@ -361,26 +391,38 @@ class Restore:
         r.path = posixpath.join(root, m.name)
         self.rep.info(f"{m.name}: checking the server")
         extra_items = self._check_server(root, m, extras)
+        if r.identical:  # the server's copy has these bytes: nothing of the checkpoint is sent
+            r.files, files = [FileItem(f.path, f.size, SAME) for f in files], []
+            self.rep.info(f"{m.name}: already there, identical (hashed on the server)")
         self._verify(m, files, extra_items, ordered)
         records = files + [f for f, _item in extra_items]
         staged = self._usable_staged(root, m, records, check=not self.opts.dry_run)
-        r.files = [FileItem(f.path, f.size, STAGED if f.path in staged else SEND) for f in files]
+        r.files += [FileItem(f.path, f.size, STAGED if f.path in staged else SEND) for f in files]
         r.extras = [item for _f, item in extra_items]
         r.resumed_files = sum(1 for f in r.files if f.action == STAGED)
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
         self._check_space(root, sum(f.size for f in to_send), m.name)
         best_note = "" if self.opts.extra_files_only else self._best_model_note(root, m, manifests)
+        if self.opts.dry_run and self.server.hello.home:  # the path the real run will print
+            r.remote_dir = root = self._absolute(root)
+            r.path = posixpath.join(root, m.name)
+            for item in r.extras:
+                if item.action != OUTSIDE:
+                    item.dest = posixpath.normpath(posixpath.join(root, self._extra_dest(item.source)))
         if not self.opts.dry_run:
             r.remote_dir = root = self.server.mkdir(root)
             r.path = posixpath.join(root, m.name)
             for item in r.extras:
                 if item.action != OUTSIDE:
                     item.dest = posixpath.normpath(posixpath.join(root, self._extra_dest(item.source)))
-            self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
-                          + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
+            if to_send or not r.identical:
+                self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
+                              + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
             self._send(root, m.name, to_send)
+            if self.opts.adapter_only and not r.identical:
+                mark_restored(self.server, root, m, self.opts.compress)
             self.phase = "commit"
             self._commit(root, m, extra_items)
             self.phase = "done"
@@ -400,27 +442,24 @@ class Restore:
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
-        self.result.creates_remote_dir = here is None
+        self.result.creates_remote_dir = self.result.creates_remote_dir or here is None
         if st.get(m.name) is not None and not self.opts.extra_files_only:
-            if not self.opts.force:
+            self.result.identical = self._identical(root, m, st[m.name])
+            if self.result.identical:
+                pass  # restored already: the same bytes, whatever --force says
+            elif not self.opts.force:
                 raise UsageError(
                     f"{m.name} already exists in {root} on {self.result.server}; nothing was sent",
                     hint="add --force to replace it (atomically: the old copy goes only once the new one is in place)")
-            self.result.replaced = True
+            else:
+                self.result.replaced = True
         existing = [f for f in records if placed[f.path] is not None and st.get(placed[f.path]) is not None]
         same = self._same_on_server(root, [f for f in existing if not st[placed[f.path]].is_dir], placed)
         items = []
         for f in records:
             dest = placed[f.path]
             if dest is None:
-                kept = str(self.files_root / f.path)
-                items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", kept)))
-                where = posixpath.dirname(f.source) or "."
-                self.result.warnings.append(
-                    f"not restored: {f.source} (it lay outside the run's directory on the old server, and "
-                    f"{root} is a different directory); the copy is kept at {kept}; to put the extra files "
-                    f"at the same place relative to this run: "
-                    f"{self.target.command('restore', '--checkpoint', m.name, '--extra-files-only', '--extra-files-to', where)}")
+                items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", str(self.files_root / f.path))))
                 continue
             if st.get(dest) is None:
                 action = SEND
@@ -431,7 +470,25 @@ class Restore:
             items.append((f, ExtraItem(f.source, f.size, action, posixpath.normpath(posixpath.join(root, dest)))))
             if action == DIFFERS:
                 self.result.warnings.append(f"kept existing {dest} (differs from the backup; --force replaces it)")
+        outside = [f for f in records if placed[f.path] is None]
+        if outside:
+            self.result.warnings.append(self._outside_text(root, m, outside))
         return items
+
+    def _outside_text(self, root: str, m: Manifest, outside: list[FileRecord]) -> str:
+        """One line for the extra files left in the backup: they lay outside the run's tree, and
+        `root` is another directory than the one they were backed up from."""
+        dirs = {posixpath.dirname(f.source) or "." for f in outside}
+        where = dirs.pop() if len(dirs) == 1 else "DIR"
+        again = self.target.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
+        return (f"not restored: {', '.join(f.source for f in outside)} (outside {root}, which is not the "
+                f"directory they were backed up from; kept in {self.store.root / EXTRA}); to put them at the "
+                f"same place relative to this run: {again}")
+
+    def _identical(self, root: str, m: Manifest, there: Stat) -> bool:
+        want = weight_files(m) if self.opts.adapter_only else m.files
+        return identical_there(self.server, root, m.name, want, there, self._local_hash,
+                               ignore={RESTORED_MARKER} if self.opts.adapter_only else set())
 
     def _extra_dest(self, source: str) -> str:
         """Where an extra file goes, relative to remote_dir (or absolute)."""
@@ -444,8 +501,7 @@ class Restore:
         dest = self._extra_dest(f.source)
         if self.opts.extra_files_to:
             return dest
-        old_root = str((extras.source if extras else {}).get("remote_dir") or "")
-        if old_root and self._absolute(root) == posixpath.normpath(old_root):
+        if extras is not None and same_place(extras.source, self._absolute(root), self.server.hello.home):
             return dest  # the same run directory: back where it came from
         inside = posixpath.normpath(dest)
         if inside.startswith("/") or inside == ".." or inside.startswith("../"):
@@ -470,7 +526,8 @@ class Restore:
     def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]],
                 ordered: list[Manifest]) -> None:
         total = sum(f.size for f in files)
-        self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
+        if files:
+            self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
         self.rep.start(f"verify {m.name}", total)
         try:
             bad = verify_files(self.files_root, files, self.rep)
@@ -508,7 +565,9 @@ class Restore:
         if not staged and not partial:
             return set()
         want = {f.path: f for f in records}
-        inside = [p for p in list(staged) + list(partial) if p == m.name or p.startswith(m.name + "/")]
+        marker = posixpath.join(m.name, RESTORED_MARKER)  # staged last: sent again, never in the way
+        inside = [p for p in list(staged) + list(partial)
+                  if (p == m.name or p.startswith(m.name + "/")) and p != marker]
         if any(p not in want for p in inside):
             # It would be renamed into place with the checkpoint: start over.
             if not self.opts.dry_run:
@@ -751,7 +810,7 @@ class Restore:
     def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
         stage = m.name
         done = self.server.commit(root, stage, [(m.name, m.name)], force=self.opts.force) \
-            if not self.opts.extra_files_only else None
+            if not (self.opts.extra_files_only or self.result.identical) else None
         if done is not None and m.name in done.kept:
             raise UsageError(
                 f"{m.name} appeared in {root} during the restore and was left as it is; the restored copy is in "

@@ -1,13 +1,18 @@
-"""Ask the server what is in remote_dir and turn it into checkpoints."""
+"""Ask the server what is in remote_dir and turn it into checkpoints; where there are none, say what is there."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ckptsync.hold import merge
 from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, dated_ahead, discover, unseen_outside
-from ckptsync.policy import span
+from ckptsync.policy import FIRST_SAVE_GRACE, span
 from ckptsync.server import FileStat, Listing as ServerListing, Procs, Server
+
+if TYPE_CHECKING:
+    from ckptsync.config import Target
 
 
 @dataclass
@@ -88,3 +93,72 @@ def view_of(listing: ServerListing, settle_seconds: float, procs: Procs | None =
         stale=merged.stale,
         procs=procs,
     )
+
+
+CHECKPOINT_PART = re.compile(r"(checkpoint|global_step|step|epoch)[-_]?\d+")
+
+
+@dataclass
+class Empty:
+    """A remote_dir without checkpoints: what it holds instead, said the same by list, backup,
+    cron install and checklist."""
+
+    root: str
+    detail: str        # what is there instead
+    command: str       # the same command for the directory the checkpoints are in, or ""
+    young: bool        # changed within FIRST_SAVE_GRACE: a new run may not have saved yet
+    age: float = 0.0   # seconds since the directory changed, by the server's clock
+
+    @property
+    def message(self) -> str:
+        return f"no checkpoints in {self.root}"
+
+    @property
+    def hint(self) -> str:
+        return f"{self.detail}: {self.command}" if self.command else self.detail
+
+    @property
+    def young_text(self) -> str:
+        return (f"no checkpoints in {self.root} yet: it changed {self.age / 60:.0f} min ago on the server, "
+                "so the run may not have saved its first one")
+
+
+def empty_remote_dir(server: Server, view: ServerView, target: Target, verb: str) -> Empty:
+    """What to say about a remote_dir without checkpoints; `verb`: the command to repeat."""
+    detail, command = _elsewhere(view, target, verb)
+    age = None
+    if not command:  # checkpoints elsewhere mean a wrong directory, however new
+        st = server.stat(view.root, ["."]).get(".")
+        age = None if st is None else max(view.now - st.mtime_ns / 1e9, 0.0)
+    young = age is not None and age < max(FIRST_SAVE_GRACE, target.settle_seconds)
+    return Empty(view.root, detail, command, young, age or 0.0)
+
+
+def empty_hint(view: ServerView, target: Target) -> str:
+    """What list says about a remote_dir without checkpoints: empty, or where deeper down they are."""
+    detail, command = _elsewhere(view, target, "list")
+    return f"{detail}: {command}" if command else detail
+
+
+def _elsewhere(view: ServerView, target: Target, verb: str) -> tuple[str, str]:
+    """(what remote_dir holds instead of checkpoints, the command for where they are or "")."""
+    words = verb.split()
+    if not view.exact:
+        return f"{view.root} is empty on the server: is it the directory the trainer saves into?", ""
+    deeper = set()
+    for path in view.exact:
+        parts = path.split("/")
+        at = next((i for i, part in enumerate(parts[:-1]) if CHECKPOINT_PART.fullmatch(part)), 0)
+        if at:
+            deeper.add("/".join(parts[:at]))
+    parent, name = view.root.rstrip("/").rsplit("/", 1) if "/" in view.root.strip("/") else ("", "")
+    if not deeper and CHECKPOINT_PART.fullmatch(name):
+        return (f"{view.root} looks like one checkpoint; the run is its parent",
+                target.command_with("--remote-dir", parent, *words))
+    if not deeper:
+        return (f"{view.root} holds {len(view.exact)} file(s) on the server, none of them in a "
+                "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?"), ""
+    first = min(deeper, key=lambda d: (d.count("/"), d))
+    shown = ", ".join(sorted(deeper)[:3]) + (", ..." if len(deeper) > 3 else "")
+    return (f"{view.root} has checkpoints further down ({shown})",
+            target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", *words))

@@ -45,8 +45,9 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions,
     By default: every complete checkpoint newer than the newest one in `stored` (the backups
     already made), and the `max_checkpoints` newest (all that a first run takes)."""
     complete = [c for c in checkpoints if c.complete]
+    # Weights that restore --adapter-only put there come from a backup: skipped only when named.
     skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c))
-               for c in checkpoints if not c.complete]
+               for c in checkpoints if not c.complete and (not c.restored or c.name in opts.names)]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
         missing = [n for n in opts.names if n not in by_name]
@@ -94,6 +95,8 @@ def new_since(complete: list[Checkpoint], stored: Iterable[Manifest]) -> list[Ch
 
 
 def skip_reason(c: Checkpoint) -> str:
+    if c.restored:
+        return f"{c.reason} from a backup; not backed up again"
     if c.unreadable:
         return f"{c.reason}; not recorded"
     return f"{'abandoned (incomplete)' if c.abandoned else 'in progress'}: {c.reason}"

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ckptsync import osdeps
+from ckptsync import liveness, osdeps
 from ckptsync.agent import fsync_dir, fsync_file, hash_file
 from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure, Locked
 
@@ -549,11 +549,14 @@ class Store:
     # -------------------------------------------------- lock
 
     @contextlib.contextmanager
-    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "", name: str = "lock") -> Iterator[None]:
+    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "",
+             stall_limit: float | None = None, name: str = "lock") -> Iterator[None]:
         """One run per backup directory. The system releases the lock when a holder dies.
 
         `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
         others get "wait for it to finish", since a hint must name only flags the command has.
+        The holder's info (and, as its work advances, its progress time) is in the lock file; with
+        `stall_limit`, a refusal says when that holder lives but has not progressed for longer.
         `name`: WATCH_LOCK is held by a watch for as long as it runs (it takes "lock" per cycle)."""
         path = self.meta / name
         self.check_own()
@@ -565,7 +568,12 @@ class Store:
         held = False
         try:
             if not osdeps.lock_file(fd, path, wait=False):
-                holder = read_holder(path)
+                info = liveness.read_holder(path)
+                idle = liveness.stuck(info, time.time(), stall_limit) if stall_limit else None
+                if idle is not None:
+                    raise Locked(f"{self.root} is locked: {liveness.stuck_text(info, idle, stall_limit)}",
+                                 hint=liveness.stuck_hint(info), stuck=True) from None
+                holder = liveness.holder_text(info)
                 if not wait:
                     raise Locked(f"{self.root} is in use by {holder}",
                                  hint=hint or "wait for it to finish, then run the command again") from None
@@ -573,19 +581,22 @@ class Store:
                     on_wait(holder)
                 osdeps.lock_file(fd, path, wait=True)
             held = True
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, json.dumps(info).encode())
+            now = time.time()
+            liveness.RECORDER.hold(fd, {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                        "since": now, "progress": now})
             yield
         finally:
             if held:  # a refused run must not erase the holder's info
+                liveness.RECORDER.drop(fd)
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
                 with contextlib.suppress(OSError):
                     osdeps.unlock_file(fd, path)
             os.close(fd)
 
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock, as its file says (a holder killed with SIGKILL leaves its info behind)."""
+        return liveness.read_holder(self.meta / "lock")
 
     def watcher(self) -> str:
         """Who runs a watch on this backup directory ('' when none does)."""
@@ -601,18 +612,15 @@ class Store:
             if osdeps.lock_file(fd, path, wait=False):
                 osdeps.unlock_file(fd, path)
                 return ""
-            return read_holder(path)
+            return liveness.holder_text(liveness.read_holder(path))
         finally:
             os.close(fd)
 
-
-def read_holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-        return f"'{info['command']}' (pid {info['pid']} on {info['host']}, since {since})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another ckptsync run"
+    def stuck_holder(self, now: float, limit: float) -> str:
+        """A warning when a live run holds the lock and has made no progress for longer than `limit`."""
+        info = self.holder()
+        idle = liveness.stuck(info, now, limit)
+        return "" if idle is None else f"{liveness.stuck_text(info, idle, limit)}; {liveness.stuck_hint(info)}"
 
 
 def remove_tree(path: Path) -> None:

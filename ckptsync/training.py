@@ -91,7 +91,7 @@ def judge_training(view: ServerView, procs: Procs | None, settle_seconds: float,
     unfinished = []                  # (as a save in progress, as one that stopped) of saves not written now
     claimed = set()
     for c in view.checkpoints:
-        if c.complete or c.abandoned:
+        if c.complete or c.abandoned or c.restored:
             continue
         claimed.update(f.path for f in c.files)
         if c.unreadable:

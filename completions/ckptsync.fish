@@ -121,7 +121,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip th
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
-complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron)'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron); exit 11...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l via-laptop -d 'A bucket store (s3://...) the server cannot reach: relay the bytes through th...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l wait -d 'Wait for another run on the same backup directory instead of exiting 11'

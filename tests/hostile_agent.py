@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 import tarfile
+import threading
 import time
 
 HEADER = struct.Struct(">cI")
@@ -33,6 +34,11 @@ def recv():
         sys.exit(0)
     kind, size = HEADER.unpack(head)
     return kind, IN.read(size)
+
+
+def block_forever():
+    """A server that stops answering but keeps the connection open; only the client ends it."""
+    threading.Event().wait()
 
 
 def member(name, data=DATA, kind=tarfile.REGTYPE, linkname=""):
@@ -81,12 +87,30 @@ def main():
             old = int((time.time() - 3600) * 1e9)
             files = [[path, len(DATA), old, 0o644],
                      ["checkpoint-5/trainer_state.json", 2, old, 0o644]]
-            send_json({"root": "/srv", "files": files, "now": time.time(),
-                       "meta": {"checkpoint-5/trainer_state.json": {"global_step": 5}}})
+            reply = {"root": "/srv", "files": files, "now": time.time(),
+                     "meta": {"checkpoint-5/trainer_state.json": {"global_step": 5}}}
+            if MODE == "scan-shape":
+                reply["unseen"] = ["a word where [path, why, mtime] belongs"]
+            if MODE == "scan-stall":  # a frame that promises 1000 bytes, brings 10, and nothing more
+                OUT.write(HEADER.pack(b"J", 1000) + b'{"root": "')
+                OUT.flush()
+                block_forever()
+            send_json(reply)
         elif op == "send":
             send_json({"ok": True, "alg": "sha1"})
             if MODE == "garbage-frame":
                 send(b"Q", b"what")
+            if MODE == "huge-frame":
+                OUT.write(HEADER.pack(b"D", 2 << 30))  # 2 GiB announced
+                OUT.flush()
+                block_forever()
+            if MODE == "stall-send":
+                send(b"D", member("checkpoint-5/a.bin")[:700])  # part of the file, then silence
+                block_forever()
+            if MODE == "still-beating":  # heartbeats that report no work done
+                while True:
+                    send(b"K", struct.pack(">Q", 7))
+                    time.sleep(0.05)
             payload = tar_for(MODE)
             for i in range(0, len(payload), 1 << 16):
                 send(b"D", payload[i:i + (1 << 16)])
@@ -96,8 +120,13 @@ def main():
             import hashlib
             digest = hashlib.sha1(b"y" * 4096 if MODE == "wronghash" else DATA).hexdigest()
             for f in req["files"]:
-                send_json({"member": f[1], "size": len(DATA), "mtime_ns": 1_700_000_000 * 10**9,
-                           "mode": 0o644, "hash": digest}, b"H")
+                while True:  # endless-records: the same record again and again
+                    send_json({"member": f[1], "size": len(DATA), "mtime_ns": 1_700_000_000 * 10**9,
+                               "mode": 0o644, "hash": digest}, b"H")
+                    if MODE != "endless-records":
+                        break
+            while MODE == "endless-data":  # zeros after the end of the tar, never the end frame
+                send(b"D", b"\0" * (1 << 16))
             send(b"E")
             send_json({"raw_bytes": len(payload), "wire_bytes": len(payload)})
         elif op == "stat":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -192,11 +193,11 @@ def cli(env, *args):
     return run_cli("cron", *args, env=env, timeout=60)
 
 
-def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
+def test_install_twice_keeps_one_entry_and_other_lines(fake, server_tree, tmp_path):
     env, table = fake
     table.write_bytes(USER_TABLE)
     dest = tmp_path / "backups" / "a"
-    args = ("--remote-dir", tmp_path / "server", "--local-dir", dest)
+    args = ("--remote-dir", server_tree, "--local-dir", dest)
     first = cli(env, "install", *args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines()[:2] == ["installed: cron entry for local, every 30m (*/30 * * * *)",
@@ -225,7 +226,7 @@ def test_install_twice_keeps_one_entry_and_other_lines(fake, tmp_path):
     python = words.index(os.path.abspath(sys.executable))
     assert words[python + 1:python + 4] == ["-m", "ckptsync", "backup"]
     assert "--config" not in words
-    assert cron.option_value(entry.command, "--remote-dir") == str(tmp_path / "server")
+    assert cron.option_value(entry.command, "--remote-dir") == str(server_tree)
     assert cron.option_value(entry.command, "--local-dir") == str(dest)
     assert cron.option_value(entry.command, "--log-file") == str(dest / ".ckptsync" / "cron.log")
     assert {"--quiet", "--skip-if-locked"} <= set(words)
@@ -486,6 +487,20 @@ def test_install_refuses_a_target_that_does_not_resolve(fake, tmp_path, target, 
         assert "tnr connect 5" in res.stderr
     assert "Traceback" not in res.stderr
     assert table.read_bytes() == USER_TABLE and not dest.exists()
+
+
+def test_install_says_where_the_checkpoints_are_when_remote_dir_is_above_them(fake, server_tree, tmp_path):
+    env, table = fake
+    dest = tmp_path / "b"
+    res = cli(env, "install", "--remote-dir", server_tree.parent, "--local-dir", dest)
+    assert res.returncode == 0, res.stderr
+    hint = re.search(rf"^warning: no checkpoints in {re.escape(str(server_tree.parent))}: .* has checkpoints "
+                     r"further down \(.+?\): (ckptsync cron install .+)$", res.stderr, re.M)
+    assert hint, res.stderr
+    pasted = cli(env, *shlex.split(hint.group(1))[2:])
+    assert pasted.returncode == 0 and "warning" not in pasted.stderr, pasted.stderr
+    command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)[1]
+    assert cron.option_value(command, "--remote-dir") == str(server_tree)
 
 
 def test_install_refuses_a_command_that_is_not_installed(fake, tmp_path):

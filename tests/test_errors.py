@@ -154,12 +154,19 @@ def test_unreadable_trainer_state_is_reported_not_fatal(server_tree, tmp_path):
     ("remote_dir: /x\nbwlimit: -5M\n", ["bwlimit", "is not a rate"]),
     ("remote_dir: /x\nbwlimit: 0\n", ["bwlimit", "below the smallest rate"]),
     ("a: " + "[" * 10000 + "]" * 10000 + "\n", ["nested too deeply"]),
+    ("remote_dir: /x\nstall_timeout: 0\n", ["stall_timeout", "more than 0"]),
+    ("remote_dir: /x\ninstances:\n  '1': {host: h, stall_timeout: .nan}\n", ["instances.1.stall_timeout"]),
 ])
 def test_broken_config_exits_4_naming_file_and_key(tmp_path, text, needles):
     cfg = tmp_path / "ckptsync.yaml"
     cfg.write_text(text)
     res = run_cli("list", "-i", "1", "--config", cfg)
     one_line_error(res, 4, str(cfg), *needles)
+
+
+def test_a_stall_timeout_from_the_environment_that_is_no_number_of_seconds_exits_4(tmp_path):
+    res = run_cli("list", "--remote-dir", tmp_path, env={"CKPTSYNC_STALL_TIMEOUT": "soon"})
+    one_line_error(res, 4, "CKPTSYNC_STALL_TIMEOUT=soon", "a number of seconds")
 
 
 def test_config_env_var_and_missing_file(tmp_path):

@@ -50,6 +50,35 @@ def test_hostile_server_is_refused_and_nothing_lands(tmp_path, mode, code, needl
     assert leftovers == []
 
 
+@pytest.mark.parametrize("mode,needle", [
+    ("scan-stall", "no data from the server for 1 s"),      # a reply frame cut short, the link left open
+    ("stall-send", "no data from the server for 1 s"),      # part of a file, then silence
+    ("huge-frame", "frame of 2147483648 bytes is larger than allowed"),
+    ("endless-data", "went on after the end of its tar data"),
+    ("endless-records", "came twice"),
+    ("still-beating", "a heartbeat that reports no progress"),
+    ("scan-shape", "malformed reply to scan"),
+])
+def test_a_server_that_stalls_or_never_ends_its_reply_is_exit_20(tmp_path, mode, needle):
+    # Each hostile server here keeps its end of the connection open forever (or talks forever):
+    # only the client's checks (the stall limit, the size and shape limits) end the run.
+    cfg = hostile_config(tmp_path, mode)
+    res = run_cli("backup", "-i", "6", "--config", cfg, "--no-extra-files",
+                  env={"CKPTSYNC_STALL_TIMEOUT": "1"}, timeout=60)
+    assert res.returncode == 20, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and needle in res.stderr, res.stderr
+    dest = tmp_path / "backups" / "instance-6"
+    assert not (dest / "checkpoint-5").exists()
+
+
+def test_the_stall_limit_comes_from_the_config_too(tmp_path):
+    cfg = hostile_config(tmp_path, "stall-send")
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "stall_timeout": 1}))
+    res = run_cli("backup", "-i", "6", "--config", cfg, "--no-extra-files", env={"CKPTSYNC_STALL_TIMEOUT": None},
+                  timeout=60)
+    assert res.returncode == 20 and "no data from the server for 1 s" in res.stderr, (res.stdout, res.stderr)
+
+
 AWKWARD = ["sp ace.bin", "quote'\"d.bin", "semi;colon.bin", "$(touch pwned).bin", "new\nline.bin",
            "ünïcödé-名前.json", "back\\slash.bin", "-dash-first.bin"]
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, discover, find_best, resume_files
+from ckptsync.layout import (
+    RESTORED_MARKER, Checkpoint, FileEntry, Listing, Writers, best_checkpoint, discover, find_best, resume_files,
+)
 from helpers import FIXTURES
 
 pytestmark = pytest.mark.laptop  # pure tables: the macOS and Windows jobs run them too
@@ -611,3 +613,26 @@ def test_fixture_fresh_checkout_is_settling():
     listing_ = walk_fixture("full-finetune/output")
     fresh = Listing(tuple(FileEntry(f.path, f.size, NOW - 5, f.mode) for f in listing_.files), listing_.meta, NOW)
     assert all(not c.complete and c.reason.endswith("modified 5s ago (settle 60s)") for c in discover(fresh))
+
+
+@pytest.mark.parametrize("names, age, restored, reason", [
+    # what restore --adapter-only writes, hours later: restored, never abandoned
+    (("adapter_model.safetensors", "adapter_config.json", RESTORED_MARKER), 5 * 3600, True, "adapter only, restored"),
+    (("model.safetensors", "config.json", RESTORED_MARKER), 60, True, "weights only, restored"),
+    # the same files without the marker: a save still being written
+    (("adapter_model.safetensors", "adapter_config.json"), 600, False, "trainer_state.json not written yet"),
+])
+def test_a_restored_directory_is_not_a_save_in_progress(names, age, restored, reason):
+    c = only(discover(listing(*in_dir("checkpoint-500", names, mtime=NOW - age))))
+    assert (c.restored, c.complete, c.abandoned, c.reason) == (restored, False, False, reason)
+    assert all(not f.path.endswith(RESTORED_MARKER) for f in c.files)
+
+
+@pytest.mark.parametrize("sources, best", [
+    ([], None),
+    ([(8, OLD, "/run/checkpoint-8")], "checkpoint-8"),
+    ([(8, OLD, "/run/checkpoint-4"), (12, OLD, "/run/checkpoint-12/")], "checkpoint-12"),  # the newest state's word
+    ([(12, OLD, "C:\\run\\checkpoint-8"), (12, OLD - 1, "/run/checkpoint-4")], "checkpoint-8"),
+])
+def test_best_checkpoint_is_named_by_the_newest_state(sources, best):
+    assert best_checkpoint(sources) == best

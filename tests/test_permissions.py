@@ -167,7 +167,7 @@ def test_restore_into_unwritable_dir_exits_5_and_leaves_nothing(other_user: Othe
     closed.mkdir()
     give_to_root(closed, 0o755)
     run = closed / "run" if where == "new run dir in it" else closed
-    failed = run / ".ckptsync-staging-checkpoint-12" if run == closed else run
+    failed = run / ".ckptsync-lock" if run == closed else run  # the server lock is the first write
 
     line = one_line(remote(other_user, "restore", run, "--local-dir", store, "--checkpoint", "checkpoint-12"),
                     IO)

@@ -188,3 +188,29 @@ def test_a_stream_broken_before_the_writer_opened_the_file_leaves_no_part(tmp_pa
     paused.go.set()
     paused.stop()
     assert list((tmp_path / "ck").iterdir()) == []
+
+
+def test_one_connection_at_a_time_holds_a_server_directory(tmp_path):
+    from ckptsync.server import ServerLocked
+
+    root = tmp_path / "run"
+    root.mkdir()
+    with InProcessServer() as a, InProcessServer() as b:
+        assert a.lock(str(root), "ckptsync restore") is False
+        a.lock(str(root), "ckptsync restore")  # the same connection again
+        with pytest.raises(ServerLocked) as caught:
+            b.lock(str(root), "ckptsync prune --remote")
+        assert caught.value.exit_code == 11
+        assert (caught.value.holder["pid"], caught.value.holder["command"]) == (os.getpid(), "ckptsync restore")
+        assert f"another restore into {root} holds the server's lock (pid {os.getpid()} on " in caught.value.message
+        assert a.scan(str(root)).files == []  # the lock file is not a checkpoint's
+        a.unlock(str(root))
+        assert not (root / ".ckptsync-lock").exists()
+        b.lock(str(root), "ckptsync prune --remote")
+    assert not (root / ".ckptsync-lock").exists()  # b's connection ended, and its lock with it
+
+    new = tmp_path / "new" / "run"
+    with InProcessServer() as c:
+        assert c.lock(str(new), "ckptsync restore", create=True) is True
+        assert new.is_dir()
+    assert not (tmp_path / "new").exists()  # nothing was put there: what the lock made is gone

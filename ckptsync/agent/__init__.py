@@ -9,7 +9,9 @@ client connecting over SSH does not import it; the in-process server imports
 ckptsync.agent.serve itself.
 """
 
-from ckptsync.agent.frames import CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure
+from ckptsync.agent.frames import (
+    BEAT, BEAT_COUNT, CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure,
+)
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes, zstd_binary
@@ -19,7 +21,8 @@ from ckptsync.agent.reader import FrameReader
 from ckptsync.agent.bundle import payload, payload_compressed
 
 __all__ = [
-    "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX", "Channel", "Failure", "os_failure",
+    "BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX",
+    "Channel", "Failure", "os_failure",
     "fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback",
     "resolve", "safe_member",
     "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",

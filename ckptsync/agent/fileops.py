@@ -1,10 +1,20 @@
-"""Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir."""
+"""Writing on the server: receive into staging, commit, inspect or discard staging, remove, mkdir, lock."""
 
+import errno
+import json
 import os
 import shutil
 import tarfile
 
-from ckptsync.agent.frames import CHUNK, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure
+try:
+    import fcntl
+except ImportError:  # Windows, where the local agent of a laptop runs
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
+from ckptsync.agent.frames import CHUNK, LOCK_NAME, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.reader import FrameReader
@@ -54,6 +64,7 @@ def open_part(tmp, offset, h):
                 raise Failure("protocol", "resumed at byte %d, but the staged part is shorter" % offset, tmp)
             h.update(block)
             left -= len(block)
+            tick()
         out.truncate(offset)
         out.seek(offset)
     except BaseException:
@@ -138,8 +149,10 @@ def op_receive(chan, req, _memory=None):
     reader.drain()
     for path in written + sorted(set(ranged)):  # everything reaches the disk before the client may commit
         fsync_file(path)
+        tick()
     for dirpath, _dirs, _files in os.walk(staging):
         fsync_dir(dirpath)
+        tick()
     return {"files": results, "staging": staging}
 
 
@@ -264,3 +277,121 @@ def op_mkdir(req):
     except OSError as exc:
         raise os_failure(exc, path)
     return {"path": os.path.abspath(path)}
+
+
+def op_lock(req, held):
+    """Hold root/.ckptsync-lock (flock) until `unlock` or the end of the connection: one run at a time
+    writes into a server directory. The asking run's `owner` (pid, host, command, since) goes into
+    the file, so that a run refused gets it back; a lock this connection holds is granted again.
+    With `create`, a missing root is made first (the run would make it anyway); the release removes
+    what it made when it is still empty, and the lock file always."""
+    root = resolve(req["root"])
+    path = os.path.join(root, LOCK_NAME)
+    if path in held:
+        return {"path": path, "created": False}
+    made = []
+    if not os.path.isdir(root):
+        if os.path.lexists(root):
+            raise Failure("not_dir", "not a directory: %s" % root, root)
+        if not req.get("create"):
+            raise Failure("not_found", "no such directory: %s" % root, root)
+        up = root
+        while not os.path.lexists(up):
+            made.append(up)
+            up = os.path.dirname(up)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise os_failure(exc, root)
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise os_failure(exc, path)
+        try:
+            try_lock(fd)
+        except OSError as exc:
+            owner = read_owner(fd)
+            os.close(fd)
+            remove_made(made)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise os_failure(exc, path)
+            raise Failure("locked", "%s is being written by another run" % root, root, info=owner)
+        if same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it as it let go: the name is a new file now
+    else:
+        raise Failure("locked", "%s: its lock keeps changing hands" % root, root, info={})
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(req.get("owner") or {}).encode("utf-8"))
+    except OSError:
+        pass  # the lock holds all the same; a run refused then cannot say who holds it
+    held[path] = (fd, made)
+    return {"path": path, "created": bool(made)}
+
+
+def try_lock(fd):
+    """An exclusive lock on fd, taken without waiting; OSError when another holds it. The system
+    lets go when the process ends. Windows locks one byte far past the owner's text."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif msvcrt is not None:
+        os.lseek(fd, 1 << 30, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def op_unlock(req, held):
+    release(held, os.path.join(resolve(req["root"]), LOCK_NAME))
+    return {}
+
+
+def read_owner(fd):
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        owner = json.loads(os.read(fd, 65536).decode("utf-8") or "null")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def same_file(fd, path):
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def remove_made(made):
+    """The directories a lock made for a run that put nothing in them, deepest first."""
+    for path in made:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def release(held, path):
+    """Remove the lock file while still holding it, then let go: whoever opened the old file and
+    gets its lock next sees that the name is gone, and takes the new one instead."""
+    if path not in held:
+        return
+    fd, made = held.pop(path)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    remove_made(made)
+
+
+def unlock_all(held):
+    """The connection ended: its locks are released."""
+    for path in list(held):
+        release(held, path)

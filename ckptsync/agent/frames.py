@@ -7,7 +7,8 @@ frame of tar bytes), "Y" (a zstd frame of tar bytes split into byte lanes,
 see split_lanes), "S" (a piece of one continuous zstd stream) or "L" (byte
 lanes packed with zlib or lzma, see LaneCoder), then "E" ends the data.
 "H" carries one file's checksum record while a tar stream is being sent.
-Paths only ever travel inside frames.
+"K" (a heartbeat, numbered from 1, u64) tells the client that work which sends
+nothing else still advances. Paths only ever travel inside frames.
 """
 
 import errno
@@ -18,9 +19,12 @@ import threading
 PROTOCOL = 1
 CHUNK = 1 << 20
 HEADER = struct.Struct(">cI")
+BEAT = b"K"
+BEAT_COUNT = struct.Struct(">Q")
 STAGING_PREFIX = ".ckptsync-staging-"
 TRASH_PREFIX = ".ckptsync-trash-"
 HOLD_DIR = ".ckptsync-hold"   # checkpoints held against rotation (agent/hold.py)
+LOCK_NAME = ".ckptsync-lock"  # in a server directory: flock-ed by the run writing into it
 
 OS_KINDS = {
     "FileNotFoundError": "not_found",
@@ -32,11 +36,12 @@ OS_KINDS = {
 
 
 class Failure(Exception):
-    def __init__(self, kind, message, path=""):
+    def __init__(self, kind, message, path="", info=None):
         Exception.__init__(self, message)
         self.kind = kind
         self.message = message
         self.path = path
+        self.info = info  # more for the client, in the error reply (a lock's holder)
 
 
 def os_failure(exc, path):
@@ -83,3 +88,48 @@ class Channel:
             parts.append(piece)
             n -= len(piece)
         return b"".join(parts)
+
+
+class Work:
+    """How much work this agent has done: the loops that read files or walk trees count here."""
+
+    done = 0
+
+
+def tick(n=1):
+    Work.done += n
+
+
+class Heartbeat:
+    """Sends a K frame when work advanced since the last one: while a request reads or walks without
+    sending, the client's stall limit then sees progress; a stopped agent or a hung disk sends none."""
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.seen = Work.done
+        self.beats = 0  # numbers the frames: the client refuses one that does not count up
+        self.stopped = threading.Event()
+        self.every = None
+
+    def beat(self):
+        """One look at the count of work: True while the channel still takes frames."""
+        done = Work.done
+        if done == self.seen:
+            return True
+        self.seen = done
+        self.beats += 1
+        try:
+            self.chan.send(BEAT, BEAT_COUNT.pack(self.beats))
+        except Exception:
+            return False
+        return True
+
+    def run(self, every):
+        while not self.stopped.wait(every) and self.beat():
+            pass
+
+    def start(self, every):
+        self.every = every
+        t = threading.Thread(target=self.run, args=(every,))
+        t.daemon = True
+        t.start()

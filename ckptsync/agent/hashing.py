@@ -3,7 +3,7 @@
 import hashlib
 import os
 
-from ckptsync.agent.frames import CHUNK, Failure
+from ckptsync.agent.frames import CHUNK, Failure, tick
 
 try:
     import xxhash  # type: ignore
@@ -41,6 +41,7 @@ def hash_file(path, alg="xxh3_128", on_block=None, limit=None):
             if left is not None:
                 left -= len(block)
             h.update(block)
+            tick()
             if on_block is not None:
                 on_block(len(block))
     return h.hexdigest()

@@ -15,7 +15,7 @@ import socket
 import threading
 import urllib.parse
 
-from ckptsync.agent.frames import CHUNK, Failure, os_failure
+from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.fileops import staging_dir
@@ -122,6 +122,7 @@ def put_range(conns, root, item, alg):
                 if h is not None:
                     h.update(block)
                 conn.send(block)
+                tick()
 
     def on_response(resp, parts):
         _answer(resp, parts, "PUT")
@@ -159,6 +160,7 @@ def get_member(conns, staging, item, alg):
                 size[0] += len(block)
                 h.update(block)
                 out.write(block)
+                tick()
             out.flush()
             start_writeback(out.fileno())
             os.fsync(out.fileno())
@@ -259,6 +261,7 @@ def op_range_hash(req):
                         break
                     left -= len(block)
                     h.update(block)
+                    tick()
             out.append(h.hexdigest() if not left else {"__error__": "shorter than the range"})
         except OSError as exc:
             out.append({"__error__": "%s" % (exc.strerror or exc)})

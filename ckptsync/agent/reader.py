@@ -118,10 +118,16 @@ class FrameReader:
             raise Failure("protocol", "connection closed during transfer")
         return kind, body
 
-    def drain(self):
+    def drain(self, limit=None):
+        """Read to the end of the stream; with `limit`, refuse more than that many bytes of data frames."""
+        seen = 0
         while not self.done:
             kind, body = self.chan.recv()
             if kind is None or kind == b"E":
                 self.done = True
             elif kind not in DATA_FRAMES and self.other is not None:
                 self.other(kind, body)
+            else:
+                seen += len(body)
+                if limit is not None and seen > limit:
+                    raise Failure("protocol", "the stream went on after the end of its tar data")

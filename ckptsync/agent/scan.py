@@ -9,7 +9,7 @@ import stat
 import time
 import zipfile
 
-from ckptsync.agent.frames import HOLD_DIR, Failure, os_failure
+from ckptsync.agent.frames import HOLD_DIR, LOCK_NAME, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_file, hash_listed, hash_names
 from ckptsync.agent.paths import resolve
 
@@ -155,8 +155,11 @@ class Tree(object):
                     raise os_failure(exc, full_dir)
                 self.miss(rel_dir, os_why(exc, full_dir), full_dir)
                 continue
+            tick(1 + len(names))  # long walks count as progress: the client's stall limit waits
             below = []
             for i, name in enumerate(names):
+                if not rel_dir and name == LOCK_NAME:
+                    continue  # a restore's lock, not the trainer's
                 rel = rel_dir + "/" + name if rel_dir else name
                 full = os.path.join(full_dir, name)
                 st = self.look(rel, full)

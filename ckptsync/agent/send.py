@@ -5,7 +5,7 @@ import os
 import stat
 import tarfile
 
-from ckptsync.agent.frames import CHUNK, Failure, os_failure
+from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_names, new_hash, unlike_listing
 from ckptsync.agent.paths import resolve
 from ckptsync.agent.sender import Sender
@@ -23,6 +23,7 @@ def kept_prefix(f, offset, prefix_hash, h):
             return False
         h.update(block)
         left -= len(block)
+        tick()
     return h.hexdigest() == prefix_hash
 
 

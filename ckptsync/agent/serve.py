@@ -6,7 +6,7 @@ import socket
 import sys
 import time
 
-from ckptsync.agent.frames import PROTOCOL, Channel, Failure, os_failure
+from ckptsync.agent.frames import PROTOCOL, Channel, Failure, Heartbeat, os_failure
 from ckptsync.agent.hashing import hash_names
 from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
@@ -14,6 +14,7 @@ from ckptsync.agent.procs import op_procs
 from ckptsync.agent.probe import op_probe
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
+from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
@@ -60,22 +61,31 @@ SIMPLE = {
 }
 # These talk on the channel themselves; they also get the connection's Memory.
 STREAMING = {"send": op_send, "receive": op_receive}
+# These keep something for as long as the connection lasts: its locks.
+HOLDING = {"lock": op_lock, "unlock": op_unlock}
 
 
 def error_reply(failure):
-    return {"kind": failure.kind, "message": failure.message, "path": failure.path}
+    reply = {"kind": failure.kind, "message": failure.message, "path": failure.path}
+    if failure.info is not None:
+        reply["info"] = failure.info
+    return reply
 
 
 def serve(chan):
     memory = Memory()  # per connection: what one send learned about the link serves the next
+    held = {}  # lock file -> (fd, directories it made): let go of when the connection ends
     watchers = {}      # per connection: root -> what watches it for `wait`
+    beat = Heartbeat(chan)
     try:
-        serve_requests(chan, memory, watchers)
+        _serve(chan, memory, held, watchers, beat)
     finally:
+        beat.stopped.set()
+        unlock_all(held)
         close_watchers(watchers)
 
 
-def serve_requests(chan, memory, watchers):
+def _serve(chan, memory, held, watchers, beat):
     while True:
         try:
             kind, body = chan.recv()
@@ -94,12 +104,16 @@ def serve_requests(chan, memory, watchers):
             if op == "bye":
                 chan.send_json({})
                 return
+            if op == "hello" and req.get("beat") and beat.every is None:
+                beat.start(float(req["beat"]))
             if op in SIMPLE:
                 chan.send_json(SIMPLE[op](req))
             elif op == "wait":
                 chan.send_json(op_wait(req, watchers))
             elif op in STREAMING:
                 chan.send_json(STREAMING[op](chan, req, memory))
+            elif op in HOLDING:
+                chan.send_json(HOLDING[op](req, held))
             else:
                 raise Failure("unknown_op", "unknown operation %r" % (op,))
         except Failure as exc:

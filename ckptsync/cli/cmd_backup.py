@@ -44,7 +44,7 @@ def backup_cmd(
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
     wait: o.Wait = False,
-    skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron).")] = False,
+    skip_if_locked: Annotated[bool, typer.Option("--skip-if-locked", help="When another run holds the lock, log one line and exit 0 (for cron); exit 11 when that run has made no progress for longer than stall_timeout.")] = False,
     discard_staged: Annotated[bool, typer.Option("--discard-staged", help="Only delete what interrupted backups left in staging (kept to resume them).")] = False,
     via_laptop: Annotated[bool, typer.Option("--via-laptop", help="A bucket store (s3://...) the server cannot reach: relay the bytes through this machine.")] = False,
     follow_runs: Annotated[bool, typer.Option("--follow-runs", help="Also back up newer run directories beside remote_dir (NAME_run_YYYYMMDD_HHMMSS, or the config's runs:), each into its own subdirectory.")] = False,
@@ -102,11 +102,12 @@ def backup_cmd(
 
 
 def run_or_skip(out, label: str, dest: str, run, skip_if_locked: bool, show) -> int:
-    """run() rendered by show; with --skip-if-locked, a lock held by another run is one line and exit 0."""
+    """run() rendered by show; with --skip-if-locked, a lock held by another run is one line and exit 0,
+    unless that run has made no progress for longer than the stall limit: then it is exit 11."""
     try:
         result = run()
     except Locked as exc:
-        if not skip_if_locked:
+        if not skip_if_locked or exc.stuck:
             raise
         out.info(f"skipped: {exc.message}")
         return out.render(Skipped(label, dest, exc.message), lambda out, r: None)
@@ -211,7 +212,7 @@ def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
     try:
         return run_backup(t, opts, rep)
     except Locked as exc:
-        if not skip_if_locked:
+        if not skip_if_locked or exc.stuck:
             raise
         return Skipped(t.label, str(t.local_dir), exc.message)
 

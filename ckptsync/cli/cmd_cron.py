@@ -99,6 +99,8 @@ def show_entry(out: Output, r: CronResult) -> None:
     if r.stale:
         out.warn("no scheduled run recorded for longer than two intervals; "
                  "run the entry's command by hand to see why")
+    for w in r.warnings:
+        out.warn(w)
     if r.log_tail:
         n = len(r.log_tail)
         out.paragraph(f"log {r.log_file} (last {n} line{'' if n == 1 else 's'}):", indent="  ")

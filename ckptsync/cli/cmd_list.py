@@ -127,7 +127,8 @@ CONTENTS = {
 BACKUP = {"old": "backed up, but the server's copy changed since", "local": "only in the backup directory",
           "damaged": "its manifest is damaged: not a usable backup"}
 STATE = {"writing": "still being written (why: below)", "abandoned": "incomplete and untouched for long",
-         "unreadable": "could not be listed or read whole on the server (why: below)"}
+         "unreadable": "could not be listed or read whole on the server (why: below)",
+         "restored": "weights put there by restore --adapter-only, not a save in progress"}
 STYLES = {"writing": "yellow", "abandoned": "red", "unreadable": "red", "no": "red", "old": "yellow", "yes": "green",
           "complete": "green", "damaged": "red"}
 

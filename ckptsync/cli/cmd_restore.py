@@ -35,13 +35,15 @@ def restore_cmd(
     The backup is re-read and checked against its manifest first, the files are
     staged on the server and checked there, and only then renamed into place.
     An existing checkpoint of the same name is never replaced without --force
-    (exit 2). Damaged backup: exit 30. Not enough space on the server: exit 5.
-    An interrupted restore leaves nothing under the final name; run it again
-    to send only what is missing, or drop it with --discard-staged. Onto a new
-    instance from the backups of an old one: --instance NEW --local-dir
-    ~/ckpt-backups/instance-OLD. Extra files that lay outside the run's
-    directory go back only to the same remote_dir; elsewhere they are skipped
-    with a line saying where they are kept, unless --extra-files-to DIR.
+    (exit 2); one that holds the backup's bytes (by the server's hash) is
+    already there: nothing is sent, exit 0. Damaged backup: exit 30. Not
+    enough space on the server: exit 5. An interrupted restore leaves nothing
+    under the final name; run it again to send only what is missing, or drop
+    it with --discard-staged. Onto a new instance from the backups of an old
+    one: --instance NEW --local-dir ~/ckpt-backups/instance-OLD. Extra files
+    that lay outside the run's directory go back only to the same remote_dir
+    (the same path relative to the server's home counts); elsewhere they are
+    skipped with a line saying where they are kept, unless --extra-files-to DIR.
     --all restores every checkpoint of the backup (those already on the
     server are skipped unless --force); when some fail the others are still
     restored, with exit 3 and a line per failure.
@@ -104,10 +106,15 @@ def show_restore(out: Output, result: RestoreResult) -> None:
                     "restore, not sent again")
     replaced = " (the existing copy was replaced)" if result.replaced else ""
     version = f" (generation {result.generation})" if result.generation else ""
-    out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
-    out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} on "
-               f"the wire){resumed}; {result.seconds:.1f}s"
-               + (f" over {result.channels} channels" if result.channels > 1 else ""))
+    if result.identical:
+        out.result(f"already there, identical: {result.checkpoint}{version} at {result.server}:{result.path} "
+                   "(checked by the server's hash; nothing of it was sent)")
+    else:
+        out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
+    if result.sent_files or not result.identical:
+        out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
+                   f"on the wire){resumed}; {result.seconds:.1f}s"
+                   + (f" over {result.channels} channels" if result.channels > 1 else ""))
     for e in result.extras:
         if e.dest:
             out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
@@ -116,17 +123,23 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     out.result(result.resume_hint)
 
 
+FILE_ACTIONS = {"staged": "already staged on the server", "already there": "already there, identical"}
+
+
 def show_plan(out: Output, result: RestoreResult) -> None:
     step = "" if result.step is None else f" (step {result.step}, {result.content})"
-    out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
-               f"to {result.server}:{result.path}")
+    if result.identical:
+        out.result(f"dry run: {result.checkpoint}{step} is already there, identical: {result.server}:{result.path}")
+    else:
+        out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
+                   f"to {result.server}:{result.path}")
     if result.creates_remote_dir:
         out.result(f"  {result.remote_dir} does not exist yet and would be created")
     if result.replaced:
         out.result(f"  the existing {result.checkpoint} there would be replaced (--force)")
     tab = table("file", "size", "action")
     for f in result.files:
-        tab.add_row(f.path, human(f.size), "send" if f.action == "send" else "already staged on the server")
+        tab.add_row(f.path, human(f.size), FILE_ACTIONS.get(f.action, f.action))
     for e in result.extras:
         tab.add_row(e.dest or f"{e.source} (kept at {e.kept_at})", human(e.size), e.action)
     out.rich(tab)

@@ -217,8 +217,10 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
     if generation is not None:
         entry = pick_generation(store, m.name, generation)
         m = entry.manifest
-    with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
+    with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server, \
+            contextlib.ExitStack() as held:
         root = server.mkdir(target.remote_dir)
+        held.enter_context(server.holding(root, "ckptsync restore"))  # one run at a time writes into it
         if entry.alg not in server.hashes:
             raise UsageError(f"{server.describe()} cannot compute {entry.alg}, the hash {m.name} was recorded with")
         free = server.df(root).free

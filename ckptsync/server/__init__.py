@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ckptsync.agent.frames import HOLD_DIR   # where the agent holds checkpoints against rotation
 from ckptsync.server.base import Download, Hashes, Server, Upload
-from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerPermission
+from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerLocked, ServerPermission
 from ckptsync.server.types import (
     Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
     Unseen,
@@ -32,9 +32,9 @@ def open_server(target: "Target") -> Server:
     if target.transport is None:
         raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
     return AgentServer(target.transport, missing_hint=target.tilde_hint, bwlimit=target.bwlimit,
-                       limiter=target.limiter)
+                       limiter=target.limiter, stall_timeout=target.stall_timeout)
 
 
-__all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
-           "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held", "RemoteDirMissing", "MissingOnServer",
-           "ServerDiskFull", "ServerPermission"]
+__all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing",
+           "Unseen", "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held",
+           "RemoteDirMissing", "MissingOnServer", "ServerDiskFull", "ServerLocked", "ServerPermission"]

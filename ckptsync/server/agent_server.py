@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
+import socket
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ckptsync.agent import STAGING_PREFIX, safe_member
 from ckptsync.errors import AgentError, ProtocolError, UsageError
@@ -12,6 +15,7 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
+from ckptsync.server.watchdog import stall_limit
 from ckptsync.server.types import (
     Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
     Unseen,
@@ -21,8 +25,11 @@ from ckptsync.transport import Transport
 
 class AgentServer(Server):
     def __init__(self, transport: Transport, missing_hint: Callable[[str, str], str] | None = None,
-                 bwlimit: int | None = None, limiter: RateLimiter | None = None) -> None:
-        self.remote = Remote(transport, limiter or (RateLimiter(bwlimit) if bwlimit else None))
+                 bwlimit: int | None = None, limiter: RateLimiter | None = None,
+                 stall_timeout: float | None = None) -> None:
+        """`stall_timeout`: seconds the link may move nothing (None: $CKPTSYNC_STALL_TIMEOUT or 300)."""
+        self.remote = Remote(transport, limiter or (RateLimiter(bwlimit) if bwlimit else None),
+                             stall_limit(stall_timeout))
         self.missing_hint = missing_hint  # (missing root, server's home) -> a hint, or ""
         self.hello = Hello(protocol=0, python="", zstd=None, hashes=("sha1",))
 
@@ -32,14 +39,13 @@ class AgentServer(Server):
         self.remote.open()
         h = self.remote.hello
         arrived = time.time()
-        try:
+        with self._reading("hello"):
             now = float(h.get("now", 0.0))
             self.hello = Hello(protocol=int(h.get("protocol", 0)), python=str(h.get("python", "")),
                                zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
-                               now=now, lzma=bool(h.get("lzma", True)), offset=now - arrived if now else 0.0)
-        except (TypeError, ValueError) as exc:
-            raise self._malformed("hello", exc) from None
+                               now=now, lzma=bool(h.get("lzma", True)), offset=now - arrived if now else 0.0,
+                               pid=int(h.get("pid", 0)))
 
     def close(self, polite: bool = True) -> None:
         self.remote.close(polite=polite)
@@ -47,8 +53,13 @@ class AgentServer(Server):
     def describe(self) -> str:
         return self.remote.describe()
 
-    def _malformed(self, op: str, exc: BaseException) -> ProtocolError:
-        return ProtocolError(f"{self.describe()}: malformed reply to {op} ({exc})")
+    @contextlib.contextmanager
+    def _reading(self, op: str) -> Iterator[None]:
+        """Around the reading of a reply: a value of the wrong shape is the server's fault (exit 20)."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ProtocolError(f"{self.describe()}: malformed reply to {op} ({exc})") from None
 
     def _call(self, op: str, **args) -> dict:
         return self.remote.call(op, **args)
@@ -78,7 +89,7 @@ class AgentServer(Server):
             raise UsageError(f"the remote directory is a file on {self.describe()}: {exc.path or root}",
                              hint="give the directory the checkpoints are saved in "
                              "(--remote-dir, or remote_dir in the config)") from None
-        try:
+        with self._reading("scan"):
             files = self._file_rows(reply["files"])
             unseen = [Unseen(str(path), str(why), int(mtime or 0)) for path, why, mtime in reply.get("unseen") or []]
             held = reply.get("held") or {}
@@ -87,8 +98,6 @@ class AgentServer(Server):
                            unseen=unseen, stopped=str(reply.get("stopped") or ""),
                            held=self._file_rows(held.get("files") or []), held_meta=dict(held.get("meta") or {}),
                            links=[str(p) for p in reply.get("links") or []])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._malformed("scan", exc) from None
 
     def _file_rows(self, rows: list) -> list[FileStat]:
         """[path, size, mtime_ns, mode, ctime_ns, inode, nlink] rows as FileStats; an unsafe path is refused."""
@@ -105,14 +114,12 @@ class AgentServer(Server):
         answer = self._call("stat", root=root, paths=paths)
         reply = answer.get("stat", {})
         out = Stats()
-        try:
+        with self._reading("stat"):
             for p in paths:
                 info = reply.get(p)
                 out[p] = None if info is None else Stat(int(info[0]), int(info[1]), int(info[2]), bool(info[3]),
                                                         *(int(v) for v in info[4:6]))
             out.errors = {str(k): str(v) for k, v in (answer.get("errors") or {}).items() if k in out}
-        except (IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise self._malformed("stat", exc) from None
         return out
 
     def hash(self, root: str, paths: Iterable[str], alg: str | None = None,
@@ -134,25 +141,21 @@ class AgentServer(Server):
 
     def df(self, path: str) -> Space:
         reply = self._call("df", path=path)
-        try:
+        with self._reading("df"):
             return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)),
                          total=int(reply.get("total", 0)))
-        except (TypeError, ValueError) as exc:
-            raise self._malformed("df", exc) from None
 
     def probe(self) -> Probe:
         reply = self._call("probe")
-        try:
+        with self._reading("probe"):
             return Probe(python=str(reply["python"]), executable=str(reply.get("executable", "")),
                          hash=str(reply["hash"]), hash_rate=float(reply["hash_rate"]), codec=str(reply["codec"]),
                          codec_rate=float(reply.get("codec_rate") or 0.0), fd_readable=int(reply["fd_readable"]),
                          fd_total=int(reply["fd_total"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._malformed("probe", exc) from None
 
     def procs(self, pattern: str = "", root: str = "") -> Procs:
         reply = self._call("procs", pattern=pattern, root=root)
-        try:
+        with self._reading("procs"):
             gpu = reply.get("gpu")
             return Procs(
                 processes=[Process(int(p["pid"]), str(p["cmd"]), bool(p["mine"]), str(p["run"]), bool(p["trainer"]),
@@ -164,35 +167,37 @@ class AgentServer(Server):
                 now=float(reply.get("now") or 0.0), root=str(reply.get("root") or ""),
                 complete=int(reply.get("writing_total", 0)) <= len(reply.get("writing") or []),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._malformed("procs", exc) from None
 
     def mkdir(self, path: str) -> str:
         return str(self._call("mkdir", path=path).get("path", path))
 
+    def lock(self, root: str, command: str, create: bool = False) -> bool:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
+        return self._call("lock", root=root, owner=owner, create=create).get("created") is True
+
+    def unlock(self, root: str) -> None:
+        if self.remote.proc is not None and not self.remote.busy:  # mid-transfer, a request would break the stream
+            self._call("unlock", root=root)
+
     def dirs(self, root: str, patterns: list[str]) -> list[str]:
         reply = self._call("glob", root=root, patterns=list(patterns))
         found = reply.get("dirs") or []
-        if not all(isinstance(d, str) and safe_member(d) for d in found):
+        if not isinstance(found, list) or not all(isinstance(d, str) and safe_member(d) for d in found):
             raise ProtocolError(f"{self.describe()}: the server listed an unsafe path in {found!r}")
         return list(found)
 
     def wait(self, root: str, timeout: float, interval: float) -> Changes:
         reply = self._call("wait", root=root, timeout=timeout, interval=interval)
-        try:
+        with self._reading("wait"):
             return Changes(changed=tuple(str(p) for p in reply.get("changed") or []), how=str(reply.get("how", "")),
                            why=str(reply.get("why", "")), started=bool(reply.get("started")))
-        except (TypeError, ValueError) as exc:
-            raise self._malformed("wait", exc) from None
 
     def hold(self, root: str, make: Mapping[str, list[FileStat]]) -> Held:
         rows = {name: [[f.path, f.size, f.mtime_ns, f.inode] for f in files] for name, files in make.items()}
         reply = self._call("hold", root=root, make=rows)
-        try:
+        with self._reading("hold"):
             return Held(held={str(n): self._file_rows(r) for n, r in (reply.get("held") or {}).items()},
                         refused={str(n): str(why) for n, why in (reply.get("refused") or {}).items()})
-        except (TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise self._malformed("hold", exc) from None
 
     def release(self, root: str, names: list[str] | None = None) -> list[str]:
         args = {"all": True} if names is None else {"names": list(names)}
@@ -215,11 +220,9 @@ class AgentServer(Server):
 
     def staged(self, root: str, name: str) -> Staged:
         reply = self._call("staged", root=root, name=name)
-        try:
+        with self._reading("staged"):
             files = {str(p): Stat(int(v[0]), int(v[1]), 0) for p, v in (reply.get("staged") or {}).items()}
             return Staged(files=files, partial={str(p) for p in reply.get("partial") or []})
-        except (TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise self._malformed("staged", exc) from None
 
     def staging_path(self, root: str, name: str) -> str:
         return posixpath.join(root, STAGING_PREFIX + name)
@@ -230,35 +233,34 @@ class AgentServer(Server):
     def assemble(self, root: str, name: str, files: list[tuple[str, int, int, int]]) -> dict[str, Arrived]:
         items = [{"member": m, "size": size, "mtime_ns": mtime_ns, "mode": mode} for m, size, mtime_ns, mode in files]
         reply = self._call("assemble", root=root, name=name, files=items, alg=self.best_hash)
-        try:
+        with self._reading("assemble"):
             return {str(x["member"]): Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
                     for x in reply.get("files") or []}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise self._malformed("assemble", exc) from None
 
     def commit(self, root: str, name: str, moves: list[tuple[str, str]], force: bool = False) -> Committed:
         reply = self._call("commit", root=root, name=name, moves=[list(m) for m in moves], force=force)
-        return Committed(moved=[str(x) for x in reply.get("moved") or []],
-                         kept=[str(x) for x in reply.get("kept") or []])
+        with self._reading("commit"):
+            return Committed(moved=[str(x) for x in reply.get("moved") or []],
+                             kept=[str(x) for x in reply.get("kept") or []])
 
     def discard(self, root: str, name: str) -> None:
         self._call("discard", root=root, name=name)
 
     def remove(self, root: str, names: list[str]) -> list[str]:
-        return [str(x) for x in self._call("remove", root=root, names=list(names)).get("removed") or []]
+        reply = self._call("remove", root=root, names=list(names))
+        with self._reading("remove"):
+            return [str(x) for x in reply.get("removed") or []]
 
     # -------------------------------------------------- presigned URLs
 
     def _moved(self, op: str, reply: dict, count: int) -> list[Moved]:
-        try:
+        with self._reading(op):
             rows = list(reply["results"])
             if len(rows) != count:
                 raise ValueError(f"{len(rows)} results for {count} items")
             return [Moved(etag=str(r.get("etag", "")), md5=str(r.get("md5", "")), hash=str(r.get("hash", "")),
                           size=int(r.get("size", 0)), error=str(r.get("error", "")),
                           message=str(r.get("message", ""))) for r in rows]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise self._malformed(op, exc) from None
 
     def put_urls(self, root: str, items: list[dict], alg: str = "", workers: int = 4) -> list[Moved]:
         reply = self._call("http_put", root=root, items=items, alg=alg, workers=workers)
@@ -270,4 +272,5 @@ class AgentServer(Server):
 
     def range_hashes(self, root: str, ranges: list[tuple[str, int, int]], alg: str = "md5") -> list[str | None]:
         got = self._call("range_hash", root=root, ranges=[list(r) for r in ranges], alg=alg).get("hashes") or []
-        return [g if isinstance(g, str) else None for g in got] + [None] * (len(ranges) - len(got))
+        with self._reading("range_hash"):
+            return [g if isinstance(g, str) else None for g in got] + [None] * (len(ranges) - len(got))

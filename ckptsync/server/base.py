@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
-from ckptsync.errors import UsageError
+from ckptsync.errors import CkptsyncError, UsageError
 from ckptsync.server.types import (
     Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Procs, Space, Staged, Stats,
 )
@@ -139,6 +140,28 @@ class Server(ABC):
     @abstractmethod
     def mkdir(self, path: str) -> str:
         """Create path (and parents); returns it resolved."""
+
+    @abstractmethod
+    def lock(self, root: str, command: str, create: bool = False) -> bool:
+        """Take the lock of the server directory `root` (held until `unlock` or the end of this
+        connection), so that one run at a time writes into it; another holder raises ServerLocked
+        naming it. With `create`, a missing root is made first; returns whether it was."""
+
+    @abstractmethod
+    def unlock(self, root: str) -> None:
+        """Let go of root's lock now; on a link that is busy or broken, the connection's end does."""
+
+    @contextlib.contextmanager
+    def holding(self, root: str, command: str, create: bool = False) -> Iterator[bool]:
+        """lock() for the length of a block (yields whether root was made)."""
+        created = self.lock(root, command, create)
+        try:
+            yield created
+        except BaseException:
+            with contextlib.suppress(CkptsyncError):  # the error in flight is the one to report
+                self.unlock(root)
+            raise
+        self.unlock(root)
 
     @abstractmethod
     def dirs(self, root: str, patterns: list[str]) -> list[str]:

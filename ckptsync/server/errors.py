@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ckptsync.errors import AgentError, CkptsyncError, DiskFull, NotFound, ProtocolError
+from ckptsync import liveness
+from ckptsync.errors import AgentError, CkptsyncError, DiskFull, Locked, NotFound, ProtocolError
 
 
 class RemoteDirMissing(NotFound):
@@ -31,6 +32,16 @@ class ServerDiskFull(DiskFull):
         self.path = path
 
 
+class ServerLocked(Locked):
+    """Another run holds the lock of a server directory; `holder` is what it wrote there (pid, host,
+    command, since), or empty."""
+
+    def __init__(self, message: str, *, path: str = "", holder: dict | None = None) -> None:
+        super().__init__(message, hint="wait for it to finish, then run again")
+        self.path = path
+        self.holder = holder or {}
+
+
 class AgentCrashed(CkptsyncError):
     """The agent raised something it did not expect: a bug on the server side."""
 
@@ -56,6 +67,10 @@ def _crashed(message: str, kind: str, path: str) -> CkptsyncError:
                         hint="run again with --debug and report it")
 
 
+def _locked(message: str, kind: str, path: str) -> CkptsyncError:
+    return ServerLocked(message, path=path)
+
+
 def _os(message: str, kind: str, path: str) -> CkptsyncError:
     return AgentError(message, kind=kind, path=path)
 
@@ -70,6 +85,7 @@ KINDS = {
     "bad_path": _protocol,
     "unsupported": _protocol,
     "internal": _crashed,
+    "locked": _locked,
     "is_dir": _os,
     "not_dir": _os,
     "exists": _os,
@@ -85,6 +101,10 @@ def from_reply(payload: dict, where: str) -> CkptsyncError:
     make = KINDS.get(kind, _os)
     if make is not _crashed:
         message = f"on {where}: {message}"
+    if make is _locked:
+        holder = payload.get("info") if isinstance(payload.get("info"), dict) else {}
+        return ServerLocked(f"on {where}: {liveness.writer_text(holder, path)} holds the server's lock "
+                            f"({liveness.who(holder)})", path=path, holder=holder)
     return make(message, kind, path)
 
 

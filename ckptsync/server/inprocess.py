@@ -89,6 +89,18 @@ class _Pipes:
             except OSError:
                 pass
 
+    def mute_agent(self) -> None:
+        """A read blocked on the agent ends (with what it sent so far, then EOF), even when the agent
+        itself is stuck. Its end of the pipe becomes /dev/null in place (so no number is freed for
+        another file to take); it still reads what was sent to it, until the client closes."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self.agent_out.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(null)
+
 
 class ThreadProcess(Process):
     """The agent's serve loop on a daemon thread, talking over two pipes."""
@@ -152,7 +164,8 @@ class ThreadProcess(Process):
         return block
 
     def kill(self) -> None:
-        self.cut = True  # the read in progress returns with the agent's next bytes; then EOF
+        self.cut = True
+        self.pipes.mute_agent()
 
     def close(self) -> None:
         self.pipes.close_client()
@@ -174,9 +187,10 @@ class InProcessTransport(Transport):
 class InProcessServer(AgentServer):
     """An AgentServer whose agent runs on a thread here; `hooks` inject faults at known points."""
 
-    def __init__(self, hooks: Hooks | None = None, link: InProcessTransport | None = None) -> None:
+    def __init__(self, hooks: Hooks | None = None, link: InProcessTransport | None = None,
+                 stall_timeout: float | None = None) -> None:
         self.link = link or InProcessTransport()  # a test's own link can alter what passes
-        super().__init__(self.link)
+        super().__init__(self.link, stall_timeout=stall_timeout)
         self.hooks = hooks or Hooks()
 
     def cut_after(self, nbytes: int) -> None:

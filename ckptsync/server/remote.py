@@ -10,16 +10,18 @@ from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
 from ckptsync.agent.codec import lzma
-from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
+from ckptsync.errors import ConnectError, IntegrityError, ProtocolError, Stalled
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
 from ckptsync.server.errors import from_reply
 from ckptsync.server.types import Arrived
+from ckptsync.server.watchdog import READ, STALL_ENV, STALL_TIMEOUT, WRITE, Watchdog
 from ckptsync.transport import Process, Transport
 from ckptsync.transport.base import MARKER, NO_PYTHON
 
 MAX_FRAME = 64 << 20
 MAX_NOISE = 256 << 10
+MAX_TRAILING = 4 << 20  # data after the end of a tar stream: its last padding, never more
 START_TIMEOUT = 60.0
 ABORT_WAIT = 5.0    # seconds for an abandoned upload's frame in flight before the link is killed
 KILLED_WAIT = 10.0  # then for the writer to see its write fail
@@ -33,18 +35,31 @@ def agent_source() -> bytes:
 
 
 class _Pipe:
-    """File-like adapter over a Process, with a pushback buffer for bytes read past the marker."""
+    """File-like adapter over a Process, with a pushback buffer for bytes read past the marker.
 
-    def __init__(self, proc: Process, limiter: RateLimiter | None = None) -> None:
+    Every read and write is timed by the watchdog; once it has ended the link, they raise `stalled()`.
+    """
+
+    def __init__(self, proc: Process, limiter: RateLimiter | None, watch: Watchdog,
+                 stalled: Callable[[], Stalled]) -> None:
         self.proc = proc
         self.head = b""
         self.limiter = limiter  # --bwlimit: both directions share it
+        self.watch = watch
+        self.stalled = stalled
 
     def read(self, n: int) -> bytes:
         if self.head:
             out, self.head = self.head[:n], self.head[n:]
             return out
-        block = self.proc.read(n)
+        block = b""
+        self.watch.begin(READ)
+        try:
+            block = self.proc.read(n)
+        finally:
+            self.watch.end(READ, bool(block))
+        if self.watch.fired:
+            raise self.stalled()
         if self.limiter is not None:
             self.limiter.take(len(block))  # reading later makes the sender wait: the link stays at the rate
         return block
@@ -52,26 +67,50 @@ class _Pipe:
     def write(self, data: bytes) -> None:
         if self.limiter is not None:
             self.limiter.take(len(data))
-        self.proc.write(data)
+        # One write is at most a frame (about 1 MiB): on any link worth using it ends well inside the limit.
+        self.watch.begin(WRITE)
+        done = False
+        try:
+            self.proc.write(data)
+            done = True
+        except ConnectError:
+            if self.watch.fired:
+                raise self.stalled() from None
+            raise
+        finally:
+            self.watch.end(WRITE, done)
+        if self.watch.fired:
+            raise self.stalled()
 
     def flush(self) -> None:
         self.proc.flush()
 
 
 class _Channel(wire.Channel):
-    """The agent's framing, with a size limit: a broken server must not make us allocate gigabytes."""
+    """The agent's framing, with a size limit: a broken server must not make us allocate gigabytes.
+
+    Heartbeat frames (`K`, numbered) are taken here: their bytes are what keeps the watchdog quiet
+    while the server works without sending anything else.
+    """
+
+    beats = -1
 
     def recv(self):
-        head = self._exact(wire.HEADER.size)
-        if head is None:
-            return None, None
-        kind, size = wire.HEADER.unpack(head)
-        if size > MAX_FRAME:
-            raise wire.Failure("protocol", f"frame of {size} bytes is larger than allowed")
-        body = self._exact(size) if size else b""
-        if body is None:
-            raise wire.Failure("protocol", "connection closed mid-frame")
-        return kind, body
+        while True:
+            head = self._exact(wire.HEADER.size)
+            if head is None:
+                return None, None
+            kind, size = wire.HEADER.unpack(head)
+            if size > MAX_FRAME:
+                raise wire.Failure("protocol", f"frame of {size} bytes is larger than allowed")
+            body = self._exact(size) if size else b""
+            if body is None:
+                raise wire.Failure("protocol", "connection closed mid-frame")
+            if kind != wire.BEAT:
+                return kind, body
+            if len(body) != wire.BEAT_COUNT.size or wire.BEAT_COUNT.unpack(body)[0] <= self.beats:
+                raise wire.Failure("protocol", "a heartbeat that reports no progress")
+            self.beats = wire.BEAT_COUNT.unpack(body)[0]
 
 
 def _raise(payload: dict, where: str) -> None:
@@ -81,9 +120,12 @@ def _raise(payload: dict, where: str) -> None:
 class Remote:
     """A started agent. Use as a context manager."""
 
-    def __init__(self, transport: Transport, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, transport: Transport, limiter: RateLimiter | None = None,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         self.transport = transport
         self.limiter = limiter
+        self.stall_timeout = stall_timeout
+        self.watch: Watchdog | None = None
         self.proc: Process | None = None
         self.chan: _Channel | None = None
         self.hello: dict[str, Any] = {}
@@ -104,7 +146,8 @@ class Remote:
 
     def open(self) -> None:
         self.proc = self.transport.start()
-        pipe = _Pipe(self.proc, self.limiter)
+        self.watch = Watchdog(self.stall_timeout, self.abort)
+        pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
         timer.daemon = True
         timer.start()
@@ -114,10 +157,15 @@ class Remote:
             timer.cancel()
         src = agent_source()
         self.chan = _Channel(pipe, pipe)
+        self.watch.start()
         try:
             pipe.write(b"%d\n" % len(src) + src)
-            self.hello = self.call("hello")
+            self.hello = self.call("hello", beat=self.watch.beat_every)
+        except Stalled:
+            self.watch.close()
+            raise
         except (ConnectError, wire.Failure) as exc:
+            self.watch.close()
             raise ConnectError(f"the agent did not start on {self.describe()}: {exc}") from None
         if self.hello.get("protocol") != wire.PROTOCOL:
             raise ConnectError(f"the agent on {self.describe()} speaks protocol {self.hello.get('protocol')}")
@@ -140,7 +188,23 @@ class Remote:
             if len(seen) > MAX_NOISE:
                 raise ConnectError(f"could not start the agent on {self.describe()}: too much output before it started")
 
+    def stalled(self) -> Stalled:
+        """The error of a link the watchdog ended."""
+        what = "the server took no data" if self.watch is not None and self.watch.fired == WRITE \
+            else "no data from the server"
+        return Stalled(f"{what} for {self.stall_timeout:g} s; ended the connection to {self.describe()} "
+                       "(its agent stopped, its disk hung, or the link dead)",
+                       hint=f"a server that is only slow: raise stall_timeout in the config or {STALL_ENV}")
+
+    def lost(self, detail: str) -> ConnectError:
+        """The error of a link that failed while writing: the watchdog's, when it ended the link."""
+        if self.watch is not None and self.watch.fired:
+            return self.stalled()
+        return ConnectError(f"connection to {self.describe()} lost: {detail}")
+
     def close(self, polite: bool = True) -> None:
+        if self.watch is not None:
+            self.watch.close()
         if self.proc is None:
             return
         if polite and self.chan is not None and not self.busy:
@@ -183,7 +247,7 @@ class Remote:
         try:
             self.chan.send_json({"op": op, **args})
         except (OSError, wire.Failure) as exc:
-            raise ConnectError(f"connection to {self.describe()} lost: {exc}") from None
+            raise self.lost(str(exc)) from None
 
     def reply(self) -> dict:
         kind, body = self._recv()
@@ -253,6 +317,7 @@ class Download(DownloadBase):
                  stamps: dict[str, list[int]]) -> None:
         self.remote = remote
         self.records: dict[str, dict] = {}
+        self.members = {member for _src, member in pairs}
         self.alg = remote.best_hash
         files = [_entry(src, member, resume.get(member), ranges.get(member), stamps.get(member))
                  for src, member in pairs]
@@ -265,7 +330,12 @@ class Download(DownloadBase):
     def _other(self, kind: bytes, body: bytes) -> None:
         if kind == b"H":
             record = self.remote._json(body)
-            self.records[str(record.get("member"))] = record
+            member = record.get("member")
+            if not isinstance(member, str) or member not in self.members or member in self.records:
+                # one each, for what was asked: an endless stream of them is refused
+                raise ProtocolError(f"{self.remote.describe()}: a checksum record for {member!r}, "
+                                    "which was not asked for or came twice")
+            self.records[member] = record
         elif kind == b"X":
             self.remote.busy = False
             _raise(self.remote._json(body), self.remote.describe())
@@ -284,7 +354,7 @@ class Download(DownloadBase):
 
     def finish(self) -> int:
         try:
-            self.reader.drain()
+            self.reader.drain(MAX_TRAILING)
         except wire.Failure as exc:
             raise ProtocolError(f"{self.remote.describe()}: {exc.message}") from None
         self.remote.busy = False
@@ -331,7 +401,7 @@ class Upload(UploadBase):
         try:
             self.sender.flush()  # file data then starts on a chunk boundary and is sent without copies
         except wire.Failure as exc:
-            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
+            raise self.remote.lost(exc.message) from None
         h = wire.new_hash(self.alg)
         for n, send in ((hashed, False), (length, True)):
             left = n
@@ -354,7 +424,7 @@ class Upload(UploadBase):
         try:
             self.sender.write(data)
         except wire.Failure as exc:
-            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc.message}") from None
+            raise self.remote.lost(exc.message) from None
 
     @property
     def wire_bytes(self) -> int:
@@ -367,14 +437,14 @@ class Upload(UploadBase):
             self.remote.sender = None
             self.remote.chan.send(b"E")
         except (wire.Failure, OSError) as exc:
-            raise ConnectError(f"connection to {self.remote.describe()} lost: {exc}") from None
+            raise self.remote.lost(str(exc)) from None
         self.remote.busy = False
         reply = self.remote.reply()
         arrived = {}
-        for x in reply.get("files") or []:
-            try:
+        try:
+            for x in reply.get("files") or []:
                 key = str(x["member"]) if x.get("start") is None else range_key(str(x["member"]), int(x["start"]))
                 arrived[key] = Arrived(str(x["member"]), int(x["size"]), str(x["hash"]))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise ProtocolError(f"{self.remote.describe()}: malformed reply to receive") from None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ProtocolError(f"{self.remote.describe()}: malformed reply to receive") from None
         return arrived

@@ -117,6 +117,7 @@ class Hello:
     now: float = 0.0
     lzma: bool = True                # can unpack lzma lanes (some Pythons are built without it)
     offset: float = 0.0              # the server's clock minus this computer's when the hello arrived
+    pid: int = 0                     # the agent's process on the server
 
 
 @dataclass(frozen=True)
