@@ -86,13 +86,15 @@ def test_list_shows_fixture_checkpoints_over_ssh(setup):
 def test_list_marks_in_progress(setup):
     server, dest, home = setup
     (server / "checkpoint-12" / "trainer_state.json").unlink()
-    os.utime(server / "checkpoint-8" / "optimizer.pt")  # just written
-    rows = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)["checkpoints"]}
+    os.utime(server / "checkpoint-4" / "optimizer.pt")  # just touched: nothing writes it
+    with open_for_writing(server / "checkpoint-8" / "optimizer.pt"):
+        listed = run_cli("list", "-i", "1", *cfg_args(home), "--json")
+    rows = {r["name"]: r for r in json.loads(listed.stdout)["checkpoints"]}
     assert rows["checkpoint-12"]["complete"] is False
     assert "trainer_state.json" in rows["checkpoint-12"]["reason"]
     assert rows["checkpoint-8"]["complete"] is False
-    assert "modified" in rows["checkpoint-8"]["reason"]
-    assert rows["checkpoint-4"]["complete"] is True
+    assert "optimizer.pt is open for writing" in rows["checkpoint-8"]["reason"]
+    assert rows["checkpoint-4"]["complete"] is True   # where writers are seen, settle_seconds is not waited for
 
 
 def test_backup_newest_two_plus_extras_then_noop(setup):
