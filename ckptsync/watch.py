@@ -130,6 +130,7 @@ class Watch:
         self.how = self.why = ""
         self.due = True
         self.on_status: Callable[[Status], None] = lambda s: None
+        self.stopping = False               # stop() was called (from another thread): no new hold, no reconnect
         self.last_commit, self.last_commit_at, self.rate = "", 0.0, ""
 
     # -------------------------------------------------- events
@@ -162,6 +163,8 @@ class Watch:
             step()
             return True
         except CkptsyncError as exc:
+            if self.stopping:
+                raise Interrupted("stopped") from None
             if permanent(exc):
                 raise
             self.reconnect(exc)
@@ -209,6 +212,8 @@ class Watch:
         delay, tries = BACKOFF_FIRST, 0
         while True:
             self.sleep(delay)
+            if self.stopping:
+                raise Interrupted("stopped")
             tries += 1
             try:
                 self.open()
@@ -342,7 +347,7 @@ class Watch:
             if name not in self.unheld and name not in self.held:
                 self.rep.info(f"{name} is not held: {why}")
         self.unheld.update(todo.unheld)
-        if not todo.make:
+        if not todo.make or self.stopping:
             return view
         by_name = {c.name: c for c in view.checkpoints}
         made = server.hold(root, {n: [view.exact[f.path] for f in by_name[n].files] for n in todo.make})
@@ -417,6 +422,11 @@ class Watch:
                   finished_at=at, not_backed_up=unsaved, safe=checks.safe)
 
     # -------------------------------------------------- stopping
+
+    def stop(self) -> str:
+        """From another thread (Ctrl+C with several targets): end this watch, releasing its holds."""
+        self.stopping = True
+        return self.release_all()
 
     def release_all(self) -> str:
         """On Ctrl+C: release this watch's holds over a new connection (the current one may be

@@ -101,7 +101,7 @@ _ckptsync_spec() {
             values="--host -H --instance -i --ssh"
             ;;
         "watch")
-            opts="--accept-new-host-key --bwlimit --compress --config -c --debug --help -h --hold-max --host -H --instance -i --interval --json --local-dir -l --log-file --max-checkpoints -k --no-hold --parallel --print-service --quiet -q --remote-dir -r --ssh --until-done"
+            opts="--accept-new-host-key --all-instances --bwlimit --compress --config -c --debug --help -h --hold-max --host -H --instance -i --interval --json --local-dir -l --log-file --max-checkpoints -k --no-hold --parallel --print-service --quiet -q --remote-dir -r --ssh --until-done"
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--bwlimit --compress --hold-max --host -H --instance -i --interval --max-checkpoints -k --parallel --print-service --ssh"

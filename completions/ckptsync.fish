@@ -302,6 +302,7 @@ complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -a '(__
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l repair -d 'Fetch again, from the server, the files that fail their manifest (when the se...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'

@@ -86,7 +86,8 @@ def test_list_shows_fixture_checkpoints_over_ssh(setup):
 def test_list_marks_in_progress(setup):
     server, dest, home = setup
     (server / "checkpoint-12" / "trainer_state.json").unlink()
-    os.utime(server / "checkpoint-4" / "optimizer.pt")  # just touched: nothing writes it
+    touched = time.time() - 1   # a second ago: nothing writes it
+    os.utime(server / "checkpoint-4" / "optimizer.pt", (touched, touched))
     with open_for_writing(server / "checkpoint-8" / "optimizer.pt"):
         listed = run_cli("list", "-i", "1", *cfg_args(home), "--json")
     rows = {r["name"]: r for r in json.loads(listed.stdout)["checkpoints"]}

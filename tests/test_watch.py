@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -320,11 +321,12 @@ def test_a_checkpoint_nobody_writes_is_complete_at_once(server_tree, tmp_path):
     from ckptsync.listing import run_list
     from helpers import open_for_writing
 
-    os.utime(server_tree / "checkpoint-12" / "optimizer.pt")     # settle_seconds is 60
+    a_second_ago = time.time() - 1                               # settle_seconds is 60
+    os.utime(server_tree / "checkpoint-12" / "optimizer.pt", (a_second_ago, a_second_ago))
     target = make_target(server_tree, tmp_path / "b", None)
     target.server_factory = InProcessServer
     rows = {r.name: r for r in run_list(target, local_only=False).rows}
-    assert rows["checkpoint-12"].state == "complete"
+    assert rows["checkpoint-12"].state == "complete", rows["checkpoint-12"].reason
     with open_for_writing(server_tree / "checkpoint-8" / "optimizer.pt"):
         result = run_backup(target, BackupOptions(names=["checkpoint-12", "checkpoint-8"]))
     assert result.fetched == ["checkpoint-12"]

@@ -144,6 +144,36 @@ def test_a_missing_remote_dir_ends_the_watch_with_its_exit_code(run_dir, ssh_hom
     assert "remote directory does not exist" in res.stderr
 
 
+def test_two_instances_are_watched_at_once_and_ctrl_c_stops_both(ssh_home, tmp_path):
+    runs = {n: tmp_path / "server" / f"run{n}" for n in ("1", "2")}
+    trainers = {n: FakeTrainer(run) for n, run in runs.items()}
+    cfg = ssh_home / "two.yaml"
+    cfg.write_text(json.dumps({"local_dir": str(tmp_path / "backups"), "settle_seconds": 1, "instances": {
+        n: {"host": f"tnr-{n}", "remote_dir": str(run)} for n, run in runs.items()}}))
+    watch = Watching("-i", "1", "-i", "2", "--config", str(cfg))
+    try:
+        started = {watch.until("started")["target"], watch.until("started")["target"]}
+        assert started == {"instance-1", "instance-2"}
+        for n in ("1", "2"):
+            trainers[n].save(10)
+            assert watch.until("committed")["target"] == f"instance-{n}"
+        trainers["2"].start_save(20)          # in progress: its last file open for writing
+        watch.proc.send_signal(signal.SIGINT)
+        assert watch.proc.wait(timeout=WAIT) == 130
+        error = watch.until("error")
+        assert error["kind"] == "interrupted"
+        assert "instance-1: nothing was held" in error["message"] and "instance-2:" in error["message"]
+    finally:
+        watch.stop()
+        for t in trainers.values():
+            t.stop()
+    for n in ("1", "2"):
+        assert tree_digest(tmp_path / "backups" / f"instance-{n}" / "checkpoint-10") == \
+            tree_digest(runs[n] / "checkpoint-10")
+        assert not (runs[n] / ".ckptsync-hold").exists()
+    assert not (tmp_path / "backups" / "instance-2" / "checkpoint-20").exists()
+
+
 # ---------------------------------------------------------------- as a service
 
 

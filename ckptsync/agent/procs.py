@@ -166,8 +166,10 @@ def open_files(pid, root):
     fd_dir = "/proc/%d/fd" % pid
     try:
         fds = os.listdir(fd_dir)
-    except OSError:
+    except PermissionError:
         return [], False
+    except OSError:
+        return [], True   # it ended while the processes were looked at: it holds nothing open
     found = {}
     for fd in fds:
         try:

@@ -25,7 +25,8 @@ WARNED = ("lost", "skipped", "warning")
 
 
 def watch_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+    instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
+    remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     interval: Annotated[float, typer.Option("--interval", min=0.1, max=300, metavar="SECONDS", help="Where the server has no inotify, look for changes this often; also how often the processes are checked for the end of training.")] = 2.0,
     hold_max: Annotated[Optional[int], typer.Option("--hold-max", min=0, metavar="N", help="Hold at most N complete checkpoints on the server against the trainer's rotation until they are backed up (hard links, no copy). Default: hold_max in the config, else 3.", show_default=False)] = None,
@@ -46,46 +47,79 @@ def watch_cmd(
     login or a missing remote_dir end the watch. Says when training has
     finished, with the checklist. Ctrl+C releases the holds (exit 130).
     One watch per backup directory; `backup --skip-if-locked` exits 0 while
-    it runs.
+    it runs. Several instances (-i 0 -i 1, --all-instances) are watched at
+    once, each over its own connection; the exit code is the worst of theirs.
     """
+    from ckptsync.multi import Labelled
     from ckptsync.watch import Watch, WatchOptions
 
     if print_service is not None and print_service not in ("systemd", "launchd"):
         raise UsageError(f"--print-service {print_service!r}: expected systemd or launchd")
-    t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key)
-    if t.store_url:
+    ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key)
+    if any(t.store_url for t in ts):
         raise UsageError("watch backs up into a directory: give a local_dir that is not a bucket",
                          hint="ckptsync backup works with a bucket store (s3://...)")
-    t = o.with_parallel([o.with_bwlimit(t, bwlimit)], parallel)[0]
-    opts = WatchOptions(interval=interval, hold=not no_hold, hold_max=t.hold_max if hold_max is None else hold_max,
-                        until_done=until_done, compress=o.parse_compress(compress), max_checkpoints=max_checkpoints)
+    ts = o.with_parallel(o.with_bwlimits(ts, bwlimit), parallel)
+
+    def options(t) -> WatchOptions:
+        return WatchOptions(interval=interval, hold=not no_hold, hold_max=t.hold_max if hold_max is None else hold_max,
+                            until_done=until_done, compress=o.parse_compress(compress),
+                            max_checkpoints=max_checkpoints)
+
     out = output()
     if print_service is not None:
-        return _print_service(out, print_service, t, opts, hold_max, bwlimit, parallel, compress)
-    show = Shown(out, t.label)
-    watch = Watch(t, opts, show.reporter(), on_event=show.event)
-    watch.on_status = show.status
+        if len(ts) > 1:
+            raise UsageError("--print-service writes one service: give one --instance")
+        return _print_service(out, print_service, ts[0], options(ts[0]), hold_max, bwlimit, parallel, compress)
+    show = Shown(out, ts[0].label, several=len(ts) > 1)
+    lock = threading.Lock()
+    watches = [Watch(t, options(t), Labelled(show.reporter(), t.label, lock) if len(ts) > 1 else show.reporter(),
+                     on_event=show.event) for t in ts]
+    for w in watches:
+        w.on_status = show.status
     try:
-        result = watch.run()
+        if len(watches) == 1:
+            return watches[0].run().exit_code
+        return _several(out, show, watches)
     except CkptsyncError as exc:
         show.error(exc)
         raise
     finally:
         show.clear()
-    return result.exit_code
+
+
+def _several(out: Output, show: "Shown", watches) -> int:
+    """Every watch on a thread of its own (multi.run_many); Ctrl+C stops each, releasing its holds."""
+    from ckptsync.errors import Interrupted
+    from ckptsync.multi import run_many
+
+    by_label = {w.target.label: w for w in watches}
+    try:
+        many = run_many("watch", [w.target for w in watches], lambda t, rep: by_label[t.label].run())
+    except Interrupted:
+        said = [f"{w.target.label}: {w.stop()}" for w in watches]
+        raise Interrupted("interrupted; " + "; ".join(said)) from None
+    for o in many.outcomes:
+        if o.error:
+            if out.json_mode:
+                show.event_error(CkptsyncError(o.error, hint=o.hint), o.target, o.kind, o.exit_code)
+            else:
+                out.error(f"{o.target}: {o.error}", o.hint)
+    return many.exit_code
 
 
 class Shown:
     """A watch's events as the run's output asks: one JSON object a line, timestamped lines off a
     terminal, or lines above one status line on a terminal."""
 
-    def __init__(self, out: Output, label: str) -> None:
+    def __init__(self, out: Output, label: str, several: bool = False) -> None:
         self.out = out
         self.label = label
+        self.several = several   # several targets: each line names its own, and no status line
         self.lock = threading.Lock()
         self.line = ""
         self.activity = ""
-        self.tty = out.interactive
+        self.tty = out.interactive and not several
         self.last: Status | None = None
 
     def reporter(self) -> Reporter:
@@ -99,21 +133,22 @@ class Shown:
                 self.out.stdout.flush()
                 return
             self._erase()
+            message = f"{e.target}: {e.message}" if self.several else e.message
             if e.event in WARNED:
-                self.out.warn(e.message)
+                self.out.warn(message)
             elif self.tty:
-                self.out.result(f"{time.strftime('%H:%M:%S', time.localtime(e.time))} {e.message}")
+                self.out.result(f"{time.strftime('%H:%M:%S', time.localtime(e.time))} {message}")
             elif not self.out.quiet or e.event in ("finished", "lost"):
-                self.out.result(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))} {e.message}")
+                self.out.result(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))} {message}")
             self._draw()
 
     def error(self, exc: CkptsyncError) -> None:
         if self.out.json_mode:
-            self.event_error(exc)
+            self.event_error(exc, "" if self.several else self.label, type(exc).kind, exc.exit_code)
 
-    def event_error(self, exc: CkptsyncError) -> None:
-        data = {"event": "error", "time": time.time(), "target": self.label, "message": exc.message, "hint": exc.hint,
-                "kind": type(exc).kind, "exit_code": exc.exit_code}
+    def event_error(self, exc: CkptsyncError, target: str, kind: str, exit_code: int) -> None:
+        data = {"event": "error", "time": time.time(), "target": target, "message": exc.message, "hint": exc.hint,
+                "kind": kind, "exit_code": exit_code}
         with self.lock:
             self.out.emitted = True
             self.out.stdout.write(json.dumps(data, sort_keys=True) + "\n")
