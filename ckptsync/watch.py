@@ -225,7 +225,7 @@ class Watch:
         self.result.outages += 1
         outage = self.clock() - began
         self.emit("reconnected", f"connection lost for {span(outage)} ({lost.message}); reconnected after "
-                                 f"{tries} tries", seconds=round(outage, 1), error=lost.message, tries=tries)
+                                 f"{tries} {'try' if tries == 1 else 'tries'}", seconds=round(outage, 1), error=lost.message, tries=tries)
 
     def wait(self) -> None:
         """Until something changes under remote_dir, or `interval` passes; then `due` says whether
@@ -257,7 +257,7 @@ class Watch:
     def cycle(self) -> None:
         """List (with the holds), hold what is complete and not backed up, back it up, release it."""
         assert self.server is not None
-        server, root = self.server, self.target.remote_dir
+        server = self.server
         view = self.scan(server)
         self.cycles += 1
         manifests = self.store.manifests() if self.store.meta.is_dir() else {}

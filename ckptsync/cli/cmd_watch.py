@@ -99,12 +99,13 @@ def _several(out: Output, show: "Shown", watches) -> int:
     except Interrupted:
         said = [f"{w.target.label}: {w.stop()}" for w in watches]
         raise Interrupted("interrupted; " + "; ".join(said)) from None
-    for o in many.outcomes:
-        if o.error:
+    for outcome in many.outcomes:
+        if outcome.error:
             if out.json_mode:
-                show.event_error(CkptsyncError(o.error, hint=o.hint), o.target, o.kind, o.exit_code)
+                show.event_error(CkptsyncError(outcome.error, hint=outcome.hint), outcome.target, outcome.kind,
+                                 outcome.exit_code)
             else:
-                out.error(f"{o.target}: {o.error}", o.hint)
+                out.error(f"{outcome.target}: {outcome.error}", outcome.hint)
     return many.exit_code
 
 
