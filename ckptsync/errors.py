@@ -79,6 +79,8 @@ class HostKeyError(ConnectError):
 class LoginRefused(ConnectError):
     """The server refused the login (no key it accepts): trying again will not change that."""
 
+    kind = "login_refused"
+
 
 class IOFailure(CkptsyncError):
     """A file operation failed, here or on the server."""
