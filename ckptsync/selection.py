@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint
-from ckptsync.policy import newest_first
+from ckptsync.policy import named, newest_first
 from ckptsync.store import EXTRA, Manifest
 
 if TYPE_CHECKING:
@@ -37,12 +38,21 @@ class PlanItem:
     step: int | None = None
 
 
+def resolve_names(opts: BackupOptions, checkpoints: list[Checkpoint]) -> BackupOptions:
+    """The options with each --checkpoint as the name it means (`checkpoint-3000/`, `3000`). Pure."""
+    if not opts.names:
+        return opts
+    known = [(c.name, c.step) for c in checkpoints]
+    return dataclasses.replace(opts, names=[named(n, known) for n in opts.names])
+
+
 def select(checkpoints: list[Checkpoint], opts: BackupOptions,
            stored: Iterable[Manifest] = ()) -> tuple[list[Checkpoint], list[PlanItem]]:
     """Which checkpoints to back up (newest first), and which to report as skipped. Pure.
 
     By default: every complete checkpoint newer than the newest one in `stored` (the backups
     already made), and the `max_checkpoints` newest (all that a first run takes)."""
+    opts = resolve_names(opts, checkpoints)
     complete = [c for c in checkpoints if c.complete]
     # Weights that restore --adapter-only put there come from a backup: skipped only when named.
     skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c))

@@ -73,9 +73,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     json: o.Json = False, quiet: o.Quiet = False, log_file: o.LogFile = None, debug: o.Debug = False,
-    ssh: o.Ssh = None,
+    ssh: o.Ssh = None, config: o.Config = None,
 ) -> None:
-    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug, ssh=ssh)
+    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug, ssh=ssh, config=config)
 
 
 commands.register(app)

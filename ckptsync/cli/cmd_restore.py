@@ -21,6 +21,7 @@ def restore_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="NAME", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
+    extra_file: Annotated[Optional[list[str]], typer.Option("--extra-file", metavar="PATH", help="Put back only this backed-up extra file, by the path it was backed up from or its name (repeatable; default: every one).", show_default=False)] = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
     extra_files_to: Annotated[Optional[str], typer.Option("--extra-files-to", metavar="DIR", help="Put the extra files in DIR on the server (relative to --remote-dir, or absolute) instead of where they were.", show_default=False)] = None,
     extra_files_only: Annotated[bool, typer.Option("--extra-files-only", help="Send only the extra files (the checkpoint is already there).")] = False,
@@ -60,15 +61,19 @@ def restore_cmd(
                                        ("--discard-staged", discard_staged)) if on]
         if given:
             raise UsageError(f"--all restores every checkpoint whole: it cannot be combined with {', '.join(given)}")
+    if extra_file and no_extra_files:
+        raise UsageError("give --extra-file or --no-extra-files, not both")
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
                           force=force, dry_run=dry_run, compress=o.parse_compress(compress),
                           extra_files_to=extra_files_to, discard_staged=discard_staged,
-                          extra_files_only=extra_files_only, generation=generation)
+                          extra_files_only=extra_files_only, generation=generation,
+                          extra_paths=tuple(extra_file or ()))
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     t = o.with_parallel([t], parallel)[0]
     if t.store_url:
         bucket.refuse("--parallel", parallel is not None and parallel > 1)
         for flag, given in (("--adapter-only", adapter_only), ("--extra-files-only", extra_files_only),
+                            ("--extra-file", extra_file),
                             ("--discard-staged", discard_staged), ("--dry-run", dry_run)):
             bucket.refuse(flag, bool(given))
         if all_:

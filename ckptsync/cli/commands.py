@@ -17,7 +17,7 @@ import typer
 
 from ckptsync.cli import (
     cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
-    cmd_restore, cmd_show, cmd_verify, context,
+    cmd_complete, cmd_restore, cmd_show, cmd_verify, context,
 )
 from ckptsync.cli.options import GLOBAL_OPTIONS
 from ckptsync.errors import Interrupted
@@ -59,10 +59,12 @@ def register(app: typer.Typer) -> None:
             app.add_typer(group, name=name)
         else:
             app.command(name)(with_global_options(what))
+    # For the shell completion scripts only: not in --help.
+    app.command(cmd_complete.NAME, hidden=True)(with_global_options(cmd_complete.complete_checkpoints))
 
 
 def with_global_options(func: Callable[..., int]) -> Callable[..., int]:
-    """`func` as a command that also takes --json, --quiet, --log-file, --debug and --ssh.
+    """`func` as a command that also takes --json, --quiet, --log-file, --debug, --ssh and --config.
 
     Their values go to the run's settings, merged with those given before the command name. A
     command may declare one of them itself, for its own help text (cron install's --log-file);
