@@ -120,6 +120,15 @@ def guard_std_streams() -> None:
     sys.stderr = guarded(sys.stderr)
 
 
+def same_file(stream: Any, other: TextIO) -> bool:
+    """Whether `stream` writes into the file `other` is open on (2>>log with --log-file log)."""
+    try:
+        a, b = os.fstat(stream.fileno()), os.fstat(other.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class Output:
     """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file.
 
@@ -151,6 +160,9 @@ class Output:
                 from ckptsync.errors import UsageError
 
                 raise UsageError(f"--log-file {log_file}: {exc.strerror or exc}") from None
+        # Cron sends stderr into the same log (for what fails before it is open): what the log
+        # gets as a line of its own then need not come again from stderr.
+        self.stderr_is_log = self.log is not None and same_file(self.stderr, self.log)
 
     def _log(self, level: str, message: str) -> None:
         if self.log is not None:
@@ -161,7 +173,7 @@ class Output:
         """Progress-type information: stderr, hidden by --quiet and --json."""
         message = printable(message)
         self._log("INFO", message)
-        if self.quiet or self.json_mode:
+        if self.quiet or self.json_mode or self.stderr_is_log:
             return
         if self.interactive:
             self.err.print(message, markup=False)
@@ -172,11 +184,14 @@ class Output:
     def warn(self, message: str) -> None:
         message = printable(message)
         self._log("WARN", message)
-        self.err.print(f"[yellow]warning:[/] {escape(message)}")
+        if not self.stderr_is_log:
+            self.err.print(f"[yellow]warning:[/] {escape(message)}")
 
     def error(self, message: str, hint: str = "") -> None:
         message, hint = printable(message), printable(hint)
         self._log("ERROR", message + (f" ({hint})" if hint else ""))
+        if self.stderr_is_log:
+            return
         self.err.print(f"[bold red]error:[/] {escape(message)}")
         if hint:
             self.err.print(f"  {escape(hint)}", style="dim")

@@ -36,6 +36,7 @@ class PlanItem:
     files: int = 0
     reason: str = ""
     step: int | None = None
+    writing: bool = False  # skipped as the newest checkpoint, being saved now: normal during training
 
 
 def resolve_names(opts: BackupOptions, checkpoints: list[Checkpoint]) -> BackupOptions:
@@ -55,7 +56,8 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions,
     opts = resolve_names(opts, checkpoints)
     complete = [c for c in checkpoints if c.complete]
     # Weights that restore --adapter-only put there come from a backup: skipped only when named.
-    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c))
+    newest = next(iter(newest_first(checkpoints)), None)
+    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c), writing=c is newest and being_saved(c))
                for c in checkpoints if not c.complete and (not c.restored or c.name in opts.names)]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
@@ -100,6 +102,11 @@ def new_since(complete: list[Checkpoint], stored: Iterable[Manifest]) -> list[Ch
             break
         newer.append(item)
     return newer  # type: ignore[return-value]  # only checkpoints come before the first backup
+
+
+def being_saved(c: Checkpoint) -> bool:
+    """An incomplete checkpoint that a trainer is still writing: not abandoned, readable, not a restore's. Pure."""
+    return not (c.complete or c.abandoned or c.unreadable or c.restored)
 
 
 def skip_reason(c: Checkpoint) -> str:

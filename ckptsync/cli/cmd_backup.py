@@ -158,7 +158,11 @@ def _show_one(out: Output, result: BackupResult) -> None:
         out.warn(w)
     skipped = [p for p in result.plan if p.action == "skip"]
     for p in skipped:
-        if p.name not in result.failed:  # a failure is said once, below
+        if p.name in result.failed:  # a failure is said once, below
+            continue
+        if p.writing:  # what a training run looks like between two saves: no cause for a warning
+            out.info(f"skipped {p.name}: {p.reason} (being saved now; a later run takes it once complete)")
+        else:
             out.warn(f"skipped {p.name}: {p.reason}")
     for name, why in result.failed.items():
         out.warn(f"{name}: {why}")
