@@ -17,14 +17,10 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field as dc_field
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from ckptsync.policy import human, rate  # re-exported: commands format sizes through output
 from ckptsync.progress import Reporter
-
-if TYPE_CHECKING:
-    from rich.table import Table
-
 
 
 # What a terminal acts on instead of showing: C0 and C1 controls (ESC starts colour, cursor and
@@ -210,10 +206,6 @@ class Output:
         if not self.json_mode:
             self.out.print(text, markup=False)
 
-    def rich(self, renderable: Any) -> None:
-        if not self.json_mode:
-            self.out.print(renderable)
-
     def lines(self, lines: list[str], styles: dict[str, str] | None = None) -> None:
         """Pre-drawn text (a chart): characters matching a regex in `styles` get that style on a terminal."""
         if self.json_mode:
@@ -226,20 +218,22 @@ class Output:
                 text.highlight_regex(pattern, style)
             self.out.print(text)
 
-    def table(self, candidates: "list[TextTable]") -> None:
-        """The first of `candidates` (widest layout first) that fits the width; plain rows off a terminal."""
-        if self.json_mode:
-            return
-        from rich.text import Text
-
+    def table(self, candidates: "list[TextTable]") -> "TextTable":
+        """The first of `candidates` (widest layout first) that fits the width; plain rows off a
+        terminal. Returns the one drawn, so that what it left out can follow as lines."""
         chosen = candidates[0] if self.width is None else \
             next((t for t in candidates if t.width() <= self.width), candidates[-1])
+        if self.json_mode:
+            return chosen
+        from rich.text import Text
+
         for line, spans in chosen.render(self.width):
             self._log("INFO", line)
             text = Text(line, no_wrap=True)
             for start, end, style in spans:
                 text.stylize(style, start, end)
             self.out.print(text, soft_wrap=True)
+        return chosen
 
     def paragraph(self, text: str, indent: str = "", first: str = "") -> None:
         """Text wrapped at word boundaries to the width (whole words, never cut)."""
@@ -315,25 +309,6 @@ class LineReporter(Reporter):
         if self.done:
             speed = rate(self.done, spent)
             self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s" + (f" ({speed})" if speed else ""))
-
-
-def table(*columns: str, title: str | None = None) -> Table:
-    """A rich table whose cells are plain text: markup in a name is shown, not applied."""
-    from rich.table import Table
-    from rich.text import Text
-
-    class PlainTable(Table):
-        def add_row(self, *cells, **kwargs) -> None:
-            super().add_row(*(Text(printable(c)) if isinstance(c, str) else c for c in cells), **kwargs)
-
-    t = PlainTable(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for c in columns:
-        justify = "right" if c in ("step", "size", "files", "bytes") else "left"
-        t.add_column(c, justify=justify, no_wrap=c in ("name", "size", "modified"))
-    return t
-
-
-# ---------------------------------------------------------------- tables laid out for a width
 
 
 def columns_env() -> int | None:

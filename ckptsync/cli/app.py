@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import textwrap
@@ -41,6 +42,32 @@ try:  # typer prints an argument's Python type after its name ("NAME <list[str]>
         TyperArgument.display_type_rich = lambda self, ctx: None
 except ImportError:  # pragma: no cover
     pass
+
+
+
+def _wrap_at_spaces_only() -> None:
+    """Help text breaks lines at spaces, never after a hyphen: `--discard-staged` and
+    `~/ckpt-backups/instance-OLD` stay whole, so they can be copied from the help."""
+    for name in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        base = module.TextWrapper
+        if getattr(base, "whole_words", False):
+            continue
+
+        class Wrapper(base):  # type: ignore[valid-type, misc]
+            whole_words = True
+
+            def __init__(self, *args, **kwargs) -> None:
+                kwargs["break_on_hyphens"] = False
+                super().__init__(*args, **kwargs)
+
+        module.TextWrapper = Wrapper
+
+
+_wrap_at_spaces_only()
 
 from ckptsync import __version__, notify
 from ckptsync.cli import commands, context

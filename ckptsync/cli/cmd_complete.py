@@ -7,7 +7,7 @@ error: a completion must never print a message into the user's command line.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

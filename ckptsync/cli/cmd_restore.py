@@ -8,7 +8,7 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
-from ckptsync.output import Output, TextTable, human, table
+from ckptsync.output import Output, TextTable, human, size_cell
 from ckptsync.errors import UsageError
 
 if TYPE_CHECKING:
@@ -128,28 +128,47 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     out.result(result.resume_hint)
 
 
-FILE_ACTIONS = {"staged": "already staged on the server", "already there": "already there, identical"}
+# The action of a file or an extra file (restore.FileItem/ExtraItem.action), as a word for a table
+# cell, and what the word means: the legend names only the words shown.
+ACTION_WORDS = {"send": "send", "staged": "staged", "already there": "there",
+                "kept existing (differs)": "differs", "replace": "replace",
+                "skipped (outside the new run's directory)": "skipped"}
+ACTION_MEANING = {"send": "sent now", "staged": "already staged on the server by an interrupted restore",
+                  "there": "already there, identical", "differs": "already there with other content: kept",
+                  "replace": "replaced (--force)", "skipped": "outside the new run's directory: not restored"}
+
+
+def plan_table(result: RestoreResult, plain: bool) -> TextTable:
+    """The dry run's files: one word an action (see ACTION_MEANING)."""
+    tab = TextTable.of("file", "size", "action")
+    for f in result.files:
+        tab.add(f.path, size_cell(f.size, plain), ACTION_WORDS.get(f.action, f.action))
+    for e in result.extras:
+        tab.add(e.dest or e.source, size_cell(e.size, plain), ACTION_WORDS.get(e.action, e.action))
+    return tab
 
 
 def show_plan(out: Output, result: RestoreResult) -> None:
     step = "" if result.step is None else f" (step {result.step}, {result.content})"
     if result.identical:
-        out.result(f"dry run: {result.checkpoint}{step} is already there, identical: {result.server}:{result.path}")
+        out.paragraph(f"dry run: {result.checkpoint}{step} is already there, identical: {result.server}:{result.path}")
     else:
-        out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
-                   f"to {result.server}:{result.path}")
+        out.paragraph(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
+                      f"to {result.server}:{result.path}")
     if result.creates_remote_dir:
-        out.result(f"  {result.remote_dir} does not exist yet and would be created")
+        out.paragraph(f"{result.remote_dir} does not exist yet and would be created", indent="  ", first="  ")
     if result.replaced:
-        out.result(f"  the existing {result.checkpoint} there would be replaced (--force)")
-    tab = table("file", "size", "action")
-    for f in result.files:
-        tab.add_row(f.path, human(f.size), FILE_ACTIONS.get(f.action, f.action))
+        out.paragraph(f"the existing {result.checkpoint} there would be replaced (--force)", indent="  ", first="  ")
+    out.table([plan_table(result, out.width is None)])
+    words = {ACTION_WORDS.get(x.action, x.action) for x in [*result.files, *result.extras]}
+    shown = [f"{w} = {text}" for w, text in ACTION_MEANING.items() if w in words]
+    if shown:
+        out.paragraph("; ".join(shown), indent="    ", first="  action: ")
     for e in result.extras:
-        tab.add_row(e.dest or f"{e.source} (kept at {e.kept_at})", human(e.size), e.action)
-    out.rich(tab)
-    out.result(f"would send {human(result.send_bytes)}; nothing was changed")
-    out.result(f"then: {result.resume_hint}")
+        if e.kept_at:
+            out.paragraph(f"{e.source}: kept at {e.kept_at}", indent="    ", first="  ")
+    out.paragraph(f"would send {human(result.send_bytes)}; nothing was changed")
+    out.paragraph(result.resume_hint, indent="  ", first="then: ")
 
 
 def show_restore_all(out: Output, result: RestoreAllResult) -> None:
