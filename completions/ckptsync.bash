@@ -4,14 +4,20 @@
 
 _ckptsync_spec() {
     # $1: the command path; sets cmds, opts, dirs, files, ckpts (options taking a checkpoint name),
-    # values (options taking a value) and cargs (1: its arguments are checkpoint names)
+    # values (options taking a value) and cargs (what its arguments are: checkpoint, dir or nothing)
     cmds= opts= dirs= files= ckpts= values= cargs=
     case "$1" in
         "")
-            cmds="archive backup checklist compare cron demo doctor list prune restore show verify"
+            cmds="adopt archive backup checklist compare cron demo doctor list prune restore show verify"
             opts="--config -c --debug --help -h --json --log-file --quiet -q --ssh --version -V"
             files="--config -c --log-file"
             values="--ssh"
+            ;;
+        "adopt")
+            opts="--accept-new-host-key --config -c --debug --dry-run -n --extra-file --help -h --host -H --instance -i --json --log-file --quiet -q --remote-dir -r --ssh"
+            files="--config -c --log-file"
+            values="--extra-file --host -H --instance -i --remote-dir -r --ssh"
+            cargs=dir
             ;;
         "archive")
             opts="--config -c --debug --help -h --instance -i --json --local-dir -l --log-file --output -o --quiet -q --remove --ssh --wait"
@@ -37,7 +43,7 @@ _ckptsync_spec() {
             dirs="--local-dir -l"
             files="--config -c --log-file"
             values="--instance -i --ssh"
-            cargs=1
+            cargs=checkpoint
             ;;
         "cron")
             cmds="install remove show"
@@ -97,14 +103,14 @@ _ckptsync_spec() {
             dirs="--local-dir -l"
             files="--config -c --log-file"
             values="--host -H --instance -i --remote-dir -r --ssh --width"
-            cargs=1
+            cargs=checkpoint
             ;;
         "verify")
             opts="--accept-new-host-key --config -c --debug --help -h --host -H --instance -i --json --local-dir -l --log-file --quiet -q --read-data --remote --remote-dir -r --repair --ssh"
             dirs="--local-dir -l"
             files="--config -c --log-file"
             values="--host -H --instance -i --remote-dir -r --ssh"
-            cargs=1
+            cargs=checkpoint
             ;;
     esac
 }
@@ -157,8 +163,12 @@ _ckptsync() {
         fi
     elif [[ $cur == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
-    elif [[ -n $cargs ]]; then
+    elif [[ $cargs == checkpoint ]]; then
         COMPREPLY=($(compgen -W "$(_ckptsync_checkpoints "${context[@]}")" -- "$cur"))
+    elif [[ $cargs == dir ]]; then
+        compopt -o filenames 2>/dev/null
+        local IFS=$'\n'  # names with spaces
+        COMPREPLY=($(compgen -d -- "$cur"))
     else
         COMPREPLY=($(compgen -W "$cmds" -- "$cur"))
     fi

@@ -16,8 +16,10 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
         set -l values
         switch "$path"
             case ''
-                set cmds archive backup checklist compare cron demo doctor list prune restore show verify
+                set cmds adopt archive backup checklist compare cron demo doctor list prune restore show verify
                 set values --config -c --log-file --ssh
+            case 'adopt'
+                set values --config -c --extra-file --host -H --instance -i --log-file --remote-dir -r --ssh
             case 'archive'
                 set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
             case 'backup'
@@ -79,6 +81,7 @@ function __ckptsync_checkpoints --description 'The checkpoint names in the backu
 end
 
 complete -c ckptsync -f
+complete -c ckptsync -n '__ckptsync_at \'\'' -a adopt -d 'Take over checkpoints copied without ckptsync (by scripts, scp, tar): write t...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a archive -d 'Pack a finished run\'s backup directory into one .tar.zst and verify it by rea...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a backup -d 'Fetch complete checkpoints from the server, verified, into the backup directory'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a checklist -d 'May I delete this instance now?'
@@ -99,6 +102,20 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -l log-file -r -F -d 'Append log li
 complete -c ckptsync -n '__ckptsync_at \'\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l version -s V -d 'Print the version and exit'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -a '(__fish_complete_directories (commandline -ct))'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l extra-file -x -d 'A file beside the checkpoints to back up too (a config, a dataset list), rela...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l help -s h -d 'Show this message and exit'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l help -s h -d 'Show this message and exit'

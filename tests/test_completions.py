@@ -130,6 +130,7 @@ def test_remote_dir_completes_no_directory_of_this_machine(backups):
     here = backups.parent
     assert bash_complete("ckptsync", "backup", "--remote-dir", "l", cwd=here) == []
     assert bash_complete("ckptsync", "backup", "--local-dir", "l", cwd=here) == ["laptop-dir"]
+    assert bash_complete("ckptsync", "adopt", "l", cwd=here) == ["laptop-dir"]   # DIR: on this machine
 
 
 def test_fish_completes_checkpoint_names(backups):

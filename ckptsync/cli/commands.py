@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import typer
 
 from ckptsync.cli import (
-    cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
+    cmd_adopt, cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
     cmd_complete, cmd_restore, cmd_show, cmd_verify, context,
 )
 from ckptsync.cli.options import GLOBAL_OPTIONS
@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
     ("show", cmd_show.show_cmd),
     ("compare", cmd_compare.compare_cmd),
     ("archive", cmd_archive.archive_cmd),
+    ("adopt", cmd_adopt.adopt_cmd),
     ("checklist", cmd_checklist.checklist_cmd),
     ("doctor", cmd_doctor.doctor_cmd),
     ("cron", Group(cmd_cron.HELP, [
