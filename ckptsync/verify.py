@@ -420,6 +420,8 @@ class RemoteVerify:
             self.result.remote_dir = view.root
             self.result.warnings.extend(view.errors)
             manifests = self.store.manifests()
+            known = [(c.name, c.step) for c in view.checkpoints] + [(m.name, m.step) for m in manifests.values()]
+            self.names = [named(n, known) for n in self.names]
             damaged = [c for c in damaged_checks(self.store, self.names) if "@" not in c.name]
             self.result.entries.extend(damaged)
             names = [n for n in self._select(view, manifests, {c.name for c in damaged})

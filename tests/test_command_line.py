@@ -68,6 +68,8 @@ def test_checkpoint_names_with_a_trailing_slash_or_as_a_step(server_tree, tmp_pa
     assert shown.stdout.startswith("checkpoint-8"), shown.stdout
     ok(run_cli("show", "checkpoint-8/", "--local-dir", backups))
     verified = run_cli("verify", "checkpoint-4/", "--local-dir", backups)
+    remote = run_cli("verify", "--remote", "8", "--remote-dir", server_tree, "--local-dir", backups)
+    assert remote.returncode == 0 and "checkpoint-8" in remote.stdout, (remote.stdout, remote.stderr)
     ok(verified)
     assert "checkpoint-4" in verified.stdout and "checkpoint-8" not in verified.stdout
     compared = run_cli("--json", "compare", "4", "checkpoint-8/", "--local-dir", backups)

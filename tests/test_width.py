@@ -61,6 +61,11 @@ def test_piped_with_columns_80_every_line_fits(backed_up):
     res = run_cli(*commands(backed_up)["restore --dry-run"], env={"COLUMNS": str(WIDTH)})
     assert "checkpoint-12/adapter_model.safetensors" in res.stdout
     assert "kept at" in res.stdout   # the extra files left out, each on a line of its own
+    _run, backups, fresh = backed_up
+    res = run_cli("restore", "--remote-dir", fresh, "--local-dir", backups, env={"COLUMNS": str(WIDTH)})
+    assert res.returncode == 0, res.stderr
+    check_lines("restore", res.stdout)
+    assert f"--resume-from-checkpoint\n  {fresh}/checkpoint-12" in res.stdout, res.stdout
 
 
 def test_off_a_terminal_rows_are_plain(backed_up):

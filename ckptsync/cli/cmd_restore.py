@@ -112,20 +112,21 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     replaced = " (the existing copy was replaced)" if result.replaced else ""
     version = f" (generation {result.generation})" if result.generation else ""
     if result.identical:
-        out.result(f"already there, identical: {result.checkpoint}{version} at {result.server}:{result.path} "
-                   "(checked by the server's hash; nothing of it was sent)")
+        out.paragraph(f"already there, identical: {result.checkpoint}{version} at {result.server}:{result.path} "
+                      "(checked by the server's hash; nothing of it was sent)")
     else:
-        out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
+        out.paragraph(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
     if result.sent_files or not result.identical:
-        out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
-                   f"on the wire){resumed}; {result.seconds:.1f}s"
-                   + (f" over {result.channels} channels" if result.channels > 1 else ""))
+        out.paragraph(f"{files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
+                      f"on the wire){resumed}; {result.seconds:.1f}s"
+                      + (f" over {result.channels} channels" if result.channels > 1 else ""), indent="    ", first="  ")
     for e in result.extras:
         if e.dest:
-            out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
+            out.paragraph(f"{e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}",
+                          indent="    ", first="  ")
         else:
-            out.result(f"  {e.source}: {e.action}; kept at {e.kept_at}")
-    out.result(result.resume_hint)
+            out.paragraph(f"{e.source}: {e.action}; kept at {e.kept_at}", indent="    ", first="  ")
+    out.paragraph(result.resume_hint, indent="  ")
 
 
 # The action of a file or an extra file (restore.FileItem/ExtraItem.action), as a word for a table
