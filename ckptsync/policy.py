@@ -196,7 +196,7 @@ def named(given: str, known: Iterable[tuple[str, int | None]]) -> str:
     if any(n == name for n, _ in known):
         return name
     if name.isdigit():
-        hits = [n for n, step in known if step == int(name)]
+        hits = {n for n, step in known if step == int(name)}   # a name may be listed twice (server, backup)
         if len(hits) == 1:
-            return hits[0]
+            return hits.pop()
     return name
