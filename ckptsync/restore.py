@@ -506,7 +506,8 @@ class Restore:
 
     def _identical(self, root: str, m: Manifest, there: Stat) -> bool:
         want = weight_files(m) if self.opts.adapter_only else m.files
-        return identical_there(self.server, root, m.name, want, there, self._local_hash,
+        return identical_there(self.server, root, m.name, want, there,
+                               lambda f, alg: self.digests.get(f, alg, self.files_root / f.path),
                                ignore={RESTORED_MARKER} if self.opts.adapter_only else set())
 
     def _extra_dest(self, source: str) -> str:
