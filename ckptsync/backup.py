@@ -108,7 +108,10 @@ def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judge
 
 class Backup:
     def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
-                 look_for_runs: bool = True, channels: Channels | None = None) -> None:
+                 look_for_runs: bool = True, channels: Channels | None = None,
+                 scan: Callable[[Server], ServerView] | None = None, command: str = "backup") -> None:
+        """`scan`: how the server is listed (a watch lists with its holds in place); `command`:
+        what the lock and status.json name ("watch" for a watch's cycles)."""
         if target.parallel != 1 and target.bwlimit and target.limiter is None:
             target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
@@ -117,6 +120,12 @@ class Backup:
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
         self.opts = opts
         self.rep = rep
+        self.command = command
+        self.record_idle = True   # record a run that did nothing in status.json (a watch's cycles mostly do not)
+        self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
+        self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
+                                                        writers=True, holds=True,
+                                                        pattern=self.target.train_process or ""))
         self.touched = False   # the lock was taken: from here on the run is a backup result
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
@@ -129,6 +138,8 @@ class Backup:
         when given, else over a connection of its own."""
         started = time.monotonic()
         try:
+            if self.command == "backup" and self.look_for_runs and not self.opts.dry_run:
+                self._refuse_beside_watch()
             with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
                 self.server = server
                 if self.look_for_runs and not (self.store.meta / "manifests").is_dir():
@@ -140,10 +151,12 @@ class Backup:
                 if own:
                     self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
                 try:
-                    view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+                    view = self.scan(server)
                     self._check_found(view)
                     self._backup(view)
                     self._name_unsaved()
+                    if self.command == "backup" and not self.opts.dry_run:
+                        self._release_left_holds(view)
                     if self.look_for_runs:
                         self._runs(view)
                 finally:
@@ -170,7 +183,7 @@ class Backup:
             waited.append(holder)
             self.rep.info(f"waiting for {holder}")
 
-        with self.store.lock("ckptsync backup", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT,
+        with self.store.lock(f"ckptsync {self.command}", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT,
                              stall_limit=self.target.stall_timeout):
             self.touched = True
             self.digests.held = True
@@ -184,7 +197,7 @@ class Backup:
         """The backup's work under the lock."""
         # Plan again under the lock: the run we waited for may have stored these already.
         if waited:
-            view = scan_server(self.server, self.target.remote_dir, self.target.settle_seconds)
+            view = self.scan(self.server)
         self.result.warnings.clear()
         self.result.failed.clear()
         chosen, todo = self._plan(view)
@@ -254,7 +267,9 @@ class Backup:
         self._view = view
         stored = self.store.manifests()
         self._first_run = not set(stored) - {EXTRA}
-        chosen, skipped = select(view.checkpoints, self.opts, stored.values())
+        # A held checkpoint was complete when it was held: it is taken whatever its age.
+        opts = replace(self.opts, also=[*self.opts.also, *sorted(view.held)])
+        chosen, skipped = select(view.checkpoints, opts, stored.values())
         self._judged = {c.name: self._judge(view, c) for c in chosen}
         plan = [plan_checkpoint(self.store, view, c, self._judged[c.name]) for c in chosen]
         extras = self._plan_extras(view) if self.opts.extra_files else None
@@ -302,7 +317,7 @@ class Backup:
             todo[c.name] = [p for p in listed[c.name] if p not in progress[c.name]]
             self._write(lambda m=planned[c.name]: self.store.save_pending(m), f"recording the files of {c.name}")
         kept = sum(len(progress[c.name]) for c in batch)
-        twins = self.placement.known(self.server, view.root, todo, listed, progress)
+        twins = self.placement.known(self.server, view.root, todo, listed, progress, view.source)
         placed = sum(len(progress[c.name]) for c in batch) - kept
         pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
                           lambda c: self._store_fetched(planned[c.name], progress[c.name], set(todo[c.name])))
@@ -312,11 +327,12 @@ class Backup:
         label = batch[0].name if len(batch) == 1 else f"{len(batch)} checkpoints ({batch[0].name} ... {batch[-1].name})"
         self.rep.info(f"{label}: fetching {len(owner)} files, {human(sum(listed[n][p].size for p, n in owner.items()))}"
                       + _not_fetched_text(kept, placed))
-        changed, unreadable = self._download(view.root, [(p, p) for p in owner], owner, listed, label, progress,
-                                             pending) if owner else ({}, {})
+        changed, unreadable = self._download(view.root, [(view.source(p), p) for p in owner], owner, listed, label,
+                                             progress, pending) if owner else ({}, {})
         left = pending.unplaced()
         if left:  # copies whose origin did not arrive: fetched themselves
-            more = self._download(view.root, [(p, p) for p in left], left, listed, label, progress, pending)
+            more = self._download(view.root, [(view.source(p), p) for p in left], left, listed, label, progress,
+                                  pending)
             changed.update(more[0])
             unreadable.update(more[1])
         pending.commit_ready()
@@ -377,6 +393,25 @@ class Backup:
             self.result.fetched.append(name)
             self.result.deleted_on_server.append(name)
 
+    def _refuse_beside_watch(self) -> None:
+        """A watch backs up each checkpoint as it is saved: a backup beside it has nothing to add."""
+        holder = self.store.watcher() if self.store.meta.is_dir() else ""
+        if holder:
+            raise Locked(f"a watch is running on {self.store.root}: {holder}; it backs up each checkpoint as soon "
+                         "as it is complete", hint="from cron, --skip-if-locked exits 0 while it runs")
+
+    def _release_left_holds(self, view: ServerView) -> None:
+        """Holds a watch left when it stopped (a running watch refuses this backup): released once
+        what they keep is backed up, or the trainer's own copy is still there."""
+        done = set(self.result.fetched) | set(self.result.current)
+        keep = {n for n in view.gone if n not in done}
+        names = sorted((set(view.held) | view.stale) - keep)
+        if not names:
+            return
+        released = self.server.release(view.root, names)
+        if released:
+            self.result.warnings.append(f"released what a watch that stopped held on the server: {', '.join(released)}")
+
     def _name_unsaved(self) -> None:
         """Every complete checkpoint that is not backed up after this run, and why: never silently."""
         view = getattr(self, "_view", None)
@@ -389,7 +424,7 @@ class Backup:
         self.result.not_backed_up, warning = unsaved(view.checkpoints, taken, self.result.failed, stored,
                                                      self._first_run, self.opts,
                                                      self.target.command("backup", "--all"))
-        if warning:
+        if warning and self.warn_unsaved:
             self.result.warnings.append(warning)
 
     def _commit(self, m: Manifest, what: str) -> None:
@@ -596,7 +631,8 @@ def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
         if not opts.dry_run:
             _record(job, Interrupted.exit_code, "interrupted")
         raise
-    if not opts.dry_run:
+    busy = result.fetched or result.failed or result.restamped or result.deleted_on_server
+    if not opts.dry_run and (job.record_idle or busy):
         _record(job, result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
     return result
 
@@ -638,7 +674,8 @@ def _record(job: Backup, code: int, error: str) -> None:
                         notify.scheduled(), restamped=r.restamped, generations=r.generations,
                         skipped={p.name: p.reason for p in r.plan if p.action == "skip"},
                         not_backed_up=r.not_backed_up, deleted_on_server=r.deleted_on_server,
-                        raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3))
+                        raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3),
+                        command=job.command)
     try:
         job.store.record_status(status)
     except IntegrityError:

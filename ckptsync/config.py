@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from ckptsync.errors import ConfigError, UsageError
-from ckptsync.policy import MAX_PARALLEL
+from ckptsync.policy import HOLD_MAX, MAX_PARALLEL
 from ckptsync.server.watchdog import MAX_STALL, STALL_TIMEOUT, stall_limit, valid_limit
 from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 
@@ -39,6 +39,7 @@ COMMON_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "runs": (list, "a list of glob patterns for run directories, relative to remote_dir's parent"),
     "bwlimit": ((str, int), "a rate in bytes per second, e.g. 20M or 500K"),
     "parallel": (int, f"a number of channels, 1-{MAX_PARALLEL}"),
+    "hold_max": (int, "the most checkpoints `watch` holds on the server against rotation"),
     "stall_timeout": ((int, float), "a number of seconds"),
 }
 INSTANCE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -94,6 +95,7 @@ class Target:
     parallel: int | None = None      # channels a transfer uses at once (--parallel); None: from the round trip
     store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
     s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
+    hold_max: int = HOLD_MAX         # checkpoints a watch holds against rotation at most (hold.py)
     stall_timeout: float = STALL_TIMEOUT  # seconds a server link may move nothing before the run ends
 
     def command(self, *words: str) -> str:
@@ -162,6 +164,8 @@ def _check(where: str, data: dict, allowed: dict) -> None:
         raise ConfigError(f"{where}.ssh: expected openssh, paramiko or auto, got {data['ssh']!r}")
     if "dedup" in data and data["dedup"] not in ("reflink", "link"):
         raise ConfigError(f"{where}.dedup: expected reflink or link, got {data['dedup']!r}")
+    if "hold_max" in data and data["hold_max"] < 0:
+        raise ConfigError(f"{where}.hold_max: expected 0 or more, got {data['hold_max']}")
     if "keep_generations" in data and data["keep_generations"] < 0:
         raise ConfigError(f"{where}.keep_generations: expected 0 or more, got {data['keep_generations']}")
     if "settle_seconds" in data and not (math.isfinite(data["settle_seconds"]) and data["settle_seconds"] >= 0):
@@ -355,5 +359,6 @@ def resolve_target(
         parallel=None if pick("parallel", None) is None else int(pick("parallel", None)),
         store_url=store_url,
         s3=dict(top.get("s3") or {}),
+        hold_max=int(pick("hold_max", HOLD_MAX)),
         stall_timeout=stall_limit(pick("stall_timeout")),
     )

@@ -76,6 +76,12 @@ class HostKeyError(ConnectError):
     kind = "host_key"
 
 
+class LoginRefused(ConnectError):
+    """The server refused the login (no key it accepts): trying again will not change that."""
+
+    kind = "login_refused"
+
+
 class IOFailure(CkptsyncError):
     """A file operation failed, here or on the server."""
 

@@ -17,6 +17,11 @@ Decisions worth knowing:
 * Settling is judged per file against the server's clock: a file dated more
   than ``CLOCK_TOLERANCE`` after it was not stamped by a write happening now,
   so only the layout's completion markers decide for it.
+* Where the server shows who writes (``Writers``: the files open for writing,
+  seen through ``/proc/*/fdinfo``), a checkpoint whose layout markers are there
+  and none of whose files is open for writing is complete at once; settling
+  is then waited for only by files changed after the writers were looked at,
+  and by checkpoints behind a symlink (their writers are not seen).
 * The top-level DeepSpeed ``latest`` file belongs to no checkpoint: it moves
   on with every save, and ``global_stepN/`` loads with an explicit tag.
 * RNG state is required for an *exact* resume: when it is absent it is listed
@@ -61,6 +66,19 @@ class Listing:
     meta: dict  # relative path -> parsed JSON, text of `latest`, {"__pt__": ...} or {"__error__": msg}
     now: float  # the server's clock when it listed
     unseen: tuple[tuple[str, str, float], ...] = ()  # (path, why, its mtime or 0) the server could not list or read
+
+
+@dataclass(frozen=True)
+class Writers:
+    """Who writes under remote_dir, as the server saw it at `since` (its clock): the paths open
+    for writing, and the symlinked paths, whose files' writers it cannot tell."""
+
+    open: frozenset[str]
+    since: float
+    linked: tuple[str, ...] = ()
+
+    def blind_to(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.linked)
 
 
 @dataclass(frozen=True)
@@ -154,12 +172,13 @@ class _Analysis:
     step: int | None = None
 
 
-def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
+def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | None = None) -> list[Checkpoint]:
     """Checkpoints found at the top level of remote_dir, newest first.
 
     A checkpoint is complete when its layout's own markers say the save
     finished and none of its files changed within settle_seconds of
-    listing.now.  Order: policy.newest_first.
+    listing.now; with `writers`, when none of its files is open for writing
+    (see the module's note).  Order: policy.newest_first.
     """
     meta = _normalised_meta(listing.meta)
     groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files
@@ -192,7 +211,7 @@ def discover(listing: Listing, settle_seconds: float = 60) -> list[Checkpoint]:
             found = _analyse_step_dir(name, rel, meta)
         else:
             found = _analyse_single_file(name, meta)
-        checkpoint = _finish(name, layout, kind, rel, found, listing.now, settle_seconds)
+        checkpoint = _finish(name, layout, kind, rel, found, listing.now, settle_seconds, writers)
         if (name, layout, kind) in unseen:
             checkpoint = _not_seen_whole(checkpoint, unseen.pop((name, layout, kind)))
         checkpoints.append(checkpoint)
@@ -505,7 +524,7 @@ def _read_pt(found: _Analysis, value, label: str) -> None:
 # ---------------------------------------------------------------- shared steps
 
 
-def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds) -> Checkpoint:
+def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds, writers: Writers | None) -> Checkpoint:
     files = tuple(sorted(rel.values(), key=lambda e: e.path))
     size = sum(e.size for e in files)
     problems = list(found.problems)
@@ -517,7 +536,14 @@ def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds) -> C
                 problems.append(f"{r} is empty")
                 break
     mtime = max(e.mtime for e in rel.values())
-    recent = [r for r in rel if written_recently(rel[r].mtime, now, settle_seconds)]
+    seen = writers is not None and not any(writers.blind_to(e.path) for e in rel.values())
+    if seen:
+        written = [r for r in sorted(rel) if rel[r].path in writers.open]
+        if written:
+            problems.append(f"{written[0]} is open for writing")
+    # Where writers are seen, only a file changed after they were looked at waits to settle.
+    recent = [r for r in rel if written_recently(rel[r].mtime, now, settle_seconds)
+              and not (seen and rel[r].mtime < writers.since)]
     if recent:
         newest_rel = max(recent, key=lambda r: rel[r].mtime)
         age = now - rel[newest_rel].mtime

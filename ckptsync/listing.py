@@ -197,7 +197,8 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
     view, current = None, None
     if not local_only:
         with open_server(target) as server:
-            view = scan_server(server, target.remote_dir, target.settle_seconds)
+            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
+                               pattern=target.train_process or "")
             current = judge_view(server, view, manifests, local=LocalDigests(store))
             result.runs = survey(server, view.root, target)
         if any(not r.covered for r in result.runs):

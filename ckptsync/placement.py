@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ckptsync.commit import record
 from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
@@ -39,7 +39,8 @@ class Placement:
         self._index: Index | None = None
 
     def known(self, server: Server, root: str, todo: dict[str, list[str]], listed: Mapping[str, Mapping[str, FileStat]],
-              progress: dict[str, dict[str, dict]]) -> dict[tuple[str, str], tuple[str, str]]:
+              progress: dict[str, dict[str, dict]],
+              source: Callable[[str], str] = str) -> dict[tuple[str, str], tuple[str, str]]:
         """Place files whose content the store already holds (reflink, hard link or local copy)
         instead of transferring them; each placed file joins its entry's `progress`. Returns the
         twins: (entry, file) -> the earlier (entry, file) of this batch with the same content,
@@ -56,14 +57,14 @@ class Placement:
         if not candidates:
             return {}
         alg = server.best_hash
-        hashes = server.hash(root, [p for _name, p in candidates], alg,
-                             listed={p: listed[name][p] for name, p in candidates})
+        hashes = server.hash(root, [source(p) for _name, p in candidates], alg,   # `source`: where it is read
+                             listed={source(p): listed[name][p] for name, p in candidates})
         by_alg = sources if alg == XXH3 else self.sources_in(alg, {(listed[n][p].size, listed[n][p].mode)
                                                                   for n, p in candidates})
         touched, first, twins = set(), {}, {}
         for name, p in candidates:
             size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
-            digest = hashes.get(p)
+            digest = hashes.get(source(p))
             if not digest:
                 continue  # unreadable, changed or gone on the server: the transfer reports it
             found = by_alg.get((digest, size, mode))

@@ -7,6 +7,7 @@ from typing import Iterable, Mapping, Protocol, TypeVar
 from ckptsync.errors import LOCKED, PARTIAL
 
 MAX_PARALLEL = 16   # channels of one transfer (--parallel, parallel: in the config)
+HOLD_MAX = 3        # complete checkpoints a watch holds on the server against rotation, at most (hold.py)
 # Without --parallel or parallel:, a transfer to a server this far away (round trip, seconds)
 # goes over AUTO_CHANNELS. One SSH channel moves at most its 2 MiB window per round trip: at
 # 30 ms that is about 70 MB/s, near what ssh's cipher manages on one core here; nearer, more

@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ckptsync.layout import Checkpoint, FileEntry, Listing, dated_ahead, discover, unseen_outside
+from ckptsync.hold import merge
+from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, dated_ahead, discover, unseen_outside
 from ckptsync.policy import FIRST_SAVE_GRACE, span
-from ckptsync.server import FileStat, Server
+from ckptsync.server import FileStat, Listing as ServerListing, Procs, Server
 
 if TYPE_CHECKING:
     from ckptsync.config import Target
@@ -24,6 +25,11 @@ class ServerView:
     meta: dict = field(default_factory=dict)   # path -> parsed trainer_state.json etc., as the agent read it
     clock: str = ""                            # files dated after the server's clock, when some are
     stopped: str = ""                          # why the listing is incomplete ("" when whole): the run is uncertain
+    sources: dict[str, str] = field(default_factory=dict)   # path -> where the server reads it, when not at path
+    held: dict[str, dict[str, FileStat]] = field(default_factory=dict)  # held checkpoints (hold.py): name -> files
+    gone: set[str] = field(default_factory=set)    # held, and (partly) deleted by the trainer since
+    stale: set[str] = field(default_factory=set)   # holds of an older version of the name: to release
+    procs: Procs | None = None                 # the server's processes, when asked for (writers)
 
     def find(self, name: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.name == name), None)
@@ -31,12 +37,37 @@ class ServerView:
     def files_of(self, c: Checkpoint) -> dict[str, FileStat]:
         return {f.path: self.exact[f.path] for f in c.files}
 
+    def source(self, path: str) -> str:
+        """Where the server reads `path`: the path itself, or its hold."""
+        return self.sources.get(path, path)
 
-def scan_server(server: Server, remote_dir: str, settle_seconds: float) -> ServerView:
-    listing = server.scan(remote_dir)
-    files = tuple(FileEntry(path=f.path, size=f.size, mtime=f.mtime_ns / 1e9, mode=f.mode) for f in listing.files)
+
+def scan_server(server: Server, remote_dir: str, settle_seconds: float, writers: bool = False,
+                holds: bool = False, pattern: str = "") -> ServerView:
+    """The server's checkpoints. `writers`: ask who writes first (the processes, `pattern` as
+    train_process), so that a checkpoint nobody writes is complete without waiting settle_seconds
+    (layout.Writers); `holds`: with what is held."""
+    procs = server.procs(pattern, remote_dir) if writers else None
+    return view_of(server.scan(remote_dir, holds=holds), settle_seconds, procs)
+
+
+def writers_seen(procs: Procs | None, links: list[str]) -> Writers | None:
+    """What the server saw written, where it could see every writer: /proc readable, no process
+    that looks like training hidden from this user, and the list of open files not cut short."""
+    if procs is None or procs.blind or not procs.complete or not procs.now or not procs.root \
+            or any(not p.seen for p in procs.processes):
+        return None
+    root = procs.root.rstrip("/") + "/"
+    return Writers(frozenset(path[len(root):] for _pid, _cmd, path in procs.writing if path.startswith(root)),
+                   procs.now, tuple(links))
+
+
+def view_of(listing: ServerListing, settle_seconds: float, procs: Procs | None = None) -> ServerView:
+    merged = merge(listing)
+    files = tuple(FileEntry(path=f.path, size=f.size, mtime=f.mtime_ns / 1e9, mode=f.mode) for f in merged.files)
     unseen = tuple((u.path, u.why, u.mtime_ns / 1e9) for u in listing.unseen)
-    found = discover(Listing(files=files, meta=listing.meta, now=listing.now, unseen=unseen), settle_seconds)
+    found = discover(Listing(files=files, meta=merged.meta, now=listing.now, unseen=unseen), settle_seconds,
+                     writers_seen(procs, listing.links))
     # What could not be read outside every checkpoint is named; nothing there would be backed up.
     outside = unseen_outside(unseen)
     if outside:
@@ -50,12 +81,17 @@ def scan_server(server: Server, remote_dir: str, settle_seconds: float) -> Serve
     return ServerView(
         root=listing.root,
         checkpoints=found,
-        exact={f.path: f for f in listing.files},
+        exact={f.path: f for f in merged.files},
         now=listing.now,
         errors=list(listing.errors) + outside,
-        meta=listing.meta,
+        meta=merged.meta,
         clock=clock,
         stopped=listing.stopped,
+        sources=merged.sources,
+        held=merged.held,
+        gone=merged.gone,
+        stale=merged.stale,
+        procs=procs,
     )
 
 

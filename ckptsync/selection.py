@@ -24,6 +24,7 @@ class BackupOptions:
     dry_run: bool = False
     wait: bool = False
     extra_files: bool = True
+    also: list[str] = field(default_factory=list)   # complete checkpoints taken whatever their age (held ones)
 
 
 @dataclass
@@ -60,6 +61,7 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions,
     else:
         wanted = {c.name for c in complete[: max(opts.max_checkpoints, 0)]}
         wanted.update(c.name for c in new_since(complete, stored))
+        wanted.update(opts.also)
         chosen = [c for c in complete if c.name in wanted]
     if opts.include_best:
         best = next((c for c in complete if c.is_best), None)

@@ -49,7 +49,8 @@ GENERATIONS = "generations"
 # What versions before generations left beside an entry that changed on the server.
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
 # ckptsync's own paths under .ckptsync/ (and two levels inside staging/ and generations/).
-OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "status.json",
+WATCH_LOCK = "watch.lock"
+OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "watch.lock", "status.json",
              "status-scheduled.json", "status-manual.json", "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
 WAIT_HINT = "use --wait to wait for it"
@@ -549,14 +550,15 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "",
-             stall_limit: float | None = None) -> Iterator[None]:
+             stall_limit: float | None = None, name: str = "lock") -> Iterator[None]:
         """One run per backup directory. The system releases the lock when a holder dies.
 
         `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
         others get "wait for it to finish", since a hint must name only flags the command has.
         The holder's info (and, as its work advances, its progress time) is in the lock file; with
-        `stall_limit`, a refusal says when that holder lives but has not progressed for longer."""
-        path = self.meta / "lock"
+        `stall_limit`, a refusal says when that holder lives but has not progressed for longer.
+        `name`: WATCH_LOCK is held by a watch for as long as it runs (it takes "lock" per cycle)."""
+        path = self.meta / name
         self.check_own()
         try:
             self.meta.mkdir(parents=True, exist_ok=True)
@@ -595,6 +597,24 @@ class Store:
     def holder(self) -> dict[str, Any] | None:
         """Who holds the lock, as its file says (a holder killed with SIGKILL leaves its info behind)."""
         return liveness.read_holder(self.meta / "lock")
+
+    def watcher(self) -> str:
+        """Who runs a watch on this backup directory ('' when none does)."""
+        path = self.meta / WATCH_LOCK
+        if not path.is_file():
+            return ""
+        self.check_own()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return ""
+        try:
+            if osdeps.lock_file(fd, path, wait=False):
+                osdeps.unlock_file(fd, path)
+                return ""
+            return liveness.holder_text(liveness.read_holder(path))
+        finally:
+            os.close(fd)
 
     def stuck_holder(self, now: float, limit: float) -> str:
         """A warning when a live run holds the lock and has made no progress for longer than `limit`."""

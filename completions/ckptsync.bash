@@ -7,7 +7,7 @@ _ckptsync_spec() {
     cmds= opts= dirs= files= values=
     case "$1" in
         "")
-            cmds="archive backup checklist compare cron demo doctor list prune restore show verify"
+            cmds="archive backup checklist compare cron demo doctor list prune restore show verify watch"
             opts="--debug --help -h --json --log-file --quiet -q --ssh --version -V"
             files="--log-file"
             values="--ssh"
@@ -99,6 +99,12 @@ _ckptsync_spec() {
             dirs="--local-dir -l --remote-dir -r"
             files="--config -c --log-file"
             values="--host -H --instance -i --ssh"
+            ;;
+        "watch")
+            opts="--accept-new-host-key --all-instances --bwlimit --compress --config -c --debug --help -h --hold-max --host -H --instance -i --interval --json --local-dir -l --log-file --max-checkpoints -k --no-hold --parallel --print-service --quiet -q --remote-dir -r --ssh --until-done"
+            dirs="--local-dir -l --remote-dir -r"
+            files="--config -c --log-file"
+            values="--bwlimit --compress --hold-max --host -H --instance -i --interval --max-checkpoints -k --parallel --print-service --ssh"
             ;;
     esac
 }

@@ -16,7 +16,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
         set -l values
         switch "$path"
             case ''
-                set cmds archive backup checklist compare cron demo doctor list prune restore show verify
+                set cmds archive backup checklist compare cron demo doctor list prune restore show verify watch
                 set values --log-file --ssh
             case 'archive'
                 set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
@@ -48,6 +48,8 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh --width
             case 'verify'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
+            case 'watch'
+                set values --bwlimit --compress --config -c --hold-max --host -H --instance -i --interval --local-dir -l --log-file --max-checkpoints -k --parallel --print-service --remote-dir -r --ssh
         end
         if contains -- $word $values
             set pending 1
@@ -76,6 +78,7 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -a prune -d 'Delete the checkpoints
 complete -c ckptsync -n '__ckptsync_at \'\'' -a restore -d 'Put a backed-up checkpoint on a (new) server, ready to resume training'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a show -d 'Details of one checkpoint: step, losses, best, files, resumability, backup ti...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a verify -d 'Check backups: re-read every file and compare size and xxh3-128 with the mani...'
+complete -c ckptsync -n '__ckptsync_at \'\'' -a watch -d 'Back up each checkpoint the moment it is complete, over one connection'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
@@ -298,3 +301,25 @@ complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote -d 'Compare the ser
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l repair -d 'Fetch again, from the server, the files that fail their manifest (when the se...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l help -s h -d 'Show this message and exit'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l hold-max -x -d 'Hold at most N complete checkpoints on the server against the trainer\'s rotat...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l interval -x -d 'Where the server has no inotify, look for changes this often; also how often...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l max-checkpoints -s k -x -d 'A first backup takes the N newest complete checkpoints (as backup does); ever...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l no-hold -d 'Hold nothing on the server: a checkpoint the trainer rotates away before it i...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l print-service -x -d 'Print a systemd user unit or a launchd agent that runs this watch, with how t...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l until-done -d 'Exit once training has finished and every checkpoint is backed up: 0 when the...'

@@ -258,3 +258,19 @@ class Lines:
         self.thread.join(timeout)
         with self.changed:
             return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def open_for_writing(path: str | os.PathLike[str]):
+    """A process of its own holds `path` open for writing (appending nothing) until the block ends:
+    a writer the server can see (this test process is an ancestor of the agent, which skips it)."""
+    code = ("import sys; f = open(sys.argv[1], 'ab'); sys.stdout.write('open\\n'); sys.stdout.flush(); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"open\n"
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)

@@ -430,7 +430,7 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
         # Open for reading only: it is this run's, and the pattern makes it training; nothing is written.
         assert mine[0]["trainer"] and mine[0]["python"] and reply["writing"] == []
         assert all(p["pid"] != os.getpid() for p in reply["processes"])
-        assert set(reply) == {"processes", "writing", "gpu", "blind"}
+        assert set(reply) == {"processes", "writing", "gpu", "blind", "now", "root", "writing_total"}
         assert all(len(p["cmd"]) <= 200 for p in reply["processes"]) and len(reply["processes"]) <= 50
     finally:
         child.kill()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, ROOT, Lines, cli_env, file_sha256, run_cli, tree_digest
+from helpers import HANG, ROOT, Lines, cli_env, file_sha256, open_for_writing, run_cli, tree_digest
 from relay import Relay, relay_alias
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
@@ -85,13 +85,16 @@ def test_list_shows_fixture_checkpoints_over_ssh(setup):
 def test_list_marks_in_progress(setup):
     server, dest, home = setup
     (server / "checkpoint-12" / "trainer_state.json").unlink()
-    os.utime(server / "checkpoint-8" / "optimizer.pt")  # just written
-    rows = {r["name"]: r for r in json.loads(run_cli("list", "-i", "1", *cfg_args(home), "--json").stdout)["checkpoints"]}
+    touched = time.time() - 1   # a second ago: nothing writes it
+    os.utime(server / "checkpoint-4" / "optimizer.pt", (touched, touched))
+    with open_for_writing(server / "checkpoint-8" / "optimizer.pt"):
+        listed = run_cli("list", "-i", "1", *cfg_args(home), "--json")
+    rows = {r["name"]: r for r in json.loads(listed.stdout)["checkpoints"]}
     assert rows["checkpoint-12"]["complete"] is False
     assert "trainer_state.json" in rows["checkpoint-12"]["reason"]
     assert rows["checkpoint-8"]["complete"] is False
-    assert "modified" in rows["checkpoint-8"]["reason"]
-    assert rows["checkpoint-4"]["complete"] is True
+    assert "optimizer.pt is open for writing" in rows["checkpoint-8"]["reason"]
+    assert rows["checkpoint-4"]["complete"] is True   # where writers are seen, settle_seconds is not waited for
 
 
 def test_backup_newest_two_plus_extras_then_noop(setup):
@@ -125,14 +128,15 @@ def test_backup_newest_two_plus_extras_then_noop(setup):
 
 
 def test_backup_skips_in_progress_and_says_why(setup):
+    """A file a process holds open for writing keeps its checkpoint back, however old it is."""
     server, dest, home = setup
-    os.utime(server / "checkpoint-12" / "optimizer.pt")
-    res = run_cli("backup", "-i", "1", *cfg_args(home), "--json")
+    with open_for_writing(server / "checkpoint-12" / "optimizer.pt"):
+        res = run_cli("backup", "-i", "1", *cfg_args(home), "--json")
     assert res.returncode == 0
     out = json.loads(res.stdout)
     assert out["fetched"] == ["checkpoint-8", "checkpoint-4", "extra-files"]
     skipped = [p for p in out["plan"] if p["action"] == "skip"]
-    assert skipped[0]["name"] == "checkpoint-12" and "optimizer.pt modified" in skipped[0]["reason"]
+    assert skipped[0]["name"] == "checkpoint-12" and "optimizer.pt is open for writing" in skipped[0]["reason"]
     assert not (dest / "checkpoint-12").exists()
 
 

@@ -300,7 +300,7 @@ def test_every_command_takes_the_global_options():
     wanted = {"--json", "--quiet", "-q", "--log-file", "--debug"}
     assert wanted <= options(root)
     found = dict(leaves(root, []))
-    assert set(found) == {"list", "backup", "restore", "verify", "prune", "show", "compare", "archive",
+    assert set(found) == {"list", "backup", "watch", "restore", "verify", "prune", "show", "compare", "archive",
                           "checklist", "doctor", "demo", "cron install", "cron show", "cron remove"}
     for path, cmd in found.items():
         assert wanted <= options(cmd), path

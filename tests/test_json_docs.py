@@ -18,11 +18,28 @@ DOC = REPO_ROOT / "docs" / "json.md"
 # ```json ckptsync list --json ...   (the words after "json" are the command that prints it)
 # ```json-bucket ckptsync ...: a bucket store's output, run by tests/test_s3.py against SeaweedFS
 FENCE = re.compile(r"^```json(?P<kind>-bucket)? (?P<command>[^\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
+# ```jsonl ckptsync watch --json ...: one object a line (watch's events), run like the others;
+# ```jsonl-events: watch's other events, whose keys tests/test_watch.py checks against what it prints.
+LINES = re.compile(r"^```jsonl (?P<command>[^\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
+EVENTS = re.compile(r"^```jsonl-events\n(?P<body>.*?)^```$", re.M | re.S)
 
 
 def examples(kind: str = "") -> list[tuple[str, str]]:
     return [(m["command"].strip(), m["body"]) for m in FENCE.finditer(DOC.read_text(encoding="utf-8"))
             if (m["kind"] or "").lstrip("-") == kind]
+
+
+def documented_events() -> dict[str, dict]:
+    """Every event docs/json.md shows (watch), by kind: the first example of each."""
+    text = DOC.read_text(encoding="utf-8")
+    bodies = [m["body"] for m in LINES.finditer(text)] + [m["body"] for m in EVENTS.finditer(text)]
+    out: dict[str, dict] = {}
+    for body in bodies:
+        for line in body.splitlines():
+            if line.strip():
+                event = json.loads(line)
+                out.setdefault(event["event"], event)
+    return out
 
 
 def shape(value):
@@ -111,3 +128,25 @@ def test_examples_are_what_the_commands_print(world: dict) -> None:
                             f"{doc['exit_code']} in the doc: {res.stderr.strip()}")
         problems += [f"{command}: {d}" for d in differences(shape(doc), shape(real))]
     assert not problems, "docs/json.md differs from the commands:\n" + "\n".join(problems)
+
+
+def test_watch_prints_the_events_the_doc_shows(world: dict) -> None:
+    problems = []
+    found = [(m["command"].strip(), m["body"]) for m in LINES.finditer(DOC.read_text(encoding="utf-8"))]
+    assert found and all(shlex.split(c)[1] == "watch" for c, _ in found)
+    for command, body in found:
+        doc = [json.loads(line) for line in body.splitlines() if line.strip()]
+        res = run_example(world, command)
+        assert "Traceback" not in res.stderr, (command, res.stderr)
+        real: dict[str, dict] = {}
+        for line in res.stdout.splitlines():   # every line is one JSON object
+            event = json.loads(line)
+            real.setdefault(event["event"], event)
+        assert res.returncode == 0, res.stderr
+        for event in doc:
+            if event["event"] not in real:
+                problems.append(f"{command}: printed no {event['event']} event")
+                continue
+            problems += [f"{command}: {event['event']}: {d}"
+                         for d in differences(shape(event), shape(real[event["event"]]))]
+    assert not problems, "docs/json.md differs from watch:\n" + "\n".join(problems)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ckptsync.layout import (
-    RESTORED_MARKER, Checkpoint, FileEntry, Listing, best_checkpoint, discover, find_best, resume_files,
+    RESTORED_MARKER, Checkpoint, FileEntry, Listing, Writers, best_checkpoint, discover, find_best, resume_files,
 )
 from helpers import FIXTURES
 
@@ -149,6 +149,34 @@ def test_settle_time(age, settle, reason):
     assert c.reason == reason
     assert c.complete == (reason == "")
     assert c.resumable == (reason == "")
+
+
+@pytest.mark.parametrize("age, open_, since_age, linked, reason", [
+    # Writers seen: a checkpoint nobody writes is complete at once, however new its files.
+    (1.0, (), 0.5, (), ""),
+    (1.0, ("checkpoint-500/optimizer.pt",), 0.5, (), "optimizer.pt is open for writing"),
+    (1.0, ("checkpoint-500/scheduler.pt",), 0.5, (), "scheduler.pt is open for writing"),
+    (3600.0, ("checkpoint-500/optimizer.pt",), 0.5, (), "optimizer.pt is open for writing"),
+    # modified after the processes were looked at: a writer may have come since, settle decides
+    (0.2, (), 0.5, (), "optimizer.pt modified 0s ago (settle 60s)"),
+    # behind a symlink, its writers are not seen: settle decides
+    (1.0, (), 0.5, ("checkpoint-500",), "optimizer.pt modified 1s ago (settle 60s)"),
+    (1.0, (), 0.5, ("checkpoint-500/optimizer.pt",), "optimizer.pt modified 1s ago (settle 60s)"),
+    (1.0, (), 0.5, ("checkpoint-50",), ""),
+])
+def test_where_writers_are_seen_nobody_writing_is_complete(age, open_, since_age, linked, reason):
+    files = [f for f in in_dir("checkpoint-500", LORA) if f.path != "checkpoint-500/optimizer.pt"]
+    files.append(entry("checkpoint-500/optimizer.pt", mtime=NOW - age))
+    writers = Writers(frozenset(open_), NOW - since_age, linked)
+    c = only(discover(listing(*files, meta={"checkpoint-500/trainer_state.json": STATE}), 60, writers))
+    assert c.reason == reason
+    assert c.complete == (reason == "")
+
+
+def test_where_writers_are_seen_the_layouts_own_markers_still_decide():
+    files = [f for f in in_dir("checkpoint-500", LORA) if not f.path.endswith("trainer_state.json")]
+    c = only(discover(listing(*files), 60, Writers(frozenset(), NOW)))
+    assert not c.complete and c.reason == "trainer_state.json not written yet"
 
 
 @pytest.mark.parametrize("zero, reason", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli_env, run_cli
-from ckptsync.errors import ConfigError, ConnectError, HostKeyError
+from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.server.agent_server import AgentServer
 from ckptsync.transport import SshTarget, ssh_transport
 from ckptsync.transport.openssh import OpenSshTransport, Settings, control_dir, explain
@@ -250,7 +250,7 @@ Host key verification failed.
      "host key for [10.0.0.3]:2222 has CHANGED (ED25519); refusing to connect"),
     (TARGET, "No ED25519 host key is known for [10.0.0.3]:2222 and you have requested strict checking.\n"
      "Host key verification failed.\n", HostKeyError, "unknown host key for [10.0.0.3]:2222 (ED25519)"),
-    (TARGET, "ubuntu@10.0.0.3: Permission denied (publickey).\n", ConnectError,
+    (TARGET, "ubuntu@10.0.0.3: Permission denied (publickey).\n", LoginRefused,
      "authentication failed for ubuntu@10.0.0.3:2222 (tried default keys and the SSH agent)"),
     (TARGET, "ssh: connect to host 10.0.0.3 port 2222: Connection refused\n", ConnectError,
      "cannot connect to ubuntu@10.0.0.3:2222: connection refused"),
@@ -276,7 +276,7 @@ Host key verification failed.
     (JUMPED, "ssh: connect to host 192.168.1.1 port 22: Connection refused\n"
      "kex_exchange_identification: Connection closed by remote host\n", ConnectError,
      "cannot connect to jump host 192.168.1.1:22 (ProxyJump bastion): connection refused"),
-    (JUMPED, "admin@192.168.1.1: Permission denied (publickey).\n", ConnectError,
+    (JUMPED, "admin@192.168.1.1: Permission denied (publickey).\n", LoginRefused,
      "authentication failed for jump host admin@192.168.1.1"),
     (JUMPED, "ssh: Could not resolve hostname bastion: Temporary failure in name resolution\n", ConnectError,
      "cannot resolve host bastion (a jump host): Temporary failure in name resolution"),

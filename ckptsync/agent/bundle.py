@@ -14,7 +14,7 @@ import zlib
 # Dependency order: a module only imports from modules before it.
 ORDER = (
     "frames", "hashing", "paths", "codec", "tar", "scan", "procs", "probe",
-    "sender", "reader", "fileops", "assemble", "http", "send", "serve",
+    "sender", "reader", "fileops", "assemble", "http", "send", "watching", "hold", "serve",
 )
 SIBLING = re.compile(r"from ckptsync\.agent\.(\w+) import \w+(?:, \w+)*")
 ENTRY = '\n\nif __name__ == "__main__":\n    main()\n'

@@ -23,6 +23,7 @@ BEAT = b"K"
 BEAT_COUNT = struct.Struct(">Q")
 STAGING_PREFIX = ".ckptsync-staging-"
 TRASH_PREFIX = ".ckptsync-trash-"
+HOLD_DIR = ".ckptsync-hold"   # checkpoints held against rotation (agent/hold.py)
 LOCK_NAME = ".ckptsync-lock"  # in a server directory: flock-ed by the run writing into it
 
 OS_KINDS = {

@@ -50,10 +50,15 @@ def hash_file(path, alg="xxh3_128", on_block=None, limit=None):
 def unlike_listing(stamp, st):
     """Whether an open file's fstat differs from the listing's stamp [size, mtime_ns, inode, ctime_ns]
     (an inode or ctime of 0: not known). Any write, rename over, truncation, chmod or unlink since
-    the listing moves one of them; equal stamps mean the bytes are the listed file's."""
-    size, mtime_ns, inode, ctime_ns = (int(v) for v in stamp)
-    return (st.st_size != size or st.st_mtime_ns != mtime_ns or bool(inode and st.st_ino != inode)
-            or bool(ctime_ns and st.st_ctime_ns != ctime_ns))
+    the listing moves one of them; equal stamps mean the bytes are the listed file's. A fifth item,
+    the names the file had when listed (several: a held file), lets a ctime move that comes with
+    one of them gone while another stays (the trainer deleting a checkpoint that is held)."""
+    size, mtime_ns, inode, ctime_ns = (int(v) for v in stamp[:4])
+    if st.st_size != size or st.st_mtime_ns != mtime_ns or bool(inode and st.st_ino != inode):
+        return True
+    if not ctime_ns or st.st_ctime_ns == ctime_ns:
+        return False
+    return not (len(stamp) > 4 and 0 < st.st_nlink < int(stamp[4]))
 
 
 def hash_listed(path, alg, stamp):

@@ -13,6 +13,7 @@ import stat
 import subprocess
 
 from ckptsync.agent.paths import resolve
+from ckptsync.agent.scan import stamp_now
 
 MAX_LISTED = 50
 MAX_CMDLINE = 200
@@ -165,8 +166,10 @@ def open_files(pid, root):
     fd_dir = "/proc/%d/fd" % pid
     try:
         fds = os.listdir(fd_dir)
-    except OSError:
+    except PermissionError:
         return [], False
+    except OSError:
+        return [], True   # it ended while the processes were looked at: it holds nothing open
     found = {}
     for fd in fds:
         try:
@@ -277,9 +280,12 @@ def op_procs(req):
     pattern = req.get("pattern") or ""
     root = resolve(req["root"]) if req.get("root") else ""
     real = os.path.realpath(root) if root else ""
+    # Taken before the processes are listed: a file changed after it may have a writer not seen.
+    now = stamp_now()
     gpu = gpu_apps()
     pids = process_ids()
-    reply = {"processes": [], "writing": [], "gpu": None if gpu is None else sorted(gpu.values()), "blind": []}
+    reply = {"processes": [], "writing": [], "gpu": None if gpu is None else sorted(gpu.values()), "blind": [],
+             "now": now, "root": real}
     if pids is None:
         reply["blind"].append("no /proc on this server: its processes cannot be seen")
         return reply
@@ -290,6 +296,7 @@ def op_procs(req):
     denied = 0
     seen_pids = set()
     found = []
+    writing_total = 0
     for pid in pids:
         if pid in skip:
             seen_pids.add(pid)
@@ -303,11 +310,13 @@ def op_procs(req):
             continue
         proc, wrote = process_record(pid, argv, real, above, pattern, me_uid)
         proc["gpu"] = gpu is not None and pid in gpu
+        writing_total += len(wrote)
         reply["writing"].extend(wrote[:MAX_LISTED - len(reply["writing"])])
         if proc["run"] or proc["trainer"] or proc["gpu"]:
             found.append(proc)
     # This run's first: on a busy server, others' trainers must not crowd them out.
     reply["processes"] = sorted(found, key=lambda p: not p["run"])[:MAX_LISTED]
+    reply["writing_total"] = writing_total
     if denied:
         reply["blind"].append("%d processes could not be read by this user" % denied)
     if hidden_by_hidepid():

@@ -9,7 +9,7 @@ import stat
 import time
 import zipfile
 
-from ckptsync.agent.frames import LOCK_NAME, Failure, os_failure, tick
+from ckptsync.agent.frames import HOLD_DIR, LOCK_NAME, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_file, hash_listed, hash_names
 from ckptsync.agent.paths import resolve
 
@@ -137,6 +137,7 @@ class Tree(object):
         self.unseen = []
         self.stopped = ""
         self.size = 0
+        self.links = []         # symlinks followed: writers to their targets are not seen under root
 
     def miss(self, rel, why, full):
         self.unseen.append([rel, why, mtime_of(full)])
@@ -207,6 +208,7 @@ class Tree(object):
             return None
         if not stat.S_ISLNK(st.st_mode):
             return st
+        self.links.append(rel)
         try:
             return os.stat(full)
         except FileNotFoundError:
@@ -217,7 +219,8 @@ class Tree(object):
 
     def add(self, rel, name, full, st, top):
         # ctime and inode let the client see a rename or rewrite that kept size and mtime.
-        self.files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_ctime_ns, st.st_ino])
+        self.files.append([rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_ctime_ns, st.st_ino,
+                           st.st_nlink])
         self.size += len(rel.encode("utf-8", "surrogateescape")) + 80
         if not os.access(full, os.R_OK):
             self.miss(rel, "%s: %s" % (os.strerror(errno.EACCES), full), full)
@@ -255,8 +258,25 @@ def op_scan(req):
     tree = Tree(root, int(req.get("max_files", MAX_FILES)), int(req.get("max_depth", MAX_DEPTH)),
                 int(req.get("max_reply", MAX_REPLY)), req.get("pt_meta", True))
     tree.walk(root_st)
-    return {"root": os.path.abspath(root), "files": tree.files, "meta": tree.meta, "now": stamp_now(),
-            "unseen": tree.unseen, "stopped": tree.stopped}
+    reply = {"root": os.path.abspath(root), "files": tree.files, "meta": tree.meta, "now": stamp_now(),
+             "unseen": tree.unseen, "stopped": tree.stopped, "links": tree.links}
+    if req.get("holds"):
+        reply["held"] = held_files(root, req)
+    return reply
+
+
+def held_files(root, req):
+    """What <root>/.ckptsync-hold holds, listed as a scan lists root: {files, meta, unseen};
+    paths are <name>/<path under root>."""
+    base = os.path.join(root, HOLD_DIR)
+    try:
+        st = os.stat(base)
+    except OSError:
+        return {"files": [], "meta": {}, "unseen": []}
+    tree = Tree(base, int(req.get("max_files", MAX_FILES)), MAX_DEPTH, int(req.get("max_reply", MAX_REPLY)),
+                req.get("pt_meta", True))
+    tree.walk(st)
+    return {"files": tree.files, "meta": tree.meta, "unseen": tree.unseen}
 
 
 def op_stat(req):
@@ -319,7 +339,7 @@ def op_df(req):
             break
         probe = parent
     try:
-        free = shutil.disk_usage(probe or "/").free   # statvfs's f_bavail * f_frsize; Windows too
+        usage = shutil.disk_usage(probe or "/")   # statvfs's f_bavail * f_frsize; Windows too
     except OSError as exc:
         raise os_failure(exc, probe)
-    return {"free": free, "path": probe}
+    return {"free": usage.free, "path": probe, "total": usage.total}

@@ -18,6 +18,8 @@ from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
+from ckptsync.agent.watching import close_watchers, op_wait
+from ckptsync.agent.hold import op_hold, op_release
 
 
 def op_hello(_req):
@@ -54,6 +56,8 @@ SIMPLE = {
     "http_put": op_http_put,
     "http_get": op_http_get,
     "range_hash": op_range_hash,
+    "hold": op_hold,
+    "release": op_release,
 }
 # These talk on the channel themselves; they also get the connection's Memory.
 STREAMING = {"send": op_send, "receive": op_receive}
@@ -71,15 +75,17 @@ def error_reply(failure):
 def serve(chan):
     memory = Memory()  # per connection: what one send learned about the link serves the next
     held = {}  # lock file -> (fd, directories it made): let go of when the connection ends
+    watchers = {}      # per connection: root -> what watches it for `wait`
     beat = Heartbeat(chan)
     try:
-        _serve(chan, memory, held, beat)
+        _serve(chan, memory, held, watchers, beat)
     finally:
         beat.stopped.set()
         unlock_all(held)
+        close_watchers(watchers)
 
 
-def _serve(chan, memory, held, beat):
+def _serve(chan, memory, held, watchers, beat):
     while True:
         try:
             kind, body = chan.recv()
@@ -102,6 +108,8 @@ def _serve(chan, memory, held, beat):
                 beat.start(float(req["beat"]))
             if op in SIMPLE:
                 chan.send_json(SIMPLE[op](req))
+            elif op == "wait":
+                chan.send_json(op_wait(req, watchers))
             elif op in STREAMING:
                 chan.send_json(STREAMING[op](chan, req, memory))
             elif op in HOLDING:

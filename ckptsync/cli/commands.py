@@ -17,7 +17,7 @@ import typer
 
 from ckptsync.cli import (
     cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
-    cmd_restore, cmd_show, cmd_verify, context,
+    cmd_restore, cmd_show, cmd_verify, cmd_watch, context,
 )
 from ckptsync.cli.options import GLOBAL_OPTIONS
 from ckptsync.errors import Interrupted
@@ -32,6 +32,7 @@ class Group(NamedTuple):
 COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
     ("list", cmd_list.list_cmd),
     ("backup", cmd_backup.backup_cmd),
+    ("watch", cmd_watch.watch_cmd),
     ("restore", cmd_restore.restore_cmd),
     ("verify", cmd_verify.verify_cmd),
     ("prune", cmd_prune.prune_cmd),

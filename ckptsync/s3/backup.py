@@ -105,7 +105,8 @@ def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store:
     try:
         with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
             job = _Upload(target, store, server, rep, result, via_laptop)
-            view = scan_server(server, target.remote_dir, target.settle_seconds)
+            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
+                               pattern=target.train_process or "")
             todo = job.plan(view, opts)
             extras = opts.extra_files and bool(target.extra_files)
             if (todo or extras) and not opts.dry_run:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ckptsync.agent.frames import HOLD_DIR   # where the agent holds checkpoints against rotation
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerLocked, ServerPermission
 from ckptsync.server.types import (
-    Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
+    Unseen,
 )
 
 if TYPE_CHECKING:
@@ -33,6 +35,6 @@ def open_server(target: "Target") -> Server:
                        limiter=target.limiter, stall_timeout=target.stall_timeout)
 
 
-__all__ = ["Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing", "Unseen",
-           "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "RemoteDirMissing", "MissingOnServer",
-           "ServerDiskFull", "ServerLocked", "ServerPermission"]
+__all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing",
+           "Unseen", "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held",
+           "RemoteDirMissing", "MissingOnServer", "ServerDiskFull", "ServerLocked", "ServerPermission"]

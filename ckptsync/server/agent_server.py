@@ -17,7 +17,8 @@ from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
 from ckptsync.server.watchdog import stall_limit
 from ckptsync.server.types import (
-    Arrived, Committed, FileStat, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats, Unseen,
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
+    Unseen,
 )
 from ckptsync.transport import Transport
 
@@ -74,9 +75,9 @@ class AgentServer(Server):
 
     # -------------------------------------------------- queries
 
-    def scan(self, root: str) -> Listing:
+    def scan(self, root: str, holds: bool = False) -> Listing:
         try:
-            reply = self._call("scan", root=root)
+            reply = self._call("scan", root=root, **({"holds": True} if holds else {}))
         except MissingOnServer as exc:
             path = exc.path or root
             hint = self.missing_hint(path, self.hello.home) if self.missing_hint else ""
@@ -89,16 +90,24 @@ class AgentServer(Server):
                              hint="give the directory the checkpoints are saved in "
                              "(--remote-dir, or remote_dir in the config)") from None
         with self._reading("scan"):
-            files = []
-            for row in reply["files"]:
-                path = row[0]
-                if not isinstance(path, str) or not safe_member(path):
-                    raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
-                files.append(FileStat(path, *(int(v) for v in row[1:6])))
+            files = self._file_rows(reply["files"])
             unseen = [Unseen(str(path), str(why), int(mtime or 0)) for path, why, mtime in reply.get("unseen") or []]
+            held = reply.get("held") or {}
             return Listing(root=str(reply.get("root", root)), files=files, meta=dict(reply.get("meta") or {}),
                            now=float(reply["now"]), errors=[str(e) for e in reply.get("errors") or []],
-                           unseen=unseen, stopped=str(reply.get("stopped") or ""))
+                           unseen=unseen, stopped=str(reply.get("stopped") or ""),
+                           held=self._file_rows(held.get("files") or []), held_meta=dict(held.get("meta") or {}),
+                           links=[str(p) for p in reply.get("links") or []])
+
+    def _file_rows(self, rows: list) -> list[FileStat]:
+        """[path, size, mtime_ns, mode, ctime_ns, inode, nlink] rows as FileStats; an unsafe path is refused."""
+        files = []
+        for row in rows:
+            path = row[0]
+            if not isinstance(path, str) or not safe_member(path):
+                raise ProtocolError(f"{self.describe()}: the server listed an unsafe path {path!r}")
+            files.append(FileStat(path, *(int(v) for v in row[1:7])))
+        return files
 
     def stat(self, root: str, paths: Iterable[str]) -> Stats:
         paths = list(paths)
@@ -133,7 +142,8 @@ class AgentServer(Server):
     def df(self, path: str) -> Space:
         reply = self._call("df", path=path)
         with self._reading("df"):
-            return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)))
+            return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)),
+                         total=int(reply.get("total", 0)))
 
     def probe(self) -> Probe:
         reply = self._call("probe")
@@ -154,6 +164,8 @@ class AgentServer(Server):
                 writing=[(int(p), str(c), str(f)) for p, c, f in reply.get("writing") or []],
                 gpu=None if gpu is None else [str(g) for g in gpu],
                 blind=[str(b) for b in reply.get("blind") or []],
+                now=float(reply.get("now") or 0.0), root=str(reply.get("root") or ""),
+                complete=int(reply.get("writing_total", 0)) <= len(reply.get("writing") or []),
             )
 
     def mkdir(self, path: str) -> str:
@@ -173,6 +185,23 @@ class AgentServer(Server):
         if not isinstance(found, list) or not all(isinstance(d, str) and safe_member(d) for d in found):
             raise ProtocolError(f"{self.describe()}: the server listed an unsafe path in {found!r}")
         return list(found)
+
+    def wait(self, root: str, timeout: float, interval: float) -> Changes:
+        reply = self._call("wait", root=root, timeout=timeout, interval=interval)
+        with self._reading("wait"):
+            return Changes(changed=tuple(str(p) for p in reply.get("changed") or []), how=str(reply.get("how", "")),
+                           why=str(reply.get("why", "")), started=bool(reply.get("started")))
+
+    def hold(self, root: str, make: Mapping[str, list[FileStat]]) -> Held:
+        rows = {name: [[f.path, f.size, f.mtime_ns, f.inode] for f in files] for name, files in make.items()}
+        reply = self._call("hold", root=root, make=rows)
+        with self._reading("hold"):
+            return Held(held={str(n): self._file_rows(r) for n, r in (reply.get("held") or {}).items()},
+                        refused={str(n): str(why) for n, why in (reply.get("refused") or {}).items()})
+
+    def release(self, root: str, names: list[str] | None = None) -> list[str]:
+        args = {"all": True} if names is None else {"names": list(names)}
+        return [str(n) for n in self._call("release", root=root, **args).get("released") or []]
 
     # -------------------------------------------------- streams and staging
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from ckptsync.errors import CkptsyncError, UsageError
-from ckptsync.server.types import Arrived, Committed, FileStat, Hello, Listing, Probe, Procs, Space, Staged, Stats
+from ckptsync.server.types import (
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Procs, Space, Staged, Stats,
+)
 
 
 @dataclass
@@ -112,8 +114,9 @@ class Server(ABC):
         return self.hello.hashes[0]
 
     @abstractmethod
-    def scan(self, root: str) -> Listing:
-        """Every regular file under root; raises RemoteDirMissing when root does not exist."""
+    def scan(self, root: str, holds: bool = False) -> Listing:
+        """Every regular file under root; raises RemoteDirMissing when root does not exist.
+        `holds`: also what root/.ckptsync-hold holds (Listing.held)."""
 
     @abstractmethod
     def stat(self, root: str, paths: Iterable[str]) -> Stats: ...
@@ -209,6 +212,20 @@ class Server(ABC):
     @abstractmethod
     def remove(self, root: str, names: list[str]) -> list[str]:
         """Delete whole entries (renamed aside first); returns the names removed."""
+
+    # Optional: watching for changes, and holding checkpoints against rotation (`ckptsync watch`).
+    def wait(self, root: str, timeout: float, interval: float) -> Changes:
+        """Until something under root is created, written, moved or deleted, or `timeout` passes;
+        the first call starts watching and returns at once. Polls every `interval` without inotify."""
+        raise UsageError(f"{self.describe()} cannot watch for changes")
+
+    def hold(self, root: str, make: Mapping[str, list[FileStat]]) -> Held:
+        """Hard-link each checkpoint's listed files into root/.ckptsync-hold/<name>/."""
+        raise UsageError(f"{self.describe()} cannot hold checkpoints")
+
+    def release(self, root: str, names: list[str] | None = None) -> list[str]:
+        """Remove the holds of `names` (None: every hold); returns those removed."""
+        raise UsageError(f"{self.describe()} cannot hold checkpoints")
 
     # Optional: moving bytes between the server and presigned URLs (a bucket). Items are dicts:
     # put {path, offset, length, url}; get {member, url, size, mode, mtime_ns, hash}.

@@ -49,6 +49,7 @@ class FileStat:
     mode: int
     ctime_ns: int = 0                # 0: not reported (an older agent, or not a scan)
     inode: int = 0
+    nlink: int = 0                   # names the file had (a held file has two: the trainer's and the hold's)
 
     @property
     def stat(self) -> Stat:
@@ -56,8 +57,9 @@ class FileStat:
 
     @property
     def stamp(self) -> list[int]:
-        """What the agent compares an open file's fstat with: [size, mtime_ns, inode, ctime_ns]."""
-        return [self.size, self.mtime_ns, self.inode, self.ctime_ns]
+        """What the agent compares an open file's fstat with: [size, mtime_ns, inode, ctime_ns], and
+        the number of names of a file that has several (removing one moves only the ctime)."""
+        return [self.size, self.mtime_ns, self.inode, self.ctime_ns] + ([self.nlink] if self.nlink > 1 else [])
 
 
 @dataclass
@@ -69,6 +71,29 @@ class Listing:
     errors: list[str] = field(default_factory=list)
     unseen: list["Unseen"] = field(default_factory=list)      # what the scan could not list or read
     stopped: str = ""                # why the scan ended before it had listed everything; "" when it did not
+    # With scan(holds=True): what .ckptsync-hold holds, paths <name>/<path under root>, and its parsed metadata.
+    held: list[FileStat] = field(default_factory=list)
+    held_meta: dict = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)           # symlinks the scan followed
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a wait saw under the root: paths created, written, moved or deleted ("" for the root
+    itself, or too many to name), and how it watched (inotify, or poll with the reason)."""
+
+    changed: tuple[str, ...]
+    how: str
+    why: str = ""
+    started: bool = False            # the first wait: watching began, nothing is reported yet
+
+
+@dataclass
+class Held:
+    """What a hold request did: name -> its files as linked (new ctime), and name -> why not."""
+
+    held: dict[str, list[FileStat]]
+    refused: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -113,6 +138,7 @@ class Probe:
 class Space:
     free: int                        # bytes an unprivileged writer may use
     path: str                        # the existing directory that was measured
+    total: int = 0                   # the filesystem's size; 0: not reported
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,9 @@ class Procs:
     writing: list[tuple[int, str, str]]      # (pid, command, path) of files open for writing under the root
     gpu: list[str] | None                    # nvidia-smi's compute apps; None when it could not be asked
     blind: list[str] = field(default_factory=list)   # what the server could not see, a reason each
+    now: float = 0.0                 # the server's clock when it looked (0: not reported)
+    complete: bool = True            # every file open for writing is in `writing` (not cut at the limit)
+    root: str = ""                   # the root as the server resolved it (symlinks too): `writing` is under it
 
 
 @dataclass

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ckptsync import osdeps
-from ckptsync.errors import ConfigError, ConnectError, HostKeyError
+from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
     SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unresolved,
 )
@@ -343,8 +343,8 @@ def explain(stderr: str, s: Settings) -> ConnectError | ConfigError:
         if (m.group(1), m.group(2)) == (s.user, s.hostname) or not s.hops:
             keys = [p for p in s.identity_files if os.path.exists(p)]
             tried = ", ".join(keys) if keys else "default keys and the SSH agent"
-            return ConnectError(f"authentication failed for {s.label} (tried {tried})")
-        return ConnectError(f"authentication failed for jump host {m.group(1)}@{m.group(2)}")
+            return LoginRefused(f"authentication failed for {s.label} (tried {tried})")
+        return LoginRefused(f"authentication failed for jump host {m.group(1)}@{m.group(2)}")
     m = _first(r"banner exchange: .*(invalid format|timed out)|(timed out) during banner exchange", text)
     if m:
         why = "it does not speak SSH" if m.group(1) == "invalid format" else f"no SSH banner within {s.timeout} s"

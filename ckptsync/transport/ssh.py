@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from ckptsync.errors import ConfigError, ConnectError, HostKeyError
+from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
     SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unresolved,
 )
@@ -207,7 +207,7 @@ class SshTransport(Transport):
         except paramiko.AuthenticationException:
             client.close()
             tried = ", ".join(keys) if keys else "default keys and the SSH agent"
-            raise ConnectError(f"authentication failed for {label} (tried {tried})") from None
+            raise LoginRefused(f"authentication failed for {label} (tried {tried})") from None
         except socket.gaierror as exc:
             client.close()
             raise ConnectError(f"cannot resolve host {r.hostname}: {exc.strerror}", hint=unknown_alias_hint(r.alias, r.hostname)) from None
