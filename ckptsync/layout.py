@@ -281,8 +281,9 @@ CLOCK_TOLERANCE = 120.0
 
 
 def written_recently(mtime: float, now: float, seconds: float) -> bool:
-    """Modified within `seconds` before `now`, by the clock that stamps the files. Pure."""
-    return -CLOCK_TOLERANCE <= now - mtime < seconds
+    """Modified within `seconds` before `now`, by the clock that stamps the files; never with
+    no settle time (a file may be stamped a clock tick past `now`). Pure."""
+    return seconds > 0 and -CLOCK_TOLERANCE <= now - mtime < seconds
 
 
 def dated_ahead(mtimes: Iterable[float], now: float) -> tuple[int, float]:

@@ -141,6 +141,8 @@ def test_trainer_without_state_lists_it_missing():
     (12.0, 5, ""),
     (1.0, 2.5, "optimizer.pt modified 1s ago (settle 2.5s)"),
     (-30.0, 60, "optimizer.pt modified 0s ago (settle 60s)"),  # mtime ahead of the clock
+    (-0.004, 0, ""),   # no settle time: a file stamped a clock tick past the listing is not waited for
+    (0.0, 0, ""),
 ])
 def test_settle_time(age, settle, reason):
     files = in_dir("checkpoint-500", LORA) + [entry("checkpoint-500/optimizer.pt", mtime=NOW - age)]
