@@ -31,7 +31,7 @@ from ckptsync.dedup import LINK
 from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store, free_bytes, io_error
 from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.selection import BackupOptions, PlanItem, select, unseen_failures, unsaved
+from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures, unsaved
 from ckptsync.server.parallel import Channels, fetch
 from ckptsync.server.transfer import Received, kept_prefixes
 
@@ -267,6 +267,7 @@ class Backup:
         self._view = view
         stored = self.store.manifests()
         self._first_run = not set(stored) - {EXTRA}
+        self.opts = resolve_names(self.opts, view.checkpoints)
         # A held checkpoint was complete when it was held: it is taken whatever its age.
         opts = replace(self.opts, also=[*self.opts.also, *sorted(view.held)])
         chosen, skipped = select(view.checkpoints, opts, stored.values())

@@ -19,7 +19,7 @@ from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint, find_best, resume_files
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
-from ckptsync.policy import newest_first
+from ckptsync.policy import named, newest_first
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -262,6 +262,7 @@ def _pick(store: Store, name: str | None) -> tuple[Manifest, dict[str, Manifest]
         if not runs:
             raise NotFound(f"no backups in {store.root}", hint="run 'ckptsync backup' first")
         return max(runs, key=lambda m: (m.step if m.step is not None else -1, m.mtime)), manifests
+    name = named(name, ((m.name, m.step) for m in manifests.values() if m.name != EXTRA))
     if name in manifests:
         return manifests[name], manifests
     have = ", ".join(_ordered(manifests)) or "none"
@@ -359,6 +360,7 @@ def show_server(target: Target, name: str | None, stored: Path | None = None) ->
                 raise NotFound(f"no checkpoints on {where}")
             c = next((x for x in view.checkpoints if x.complete), view.checkpoints[0])
         else:
+            name = named(name, ((x.name, x.step) for x in view.checkpoints))
             c = view.find(name)
             if c is None:
                 have = ", ".join(x.name for x in view.checkpoints) or "none"

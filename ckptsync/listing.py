@@ -208,6 +208,12 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
         if not view.checkpoints:
             result.empty_hint = empty_hint(view, target)
     result.rows = merge(view, manifests, current, {name: _on_disk(store.entry(name)) for name in damaged})
+    if local_only and not result.rows:
+        from ckptsync.adopt import adopt_hint, unadopted
+
+        copies = unadopted(store)
+        if copies:
+            result.empty_hint = adopt_hint(store.root, copies)
     return result
 
 

@@ -17,14 +17,10 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field as dc_field
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from ckptsync.policy import human, rate  # re-exported: commands format sizes through output
 from ckptsync.progress import Reporter
-
-if TYPE_CHECKING:
-    from rich.table import Table
-
 
 
 # What a terminal acts on instead of showing: C0 and C1 controls (ESC starts colour, cursor and
@@ -120,6 +116,15 @@ def guard_std_streams() -> None:
     sys.stderr = guarded(sys.stderr)
 
 
+def same_file(stream: Any, other: TextIO) -> bool:
+    """Whether `stream` writes into the file `other` is open on (2>>log with --log-file log)."""
+    try:
+        a, b = os.fstat(stream.fileno()), os.fstat(other.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class Output:
     """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file.
 
@@ -151,6 +156,9 @@ class Output:
                 from ckptsync.errors import UsageError
 
                 raise UsageError(f"--log-file {log_file}: {exc.strerror or exc}") from None
+        # Cron sends stderr into the same log (for what fails before it is open): what the log
+        # gets as a line of its own then need not come again from stderr.
+        self.stderr_is_log = self.log is not None and same_file(self.stderr, self.log)
 
     def _log(self, level: str, message: str) -> None:
         if self.log is not None:
@@ -161,7 +169,7 @@ class Output:
         """Progress-type information: stderr, hidden by --quiet and --json."""
         message = printable(message)
         self._log("INFO", message)
-        if self.quiet or self.json_mode:
+        if self.quiet or self.json_mode or self.stderr_is_log:
             return
         if self.interactive:
             self.err.print(message, markup=False)
@@ -172,11 +180,14 @@ class Output:
     def warn(self, message: str) -> None:
         message = printable(message)
         self._log("WARN", message)
-        self.err.print(f"[yellow]warning:[/] {escape(message)}")
+        if not self.stderr_is_log:
+            self.err.print(f"[yellow]warning:[/] {escape(message)}")
 
     def error(self, message: str, hint: str = "") -> None:
         message, hint = printable(message), printable(hint)
         self._log("ERROR", message + (f" ({hint})" if hint else ""))
+        if self.stderr_is_log:
+            return
         self.err.print(f"[bold red]error:[/] {escape(message)}")
         if hint:
             self.err.print(f"  {escape(hint)}", style="dim")
@@ -195,10 +206,6 @@ class Output:
         if not self.json_mode:
             self.out.print(text, markup=False)
 
-    def rich(self, renderable: Any) -> None:
-        if not self.json_mode:
-            self.out.print(renderable)
-
     def lines(self, lines: list[str], styles: dict[str, str] | None = None) -> None:
         """Pre-drawn text (a chart): characters matching a regex in `styles` get that style on a terminal."""
         if self.json_mode:
@@ -211,25 +218,37 @@ class Output:
                 text.highlight_regex(pattern, style)
             self.out.print(text)
 
-    def table(self, candidates: "list[TextTable]") -> None:
-        """The first of `candidates` (widest layout first) that fits the width; plain rows off a terminal."""
-        if self.json_mode:
-            return
-        from rich.text import Text
-
+    def table(self, candidates: "list[TextTable]") -> "TextTable":
+        """The first of `candidates` (widest layout first) that fits the width; plain rows off a
+        terminal. Returns the one drawn, so that what it left out can follow as lines."""
         chosen = candidates[0] if self.width is None else \
             next((t for t in candidates if t.width() <= self.width), candidates[-1])
+        if self.json_mode:
+            return chosen
+        from rich.text import Text
+
         for line, spans in chosen.render(self.width):
             self._log("INFO", line)
             text = Text(line, no_wrap=True)
             for start, end, style in spans:
                 text.stylize(style, start, end)
             self.out.print(text, soft_wrap=True)
+        return chosen
 
     def paragraph(self, text: str, indent: str = "", first: str = "") -> None:
         """Text wrapped at word boundaries to the width (whole words, never cut)."""
         for line in wrap(printable(text), self.width, indent, printable(first)):
             self.result(line)
+
+    def to_paste(self, label: str, code: str, indent: str = "  ") -> None:
+        """`label code`, where code is something to paste (a command, an option and its path): on one
+        line when it fits, else on a line of its own below the label, never broken."""
+        line = printable(f"{label} {code}")
+        if self.width is None or len(line) <= self.width:
+            self.result(line)
+        else:
+            self.result(printable(label))
+            self.result(indent + printable(code))
 
     def emit(self, data: Any) -> None:
         self.emitted = True
@@ -300,25 +319,6 @@ class LineReporter(Reporter):
         if self.done:
             speed = rate(self.done, spent)
             self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s" + (f" ({speed})" if speed else ""))
-
-
-def table(*columns: str, title: str | None = None) -> Table:
-    """A rich table whose cells are plain text: markup in a name is shown, not applied."""
-    from rich.table import Table
-    from rich.text import Text
-
-    class PlainTable(Table):
-        def add_row(self, *cells, **kwargs) -> None:
-            super().add_row(*(Text(printable(c)) if isinstance(c, str) else c for c in cells), **kwargs)
-
-    t = PlainTable(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for c in columns:
-        justify = "right" if c in ("step", "size", "files", "bytes") else "left"
-        t.add_column(c, justify=justify, no_wrap=c in ("name", "size", "modified"))
-    return t
-
-
-# ---------------------------------------------------------------- tables laid out for a width
 
 
 def columns_env() -> int | None:

@@ -184,3 +184,20 @@ def last_run_summary(status: dict | None) -> tuple[bool, str]:
     if code == PARTIAL:
         return False, f"PARTIAL (exit {code}): {error}"
     return False, f"FAILED (exit {code}): {error}"
+
+
+def named(given: str, known: Iterable[tuple[str, int | None]]) -> str:
+    """The checkpoint a name typed by a user means, among (name, step) pairs. Pure.
+
+    `checkpoint-3000/` (the slash shell completion adds to a directory) is checkpoint-3000, and a
+    bare step (`1500`) is the one checkpoint with that step. Anything else comes back as typed,
+    for the caller's "not found" with the names there are."""
+    name = given.rstrip("/") or given
+    known = list(known)
+    if any(n == name for n, _ in known):
+        return name
+    if name.isdigit():
+        hits = {n for n, step in known if step == int(name)}   # a name may be listed twice (server, backup)
+        if len(hits) == 1:
+            return hits.pop()
+    return name

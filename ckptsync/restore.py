@@ -32,7 +32,7 @@ from ckptsync.errors import (
 )
 from ckptsync.layout import RESTORED_MARKER
 from ckptsync.destination import identical_there, mark_restored, same_place
-from ckptsync.policy import SPACE_MARGIN, fits, human, newest_first as _newest
+from ckptsync.policy import SPACE_MARGIN, fits, human, named, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, Stat, open_server, shares
@@ -77,6 +77,7 @@ class RestoreOptions:
     discard_staged: bool = False        # only drop what an interrupted restore left in staging
     also: frozenset = frozenset()       # names restored by the same run (restore --all): not "missing"
     generation: str | None = None       # an earlier version of --checkpoint: 1 = the one before, or its id
+    extra_paths: tuple = ()             # only these backed-up extra files (--extra-file), by path or name
 
 
 @dataclass
@@ -171,10 +172,23 @@ def lacks_training_state(m: Manifest) -> bool:
     return m.content in ("adapter-only", "weights-only") or bool(TRAINING_STATE & set(m.missing))
 
 
+def only_extras(extras: Manifest | None, paths: tuple, root: Path) -> Manifest:
+    """The backed-up extra files named by --extra-file: by the path they were backed up from, or their name."""
+    files = extras.files if extras is not None else []
+    def names(f: FileRecord) -> set[str]:
+        return {f.source or f.path, f.path, posixpath.basename(f.path)}
+    unknown = [p for p in paths if not any(p.rstrip("/") in names(f) for f in files)]
+    if unknown:
+        have = ", ".join(f.source or f.path for f in files) or "none"
+        raise NotFound(f"no backed-up extra file {', '.join(unknown)} in {root} (backed up: {have})")
+    return replace(extras, files=[f for f in files if any(p.rstrip("/") in names(f) for p in paths)])
+
+
 def choose(ordered: list[Manifest], name: str | None, adapter_only: bool) -> tuple[Manifest, list[str]]:
     """The checkpoint to restore and notes on the choice. Default: the newest one that can be used."""
     names = ", ".join(m.name for m in ordered) or "none"
     if name:
+        name = named(name, ((m.name, m.step) for m in ordered))
         for m in ordered:
             if m.name == name:
                 return m, []
@@ -252,6 +266,9 @@ class Restore:
             manifests = self.store.manifests()
             ordered = newest_first(manifests)
             damaged = {n: why for n, why in self.store.damaged().items() if "@" not in n}
+            if self.opts.checkpoint:
+                known = [(m.name, m.step) for m in ordered] + [(n, None) for n in damaged]
+                self.opts = replace(self.opts, checkpoint=named(self.opts.checkpoint, known))
             self._refuse_damaged(damaged, ordered)
             if not ordered:
                 raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
@@ -266,6 +283,8 @@ class Restore:
                 m, self.files_root = g.manifest, g.root
                 self.result.generation = g.id
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
+            if self.opts.extra_paths and self.opts.extra_files:
+                extras = only_extras(extras, self.opts.extra_paths, self.store.root)
             if EXTRA in damaged and self.opts.extra_files and not self.opts.extra_files_only:
                 path, why = damaged[EXTRA]
                 self.result.warnings.append(f"the extra files are not restored: their manifest {path} is "

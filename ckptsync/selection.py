@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint
-from ckptsync.policy import newest_first
+from ckptsync.policy import named, newest_first
 from ckptsync.store import EXTRA, Manifest
 
 if TYPE_CHECKING:
@@ -36,6 +37,15 @@ class PlanItem:
     files: int = 0
     reason: str = ""
     step: int | None = None
+    writing: bool = False  # skipped as the newest checkpoint, being saved now: normal during training
+
+
+def resolve_names(opts: BackupOptions, checkpoints: list[Checkpoint]) -> BackupOptions:
+    """The options with each --checkpoint as the name it means (`checkpoint-3000/`, `3000`). Pure."""
+    if not opts.names:
+        return opts
+    known = [(c.name, c.step) for c in checkpoints]
+    return dataclasses.replace(opts, names=[named(n, known) for n in opts.names])
 
 
 def select(checkpoints: list[Checkpoint], opts: BackupOptions,
@@ -44,9 +54,11 @@ def select(checkpoints: list[Checkpoint], opts: BackupOptions,
 
     By default: every complete checkpoint newer than the newest one in `stored` (the backups
     already made), and the `max_checkpoints` newest (all that a first run takes)."""
+    opts = resolve_names(opts, checkpoints)
     complete = [c for c in checkpoints if c.complete]
     # Weights that restore --adapter-only put there come from a backup: skipped only when named.
-    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c))
+    newest = next(iter(newest_first(checkpoints)), None)
+    skipped = [PlanItem(c.name, "skip", c.size, step=c.step, reason=skip_reason(c), writing=c is newest and being_saved(c))
                for c in checkpoints if not c.complete and (not c.restored or c.name in opts.names)]
     if opts.names:
         by_name = {c.name: c for c in checkpoints}
@@ -92,6 +104,11 @@ def new_since(complete: list[Checkpoint], stored: Iterable[Manifest]) -> list[Ch
             break
         newer.append(item)
     return newer  # type: ignore[return-value]  # only checkpoints come before the first backup
+
+
+def being_saved(c: Checkpoint) -> bool:
+    """An incomplete checkpoint that a trainer is still writing: not abandoned, readable, not a restore's. Pure."""
+    return not (c.complete or c.abandoned or c.unreadable or c.restored)
 
 
 def skip_reason(c: Checkpoint) -> str:

@@ -30,7 +30,7 @@ from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.errors import INTEGRITY, OK, NotFound
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import newest_first
+from ckptsync.policy import named, newest_first
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store
@@ -274,6 +274,8 @@ class LocalVerify:
         manifests = self.store.manifests()
         damaged = self.store.damaged()
         if self.names:
+            known = [(m.name, m.step) for m in manifests.values()] + [(n, None) for n in damaged]
+            self.names = [named(n, known) for n in self.names]
             unknown = [n for n in self.names if n not in manifests and n not in damaged]
             if unknown:
                 have = ", ".join(m.name for m in _ordered(manifests.values())) or "none"
@@ -418,6 +420,8 @@ class RemoteVerify:
             self.result.remote_dir = view.root
             self.result.warnings.extend(view.errors)
             manifests = self.store.manifests()
+            known = [(c.name, c.step) for c in view.checkpoints] + [(m.name, m.step) for m in manifests.values()]
+            self.names = [named(n, known) for n in self.names]
             damaged = [c for c in damaged_checks(self.store, self.names) if "@" not in c.name]
             self.result.entries.extend(damaged)
             names = [n for n in self._select(view, manifests, {c.name for c in damaged})

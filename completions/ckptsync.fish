@@ -16,14 +16,16 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
         set -l values
         switch "$path"
             case ''
-                set cmds archive backup checklist compare cron demo doctor list prune restore show verify watch
-                set values --log-file --ssh
+                set cmds adopt archive backup checklist compare cron demo doctor list prune restore show verify watch
+                set values --config -c --log-file --ssh
+            case 'adopt'
+                set values --config -c --extra-file --host -H --instance -i --log-file --remote-dir -r --ssh
             case 'archive'
                 set values --config -c --instance -i --local-dir -l --log-file --output -o --ssh
             case 'backup'
-                set values --bwlimit --checkpoint --compress --config -c --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --parallel --remote-dir -r --ssh
+                set values --bwlimit --checkpoint --compress --config -c --extra-file --host -H --instance -i --local-dir -l --log-file --max-checkpoints -k --parallel --remote-dir -r --ssh
             case 'checklist'
-                set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
+                set values --config -c --extra-file --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'compare'
                 set values --config -c --instance -i --local-dir -l --log-file --ssh
             case 'cron'
@@ -35,7 +37,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'cron show'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'demo'
-                set values --dir --log-file --ssh
+                set values --config -c --dir --log-file --ssh
             case 'doctor'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh
             case 'list'
@@ -43,7 +45,7 @@ function __ckptsync_path --description 'The ckptsync subcommands typed so far'
             case 'prune'
                 set values --config -c --host -H --instance -i --keep-every --keep-generations --keep-last --keep-within --local-dir -l --log-file --remote-dir -r --ssh
             case 'restore'
-                set values --bwlimit --checkpoint --compress --config -c --extra-files-to --generation --host -H --instance -i --local-dir -l --log-file --parallel --remote-dir -r --ssh
+                set values --bwlimit --checkpoint --compress --config -c --extra-file --extra-files-to --generation --host -H --instance -i --local-dir -l --log-file --parallel --remote-dir -r --ssh
             case 'show'
                 set values --config -c --host -H --instance -i --local-dir -l --log-file --remote-dir -r --ssh --width
             case 'verify'
@@ -65,7 +67,23 @@ function __ckptsync_at --description 'True when the subcommands typed so far are
     test "$path" = "$argv[1]"
 end
 
+function __ckptsync_checkpoints --description 'The checkpoint names in the backup directory'
+    set -l words (commandline -opc)
+    set -l context
+    for i in (seq 2 (count $words))
+        switch $words[$i]
+            case -c --config -i --instance -l --local-dir
+                set -l next (math $i + 1)
+                set -q words[$next]; and set context $context $words[$i] $words[$next]
+            case '--config=*' '--instance=*' '--local-dir=*'
+                set context $context $words[$i]
+        end
+    end
+    ckptsync __complete-checkpoints $context -- 2>/dev/null
+end
+
 complete -c ckptsync -f
+complete -c ckptsync -n '__ckptsync_at \'\'' -a adopt -d 'Take over checkpoints copied without ckptsync (by scripts, scp, tar): write t...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a archive -d 'Pack a finished run\'s backup directory into one .tar.zst and verify it by rea...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a backup -d 'Fetch complete checkpoints from the server, verified, into the backup directory'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a checklist -d 'May I delete this instance now?'
@@ -79,6 +97,7 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -a restore -d 'Put a backed-up chec
 complete -c ckptsync -n '__ckptsync_at \'\'' -a show -d 'Details of one checkpoint: step, losses, best, files, resumability, backup ti...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a verify -d 'Check backups: re-read every file and compare size and xxh3-128 with the mani...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -a watch -d 'Back up each checkpoint the moment it is complete, over one connection'
+complete -c ckptsync -n '__ckptsync_at \'\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
@@ -86,6 +105,20 @@ complete -c ckptsync -n '__ckptsync_at \'\'' -l log-file -r -F -d 'Append log li
 complete -c ckptsync -n '__ckptsync_at \'\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'\'' -l version -s V -d 'Print the version and exit'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -a '(__fish_complete_directories (commandline -ct))'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l extra-file -x -d 'A file beside the checkpoints to back up too (a config, a dataset list), rela...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l help -s h -d 'Show this message and exit'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l json -d 'Print the result as JSON, for scripts; an error as one JSON object'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'adopt\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'archive\'' -l help -s h -d 'Show this message and exit'
@@ -102,12 +135,13 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l accept-new-host-key -d 'Tr
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l all -d 'Every complete checkpoint'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
-complete -c ckptsync -n '__ckptsync_at \'backup\'' -l checkpoint -x -d 'Back up this checkpoint (repeatable)'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l checkpoint -x -a '(__ckptsync_checkpoints)' -d 'Back up this checkpoint (repeatable)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l discard-staged -d 'Only delete what interrupted backups left in staging (kept to resume them)'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l extra-file -x -d 'A file beside the checkpoints to back up too (a config, a dataset list), rela...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l follow-runs -d 'Also back up newer run directories beside remote_dir (NAME_run_YYYYMMDD_HHMMS...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
@@ -120,7 +154,7 @@ complete -c ckptsync -n '__ckptsync_at \'backup\'' -l max-checkpoints -s k -x -d
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l no-extra-files -d 'Skip the configured extra_files'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'backup\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l skip-if-locked -d 'When another run holds the lock, log one line and exit 0 (for cron); exit 11...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'backup\'' -l via-laptop -d 'A bucket store (s3://...) the server cannot reach: relay the bytes through th...'
@@ -130,6 +164,7 @@ complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l all-instances -d 'Every
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l backup -d 'Run the missing backup first, then check'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
+complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l extra-file -x -d 'A file beside the checkpoints to back up too (a config, a dataset list), rela...'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l help -s h -d 'Show this message and exit'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l host -s H -x -d '[user@]host[:port] or an ~/.ssh/config alias'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l instance -s i -x -d 'Instance number: from the config, else the SSH alias tnr-N (what `tnr connect...'
@@ -137,9 +172,10 @@ complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l json -d 'Print the resu
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'checklist\'' -l training-stopped -d 'Training has stopped: do not judge it by processes or the save cadence (a fil...'
+complete -c ckptsync -n '__ckptsync_at \'compare\'' -a '(__ckptsync_checkpoints)'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'compare\'' -l help -s h -d 'Show this message and exit'
@@ -165,7 +201,7 @@ complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l local-dir -s l -x -a
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l log-file -r -F -d 'Log of the cron runs (default: <backup dir>/.ckptsync/cron.log); this command...'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l notify -d 'When a scheduled run fails, show a desktop notice (notify-send on Linux, osas...'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'cron install\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -176,7 +212,7 @@ complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l json -d 'Print the re
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'cron remove\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -187,8 +223,9 @@ complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l json -d 'Print the resu
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'cron show\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'demo\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l dir -x -a '(__fish_complete_directories (commandline -ct))' -d 'Where to build the demo (default: a new temp directory)'
 complete -c ckptsync -n '__ckptsync_at \'demo\'' -l help -s h -d 'Show this message and exit'
@@ -207,7 +244,7 @@ complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l json -d 'Print the result 
 complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'doctor\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l all-instances -d 'Every instance of the config, each with its own backup directory <local_dir>/...'
@@ -222,7 +259,7 @@ complete -c ckptsync -n '__ckptsync_at \'list\'' -l local -d 'Only the backup di
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l local-dir -s l -x -a '(__fish_complete_directories (commandline -ct))' -d 'Backup directory (default: <local_dir>/instance-N)'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'list\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'list\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'list\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
@@ -243,19 +280,20 @@ complete -c ckptsync -n '__ckptsync_at \'prune\'' -l log-file -r -F -d 'Append l
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l no-keep-best -d 'Let the other rules delete the best checkpoint too'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote -d 'Prune the server\'s checkpoints instead of the backups'
-complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'prune\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'prune\'' -l wait -d 'Wait for another run on the same backup directory instead of exiting 11'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l adapter-only -d 'Send only the adapter/model weights and their configs: to fine-tune from, not...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l all -d 'Restore every backed-up checkpoint, newest first, each checked and renamed in...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l bwlimit -x -d 'Limit the link to RATE bytes per second, e.g. 20M or 500K (K, M, G: 1000-base...'
-complete -c ckptsync -n '__ckptsync_at \'restore\'' -l checkpoint -x -d 'Restore this checkpoint (default: the newest resumable backup)'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l checkpoint -x -a '(__ckptsync_checkpoints)' -d 'Restore this checkpoint (default: the newest resumable backup)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l compress -x -d 'auto (measure and decide), off, or a zstd level 1-19'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l discard-staged -d 'Only delete what an interrupted restore of this checkpoint left in staging on...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l dry-run -s n -d 'Show what would happen; change nothing'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-file -x -d 'Put back only this backed-up extra file, by the path it was backed up from or...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-only -d 'Send only the extra files (the checkpoint is already there)'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l extra-files-to -x -d 'Put the extra files in DIR on the server (relative to --remote-dir, or absolu...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l force -d 'Allow replacing or deleting what is otherwise protected'
@@ -269,8 +307,9 @@ complete -c ckptsync -n '__ckptsync_at \'restore\'' -l log-file -r -F -d 'Append
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l no-extra-files -d 'Do not put the backed-up extra files back'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'restore\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'restore\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'restore\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
+complete -c ckptsync -n '__ckptsync_at \'show\'' -a '(__ckptsync_checkpoints)'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l ascii -d 'Draw with ASCII characters only'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
@@ -283,9 +322,10 @@ complete -c ckptsync -n '__ckptsync_at \'show\'' -l local-dir -s l -x -a '(__fis
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l log-file -r -F -d 'Append log lines to this file, the final error included'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l remote -d 'Read the checkpoint on the server instead of the backup (implied by --host/--...'
-complete -c ckptsync -n '__ckptsync_at \'show\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'show\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'show\'' -l width -x -d 'Chart width (default: the terminal\'s, 72 in a pipe)'
+complete -c ckptsync -n '__ckptsync_at \'verify\'' -a '(__ckptsync_checkpoints)'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l config -s c -r -F -d 'Config file (default: $CKPTSYNC_CONFIG, ./ckptsync.yaml, ~/.config/ckptsync/c...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l debug -d 'Show tracebacks (also CKPTSYNC_DEBUG=1)'
@@ -298,7 +338,7 @@ complete -c ckptsync -n '__ckptsync_at \'verify\'' -l log-file -r -F -d 'Append 
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l read-data -d 'A bucket store: also stream every object through this machine and hash it (wi...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote -d 'Compare the server\'s copy with the backup (hashed on the server) instead of r...'
-complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'verify\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l repair -d 'Fetch again, from the server, the files that fail their manifest (when the se...'
 complete -c ckptsync -n '__ckptsync_at \'verify\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l accept-new-host-key -d 'Trust and remember the host key of a server seen for the first time'
@@ -320,6 +360,6 @@ complete -c ckptsync -n '__ckptsync_at \'watch\'' -l no-hold -d 'Hold nothing on
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l parallel -x -d 'Move files over N channels at once (1-16), each a share of the bytes (backup...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l print-service -x -d 'Print a systemd user unit or a launchd agent that runs this watch, with how t...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l quiet -s q -d 'Print less: no progress or info lines, fewer details of what went well'
-complete -c ckptsync -n '__ckptsync_at \'watch\'' -l remote-dir -s r -x -a '(__fish_complete_directories (commandline -ct))' -d 'Checkpoint directory on the server'
+complete -c ckptsync -n '__ckptsync_at \'watch\'' -l remote-dir -s r -x -d 'Checkpoint directory on the server'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l ssh -x -d 'SSH client: the system\'s OpenSSH (the default when ssh is on PATH) or paramik...'
 complete -c ckptsync -n '__ckptsync_at \'watch\'' -l until-done -d 'Exit once training has finished and every checkpoint is backed up: 0 when the...'

@@ -122,6 +122,9 @@ def cli_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
     """The current environment plus ``env`` (a value of None removes a variable),
     with the repository root on PYTHONPATH so ``-m ckptsync`` works from any cwd."""
     merged = dict(os.environ)
+    # The output's width is what a test sets, not what the terminal (or pytest-xdist) running it has.
+    for key in ("COLUMNS", "LINES"):
+        merged.pop(key, None)
     for key, value in (env or {}).items():
         if value is None:
             merged.pop(key, None)

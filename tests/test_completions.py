@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,3 +90,53 @@ def test_fish_completes(line, expected):
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     assert sorted(c.split("\t")[0] for c in res.stdout.splitlines() if c) == expected
+
+
+@pytest.fixture
+def backups(tmp_path, monkeypatch):
+    """A backup directory with two checkpoints, and `ckptsync` on PATH as this checkout's CLI."""
+    root = tmp_path / "backups"
+    meta = root / ".ckptsync" / "manifests"
+    meta.mkdir(parents=True)
+    for step in (1500, 3000):
+        name = f"checkpoint-{step}"
+        (root / name).mkdir()
+        meta.joinpath(f"{name}.json").write_text(json.dumps({
+            "name": name, "layout": "trainer", "kind": "rolling", "step": step, "files": []}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "ckptsync"
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} -m ckptsync \"$@\"\n")
+    stub.chmod(0o755)
+    for key, value in cli_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "laptop-dir").mkdir()
+    return root
+
+
+def test_bash_completes_checkpoint_names_from_the_backup_directory(backups):
+    listed = ["checkpoint-3000", "checkpoint-1500"]
+    assert bash_complete("ckptsync", "restore", "--local-dir", str(backups), "--checkpoint", "") == listed
+    assert bash_complete("ckptsync", "backup", "-l", str(backups), "--checkpoint", "checkpoint-1") == ["checkpoint-1500"]
+    assert bash_complete("ckptsync", "show", "-l", str(backups), "") == listed
+    assert bash_complete("ckptsync", "compare", "-l", str(backups), "checkpoint-1500", "") == listed
+    # A directory without backups, or a broken config: nothing, and nothing printed.
+    assert bash_complete("ckptsync", "restore", "--local-dir", str(backups / "nope"), "--checkpoint", "") == []
+    assert bash_complete("ckptsync", "-c", str(backups / "nope.yaml"), "show", "") == []
+
+
+def test_remote_dir_completes_no_directory_of_this_machine(backups):
+    here = backups.parent
+    assert bash_complete("ckptsync", "backup", "--remote-dir", "l", cwd=here) == []
+    assert bash_complete("ckptsync", "backup", "--local-dir", "l", cwd=here) == ["laptop-dir"]
+    assert bash_complete("ckptsync", "adopt", "l", cwd=here) == ["laptop-dir"]   # DIR: on this machine
+
+
+def test_fish_completes_checkpoint_names(backups):
+    if shutil.which("fish") is None:
+        pytest.skip("fish is not installed")
+    line = f"ckptsync restore -l {backups} --checkpoint "
+    res = subprocess.run(["fish", "-N", "-c", f"source {COMPLETIONS / 'ckptsync.fish'}; complete -C '{line}'"],
+                         capture_output=True, text=True, timeout=60)
+    assert sorted(c.split("\t")[0] for c in res.stdout.splitlines() if c) == ["checkpoint-1500", "checkpoint-3000"]

@@ -19,7 +19,7 @@ import pytest
 from ckptsync import cron
 from ckptsync.errors import UsageError
 from ckptsync.store import Store
-from helpers import run_cli, tree_digest
+from helpers import run_cli, set_tree_mtime, tree_digest
 
 NOW = datetime(2024, 12, 24, 14, 23)  # a Tuesday
 
@@ -402,6 +402,32 @@ def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     shown = cli(env, "show", "--local-dir", dest).stdout
     assert "ago: ok, up to date (checkpoint-12, checkpoint-8" in shown
+
+
+def test_the_log_says_each_thing_once_and_a_save_in_progress_is_no_warning(fake, server_tree, tmp_path):
+    env, table = fake
+    now = time.time()
+    # The trainer is writing checkpoint-16 now; checkpoint-2 is a save that crashed a day ago.
+    for name, age in (("checkpoint-16", 0), ("checkpoint-2", 86400)):
+        shutil.copytree(server_tree / "checkpoint-12", server_tree / name)
+        (server_tree / name / "trainer_state.json").unlink()
+        set_tree_mtime(server_tree / name, now - age)
+    dest = tmp_path / "backups"
+    assert cli(env, "install", "--remote-dir", server_tree, "--local-dir", dest).returncode == 0
+    _when, command = cron.split_line(cron.find_entry(table.read_text(), str(dest)).line)
+    home = Path(env["HOME"])
+    run = subprocess.run(["/bin/sh", "-c", command], env=cron_env(home), cwd=home,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    log = (dest / ".ckptsync" / "cron.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) ", line) for line in log), log
+    said = [line.split(" ", 2)[2] for line in log]
+    assert len(said) == len(set(said)), log
+    warned = [line for line in log if " WARN " in line]
+    assert [line for line in log if "checkpoint-16" in line and "skipped" in line][0].split()[2] == "INFO", log
+    assert not [line for line in warned if "checkpoint-16" in line], warned
+    assert [line for line in warned if "skipped checkpoint-2: abandoned" in line], warned
+    assert [line for line in warned if "not backed up" in line and "checkpoint-4" in line], warned
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

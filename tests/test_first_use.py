@@ -275,6 +275,18 @@ def test_restore_from_the_parent_of_the_backup_directories_names_them(server_tre
 # -------------------------------------------------- the host key trusted on first use
 
 @pytest.mark.parametrize("ssh", TRANSPORTS)
+def test_an_unknown_host_key_is_refused_with_its_fingerprint_and_where_to_compare_it(ssh_home, sshd, server_tree, ssh):
+    (ssh_home / ".ssh" / "known_hosts").write_text("")
+    res = run_cli("list", "--host", "tnr-1", "--remote-dir", server_tree, env={"CKPTSYNC_SSH": ssh})
+    one_line_error(res, 20, f"unknown host key for [127.0.0.1]:{sshd.port}: ED25519 SHA256:",
+                   "'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' prints on the server", "--accept-new-host-key")
+    # What ssh-keygen -lf prints for the server's key is in the message.
+    printed = subprocess.run(["ssh-keygen", "-lf", f"{sshd.host_key}.pub"], capture_output=True, text=True, check=True)
+    assert printed.stdout.split()[1] in res.stderr.splitlines()[0], (printed.stdout, res.stderr)
+    assert (ssh_home / ".ssh" / "known_hosts").read_text() == ""
+
+
+@pytest.mark.parametrize("ssh", TRANSPORTS)
 def test_accept_new_host_key_says_which_key_it_trusted(ssh_home, sshd, server_tree, ssh):
     (ssh_home / ".ssh" / "known_hosts").write_text("")
     env = {"CKPTSYNC_SSH": ssh}

@@ -249,7 +249,7 @@ Host key verification failed.
     (TARGET, CHANGED, HostKeyError,
      "host key for [10.0.0.3]:2222 has CHANGED (ED25519); refusing to connect"),
     (TARGET, "No ED25519 host key is known for [10.0.0.3]:2222 and you have requested strict checking.\n"
-     "Host key verification failed.\n", HostKeyError, "unknown host key for [10.0.0.3]:2222 (ED25519)"),
+     "Host key verification failed.\n", HostKeyError, "unknown host key for [10.0.0.3]:2222: ED25519"),
     (TARGET, "ubuntu@10.0.0.3: Permission denied (publickey).\n", LoginRefused,
      "authentication failed for ubuntu@10.0.0.3:2222 (tried default keys and the SSH agent)"),
     (TARGET, "ssh: connect to host 10.0.0.3 port 2222: Connection refused\n", ConnectError,

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -78,3 +79,29 @@ def test_every_readme_command_runs(ssh_home, server_tree, tmp_path):
     assert (fresh / "checkpoint-12" / "optimizer.pt").read_bytes() == \
         (server_tree / "checkpoint-12" / "optimizer.pt").read_bytes()
     assert len(ran) == len(readme_commands())
+
+
+def bash_blocks() -> list[list[str]]:
+    """The README's bash blocks, as lists of command lines (continuations joined, comments dropped)."""
+    text = README.read_text(encoding="utf-8")
+    return [[line.split(" #", 1)[0].strip() for line in block.replace("\\\n", " ").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+            for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_install_lines_work_where_the_system_python_is_externally_managed(tmp_path):
+    """Debian 12 and Ubuntu 24.04 refuse `pip install` into the system's Python (PEP 668)."""
+    lines = [line for block in bash_blocks() for line in block]
+    quick_start = next(block for block in bash_blocks() if any(line.startswith("ckptsync list") for line in block))
+    assert quick_start[0] == "pipx install ."
+    for line in lines:
+        for command in re.split(r"\s*(?:&&|;|\|\|)\s*", line):
+            words = shlex.split(command)
+            if words[:2] in (["pip", "install"], ["pip3", "install"]) or words[:4] == ["python3", "-m", "pip", "install"]:
+                raise AssertionError(f"installs into the system's Python: {line}")
+    # The venv alternative: a pip of its own, and the command linked onto PATH; each line pastes alone.
+    venv = next(block for block in bash_blocks() if any("-m venv ~/" in line for line in block))
+    assert any(re.search(r"~/\S+/bin/pip install \.", line) for line in venv)
+    assert any(re.search(r"ln -sf ~/\S+/bin/ckptsync ~/.local/bin/ckptsync", line) for line in venv)
+    for line in venv:
+        assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0, line

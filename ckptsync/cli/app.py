@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import textwrap
@@ -42,6 +43,32 @@ try:  # typer prints an argument's Python type after its name ("NAME <list[str]>
 except ImportError:  # pragma: no cover
     pass
 
+
+
+def _wrap_at_spaces_only() -> None:
+    """Help text breaks lines at spaces, never after a hyphen: `--discard-staged` and
+    `~/ckpt-backups/instance-OLD` stay whole, so they can be copied from the help."""
+    for name in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        base = module.TextWrapper
+        if getattr(base, "whole_words", False):
+            continue
+
+        class Wrapper(base):  # type: ignore[valid-type, misc]
+            whole_words = True
+
+            def __init__(self, *args, **kwargs) -> None:
+                kwargs["break_on_hyphens"] = False
+                super().__init__(*args, **kwargs)
+
+        module.TextWrapper = Wrapper
+
+
+_wrap_at_spaces_only()
+
 from ckptsync import __version__, notify
 from ckptsync.cli import commands, context
 from ckptsync.cli import options as o
@@ -73,9 +100,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     json: o.Json = False, quiet: o.Quiet = False, log_file: o.LogFile = None, debug: o.Debug = False,
-    ssh: o.Ssh = None,
+    ssh: o.Ssh = None, config: o.Config = None,
 ) -> None:
-    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug, ssh=ssh)
+    context.settings().update(json=json, quiet=quiet, log_file=log_file, debug=debug, ssh=ssh, config=config)
 
 
 commands.register(app)

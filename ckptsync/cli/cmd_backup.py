@@ -41,6 +41,7 @@ def backup_cmd(
     include_best: Annotated[bool, typer.Option("--include-best", help="Also the best checkpoint (trainer_state.json), when older.")] = False,
     compress: o.Compress = "auto", bwlimit: o.BwLimit = None,
     parallel: o.Parallel = None,
+    extra_file: o.ExtraFile = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Skip the configured extra_files.")] = False,
     dry_run: o.DryRun = False,
     wait: o.Wait = False,
@@ -66,6 +67,8 @@ def backup_cmd(
 
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
+    if extra_file and no_extra_files:
+        raise UsageError("give --extra-file or --no-extra-files, not both")
     if all_ and checkpoint:
         raise UsageError("give --all or --checkpoint, not both",
                          hint="--all backs up every complete checkpoint; --checkpoint NAME only the named ones")
@@ -74,6 +77,7 @@ def backup_cmd(
                          wait=wait, extra_files=not no_extra_files)
     ts = o.with_bwlimits(o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                                    need_remote=not discard_staged), bwlimit)
+    ts = o.with_extra_files(ts, extra_file)
     if follow_runs:
         ts = [replace(t, follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
@@ -154,7 +158,11 @@ def _show_one(out: Output, result: BackupResult) -> None:
         out.warn(w)
     skipped = [p for p in result.plan if p.action == "skip"]
     for p in skipped:
-        if p.name not in result.failed:  # a failure is said once, below
+        if p.name in result.failed:  # a failure is said once, below
+            continue
+        if p.writing:  # what a training run looks like between two saves: no cause for a warning
+            out.info(f"skipped {p.name}: {p.reason} (being saved now; a later run takes it once complete)")
+        else:
             out.warn(f"skipped {p.name}: {p.reason}")
     for name, why in result.failed.items():
         out.warn(f"{name}: {why}")

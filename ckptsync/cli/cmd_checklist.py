@@ -21,6 +21,7 @@ def checklist_cmd(
     instance: o.Instances = None, all_instances: o.AllInstances = False, host: o.Host = None,
     remote_dir: o.RemoteDir = None,
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
+    extra_file: o.ExtraFile = None,
     backup: Annotated[bool, typer.Option("--backup", help="Run the missing backup first, then check.")] = False,
     training_stopped: Annotated[bool, typer.Option(
         "--training-stopped",
@@ -39,7 +40,8 @@ def checklist_cmd(
     from ckptsync.checklist import run_checklist
     from ckptsync.multi import run_many
 
-    ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key)
+    ts = o.with_extra_files(o.targets(config, instance, all_instances, host, remote_dir, local_dir,
+                                      accept_new_host_key), extra_file)
     out = output()
 
     def check(t, rep):

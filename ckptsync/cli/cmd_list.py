@@ -55,6 +55,9 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
     if result.stopped:
         out.warn(f"the server's listing is incomplete ({result.stopped}): checkpoints past that point "
                  "are not shown")
+    if not result.rows and remote_dir is None and result.empty_hint:
+        out.warn(result.empty_hint)   # copies made without ckptsync: there are checkpoints, without manifests
+        return
     if not result.rows:
         out.result("no checkpoints found" + (f" in {result.remote_dir or remote_dir}" if remote_dir else ""))
         if result.empty_hint:

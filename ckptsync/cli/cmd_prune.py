@@ -9,7 +9,7 @@ import typer
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import UsageError
-from ckptsync.output import Output, human, table, when
+from ckptsync.output import Column, Output, TextTable, age, human, size_cell, stamp, when
 
 if TYPE_CHECKING:
     from ckptsync.prune import PruneResult
@@ -65,6 +65,23 @@ def prune_cmd(
     return out.render(result, show_prune)
 
 
+def prune_table(r: PruneResult, plain: bool, wide: int) -> TextTable:
+    """wide 3: with the modification time and why; 2: with the age and why; 1: the age, why below;
+    0: name, step and size. Plain rows: one word a cell, why last (the rest of the line)."""
+    gone = "remove" if r.dry_run else "removed"
+    cols: list = [Column("", plain_header="action"), "name", "step", "size"]
+    cols += ["modified"] if wide == 3 else ["age"] if wide else []
+    cols += ["why"] if wide >= 2 else []
+    tab = TextTable.of(*cols)
+    for e in r.entries:
+        action = "keep" if e.keep else (gone if r.dry_run or e.removed else "FAILED")
+        cells = [action, e.name, "-" if e.step is None else str(e.step), size_cell(e.size, plain)]
+        cells += [stamp(e.mtime) if plain else when(e.mtime)] if wide == 3 else [age(e.mtime)] if wide else []
+        cells += ["; ".join(e.reasons)] if wide >= 2 else []
+        tab.add(*cells)
+    return tab
+
+
 def show_prune(out: Output, r: PruneResult) -> None:
     for w in r.warnings:
         out.warn(w)
@@ -77,13 +94,11 @@ def show_prune(out: Output, r: PruneResult) -> None:
     if not r.entries:
         out.result("no checkpoints: nothing to prune")
         return
-    gone = "would remove" if r.dry_run else "removed"
-    tab = table("", "name", "step", "size", "modified", "why")
-    for e in r.entries:
-        action = "keep" if e.keep else (gone if r.dry_run or e.removed else "FAILED")
-        tab.add_row(action, e.name, "-" if e.step is None else str(e.step), human(e.size), when(e.mtime),
-                    "; ".join(e.reasons))
-    out.rich(tab)
+    plain = out.width is None
+    drawn = out.table([prune_table(r, plain, wide) for wide in ((3,) if plain else (3, 2, 1, 0))])
+    if "why" not in [c.header for c in drawn.columns]:   # the reasons did not fit in the table
+        for e in r.entries:
+            out.paragraph("; ".join(e.reasons), indent="    ", first=f"  {e.name}: ")
     for name, why in r.failed.items():
         out.warn(f"{name}: {why}")
     unbacked = [e.name for e in r.entries if e.keep and "no verified local backup" in e.reasons]

@@ -8,7 +8,7 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
-from ckptsync.output import Output, TextTable, human, table
+from ckptsync.output import Output, TextTable, human, size_cell
 from ckptsync.errors import UsageError
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ def restore_cmd(
     local_dir: o.LocalDir = None, config: o.Config = None, accept_new_host_key: o.AcceptNew = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="NAME", help="Restore this checkpoint (default: the newest resumable backup).", show_default=False)] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Send only the adapter/model weights and their configs: to fine-tune from, not to resume.")] = False,
+    extra_file: Annotated[Optional[list[str]], typer.Option("--extra-file", metavar="PATH", help="Put back only this backed-up extra file, by the path it was backed up from or its name (repeatable; default: every one).", show_default=False)] = None,
     no_extra_files: Annotated[bool, typer.Option("--no-extra-files", help="Do not put the backed-up extra files back.")] = False,
     extra_files_to: Annotated[Optional[str], typer.Option("--extra-files-to", metavar="DIR", help="Put the extra files in DIR on the server (relative to --remote-dir, or absolute) instead of where they were.", show_default=False)] = None,
     extra_files_only: Annotated[bool, typer.Option("--extra-files-only", help="Send only the extra files (the checkpoint is already there).")] = False,
@@ -60,15 +61,19 @@ def restore_cmd(
                                        ("--discard-staged", discard_staged)) if on]
         if given:
             raise UsageError(f"--all restores every checkpoint whole: it cannot be combined with {', '.join(given)}")
+    if extra_file and no_extra_files:
+        raise UsageError("give --extra-file or --no-extra-files, not both")
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
                           force=force, dry_run=dry_run, compress=o.parse_compress(compress),
                           extra_files_to=extra_files_to, discard_staged=discard_staged,
-                          extra_files_only=extra_files_only, generation=generation)
+                          extra_files_only=extra_files_only, generation=generation,
+                          extra_paths=tuple(extra_file or ()))
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     t = o.with_parallel([t], parallel)[0]
     if t.store_url:
         bucket.refuse("--parallel", parallel is not None and parallel > 1)
         for flag, given in (("--adapter-only", adapter_only), ("--extra-files-only", extra_files_only),
+                            ("--extra-file", extra_file),
                             ("--discard-staged", discard_staged), ("--dry-run", dry_run)):
             bucket.refuse(flag, bool(given))
         if all_:
@@ -107,44 +112,73 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     replaced = " (the existing copy was replaced)" if result.replaced else ""
     version = f" (generation {result.generation})" if result.generation else ""
     if result.identical:
-        out.result(f"already there, identical: {result.checkpoint}{version} at {result.server}:{result.path} "
-                   "(checked by the server's hash; nothing of it was sent)")
+        out.paragraph(f"already there, identical: {result.checkpoint}{version} at {result.server}:{result.path} "
+                      "(checked by the server's hash; nothing of it was sent)")
     else:
-        out.result(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
+        out.paragraph(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
     if result.sent_files or not result.identical:
-        out.result(f"  {files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
-                   f"on the wire){resumed}; {result.seconds:.1f}s"
-                   + (f" over {result.channels} channels" if result.channels > 1 else ""))
+        out.paragraph(f"{files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
+                      f"on the wire){resumed}; {result.seconds:.1f}s"
+                      + (f" over {result.channels} channels" if result.channels > 1 else ""), indent="    ", first="  ")
     for e in result.extras:
         if e.dest:
-            out.result(f"  {e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}")
+            out.paragraph(f"{e.dest}: {'restored' if e.action in ('send', 'replace') else e.action}",
+                          indent="    ", first="  ")
         else:
-            out.result(f"  {e.source}: {e.action}; kept at {e.kept_at}")
-    out.result(result.resume_hint)
+            out.paragraph(f"{e.source}: {e.action}; kept at {e.kept_at}", indent="    ", first="  ")
+    show_hint(out, result.resume_hint)
 
 
-FILE_ACTIONS = {"staged": "already staged on the server", "already there": "already there, identical"}
+# The action of a file or an extra file (restore.FileItem/ExtraItem.action), as a word for a table
+# cell, and what the word means: the legend names only the words shown.
+ACTION_WORDS = {"send": "send", "staged": "staged", "already there": "there",
+                "kept existing (differs)": "differs", "replace": "replace",
+                "skipped (outside the new run's directory)": "skipped"}
+ACTION_MEANING = {"send": "sent now", "staged": "already staged on the server by an interrupted restore",
+                  "there": "already there, identical", "differs": "already there with other content: kept",
+                  "replace": "replaced (--force)", "skipped": "outside the new run's directory: not restored"}
+
+
+def plan_table(result: RestoreResult, plain: bool) -> TextTable:
+    """The dry run's files: one word an action (see ACTION_MEANING)."""
+    tab = TextTable.of("file", "size", "action")
+    for f in result.files:
+        tab.add(f.path, size_cell(f.size, plain), ACTION_WORDS.get(f.action, f.action))
+    for e in result.extras:
+        tab.add(e.dest or e.source, size_cell(e.size, plain), ACTION_WORDS.get(e.action, e.action))
+    return tab
 
 
 def show_plan(out: Output, result: RestoreResult) -> None:
     step = "" if result.step is None else f" (step {result.step}, {result.content})"
     if result.identical:
-        out.result(f"dry run: {result.checkpoint}{step} is already there, identical: {result.server}:{result.path}")
+        out.paragraph(f"dry run: {result.checkpoint}{step} is already there, identical: {result.server}:{result.path}")
     else:
-        out.result(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
-                   f"to {result.server}:{result.path}")
+        out.paragraph(f"dry run: would restore {result.checkpoint}{step} from {result.source} "
+                      f"to {result.server}:{result.path}")
     if result.creates_remote_dir:
-        out.result(f"  {result.remote_dir} does not exist yet and would be created")
+        out.paragraph(f"{result.remote_dir} does not exist yet and would be created", indent="  ", first="  ")
     if result.replaced:
-        out.result(f"  the existing {result.checkpoint} there would be replaced (--force)")
-    tab = table("file", "size", "action")
-    for f in result.files:
-        tab.add_row(f.path, human(f.size), FILE_ACTIONS.get(f.action, f.action))
+        out.paragraph(f"the existing {result.checkpoint} there would be replaced (--force)", indent="  ", first="  ")
+    out.table([plan_table(result, out.width is None)])
+    words = {ACTION_WORDS.get(x.action, x.action) for x in [*result.files, *result.extras]}
+    shown = [f"{w} = {text}" for w, text in ACTION_MEANING.items() if w in words]
+    if shown:
+        out.paragraph("; ".join(shown), indent="    ", first="  action: ")
     for e in result.extras:
-        tab.add_row(e.dest or f"{e.source} (kept at {e.kept_at})", human(e.size), e.action)
-    out.rich(tab)
-    out.result(f"would send {human(result.send_bytes)}; nothing was changed")
-    out.result(f"then: {result.resume_hint}")
+        if e.kept_at:
+            out.paragraph(f"{e.source}: kept at {e.kept_at}", indent="    ", first="  ")
+    out.paragraph(f"would send {human(result.send_bytes)}; nothing was changed")
+    show_hint(out, result.resume_hint, first="then: ")
+
+
+def show_hint(out: Output, hint: str, first: str = "") -> None:
+    """How to go on; the option or call to paste is never broken across lines."""
+    lead, sep, code = hint.partition("resume with: ")
+    if sep and not lead:
+        out.to_paste(f"{first}resume with:", code)
+    else:
+        out.paragraph(hint, indent="  ", first=first)
 
 
 def show_restore_all(out: Output, result: RestoreAllResult) -> None:

@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple
 import typer
 
 from ckptsync.cli import (
-    cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_cron, cmd_demo, cmd_doctor, cmd_list, cmd_prune,
-    cmd_restore, cmd_show, cmd_verify, cmd_watch, context,
+    cmd_adopt, cmd_archive, cmd_backup, cmd_checklist, cmd_compare, cmd_complete, cmd_cron, cmd_demo, cmd_doctor,
+    cmd_list, cmd_prune, cmd_restore, cmd_show, cmd_verify, cmd_watch, context,
 )
 from ckptsync.cli.options import GLOBAL_OPTIONS
 from ckptsync.errors import Interrupted
@@ -39,6 +39,7 @@ COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
     ("show", cmd_show.show_cmd),
     ("compare", cmd_compare.compare_cmd),
     ("archive", cmd_archive.archive_cmd),
+    ("adopt", cmd_adopt.adopt_cmd),
     ("checklist", cmd_checklist.checklist_cmd),
     ("doctor", cmd_doctor.doctor_cmd),
     ("cron", Group(cmd_cron.HELP, [
@@ -60,10 +61,12 @@ def register(app: typer.Typer) -> None:
             app.add_typer(group, name=name)
         else:
             app.command(name)(with_global_options(what))
+    # For the shell completion scripts only: not in --help.
+    app.command(cmd_complete.NAME, hidden=True)(with_global_options(cmd_complete.complete_checkpoints))
 
 
 def with_global_options(func: Callable[..., int]) -> Callable[..., int]:
-    """`func` as a command that also takes --json, --quiet, --log-file, --debug and --ssh.
+    """`func` as a command that also takes --json, --quiet, --log-file, --debug, --ssh and --config.
 
     Their values go to the run's settings, merged with those given before the command name. A
     command may declare one of them itself, for its own help text (cron install's --log-file);

@@ -1,6 +1,6 @@
 """The output mode of one run, and the one Output built from it.
 
-The global options (--json, --quiet, --log-file, --debug, --ssh) may come before the command or after
+The global options (--json, --quiet, --log-file, --debug, --ssh, --config) may come before the command or after
 it; both places write here. The Output is built on first use, once every option is parsed,
 and the final error of the run goes through the same Output as its results.
 """
@@ -22,11 +22,13 @@ class Settings:
     log_file: str | None = None
     debug: bool = field(default_factory=lambda: bool(os.environ.get("CKPTSYNC_DEBUG")))
     ssh: str | None = None
+    config: str | None = None
     _output: Output | None = field(default=None, repr=False)
 
     def update(self, *, json: bool = False, quiet: bool = False, log_file: str | None = None,
-               debug: bool = False, ssh: str | None = None) -> None:
-        """Merge options given in one place: a flag set anywhere stays set; the last --log-file wins."""
+               debug: bool = False, ssh: str | None = None, config: str | None = None) -> None:
+        """Merge options given in one place: a flag set anywhere stays set; the last --log-file
+        (--ssh, --config) wins."""
         self.json = self.json or json
         self.quiet = self.quiet or quiet
         self.debug = self.debug or debug
@@ -34,11 +36,14 @@ class Settings:
             self.log_file = log_file
         if ssh is not None:
             self.ssh = ssh
+        if config is not None:
+            self.config = config
 
     def argv(self) -> list[str]:
         """These settings as global options, for a child `ckptsync` process."""
         return ((["--json"] if self.json else []) + (["--quiet"] if self.quiet else [])
-                + (["--log-file", self.log_file] if self.log_file else []) + (["--debug"] if self.debug else []) + (["--ssh", self.ssh] if self.ssh else []))
+                + (["--log-file", self.log_file] if self.log_file else []) + (["--debug"] if self.debug else []) + (["--ssh", self.ssh] if self.ssh else [])
+                + (["--config", self.config] if self.config else []))
 
     @property
     def output_built(self) -> bool:

@@ -29,6 +29,7 @@ Force = Annotated[bool, typer.Option("--force", help="Allow replacing or deletin
 Compress = Annotated[str, typer.Option("--compress", metavar="auto|off|1-19", help="auto (measure and decide), off, or a zstd level 1-19.")]
 BwLimit = Annotated[Optional[str], typer.Option("--bwlimit", metavar="RATE", help=f"Limit the link to RATE {RATE_HELP}; both directions together, after compression; several instances share it. Default: bwlimit in the config, else none.", show_default=False)]
 Parallel = Annotated[Optional[int], typer.Option("--parallel", min=1, max=MAX_PARALLEL, metavar="N", help=f"Move files over N channels at once (1-{MAX_PARALLEL}), each a share of the bytes (backup also splits a large file into byte ranges): one SSH channel carries at most its window per round trip. Default: parallel in the config, else 4 when the server's round trip is 30 ms or more, 1 when it is less.", show_default=False)]
+ExtraFile = Annotated[Optional[list[str]], typer.Option("--extra-file", metavar="PATH", help="A file beside the checkpoints to back up too (a config, a dataset list), relative to --remote-dir or absolute; repeatable; added to extra_files of the config.", show_default=False)]
 
 # Global options: accepted before the command and after it, with the same meaning (see
 # ckptsync.cli.commands, which adds them to every command, and the root callback in app.py).
@@ -39,7 +40,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks (also CKPT
 Ssh = Annotated[Optional[str], typer.Option("--ssh", metavar="openssh|paramiko", help="SSH client: the system's OpenSSH (the default when ssh is on PATH) or paramiko (also $CKPTSYNC_SSH, ssh: in the config).", show_default=False)]
 
 GLOBAL_OPTIONS = {"json": (Json, False), "quiet": (Quiet, False), "log_file": (LogFile, None), "debug": (Debug, False),
-                  "ssh": (Ssh, None)}
+                  "ssh": (Ssh, None), "config": (Config, None)}
 
 
 def with_bwlimit(t: Target, value: str | None) -> Target:
@@ -65,6 +66,15 @@ def with_bwlimits(ts: list[Target], value: str | None) -> list[Target]:
 def with_parallel(ts: list[Target], value: int | None) -> list[Target]:
     """--parallel overrides the config's parallel."""
     return ts if value is None else [dataclasses.replace(t, parallel=value) for t in ts]
+
+
+def with_extra_files(ts: list[Target], paths: list[str] | None) -> list[Target]:
+    """--extra-file adds to the config's extra_files (each path once)."""
+    if not paths:
+        return ts
+    if any(not p.strip() for p in paths):
+        raise UsageError("--extra-file: an empty value (give a path on the server)")
+    return [dataclasses.replace(t, extra_files=list(dict.fromkeys([*t.extra_files, *paths]))) for t in ts]
 
 
 def parse_compress(value: str) -> str:

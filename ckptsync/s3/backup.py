@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptsync.backup import stat_extras
-from ckptsync.selection import BackupOptions, select, unseen_failures
+from ckptsync.selection import BackupOptions, resolve_names, select, unseen_failures
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
@@ -169,6 +169,7 @@ class _Upload:
         r.warnings[:] = list(view.errors)
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
         self.kept = [g for gens in self.store.generations().values() for g in gens]
+        opts = resolve_names(opts, view.checkpoints)
         chosen, skipped = select(view.checkpoints, opts, [e.manifest for e in self.entries.values()])
         todo = []
         for s in skipped:

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ckptsync.errors import ConfigError
+from ckptsync.errors import ConfigError, HostKeyError
 
 # The first stage runs under the server's python3 -c. It prints a marker line
 # (so login banners and shell noise before it can be skipped), reads a length
@@ -72,6 +72,37 @@ def unknown_alias_hint(alias: str, hostname: str) -> str:
         return (f"{alias} is not in ~/.ssh/config: run 'tnr connect {n}' first, "
                 f"or add instance {n} to the ckptsync config")
     return ""
+
+
+# The key types a stock sshd has host keys of, by a word in the name SSH or ssh's messages give
+# them (ssh-ed25519, ED25519, ecdsa-sha2-nistp256, rsa-sha2-512, ssh-dss); ecdsa before dsa.
+_KEY_WORDS = (("ed25519", "ed25519"), ("rsa", "rsa"), ("ecdsa", "ecdsa"), ("dsa", "dsa"), ("dss", "dsa"))
+
+
+def _key_word(key_type: str) -> str | None:
+    name = key_type.lower()
+    return next((kind for word, kind in _KEY_WORDS if word in name), None)
+
+
+def host_key_file(key_type: str) -> str:
+    """Where a stock sshd keeps its public host key of this type."""
+    return f"/etc/ssh/ssh_host_{_key_word(key_type) or '*'}_key.pub"
+
+
+def key_label(key_type: str) -> str:
+    """ED25519, RSA, ECDSA: the type as ssh-keygen -l prints it."""
+    word = _key_word(key_type)
+    return word.upper() if word else key_type
+
+
+def unknown_host_key(host: str, key_type: str, fingerprint: str) -> HostKeyError:
+    """The one error for a key not in known_hosts: its fingerprint and how to compare it on the server."""
+    offered = f"{key_label(key_type)} {fingerprint}" if fingerprint else key_label(key_type)
+    shown = f"'ssh-keygen -lf {host_key_file(key_type)}'"
+    compare = (f"compare it with what {shown} prints on the server; if they match, rerun"
+               if fingerprint else f"check it on the server ({shown}), then rerun")
+    return HostKeyError(f"unknown host key for {host}: {offered}",
+                        hint=f"{compare} with --accept-new-host-key (or set host_key_policy: accept-new in the config)")
 
 
 def unresolved(alias: str, hostname: str, port: int) -> tuple[str, str] | None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from ckptsync import osdeps
 from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
-    SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unresolved,
+    SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unknown_host_key,
+    unresolved,
 )
 from ckptsync.transport.local import Subprocess
 
@@ -215,13 +216,18 @@ class OpenSshTransport(Transport):
 
     def failure(self, stderr: str) -> ConnectError | ConfigError:
         s = self.settings()
-        if s.hops:
-            # With a shared connection ssh sends a jump host's own messages to /dev/null:
-            # ask again without it, only to learn why.
+        # With a shared connection ssh sends a jump host's own messages to /dev/null, and ssh names
+        # the key it refused only at the debug level: ask again, only to learn why. The second
+        # attempt stops at the same host key check, before any login.
+        unknown = bool(_first(UNKNOWN_KEY, stderr))
+        if s.hops or unknown:
+            verbose = ["-o", "LogLevel=DEBUG1"] if unknown else []
             try:
-                res = subprocess.run([*self.argv(share=False), "--", self.target.host, "true"],
+                res = subprocess.run([*self.argv(share=False), *verbose, "--", self.target.host, "true"],
                                      capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
-                stderr = res.stderr.decode("utf-8", "replace")
+                again = res.stderr.decode("utf-8", "replace")
+                if not unknown or _first(UNKNOWN_KEY, again):
+                    stderr = again
             except (OSError, subprocess.TimeoutExpired):
                 pass
         return explain(stderr, s)
@@ -283,6 +289,9 @@ def _fingerprint(host: str, known_hosts: str) -> str:
 
 # ---------------------------------------------------------------- ssh's stderr -> one error
 
+UNKNOWN_KEY = r"^No (\S+) host key is known for (\S+) and you have requested strict checking"
+
+
 def _first(pattern: str, text: str) -> re.Match | None:
     return re.search(pattern, text, re.MULTILINE)
 
@@ -311,12 +320,11 @@ def explain(stderr: str, s: Settings) -> ConnectError | ConfigError:
             f"host key for {label} has CHANGED ({kind.group(1) if kind else 'unknown type'}); refusing to connect",
             hint="if the server was really rebuilt, remove its old line from known_hosts "
                  f"(ssh-keygen -R '{label}'{file}) and accept the new key")
-    m = _first(r"^No (\S+) host key is known for (\S+) and you have requested strict checking", text)
+    m = _first(UNKNOWN_KEY, text)
     if m:
-        return HostKeyError(
-            f"unknown host key for {m.group(2)} ({m.group(1)})",
-            hint="check the fingerprint, then rerun with --accept-new-host-key "
-                 "(or set host_key_policy: accept-new in the config)")
+        # At the debug level, the key the server offered is named just before the refusal.
+        offered = re.findall(r"^debug1: Server host key: (\S+) (SHA256:\S+)", text[:m.start()], re.MULTILINE)
+        return unknown_host_key(m.group(2), m.group(1), offered[-1][1] if offered else "")
     if _first(r"^Host key verification failed", text):
         return HostKeyError(f"host key verification failed for {s.label}")
     m = _first(r"^ssh: Could not resolve hostname (\S+?): (.+?)\.?$", text)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -12,7 +14,8 @@ import paramiko
 
 from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
-    SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unresolved,
+    SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unknown_host_key,
+    unresolved,
 )
 
 # paramiko logs failures that we report ourselves in one line; without a handler of its own,
@@ -88,6 +91,11 @@ def _host_label(hostname: str, port: int) -> str:
     return hostname if port == 22 else f"[{hostname}]:{port}"
 
 
+def _fingerprint(key: paramiko.PKey) -> str:
+    """SHA256:... as ssh-keygen -l prints it: the key blob's sha256, base64 without padding."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 class _Policy(paramiko.MissingHostKeyPolicy):
     def __init__(self, accept_new: bool, save_to: str, on_notice=None) -> None:
         self.accept_new = accept_new
@@ -95,13 +103,9 @@ class _Policy(paramiko.MissingHostKeyPolicy):
         self.on_notice = on_notice
 
     def missing_host_key(self, client, hostname, key) -> None:
-        fingerprint = key.fingerprint if hasattr(key, "fingerprint") else key.get_base64()[:20]
+        fingerprint = _fingerprint(key)
         if not self.accept_new:
-            raise HostKeyError(
-                f"unknown host key for {hostname} ({key.get_name()} {fingerprint})",
-                hint="check the fingerprint, then rerun with --accept-new-host-key "
-                "(or set host_key_policy: accept-new in the config)",
-            )
+            raise unknown_host_key(hostname, key.get_name(), fingerprint)
         client.get_host_keys().add(hostname, key.get_name(), key)
         os.makedirs(os.path.dirname(self.save_to) or ".", exist_ok=True)
         with open(self.save_to, "a", encoding="ascii") as f:
