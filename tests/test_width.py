@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
@@ -84,7 +82,9 @@ def test_off_a_terminal_rows_are_plain(backed_up):
 
 def on_a_terminal(args: list, columns: int) -> str:
     """What `ckptsync ARGS` shows on a pty `columns` wide (no $COLUMNS)."""
+    import fcntl
     import pty
+    import termios
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
