@@ -16,8 +16,7 @@ from ckptsync.errors import OK
 from ckptsync.server import Hello, open_server
 
 PIP_FIX = "python3 -m pip install --user xxhash zstandard"
-APT_FIX = "apt install python3-xxhash python3-zstandard"
-ZSTD_FIX = "apt install zstd"
+APT_PACKAGES = "python3-xxhash python3-zstandard"
 
 CODECS = {
     "zstd-zstandard": "zstd per 1 MiB chunk (the zstandard module)",
@@ -34,10 +33,25 @@ class Missing:
     fix: str            # the command that installs it, on the server
 
 
+def apt(hello: Hello, packages: str) -> str:
+    return f"{'' if hello.root else 'sudo '}apt-get install {packages}"
+
+
+def modules_fix(hello: Hello) -> tuple[str, str]:
+    """(the command that installs xxhash and zstandard for the server's python3, another way or "").
+    Pure. A distribution's python3 refuses pip (PEP 668): its own packages, where apt is there."""
+    if hello.managed and hello.apt:
+        return apt(hello, APT_PACKAGES), ""
+    if hello.managed:
+        return PIP_FIX + " --break-system-packages", ""   # into ~/.local: the system's packages stay as they are
+    return PIP_FIX, apt(hello, APT_PACKAGES) if hello.apt else ""
+
+
 def missing(hello: Hello) -> list[Missing]:
     """What the server's python3 lacks, from its hello. Pure."""
     out = []
-    modules = f"{PIP_FIX} (or, as root on Debian/Ubuntu: {APT_FIX})"
+    command, other = modules_fix(hello)
+    modules = command + (f" (or: {other})" if other else "")
     if "xxh3_128" not in hello.hashes:
         out.append(Missing("xxhash", f"files are hashed with {hello.hashes[0] if hello.hashes else 'sha1'} instead of "
                            "xxh3-128: the same checks, several times slower to compute on the server; the "
@@ -47,7 +61,7 @@ def missing(hello: Hello) -> list[Missing]:
                            "raw and switches to zstd at most once, instead of a choice per chunk", modules))
     elif hello.zstd is None:
         out.append(Missing("zstd", "no zstd on the server: data is packed with zlib, slower and larger "
-                           "on the wire than zstd", f"{modules}, or {ZSTD_FIX}"))
+                           "on the wire than zstd", f"{modules}, or {apt(hello, 'zstd') if hello.apt else 'install the zstd package'}"))
     return out
 
 
@@ -65,7 +79,7 @@ def fallback_line(hello: Hello, server: str, doctor: str) -> str:
     if any(m.piece != "xxhash" for m in lacks):
         how.append("compressing with the zstd binary" if hello.zstd == "binary" else "compressing with zlib")
     return (f"{server}: its python3 {hello.python} has {'no ' if len(pieces) == 1 else ''}{names}, so ckptsync is {' and '.join(how)} "
-            f"(slower, same results); to install them there: {PIP_FIX} (details: {doctor})")
+            f"(slower, same results); to install them there: {modules_fix(hello)[0]} (details: {doctor})")
 
 
 @dataclass

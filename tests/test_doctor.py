@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from ckptsync.doctor import missing
+from ckptsync.server import Hello
 from helpers import run_cli
 from sshd import FULL_ALIAS, STOCK_PYTHON
 
@@ -17,6 +22,14 @@ STOCK_CODEC = ("zstd-stdlib" if subprocess.run([*STOCK_PYTHON, "-c", "import com
                                                capture_output=True).returncode == 0
                else "zstd-binary" if shutil.which("zstd") else "zlib-lanes")
 MISSING_CODEC = {"zstd-stdlib": [], "zstd-binary": ["zstandard"], "zlib-lanes": ["zstd"]}[STOCK_CODEC]
+# How that python3 takes modules: a distribution's (PEP 668's EXTERNALLY-MANAGED file) refuses pip,
+# so its own packages; the test server logs in as this user.
+MANAGED = subprocess.run([*STOCK_PYTHON, "-c", "import os, sysconfig; print(os.path.isfile(os.path.join("
+                          "sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"],
+                         capture_output=True, text=True, check=True).stdout.strip() == "True"
+SUDO = "" if getattr(os, "geteuid", lambda: -1)() == 0 else "sudo "
+INSTALL = (f"{SUDO}apt-get install python3-xxhash python3-zstandard" if MANAGED and shutil.which("apt-get")
+           else "python3 -m pip install --user xxhash zstandard")
 
 
 def doctor(host: str, remote_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -39,9 +52,9 @@ def test_doctor_on_a_stock_server_says_what_is_missing_and_how_to_install_it(ssh
     assert got["writers_visible"] is True and 0 < got["fd_readable"] <= got["fd_total"]
     pieces = {m["piece"]: m["fix"] for m in got["missing"]}
     assert sorted(pieces) == sorted(["xxhash", *MISSING_CODEC])
-    assert pieces["xxhash"].startswith("python3 -m pip install --user xxhash zstandard")
+    assert pieces["xxhash"].startswith(INSTALL)
     if STOCK_CODEC == "zlib-lanes":
-        assert pieces["zstd"].endswith("apt install zstd")
+        assert pieces["zstd"].endswith(f"{SUDO}apt-get install zstd")
 
     human = doctor(STOCK, server_tree)
     assert human.returncode == 0, human.stderr
@@ -50,7 +63,7 @@ def test_doctor_on_a_stock_server_says_what_is_missing_and_how_to_install_it(ssh
     assert lines[1] == f"python3: {stock_version()} ({STOCK_PYTHON[0]})"
     assert lines[2].startswith("hash:    sha1, ") and lines[2].endswith("/s on the server")
     assert any(line.startswith("no xxhash: files are hashed with sha1 instead of xxh3-128") for line in lines)
-    assert "python3 -m pip install --user xxhash zstandard" in human.stdout
+    assert INSTALL in human.stdout
 
 
 def test_doctor_on_a_server_with_the_modules_finds_nothing_missing(ssh_home: Path, server_tree: Path) -> None:
@@ -81,10 +94,27 @@ def test_first_backup_of_a_new_target_says_once_that_the_server_falls_back(ssh_h
     [line] = note_lines(first.stderr)
     lacks = " has no xxhash" if not MISSING_CODEC else f" has neither xxhash nor {MISSING_CODEC[0]}"
     assert f"its python3 {stock_version()}{lacks}" in line
-    assert "python3 -m pip install --user xxhash zstandard" in line
+    assert f"to install them there: {INSTALL} (details" in line
     assert f"ckptsync doctor --host {STOCK} --remote-dir {server_tree} --local-dir {dest}" in line
 
     again = run_cli("backup", "--host", STOCK, *args)
     assert again.returncode == 0 and note_lines(again.stderr) == []
     full = run_cli("backup", "--host", FULL_ALIAS, "--remote-dir", server_tree, "--local-dir", tmp_path / "c")
     assert full.returncode == 0 and "has no" not in full.stderr
+
+
+@pytest.mark.parametrize("managed, apt, root, command", [
+    # A distribution's python3 (Debian 12, Ubuntu 24.04) refuses pip: its own packages.
+    (True, True, True, "apt-get install python3-xxhash python3-zstandard"),
+    (True, True, False, "sudo apt-get install python3-xxhash python3-zstandard"),
+    (True, False, False, "python3 -m pip install --user xxhash zstandard --break-system-packages"),
+    (False, True, False, "python3 -m pip install --user xxhash zstandard (or: sudo apt-get install python3-xxhash "
+                         "python3-zstandard)"),
+    (False, False, False, "python3 -m pip install --user xxhash zstandard"),
+])
+def test_the_install_command_fits_the_server(managed, apt, root, command) -> None:
+    hello = Hello(protocol=1, python="3.11.2", zstd=None, hashes=("sha1",), managed=managed, apt=apt, root=root)
+    [xxhash, zstd] = missing(hello)
+    assert xxhash.fix == command
+    assert zstd.fix.startswith(command) and zstd.fix.endswith(
+        ("apt-get install zstd" if apt else "install the zstd package"))

@@ -45,7 +45,8 @@ class AgentServer(Server):
                                zstd=h.get("zstd"), hashes=tuple(str(x) for x in h.get("hashes") or ["sha1"]),
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
                                now=now, lzma=bool(h.get("lzma", True)), offset=now - arrived if now else 0.0,
-                               pid=int(h.get("pid", 0)))
+                               pid=int(h.get("pid", 0)), managed=bool(h.get("managed")), apt=bool(h.get("apt")),
+                               root=bool(h.get("root")))
 
     def close(self, polite: bool = True) -> None:
         self.remote.close(polite=polite)

@@ -118,6 +118,9 @@ class Hello:
     lzma: bool = True                # can unpack lzma lanes (some Pythons are built without it)
     offset: float = 0.0              # the server's clock minus this computer's when the hello arrived
     pid: int = 0                     # the agent's process on the server
+    managed: bool = False            # its python3 is the distribution's: pip refuses to install (PEP 668)
+    apt: bool = False                # apt-get is there
+    root: bool = False               # the agent runs as root
 
 
 @dataclass(frozen=True)
