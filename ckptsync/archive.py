@@ -18,7 +18,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -27,9 +27,10 @@ import zstandard
 
 from ckptsync import osdeps
 from ckptsync.agent import safe_member
-from ckptsync.errors import DiskFull, IntegrityError, NotFound, OK, UsageError
+from ckptsync.errors import DiskFull, IntegrityError, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import fits, human
+from ckptsync.result import Result
 from ckptsync.store import META, WAIT_HINT, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
 
 SUFFIXES = (".tar.zst", ".tzst")
@@ -47,7 +48,7 @@ class ArchiveOptions:
 
 
 @dataclass
-class ArchiveResult:
+class ArchiveResult(Result):
     source: str
     archive: str
     reused: bool = False             # the archive existed already; it was read back, not rewritten
@@ -62,14 +63,6 @@ class ArchiveResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def exit_code(self) -> int:
-        return OK
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from typing import Callable
 
@@ -24,6 +24,7 @@ from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.result import Result
 from ckptsync.runs import RunState, find_runs, run_target, survey
 from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import FileStat, Server, open_server
@@ -37,7 +38,7 @@ from ckptsync.server.transfer import Received, kept_prefixes
 
 
 @dataclass
-class BackupResult:
+class BackupResult(Result):
     target: str
     server: str
     dest: str
@@ -90,8 +91,7 @@ class BackupResult:
         return sum(p.fetch_bytes for p in self.to_fetch)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
+        out = super().to_dict()
         out["runs"] = [r.to_dict() for r in self.runs]
         return out
 

@@ -22,13 +22,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
 from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
+from ckptsync.result import Result
 from ckptsync.store import Store
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
@@ -315,7 +316,7 @@ class CronJob:
 
 
 @dataclass
-class CronResult:
+class CronResult(Result):
     action: str                 # installed, replaced, unchanged, removed, absent, shown
     target: str
     backup_dir: str
@@ -334,12 +335,7 @@ class CronResult:
     removed_dir: bool = False               # remove: the backup directory held nothing, and is gone
     warnings: list[str] = field(default_factory=list)
 
-    exit_code = 0
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 def default_log_file(backup_dir: Path | str) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +20,7 @@ from ckptsync.layout import Checkpoint, find_best, resume_files
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
 from ckptsync.policy import named, newest_first
+from ckptsync.result import Result
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
 from ckptsync.store import EXTRA, Manifest, Store
@@ -50,7 +51,7 @@ class Curve:
 
 
 @dataclass
-class ShowResult:
+class ShowResult(Result):
     name: str
     source: str                      # "backup" or "server"
     location: str                    # the backup directory, or server:remote_dir
@@ -87,11 +88,9 @@ class ShowResult:
     def resume_size(self) -> int:
         return sum(f.size for f in self.files if f.resume)
 
-    exit_code = 0
-
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(size=self.size, resume_size=self.resume_size, exit_code=self.exit_code)
+        out = super().to_dict()
+        out.update(size=self.size, resume_size=self.resume_size)
         return out
 
 
@@ -111,7 +110,7 @@ class FileChange:
 
 
 @dataclass
-class CompareResult:
+class CompareResult(Result):
     a: str
     b: str
     location: str
@@ -120,13 +119,6 @@ class CompareResult:
     only_a: list[FileChange] = field(default_factory=list)
     only_b: list[FileChange] = field(default_factory=list)
     identical: list[FileChange] = field(default_factory=list)
-
-    exit_code = 0
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 # ---------------------------------------------------------------- pure helpers

@@ -9,10 +9,10 @@ here on the server.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ckptsync.config import Target
-from ckptsync.errors import OK
+from ckptsync.result import Result
 from ckptsync.server import Hello, open_server
 
 PIP_FIX = "python3 -m pip install --user xxhash zstandard"
@@ -83,7 +83,7 @@ def fallback_line(hello: Hello, server: str, doctor: str) -> str:
 
 
 @dataclass
-class DoctorResult:
+class DoctorResult(Result):
     target: str
     server: str
     remote_dir: str
@@ -101,14 +101,6 @@ class DoctorResult:
     missing: list[Missing] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def exit_code(self) -> int:
-        return OK
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 def run_doctor(target: Target) -> DoctorResult:

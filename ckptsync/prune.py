@@ -28,6 +28,7 @@ from ckptsync.policy import newest_first
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
+from ckptsync.result import Result
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
@@ -61,7 +62,7 @@ class PruneEntry:
 
 
 @dataclass
-class PruneResult:
+class PruneResult(Result):
     target: str
     side: str                  # "backups" or "server"
     where: str                 # the backup directory, or server:remote_dir
@@ -89,10 +90,6 @@ class PruneResult:
     def exit_code(self) -> int:
         return INTEGRITY if self.damaged else PARTIAL if self.failed else OK
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> PruneResult:

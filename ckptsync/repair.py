@@ -9,13 +9,14 @@ rename). Anything that cannot be repaired that way is said, and the run exits 30
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptsync.agent import fsync_file
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.result import Result
 from ckptsync.server import open_server
 from ckptsync.server.transfer import receive
 from ckptsync.store import EXTRA, FileRecord, Store, io_error, remove_tree
@@ -23,7 +24,7 @@ from ckptsync.verify import CORRUPT, MISSING, VerifyResult, run_verify
 
 
 @dataclass
-class RepairResult:
+class RepairResult(Result):
     target: str
     dest: str
     server: str
@@ -35,10 +36,6 @@ class RepairResult:
     def exit_code(self) -> int:
         return INTEGRITY if self.unrepaired or (self.after is not None and self.after.failed) else OK
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> RepairResult:

@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +35,7 @@ from ckptsync.destination import identical_there, mark_restored, same_place
 from ckptsync.policy import SPACE_MARGIN, fits, human, named, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
+from ckptsync.result import Result
 from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, Stat, open_server, shares
 from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
@@ -97,7 +98,7 @@ class ExtraItem:
 
 
 @dataclass
-class RestoreResult:
+class RestoreResult(Result):
     target: str
     server: str
     source: str                  # the backup directory
@@ -139,8 +140,7 @@ class RestoreResult:
             e.size for e in self.extras if e.action in (SEND, REPLACE))
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
+        out = super().to_dict()
         out["send_bytes"] = self.send_bytes
         return out
 

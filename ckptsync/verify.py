@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptsync.config import Target
@@ -31,6 +31,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.errors import INTEGRITY, OK, NotFound
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import named, newest_first
+from ckptsync.result import Result
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, open_server
 from ckptsync.store import EXTRA, FileRecord, Manifest, Store
@@ -90,7 +91,7 @@ class EntryCheck:
 
 
 @dataclass
-class VerifyResult:
+class VerifyResult(Result):
     target: str
     dest: str
     remote: bool
@@ -111,10 +112,9 @@ class VerifyResult:
         return INTEGRITY if self.failed else OK
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = super().to_dict()
         for entry, check in zip(out["entries"], self.entries):
             entry["failed"] = check.failed
-        out["exit_code"] = self.exit_code
         return out
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-from importlib import resources
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire

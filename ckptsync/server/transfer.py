@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import xxhash
 
 from ckptsync import agent as wire
-from ckptsync.errors import CkptsyncError, ConnectError, IntegrityError, ProtocolError
+from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
 from ckptsync.progress import Reporter
 from ckptsync.server.base import Download
 from ckptsync.store import io_error
