@@ -22,6 +22,14 @@ Decisions worth knowing:
   and none of whose files is open for writing is complete at once; settling
   is then waited for only by files changed after the writers were looked at,
   and by checkpoints behind a symlink (their writers are not seen).
+* A ``_SUCCESS`` or ``.complete`` file at the top of a checkpoint directory
+  (``SAVE_MARKERS``) is its writer's word that the save finished: with one,
+  settling is never waited for; the checkpoint is complete when none of its
+  files is open for writing (where writers are seen) and none was modified
+  after the marker (a save into the directory again).  Once a checkpoint has
+  a marker, every later one of the same name pattern (``checkpoint-N``,
+  ``step_N``, ...) waits for its own: a save that crashed before it is never
+  taken for a finished one.  The layout's other checks still apply.
 * The top-level DeepSpeed ``latest`` file belongs to no checkpoint: it moves
   on with every save, and ``global_stepN/`` loads with an explicit tag.
 * RNG state is required for an *exact* resume: when it is absent it is listed
@@ -116,6 +124,10 @@ RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
 FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_\d+")
 FSDP_OPTIM_DIR = re.compile(r"optimizer_\d+")
 
+# Files a writer puts in a checkpoint directory once its save has finished (Hadoop and Spark
+# write _SUCCESS); the first one present counts.
+SAVE_MARKERS = ("_SUCCESS", ".complete")
+
 # Where a directory layout's name gives the step (epoch_N/ gives an epoch, not a step).
 STEP_PATTERN = {"trainer": TRAINER_DIR, "deepspeed": DEEPSPEED_DIR, "step-dir": STEP_DIR}
 
@@ -195,6 +207,7 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
         if key is not None:
             groups.setdefault(key, []).append((entry, "/".join(parts[1:]) or parts[0]))
     unseen = _sort_unseen(listing.unseen)[0]
+    expected = _markers_expected(groups)
 
     checkpoints = []
     best_sources = []  # (step, trainer_state mtime, best_model_checkpoint)
@@ -211,7 +224,8 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
             found = _analyse_step_dir(name, rel, meta)
         else:
             found = _analyse_single_file(name, meta)
-        checkpoint = _finish(name, layout, kind, rel, found, listing.now, settle_seconds, writers)
+        checkpoint = _finish(name, layout, kind, rel, found, listing.now, settle_seconds, writers,
+                             expected.get((name, layout, kind)))
         if (name, layout, kind) in unseen:
             checkpoint = _not_seen_whole(checkpoint, unseen.pop((name, layout, kind)))
         checkpoints.append(checkpoint)
@@ -228,6 +242,29 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
     # checkouts rewrite; mtime breaks ties (latest.pt vs rolling_step_N.pt).
     checkpoints = mark_abandoned(newest_first(checkpoints), listing.now)
     return checkpoints
+
+
+def _save_marker(rel) -> str | None:
+    """The save marker at the top of a checkpoint directory, from the paths inside it. Pure."""
+    return next((m for m in SAVE_MARKERS if m in rel), None)
+
+
+def _markers_expected(groups: dict) -> dict[tuple[str, str, str], str]:
+    """(name, layout, kind) -> the marker a directory checkpoint lacks while an earlier one of its
+    name pattern (a lower number) has one: that run's writer puts one down when a save ends."""
+    patterns = {(layout, kind): pattern for pattern, layout, kind in DIR_LAYOUTS}
+    found = {}  # (name, layout, kind) -> (number in the name, its marker or None)
+    first: dict[tuple[str, str], tuple[int, str]] = {}  # (layout, kind) -> the lowest number with a marker
+    for (name, layout, kind), members in groups.items():
+        if layout == "single-file":
+            continue
+        number = _number_in(patterns[(layout, kind)], name) or 0
+        marker = _save_marker({r for _e, r in members})
+        found[(name, layout, kind)] = (number, marker)
+        if marker and ((layout, kind) not in first or number < first[(layout, kind)][0]):
+            first[(layout, kind)] = (number, marker)
+    return {key: first[key[1:]][1] for key, (number, marker) in found.items()
+            if marker is None and key[1:] in first and number > first[key[1:]][0]}
 
 
 def best_checkpoint(sources: list[tuple[int, float, str]]) -> str | None:
@@ -525,7 +562,8 @@ def _read_pt(found: _Analysis, value, label: str) -> None:
 # ---------------------------------------------------------------- shared steps
 
 
-def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds, writers: Writers | None) -> Checkpoint:
+def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds, writers: Writers | None,
+            expected_marker: str | None = None) -> Checkpoint:
     files = tuple(sorted(rel.values(), key=lambda e: e.path))
     size = sum(e.size for e in files)
     problems = list(found.problems)
@@ -533,7 +571,7 @@ def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds, writ
         problems.insert(0, "empty")
     else:
         for r in sorted(rel):
-            if rel[r].size == 0 and (layout != "trainer" or _is_trainer_resume_file(r)):
+            if rel[r].size == 0 and r not in SAVE_MARKERS and (layout != "trainer" or _is_trainer_resume_file(r)):
                 problems.append(f"{r} is empty")
                 break
     mtime = max(e.mtime for e in rel.values())
@@ -542,8 +580,16 @@ def _finish(name, layout, kind, rel, found: _Analysis, now, settle_seconds, writ
         written = [r for r in sorted(rel) if rel[r].path in writers.open]
         if written:
             problems.append(f"{written[0]} is open for writing")
-    # Where writers are seen, only a file changed after they were looked at waits to settle.
-    recent = [r for r in rel if written_recently(rel[r].mtime, now, settle_seconds)
+    marker = _save_marker(rel)
+    if marker:
+        after = [r for r in rel if rel[r].mtime > rel[marker].mtime]
+        if after:
+            problems.append(f"{max(after, key=lambda r: rel[r].mtime)} modified after {marker}")
+    elif expected_marker:
+        problems.append(f"no {expected_marker} yet (the run's other checkpoints have one)")
+    # The marker says the save finished, so nothing waits to settle; where writers are seen, only
+    # a file changed after they were looked at does.
+    recent = [r for r in rel if not marker and written_recently(rel[r].mtime, now, settle_seconds)
               and not (seen and rel[r].mtime < writers.since)]
     if recent:
         newest_rel = max(recent, key=lambda r: rel[r].mtime)

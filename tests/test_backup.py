@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, ROOT, Lines, cli_env, file_sha256, open_for_writing, run_cli, tree_digest
+from helpers import HANG, REPO_ROOT, ROOT, Lines, cli_env, file_sha256, open_for_writing, run_cli, tree_digest
 from relay import Relay, relay_alias
 
 EXTRA = ["../../config_full_dataset.json", "../../deepspeed_config.json"]
@@ -363,3 +363,47 @@ def test_file_rewritten_while_read_is_not_recorded(setup, sshd):
     assert again.returncode == 0, again.stderr
     assert (dest / "checkpoint-12" / "zz_large_shard.bin").read_bytes() == \
         (server / "checkpoint-12" / "zz_large_shard.bin").read_bytes()
+
+
+BLIND = Path(__file__).resolve().parent / "blind_agent.py"
+
+
+@pytest.mark.parametrize("marker", ["_SUCCESS", ".complete"])
+def test_a_save_marker_is_backed_up_at_once_and_a_checkpoint_without_it_waits(server_tree, tmp_path, marker):
+    """A server whose writers cannot be seen, a settle time no file is old enough for: the checkpoints
+    whose writer put its marker down last are backed up (marker and all) and restored whole; the
+    newest, still without its marker, is named as not finished."""
+    server = server_tree
+    for name in ("checkpoint-4", "checkpoint-8"):
+        last = max(p.stat().st_mtime for p in (server / name).rglob("*") if p.is_file())
+        (server / name / marker).write_bytes(b"")
+        os.utime(server / name / marker, (last + 1, last + 1))
+    cfg = tmp_path / "blind.yaml"
+    cfg.write_text(json.dumps({"remote_dir": str(server), "local_dir": str(tmp_path / "b"), "settle_seconds": 100000,
+                               "instances": {"1": {"command": [sys.executable, str(BLIND), str(REPO_ROOT)]}}}))
+    waiting = f"no {marker} yet (the run's other checkpoints have one)"
+
+    res = run_cli("backup", "-i", "1", "--config", cfg, "--no-extra-files", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["fetched"] == ["checkpoint-8", "checkpoint-4"]
+    assert [(p["name"], p["reason"]) for p in out["plan"] if p["action"] == "skip"] == [
+        ("checkpoint-12", f"in progress: {waiting}")]
+    dest = tmp_path / "b" / "instance-1"
+    for name in ("checkpoint-4", "checkpoint-8"):
+        assert tree_digest(dest / name) == tree_digest(server / name) and (dest / name / marker).is_file()
+    assert not (dest / "checkpoint-12").exists()
+
+    listed = run_cli("list", "-i", "1", "--config", cfg, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)["checkpoints"]}
+    assert (rows["checkpoint-12"]["complete"], rows["checkpoint-12"]["reason"]) == (False, waiting)
+    assert rows["checkpoint-8"]["backup"] == rows["checkpoint-4"]["backup"] == "yes"
+    human = run_cli("list", "-i", "1", "--config", cfg, env={"COLUMNS": "200"})
+    assert waiting in human.stdout, human.stdout
+
+    fresh = tmp_path / "restored"
+    res = run_cli("restore", "-i", "1", "--config", cfg, "--remote-dir", fresh, "--checkpoint", "checkpoint-8",
+                  "--no-extra-files")
+    assert res.returncode == 0, res.stderr
+    assert tree_digest(fresh / "checkpoint-8") == tree_digest(server / "checkpoint-8")

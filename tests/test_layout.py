@@ -181,6 +181,96 @@ def test_where_writers_are_seen_the_layouts_own_markers_still_decide():
     assert not c.complete and c.reason == "trainer_state.json not written yet"
 
 
+# ---------------------------------------------------------------- save markers (_SUCCESS, .complete)
+
+
+def marked(marker: str | None, marker_age: float, optimizer_age: float, directory: str = "checkpoint-500",
+           age: float = 3600) -> list[FileEntry]:
+    """A LoRA checkpoint written `age` ago, its optimizer.pt `optimizer_age` ago and its marker
+    (empty, as writers leave it) `marker_age` ago."""
+    files = [entry(f"{directory}/{n}", mtime=NOW - age) for n in LORA if n != "optimizer.pt"]
+    files.append(entry(f"{directory}/optimizer.pt", mtime=NOW - optimizer_age))
+    if marker:
+        files.append(entry(f"{directory}/{marker}", size=0, mtime=NOW - marker_age))
+    return files
+
+
+@pytest.mark.parametrize("marker, marker_age, optimizer_age, writers, reason", [
+    # where writers are not seen, a marker put down after every other file ends the save: no settle
+    ("_SUCCESS", 1.0, 2.0, None, ""),
+    (".complete", 1.0, 2.0, None, ""),
+    ("_SUCCESS", 1.0, 1.0, None, ""),   # stamped in the same clock tick
+    # a file modified after the marker: a save into the directory again is not finished
+    ("_SUCCESS", 2.0, 1.0, None, "optimizer.pt modified after _SUCCESS"),
+    (".complete", 3000.0, 1.0, None, "optimizer.pt modified after .complete"),
+    # where writers are seen: the marker and nothing open for writing, however new the files
+    ("_SUCCESS", 0.1, 0.2, Writers(frozenset(), NOW - 0.5), ""),
+    ("_SUCCESS", 0.1, 0.2, Writers(frozenset({"checkpoint-500/optimizer.pt"}), NOW - 0.5),
+     "optimizer.pt is open for writing"),
+    ("_SUCCESS", 0.2, 0.1, Writers(frozenset(), NOW - 0.5), "optimizer.pt modified after _SUCCESS"),
+    # behind a symlink, writers are not seen: the marker decides as above
+    ("_SUCCESS", 0.1, 0.2, Writers(frozenset(), NOW - 0.5, ("checkpoint-500",)), ""),
+    # no marker: settle_seconds, as before
+    (None, 0.0, 2.0, None, "optimizer.pt modified 2s ago (settle 60s)"),
+])
+def test_a_save_marker_ends_the_save_without_settling(marker, marker_age, optimizer_age, writers, reason):
+    files = marked(marker, marker_age, optimizer_age)
+    c = only(discover(listing(*files, meta={"checkpoint-500/trainer_state.json": STATE}), 60, writers))
+    assert c.reason == reason
+    assert c.complete == c.resumable == (reason == "")
+
+
+def test_a_save_marker_does_not_stand_for_the_layouts_own_checks():
+    files = [f for f in marked("_SUCCESS", 1.0, 2.0) if not f.path.endswith("trainer_state.json")]
+    c = only(discover(listing(*files)))
+    assert (c.complete, c.reason) == (False, "trainer_state.json not written yet")
+    # only at the top of the checkpoint: a .complete further down is some other file
+    files = marked(None, 0, 2.0) + [entry("checkpoint-500/sub/.complete", mtime=NOW - 1)]
+    c = only(discover(listing(*files, meta={"checkpoint-500/trainer_state.json": STATE})))
+    assert c.reason == "sub/.complete modified 1s ago (settle 60s)"
+
+
+def test_an_empty_marker_is_not_an_empty_file():
+    meta = {"step_100/metadata.json": {"step": 100}, "step_100/state.pt": pt("model", "optimizer")}
+    files = in_dir("step_100", STEP_FILES) + [entry("step_100/_SUCCESS", size=0, mtime=OLD + 1)]
+    c = only(discover(listing(*files, meta=meta)))
+    assert (c.complete, c.reason) == (True, "")
+
+
+def run_with_markers(marks: dict[str, str | None], age: float = 3600) -> dict[str, Checkpoint]:
+    """Checkpoints named in `marks`, each with that marker or none, all written `age` ago."""
+    files = []
+    meta = {}
+    for name, marker in marks.items():
+        if name.startswith("step_"):
+            files += in_dir(name, STEP_FILES + ((marker,) if marker else ()), mtime=NOW - age)
+            meta[f"{name}/metadata.json"] = {"step": 100}
+        else:
+            files += marked(marker, age, age, directory=name, age=age)
+            meta[f"{name}/trainer_state.json"] = STATE
+    return {c.name: c for c in discover(listing(*files, meta=meta), 60)}
+
+
+@pytest.mark.parametrize("marks, waiting", [
+    # the run's writer puts _SUCCESS down: the newest without one is a save not finished, however old
+    ({"checkpoint-100": "_SUCCESS", "checkpoint-200": "_SUCCESS", "checkpoint-300": None},
+     {"checkpoint-300": "no _SUCCESS yet (the run's other checkpoints have one)"}),
+    ({"checkpoint-100": ".complete", "checkpoint-300": None, "checkpoint-200": ".complete"},
+     {"checkpoint-300": "no .complete yet (the run's other checkpoints have one)"}),
+    # from the first checkpoint with a marker on: earlier ones were saved before the writer wrote any
+    ({"checkpoint-50": None, "checkpoint-100": "_SUCCESS", "checkpoint-200": None},
+     {"checkpoint-200": "no _SUCCESS yet (the run's other checkpoints have one)"}),
+    # per name pattern: step_N directories with markers ask nothing of checkpoint-N
+    ({"step_100": "_SUCCESS", "checkpoint-300": None}, {}),
+    # no marker anywhere: settle_seconds alone, as before
+    ({"checkpoint-100": None, "checkpoint-200": None}, {}),
+])
+def test_once_a_checkpoint_has_a_marker_later_ones_wait_for_theirs(marks, waiting):
+    found = run_with_markers(marks)
+    assert {n: c.reason for n, c in found.items() if not c.complete} == waiting
+    assert all(c.resumable != (c.name in waiting) for c in found.values() if c.layout == "trainer")
+
+
 @pytest.mark.parametrize("zero, reason", [
     (("optimizer.pt",), "optimizer.pt is empty"),
     (LORA, "empty"),
