@@ -27,6 +27,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers  # noqa: E402  (bench/servers.py: the server's python3, stock or equipped)
+
 HOST_IP = "10.231.77.1"
 NS_IP = "10.231.77.2"
 PREFIX = 30
@@ -281,6 +284,8 @@ class Lab:
         self.relay: subprocess.Popen | None = None
         self.relay_log = None
         self.port = 22
+        self.bin: Path | None = None    # the server's python3 wrappers (bench/servers.py)
+        self.server = servers.DEFAULT
 
     # paths
     @property
@@ -319,6 +324,9 @@ class Lab:
         (t / "known_hosts").write_text(known)
         sftp = "/usr/lib/openssh/sftp-server"
         sftp = sftp if os.path.exists(sftp) else "internal-sftp"
+        # every session runs through this: python3 is the kind of server set_server() chose
+        self.bin = t / "server-python"
+        login = servers.install(self.bin, sftp if sftp != "internal-sftp" else "false")
         (t / "sshd_config").write_text(
             f"ListenAddress {NS_IP}\n"
             "Port 22\n"
@@ -338,6 +346,7 @@ class Lab:
             "MaxSessions 50\n"
             f"Subsystem sftp {sftp}\n"
             "LogLevel ERROR\n"
+            f"ForceCommand {login}\n"
         )
         # a home directory for tools that read ~/.ssh/config (ckptsync)
         dot = t / "home" / ".ssh"
@@ -366,6 +375,12 @@ class Lab:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cannot reach sshd in {self.ns}: {r.stderr.strip()}")
             time.sleep(0.2)
+
+    def set_server(self, kind: str) -> None:
+        """The python3 that the next ssh sessions run the agent with (bench/servers.py)."""
+        if kind != self.server:
+            servers.select(self.bin, kind)
+            self.server = kind
 
     def write_client_configs(self, port: int) -> None:
         """`Host benchsrv` for ssh -F (rsync, scp, tar) and in the home's ~/.ssh/config (ckptsync)."""
@@ -710,6 +725,8 @@ class Bench:
         self.ops = set(args.op_list)
         self.many: Path | None = None   # the many-checkpoints run (ensure_many), when "many" is asked for
         self.parallel = getattr(args, "ck_parallel_list", [])   # extra ckptsync rows with --parallel N
+        self.servers = getattr(args, "server_list", [servers.DEFAULT])   # each ckptsync row runs against each
+        self.sides: dict[str, dict] = {}   # server kind -> the digest and codec each side uses (servers.sides)
         self.drop = args.drop_caches
         self.work = Path(args.data).resolve() / f"work-{os.getpid()}"
         self.py = sys.executable
@@ -725,20 +742,22 @@ class Bench:
     def full_rows(self, dst: Path):
         s, cfg = self.src, self.lab.cfg
         rows = [
-            ("rsync", "rsync -a", [["rsync", "-a", "-e", self.rsh(), f"{ALIAS}:{s}/", f"{dst}/"]], None),
-            ("rsync", "rsync -az", [["rsync", "-az", "-e", self.rsh(), f"{ALIAS}:{s}/", f"{dst}/"]], None),
-            ("scp", "scp -r", [["scp", "-r", "-q", "-F", cfg, f"{ALIAS}:{s}", str(dst)]], None),
+            ("rsync", "rsync -a", [["rsync", "-a", "-e", self.rsh(), f"{ALIAS}:{s}/", f"{dst}/"]], None, None),
+            ("rsync", "rsync -az", [["rsync", "-az", "-e", self.rsh(), f"{ALIAS}:{s}/", f"{dst}/"]], None, None),
+            ("scp", "scp -r", [["scp", "-r", "-q", "-F", cfg, f"{ALIAS}:{s}", str(dst)]], None, None),
             ("tar", "ssh tar | tar -x",
-             [["ssh", "-F", cfg, ALIAS, f"tar -C {q(s)} -cf - ."], ["tar", "-C", str(dst), "-xf", "-"]], None),
+             [["ssh", "-F", cfg, ALIAS, f"tar -C {q(s)} -cf - ."], ["tar", "-C", str(dst), "-xf", "-"]], None, None),
             ("tarzstd", "ssh tar|zstd -1 -T0 | zstd -d | tar -x",
              [["ssh", "-F", cfg, ALIAS, f"tar -C {q(s)} -cf - . | zstd -q -1 -T0"],
-              ["zstd", "-q", "-d"], ["tar", "-C", str(dst), "-xf", "-"]], None),
-            ("ckptsync", "ckptsync backup", [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s), "--all",
-                                                     "--local-dir", str(dst), "--quiet")], self.ck_env),
+              ["zstd", "-q", "-d"], ["tar", "-C", str(dst), "-xf", "-"]], None, None),
         ]
-        rows += [("ckptsync", f"ckptsync backup --parallel {n}",
-                  [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s), "--all", "--local-dir", str(dst),
-                           "--quiet", "--parallel", str(n))], self.ck_env) for n in self.parallel]
+        for server in self.servers:
+            rows.append(("ckptsync", "ckptsync backup", [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s),
+                                                                 "--all", "--local-dir", str(dst), "--quiet")],
+                         self.ck_env, server))
+            rows += [("ckptsync", f"ckptsync backup --parallel {n}",
+                      [self.ck("backup", "--host", ALIAS, "--remote-dir", str(s), "--all", "--local-dir", str(dst),
+                               "--quiet", "--parallel", str(n))], self.ck_env, server) for n in self.parallel]
         return rows
 
     def ck(self, *args) -> list[str]:
@@ -760,7 +779,11 @@ class Bench:
             log(f"warning: cannot drop caches ({e}); continuing without --drop-caches")
             self.drop = False
 
-    def measure(self, speed, rep, op, tool, label, stages, env, nbytes, check, dest, network=True) -> dict:
+    def measure(self, speed, rep, op, tool, label, stages, env, nbytes, check, dest, network=True,
+                server=None) -> dict:
+        """`server`: the kind of server a ckptsync row runs against (None for the anchors)."""
+        if server:
+            self.lab.set_server(server)
         os.sync()  # untimed: no dirty pages from the previous copy leak into this one
         if network:
             self.drop_caches()
@@ -777,7 +800,8 @@ class Bench:
             ok, msg = check()
         else:
             msg = f"exit status {res['rc']}: {res['stderr'].strip()[-800:]}"
-        rec = {"speed": speed, "rep": rep, "op": op, "tool": tool, "label": label, "ok": ok,
+        rec = {"speed": speed, "rep": rep, "op": op, "tool": tool, "label": label, "server": server,
+               "sides": self.sides.get(server) if server else None, "ok": ok,
                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "check": msg, "bytes": nbytes, "wire_bytes": wire, "dest": str(dest),
                "relay_cpu_s": round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
@@ -786,7 +810,7 @@ class Bench:
         rec["argv"] = [str(x) for x in rec["argv"]]
         self.records.append(rec)
         rss = f"{rec['rss_kb'] / 1024:.0f}" if rec["rss_kb"] is not None else "?"
-        line = (f"  [{speed} {rep + 1}/{self.a.reps}] {op:<12} {label:<40} {res['wall_s']:8.2f}s "
+        line = (f"  [{speed} {rep + 1}/{self.a.reps}] {op:<12} {shown(label, server):<40} {res['wall_s']:8.2f}s "
                 f"{nbytes / 1e6 / res['wall_s']:8.1f} MB/s  rss {rss:>4} MB  tree {rec['tree_peak_kb'] / 1024:.0f} MB"
                 f"  wire {mb(wire['total'])} MB")
         if rec["relay_cpu_s"] is not None:
@@ -797,7 +821,7 @@ class Bench:
             self.failures += 1
             log(line + "  FAILED")
             log("  " + "!" * 70)
-            log(f"  !!! ROW FAILED: {op} / {label} at {speed}, rep {rep + 1}")
+            log(f"  !!! ROW FAILED: {op} / {shown(label, server)} at {speed}, rep {rep + 1}")
             log(f"  !!! {msg}")
             log(f"  !!! command: {shlex.join(rec['argv'])}")
             log("  " + "!" * 70)
@@ -816,7 +840,10 @@ class Bench:
         ck_bytes = sum(ck_map.values())
         rd = self.work / f"{speed}-rep{rep}"
         self.fresh(rd)
-        complete: dict[str, Path] = {}
+        complete: dict[tuple[str, str | None], Path] = {}   # (label, server) -> a complete copy
+        # which server goes first turns from one repetition to the next, as the full copies do
+        turn = rep % len(self.servers)
+        order_servers = self.servers[turn:] + self.servers[:turn]
         try:
             if "many" in self.ops:
                 self.many_rows(speed, rep, rd)
@@ -824,49 +851,53 @@ class Bench:
                 return
             full = [r for r in self.full_rows(Path("/nonexistent")) if self.selected(r[0])]
             order = full[rep % len(full):] + full[:rep % len(full)] if full else []
-            for tool, label, _stages, _env in order:
-                slug = label.replace(" ", "_").replace("|", "").replace("/", "")
+            for tool, label, _stages, _env, server in order:
+                slug = (label + (f" {server}" if server else "")).replace(" ", "_").replace("|", "").replace("/", "")
                 dst = rd / f"dst-{slug}"
                 self.fresh(dst, create=(tool != "scp"))
-                stages, env = next((r[2], r[3]) for r in self.full_rows(dst) if r[1] == label)
+                stages, env = next((r[2], r[3]) for r in self.full_rows(dst) if r[1] == label and r[4] == server)
                 rec = self.measure(speed, rep, "backup", tool, label, stages, env, total,
-                                   lambda d=dst, t=tool: compare(src_map, d, allow_extra=(t == "ckptsync")), dst)
+                                   lambda d=dst, t=tool: compare(src_map, d, allow_extra=(t == "ckptsync")), dst,
+                                   server=server)
                 if rec["ok"]:
-                    complete[label] = dst
+                    complete[(label, server)] = dst
                 elif tool != "ckptsync":
                     shutil.rmtree(dst, ignore_errors=True)
+            ck_dsts = {s: complete[("ckptsync backup", s)] for s in order_servers
+                       if ("ckptsync backup", s) in complete and self.selected("ckptsync")}
 
             # no-op backups into complete destinations
-            if "noop" in self.ops and self.selected("rsync") and "rsync -a" in complete:
-                dst = complete["rsync -a"]
+            if "noop" in self.ops and self.selected("rsync") and ("rsync -a", None) in complete:
+                dst = complete[("rsync -a", None)]
                 self.measure(speed, rep, "noop", "rsync", "rsync -a (no-op)",
                              [["rsync", "-a", "-e", self.rsh(), f"{ALIAS}:{self.src}/", f"{dst}/"]], None, total,
                              lambda d=dst: compare(src_map, d, allow_extra=False), dst)
-            ck_dst = complete.get("ckptsync backup")
-            if "noop" in self.ops and self.selected("ckptsync") and ck_dst:
-                self.measure(speed, rep, "noop", "ckptsync", "ckptsync backup (no-op)",
-                             [self.ck("backup", "--host", ALIAS, "--remote-dir", str(self.src), "--all",
-                                      "--local-dir", str(ck_dst), "--quiet")], self.ck_env, total,
-                             lambda d=ck_dst: compare(src_map, d, allow_extra=True), ck_dst)
+            for server, ck_dst in ck_dsts.items():
+                if "noop" in self.ops:
+                    self.measure(speed, rep, "noop", "ckptsync", "ckptsync backup (no-op)",
+                                 [self.ck("backup", "--host", ALIAS, "--remote-dir", str(self.src), "--all",
+                                          "--local-dir", str(ck_dst), "--quiet")], self.ck_env, total,
+                                 lambda d=ck_dst: compare(src_map, d, allow_extra=True), ck_dst, server=server)
 
             # restore direction (push back to the server)
-            anchor_dst = complete.get("rsync -a") or next((v for k, v in complete.items()
-                                                           if not k.startswith("ckptsync")), None)
+            anchor_dst = complete.get(("rsync -a", None)) or next((v for (k, s), v in complete.items()
+                                                                   if not k.startswith("ckptsync")), None)
             if "restore-all" in self.ops and self.selected("rsync") and anchor_dst:
                 nd = self.fresh(rd / "srv-restore-all")
                 self.measure(speed, rep, "restore-all", "rsync", "rsync -a push (all)",
                              [["rsync", "-a", "-e", self.rsh(), f"{anchor_dst}/", f"{ALIAS}:{nd}/"]], None, total,
                              lambda d=nd: compare(src_map, d, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
-            for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
-                if not ("restore-all" in self.ops and self.selected("ckptsync") and ck_dst):
-                    break
-                nd = self.fresh(rd / "srv-restore-all-ckptsync")
-                self.measure(speed, rep, "restore-all", "ckptsync", " ".join(["ckptsync restore --all", *extra]),
-                             [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
-                                      str(ck_dst), "--all", *extra)], self.ck_env, total,
-                             lambda d=nd: compare(src_map, d, allow_extra=True), nd)
-                shutil.rmtree(nd, ignore_errors=True)
+            for server, ck_dst in ck_dsts.items():
+                for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
+                    if "restore-all" not in self.ops:
+                        break
+                    nd = self.fresh(rd / "srv-restore-all-ckptsync")
+                    self.measure(speed, rep, "restore-all", "ckptsync", " ".join(["ckptsync restore --all", *extra]),
+                                 [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
+                                          str(ck_dst), "--all", *extra)], self.ck_env, total,
+                                 lambda d=nd: compare(src_map, d, allow_extra=True), nd, server=server)
+                    shutil.rmtree(nd, ignore_errors=True)
             if "restore-ckpt" in self.ops and self.selected("rsync") and anchor_dst:
                 nd = self.fresh(rd / "srv-restore-rsync")
                 self.measure(speed, rep, "restore-ckpt", "rsync", f"rsync -a push {RESTORE_CKPT}",
@@ -874,25 +905,29 @@ class Bench:
                                f"{ALIAS}:{nd}/{RESTORE_CKPT}/"]], None, ck_bytes,
                              lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=False), nd)
                 shutil.rmtree(nd, ignore_errors=True)
-            for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
-                if not ("restore-ckpt" in self.ops and self.selected("ckptsync") and ck_dst):
+            for server, ck_dst in ck_dsts.items():
+                for extra in ([[]] + [["--parallel", str(n)] for n in self.parallel]):
+                    if "restore-ckpt" not in self.ops:
+                        break
+                    nd = self.fresh(rd / "srv-restore-ckptsync")
+                    self.measure(speed, rep, "restore-ckpt", "ckptsync",
+                                 " ".join([f"ckptsync restore {RESTORE_CKPT}", *extra]),
+                                 [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
+                                          str(ck_dst), "--checkpoint", RESTORE_CKPT, *extra)], self.ck_env, ck_bytes,
+                                 lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=True), nd, server=server)
+                    shutil.rmtree(nd, ignore_errors=True)
+            for server, ck_dst in ck_dsts.items():
+                if "verify" not in self.ops:
                     break
-                nd = self.fresh(rd / "srv-restore-ckptsync")
-                self.measure(speed, rep, "restore-ckpt", "ckptsync",
-                             " ".join([f"ckptsync restore {RESTORE_CKPT}", *extra]),
-                             [self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir",
-                                      str(ck_dst), "--checkpoint", RESTORE_CKPT, *extra)], self.ck_env, ck_bytes,
-                             lambda d=nd: compare(ck_map, d / RESTORE_CKPT, allow_extra=True), nd)
-                shutil.rmtree(nd, ignore_errors=True)
-            if "verify" in self.ops and self.selected("ckptsync") and ck_dst:
                 # local verification from a warm page cache: one untimed pass reads the files in
                 subprocess.run(self.ck("verify", "--local-dir", str(ck_dst)), env=self.ck_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
                 self.measure(speed, rep, "verify", "ckptsync", "ckptsync verify",
                              [self.ck("verify", "--local-dir", str(ck_dst))], self.ck_env, total,
-                             lambda: (True, "exit status 0"), ck_dst, network=False)
-            if "bwlimit" in self.ops and self.selected("ckptsync") and ck_dst:
-                self.bwlimit_rows(speed, rep, rd, ck_map, ck_bytes)
+                             lambda: (True, "exit status 0"), ck_dst, network=False, server=server)
+            for server in ck_dsts:
+                if "bwlimit" in self.ops:
+                    self.bwlimit_rows(speed, rep, rd, ck_map, ck_bytes, server)
         finally:
             if not self.a.keep:
                 shutil.rmtree(rd, ignore_errors=True)
@@ -906,18 +941,20 @@ class Bench:
         rows = []
         if self.selected("rsync"):
             rows.append(("rsync", "rsync -a --fsync", lambda d: [["rsync", "-a", "--fsync", "-e", self.rsh(),
-                                                                  f"{ALIAS}:{src}/", f"{d}/"]], None))
-        if self.selected("ckptsync"):
+                                                                  f"{ALIAS}:{src}/", f"{d}/"]], None, None))
+        for server in (self.servers if self.selected("ckptsync") else []):
             rows.append(("ckptsync", "ckptsync backup (many)",
                          lambda d: [self.ck("backup", "--host", ALIAS, "--remote-dir", str(src), "--all",
-                                            "--local-dir", str(d), "--quiet")], self.ck_env))
-        for tool, label, stages, env in (rows if rep % 2 == 0 else rows[::-1]):
+                                            "--local-dir", str(d), "--quiet")], self.ck_env, server))
+        turn = rep % len(rows) if rows else 0
+        for tool, label, stages, env, server in rows[turn:] + rows[:turn]:
             dst = self.fresh(rd / f"many-{tool}")
             self.measure(speed, rep, "many", tool, label, stages(dst), env, total,
-                         lambda d=dst, t=tool: compare(src_map, d, allow_extra=(t == "ckptsync")), dst)
+                         lambda d=dst, t=tool: compare(src_map, d, allow_extra=(t == "ckptsync")), dst, server=server)
             shutil.rmtree(dst, ignore_errors=True)
 
-    def bwlimit_rows(self, speed: str, rep: int, rd: Path, ck_map: dict[str, int], ck_bytes: int) -> None:
+    def bwlimit_rows(self, speed: str, rep: int, rd: Path, ck_map: dict[str, int], ck_bytes: int,
+                     server: str) -> None:
         """--bwlimit at a quarter of the link (or 20 MB/s unshaped), both directions: the rate while data flows
         (veth samples, 5%-95% of the bytes) must be within 5% of the limit, and the wire bytes over the run's
         own seconds (from --json) must not pass it by more than 5%. The run's seconds also hold its fixed
@@ -958,14 +995,16 @@ class Bench:
                      shell(self.ck("backup", "--host", ALIAS, "--remote-dir", str(self.src), "--checkpoint",
                                    RESTORE_CKPT, "--no-extra-files", "--local-dir", str(dst), "--json",
                                    "--quiet", "--bwlimit", str(limit)), out), self.ck_env, ck_bytes,
-                     lambda: check(out, lambda: compare(ck_map, dst / RESTORE_CKPT, allow_extra=True)), dst)
+                     lambda: check(out, lambda: compare(ck_map, dst / RESTORE_CKPT, allow_extra=True)), dst,
+                     server=server)
         nd = self.fresh(rd / "srv-restore-bwlimit")
         out = rd / "bwlimit-restore.json"
         self.measure(speed, rep, "bwlimit", "ckptsync", f"ckptsync restore --bwlimit {limit // 1000}K",
                      shell(self.ck("restore", "--host", ALIAS, "--remote-dir", str(nd), "--local-dir", str(dst),
                                    "--checkpoint", RESTORE_CKPT, "--no-extra-files", "--json", "--quiet",
                                    "--bwlimit", str(limit)), out), self.ck_env, ck_bytes,
-                     lambda: check(out, lambda: compare(ck_map, nd / RESTORE_CKPT, allow_extra=True)), nd)
+                     lambda: check(out, lambda: compare(ck_map, nd / RESTORE_CKPT, allow_extra=True)), nd,
+                     server=server)
         shutil.rmtree(nd, ignore_errors=True)
 
     # summary -----------------------------------------------------------
@@ -973,14 +1012,15 @@ class Bench:
         rows: dict[tuple, list[dict]] = {}
         for r in self.records:
             if r["speed"] == speed:
-                rows.setdefault((r["op"], r["label"]), []).append(r)
+                rows.setdefault((r["op"], r["label"], r.get("server")), []).append(r)
         out = []
-        for (op, label), recs in rows.items():
+        for (op, label, server), recs in rows.items():
             good = [r for r in recs if r["ok"]]
             med = statistics.median(r["wall_s"] for r in good) if good else None
             rss = [r["rss_kb"] for r in good if r["rss_kb"] is not None]
             out.append({
-                "speed": speed, "op": op, "label": label, "tool": recs[0]["tool"],
+                "speed": speed, "op": op, "label": label, "tool": recs[0]["tool"], "server": server,
+                "sides": recs[0].get("sides"),
                 "reps_ok": len(good), "reps": len(recs), "median_s": med,
                 "min_s": min((r["wall_s"] for r in good), default=None),
                 "max_s": max((r["wall_s"] for r in good), default=None),
@@ -991,6 +1031,9 @@ class Bench:
                 "wire_mb": (statistics.median(r["wire_bytes"]["total"] for r in good) / 1e6) if good else None,
                 "wire_mb_down": (statistics.median(r["wire_bytes"]["down"] for r in good) / 1e6) if good else None,
                 "wire_mb_up": (statistics.median(r["wire_bytes"]["up"] for r in good) / 1e6) if good else None,
+                # wire bytes over the bytes the row is meant to move (below 1: compressed or not sent)
+                "wire_ratio": (statistics.median(r["wire_bytes"]["total"] for r in good) / recs[0]["bytes"])
+                if good and recs[0]["bytes"] else None,
             })
         for s in out:
             s["ratio"] = None
@@ -1007,8 +1050,9 @@ class Bench:
                 s["ratio"] = s["median_s"] / best["median_s"]
                 s["ratio_vs"] = best["label"]
         order = {op: i for i, (op, _d) in enumerate(OPS)}
-        out.sort(key=lambda s: (order.get(s["op"], 99), s["tool"] == "ckptsync",
-                                s["median_s"] if s["median_s"] is not None else 1e18))
+        kinds = {k: i for i, k in enumerate(servers.SERVERS)}
+        out.sort(key=lambda s: (order.get(s["op"], 99), s["tool"] == "ckptsync", s["label"] if s["server"] else "",
+                                kinds.get(s["server"], -1), s["median_s"] if s["median_s"] is not None else 1e18))
         return out
 
     def print_table(self, speed: str, summ: list[dict], link: dict) -> None:
@@ -1025,7 +1069,7 @@ class Bench:
             tree = f"{s['peak_tree_mb']:.0f}" if s["peak_tree_mb"] is not None else "-"
             wire = mb(s["wire_mb"] * 1e6) if s["wire_mb"] is not None else "-"
             ratio = f"{s['ratio']:.2f}x vs {s['ratio_vs']}" if s["ratio"] is not None else ""
-            log(f"{s['op']:<13}{s['label']:<42}{s['reps_ok']:>2}/{s['reps']:<2}{med:>10}{mbs:>9}"
+            log(f"{s['op']:<13}{shown(s['label'], s['server']):<42}{s['reps_ok']:>2}/{s['reps']:<2}{med:>10}{mbs:>9}"
                 f"{rss:>8}{tree:>9}{wire:>9}  {ratio}")
 
 
@@ -1040,6 +1084,11 @@ def steady_rate(samples: list[tuple[float, int]]) -> float | None:
     a = next((t, b) for t, b in samples if b - base >= 0.05 * total)
     z = next((t, b) for t, b in samples if b - base >= 0.95 * total)
     return (z[1] - a[1]) / (z[0] - a[0]) if z[0] > a[0] else None
+
+
+def shown(label: str, server: str | None) -> str:
+    """A row's label with the server it ran against (ckptsync rows only)."""
+    return f"{label} [{server}]" if server else label
 
 
 def mb(nbytes: float) -> str:
@@ -1205,6 +1254,10 @@ def parse_args(argv=None):
                         "always run, since the other operations start from their copies")
     p.add_argument("--ck-parallel", default="", metavar="N[,N...]",
                    help="also time ckptsync backup and restore with --parallel N, beside the default rows")
+    p.add_argument("--server", default=servers.DEFAULT, metavar="stock|equipped|both|...",
+                   help="the server's python3 that ckptsync's rows run against, a comma list of: "
+                        + "; ".join(f"{k}: {v}" for k, v in servers.SERVERS.items())
+                        + f"; both = equipped,stock; all = every one (default {servers.DEFAULT})")
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help=f"cache for the generated checkpoints and their venv (default {DEFAULT_DATA})")
     p.add_argument("--fixture", default=str(DEFAULT_FIXTURE), help="path to make_hf_fixture.py")
@@ -1229,6 +1282,10 @@ def parse_args(argv=None):
         a.ck_parallel_list = [int(n) for n in a.ck_parallel.split(",") if n.strip()]
     except ValueError:
         p.error(f"--ck-parallel {a.ck_parallel!r}: expected numbers, e.g. 2,4")
+    try:
+        a.server_list = servers.parse(a.server)
+    except ValueError as e:
+        p.error(f"--server: {e}")
     bado = [o for o in a.op_list if o not in dict(OPS)]
     if bad or badt or bado or a.reps < 1:
         p.error(f"unknown speeds {bad} / tools {badt} / ops {bado}, or --reps < 1")
@@ -1277,6 +1334,8 @@ def main(argv=None) -> int:
                 log(f"ckptsync is not available (`python3 -m ckptsync --help` failed: {why}); skipping its rows")
         out["machine"] = machine_facts(ck_version)
         out["config"] = {"speeds": a.speed_list, "reps": a.reps, "tools": a.tool_list, "ops": a.op_list, "ck_parallel": a.ck_parallel_list,
+                         "servers": {k: {"what": servers.SERVERS[k], "python3": servers.wrapper_text(lab.bin, k)}
+                                     for k in a.server_list},
                          "ckptsync_available": ck_ok,
                          "wire_bytes": "bytes counted on the host end of the veth (/sys/class/net/DEV/statistics "
                                        "rx_bytes + tx_bytes) across each command, both directions, frame "
@@ -1293,6 +1352,16 @@ def main(argv=None) -> int:
         timer = Timer(have_time)
         timer.counter = lambda: sum(lab.veth_bytes())
         bench = Bench(a, lab, src, timer, a.tool_list, ck_ok)
+        if ck_ok:
+            for kind in a.server_list:
+                lab.set_server(kind)
+                doc = servers.doctor(bench.ck(), bench.ck_env, lab.home, ALIAS, str(src))
+                bench.sides[kind] = servers.sides(doc)
+                out["config"]["servers"][kind]["doctor"] = doc
+                log(servers.describe(kind, bench.sides[kind]))
+                wrong = servers.check(kind, bench.sides[kind])
+                if wrong:
+                    log(f"warning: {wrong}")
         if "many" in a.op_list:
             bench.many = ensure_many(data)
             many_map = tree_map(bench.many)
@@ -1326,6 +1395,10 @@ def main(argv=None) -> int:
             summ = bench.summary(speed)
             out.setdefault("summary", {})[speed] = summ
             bench.print_table(speed, summ, link)
+            comp = servers.compare(summ, speed)
+            if comp:
+                out.setdefault("server_comparison", {})[speed] = comp
+                servers.print_comparison(comp, speed, log)
         out["complete"] = True
         if bench.failures:
             log(f"\n{bench.failures} timed command(s) FAILED (see the !!! lines above)")
