@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -587,22 +588,39 @@ def ensure_prereqs() -> bool:
     return True
 
 
+def ensure_venv(venv: Path) -> Path:
+    """A virtualenv with VENV_PACKAGES (the CPU build of torch: never install torch unpinned,
+    which pulls the CUDA wheels); made once, checked by importing them. Returns its python."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        log(f"  creating virtualenv {venv}")
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "-m", "venv", str(venv)])
+    if run([str(py), "-c", "import torch, transformers, peft, accelerate"], check=False).returncode != 0:
+        log(f"  pip install {' '.join(VENV_PACKAGES)}")
+        run([str(py), "-m", "pip", "install", "-q", *VENV_PACKAGES], capture=False)
+    return py
+
+
+def parse_rate(text: str) -> int | None:
+    """A link speed as tc writes it (200mbit, 1gbit, 500kbit) in bit/s; None for unshaped."""
+    if text == "unshaped":
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg])bit", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text}: expected e.g. 200mbit, 1gbit or unshaped")
+    return int(float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)])
+
+
 def ensure_data(data: Path, fixture: Path) -> Path:
     src = data / "output"
     if all((src / c).is_dir() for c in CHECKPOINTS):
         return src
     data.mkdir(parents=True, exist_ok=True)
-    venv = data / "venv"
-    py = venv / "bin" / "python"
     if not fixture.exists():
         raise SystemExit(f"fixture script not found: {fixture} (use --fixture PATH)")
     log(f"generating benchmark checkpoints in {src} (one time, a few minutes)")
-    if not py.exists():
-        log(f"  creating virtualenv {venv}")
-        run([sys.executable, "-m", "venv", str(venv)])
-    if run([str(py), "-c", "import torch, transformers, peft, accelerate"], check=False).returncode != 0:
-        log(f"  pip install {' '.join(VENV_PACKAGES)}")
-        run([str(py), "-m", "pip", "install", "-q", *VENV_PACKAGES], capture=False)
+    py = ensure_venv(data / "venv")
     partial = data / "output.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [str(py), str(fixture), str(partial), *FIXTURE_ARGS]

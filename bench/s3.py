@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import run as lab_mod  # noqa: E402  (bench/run.py: the lab, the timer and the tree checks)
 from run import (ALIAS, DEFAULT_DATA, DEFAULT_FIXTURE, REPO, RESTORE_CKPT, RESULTS_DIR, Bench,  # noqa: E402
                  Lab, Timer, ck_pythonpath, ckptsync_probe, compare, end_on_signals, ensure_data, ensure_prereqs, link_check,
-                 log, machine_facts, stop_process, subtree, tree_map)
+                 log, machine_facts, parse_rate, stop_process, subtree, tree_map)
 
 # A subnet other than run.py's, so that the two do not refuse each other (they still share the CPU).
 NET = "10.231.78"
@@ -54,15 +54,6 @@ procs = [subprocess.Popen(base + (["-T", path] if method == "PUT" else []) + [u]
 codes = [p.communicate()[0].strip() for p in procs]
 print(time.monotonic() - t0, " ".join(codes))
 """
-
-
-def parse_rate(text: str) -> int | None:
-    if text == "unshaped":
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg])bit", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text}: expected e.g. 200mbit, 1gbit or unshaped")
-    return int(float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)])
 
 
 def find_weed(given: str | None) -> str | None:
