@@ -122,6 +122,8 @@ class Backup:
         self.rep = rep
         self.command = command
         self.record_idle = True   # record a run that did nothing in status.json (a watch's cycles mostly do not)
+        self.record_each_commit = False   # status.json after every commit, not only at the end (a watch)
+        self.on_commit: Callable[[str], None] = lambda name: None   # told of each checkpoint as it is committed
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
@@ -363,6 +365,9 @@ class Backup:
         self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
         self._commit(m, f"moving {m.name} into place")
         self.result.fetched.append(m.name)
+        if self.record_each_commit:
+            _record(self, self.result.exit_code, "", final=False)
+        self.on_commit(m.name)
 
     def _note_deleted(self, view: ServerView, committed: dict[str, dict[str, FileStat]]) -> None:
         """Say which checkpoints just committed the server has deleted since (a rotation)."""
@@ -667,7 +672,8 @@ def _not_fetched_text(kept: int, placed: int) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _record(job: Backup, code: int, error: str) -> None:
+def _record(job: Backup, code: int, error: str, final: bool = True) -> None:
+    """status.json for this run; `final`: the run's end, which may also send a notification."""
     if not job.store.root.exists():
         return  # a run that never got to write leaves no trace (it may have been refused for space)
     r = job.result
@@ -684,6 +690,6 @@ def _record(job: Backup, code: int, error: str) -> None:
     except OSError as exc:
         r.warnings.append(f"could not record this run in {job.store.meta}: {exc.strerror or exc} "
                           "(list, cron show and checklist will not see it)")
-    sent = notify.after_run(status)
+    sent = notify.after_run(status) if final else ""
     if sent:
         job.rep.info(sent)

@@ -329,6 +329,14 @@ def dated_ahead(mtimes: Iterable[float], now: float) -> tuple[int, float]:
     return len(ahead), max(ahead, default=0.0)
 
 
+def checkpoint_of(path: str) -> str | None:
+    """The checkpoint a path under remote_dir belongs to by its name (`checkpoint-50/x.bin` ->
+    checkpoint-50), or None. Pure."""
+    parts = [p for p in path.split("/") if p]
+    found = (_owner(parts, True) or (_owner(parts, False) if len(parts) == 1 else None)) if parts else None
+    return found[0] if found else None
+
+
 def _owner(parts: list[str], in_dir: bool) -> tuple[str, str, str] | None:
     """(name, layout, kind) of the checkpoint a path belongs to by its top-level name (`in_dir`:
     a path inside a directory, so only the directory layouts), or None."""

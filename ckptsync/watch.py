@@ -22,10 +22,10 @@ from ckptsync.backup import Backup, BackupOptions, BackupResult, run_job
 from ckptsync.commit import DELETED_AFTER_COPY
 from ckptsync.config import Target
 from ckptsync.errors import (
-    CkptsyncError, ConnectError, HostKeyError, Interrupted, LoginRefused, OK,
+    PARTIAL, CkptsyncError, ConnectError, HostKeyError, Interrupted, LoginRefused, OK,
 )
 from ckptsync.hold import Candidate, plan, source_of
-from ckptsync.layout import Checkpoint
+from ckptsync.layout import Checkpoint, checkpoint_of
 from ckptsync.policy import HOLD_MAX, rate, span
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server
@@ -121,6 +121,8 @@ class Watch:
         self.cycles = 0
         self.left_out: set[str] = set()     # complete but older than what the first cycle took: named once
         self.pending: dict[str, Checkpoint] = {}   # seen complete, not backed up yet
+        self.appeared: set[str] = set()     # checkpoints changed on the server since they were last listed
+        self.emitted: set[str] = set()      # committed events sent in this cycle
         self.held: set[str] = set()         # what this watch holds on the server
         self.unheld: dict[str, str] = {}    # pending and not held: why
         self.said: set = set()              # warnings and failures already told
@@ -233,6 +235,7 @@ class Watch:
         something is still to back up, or the processes say training has just stopped or resumed."""
         assert self.server is not None
         changes = self.server.wait(self.target.remote_dir, self.opts.interval, self.opts.interval)
+        self.appeared.update(n for n in map(checkpoint_of, changes.changed) if n)
         if changes.how and changes.how != self.how:
             self.how, self.why = changes.how, changes.why
             self.rep.info(f"now {self.watching_how()}")
@@ -259,6 +262,7 @@ class Watch:
         assert self.server is not None
         server = self.server
         view = self.scan(server)
+        listed_at = self.clock()
         self.cycles += 1
         manifests = self.store.manifests() if self.store.meta.is_dir() else {}
         stored = set(manifests)
@@ -271,6 +275,9 @@ class Watch:
         job = Backup(self.target, opts, self.rep, look_for_runs=False, channels=self.channels,
                      scan=self.rescan(view), command="watch")
         job.record_idle = self.cycles == 1 or not self.last_ok
+        job.record_each_commit = True
+        self.emitted = set()
+        job.on_commit = lambda name: self.committed(name, view, listed_at)
         job.warn_unsaved = self.cycles == 1   # what the first cycle leaves out is named once
         try:
             result = run_job(job, server)
@@ -319,9 +326,17 @@ class Watch:
             why = self.unheld.pop(name, "" if self.opts.hold else "not held (--no-hold)")
             del self.pending[name]
             self.held.discard(name)
-            self.result.lost.append(name)
-            self.emit("lost", f"{name} was deleted on the server before it was backed up"
-                              + (f" ({why})" if why else ""), name, reason=why)
+            self.lose(name, why)
+        # Saved and deleted between two listings (a rotation while a longer copy ran): never listed.
+        for name in sorted(self.appeared - present):
+            if name not in stored and name not in self.left_out and name not in self.result.lost:
+                self.lose(name, "saved and deleted on the server between two listings, while a copy ran")
+        self.appeared &= present
+
+    def lose(self, name: str, why: str) -> None:
+        self.result.lost.append(name)
+        self.emit("lost", f"{name} was deleted on the server before it was backed up"
+                          + (f" ({why})" if why else ""), name, reason=why)
 
     def hold(self, server: Server, view: ServerView, stored: set[str]) -> ServerView:
         """Hold the newest pending checkpoints (hold.plan's limits); release what no longer needs it."""
@@ -364,22 +379,13 @@ class Watch:
 
     def after(self, server: Server, view: ServerView, r: BackupResult) -> None:
         """Events for what the cycle did; holds of what it committed are released."""
-        saved = {c.name: c.mtime for c in view.checkpoints}
         for w in r.warnings:
             if w not in self.said:
                 self.said.add(w)
                 self.emit("warning", w)
         for name in r.fetched:
-            if name == EXTRA:
-                continue
-            m = self.store.load(name)
-            ago = view.now - saved[name] if name in saved else None
-            self.result.committed.append(name)
-            self.pending.pop(name, None)
-            self.last_commit, self.last_commit_at = name, self.clock()
-            self.emit("committed", f"backed up {name}" + (f", saved {span(ago)} ago" if ago is not None else ""),
-                      name, size=m.size if m else 0, saved_seconds_ago=round(ago, 1) if ago is not None else None,
-                      held=name in self.held)
+            if name != EXTRA and name not in self.emitted:
+                self.committed(name, view, None)
         for name in r.deleted_on_server:
             held = name in view.gone or name in self.held
             self.emit("deleted_on_server", f"{name}: " + (
@@ -395,6 +401,24 @@ class Watch:
         if taken:
             self.held -= set(server.release(view.root, sorted(taken)))
 
+    def committed(self, name: str, view: ServerView, listed_at: float | None) -> None:
+        """A checkpoint is committed: said at once, with how long ago its save ended (by the
+        server's clock at the listing, plus the time since)."""
+        if name == EXTRA or name in self.emitted:
+            return
+        self.emitted.add(name)
+        m = self.store.load(name)
+        saved = next((c.mtime for c in view.checkpoints if c.name == name), None)
+        since = self.clock() - listed_at if listed_at is not None else 0.0
+        ago = view.now - saved + max(since, 0.0) if saved is not None else None
+        self.result.committed.append(name)
+        self.pending.pop(name, None)
+        self.appeared.discard(name)
+        self.last_commit, self.last_commit_at = name, self.clock()
+        self.emit("committed", f"backed up {name}" + (f", saved {span(ago)} ago" if ago is not None else ""),
+                  name, size=m.size if m else 0, saved_seconds_ago=round(ago, 1) if ago is not None else None,
+                  held=name in self.held)
+
     # -------------------------------------------------- end of training
 
     def finish(self, view: ServerView) -> None:
@@ -409,17 +433,20 @@ class Watch:
 
         checks = run_checklist(self.target, rep=self.rep)
         unsaved = [c.name for c in view.checkpoints if c.complete and self.store.load(c.name) is None]
+        lost = sorted(set(self.result.lost))
         newest = max((f.mtime_ns for f in view.exact.values()), default=0) / 1e9
         assert self.server is not None
         at = time.strftime("%H:%M", time.localtime(newest - self.server.hello.offset)) if newest else "?"
-        saved = "every checkpoint is backed up" if not unsaved else f"not backed up: {', '.join(unsaved)}"
+        saved = ("every checkpoint is backed up" if not unsaved else f"not backed up: {', '.join(unsaved)}") + (
+            f"; lost (deleted on the server before they were backed up): {', '.join(lost)}" if lost else "")
         failed = [c for c in checks.checks if not c.ok]
         verdict_text = "SAFE" if checks.safe else "NOT SAFE (" + "; ".join(f"{c.name}: {c.detail}" for c in failed) + ")"
         self.finished_said = self.result.finished = True
         self.result.safe = checks.safe
-        self.result.exit_code = checks.exit_code
+        # Checkpoints lost along the way make the watch's result partial, whatever the server holds now.
+        self.result.exit_code = max(checks.exit_code, PARTIAL if lost else OK)
         self.emit("finished", f"training finished at {at}; {saved}; checklist: {verdict_text}",
-                  finished_at=at, not_backed_up=unsaved, safe=checks.safe)
+                  finished_at=at, not_backed_up=unsaved, lost=lost, safe=checks.safe)
 
     # -------------------------------------------------- stopping
 

@@ -188,6 +188,55 @@ def test_hold_max_reached_names_the_oldest_pending_as_lost(tmp_path):
         w.close()
 
 
+def test_a_checkpoint_saved_and_rotated_away_during_a_long_copy_is_named_as_lost(tmp_path):
+    w = World(tmp_path, hold_max=1)
+    try:
+        w.watch.start()
+        w.trainer.save(10)
+        w.watch.cycle()
+        w.trainer.save(20)
+
+        def long_copy(args: dict) -> None:   # while checkpoint-20 is copied, four more saves: 30 comes and goes
+            if any(m.startswith("checkpoint-20/") for _src, m in args["pairs"]):
+                w.trainer.save(30, 40, 50, 60)
+
+        w.hooks.on_before("send", long_copy, times=1)
+        w.watch.cycle()
+        assert not (w.run / "checkpoint-30").exists() and "checkpoint-30" not in w.committed()
+        w.watch.wait()                       # the files of checkpoint-30 came and went under remote_dir
+        w.watch.cycle()
+        lost = {e.checkpoint: e for e in w.said("lost")}
+        assert "checkpoint-30" in lost, [e.message for e in w.events]
+        assert lost["checkpoint-30"].data["reason"] == "saved and deleted on the server between two listings, while a copy ran"
+        w.trainer.stop()
+        w.watch.cycle()
+        [finished] = w.said("finished")
+        assert "checkpoint-30" in finished.data["lost"] and "every checkpoint is backed up" in finished.message
+        assert "lost (deleted on the server before they were backed up): " in finished.message
+        assert w.watch.result.exit_code == 3    # SAFE now, but not every checkpoint made it
+    finally:
+        w.close()
+
+
+def test_each_commit_is_said_and_recorded_at_once(world):
+    w = world
+    at_event = []
+
+    def seen(e: Event) -> None:
+        w.events.append(e)
+        if e.event == "committed":
+            status = json.loads((w.dest / ".ckptsync" / "status.json").read_text())
+            at_event.append((e.checkpoint, sorted(p.name for p in w.dest.glob("checkpoint-*")), status["fetched"]))
+
+    w.watch.on_event = seen
+    w.watch.start()
+    w.trainer.save(10, 20)
+    w.watch.cycle()
+    # the newest first; when its event is sent, status.json already names it and the older is not in yet
+    assert at_event[0] == ("checkpoint-20", ["checkpoint-20"], ["checkpoint-20"])
+    assert at_event[1] == ("checkpoint-10", ["checkpoint-10", "checkpoint-20"], ["checkpoint-20", "checkpoint-10"])
+
+
 def test_a_link_cut_mid_file_is_one_outage_and_the_file_resumes(tmp_path):
     w = World(tmp_path, shard_bytes=24 << 20, compress="off")
     try:
