@@ -340,8 +340,7 @@ class CronResult(Result):
 
 def default_log_file(backup_dir: Path | str) -> Path:
     if is_store_url(str(backup_dir)):  # a bucket holds no log: it stays on this machine
-        state = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser()
-        return state / "ckptsync" / str(backup_dir)[len("s3://"):] / "cron.log"
+        return osdeps.state_home() / "ckptsync" / str(backup_dir)[len("s3://"):] / "cron.log"
     return Path(backup_dir) / ".ckptsync" / "cron.log"
 
 

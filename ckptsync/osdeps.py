@@ -60,9 +60,42 @@ def passwd_home() -> str | None:
         return None
 
 
+def state_home() -> Path:
+    """Where this user's programs keep state between runs ($XDG_STATE_HOME, else ~/.local/state)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser()
+
+
 def ssh_home() -> str:
     """Where ssh finds ~: the passwd entry's home, else the usual home (%USERPROFILE% on Windows)."""
     return passwd_home() or os.path.expanduser("~")
+
+
+# -------------------------------------------------- the CPU
+
+
+def cpu_has_aes(proc: str | None = None) -> bool:
+    """Whether this machine's CPU has AES instructions (AES-GCM then runs at several GB/s).
+    Linux: /proc/cpuinfo ($CKPTSYNC_PROC, or `proc`, replaces /proc); macOS: the CPU's feature
+    list (every Apple arm64 has AES); Windows: x86_64 and arm64 CPUs have had it for a decade.
+    False where it cannot be told."""
+    import platform
+
+    machine = platform.machine().lower()
+    if sys.platform.startswith("linux"):
+        from ckptsync.agent.probe import cpu_aes
+
+        return bool(cpu_aes(os.path.join(proc or os.environ.get(PROC_ENV) or "/proc", "cpuinfo")))
+    if sys.platform == "darwin":
+        if machine == "arm64":
+            return True
+        try:
+            found = subprocess.run(["sysctl", "-n", "machdep.cpu.features"], capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return "AES" in found.stdout.decode("ascii", "replace").upper().split()
+    if os.name == "nt":
+        return machine in ("amd64", "x86_64", "arm64", "aarch64")
+    return False
 
 
 # -------------------------------------------------- private runtime files

@@ -13,7 +13,7 @@ from ckptsync.agent.hashing import hash_names
 from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
-from ckptsync.agent.probe import op_probe
+from ckptsync.agent.probe import cpu_aes, op_probe
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
 from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
@@ -40,6 +40,8 @@ def op_hello(_req):
         "managed": os.path.isfile(os.path.join(sysconfig.get_path("stdlib") or "", "EXTERNALLY-MANAGED")),
         "apt": shutil.which("apt-get") is not None,
         "root": getattr(os, "geteuid", lambda: -1)() == 0,
+        # The client offers AES-GCM first from the next connection on where this is true.
+        "aes": cpu_aes(),
     }
 
 

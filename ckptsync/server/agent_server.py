@@ -46,7 +46,8 @@ class AgentServer(Server):
                                hostname=str(h.get("hostname", "")), home=str(h.get("home", "")),
                                now=now, lzma=bool(h.get("lzma", True)), offset=now - arrived if now else 0.0,
                                pid=int(h.get("pid", 0)), managed=bool(h.get("managed")), apt=bool(h.get("apt")),
-                               root=bool(h.get("root")))
+                               root=bool(h.get("root")), aes=None if h.get("aes") is None else bool(h.get("aes")))
+        self.remote.transport.server_cpu(aes=self.hello.aes)
 
     def close(self, polite: bool = True) -> None:
         self.remote.close(polite=polite)

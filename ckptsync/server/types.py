@@ -121,6 +121,7 @@ class Hello:
     managed: bool = False            # its python3 is the distribution's: pip refuses to install (PEP 668)
     apt: bool = False                # apt-get is there
     root: bool = False               # the agent runs as root
+    aes: bool | None = None          # its CPU has AES instructions; None: it did not say
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import socket
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from ckptsync.errors import ConfigError, HostKeyError
 
@@ -45,6 +45,23 @@ class SshTarget:
     host_key_policy: str = "strict"   # strict | accept-new
     ssh_config: str = "~/.ssh/config"
     extra_known_hosts: list[str] = field(default_factory=list)
+
+
+# Where both CPUs have AES instructions, one ssh stream (CPU-bound) moves 1.3 to 1.7 times the
+# bytes with AES-GCM as with OpenSSH's default, chacha20-poly1305. chacha20 stays in the list:
+# a server without AES still agrees on it.
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def cipher_order(supported: Iterable[str], client_aes: bool, server_aes: bool | None) -> list[str]:
+    """The ciphers to offer, best first, of those the SSH client `supported`; [] to leave its own
+    order (this CPU or the server's, when known, lacks AES, or the client has no AES-GCM). Pure."""
+    if not client_aes or server_aes is False:
+        return []
+    known = set(supported)
+    order = [c for c in FAST_CIPHERS if c in known]
+    return order if order and order[0].endswith("-gcm@openssh.com") else []
 
 
 CONNECT_TIMEOUT = 15.0
@@ -158,6 +175,9 @@ class Transport(ABC):
 
     def close(self) -> None:
         pass
+
+    def server_cpu(self, aes: bool | None) -> None:
+        """What the agent said of the server's CPU (None: it did not say), for the next connection."""
 
 
 class StderrTail:

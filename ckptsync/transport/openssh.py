@@ -8,7 +8,9 @@ the same host-key policy, BatchMode and forwarding rules as the target.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import os
 import re
@@ -20,8 +22,8 @@ from dataclasses import dataclass, field
 from ckptsync import osdeps
 from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
-    SHELL_LAUNCH, Process, SshTarget, Transport, connect_timeout, unknown_alias_hint, unknown_host_key,
-    unresolved,
+    SHELL_LAUNCH, Process, SshTarget, Transport, cipher_order, connect_timeout, unknown_alias_hint,
+    unknown_host_key, unresolved,
 )
 from ckptsync.transport.local import Subprocess
 
@@ -67,8 +69,57 @@ def _quote(path: str) -> str:
     return '"' + path + '"'
 
 
-def config_text(target: SshTarget) -> str:
-    """The ssh config every ssh of this target reads."""
+@functools.lru_cache(maxsize=None)
+def supported_ciphers(ssh: str) -> tuple[str, ...]:
+    """The ciphers this ssh knows (ssh -Q cipher); () when it cannot say."""
+    try:
+        res = subprocess.run([ssh, "-Q", "cipher"], capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return tuple(res.stdout.decode("ascii", "replace").split()) if res.returncode == 0 else ()
+
+
+def servers_file() -> str:
+    """What ckptsync learned of each server's CPU, by the host (and port) it was given."""
+    return os.path.join(osdeps.state_home(), "ckptsync", "servers.json")
+
+
+def _servers() -> dict:
+    try:
+        with open(servers_file(), encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def server_key(target: SshTarget) -> str:
+    return f"{target.host}:{target.port}" if target.port else target.host
+
+
+def remembered_aes(target: SshTarget) -> bool | None:
+    entry = _servers().get(server_key(target))
+    aes = entry.get("aes") if isinstance(entry, dict) else None
+    return aes if isinstance(aes, bool) else None
+
+
+def remember_aes(target: SshTarget, aes: bool) -> None:
+    """Kept for the next connection; a file that cannot be written only costs that choice."""
+    servers = _servers()
+    key = server_key(target)
+    if servers.get(key) == {"aes": aes}:
+        return
+    servers[key] = {"aes": aes}
+    try:
+        os.makedirs(os.path.dirname(servers_file()), exist_ok=True)
+        _write_once(servers_file(), json.dumps(servers, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+def config_text(target: SshTarget, ciphers: list[str] | tuple[str, ...] = ()) -> str:
+    """The ssh config every ssh of this target reads. `ciphers`, best first, come after the user's
+    and the system's config: a Ciphers line there wins (OpenSSH takes the first value it reads)."""
     strict = "accept-new" if target.host_key_policy == "accept-new" else "yes"
     lines = [
         "Host *",
@@ -90,6 +141,8 @@ def config_text(target: SshTarget) -> str:
     if os.path.exists(SYSTEM_CONFIG):
         lines += ["Match all", f"Include {SYSTEM_CONFIG}"]
     lines += ["Match all", f"    ConnectTimeout {max(1, math.ceil(connect_timeout()))}", "    ServerAliveInterval 30"]
+    if ciphers:
+        lines.append(f"    Ciphers {','.join(ciphers)}")
     if _home_is_fake():
         home = os.path.expanduser("~/.ssh")
         lines.append(f"    UserKnownHostsFile {_quote(home + '/known_hosts')} {_quote(home + '/known_hosts2')}")
@@ -148,7 +201,8 @@ class OpenSshTransport(Transport):
         if self._argv is None:
             t = self.target
             where = control_dir()
-            text = config_text(t)
+            ciphers = cipher_order(supported_ciphers(self.ssh), osdeps.cpu_has_aes(), remembered_aes(t))
+            text = config_text(t, ciphers)
             key = hashlib.sha1(text.encode()).hexdigest()[:8]
             config = os.path.join(where, f"config-{key}")
             _write_once(config, text)
@@ -231,6 +285,10 @@ class OpenSshTransport(Transport):
             except (OSError, subprocess.TimeoutExpired):
                 pass
         return explain(stderr, s)
+
+    def server_cpu(self, aes: bool | None) -> None:
+        if aes is not None:
+            remember_aes(self.target, aes)
 
     def stop_master(self) -> None:
         """End the shared connection now instead of after ControlPersist."""
