@@ -437,7 +437,8 @@ class Watch:
         newest = max((f.mtime_ns for f in view.exact.values()), default=0) / 1e9
         assert self.server is not None
         at = time.strftime("%H:%M", time.localtime(newest - self.server.hello.offset)) if newest else "?"
-        saved = ("every checkpoint is backed up" if not unsaved else f"not backed up: {', '.join(unsaved)}") + (
+        every = "every checkpoint on the server is backed up" if lost else "every checkpoint is backed up"
+        saved = (every if not unsaved else f"not backed up: {', '.join(unsaved)}") + (
             f"; lost (deleted on the server before they were backed up): {', '.join(lost)}" if lost else "")
         failed = [c for c in checks.checks if not c.ok]
         verdict_text = "SAFE" if checks.safe else "NOT SAFE (" + "; ".join(f"{c.name}: {c.detail}" for c in failed) + ")"

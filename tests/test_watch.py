@@ -211,7 +211,7 @@ def test_a_checkpoint_saved_and_rotated_away_during_a_long_copy_is_named_as_lost
         w.trainer.stop()
         w.watch.cycle()
         [finished] = w.said("finished")
-        assert "checkpoint-30" in finished.data["lost"] and "every checkpoint is backed up" in finished.message
+        assert "checkpoint-30" in finished.data["lost"] and "every checkpoint on the server is backed up" in finished.message
         assert "lost (deleted on the server before they were backed up): " in finished.message
         assert w.watch.result.exit_code == 3    # SAFE now, but not every checkpoint made it
     finally:
