@@ -124,6 +124,7 @@ class Backup:
         self.record_idle = True   # record a run that did nothing in status.json (a watch's cycles mostly do not)
         self.record_each_commit = False   # status.json after every commit, not only at the end (a watch)
         self.on_commit: Callable[[str], None] = lambda name: None   # told of each checkpoint as it is committed
+        self.between: Callable[[], None] = lambda: None   # run between two transfers (a watch holds what is new)
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
@@ -220,6 +221,7 @@ class Backup:
                 self._fetch_extras(view)
             elif item.name in batch_of:
                 self._fetch(view, [by_name[n] for n in batch_of[item.name]])
+                self.between()
 
     def _check_found(self, view: ServerView) -> None:
         """No checkpoint in remote_dir, and none ever backed up from it: a wrong remote_dir (exit 10,

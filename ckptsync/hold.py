@@ -84,15 +84,20 @@ class HoldPlan:
 
 
 def plan(pending: list[Candidate], free: int, total: int, newest_size: int, hold_max: int = HOLD_MAX) -> HoldPlan:
-    """Which checkpoints to hold and release, `pending` newest first: at most hold_max, the newest,
-    while the space the holds will keep once the trainer deletes the originals leaves
+    """Which checkpoints to hold and release, `pending` newest first: at most hold_max, those whose
+    only copy is a hold first, then the newest, while the space the holds will keep once the trainer deletes the originals leaves
     max(10 % of the filesystem, twice the newest checkpoint) free. Pure."""
     out = HoldPlan(reserve=int(max(total * FREE_SHARE, 2 * newest_size)))
     # Free space once every held original is deleted: a held file of which the trainer still has
     # its own link costs nothing yet, and all of its size then.
     future = free - sum(c.size for c in pending if c.held and not c.gone)
-    wanted = pending[:max(hold_max, 0)]
-    for c in pending[len(wanted):]:
+    # A hold the trainer has deleted the original of is the only copy: it stays (counted against
+    # hold_max); the newest of the others take the places left.
+    only_copy = [c for c in pending if c.held and c.gone]
+    others = [c for c in pending if not (c.held and c.gone)]
+    chosen = {c.name for c in only_copy + others[:max(hold_max - len(only_copy), 0)]}
+    wanted = [c for c in pending if c.name in chosen]
+    for c in [c for c in pending if c.name not in chosen]:
         out.unheld[c.name] = f"hold_max ({hold_max}) reached: the newer ones are held"
         if c.held:
             out.release.append(c.name)

@@ -123,6 +123,7 @@ class Watch:
         self.pending: dict[str, Checkpoint] = {}   # seen complete, not backed up yet
         self.appeared: set[str] = set()     # checkpoints changed on the server since they were last listed
         self.emitted: set[str] = set()      # committed events sent in this cycle
+        self.held_then: set[str] = set()    # of those, the ones held when committed
         self.held: set[str] = set()         # what this watch holds on the server
         self.unheld: dict[str, str] = {}    # pending and not held: why
         self.said: set = set()              # warnings and failures already told
@@ -276,8 +277,9 @@ class Watch:
                      scan=self.rescan(view), command="watch")
         job.record_idle = self.cycles == 1 or not self.last_ok
         job.record_each_commit = True
-        self.emitted = set()
+        self.emitted, self.held_then = set(), set()
         job.on_commit = lambda name: self.committed(name, view, listed_at)
+        job.between = lambda: self.hold_new(server)
         job.warn_unsaved = self.cycles == 1   # what the first cycle leaves out is named once
         try:
             result = run_job(job, server)
@@ -377,6 +379,18 @@ class Watch:
                       checkpoints=sorted(made.held))
         return with_holds(view, made.held)
 
+    def hold_new(self, server: Server) -> None:
+        """Between two transfers of a long cycle: hold what became complete since the listing, so
+        that a rotation during the rest of the copy cannot take it; what was committed is released."""
+        if not self.opts.hold or self.stopping:
+            return
+        view = self.scan(server)
+        stored = set(self.store.manifests())
+        for c in view.checkpoints:
+            if c.complete and c.name not in stored and c.name not in self.left_out:
+                self.pending.setdefault(c.name, c)
+        self.hold(server, view, stored)
+
     def after(self, server: Server, view: ServerView, r: BackupResult) -> None:
         """Events for what the cycle did; holds of what it committed are released."""
         for w in r.warnings:
@@ -387,7 +401,7 @@ class Watch:
             if name != EXTRA and name not in self.emitted:
                 self.committed(name, view, None)
         for name in r.deleted_on_server:
-            held = name in view.gone or name in self.held
+            held = name in view.gone or name in self.held or name in self.held_then
             self.emit("deleted_on_server", f"{name}: " + (
                 "deleted on the server before it was copied; the hold kept it: the backup is now the only copy"
                 if held else DELETED_AFTER_COPY), name, held=held)
@@ -407,6 +421,8 @@ class Watch:
         if name == EXTRA or name in self.emitted:
             return
         self.emitted.add(name)
+        if name in self.held:
+            self.held_then.add(name)
         m = self.store.load(name)
         saved = next((c.mtime for c in view.checkpoints if c.name == name), None)
         since = self.clock() - listed_at if listed_at is not None else 0.0

@@ -138,16 +138,16 @@ def test_the_hold_keeps_a_checkpoint_rotated_away_before_it_was_copied(world):
     w.hooks.on_before("send", slow_link)
     w.watch.cycle()
     assert rotated and not w.trainer.checkpoint(20).exists()   # rotated before a byte of it was read
-    assert w.said("held")[-1].data["checkpoints"] == ["checkpoint-20"]
+    assert ["checkpoint-20"] in [e.data["checkpoints"] for e in w.said("held")]
     assert "checkpoint-20" in w.committed()
     assert tree_digest(w.dest / "checkpoint-20") == saved
     deleted = w.said("deleted_on_server")
     assert [e.checkpoint for e in deleted] == ["checkpoint-20"] and deleted[0].data["held"]
     assert "the hold kept it" in deleted[0].message
-    assert not (w.run / HOLD).exists()
     w.watch.cycle()
     assert w.committed() == ["checkpoint-10", "checkpoint-20", "checkpoint-50", "checkpoint-40", "checkpoint-30"]
     assert not w.said("lost")
+    assert not (w.run / HOLD).exists()   # each hold released once its checkpoint was committed
 
 
 def test_without_the_hold_the_rotated_checkpoint_is_named_as_lost(tmp_path):
@@ -177,7 +177,7 @@ def test_hold_max_reached_names_the_oldest_pending_as_lost(tmp_path):
         w.trainer.save(20, 30, 40)      # three saves before the next cycle: one more than hold_max
         w.hooks.on_before("send", lambda args: w.trainer.save(50, 60), times=1)
         w.watch.cycle()
-        assert w.said("held")[-1].data["checkpoints"] == ["checkpoint-30", "checkpoint-40"]
+        assert ["checkpoint-30", "checkpoint-40"] in [e.data["checkpoints"] for e in w.said("held")]
         assert {"checkpoint-30", "checkpoint-40"} <= set(w.committed())
         w.watch.cycle()
         lost = w.said("lost")
@@ -216,6 +216,32 @@ def test_a_checkpoint_saved_and_rotated_away_during_a_long_copy_is_named_as_lost
         assert w.watch.result.exit_code == 3    # SAFE now, but not every checkpoint made it
     finally:
         w.close()
+
+
+def test_a_checkpoint_saved_during_a_long_cycle_is_held_before_the_next_transfer(world, monkeypatch):
+    monkeypatch.setattr("ckptsync.backup.batches", lambda fetches: [[name] for name, _size in fetches])
+    w = world
+    w.watch.start()
+    w.trainer.save(10)
+    w.watch.cycle()
+    w.trainer.save(20, 30)
+    saved = {}
+
+    def during(args: dict) -> None:
+        members = {m.split("/")[0] for _src, m in args["pairs"]}
+        if members == {"checkpoint-30"}:        # the first transfer of the cycle (the newest first)
+            w.trainer.save(40)
+            saved[40] = tree_digest(w.trainer.checkpoint(40))
+        elif members == {"checkpoint-20"}:      # the second: by now checkpoint-40 is held
+            w.trainer.save(50, 60, 70)          # and the rotation deletes it
+
+    w.hooks.on_before("send", during)
+    w.watch.cycle()
+    assert not w.trainer.checkpoint(40).exists()
+    assert any("checkpoint-40" in e.data["checkpoints"] for e in w.said("held"))
+    w.watch.cycle()
+    assert "checkpoint-40" in w.committed() and not w.said("lost")
+    assert tree_digest(w.dest / "checkpoint-40") == saved[40]
 
 
 def test_each_commit_is_said_and_recorded_at_once(world):
@@ -401,3 +427,25 @@ def test_without_inotify_the_agent_compares_walks(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-1" / "a.bin").unlink()
     assert watching.op_wait({"root": str(tmp_path), "timeout": 5}, watchers)["changed"] == [
         "checkpoint-1", "checkpoint-1/a.bin"]   # the directory's mtime moves with it
+
+
+GB = 1 << 30
+
+
+@pytest.mark.parametrize("pending, hold_max, free, make, release, unheld", [
+    # the newest, up to hold_max
+    ([("c50", False, False), ("c40", False, False), ("c30", False, False)], 2, 100 * GB, ["c50", "c40"], [], ["c30"]),
+    # a hold whose original the trainer deleted is the only copy: never given up for newer ones
+    ([("c70", False, False), ("c60", False, False), ("c40", True, True)], 2, 100 * GB, ["c70"], [], ["c60"]),
+    ([("c70", False, False), ("c40", True, True), ("c30", True, True)], 2, 100 * GB, [], [], ["c70"]),
+    # a hold the trainer still has costs nothing yet: given up for a newer one past hold_max
+    ([("c70", False, False), ("c60", False, False), ("c40", True, False)], 2, 100 * GB, ["c70", "c60"], ["c40"], ["c40"]),
+    # the disk: the oldest give way first, only copies included
+    ([("c70", False, False), ("c40", True, True)], 3, 9 * GB, [], ["c40"], ["c40", "c70"]),
+    ([("c70", False, False), ("c40", True, True)], 3, 11 * GB, ["c70"], [], []),
+])
+def test_the_hold_plan(pending, hold_max, free, make, release, unheld):
+    from ckptsync.hold import Candidate, plan
+
+    got = plan([Candidate(n, GB, held, gone) for n, held, gone in pending], free, 100 * GB, GB, hold_max)
+    assert (got.make, sorted(got.release), sorted(got.unheld)) == (make, sorted(release), sorted(unheld))
