@@ -52,7 +52,6 @@ WIRE_TARGET = 0.03
 TO_SERVER = {
     "zstd-zstandard": "zstd frames (the server unpacks them in process)",
     "zstd-stdlib": "zstd frames (the server unpacks them in process)",
-    "zstd-binary": "raw, then at most one switch to a zstd stream (the server unpacks it with its zstd binary)",
     "zlib-lanes": "zlib byte lanes",
 }
 

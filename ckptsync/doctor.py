@@ -21,14 +21,13 @@ APT_PACKAGES = "python3-xxhash python3-zstandard"
 CODECS = {
     "zstd-zstandard": "zstd per 1 MiB chunk (the zstandard module)",
     "zstd-stdlib": "zstd per 1 MiB chunk (Python's compression.zstd)",
-    "zstd-binary": "zstd through the zstd binary (one stream, switched on at most once)",
     "zlib-lanes": "zlib byte lanes (the standard library)",
 }
 
 
 @dataclass
 class Missing:
-    piece: str          # xxhash, zstandard or zstd
+    piece: str          # xxhash or zstandard
     meaning: str        # what its absence costs
     fix: str            # the command that installs it, on the server
 
@@ -56,12 +55,9 @@ def missing(hello: Hello) -> list[Missing]:
         out.append(Missing("xxhash", f"files are hashed with {hello.hashes[0] if hello.hashes else 'sha1'} instead of "
                            "xxh3-128: the same checks, several times slower to compute on the server; the "
                            "backups are compared through sha1 values kept in their manifests", modules))
-    if hello.zstd == "binary":
-        out.append(Missing("zstandard", "compression runs through the zstd binary: one stream that starts "
-                           "raw and switches to zstd at most once, instead of a choice per chunk", modules))
-    elif hello.zstd is None:
-        out.append(Missing("zstd", "no zstd on the server: data is packed with zlib, slower and larger "
-                           "on the wire than zstd", f"{modules}, or {apt(hello, 'zstd') if hello.apt else 'install the zstd package'}"))
+    if hello.zstd != "module":
+        out.append(Missing("zstandard", "data is packed as byte lanes with zlib: about as small on the wire "
+                           "as zstd on checkpoints, but slower to pack, so a fast link gets more of it raw", modules))
     return out
 
 
@@ -77,7 +73,7 @@ def fallback_line(hello: Hello, server: str, doctor: str) -> str:
     if any(m.piece == "xxhash" for m in lacks):
         how.append(f"hashing with {hello.hashes[0] if hello.hashes else 'sha1'}")
     if any(m.piece != "xxhash" for m in lacks):
-        how.append("compressing with the zstd binary" if hello.zstd == "binary" else "compressing with zlib")
+        how.append("compressing with zlib")
     return (f"{server}: its python3 {hello.python} has {'no ' if len(pieces) == 1 else ''}{names}, so ckptsync is {' and '.join(how)} "
             f"(slower, same results); to install them there: {modules_fix(hello)[0]} (details: {doctor})")
 

@@ -75,9 +75,9 @@ def test_stock_rows_beside_equipped_ones(servers):
 
 def test_sides_say_what_each_side_hashes_and_packs(servers):
     doc = {"python": "3.11.2", "executable": "/usr/bin/python3", "hash": "sha1", "hash_rate": 1e9,
-           "codec": "zlib-lanes", "codec_rate": 1e8, "missing": [{"piece": "xxhash"}, {"piece": "zstd"}]}
+           "codec": "zlib-lanes", "codec_rate": 1e8, "missing": [{"piece": "xxhash"}, {"piece": "zstandard"}]}
     sides = servers.sides(doc)
-    assert sides["server"]["hash"] == "sha1" and sides["server"]["missing"] == ["xxhash", "zstd"]
+    assert sides["server"]["hash"] == "sha1" and sides["server"]["missing"] == ["xxhash", "zstandard"]
     assert sides["laptop"]["hashes"] == ["xxh3_128", "sha1"]
     assert sides["laptop"]["codec_to_server"] == "zlib byte lanes"
     assert servers.check("stock-nozstd", sides) == ""

@@ -14,7 +14,7 @@ from ckptsync.agent.frames import (
 )
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_file, hash_names, new_hash, start_writeback
 from ckptsync.agent.paths import resolve, safe_member
-from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes, zstd_binary
+from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes
 from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
 from ckptsync.agent.sender import Memory, Sender
 from ckptsync.agent.reader import FrameReader
@@ -25,7 +25,7 @@ __all__ = [
     "Channel", "Failure", "os_failure",
     "fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback",
     "resolve", "safe_member",
-    "DATA_FRAMES", "join_lanes", "split_lanes", "zstd_binary",
+    "DATA_FRAMES", "join_lanes", "split_lanes",
     "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",
     "Memory", "Sender", "FrameReader",
     "payload", "payload_compressed",

@@ -1,10 +1,7 @@
-"""What the data frames hold: byte lanes, zstd (module, Python 3.14's own, or binary) and zlib/lzma."""
+"""What the data frames hold: byte lanes, zstd (the zstandard module or Python 3.14's own) and zlib/lzma."""
 
 import importlib
-import shutil
 import struct
-import subprocess
-import threading
 import zlib
 
 from ckptsync.agent.frames import CHUNK, Failure
@@ -26,11 +23,7 @@ except ImportError:  # Pythons built without liblzma
     lzma = None
 
 LANES = 4
-DATA_FRAMES = (b"D", b"Z", b"Y", b"S", b"L")
-
-
-def zstd_binary():
-    return shutil.which("zstd")
+DATA_FRAMES = (b"D", b"Z", b"Y", b"L")
 
 
 def zstd_library():
@@ -57,24 +50,14 @@ class FrameCompressor:
         return self.lib.compress(data, self.mode)  # all input at once: the frame records its size
 
 
-def stream_compressor(level):
-    """A compressobj-like object for the one continuous S stream (compress, then flush ends the frame)."""
-    if zstandard is not None:
-        return zstandard.ZstdCompressor(level=level, threads=-1).compressobj()
-    return stdzstd.ZstdCompressor(level=level)
-
-
 class FrameDecompressor:
-    """Z, Y and S frames decoded in-process, by whichever zstd library this Python has."""
+    """Z and Y frames decoded in-process, by whichever zstd library this Python has."""
 
     def __init__(self):
         self.lib = zstandard.ZstdDecompressor() if zstandard is not None else None
 
     def decompress(self, body):
         return self.lib.decompress(body) if self.lib is not None else stdzstd.decompress(body)
-
-    def decompressobj(self):
-        return self.lib.decompressobj() if self.lib is not None else stdzstd.ZstdDecompressor()
 
 
 def split_lanes(chunk):
@@ -97,58 +80,6 @@ def join_lanes(data):
         out[k::LANES] = view[pos:pos + size]
         pos += size
     return out
-
-
-class ZstdStream:
-    def __init__(self, cobj, put):
-        self.cobj = cobj
-        self.put = put
-
-    def write(self, data):
-        out = self.cobj.compress(data)
-        if out:
-            self.put(b"S", out)
-
-    def close(self):
-        out = self.cobj.flush()
-        if out:
-            self.put(b"S", out)
-
-
-class BinaryStream:
-    """A zstd process compressing our tar bytes; a thread frames its output."""
-
-    def __init__(self, level, put):
-        self.proc = subprocess.Popen(
-            [zstd_binary(), "-q", "-c", "-%d" % level, "-T0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
-        self.put = put
-        self.failed = None
-        self.thread = threading.Thread(target=self._pump)
-        self.thread.daemon = True
-        self.thread.start()
-
-    def _pump(self):
-        try:
-            while True:
-                block = self.proc.stdout.read1(CHUNK)
-                if not block:
-                    return
-                self.put(b"S", block)
-        except Exception as exc:
-            self.failed = exc
-
-    def write(self, data):
-        self.proc.stdin.write(data)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.thread.join()
-        self.proc.wait()
-        if self.failed is not None:
-            raise Failure("protocol", "compression failed: %s" % self.failed)
-
 
 
 # "L" frames: a chunk's byte lanes, each packed on its own with the standard library or stored.
@@ -175,15 +106,17 @@ class LaneCoder:
     need matching. So each lane's way is picked by a trial on its first
     TRIAL bytes: on the first full chunk and every CHECK full chunks after,
     and on every shorter one (tar headers, small files, tails are unlike the
-    tensors). In between, a stored lane is probed on a few KiB of each chunk,
-    since zero tensors come and go within a file. lzma joins the trial from
+    tensors). In between, a stored lane is probed on 1 KiB at each of 16
+    points spread over it, since zero tensors (a LoRA's B matrices, fresh
+    optimizer state) come and go within a chunk. lzma joins the trial from
     level 10 on: it wins where data repeats further apart than deflate's
     32 KiB window.
     """
 
     CHECK = 32
     TRIAL = 1 << 16
-    PROBE = 4096    # bytes from the start, middle and end of a stored lane
+    POINTS = 16     # where a stored lane is probed, evenly spread
+    PROBE = 1024    # bytes probed at each point
     PAYS = 0.97     # a lane is packed only when that makes its sample at least 3% smaller
     SLOWER = 0.97   # a slower way must pack at least 3% smaller than a faster one to be chosen
 
@@ -217,8 +150,8 @@ class LaneCoder:
         return way, (best if len(sample) == len(lane) else None)
 
     def _probe(self, lane):
-        mid = len(lane) // 2
-        sample = lane[:self.PROBE] + lane[mid:mid + self.PROBE] + lane[-self.PROBE:]
+        step = max(len(lane) // self.POINTS, 1)
+        sample = b"".join(lane[i:i + self.PROBE] for i in range(0, len(lane), step))
         return "rle" if len(self._pack("rle", sample)) < self.PAYS * len(sample) else "stored"
 
     def encode(self, chunk):

@@ -1,11 +1,10 @@
 """What this server's python3 offers ckptsync, measured here on short samples in memory."""
 
 import os
-import subprocess
 import sys
 import time
 
-from ckptsync.agent.codec import FrameCompressor, LaneCoder, lzma, zstd_binary, zstd_library
+from ckptsync.agent.codec import FrameCompressor, LaneCoder, lzma, zstd_library
 from ckptsync.agent.frames import CHUNK
 from ckptsync.agent.hashing import hash_names, new_hash
 from ckptsync.agent.procs import process_ids
@@ -47,19 +46,14 @@ def codec():
     lib = zstd_library()
     if lib is not None:
         return "zstd-" + lib        # zstd-zstandard, zstd-stdlib: a frame per chunk
-    if zstd_binary():
-        return "zstd-binary"        # one continuous stream through the binary
     return "zlib-lanes"             # byte lanes packed by zlib (lzma at high levels)
 
 
 def codec_rate(name, data):
     """Bytes per second that codec packs at the level `--compress auto` uses (1)."""
-    if name.startswith("zstd-") and name != "zstd-binary":
+    if name.startswith("zstd-"):
         zc = FrameCompressor(1)
         return timed_rate(lambda: [zc.compress(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)], len(data))
-    if name == "zstd-binary":
-        return timed_rate(lambda: subprocess.run([zstd_binary(), "-q", "-c", "-1"], input=data, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, check=True), len(data))
     coder = LaneCoder(1, lzma is not None)
     return timed_rate(lambda: [coder.encode(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)], len(data))
 
@@ -101,10 +95,7 @@ def op_probe(req):
     alg = hash_names()[0]
     name = codec()
     readable, others = readable_fds()
-    try:
-        codec_speed = codec_rate(name, sample(CODEC_SAMPLE))
-    except (OSError, subprocess.SubprocessError):
-        codec_speed = 0.0
+    codec_speed = codec_rate(name, sample(CODEC_SAMPLE))
     return {
         "python": "%d.%d.%d" % sys.version_info[:3],
         "executable": sys.executable,

@@ -10,7 +10,7 @@ import time
 
 from ckptsync.agent.frames import PROTOCOL, Channel, Failure, Heartbeat, os_failure
 from ckptsync.agent.hashing import hash_names
-from ckptsync.agent.codec import lzma, zstd_binary, zstd_library
+from ckptsync.agent.codec import lzma, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
 from ckptsync.agent.probe import cpu_aes, op_probe
@@ -25,11 +25,10 @@ from ckptsync.agent.hold import op_hold, op_release
 
 
 def op_hello(_req):
-    zstd = "module" if zstd_library() is not None else ("binary" if zstd_binary() else None)
     return {
         "protocol": PROTOCOL,
         "python": "%d.%d.%d" % sys.version_info[:3],
-        "zstd": zstd,
+        "zstd": "module" if zstd_library() is not None else None,  # zstd frames are decoded in-process only
         "lzma": lzma is not None,
         "hashes": hash_names(),
         "hostname": socket.gethostname(),

@@ -110,7 +110,7 @@ class Unseen:
 class Hello:
     protocol: int
     python: str
-    zstd: str | None                 # "module", "binary" or None
+    zstd: str | None                 # "module" (zstd in-process: zstandard or compression.zstd) or None
     hashes: tuple[str, ...]          # best first
     hostname: str = ""
     home: str = ""
@@ -132,7 +132,7 @@ class Probe:
     executable: str                  # the interpreter's path
     hash: str                        # what it hashes with (xxh3_128, else sha1)
     hash_rate: float                 # bytes per second
-    codec: str                       # zstd-zstandard, zstd-stdlib, zstd-binary or zlib-lanes
+    codec: str                       # zstd-zstandard, zstd-stdlib or zlib-lanes
     codec_rate: float                # bytes per second packed at level 1; 0: not measured
     fd_readable: int                 # other processes whose open files this user can read
     fd_total: int                    # other processes
