@@ -82,7 +82,7 @@ def cpu_has_aes(proc: str | None = None) -> bool:
 
     machine = platform.machine().lower()
     if sys.platform.startswith("linux"):
-        from ckptsync.agent.probe import cpu_aes
+        from ckptsync.agent.cpu import cpu_aes
 
         return bool(cpu_aes(os.path.join(proc or os.environ.get(PROC_ENV) or "/proc", "cpuinfo")))
     if sys.platform == "darwin":

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import run_cli
 from ckptsync import osdeps
-from ckptsync.agent.probe import cpu_aes
+from ckptsync.agent.cpu import cpu_aes
 from ckptsync.transport import SshTarget, ssh_transport
 from ckptsync.transport.base import FAST_CIPHERS, cipher_order
 from ckptsync.transport.openssh import OpenSshTransport, config_text, servers_file

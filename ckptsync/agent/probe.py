@@ -58,20 +58,6 @@ def codec_rate(name, data):
     return timed_rate(lambda: [coder.encode(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)], len(data))
 
 
-def cpu_aes(cpuinfo="/proc/cpuinfo"):
-    """Whether the CPU has AES instructions: `aes` among the first processor's flags (x86) or
-    Features (arm64). None where the file does not say."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name.strip() in ("flags", "Features"):
-                    return "aes" in value.split()
-    except OSError:
-        pass
-    return None
-
-
 def readable_fds():
     """(other processes whose open files can be read, other processes): the first is all of them
     as root, only this user's otherwise."""

@@ -13,7 +13,8 @@ from ckptsync.agent.hashing import hash_names
 from ckptsync.agent.codec import lzma, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
 from ckptsync.agent.procs import op_procs
-from ckptsync.agent.probe import cpu_aes, op_probe
+from ckptsync.agent.cpu import cpu_aes
+from ckptsync.agent.probe import op_probe
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
 from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
