@@ -289,7 +289,10 @@ ABANDON_MIN_S = 1800.0
 
 
 def save_interval(checkpoints: list[Checkpoint]) -> float | None:
-    """The typical time between two saves: the median gap between complete checkpoints. Pure."""
+    """The typical time between two saves: the median gap between complete checkpoints. Pure.
+
+    The median (of an even count, the mean of the middle two): a pause for an eval or a restart,
+    or an extra save, does not move it. training.py's cadence and abandon_after both read it."""
     times = sorted(c.mtime for c in checkpoints if c.complete)
     gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
     return statistics.median(gaps) if gaps else None
@@ -515,7 +518,7 @@ def _analyse_step_dir(name: str, rel: dict[str, FileEntry], meta: dict) -> _Anal
             found.state.update(_metadata_summary(value))
         elif value is not None:
             found.errors.append(f"metadata.json unreadable: {_error_of(value) or 'not a JSON object'}")
-    if found.step is None and _is_int(found.state.get("global_step")):
+    if found.step is None and is_int(found.state.get("global_step")):
         found.step = found.state["global_step"]
     if EPOCH_DIR.fullmatch(name) and "epoch" not in found.state:
         found.state["epoch"] = _number_in(EPOCH_DIR, name)
@@ -528,7 +531,7 @@ def _analyse_single_file(name: str, meta: dict) -> _Analysis:
     kind = _single_file_kind(name)
     if kind and kind[1] == "step":
         found.step = kind[2]
-    elif _is_int(found.state.get("global_step")):
+    elif is_int(found.state.get("global_step")):
         found.step = found.state["global_step"]
     if kind and kind[1] == "epoch":
         found.state["epoch"] = kind[2]
@@ -553,9 +556,9 @@ def _read_pt(found: _Analysis, value, label: str) -> None:
         ("scheduler", bool(keys & SCHEDULER_KEYS)),
         ("rng", bool(keys & RNG_KEYS)),
     ]
-    if _is_int(info.get("step")):
+    if is_int(info.get("step")):
         found.state["global_step"] = info["step"]
-    if _is_int(info.get("epoch")):
+    if is_int(info.get("epoch")):
         found.state["epoch"] = info["epoch"]
 
 
@@ -655,7 +658,7 @@ def _trainer_summary(data: dict) -> dict:
     for entry in reversed(history if isinstance(history, list) else []):
         if isinstance(entry, dict):
             for key in ("loss", "learning_rate", "eval_loss"):
-                if key not in summary and _is_number(entry.get(key)):
+                if key not in summary and is_number(entry.get(key)):
                     summary[key] = entry[key]
     return summary
 
@@ -712,11 +715,13 @@ def _error_of(value) -> str | None:
     return None
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """A JSON integer from a state file (true and false are not steps)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A JSON number from a state file (true and false are not losses)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
