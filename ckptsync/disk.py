@@ -1,5 +1,6 @@
 """Writing on this computer's disk safely, one way each: fsync a file or a directory, replace a
-file atomically, remove a tree, the xxh3-128 hasher, and an OSError said in one line.
+file atomically, remove a tree, refuse a symlink, the xxh3-128 hasher, and an OSError said in
+one line.
 
 The fsync helpers are the agent's (it writes on the server the same way); everything on this
 side imports them, and xxhash, from here.
@@ -17,10 +18,10 @@ from pathlib import Path
 import xxhash
 
 from ckptsync.agent import fsync_dir, fsync_file
-from ckptsync.errors import CkptsyncError, DiskFull, IOFailure
+from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure
 
-__all__ = ["XXH3", "atomic_write", "free_bytes", "fsync_dir", "fsync_file", "io_error", "new_hasher",
-           "remove_tree", "sync_tree"]
+__all__ = ["XXH3", "atomic_write", "children", "free_bytes", "fsync_dir", "fsync_file", "io_error", "new_hasher",
+           "refuse_link", "remove_tree", "sync_tree"]
 
 XXH3 = "xxh3_128"
 
@@ -81,3 +82,25 @@ def io_error(exc: OSError, what: str) -> CkptsyncError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return IOFailure(f"{what}: permission denied{where}", hint="check the directory's owner and mode")
     return IOFailure(f"{what}: {exc.strerror or exc}{where}")
+
+
+def refuse_link(path: Path) -> None:
+    if os.path.islink(path):
+        try:
+            where = f" (to {os.readlink(path)})"
+        except OSError:
+            where = ""
+        raise IntegrityError(
+            f"{path} is a symlink{where}: ckptsync keeps its own files inside the backup directory and "
+            "never follows them out of it; nothing was changed",
+            hint="if it points to ckptsync's own files moved elsewhere, move them back in its place; "
+                 "otherwise remove the link; then run again")
+
+
+def children(folder: Path) -> list[Path]:
+    """The entries of a real directory (not a link to one); [] when there is none."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

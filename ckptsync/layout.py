@@ -289,10 +289,8 @@ ABANDON_MIN_S = 1800.0
 
 
 def save_interval(checkpoints: list[Checkpoint]) -> float | None:
-    """The typical time between two saves: the median gap between complete checkpoints. Pure.
-
-    The median (of an even count, the mean of the middle two): a pause for an eval or a restart,
-    or an extra save, does not move it. training.py's cadence and abandon_after both read it."""
+    """The typical time between two saves, for training's cadence and abandon_after. Pure. The median
+    gap between complete checkpoints: a pause (an eval, a restart) or an extra save does not move it."""
     times = sorted(c.mtime for c in checkpoints if c.complete)
     gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
     return statistics.median(gaps) if gaps else None
@@ -715,13 +713,11 @@ def _error_of(value) -> str | None:
     return None
 
 
-def is_int(value) -> bool:
-    """A JSON integer from a state file (true and false are not steps)."""
+def is_int(value) -> bool:   # a JSON integer of a state file; true and false are not steps
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value) -> bool:
-    """A JSON number from a state file (true and false are not losses)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -39,8 +39,8 @@ from typing import Any, Iterator
 
 from ckptsync import liveness, osdeps
 from ckptsync.agent import hash_file
-from ckptsync.disk import atomic_write, fsync_dir, io_error, remove_tree, sync_tree
-from ckptsync.errors import IntegrityError, Locked
+from ckptsync.disk import atomic_write, children, fsync_dir, io_error, refuse_link, remove_tree, sync_tree
+from ckptsync.errors import Locked
 from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
 
 META = ".ckptsync"
@@ -172,28 +172,6 @@ def _inside(path: str, name: str) -> bool:
     return parts[0] == name and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
-def _refuse_link(path: Path) -> None:
-    if os.path.islink(path):
-        try:
-            where = f" (to {os.readlink(path)})"
-        except OSError:
-            where = ""
-        raise IntegrityError(
-            f"{path} is a symlink{where}: ckptsync keeps its own files inside the backup directory and "
-            "never follows them out of it; nothing was changed",
-            hint="if it points to ckptsync's own files moved elsewhere, move them back in its place; "
-                 "otherwise remove the link; then run again")
-
-
-def _children(folder: Path) -> list[Path]:
-    """The entries of a real directory (not a link to one); [] when there is none."""
-    try:
-        with os.scandir(folder) as it:
-            return [Path(e.path) for e in it]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -207,12 +185,12 @@ class Store:
         if self._own_checked:
             return
         for path in [self.meta] + [self.meta / p for p in OWN_PATHS]:
-            _refuse_link(path)
+            refuse_link(path)
         for top in ("staging", GENERATIONS):   # staging/NAME/NAME, generations/NAME/ID
-            for path in _children(self.meta / top):
-                _refuse_link(path)
-                for inner in _children(path):
-                    _refuse_link(inner)
+            for path in children(self.meta / top):
+                refuse_link(path)
+                for inner in children(path):
+                    refuse_link(inner)
         self._own_checked = True
 
     # -------------------------------------------------- manifests
@@ -476,27 +454,21 @@ class Store:
         """Take entry `name` out of sight in one rename into the trash, made durable before its
         manifest goes (a manifest without its entry is ignored, never the other way round), then
         delete its bytes. An entry already gone loses its manifest only. Raises OSError."""
-        self._remove_aside(self.entry(name), name, self.root, before_delete=lambda: self.drop_manifest(name))
+        self._remove_aside(self.entry(name), name, self.root, then=lambda: self.drop_manifest(name))
 
-    def _remove_aside(self, path: Path, label: str, parent: Path, before_delete=None) -> None:
-        """Rename `path` into the trash, fsync `parent` (the directory it left), then delete it.
-        The trash goes too once empty; what an interruption leaves there, clean_trash removes."""
+    def _remove_aside(self, path: Path, label: str, parent: Path, then=lambda: None) -> None:
+        """Rename `path` into the trash and fsync `parent`, run `then`, delete it; the trash goes
+        too once empty (what an interruption leaves there, clean_trash removes)."""
         self.check_own()
-        trash = self.meta / TRASH
-        aside = trash / f"{label}.{time.time_ns()}"
-        trash.mkdir(parents=True, exist_ok=True)
-        try:
+        aside = self.meta / TRASH / f"{label}.{time.time_ns()}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
             os.rename(path, aside)
-        except FileNotFoundError:
-            aside = None
-        else:
             fsync_dir(parent)
-        if before_delete is not None:
-            before_delete()
-        if aside is not None:
-            remove_tree(aside)
+        then()
+        remove_tree(aside)
         with contextlib.suppress(OSError):
-            trash.rmdir()
+            aside.parent.rmdir()
 
     def clean_trash(self) -> None:
         self.check_own()
