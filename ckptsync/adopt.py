@@ -27,7 +27,9 @@ from ckptsync.scan import CHECKPOINT_PART, ServerView, scan_server
 from ckptsync.selection import skip_reason
 from ckptsync.server import Server, open_server
 from ckptsync.server.types import FileStat
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store, fsync_dir, hash_file
+from ckptsync.agent import hash_file
+from ckptsync.disk import fsync_dir
+from ckptsync.store import EXTRA, FileRecord, Manifest, Store
 
 SAME = "same"
 DIFFERS = "differs"

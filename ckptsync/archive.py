@@ -22,22 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import xxhash
 import zstandard
 
 from ckptsync import osdeps
 from ckptsync.agent import safe_member
 from ckptsync.errors import DiskFull, IntegrityError, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.policy import fits, human
+from ckptsync.policy import STATUS_FILES, fits, human
 from ckptsync.result import Result
-from ckptsync.store import META, WAIT_HINT, Manifest, Store, free_bytes, fsync_dir, io_error, remove_tree
+from ckptsync.disk import free_bytes, fsync_dir, fsync_file, io_error, new_hasher
+from ckptsync.store import META, WAIT_HINT, Manifest, Store
 
 SUFFIXES = (".tar.zst", ".tzst")
 LEVEL = 3
 CHUNK = 1 << 20
 TAR_END = 1024          # two zero blocks close every tar stream
-BOOKKEEPING = ("status.json", "status-scheduled.json", "status-manual.json", "history.jsonl")
+BOOKKEEPING = (*STATUS_FILES, "history.jsonl")
 
 
 @dataclass
@@ -129,10 +129,11 @@ def _run_archive(root: Path, opts: ArchiveOptions, rep: Reporter = QUIET) -> Arc
         result.archive_bytes = output.stat().st_size
         if opts.remove:
             for name in result.entries:
-                _remove_entry(store, name)
+                try:
+                    store.remove_entry(name)
+                except OSError as exc:
+                    raise io_error(exc, f"removing {store.entry(name)}") from None
                 result.removed.append(name)
-            with contextlib.suppress(OSError):
-                (store.meta / "trash").rmdir()
             if result.unmanaged:
                 result.warnings.append(f"kept (no manifest, archived but not removed): {', '.join(result.unmanaged)}")
     result.seconds = time.monotonic() - started
@@ -233,7 +234,7 @@ def _unique_bytes(members: list[tuple[str, Path]]) -> int:
 
 class _Hashing:
     def __init__(self, f, rep: Reporter) -> None:
-        self.f, self.rep, self.h = f, rep, xxhash.xxh3_128()
+        self.f, self.rep, self.h = f, rep, new_hasher()
 
     def read(self, n: int = -1) -> bytes:
         block = self.f.read(n)
@@ -279,7 +280,7 @@ def _pack(store: Store, part: Path, members: list[tuple[str, Path]], manifests: 
                                              "damaged on this disk); nothing was archived",
                                              hint="run 'ckptsync verify' on the backup directory")
             raw.flush()
-            os.fsync(raw.fileno())
+            fsync_file(part)
             # Drop the cached pages so the read-back comes from the disk, not from memory.
             osdeps.drop_cached(raw.fileno())
     finally:
@@ -315,21 +316,6 @@ def _require(path: Path, content: Content, manifests: dict[str, Manifest],
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         what = "does not match the backup directory" if reused else "failed the read-back check"
         raise IntegrityError(f"{path} {what}: {'; '.join(problems[:5])}{more}")
-
-
-def _remove_entry(store: Store, name: str) -> None:
-    """Entry out of sight first (one rename), then its manifest, then the bytes."""
-    entry = store.entry(name)
-    aside = store.meta / "trash" / f"{name}.{time.time_ns()}"
-    try:
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        if entry.exists() or entry.is_symlink():
-            os.rename(entry, aside)
-        store.drop_manifest(name)
-        fsync_dir(store.root)
-    except OSError as exc:
-        raise io_error(exc, f"removing {entry}") from None
-    remove_tree(aside)
 
 
 # ---------------------------------------------------------------- reading an archive
@@ -414,7 +400,7 @@ def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, content: Content, write
     elif member.isreg():
         if rel in content.files:
             raise IntegrityError(f"{member.name} appears twice")
-        h = xxhash.xxh3_128()
+        h = new_hasher()
         src = tar.extractfile(member)
         out = writer.open(rel) if writer is not None else None
         try:

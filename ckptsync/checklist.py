@@ -60,41 +60,50 @@ class ChecklistResult:
         return out
 
 
-class Checklist:
-    def __init__(self, target: Target, rep: Reporter = QUIET) -> None:
+class Backups:
+    """Where the checklist finds the backups, and what differs by store: how the backup runs,
+    where the manifests are read, how a backup is re-checked. A backup directory here; a bucket
+    in s3/checks.py (`BucketBackups`), which run_checklist chooses."""
+
+    def __init__(self, target: Target) -> None:
         self.target = target
-        self.rep = rep
-        self.store = Store(target.local_dir)
-        self.result = ChecklistResult(target.label, target.describe(), str(target.local_dir))
+        self.dest = str(target.local_dir)
 
-    def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
-        self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
+    def backup(self, rep: Reporter) -> None:
+        run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), rep)
 
-    # What differs for a bucket store (see s3/checks.py): how the backup runs, where the
-    # manifests are read, how a backup is re-checked.
+    def reading(self) -> contextlib.AbstractContextManager[Store]:
+        """The store to read manifests, staging and status from, for the checklist's length."""
+        return contextlib.nullcontext(Store(self.target.local_dir))
 
-    def backup(self) -> None:
-        run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
-
-    def reading(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def verify(self, name: str) -> tuple[bool, str, str]:
+    def verify(self, name: str, rep: Reporter) -> tuple[bool, str, str]:
         """(ok, detail, fix) of re-checking the stored copy of `name` now."""
-        bad = run_verify(self.target, [name], rep=self.rep).failed
+        bad = run_verify(self.target, [name], rep=rep).failed
         if not bad:
             return True, f"{name}: every file re-read and matches its manifest", ""
         return (False, f"{name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]),
                 f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
+
+
+class Checklist:
+    def __init__(self, target: Target, rep: Reporter = QUIET, backups: Backups | None = None) -> None:
+        self.target = target
+        self.rep = rep
+        self.backups = backups or Backups(target)
+        self.store = Store(target.local_dir)
+        self.result = ChecklistResult(target.label, target.describe(), self.backups.dest)
+
+    def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
+        self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
 
     def run(self, backup_first: bool, now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
         """`now`: this computer's clock, for the last backup's age; `training_stopped`: the user
         says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
-            self.backup()
+            self.backups.backup(self.rep)
             self.result.backup_ran = True
-        with self.reading():
+        with self.backups.reading() as self.store:
             return self._run(now, training_stopped)
 
     def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
@@ -235,7 +244,7 @@ class Checklist:
                      f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")
             return
         self.add(title, True, f"{c.name} (step {c.step}), {human(m.size)}")
-        ok, detail, fix = self.verify(c.name)
+        ok, detail, fix = self.backups.verify(c.name, self.rep)
         if ok:
             detail += "; size equals the server's"
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
@@ -281,7 +290,7 @@ class Checklist:
         problems, compared = found
         self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.command("backup"))
         if self.store.load(EXTRA) is not None:
-            ok, detail, fix = self.verify(EXTRA)
+            ok, detail, fix = self.backups.verify(EXTRA, self.rep)
             self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
@@ -300,8 +309,9 @@ class Checklist:
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
                   now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
+    backups = None
     if target.store_url:
-        from ckptsync.s3.checks import BucketChecklist
+        from ckptsync.s3.checks import BucketBackups
 
-        return BucketChecklist(target, rep).run(backup_first, now, training_stopped)
-    return Checklist(target, rep).run(backup_first, now, training_stopped)
+        backups = BucketBackups(target)
+    return Checklist(target, rep, backups).run(backup_first, now, training_stopped)

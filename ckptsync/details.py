@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
-from ckptsync.layout import Checkpoint, find_best, resume_files
+from ckptsync.layout import Checkpoint, find_best, is_int, is_number, resume_files
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
 from ckptsync.policy import named, newest_first
@@ -132,24 +132,24 @@ def facts(state: dict, full: dict | None) -> dict[str, Any]:
                 "learning_rate"):
         if _is_value(state.get(key)):
             out[key] = state[key]
-    if _is_int(state.get("global_step")):
+    if is_int(state.get("global_step")):
         out["step"] = state["global_step"]
     if full:
         for key in ("epoch", "max_steps", "best_metric", "best_model_checkpoint"):
             if _is_value(full.get(key)):
                 out[key] = full[key]
-        if _is_int(full.get("global_step")):
+        if is_int(full.get("global_step")):
             out["step"] = full["global_step"]
-        elif _is_int(full.get("step")):
+        elif is_int(full.get("step")):
             out["step"] = full["step"]
         history = full.get("log_history")
         for entry in reversed(history if isinstance(history, list) else []):
             if not isinstance(entry, dict):
                 continue
             for key in ("loss", "eval_loss", "learning_rate"):
-                if f"{key}_step" not in out and _is_number(entry.get(key)):
+                if f"{key}_step" not in out and is_number(entry.get(key)):
                     out[key] = entry[key]
-                    out[f"{key}_step"] = entry.get("step") if _is_int(entry.get("step")) else None
+                    out[f"{key}_step"] = entry.get("step") if is_int(entry.get("step")) else None
     return out
 
 
@@ -157,14 +157,14 @@ def curve_of(full: dict | None) -> Curve:
     curve = Curve()
     history = full.get("log_history") if isinstance(full, dict) else None
     for entry in history if isinstance(history, list) else []:
-        if not isinstance(entry, dict) or not _is_int(entry.get("step")):
+        if not isinstance(entry, dict) or not is_int(entry.get("step")):
             continue
         step = entry["step"]
-        if _is_number(entry.get("loss")):
+        if is_number(entry.get("loss")):
             curve.train.append((step, float(entry["loss"])))
-        if _is_number(entry.get("eval_loss")):
+        if is_number(entry.get("eval_loss")):
             curve.eval.append((step, float(entry["eval_loss"])))
-        if _is_number(entry.get("learning_rate")):
+        if is_number(entry.get("learning_rate")):
             curve.learning_rate.append((step, float(entry["learning_rate"])))
     return curve
 
@@ -180,7 +180,7 @@ def best_of(candidates: Iterable[tuple[str, int | None, dict, bool]]) -> tuple[s
         newest = max(stated, key=lambda c: c[1] if c[1] is not None else -1)
         path = newest[2]["best_model_checkpoint"]
         metric = newest[2].get("best_metric")
-        return re.split(r"[\\/]", path.rstrip("/\\"))[-1], metric if _is_number(metric) else None
+        return re.split(r"[\\/]", path.rstrip("/\\"))[-1], metric if is_number(metric) else None
     flagged = [c for c in items if c[3]]
     return (flagged[0][0], None) if flagged else (None, None)
 
@@ -239,7 +239,7 @@ def value_changes(fa: dict, fb: dict) -> list[Change]:
         a, b = fa.get(key), fb.get(key)
         if a is None and b is None:
             continue
-        delta = b - a if _is_number(a) and _is_number(b) else None
+        delta = b - a if is_number(a) and is_number(b) else None
         out.append(Change(key, a, b, delta))
     return out
 
@@ -406,14 +406,6 @@ def _result(name, source, location, layout, kind, step, f, best, metric, content
         result.notes.append("no loss curve: this checkpoint has no log_history (only a Trainer's "
                             "trainer_state.json records one)")
     return result
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_value(value) -> bool:

@@ -11,16 +11,13 @@ here. Values learnt for free (the hashes a transfer or a restore computes anyway
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
-import xxhash
-
+from ckptsync.disk import XXH3, new_hasher
 from ckptsync.errors import CkptsyncError
 from ckptsync.store import FileRecord, Store
 
-XXH3 = "xxh3_128"
 BLOCK = 1 << 20
 
 
@@ -31,7 +28,7 @@ def recorded(f: FileRecord, alg: str) -> str | None:
 
 def hash_both(path: Path, alg: str, on_block: Callable[[int], None] | None = None) -> tuple[str, str]:
     """(xxh3-128, alg) of one file, read once; `alg` is one of hashlib's (what servers fall back to)."""
-    hx, other = xxhash.xxh3_128(), hashlib.new(alg)
+    hx, other = new_hasher(), new_hasher(alg)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(BLOCK), b""):
             hx.update(block)

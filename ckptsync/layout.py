@@ -289,7 +289,8 @@ ABANDON_MIN_S = 1800.0
 
 
 def save_interval(checkpoints: list[Checkpoint]) -> float | None:
-    """The typical time between two saves: the median gap between complete checkpoints. Pure."""
+    """The typical time between two saves, for training's cadence and abandon_after. Pure. The median
+    gap between complete checkpoints: a pause (an eval, a restart) or an extra save does not move it."""
     times = sorted(c.mtime for c in checkpoints if c.complete)
     gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
     return statistics.median(gaps) if gaps else None
@@ -523,7 +524,7 @@ def _analyse_step_dir(name: str, rel: dict[str, FileEntry], meta: dict) -> _Anal
             found.state.update(_metadata_summary(value))
         elif value is not None:
             found.errors.append(f"metadata.json unreadable: {_error_of(value) or 'not a JSON object'}")
-    if found.step is None and _is_int(found.state.get("global_step")):
+    if found.step is None and is_int(found.state.get("global_step")):
         found.step = found.state["global_step"]
     if EPOCH_DIR.fullmatch(name) and "epoch" not in found.state:
         found.state["epoch"] = _number_in(EPOCH_DIR, name)
@@ -536,7 +537,7 @@ def _analyse_single_file(name: str, meta: dict) -> _Analysis:
     kind = _single_file_kind(name)
     if kind and kind[1] == "step":
         found.step = kind[2]
-    elif _is_int(found.state.get("global_step")):
+    elif is_int(found.state.get("global_step")):
         found.step = found.state["global_step"]
     if kind and kind[1] == "epoch":
         found.state["epoch"] = kind[2]
@@ -561,9 +562,9 @@ def _read_pt(found: _Analysis, value, label: str) -> None:
         ("scheduler", bool(keys & SCHEDULER_KEYS)),
         ("rng", bool(keys & RNG_KEYS)),
     ]
-    if _is_int(info.get("step")):
+    if is_int(info.get("step")):
         found.state["global_step"] = info["step"]
-    if _is_int(info.get("epoch")):
+    if is_int(info.get("epoch")):
         found.state["epoch"] = info["epoch"]
 
 
@@ -663,7 +664,7 @@ def _trainer_summary(data: dict) -> dict:
     for entry in reversed(history if isinstance(history, list) else []):
         if isinstance(entry, dict):
             for key in ("loss", "learning_rate", "eval_loss"):
-                if key not in summary and _is_number(entry.get(key)):
+                if key not in summary and is_number(entry.get(key)):
                     summary[key] = entry[key]
     return summary
 
@@ -720,11 +721,11 @@ def _error_of(value) -> str | None:
     return None
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:   # a JSON integer of a state file; true and false are not steps
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -278,11 +278,7 @@ class Output:
         self.stderr.flush()
 
     def reporter(self) -> Reporter:
-        if not self.interactive:
-            return LineReporter(self)
-        from ckptsync.progress_bar import TerminalReporter
-
-        return TerminalReporter(self)
+        return TerminalReporter(self) if self.interactive else LineReporter(self)
 
 
 def escape(text: str) -> str:
@@ -319,6 +315,32 @@ class LineReporter(Reporter):
         if self.done:
             speed = rate(self.done, spent)
             self.out.info(f"{self.label}: {human(self.done)} in {spent:.1f}s" + (f" ({speed})" if speed else ""))
+
+
+class TerminalReporter(LineReporter):
+    """A progress bar with bytes, rate and ETA (progress_bar.py, loaded with the first bar)."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(out)
+        self.bar: Any = None
+        self.task = None
+
+    def start(self, label: str, total: int) -> None:
+        from ckptsync.progress_bar import new_bar
+
+        super().start(label, total)
+        self.bar, self.task = new_bar(self.out.err, escape(printable(label)), total)
+
+    def advance(self, nbytes: int) -> None:
+        super().advance(nbytes)
+        if self.bar is not None:
+            self.bar.advance(self.task, nbytes)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        super().finish()
 
 
 def columns_env() -> int | None:

@@ -20,7 +20,8 @@ from ckptsync.digests import XXH3, LocalDigests
 from ckptsync.policy import human
 from ckptsync.progress import Reporter
 from ckptsync.server import FileStat, Server
-from ckptsync.store import FileRecord, Manifest, Store, io_error
+from ckptsync.disk import io_error
+from ckptsync.store import FileRecord, Manifest, Store
 
 Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
 

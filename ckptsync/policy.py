@@ -114,6 +114,25 @@ def newest_first(items: Iterable[T]) -> list[T]:
     return sorted(items, key=lambda i: (i.mtime, i.name), reverse=True)
 
 
+class _Kept(Protocol):
+    id: str           # when that version was backed up, e.g. 20261201-101500 (-2 for a second one then)
+
+    @property
+    def manifest(self) -> "_Backed": ...
+
+
+class _Backed(Protocol):
+    backed_up_at: float
+
+
+G = TypeVar("G", bound=_Kept)
+
+
+def newest_generations(gens: Iterable[G]) -> list[G]:
+    """An entry's earlier versions, newest first: by backup time, then id (two in one second). Pure."""
+    return sorted(gens, key=lambda g: (g.manifest.backed_up_at, g.id), reverse=True)
+
+
 def human(n: float | None) -> str:
     """Decimal units, as disks and links are sold: 1.5 GB is 1.5e9 bytes."""
     if n is None:
@@ -151,6 +170,24 @@ def rate(nbytes: int, seconds: float) -> str:
 def fits(need: int, free: int) -> bool:
     """Whether a transfer of `need` bytes fits in `free`, leaving SPACE_MARGIN over."""
     return need + SPACE_MARGIN <= free
+
+
+# Where a store (a directory's .ckptsync/, a bucket's) records the last backup run, and the last
+# run of each kind: a manual run must not hide how the last scheduled one went.
+STATUS_KINDS = ("scheduled", "manual")
+
+
+def status_file(kind: str = "") -> str:
+    """status.json, or the last run of one kind: status-scheduled.json, status-manual.json."""
+    return f"status-{kind}.json" if kind else "status.json"
+
+
+STATUS_FILES = (status_file(), *(status_file(k) for k in STATUS_KINDS))
+
+
+def status_kind(status: dict) -> str:
+    """Which kind of run a recorded status is."""
+    return "scheduled" if status.get("scheduled") else "manual"
 
 
 def run_status(now: float, code: int, error: str, target: str, server: str, fetched: list[str],

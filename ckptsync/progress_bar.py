@@ -1,7 +1,7 @@
 """The progress bar of an interactive run: bytes, rate and ETA, drawn by rich.
 
 A module of its own so that rich.progress, and the rich.table it loads, are imported only when
-a bar can be drawn: Output.reporter() imports this module when stderr is a terminal.
+a bar can be drawn: output.TerminalReporter imports this module when it starts a bar.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ckptsync.output import LineReporter, Output, escape, printable
 from ckptsync.policy import human
 
 
@@ -29,30 +28,9 @@ class SpeedColumn(ProgressColumn):
         return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
 
 
-class TerminalReporter(LineReporter):
-    """A rich progress bar with bytes, rate and ETA."""
-
-    def __init__(self, out: Output) -> None:
-        super().__init__(out)
-        self.progress: Progress | None = None
-        self.task = None
-
-    def start(self, label: str, total: int) -> None:
-        super().start(label, total)
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
-            TimeRemainingColumn(), console=self.out.err, transient=True,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(escape(printable(label)), total=total or None)
-
-    def advance(self, nbytes: int) -> None:
-        super().advance(nbytes)
-        if self.progress is not None:
-            self.progress.advance(self.task, nbytes)
-
-    def finish(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        super().finish()
+def new_bar(console: Any, label: str, total: int) -> tuple[Progress, Any]:
+    """A started bar of `total` bytes (0: unknown) under `label` (already escaped), and its task."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
+                   TimeRemainingColumn(), console=console, transient=True)
+    bar.start()
+    return bar, bar.add_task(label, total=total or None)

@@ -4,9 +4,9 @@ directory (default) or on the server (`--remote`).
 The decisions come from `retention.plan`. Before a local prune deletes anything,
 the newest complete backup is re-read against its manifest's checksums; one that
 fails is not counted as the verified copy, the next older one is tried, and a
-store where none verifies loses nothing. Deleting one local checkpoint is one
-rename into `.ckptsync/trash/` (it disappears whole), then its manifest goes,
-then the files; an interrupted run leaves trash and possibly a manifest whose
+store where none verifies loses nothing. Deleting one local checkpoint is
+`Store.remove_entry`: one rename into `.ckptsync/trash/` (it disappears whole), then its
+manifest goes, then the files; an interrupted run leaves trash and possibly a manifest whose
 entry is gone, both cleaned under the lock at the start of the next run. On
 the server the agent's `remove` does the same with a hidden name. A server
 checkpoint is deleted only if its files are still as they were when the plan
@@ -15,7 +15,6 @@ was made.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +31,8 @@ from ckptsync.result import Result
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import WAIT_HINT, Generation, EXTRA, Manifest, Store, fsync_dir, io_error, remove_tree
+from ckptsync.disk import io_error
+from ckptsync.store import WAIT_HINT, Generation, EXTRA, Manifest, Store
 from ckptsync.verify import check_files
 
 
@@ -146,8 +146,6 @@ class LocalPrune:
             clean_leftovers(self.store)
             self._plan()
             self._delete()
-            with contextlib.suppress(OSError):
-                (self.store.meta / "trash").rmdir()
         return self.result
 
     def _plan(self) -> None:
@@ -224,7 +222,7 @@ class LocalPrune:
             for entry in reversed(self.result.doomed):        # oldest first
                 current = entry.name
                 try:
-                    remove_entry(self.store, entry.name)
+                    self.store.remove_entry(entry.name)
                 except OSError as exc:
                     if isinstance(exc.__context__, KeyboardInterrupt):
                         # Ctrl+C inside the deletion's own cleanup (a second close of a directory
@@ -241,17 +239,6 @@ class LocalPrune:
             state = ("is still complete" if there
                      else "was removed (what is left of it is cleaned by the next run)")
             raise _interrupted(self.result.removed, current, state) from None
-
-
-def remove_entry(store: Store, name: str) -> None:
-    """Take one entry out of sight in a single rename, then delete it at leisure."""
-    entry = store.entry(name)
-    aside = store.meta / "trash" / f"{name}.{time.time_ns()}"
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(entry, aside)
-    fsync_dir(store.root)
-    store.drop_manifest(name)
-    remove_tree(aside)
 
 
 def clean_leftovers(store: Store) -> list[str]:

@@ -12,14 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptsync.agent import fsync_file
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.result import Result
 from ckptsync.server import open_server
 from ckptsync.server.transfer import receive
-from ckptsync.store import EXTRA, FileRecord, Store, io_error, remove_tree
+from ckptsync.disk import fsync_file, io_error, remove_tree
+from ckptsync.store import EXTRA, FileRecord, Store
 from ckptsync.verify import CORRUPT, MISSING, VerifyResult, run_verify
 
 

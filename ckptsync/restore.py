@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-import xxhash
 
 from ckptsync import osdeps
 from ckptsync.agent import safe_member
@@ -41,7 +40,8 @@ from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store, io_error
+from ckptsync.disk import io_error, new_hasher
+from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store
 from ckptsync.verify import check_files
 from ckptsync.agent import hash_file
 
@@ -774,7 +774,7 @@ class Restore:
             if piece.start is not None:
                 self._upload_range(up, f, piece, rep)
                 continue
-            seen = xxhash.xxh3_128()
+            seen = new_hasher()
 
             def also(block: bytes, seen=seen) -> None:
                 seen.update(block)

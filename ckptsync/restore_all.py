@@ -19,7 +19,8 @@ from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store, io_error
+from ckptsync.disk import io_error
+from ckptsync.store import EXTRA, Manifest, Store
 
 # RestoreAllItem.outcome values.
 RESTORED = "restored"

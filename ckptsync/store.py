@@ -26,7 +26,6 @@ first use of a Store checks its bookkeeping paths (`Store.check_own`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -39,8 +38,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ckptsync import liveness, osdeps
-from ckptsync.agent import fsync_dir, fsync_file, hash_file
-from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure, Locked
+from ckptsync.agent import hash_file
+from ckptsync.disk import atomic_write, children, fsync_dir, io_error, refuse_link, remove_tree, sync_tree
+from ckptsync.errors import Locked
+from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
 
 META = ".ckptsync"
 EXTRA = "extra-files"
@@ -50,8 +51,10 @@ GENERATIONS = "generations"
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
 # ckptsync's own paths under .ckptsync/ (and two levels inside staging/ and generations/).
 WATCH_LOCK = "watch.lock"
-OWN_PATHS = ("manifests", "staging", GENERATIONS, "trash", "repair", "lock", "watch.lock", "status.json",
-             "status-scheduled.json", "status-manual.json", "history.jsonl")
+# Where a removal puts an entry first: it leaves its name in one rename, then is deleted.
+TRASH = "trash"
+OWN_PATHS = ("manifests", "staging", GENERATIONS, TRASH, "repair", "lock", "watch.lock", *STATUS_FILES,
+             "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
 WAIT_HINT = "use --wait to wait for it"
 
@@ -169,66 +172,6 @@ def _inside(path: str, name: str) -> bool:
     return parts[0] == name and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
-def _refuse_link(path: Path) -> None:
-    if os.path.islink(path):
-        try:
-            where = f" (to {os.readlink(path)})"
-        except OSError:
-            where = ""
-        raise IntegrityError(
-            f"{path} is a symlink{where}: ckptsync keeps its own files inside the backup directory and "
-            "never follows them out of it; nothing was changed",
-            hint="if it points to ckptsync's own files moved elsewhere, move them back in its place; "
-                 "otherwise remove the link; then run again")
-
-
-def _children(folder: Path) -> list[Path]:
-    """The entries of a real directory (not a link to one); [] when there is none."""
-    try:
-        with os.scandir(folder) as it:
-            return [Path(e.path) for e in it]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def sync_tree(path: Path) -> None:
-    """fsync every file and directory of a staged entry: nothing is renamed into place unsynced."""
-    paths = [path] if path.is_file() else sorted(path.rglob("*")) + [path]
-    for p in paths:
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            fsync_dir(p)
-            continue
-        fsync_file(p)
-    fsync_dir(path.parent)
-
-
-def atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def io_error(exc: OSError, what: str) -> CkptsyncError:
-    """A laptop-side OSError as one line naming what was being done (and the path, when known)."""
-    where = f" ({exc.filename})" if getattr(exc, "filename", None) and str(exc.filename) not in what else ""
-    if exc.errno == errno.ENOSPC:
-        return DiskFull(f"no space left on the device while {what}{where}")
-    if exc.errno == getattr(errno, "EDQUOT", None):  # not every system has quotas
-        return DiskFull(f"disk quota exceeded while {what}{where}")
-    if exc.errno == errno.EROFS:
-        return IOFailure(f"{what}: read-only file system{where}", hint="choose a writable --local-dir")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return IOFailure(f"{what}: permission denied{where}", hint="check the directory's owner and mode")
-    return IOFailure(f"{what}: {exc.strerror or exc}{where}")
-
-
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -242,12 +185,12 @@ class Store:
         if self._own_checked:
             return
         for path in [self.meta] + [self.meta / p for p in OWN_PATHS]:
-            _refuse_link(path)
+            refuse_link(path)
         for top in ("staging", GENERATIONS):   # staging/NAME/NAME, generations/NAME/ID
-            for path in _children(self.meta / top):
-                _refuse_link(path)
-                for inner in _children(path):
-                    _refuse_link(inner)
+            for path in children(self.meta / top):
+                refuse_link(path)
+                for inner in children(path):
+                    refuse_link(inner)
         self._own_checked = True
 
     # -------------------------------------------------- manifests
@@ -415,7 +358,7 @@ class Store:
         out: dict[str, list[Generation]] = {}
         for n, (found, _bad) in self._scan_generations(name).items():
             if found:
-                out[n] = sorted(found, key=lambda g: (g.manifest.backed_up_at, g.id), reverse=True)
+                out[n] = newest_generations(found)
         return out
 
     def _scan_generations(self, name: str | None = None) -> dict[str, tuple[list[Generation], dict]]:
@@ -463,11 +406,7 @@ class Store:
         """Manifest first, so a half-removed generation is never listed."""
         with contextlib.suppress(FileNotFoundError):
             (g.root.parent / f"{g.id}.json").unlink()
-        aside = self.meta / "trash" / f"{g.name}.{g.id}.{time.time_ns()}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(g.root, aside)
-        remove_tree(aside)
+        self._remove_aside(g.root, f"{g.name}.{g.id}", g.root.parent)
 
     def trim_generations(self, name: str, keep: int) -> list[Generation]:
         """Drop all but the `keep` newest generations of `name`; returns the dropped ones."""
@@ -509,9 +448,31 @@ class Store:
             fsync_dir(self.root)
         return adopted
 
+    # -------------------------------------------------- removal
+
+    def remove_entry(self, name: str) -> None:
+        """Take entry `name` out of sight in one rename into the trash, made durable before its
+        manifest goes (a manifest without its entry is ignored, never the other way round), then
+        delete its bytes. An entry already gone loses its manifest only. Raises OSError."""
+        self._remove_aside(self.entry(name), name, self.root, then=lambda: self.drop_manifest(name))
+
+    def _remove_aside(self, path: Path, label: str, parent: Path, then=lambda: None) -> None:
+        """Rename `path` into the trash and fsync `parent`, run `then`, delete it; the trash goes
+        too once empty (what an interruption leaves there, clean_trash removes)."""
+        self.check_own()
+        aside = self.meta / TRASH / f"{label}.{time.time_ns()}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, aside)
+            fsync_dir(parent)
+        then()
+        remove_tree(aside)
+        with contextlib.suppress(OSError):
+            aside.parent.rmdir()
+
     def clean_trash(self) -> None:
         self.check_own()
-        shutil.rmtree(self.meta / "trash", ignore_errors=True)
+        shutil.rmtree(self.meta / TRASH, ignore_errors=True)
 
     # -------------------------------------------------- dedup index
 
@@ -533,16 +494,16 @@ class Store:
         self.check_own()
         self.meta.mkdir(parents=True, exist_ok=True)
         text = json.dumps(status, indent=1, sort_keys=True)
-        atomic_write(self.meta / "status.json", text)
+        atomic_write(self.meta / status_file(), text)
         # The last run of each kind too: a manual run must not hide how the last cron run went.
-        atomic_write(self.meta / f"status-{'scheduled' if status.get('scheduled') else 'manual'}.json", text)
+        atomic_write(self.meta / status_file(status_kind(status)), text)
         with open(self.meta / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(status, sort_keys=True) + "\n")
 
     def status(self, kind: str = "") -> dict[str, Any] | None:
         """The last recorded run; of one kind ("scheduled" or "manual") when given."""
         try:
-            return json.loads((self.meta / (f"status-{kind}.json" if kind else "status.json")).read_text(encoding="utf-8"))
+            return json.loads((self.meta / status_file(kind)).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
@@ -621,18 +582,3 @@ class Store:
         info = self.holder()
         idle = liveness.stuck(info, now, limit)
         return "" if idle is None else f"{liveness.stuck_text(info, idle, limit)}; {liveness.stuck_hint(info)}"
-
-
-def remove_tree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def free_bytes(path: Path) -> int:
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free

@@ -253,3 +253,36 @@ def test_verify_and_restore_name_the_archive(tmp_path: Path, store: Path, server
     assert data["source"] == str(out)
     [extra] = data["extras"]   # outside the new run's directory: not sent, and kept in the archive
     assert extra["kept_at"] == f"{out}/extra-files/config_full_dataset.json"
+
+
+def test_archive_remove_makes_each_entry_gone_durable_before_its_manifest_goes(store: Path, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    # The order of one removal, as prune does it too (Store.remove_entry): the entry leaves its
+    # name, that rename is fsynced, and only then its manifest goes. A crash between never leaves
+    # a manifest-less entry under its name.
+    import ckptsync.archive as archive
+    import ckptsync.store as store_module
+    from ckptsync.archive import ArchiveOptions, run_archive
+
+    events = []
+    real_fsync, real_drop = store_module.fsync_dir, Store.drop_manifest
+
+    def fsync_dir(path):
+        events.append(("fsync", Path(path), tuple(sorted(p.name for p in Path(path).iterdir()))))
+        real_fsync(path)
+
+    def drop_manifest(self, name):
+        events.append(("drop", name))
+        real_drop(self, name)
+
+    monkeypatch.setattr(store_module, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(archive, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(Store, "drop_manifest", drop_manifest)
+    result = run_archive(store, ArchiveOptions(output=tmp_path / "run.tar.zst", remove=True))
+    assert result.removed and result.removed == result.entries
+    for name in result.removed:
+        dropped = events.index(("drop", name))
+        synced = [e for e in events[:dropped] if e[0] == "fsync" and e[1] == store and name not in e[2]]
+        assert synced, (name, events)   # the store's directory was fsynced after the rename, before the drop
+    assert not (store / ".ckptsync" / "trash").exists()
+    assert not any(os.path.lexists(store / name) for name in result.removed)

@@ -6,6 +6,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from ckptsync.cli.context import output
+from ckptsync.cli.shared import run_or_skip, show_generations, show_restore_all
 from ckptsync.errors import UsageError
 from ckptsync.output import Output, TextTable, human, rate, when
 
@@ -57,7 +58,6 @@ def _store(t: Target):
 
 
 def backup(t: Target, opts: BackupOptions, via_laptop: bool = False, skip_if_locked: bool = False) -> int:
-    from ckptsync.cli.cmd_backup import run_or_skip
     from ckptsync.s3.backup import run_bucket_backup
 
     out = output()
@@ -121,8 +121,6 @@ def listing(t: Target, generations: bool = False) -> int:
 
 
 def show_list(out: Output, r, generations: bool = False) -> None:
-    from ckptsync.cli.cmd_list import show_generations
-
     out.result(f"bucket: {r.store}")
     if not r.entries:
         out.result("no backups")
@@ -177,7 +175,6 @@ def restore(t: Target, name: str | None, force: bool, generation: str | None = N
 
 
 def restore_all(t: Target, force: bool) -> int:
-    from ckptsync.cli.cmd_restore import show_restore_all
     from ckptsync.s3.flows import run_bucket_restore_all
 
     out = output()

@@ -10,25 +10,13 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
+from ckptsync.cli.shared import Skipped, run_or_skip
 from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, TextTable, human, rate
 
 if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions, BackupResult
     from ckptsync.multi import ManyResult
-
-
-@dataclass
-class Skipped:
-    """--skip-if-locked met a lock: the run holding it does the work."""
-
-    target: str
-    dest: str
-    skipped: str
-    exit_code: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def backup_cmd(
@@ -103,19 +91,6 @@ def backup_cmd(
     out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
     return run_or_skip(out, t.label, str(t.local_dir), lambda: run_backup(t, opts, out.reporter()),
                        skip_if_locked, show_backup)
-
-
-def run_or_skip(out, label: str, dest: str, run, skip_if_locked: bool, show) -> int:
-    """run() rendered by show; with --skip-if-locked, a lock held by another run is one line and exit 0,
-    unless that run has made no progress for longer than the stall limit: then it is exit 11."""
-    try:
-        result = run()
-    except Locked as exc:
-        if not skip_if_locked or exc.stuck:
-            raise
-        out.info(f"skipped: {exc.message}")
-        return out.render(Skipped(label, dest, exc.message), lambda out, r: None)
-    return out.render(result, show)
 
 
 @dataclass

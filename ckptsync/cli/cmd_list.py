@@ -10,6 +10,7 @@ import typer
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import render
 from ckptsync.cli.many import show_each
+from ckptsync.cli.shared import show_generations
 from ckptsync.policy import last_run_summary
 from ckptsync.output import Column, Output, TextTable, age, ago, human, size_cell, stamp, when, where_lines
 
@@ -100,19 +101,6 @@ def show_runs(out: Output, result: ListResult) -> None:
                           f"{r.local_dir}", indent="  ")
         else:
             out.warn(f"newer run on the server: {r.path} ({r.problem}); back up with: {result.follow_hint}")
-
-
-def show_generations(out: Output, result: ListResult) -> None:
-    if not result.generations:
-        return
-    out.paragraph("earlier versions (restore one with --checkpoint NAME --generation N):")
-    tab = TextTable.of("name", "N", Column("backed up (UTC)", plain_header="backed_up_utc"), "step", "size",
-                       "files")
-    for name, gens in sorted(result.generations.items()):
-        for g in gens:
-            tab.add(name, g.index, g.id, "-" if g.step is None else g.step, size_cell(g.size, out.width is None),
-                    g.files)
-    out.table([tab])
 
 
 # Short words for the contents column: what the checkpoint can be used for.

@@ -8,12 +8,12 @@ import typer
 
 from ckptsync.cli import bucket, options as o
 from ckptsync.cli.context import output
+from ckptsync.cli.shared import show_restore_all
 from ckptsync.output import Output, TextTable, human, size_cell
 from ckptsync.errors import UsageError
 
 if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult
-    from ckptsync.restore_all import RestoreAllResult
 
 
 def restore_cmd(
@@ -179,32 +179,3 @@ def show_hint(out: Output, hint: str, first: str = "") -> None:
         out.to_paste(f"{first}resume with:", code)
     else:
         out.paragraph(hint, indent="  ", first=first)
-
-
-def show_restore_all(out: Output, result: RestoreAllResult) -> None:
-    from ckptsync.restore_all import RESTORED, SKIPPED, WOULD
-
-    for w in result.warnings:
-        out.warn(w)
-    for item in result.failed:
-        out.warn(f"{item.checkpoint}: {item.error or item.outcome}")
-    if out.quiet and not result.failed:
-        return
-    tab = TextTable.of("checkpoint", "step", "size", "result")
-    for item in result.items:
-        tab.add(item.checkpoint, "-" if item.step is None else item.step, human(item.size), item.outcome)
-    out.table([tab])
-    for item in result.items:
-        if item.outcome == SKIPPED:
-            out.paragraph(f"{item.checkpoint}: skipped, {item.error}", indent="    ", first="  ")
-    if result.dry_run:
-        out.result(f"dry run: would restore {sum(1 for i in result.items if i.outcome == WOULD)} checkpoints "
-                   f"from {result.source} to {result.server}:{result.remote_dir}; nothing was changed")
-        return
-    restored = sum(1 for i in result.items if i.outcome == RESTORED)
-    out.result(f"restored {restored} of {len(result.items)} checkpoints to {result.server}:{result.remote_dir}, "
-               f"{human(result.sent_bytes)} sent ({human(result.wire_bytes)} on the wire), "
-               f"{sum(1 for i in result.items if i.outcome == SKIPPED)} skipped, "
-               f"{len(result.failed)} failed; {result.seconds:.1f}s")
-    if result.restores:
-        out.result(result.restores[0].resume_hint)

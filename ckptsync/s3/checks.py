@@ -6,10 +6,9 @@ import contextlib
 from typing import Iterator
 
 from ckptsync.backup import BackupOptions
-from ckptsync.checklist import Checklist
 from ckptsync.config import Target
 from ckptsync.details import CompareResult, ShowResult, compare_stored, show_server, show_stored, state_file
-from ckptsync.progress import QUIET, Reporter
+from ckptsync.progress import Reporter
 from ckptsync.s3.backup import open_store, run_bucket_backup
 from ckptsync.s3.flows import run_bucket_verify
 from ckptsync.s3.index import bucket_index
@@ -45,26 +44,25 @@ def compare_bucket(store: BucketStore, a: str, b: str) -> CompareResult:
     return result
 
 
-class BucketChecklist(Checklist):
-    """The checklist against a bucket: manifests from its index, sizes and ETags re-checked."""
+class BucketBackups:
+    """checklist.Backups for a bucket: manifests from its index, sizes and ETags re-checked."""
 
-    def __init__(self, target: Target, rep: Reporter = QUIET, store: BucketStore | None = None) -> None:
-        super().__init__(target, rep)
+    def __init__(self, target: Target, store: BucketStore | None = None) -> None:
+        self.target = target
         self.bucket = store or open_store(target)
-        self.result.dest = str(self.bucket.root)
+        self.dest = str(self.bucket.root)
 
-    def backup(self) -> None:
-        run_bucket_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep, self.bucket)
+    def backup(self, rep: Reporter) -> None:
+        run_bucket_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), rep, self.bucket)
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
+    def reading(self) -> Iterator[Store]:
         # The extra files' bytes come too: a server without xxh3-128 is compared by reading them.
         with bucket_index(self.bucket, lambda p: p.startswith(EXTRA + "/")) as index, renamed(index, self.bucket):
-            self.store = Store(index)
-            yield
+            yield Store(index)
 
-    def verify(self, name: str) -> tuple[bool, str, str]:
-        problems = [p for c in run_bucket_verify(self.bucket, [name], False, self.rep).checked for p in c.problems]
+    def verify(self, name: str, rep: Reporter) -> tuple[bool, str, str]:
+        problems = [p for c in run_bucket_verify(self.bucket, [name], False, rep).checked for p in c.problems]
         if not problems:
             return True, f"{name}: every object's size and ETag match its manifest", ""
         return (False, f"{name}: " + "; ".join(problems[:3]),

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-import xxhash
 
+from ckptsync.disk import new_hasher
 from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError, NotFound, UsageError
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
@@ -87,10 +86,6 @@ class BucketVerify:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "exit_code": self.exit_code}
-
-
-def new_hasher(alg: str):
-    return xxhash.xxh3_128() if alg == "xxh3_128" else hashlib.new(alg)
 
 
 def run_bucket_verify(store: BucketStore, names: list[str], read_data: bool, rep: Reporter = QUIET) -> BucketVerify:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ckptsync.policy import STATUS_KINDS, status_file
 from ckptsync.s3.store import BucketStore
 from ckptsync.store import META, Store
 
@@ -43,12 +44,11 @@ def bucket_index(store: BucketStore, wanted: Callable[[str], bool] | None = None
                 if got is not None:
                     (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
                     (tmp / f.path).write_bytes(got[0])
-        for kind in ("", "scheduled", "manual"):
+        for kind in ("", *STATUS_KINDS):
             status = store.status(kind)
             if status is not None:
                 (tmp / META).mkdir(exist_ok=True)
-                (tmp / META / (f"status-{kind}.json" if kind else "status.json")).write_text(
-                    json.dumps(status), encoding="utf-8")
+                (tmp / META / status_file(kind)).write_text(json.dumps(status), encoding="utf-8")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

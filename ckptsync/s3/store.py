@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ckptsync.errors import CkptsyncError, IOFailure, Locked
+from ckptsync.policy import newest_generations, status_file, status_kind
 from ckptsync.s3 import StoreUrl
 from ckptsync.s3.bucket import Bucket, Conflict
 from ckptsync.store import Manifest
@@ -112,9 +113,7 @@ class BucketStore:
                 continue
             g.gid, g.base = gid, f"{GENERATIONS}{owner}/{gid}/"
             out.setdefault(owner, []).append(g)
-        for gens in out.values():
-            gens.sort(key=lambda g: (g.manifest.backed_up_at, g.gid), reverse=True)
-        return out
+        return {name: newest_generations(gens) for name, gens in out.items()}
 
     def _generation_manifests(self, name: str | None) -> list[tuple[str, str, str]]:
         """(key, name, id) of the generation manifests (of `name`, or of every name), from one listing."""
@@ -168,13 +167,13 @@ class BucketStore:
                 if not k.startswith(meta) or (generations and k.startswith(kept) and k[len(kept):].count("/") >= 2)}
 
     def status_key(self, kind: str = "") -> str:
-        return self.key(f"{META}/status-{kind}.json" if kind else f"{META}/status.json")
+        return self.key(f"{META}/{status_file(kind)}")
 
     def record_status(self, status: dict) -> None:
         """As the local store does: the last run, and the last of its kind (scheduled or manual)."""
         raw = json.dumps(status, indent=1, sort_keys=True).encode("utf-8")
         self.bucket.put(self.status_key(), raw)
-        self.bucket.put(self.status_key("scheduled" if status.get("scheduled") else "manual"), raw)
+        self.bucket.put(self.status_key(status_kind(status)), raw)
 
     def status(self, kind: str = "") -> dict | None:
         got = self.bucket.get(self.status_key(kind))

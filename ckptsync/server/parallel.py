@@ -17,9 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
-import xxhash
 
-from ckptsync.agent import new_hash
 from ckptsync.errors import ConnectError
 from ckptsync.policy import MAX_PARALLEL, auto_channels
 from ckptsync.progress import Reporter
@@ -29,7 +27,7 @@ from ckptsync.server.types import FileStat
 from ckptsync.server.transfer import (
     CHUNK, Outcome, Prefix, Received, Span, keepable, offers, receive,
 )
-from ckptsync.store import io_error
+from ckptsync.disk import XXH3, io_error, new_hasher
 
 T = TypeVar("T")
 
@@ -255,9 +253,9 @@ class _Run:
                 self.changed[member] = "modified during the backup (its ranges differ)"
             return None
         part, path = self._part(member), self.targets[member]
-        hx = xxhash.xxh3_128()
+        hx = new_hasher()
         alg = self.servers[0].best_hash
-        other = None if alg == "xxh3_128" else new_hash(alg)   # recorded for the next comparison
+        other = None if alg == XXH3 else new_hasher(alg)   # recorded for the next comparison
         try:
             with open(part, "rb") as f:
                 for block in iter(lambda: f.read(CHUNK), b""):

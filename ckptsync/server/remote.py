@@ -8,6 +8,7 @@ from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
 from ckptsync.agent.codec import lzma
+from ckptsync.disk import new_hasher
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError, Stalled
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
@@ -400,7 +401,7 @@ class Upload(UploadBase):
             self.sender.flush()  # file data then starts on a chunk boundary and is sent without copies
         except wire.Failure as exc:
             raise self.remote.lost(exc.message) from None
-        h = wire.new_hash(self.alg)
+        h = new_hasher(self.alg)
         for n, send in ((hashed, False), (length, True)):
             left = n
             while left:

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import xxhash
 
 from ckptsync import agent as wire
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError
 from ckptsync.progress import Reporter
 from ckptsync.server.base import Download
-from ckptsync.store import io_error
+from ckptsync.disk import XXH3, io_error, new_hasher
 
 CHUNK = wire.CHUNK
 # A partly received file at least this large keeps its bytes when the link drops or the run is
@@ -76,8 +75,8 @@ def kept_prefixes(targets: dict[str, Path], alg: str, done: Iterable[Path] = ())
         if size < KEEP_PREFIX_MIN:
             part.unlink(missing_ok=True)
             continue
-        hx = xxhash.xxh3_128()
-        other = None if alg == "xxh3_128" else wire.new_hash(alg)
+        hx = new_hasher()
+        other = None if alg == XXH3 else new_hasher(alg)
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(CHUNK), b""):
                 hx.update(block)
@@ -170,13 +169,13 @@ class DiskWriter:
                     if start is not None:  # a range, into a file other channels write too
                         out = open(path, "r+b")
                         out.seek(prefix.size if prefix is not None else start)
-                        hx = prefix.xxh if prefix is not None else xxhash.xxh3_128()
+                        hx = prefix.xxh if prefix is not None else new_hasher()
                         other = prefix.other if prefix is not None else (
-                            None if alg == "xxh3_128" else wire.new_hash(alg))
+                            None if alg == XXH3 else new_hasher(alg))
                     elif prefix is None:
                         out = open(path, "wb")
-                        hx = xxhash.xxh3_128()
-                        other = None if alg == "xxh3_128" else wire.new_hash(alg)
+                        hx = new_hasher()
+                        other = None if alg == XXH3 else new_hasher(alg)
                     else:  # the server sends the rest of a kept prefix
                         out = open(path, "r+b")
                         out.truncate(prefix.size)

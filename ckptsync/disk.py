@@ -1,0 +1,106 @@
+"""Writing on this computer's disk safely, one way each: fsync a file or a directory, replace a
+file atomically, remove a tree, refuse a symlink, the xxh3-128 hasher, and an OSError said in
+one line.
+
+The fsync helpers are the agent's (it writes on the server the same way); everything on this
+side imports them, and xxhash, from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import xxhash
+
+from ckptsync.agent import fsync_dir, fsync_file
+from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure
+
+__all__ = ["XXH3", "atomic_write", "children", "free_bytes", "fsync_dir", "fsync_file", "io_error", "new_hasher",
+           "refuse_link", "remove_tree", "sync_tree"]
+
+XXH3 = "xxh3_128"
+
+
+def new_hasher(alg: str = XXH3):
+    """A running hash: xxh3-128 (what manifests record), or one of hashlib's (what a server
+    without xxhash uses)."""
+    return xxhash.xxh3_128() if alg == XXH3 else hashlib.new(alg)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file and directory of a staged entry: nothing is renamed into place unsynced."""
+    paths = [path] if path.is_file() else sorted(path.rglob("*")) + [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            fsync_dir(p)
+            continue
+        fsync_file(p)
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def io_error(exc: OSError, what: str) -> CkptsyncError:
+    """A laptop-side OSError as one line naming what was being done (and the path, when known)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) and str(exc.filename) not in what else ""
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"no space left on the device while {what}{where}")
+    if exc.errno == getattr(errno, "EDQUOT", None):  # not every system has quotas
+        return DiskFull(f"disk quota exceeded while {what}{where}")
+    if exc.errno == errno.EROFS:
+        return IOFailure(f"{what}: read-only file system{where}", hint="choose a writable --local-dir")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return IOFailure(f"{what}: permission denied{where}", hint="check the directory's owner and mode")
+    return IOFailure(f"{what}: {exc.strerror or exc}{where}")
+
+
+def refuse_link(path: Path) -> None:
+    if os.path.islink(path):
+        try:
+            where = f" (to {os.readlink(path)})"
+        except OSError:
+            where = ""
+        raise IntegrityError(
+            f"{path} is a symlink{where}: ckptsync keeps its own files inside the backup directory and "
+            "never follows them out of it; nothing was changed",
+            hint="if it points to ckptsync's own files moved elsewhere, move them back in its place; "
+                 "otherwise remove the link; then run again")
+
+
+def children(folder: Path) -> list[Path]:
+    """The entries of a real directory (not a link to one); [] when there is none."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
