@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Mapping
 
@@ -277,3 +278,19 @@ def open_for_writing(path: str | os.PathLike[str]):
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def exec_done(pid: int) -> None:
+    """Wait until process `pid` has a command line. Popen returns when the exec has closed the
+    child's close-on-exec descriptors, before the kernel has set up its new arguments: until
+    then /proc/PID/cmdline is empty."""
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read():
+                    return
+        except FileNotFoundError:
+            return   # it has already exited: nothing more to wait for
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} has no command line after {HANG} s")

@@ -21,6 +21,7 @@ from ckptsync.agent import bundle
 from ckptsync.agent.fileops import op_commit, op_discard, op_staged
 from ckptsync.agent.procs import op_procs
 from ckptsync.transport.base import MARKER, STAGE1
+from helpers import exec_done
 
 AGENT_DIR = Path(wire.__file__).resolve().parent
 OPTIONAL = {"xxhash", "zstandard"}
@@ -414,7 +415,7 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     (root / "checkpoint-3").mkdir(parents=True)
     held = root / "checkpoint-3" / "train_log.txt"
     held.write_text("step 3\n")
-    # The child inherits the file open for reading: it is in /proc once Popen returns (after the exec).
+    # The child inherits the file open for reading: it is in /proc once its exec is done.
     # A relative name keeps the command line short whatever the temp path (it is cut at 200 chars).
     fd = os.open(held, os.O_RDONLY)
     try:
@@ -422,6 +423,7 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
                                  cwd=tmp_path, pass_fds=(fd,))
     finally:
         os.close(fd)
+    exec_done(child.pid)
     try:
         real = os.path.realpath(held)
         reply = op_procs({"root": str(root), "pattern": "train_log"})

@@ -22,7 +22,7 @@ from ckptsync.scan import ServerView
 from ckptsync.server import FileStat, Process, Procs
 from ckptsync.training import judge_training, temporary_save
 from ckptsync.transport.base import STAGE1
-from helpers import run_cli
+from helpers import exec_done, run_cli
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 
@@ -31,8 +31,7 @@ SLEEPER = "import time\ntime.sleep(600)\n"
 
 class Children:
     """Processes started with a chosen argv and working directory; all killed at the end.
-
-    Popen returns once the exec has happened, so the command line, working directory and
+    Each is returned once its exec has finished: its command line, working directory and
     inherited descriptors are in /proc before anything looks."""
 
     def __init__(self, bin_dir: Path) -> None:
@@ -50,6 +49,7 @@ class Children:
     def start(self, argv: list[str], cwd: Path | str, **kw) -> subprocess.Popen:
         child = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, **kw)
         self.started.append(child)
+        exec_done(child.pid)
         return child
 
     def stop(self, child: subprocess.Popen) -> None:
@@ -246,6 +246,7 @@ def test_the_agent_tells_this_runs_processes_by_directory_open_files_and_command
     assert by_name["torchrun"]["run"] == f"works in {run.parent}, above the run's directory"
     assert by_name["names"]["run"] == f"names {run}"
     assert by_name["other"]["trainer"] and not by_name["other"]["run"]
+    assert by_name["shell"]["run"] == f"works in {run}" and not by_name["shell"]["trainer"]
     assert by_name["writer"]["run"] == f"writes {run / 'log.txt'}" and not by_name["writer"]["trainer"]
     assert [started["writer"].pid, str(run / "log.txt")] == [reply["writing"][0][0], reply["writing"][0][2]]
     if os.geteuid() == 0:

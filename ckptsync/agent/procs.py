@@ -106,7 +106,8 @@ def process_ids():
 
 
 def read_argv(pid):
-    """(argv or None, denied): None for a process gone, a kernel thread or a zombie."""
+    """(argv or None, denied): None for a process gone, a kernel thread or a zombie. A process in
+    the middle of an exec has no command line yet: it is named by its program's name."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             raw = f.read()
@@ -115,8 +116,23 @@ def read_argv(pid):
     except OSError:
         return None, False
     if not raw.strip(b"\x00"):
-        return None, False
+        return mid_exec(pid), False
     return [w.decode("utf-8", "replace") for w in raw.rstrip(b"\x00").split(b"\x00")], False
+
+
+def mid_exec(pid):
+    """[its name] for a user process whose command line is empty (an exec under way), else None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        name = data[data.index(b"(") + 1:data.rindex(b")")].decode("utf-8", "replace")
+        state, ppid = data[data.rindex(b")") + 2:].split()[:2]
+        os.readlink("/proc/%d/exe" % pid)   # a kernel thread has no program
+    except (OSError, ValueError):
+        return None
+    if state == b"Z" or int(ppid) == 2 or pid == 2:
+        return None
+    return [name]
 
 
 def parent_of(pid):
