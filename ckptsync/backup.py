@@ -22,7 +22,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.doctor import fallback_line
 from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
-from ckptsync.policy import CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
+from ckptsync.policy import BATCH_BYTES, CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.result import Result
 from ckptsync.runs import RunState, find_runs, run_target, survey
@@ -126,6 +126,7 @@ class Backup:
         self.record_each_commit = False   # status.json after every commit, not only at the end (a watch)
         self.on_commit: Callable[[str], None] = lambda name: None   # told of each checkpoint as it is committed
         self.between: Callable[[], None] = lambda: None   # run between two transfers (a watch holds what is new)
+        self.batch_bytes = BATCH_BYTES   # small checkpoints fetched together up to this; 0: one per transfer
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
@@ -214,7 +215,7 @@ class Backup:
         self.placement.add(None)
         by_name = {c.name: c for c in chosen}
         fetches = [(p.name, p.fetch_bytes) for p in todo if p.action == "fetch" and p.name in by_name]
-        batch_of = {names[0]: names for names in batches(fetches)}
+        batch_of = {names[0]: names for names in batches(fetches, self.batch_bytes)}
         for item in todo:
             if item.action == "restamp":
                 self._restamp(item.name, self._judged[item.name])

@@ -280,6 +280,8 @@ class Watch:
         self.emitted, self.held_then = set(), set()
         job.on_commit = lambda name: self.committed(name, view, listed_at)
         job.between = lambda: self.hold_new(server)
+        if self.opts.hold:   # one checkpoint per transfer: what completes meanwhile is held between two
+            job.batch_bytes = 0
         job.warn_unsaved = self.cycles == 1   # what the first cycle leaves out is named once
         try:
             result = run_job(job, server)
