@@ -13,7 +13,6 @@ Runs with the benchmark's venv (torch, transformers, peft). Before training it w
 """
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -22,23 +21,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+from tree_hash import sha256_tree   # bench/, this script's directory
+
 VOCAB = 1000
 SEQ = 32
 BATCH = 4
-
-
-def file_hashes(root):
-    """Relative path -> [size, sha256] of every file under root."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, root)] = [os.path.getsize(path), h.hexdigest()]
-    return out
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -74,7 +61,7 @@ class Record(TrainerCallback):
         saved_at = time.time()
         name = f"checkpoint-{state.global_step}"
         path = os.path.join(args.output_dir, name)
-        files = file_hashes(path)
+        files = sha256_tree(path)
         state_file = os.path.join(path, "trainer_state.json")
         self.write(event="saved", checkpoint=name, step=state.global_step, saved_at=saved_at,
                    state_mtime=os.stat(state_file).st_mtime if os.path.exists(state_file) else None,

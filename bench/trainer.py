@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import run as lab_mod  # noqa: E402  (bench/run.py: the lab, the venv, the link check)
+from tree_hash import sha256_tree  # noqa: E402
 from run import (ALIAS, DEFAULT_DATA, REPO, RESULTS_DIR, Lab, ck_pythonpath, end_on_signals,  # noqa: E402
                  ensure_prereqs, ensure_venv, link_check, log, machine_facts, parse_rate, stop_process)
 
@@ -38,20 +38,6 @@ MODES = {"watch": ["watch", "--json", "--until-done"],
          "backup-loop": ["backup", "--json"]}
 POLL = 0.2            # how often the backup directory is looked at for new manifests
 EXPOSURE_MARGIN = 3.0  # the target: worst exposure at most one checkpoint's transfer + this
-
-
-def sha256_tree(root: Path) -> dict[str, list]:
-    """Relative path -> [size, sha256] of every regular file under root (as tiny_train.py records them)."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, root)] = [os.path.getsize(path), h.hexdigest()]
-    return out
 
 
 def read_jsonl(path: Path) -> list[dict]:
