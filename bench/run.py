@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu  # noqa: E402  (bench/cpu.py: where each CPU second of a row goes)
 import servers  # noqa: E402  (bench/servers.py: the server's python3, stock or equipped)
 
 HOST_IP = "10.231.77.1"
@@ -807,7 +808,12 @@ class Bench:
             self.drop_caches()
         rx0, tx0 = self.lab.veth_bytes()
         cpu0 = self.lab.relay_cpu_s()
+        prof = cpu.Profile(str(self.work.parent / "perf.data")) if self.a.profile else None
+        if prof:
+            prof.start()
         res = self.timer.run(stages, env=env, cwd=self.lab.home)
+        if prof:
+            prof.stop()
         rx1, tx1 = self.lab.veth_bytes()
         cpu1 = self.lab.relay_cpu_s()
         self.last_wire_samples = res.pop("wire_samples")
@@ -826,6 +832,8 @@ class Bench:
                **{k: v for k, v in res.items() if k != "stderr"},
                "stderr_tail": res["stderr"].strip()[-2000:]}
         rec["argv"] = [str(x) for x in rec["argv"]]
+        if prof:
+            rec["cpu_s"] = prof.seconds()
         self.records.append(rec)
         rss = f"{rec['rss_kb'] / 1024:.0f}" if rec["rss_kb"] is not None else "?"
         line = (f"  [{speed} {rep + 1}/{self.a.reps}] {op:<12} {shown(label, server):<40} {res['wall_s']:8.2f}s "
@@ -833,6 +841,8 @@ class Bench:
                 f"  wire {mb(wire['total'])} MB")
         if rec["relay_cpu_s"] is not None:
             line += f"  relay cpu {rec['relay_cpu_s']:.1f} s"
+        if prof:
+            line += "  cpu " + " ".join(f"{k} {sum(v.values()):.1f}" for k, v in sorted(rec["cpu_s"].items()))
         if ok:
             log(line + "  ok")
         else:
@@ -1287,6 +1297,9 @@ def parse_args(argv=None):
     p.add_argument("--link-check-only", action="store_true", help="set up, shape and measure the link, then exit")
     p.add_argument("--cleanup", action="store_true", help="remove namespaces left by killed or --keep runs")
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--profile", action="store_true",
+                   help="record each row's CPU with `perf record -a` and count it by side and by library "
+                        "(bench/cpu.py; `python3 bench/cpu.py RESULTS.json` prints the per-GB table)")
     a = p.parse_args(argv)
     if a.quick:
         a.reps = 1
