@@ -72,6 +72,13 @@ T = TypeVar("T", bound=_Ordered)
 CURRENT, CHANGED, CHECK = "current", "changed", "check"
 
 
+def same_identity(a, b) -> bool:
+    """Same inode and ctime, where both are known: a rename or a rewrite changes one of them."""
+    if a.inode and b.inode and a.inode != b.inode:
+        return False
+    return not (a.ctime_ns and b.ctime_ns and a.ctime_ns != b.ctime_ns)
+
+
 def quick_check(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped],
                 legacy: str = CURRENT) -> tuple[str, list[str]]:
     """Compare a backup's file records with the server's files without reading bytes. Pure.
@@ -82,10 +89,6 @@ def quick_check(stored: Iterable[_Stamped] | None, server: Mapping[str, _Stamped
     and mtime): those files must be hashed to tell. A record made before inodes were recorded
     counts as `legacy` (CURRENT: trust size and mtime; CHECK: hash it once).
     """
-    # Imported here: output imports this module for human() and rate(), and `--help` need not
-    # load the server package.
-    from ckptsync.server.types import same_identity
-
     if stored is None:
         return CHANGED, []
     mine = {f.path: f for f in stored}  # type: ignore[attr-defined]

@@ -4,61 +4,7 @@ and still makes the two modules depend on each other); one under `if TYPE_CHECKI
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (
-        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
-
-
-def imports_run(node: ast.AST):
-    """Every import statement below `node`, but those under `if TYPE_CHECKING:` (their else runs)."""
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, (ast.Import, ast.ImportFrom)):
-            yield child
-        elif _type_checking(child):
-            for inner in child.orelse:
-                yield from ([inner] if isinstance(inner, (ast.Import, ast.ImportFrom)) else imports_run(inner))
-        else:
-            yield from imports_run(child)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports. `from ckptsync.x import y` is an import of
-    ckptsync.x.y where that is a module, else of ckptsync.x. A module's own packages (whose
-    __init__ Python loads first) are left out: that order is not a cycle."""
-    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in paths.items():
-        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-        deps: set[str] = set()
-        for node in imports_run(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(here[:len(here) - node.level + 1] + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
-            for t in targets:
-                while t and t not in paths:
-                    t = t.rpartition(".")[0]
-                if t:
-                    deps.add(t)
-        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
-    return graph
+from package_imports import import_graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

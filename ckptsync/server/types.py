@@ -23,13 +23,6 @@ class Stat:
                 and not (self.inode and other.inode and self.inode != other.inode))
 
 
-def same_identity(a, b) -> bool:
-    """Same inode and ctime, where both are known: a rename or a rewrite changes one of them."""
-    if a.inode and b.inode and a.inode != b.inode:
-        return False
-    return not (a.ctime_ns and b.ctime_ns and a.ctime_ns != b.ctime_ns)
-
-
 class Stats(dict):
     """path -> Stat, or None when the server has no such path or could not look at it;
     `errors`: the paths it could not look at (a directory on the way it may not enter), and why."""
