@@ -20,8 +20,6 @@ HEADROOM = 1.5
 # Channels share a TCP connection (one congestion window, one kernel buffer of 4 to 6 MiB by
 # Linux's defaults, one ssh process for the cipher) up to this many; more open another.
 CHANNELS_PER_CONNECTION = 4
-
-
 # A channel chosen here (not asked for) is opened only for a share of at least this many bytes:
 # opening one costs a few round trips, in which a channel already open moves a few windows.
 SHARE_MIN = 8 << 20
@@ -38,6 +36,7 @@ def auto_channels(round_trip: float, rate: float | None, window: int) -> int:
 def connections(channels: int) -> int:
     """How many TCP connections `channels` are spread over, where the transport can open more. Pure."""
     return max(1, math.ceil(channels / CHANNELS_PER_CONNECTION))
+
 
 # Checkpoints smaller than BATCH_BYTES travel together, up to BATCH_BYTES per transfer, and
 # are then committed one by one: a run that kept hundreds of small adapters would otherwise pay

@@ -42,7 +42,7 @@ class Channels:
     """
 
     def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int | None) -> None:
-        """`wanted` None: chosen from the link's round trip the first time a transfer asks."""
+        """`wanted` None: chosen from the link's round trip and rate the first time a transfer asks."""
         self.servers = [first]
         self.open_more = open_more
         self._wanted = None if wanted is None else max(1, min(wanted, MAX_PARALLEL))
