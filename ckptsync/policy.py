@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Protocol, TypeVar
 
 from ckptsync.errors import LOCKED, PARTIAL
 
 MAX_PARALLEL = 16   # channels of one transfer (--parallel, parallel: in the config)
 HOLD_MAX = 3        # complete checkpoints a watch holds on the server against rotation, at most (hold.py)
-# Without --parallel or parallel:, a transfer to a server this far away (round trip, seconds)
-# goes over AUTO_CHANNELS. One SSH channel moves at most its 2 MiB window per round trip: at
-# 30 ms that is about 70 MB/s, near what ssh's cipher manages on one core here; nearer, more
-# channels only cost CPU (docs/performance.md: 1.30x slower at 1 Gbit/s, 2.5x faster at 100 ms).
-AUTO_RTT = 0.030
-AUTO_CHANNELS = 4
+# Without --parallel or parallel:, a transfer takes as many channels as the link's
+# bandwidth-delay product needs: one SSH channel carries at most its window (2 MiB with OpenSSH
+# and paramiko) per round trip, about 21 MB/s at 100 ms. The rate is --bwlimit when one is set;
+# otherwise ASSUMED_RATE. A rate measured by an earlier run is no guide: it was capped by that
+# run's own channels, and would only ever lower the next choice. HEADROOM covers the time a
+# channel's window is not in flight (a range or file starting, the agent between reads).
+ASSUMED_RATE = 125_000_000   # bytes/s, 1 Gbit/s: what a rented GPU server's link usually has
+HEADROOM = 1.5
+# Channels share a TCP connection (one congestion window, one kernel buffer of 4 to 6 MiB by
+# Linux's defaults, one ssh process for the cipher) up to this many; more open another.
+CHANNELS_PER_CONNECTION = 4
+# A channel chosen here (not asked for) is opened only for a share of at least this many bytes:
+# opening one costs a few round trips, in which a channel already open moves a few windows.
+SHARE_MIN = 8 << 20
 
 
-def auto_channels(round_trip: float) -> int:
-    """How many channels a transfer uses when none were asked for, from the link's round trip. Pure."""
-    return AUTO_CHANNELS if round_trip >= AUTO_RTT else 1
+def auto_channels(round_trip: float, rate: float | None, window: int) -> int:
+    """How many channels a transfer uses when none were asked for: enough windows of `window`
+    bytes to keep `rate` (bytes/s; None: ASSUMED_RATE) in flight over `round_trip` seconds,
+    1 to MAX_PARALLEL. Pure."""
+    in_flight = HEADROOM * (ASSUMED_RATE if rate is None else rate) * max(round_trip, 0.0)
+    return max(1, min(math.ceil(in_flight / window), MAX_PARALLEL))
+
+
+def connections(channels: int) -> int:
+    """How many TCP connections `channels` are spread over, where the transport can open more. Pure."""
+    return max(1, math.ceil(channels / CHANNELS_PER_CONNECTION))
+
 
 # Checkpoints smaller than BATCH_BYTES travel together, up to BATCH_BYTES per transfer, and
 # are then committed one by one: a run that kept hundreds of small adapters would otherwise pay

@@ -568,14 +568,50 @@ def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tm
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 
 
-# -------------------------------------------------- the default: from the round trip
+# -------------------------------------------------- the default: from the round trip and the rate
+
+GBIT = 125_000_000   # bytes/s
+WINDOW = 2 << 20     # OpenSSH's channel window
 
 
-@pytest.mark.parametrize("rtt,channels", [(0.0, 1), (0.0299, 1), (0.030, 4), (0.101, 4)])
-def test_channels_chosen_from_the_round_trip(rtt, channels):
+@pytest.mark.parametrize("rtt, rate, window, channels", [
+    (0.0, None, WINDOW, 1),               # this machine
+    (0.0005, GBIT, WINDOW, 1),            # a LAN: one window covers 60 times the link
+    (0.005, None, WINDOW, 1),             # a LAN, rate unknown
+    (0.020, GBIT // 5, WINDOW, 1),        # 200 Mbit/s at 20 ms: 0.5 MB in flight, a quarter window
+    (0.020, None, WINDOW, 2),             # 20 ms, rate unknown (1 Gbit/s assumed): 2.5 MB in flight
+    (0.100, GBIT // 5, WINDOW, 2),        # 200 Mbit/s at 100 ms: 2.5 MB
+    (0.100, GBIT, WINDOW, 9),             # 1 Gbit/s at 100 ms: 12.5 MB, six windows and headroom
+    (0.100, None, WINDOW, 9),             # the same when the rate is not known
+    (0.100, 20_000_000, WINDOW, 2),       # --bwlimit 20M at 100 ms: more channels would only wait
+    (0.100, 10 * GBIT, WINDOW, 16),       # 10 Gbit/s at 100 ms: capped
+    (0.300, GBIT, WINDOW, 16),            # 1 Gbit/s at 300 ms: capped
+    (0.020, GBIT, 256 << 10, 15),         # a small window needs more channels for the same link
+])
+def test_channels_chosen_from_the_round_trip_and_rate(rtt, rate, window, channels):
     from ckptsync.policy import auto_channels
 
-    assert auto_channels(rtt) == channels
+    assert auto_channels(rtt, rate, window) == channels
+
+
+@pytest.mark.parametrize("channels, spread", [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3), (16, 4)])
+def test_channels_beyond_four_open_another_connection(channels, spread):
+    from ckptsync.policy import connections
+
+    assert connections(channels) == spread
+
+
+def test_the_window_of_each_ssh_client():
+    """What auto_channels divides by: 2 MiB both ways with OpenSSH, and with paramiko, whose
+    sessions keep its default window and talk to sshd."""
+    import paramiko
+
+    from ckptsync.transport import SshTarget
+    from ckptsync.transport.openssh import OpenSshTransport
+    from ckptsync.transport.ssh import SshTransport
+
+    assert OpenSshTransport(SshTarget(host="h")).window == WINDOW
+    assert SshTransport.window == paramiko.common.DEFAULT_WINDOW_SIZE == WINDOW
 
 
 def test_the_round_trip_is_the_shortest_of_three_pings():
@@ -587,29 +623,46 @@ def test_the_round_trip_is_the_shortest_of_three_pings():
 class FarServer(InProcessServer):
     """The in-process agent, reporting the round trip of a server on another continent."""
 
-    def __init__(self, rtt: float) -> None:
+    def __init__(self, rtt: float, limit: int | None = None) -> None:
         super().__init__()
         self.rtt = rtt
+        self.limit = limit
         self.asked = 0
 
     def round_trip(self, clock=None) -> float:
         self.asked += 1
         return self.rtt
 
+    @property
+    def rate_limit(self) -> int | None:
+        return self.limit
 
-@pytest.mark.parametrize("rtt,channels", [(0.1, {2, 3, 4}), (0.001, {1})])
-def test_without_parallel_a_far_server_gets_four_channels_and_a_near_one_one(server_tree, tmp_path, rtt, channels):
-    """Four wanted for the far one; the fixture's few files fill three of them."""
+
+@pytest.mark.parametrize("rtt, limit, wanted", [(0.1, None, 9), (0.1, 20_000_000, 2), (0.001, None, 1)])
+def test_without_parallel_the_channels_wanted_follow_the_round_trip_and_the_bwlimit(rtt, limit, wanted):
+    from ckptsync.server.parallel import Channels
+
+    with FarServer(rtt, limit) as first:
+        channels = Channels(first, lambda: FarServer(rtt, limit), None)
+        assert channels.wanted == wanted and channels.wanted == wanted
+        assert first.asked == 1   # measured once, on the run's own connection
+
+
+@pytest.mark.parametrize("rtt, limit, channels", [(0.1, None, 6), (0.1, 20_000_000, 2), (0.001, None, 1)])
+def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(server_tree, tmp_path, small_split,
+                                                                                rtt, limit, channels):
+    """Nine wanted for the far one (two under a 20 MB/s limit); its 48 MiB are worth six (SHARE_MIN each)."""
+    add_big(server_tree)
     made: list[FarServer] = []
 
     def factory() -> FarServer:
-        made.append(FarServer(rtt))
+        made.append(FarServer(rtt, limit))
         return made[-1]
 
     dest = tmp_path / "b"
     t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=None)
     result = run_backup(t, BackupOptions(all=True))
-    assert result.exit_code == 0 and result.channels in channels
+    assert result.exit_code == 0 and result.channels == channels
     assert made[0].asked == 1 and len(made) == result.channels   # measured once, on the run's own connection
     assert manifests(dest) == manifests_of_one_channel(server_tree, tmp_path)
 
@@ -618,6 +671,19 @@ def manifests_of_one_channel(server_tree, tmp_path) -> dict:
     dest = tmp_path / "one"
     assert run_backup(parallel_target(server_tree, dest, 1)[0], BackupOptions(all=True)).exit_code == 0
     return manifests(dest)
+
+
+def test_a_few_small_files_are_not_worth_another_channel(server_tree, tmp_path):
+    """Nine wanted at 100 ms, but the fixture's 23 kB are one share: no channel is opened for them."""
+    made: list[FarServer] = []
+
+    def factory() -> FarServer:
+        made.append(FarServer(0.1))
+        return made[-1]
+
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=None)
+    result = run_backup(t, BackupOptions(all=True))
+    assert result.exit_code == 0 and result.channels == 1 and len(made) == 1
 
 
 def test_an_explicit_parallel_is_never_second_guessed(server_tree, tmp_path):
@@ -630,3 +696,30 @@ def test_an_explicit_parallel_is_never_second_guessed(server_tree, tmp_path):
     t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=1)
     assert run_backup(t, BackupOptions(all=True)).channels == 1
     assert made[0].asked == 0
+
+
+def test_the_bwlimit_and_the_window_reach_the_choice():
+    from ckptsync.server.agent_server import AgentServer
+    from ckptsync.transport import SshTarget
+    from ckptsync.transport.openssh import OpenSshTransport
+
+    limited = AgentServer(OpenSshTransport(SshTarget(host="h")), bwlimit=20_000_000)
+    assert (limited.rate_limit, limited.window) == (20_000_000, WINDOW)
+    assert AgentServer(LocalTransport()).rate_limit is None
+
+
+def test_each_openssh_connection_has_a_master_of_its_own(monkeypatch, tmp_path):
+    from ckptsync import osdeps
+    from ckptsync.transport import SshTarget
+    from ckptsync.transport.openssh import OpenSshTransport
+
+    monkeypatch.setattr(osdeps, "SHARED_SSH", True)
+    first = OpenSshTransport(SshTarget(host="h"))
+
+    def control(t) -> str:
+        return next(a for a in t.argv() if a.startswith("ControlPath="))
+    assert first.lane(0) is first
+    paths = [control(first.lane(i)) for i in range(4)]
+    assert len(set(paths)) == 4 and paths[0] == control(first)
+    assert control(first.lane(2)) == paths[2]   # the same lane, the same master
+    assert first.lane(2).argv()[:-6] == first.argv()[:-6]   # the same login otherwise

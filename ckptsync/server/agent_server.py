@@ -75,6 +75,17 @@ class AgentServer(Server):
             best = min(best, clock() - start)
         return best
 
+    @property
+    def window(self) -> int:
+        return self.remote.transport.window
+
+    @property
+    def rate_limit(self) -> int | None:
+        return self.remote.limiter.rate if self.remote.limiter is not None else None
+
+    def use_connection(self, lane: int) -> None:
+        self.remote.transport = self.remote.transport.lane(lane)
+
     # -------------------------------------------------- queries
 
     def scan(self, root: str, holds: bool = False) -> Listing:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from ckptsync.errors import CkptsyncError, UsageError
+from ckptsync.transport.base import OPENSSH_WINDOW
 from ckptsync.server.types import (
     Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Procs, Space, Staged, Stats,
 )
@@ -104,6 +105,20 @@ class Server(ABC):
     def round_trip(self) -> float:
         """Seconds one request takes to come back; a server on this machine answers at once."""
         return 0.0
+
+    @property
+    def window(self) -> int:
+        """Bytes one channel may have in flight before the other end grants more."""
+        return OPENSSH_WINDOW
+
+    @property
+    def rate_limit(self) -> int | None:
+        """--bwlimit in bytes/s, when the link is held to one."""
+        return None
+
+    def use_connection(self, lane: int) -> None:
+        """Before open(): run this channel over the transport's `lane`-th TCP connection, where it
+        can open more than one (OpenSSH); elsewhere every channel is separate already."""
 
     @property
     def hashes(self) -> tuple[str, ...]:

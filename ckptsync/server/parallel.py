@@ -19,7 +19,7 @@ from typing import Callable, Mapping, TypeVar
 
 
 from ckptsync.errors import ConnectError
-from ckptsync.policy import MAX_PARALLEL, auto_channels
+from ckptsync.policy import MAX_PARALLEL, SHARE_MIN, auto_channels, connections
 from ckptsync.progress import Reporter
 from ckptsync.server import shares as sharing
 from ckptsync.server.base import Server
@@ -35,16 +35,18 @@ T = TypeVar("T")
 class Channels:
     """The connections a run moves files over: its own first, the others opened when a transfer can use them.
 
-    `open_more()` gives a new, unopened server (with OpenSSH it shares the first one's login).
+    `open_more()` gives a new, unopened server (with OpenSSH it shares the first one's login;
+    beyond CHANNELS_PER_CONNECTION channels they are spread over more connections of that login).
     A channel that cannot be opened (sshd's MaxSessions, a refused login) leaves the run with
     those that did; `warning` says so.
     """
 
     def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int | None) -> None:
-        """`wanted` None: chosen from the link's round trip the first time a transfer asks."""
+        """`wanted` None: chosen from the link's round trip and rate the first time a transfer asks."""
         self.servers = [first]
         self.open_more = open_more
         self._wanted = None if wanted is None else max(1, min(wanted, MAX_PARALLEL))
+        self.asked = wanted is not None
         self.round_trip: float | None = None   # seconds, when it was measured for the choice
         self.warning = ""
         self.most = 1   # the most channels one transfer used
@@ -52,17 +54,25 @@ class Channels:
     @property
     def wanted(self) -> int:
         if self._wanted is None:
-            self.round_trip = self.servers[0].round_trip()
-            self._wanted = auto_channels(self.round_trip)
+            first = self.servers[0]
+            self.round_trip = first.round_trip()
+            self._wanted = auto_channels(self.round_trip, first.rate_limit, first.window)
         return self._wanted
 
+    def wanted_for(self, nbytes: int) -> int:
+        """The channels a transfer of `nbytes` may use: all that were asked for; of those chosen
+        from the link, no more than gives each SHARE_MIN bytes."""
+        return self.wanted if self.asked else max(1, min(self.wanted, nbytes // SHARE_MIN))
+
     def take(self, k: int) -> list[Server]:
+        spread = connections(self.wanted)
         while len(self.servers) < min(k, self.wanted):
             server = self.open_more()
             if any(server is s for s in self.servers):  # a factory that hands out one server
                 self._wanted = len(self.servers)
                 break
             try:
+                server.use_connection(len(self.servers) % spread)   # round robin: as many on each
                 server.open()
             except BaseException as exc:
                 with contextlib.suppress(Exception):
@@ -144,10 +154,11 @@ def fetch(channels: Channels, root: str, pairs: list[tuple[str, str]], sizes: di
           on_file: Callable[[Received], None], compress: str = "auto",
           listed: Mapping[str, FileStat] | None = None) -> tuple[Outcome, int]:
     """Fetch (source, member) files into their targets as `transfer.receive` does, over as many
-    channels as the files can keep busy (at most channels.wanted). `listed`: see Server.send."""
+    channels as the files can keep busy (at most channels.wanted_for their bytes). `listed`: see Server.send."""
     files = [(source, member, sizes[member]) for source, member in pairs]
     kept = {member: p.size for member, p in prefixes.items()}
-    planned = [s for s in sharing.plan(files, channels.wanted, kept) if s]
+    todo = sum(max(size - kept.get(member, 0), 0) for _source, member, size in files)
+    planned = [s for s in sharing.plan(files, channels.wanted_for(todo), kept) if s]
     servers = channels.take(max(len(planned), 1))
     if len(servers) < len(planned):
         planned = [s for s in sharing.plan(files, len(servers), kept) if s]

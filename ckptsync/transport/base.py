@@ -64,6 +64,10 @@ def cipher_order(supported: Iterable[str], client_aes: bool, server_aes: bool | 
     return order if order and order[0].endswith("-gcm@openssh.com") else []
 
 
+# Bytes one SSH channel may have in flight before the receiving end grants more: OpenSSH's
+# session window (CHAN_SES_WINDOW_DEFAULT, 64 packets of 32 KiB), sshd's as well as ssh's.
+OPENSSH_WINDOW = 2 << 20
+
 CONNECT_TIMEOUT = 15.0
 # Seconds for each step of an SSH connection: TCP connect, the server's banner, authentication.
 TIMEOUT_ENV = "CKPTSYNC_CONNECT_TIMEOUT"
@@ -161,9 +165,16 @@ class Transport(ABC):
 
     # The CLI's way to hear what the user must know about (a host key trusted on first use).
     on_notice: Callable[[str], None] | None = None
+    # What one channel may have in flight (policy.auto_channels): the other end is sshd.
+    window: int = OPENSSH_WINDOW
 
     @abstractmethod
     def start(self) -> Process: ...
+
+    def lane(self, i: int) -> "Transport":
+        """This transport for the channels of its i-th TCP connection (0: the first). Here, where
+        every start() is a process or a connection of its own, itself."""
+        return self
 
     @abstractmethod
     def describe(self) -> str: ...

@@ -8,6 +8,7 @@ the same host-key policy, BatchMode and forwarding rules as the target.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -193,6 +194,16 @@ class OpenSshTransport(Transport):
         self.ssh = ssh
         self._argv: list[str] | None = None
         self._settings: Settings | None = None
+        self._lane = 0
+
+    def lane(self, i: int) -> "OpenSshTransport":
+        """The same login over a master connection of its own (ControlPath ...-i-...): channels
+        beyond the first connection's get another congestion window and another ssh process."""
+        if i == 0:
+            return self
+        other = copy.copy(self)
+        other._lane = i
+        return other
 
     # ------------------------------------------------------------ the command line
 
@@ -215,9 +226,9 @@ class OpenSshTransport(Transport):
             # A master is shared only by runs with the same settings: the hash covers the config
             # and the identity; %C covers host, port, user and jump hosts.
             mux = hashlib.sha1("\0".join([text, *ident]).encode()).hexdigest()[:8]
-            self._control = os.path.join(where, f"{mux}-%C")
+            self._control = os.path.join(where, mux)
             self._argv = argv + ident
-        control = self._control
+        control = f"{self._control}-{self._lane}-%C" if self._lane else f"{self._control}-%C"
         if share and osdeps.SHARED_SSH and len(control) - 2 + 40 <= MAX_CONTROL_PATH:
             return [*self._argv, "-o", "ControlMaster=auto", "-o", f"ControlPath={control}",
                     "-o", f"ControlPersist={CONTROL_PERSIST}"]

@@ -14,7 +14,7 @@ import paramiko
 
 from ckptsync.errors import ConfigError, ConnectError, HostKeyError, LoginRefused
 from ckptsync.transport.base import (
-    SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unknown_host_key,
+    OPENSSH_WINDOW, SHELL_LAUNCH, Process, SshTarget, StderrTail, Transport, connect_timeout, unknown_alias_hint, unknown_host_key,
     unresolved,
 )
 
@@ -173,6 +173,10 @@ class SshProcess(Process):
 
 
 class SshTransport(Transport):
+    # Every start() is a TCP connection of its own. A backup waits on the window paramiko grants
+    # (open_session's default), a restore on sshd's: the smaller of the two.
+    window = min(paramiko.common.DEFAULT_WINDOW_SIZE, OPENSSH_WINDOW)
+
     def __init__(self, target: SshTarget) -> None:
         self.target = target
         self.resolved = resolve(target)
