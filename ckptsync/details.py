@@ -288,7 +288,7 @@ def state_file(rel: str) -> bool:
 
 def show_backup(root: Path, name: str | None) -> ShowResult:
     """One backed-up checkpoint; root may be an archive (read without extracting the checkpoints)."""
-    from ckptsync.archive import archive_index, is_archive
+    from ckptsync.archive_read import archive_index, is_archive
 
     if is_archive(root):
         with archive_index(root, state_file) as index:
@@ -314,7 +314,7 @@ def show_stored(root: Path, name: str | None) -> ShowResult:
 
 
 def compare_backups(root: Path, a: str, b: str) -> CompareResult:
-    from ckptsync.archive import archive_index, is_archive
+    from ckptsync.archive_read import archive_index, is_archive
 
     if is_archive(root):
         with archive_index(root, state_file) as index:

@@ -867,7 +867,7 @@ class Restore:
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
-    from ckptsync.archive import ArchiveNames, local_source
+    from ckptsync.archive_read import ArchiveNames, local_source
 
     try:
         with local_source(target, reporter) as source:

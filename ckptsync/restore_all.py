@@ -84,7 +84,7 @@ class RestoreAllResult:
 
 def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
     """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first."""
-    from ckptsync.archive import local_source
+    from ckptsync.archive_read import local_source
 
     try:
         with local_source(target, rep) as source:
