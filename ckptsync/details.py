@@ -16,7 +16,8 @@ from typing import Any, Iterable
 
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
-from ckptsync.layout import Checkpoint, find_best, is_int, is_number, resume_files
+from ckptsync.contents import is_int, is_number
+from ckptsync.layout import Checkpoint, find_best, resume_files
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
 from ckptsync.policy import named, newest_first

@@ -29,7 +29,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.errors import (
     OK, AgentError, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
 )
-from ckptsync.layout import RESTORED_MARKER
+from ckptsync.checkpoint_names import RESTORED_MARKER
 from ckptsync.destination import identical_there, mark_restored, same_place
 from ckptsync.policy import SPACE_MARGIN, fits, human, named, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter

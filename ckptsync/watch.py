@@ -25,7 +25,8 @@ from ckptsync.errors import (
     PARTIAL, CkptsyncError, ConnectError, HostKeyError, Interrupted, LoginRefused, OK,
 )
 from ckptsync.hold import Candidate, plan, source_of
-from ckptsync.layout import Checkpoint, checkpoint_of
+from ckptsync.checkpoint_names import checkpoint_of
+from ckptsync.layout import Checkpoint
 from ckptsync.policy import HOLD_MAX, rate, span
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server
