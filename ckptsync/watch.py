@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from ckptsync.backup import Backup, BackupOptions, BackupResult, run_job
+from ckptsync.backup import Backup, BackupOptions
+from ckptsync.backup_plan import BackupResult
+from ckptsync.backup_status import run_job
 from ckptsync.commit import DELETED_AFTER_COPY
 from ckptsync.config import Target
 from ckptsync.errors import (
