@@ -17,7 +17,8 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, IntegrityError, Interrupted, NotFound
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
+from ckptsync.restore import Restore, RestoreOptions, RestoreResult
+from ckptsync.restore_choice import newest_first
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
 from ckptsync.store import EXTRA, Manifest, Store
