@@ -86,12 +86,18 @@ class ExtraItem:
 
 
 @dataclass
-class RestoreResult(Result):
+class RestoreRun(Result):
+    """Where a restore (of one checkpoint, or of all) reads and writes."""
+
     target: str
     server: str
     source: str                  # the backup directory
     remote_dir: str              # absolute on the server once known
     dry_run: bool
+
+
+@dataclass
+class RestoreResult(RestoreRun):
     checkpoint: str = ""
     generation: str = ""         # the id of the earlier version restored, if one was asked for
     step: int | None = None
