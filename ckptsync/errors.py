@@ -100,7 +100,7 @@ class DiskFull(IOFailure, kind="disk_full"):
     """Not enough space, here or on the server."""
 
 
-class AgentError(IOFailure):
+class AgentError(IOFailure, kind="io"):
     """The agent reported a failure of one operation (an OSError on the server, say).
 
     `agent_kind` is the agent's own word for it (is_dir, exists, os, ...); `kind` stays the
