@@ -1,4 +1,4 @@
-"""What a backup will do before it takes the lock: its result, each checkpoint's plan, the extra files and the room it needs."""
+"""What a backup plans before it takes the lock: its result, each checkpoint's plan, the extra files, the room."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a restore chooses from the backup directory: which checkpoint, which of its files, and what to say when none fits."""
+"""What a restore takes from the backup directory: which checkpoint, which of its files, and hints when none fits."""
 
 from __future__ import annotations
 

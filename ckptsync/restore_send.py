@@ -1,9 +1,10 @@
-"""Sending a restore's files into the server's staging: what an interrupted restore left there, the room it needs, the upload."""
+"""A restore's staging on the server: what an interrupted restore left there, the room it needs, the upload."""
 
 from __future__ import annotations
 
 import posixpath
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptsync.agent import hash_file
 from ckptsync.config import Target
@@ -20,11 +21,14 @@ from ckptsync.server.shares import Piece
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.store import FileRecord, Manifest
 
+if TYPE_CHECKING:
+    from ckptsync.restore import RestoreResult
+
 
 class Sender:
-    """One restore's staging on the server; adds what it sends to `result` (a RestoreResult)."""
+    """One restore's staging on the server; adds what it sends to `result`."""
 
-    def __init__(self, server: Server, channels: Channels, target: Target, result, files_root: Path,
+    def __init__(self, server: Server, channels: Channels, target: Target, result: RestoreResult, files_root: Path,
                  digests: LocalDigests, rep: Reporter, compress: str, dry_run: bool) -> None:
         self.server, self.channels, self.target, self.result = server, channels, target, result
         self.files_root, self.digests, self.rep = files_root, digests, rep
@@ -64,6 +68,7 @@ class Sender:
         return set(self.usable)
 
     def check_space(self, root: str, need: int, stage: str) -> None:
+        """Refuse before sending when the server has no room for `need` bytes (exit 5)."""
         free = self.server.df(root).free
         held, reclaim = self.staging_bytes(root, stage)
         if fits(need, free + reclaim):  # staged bytes this run overwrites count as free
@@ -92,6 +97,7 @@ class Sender:
         return held, reclaim
 
     def send(self, root: str, name: str, files: list[FileRecord]) -> None:
+        """Send `files` into the staging of `name`, each checked as it arrived; nothing is put in place."""
         if not files:
             return
         stage = name  # the staging directory is named after the checkpoint: a rerun finds it
