@@ -177,7 +177,7 @@ def _differs(server: Server, remote_root: str, mine: dict[str, str], theirs: dic
 def _extras_here(target: Target, root: Path, names: set[str]) -> dict[str, str]:
     """Configured extra file -> its member, for those the old scripts left beside the checkpoints
     (under their own names) while the backup directory has no extra files of its own."""
-    from ckptsync.backup import extra_members
+    from ckptsync.backup_plan import extra_members
 
     if (root / EXTRA).exists():
         return {}

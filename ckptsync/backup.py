@@ -3,108 +3,35 @@
 from __future__ import annotations
 
 import contextlib
-import posixpath
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from typing import Callable
 
-from ckptsync import notify
+from ckptsync.backup_plan import BackupResult, check_space, plan_checkpoint, stat_extras
+from ckptsync.backup_status import record_run, run_job
 from ckptsync.commit import (
     Pending, failed_text, finished_manifest, gone, planned_manifest, record, staged_copy, usable_staged,
 )
 from ckptsync.config import Target
-from ckptsync.errors import (
-    CkptsyncError, ConfigError, ConnectError, DiskFull, Interrupted, IntegrityError, Locked, NotFound, PARTIAL, OK,
-    UsageError,
-)
+from ckptsync.errors import CkptsyncError, ConnectError, Interrupted, IntegrityError, Locked, NotFound
 from ckptsync.digests import LocalDigests
 from ckptsync.doctor import fallback_line
 from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
-from ckptsync.policy import BATCH_BYTES, CHECK, PROGRESS_BYTES, SPACE_MARGIN, batches, fits, human, run_status
+from ckptsync.policy import BATCH_BYTES, CHECK, PROGRESS_BYTES, batches, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.result import Result
-from ckptsync.runs import RunState, find_runs, run_target, survey
+from ckptsync.runs import find_runs, run_target, survey
 from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.dedup import LINK
-from ckptsync.disk import free_bytes, io_error
+from ckptsync.disk import io_error
 from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store
 from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures, unsaved
 from ckptsync.server.parallel import Channels, fetch
 from ckptsync.server.transfer import Received, kept_prefixes
-
-
-@dataclass
-class BackupResult(Result):
-    target: str
-    server: str
-    dest: str
-    dry_run: bool
-    plan: list[PlanItem] = field(default_factory=list)
-    fetched: list[str] = field(default_factory=list)
-    restamped: list[str] = field(default_factory=list)   # same bytes on the server, new stamps recorded
-    generations: list[str] = field(default_factory=list)  # "NAME@ID": earlier versions kept
-    dropped_generations: list[str] = field(default_factory=list)
-    adopted: list[str] = field(default_factory=list)      # NAME.replaced-* entries turned into generations
-    runs: list["BackupResult"] = field(default_factory=list)   # followed runs, each into its own directory
-    unfollowed: list[RunState] = field(default_factory=list)  # newer runs whose newest checkpoint is not saved
-    follow_hint: str = ""     # the command that backs them up
-    failed: dict[str, str] = field(default_factory=dict)
-    # Committed, then found deleted on the server (or staged by an earlier run for a checkpoint the
-    # server has deleted since): the backup is now the only copy.
-    deleted_on_server: list[str] = field(default_factory=list)
-    # Complete on the server and not in the backup after this run (not selected, or failed).
-    not_backed_up: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    raw_bytes: int = 0        # file bytes that crossed the link
-    resumed_bytes: int = 0    # kept bytes of files an interrupted run had partly fetched: not sent again
-    wire_bytes: int = 0       # after compression
-    disk_bytes: int = 0       # newly stored bytes (hard links and reflinks excluded, local copies included)
-    linked_files: int = 0     # hard links to stored files with the same content, mode and mtime
-    linked_bytes: int = 0
-    reflinked_files: int = 0  # clones sharing a stored file's blocks, with their own mode and mtime
-    reflinked_bytes: int = 0
-    copied_files: int = 0     # copied from a stored file instead of fetched: no disk saved, no transfer
-    copied_bytes: int = 0
-    channels: int = 1         # the most connections one transfer of this run used at once (--parallel)
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return PARTIAL if self.failed or any(r.exit_code for r in self.runs) else OK
-
-    @property
-    def to_fetch(self) -> list[PlanItem]:
-        return [p for p in self.plan if p.action == "fetch"]
-
-    @property
-    def current(self) -> list[str]:
-        """Names the backup already held, including those whose stamps were brought up to date."""
-        return [p.name for p in self.plan if p.action in ("up-to-date", "restamp")]
-
-    @property
-    def fetch_bytes(self) -> int:
-        """What the plan fetches (or, in a dry run, would)."""
-        return sum(p.fetch_bytes for p in self.to_fetch)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["runs"] = [r.to_dict() for r in self.runs]
-        return out
-
-
-def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judgement) -> PlanItem:
-    server = view.files_of(c)
-    if judged.current:
-        return PlanItem(c.name, "restamp" if judged.restamp else "up-to-date", c.size,
-                        files=len(judged.restamp), step=c.step)
-    staged = usable_staged(store, c.name, server, check_hash=False)
-    need = [p for p in server if p not in staged]
-    return PlanItem(c.name, "fetch", c.size, sum(server[p].size for p in need), len(need), step=c.step)
 
 
 class Backup:
@@ -181,7 +108,8 @@ class Backup:
             if not self.opts.dry_run:
                 self.digests.save()
             return
-        self._check_space(todo)  # before the lock: a refused run leaves nothing on disk
+        # Before the lock: a refused run leaves nothing on disk.
+        check_space(self.store, todo, self.target.command("backup", "--discard-staged"))
         waited = []
 
         def on_wait(holder: str) -> None:
@@ -209,7 +137,7 @@ class Backup:
         self._settle_orphans(self._orphans(view))
         if not todo:
             return
-        self._check_space(todo)
+        check_space(self.store, todo, self.target.command("backup", "--discard-staged"))
         self.store.clean_trash()
         self.result.adopted = self.store.adopt_replaced()
         self.placement.add(None)
@@ -292,24 +220,6 @@ class Backup:
 
     # -------------------------------------------------- checkpoints
 
-    def _check_space(self, todo: list[PlanItem]) -> None:
-        need = sum(p.fetch_bytes for p in todo)
-        try:
-            free = free_bytes(self.store.root)
-        except OSError as exc:
-            raise io_error(exc, f"measuring free space in {self.store.root}") from None
-        if not fits(need, free):
-            leftover = self.store.staged_bytes()
-            extra = (f"; {human(leftover)} of it is held by an interrupted backup's staging in "
-                     f"{self.store.meta / 'staging'} (kept to resume)"
-                     if leftover else "")
-            raise DiskFull(
-                f"not enough space in {self.store.root}: this backup needs {human(need)} plus a "
-                f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was written){extra}",
-                hint="free some space, choose another --local-dir, or back up fewer checkpoints"
-                     + (f"; drop the staging with: {self.target.command('backup', '--discard-staged')}"
-                        if leftover else ""),
-            )
 
     def _fetch(self, view: ServerView, batch: list[Checkpoint]) -> None:
         """Fetch checkpoints over one transfer, committing each (manifest, then rename) as soon as
@@ -370,7 +280,7 @@ class Backup:
         self._commit(m, f"moving {m.name} into place")
         self.result.fetched.append(m.name)
         if self.record_each_commit:
-            _record(self, self.result.exit_code, "", final=False)
+            record_run(self, self.result.exit_code, "", final=False)
         self.on_commit(m.name)
 
     def _note_deleted(self, view: ServerView, committed: dict[str, dict[str, FileStat]]) -> None:
@@ -581,70 +491,9 @@ class Backup:
         self.result.fetched.append(EXTRA)
 
 
-def extra_members(extra_files: list[str]) -> dict[str, str]:
-    """Configured path -> member name under extra-files/ (basenames made unique)."""
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for src in extra_files:
-        base = posixpath.basename(src.rstrip("/")) or "file"
-        name, n = base, 1
-        while name in used:
-            n += 1
-            name = f"{n}-{base}"
-        used.add(name)
-        out[src] = f"{EXTRA}/{name}"
-    return out
-
-
-def stat_extras(server: Server, root: str, extra_files: list[str], warnings: list[str],
-                failed: dict[str, str]) -> dict[str, tuple[str, FileStat]]:
-    """member -> (configured path, its FileStat as the member) of the extra files the server has;
-    a missing one is a warning, not an error (it may not exist yet). One the server could not
-    look at is not taken as missing: the extra files fail (in `failed`) and none are returned."""
-    members = extra_members(extra_files)
-    if not members:
-        return {}
-    st = server.stat(root, list(members))
-    if st.errors:
-        what = "; ".join(f"{p}: {why}" for p, why in sorted(st.errors.items())[:3])
-        failed[EXTRA] = f"extra files could not be read on the server ({what}); not recorded"
-        return {}
-    out = {}
-    for src, member in members.items():
-        info = st.get(src)
-        if info is None or info.is_dir:
-            warnings.append(f"extra file {src} not found on the server")
-            continue
-        out[member] = (src, FileStat(member, info.size, info.mtime_ns, info.mode, info.ctime_ns, info.inode))
-    return out
-
-
 def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
     """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
     return run_job(Backup(target, opts, rep))
-
-
-def run_job(job: "Backup", server: Server | None = None) -> BackupResult:
-    opts = job.opts
-    try:
-        try:
-            result = job.run(server)
-        except OSError as exc:  # every laptop-side write failure is one line with exit 5
-            raise io_error(exc, f"writing in {job.store.root}") from None
-    except Locked:
-        raise  # another run is doing the work; its result, not this refusal, is the last backup
-    except CkptsyncError as exc:
-        if not opts.dry_run and (job.touched or not _refusal(exc)):
-            _record(job, exc.exit_code, exc.message)
-        raise
-    except KeyboardInterrupt:
-        if not opts.dry_run:
-            _record(job, Interrupted.exit_code, "interrupted")
-        raise
-    busy = result.fetched or result.failed or result.restamped or result.deleted_on_server
-    if not opts.dry_run and (job.record_idle or busy):
-        _record(job, result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
-    return result
 
 
 def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -> int:
@@ -663,37 +512,9 @@ def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -
     return held
 
 
-def _refusal(exc: CkptsyncError) -> bool:
-    """A manual run refused before it took the lock (a usage error, nothing found, a config error) is
-    not a backup result: the last real one stays. A scheduled run is always recorded, so that
-    cron show and checklist see an entry that keeps failing."""
-    return isinstance(exc, (UsageError, NotFound, ConfigError)) and not notify.scheduled()
-
-
 def _not_fetched_text(kept: int, placed: int) -> str:
     parts = ([f"{kept} kept from an interrupted run"] if kept else []) + (
         [f"{placed} placed from the backup"] if placed else [])
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _record(job: Backup, code: int, error: str, final: bool = True) -> None:
-    """status.json for this run; `final`: the run's end, which may also send a notification."""
-    if not job.store.root.exists():
-        return  # a run that never got to write leaves no trace (it may have been refused for space)
-    r = job.result
-    status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed, r.current,
-                        notify.scheduled(), restamped=r.restamped, generations=r.generations,
-                        skipped={p.name: p.reason for p in r.plan if p.action == "skip"},
-                        not_backed_up=r.not_backed_up, deleted_on_server=r.deleted_on_server,
-                        raw_bytes=r.raw_bytes, wire_bytes=r.wire_bytes, seconds=round(r.seconds, 3),
-                        command=job.command)
-    try:
-        job.store.record_status(status)
-    except IntegrityError:
-        return  # a backup directory refused for a symlink in its bookkeeping: nothing is written there
-    except OSError as exc:
-        r.warnings.append(f"could not record this run in {job.store.meta}: {exc.strerror or exc} "
-                          "(list, cron show and checklist will not see it)")
-    sent = notify.after_run(status) if final else ""
-    if sent:
-        job.rep.info(sent)

@@ -9,7 +9,7 @@ import posixpath
 from typing import Callable
 
 from ckptsync.errors import CkptsyncError, IntegrityError
-from ckptsync.layout import RESTORED_MARKER
+from ckptsync.checkpoint_names import RESTORED_MARKER
 from ckptsync.server import Server, Stat
 from ckptsync.store import FileRecord, Manifest
 

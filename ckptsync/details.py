@@ -16,7 +16,8 @@ from typing import Any, Iterable
 
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
-from ckptsync.layout import Checkpoint, find_best, is_int, is_number, resume_files
+from ckptsync.contents import is_int, is_number
+from ckptsync.layout import Checkpoint, find_best, resume_files
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge
 from ckptsync.policy import named, newest_first
@@ -288,7 +289,7 @@ def state_file(rel: str) -> bool:
 
 def show_backup(root: Path, name: str | None) -> ShowResult:
     """One backed-up checkpoint; root may be an archive (read without extracting the checkpoints)."""
-    from ckptsync.archive import archive_index, is_archive
+    from ckptsync.archive_read import archive_index, is_archive
 
     if is_archive(root):
         with archive_index(root, state_file) as index:
@@ -314,7 +315,7 @@ def show_stored(root: Path, name: str | None) -> ShowResult:
 
 
 def compare_backups(root: Path, a: str, b: str) -> CompareResult:
-    from ckptsync.archive import archive_index, is_archive
+    from ckptsync.archive_read import archive_index, is_archive
 
     if is_archive(root):
         with archive_index(root, state_file) as index:

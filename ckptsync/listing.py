@@ -171,7 +171,7 @@ def best_backed_up(manifests: list[Manifest]) -> set[str]:
 
 
 def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
-    from ckptsync.archive import archive_view
+    from ckptsync.archive_read import archive_view
 
     with archive_view(target) as source:   # an archive: its manifests, read without extracting it
         result = _run_list(source, local_only)

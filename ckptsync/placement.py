@@ -26,7 +26,7 @@ from ckptsync.store import FileRecord, Manifest, Store
 Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
 
 if TYPE_CHECKING:
-    from ckptsync.backup import BackupResult
+    from ckptsync.backup_plan import BackupResult
 
 
 class Placement:

@@ -26,35 +26,23 @@ from ckptsync import osdeps
 from ckptsync.agent import safe_member
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
-from ckptsync.errors import (
-    OK, AgentError, ConnectError, DiskFull, IntegrityError, Interrupted, IOFailure, NotFound, UsageError,
-)
-from ckptsync.layout import RESTORED_MARKER
+from ckptsync.errors import OK, AgentError, IntegrityError, Interrupted, IOFailure, NotFound, UsageError
+from ckptsync.checkpoint_names import RESTORED_MARKER
 from ckptsync.destination import identical_there, mark_restored, same_place
-from ckptsync.policy import SPACE_MARGIN, fits, human, named, newest_first as _newest
+from ckptsync.policy import human, named
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.result import Result
-from ckptsync.server import Arrived, MissingOnServer, Server, ServerLocked, Stat, open_server, shares
-from ckptsync.server.base import Upload, range_key
-from ckptsync.server.parallel import Channels, Shared, run_all
-from ckptsync.server.shares import Piece
-from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from ckptsync.disk import io_error, new_hasher
-from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store
-from ckptsync.verify import check_files
-from ckptsync.agent import hash_file
-
-# What --adapter-only sends: weights and the configs needed to load them, never training state.
-WEIGHT_FILE = re.compile(r"adapter_model\.\w+|(pytorch_)?model[^/]*\.(safetensors|bin)")
-LOAD_FILE = re.compile(
-    r"(pytorch_)?model[^/]*\.(safetensors|bin)\.index\.json|adapter_config\.json|config\.json"
-    r"|generation_config\.json|tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json"
-    r"|vocab\.[^/]+|merges\.txt"
+from ckptsync.restore_choice import (
+    choose, elsewhere_hint, files_text, files_to_send, newest_first, older_hint, only_extras,
+    pick_generation, resume_hint, verify_files, weight_files,
 )
-# Labels of layout.Checkpoint.missing that make an exact resume impossible.
-TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "optimizer", "scheduler", "*optim_states.pt"}
-NO_RNG = {"rng_state.pth", "rng"}
+from ckptsync.restore_send import Sender
+from ckptsync.result import Result
+from ckptsync.server import MissingOnServer, ServerLocked, Stat, open_server
+from ckptsync.server.parallel import Channels
+from ckptsync.disk import io_error
+from ckptsync.store import EXTRA, FileRecord, Manifest, Store
+
 
 # ExtraItem.action values.
 SEND = "send"
@@ -98,12 +86,18 @@ class ExtraItem:
 
 
 @dataclass
-class RestoreResult(Result):
+class RestoreRun(Result):
+    """Where a restore (of one checkpoint, or of all) reads and writes."""
+
     target: str
     server: str
     source: str                  # the backup directory
     remote_dir: str              # absolute on the server once known
     dry_run: bool
+
+
+@dataclass
+class RestoreResult(RestoreRun):
     checkpoint: str = ""
     generation: str = ""         # the id of the earlier version restored, if one was asked for
     step: int | None = None
@@ -145,100 +139,6 @@ class RestoreResult(Result):
         return out
 
 
-# ------------------------------------------------------------ pure parts
-
-
-def newest_first(manifests: dict[str, Manifest]) -> list[Manifest]:
-    """Checkpoints of the backup directory by step, then mtime, newest first (extra files left out)."""
-    found = [m for name, m in manifests.items() if name != EXTRA]
-    return _newest(found)
-
-
-def weight_files(m: Manifest) -> list[FileRecord]:
-    """The files --adapter-only sends: top-level weights and loading configs of a checkpoint directory."""
-    out = []
-    for f in m.files:
-        head, _, rel = f.path.partition("/")
-        if rel and "/" not in rel and (WEIGHT_FILE.fullmatch(rel) or LOAD_FILE.fullmatch(rel)):
-            out.append(f)
-    return out
-
-
-def has_weights(m: Manifest) -> bool:
-    return any(WEIGHT_FILE.fullmatch(f.path.partition("/")[2]) for f in weight_files(m))
-
-
-def lacks_training_state(m: Manifest) -> bool:
-    return m.content in ("adapter-only", "weights-only") or bool(TRAINING_STATE & set(m.missing))
-
-
-def only_extras(extras: Manifest | None, paths: tuple, root: Path) -> Manifest:
-    """The backed-up extra files named by --extra-file: by the path they were backed up from, or their name."""
-    files = extras.files if extras is not None else []
-    def names(f: FileRecord) -> set[str]:
-        return {f.source or f.path, f.path, posixpath.basename(f.path)}
-    unknown = [p for p in paths if not any(p.rstrip("/") in names(f) for f in files)]
-    if unknown:
-        have = ", ".join(f.source or f.path for f in files) or "none"
-        raise NotFound(f"no backed-up extra file {', '.join(unknown)} in {root} (backed up: {have})")
-    return replace(extras, files=[f for f in files if any(p.rstrip("/") in names(f) for p in paths)])
-
-
-def choose(ordered: list[Manifest], name: str | None, adapter_only: bool) -> tuple[Manifest, list[str]]:
-    """The checkpoint to restore and notes on the choice. Default: the newest one that can be used."""
-    names = ", ".join(m.name for m in ordered) or "none"
-    if name:
-        name = named(name, ((m.name, m.step) for m in ordered))
-        for m in ordered:
-            if m.name == name:
-                return m, []
-        raise NotFound(f"no backup of {name} (backed up: {names})")
-    usable = [m for m in ordered if (has_weights(m) if adapter_only else m.resumable)]
-    if not usable:
-        what = "has adapter or model weight files" if adapter_only else "can resume a run"
-        raise NotFound(f"none of the backed-up checkpoints {what} ({names})",
-                       hint="choose one with --checkpoint NAME")
-    notes = []
-    skipped = ordered[: ordered.index(usable[0])]
-    if skipped:
-        why = ", ".join(f"{m.name} ({m.content})" for m in skipped)
-        notes.append(f"newer backups cannot resume the run: {why}; restoring {usable[0].name}")
-    return usable[0], notes
-
-
-def resume_hint(m: Manifest, root: str, path: str, exact: bool) -> str:
-    """One line for the user: how to continue from the restored checkpoint."""
-    if not exact:
-        return f"load the weights from {path} to fine-tune or evaluate (a new run: fresh optimizer and schedule)"
-    if m.layout == "trainer":
-        return f"resume with: --resume-from-checkpoint {path}"
-    if m.layout == "deepspeed":
-        return f"resume with: engine.load_checkpoint({root!r}, tag={m.name!r})"
-    return f"resume your training script from {path}"
-
-
-def pick_generation(store: Store, name: str, wanted: str) -> Generation:
-    """Generation `wanted` of `name`: its index (1 = the version before the current one) or its id."""
-    gens = store.generations(name).get(name, [])
-    if not gens:
-        raise NotFound(f"no earlier versions of {name} in {store.root}",
-                       hint="an earlier version is kept when a newer one replaces it under the same name")
-    for i, g in enumerate(gens, 1):
-        if wanted in (str(i), g.id):
-            return g
-    have = ", ".join(f"{i} ({g.id})" for i, g in enumerate(gens, 1))
-    raise NotFound(f"no generation {wanted} of {name} (there are: {have})")
-
-
-def files_text(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
-
-
-def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
-    """Re-read the stored copies: what does not match the manifest, one phrase per file."""
-    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in check_files(root, files, rep)]
-
-
 # ------------------------------------------------------------ the run
 
 
@@ -254,8 +154,6 @@ class Restore:
                                     remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
                                     adapter_only=opts.adapter_only)
         self.phase = "prepare"
-        self._staged = None        # what an interrupted restore left in staging (server.staged)
-        self._usable: set[str] = set()   # the staged files that are checked and kept
         self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
 
@@ -271,7 +169,8 @@ class Restore:
                 self.opts = replace(self.opts, checkpoint=named(self.opts.checkpoint, known))
             self._refuse_damaged(damaged, ordered)
             if not ordered:
-                raise NotFound(f"no checkpoint backups in {self.store.root}", hint=self._elsewhere())
+                raise NotFound(f"no checkpoint backups in {self.store.root}",
+                               hint=elsewhere_hint(self.store.root, self.target))
             m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
             if not self.opts.checkpoint:
                 self.result.warnings.extend(
@@ -301,6 +200,8 @@ class Restore:
             with self._lock(), (contextlib.nullcontext(server) if server else open_server(self.target)) as server:
                 self.server = server
                 self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                self.sender = Sender(server, self.channels, self.target, self.result, self.files_root, self.digests,
+                                     self.rep, self.opts.compress, self.opts.dry_run)
                 try:
                     with self._server_lock():
                         if self.opts.discard_staged:
@@ -376,33 +277,6 @@ class Restore:
             self.result.creates_remote_dir = created
             yield
 
-    def _select(self, m: Manifest) -> list[FileRecord]:
-        r = self.result
-        r.checkpoint, r.step, r.layout, r.content = m.name, m.step, m.layout, m.content
-        r.exact_resume = m.resumable and not self.opts.adapter_only
-        if not self.opts.adapter_only:
-            files = list(m.files)
-        elif m.layout == "single-file" or not has_weights(m):
-            raise UsageError(f"--adapter-only: {m.name} has no separate adapter or model weight files",
-                             hint="restore it whole (without --adapter-only)")
-        else:
-            files = weight_files(m)
-            r.warnings.append(f"--adapter-only: only the weights and configs of {m.name} are sent; you can "
-                              "fine-tune from these weights, but the run cannot be resumed exactly "
-                              "(no optimizer, scheduler or RNG state)")
-        if not self.opts.adapter_only:
-            missing = ", ".join(m.missing) or "nothing listed"
-            if lacks_training_state(m):
-                r.warnings.append(f"{m.name} has no optimizer or scheduler state (missing: {missing}): you can "
-                                  "fine-tune from these weights, but the run cannot be resumed exactly")
-            elif not m.resumable:
-                r.warnings.append(f"{m.name} cannot resume the run exactly (content: {m.content}; "
-                                  f"missing: {missing})")
-            elif NO_RNG & set(m.missing):
-                r.warnings.append(f"{m.name} has no RNG state: the run resumes, but its data order "
-                                  "will not be bit-identical")
-        return sorted(files, key=lambda f: f.path)
-
     def _restore(self, m: Manifest, files: list[FileRecord], extras: Manifest | None,
                  ordered: list[Manifest], manifests: dict[str, Manifest]) -> None:
         r = self.result
@@ -415,13 +289,13 @@ class Restore:
             self.rep.info(f"{m.name}: already there, identical (hashed on the server)")
         self._verify(m, files, extra_items, ordered)
         records = files + [f for f, _item in extra_items]
-        staged = self._usable_staged(root, m, records, check=not self.opts.dry_run)
+        staged = self.sender.usable_staged(root, m, records, check=not self.opts.dry_run)
         r.files += [FileItem(f.path, f.size, STAGED if f.path in staged else SEND) for f in files]
         r.extras = [item for _f, item in extra_items]
         r.resumed_files = sum(1 for f in r.files if f.action == STAGED)
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
-        self._check_space(root, sum(f.size for f in to_send), m.name)
+        self.sender.check_space(root, sum(f.size for f in to_send), m.name)
         best_note = "" if self.opts.extra_files_only else self._best_model_note(root, m, manifests)
         if self.opts.dry_run and self.server.hello.home:  # the path the real run will print
             r.remote_dir = root = self._absolute(root)
@@ -439,7 +313,7 @@ class Restore:
                 self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
                               + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
-            self._send(root, m.name, to_send)
+            self.sender.send(root, m.name, to_send)
             if self.opts.adapter_only and not r.identical:
                 mark_restored(self.server, root, m, self.opts.compress)
             self.phase = "commit"
@@ -449,6 +323,18 @@ class Restore:
             r.warnings.append(best_note)
         if not self.opts.extra_files_only:
             r.resume_hint = resume_hint(m, root, r.path, r.exact_resume)
+
+    def _select(self, m: Manifest) -> list[FileRecord]:
+        r = self.result
+        r.checkpoint, r.step, r.layout, r.content = m.name, m.step, m.layout, m.content
+        r.exact_resume = m.resumable and not self.opts.adapter_only
+        files, warnings = files_to_send(m, self.opts.adapter_only)
+        r.warnings.extend(warnings)
+        return files
+
+    def _older_hint(self, m: Manifest | None, ordered: list[Manifest]) -> str:
+        return older_hint(self.store.root, m, ordered, self.opts.adapter_only,
+                          lambda name: self.target.command("restore", "--checkpoint", name))
 
     # -------------------------------------------------- checks before sending
 
@@ -562,84 +448,11 @@ class Restore:
             raise IntegrityError(f"the backup of the extra files is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint="restore without them: --no-extra-files")
 
-    def _older_hint(self, m: Manifest | None, ordered: list[Manifest]) -> str:
-        """The next older backup that verifies (with m None: the newest one), as a command."""
-        older = ordered[ordered.index(m) + 1:] if m is not None else ordered
-        for other in older:
-            if not (has_weights(other) if self.opts.adapter_only else other.resumable):
-                continue
-            files = weight_files(other) if self.opts.adapter_only else other.files
-            if not verify_files(self.store.root, files):
-                which = "the next older backup" if m is not None else "the newest backup that"
-                return f"{which} verifies: {self.target.command('restore', '--checkpoint', other.name)}"
-        if m is None:
-            return "no other backup verifies" if older else "there is no other backup"
-        return "no older backup verifies either" if older else "there is no older backup"
-
-    def _usable_staged(self, root: str, m: Manifest, records: list[FileRecord], check: bool) -> set[str]:
-        """Files an interrupted restore left in staging with the right size, mtime and (if check) hash."""
-        stage = m.name
-        found = self.server.staged(root, stage)
-        self._staged, self._usable = found, set()
-        staged, partial = found.files, found.partial
-        if not staged and not partial:
-            return set()
-        want = {f.path: f for f in records}
-        marker = posixpath.join(m.name, RESTORED_MARKER)  # staged last: sent again, never in the way
-        inside = [p for p in list(staged) + list(partial)
-                  if (p == m.name or p.startswith(m.name + "/")) and p != marker]
-        if any(p not in want for p in inside):
-            # It would be renamed into place with the checkpoint: start over.
-            if not self.opts.dry_run:
-                self.server.discard(root, stage)
-                self._staged = None
-            return set()
-        # A member with a leftover ".part" is sent again, which replaces the ".part" too.
-        fits = [p for p, info in staged.items()
-                if p in want and p not in partial and (info.size, info.mtime_ns) == (want[p].size, want[p].mtime_ns)]
-        if not check or not fits:
-            self._usable = set(fits)
-            return set(fits)
-        alg = self.server.best_hash
-        where = {p: self.server.staging_member(stage, p) for p in fits}
-        got = self.server.hash(root, list(where.values()), alg)
-        self._usable = {p for p in fits if got.get(where[p]) is not None
-                        and got.get(where[p]) == self.digests.get(want[p], alg, self.files_root / p)}
-        return set(self._usable)
-
-    def _check_space(self, root: str, need: int, stage: str) -> None:
-        free = self.server.df(root).free
-        held, reclaim = self._staging_bytes(root, stage)
-        if fits(need, free + reclaim):  # staged bytes this run overwrites count as free
-            return
-        leftover = (f"; an interrupted restore's staging {self.server.staging_path(root, stage)} holds "
-                    f"{human(held)} ({human(reclaim)} of it is sent again, so it was counted as free)"
-                    if held else "")
-        raise DiskFull(
-            f"not enough space on {self.result.server} in {root}: this restore needs {human(need)} plus a "
-            f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was sent){leftover}",
-            hint=("free some space on the server"
-                  + (f", or drop the leftover staging: {self.target.command('restore', '--checkpoint', stage, '--discard-staged')}"
-                     if held else "")
-                  + ", or send only the weights with --adapter-only"))
-
-    def _staging_bytes(self, root: str, stage: str) -> tuple[int, int]:
-        """Bytes the staging of `stage` holds, and how many of them this run overwrites."""
-        found = self._staged
-        if found is None:
-            return 0, 0
-        usable = self._usable
-        parts = {p: self.server.staging_member(stage, p + ".part") for p in found.partial}
-        part_sizes = {p: st.size for p, st in self.server.stat(root, list(parts.values())).items() if st is not None}
-        held = sum(st.size for st in found.files.values()) + sum(part_sizes.values())
-        reclaim = sum(st.size for p, st in found.files.items() if p not in usable) + sum(part_sizes.values())
-        return held, reclaim
-
     def _discard_staged(self, m: Manifest) -> None:
         root = self.target.remote_dir
         found = self.server.staged(root, m.name)
-        self._staged, self._usable = found, set()
-        held, _ = self._staging_bytes(root, m.name)
+        self.sender.staged, self.sender.usable = found, set()
+        held, _ = self.sender.staging_bytes(root, m.name)
         self.result.checkpoint, self.result.path = m.name, self.server.staging_path(root, m.name)
         self.result.discarded_bytes = held
         if not self.opts.dry_run and (found.files or found.partial):
@@ -659,173 +472,7 @@ class Restore:
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
                 f"this server: a resumed run that loads the best model at the end can crash there{again}")
 
-    # -------------------------------------------------- sending and committing
-
-    def _send(self, root: str, name: str, files: list[FileRecord]) -> None:
-        if not files:
-            return
-        stage = name  # the staging directory is named after the checkpoint: a rerun finds it
-        staging = self.server.staging_path(root, stage)
-        rotted = []
-        kept = self._kept_parts(root, stage, files)
-        self.rep.start(f"send {name}", sum(f.size for f in files))
-        try:
-            sent = self._uploads(root, stage, files, kept)
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted while sending {name}: nothing was put in place under {posixpath.join(root, name)}; "
-                f"the files that arrived completely are kept in {staging} on the server, and running the same "
-                "restore again sends only the rest") from None
-        except ConnectError as exc:
-            raise type(exc)(f"{exc.message} ({name}: nothing was put in place; the files that arrived are kept in "
-                            f"{staging} on the server; run the same restore again to send only the rest)",
-                            hint=exc.hint) from exc
-        except DiskFull as exc:
-            raise DiskFull(f"{exc.message} while sending {name}: nothing was put in place; what arrived is kept "
-                           f"in {staging} on the server",
-                           hint="free some space there and run the same restore again (it sends only the rest), "
-                                "or drop what arrived: "
-                                + self.target.command("restore", "--checkpoint", name, "--discard-staged")) from exc
-        finally:
-            self.rep.finish()
-        arrived: dict[str, Arrived] = {}
-        hashes: dict[str, str] = {}
-        wire_bytes = 0
-        for got, hashed, rot, on_wire in sent:
-            arrived.update(got)
-            hashes.update(hashed)
-            rotted += rot
-            wire_bytes += on_wire
-        if rotted:
-            raise IntegrityError(
-                f"changed in the backup directory while being sent: {', '.join(rotted)}; nothing was put in place",
-                hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
-        bad = [f.path for f in files
-               if f.path not in arrived or arrived[f.path].size != f.size or arrived[f.path].hash != hashes.get(f.path)]
-        if bad:
-            raise IntegrityError(f"arrived damaged on the server: {', '.join(bad)}; nothing was put in place",
-                                 hint="run the same restore again")
-        r = self.result
-        r.sent_files += len(files)
-        r.sent_bytes += sum(f.size for f in files) - sum(kept.values())
-        r.resumed_bytes += sum(kept.values())
-        r.wire_bytes += wire_bytes
-
-    def _uploads(self, root: str, stage: str, files: list[FileRecord], kept: dict[str, int]) -> list[tuple]:
-        """Send the files into staging over as many channels as they can keep busy, about the same
-        bytes each, a large file as byte ranges over several (finished by Server.assemble); one
-        (arrived, hashes sent, rotted, wire bytes) per channel. A split file's kept prefix is
-        written over, so `kept` loses it."""
-        weights = [(f.path, f.path, f.size) for f in files]
-        by_path = {f.path: f for f in files}
-        planned = [s for s in shares.plan(weights, self.channels.wanted_for(sum(f.size for f in files))) if s]
-        servers = self.channels.take(max(len(planned), 1))
-        if len(planned) <= 1 or len(servers) < 2:
-            whole = [Piece(f.path, f.path) for f in files]
-            return [self._upload(self.server, root, stage, whole, by_path, kept, self.rep)]
-        if len(servers) < len(planned):
-            planned = [s for s in shares.plan(weights, len(servers)) if s]
-        self.channels.most = max(self.channels.most, len(planned))
-        ranges = [p for share in planned for p in share if p.start is not None]
-        split = {p.member for p in ranges}
-        for member in split:
-            kept.pop(member, None)
-        rep = Shared(self.rep)
-        sent = run_all(servers[:len(planned)],
-                       lambda i: self._upload(servers[i], root, stage, planned[i], by_path, kept, rep))
-        if split:
-            sent.append(self._assemble(root, stage, [f for f in files if f.path in split], ranges, sent))
-        return sent
-
-    def _assemble(self, root: str, stage: str, files: list[FileRecord], pieces: list[Piece],
-                  sent: list[tuple]) -> tuple:
-        """Check every range (`pieces`) of the split files, then have the server finish them;
-        returns the whole files as one more channel's (arrived, hashes, rotted, wire bytes)."""
-        arrived: dict[str, Arrived] = {}
-        hashes: dict[str, str] = {}
-        for got, hashed, _rot, _wire in sent:
-            arrived.update(got)
-            hashes.update(hashed)
-        ranges = [range_key(p.member, p.start) for p in pieces]
-        bad = [k for k in ranges if k not in arrived or k not in hashes or arrived[k].hash != hashes[k]]
-        if bad:
-            raise IntegrityError(f"arrived damaged on the server: {', '.join(sorted(bad))}; nothing was put in place",
-                                 hint="run the same restore again")
-        alg = self.server.best_hash
-        whole = self.server.assemble(root, stage, [(f.path, f.size, f.mtime_ns, f.mode) for f in files])
-        expect, rotted = {}, []
-        for f in files:
-            local = self.files_root / f.path
-            try:
-                expect[f.path] = self.digests.get(f, alg, local) or ""   # "": the copy here changed
-                if whole.get(f.path) is not None and whole[f.path].hash != expect[f.path] \
-                        and hash_file(local) != f.xxh3_128:
-                    rotted.append(f.path)   # the ranges were read from a copy that changed here
-            except OSError as exc:
-                raise io_error(exc, f"reading {local}") from None
-        return whole, expect, rotted, 0
-
-    def _upload(self, server: Server, root: str, stage: str, pieces: list[Piece], by_path: dict[str, FileRecord],
-                kept: dict[str, int], rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
-        up = server.receive(root, stage, compress=self.opts.compress)
-        rotted = []
-        for piece in pieces:
-            f = by_path[piece.member]
-            if piece.start is not None:
-                self._upload_range(up, f, piece, rep)
-                continue
-            seen = new_hasher()
-
-            def also(block: bytes, seen=seen) -> None:
-                seen.update(block)
-                rep.advance(len(block))
-
-            path = self.files_root / f.path
-            try:
-                with open(path, "rb") as fh:
-                    sent = up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
-            except OSError as exc:
-                raise io_error(exc, f"reading {path}") from None
-            if seen.hexdigest() != f.xxh3_128:
-                rotted.append(f.path)
-            else:
-                self.digests.learn(f.xxh3_128, f.size, server.best_hash, sent)
-        arrived = up.finish()
-        return arrived, dict(up.sent), rotted, up.wire_bytes
-
-    def _upload_range(self, up: Upload, f: FileRecord, piece: Piece, rep: Reporter) -> None:
-        path = self.files_root / f.path
-        try:
-            with open(path, "rb") as fh:
-                up.add_range(f.path, fh, piece.start, piece.length, f.mtime_ns, f.mode,
-                             also=lambda block: rep.advance(len(block)))
-        except OSError as exc:
-            raise io_error(exc, f"reading {path}") from None
-
-    def _kept_parts(self, root: str, stage: str, files: list[FileRecord]) -> dict[str, int]:
-        """Large files an interrupted restore left partly written in staging, whose bytes there hash
-        like the same first bytes of the backup's copy: path -> how many need not be sent again."""
-        found = self._staged
-        want = {f.path: f for f in files if found is not None and f.path in found.partial}
-        if not want:
-            return {}
-        parts = {p: self.server.staging_member(stage, p + ".part") for p in want}
-        st = self.server.stat(root, list(parts.values()))
-        sizes = {p: st[parts[p]].size for p in want if st.get(parts[p]) is not None
-                 and KEEP_PREFIX_MIN <= st[parts[p]].size <= want[p].size}
-        if not sizes:
-            return {}
-        alg = self.server.best_hash
-        got = self.server.hash(root, [parts[p] for p in sizes], alg)
-        kept = {}
-        for p, n in sizes.items():
-            try:
-                mine = hash_file(self.files_root / p, alg, limit=n)
-            except OSError:
-                continue  # the send reports it
-            if got.get(parts[p]) == mine:
-                kept[p] = n
-        return kept
+    # -------------------------------------------------- committing
 
     def _commit(self, root: str, m: Manifest, extra_items: list[tuple[FileRecord, ExtraItem]]) -> None:
         stage = m.name
@@ -845,29 +492,10 @@ class Restore:
                         item.action = DIFFERS
         self.server.discard(root, stage)
 
-    def _elsewhere(self) -> str:
-        root = self.store.root
-        try:  # the parent of the backup directories (<local_dir>, not <local_dir>/instance-N)?
-            inside = sorted(p for p in root.iterdir() if (p / ".ckptsync" / "manifests").is_dir())
-        except OSError:
-            inside = []
-        if inside:
-            names = ", ".join(p.name for p in inside[:5]) + (", ..." if len(inside) > 5 else "")
-            return (f"{root} holds backup directories ({names}), not a backup itself: choose one, e.g. "
-                    + self.target.command_with("--local-dir", str(inside[0].absolute()), "restore"))
-        try:
-            found = sorted(str(p) for p in root.parent.iterdir()
-                           if p != root and (p / ".ckptsync" / "manifests").is_dir())
-        except OSError:
-            found = []
-        if found:
-            return f"backups exist in {', '.join(found[:3])}: choose one with --local-dir"
-        return "give the backup directory with --local-dir"
-
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
-    from ckptsync.archive import ArchiveNames, local_source
+    from ckptsync.archive_read import ArchiveNames, local_source
 
     try:
         with local_source(target, reporter) as source:

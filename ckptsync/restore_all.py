@@ -17,7 +17,8 @@ from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, IntegrityError, Interrupted, NotFound
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.restore import Restore, RestoreOptions, RestoreResult, newest_first
+from ckptsync.restore import Restore, RestoreOptions, RestoreResult, RestoreRun
+from ckptsync.restore_choice import newest_first
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
 from ckptsync.store import EXTRA, Manifest, Store
@@ -43,12 +44,7 @@ class RestoreAllItem:
 
 
 @dataclass
-class RestoreAllResult:
-    target: str
-    server: str
-    source: str
-    remote_dir: str
-    dry_run: bool
+class RestoreAllResult(RestoreRun):
     items: list[RestoreAllItem] = field(default_factory=list)
     restores: list[RestoreResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -77,14 +73,14 @@ class RestoreAllResult:
         return sum(r.wire_bytes for r in self.restores)
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.update(exit_code=self.exit_code, sent_bytes=self.sent_bytes, wire_bytes=self.wire_bytes)
+        out = super().to_dict()
+        out.update(sent_bytes=self.sent_bytes, wire_bytes=self.wire_bytes)
         return out
 
 
 def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
     """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first."""
-    from ckptsync.archive import local_source
+    from ckptsync.archive_read import local_source
 
     try:
         with local_source(target, rep) as source:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckptsync.hold import merge
-from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, dated_ahead, discover, unseen_outside
+from ckptsync.checkpoint_names import unseen_outside
+from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, discover
+from ckptsync.settle import dated_ahead
 from ckptsync.policy import FIRST_SAVE_GRACE, span
 from ckptsync.server import FileStat, Listing as ServerListing, Procs, Server
 

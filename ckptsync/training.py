@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ckptsync.layout import FileEntry, abandon_after, save_interval, written_recently
+from ckptsync.layout import FileEntry
+from ckptsync.settle import abandon_after, save_interval, written_recently
 from ckptsync.policy import span
 from ckptsync.scan import ServerView
 from ckptsync.server import Process, Procs

@@ -119,7 +119,7 @@ class VerifyResult(Result):
 
 
 def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET) -> VerifyResult:
-    from ckptsync.archive import ArchiveNames, local_source
+    from ckptsync.archive_read import ArchiveNames, local_source
 
     started = time.monotonic()
     with local_source(target, rep) as source:

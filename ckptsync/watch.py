@@ -18,14 +18,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from ckptsync.backup import Backup, BackupOptions, BackupResult, run_job
+from ckptsync.backup import Backup, BackupOptions
+from ckptsync.backup_plan import BackupResult
+from ckptsync.backup_status import run_job
 from ckptsync.commit import DELETED_AFTER_COPY
 from ckptsync.config import Target
 from ckptsync.errors import (
     PARTIAL, CkptsyncError, ConnectError, HostKeyError, Interrupted, LoginRefused, OK,
 )
 from ckptsync.hold import Candidate, plan, source_of
-from ckptsync.layout import Checkpoint, checkpoint_of
+from ckptsync.checkpoint_names import checkpoint_of
+from ckptsync.layout import Checkpoint
 from ckptsync.policy import HOLD_MAX, rate, span
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.scan import ServerView, scan_server

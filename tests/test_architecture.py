@@ -44,7 +44,7 @@ ONLY_IN: dict[str, set[str]] = {
     "paramiko": {"ckptsync.transport.ssh"},
     "xxhash": {"ckptsync.agent.hashing", "ckptsync.disk"},
     "zstandard": {"ckptsync.agent.codec",
-                  "ckptsync.archive"},     # moves with the store redesign
+                  "ckptsync.archive", "ckptsync.archive_read"},  # moves with the store redesign
     "compression": {"ckptsync.agent.codec"},     # Python 3.14's compression.zstd
     "boto3": {"ckptsync.s3.bucket",
               "ckptsync.s3"},              # moves with the store redesign

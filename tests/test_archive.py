@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.archive import open_archive_as_store
+from ckptsync.archive_read import open_archive_as_store
 from ckptsync.errors import IntegrityError
 from ckptsync.store import Store
 from helpers import digest_diff, run_cli, tree_digest

@@ -8,7 +8,8 @@ import shlex
 import shutil
 import time
 
-from ckptsync.layout import Checkpoint, mark_abandoned, save_interval
+from ckptsync.layout import Checkpoint
+from ckptsync.settle import mark_abandoned, save_interval
 from ckptsync.scan import ServerView
 from ckptsync.server import Procs
 from ckptsync.training import judge_training

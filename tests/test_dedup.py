@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.backup import BackupOptions, BackupResult, run_backup
+from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.backup_plan import BackupResult
 from ckptsync.config import Target, load_config, resolve_target
 from ckptsync.errors import OK, ConfigError
 from ckptsync.server.inprocess import InProcessServer

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.layout import (
-    RESTORED_MARKER, Checkpoint, FileEntry, Listing, Writers, best_checkpoint, discover, find_best, resume_files,
-)
+from ckptsync.checkpoint_names import RESTORED_MARKER
+from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, best_checkpoint, discover, find_best, resume_files
 from helpers import FIXTURES
 
 pytestmark = pytest.mark.laptop  # pure tables: the macOS and Windows jobs run them too

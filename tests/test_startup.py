@@ -17,8 +17,8 @@ APP_MODULES = {"ckptsync", "ckptsync.__main__", "ckptsync.errors", "ckptsync.not
                "ckptsync.policy", "ckptsync.progress", "ckptsync.ratelimit"}
 # Never needed by a backup over OpenSSH.
 NOT_FOR_AN_OPENSSH_BACKUP = {
-    "paramiko", "boto3", "ckptsync.transport.ssh", "ckptsync.s3", "ckptsync.archive", "ckptsync.restore",
-    "ckptsync.restore_all", "ckptsync.prune", "ckptsync.cron", "ckptsync.checklist", "ckptsync.training",
+    "paramiko", "boto3", "ckptsync.transport.ssh", "ckptsync.s3", "ckptsync.archive", "ckptsync.archive_read",
+    "ckptsync.restore", "ckptsync.restore_choice", "ckptsync.restore_send", "ckptsync.restore_all", "ckptsync.prune", "ckptsync.cron", "ckptsync.checklist", "ckptsync.training",
     "ckptsync.details", "ckptsync.plot", "ckptsync.demo", "ckptsync.listing", "ckptsync.repair", "ckptsync.agent.serve",
     "ckptsync.agent.http", "ckptsync.agent.scan", "ckptsync.agent.fileops", "ckptsync.server.inprocess",
     "ckptsync.progress_bar", "rich.progress", "rich.table",

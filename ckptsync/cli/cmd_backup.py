@@ -15,7 +15,8 @@ from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, TextTable, human, rate
 
 if TYPE_CHECKING:
-    from ckptsync.backup import BackupOptions, BackupResult
+    from ckptsync.backup import BackupOptions
+    from ckptsync.backup_plan import BackupResult
     from ckptsync.multi import ManyResult
 
 
@@ -202,7 +203,7 @@ def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
 
 def show_backups(out: Output, many: ManyResult) -> None:
     """Several instances: each one's warnings and failures, then one table and the errors."""
-    from ckptsync.backup import BackupResult
+    from ckptsync.backup_plan import BackupResult
 
     for o in many.outcomes:
         r = o.result

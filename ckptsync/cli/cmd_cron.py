@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
@@ -73,15 +73,20 @@ def show_installed(out: Output, r: CronResult) -> None:
         out.warn(w)
 
 
-def show_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
-    local_dir: o.LocalDir = None, config: o.Config = None,
-) -> int:
-    """The crontab entry of this target, how its last run went, and the end of its log."""
-    from ckptsync import cron
+def _entry_command(action: str, show: Callable[[Output, CronResult], None], doc: str) -> Callable[..., int]:
+    """A command that runs cron.<action> on one target's crontab entry and renders the result with `show`."""
+    def command(
+        instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
+        local_dir: o.LocalDir = None, config: o.Config = None,
+    ) -> int:
+        from ckptsync import cron
 
-    t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
-    return render(cron.show(t, cron.Crontab()), show_entry)
+        t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
+        return render(getattr(cron, action)(t, cron.Crontab()), show)
+
+    command.__name__ = command.__qualname__ = f"{action}_cmd"
+    command.__doc__ = doc
+    return command
 
 
 def show_entry(out: Output, r: CronResult) -> None:
@@ -108,17 +113,6 @@ def show_entry(out: Output, r: CronResult) -> None:
             out.result(f"  {line}")
 
 
-def remove_cmd(
-    instance: o.Instance = None, host: o.Host = None, remote_dir: o.RemoteDir = None,
-    local_dir: o.LocalDir = None, config: o.Config = None,
-) -> int:
-    """Remove this target's crontab entry; other lines are left as they are."""
-    from ckptsync import cron
-
-    t = o.target(config, instance, host, remote_dir, local_dir, need_remote=False)
-    return render(cron.remove(t, cron.Crontab()), show_removed)
-
-
 def show_removed(out: Output, r: CronResult) -> None:
     if r.action == "removed":
         out.paragraph(f"removed the cron entry for {r.target} ({r.backup_dir})", indent="  ")
@@ -127,6 +121,12 @@ def show_removed(out: Output, r: CronResult) -> None:
     else:
         out.paragraph(f"no cron entry for {r.target} ({r.backup_dir}); nothing to remove", indent="  ")
         _others(out, r)
+
+
+show_cmd = _entry_command("show", show_entry,
+                          "The crontab entry of this target, how its last run went, and the end of its log.")
+remove_cmd = _entry_command("remove", show_removed,
+                            "Remove this target's crontab entry; other lines are left as they are.")
 
 
 def _others(out: Output, r: CronResult) -> None:

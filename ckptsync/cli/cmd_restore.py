@@ -87,7 +87,7 @@ def restore_cmd(
 
 
 def show_restore(out: Output, result: RestoreResult) -> None:
-    from ckptsync.restore import files_text
+    from ckptsync.restore_choice import files_text
 
     for w in result.warnings:
         out.warn(w)

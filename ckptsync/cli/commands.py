@@ -28,26 +28,22 @@ class Group(NamedTuple):
     commands: list[tuple[str, Callable[..., int]]]
 
 
+def _command(module) -> tuple[str, Callable[..., int]]:
+    """(NAME, module.NAME_cmd) of a module cmd_NAME."""
+    name = module.__name__.rpartition(".cmd_")[2]
+    return name, getattr(module, f"{name}_cmd")
+
+
 # In the order `ckptsync --help` lists them.
 COMMANDS: list[tuple[str, Callable[..., int] | Group]] = [
-    ("list", cmd_list.list_cmd),
-    ("backup", cmd_backup.backup_cmd),
-    ("watch", cmd_watch.watch_cmd),
-    ("restore", cmd_restore.restore_cmd),
-    ("verify", cmd_verify.verify_cmd),
-    ("prune", cmd_prune.prune_cmd),
-    ("show", cmd_show.show_cmd),
-    ("compare", cmd_compare.compare_cmd),
-    ("archive", cmd_archive.archive_cmd),
-    ("adopt", cmd_adopt.adopt_cmd),
-    ("checklist", cmd_checklist.checklist_cmd),
-    ("doctor", cmd_doctor.doctor_cmd),
+    *map(_command, (cmd_list, cmd_backup, cmd_watch, cmd_restore, cmd_verify, cmd_prune, cmd_show, cmd_compare,
+                    cmd_archive, cmd_adopt, cmd_checklist, cmd_doctor)),
     ("cron", Group(cmd_cron.HELP, [
         ("install", cmd_cron.install_cmd),
         ("show", cmd_cron.show_cmd),
         ("remove", cmd_cron.remove_cmd),
     ])),
-    ("demo", cmd_demo.demo_cmd),
+    _command(cmd_demo),
 ]
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptsync.backup import stat_extras
+from ckptsync.backup_plan import stat_extras
 from ckptsync.selection import BackupOptions, resolve_names, select, unseen_failures
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,

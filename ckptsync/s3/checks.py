@@ -19,7 +19,7 @@ from ckptsync.store import EXTRA, Store
 @contextlib.contextmanager
 def renamed(index, store: BucketStore) -> Iterator[None]:
     """Messages raised inside name the bucket, not the temp directory standing in for it."""
-    from ckptsync.archive import naming
+    from ckptsync.archive_read import naming
 
     with naming(index, str(store.root)):
         yield

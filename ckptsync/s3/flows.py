@@ -14,7 +14,8 @@ from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError,
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.listing import GenerationRow, generation_rows
-from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generation, resume_hint
+from ckptsync.restore import RestoreOptions
+from ckptsync.restore_choice import choose, newest_first, pick_generation, resume_hint
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
 from ckptsync.s3.store import META, BucketStore, Entry

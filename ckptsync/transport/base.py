@@ -140,6 +140,8 @@ def unresolved(alias: str, hostname: str, port: int) -> tuple[str, str] | None:
 class Process(ABC):
     """A running agent launcher: its stdin, stdout and the tail of its stderr."""
 
+    _stderr: StderrTail | None = None   # set by a process whose stderr is collected
+
     @abstractmethod
     def write(self, data: bytes) -> None: ...
 
@@ -157,7 +159,7 @@ class Process(ABC):
         """End the peer now, so a write blocked on it fails; our end stays open until close."""
 
     def stderr_text(self) -> str:
-        return ""
+        return self._stderr.text() if self._stderr is not None else ""
 
 
 class Transport(ABC):

@@ -39,10 +39,6 @@ class Subprocess(Process):
         except (OSError, ValueError):
             return b""
 
-    def stderr_text(self) -> str:
-        return self._stderr.text()
-
-
     def kill(self) -> None:
         try:
             self.proc.kill()

@@ -149,10 +149,6 @@ class SshProcess(Process):
         except (OSError, EOFError, paramiko.SSHException):
             return b""
 
-    def stderr_text(self) -> str:
-        return self._stderr.text()
-
-
     def kill(self) -> None:
         try:
             self.chan.close()
