@@ -267,6 +267,62 @@ def test_senders_sharing_memory_start_from_the_last_verdict():
     assert b"D" in stream(SLOW_LINK, chunks=40)  # while a fresh one probes raw
 
 
+def small_files(link, files, size, memory=None):
+    """A send of `files` small files as the agent frames them (send.py): each tar header and
+    each file's data and padding end in a flush, so every file makes two short chunks."""
+    pytest.importorskip("zstandard")
+    clock = FakeClock()
+    chan = FakeLink(clock, *link)
+    sender = wire.Sender(chan, "auto", "module", memory=memory, clock=clock)
+    for _ in range(files):
+        sender.write(DATA[:512])
+        sender.flush()
+        sender.write(DATA[:size])
+        sender.flush()
+    sender.close()
+    assert sender.chunks == 2 * files
+    return [kind for kind, _size in chan.frames]
+
+
+def test_a_short_stream_of_small_files_goes_compressed_from_its_first_chunk():
+    # 80 files of 150 KB: 160 chunks but only 12 MB, less than the warm-up and first probe carry.
+    kinds = small_files(SLOW_LINK, files=80, size=150_000)
+    assert len(kinds) == 160 and set(kinds) <= {b"Z", b"Y"}
+    # A longer one on the slow link probes raw once it has timed compression, then stays compressed.
+    kinds = small_files(SLOW_LINK, files=600, size=150_000)
+    assert set(kinds[:400]) <= {b"Z", b"Y"} and b"D" in kinds and set(kinds[-200:]) <= {b"Z", b"Y"}
+
+
+def test_short_streams_on_one_connection_learn_the_link_between_them():
+    """Each stream (12 MiB) is shorter than a warm-up and a probe: on their own none would learn the link."""
+    for link, wins in ((FAST_LINK, {b"D"}), (SLOW_LINK, {b"Z", b"Y"})):
+        memory = wire.Memory()
+        runs = [stream(link, chunks=12, memory=memory) for _ in range(14)]
+        assert set(runs[0]) <= {b"Z", b"Y"}  # nothing known yet: compressible data goes compressed
+        assert all(set(kinds) <= wins for kinds in runs[-4:]), (link, runs)
+        assert memory.verdict is not None and memory.verdict[0] == ("raw" if link == FAST_LINK else "zstd")
+    # Small files count by what they carry: 80 files of 150 KB a stream (12 MB, 160 chunks).
+    memory = wire.Memory()
+    runs = [small_files(FAST_LINK, files=80, size=150_000, memory=memory) for _ in range(14)]
+    assert set(runs[0]) <= {b"Z", b"Y"} and set(runs[-1]) == {b"D"}
+
+
+def test_data_that_does_not_pack_is_not_compressed_past_a_sample(monkeypatch):
+    pytest.importorskip("zstandard")
+    packed = []
+    pack = wire.Sender._pack
+    monkeypatch.setattr(wire.Sender, "_pack", lambda self, chunk: packed.append(len(chunk)) or pack(self, chunk))
+    noise = os.urandom(wire.CHUNK)
+    clock = FakeClock()
+    chan = FakeLink(clock, *SLOW_LINK)
+    sender = wire.Sender(chan, "auto", "module", clock=clock)
+    for _ in range(20):
+        sender.write(noise)
+    sender.close()
+    assert [kind for kind, _size in chan.frames] == [b"D"] * 20
+    assert len(packed) == 2  # CPU spent on compressing: two chunks, not a warm-up's sixteen
+
+
 # ---------------------------------------------------------------- tar parsing
 
 
