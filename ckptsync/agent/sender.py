@@ -37,7 +37,7 @@ class Sender:
     the wire than as L frames) nor the choice of raw per chunk.
 
     `receiver_lzma`: whether the receiver can unpack lzma lanes.
-    `memory` (a Memory) carries the verdict from one stream to the next;
+    `memory` (a Memory) carries what was learned from one stream to the next;
     `clock` times every decision, so tests can stand in for the link.
     """
 
