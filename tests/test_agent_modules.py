@@ -249,7 +249,7 @@ def test_senders_without_shared_memory_start_afresh():
     assert stream(FAST_LINK, chunks=1)[0] in (b"Z", b"Y")  # a fresh start warms up compressed
     first = wire.Memory()
     stream(FAST_LINK, memory=first)
-    assert first.verdict is not None and first.verdict[0] == "raw"
+    assert first.learned is not None and first.learned["winner"] == "raw"
     assert stream(FAST_LINK, chunks=1, memory=wire.Memory())[0] in (b"Z", b"Y")
     # A slow link after a fast one, on its own memory, still finds zstd.
     assert set(stream(SLOW_LINK, memory=wire.Memory())[-30:]) <= {b"Z", b"Y"}
@@ -258,11 +258,11 @@ def test_senders_without_shared_memory_start_afresh():
 def test_senders_sharing_memory_start_from_the_last_verdict():
     memory = wire.Memory()
     stream(FAST_LINK, memory=memory)
-    assert memory.verdict[0] == "raw"
+    assert memory.learned["winner"] == "raw"
     assert set(stream(FAST_LINK, chunks=20, memory=memory)) == {b"D"}  # no warm-up, no probing yet
     memory = wire.Memory()
     stream(SLOW_LINK, memory=memory)
-    assert memory.verdict[0] == "zstd"
+    assert memory.learned["winner"] == "zstd"
     assert set(stream(SLOW_LINK, chunks=40, memory=memory)) <= {b"Z", b"Y"}
     assert b"D" in stream(SLOW_LINK, chunks=40)  # while a fresh one probes raw
 
@@ -300,7 +300,7 @@ def test_short_streams_on_one_connection_learn_the_link_between_them():
         runs = [stream(link, chunks=12, memory=memory) for _ in range(14)]
         assert set(runs[0]) <= {b"Z", b"Y"}  # nothing known yet: compressible data goes compressed
         assert all(set(kinds) <= wins for kinds in runs[-4:]), (link, runs)
-        assert memory.verdict is not None and memory.verdict[0] == ("raw" if link == FAST_LINK else "zstd")
+        assert memory.learned["winner"] == ("raw" if link == FAST_LINK else "zstd")
     # Small files count by what they carry: 80 files of 150 KB a stream (12 MB, 160 chunks).
     memory = wire.Memory()
     runs = [small_files(FAST_LINK, files=80, size=150_000, memory=memory) for _ in range(14)]

@@ -19,8 +19,7 @@ class Memory:
     """
 
     def __init__(self):
-        self.learned = None  # Sender.LEARNED of the last stream, by name
-        self.verdict = None  # (winner, exploit, lanes) of the last stream that reached one
+        self.learned = None  # Sender.LEARNED of the last stream, by name ("winner": the verdict, once reached)
 
 
 class Sender:
@@ -279,7 +278,5 @@ class Sender:
             if self.seg_start is not None and self.seg_bytes:
                 self.seg_time += self.seg_mark - self.seg_start  # the time between streams does not count
             self.memory.learned = dict((name, getattr(self, name)) for name in self.LEARNED)
-            if self.winner is not None:
-                self.memory.verdict = (self.winner, self.exploit // CHUNK, self.lanes)
         if self.error is not None:
             raise Failure("protocol", "connection lost: %s" % self.error)
