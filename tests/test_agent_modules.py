@@ -301,6 +301,14 @@ def test_short_streams_on_one_connection_learn_the_link_between_them():
         assert set(runs[0]) <= {b"Z", b"Y"}  # nothing known yet: compressible data goes compressed
         assert all(set(kinds) <= wins for kinds in runs[-4:]), (link, runs)
         assert memory.learned["winner"] == ("raw" if link == FAST_LINK else "zstd")
+    # Streams shorter than the refill between them time nothing, and leave the segment under way as it was.
+    memory = wire.Memory()
+    stream(FAST_LINK, chunks=20, memory=memory)
+    timing = ("plan_mode", "seg_bytes", "seg_time", "rates")
+    under_way = [memory.learned[name] for name in timing]
+    assert memory.learned["seg_bytes"] > 0
+    assert set(stream(FAST_LINK, chunks=3, memory=memory)) <= {b"Z", b"Y"}
+    assert [memory.learned[name] for name in timing] == under_way
     # Small files count by what they carry: 80 files of 150 KB a stream (12 MB, 160 chunks).
     memory = wire.Memory()
     runs = [small_files(FAST_LINK, files=80, size=150_000, memory=memory) for _ in range(14)]

@@ -223,13 +223,13 @@ class Sender:
                 self.fill -= n
             else:
                 self.settle -= n
-            self.seg_start = self.clock()
+            self.seg_start, self.seg_mark = self.clock(), None
             return
         now = self.clock()
         if self.seg_start is None:
             self.seg_start = now
         self.seg_bytes += n
-        self.seg_mark = now
+        self.seg_mark = now  # the last timed chunk of this stream
         if self.seg_bytes >= self.seg_len:
             self._next_segment(now)
 
@@ -238,7 +238,7 @@ class Sender:
         self.rates.pop("zstd", None)
         self.plan_mode, self.seg_len, self.exploiting = "raw", self.EXPLOIT * CHUNK, True
         self.packed_in = self.packed_out = 0
-        self.seg_bytes, self.seg_time, self.seg_start = 0, 0.0, None
+        self.seg_bytes, self.seg_time, self.seg_start, self.seg_mark = 0, 0.0, None, None
         self.settle = 0
 
     def _next_segment(self, now):
@@ -246,14 +246,14 @@ class Sender:
         self._plan(now)
         if self.plan_mode != before:
             self.settle = self.SETTLE * CHUNK
-            self.seg_start = None
+            self.seg_start = self.seg_mark = None
             if self.plan_mode == "zstd":
                 self.packed_in = self.packed_out = 0
 
     def _plan(self, now):
         rate = self.seg_bytes / max(self.seg_time + now - self.seg_start, 1e-9)
         self.rates[self.plan_mode] = rate
-        self.seg_start, self.seg_bytes, self.seg_time = now, 0, 0.0
+        self.seg_start, self.seg_mark, self.seg_bytes, self.seg_time = now, None, 0, 0.0
         missing = [m for m in ("zstd", "raw") if m not in self.rates]
         if missing:
             self.plan_mode, self.seg_len, self.exploiting = missing[0], self.PROBE * CHUNK, False
@@ -275,7 +275,7 @@ class Sender:
         self.queue.put(None)
         self.writer.join()
         if self.compress == "auto" and self.memory is not None:
-            if self.seg_start is not None and self.seg_bytes:
+            if self.seg_mark is not None:
                 self.seg_time += self.seg_mark - self.seg_start  # the time between streams does not count
             self.memory.learned = dict((name, getattr(self, name)) for name in self.LEARNED)
         if self.error is not None:
