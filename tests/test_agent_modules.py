@@ -249,7 +249,7 @@ def test_senders_without_shared_memory_start_afresh():
     assert stream(FAST_LINK, chunks=1)[0] in (b"Z", b"Y")  # a fresh start warms up compressed
     first = wire.Memory()
     stream(FAST_LINK, memory=first)
-    assert first.verdict is not None and first.verdict[0] == "raw"
+    assert first.learned is not None and first.learned["winner"] == "raw"
     assert stream(FAST_LINK, chunks=1, memory=wire.Memory())[0] in (b"Z", b"Y")
     # A slow link after a fast one, on its own memory, still finds zstd.
     assert set(stream(SLOW_LINK, memory=wire.Memory())[-30:]) <= {b"Z", b"Y"}
@@ -258,13 +258,77 @@ def test_senders_without_shared_memory_start_afresh():
 def test_senders_sharing_memory_start_from_the_last_verdict():
     memory = wire.Memory()
     stream(FAST_LINK, memory=memory)
-    assert memory.verdict[0] == "raw"
+    assert memory.learned["winner"] == "raw"
     assert set(stream(FAST_LINK, chunks=20, memory=memory)) == {b"D"}  # no warm-up, no probing yet
     memory = wire.Memory()
     stream(SLOW_LINK, memory=memory)
-    assert memory.verdict[0] == "zstd"
+    assert memory.learned["winner"] == "zstd"
     assert set(stream(SLOW_LINK, chunks=40, memory=memory)) <= {b"Z", b"Y"}
     assert b"D" in stream(SLOW_LINK, chunks=40)  # while a fresh one probes raw
+
+
+def small_files(link, files, size, memory=None):
+    """A send of `files` small files as the agent frames them (send.py): each tar header and
+    each file's data and padding end in a flush, so every file makes two short chunks."""
+    pytest.importorskip("zstandard")
+    clock = FakeClock()
+    chan = FakeLink(clock, *link)
+    sender = wire.Sender(chan, "auto", "module", memory=memory, clock=clock)
+    for _ in range(files):
+        sender.write(DATA[:512])
+        sender.flush()
+        sender.write(DATA[:size])
+        sender.flush()
+    sender.close()
+    assert sender.chunks == 2 * files
+    return [kind for kind, _size in chan.frames]
+
+
+def test_a_short_stream_of_small_files_goes_compressed_from_its_first_chunk():
+    # 80 files of 150 KB: 160 chunks but only 12 MB, less than the warm-up and first probe carry.
+    kinds = small_files(SLOW_LINK, files=80, size=150_000)
+    assert len(kinds) == 160 and set(kinds) <= {b"Z", b"Y"}
+    # A longer one on the slow link probes raw once it has timed compression, then stays compressed.
+    kinds = small_files(SLOW_LINK, files=600, size=150_000)
+    assert set(kinds[:400]) <= {b"Z", b"Y"} and b"D" in kinds and set(kinds[-200:]) <= {b"Z", b"Y"}
+
+
+def test_short_streams_on_one_connection_learn_the_link_between_them():
+    """Each stream (12 MiB) is shorter than a warm-up and a probe: on their own none would learn the link."""
+    for link, wins in ((FAST_LINK, {b"D"}), (SLOW_LINK, {b"Z", b"Y"})):
+        memory = wire.Memory()
+        runs = [stream(link, chunks=12, memory=memory) for _ in range(14)]
+        assert set(runs[0]) <= {b"Z", b"Y"}  # nothing known yet: compressible data goes compressed
+        assert all(set(kinds) <= wins for kinds in runs[-4:]), (link, runs)
+        assert memory.learned["winner"] == ("raw" if link == FAST_LINK else "zstd")
+    # Streams shorter than the refill between them time nothing, and leave the segment under way as it was.
+    memory = wire.Memory()
+    stream(FAST_LINK, chunks=20, memory=memory)
+    timing = ("plan_mode", "seg_bytes", "seg_time", "rates")
+    under_way = [memory.learned[name] for name in timing]
+    assert memory.learned["seg_bytes"] > 0
+    assert set(stream(FAST_LINK, chunks=3, memory=memory)) <= {b"Z", b"Y"}
+    assert [memory.learned[name] for name in timing] == under_way
+    # Small files count by what they carry: 80 files of 150 KB a stream (12 MB, 160 chunks).
+    memory = wire.Memory()
+    runs = [small_files(FAST_LINK, files=80, size=150_000, memory=memory) for _ in range(14)]
+    assert set(runs[0]) <= {b"Z", b"Y"} and set(runs[-1]) == {b"D"}
+
+
+def test_data_that_does_not_pack_is_not_compressed_past_a_sample(monkeypatch):
+    pytest.importorskip("zstandard")
+    packed = []
+    pack = wire.Sender._pack
+    monkeypatch.setattr(wire.Sender, "_pack", lambda self, chunk: packed.append(len(chunk)) or pack(self, chunk))
+    noise = os.urandom(wire.CHUNK)
+    clock = FakeClock()
+    chan = FakeLink(clock, *SLOW_LINK)
+    sender = wire.Sender(chan, "auto", "module", clock=clock)
+    for _ in range(20):
+        sender.write(noise)
+    sender.close()
+    assert [kind for kind, _size in chan.frames] == [b"D"] * 20
+    assert len(packed) == 2  # CPU spent on compressing: two chunks, not a warm-up's sixteen
 
 
 # ---------------------------------------------------------------- tar parsing

@@ -145,6 +145,21 @@ def test_upload_commit_roundtrip(transport, tmp_path):
     assert [p.name for p in root.iterdir()] == ["checkpoint-1"]
 
 
+def test_uploads_on_one_connection_go_on_from_what_the_last_one_learned(tmp_path):
+    """A restore of several checkpoints: each upload's sender starts from the connection's Memory."""
+    root = tmp_path / "server"
+    noise = os.urandom(4 << 20)
+    with AgentServer(InProcessTransport()) as r:
+        r.mkdir(str(root))
+        memory = r.remote.memory
+        for name in ("a", "b"):
+            up = r.receive(str(root), name)
+            up.add(f"{name}/weights.bin", io.BytesIO(noise), len(noise), 1_700_000_000_000_000_000, 0o600)
+            up.finish()
+            assert r.remote.memory is memory and memory.learned is not None
+            assert memory.learned["plan_mode"] == "raw"  # noise: raw after a sample, and the next upload knows
+
+
 def test_agent_refuses_unsafe_member(transport, tmp_path):
     root = tmp_path / "server"
     root.mkdir()

@@ -132,7 +132,7 @@ def op_send(chan, req, memory=None):
     send_one). An entry {"source", "member", "start", "length"} (and "offset", "hash", "stamp" as
     above) is one byte range of a file; a stream carries at most one range of a file, so members stay unique.
 
-    `memory` is the connection's Memory: the next send starts from this one's verdict.
+    `memory` is the connection's Memory: the next send goes on from what this one learned.
     """
     alg = req.get("alg") or hash_names()[0]
     new_hash(alg)

@@ -9,15 +9,17 @@ from ckptsync.agent.codec import DATA_FRAMES, FrameCompressor, LaneCoder, split_
 
 
 class Memory:
-    """What one connection's streams learned about raw against zstd.
+    """What one connection's streams learned about raw against compressed.
 
-    One per connection: the next stream on the same link starts from the
-    last verdict instead of probing from scratch, while other connections
-    (other links, other data) are not swayed by it.
+    One per connection: each stream goes on from where the last one left
+    off (the rates measured, the probe under way, the verdict), so that many
+    short streams on one link, each too short to probe both modes, still
+    reach a verdict between them; other connections (other links, other
+    data) are not swayed by it.
     """
 
     def __init__(self):
-        self.verdict = None  # (winner, exploit, lanes) of the last stream that reached one
+        self.learned = None  # Sender.LEARNED of the last stream, by name ("winner": the verdict, once reached)
 
 
 class Sender:
@@ -34,16 +36,24 @@ class Sender:
     the wire than as L frames) nor the choice of raw per chunk.
 
     `receiver_lzma`: whether the receiver can unpack lzma lanes.
-    `memory` (a Memory) carries the verdict from one stream to the next;
+    `memory` (a Memory) carries what was learned from one stream to the next;
     `clock` times every decision, so tests can stand in for the link.
     """
 
-    WARMUP = 16     # chunks sent compressed, untimed, until the pipe and window are full
-    PROBE = 16      # chunks timed per mode when probing
-    EXPLOIT = 192   # chunks sent in the faster mode before probing again; doubles while the same mode
+    # Segments are counted in chunks' worth of tar bytes (CHUNK each): small files come as many
+    # short chunks (a tar header, a file's data, its tail), which must count for what they carry.
+    WARMUP = 16     # sent compressed, untimed, at a connection's first stream until the pipe and window are full
+    REFILL = 8      # untimed at each later stream, in the mode under way: the pipe ran empty in between
+    PROBE = 16      # timed per mode when probing
+    EXPLOIT = 192   # sent in the faster mode before probing again; doubles while the same mode
     MAX_EXPLOIT = 1536  # keeps winning, since every probe of the slower mode costs time
-    SETTLE = 8      # untimed chunks after a switch: the queue and the channel still drain the other mode
-    LANE_CHECK = 32  # every so many compressed chunks, try both with and without byte lanes
+    SETTLE = 8      # untimed after a switch: the queue and the channel still drain the other mode
+    LANE_CHECK = 32  # every so many compressed full chunks, try both with and without byte lanes
+    PACKS = 0.97    # compressing pays only when it makes the bytes at least 3% smaller
+    SAMPLE = 2      # compressed this much, and it does not pay: raw at once, before any timing
+    # What a connection's Memory carries from one stream to the next.
+    LEARNED = ("plan_mode", "seg_len", "seg_bytes", "seg_time", "rates", "exploiting", "exploit", "winner",
+               "lanes", "packed_in", "packed_out")
 
     def __init__(self, chan, compress, receiver_zstd="module", *, memory=None, clock=time.perf_counter,
                  receiver_lzma=True):
@@ -55,28 +65,34 @@ class Sender:
         self.queue = queue.Queue(maxsize=4)
         self.wire_bytes = 0
         self.raw_bytes = 0
-        self.ratio = None
         self.chunks = 0
         self.error = None
         self.aborted = False
         self.zc = None
-        self.plan_mode = "raw"
-        self.seg_len = self.PROBE
+        # The first stream of a connection warms up compressed, then probes compressed (the pipe
+        # already holds compressed frames), then raw; a compressible sample means compressed
+        # from the first chunk, whatever the link, until timing can tell.
+        self.plan_mode = "zstd"
+        self.seg_len = self.PROBE * CHUNK
         self.seg_start = None
-        self.seg_bytes = 0
-        self.seg_chunks = 0
-        self.settle = self.SETTLE  # warm-up chunks are zstd; the first probe is raw
+        self.seg_mark = None
+        self.seg_bytes = 0         # timed bytes of the segment under way, over all streams
+        self.seg_time = 0.0        # its seconds in earlier streams (not the time between them)
+        self.settle = 0
         self.lanes = None          # is splitting into byte lanes worth it? None: not tried yet
         self.packed_chunks = 0
+        self.packed_in = 0         # bytes compressed lately, and what they packed to
+        self.packed_out = 0
         self.rates = {}
         self.exploiting = False
-        self.exploit = self.EXPLOIT
+        self.exploit = self.EXPLOIT * CHUNK
         self.winner = None
-        self.warmup = self.WARMUP
-        if compress == "auto" and memory is not None and memory.verdict is not None:
-            self.winner, self.exploit, self.lanes = memory.verdict
-            self.plan_mode, self.seg_len, self.exploiting = self.winner, self.exploit, True
-            self.warmup, self.settle = 0, 0
+        self.fill = self.WARMUP * CHUNK  # untimed bytes before the segment's clock runs
+        if compress == "auto" and memory is not None and memory.learned is not None:
+            for name in self.LEARNED:
+                setattr(self, name, memory.learned[name])
+            self.rates = dict(self.rates)
+            self.fill = self.REFILL * CHUNK  # in the mode under way: it also settles a switch
         level = 1 if compress == "auto" else (0 if compress == "off" else int(compress))
         self.level = max(1, min(level, 19))
         self.lane_coder = None
@@ -168,76 +184,89 @@ class Sender:
             return b"Y", self.zc.compress(split_lanes(chunk))
         return b"Z", self.zc.compress(bytes(chunk))
 
-    def _measure(self, chunk, packed):
-        ratio = len(packed) / float(len(chunk))
-        self.ratio = ratio if self.ratio is None else 0.7 * self.ratio + 0.3 * ratio
+    def ratio(self):
+        """What compressing has lately packed to, by bytes; None before any."""
+        return self.packed_out / float(self.packed_in) if self.packed_in else None
 
     def _adaptive(self, chunk):
         """Per chunk, raw or compressed, by the throughput each has actually achieved.
 
         Both ends share CPU with ssh's own crypto, so a rule based on
-        compression speed alone misjudges fast links. Instead, short
-        segments of each mode are timed end to end (back-pressure from the
-        bounded send queue makes the time reflect the whole pipeline), the
-        faster mode is used for a long stretch, then both are probed again.
+        compression speed alone misjudges fast links. Instead, segments of
+        each mode are timed end to end (back-pressure from the bounded send
+        queue makes the time reflect the whole pipeline, once the buffers
+        on the way are full), the faster mode is used for a long stretch,
+        then both are probed again. Until timing can tell, compressible data
+        goes compressed, and data that does not pack goes raw at once.
         """
-        now = self.clock()
-        if self.seg_start is None:
-            self.seg_start = now
-        mode = self.plan_mode
-        if self.chunks <= self.warmup:
-            # Until the buffers between here and the link are full, sends return at
-            # once and any timing flatters whichever mode goes first.
-            mode = "zstd"
-            self.seg_start = now
-        if mode == "zstd":
+        n = len(chunk)
+        if self.plan_mode == "zstd":
             kind, packed = self._pack(chunk)
-            self._measure(chunk, packed)
-            if len(packed) < len(chunk):
+            self.packed_in += n
+            self.packed_out += min(len(packed), n)
+            if len(packed) < n:
                 self._put(kind, packed)
             else:
                 self._put(b"D", chunk)
+            if self.packed_in >= self.SAMPLE * CHUNK and self.ratio() > self.PACKS:
+                self._incompressible()
+                return
+            if self.packed_in >= self.PROBE * CHUNK:
+                self.packed_in //= 2  # the ratio follows the data as it changes
+                self.packed_out //= 2
         else:
             self._put(b"D", chunk)
-        if self.chunks <= self.warmup:
+        if self.fill > 0 or self.settle > 0:
+            # Until the buffers between here and the link are full of this mode's frames,
+            # sends return at once and any timing flatters whichever mode goes first.
+            if self.fill > 0:
+                self.fill -= n
+            else:
+                self.settle -= n
+            self.seg_start, self.seg_mark = self.clock(), None
             return
-        if self.settle:
-            self.settle -= 1
-            self.seg_start = self.clock()
-            return
-        self.seg_bytes += len(chunk)
-        self.seg_chunks += 1
-        if self.seg_chunks >= self.seg_len:
-            self._next_segment(self.clock())
+        now = self.clock()
+        if self.seg_start is None:
+            self.seg_start = now
+        self.seg_bytes += n
+        self.seg_mark = now  # the last timed chunk of this stream
+        if self.seg_bytes >= self.seg_len:
+            self._next_segment(now)
+
+    def _incompressible(self):
+        """Data that does not pack: raw for a long stretch, without timing compression."""
+        self.rates.pop("zstd", None)
+        self.plan_mode, self.seg_len, self.exploiting = "raw", self.EXPLOIT * CHUNK, True
+        self.packed_in = self.packed_out = 0
+        self.seg_bytes, self.seg_time, self.seg_start, self.seg_mark = 0, 0.0, None, None
+        self.settle = 0
 
     def _next_segment(self, now):
         before = self.plan_mode
         self._plan(now)
         if self.plan_mode != before:
-            self.settle = self.SETTLE
+            self.settle = self.SETTLE * CHUNK
+            self.seg_start = self.seg_mark = None
+            if self.plan_mode == "zstd":
+                self.packed_in = self.packed_out = 0
 
     def _plan(self, now):
-        rate = self.seg_bytes / max(now - self.seg_start, 1e-9)
+        rate = self.seg_bytes / max(self.seg_time + now - self.seg_start, 1e-9)
         self.rates[self.plan_mode] = rate
-        self.seg_start, self.seg_bytes, self.seg_chunks = now, 0, 0
-        if self.ratio is not None and self.ratio > 0.97:
-            # incompressible data: stop trying for a while
-            self.plan_mode, self.seg_len, self.exploiting = "raw", self.EXPLOIT, True
-            self.rates.pop("zstd", None)
-            self.ratio = None
-            return
-        missing = [m for m in ("raw", "zstd") if m not in self.rates]
+        self.seg_start, self.seg_mark, self.seg_bytes, self.seg_time = now, None, 0, 0.0
+        missing = [m for m in ("zstd", "raw") if m not in self.rates]
         if missing:
-            self.plan_mode, self.seg_len, self.exploiting = missing[0], self.PROBE, False
+            self.plan_mode, self.seg_len, self.exploiting = missing[0], self.PROBE * CHUNK, False
             return
         if self.exploiting:
             # re-probe the other mode; conditions (link, CPU, data) change
             other = "raw" if self.plan_mode == "zstd" else "zstd"
             self.rates.pop(other, None)
-            self.plan_mode, self.seg_len, self.exploiting = other, self.PROBE, False
+            self.plan_mode, self.seg_len, self.exploiting = other, self.PROBE * CHUNK, False
             return
         winner = "zstd" if self.rates["zstd"] > 1.05 * self.rates["raw"] else "raw"
-        self.exploit = min(2 * self.exploit, self.MAX_EXPLOIT) if winner == self.winner else self.EXPLOIT
+        same = winner == self.winner
+        self.exploit = min(2 * self.exploit, self.MAX_EXPLOIT * CHUNK) if same else self.EXPLOIT * CHUNK
         self.winner = winner
         self.plan_mode, self.seg_len, self.exploiting = winner, self.exploit, True
 
@@ -245,7 +274,9 @@ class Sender:
         self.flush()
         self.queue.put(None)
         self.writer.join()
-        if self.winner is not None and self.memory is not None:
-            self.memory.verdict = (self.winner, self.exploit, self.lanes)
+        if self.compress == "auto" and self.memory is not None:
+            if self.seg_mark is not None:
+                self.seg_time += self.seg_mark - self.seg_start  # the time between streams does not count
+            self.memory.learned = dict((name, getattr(self, name)) for name in self.LEARNED)
         if self.error is not None:
             raise Failure("protocol", "connection lost: %s" % self.error)

@@ -130,6 +130,7 @@ class Remote:
         self.hello: dict[str, Any] = {}
         self.busy = False
         self.sender: wire.Sender | None = None  # an upload's writer thread, while it may write
+        self.memory = wire.Memory()  # what this connection's uploads learned of the link
 
     # -------------------------------------------------- lifecycle
 
@@ -144,6 +145,7 @@ class Remote:
         return self.transport.describe()
 
     def open(self) -> None:
+        self.memory = wire.Memory()  # a new connection may be another link
         self.proc = self.transport.start()
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
@@ -373,7 +375,8 @@ class Upload(UploadBase):
         remote.request("receive", root=root, name=name, alg=self.alg)
         self.info = remote.reply()
         remote.busy = True
-        self.sender = wire.Sender(remote.chan, compress, remote.zstd, receiver_lzma=bool(remote.hello.get("lzma", True)))
+        self.sender = wire.Sender(remote.chan, compress, remote.zstd, memory=remote.memory,
+                                  receiver_lzma=bool(remote.hello.get("lzma", True)))
         remote.sender = self.sender
         self.sent: dict[str, str] = {}
 
