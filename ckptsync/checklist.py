@@ -19,7 +19,8 @@ from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary, span
 from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import RemoteDirMissing, Server, open_server
-from ckptsync.store import EXTRA, FileRecord, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, FileRecord
 from ckptsync.training import Verdict, judge_training
 from ckptsync.verify import run_verify
 
@@ -72,9 +73,9 @@ class Backups:
     def backup(self, rep: Reporter) -> None:
         run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), rep)
 
-    def reading(self) -> contextlib.AbstractContextManager[Store]:
+    def reading(self) -> contextlib.AbstractContextManager[DirectoryStore]:
         """The store to read manifests, staging and status from, for the checklist's length."""
-        return contextlib.nullcontext(Store(self.target.local_dir))
+        return contextlib.nullcontext(DirectoryStore(self.target.local_dir))
 
     def verify(self, name: str, rep: Reporter) -> tuple[bool, str, str]:
         """(ok, detail, fix) of re-checking the stored copy of `name` now."""
@@ -90,7 +91,7 @@ class Checklist:
         self.target = target
         self.rep = rep
         self.backups = backups or Backups(target)
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.result = ChecklistResult(target.label, target.describe(), self.backups.dest)
 
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:

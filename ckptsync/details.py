@@ -23,7 +23,8 @@ from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 STATE_FILES = ("trainer_state.json", "metadata.json")
 MAX_STATE_BYTES = 16 << 20
@@ -247,7 +248,7 @@ def value_changes(fa: dict, fb: dict) -> list[Change]:
 # ---------------------------------------------------------------- the backup directory
 
 
-def _pick(store: Store, name: str | None) -> tuple[Manifest, dict[str, Manifest]]:
+def _pick(store: DirectoryStore, name: str | None) -> tuple[Manifest, dict[str, Manifest]]:
     manifests = store.manifests()
     if name is None:
         runs = [m for m in manifests.values() if m.name != EXTRA]
@@ -266,7 +267,7 @@ def _ordered(manifests: dict[str, Manifest]) -> list[str]:
     return [m.name for m in newest_first(manifests.values())]
 
 
-def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
+def read_state_file(store: DirectoryStore, m: Manifest) -> tuple[dict | None, str]:
     """The backed-up trainer_state.json (or metadata.json) of a checkpoint, parsed; and a note if unreadable."""
     for f in m.files:
         if relative(m.name, f.path) not in STATE_FILES:
@@ -299,7 +300,7 @@ def show_backup(root: Path, name: str | None) -> ShowResult:
 
 
 def show_stored(root: Path, name: str | None) -> ShowResult:
-    store = Store(root)
+    store = DirectoryStore(root)
     m, manifests = _pick(store, name)
     full, note = read_state_file(store, m)
     f = facts(m.state, full)
@@ -325,7 +326,7 @@ def compare_backups(root: Path, a: str, b: str) -> CompareResult:
 
 
 def compare_stored(root: Path, a: str, b: str) -> CompareResult:
-    store = Store(root)
+    store = DirectoryStore(root)
     ma, _ = _pick(store, a)
     mb, _ = _pick(store, b)
     fa = facts(ma.state, read_state_file(store, ma)[0])
@@ -343,7 +344,7 @@ def compare_stored(root: Path, a: str, b: str) -> CompareResult:
 def show_server(target: Target, name: str | None, stored: Path | None = None) -> ShowResult:
     """One checkpoint on the server, and whether the backup directory (or `stored`, a bucket's
     index) holds it as it is now."""
-    store = Store(stored or target.local_dir)
+    store = DirectoryStore(stored or target.local_dir)
     with open_server(target) as server:
         view = scan_server(server, target.remote_dir, target.settle_seconds)
         where = f"{target.describe()}:{view.root}"
@@ -383,7 +384,7 @@ def _raw_state(meta: dict, c: Checkpoint) -> dict | None:
     return None
 
 
-def _backup_state(result: ShowResult, store: Store, c: Checkpoint, current: bool) -> None:
+def _backup_state(result: ShowResult, store: DirectoryStore, c: Checkpoint, current: bool) -> None:
     m = store.load(c.name)
     if m is None:
         result.backup = "no"

@@ -14,7 +14,8 @@ from ckptsync.policy import newest_first
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, empty_hint, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 
 @dataclass
@@ -60,7 +61,7 @@ class GenerationRow:
     verified_at: float
 
 
-def generation_rows(store: Store) -> dict[str, list[GenerationRow]]:
+def generation_rows(store: DirectoryStore) -> dict[str, list[GenerationRow]]:
     return {name: [GenerationRow(i, g.id, g.manifest.step, g.manifest.size, len(g.manifest.files),
                                  g.manifest.backed_up_at, g.manifest.verified_at)
                    for i, g in enumerate(gens, 1)]
@@ -176,13 +177,13 @@ def run_list(target: Target, local_only: bool, generations: bool = False) -> Lis
     with archive_view(target) as source:   # an archive: its manifests, read without extracting it
         result = _run_list(source, local_only)
         if generations:
-            result.generations = generation_rows(Store(source.local_dir))
+            result.generations = generation_rows(DirectoryStore(source.local_dir))
     result.dest = str(target.local_dir)
     return result
 
 
 def _run_list(target: Target, local_only: bool) -> ListResult:
-    store = Store(target.local_dir)
+    store = DirectoryStore(target.local_dir)
     manifests = store.manifests()
     damaged = {name: why for name, why in store.damaged().items() if "@" not in name}
     result = ListResult(target=target.label, server=None if local_only else target.describe(),

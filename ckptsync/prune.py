@@ -5,7 +5,7 @@ The decisions come from `retention.plan`. Before a local prune deletes anything,
 the newest complete backup is re-read against its manifest's checksums; one that
 fails is not counted as the verified copy, the next older one is tried, and a
 store where none verifies loses nothing. Deleting one local checkpoint is
-`Store.remove_entry`: one rename into `.ckptsync/trash/` (it disappears whole), then its
+`DirectoryStore.remove_entry`: one rename into `.ckptsync/trash/` (it disappears whole), then its
 manifest goes, then the files; an interrupted run leaves trash and possibly a manifest whose
 entry is gone, both cleaned under the lock at the start of the next run. On
 the server the agent's `remove` does the same with a hidden name. A server
@@ -32,7 +32,8 @@ from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, Pol
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
-from ckptsync.store import WAIT_HINT, Generation, EXTRA, Manifest, Store
+from ckptsync.stores.directory import WAIT_HINT, Generation, DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
 from ckptsync.verify import check_files
 
 
@@ -131,7 +132,7 @@ class LocalPrune:
         self.target = target
         self.opts = opts
         self.rep = rep
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.result = PruneResult(target=target.label, side="backups", where=str(target.local_dir),
                                   dry_run=opts.dry_run, force=opts.force, policy=asdict(opts.policy))
 
@@ -241,7 +242,7 @@ class LocalPrune:
             raise _interrupted(self.result.removed, current, state) from None
 
 
-def clean_leftovers(store: Store) -> list[str]:
+def clean_leftovers(store: DirectoryStore) -> list[str]:
     """What an interrupted prune left: the trash, and manifests whose entry is gone. Call under the lock."""
     store.clean_trash()
     dropped = []
@@ -253,7 +254,7 @@ def clean_leftovers(store: Store) -> list[str]:
     return dropped
 
 
-def freed_bytes(store: Store, names: list[str], folders: list[Path] = ()) -> int:
+def freed_bytes(store: DirectoryStore, names: list[str], folders: list[Path] = ()) -> int:
     """Bytes that deleting these entries (and folders) gives back: hard-linked files count only if
     every link goes."""
     links: dict[tuple[int, int], list[int]] = {}
@@ -282,7 +283,7 @@ class RemotePrune:
         self.target = target
         self.opts = opts
         self.rep = rep
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.result = PruneResult(target=target.label, side="server", where="", dry_run=opts.dry_run,
                                   force=opts.force, policy=asdict(opts.policy))
 

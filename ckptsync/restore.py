@@ -41,7 +41,8 @@ from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.disk import io_error, new_hasher
-from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store
+from ckptsync.stores.directory import Generation, DirectoryStore as Store
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 from ckptsync.verify import check_files
 from ckptsync.agent import hash_file
 

@@ -29,9 +29,11 @@ from ckptsync.config import Target, load_config, resolve_target  # noqa: E402
 from ckptsync.errors import ConfigError, ConnectError, Locked, UsageError  # noqa: E402
 from ckptsync.progress import Reporter  # noqa: E402
 from ckptsync.s3 import parse_url  # noqa: E402
-from ckptsync.s3.backup import open_store, run_bucket_backup  # noqa: E402
+from ckptsync.s3.backup import run_bucket_backup  # noqa: E402
+from ckptsync.stores import open_store  # noqa: E402
 from ckptsync.s3.bucket import Settings, part_size  # noqa: E402
-from ckptsync.s3.flows import run_bucket_list, run_bucket_restore, run_bucket_verify  # noqa: E402
+from ckptsync.s3.flows import run_bucket_list, run_bucket_restore  # noqa: E402
+from ckptsync.verify import run_verify  # noqa: E402
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
 
 ACCESS_KEY = "CKPTSYNCTESTKEY01"
@@ -203,8 +205,8 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert [e["name"] for e in results["list"]["entries"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
     assert (results["show"]["name"], results["show"]["location"]) == ("checkpoint-12", f"{store}/instance-1")
     assert [(v["a"], v["b"]) for v in results["compare"]["values"] if v["key"] == "step"] == [(8, 12)]
-    assert all(not c["problems"] for c in results["verify"]["checked"])
-    assert sum(c["bytes_read"] for c in results["verify"]["checked"]) == sum(
+    assert all(not c["problems"] for c in results["verify"]["entries"])
+    assert results["verify"]["bytes_read"] == sum(
         p.stat().st_size for c in ("checkpoint-4", "checkpoint-8", "checkpoint-12") for p in (server / c).iterdir())
 
     for src in (server / "checkpoint-12").iterdir():
@@ -233,15 +235,15 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     data[len(data) // 2] ^= 0x01
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     quick = run_cli("verify", "-i", "1", "--config", cfg)
-    assert quick.returncode == 30 and "checkpoint-12/optimizer.pt: the object was replaced" in quick.stdout
+    assert quick.returncode == 30 and "corrupt: checkpoint-12/optimizer.pt (the object was replaced" in quick.stdout
     mkey = "team/instance-1/.ckptsync/manifests/checkpoint-12.json"
     manifest["etags"]["checkpoint-12/optimizer.pt"] = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
     client.put_object(Bucket=bucket, Key=mkey, Body=json.dumps(manifest).encode())
     full = run_cli("verify", "-i", "1", "--read-data", "--config", cfg)
     assert full.returncode == 30, full.stderr
-    assert "checkpoint-12/optimizer.pt: its bytes hash to" in full.stdout
+    assert "corrupt: checkpoint-12/optimizer.pt (its bytes hash to" in full.stdout
     assert "checkpoint-8" in full.stdout and "FAILED  checkpoint-8" not in full.stdout
-    assert one_line_error(full) == "error: integrity check failed: checkpoint-12"
+    assert one_line_error(full) == "error: integrity check failed: checkpoint-12 (corrupt)"
 
 
 # -------------------------------------------------- errors: one line, a documented code
@@ -425,7 +427,7 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
     restored = tmp_path / "restored"
     run_bucket_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), open_store(t), "checkpoint-12")
     assert (restored / BIG).read_bytes() == data
-    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+    assert not run_verify(t, [], read_data=True).exit_code
 
     wire = b"".join(recorded)
     assert b"X-Amz-Signature=" in wire            # the agent got presigned URLs...
@@ -605,8 +607,8 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
     text = run_cli("list", "-i", "1", "--generations", "--config", cfg)
     assert "earlier versions" in text.stdout and "latest.pt" in text.stdout
     checked = json.loads(run_cli("verify", "-i", "1", "--read-data", "--config", cfg, "--json").stdout)
-    names = [c["name"] for c in checked["checked"]]
-    assert sum(n.startswith("latest.pt@") for n in names) == 2 and not any(c["problems"] for c in checked["checked"])
+    names = [c["name"] for c in checked["entries"]]
+    assert sum(n.startswith("latest.pt@") for n in names) == 2 and not any(c["problems"] for c in checked["entries"])
 
     fresh = tmp_path / "fresh"
     back = run_cli("restore", "-i", "1", "--checkpoint", "latest.pt", "--generation", "1", "--remote-dir", fresh,
@@ -665,7 +667,7 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     assert again.uploaded == ["checkpoint-12"] and not again.failed
     now = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
     assert now == changed.read_bytes()
-    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+    assert not run_verify(t, [], read_data=True).exit_code
 
 
 def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, big_server_tree, seaweed, bucket,
@@ -675,7 +677,7 @@ def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, 
     cfg = write_config(ssh_home, big_server_tree, f"s3://{bucket}/team", seaweed.endpoint)
     aws_home(ssh_home)
     found = examples("bucket")
-    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "verify", "restore", "prune"]
+    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "restore", "prune"]
     problems = []
     for n, (command, body) in enumerate(found):
         words = [w.format(config=cfg, scratch=tmp_path / f"scratch-{n}") for w in shlex.split(command)]

@@ -49,7 +49,7 @@ def labelled(result, t: Target):
 
 
 def _store(t: Target):
-    from ckptsync.s3.backup import open_store
+    from ckptsync.stores import open_store
 
     return open_store(t)
 
@@ -111,7 +111,7 @@ def compare(t: Target, a: str, b: str):
     return compare_bucket(_store(t), a, b)
 
 
-# -------------------------------------------------- list, verify
+# -------------------------------------------------- list
 
 
 def listing(t: Target, generations: bool = False) -> int:
@@ -140,26 +140,6 @@ def show_list(out: Output, r, generations: bool = False) -> None:
     if r.unfinished_uploads:
         out.result(f"{r.unfinished_uploads} unfinished upload(s) in the bucket: the next backup resumes "
                    "them, prune aborts them")
-
-
-def verify(t: Target, names: list[str], read_data: bool) -> int:
-    from ckptsync.s3.flows import run_bucket_verify
-
-    out = output()
-    return out.render(labelled(run_bucket_verify(_store(t), names, read_data, out.reporter()), t), show_verify)
-
-
-def show_verify(out: Output, r) -> None:
-    for c in r.checked:
-        out.result(f"{'FAILED' if c.problems else 'ok':<7} {c.name} ({c.files} files"
-                   + (f", {human(c.bytes_read)} read" if r.read_data else ", sizes and ETags") + ")")
-        for p in c.problems:
-            out.result(f"    {p}")
-    bad = [c.name for c in r.checked if c.problems]
-    if bad:
-        out.error(f"integrity check failed: {', '.join(bad)}")
-    elif not r.checked:
-        out.result(f"no backups in {r.store}")
 
 
 # -------------------------------------------------- restore, prune

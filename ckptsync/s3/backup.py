@@ -24,13 +24,13 @@ from ckptsync.freshness import judge
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.policy import CHECK, human, run_status
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.s3 import parse_url
-from ckptsync.s3.bucket import Bucket, Conflict, Settings, etag, part_size, plain_md5
-from ckptsync.s3.store import BucketStore, Entry
+from ckptsync.s3.bucket import Conflict, etag, part_size, plain_md5
+from ckptsync.stores import open_store
+from ckptsync.stores.bucket import BucketStore, Entry
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Server, open_server
 from ckptsync.server.transfer import receive
-from ckptsync.store import EXTRA, FileRecord, Manifest
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
 BATCH_ITEMS = 64          # URLs per request to the agent, signed just before it is sent
 BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per batch
@@ -85,12 +85,6 @@ def endpoint_errors(hint: str):
         if exc.agent_kind != "unreachable":
             raise
         raise ConnectError(f"{exc.message} (the bucket's endpoint as the server sees it)", hint=hint) from None
-
-
-def open_store(target, clock=time.time) -> BucketStore:
-    url = parse_url(target.store_url)
-    settings = Settings.from_config(target.s3, str(target.config_path or "the config"))
-    return BucketStore(Bucket(url, settings), url, clock)
 
 
 def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store: BucketStore | None = None,

@@ -9,11 +9,13 @@ from ckptsync.backup import BackupOptions
 from ckptsync.config import Target
 from ckptsync.details import CompareResult, ShowResult, compare_stored, show_server, show_stored, state_file
 from ckptsync.progress import Reporter
-from ckptsync.s3.backup import open_store, run_bucket_backup
-from ckptsync.s3.flows import run_bucket_verify
+from ckptsync.s3.backup import run_bucket_backup
+from ckptsync.stores import open_store
 from ckptsync.s3.index import bucket_index
-from ckptsync.s3.store import BucketStore
-from ckptsync.store import EXTRA, Store
+from ckptsync.stores.bucket import BucketStore
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA
+from ckptsync.verify import run_verify
 
 
 @contextlib.contextmanager
@@ -56,13 +58,14 @@ class BucketBackups:
         run_bucket_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), rep, self.bucket)
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[Store]:
+    def reading(self) -> Iterator[DirectoryStore]:
         # The extra files' bytes come too: a server without xxh3-128 is compared by reading them.
         with bucket_index(self.bucket, lambda p: p.startswith(EXTRA + "/")) as index, renamed(index, self.bucket):
-            yield Store(index)
+            yield DirectoryStore(index)
 
     def verify(self, name: str, rep: Reporter) -> tuple[bool, str, str]:
-        problems = [p for c in run_bucket_verify(self.bucket, [name], False, rep).checked for p in c.problems]
+        problems = [f"{p.path}: {p.detail or p.kind}" for c in run_verify(self.target, [name], rep=rep).entries
+                    for p in c.problems]
         if not problems:
             return True, f"{name}: every object's size and ETag match its manifest", ""
         return (False, f"{name}: " + "; ".join(problems[:3]),

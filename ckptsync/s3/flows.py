@@ -1,4 +1,4 @@
-"""list, verify, restore and prune of a bucket store (backup is in backup.py)."""
+"""list, restore and prune of a bucket store (backup is in backup.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 
-from ckptsync.disk import new_hasher
-from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError, NotFound, UsageError
+from ckptsync.errors import OK, AgentError, DiskFull, IntegrityError, UsageError
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.listing import GenerationRow, generation_rows
 from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generation, resume_hint
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
-from ckptsync.s3.store import META, BucketStore, Entry
-from ckptsync.store import EXTRA
+from ckptsync.stores.bucket import META, BucketStore
+from ckptsync.stores.manifest import EXTRA
 from ckptsync.server import Server, open_server
 
 
@@ -60,83 +59,6 @@ def run_bucket_list(store: BucketStore) -> BucketListing:
     out.generations = generation_rows(store)
     out.unfinished_uploads = len(store.bucket.uploads(store.key("")))
     return out
-
-
-# -------------------------------------------------- verify
-
-
-@dataclass
-class BucketCheck:
-    name: str
-    files: int = 0
-    bytes_read: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BucketVerify:
-    store: str
-    read_data: bool
-    target: str = ""
-    checked: list[BucketCheck] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return INTEGRITY if any(c.problems for c in self.checked) else OK
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
-
-
-def run_bucket_verify(store: BucketStore, names: list[str], read_data: bool, rep: Reporter = QUIET) -> BucketVerify:
-    """Every object of every entry (or those named) against its manifest: size and ETag from a
-    listing; with read_data, the bytes too, streamed through this machine and hashed."""
-    entries = _named(store, names)
-    kept = store.generations()
-    entries += [g for e in list(entries) for g in kept.get(e.name, [])]   # checked as NAME@ID
-    objects = store.objects(generations=True)
-    out = BucketVerify(store=str(store.root), read_data=read_data)
-    for e in entries:
-        check = BucketCheck(e.label, files=len(e.manifest.files))
-        out.checked.append(check)
-        if read_data:
-            rep.start(e.name, e.manifest.size)
-        try:
-            for f in e.manifest.files:
-                key = store.object_key(e, f.path)
-                got = objects.get(key)
-                if got is None:
-                    check.problems.append(f"{f.path}: missing from the bucket")
-                    continue
-                if got[0] != f.size:
-                    check.problems.append(f"{f.path}: {got[0]} bytes in the bucket, the manifest says {f.size}")
-                    continue
-                if e.etags.get(f.path) and got[1] != e.etags[f.path]:
-                    check.problems.append(f"{f.path}: the object was replaced (ETag {got[1]}, "
-                                          f"recorded {e.etags[f.path]})")
-                    continue
-                if read_data:
-                    h = new_hasher(e.alg)
-                    for block in store.bucket.stream(key):
-                        h.update(block)
-                        check.bytes_read += len(block)
-                        rep.advance(len(block))
-                    if h.hexdigest() != f.xxh3_128:
-                        check.problems.append(f"{f.path}: its bytes hash to {h.hexdigest()}, "
-                                              f"the manifest says {f.xxh3_128}")
-        finally:
-            if read_data:
-                rep.finish()
-    return out
-
-
-def _named(store: BucketStore, names: list[str]) -> list[Entry]:
-    entries = store.entries()
-    missing = [n for n in names if n not in entries]
-    if missing:
-        raise NotFound(f"not in {store.root}: {', '.join(missing)} "
-                       f"(entries there: {', '.join(sorted(entries)) or 'none'})")
-    return [entries[n] for n in (names or sorted(entries))]
 
 
 # -------------------------------------------------- restore

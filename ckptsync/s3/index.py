@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ckptsync.policy import STATUS_KINDS, status_file
-from ckptsync.s3.store import BucketStore
-from ckptsync.store import META, Store
+from ckptsync.stores.bucket import BucketStore
+from ckptsync.stores.directory import META, DirectoryStore
 
 MAX_FETCHED = 16 << 20  # a state file larger than this is left out, as show leaves it out on disk
 
@@ -27,7 +27,7 @@ def bucket_index(store: BucketStore, wanted: Callable[[str], bool] | None = None
     """The temp directory; `wanted(path)` picks the files whose bytes are fetched (through this machine)."""
     tmp = Path(tempfile.mkdtemp(prefix=".ckptsync-index-"))
     try:
-        local = Store(tmp)
+        local = DirectoryStore(tmp)
         for name, entry in sorted(store.entries().items()):
             m = entry.manifest
             stand_in = local.entry(name)

@@ -17,13 +17,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
+from ckptsync.disk import new_hasher
 from ckptsync.errors import CkptsyncError, IOFailure, Locked
 from ckptsync.policy import newest_generations, status_file, status_kind
-from ckptsync.s3 import StoreUrl
-from ckptsync.s3.bucket import Bucket, Conflict
-from ckptsync.store import Manifest
+from ckptsync.s3 import StoreUrl, parse_url
+from ckptsync.s3.bucket import Bucket, Conflict, Settings
+from ckptsync.stores import CORRUPT, MISSING
+from ckptsync.stores.manifest import Manifest
 
 META = ".ckptsync"
 MANIFESTS = f"{META}/manifests/"
@@ -67,11 +69,25 @@ class Entry:
         return cls(Manifest.from_dict(data), etags, alg)
 
 
+def open_bucket_store(url: str, s3: dict, where: str, clock: Callable[[], float] = time.time) -> "BucketStore":
+    """The store at `url`, with the s3: settings of the config at `where`."""
+    root = parse_url(url)
+    return BucketStore(Bucket(root, Settings.from_config(s3, where)), root, clock)
+
+
 class BucketStore:
+    """A stores.Store; with check_objects (sizes and ETags from a listing, without reading)."""
+
+    kind = "a bucket store"
+
     def __init__(self, bucket: Bucket, root: StoreUrl, clock: Callable[[], float] = time.time) -> None:
         self.bucket = bucket
         self.root = root
         self.clock = clock
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     def key(self, path: str) -> str:
         return self.root.key(path)
@@ -89,6 +105,12 @@ class BucketStore:
             if entry is not None:
                 out[entry.name] = entry
         return out
+
+    def manifests(self) -> dict[str, Manifest]:
+        return {name: e.manifest for name, e in self.entries().items()}
+
+    def damaged(self) -> dict[str, tuple[str, str]]:
+        return {}   # an unreadable manifest in a bucket stops the run instead (entries())
 
     def object_key(self, entry: Entry, path: str) -> str:
         return self.key(entry.base + path)
@@ -159,12 +181,48 @@ class BucketStore:
     def drop_entry(self, name: str) -> None:
         self.bucket.delete([self.manifest_key(name)])
 
+    def remove_entry(self, name: str) -> None:
+        """Its manifest first (the entry is gone whole from then on), then its objects."""
+        entry = self.entries().get(name)
+        self.drop_entry(name)
+        if entry is not None:
+            self.bucket.delete(sorted({self.object_key(entry, f.path) for f in entry.manifest.files}))
+
     def objects(self, generations: bool = False) -> dict[str, tuple[int, str]]:
         """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside),
         and of the generations' too when asked."""
         meta, kept = self.key(META + "/"), self.key(GENERATIONS)
         return {k: (s, e) for k, s, e in self.bucket.list(self.key(""))
                 if not k.startswith(meta) or (generations and k.startswith(kept) and k[len(kept):].count("/") >= 2)}
+
+    def check_objects(self, names: list[str], read_data: bool,
+                      on_block: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, Manifest, list]]:
+        """Each entry of `names` (every entry when empty), then its earlier versions (as NAME@ID):
+        (label, manifest, [(path, kind, detail)]). Sizes and ETags from one listing; with
+        `read_data`, the bytes too, streamed through this machine and hashed."""
+        entries, kept = self.entries(), self.generations()
+        objects = self.objects(generations=True)
+        for name in names or sorted(entries):
+            for e in [entries[name], *kept.get(name, [])]:
+                yield e.label, e.manifest, list(self._object_problems(e, objects, read_data, on_block))
+
+    def _object_problems(self, e: Entry, objects: dict, read_data: bool, on_block) -> Iterator[tuple[str, str, str]]:
+        for f in e.manifest.files:
+            key = self.object_key(e, f.path)
+            got = objects.get(key)
+            if got is None:
+                yield f.path, MISSING, "not in the bucket"
+            elif got[0] != f.size:
+                yield f.path, CORRUPT, f"{got[0]} bytes in the bucket, the manifest says {f.size}"
+            elif e.etags.get(f.path) and got[1] != e.etags[f.path]:
+                yield f.path, CORRUPT, f"the object was replaced (ETag {got[1]}, recorded {e.etags[f.path]})"
+            elif read_data:
+                h = new_hasher(e.alg)
+                for block in self.bucket.stream(key):
+                    h.update(block)
+                    on_block(len(block))
+                if h.hexdigest() != f.xxh3_128:
+                    yield f.path, CORRUPT, f"its bytes hash to {h.hexdigest()}, the manifest says {f.xxh3_128}"
 
     def status_key(self, kind: str = "") -> str:
         return self.key(f"{META}/{status_file(kind)}")
