@@ -659,9 +659,10 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     (g,) = store.generations()["checkpoint-12"]
     gen = client.get_object(Bucket=bucket, Key=store.object_key(g, "checkpoint-12/optimizer.pt"))["Body"].read()
     assert gen == old
-    from ckptsync.s3.flows import run_bucket_prune
+    from ckptsync.prune import PruneOptions, run_prune
+    from ckptsync.retention import Policy
 
-    assert run_bucket_prune(store, keep_last=1, dry_run=False).generations == []   # kept: it may be all there is
+    assert run_prune(t, PruneOptions(policy=Policy(keep_last=1))).generations == []   # kept: it may be all there is
 
     again = run_bucket_backup(local_target(server_tree, url, seaweed.endpoint), BackupOptions(names=["checkpoint-12"]))
     assert again.uploaded == ["checkpoint-12"] and not again.failed
@@ -677,7 +678,7 @@ def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, 
     cfg = write_config(ssh_home, big_server_tree, f"s3://{bucket}/team", seaweed.endpoint)
     aws_home(ssh_home)
     found = examples("bucket")
-    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "restore", "prune"]
+    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "restore"]
     problems = []
     for n, (command, body) in enumerate(found):
         words = [w.format(config=cfg, scratch=tmp_path / f"scratch-{n}") for w in shlex.split(command)]

@@ -142,7 +142,7 @@ def show_list(out: Output, r, generations: bool = False) -> None:
                    "them, prune aborts them")
 
 
-# -------------------------------------------------- restore, prune
+# -------------------------------------------------- restore
 
 
 def restore(t: Target, name: str | None, force: bool, generation: str | None = None) -> int:
@@ -172,23 +172,3 @@ def show_restore(out: Output, r) -> None:
                f"server; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
     if r.hint:
         out.result(r.hint)
-
-
-def prune(t: Target, keep_last: int, dry_run: bool, keep_generations: int | None = None) -> int:
-    from ckptsync.s3.flows import run_bucket_prune
-
-    if keep_last < 1 and keep_generations is None:
-        raise UsageError("prune of a bucket store needs --keep-last K (K >= 1) or --keep-generations N")
-    out = output()
-    return out.render(labelled(run_bucket_prune(_store(t), keep_last if keep_last >= 1 else None, dry_run,
-                                                out.reporter(), keep_generations), t), show_prune)
-
-
-def show_prune(out: Output, r) -> None:
-    verb = "would remove" if r.dry_run else "removed"
-    out.result(f"bucket: {r.store}; kept {', '.join(r.kept) or 'none'}; {verb} {', '.join(r.removed) or 'none'}")
-    if r.generations:
-        out.paragraph(f"{verb} {len(r.generations)} earlier version(s): {', '.join(r.generations)}")
-    out.result(f"{verb} {r.deleted_objects} object(s) no manifest names ({human(r.deleted_bytes)})"
-               + (f"; {'would abort' if r.dry_run else 'aborted'} {r.aborted_uploads} unfinished upload(s)"
-                  if r.aborted_uploads else ""))

@@ -1,4 +1,4 @@
-"""list, restore and prune of a bucket store (backup is in backup.py)."""
+"""list and restore of a bucket store (backup is in backup.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from ckptsync.listing import GenerationRow, generation_rows
 from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generation, resume_hint
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
-from ckptsync.stores.bucket import META, BucketStore
-from ckptsync.stores.manifest import EXTRA
+from ckptsync.stores.bucket import BucketStore
 from ckptsync.server import Server, open_server
 
 
@@ -182,60 +181,3 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
 def _get(server: Server, root: str, name: str, items: list[dict], alg: str, workers: int):
     with endpoint_errors("set s3.server_endpoint_url to an address the server can reach"):
         return server.get_urls(root, name, items, alg, workers)
-
-
-# -------------------------------------------------- prune
-
-
-@dataclass
-class BucketPrune:
-    store: str
-    dry_run: bool
-    target: str = ""
-    kept: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    deleted_objects: int = 0
-    deleted_bytes: int = 0
-    aborted_uploads: int = 0
-    generations: list[str] = field(default_factory=list)   # "NAME@ID" removed (or that would be)
-    exit_code: int = OK
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_bucket_prune(store: BucketStore, keep_last: int | None, dry_run: bool, rep: Reporter = QUIET,
-                     keep_generations: int | None = None) -> BucketPrune:
-    """Keep the newest `keep_last` entries (None: all): manifests go first (so an entry disappears
-    whole at once), then every object no remaining manifest names; unfinished uploads are aborted.
-    A removed entry takes its generations along; `keep_generations` trims the others'."""
-    out = BucketPrune(store=str(store.root), dry_run=dry_run)
-    with (contextlib.nullcontext() if dry_run else store.lock("ckptsync prune", on_takeover=rep.info)):
-        entries = store.entries()
-        ordered = newest_first({n: e.manifest for n, e in entries.items()})
-        cut = len(ordered) if keep_last is None else keep_last
-        out.kept = [m.name for m in ordered[:cut]]
-        out.removed = [m.name for m in ordered[cut:]]
-        kept_gens = store.generations()
-        for name, gens in sorted(kept_gens.items()):
-            # A name with no entry (its replacement was cut off) keeps its versions: they may be all there is.
-            keep = 0 if name in out.removed else (len(gens) if keep_generations is None else keep_generations)
-            for g in gens[keep:]:
-                out.generations.append(g.label)
-                if not dry_run:
-                    store.drop_generation(g)
-        if not dry_run:
-            for name in out.removed:
-                store.drop_entry(name)
-        held = [*out.kept, *([EXTRA] if EXTRA in entries else [])]   # extra files are never pruned
-        wanted = {store.key(f.path) for n in held for f in entries[n].manifest.files}
-        meta = store.key(META + "/")
-        unreferenced = {k: s for k, (s, _e) in store.objects().items() if k not in wanted and not k.startswith(meta)}
-        out.deleted_objects, out.deleted_bytes = len(unreferenced), sum(unreferenced.values())
-        uploads = store.bucket.uploads(store.key(""))
-        out.aborted_uploads = len(uploads)
-        if not dry_run:
-            store.bucket.delete(sorted(unreferenced))
-            for key, upload, _started in uploads:  # under the lock, no upload of ours is running
-                store.bucket.abort_multipart(key, upload)
-    return out

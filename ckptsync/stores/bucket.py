@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ckptsync.disk import new_hasher
-from ckptsync.errors import CkptsyncError, IOFailure, Locked
+from ckptsync.errors import CkptsyncError, IOFailure, Locked, UsageError
 from ckptsync.policy import newest_generations, status_file, status_kind
 from ckptsync.s3 import StoreUrl, parse_url
 from ckptsync.s3.bucket import Bucket, Conflict, Settings
@@ -88,6 +88,31 @@ class BucketStore:
     @property
     def location(self) -> str:
         return str(self.root)
+
+    def exists(self) -> bool:
+        return True   # an empty prefix is an empty store; a missing bucket fails the first request
+
+    def unmanaged(self) -> list[str]:
+        return []     # objects no manifest names are not entries: sweep() removes them
+
+    def freed_bytes(self, names: list[str], generations: list[Entry] = ()) -> int:
+        entries = self.entries()
+        return sum(entries[n].manifest.size for n in names if n in entries) + sum(g.manifest.size for g in generations)
+
+    def sweep(self, keep: list[str], dry_run: bool) -> tuple[int, int, int]:
+        """Delete every object that no manifest of `keep` names (the bookkeeping aside), and abort
+        the unfinished multipart uploads: (objects, bytes, uploads), removed or, dry run, to remove.
+        Call under the lock, where no upload of this store runs."""
+        entries = self.entries()
+        wanted = {self.key(f.path) for n in keep if n in entries for f in entries[n].manifest.files}
+        meta = self.key(META + "/")
+        stray = {k: s for k, (s, _e) in self.objects().items() if k not in wanted and not k.startswith(meta)}
+        uploads = self.bucket.uploads(self.key(""))
+        if not dry_run:
+            self.bucket.delete(sorted(stray))
+            for key, upload, _started in uploads:
+                self.bucket.abort_multipart(key, upload)
+        return len(stray), sum(stray.values()), len(uploads)
 
     def key(self, path: str) -> str:
         return self.root.key(path)
@@ -243,7 +268,12 @@ class BucketStore:
             return None
         return value if isinstance(value, dict) else None
 
-    def lock(self, command: str, on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
+    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "", stall_limit: float | None = None,
+             on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
+        """A lease (LeaseLock); a run that dies leaves one that is taken over once it has passed
+        (`on_takeover` says so). Waiting for another run is not offered."""
+        if wait:
+            raise UsageError(f"--wait does not work on {self.kind}")
         return LeaseLock(self, command, on_takeover)
 
 

@@ -88,6 +88,9 @@ class DirectoryStore:
     def location(self) -> str:
         return str(self.root)
 
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
     def check_own(self) -> None:
         """Refuse a backup directory where .ckptsync, or a path ckptsync keeps in it, is a symlink:
         staging and trash are deleted from and manifests written, and a link would take that
@@ -384,6 +387,31 @@ class DirectoryStore:
         self.check_own()
         shutil.rmtree(self.meta / TRASH, ignore_errors=True)
 
+    def clean_leftovers(self) -> list[str]:
+        """What an interrupted removal left: the trash, and manifests whose entry is gone. Call under the lock."""
+        self.clean_trash()
+        dropped = []
+        folder = self.meta / "manifests"
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            if not os.path.lexists(self.entry(path.stem)):
+                self.drop_manifest(path.stem)
+                dropped.append(path.stem)
+        return dropped
+
+    def freed_bytes(self, names: list[str], generations: list[Generation] = ()) -> int:
+        """Bytes that removing these entries (and earlier versions) gives back: a hard-linked file
+        counts only if every link goes."""
+        links: dict[tuple[int, int], list[int]] = {}
+        for where in [self.entry(name) for name in names] + [g.root for g in generations]:
+            for path in _files_under(where):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                seen = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512])
+                seen[0] += 1
+        return sum(size for count, nlink, size in links.values() if count >= nlink)
+
     # -------------------------------------------------- dedup index
 
     def content_sources(self) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
@@ -421,8 +449,9 @@ class DirectoryStore:
 
     @contextlib.contextmanager
     def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "",
-             stall_limit: float | None = None, name: str = "lock") -> Iterator[None]:
-        """One run per backup directory. The system releases the lock when a holder dies.
+             stall_limit: float | None = None, name: str = "lock", on_takeover=None) -> Iterator[None]:
+        """One run per backup directory. The system releases the lock when a holder dies (so,
+        unlike a bucket's lease, it is never taken over: `on_takeover` is never called).
 
         `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
         others get "wait for it to finish", since a hint must name only flags the command has.
@@ -492,3 +521,9 @@ class DirectoryStore:
         info = self.holder()
         idle = liveness.stuck(info, now, limit)
         return "" if idle is None else f"{liveness.stuck_text(info, idle, limit)}; {liveness.stuck_hint(info)}"
+
+
+def _files_under(entry: Path) -> list[str]:
+    if not entry.is_dir() or entry.is_symlink():
+        return [str(entry)] if os.path.lexists(entry) else []
+    return [os.path.join(d, n) for d, _dirs, files in os.walk(entry) for n in files]
