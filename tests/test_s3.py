@@ -32,7 +32,8 @@ from ckptsync.s3 import parse_url  # noqa: E402
 from ckptsync.s3.backup import run_bucket_backup  # noqa: E402
 from ckptsync.stores import open_store  # noqa: E402
 from ckptsync.s3.bucket import Settings, part_size  # noqa: E402
-from ckptsync.s3.flows import run_bucket_list, run_bucket_restore  # noqa: E402
+from ckptsync.listing import run_list  # noqa: E402
+from ckptsync.s3.flows import run_bucket_restore  # noqa: E402
 from ckptsync.verify import run_verify  # noqa: E402
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
 
@@ -202,7 +203,7 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert {f["path"] for f in manifest["files"]} == {f"checkpoint-12/{p.name}" for p in (server / "checkpoint-12").iterdir()}
     assert set(manifest["etags"]) == {f["path"] for f in manifest["files"]}
 
-    assert [e["name"] for e in results["list"]["entries"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert [e["name"] for e in results["list"]["checkpoints"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
     assert (results["show"]["name"], results["show"]["location"]) == ("checkpoint-12", f"{store}/instance-1")
     assert [(v["a"], v["b"]) for v in results["compare"]["values"] if v["key"] == "step"] == [(8, 12)]
     assert all(not c["problems"] for c in results["verify"]["entries"])
@@ -226,8 +227,8 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sent_bytes"] == 0
     client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-99/optimizer.pt", Body=b"half-written")
-    listed = run_bucket_list(open_store(resolve_target(load_config(str(cfg)), instance="1", need_remote=False)))
-    assert [e.name for e in listed.entries] == ["checkpoint-12", "checkpoint-8"]
+    listed = run_list(resolve_target(load_config(str(cfg)), instance="1", need_remote=False), local_only=True)
+    assert [r.name for r in listed.rows] == ["checkpoint-12", "checkpoint-8"]
 
     # A flipped byte: the replaced object's ETag shows it; rot that keeps the ETag only the bytes do.
     key = "team/instance-1/checkpoint-12/optimizer.pt"
@@ -602,7 +603,7 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
             assert stored(name) == file_sha256(run / name), (k, name)
     assert len(result["dropped_generations"]) > 0    # keep_generations: 2
 
-    listed = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    listed = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
     assert [g["index"] for g in listed["generations"]["latest.pt"]] == [1, 2]
     text = run_cli("list", "-i", "1", "--generations", "--config", cfg)
     assert "earlier versions" in text.stdout and "latest.pt" in text.stdout
@@ -620,8 +621,8 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
     pruned = json.loads(run_cli("prune", "-i", "1", "--keep-generations", "1", "--config", cfg, "--json").stdout)
     assert sum(g.startswith("latest.pt@") for g in pruned["generations"]) == 1
     assert not objects(client, bucket, gen_key)
-    again = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
-    assert len(again["generations"]["latest.pt"]) == 1 and len(again["entries"]) == len(listed["entries"])
+    again = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
+    assert len(again["generations"]["latest.pt"]) == 1 and len(again["checkpoints"]) == len(listed["checkpoints"])
 
 
 def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_completes(
@@ -678,7 +679,7 @@ def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, 
     cfg = write_config(ssh_home, big_server_tree, f"s3://{bucket}/team", seaweed.endpoint)
     aws_home(ssh_home)
     found = examples("bucket")
-    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "restore"]
+    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "restore"]
     problems = []
     for n, (command, body) in enumerate(found):
         words = [w.format(config=cfg, scratch=tmp_path / f"scratch-{n}") for w in shlex.split(command)]
@@ -723,7 +724,7 @@ def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, buck
     assert not extra["ok"] and "train.py" in extra["detail"]
     fix = shlex.split(extra["fix"])
     assert run_cli(*fix[1:], "--json").returncode == 0           # the fix, as pasted, backs it up
-    after = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    after = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
     assert len(after["generations"]["extra-files"]) == 1
     assert json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)["safe"]
 

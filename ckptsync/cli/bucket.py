@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 from ckptsync.cli.context import output
-from ckptsync.cli.shared import run_or_skip, show_generations, show_restore_all
+from ckptsync.cli.shared import run_or_skip, show_restore_all
 from ckptsync.errors import UsageError
-from ckptsync.output import Output, TextTable, human, rate, when
+from ckptsync.output import Output, human, rate
 
 if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
@@ -109,37 +108,6 @@ def compare(t: Target, a: str, b: str):
     from ckptsync.s3.checks import compare_bucket
 
     return compare_bucket(_store(t), a, b)
-
-
-# -------------------------------------------------- list
-
-
-def listing(t: Target, generations: bool = False) -> int:
-    from ckptsync.s3.flows import run_bucket_list
-
-    return output().render(labelled(run_bucket_list(_store(t)), t), functools.partial(show_list, generations=generations))
-
-
-def show_list(out: Output, r, generations: bool = False) -> None:
-    out.result(f"bucket: {r.store}")
-    if not r.entries:
-        out.result("no backups")
-    else:
-        wide = TextTable.of("name", "step", "kind", "files", "size", "backed up")
-        narrow = TextTable.of("name", "step", "size", "backed up")
-        for e in r.entries:
-            step = "-" if e.step is None else e.step
-            wide.add(e.name, step, e.kind, e.files, human(e.size), when(e.backed_up_at))
-            narrow.add(e.name, step, human(e.size), when(e.backed_up_at))
-        out.table([wide, narrow])
-    if generations:
-        show_generations(out, r)
-    elif r.generations:
-        count = sum(len(g) for g in r.generations.values())
-        out.result(f"{count} earlier version(s) of {', '.join(sorted(r.generations))} kept: see list --generations")
-    if r.unfinished_uploads:
-        out.result(f"{r.unfinished_uploads} unfinished upload(s) in the bucket: the next backup resumes "
-                   "them, prune aborts them")
 
 
 # -------------------------------------------------- restore

@@ -1,4 +1,4 @@
-"""list and restore of a bucket store (backup is in backup.py)."""
+"""restore of a bucket store (backup is in backup.py)."""
 
 from __future__ import annotations
 
@@ -12,52 +12,11 @@ from typing import ClassVar
 from ckptsync.errors import OK, AgentError, DiskFull, IntegrityError, UsageError
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.listing import GenerationRow, generation_rows
 from ckptsync.restore import RestoreOptions, choose, newest_first, pick_generation, resume_hint
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
 from ckptsync.stores.bucket import BucketStore
 from ckptsync.server import Server, open_server
-
-
-# -------------------------------------------------- list
-
-
-@dataclass
-class BucketEntry:
-    name: str
-    kind: str
-    step: int | None
-    files: int
-    size: int
-    backed_up_at: float
-    resumable: bool
-    content: str
-
-
-@dataclass
-class BucketListing:
-    store: str
-    target: str = ""
-    entries: list[BucketEntry] = field(default_factory=list)
-    generations: dict[str, list[GenerationRow]] = field(default_factory=dict)  # earlier versions per name
-    unfinished_uploads: int = 0    # multipart uploads in progress or abandoned (prune aborts them)
-    exit_code: int = OK
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_bucket_list(store: BucketStore) -> BucketListing:
-    """The entries that have a manifest, newest first; objects without one are never shown."""
-    entries = store.entries()
-    out = BucketListing(store=str(store.root))
-    for m in newest_first({n: e.manifest for n, e in entries.items()}):
-        out.entries.append(BucketEntry(m.name, m.kind, m.step, len(m.files), m.size, m.backed_up_at,
-                                       m.resumable, m.content))
-    out.generations = generation_rows(store)
-    out.unfinished_uploads = len(store.bucket.uploads(store.key("")))
-    return out
 
 
 # -------------------------------------------------- restore

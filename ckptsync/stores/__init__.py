@@ -13,6 +13,10 @@ The commands work on `Store`; what only some stores can do is an ability, asked 
     check_objects(names, read_data, on_block)
         checks entries from the store's own listing (sizes and ETags; with read_data, the
         bytes too), instead of re-reading every file as a directory is checked
+    sweep(keep, dry_run)     deletes what no manifest names (prune)
+    unfinished_uploads()     counts uploads begun and not completed (list)
+    clean_leftovers()        removes what an interrupted removal left (prune, under the lock)
+    staged_names()           entries an unfinished backup left in staging here (list)
 """
 
 from __future__ import annotations

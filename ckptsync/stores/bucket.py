@@ -99,6 +99,10 @@ class BucketStore:
         entries = self.entries()
         return sum(entries[n].manifest.size for n in names if n in entries) + sum(g.manifest.size for g in generations)
 
+    def unfinished_uploads(self) -> int:
+        """Multipart uploads in progress or abandoned: the next backup resumes them, prune aborts them."""
+        return len(self.bucket.uploads(self.key("")))
+
     def sweep(self, keep: list[str], dry_run: bool) -> tuple[int, int, int]:
         """Delete every object that no manifest of `keep` names (the bookkeeping aside), and abort
         the unfinished multipart uploads: (objects, bytes, uploads), removed or, dry run, to remove.
