@@ -733,3 +733,23 @@ def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, buck
     assert client.get_object(Bucket=bucket, Key="team/instance-1/extra-files/train.py")["Body"].read() \
         == script.read_bytes()
     assert not run_cli("verify", "-i", "1", "--config", cfg).returncode
+
+
+def test_prune_of_a_bucket_keeps_the_newest_backup_whose_objects_match(ssh_home, server_tree, seaweed, bucket):
+    """As in a directory: before anything older is removed, the newest backup is checked (here by
+    its objects' sizes and ETags); one whose object was replaced is kept but not counted, so the
+    next newest that matches is kept too, and the run exits 30 naming the damaged one."""
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    assert run_cli("backup", "-i", "1", "--all", "--config", cfg).returncode == 0
+    client = seaweed.client()
+    client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-12/optimizer.pt", Body=b"not the backup")
+
+    res = run_cli("prune", "-i", "1", "--keep-last", "1", "--config", cfg, "--json")
+    assert res.returncode == 30, res.stderr
+    pruned = json.loads(res.stdout)
+    assert pruned["damaged"]["checkpoint-12"].startswith("fails verification: checkpoint-12/optimizer.pt: corrupt")
+    assert pruned["kept"] == ["checkpoint-12", "checkpoint-8"] and pruned["removed"] == ["checkpoint-4"]
+    left = objects(client, bucket, "team/instance-1/")
+    assert any("/checkpoint-8/" in k for k in left) and not any("/checkpoint-4/" in k for k in left)
+    assert not any(k.endswith("manifests/checkpoint-4.json") for k in left)
