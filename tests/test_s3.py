@@ -753,3 +753,17 @@ def test_prune_of_a_bucket_keeps_the_newest_backup_whose_objects_match(ssh_home,
     left = objects(client, bucket, "team/instance-1/")
     assert any("/checkpoint-8/" in k for k in left) and not any("/checkpoint-4/" in k for k in left)
     assert not any(k.endswith("manifests/checkpoint-4.json") for k in left)
+    refused = run_cli("prune", "-i", "1", "--keep-last", "1", "--wait", "--dry-run", "--config", cfg)
+    assert refused.returncode == 2 and one_line_error(refused) == "error: --wait does not work on a bucket store"
+
+
+@pytest.mark.parametrize("words, flag", [
+    (("backup", "--follow-runs"), "--follow-runs"), (("backup", "--discard-staged"), "--discard-staged"),
+    (("backup", "--parallel", "2"), "--parallel"), (("restore", "--dry-run"), "--dry-run"),
+    (("restore", "--adapter-only"), "--adapter-only"), (("verify", "--repair"), "--repair"),
+    (("verify", "--remote"), "--remote"), (("prune", "--remote", "--keep-last", "1"), "--remote")])
+def test_flags_a_bucket_store_has_no_use_for_are_one_line_exit_2(ssh_home, server_tree, seaweed, bucket, words, flag):
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    res = run_cli(words[0], "-i", "1", *words[1:], "--config", cfg)
+    assert res.returncode == 2 and one_line_error(res) == f"error: {flag} does not work on a bucket store"

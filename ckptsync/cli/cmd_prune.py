@@ -52,7 +52,9 @@ def prune_cmd(
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
-    refuse(open_store(t), "--remote", remote, needs="files_here")
+    store = open_store(t)
+    refuse(store, "--remote", remote, needs="files_here")
+    refuse(store, "--wait", wait, needs="files_here")   # a bucket's lease is never waited for
     out = output()
     if keep_best and no_keep_best:
         raise UsageError("give --keep-best or --no-keep-best, not both")
