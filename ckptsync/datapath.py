@@ -3,8 +3,8 @@
 A store whose files are on this machine (a backup directory: the ability `files_here`) is
 filled by backup.py and read by restore.py, the bytes through this machine. A bucket is
 filled and read by the server itself through presigned URLs (s3/backup.py, s3/flows.py), or
-with `--via-laptop` through this machine. show and compare of a bucket read its manifests and
-state files through s3/checks.py. The commands call the functions here and never ask which
+with `--via-laptop` through this machine. show and compare read any store through the
+protocol (details.py); a directory may be an archive, read through its index. The commands call the functions here and never ask which
 kind of store they are on; a flag that only one data path has is refused here, one line,
 exit 2.
 """
@@ -123,22 +123,17 @@ def restore_all(t: Target, opts: RestoreOptions, rep: Reporter = QUIET):
 
 
 def show(t: Target, name: str | None, on_server: bool):
+    """A directory may be an archive: details reads its index (archive_index)."""
+    from ckptsync.details import show_backup, show_server, show_stored
+
     store = open_store(t)
-    if here(store):
-        from ckptsync.details import show_backup, show_server
-
-        return show_server(t, name) if on_server else show_backup(t.local_dir, name)
-    from ckptsync.s3.checks import show_bucket, show_on_server
-
-    return show_on_server(t, store, name) if on_server else show_bucket(store, name)
+    if on_server:
+        return show_server(t, name, store)
+    return show_backup(t.local_dir, name) if here(store) else show_stored(store, name)
 
 
 def compare(t: Target, a: str, b: str):
+    from ckptsync.details import compare_backups, compare_stored
+
     store = open_store(t)
-    if here(store):
-        from ckptsync.details import compare_backups
-
-        return compare_backups(t.local_dir, a, b)
-    from ckptsync.s3.checks import compare_bucket
-
-    return compare_bucket(store, a, b)
+    return compare_backups(t.local_dir, a, b) if here(store) else compare_stored(store, a, b)

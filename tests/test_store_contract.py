@@ -100,6 +100,14 @@ def test_a_replaced_entry_keeps_its_earlier_versions_newest_first_and_trims_them
     assert list(store.manifests()) == ["checkpoint-4"]     # the current version is untouched
 
 
+def test_read_a_small_stored_file(store):
+    put(store, "checkpoint-4", b"trainer state", 1_800_000_000.0)
+    assert store.read_file("checkpoint-4/model.pt", 1 << 20) == b"trainer state"
+    assert store.read_file("checkpoint-4/model.pt", 4) is None       # larger than the limit
+    with pytest.raises(OSError):
+        store.read_file("checkpoint-4/absent.json", 1 << 20)
+
+
 def test_remove_an_entry_whole(store):
     put(store, "checkpoint-4", b"four", 1_800_000_000.0)
     put(store, "checkpoint-8", b"eight", 1_800_000_100.0)

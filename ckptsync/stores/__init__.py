@@ -16,7 +16,8 @@ The commands work on `Store`; what only some stores can do is an ability, asked 
     sweep(keep, dry_run)     deletes what no manifest names (prune)
     unfinished_uploads()     counts uploads begun and not completed (list)
     clean_leftovers()        removes what an interrupted removal left (prune, under the lock)
-    staged_names()           entries an unfinished backup left in staging here (list)
+    staged_names()           entries an unfinished backup left in staging here (list, checklist)
+    stuck_holder(now, limit) a live holder of the lock that has stopped progressing (checklist)
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class Store(Protocol):
 
     def trim_generations(self, name: str, keep: int) -> list[Kept]:
         """Drop all but the `keep` newest earlier versions of `name`; returns the dropped ones."""
+
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """The bytes of a stored file (`path` as in its entry's manifest), None when larger than
+        `limit`; OSError when it is missing or unreadable. For small files (a trainer's state)."""
 
     def remove_entry(self, name: str) -> None:
         """Take an entry out of sight whole (its manifest no longer listed), then delete its bytes."""

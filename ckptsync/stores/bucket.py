@@ -141,6 +141,13 @@ class BucketStore:
     def damaged(self) -> dict[str, tuple[str, str]]:
         return {}   # an unreadable manifest in a bucket stops the run instead (entries())
 
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """An entry's object (`path` as in its manifest); None when it is larger than `limit`."""
+        got = self.bucket.get(self.key(path))
+        if got is None:
+            raise FileNotFoundError(f"{self.root}/{path}: not in the bucket")
+        return None if len(got[0]) > limit else got[0]
+
     def object_key(self, entry: Entry, path: str) -> str:
         return self.key(entry.base + path)
 

@@ -173,6 +173,11 @@ class DirectoryStore:
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(name).unlink()
 
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """A stored file's bytes (`path` as in a manifest); None when it is larger than `limit`."""
+        full = self.root / path
+        return None if full.stat().st_size > limit else full.read_bytes()
+
     # -------------------------------------------------- staging
 
     def staging(self, name: str) -> Path:
