@@ -767,3 +767,24 @@ def test_flags_a_bucket_store_has_no_use_for_are_one_line_exit_2(ssh_home, serve
     aws_home(ssh_home)
     res = run_cli(words[0], "-i", "1", *words[1:], "--config", cfg)
     assert res.returncode == 2 and one_line_error(res) == f"error: {flag} does not work on a bucket store"
+
+
+def test_files_that_only_look_changed_get_the_servers_stamps_in_the_bucket(server_tree, seaweed, bucket, monkeypatch):
+    """As in a directory: a file touched on the server (same bytes, new mtime) is not sent again,
+    and the manifest takes its new stamps, so that a restore puts those back and the next run
+    has nothing to record."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    t = local_target(server_tree, f"s3://{bucket}/x/instance-0", seaweed.endpoint)
+    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).uploaded == ["checkpoint-12"]
+    touched = server_tree / "checkpoint-12" / "optimizer.pt"
+    new = touched.stat().st_mtime_ns - 7_000_000_000
+    os.utime(touched, ns=(new, new))
+
+    again = run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert (again.planned, again.uploaded, again.sent_bytes) == ({"checkpoint-12": "up-to-date"}, [], 0)
+    assert again.restamped == ["checkpoint-12"]
+    stored = {f.path: f.mtime_ns for f in open_store(t).manifests()["checkpoint-12"].files}
+    assert stored["checkpoint-12/optimizer.pt"] == new
+    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).restamped == []
