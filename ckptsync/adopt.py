@@ -29,7 +29,8 @@ from ckptsync.server import Server, open_server
 from ckptsync.server.types import FileStat
 from ckptsync.agent import hash_file
 from ckptsync.disk import fsync_dir
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
 SAME = "same"
 DIFFERS = "differs"
@@ -37,7 +38,7 @@ ABSENT = "not on the server"
 UNCHECKED = "not checked"
 
 
-def unadopted(store: Store) -> list[str]:
+def unadopted(store: DirectoryStore) -> list[str]:
     """Directories of the backup directory named like checkpoints that have no manifest."""
     return [n for n in store.unmanaged() if CHECKPOINT_PART.fullmatch(n) and (store.root / n).is_dir()]
 
@@ -83,7 +84,7 @@ def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET) -> A
     root = Path(target.local_dir)
     if not root.is_dir():
         raise NotFound(f"no directory {root}")
-    store = Store(root)
+    store = DirectoryStore(root)
     result = AdoptResult(target=target.label, dest=str(root),
                          server=target.describe() if target.transport is not None else None, dry_run=dry_run)
     lock = contextlib.nullcontext() if dry_run else store.lock("ckptsync adopt")
@@ -209,7 +210,7 @@ def _extra_manifest(root: Path, extras: dict[str, str], server: Server | None, t
                     backed_up_at=max((f.mtime_ns for f in files), default=0) / 1e9 or now, verified_at=now)
 
 
-def _write(store: Store, root: Path, manifests: list[Manifest], extras: dict[str, str]) -> None:
+def _write(store: DirectoryStore, root: Path, manifests: list[Manifest], extras: dict[str, str]) -> None:
     """The extra files move under extra-files/ first; each manifest is written last, once its entry is in place."""
     if extras:
         (root / EXTRA).mkdir(exist_ok=True)

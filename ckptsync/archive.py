@@ -26,7 +26,8 @@ from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import STATUS_FILES, fits, human
 from ckptsync.result import Result
 from ckptsync.disk import free_bytes, fsync_dir, fsync_file, io_error, new_hasher
-from ckptsync.store import META, WAIT_HINT, Manifest, Store
+from ckptsync.stores.directory import META, WAIT_HINT, DirectoryStore as Store
+from ckptsync.stores.manifest import Manifest
 from ckptsync.archive_read import CHUNK, Content, is_archive, read_back
 
 LEVEL = 3

@@ -18,7 +18,7 @@ from ckptsync.agent import safe_member
 from ckptsync.errors import IntegrityError, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.disk import io_error, new_hasher
-from ckptsync.store import META, Store
+from ckptsync.stores.directory import META, DirectoryStore as Store
 
 SUFFIXES = (".tar.zst", ".tzst")
 CHUNK = 1 << 20

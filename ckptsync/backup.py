@@ -26,7 +26,8 @@ from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.dedup import LINK
 from ckptsync.disk import io_error
-from ckptsync.store import EXTRA, WAIT_HINT, FileRecord, Manifest, Store
+from ckptsync.stores.directory import WAIT_HINT, DirectoryStore as Store
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures, unsaved

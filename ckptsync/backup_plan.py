@@ -16,7 +16,8 @@ from ckptsync.runs import RunState
 from ckptsync.scan import ServerView
 from ckptsync.selection import PlanItem
 from ckptsync.server import FileStat, Server
-from ckptsync.store import EXTRA, Store
+from ckptsync.stores.directory import DirectoryStore as Store
+from ckptsync.stores.manifest import EXTRA
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
+from ckptsync import datapath
 from ckptsync.agent import hash_file
-from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.backup import BackupOptions
 from ckptsync.commit import staging_note
 from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError
@@ -19,12 +19,15 @@ from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary, span
 from ckptsync.scan import ServerView, empty_remote_dir, scan_server
 from ckptsync.server import RemoteDirMissing, Server, open_server
-from ckptsync.store import EXTRA, FileRecord, Store
+from ckptsync.disk import new_hasher
+from ckptsync.stores import ability, open_store
+from ckptsync.stores.manifest import EXTRA, FileRecord
 from ckptsync.training import Verdict, judge_training
 from ckptsync.verify import run_verify
 
 # The server's clock this far from this computer's is worth saying (it decides nothing).
 CLOCK_REPORT = 120.0
+MAX_FETCHED = 256 << 20   # an extra file fetched from a store elsewhere (a bucket) to be hashed here
 
 
 @dataclass
@@ -60,38 +63,14 @@ class ChecklistResult:
         return out
 
 
-class Backups:
-    """Where the checklist finds the backups, and what differs by store: how the backup runs,
-    where the manifests are read, how a backup is re-checked. A backup directory here; a bucket
-    in s3/checks.py (`BucketBackups`), which run_checklist chooses."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.dest = str(target.local_dir)
-
-    def backup(self, rep: Reporter) -> None:
-        run_backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), rep)
-
-    def reading(self) -> contextlib.AbstractContextManager[Store]:
-        """The store to read manifests, staging and status from, for the checklist's length."""
-        return contextlib.nullcontext(Store(self.target.local_dir))
-
-    def verify(self, name: str, rep: Reporter) -> tuple[bool, str, str]:
-        """(ok, detail, fix) of re-checking the stored copy of `name` now."""
-        bad = run_verify(self.target, [name], rep=rep).failed
-        if not bad:
-            return True, f"{name}: every file re-read and matches its manifest", ""
-        return (False, f"{name}: {bad[0].status}: " + ", ".join(p.path for p in bad[0].problems[:3]),
-                f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)")
-
-
 class Checklist:
-    def __init__(self, target: Target, rep: Reporter = QUIET, backups: Backups | None = None) -> None:
+    """Over any store (stores.Store): what differs by kind is asked of the store as an ability."""
+
+    def __init__(self, target: Target, rep: Reporter = QUIET) -> None:
         self.target = target
         self.rep = rep
-        self.backups = backups or Backups(target)
-        self.store = Store(target.local_dir)
-        self.result = ChecklistResult(target.label, target.describe(), self.backups.dest)
+        self.store = open_store(target)
+        self.result = ChecklistResult(target.label, target.describe(), self.store.location)
 
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
         self.result.checks.append(Check(name, ok, detail, "" if ok else fix))
@@ -101,10 +80,23 @@ class Checklist:
         says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
-            self.backups.backup(self.rep)
+            datapath.backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
             self.result.backup_ran = True
-        with self.backups.reading() as self.store:
-            return self._run(now, training_stopped)
+        return self._run(now, training_stopped)
+
+    def verify(self, name: str) -> tuple[bool, str, str]:
+        """(ok, detail, fix) of re-checking the stored copy of `name` now."""
+        checked = run_verify(self.target, [name], rep=self.rep)
+        bad = checked.failed
+        if not bad:
+            how = ("every file re-read and matches its manifest" if checked.read_data
+                   else "every object's size and ETag match its manifest")
+            return True, f"{name}: {how}", ""
+        problems = ", ".join(p.path for p in bad[0].problems[:3])
+        fix = (f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)"
+               if ability(self.store, "files_here")
+               else f"{self.target.command('verify', '--read-data', name)}   (reads every object back)")
+        return False, f"{name}: {bad[0].status}: {problems}", fix
 
     def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
         t = self.target
@@ -117,7 +109,7 @@ class Checklist:
                 extras = self._extras_on_server(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
                 self._manifests = self.store.manifests()
-                self._current = judge_view(server, view, self._manifests, CHECK, local=LocalDigests(self.store))
+                self._current = judge_view(server, view, self._manifests, CHECK, local=self._digests())
                 runs = survey(server, view.root, t)
                 self._read_again(server, view)
                 empty = None if view.checkpoints else empty_remote_dir(server, view, t, "checklist")
@@ -209,7 +201,8 @@ class Checklist:
             self.result.warnings.append(
                 f"complete on the server but not backed up: {', '.join(left)} (deleting the instance loses "
                 f"them); back them up with: {self.target.command('backup', '--all')}")
-        note = staging_note(self.store, self.target.command("backup", "--discard-staged"))[2]
+        note = (staging_note(self.store, self.target.command("backup", "--discard-staged"))[2]
+                if ability(self.store, "staged_names") else "")
         if note:
             self.result.warnings.append(note)
 
@@ -224,6 +217,10 @@ class Checklist:
             return
         for r in pending:
             self.add("newer run backed up", False, f"{r.path}: {r.problem}", self.target.command("backup", "--follow-runs"))
+
+    def _digests(self) -> LocalDigests:
+        """Stored copies are hashed here only where they are (a directory); a bucket's are not."""
+        return LocalDigests(self.store if ability(self.store, "files_here") else None)
 
     def _read_again(self, server, view: ServerView) -> None:
         """A backup running beside the checklist may have committed since the manifests were read:
@@ -244,7 +241,7 @@ class Checklist:
                      f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")
             return
         self.add(title, True, f"{c.name} (step {c.step}), {human(m.size)}")
-        ok, detail, fix = self.backups.verify(c.name, self.rep)
+        ok, detail, fix = self.verify(c.name)
         if ok:
             detail += "; size equals the server's"
         self.add(title.replace("backed up", "verifies") if title.startswith("best") else "backup verifies",
@@ -255,7 +252,7 @@ class Checklist:
         there and compared with the backup's; None when none is configured."""
         if not self.target.extra_files:
             return None
-        m = self.store.load(EXTRA)
+        m = self.store.manifests().get(EXTRA)
         stored = {f.source or f.path: f for f in (m.files if m else [])}
         listed = server.stat(view.root, list(self.target.extra_files))
         present = [src for src in self.target.extra_files if listed.get(src) is not None and not listed[src].is_dir]
@@ -280,21 +277,29 @@ class Checklist:
         if alg == "xxh3_128":
             return f.xxh3_128
         try:
-            return hash_file(str(self.store.root / f.path), alg)
+            if ability(self.store, "files_here"):   # streamed from the file, whatever its size
+                return hash_file(str(self.store.root / f.path), alg)
+            raw = self.store.read_file(f.path, MAX_FETCHED)
         except OSError:
             return None
+        if raw is None:
+            return None
+        h = new_hasher(alg)
+        h.update(raw)
+        return h.hexdigest()
 
     def _extras(self, found: tuple[list[str], str] | None) -> None:
         if found is None:
             return
         problems, compared = found
         self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.command("backup"))
-        if self.store.load(EXTRA) is not None:
-            ok, detail, fix = self.backups.verify(EXTRA, self.rep)
+        if EXTRA in self.store.manifests():
+            ok, detail, fix = self.verify(EXTRA)
             self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
-        stuck = self.store.stuck_holder(time.time() if now is None else now, self.target.stall_timeout)
+        holder = ability(self.store, "stuck_holder")   # a lease of a bucket is taken over instead
+        stuck = holder(time.time() if now is None else now, self.target.stall_timeout) if holder else ""
         if stuck:
             self.result.warnings.append(stuck)
         status = self.store.status()
@@ -309,9 +314,4 @@ class Checklist:
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
                   now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
-    backups = None
-    if target.store_url:
-        from ckptsync.s3.checks import BucketBackups
-
-        backups = BucketBackups(target)
-    return Checklist(target, rep, backups).run(backup_first, now, training_stopped)
+    return Checklist(target, rep).run(backup_first, now, training_stopped)

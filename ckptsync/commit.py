@@ -24,7 +24,8 @@ from ckptsync.agent import hash_file
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.policy import human
 from ckptsync.server import FileStat, Server
-from ckptsync.store import FileRecord, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import FileRecord, Manifest
 
 # What `backup` says of a checkpoint it committed and then found deleted on the server.
 DELETED_AFTER_COPY = "deleted on the server after it was copied: the backup is now the only copy"
@@ -130,7 +131,7 @@ def record(size: int, mode: int, mtime_ns: int, digest: str, listed: FileStat, *
             "inode": listed.inode, "ctime_ns": listed.ctime_ns, **more}
 
 
-def usable_staged(store: Store, name: str, listed: Mapping[str, FileStat | FileRecord],
+def usable_staged(store: DirectoryStore, name: str, listed: Mapping[str, FileStat | FileRecord],
                   check_hash: bool) -> dict[str, dict]:
     """Files a run verified and left in staging that are still the listed files."""
     keep = {}
@@ -153,7 +154,7 @@ def usable_staged(store: Store, name: str, listed: Mapping[str, FileStat | FileR
     return keep
 
 
-def staged_copy(store: Store, name: str) -> Manifest | None:
+def staged_copy(store: DirectoryStore, name: str) -> Manifest | None:
     """What a run left staged of `name`, as a manifest to commit, when every listed file of it was
     copied and is still intact here; else None (nothing to commit: too little was copied, or it
     was staged before the listing was recorded)."""
@@ -175,7 +176,7 @@ def gone(server: Server, root: str, listed: Mapping[str, Mapping[str, FileStat]]
     return [name for name, files in listed.items() if any(now.get(p) is None for p in files)]
 
 
-def staging_note(store: Store, discard_command: str) -> tuple[list[str], int, str]:
+def staging_note(store: DirectoryStore, discard_command: str) -> tuple[list[str], int, str]:
     """What staging holds (entry names, bytes) and one sentence saying so, with the command that
     clears it; ([], 0, "") when it holds nothing."""
     names = store.staged_names()

@@ -30,7 +30,7 @@ from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
 from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
 from ckptsync.result import Result
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
 LINE_RE = re.compile(r"^\s*(?P<when>@\S+|(?:\S+\s+){4}\S+)\s+(?P<command>.*)$")
@@ -356,11 +356,11 @@ def backup_dir_of(target: Target) -> str:
 def last_runs(target: Target) -> tuple[dict | None, dict | None, dict | None]:
     """(last run, last scheduled run, last manual run), from the backup directory or the bucket."""
     if target.store_url:
-        from ckptsync.s3.backup import open_store
+        from ckptsync.stores import open_store
 
         store = open_store(target)
     else:
-        store = Store(Path(backup_dir_of(target)))
+        store = DirectoryStore(Path(backup_dir_of(target)))
     return store.status(), store.status("scheduled"), store.status("manual")
 
 
@@ -525,7 +525,7 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     last = r.last_scheduled
     if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
         r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
-    stuck = "" if target.store_url else Store(Path(backup_dir)).stuck_holder(now, target.stall_timeout)
+    stuck = "" if target.store_url else DirectoryStore(Path(backup_dir)).stuck_holder(now, target.stall_timeout)
     if stuck:
         r.warnings.append(stuck)
     return r

@@ -11,7 +11,7 @@ from typing import Callable
 from ckptsync.errors import CkptsyncError, IntegrityError
 from ckptsync.checkpoint_names import RESTORED_MARKER
 from ckptsync.server import Server, Stat
-from ckptsync.store import FileRecord, Manifest
+from ckptsync.stores.manifest import FileRecord, Manifest
 
 
 def under_home(path: str, home: str) -> str | None:

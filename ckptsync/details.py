@@ -24,7 +24,9 @@ from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store
+from ckptsync.stores import Store, ability
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 STATE_FILES = ("trainer_state.json", "metadata.json")
 MAX_STATE_BYTES = 16 << 20
@@ -253,13 +255,13 @@ def _pick(store: Store, name: str | None) -> tuple[Manifest, dict[str, Manifest]
     if name is None:
         runs = [m for m in manifests.values() if m.name != EXTRA]
         if not runs:
-            raise NotFound(f"no backups in {store.root}", hint="run 'ckptsync backup' first")
+            raise NotFound(f"no backups in {store.location}", hint="run 'ckptsync backup' first")
         return max(runs, key=lambda m: (m.step if m.step is not None else -1, m.mtime)), manifests
     name = named(name, ((m.name, m.step) for m in manifests.values() if m.name != EXTRA))
     if name in manifests:
         return manifests[name], manifests
     have = ", ".join(_ordered(manifests)) or "none"
-    raise NotFound(f"{name} is not in the backup directory {store.root} (backed up there: {have})",
+    raise NotFound(f"{name} is not in the backup directory {store.location} (backed up there: {have})",
                    hint="see 'ckptsync list --local'")
 
 
@@ -272,11 +274,11 @@ def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
     for f in m.files:
         if relative(m.name, f.path) not in STATE_FILES:
             continue
-        path = store.root / f.path
         try:
-            if path.stat().st_size > MAX_STATE_BYTES:
+            raw = store.read_file(f.path, MAX_STATE_BYTES)
+            if raw is None:
                 return None, f"{f.path} is too large to read"
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as exc:
             return None, f"{f.path} unreadable: {exc}"
         return (data, "") if isinstance(data, dict) else (None, f"{f.path} is not a JSON object")
@@ -293,19 +295,18 @@ def show_backup(root: Path, name: str | None) -> ShowResult:
 
     if is_archive(root):
         with archive_index(root, state_file) as index:
-            result = show_stored(index, name)
+            result = show_stored(DirectoryStore(index), name)
         result.location = str(root)
         return result
-    return show_stored(root, name)
+    return show_stored(DirectoryStore(root), name)
 
 
-def show_stored(root: Path, name: str | None) -> ShowResult:
-    store = Store(root)
+def show_stored(store: Store, name: str | None) -> ShowResult:
     m, manifests = _pick(store, name)
     full, note = read_state_file(store, m)
     f = facts(m.state, full)
     best, metric = best_of((x.name, x.step, x.state, x.is_best) for x in manifests.values())
-    result = _result(m.name, "backup", str(store.root), m.layout, m.kind, m.step, f, best, metric,
+    result = _result(m.name, "backup", store.location, m.layout, m.kind, m.step, f, best, metric,
                      m.content, m.resumable, list(m.missing),
                      file_rows(m.name, ((x.path, x.size) for x in m.files), m.resume_files), curve_of(full))
     result.backed_up_at, result.verified_at = m.backed_up_at, m.verified_at
@@ -319,14 +320,13 @@ def compare_backups(root: Path, a: str, b: str) -> CompareResult:
 
     if is_archive(root):
         with archive_index(root, state_file) as index:
-            result = compare_stored(index, a, b)
+            result = compare_stored(DirectoryStore(index), a, b)
         result.location = str(root)
         return result
-    return compare_stored(root, a, b)
+    return compare_stored(DirectoryStore(root), a, b)
 
 
-def compare_stored(root: Path, a: str, b: str) -> CompareResult:
-    store = Store(root)
+def compare_stored(store: Store, a: str, b: str) -> CompareResult:
     ma, _ = _pick(store, a)
     mb, _ = _pick(store, b)
     fa = facts(ma.state, read_state_file(store, ma)[0])
@@ -334,17 +334,17 @@ def compare_stored(root: Path, a: str, b: str) -> CompareResult:
     fa.setdefault("step", ma.step)
     fb.setdefault("step", mb.step)
     differ, only_a, only_b, same = diff_files(ma, mb)
-    return CompareResult(a=ma.name, b=mb.name, location=str(store.root), values=value_changes(fa, fb),
+    return CompareResult(a=ma.name, b=mb.name, location=store.location, values=value_changes(fa, fb),
                          differ=differ, only_a=only_a, only_b=only_b, identical=same)
 
 
 # ---------------------------------------------------------------- the server
 
 
-def show_server(target: Target, name: str | None, stored: Path | None = None) -> ShowResult:
-    """One checkpoint on the server, and whether the backup directory (or `stored`, a bucket's
-    index) holds it as it is now."""
-    store = Store(stored or target.local_dir)
+def show_server(target: Target, name: str | None, store: Store | None = None) -> ShowResult:
+    """One checkpoint on the server, and whether the backups (the target's store) hold it as it
+    is now. A store whose files are elsewhere (a bucket) is compared by its manifests only."""
+    store = store or DirectoryStore(target.local_dir)
     with open_server(target) as server:
         view = scan_server(server, target.remote_dir, target.settle_seconds)
         where = f"{target.describe()}:{view.root}"
@@ -358,8 +358,8 @@ def show_server(target: Target, name: str | None, stored: Path | None = None) ->
             if c is None:
                 have = ", ".join(x.name for x in view.checkpoints) or "none"
                 raise NotFound(f"{name} is not on {where} (checkpoints there: {have})")
-        m = store.load(c.name)
-        local = LocalDigests(store)
+        m = store.manifests().get(c.name)
+        local = LocalDigests(store if ability(store, "files_here") else None)
         current = judge(server, view.root, m.files if m else None, view.files_of(c), local=local).current
         local.save()
     full = _raw_state(view.meta, c)
@@ -385,7 +385,7 @@ def _raw_state(meta: dict, c: Checkpoint) -> dict | None:
 
 
 def _backup_state(result: ShowResult, store: Store, c: Checkpoint, current: bool) -> None:
-    m = store.load(c.name)
+    m = store.manifests().get(c.name)
     if m is None:
         result.backup = "no"
         return

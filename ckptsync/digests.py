@@ -16,7 +16,8 @@ from typing import Callable
 
 from ckptsync.disk import XXH3, new_hasher
 from ckptsync.errors import CkptsyncError
-from ckptsync.store import FileRecord, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import FileRecord
 
 BLOCK = 1 << 20
 
@@ -45,7 +46,7 @@ class LocalDigests:
     otherwise `save` takes the lock itself, and skips recording when another run holds it.
     """
 
-    def __init__(self, store: Store | None, held: bool = False,
+    def __init__(self, store: DirectoryStore | None, held: bool = False,
                  on_block: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.held = held

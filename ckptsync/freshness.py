@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from ckptsync.policy import CHANGED, CHECK, CURRENT, quick_check
 from ckptsync.digests import LocalDigests, recorded
 from ckptsync.server import FileStat, Server
-from ckptsync.store import FileRecord
+from ckptsync.stores.manifest import FileRecord
 
 if TYPE_CHECKING:
-    from ckptsync.store import Manifest
+    from ckptsync.stores.manifest import Manifest
 
 
 @dataclass

@@ -14,7 +14,8 @@ from ckptsync.policy import newest_first
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, empty_hint, scan_server
 from ckptsync.server import open_server
-from ckptsync.store import EXTRA, Manifest, Store
+from ckptsync.stores import Store, ability, open_store
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ListResult:
     staged: list[str] = field(default_factory=list)   # entries unfinished backups left in staging
     staged_bytes: int = 0
     staging_note: str = ""         # says so, with the command that clears it
+    unfinished_uploads: int = 0    # a bucket store: multipart uploads in progress or abandoned
 
     @property
     def total_server(self) -> int:
@@ -118,6 +120,7 @@ class ListResult:
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},
             "stopped": self.stopped, "warnings": self.warnings,
             "staged": self.staged, "staged_bytes": self.staged_bytes,
+            "unfinished_uploads": self.unfinished_uploads,
         }
 
 
@@ -171,29 +174,35 @@ def best_backed_up(manifests: list[Manifest]) -> set[str]:
 
 
 def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
+    """The server's checkpoints beside the backups. A store whose files are not on this machine (a
+    bucket) is listed alone: its entries are compared with the server's by backup, not here."""
     from ckptsync.archive_read import archive_view
 
     with archive_view(target) as source:   # an archive: its manifests, read without extracting it
-        result = _run_list(source, local_only)
+        store = open_store(source)
+        result = _run_list(source, store, local_only or not ability(store, "files_here"))
         if generations:
-            result.generations = generation_rows(Store(source.local_dir))
-    result.dest = str(target.local_dir)
+            result.generations = generation_rows(store)
+        result.dest = store.location if source is target else str(target.local_dir)
     return result
 
 
-def _run_list(target: Target, local_only: bool) -> ListResult:
-    store = Store(target.local_dir)
+def _run_list(target: Target, store: Store, local_only: bool) -> ListResult:
     manifests = store.manifests()
     damaged = {name: why for name, why in store.damaged().items() if "@" not in name}
     result = ListResult(target=target.label, server=None if local_only else target.describe(),
-                        dest=str(target.local_dir), remote_dir=None if local_only else target.remote_dir,
+                        dest=store.location, remote_dir=None if local_only else target.remote_dir,
                         last_backup=store.status(), unmanaged=store.unmanaged())
     for name, (path, why) in damaged.items():
         result.damaged[name] = (f"its manifest {path} is damaged ({why}): not verified and not restored; "
                                 f"to back it up again while the server has it: "
                                 f"{target.command('backup', '--checkpoint', name)}")
-    result.staged, result.staged_bytes, result.staging_note = staging_note(
-        store, target.command("backup", "--discard-staged"))
+    if ability(store, "staged_names"):
+        result.staged, result.staged_bytes, result.staging_note = staging_note(
+            store, target.command("backup", "--discard-staged"))
+    uploads = ability(store, "unfinished_uploads")
+    if uploads is not None:
+        result.unfinished_uploads = uploads()
     view, current = None, None
     if not local_only:
         with open_server(target) as server:
@@ -208,7 +217,7 @@ def _run_list(target: Target, local_only: bool) -> ListResult:
         if not view.checkpoints:
             result.empty_hint = empty_hint(view, target)
     result.rows = merge(view, manifests, current, {name: _on_disk(store.entry(name)) for name in damaged})
-    if local_only and not result.rows:
+    if local_only and not result.rows and ability(store, "files_here"):
         from ckptsync.adopt import adopt_hint, unadopted
 
         copies = unadopted(store)

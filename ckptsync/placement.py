@@ -21,7 +21,8 @@ from ckptsync.policy import human
 from ckptsync.progress import Reporter
 from ckptsync.server import FileStat, Server
 from ckptsync.disk import io_error
-from ckptsync.store import FileRecord, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import FileRecord, Manifest
 
 Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class Placement:
-    def __init__(self, store: Store, policy: str, result: "BackupResult", digests: LocalDigests,
+    def __init__(self, store: DirectoryStore, policy: str, result: "BackupResult", digests: LocalDigests,
                  rep: Reporter) -> None:
         self.store = store
         self.policy = policy      # dedup: reflink (the default) or link

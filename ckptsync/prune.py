@@ -1,13 +1,16 @@
 """`ckptsync prune`: delete the checkpoints a retention policy does not keep, in the backup
 directory (default) or on the server (`--remote`).
 
-The decisions come from `retention.plan`. Before a local prune deletes anything,
-the newest complete backup is re-read against its manifest's checksums; one that
-fails is not counted as the verified copy, the next older one is tried, and a
-store where none verifies loses nothing. Deleting one local checkpoint is
-`Store.remove_entry`: one rename into `.ckptsync/trash/` (it disappears whole), then its
-manifest goes, then the files; an interrupted run leaves trash and possibly a manifest whose
-entry is gone, both cleaned under the lock at the start of the next run. On
+The decisions come from `retention.plan`. The backups are any store (stores.Store: a
+directory or a bucket). Before a prune of the backups deletes anything, the newest complete
+backup is checked against its manifest (re-read, or in a bucket its objects' sizes and ETags);
+one that fails is not counted as the verified copy, the next older one is tried, and a store
+where none verifies loses nothing. Deleting one backup is `Store.remove_entry`: in a directory
+one rename into `.ckptsync/trash/` (it disappears whole), then its manifest goes, then the
+files; an interrupted run leaves trash and possibly a manifest whose entry is gone, both
+cleaned under the lock at the start of the next run (`clean_leftovers`). In a bucket the
+manifest goes first; then the objects no kept manifest names are swept and unfinished uploads
+aborted (`sweep`). On
 the server the agent's `remove` does the same with a hidden name. A server
 checkpoint is deleted only if its files are still as they were when the plan
 was made.
@@ -15,10 +18,8 @@ was made.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK, PARTIAL, AgentError, Interrupted, NotFound, UsageError
@@ -32,8 +33,10 @@ from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, Pol
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
-from ckptsync.store import WAIT_HINT, Generation, EXTRA, Manifest, Store
-from ckptsync.verify import check_files
+from ckptsync.stores import Kept, ability, open_store
+from ckptsync.stores.directory import WAIT_HINT, DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
+from ckptsync.verify import Problem, check_files
 
 
 @dataclass
@@ -77,6 +80,17 @@ class PruneResult(Result):
     damaged: dict[str, str] = field(default_factory=dict)   # backups that failed verification, damaged manifests
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # A store that sweeps (a bucket): objects no kept manifest names, and unfinished uploads.
+    deleted_objects: int = 0
+    deleted_bytes: int = 0
+    aborted_uploads: int = 0
+
+    @property
+    def kept(self) -> list[str]:
+        return [e.name for e in self.entries if e.keep]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "kept": self.kept}
 
     @property
     def policy_empty(self) -> bool:
@@ -101,11 +115,11 @@ def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> Prun
     if opts.keep_best and not opts.policy.keep_best and not opts.policy.is_empty:
         opts = replace(opts, policy=replace(opts.policy, keep_best=True))
     started = time.monotonic()
-    job = RemotePrune(target, opts, rep) if opts.remote else LocalPrune(target, opts, rep)
+    job = RemotePrune(target, opts, rep) if opts.remote else StorePrune(target, opts, rep)
     try:
         return job.run()
     except OSError as exc:  # a laptop-side write (lock, trash, manifests): one line, exit 5
-        raise io_error(exc, f"pruning in {job.store.root}") from None
+        raise io_error(exc, f"pruning in {job.store.location}") from None
     finally:
         job.result.seconds = time.monotonic() - started
 
@@ -126,27 +140,41 @@ def _interrupted(done: list[str], current: str | None, state: str) -> Interrupte
 # ------------------------------------------------------------------ local
 
 
-class LocalPrune:
+class StorePrune:
+    """The backups, in whichever store they are."""
+
     def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
         self.target = target
         self.opts = opts
         self.rep = rep
-        self.store = Store(target.local_dir)
-        self.result = PruneResult(target=target.label, side="backups", where=str(target.local_dir),
+        self.store = open_store(target)
+        self.result = PruneResult(target=target.label, side="backups", where=self.store.location,
                                   dry_run=opts.dry_run, force=opts.force, policy=asdict(opts.policy))
 
     def run(self) -> PruneResult:
-        if not self.store.root.is_dir():
-            raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
+        if not self.store.exists():
+            raise NotFound(f"no backups in {self.store.location}", hint="check --local-dir or --instance")
         if self.opts.dry_run:
             self._plan()
+            self._sweep()
             return self.result
         with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT, stall_limit=self.target.stall_timeout,
-                             on_wait=lambda holder: self.rep.info(f"waiting for {holder}")):
-            clean_leftovers(self.store)
+                             on_wait=lambda holder: self.rep.info(f"waiting for {holder}"), on_takeover=self.rep.info):
+            clean = ability(self.store, "clean_leftovers")
+            if clean is not None:
+                clean()
             self._plan()
             self._delete()
+            self._sweep()
         return self.result
+
+    def _sweep(self) -> None:
+        """Objects no manifest names (an entry being removed takes its own along, counted in
+        freed_bytes): what an interrupted backup or removal left."""
+        sweep = ability(self.store, "sweep")
+        if sweep is not None:
+            r = self.result
+            r.deleted_objects, r.deleted_bytes, r.aborted_uploads = sweep(list(self.store.manifests()), r.dry_run)
 
     def _plan(self) -> None:
         manifests = {n: m for n, m in self.store.manifests().items() if n != EXTRA}
@@ -166,8 +194,7 @@ class LocalPrune:
             _note_best(self.result)
         self._old = self._old_generations()
         self.result.generations = [f"{g.name}@{g.id}" for g in self._old]
-        self.result.freed_bytes = freed_bytes(self.store, [e.name for e in self.result.doomed],
-                                              [g.root for g in self._old])
+        self.result.freed_bytes = self.store.freed_bytes([e.name for e in self.result.doomed], self._old)
         unmanaged = self.store.unmanaged()
         if unmanaged:
             self.result.warnings.append(f"not made by ckptsync, left alone: {', '.join(unmanaged)}")
@@ -182,7 +209,7 @@ class LocalPrune:
             self.rep.info(f"{m.name}: verifying, before anything older is removed")
             self.rep.start(f"verify {m.name}", m.size)
             try:
-                problems = check_files(self.store.root, m.files, self.rep)
+                problems = self._check(m)
             finally:
                 self.rep.finish()
             if not problems:
@@ -199,7 +226,15 @@ class LocalPrune:
                                         if good else "no backup verifies: nothing is removed")
         return set(bad)
 
-    def _old_generations(self) -> list[Generation]:
+    def _check(self, m: Manifest) -> list[Problem]:
+        """A store that checks its own objects does (sizes and ETags); a directory's files are re-read."""
+        objects = ability(self.store, "check_objects")
+        if objects is None:
+            return check_files(self.store.root, m.files, self.rep)
+        return [Problem(*found) for label, _m, problems in objects([m.name], False) if label == m.name
+                for found in problems]
+
+    def _old_generations(self) -> list[Kept]:
         """Generations beyond --keep-generations, and every generation of an entry being removed."""
         doomed = {e.name for e in self.result.doomed}
         keep = self.opts.keep_generations
@@ -235,43 +270,10 @@ class LocalPrune:
                 current = None
                 self.rep.info(f"removed {entry.name}")
         except KeyboardInterrupt:
-            there = current is not None and self.store.entry(current).exists()
+            there = current is not None and current in self.store.manifests()
             state = ("is still complete" if there
                      else "was removed (what is left of it is cleaned by the next run)")
             raise _interrupted(self.result.removed, current, state) from None
-
-
-def clean_leftovers(store: Store) -> list[str]:
-    """What an interrupted prune left: the trash, and manifests whose entry is gone. Call under the lock."""
-    store.clean_trash()
-    dropped = []
-    folder = store.meta / "manifests"
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if not os.path.lexists(store.entry(path.stem)):
-            store.drop_manifest(path.stem)
-            dropped.append(path.stem)
-    return dropped
-
-
-def freed_bytes(store: Store, names: list[str], folders: list[Path] = ()) -> int:
-    """Bytes that deleting these entries (and folders) gives back: hard-linked files count only if
-    every link goes."""
-    links: dict[tuple[int, int], list[int]] = {}
-    for where in [store.entry(name) for name in names] + list(folders):
-        for path in _files_under(where):
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            seen = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512])
-            seen[0] += 1
-    return sum(size for count, nlink, size in links.values() if count >= nlink)
-
-
-def _files_under(entry: Path) -> list[str]:
-    if not entry.is_dir() or entry.is_symlink():
-        return [str(entry)] if os.path.lexists(entry) else []
-    return [os.path.join(d, n) for d, _dirs, files in os.walk(entry) for n in files]
 
 
 # ------------------------------------------------------------------ remote
@@ -282,7 +284,7 @@ class RemotePrune:
         self.target = target
         self.opts = opts
         self.rep = rep
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.result = PruneResult(target=target.label, side="server", where="", dry_run=opts.dry_run,
                                   force=opts.force, policy=asdict(opts.policy))
 

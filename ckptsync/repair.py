@@ -19,7 +19,8 @@ from ckptsync.result import Result
 from ckptsync.server import open_server
 from ckptsync.server.transfer import receive
 from ckptsync.disk import fsync_file, io_error, remove_tree
-from ckptsync.store import EXTRA, FileRecord, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, FileRecord
 from ckptsync.verify import CORRUPT, MISSING, VerifyResult, run_verify
 
 
@@ -39,7 +40,7 @@ class RepairResult(Result):
 
 
 def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> RepairResult:
-    store = Store(target.local_dir)
+    store = DirectoryStore(target.local_dir)
     result = RepairResult(target.label, str(target.local_dir), target.describe())
     before = run_verify(target, names, rep=rep)
     damaged: dict[str, list[FileRecord]] = {}
@@ -64,7 +65,7 @@ def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> Repai
     return result
 
 
-def _repair(store: Store, server, target: Target, name: str, files: list[FileRecord], result: RepairResult,
+def _repair(store: DirectoryStore, server, target: Target, name: str, files: list[FileRecord], result: RepairResult,
             rep: Reporter) -> None:
     where = {f.path: (f.source if name == EXTRA and f.source else f.path) for f in files}
     listed = server.stat(target.remote_dir, list(where.values()))

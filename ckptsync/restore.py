@@ -41,7 +41,8 @@ from ckptsync.result import Result
 from ckptsync.server import MissingOnServer, ServerLocked, Stat, open_server
 from ckptsync.server.parallel import Channels
 from ckptsync.disk import io_error
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore as Store
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
 
 # ExtraItem.action values.

@@ -21,7 +21,8 @@ from ckptsync.restore import Restore, RestoreOptions, RestoreResult, RestoreRun
 from ckptsync.restore_choice import newest_first
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
-from ckptsync.store import EXTRA, Manifest, Store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 # RestoreAllItem.outcome values.
 RESTORED = "restored"
@@ -151,11 +152,11 @@ class RestoreAll:
     # What a bucket store does its own way (s3/flows.py).
 
     def manifests(self) -> dict[str, Manifest]:
-        return Store(self.target.local_dir).manifests()
+        return DirectoryStore(self.target.local_dir).manifests()
 
     def damaged(self) -> dict:
         """Checkpoints whose manifest is damaged: name -> (manifest path, why)."""
-        return {n: why for n, why in Store(self.target.local_dir).damaged().items() if "@" not in n and n != EXTRA}
+        return {n: why for n, why in DirectoryStore(self.target.local_dir).damaged().items() if "@" not in n and n != EXTRA}
 
     def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
         one = dataclasses.replace(self.opts, checkpoint=name, extra_files=extras, also=names)

@@ -11,7 +11,8 @@ from typing import Callable
 from ckptsync.errors import NotFound, UsageError
 from ckptsync.policy import named, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.store import EXTRA, FileRecord, Generation, Manifest, Store
+from ckptsync.stores.directory import Generation, DirectoryStore as Store
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 from ckptsync.verify import check_files
 
 # What --adapter-only sends: weights and the configs needed to load them, never training state.

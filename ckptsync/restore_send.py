@@ -19,7 +19,7 @@ from ckptsync.server.base import Upload, range_key
 from ckptsync.server.parallel import Channels, Shared, run_all
 from ckptsync.server.shares import Piece
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
-from ckptsync.store import FileRecord, Manifest
+from ckptsync.stores.manifest import FileRecord, Manifest
 
 if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult

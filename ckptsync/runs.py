@@ -18,7 +18,7 @@ from ckptsync.freshness import judge_view
 from ckptsync.policy import CHECK
 from ckptsync.scan import scan_server
 from ckptsync.server import RemoteDirMissing, Server
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 
 RUN_NAME = re.compile(r"^(?P<base>.+?)_run_(?P<stamp>\d{8}_\d{6})$")
 
@@ -122,7 +122,7 @@ def survey(server: Server, root: str, target: Target) -> list[RunState]:
         state.checkpoints = len(complete)
         if complete:
             state.newest = complete[0].name
-            store = Store(target.local_dir / run.name)
+            store = DirectoryStore(target.local_dir / run.name)
             current = judge_view(server, view, store.manifests(), CHECK, names=[complete[0].name],
                                  local=LocalDigests(store))
             state.newest_backed_up = current.get(complete[0].name, False)

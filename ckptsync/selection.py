@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from ckptsync.errors import NotFound
 from ckptsync.layout import Checkpoint
 from ckptsync.policy import named, newest_first
-from ckptsync.store import EXTRA, Manifest
+from ckptsync.stores.manifest import EXTRA, Manifest
 
 if TYPE_CHECKING:
     from ckptsync.scan import ServerView

@@ -28,13 +28,15 @@ from pathlib import Path
 
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
-from ckptsync.errors import INTEGRITY, OK, NotFound
+from ckptsync.errors import INTEGRITY, OK, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, open_server
-from ckptsync.store import EXTRA, FileRecord, Manifest, Store
+from ckptsync.stores import CORRUPT, MISSING, Store, ability, open_store
+from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 from ckptsync.agent import hash_file
 
 IGNORED_PREFIX = ".ckptsync"
@@ -48,9 +50,7 @@ IN_PROGRESS = "in progress on the server"
 UNREADABLE = "not all readable on the server"
 CHANGED = "changed by another run during the check"
 
-# Problem kinds, local.
-CORRUPT = "corrupt"
-MISSING = "missing"
+# Problem kinds, local (CORRUPT and MISSING are every store's: stores/__init__.py).
 UNEXPECTED = "unexpected"
 DAMAGED = "damaged manifest"
 # Problem kinds, remote.
@@ -102,6 +102,7 @@ class VerifyResult(Result):
     warnings: list[str] = field(default_factory=list)
     bytes_read: int = 0        # bytes hashed: here, or on the server with --remote
     seconds: float = 0.0
+    read_data: bool = True     # False: a bucket's objects checked by size and ETag only
 
     @property
     def failed(self) -> list[EntryCheck]:
@@ -118,10 +119,20 @@ class VerifyResult(Result):
         return out
 
 
-def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET) -> VerifyResult:
+def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET,
+               read_data: bool = False) -> VerifyResult:
+    """`read_data` matters where the store can check its objects without reading them (a bucket):
+    a backup directory is always read back."""
     from ckptsync.archive_read import ArchiveNames, local_source
 
     started = time.monotonic()
+    store = open_store(target)
+    if ability(store, "check_objects") is not None:
+        if remote:
+            raise UsageError(f"--remote does not work on {store.kind}")
+        result = ObjectVerify(target, store, names, read_data, rep).run()
+        result.seconds = time.monotonic() - started
+        return result
     with local_source(target, rep) as source:
         named = ArchiveNames(target, source)   # messages name the archive, not its extraction
         rep = named.reporter(rep)
@@ -130,6 +141,52 @@ def run_verify(target: Target, names: list[str], remote: bool = False, rep: Repo
             return named.result(job.run())
         finally:
             job.result.seconds = time.monotonic() - started
+
+
+def select(store: Store, names: list[str]) -> tuple[list[str], list[Manifest]]:
+    """The names asked for (a step number resolved to its checkpoint), and the manifests to check:
+    those named, or every entry newest first. NotFound for a name the store does not hold."""
+    manifests, damaged = store.manifests(), store.damaged()
+    if names:
+        known = [(m.name, m.step) for m in manifests.values()] + [(n, None) for n in damaged]
+        names = [named(n, known) for n in names]
+        unknown = [n for n in names if n not in manifests and n not in damaged]
+        if unknown:
+            have = ", ".join(m.name for m in _ordered(manifests.values())) or "none"
+            raise NotFound(f"no backup named {', '.join(unknown)} in {store.location} (backups there: {have})")
+        return names, [manifests[n] for n in dict.fromkeys(names) if n in manifests]
+    if not manifests and not damaged:
+        raise NotFound(f"no backups in {store.location}", hint="check --local-dir or --instance")
+    return names, _ordered(manifests.values())
+
+
+class ObjectVerify:
+    """A store that checks its own objects (check_objects): sizes and ETags from its listing,
+    the bytes too with read_data. Entries, then their earlier versions, as NAME@ID."""
+
+    def __init__(self, target: Target, store: Store, names: list[str], read_data: bool, rep: Reporter) -> None:
+        self.store, self.names, self.read_data, self.rep = store, names, read_data, rep
+        self.result = VerifyResult(target=target.label, dest=store.location, remote=False, read_data=read_data)
+
+    def run(self) -> VerifyResult:
+        names, chosen = select(self.store, self.names)
+        kept = self.store.generations()
+        total = sum(m.size for m in chosen) + sum(g.manifest.size for m in chosen for g in kept.get(m.name, []))
+        self.rep.start("verify", total if self.read_data else 0)
+        try:
+            for label, m, found in ability(self.store, "check_objects")([m.name for m in chosen], self.read_data,
+                                                                         self._advance):
+                check = EntryCheck(label, files=len(m.files), bytes=m.size, verified_at=m.verified_at)
+                check.problems = [Problem(path, kind, detail) for path, kind, detail in found]
+                check.settle()
+                self.result.entries.append(check)
+        finally:
+            self.rep.finish()
+        return self.result
+
+    def _advance(self, n: int) -> None:
+        self.result.bytes_read += n
+        self.rep.advance(n)
 
 
 def _ordered(manifests) -> list[Manifest]:
@@ -223,7 +280,7 @@ def _link_text(path: Path, what: str) -> str:
     return f"a symlink{to}, not a {what} of the backup: its files are not checked or trusted"
 
 
-def damaged_checks(store: Store, names: list[str]) -> list[EntryCheck]:
+def damaged_checks(store: DirectoryStore, names: list[str]) -> list[EntryCheck]:
     """A failed check for each entry (or generation, NAME@ID) whose manifest is damaged; limited
     to `names` (and their generations) when given."""
     out = []
@@ -264,29 +321,14 @@ def check_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> l
 
 class LocalVerify:
     def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.names = names
         self.rep = rep
         self.hasher = Hasher(rep)
         self.result = VerifyResult(target=target.label, dest=str(target.local_dir), remote=False)
 
-    def _select(self) -> list[Manifest]:
-        manifests = self.store.manifests()
-        damaged = self.store.damaged()
-        if self.names:
-            known = [(m.name, m.step) for m in manifests.values()] + [(n, None) for n in damaged]
-            self.names = [named(n, known) for n in self.names]
-            unknown = [n for n in self.names if n not in manifests and n not in damaged]
-            if unknown:
-                have = ", ".join(m.name for m in _ordered(manifests.values())) or "none"
-                raise NotFound(f"no backup named {', '.join(unknown)} in {self.store.root} (backups there: {have})")
-            return [manifests[n] for n in dict.fromkeys(self.names) if n in manifests]
-        if not manifests and not damaged:
-            raise NotFound(f"no backups in {self.store.root}", hint="check --local-dir or --instance")
-        return _ordered(manifests.values())
-
     def run(self) -> VerifyResult:
-        chosen = self._select()
+        self.names, chosen = select(self.store, self.names)
         self.result.entries.extend(damaged_checks(self.store, self.names))
         unmanaged = self.store.unmanaged()
         if unmanaged and not self.names:
@@ -401,7 +443,7 @@ def _mtime_warning(name: str, restamped: list[tuple[str, bool]]) -> str:
 class RemoteVerify:
     def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
         self.target = target
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.names = names
         self.rep = rep
         self.digests = LocalDigests(self.store, on_block=self._advance)

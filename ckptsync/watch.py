@@ -35,7 +35,8 @@ from ckptsync.scan import ServerView, scan_server
 from ckptsync.selection import new_since
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.server.parallel import Channels
-from ckptsync.store import EXTRA, WATCH_LOCK, Store
+from ckptsync.stores.directory import WATCH_LOCK, DirectoryStore
+from ckptsync.stores.manifest import EXTRA
 from ckptsync.training import judge_training
 
 BACKOFF_FIRST = 1.0
@@ -116,7 +117,7 @@ class Watch:
         self.clock = clock
         self.sleep = sleep
         self.connect = connect or (lambda: open_server(target))
-        self.store = Store(target.local_dir)
+        self.store = DirectoryStore(target.local_dir)
         self.result = WatchResult(target.label, str(target.local_dir))
         self.server: Server | None = None
         self.channels: Channels | None = None

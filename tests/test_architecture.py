@@ -73,8 +73,7 @@ ONLY_IN: dict[str, set[str]] = {
 # What a command module (cli/cmd_<name>.py) may import at its top, besides the standard library,
 # so that building the app for `--help` loads no core module (tests/test_startup.py runs it).
 COMMAND_TOP = {"typer", "ckptsync.cli.options", "ckptsync.cli.context", "ckptsync.cli.shared",
-               "ckptsync.cli.many", "ckptsync.errors", "ckptsync.output", "ckptsync.policy", "ckptsync.progress",
-               "ckptsync.cli.bucket"}   # moves with the store redesign
+               "ckptsync.cli.many", "ckptsync.errors", "ckptsync.output", "ckptsync.policy", "ckptsync.progress"}
 
 
 def layer(module: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from ckptsync.archive_read import open_archive_as_store
 from ckptsync.errors import IntegrityError
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 from helpers import digest_diff, run_cli, tree_digest
 
 LOCK = ".ckptsync/lock"
@@ -148,7 +148,7 @@ def test_refusals(tmp_path: Path, store: Path) -> None:
     assert suffix.returncode == 2
     empty = cli(tmp_path, "archive", "--local-dir", tmp_path / "nothing")
     assert empty.returncode == 10 and not (tmp_path / "nothing").exists()
-    with Store(store).lock("test"):
+    with DirectoryStore(store).lock("test"):
         locked = cli(tmp_path, "archive", "--local-dir", store)
     assert locked.returncode == 11 and "in use by 'test'" in locked.stderr
     assert not any(p.name.endswith(".tar.zst") for p in store.parent.iterdir())
@@ -257,15 +257,15 @@ def test_verify_and_restore_name_the_archive(tmp_path: Path, store: Path, server
 
 def test_archive_remove_makes_each_entry_gone_durable_before_its_manifest_goes(store: Path, tmp_path: Path,
                                                                                  monkeypatch) -> None:
-    # The order of one removal, as prune does it too (Store.remove_entry): the entry leaves its
+    # The order of one removal, as prune does it too (DirectoryStore.remove_entry): the entry leaves its
     # name, that rename is fsynced, and only then its manifest goes. A crash between never leaves
     # a manifest-less entry under its name.
     import ckptsync.archive as archive
-    import ckptsync.store as store_module
+    import ckptsync.stores.directory as store_module
     from ckptsync.archive import ArchiveOptions, run_archive
 
     events = []
-    real_fsync, real_drop = store_module.fsync_dir, Store.drop_manifest
+    real_fsync, real_drop = store_module.fsync_dir, DirectoryStore.drop_manifest
 
     def fsync_dir(path):
         events.append(("fsync", Path(path), tuple(sorted(p.name for p in Path(path).iterdir()))))
@@ -277,7 +277,7 @@ def test_archive_remove_makes_each_entry_gone_durable_before_its_manifest_goes(s
 
     monkeypatch.setattr(store_module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(archive, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(Store, "drop_manifest", drop_manifest)
+    monkeypatch.setattr(DirectoryStore, "drop_manifest", drop_manifest)
     result = run_archive(store, ArchiveOptions(output=tmp_path / "run.tar.zst", remove=True))
     assert result.removed and result.removed == result.entries
     for name in result.removed:

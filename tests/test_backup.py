@@ -173,10 +173,10 @@ def test_named_checkpoint_missing_exits_10(setup):
 
 def test_second_run_exits_11_while_locked_and_wait_works(setup):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ckptsync.store import Store
+    from ckptsync.stores.directory import DirectoryStore
 
     server, dest, home = setup
-    store = Store(dest)
+    store = DirectoryStore(dest)
     with store.lock("ckptsync backup (test holder)"):
         res = run_cli("backup", "-i", "1", *cfg_args(home))
         assert res.returncode == 11

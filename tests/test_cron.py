@@ -18,7 +18,7 @@ import pytest
 
 from ckptsync import cron
 from ckptsync.errors import UsageError
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 from helpers import run_cli, set_tree_mtime, tree_digest
 
 NOW = datetime(2024, 12, 24, 14, 23)  # a Tuesday
@@ -318,7 +318,7 @@ def test_show_without_and_with_status(fake, tmp_path):
     assert lines[2].strip() == cron.find_entry(table.read_text(), str(dest)).line
     assert lines[3:] == ["last scheduled run: none recorded", "last manual run: none recorded"]
 
-    Store(dest).record_status({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
+    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
                                "error": "", "fetched": ["checkpoint-500"], "failed": {}, "skipped": {},
                                "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0, "scheduled": True})
     log = dest / ".ckptsync" / "cron.log"
@@ -330,11 +330,11 @@ def test_show_without_and_with_status(fake, tmp_path):
     assert [l.strip() for l in lines[6:]] == [f"2024-12-24 14:{m:02d}:00 INFO line {m}" for m in range(3, 8)]
     assert "warning" not in res.stderr
 
-    Store(dest).record_status({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
+    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
                                "error": "cannot connect to tnr-1: Connection refused", "fetched": [], "failed": {},
                                "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2, "scheduled": True})
     # a manual run since then does not hide the failed scheduled one, nor that cron went quiet
-    Store(dest).record_status({"command": "backup", "time": time.time() - 60, "ok": True, "exit_code": 0,
+    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 60, "ok": True, "exit_code": 0,
                                "error": "", "fetched": [], "failed": {}, "skipped": {},
                                "up_to_date": ["checkpoint-500"], "raw_bytes": 0, "seconds": 0.2, "scheduled": False})
     res = cli(env, "show", "--local-dir", dest)
@@ -388,7 +388,7 @@ def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
         # bytes and modes (files identical in both checkpoints share one inode, so one mtime)
         assert content(dest / name) == content(server_tree / name)
     assert not (dest / "checkpoint-4").exists()
-    status = Store(dest).status()
+    status = DirectoryStore(dest).status()
     assert status["ok"] and set(status["fetched"]) >= {"checkpoint-12", "checkpoint-8"}
     log = (dest / ".ckptsync" / "cron.log").read_text().splitlines()
     # the warning naming the complete checkpoint a first run leaves out also comes on stderr
@@ -479,7 +479,7 @@ def test_skip_if_locked_exits_0_with_one_log_line(tmp_path, server_tree):
     dest = tmp_path / "backups"
     log = tmp_path / "cron.log"
     args = ("backup", "--remote-dir", server_tree, "--local-dir", dest, "--quiet", "--log-file", log)
-    with Store(dest).lock("ckptsync backup (the test)"):
+    with DirectoryStore(dest).lock("ckptsync backup (the test)"):
         plain = run_cli(*args)
         assert plain.returncode == 11 and "in use by 'ckptsync backup (the test)'" in plain.stderr
         log.unlink()

@@ -22,7 +22,7 @@ import pytest
 from ckptsync.policy import CHANGED, CHECK, CURRENT, quick_check
 from ckptsync.runs import newer_runs
 from ckptsync.server import FileStat
-from ckptsync.store import FileRecord
+from ckptsync.stores.manifest import FileRecord
 from helpers import FIXTURES, file_sha256, run_cli, set_tree_mtime
 
 SEED_STYLE = FIXTURES / "seed-style"

@@ -65,7 +65,7 @@ def test_cycles_are_found_in_a_made_up_graph():
 
 def test_the_graph_holds_imports_at_the_top_and_inside_functions_but_not_for_type_checking():
     graph = import_graph()
-    assert "ckptsync.store" in graph["ckptsync.backup"]                  # at the top
+    assert "ckptsync.stores.directory" in graph["ckptsync.backup"]                  # at the top
     assert "ckptsync.backup" in graph["ckptsync.cli.cmd_backup"]         # inside the command function
     assert "ckptsync.multi" not in graph["ckptsync.cli.many"]            # under TYPE_CHECKING only
     assert "ckptsync.server" not in graph["ckptsync.config"]

@@ -27,8 +27,8 @@ WITHOUT_POSIX = Path(__file__).resolve().parent / "without_posix"
 
 # Takes the backup directory's lock, says so, and keeps it until its stdin closes.
 HOLD_LOCK = (
-    "import sys; from ckptsync.store import Store\n"
-    "with Store(sys.argv[1]).lock('test holder'):\n"
+    "import sys; from ckptsync.stores.directory import DirectoryStore\n"
+    "with DirectoryStore(sys.argv[1]).lock('test holder'):\n"
     "    print('held', flush=True)\n"
     "    sys.stdin.read()\n"
 )

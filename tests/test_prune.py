@@ -240,7 +240,7 @@ def test_signal_mid_prune_leaves_a_consistent_store(store: Path, tmp_path: Path,
 
     # The signal comes as checkpoint-4, the oldest, has been renamed into the trash and its files
     # are about to go; every later deletion is still to come.
-    code, err, at = interrupt_at("ckptsync.store:remove_tree", "checkpoint-4", sig, tmp_path,
+    code, err, at = interrupt_at("ckptsync.stores.directory:remove_tree", "checkpoint-4", sig, tmp_path,
                                  "prune", "--local-dir", store, "--keep-last", "1")
 
     assert Path(at).parent == trash, at

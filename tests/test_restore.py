@@ -198,10 +198,10 @@ def test_file_damaged_after_the_check_is_caught_while_sending(setup, monkeypatch
 
 
 def test_locked_backup_directory_exits_11(setup):
-    from ckptsync.store import Store
+    from ckptsync.stores.directory import DirectoryStore
 
     server, dest, fresh, cfg = setup
-    with Store(dest).lock("ckptsync backup (test holder)"):
+    with DirectoryStore(dest).lock("ckptsync backup (test holder)"):
         res = restore(cfg, fresh, dest)
     assert res.returncode == 11
     assert "in use by 'ckptsync backup (test holder)'" in res.stderr

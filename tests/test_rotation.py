@@ -27,7 +27,7 @@ from ckptsync.errors import OK, PARTIAL, Interrupted
 from ckptsync.output import Output
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.dedup import place_copy
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 from helpers import run_cli, set_tree_mtime, tree_digest
 from test_parallel import add_big, parallel_target, small_split  # noqa: F401 (a fixture)
 from test_partial import StopAt
@@ -262,14 +262,14 @@ def test_a_first_run_names_every_complete_checkpoint_it_does_not_take(server_tre
 
 def _interrupt_commit_of(name: str, monkeypatch) -> None:
     """Stop the run at the start of `name`'s commit, as a kill there would."""
-    real = Store.commit
+    real = DirectoryStore.commit
 
     def commit(self, m):
         if m.name == name:
-            monkeypatch.setattr(Store, "commit", real)
+            monkeypatch.setattr(DirectoryStore, "commit", real)
             raise KeyboardInterrupt
         return real(self, m)
-    monkeypatch.setattr(Store, "commit", commit)
+    monkeypatch.setattr(DirectoryStore, "commit", commit)
 
 
 def test_staging_of_a_checkpoint_the_server_deleted_is_committed_when_whole(server_tree, tmp_path, monkeypatch):
@@ -292,7 +292,7 @@ def test_staging_of_a_checkpoint_the_server_deleted_is_committed_when_whole(serv
     assert res.returncode == 0, res.stderr
     assert f"checkpoint-12: {ONLY_COPY}" in res.stdout
     assert tree_digest(dest / "checkpoint-12") == before
-    assert Store(dest).staged_names() == []
+    assert DirectoryStore(dest).staged_names() == []
     again = run_cli("list", "--remote-dir", server_tree, "--local-dir", dest)
     assert "staging holds" not in again.stderr
 
@@ -303,12 +303,12 @@ def test_staging_of_a_checkpoint_the_server_deleted_is_dropped_when_not_whole(se
     with pytest.raises(Interrupted):
         run_backup(make_target(server_tree, dest, InProcessServer()),
                    BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB))
-    assert Store(dest).staged_names() == ["checkpoint-12"]
+    assert DirectoryStore(dest).staged_names() == ["checkpoint-12"]
     shutil.rmtree(server_tree / "checkpoint-12")
     result = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions())
     assert result.exit_code == OK
     assert any("dropped what was staged of checkpoint-12" in w for w in result.warnings)
-    assert Store(dest).staged_names() == [] and not (dest / "checkpoint-12").exists()
+    assert DirectoryStore(dest).staged_names() == [] and not (dest / "checkpoint-12").exists()
     assert "checkpoint-12" not in result.fetched and result.deleted_on_server == []
 
 

@@ -29,9 +29,12 @@ from ckptsync.config import Target, load_config, resolve_target  # noqa: E402
 from ckptsync.errors import ConfigError, ConnectError, Locked, UsageError  # noqa: E402
 from ckptsync.progress import Reporter  # noqa: E402
 from ckptsync.s3 import parse_url  # noqa: E402
-from ckptsync.s3.backup import open_store, run_bucket_backup  # noqa: E402
+from ckptsync.s3.backup import run_bucket_backup  # noqa: E402
+from ckptsync.stores import open_store  # noqa: E402
 from ckptsync.s3.bucket import Settings, part_size  # noqa: E402
-from ckptsync.s3.flows import run_bucket_list, run_bucket_restore, run_bucket_verify  # noqa: E402
+from ckptsync.listing import run_list  # noqa: E402
+from ckptsync.s3.flows import run_bucket_restore  # noqa: E402
+from ckptsync.verify import run_verify  # noqa: E402
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
 
 ACCESS_KEY = "CKPTSYNCTESTKEY01"
@@ -200,11 +203,11 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert {f["path"] for f in manifest["files"]} == {f"checkpoint-12/{p.name}" for p in (server / "checkpoint-12").iterdir()}
     assert set(manifest["etags"]) == {f["path"] for f in manifest["files"]}
 
-    assert [e["name"] for e in results["list"]["entries"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
+    assert [e["name"] for e in results["list"]["checkpoints"]] == ["checkpoint-12", "checkpoint-8", "checkpoint-4"]
     assert (results["show"]["name"], results["show"]["location"]) == ("checkpoint-12", f"{store}/instance-1")
     assert [(v["a"], v["b"]) for v in results["compare"]["values"] if v["key"] == "step"] == [(8, 12)]
-    assert all(not c["problems"] for c in results["verify"]["checked"])
-    assert sum(c["bytes_read"] for c in results["verify"]["checked"]) == sum(
+    assert all(not c["problems"] for c in results["verify"]["entries"])
+    assert results["verify"]["bytes_read"] == sum(
         p.stat().st_size for c in ("checkpoint-4", "checkpoint-8", "checkpoint-12") for p in (server / c).iterdir())
 
     for src in (server / "checkpoint-12").iterdir():
@@ -224,8 +227,8 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sent_bytes"] == 0
     client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-99/optimizer.pt", Body=b"half-written")
-    listed = run_bucket_list(open_store(resolve_target(load_config(str(cfg)), instance="1", need_remote=False)))
-    assert [e.name for e in listed.entries] == ["checkpoint-12", "checkpoint-8"]
+    listed = run_list(resolve_target(load_config(str(cfg)), instance="1", need_remote=False), local_only=True)
+    assert [r.name for r in listed.rows] == ["checkpoint-12", "checkpoint-8"]
 
     # A flipped byte: the replaced object's ETag shows it; rot that keeps the ETag only the bytes do.
     key = "team/instance-1/checkpoint-12/optimizer.pt"
@@ -233,15 +236,15 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     data[len(data) // 2] ^= 0x01
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     quick = run_cli("verify", "-i", "1", "--config", cfg)
-    assert quick.returncode == 30 and "checkpoint-12/optimizer.pt: the object was replaced" in quick.stdout
+    assert quick.returncode == 30 and "corrupt: checkpoint-12/optimizer.pt (the object was replaced" in quick.stdout
     mkey = "team/instance-1/.ckptsync/manifests/checkpoint-12.json"
     manifest["etags"]["checkpoint-12/optimizer.pt"] = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
     client.put_object(Bucket=bucket, Key=mkey, Body=json.dumps(manifest).encode())
     full = run_cli("verify", "-i", "1", "--read-data", "--config", cfg)
     assert full.returncode == 30, full.stderr
-    assert "checkpoint-12/optimizer.pt: its bytes hash to" in full.stdout
+    assert "corrupt: checkpoint-12/optimizer.pt (its bytes hash to" in full.stdout
     assert "checkpoint-8" in full.stdout and "FAILED  checkpoint-8" not in full.stdout
-    assert one_line_error(full) == "error: integrity check failed: checkpoint-12"
+    assert one_line_error(full) == "error: integrity check failed: checkpoint-12 (corrupt)"
 
 
 # -------------------------------------------------- errors: one line, a documented code
@@ -425,7 +428,7 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
     restored = tmp_path / "restored"
     run_bucket_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), open_store(t), "checkpoint-12")
     assert (restored / BIG).read_bytes() == data
-    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+    assert not run_verify(t, [], read_data=True).exit_code
 
     wire = b"".join(recorded)
     assert b"X-Amz-Signature=" in wire            # the agent got presigned URLs...
@@ -600,13 +603,13 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
             assert stored(name) == file_sha256(run / name), (k, name)
     assert len(result["dropped_generations"]) > 0    # keep_generations: 2
 
-    listed = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    listed = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
     assert [g["index"] for g in listed["generations"]["latest.pt"]] == [1, 2]
     text = run_cli("list", "-i", "1", "--generations", "--config", cfg)
     assert "earlier versions" in text.stdout and "latest.pt" in text.stdout
     checked = json.loads(run_cli("verify", "-i", "1", "--read-data", "--config", cfg, "--json").stdout)
-    names = [c["name"] for c in checked["checked"]]
-    assert sum(n.startswith("latest.pt@") for n in names) == 2 and not any(c["problems"] for c in checked["checked"])
+    names = [c["name"] for c in checked["entries"]]
+    assert sum(n.startswith("latest.pt@") for n in names) == 2 and not any(c["problems"] for c in checked["entries"])
 
     fresh = tmp_path / "fresh"
     back = run_cli("restore", "-i", "1", "--checkpoint", "latest.pt", "--generation", "1", "--remote-dir", fresh,
@@ -618,8 +621,8 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
     pruned = json.loads(run_cli("prune", "-i", "1", "--keep-generations", "1", "--config", cfg, "--json").stdout)
     assert sum(g.startswith("latest.pt@") for g in pruned["generations"]) == 1
     assert not objects(client, bucket, gen_key)
-    again = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
-    assert len(again["generations"]["latest.pt"]) == 1 and len(again["entries"]) == len(listed["entries"])
+    again = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
+    assert len(again["generations"]["latest.pt"]) == 1 and len(again["checkpoints"]) == len(listed["checkpoints"])
 
 
 def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_completes(
@@ -657,15 +660,16 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     (g,) = store.generations()["checkpoint-12"]
     gen = client.get_object(Bucket=bucket, Key=store.object_key(g, "checkpoint-12/optimizer.pt"))["Body"].read()
     assert gen == old
-    from ckptsync.s3.flows import run_bucket_prune
+    from ckptsync.prune import PruneOptions, run_prune
+    from ckptsync.retention import Policy
 
-    assert run_bucket_prune(store, keep_last=1, dry_run=False).generations == []   # kept: it may be all there is
+    assert run_prune(t, PruneOptions(policy=Policy(keep_last=1))).generations == []   # kept: it may be all there is
 
     again = run_bucket_backup(local_target(server_tree, url, seaweed.endpoint), BackupOptions(names=["checkpoint-12"]))
     assert again.uploaded == ["checkpoint-12"] and not again.failed
     now = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
     assert now == changed.read_bytes()
-    assert not run_bucket_verify(open_store(t), [], read_data=True).exit_code
+    assert not run_verify(t, [], read_data=True).exit_code
 
 
 def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, big_server_tree, seaweed, bucket,
@@ -675,7 +679,7 @@ def test_the_bucket_examples_in_docs_json_are_what_the_commands_print(ssh_home, 
     cfg = write_config(ssh_home, big_server_tree, f"s3://{bucket}/team", seaweed.endpoint)
     aws_home(ssh_home)
     found = examples("bucket")
-    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "list", "verify", "restore", "prune"]
+    assert [shlex.split(c)[1] for c, _ in found] == ["backup", "restore"]
     problems = []
     for n, (command, body) in enumerate(found):
         words = [w.format(config=cfg, scratch=tmp_path / f"scratch-{n}") for w in shlex.split(command)]
@@ -720,7 +724,7 @@ def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, buck
     assert not extra["ok"] and "train.py" in extra["detail"]
     fix = shlex.split(extra["fix"])
     assert run_cli(*fix[1:], "--json").returncode == 0           # the fix, as pasted, backs it up
-    after = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    after = json.loads(run_cli("list", "-i", "1", "--generations", "--config", cfg, "--json").stdout)
     assert len(after["generations"]["extra-files"]) == 1
     assert json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)["safe"]
 
@@ -729,3 +733,58 @@ def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, buck
     assert client.get_object(Bucket=bucket, Key="team/instance-1/extra-files/train.py")["Body"].read() \
         == script.read_bytes()
     assert not run_cli("verify", "-i", "1", "--config", cfg).returncode
+
+
+def test_prune_of_a_bucket_keeps_the_newest_backup_whose_objects_match(ssh_home, server_tree, seaweed, bucket):
+    """As in a directory: before anything older is removed, the newest backup is checked (here by
+    its objects' sizes and ETags); one whose object was replaced is kept but not counted, so the
+    next newest that matches is kept too, and the run exits 30 naming the damaged one."""
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    assert run_cli("backup", "-i", "1", "--all", "--config", cfg).returncode == 0
+    client = seaweed.client()
+    client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-12/optimizer.pt", Body=b"not the backup")
+
+    res = run_cli("prune", "-i", "1", "--keep-last", "1", "--config", cfg, "--json")
+    assert res.returncode == 30, res.stderr
+    pruned = json.loads(res.stdout)
+    assert pruned["damaged"]["checkpoint-12"].startswith("fails verification: checkpoint-12/optimizer.pt: corrupt")
+    assert pruned["kept"] == ["checkpoint-12", "checkpoint-8"] and pruned["removed"] == ["checkpoint-4"]
+    left = objects(client, bucket, "team/instance-1/")
+    assert any("/checkpoint-8/" in k for k in left) and not any("/checkpoint-4/" in k for k in left)
+    assert not any(k.endswith("manifests/checkpoint-4.json") for k in left)
+    refused = run_cli("prune", "-i", "1", "--keep-last", "1", "--wait", "--dry-run", "--config", cfg)
+    assert refused.returncode == 2 and one_line_error(refused) == "error: --wait does not work on a bucket store"
+
+
+@pytest.mark.parametrize("words, flag", [
+    (("backup", "--follow-runs"), "--follow-runs"), (("backup", "--discard-staged"), "--discard-staged"),
+    (("backup", "--parallel", "2"), "--parallel"), (("restore", "--dry-run"), "--dry-run"),
+    (("restore", "--adapter-only"), "--adapter-only"), (("verify", "--repair"), "--repair"),
+    (("verify", "--remote"), "--remote"), (("prune", "--remote", "--keep-last", "1"), "--remote")])
+def test_flags_a_bucket_store_has_no_use_for_are_one_line_exit_2(ssh_home, server_tree, seaweed, bucket, words, flag):
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    res = run_cli(words[0], "-i", "1", *words[1:], "--config", cfg)
+    assert res.returncode == 2 and one_line_error(res) == f"error: {flag} does not work on a bucket store"
+
+
+def test_files_that_only_look_changed_get_the_servers_stamps_in_the_bucket(server_tree, seaweed, bucket, monkeypatch):
+    """As in a directory: a file touched on the server (same bytes, new mtime) is not sent again,
+    and the manifest takes its new stamps, so that a restore puts those back and the next run
+    has nothing to record."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    t = local_target(server_tree, f"s3://{bucket}/x/instance-0", seaweed.endpoint)
+    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).uploaded == ["checkpoint-12"]
+    touched = server_tree / "checkpoint-12" / "optimizer.pt"
+    new = touched.stat().st_mtime_ns - 7_000_000_000
+    os.utime(touched, ns=(new, new))
+
+    again = run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert (again.planned, again.uploaded, again.sent_bytes) == ({"checkpoint-12": "up-to-date"}, [], 0)
+    assert again.restamped == ["checkpoint-12"]
+    stored = {f.path: f.mtime_ns for f in open_store(t).manifests()["checkpoint-12"].files}
+    assert stored["checkpoint-12/optimizer.pt"] == new
+    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).restamped == []

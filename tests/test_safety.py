@@ -13,7 +13,7 @@ from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.config import Config, resolve_target
 from ckptsync.errors import IO, LOCKED, CkptsyncError, Locked
 from ckptsync.server.inprocess import Hooks, InProcessServer
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 from helpers import ROOT, run_cli, tmpfs, tree_digest
 from test_server_boundary import make_target
 
@@ -42,7 +42,7 @@ def test_a_refused_run_does_not_hide_the_last_real_result(server_tree, tmp_path)
     first = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions())
     assert first.exit_code == 0
     status = (dest / ".ckptsync" / "status.json").read_text()
-    with Store(dest).lock("a long backup"):
+    with DirectoryStore(dest).lock("a long backup"):
         with pytest.raises(Locked):
             run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True))
         res = run_cli("backup", "--remote-dir", server_tree, "--local-dir", dest, "--all", "--skip-if-locked")

@@ -14,7 +14,7 @@ import pytest
 
 from ckptsync.errors import ConnectError, HostKeyError, Interrupted, LoginRefused
 from ckptsync.server.inprocess import Hooks, InProcessServer
-from ckptsync.store import Store
+from ckptsync.stores.directory import DirectoryStore
 from ckptsync.watch import Event, Watch, WatchOptions
 from fake_trainer import FakeTrainer
 from helpers import tree_digest
@@ -367,7 +367,7 @@ def test_ctrl_c_releases_the_holds_and_exits_130(world):
     assert info.value.exit_code == 130
     assert "released the holds of checkpoint-10" in info.value.message
     assert not (w.run / HOLD).exists()
-    assert not Store(w.dest).watcher()   # the watch's lock went with it
+    assert not DirectoryStore(w.dest).watcher()   # the watch's lock went with it
 
 
 def test_holds_a_stopped_watch_left_are_taken_over(world):

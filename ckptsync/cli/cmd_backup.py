@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.cli import bucket, options as o
+from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.cli.shared import Skipped, run_or_skip
 from ckptsync.errors import Locked, UsageError
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
     from ckptsync.backup_plan import BackupResult
     from ckptsync.multi import ManyResult
+    from ckptsync.s3.backup import BucketBackupResult
 
 
 def backup_cmd(
@@ -51,8 +52,10 @@ def backup_cmd(
     own directory under its own lock, with one summary table; the exit code
     is the worst of theirs.
     """
-    from ckptsync.backup import BackupOptions, discard_staging, run_backup
+    from ckptsync import datapath
+    from ckptsync.backup import BackupOptions, discard_staging
     from ckptsync.multi import run_many
+    from ckptsync.stores import open_store
 
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
@@ -70,15 +73,10 @@ def backup_cmd(
     if follow_runs:
         ts = [replace(t, follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
-    bt = bucket.one(ts)
-    if bt is not None:
-        bucket.refuse("--discard-staged", discard_staged)
-        bucket.refuse("--follow-runs", follow_runs)
-        bucket.refuse("--wait", wait)
-        bucket.refuse("--parallel", parallel is not None and parallel > 1)
-        return bucket.backup(bt, opts, via_laptop, skip_if_locked)
-    if via_laptop:
-        raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
+    datapath.one_run_per_store(ts)
+    store = open_store(ts[0])
+    datapath.check_backup(store, via_laptop, {"--discard-staged": discard_staged, "--follow-runs": follow_runs,
+                                              "--wait": wait, "--parallel": parallel is not None and parallel > 1})
     out = output()
     if len(ts) > 1:
         if discard_staged:
@@ -89,9 +87,9 @@ def backup_cmd(
     if discard_staged:
         held = discard_staging(t, dry_run, wait)
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
-    out.info(f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}")
-    return run_or_skip(out, t.label, str(t.local_dir), lambda: run_backup(t, opts, out.reporter()),
-                       skip_if_locked, show_backup)
+    out.info(datapath.backup_line(t, store, via_laptop))
+    return run_or_skip(out, t.label, store.location, lambda: datapath.backup(t, opts, out.reporter(), via_laptop),
+                       skip_if_locked, show_any)
 
 
 @dataclass
@@ -118,6 +116,11 @@ def _shared(r: BackupResult) -> str:
         (r.linked_files, r.linked_bytes, "hard-linked"),
         (r.copied_files, r.copied_bytes, "copied locally instead of fetched")) if n]
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def show_any(out: Output, result) -> None:
+    """The result of the store's data path (datapath.backup), by its type."""
+    (show_upload if type(result).__name__ == "BucketBackupResult" else show_backup)(out, result)
 
 
 def show_backup(out: Output, result: BackupResult) -> None:
@@ -191,10 +194,10 @@ def _show_deleted(out: Output, result: BackupResult, prefix: str = "") -> None:
 
 def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
     """One instance of a multi-instance backup; a lock held elsewhere is that instance's outcome."""
-    from ckptsync.backup import run_backup
+    from ckptsync import datapath
 
     try:
-        return run_backup(t, opts, rep)
+        return datapath.backup(t, opts, rep)
     except Locked as exc:
         if not skip_if_locked or exc.stuck:
             raise
@@ -231,3 +234,31 @@ def show_backups(out: Output, many: ManyResult) -> None:
             out.info(f"{o.target}: skipped: {o.result.skipped}")
     if any(isinstance(o.result, BackupResult) and o.result.dry_run for o in many.outcomes):
         out.result("dry run: nothing was changed (files: what would be fetched)")
+
+
+def show_upload(out: Output, r: BucketBackupResult) -> None:
+    """A bucket store's backup: the server sent the bytes to the bucket."""
+    for w in r.warnings:
+        out.warn(w)
+    for name, why in r.failed.items():
+        out.warn(f"{name}: {why}")
+    if r.dry_run:
+        for name, action in r.planned.items():
+            out.result(f"{action:<10} {name}")
+        out.result(f"dry run: would send {human(r.plan_bytes)} to {r.dest}; nothing was changed")
+        return
+    current = [n for n, a in r.planned.items() if a == "up-to-date"]
+    if not r.uploaded and not r.failed:
+        out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({r.seconds:.1f}s)")
+        return
+    speed = rate(r.sent_bytes, r.seconds)
+    out.result(f"uploaded {len(r.uploaded)} ({', '.join(r.uploaded) or 'none'}), up to date {len(current)}, "
+               f"failed {len(r.failed)}; {human(r.sent_bytes)} sent from the server to the bucket"
+               + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
+               + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else "")
+               + f"; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+    if r.generations:
+        out.paragraph(f"changed on the server: {', '.join(r.replaced) or 'none recorded'}; the earlier version(s) "
+                      f"kept as {', '.join(r.generations)}"
+                      + (f"; dropped {', '.join(r.dropped_generations)} (keep_generations)" if r.dropped_generations
+                         else ""))

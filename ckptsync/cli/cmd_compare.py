@@ -27,14 +27,10 @@ def compare_cmd(
     Reads the backup directory only (no network). Files are compared by
     content (xxh3-128 and size from the manifests).
     """
-    from ckptsync.details import compare_backups
+    from ckptsync import datapath
 
     t = o.target(config, instance, local_dir=local_dir, need_remote=False)
-    if t.store_url:
-        from ckptsync.cli import bucket
-
-        return render(bucket.compare(t, a, b), show_compare)
-    return render(compare_backups(t.local_dir, a, b), show_compare)
+    return render(datapath.compare(t, a, b), show_compare)
 
 
 def show_compare(out: Output, r: CompareResult) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ckptsync.cli import bucket, options as o
+from ckptsync.cli import options as o
 from ckptsync.cli.context import render
 from ckptsync.cli.many import show_each
 from ckptsync.cli.shared import show_generations
@@ -35,8 +35,6 @@ def list_cmd(
 
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                    need_remote=not local)
-    if bucket.one(ts) is not None:
-        return bucket.listing(ts[0], generations)
     if len(ts) > 1:
         many = run_many("list", ts, lambda t, _rep: run_list(t, local_only=local, generations=generations))
         return render(many, lambda out, m: show_each(out, m, lambda out, r: show_list(out, r, None if local else r.remote_dir)))
@@ -90,6 +88,9 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
         out.warn(f"not made by ckptsync (no manifest): {', '.join(result.unmanaged[:5])}")
     if result.staging_note:
         out.warn(result.staging_note)
+    if result.unfinished_uploads:
+        out.result(f"{result.unfinished_uploads} unfinished upload(s) in {result.dest}: the next backup "
+                   "resumes them, prune aborts them")
     show_runs(out, result)
     show_generations(out, result)
 

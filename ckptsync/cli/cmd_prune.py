@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.cli import bucket, options as o
+from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.errors import UsageError
 from ckptsync.output import Column, Output, TextTable, age, human, size_cell, stamp, when
@@ -47,15 +47,14 @@ def prune_cmd(
     """
     from ckptsync.prune import PruneOptions, run_prune
     from ckptsync.retention import Policy, parse_duration
+    from ckptsync.stores import open_store, refuse
 
     policy = Policy(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
                     keep_within=parse_duration(keep_within) if keep_within is not None else 0.0)
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
-    if t.store_url:
-        for flag, given in (("--remote", remote), ("--keep-every", keep_every), ("--keep-within", keep_within),
-                            ("--wait", wait)):
-            bucket.refuse(flag, bool(given))
-        return bucket.prune(t, keep_last, dry_run, keep_generations)
+    store = open_store(t)
+    refuse(store, "--remote", remote, needs="files_here")
+    refuse(store, "--wait", wait, needs="files_here")   # a bucket's lease is never waited for
     out = output()
     if keep_best and no_keep_best:
         raise UsageError("give --keep-best or --no-keep-best, not both")
@@ -101,6 +100,11 @@ def show_prune(out: Output, r: PruneResult) -> None:
             out.paragraph("; ".join(e.reasons), indent="    ", first=f"  {e.name}: ")
     for name, why in r.failed.items():
         out.warn(f"{name}: {why}")
+    if r.deleted_objects or r.aborted_uploads:
+        verb = "would remove" if r.dry_run else "removed"
+        out.result(f"{verb} {r.deleted_objects} object(s) no manifest names ({human(r.deleted_bytes)})"
+                   + (f"; {'would abort' if r.dry_run else 'aborted'} {r.aborted_uploads} unfinished upload(s)"
+                      if r.aborted_uploads else ""))
     unbacked = [e.name for e in r.entries if e.keep and "no verified local backup" in e.reasons]
     if unbacked:
         out.warn(f"kept without a verified local backup: {', '.join(unbacked)} "

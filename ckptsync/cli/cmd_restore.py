@@ -6,14 +6,15 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.cli import bucket, options as o
+from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.cli.shared import show_restore_all
-from ckptsync.output import Output, TextTable, human, size_cell
+from ckptsync.output import Output, TextTable, human, rate, size_cell
 from ckptsync.errors import UsageError
 
 if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult
+    from ckptsync.s3.flows import BucketRestore
 
 
 def restore_cmd(
@@ -49,8 +50,9 @@ def restore_cmd(
     server are skipped unless --force); when some fail the others are still
     restored, with exit 3 and a line per failure.
     """
-    from ckptsync.restore import RestoreOptions, run_restore
-    from ckptsync.restore_all import run_restore_all
+    from ckptsync import datapath
+    from ckptsync.restore import RestoreOptions
+    from ckptsync.stores import open_store
 
     if generation is not None and not checkpoint:
         raise UsageError("--generation needs --checkpoint NAME (list --generations shows them)")
@@ -70,20 +72,21 @@ def restore_cmd(
                           extra_paths=tuple(extra_file or ()))
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     t = o.with_parallel([t], parallel)[0]
-    if t.store_url:
-        bucket.refuse("--parallel", parallel is not None and parallel > 1)
-        for flag, given in (("--adapter-only", adapter_only), ("--extra-files-only", extra_files_only),
-                            ("--extra-file", extra_file),
-                            ("--discard-staged", discard_staged), ("--dry-run", dry_run)):
-            bucket.refuse(flag, bool(given))
-        if all_:
-            return bucket.restore_all(t, force)
-        return bucket.restore(t, checkpoint, force, generation)
+    store = open_store(t)
+    datapath.check_restore(store, {"--parallel": parallel is not None and parallel > 1,
+                                   "--adapter-only": adapter_only, "--extra-files-only": extra_files_only,
+                                   "--extra-file": bool(extra_file), "--discard-staged": discard_staged,
+                                   "--dry-run": dry_run})
     out = output()
-    out.info(f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}")
+    out.info(datapath.restore_line(t, store, every=all_))
     if all_:
-        return out.render(run_restore_all(t, opts, out.reporter()), show_restore_all)
-    return out.render(run_restore(t, opts, out.reporter()), show_restore)
+        return out.render(datapath.restore_all(t, opts, out.reporter()), show_restore_all)
+    return out.render(datapath.restore(t, opts, out.reporter()), show_any)
+
+
+def show_any(out: Output, result) -> None:
+    """The result of the store's data path (datapath.restore), by its type."""
+    (show_bucket_restore if type(result).__name__ == "BucketRestore" else show_restore)(out, result)
 
 
 def show_restore(out: Output, result: RestoreResult) -> None:
@@ -179,3 +182,15 @@ def show_hint(out: Output, hint: str, first: str = "") -> None:
         out.to_paste(f"{first}resume with:", code)
     else:
         out.paragraph(hint, indent="  ", first=first)
+
+
+def show_bucket_restore(out: Output, r: BucketRestore) -> None:
+    """A bucket store's restore: the server fetched the bytes from the bucket."""
+    for n in r.notes:
+        out.info(n)
+    speed = rate(r.bytes, r.seconds)
+    version = f" (generation {r.generation})" if r.generation else ""
+    out.result(f"restored {r.name}{version} to {r.server}:{r.path}: {r.files} files, {human(r.bytes)}, checked on the "
+               f"server; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+    if r.hint:
+        out.result(r.hint)

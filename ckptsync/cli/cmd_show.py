@@ -31,16 +31,11 @@ def show_cmd(
 
     Reads the backup directory (no network) unless --remote is given.
     """
-    from ckptsync.details import show_backup, show_server
+    from ckptsync import datapath
 
     remote = remote or host is not None or remote_dir is not None
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote)
-    if t.store_url:
-        from ckptsync.cli import bucket
-
-        result = bucket.show(t, name, remote)
-    else:
-        result = show_server(t, name) if remote else show_backup(t.local_dir, name)
+    result = datapath.show(t, name, remote)
     return render(result, functools.partial(show_checkpoint, width=width or terminal_width(output().width),
                                             plain=ascii_ or not utf8_output()))
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ckptsync.cli import bucket, options as o
+from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.output import Output, human, rate
 from ckptsync.errors import UsageError
@@ -40,22 +40,23 @@ def verify_cmd(
     Exit 30 when any check fails (or, with --repair, anything is left damaged).
     """
     from ckptsync.repair import run_repair
+    from ckptsync.stores import open_store, refuse
     from ckptsync.verify import run_verify
 
     if remote and repair:
         raise UsageError("give --remote or --repair, not both")
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote or repair)
-    if t.store_url:
-        bucket.refuse("--remote", remote)
-        bucket.refuse("--repair", repair)
-        return bucket.verify(t, list(names or []), read_data)
+    store = open_store(t)
+    refuse(store, "--remote", remote, needs="files_here")
+    refuse(store, "--repair", repair, needs="files_here")
     out = output()
     if repair:
         out.info(f"repair {t.local_dir} from {t.describe()}:{t.remote_dir}")
         return out.render(run_repair(t, list(names or []), rep=out.reporter()), show_repair)
     if remote:
         out.info(f"verify {t.describe()}:{t.remote_dir} against {t.local_dir}")
-    return out.render(run_verify(t, list(names or []), remote=remote, rep=out.reporter()), show_verify)
+    return out.render(run_verify(t, list(names or []), remote=remote, rep=out.reporter(), read_data=read_data),
+                      show_verify)
 
 
 def show_repair(out: Output, result: RepairResult) -> None:
@@ -98,5 +99,7 @@ def _summary(r: VerifyResult) -> str:
     states = ", ".join(f"{n} {status}" for status, n in counts.items())
     speed = rate(r.bytes_read, r.seconds)
     where = f"{r.server}:{r.remote_dir} against {r.dest} ({r.alg})" if r.remote else r.dest
+    how = (f"{human(r.bytes_read)} read" if r.read_data
+           else "sizes and ETags from the listing (--read-data reads every object back)")
     return (f"checked {len(r.entries)} in {where}: {states}, {len(r.failed)} failed; "
-            f"{human(r.bytes_read)} read in {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
+            f"{how} in {r.seconds:.1f}s" + (f", {speed}" if speed and r.read_data else ""))

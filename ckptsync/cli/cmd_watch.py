@@ -51,12 +51,13 @@ def watch_cmd(
     once, each over its own connection; the exit code is the worst of theirs.
     """
     from ckptsync.multi import Labelled
+    from ckptsync.stores import ability, open_store
     from ckptsync.watch import Watch, WatchOptions
 
     if print_service is not None and print_service not in ("systemd", "launchd"):
         raise UsageError(f"--print-service {print_service!r}: expected systemd or launchd")
     ts = o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key)
-    if any(t.store_url for t in ts):
+    if not all(ability(open_store(t), "files_here") for t in ts):   # holds and commits are this machine's
         raise UsageError("watch backs up into a directory: give a local_dir that is not a bucket",
                          hint="ckptsync backup works with a bucket store (s3://...)")
     ts = o.with_parallel(o.with_bwlimits(ts, bwlimit), parallel)

@@ -101,9 +101,9 @@ def target(config: str | None, instance: str | None = None, host: str | None = N
     )
     t.verb = _verb()
     if t.store_url:
-        from ckptsync.cli import bucket
+        from ckptsync.datapath import check_command
 
-        bucket.refuse_unsupported(t)
+        check_command(t)
     from ckptsync.cli.context import output
 
     if t.transport is not None:

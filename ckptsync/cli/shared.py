@@ -1,4 +1,4 @@
-"""What a command shows alike for a backup directory and a bucket store (cli/bucket.py)."""
+"""What a command shows alike for a backup directory and a bucket store."""
 
 from __future__ import annotations
 

@@ -20,17 +20,17 @@ from ckptsync.selection import BackupOptions, resolve_names, select, unseen_fail
 from ckptsync import notify
 from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
-from ckptsync.freshness import judge
+from ckptsync.freshness import Judgement, judge
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.policy import CHECK, human, run_status
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.s3 import parse_url
-from ckptsync.s3.bucket import Bucket, Conflict, Settings, etag, part_size, plain_md5
-from ckptsync.s3.store import BucketStore, Entry
+from ckptsync.s3.bucket import Conflict, etag, part_size, plain_md5
+from ckptsync.stores import open_store
+from ckptsync.stores.bucket import BucketStore, Entry
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Server, open_server
 from ckptsync.server.transfer import receive
-from ckptsync.store import EXTRA, FileRecord, Manifest
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
 BATCH_ITEMS = 64          # URLs per request to the agent, signed just before it is sent
 BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per batch
@@ -45,6 +45,7 @@ class BucketBackupResult:
     planned: dict[str, str] = field(default_factory=dict)   # name -> upload, up-to-date, skip: why
     uploaded: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)     # uploaded over an older version of the name
+    restamped: list[str] = field(default_factory=list)    # same bytes on the server, new stamps recorded
     generations: list[str] = field(default_factory=list)  # "NAME@ID": earlier versions kept
     dropped_generations: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -87,12 +88,6 @@ def endpoint_errors(hint: str):
         raise ConnectError(f"{exc.message} (the bucket's endpoint as the server sees it)", hint=hint) from None
 
 
-def open_store(target, clock=time.time) -> BucketStore:
-    url = parse_url(target.store_url)
-    settings = Settings.from_config(target.s3, str(target.config_path or "the config"))
-    return BucketStore(Bucket(url, settings), url, clock)
-
-
 def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store: BucketStore | None = None,
                       server: Server | None = None, via_laptop: bool = False) -> BucketBackupResult:
     """`via_laptop`: for a server that cannot reach the bucket, the bytes come here over the
@@ -109,9 +104,10 @@ def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store:
                                pattern=target.train_process or "")
             todo = job.plan(view, opts)
             extras = opts.extra_files and bool(target.extra_files)
-            if (todo or extras) and not opts.dry_run:
+            if (todo or extras or job.stamps) and not opts.dry_run:
                 with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
                     todo = job.plan(view, opts)   # again under the lock: another run may have stored them
+                    job.restamp()
                     for c in todo:
                         job.checkpoint(view, c)
                         if lock.lost:
@@ -177,18 +173,36 @@ class _Upload:
             if s.name in opts.names:
                 r.failed[s.name] = s.reason
         r.failed.update(unseen_failures(view, opts.names))
+        self.stamps: dict[str, Judgement] = {}
         for c in chosen:
             entry = self.entries.get(c.name)
+            judged = None if entry is None else judge(self.server, view.root, entry.manifest.files,
+                                                      view.files_of(c), CHECK)
             if entry is None:
                 r.planned[c.name] = "upload"
                 todo.append(c)
-            elif judge(self.server, view.root, entry.manifest.files, view.files_of(c), CHECK).current:
+            elif judged.current:
                 r.planned[c.name] = "up-to-date"
+                if judged.restamp:
+                    self.stamps[c.name] = judged
             else:
                 r.planned[c.name] = "replace"   # the stored version becomes a generation
                 todo.append(c)
         r.plan_bytes = sum(c.size for c in todo)
         return todo
+
+    def restamp(self) -> None:
+        """The server's files have the stored bytes under new stamps (a touch, a chmod, a copy): the
+        manifest takes the server's stamps, as a directory's does, so that a restore puts those
+        back and the next run's quick check needs no hashing. Nothing is sent."""
+        for name, judged in self.stamps.items():
+            entry = self.entries[name]
+            for f in entry.manifest.files:
+                s = judged.restamp.get(f.source or f.path)
+                if s is not None:
+                    f.mtime_ns, f.mode, f.ctime_ns, f.inode = s.mtime_ns, s.mode, s.ctime_ns, s.inode
+            self.store.write_entry(entry, replace=True)
+            self.result.restamped.append(name)
 
     # -------------------------------------------------- one checkpoint
 

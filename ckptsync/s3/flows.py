@@ -1,4 +1,4 @@
-"""list, verify, restore and prune of a bucket store (backup is in backup.py)."""
+"""restore of a bucket store (backup is in backup.py)."""
 
 from __future__ import annotations
 
@@ -9,135 +9,15 @@ from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 
-from ckptsync.disk import new_hasher
-from ckptsync.errors import INTEGRITY, OK, AgentError, DiskFull, IntegrityError, NotFound, UsageError
+from ckptsync.errors import OK, AgentError, DiskFull, IntegrityError, UsageError
 from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.listing import GenerationRow, generation_rows
 from ckptsync.restore import RestoreOptions
 from ckptsync.restore_choice import choose, newest_first, pick_generation, resume_hint
 from ckptsync.restore_all import RestoreAll
 from ckptsync.s3.backup import BATCH_ITEMS, endpoint_errors
-from ckptsync.s3.store import META, BucketStore, Entry
-from ckptsync.store import EXTRA
+from ckptsync.stores.bucket import BucketStore
 from ckptsync.server import Server, open_server
-
-
-# -------------------------------------------------- list
-
-
-@dataclass
-class BucketEntry:
-    name: str
-    kind: str
-    step: int | None
-    files: int
-    size: int
-    backed_up_at: float
-    resumable: bool
-    content: str
-
-
-@dataclass
-class BucketListing:
-    store: str
-    target: str = ""
-    entries: list[BucketEntry] = field(default_factory=list)
-    generations: dict[str, list[GenerationRow]] = field(default_factory=dict)  # earlier versions per name
-    unfinished_uploads: int = 0    # multipart uploads in progress or abandoned (prune aborts them)
-    exit_code: int = OK
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_bucket_list(store: BucketStore) -> BucketListing:
-    """The entries that have a manifest, newest first; objects without one are never shown."""
-    entries = store.entries()
-    out = BucketListing(store=str(store.root))
-    for m in newest_first({n: e.manifest for n, e in entries.items()}):
-        out.entries.append(BucketEntry(m.name, m.kind, m.step, len(m.files), m.size, m.backed_up_at,
-                                       m.resumable, m.content))
-    out.generations = generation_rows(store)
-    out.unfinished_uploads = len(store.bucket.uploads(store.key("")))
-    return out
-
-
-# -------------------------------------------------- verify
-
-
-@dataclass
-class BucketCheck:
-    name: str
-    files: int = 0
-    bytes_read: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BucketVerify:
-    store: str
-    read_data: bool
-    target: str = ""
-    checked: list[BucketCheck] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return INTEGRITY if any(c.problems for c in self.checked) else OK
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
-
-
-def run_bucket_verify(store: BucketStore, names: list[str], read_data: bool, rep: Reporter = QUIET) -> BucketVerify:
-    """Every object of every entry (or those named) against its manifest: size and ETag from a
-    listing; with read_data, the bytes too, streamed through this machine and hashed."""
-    entries = _named(store, names)
-    kept = store.generations()
-    entries += [g for e in list(entries) for g in kept.get(e.name, [])]   # checked as NAME@ID
-    objects = store.objects(generations=True)
-    out = BucketVerify(store=str(store.root), read_data=read_data)
-    for e in entries:
-        check = BucketCheck(e.label, files=len(e.manifest.files))
-        out.checked.append(check)
-        if read_data:
-            rep.start(e.name, e.manifest.size)
-        try:
-            for f in e.manifest.files:
-                key = store.object_key(e, f.path)
-                got = objects.get(key)
-                if got is None:
-                    check.problems.append(f"{f.path}: missing from the bucket")
-                    continue
-                if got[0] != f.size:
-                    check.problems.append(f"{f.path}: {got[0]} bytes in the bucket, the manifest says {f.size}")
-                    continue
-                if e.etags.get(f.path) and got[1] != e.etags[f.path]:
-                    check.problems.append(f"{f.path}: the object was replaced (ETag {got[1]}, "
-                                          f"recorded {e.etags[f.path]})")
-                    continue
-                if read_data:
-                    h = new_hasher(e.alg)
-                    for block in store.bucket.stream(key):
-                        h.update(block)
-                        check.bytes_read += len(block)
-                        rep.advance(len(block))
-                    if h.hexdigest() != f.xxh3_128:
-                        check.problems.append(f"{f.path}: its bytes hash to {h.hexdigest()}, "
-                                              f"the manifest says {f.xxh3_128}")
-        finally:
-            if read_data:
-                rep.finish()
-    return out
-
-
-def _named(store: BucketStore, names: list[str]) -> list[Entry]:
-    entries = store.entries()
-    missing = [n for n in names if n not in entries]
-    if missing:
-        raise NotFound(f"not in {store.root}: {', '.join(missing)} "
-                       f"(entries there: {', '.join(sorted(entries)) or 'none'})")
-    return [entries[n] for n in (names or sorted(entries))]
 
 
 # -------------------------------------------------- restore
@@ -261,60 +141,3 @@ def run_bucket_restore(target, store: BucketStore, name: str | None, force: bool
 def _get(server: Server, root: str, name: str, items: list[dict], alg: str, workers: int):
     with endpoint_errors("set s3.server_endpoint_url to an address the server can reach"):
         return server.get_urls(root, name, items, alg, workers)
-
-
-# -------------------------------------------------- prune
-
-
-@dataclass
-class BucketPrune:
-    store: str
-    dry_run: bool
-    target: str = ""
-    kept: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    deleted_objects: int = 0
-    deleted_bytes: int = 0
-    aborted_uploads: int = 0
-    generations: list[str] = field(default_factory=list)   # "NAME@ID" removed (or that would be)
-    exit_code: int = OK
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_bucket_prune(store: BucketStore, keep_last: int | None, dry_run: bool, rep: Reporter = QUIET,
-                     keep_generations: int | None = None) -> BucketPrune:
-    """Keep the newest `keep_last` entries (None: all): manifests go first (so an entry disappears
-    whole at once), then every object no remaining manifest names; unfinished uploads are aborted.
-    A removed entry takes its generations along; `keep_generations` trims the others'."""
-    out = BucketPrune(store=str(store.root), dry_run=dry_run)
-    with (contextlib.nullcontext() if dry_run else store.lock("ckptsync prune", on_takeover=rep.info)):
-        entries = store.entries()
-        ordered = newest_first({n: e.manifest for n, e in entries.items()})
-        cut = len(ordered) if keep_last is None else keep_last
-        out.kept = [m.name for m in ordered[:cut]]
-        out.removed = [m.name for m in ordered[cut:]]
-        kept_gens = store.generations()
-        for name, gens in sorted(kept_gens.items()):
-            # A name with no entry (its replacement was cut off) keeps its versions: they may be all there is.
-            keep = 0 if name in out.removed else (len(gens) if keep_generations is None else keep_generations)
-            for g in gens[keep:]:
-                out.generations.append(g.label)
-                if not dry_run:
-                    store.drop_generation(g)
-        if not dry_run:
-            for name in out.removed:
-                store.drop_entry(name)
-        held = [*out.kept, *([EXTRA] if EXTRA in entries else [])]   # extra files are never pruned
-        wanted = {store.key(f.path) for n in held for f in entries[n].manifest.files}
-        meta = store.key(META + "/")
-        unreferenced = {k: s for k, (s, _e) in store.objects().items() if k not in wanted and not k.startswith(meta)}
-        out.deleted_objects, out.deleted_bytes = len(unreferenced), sum(unreferenced.values())
-        uploads = store.bucket.uploads(store.key(""))
-        out.aborted_uploads = len(uploads)
-        if not dry_run:
-            store.bucket.delete(sorted(unreferenced))
-            for key, upload, _started in uploads:  # under the lock, no upload of ours is running
-                store.bucket.abort_multipart(key, upload)
-    return out

@@ -17,13 +17,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
-from ckptsync.errors import CkptsyncError, IOFailure, Locked
+from ckptsync.disk import new_hasher
+from ckptsync.errors import CkptsyncError, IOFailure, Locked, UsageError
 from ckptsync.policy import newest_generations, status_file, status_kind
-from ckptsync.s3 import StoreUrl
-from ckptsync.s3.bucket import Bucket, Conflict
-from ckptsync.store import Manifest
+from ckptsync.s3 import StoreUrl, parse_url
+from ckptsync.s3.bucket import Bucket, Conflict, Settings
+from ckptsync.stores import CORRUPT, MISSING
+from ckptsync.stores.manifest import Manifest
 
 META = ".ckptsync"
 MANIFESTS = f"{META}/manifests/"
@@ -67,11 +69,54 @@ class Entry:
         return cls(Manifest.from_dict(data), etags, alg)
 
 
+def open_bucket_store(url: str, s3: dict, where: str, clock: Callable[[], float] = time.time) -> "BucketStore":
+    """The store at `url`, with the s3: settings of the config at `where`."""
+    root = parse_url(url)
+    return BucketStore(Bucket(root, Settings.from_config(s3, where)), root, clock)
+
+
 class BucketStore:
+    """A stores.Store; with check_objects (sizes and ETags from a listing, without reading)."""
+
+    kind = "a bucket store"
+
     def __init__(self, bucket: Bucket, root: StoreUrl, clock: Callable[[], float] = time.time) -> None:
         self.bucket = bucket
         self.root = root
         self.clock = clock
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def exists(self) -> bool:
+        return True   # an empty prefix is an empty store; a missing bucket fails the first request
+
+    def unmanaged(self) -> list[str]:
+        return []     # objects no manifest names are not entries: sweep() removes them
+
+    def freed_bytes(self, names: list[str], generations: list[Entry] = ()) -> int:
+        entries = self.entries()
+        return sum(entries[n].manifest.size for n in names if n in entries) + sum(g.manifest.size for g in generations)
+
+    def unfinished_uploads(self) -> int:
+        """Multipart uploads in progress or abandoned: the next backup resumes them, prune aborts them."""
+        return len(self.bucket.uploads(self.key("")))
+
+    def sweep(self, keep: list[str], dry_run: bool) -> tuple[int, int, int]:
+        """Delete every object that no manifest of `keep` names (the bookkeeping aside), and abort
+        the unfinished multipart uploads: (objects, bytes, uploads), removed or, dry run, to remove.
+        Call under the lock, where no upload of this store runs."""
+        entries = self.entries()
+        wanted = {self.key(f.path) for n in keep if n in entries for f in entries[n].manifest.files}
+        meta = self.key(META + "/")
+        stray = {k: s for k, (s, _e) in self.objects().items() if k not in wanted and not k.startswith(meta)}
+        uploads = self.bucket.uploads(self.key(""))
+        if not dry_run:
+            self.bucket.delete(sorted(stray))
+            for key, upload, _started in uploads:
+                self.bucket.abort_multipart(key, upload)
+        return len(stray), sum(stray.values()), len(uploads)
 
     def key(self, path: str) -> str:
         return self.root.key(path)
@@ -89,6 +134,19 @@ class BucketStore:
             if entry is not None:
                 out[entry.name] = entry
         return out
+
+    def manifests(self) -> dict[str, Manifest]:
+        return {name: e.manifest for name, e in self.entries().items()}
+
+    def damaged(self) -> dict[str, tuple[str, str]]:
+        return {}   # an unreadable manifest in a bucket stops the run instead (entries())
+
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """An entry's object (`path` as in its manifest); None when it is larger than `limit`."""
+        got = self.bucket.get(self.key(path))
+        if got is None:
+            raise FileNotFoundError(f"{self.root}/{path}: not in the bucket")
+        return None if len(got[0]) > limit else got[0]
 
     def object_key(self, entry: Entry, path: str) -> str:
         return self.key(entry.base + path)
@@ -159,12 +217,48 @@ class BucketStore:
     def drop_entry(self, name: str) -> None:
         self.bucket.delete([self.manifest_key(name)])
 
+    def remove_entry(self, name: str) -> None:
+        """Its manifest first (the entry is gone whole from then on), then its objects."""
+        entry = self.entries().get(name)
+        self.drop_entry(name)
+        if entry is not None:
+            self.bucket.delete(sorted({self.object_key(entry, f.path) for f in entry.manifest.files}))
+
     def objects(self, generations: bool = False) -> dict[str, tuple[int, str]]:
         """key -> (size, etag) of every object of the entries (the bookkeeping under .ckptsync aside),
         and of the generations' too when asked."""
         meta, kept = self.key(META + "/"), self.key(GENERATIONS)
         return {k: (s, e) for k, s, e in self.bucket.list(self.key(""))
                 if not k.startswith(meta) or (generations and k.startswith(kept) and k[len(kept):].count("/") >= 2)}
+
+    def check_objects(self, names: list[str], read_data: bool,
+                      on_block: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, Manifest, list]]:
+        """Each entry of `names` (every entry when empty), then its earlier versions (as NAME@ID):
+        (label, manifest, [(path, kind, detail)]). Sizes and ETags from one listing; with
+        `read_data`, the bytes too, streamed through this machine and hashed."""
+        entries, kept = self.entries(), self.generations()
+        objects = self.objects(generations=True)
+        for name in names or sorted(entries):
+            for e in [entries[name], *kept.get(name, [])]:
+                yield e.label, e.manifest, list(self._object_problems(e, objects, read_data, on_block))
+
+    def _object_problems(self, e: Entry, objects: dict, read_data: bool, on_block) -> Iterator[tuple[str, str, str]]:
+        for f in e.manifest.files:
+            key = self.object_key(e, f.path)
+            got = objects.get(key)
+            if got is None:
+                yield f.path, MISSING, "not in the bucket"
+            elif got[0] != f.size:
+                yield f.path, CORRUPT, f"{got[0]} bytes in the bucket, the manifest says {f.size}"
+            elif e.etags.get(f.path) and got[1] != e.etags[f.path]:
+                yield f.path, CORRUPT, f"the object was replaced (ETag {got[1]}, recorded {e.etags[f.path]})"
+            elif read_data:
+                h = new_hasher(e.alg)
+                for block in self.bucket.stream(key):
+                    h.update(block)
+                    on_block(len(block))
+                if h.hexdigest() != f.xxh3_128:
+                    yield f.path, CORRUPT, f"its bytes hash to {h.hexdigest()}, the manifest says {f.xxh3_128}"
 
     def status_key(self, kind: str = "") -> str:
         return self.key(f"{META}/{status_file(kind)}")
@@ -185,7 +279,12 @@ class BucketStore:
             return None
         return value if isinstance(value, dict) else None
 
-    def lock(self, command: str, on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
+    def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "", stall_limit: float | None = None,
+             on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":
+        """A lease (LeaseLock); a run that dies leaves one that is taken over once it has passed
+        (`on_takeover` says so). Waiting for another run is not offered."""
+        if wait:
+            raise UsageError(f"--wait does not work on {self.kind}")
         return LeaseLock(self, command, on_takeover)
 
 

@@ -16,11 +16,11 @@ visible entry has one; a manifest without its entry is ignored. The same
 holds for generations: ID.json is written before the entry moves to ID/.
 A manifest that cannot be read as one (cut short, not JSON, naming another
 entry or files outside it) is damaged: its entry is neither trusted nor
-taken for a stranger's (`Store.damaged`).
+taken for a stranger's (`DirectoryStore.damaged`).
 
 Nothing of `.ckptsync/` is ever reached through a symlink: ckptsync deletes
 in staging and trash, and a link there would make it delete elsewhere. The
-first use of a Store checks its bookkeeping paths (`Store.check_own`).
+first use of a DirectoryStore checks its bookkeeping paths (`DirectoryStore.check_own`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import shutil
 import socket
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,10 +42,9 @@ from ckptsync.agent import hash_file
 from ckptsync.disk import atomic_write, children, fsync_dir, io_error, refuse_link, remove_tree, sync_tree
 from ckptsync.errors import Locked
 from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
+from ckptsync.stores.manifest import DamagedManifest, FileRecord, Manifest, read_manifest
 
 META = ".ckptsync"
-EXTRA = "extra-files"
-FORMAT = 1
 GENERATIONS = "generations"
 # What versions before generations left beside an entry that changed on the server.
 REPLACED = re.compile(r"^(?P<name>.+)\.replaced-(?P<ts>\d{8}-\d{6})$")
@@ -57,65 +56,6 @@ OWN_PATHS = ("manifests", "staging", GENERATIONS, TRASH, "repair", "lock", "watc
              "history.jsonl")
 # How a lock message tells a command that has --wait from one that has not.
 WAIT_HINT = "use --wait to wait for it"
-
-
-@dataclass
-class FileRecord:
-    path: str          # relative to the backup directory, e.g. "checkpoint-8/optimizer.pt"
-    size: int
-    mode: int
-    mtime_ns: int
-    xxh3_128: str
-    source: str = ""   # for extra files: the path as configured, relative to remote_dir
-    ctime_ns: int = 0  # the server file's ctime and inode when backed up (0: not recorded)
-    inode: int = 0
-    # The same bytes in other algorithms (sha1: what a server without xxhash computes), recorded
-    # when first needed (digests.py). Not part of a record's identity: the bytes are the same.
-    hashes: dict[str, str] = field(default_factory=dict, compare=False)
-
-
-@dataclass
-class Manifest:
-    name: str
-    layout: str
-    kind: str
-    step: int | None
-    files: list[FileRecord]
-    resume_files: list[str] = field(default_factory=list)
-    resumable: bool = False
-    content: str = "unknown"
-    missing: list[str] = field(default_factory=list)
-    is_best: bool = False
-    state: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-    backed_up_at: float = 0.0
-    verified_at: float = 0.0
-    format: int = FORMAT
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @property
-    def mtime(self) -> float:
-        return max((f.mtime_ns for f in self.files), default=0) / 1e9
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for f in data["files"]:
-            if not f["hashes"]:
-                del f["hashes"]  # a record with xxh3-128 only reads as it did before hashes existed
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
-        fields = FileRecord.__dataclass_fields__
-        files = [FileRecord(**{k: v for k, v in f.items() if k in fields}) for f in data.pop("files")]
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(files=files, **known)
 
 
 @dataclass
@@ -132,56 +72,29 @@ class Generation:
         return self.root / self.name
 
 
-class DamagedManifest(ValueError):
-    """A manifest file that is there but cannot be trusted; the message says why."""
 
+class DirectoryStore:
+    """A stores.Store: a backup directory on this machine."""
 
-def read_manifest(path: Path, name: str) -> Manifest:
-    """The manifest at `path`, which must describe entry `name` and only files inside it.
+    kind = "a backup directory"
+    files_here = True   # an ability (stores/__init__.py)
 
-    FileNotFoundError when there is none; DamagedManifest when there is one that is cut short,
-    not JSON, not a manifest, about another entry, or listing a path outside the entry."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DamagedManifest(f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        cut = "cut short: " if not text.rstrip().endswith("}") else ""
-        raise DamagedManifest(f"{cut}not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DamagedManifest("not a manifest (expected a JSON object)")
-    try:
-        m = Manifest.from_dict(data)
-    except (TypeError, KeyError, AttributeError, ValueError) as exc:
-        raise DamagedManifest(f"not a whole manifest ({type(exc).__name__}: {exc})") from None
-    if m.name != name:
-        raise DamagedManifest(f"describes {m.name!r}, not {name!r}")
-    for f in m.files:
-        if not (isinstance(f.path, str) and _inside(f.path, name) and isinstance(f.size, int)
-                and isinstance(f.xxh3_128, str)):
-            raise DamagedManifest(f"lists a file outside {name}, or one without a size and checksum: {f.path!r}")
-    return m
-
-
-def _inside(path: str, name: str) -> bool:
-    parts = path.split("/")
-    return parts[0] == name and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
-
-
-class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.meta = self.root / META
         self._own_checked = False
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
     def check_own(self) -> None:
         """Refuse a backup directory where .ckptsync, or a path ckptsync keeps in it, is a symlink:
         staging and trash are deleted from and manifests written, and a link would take that
-        elsewhere. Checked once per Store, before its first use of them (IntegrityError, exit 30)."""
+        elsewhere. Checked once per DirectoryStore, before its first use of them (IntegrityError, exit 30)."""
         if self._own_checked:
             return
         for path in [self.meta] + [self.meta / p for p in OWN_PATHS]:
@@ -259,6 +172,11 @@ class Store:
     def drop_manifest(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(name).unlink()
+
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """A stored file's bytes (`path` as in a manifest); None when it is larger than `limit`."""
+        full = self.root / path
+        return None if full.stat().st_size > limit else full.read_bytes()
 
     # -------------------------------------------------- staging
 
@@ -474,6 +392,31 @@ class Store:
         self.check_own()
         shutil.rmtree(self.meta / TRASH, ignore_errors=True)
 
+    def clean_leftovers(self) -> list[str]:
+        """What an interrupted removal left: the trash, and manifests whose entry is gone. Call under the lock."""
+        self.clean_trash()
+        dropped = []
+        folder = self.meta / "manifests"
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            if not os.path.lexists(self.entry(path.stem)):
+                self.drop_manifest(path.stem)
+                dropped.append(path.stem)
+        return dropped
+
+    def freed_bytes(self, names: list[str], generations: list[Generation] = ()) -> int:
+        """Bytes that removing these entries (and earlier versions) gives back: a hard-linked file
+        counts only if every link goes."""
+        links: dict[tuple[int, int], list[int]] = {}
+        for where in [self.entry(name) for name in names] + [g.root for g in generations]:
+            for path in _files_under(where):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                seen = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512])
+                seen[0] += 1
+        return sum(size for count, nlink, size in links.values() if count >= nlink)
+
     # -------------------------------------------------- dedup index
 
     def content_sources(self) -> dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]:
@@ -511,8 +454,9 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "",
-             stall_limit: float | None = None, name: str = "lock") -> Iterator[None]:
-        """One run per backup directory. The system releases the lock when a holder dies.
+             stall_limit: float | None = None, name: str = "lock", on_takeover=None) -> Iterator[None]:
+        """One run per backup directory. The system releases the lock when a holder dies (so,
+        unlike a bucket's lease, it is never taken over: `on_takeover` is never called).
 
         `hint`: what the refusal suggests; a command that has --wait passes WAIT_HINT, the
         others get "wait for it to finish", since a hint must name only flags the command has.
@@ -582,3 +526,9 @@ class Store:
         info = self.holder()
         idle = liveness.stuck(info, now, limit)
         return "" if idle is None else f"{liveness.stuck_text(info, idle, limit)}; {liveness.stuck_hint(info)}"
+
+
+def _files_under(entry: Path) -> list[str]:
+    if not entry.is_dir() or entry.is_symlink():
+        return [str(entry)] if os.path.lexists(entry) else []
+    return [os.path.join(d, n) for d, _dirs, files in os.walk(entry) for n in files]

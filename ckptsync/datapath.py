@@ -1,0 +1,139 @@
+"""How a backup's bytes travel, chosen by the store a target names (stores.open_store).
+
+A store whose files are on this machine (a backup directory: the ability `files_here`) is
+filled by backup.py and read by restore.py, the bytes through this machine. A bucket is
+filled and read by the server itself through presigned URLs (s3/backup.py, s3/flows.py), or
+with `--via-laptop` through this machine. show and compare read any store through the
+protocol (details.py); a directory may be an archive, read through its index. The commands call the functions here and never ask which
+kind of store they are on; a flag that only one data path has is refused here, one line,
+exit 2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ckptsync.errors import UsageError
+from ckptsync.progress import QUIET, Reporter
+from ckptsync.stores import Store, ability, open_store, refuse
+
+if TYPE_CHECKING:
+    from ckptsync.backup import BackupOptions
+    from ckptsync.config import Target
+    from ckptsync.restore import RestoreOptions
+
+# The commands that work on a store whose files are not on this machine (a bucket).
+ELSEWHERE = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
+
+
+def here(store: Store) -> bool:
+    return bool(ability(store, "files_here"))
+
+
+def check_command(t: Target) -> None:
+    """One line, exit 2, for a command that works only on a store here; a bucket needs boto3."""
+    if not t.store_url:
+        return
+    from ckptsync.s3 import require_boto3
+
+    verb = " ".join(t.verb) or "this command"
+    if t.verb and t.verb[0] not in ELSEWHERE:
+        raise UsageError(f"{verb} does not work on a bucket store ({t.store_url}); {', '.join(ELSEWHERE)} do")
+    require_boto3()
+
+
+def one_run_per_store(ts: list[Target]) -> None:
+    """A store elsewhere (a bucket) serves one instance per backup run."""
+    if len(ts) > 1 and any(t.store_url for t in ts):
+        raise UsageError("a bucket store serves one instance per run: give one --instance")
+
+
+# -------------------------------------------------- backup
+
+
+def check_backup(store: Store, via_laptop: bool, flags: dict[str, bool]) -> None:
+    """`flags`: the backup flags that need this machine's copy (staging, runs, a wait, channels)."""
+    if via_laptop and here(store):
+        raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
+    for flag, given in flags.items():
+        refuse(store, flag, given, needs="files_here")
+
+
+def backup_line(t: Target, store: Store, via_laptop: bool) -> str:
+    if here(store):
+        return f"backup {t.describe()}:{t.remote_dir} -> {t.local_dir}"
+    how = "relayed through this machine" if via_laptop else "from the server straight to the bucket"
+    return f"backup {t.describe()}:{t.remote_dir} -> {store.location} ({how})"
+
+
+def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False):
+    """A BackupResult (a directory) or a BucketBackupResult (a bucket)."""
+    store = open_store(t)
+    if here(store):
+        from ckptsync.backup import run_backup
+
+        return run_backup(t, opts, rep)
+    from ckptsync.s3.backup import run_bucket_backup
+
+    result = run_bucket_backup(t, opts, rep, store, via_laptop=via_laptop)
+    result.target = t.label
+    return result
+
+
+# -------------------------------------------------- restore
+
+
+def check_restore(store: Store, flags: dict[str, bool]) -> None:
+    """`flags`: the restore flags only a store here has (what a bucket restore does not offer)."""
+    for flag, given in flags.items():
+        refuse(store, flag, given, needs="files_here")
+
+
+def restore_line(t: Target, store: Store, every: bool = False) -> str:
+    if here(store):
+        return f"restore {t.local_dir} -> {t.describe()}:{t.remote_dir}"
+    return (f"restore {store.location} -> {t.describe()}:{t.remote_dir}" + (", every entry" if every else "")
+            + " (from the bucket straight to the server)")
+
+
+def restore(t: Target, opts: RestoreOptions, rep: Reporter = QUIET):
+    """A RestoreResult (a directory) or a BucketRestore (a bucket)."""
+    store = open_store(t)
+    if here(store):
+        from ckptsync.restore import run_restore
+
+        return run_restore(t, opts, rep)
+    from ckptsync.s3.flows import run_bucket_restore
+
+    return run_bucket_restore(t, store, opts.checkpoint, opts.force, rep, generation=opts.generation)
+
+
+def restore_all(t: Target, opts: RestoreOptions, rep: Reporter = QUIET):
+    store = open_store(t)
+    if here(store):
+        from ckptsync.restore_all import run_restore_all
+
+        return run_restore_all(t, opts, rep)
+    from ckptsync.s3.flows import run_bucket_restore_all
+
+    return run_bucket_restore_all(t, store, opts.force, rep)
+
+
+# -------------------------------------------------- show, compare
+
+
+def show(t: Target, name: str | None, on_server: bool):
+    """A directory may be an archive: details reads its index (archive_index)."""
+    from ckptsync.details import show_backup, show_server, show_stored
+
+    store = open_store(t)
+    if on_server:
+        return show_server(t, name, store)
+    return show_backup(t.local_dir, name) if here(store) else show_stored(store, name)
+
+
+def compare(t: Target, a: str, b: str):
+    from ckptsync.details import compare_backups, compare_stored
+
+    store = open_store(t)
+    return compare_backups(t.local_dir, a, b) if here(store) else compare_stored(store, a, b)

@@ -1,0 +1,115 @@
+"""A manifest: what one entry of a store holds, file by file, and how it is read back.
+
+A store of any kind (a directory, an archive, a bucket) keeps one per entry; the rules for
+trusting one (`read_manifest`) are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+EXTRA = "extra-files"   # the entry that holds the configured extra files
+
+
+@dataclass
+class FileRecord:
+    path: str          # relative to the backup directory, e.g. "checkpoint-8/optimizer.pt"
+    size: int
+    mode: int
+    mtime_ns: int
+    xxh3_128: str
+    source: str = ""   # for extra files: the path as configured, relative to remote_dir
+    ctime_ns: int = 0  # the server file's ctime and inode when backed up (0: not recorded)
+    inode: int = 0
+    # The same bytes in other algorithms (sha1: what a server without xxhash computes), recorded
+    # when first needed (digests.py). Not part of a record's identity: the bytes are the same.
+    hashes: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class Manifest:
+    name: str
+    layout: str
+    kind: str
+    step: int | None
+    files: list[FileRecord]
+    resume_files: list[str] = field(default_factory=list)
+    resumable: bool = False
+    content: str = "unknown"
+    missing: list[str] = field(default_factory=list)
+    is_best: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    backed_up_at: float = 0.0
+    verified_at: float = 0.0
+    format: int = FORMAT
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def mtime(self) -> float:
+        return max((f.mtime_ns for f in self.files), default=0) / 1e9
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for f in data["files"]:
+            if not f["hashes"]:
+                del f["hashes"]  # a record with xxh3-128 only reads as it did before hashes existed
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        fields = FileRecord.__dataclass_fields__
+        files = [FileRecord(**{k: v for k, v in f.items() if k in fields}) for f in data.pop("files")]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(files=files, **known)
+
+
+
+class DamagedManifest(ValueError):
+    """A manifest file that is there but cannot be trusted; the message says why."""
+
+
+def read_manifest(path: Path, name: str) -> Manifest:
+    """The manifest at `path`, which must describe entry `name` and only files inside it.
+
+    FileNotFoundError when there is none; DamagedManifest when there is one that is cut short,
+    not JSON, not a manifest, about another entry, or listing a path outside the entry."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedManifest(f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        cut = "cut short: " if not text.rstrip().endswith("}") else ""
+        raise DamagedManifest(f"{cut}not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedManifest("not a manifest (expected a JSON object)")
+    try:
+        m = Manifest.from_dict(data)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise DamagedManifest(f"not a whole manifest ({type(exc).__name__}: {exc})") from None
+    if m.name != name:
+        raise DamagedManifest(f"describes {m.name!r}, not {name!r}")
+    for f in m.files:
+        if not (isinstance(f.path, str) and _inside(f.path, name) and isinstance(f.size, int)
+                and isinstance(f.xxh3_128, str)):
+            raise DamagedManifest(f"lists a file outside {name}, or one without a size and checksum: {f.path!r}")
+    return m
+
+
+def _inside(path: str, name: str) -> bool:
+    parts = path.split("/")
+    return parts[0] == name and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
