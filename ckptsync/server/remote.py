@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
@@ -130,6 +131,10 @@ class Remote:
         self.hello: dict[str, Any] = {}
         self.busy = False
         self.sender: wire.Sender | None = None  # an upload's writer thread, while it may write
+        # Requests sent ahead, in order, whose replies are still in the stream (see expect).
+        self.expected: deque[tuple[str, dict]] = deque()
+        self.round_trips = 0      # waits for the server: its start, then each reply to something just sent
+        self._sent = False        # a request went out since the last frame was read
 
     # -------------------------------------------------- lifecycle
 
@@ -143,7 +148,9 @@ class Remote:
     def describe(self) -> str:
         return self.transport.describe()
 
-    def open(self) -> None:
+    def open(self, first: list[tuple[str, dict]] | None = None) -> None:
+        """Start the agent; `first`: requests sent with the hello, so that their answers come in the
+        same round trip (see expect)."""
         self.proc = self.transport.start()
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
@@ -159,7 +166,11 @@ class Remote:
         self.watch.start()
         try:
             pipe.write(b"%d\n" % len(src) + src)
-            self.hello = self.call("hello", beat=self.watch.beat_every)
+            self._send("hello", {"beat": self.watch.beat_every})
+            for op, args in first or ():
+                self._send(op, args)
+                self.expected.append((op, args))
+            self.hello = self.reply()
         except Stalled:
             self.watch.close()
             raise
@@ -183,6 +194,7 @@ class Remote:
             at = seen.find(MARKER + b"\n")
             if at >= 0 and (at == 0 or seen[at - 1 : at] == b"\n"):
                 pipe.head = seen[at + len(MARKER) + 1 :]
+                self.round_trips += 1
                 return
             if len(seen) > MAX_NOISE:
                 raise ConnectError(f"could not start the agent on {self.describe()}: too much output before it started")
@@ -208,7 +220,7 @@ class Remote:
             return
         if polite and self.chan is not None and not self.busy:
             try:
-                self.request("bye")  # no need to wait for the answer: saves a round trip
+                self._send("bye", {})  # no need to wait for the answer (nor those expected): saves a round trip
             except Exception:
                 pass
         proc, self.proc = self.proc, None
@@ -225,6 +237,9 @@ class Remote:
     # -------------------------------------------------- requests
 
     def _recv(self) -> tuple[bytes, bytes]:
+        if self._sent:
+            self.round_trips += 1
+            self._sent = False
         try:
             kind, body = self.chan.recv()
         except wire.Failure as exc:
@@ -243,10 +258,35 @@ class Remote:
         return value
 
     def request(self, op: str, **args: Any) -> None:
+        if self.expected:
+            self.drop_expected()
+        self._send(op, args)
+
+    def _send(self, op: str, args: dict) -> None:
         try:
             self.chan.send_json({"op": op, **args})
         except (OSError, wire.Failure) as exc:
             raise self.lost(str(exc)) from None
+        self._sent = True
+
+    def expect(self, requests: list[tuple[str, dict]]) -> None:
+        """Send `requests` now, in order, without waiting: each reply waits in the stream until
+        `call` asks for exactly that request, so that they cost one round trip together. A call of
+        anything else first reads and drops what is left of them: the server then ran requests
+        that only read, and the call is answered as if they had not been sent."""
+        if list(self.expected)[:len(requests)] == requests:
+            return  # already on their way
+        self.drop_expected()
+        for op, args in requests:
+            self._send(op, args)
+            self.expected.append((op, args))
+
+    def drop_expected(self) -> None:
+        while self.expected:
+            self.expected.popleft()
+            kind, _body = self._recv()
+            if kind not in (b"J", b"X"):
+                raise ProtocolError(f"{self.describe()}: expected a reply, got frame {kind!r}")
 
     def reply(self) -> dict:
         kind, body = self._recv()
@@ -257,6 +297,9 @@ class Remote:
         return self._json(body)
 
     def call(self, op: str, **args: Any) -> dict:
+        if self.expected and self.expected[0] == (op, args):
+            self.expected.popleft()   # sent ahead: its reply is the next in the stream
+            return self.reply()
         self.request(op, **args)
         return self.reply()
 
