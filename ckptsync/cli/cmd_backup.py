@@ -51,9 +51,6 @@ def backup_cmd(
     own directory under its own lock, with one summary table; the exit code
     is the worst of theirs.
     """
-    from ckptsync.backup import BackupOptions, discard_staging, run_backup
-    from ckptsync.multi import run_many
-
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
     if extra_file and no_extra_files:
@@ -61,9 +58,7 @@ def backup_cmd(
     if all_ and checkpoint:
         raise UsageError("give --all or --checkpoint, not both",
                          hint="--all backs up every complete checkpoint; --checkpoint NAME only the named ones")
-    opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
-                         include_best=include_best, compress=o.parse_compress(compress), dry_run=dry_run,
-                         wait=wait, extra_files=not no_extra_files)
+    compression = o.parse_compress(compress)
     ts = o.with_bwlimits(o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                                    need_remote=not discard_staged), bwlimit)
     ts = o.with_extra_files(ts, extra_file)
@@ -71,6 +66,15 @@ def backup_cmd(
         ts = [replace(t, follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
     bt = bucket.one(ts)
+    if bt is None and len(ts) == 1 and not (discard_staged or via_laptop) and ts[0].server_factory is None \
+            and ts[0].transport is not None:
+        ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
+    from ckptsync.backup import BackupOptions, discard_staging, run_backup
+    from ckptsync.multi import run_many
+
+    opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
+                         include_best=include_best, compress=compression, dry_run=dry_run,
+                         wait=wait, extra_files=not no_extra_files)
     if bt is not None:
         bucket.refuse("--discard-staged", discard_staged)
         bucket.refuse("--follow-runs", follow_runs)

@@ -151,7 +151,7 @@ class Remote:
     def open(self, first: list[tuple[str, dict]] | None = None) -> None:
         """Start the agent; `first`: requests sent with the hello, so that their answers come in the
         same round trip (see expect)."""
-        self.proc = self.transport.start()
+        self.proc = self.transport.connect()
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
         timer = threading.Timer(START_TIMEOUT, self.proc.close)

@@ -170,8 +170,22 @@ class Transport(ABC):
     # What one channel may have in flight (policy.auto_channels): the other end is sshd.
     window: int = OPENSSH_WINDOW
 
+    _early: Process | None = None   # started ahead by prestart(), for the next connection
+
     @abstractmethod
     def start(self) -> Process: ...
+
+    def prestart(self) -> None:
+        """Start the launcher now, before the connection is asked for: the login and the server's
+        Python then start while this side is still loading. The next connection takes it
+        (`connect`); one never taken ends with this process (the agent reads the end of its input)."""
+        if self._early is None:
+            self._early = self.start()
+
+    def connect(self) -> Process:
+        """The launcher prestart() started, else a new one."""
+        early, self._early = self._early, None
+        return early if early is not None else self.start()
 
     def lane(self, i: int) -> "Transport":
         """This transport for the channels of its i-th TCP connection (0: the first). Here, where

@@ -203,6 +203,7 @@ class OpenSshTransport(Transport):
             return self
         other = copy.copy(self)
         other._lane = i
+        other._early = None   # a launcher started ahead belongs to the first connection
         return other
 
     # ------------------------------------------------------------ the command line
