@@ -189,6 +189,8 @@ class Settings:
 
 
 class OpenSshTransport(Transport):
+    starts_ahead = True
+
     def __init__(self, target: SshTarget, ssh: str = "ssh") -> None:
         self.target = target
         self.ssh = ssh
