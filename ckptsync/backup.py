@@ -21,8 +21,8 @@ from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
 from ckptsync.policy import BATCH_BYTES, CHECK, PROGRESS_BYTES, batches, human
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.runs import find_runs, run_target, survey
-from ckptsync.scan import ServerView, empty_remote_dir, scan_server
+from ckptsync.runs import find_runs, run_target, runs_calls, survey
+from ckptsync.scan import ServerView, empty_remote_dir, scan_calls, scan_server
 from ckptsync.server import FileStat, Server, open_server
 from ckptsync.dedup import LINK
 from ckptsync.disk import io_error
@@ -59,6 +59,11 @@ class Backup:
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
                                                         pattern=self.target.train_process or ""))
+        # What a run asks the server first, sent with its start (Server.expect): the listing, then
+        # the look for newer runs beside it. A scan of its own (a watch's) is its own business.
+        self.first_calls = [] if scan is not None else scan_calls(
+            target.remote_dir, writers=True, holds=True, pattern=target.train_process or "") + (
+            runs_calls(target.remote_dir, target.runs) if look_for_runs else [])
         self.touched = False   # the lock was taken: from here on the run is a backup result
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
@@ -73,7 +78,10 @@ class Backup:
         try:
             if self.command == "backup" and self.look_for_runs and not self.opts.dry_run:
                 self._refuse_beside_watch()
-            with (contextlib.nullcontext(server) if server is not None else open_server(self.target)) as server:
+            given = server is not None
+            server = server if given else open_server(self.target)
+            server.expect(self.first_calls)   # before open: with the agent's start
+            with (contextlib.nullcontext(server) if given else server) as server:
                 self.server = server
                 if self.look_for_runs and not (self.store.meta / "manifests").is_dir():
                     # A new target: say once when the server falls back to a slower hash or codec.

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import yaml
 
 from ckptsync.errors import ConfigError, UsageError
 from ckptsync.policy import HOLD_MAX, MAX_PARALLEL
@@ -194,6 +193,8 @@ def load_config(explicit: str | None = None) -> Config:
     path = find_config(explicit)
     if path is None:
         return Config()
+    import yaml   # only where there is a config file to read: a run without one never loads it
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except RecursionError:

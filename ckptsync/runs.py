@@ -78,16 +78,33 @@ def newer_runs(own: str, found: list[str], configured: list[str]) -> list[str]:
     return out
 
 
-def find_runs(server: Server, root: str, patterns: tuple[str, ...] = ()) -> list[Run]:
-    """Run directories beside `root` (remote_dir as the server resolved it), oldest first."""
+def _beside(root: str, patterns: tuple[str, ...]) -> tuple[str, str, list[list[str]]] | None:
+    """(the parent of root, root's name, the pattern lists find_runs looks for there), None when
+    root has no parent."""
     root = root.rstrip("/")
     parent, own = posixpath.dirname(root), posixpath.basename(root)
     if not own or not parent:
-        return []
+        return None
     mine = RUN_NAME.match(own)
     base = mine["base"] if mine else own
-    configured = server.dirs(parent, list(patterns)) if patterns else []
-    found = server.dirs(parent, [f"{_glob_escape(base)}_run_*"])
+    return parent, own, ([list(patterns)] if patterns else []) + [[f"{_glob_escape(base)}_run_*"]]
+
+
+def runs_calls(remote_dir: str, patterns: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """The server calls find_runs makes after a scan of remote_dir (for Server.expect), where
+    they can be known before it: an absolute remote_dir is the server's name for it as it is."""
+    beside = _beside(posixpath.normpath(remote_dir), patterns) if remote_dir.startswith("/") else None
+    return [("dirs", {"root": beside[0], "patterns": asked}) for asked in beside[2]] if beside else []
+
+
+def find_runs(server: Server, root: str, patterns: tuple[str, ...] = ()) -> list[Run]:
+    """Run directories beside `root` (remote_dir as the server resolved it), oldest first."""
+    beside = _beside(root, patterns)
+    if beside is None:
+        return []
+    parent, own, asked = beside
+    configured = server.dirs(parent, asked[0]) if patterns else []
+    found = server.dirs(parent, asked[-1])
     names = newer_runs(own, found + [d for d in configured if d not in found], configured)
     return [Run(name.replace("/", "_"), posixpath.join(parent, name)) for name in names]
 

@@ -49,8 +49,16 @@ def scan_server(server: Server, remote_dir: str, settle_seconds: float, writers:
     """The server's checkpoints. `writers`: ask who writes first (the processes, `pattern` as
     train_process), so that a checkpoint nobody writes is complete without waiting settle_seconds
     (layout.Writers); `holds`: with what is held."""
+    server.expect(scan_calls(remote_dir, writers, holds, pattern))   # both in one round trip
     procs = server.procs(pattern, remote_dir) if writers else None
     return view_of(server.scan(remote_dir, holds=holds), settle_seconds, procs)
+
+
+def scan_calls(remote_dir: str, writers: bool = False, holds: bool = False,
+               pattern: str = "") -> list[tuple[str, dict]]:
+    """The server calls scan_server makes, in order (for Server.expect)."""
+    ask = [("procs", {"pattern": pattern, "root": remote_dir})] if writers else []
+    return ask + [("scan", {"root": remote_dir, "holds": holds})]
 
 
 def writers_seen(procs: Procs | None, links: list[str]) -> Writers | None:

@@ -214,3 +214,36 @@ def test_one_connection_at_a_time_holds_a_server_directory(tmp_path):
         assert c.lock(str(new), "ckptsync restore", create=True) is True
         assert new.is_dir()
     assert not (tmp_path / "new").exists()  # nothing was put there: what the lock made is gone
+
+
+def test_a_no_op_backup_waits_for_the_server_twice(server_tree, tmp_path):
+    """Its start, then one round trip for the hello, the processes, the listing and the look for
+    newer runs, sent together: at 100 ms a round trip, each one more would cost 0.1 s."""
+    dest = tmp_path / "b"
+    first = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True))
+    assert sorted(first.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    server = InProcessServer()
+    again = run_backup(make_target(server_tree, dest, server), BackupOptions(all=True))
+    assert again.exit_code == 0 and again.fetched == []
+    assert sorted(again.current) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert server.round_trips == 2
+
+
+def test_requests_sent_ahead_answer_only_the_calls_they_were_sent_for(server_tree):
+    root = str(server_tree)
+    server = InProcessServer()
+    server.expect([("scan", {"root": root}), ("dirs", {"root": str(server_tree.parent), "patterns": ["*"]})])
+    with server:
+        assert server.hello.protocol > 0
+        assert server.round_trips == 2   # the start, then the hello's answer, with theirs behind it
+        # Another call first: what was sent ahead is read and dropped, and this one answered.
+        assert server.stat(root, ["checkpoint-12"])["checkpoint-12"].is_dir
+        assert server.round_trips == 3
+        (server_tree / "checkpoint-12" / "new.bin").write_bytes(b"x")
+        listing = server.scan(root)   # asked again, so it sees what changed since
+        assert "checkpoint-12/new.bin" in {f.path for f in listing.files}
+        assert server.round_trips == 4
+        server.expect([("procs", {"pattern": "", "root": root}), ("scan", {"root": root})])
+        server.expect([("procs", {"pattern": "", "root": root})])   # already on its way: not sent twice
+        assert server.procs("", root).root and server.scan(root).root == root
+        assert server.round_trips == 5

@@ -169,3 +169,23 @@ def test_agent_refuses_unsafe_member(transport, tmp_path):
         with pytest.raises(ProtocolError, match="refusing tar member"):
             up.finish()
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_launcher_started_ahead_serves_the_next_connection_only(transport, server_tree):
+    """prestart() starts the server's side while this one still loads; the connection made
+    after takes that launcher and works as any other, and the one after starts its own."""
+    transport.prestart()
+    early = transport._early
+    if not transport.starts_ahead:   # paramiko connects in start(): never ahead, where a failure would escape
+        assert early is None
+        with AgentServer(transport) as only:
+            assert only.hello.protocol == 1
+        return
+    assert early is not None
+    other = transport.lane(1)
+    assert other is transport or other._early is None   # a second connection's channels never take it
+    with AgentServer(transport) as first:
+        assert first.remote.proc is early
+        assert len(first.scan(str(server_tree)).files) == 24
+    with AgentServer(transport) as second:
+        assert second.remote.proc is not early and second.hello.protocol == 1

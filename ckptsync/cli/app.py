@@ -70,7 +70,7 @@ def _wrap_at_spaces_only() -> None:
 _wrap_at_spaces_only()
 
 from ckptsync import __version__, notify
-from ckptsync.cli import commands, context
+from ckptsync.cli import coerce, commands, context
 from ckptsync.cli import options as o
 from ckptsync.errors import CONNECT, EXIT_CODES, INTERRUPTED, UNEXPECTED, USAGE, CkptsyncError
 from ckptsync.output import Output, guard_std_streams
@@ -106,6 +106,7 @@ def _root(
 
 
 commands.register(app)
+coerce.install()   # option values without pydantic, which typer 0.29 would load on every run
 
 
 def _load_commands() -> None:

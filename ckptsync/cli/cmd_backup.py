@@ -52,11 +52,6 @@ def backup_cmd(
     own directory under its own lock, with one summary table; the exit code
     is the worst of theirs.
     """
-    from ckptsync import datapath
-    from ckptsync.backup import BackupOptions, discard_staging
-    from ckptsync.multi import run_many
-    from ckptsync.stores import open_store
-
     if wait and skip_if_locked:
         raise UsageError("give --wait or --skip-if-locked, not both")
     if extra_file and no_extra_files:
@@ -64,19 +59,29 @@ def backup_cmd(
     if all_ and checkpoint:
         raise UsageError("give --all or --checkpoint, not both",
                          hint="--all backs up every complete checkpoint; --checkpoint NAME only the named ones")
-    opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
-                         include_best=include_best, compress=o.parse_compress(compress), dry_run=dry_run,
-                         wait=wait, extra_files=not no_extra_files)
+    compression = o.parse_compress(compress)
     ts = o.with_bwlimits(o.targets(config, instance, all_instances, host, remote_dir, local_dir, accept_new_host_key,
                                    need_remote=not discard_staged), bwlimit)
     ts = o.with_extra_files(ts, extra_file)
     if follow_runs:
         ts = [replace(t, follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
+    from ckptsync import datapath
+    from ckptsync.stores import ability, open_store
+
     datapath.one_run_per_store(ts)
     store = open_store(ts[0])
     datapath.check_backup(store, via_laptop, {"--discard-staged": discard_staged, "--follow-runs": follow_runs,
                                               "--wait": wait, "--parallel": parallel is not None and parallel > 1})
+    if ability(store, "files_here") and len(ts) == 1 and not (discard_staged or via_laptop) \
+            and ts[0].server_factory is None and ts[0].transport is not None:
+        ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
+    from ckptsync.backup import BackupOptions, discard_staging
+    from ckptsync.multi import run_many
+
+    opts = BackupOptions(max_checkpoints=max_checkpoints, names=list(checkpoint or []), all=all_,
+                         include_best=include_best, compress=compression, dry_run=dry_run,
+                         wait=wait, extra_files=not no_extra_files)
     out = output()
     if len(ts) > 1:
         if discard_staged:

@@ -32,11 +32,13 @@ class AgentServer(Server):
                              stall_limit(stall_timeout))
         self.missing_hint = missing_hint  # (missing root, server's home) -> a hint, or ""
         self.hello = Hello(protocol=0, python="", zstd=None, hashes=("sha1",))
+        self._first: list[tuple[str, dict]] = []   # requests to send with the hello (expect before open)
 
     # -------------------------------------------------- lifecycle
 
     def open(self) -> None:
-        self.remote.open()
+        first, self._first = self._first, []
+        self.remote.open(first)
         h = self.remote.hello
         arrived = time.time()
         with self._reading("hello"):
@@ -66,6 +68,25 @@ class AgentServer(Server):
     def _call(self, op: str, **args) -> dict:
         return self.remote.call(op, **args)
 
+    def _ask(self, request: tuple[str, dict]) -> dict:
+        return self._call(request[0], **request[1])
+
+    def expect(self, calls: list[tuple[str, dict]]) -> None:
+        requests = []
+        for method, kwargs in calls:
+            request = _AHEAD[method](**kwargs) if method in _AHEAD else None
+            if request is None:
+                break
+            requests.append(request)
+        if self.remote.chan is None:
+            self._first = requests
+        elif requests:
+            self.remote.expect(requests)
+
+    @property
+    def round_trips(self) -> int:
+        return self.remote.round_trips
+
     def round_trip(self, clock: Callable[[], float] = time.monotonic) -> float:
         """The shortest of three empty requests: the link's round trip, not the server's work."""
         best = float("inf")
@@ -90,7 +111,7 @@ class AgentServer(Server):
 
     def scan(self, root: str, holds: bool = False) -> Listing:
         try:
-            reply = self._call("scan", root=root, **({"holds": True} if holds else {}))
+            reply = self._ask(_scan_request(root, holds))
         except MissingOnServer as exc:
             path = exc.path or root
             hint = self.missing_hint(path, self.hello.home) if self.missing_hint else ""
@@ -167,7 +188,7 @@ class AgentServer(Server):
                          fd_total=int(reply["fd_total"]))
 
     def procs(self, pattern: str = "", root: str = "") -> Procs:
-        reply = self._call("procs", pattern=pattern, root=root)
+        reply = self._ask(_procs_request(pattern, root))
         with self._reading("procs"):
             gpu = reply.get("gpu")
             return Procs(
@@ -193,7 +214,7 @@ class AgentServer(Server):
             self._call("unlock", root=root)
 
     def dirs(self, root: str, patterns: list[str]) -> list[str]:
-        reply = self._call("glob", root=root, patterns=list(patterns))
+        reply = self._ask(_dirs_request(root, patterns))
         found = reply.get("dirs") or []
         if not isinstance(found, list) or not all(isinstance(d, str) and safe_member(d) for d in found):
             raise ProtocolError(f"{self.describe()}: the server listed an unsafe path in {found!r}")
@@ -287,3 +308,20 @@ class AgentServer(Server):
         got = self._call("range_hash", root=root, ranges=[list(r) for r in ranges], alg=alg).get("hashes") or []
         with self._reading("range_hash"):
             return [g if isinstance(g, str) else None for g in got] + [None] * (len(ranges) - len(got))
+
+
+# The requests of the calls that only read, which expect() may send ahead: each method above
+# builds its request with the same function, so a call matches what was sent for it.
+def _scan_request(root: str, holds: bool = False) -> tuple[str, dict]:
+    return "scan", {"root": root, **({"holds": True} if holds else {})}
+
+
+def _procs_request(pattern: str = "", root: str = "") -> tuple[str, dict]:
+    return "procs", {"pattern": pattern, "root": root}
+
+
+def _dirs_request(root: str, patterns: list[str]) -> tuple[str, dict]:
+    return "glob", {"root": root, "patterns": list(patterns)}
+
+
+_AHEAD = {"scan": _scan_request, "procs": _procs_request, "dirs": _dirs_request}

@@ -106,6 +106,18 @@ class Server(ABC):
         """Seconds one request takes to come back; a server on this machine answers at once."""
         return 0.0
 
+    def expect(self, calls: list[tuple[str, dict]]) -> None:
+        """The calls core makes next, in order, each (method, keyword arguments): `scan`, `procs`
+        and `dirs`, which only read. A server across a link sends them at once (with its start,
+        when called before open()) and answers each from what came back: one round trip for all.
+        Any other call first drops what is left of them. A server on this machine has nothing to save."""
+
+    @property
+    def round_trips(self) -> int:
+        """How many times this connection waited for the server: its start, then each answer to
+        requests just sent (requests sent together wait once)."""
+        return 0
+
     @property
     def window(self) -> int:
         """Bytes one channel may have in flight before the other end grants more."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
@@ -131,6 +132,10 @@ class Remote:
         self.busy = False
         self.sender: wire.Sender | None = None  # an upload's writer thread, while it may write
         self.memory = wire.Memory()  # what this connection's uploads learned of the link
+        # Requests sent ahead, in order, whose replies are still in the stream (see expect).
+        self.expected: deque[tuple[str, dict]] = deque()
+        self.round_trips = 0      # waits for the server: its start, then each reply to something just sent
+        self._sent = False        # a request went out since the last frame was read
 
     # -------------------------------------------------- lifecycle
 
@@ -144,9 +149,11 @@ class Remote:
     def describe(self) -> str:
         return self.transport.describe()
 
-    def open(self) -> None:
+    def open(self, first: list[tuple[str, dict]] | None = None) -> None:
+        """Start the agent; `first`: requests sent with the hello, so that their answers come in the
+        same round trip (see expect)."""
         self.memory = wire.Memory()  # a new connection may be another link
-        self.proc = self.transport.start()
+        self.proc = self.transport.connect()
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
@@ -161,7 +168,11 @@ class Remote:
         self.watch.start()
         try:
             pipe.write(b"%d\n" % len(src) + src)
-            self.hello = self.call("hello", beat=self.watch.beat_every)
+            self._send("hello", {"beat": self.watch.beat_every})
+            for op, args in first or ():
+                self._send(op, args)
+                self.expected.append((op, args))
+            self.hello = self.reply()
         except Stalled:
             self.watch.close()
             raise
@@ -185,6 +196,7 @@ class Remote:
             at = seen.find(MARKER + b"\n")
             if at >= 0 and (at == 0 or seen[at - 1 : at] == b"\n"):
                 pipe.head = seen[at + len(MARKER) + 1 :]
+                self.round_trips += 1
                 return
             if len(seen) > MAX_NOISE:
                 raise ConnectError(f"could not start the agent on {self.describe()}: too much output before it started")
@@ -210,7 +222,7 @@ class Remote:
             return
         if polite and self.chan is not None and not self.busy:
             try:
-                self.request("bye")  # no need to wait for the answer: saves a round trip
+                self._send("bye", {})  # no need to wait for the answer (nor those expected): saves a round trip
             except Exception:
                 pass
         proc, self.proc = self.proc, None
@@ -227,6 +239,9 @@ class Remote:
     # -------------------------------------------------- requests
 
     def _recv(self) -> tuple[bytes, bytes]:
+        if self._sent:
+            self.round_trips += 1
+            self._sent = False
         try:
             kind, body = self.chan.recv()
         except wire.Failure as exc:
@@ -245,10 +260,35 @@ class Remote:
         return value
 
     def request(self, op: str, **args: Any) -> None:
+        if self.expected:
+            self.drop_expected()
+        self._send(op, args)
+
+    def _send(self, op: str, args: dict) -> None:
         try:
             self.chan.send_json({"op": op, **args})
         except (OSError, wire.Failure) as exc:
             raise self.lost(str(exc)) from None
+        self._sent = True
+
+    def expect(self, requests: list[tuple[str, dict]]) -> None:
+        """Send `requests` now, in order, without waiting: each reply waits in the stream until
+        `call` asks for exactly that request, so that they cost one round trip together. A call of
+        anything else first reads and drops what is left of them: the server then ran requests
+        that only read, and the call is answered as if they had not been sent."""
+        if list(self.expected)[:len(requests)] == requests:
+            return  # already on their way
+        self.drop_expected()
+        for op, args in requests:
+            self._send(op, args)
+            self.expected.append((op, args))
+
+    def drop_expected(self) -> None:
+        while self.expected:
+            self.expected.popleft()
+            kind, _body = self._recv()
+            if kind not in (b"J", b"X"):
+                raise ProtocolError(f"{self.describe()}: expected a reply, got frame {kind!r}")
 
     def reply(self) -> dict:
         kind, body = self._recv()
@@ -259,6 +299,9 @@ class Remote:
         return self._json(body)
 
     def call(self, op: str, **args: Any) -> dict:
+        if self.expected and self.expected[0] == (op, args):
+            self.expected.popleft()   # sent ahead: its reply is the next in the stream
+            return self.reply()
         self.request(op, **args)
         return self.reply()
 

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ckptsync.errors import ConfigError, HostKeyError
+from ckptsync.errors import CkptsyncError, ConfigError, HostKeyError
 
 # The first stage runs under the server's python3 -c. It prints a marker line
 # (so login banners and shell noise before it can be skipped), reads a length
@@ -170,8 +170,30 @@ class Transport(ABC):
     # What one channel may have in flight (policy.auto_channels): the other end is sshd.
     window: int = OPENSSH_WINDOW
 
+    _early: Process | None = None   # started ahead by prestart(), for the next connection
+    # start() only starts a process, whose failures show when it is read: it may start ahead.
+    starts_ahead: bool = False
+
     @abstractmethod
     def start(self) -> Process: ...
+
+    def prestart(self) -> None:
+        """Start the launcher now, before the connection is asked for: the login and the server's
+        Python then start while this side is still loading. The next connection takes it
+        (`connect`); one never taken ends with this process (the agent reads the end of its input).
+        A start that fails here is left to that connection, which meets the failure where the run
+        reports it (status.json records it)."""
+        if self._early is not None or not self.starts_ahead:
+            return
+        try:
+            self._early = self.start()
+        except (CkptsyncError, OSError):
+            pass
+
+    def connect(self) -> Process:
+        """The launcher prestart() started, else a new one."""
+        early, self._early = self._early, None
+        return early if early is not None else self.start()
 
     def lane(self, i: int) -> "Transport":
         """This transport for the channels of its i-th TCP connection (0: the first). Here, where

@@ -61,6 +61,8 @@ class Subprocess(Process):
 class LocalTransport(Transport):
     """The agent on this machine: for a local directory standing in for the server."""
 
+    starts_ahead = True
+
     def start(self) -> Process:
         return Subprocess([sys.executable, "-c", STAGE1], env=dict(os.environ))
 
@@ -70,6 +72,8 @@ class LocalTransport(Transport):
 
 class CommandTransport(Transport):
     """Any argv prefix that runs a command remotely on our stdin/stdout (ssh host, kubectl exec -i pod --)."""
+
+    starts_ahead = True
 
     def __init__(self, prefix: list[str]) -> None:
         if not prefix:

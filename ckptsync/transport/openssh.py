@@ -189,6 +189,8 @@ class Settings:
 
 
 class OpenSshTransport(Transport):
+    starts_ahead = True
+
     def __init__(self, target: SshTarget, ssh: str = "ssh") -> None:
         self.target = target
         self.ssh = ssh
@@ -203,6 +205,7 @@ class OpenSshTransport(Transport):
             return self
         other = copy.copy(self)
         other._lane = i
+        other._early = None   # a launcher started ahead belongs to the first connection
         return other
 
     # ------------------------------------------------------------ the command line
