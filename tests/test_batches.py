@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from ckptsync.backup import BackupOptions, run_backup
+from ckptsync.backup import Backup, BackupOptions, run_backup
+from ckptsync.backup_status import run_job
 from ckptsync.errors import OK, PARTIAL, Interrupted
 from ckptsync.policy import BATCH_BYTES, batches
 from ckptsync.server.inprocess import Hooks, InProcessServer
@@ -213,3 +214,29 @@ def test_every_checkpoint_is_durable_before_its_name_and_the_commits_share_their
     readme = sum(1 for kind, p, _n in events if kind == "fsync" and p.endswith("/README.md"))
     assert readme < len(names) // 4
     assert not [p for kind, p, _n in events if kind == "fsync" and (".progress.json" in p or ".manifest.json" in p)]
+
+
+def test_whole_checkpoints_of_a_group_cut_short_are_committed_by_the_next_run_without_a_transfer(many, tmp_path):
+    """Stopped half way with a group larger than the batch: nothing is under a final name yet, the
+    checkpoints that arrived whole wait in staging, every file verified and recorded, and the next
+    run commits them without fetching a byte of them."""
+    dest = tmp_path / "b"
+    names = checkpoints(many)
+    total = sum(p.stat().st_size for n in names for p in (many / n).iterdir())
+    job = Backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"),
+                 StopAt(f"{len(names)} checkpoints", total // 2))
+    job.commit_group = 100
+    with pytest.raises(Interrupted):
+        run_job(job)
+    assert not [n for n in names if (dest / n).exists()]
+    staging = dest / ".ckptsync" / "staging"
+    whole = [n for n in names if (staging / f"{n}.progress.json").is_file() and sorted(
+        json.loads((staging / f"{n}.progress.json").read_text())) == sorted(
+        f"{n}/{p.name}" for p in (many / n).iterdir())]
+    assert whole
+    sent: list[list[str]] = []
+    again = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True, compress="off"))
+    assert again.exit_code == OK and sorted(again.fetched) == names
+    assert not [m for members in sent for m in members if m.split("/")[0] in whole]
+    for name in names:
+        assert tree_digest(dest / name) == tree_digest(many / name), name
