@@ -220,9 +220,13 @@ class DiskWriter:
             raise self.error
         self.queue.put((op, arg))
 
-    def discard(self, path: Path) -> None:
-        """Remove a half-written file, in order with the writes already queued for it."""
-        self.queue.put(("discard", path))
+    def discard(self, path: Path, now: bool = False) -> None:
+        """Remove a half-written file, in order with the writes already queued for it (`now`:
+        one the caller's thread wrote)."""
+        if now:
+            self._do("discard", path)
+        else:
+            self.queue.put(("discard", path))
 
     def leave(self, path: Path) -> None:
         """Close a range's file once the writes queued for it are done; whoever split it decides its fate."""
@@ -339,7 +343,8 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         span.done = offset  # a kept prefix the server did not take is being written over
     result: list = []
     done = threading.Event()
-    put = writer.now if member.size <= SMALL_FILE and span is None else writer.put
+    small = member.size <= SMALL_FILE and span is None
+    put = writer.now if small else writer.put
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         put("open", (part, alg, result, prefix, None if span is None else span.start))
@@ -363,7 +368,7 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         if span is not None:
             writer.leave(part)
         else:
-            writer.discard(part)
+            writer.discard(part, now=small)
         raise io_error(exc, f"writing {path}") from None
     except BaseException as exc:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
         if span is not None:
@@ -371,7 +376,7 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         elif keepable(exc, offset + written):
             writer.keep(part)
         else:
-            writer.discard(part)
+            writer.discard(part, now=small)
         raise
     digest, other = result
     rec = Received(member=member.name, size=offset + written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest,
