@@ -19,7 +19,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.doctor import fallback_line
 from ckptsync.layout import Checkpoint
 from ckptsync.freshness import Judgement, judge
-from ckptsync.policy import BATCH_BYTES, CHECK, PROGRESS_BYTES, batches, human
+from ckptsync.policy import BATCH_BYTES, CHECK, COMMIT_GROUP, PROGRESS_BYTES, batches, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.runs import find_runs, run_target, runs_calls, survey
 from ckptsync.scan import ServerView, empty_remote_dir, scan_calls, scan_server
@@ -55,6 +55,7 @@ class Backup:
         self.on_commit: Callable[[str], None] = lambda name: None   # told of each checkpoint as it is committed
         self.between: Callable[[], None] = lambda: None   # run between two transfers (a watch holds what is new)
         self.batch_bytes = BATCH_BYTES   # small checkpoints fetched together up to this; 0: one per transfer
+        self.commit_group = COMMIT_GROUP   # checkpoints of one transfer committed together, sharing fsyncs
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
                                                         writers=True, holds=True,
@@ -246,7 +247,8 @@ class Backup:
         twins = self.placement.known(self.server, view.root, todo, listed, progress, view.source)
         placed = sum(len(progress[c.name]) for c in batch) - kept
         pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
-                          lambda c: self._store_fetched(planned[c.name], progress[c.name], set(todo[c.name])))
+                          lambda cs: self._store_fetched([(planned[c.name], progress[c.name], set(todo[c.name]))
+                                                          for c in cs]), group=self.commit_group)
         pending.commit_ready()   # whole already: kept from an interrupted run, or placed from the store
         owner = {p: name for name, paths in todo.items() for p in paths
                  if p not in progress[name] and (name, p) not in twins}
@@ -277,20 +279,26 @@ class Backup:
         except OSError as exc:
             raise io_error(exc, what) from None
 
-    def _store_fetched(self, planned: Manifest, progress: dict[str, dict], fetched: set[str]) -> None:
-        stage_root = self.store.staging(planned.name)
-        for f in planned.files:  # a prefix kept by an interrupted run whose file was then placed locally
-            (stage_root / (f.path + ".part")).unlink(missing_ok=True)
-        m = finished_manifest(planned, progress)
-        # Recorded first: should the commit not finish (a crash), the next run commits it from staging.
-        self._write(lambda: self.store.save_progress(m.name, progress), f"recording what was fetched of {m.name}")
-        placed = {p for p, r in progress.items() if r.get("placed")}
-        self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
-        self._commit(m, f"moving {m.name} into place")
-        self.result.fetched.append(m.name)
-        if self.record_each_commit:
-            record_run(self, self.result.exit_code, "", final=False)
-        self.on_commit(m.name)
+    def _store_fetched(self, entries: list[tuple[Manifest, dict[str, dict], set[str]]]) -> None:
+        """Commit fetched checkpoints together: (planned manifest, progress, members fetched) each."""
+        ms = []
+        for planned, progress, fetched in entries:
+            stage_root = self.store.staging(planned.name)
+            for f in planned.files:  # a prefix kept by an interrupted run whose file was then placed locally
+                (stage_root / (f.path + ".part")).unlink(missing_ok=True)
+            m = finished_manifest(planned, progress)
+            # Recorded first: should the commit not finish (a crash), the next run commits it from staging.
+            self._write(lambda n=m.name, p=progress: self.store.save_progress(n, p),
+                        f"recording what was fetched of {m.name}")
+            placed = {p for p, r in progress.items() if r.get("placed")}
+            self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
+            ms.append(m)
+        self._commit(ms, f"moving {', '.join(m.name for m in ms)} into place")
+        for m in ms:
+            self.result.fetched.append(m.name)
+            if self.record_each_commit:
+                record_run(self, self.result.exit_code, "", final=False)
+            self.on_commit(m.name)
 
     def _note_deleted(self, view: ServerView, committed: dict[str, dict[str, FileStat]]) -> None:
         """Say which checkpoints just committed the server has deleted since (a rotation)."""
@@ -356,16 +364,17 @@ class Backup:
         if warning and self.warn_unsaved:
             self.result.warnings.append(warning)
 
-    def _commit(self, m: Manifest, what: str) -> None:
-        """Move a staged entry into place; the version it replaces is kept as a generation, and
-        generations beyond keep_generations are dropped."""
+    def _commit(self, ms: Manifest | list[Manifest], what: str) -> None:
+        """Move staged entries into place (Store.commit_all); the version one replaces is kept as a
+        generation, and generations beyond keep_generations are dropped."""
+        ms = ms if isinstance(ms, list) else [ms]
         try:
-            kept = self.store.commit(m)
-            self.placement.add(m if kept is None else None)
-            if kept is not None:
-                self.result.generations.append(f"{m.name}@{kept.id}")
-                dropped = self.store.trim_generations(m.name, self.target.keep_generations)
-                self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
+            for m, kept in zip(ms, self.store.commit_all(ms)):
+                self.placement.add(m if kept is None else None)
+                if kept is not None:
+                    self.result.generations.append(f"{m.name}@{kept.id}")
+                    dropped = self.store.trim_generations(m.name, self.target.keep_generations)
+                    self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
         except OSError as exc:
             raise io_error(exc, what) from None
 

@@ -38,7 +38,9 @@ class Pending:
 
     `twins`: (entry, member) -> the (entry, member) of this set with the same bytes, fetched once;
     `place(entry, member, origin, origin_member)` puts such a copy in staging when its origin arrives,
-    and records it in `progress`. `commit(checkpoint)` stores one checkpoint.
+    and records it in `progress`. `commit(checkpoints)` stores checkpoints together, in that order.
+    `group`: while the transfer goes on, ready checkpoints wait until this many are, so that
+    their commits share the fsyncs (see Store.commit_all).
     """
 
     order: list[Checkpoint]                          # newest first
@@ -46,11 +48,13 @@ class Pending:
     progress: dict[str, dict[str, dict]]
     twins: dict[tuple[str, str], tuple[str, str]]
     place: Callable[[str, str, str, str], None]
-    commit: Callable[[Checkpoint], None]
+    commit: Callable[[list[Checkpoint]], None]
+    group: int = 1
     committed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.waiting = {c.name for c in self.order}
+        self.whole: list[Checkpoint] = []   # ready, not yet committed: waiting for their group
         self.copies: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
         for twin, origin in self.twins.items():
             self.copies[origin].append(twin)
@@ -64,15 +68,23 @@ class Pending:
         for twin_name, twin in self.copies.pop((name, member), []):
             self.place(twin_name, twin, name, member)
             touched.add(twin_name)
-        self.commit_ready(touched)
+        self.commit_ready(touched, flush=False)
 
-    def commit_ready(self, names: set[str] | None = None) -> None:
-        """Commit every checkpoint (of `names`, when given) whose files are all copied, newest first."""
+    def commit_ready(self, names: set[str] | None = None, flush: bool = True) -> None:
+        """Commit the checkpoints (of `names`, when given) whose files are all copied, in the order
+        they became whole, the newest first among those at once: with `flush` all of them, else once
+        `group` are whole. An interruption leaves the others staged, every file verified."""
         for c in self.order:
-            if c.name in self.waiting and (names is None or c.name in names) and self.ready(c.name):
-                self.waiting.discard(c.name)
-                self.commit(c)
-                self.committed.append(c.name)
+            if c.name in self.waiting and (names is None or c.name in names) and self.ready(c.name) \
+                    and all(c.name != w.name for w in self.whole):
+                self.whole.append(c)
+        if not self.whole or (len(self.whole) < self.group and not flush):
+            return
+        batch, self.whole = self.whole, []
+        for c in batch:
+            self.waiting.discard(c.name)
+        self.commit(batch)
+        self.committed += [c.name for c in batch]
 
     def unplaced(self) -> dict[str, str]:
         """Copies whose origin never arrived: member -> entry, to be fetched themselves."""

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import xxhash
@@ -20,8 +21,8 @@ import xxhash
 from ckptsync.agent import fsync_dir, fsync_file
 from ckptsync.errors import CkptsyncError, DiskFull, IntegrityError, IOFailure
 
-__all__ = ["XXH3", "atomic_write", "children", "free_bytes", "fsync_dir", "fsync_file", "io_error", "new_hasher",
-           "refuse_link", "remove_tree", "sync_tree"]
+__all__ = ["XXH3", "atomic_write", "atomic_writes", "children", "free_bytes", "fsync_dir", "fsync_file", "io_error",
+           "new_hasher", "refuse_link", "remove_tree", "sync_tree", "sync_trees"]
 
 XXH3 = "xxh3_128"
 
@@ -34,25 +35,56 @@ def new_hasher(alg: str = XXH3):
 
 def sync_tree(path: Path) -> None:
     """fsync every file and directory of a staged entry: nothing is renamed into place unsynced."""
-    paths = [path] if path.is_file() else sorted(path.rglob("*")) + [path]
-    for p in paths:
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            fsync_dir(p)
-            continue
-        fsync_file(p)
+    sync_trees([path])
     fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, data: str) -> None:
+def sync_trees(paths: list[Path]) -> None:
+    """fsync every file and directory of several staged entries, all written before the first
+    fsync, so that one journal commit covers most of them; a file hard-linked several times
+    (a shared config, a placed copy) is flushed once."""
+    done: set[tuple[int, int]] = set()
+    for path in paths:
+        for p in ([path] if path.is_file() else sorted(path.rglob("*")) + [path]):
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                fsync_dir(p)
+            elif (st.st_dev, st.st_ino) not in done:
+                fsync_file(p)
+                done.add((st.st_dev, st.st_ino))
+
+
+def atomic_write(path: Path, data: str, durable: bool = True) -> None:
+    """Replace `path` with `data` in one rename. `durable` False: no fsync, for bookkeeping that
+    is checked when read (a power loss may lose it, never leave a mix of old and new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(data)
-    fsync_file(tmp)
+    if durable:
+        fsync_file(tmp)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_writes(items: list[tuple[Path, str]]) -> None:
+    """atomic_write of several files of one directory, durable, with one fsync of the directory."""
+    tmps = []
+    for path, data in items:   # all written before the first fsync: one journal commit covers them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+        tmps.append((tmp, path))
+    for tmp, _path in tmps:
+        fsync_file(tmp)
+    for tmp, path in tmps:
+        os.replace(tmp, path)
+    for parent in sorted({path.parent for path, _data in items}):
+        fsync_dir(parent)
 
 
 def remove_tree(path: Path) -> None:

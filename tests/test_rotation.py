@@ -262,14 +262,14 @@ def test_a_first_run_names_every_complete_checkpoint_it_does_not_take(server_tre
 
 def _interrupt_commit_of(name: str, monkeypatch) -> None:
     """Stop the run at the start of `name`'s commit, as a kill there would."""
-    real = DirectoryStore.commit
+    real = DirectoryStore.commit_all
 
-    def commit(self, m):
-        if m.name == name:
-            monkeypatch.setattr(DirectoryStore, "commit", real)
+    def commit_all(self, ms):
+        if any(m.name == name for m in ms):
+            monkeypatch.setattr(DirectoryStore, "commit_all", real)
             raise KeyboardInterrupt
-        return real(self, m)
-    monkeypatch.setattr(DirectoryStore, "commit", commit)
+        return real(self, ms)
+    monkeypatch.setattr(DirectoryStore, "commit_all", commit_all)
 
 
 def test_staging_of_a_checkpoint_the_server_deleted_is_committed_when_whole(server_tree, tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ CHUNK = wire.CHUNK
 # stopped; the next run offers them to the server, which sends only the rest when its first bytes
 # hash the same. Smaller ones are cheaper to send again than to hash on both sides.
 KEEP_PREFIX_MIN = 16 << 20
+# Files up to this size are written and hashed by the thread that reads the stream: for an
+# adapter's small files, handing each piece to the writer thread costs more than it overlaps.
+SMALL_FILE = 1 << 20
 
 
 @dataclass
@@ -121,92 +124,109 @@ class TarStream(wire.TarStream):
 
 
 class DiskWriter:
-    """Hashes and writes file data on its own thread, so the disk works while the network does."""
+    """Hashes and writes file data on its own thread, so the disk works while the network does.
+    A small file is written by the caller's thread (`now`): handing it over would cost more."""
 
     def __init__(self) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
+        self.out = self.hx = self.other = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        out = hx = other = None
         while True:
             op, arg = self.queue.get()
             if op == "stop":
                 return
-            if op == "discard":
-                # Queued after the file's "open": it runs once the file exists, never before.
+            self._do(op, arg)
+
+    def _do(self, op: str, arg) -> None:
+        out = self.out
+        if op == "discard":
+            # Queued after the file's "open": it runs once the file exists, never before.
+            if out is not None and not out.closed:
+                out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(arg)
+            return
+        if op == "leave":
+            # A range of a file other channels also write: closed, never removed here.
+            if out is not None and not out.closed:
+                with contextlib.suppress(OSError):
+                    out.close()
+            return
+        if op == "keep":
+            # An interrupted file: its written bytes stay for the next run, unless writing failed.
+            try:
                 if out is not None and not out.closed:
                     out.close()
+            except OSError:
+                self.error = self.error or OSError("close failed")
+            if self.error is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(arg)
-                continue
-            if op == "leave":
-                # A range of a file other channels also write: closed, never removed here.
-                if out is not None and not out.closed:
-                    with contextlib.suppress(OSError):
-                        out.close()
-                continue
-            if op == "keep":
-                # An interrupted file: its written bytes stay for the next run, unless writing failed.
-                try:
-                    if out is not None and not out.closed:
-                        out.close()
-                except OSError:
-                    self.error = self.error or OSError("close failed")
-                if self.error is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(arg)
-                continue
-            if self.error is not None:
-                if op == "close":
-                    arg.set()
-                continue
-            try:
-                if op == "open":
-                    path, alg, self.result, prefix, start = arg
-                    if start is not None:  # a range, into a file other channels write too
-                        out = open(path, "r+b")
-                        out.seek(prefix.size if prefix is not None else start)
-                        hx = prefix.xxh if prefix is not None else new_hasher()
-                        other = prefix.other if prefix is not None else (
-                            None if alg == XXH3 else new_hasher(alg))
-                    elif prefix is None:
-                        out = open(path, "wb")
-                        hx = new_hasher()
-                        other = None if alg == XXH3 else new_hasher(alg)
-                    else:  # the server sends the rest of a kept prefix
-                        out = open(path, "r+b")
-                        out.truncate(prefix.size)
-                        out.seek(prefix.size)
-                        hx, other = prefix.xxh, prefix.other
-                elif op == "data":
-                    hx.update(arg)
-                    if other is not None:
-                        other.update(arg)
-                    out.write(arg)
-                elif op == "close":
-                    out.flush()
-                    wire.start_writeback(out.fileno())
-                    out.close()
-                    self.result.extend([hx.hexdigest(), other.hexdigest() if other is not None else None])
-                    arg.set()
-            except BaseException as exc:  # handed to the reading thread
-                self.error = exc
-                if out is not None:
-                    out.close()
-                if op == "close":
-                    arg.set()
+            return
+        if self.error is not None:
+            if op == "close":
+                arg.set()
+            return
+        try:
+            if op == "open":
+                path, alg, self.result, prefix, start = arg
+                if start is not None:  # a range, into a file other channels write too
+                    self.out = open(path, "r+b")
+                    self.out.seek(prefix.size if prefix is not None else start)
+                    self.hx = prefix.xxh if prefix is not None else new_hasher()
+                    self.other = prefix.other if prefix is not None else (
+                        None if alg == XXH3 else new_hasher(alg))
+                elif prefix is None:
+                    self.out = open(path, "wb")
+                    self.hx = new_hasher()
+                    self.other = None if alg == XXH3 else new_hasher(alg)
+                else:  # the server sends the rest of a kept prefix
+                    self.out = open(path, "r+b")
+                    self.out.truncate(prefix.size)
+                    self.out.seek(prefix.size)
+                    self.hx, self.other = prefix.xxh, prefix.other
+            elif op == "data":
+                self.hx.update(arg)
+                if self.other is not None:
+                    self.other.update(arg)
+                out.write(arg)
+            elif op == "close":
+                out.flush()
+                wire.start_writeback(out.fileno())
+                out.close()
+                self.result.extend([self.hx.hexdigest(), self.other.hexdigest() if self.other is not None else None])
+                arg.set()
+        except BaseException as exc:  # handed to the reading thread
+            self.error = exc
+            if self.out is not None:
+                self.out.close()
+            if op == "close":
+                arg.set()
+
+    def now(self, op: str, arg) -> None:
+        """`put`, done by the caller's thread; only between files, when the queue is empty."""
+        if self.error is not None:
+            raise self.error
+        self._do(op, arg)
+        if self.error is not None and op != "close":   # the caller's close checks it after the wait
+            raise self.error
 
     def put(self, op: str, arg) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((op, arg))
 
-    def discard(self, path: Path) -> None:
-        """Remove a half-written file, in order with the writes already queued for it."""
-        self.queue.put(("discard", path))
+    def discard(self, path: Path, now: bool = False) -> None:
+        """Remove a half-written file, in order with the writes already queued for it (`now`:
+        one the caller's thread wrote)."""
+        if now:
+            self._do("discard", path)
+        else:
+            self.queue.put(("discard", path))
 
     def leave(self, path: Path) -> None:
         """Close a range's file once the writes queued for it are done; whoever split it decides its fate."""
@@ -323,17 +343,19 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         span.done = offset  # a kept prefix the server did not take is being written over
     result: list = []
     done = threading.Event()
+    small = member.size <= SMALL_FILE and span is None
+    put = writer.now if small else writer.put
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer.put("open", (part, alg, result, prefix, None if span is None else span.start))
+        put("open", (part, alg, result, prefix, None if span is None else span.start))
         rep.advance(offset)
         for piece in stream.data(member.size):
-            writer.put("data", piece)
+            put("data", piece)
             written += len(piece)
             if span is not None:
                 span.done = offset + written
             rep.advance(len(piece))
-        writer.put("close", done)
+        put("close", done)
         done.wait()
         if writer.error is not None:
             raise writer.error
@@ -346,7 +368,7 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         if span is not None:
             writer.leave(part)
         else:
-            writer.discard(part)
+            writer.discard(part, now=small)
         raise io_error(exc, f"writing {path}") from None
     except BaseException as exc:  # a broken stream, Ctrl+C: the writer thread may not even have opened it yet
         if span is not None:
@@ -354,7 +376,7 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
         elif keepable(exc, offset + written):
             writer.keep(part)
         else:
-            writer.discard(part)
+            writer.discard(part, now=small)
         raise
     digest, other = result
     rec = Received(member=member.name, size=offset + written, mode=mode, mtime_ns=mtime_ns, xxh3_128=digest,

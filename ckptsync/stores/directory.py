@@ -39,7 +39,8 @@ from typing import Any, Iterator
 
 from ckptsync import liveness, osdeps
 from ckptsync.agent import hash_file
-from ckptsync.disk import atomic_write, children, fsync_dir, io_error, refuse_link, remove_tree, sync_tree
+from ckptsync.disk import atomic_write, atomic_writes, children, fsync_dir, io_error, refuse_link, remove_tree
+from ckptsync.disk import sync_trees
 from ckptsync.errors import Locked
 from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
 from ckptsync.stores.manifest import DamagedManifest, FileRecord, Manifest, read_manifest
@@ -196,15 +197,17 @@ class DirectoryStore:
             return {}
 
     def save_progress(self, name: str, progress: dict[str, dict]) -> None:
-        atomic_write(self.progress_path(name), json.dumps(progress))
+        # Not fsynced: a rerun hashes every staged file before it trusts a record of it.
+        atomic_write(self.progress_path(name), json.dumps(progress), durable=False)
 
     def pending_path(self, name: str) -> Path:
         return self.meta / "staging" / f"{name}.manifest.json"
 
     def save_pending(self, m: Manifest) -> None:
         """The manifest a fetch will commit, as listed (no hashes yet): with the progress it lets a
-        later run commit the staging of a checkpoint the server deleted once every file was copied."""
-        atomic_write(self.pending_path(m.name), m.to_json())
+        later run commit the staging of a checkpoint the server deleted once every file was copied.
+        Not fsynced, as the progress: lost to a power loss, the staging is fetched again or dropped."""
+        atomic_write(self.pending_path(m.name), m.to_json(), durable=False)
 
     def load_pending(self, name: str) -> Manifest | None:
         try:
@@ -245,24 +248,35 @@ class DirectoryStore:
                 path.unlink()
 
     def commit(self, m: Manifest) -> Generation | None:
-        """Move a staged entry into place. An entry it replaces becomes a generation, returned.
+        return self.commit_all([m])[0]
 
-        Order: the old entry leaves its name (its manifest copied to the generation first), then
-        the new manifest is written, then the new entry is renamed in. A crash at any point leaves
-        either no entry under the name (the next run fetches it) or a matching pair.
+    def commit_all(self, ms: list[Manifest]) -> list[Generation | None]:
+        """Move staged entries into place, in order; an entry one replaces becomes a generation, returned.
+
+        The files and directories of all are fsynced first, then the new manifests (one fsync of
+        their directory), then each entry is renamed in and the backup directory fsynced once. A
+        replaced entry leaves its name first (its manifest copied to the generation). A crash at any
+        point leaves either no entry under a name (the next run fetches it) or a matching pair.
         """
-        staged = self.staging(m.name) / m.name
-        final = self.entry(m.name)
-        sync_tree(staged)
-        kept = None
-        if final.exists() or final.is_symlink():
+        staged = {m.name: self.staging(m.name) / m.name for m in ms}
+        sync_trees(list(staged.values()))
+        kept: dict[str, Generation | None] = {m.name: None for m in ms}
+        new = [m for m in ms if not (self.entry(m.name).exists() or self.entry(m.name).is_symlink())]
+        for m in (m for m in ms if all(m is not n for n in new)):
+            final = self.entry(m.name)
             old = self.load(m.name) or self.manifest_from_bytes(final, m.name, template=m, backed_up_at=0.0)
-            kept = self.keep_generation(old, final)
-        self.write_manifest(m)
-        os.rename(staged, final)
-        fsync_dir(self.root)
-        self.discard_staging(m.name)
-        return kept
+            kept[m.name] = self.keep_generation(old, final)
+            self.write_manifest(m)
+            os.rename(staged[m.name], final)
+            fsync_dir(self.root)
+        atomic_writes([(self.manifest_path(m.name), m.to_json()) for m in new])
+        for m in new:
+            os.rename(staged[m.name], self.entry(m.name))
+        if new:
+            fsync_dir(self.root)
+        for m in ms:
+            self.discard_staging(m.name)
+        return [kept[m.name] for m in ms]
 
     # -------------------------------------------------- generations
 
