@@ -49,6 +49,7 @@ def verify_cmd(
     store = open_store(t)
     refuse(store, "--remote", remote, needs="files_here")
     refuse(store, "--repair", repair, needs="files_here")
+    refuse(store, "--repair", repair, needs="commit")   # it puts fetched files back: an archive cannot
     out = output()
     if repair:
         out.info(f"repair {t.local_dir} from {t.describe()}:{t.remote_dir}")
