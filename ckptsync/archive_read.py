@@ -18,7 +18,6 @@ from ckptsync.agent import safe_member
 from ckptsync.errors import IntegrityError, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.disk import io_error, new_hasher
-from ckptsync.stores.archive import SUFFIXES, is_archive  # noqa: F401  (archive.py names them here)
 from ckptsync.stores.directory import DirectoryStore as Store
 
 CHUNK = 1 << 20

@@ -47,6 +47,9 @@ CORRUPT = "corrupt"
 MISSING = "missing"
 UNEXPECTED = "unexpected"
 
+# What an archive's name ends with (`ckptsync archive` writes one; `open_store` opens one).
+SUFFIXES = (".tar.zst", ".tzst")
+
 if TYPE_CHECKING:
     from ckptsync.config import Target
     from ckptsync.stores.manifest import Manifest
@@ -98,13 +101,17 @@ def open_store(where: Union[Target, str, Path], clock: Callable[[], float] = tim
         from ckptsync.stores.bucket import open_bucket_store
 
         return open_bucket_store(url, s3, str(config or "the config"), clock)
-    from ckptsync.stores.archive import ArchiveStore, is_archive
-
     if is_archive(root):
+        from ckptsync.stores.archive import ArchiveStore
+
         return ArchiveStore(root)
     from ckptsync.stores.directory import DirectoryStore
 
     return DirectoryStore(root)
+
+
+def is_archive(path: Union[str, Path]) -> bool:
+    return str(path).endswith(SUFFIXES)
 
 
 def ability(store: Store, name: str):

@@ -23,14 +23,8 @@ from ckptsync.policy import status_file
 from ckptsync.stores import CORRUPT, MISSING, UNEXPECTED
 from ckptsync.stores.manifest import DamagedManifest, Manifest, parse_manifest
 
-SUFFIXES = (".tar.zst", ".tzst")
 META = ".ckptsync"
 MANIFESTS = f"{META}/manifests/"
-CHUNK = 1 << 20
-
-
-def is_archive(path: str | os.PathLike) -> bool:
-    return str(path).endswith(SUFFIXES)
 
 
 class ArchiveStore:
