@@ -19,11 +19,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
-from ckptsync.policy import status_file
+from ckptsync.policy import STATUS_FILES, status_file
 from ckptsync.stores import CORRUPT, MISSING, UNEXPECTED
+from ckptsync.stores.directory import META
 from ckptsync.stores.manifest import DamagedManifest, Manifest, parse_manifest
 
-META = ".ckptsync"
 MANIFESTS = f"{META}/manifests/"
 
 
@@ -52,7 +52,8 @@ class ArchiveStore:
     # -------------------------------------------------- the head: manifests and status
 
     def _bookkeeping(self) -> dict[str, bytes]:
-        """`.ckptsync/...` path -> bytes, read from the head of the archive (again if it changed)."""
+        """The manifests and status files (`.ckptsync/...` path -> bytes), read from the head of
+        the archive (again if the file changed)."""
         from ckptsync.archive_read import members
 
         try:
@@ -66,7 +67,7 @@ class ArchiveStore:
         for rel, member, tar in members(self.path):
             if rel and rel != META and not rel.startswith(META + "/"):
                 break   # the entries begin: the bookkeeping is all before them
-            if member.isreg():
+            if member.isreg() and (rel.startswith(MANIFESTS) or rel[len(META) + 1:] in STATUS_FILES):
                 head[rel] = tar.extractfile(member).read()
         self._head, self._read = head, identity
         return head
