@@ -28,7 +28,8 @@ from ckptsync.result import Result
 from ckptsync.disk import free_bytes, fsync_dir, fsync_file, io_error, new_hasher
 from ckptsync.stores.directory import META, WAIT_HINT, DirectoryStore as Store
 from ckptsync.stores.manifest import Manifest
-from ckptsync.archive_read import CHUNK, Content, is_archive, read_back
+from ckptsync.archive_read import CHUNK, Content, read_back
+from ckptsync.stores import is_archive
 
 LEVEL = 3
 BOOKKEEPING = (*STATUS_FILES, "history.jsonl")

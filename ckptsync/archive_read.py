@@ -1,9 +1,9 @@
-"""Reading a .tar.zst backup archive: its read-back check, its extraction as a Store, and its bookkeeping."""
+"""Reading a .tar.zst backup archive: its read-back check, its extraction, and its members as a
+stream (what stores/archive.py reads an archive's entries through)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tarfile
@@ -18,9 +18,8 @@ from ckptsync.agent import safe_member
 from ckptsync.errors import IntegrityError, NotFound, UsageError
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.disk import io_error, new_hasher
-from ckptsync.stores.directory import META, DirectoryStore as Store
+from ckptsync.stores.directory import DirectoryStore as Store
 
-SUFFIXES = (".tar.zst", ".tzst")
 CHUNK = 1 << 20
 TAR_END = 1024          # two zero blocks close every tar stream
 
@@ -33,11 +32,6 @@ class Content:
     files: dict[str, tuple[int, str]] = field(default_factory=dict)   # path -> (size, xxh3-128)
     linked: int = 0
     bytes: int = 0                     # of regular members (hard links add none)
-
-
-def is_archive(path: str | os.PathLike) -> bool:
-    return str(path).endswith(SUFFIXES)
-
 
 
 class _Counting:
@@ -67,9 +61,10 @@ class _Progress:
         return block
 
 
-def read_back(path: Path, rep: Reporter = QUIET, extract_to: Path | None = None) -> Content:
+def read_back(path: Path, rep: Reporter = QUIET, extract_to: Path | None = None, on_block=None) -> Content:
     """Decompress and walk the whole archive, hashing every file; with extract_to, also write it there.
 
+    `on_block(n)`: called with the size of each block of file content hashed.
     Raises IntegrityError for anything that is not a complete, intact ckptsync archive.
     """
     content = Content()
@@ -82,7 +77,7 @@ def read_back(path: Path, rep: Reporter = QUIET, extract_to: Path | None = None)
                 with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
                     writer = _Extractor(extract_to) if extract_to is not None else None
                     for member in tar:
-                        _take(tar, member, content, writer)
+                        _take(tar, member, content, writer, on_block)
                     end = tar.offset
                     while stream.read(CHUNK):
                         pass
@@ -101,7 +96,8 @@ def read_back(path: Path, rep: Reporter = QUIET, extract_to: Path | None = None)
     return content
 
 
-def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, content: Content, writer: "_Extractor | None") -> None:
+def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, content: Content, writer: "_Extractor | None",
+          on_block=None) -> None:
     rel = _relative(member.name, content)
     if writer is not None and writer.root is None:
         writer.root = writer.dest / content.prefix
@@ -128,6 +124,8 @@ def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, content: Content, write
                 if not block:
                     break
                 h.update(block)
+                if on_block is not None:
+                    on_block(len(block))
                 if out is not None:
                     out.write(block)
         finally:
@@ -200,10 +198,9 @@ class _Extractor:
 
 @contextlib.contextmanager
 def open_archive_as_store(path: str | os.PathLike, rep: Reporter = QUIET) -> Iterator[Store]:
-    """Extract an archive into a temporary directory and yield a Store over it; removed afterwards.
-
-    The directory goes next to the archive (same disk, usually the big one), else under $TMPDIR.
-    """
+    """Extract an archive into a temporary directory and yield a Store over it, located (in its
+    messages) at the archive; removed afterwards. The directory goes next to the archive (same
+    disk, usually the big one), else under $TMPDIR."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise NotFound(f"{path}: no such archive")
@@ -219,7 +216,7 @@ def open_archive_as_store(path: str | os.PathLike, rep: Reporter = QUIET) -> Ite
     try:
         content = read_back(path, rep, extract_to=tmp)
         with naming(tmp / content.prefix, path):
-            yield Store(tmp / content.prefix)
+            yield Store(tmp / content.prefix, shown=str(path))
     finally:
         _remove_extracted(tmp)
 
@@ -231,77 +228,29 @@ def _remove_extracted(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def local_source(target, rep: Reporter = QUIET):
-    """The target itself, or, when its backup directory is an archive, the target over its extracted copy."""
-    if not is_archive(target.local_dir):
-        yield target
-        return
-    with open_archive_as_store(target.local_dir, rep) as store:
-        yield dataclasses.replace(target, local_dir=store.root)
+# ---------------------------------------------------------------- members, for stores.archive
 
 
-# ---------------------------------------------------------------- an archive's bookkeeping, for list, show and compare
-
-
-@contextlib.contextmanager
-def archive_index(path: str | os.PathLike, wanted=None) -> Iterator[Path]:
-    """A temp directory laid out like the backup directory an archive holds, with only its
-    bookkeeping (manifests, status, history) and the files `wanted(rel)` picks (small state
-    files) written; every entry is an empty stand-in. Nothing else is extracted.
-
-    Without `wanted` the reading stops where the checkpoints begin: bookkeeping comes first.
-    The archive's integrity is verify's job; a damaged one is reported as far as it reads.
-    Errors raised inside name the archive, not the temp directory.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotFound(f"{path}: no such archive")
-    tmp = Path(tempfile.mkdtemp(prefix=".ckptsync-index-"))
-    root = tmp
-    try:
-        root = _read_index(path, tmp, wanted)
-        with naming(root, path):
-            yield root
-    finally:
-        _remove_extracted(tmp)
-
-
-def _read_index(path: Path, tmp: Path, wanted) -> Path:
+def members(path: Path) -> Iterator[tuple[str, tarfile.TarInfo, tarfile.TarFile]]:
+    """(path relative to the top directory, member, the open tar) in archive order, read as a
+    stream: nothing is extracted. A member's bytes: tar.extractfile(member), before the next.
+    IntegrityError (naming the archive) when it cannot be read as far as the caller goes."""
     content = Content()
-    extractor = _Extractor(tmp)
     try:
         with open(path, "rb") as raw:
             with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as zr:
                 with tarfile.open(fileobj=zr, mode="r|", bufsize=CHUNK) as tar:
                     for member in tar:
                         rel = _relative(member.name, content)
-                        if extractor.root is None:
-                            extractor.root = tmp / content.prefix
-                            extractor.root.mkdir()
-                        bookkeeping = rel == META or rel.startswith(META + "/")
-                        if not bookkeeping and rel and wanted is None:
-                            break
-                        if not (member.isreg() or member.islnk()) or not (bookkeeping or wanted(rel)):
-                            continue
-                        if member.isreg():
-                            with extractor.open(rel) as out:
-                                shutil.copyfileobj(tar.extractfile(member), out, CHUNK)
-                        elif (extractor.root / _relative(member.linkname, content)).is_file():
-                            extractor.link(rel, _relative(member.linkname, content))
+                        link = _relative(member.linkname, content) if member.islnk() else ""
+                        member.linkname = link
+                        yield rel, member, tar
     except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
         raise IntegrityError(f"{path} cannot be read: {exc}", hint="check it with 'ckptsync verify'") from None
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such archive") from None
     except OSError as exc:
         raise io_error(exc, f"reading {path}") from None
-    if extractor.root is None:
-        raise IntegrityError(f"{path} is an empty archive")
-    store = Store(extractor.root)
-    for manifest in (store.meta / "manifests").glob("*.json"):
-        entry = store.entry(manifest.stem)
-        if not entry.exists():
-            with contextlib.suppress(OSError):
-                entry.mkdir(parents=True)
-    return extractor.root
 
 
 @contextlib.contextmanager
@@ -315,61 +264,3 @@ def naming(inner: Path, outer: Path) -> Iterator[None]:
         exc.message = exc.message.replace(str(inner), str(outer))
         exc.hint = exc.hint.replace(str(inner), str(outer))
         raise
-
-
-@contextlib.contextmanager
-def archive_view(target, wanted=None):
-    """The target itself, or, when its backup directory is an archive, the target over that
-    archive's index (see archive_index)."""
-    if not is_archive(target.local_dir):
-        yield target
-        return
-    with archive_index(target.local_dir, wanted) as root:
-        yield dataclasses.replace(target, local_dir=root)
-
-
-class ArchiveNames:
-    """Names the archive where a message or a result would name its temporary extraction."""
-
-    def __init__(self, target, source) -> None:
-        self.inner, self.outer = str(source.local_dir), str(target.local_dir)
-
-    def text(self, value: str) -> str:
-        return value.replace(self.inner, self.outer) if self.inner != self.outer else value
-
-    def reporter(self, rep: Reporter) -> Reporter:
-        return rep if self.inner == self.outer else _RenamingReporter(rep, self.text)
-
-    def result(self, value):
-        """The result with every path in it renamed, in place (dataclasses) or as a copy."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, Path):
-            return Path(self.text(str(value)))
-        if isinstance(value, list):
-            return [self.result(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(self.result(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.result(v) for k, v in value.items()}
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            for f in dataclasses.fields(value):
-                object.__setattr__(value, f.name, self.result(getattr(value, f.name)))
-        return value
-
-
-class _RenamingReporter(Reporter):
-    def __init__(self, rep: Reporter, text) -> None:
-        self.rep, self.text = rep, text
-
-    def info(self, message: str) -> None:
-        self.rep.info(self.text(message))
-
-    def start(self, label: str, total: int) -> None:
-        self.rep.start(self.text(label), total)
-
-    def advance(self, nbytes: int) -> None:
-        self.rep.advance(nbytes)
-
-    def finish(self) -> None:
-        self.rep.finish()

@@ -94,7 +94,7 @@ class Checklist:
             return True, f"{name}: {how}", ""
         problems = ", ".join(p.path for p in bad[0].problems[:3])
         fix = (f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)"
-               if ability(self.store, "files_here")
+               if ability(self.store, "commit")   # repair puts the fetched files back
                else f"{self.target.command('verify', '--read-data', name)}   (reads every object back)")
         return False, f"{name}: {bad[0].status}: {problems}", fix
 
@@ -277,8 +277,8 @@ class Checklist:
         if alg == "xxh3_128":
             return f.xxh3_128
         try:
-            if ability(self.store, "files_here"):   # streamed from the file, whatever its size
-                return hash_file(str(self.store.root / f.path), alg)
+            if ability(self.store, "entry"):   # a directory's file: streamed, whatever its size
+                return hash_file(str(self.store.entry(f.path)), alg)
             raw = self.store.read_file(f.path, MAX_FETCHED)
         except OSError:
             return None

@@ -24,7 +24,7 @@ from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import scan_server
 from ckptsync.server import open_server
-from ckptsync.stores import Store, ability
+from ckptsync.stores import Store, ability, open_store
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import EXTRA, Manifest
 
@@ -285,20 +285,9 @@ def read_state_file(store: Store, m: Manifest) -> tuple[dict | None, str]:
     return None, ""
 
 
-def state_file(rel: str) -> bool:
-    return rel.rsplit("/", 1)[-1] in STATE_FILES
-
-
 def show_backup(root: Path, name: str | None) -> ShowResult:
-    """One backed-up checkpoint; root may be an archive (read without extracting the checkpoints)."""
-    from ckptsync.archive_read import archive_index, is_archive
-
-    if is_archive(root):
-        with archive_index(root, state_file) as index:
-            result = show_stored(DirectoryStore(index), name)
-        result.location = str(root)
-        return result
-    return show_stored(DirectoryStore(root), name)
+    """One backed-up checkpoint; root may be an archive (read through its index, nothing extracted)."""
+    return show_stored(open_store(root), name)
 
 
 def show_stored(store: Store, name: str | None) -> ShowResult:
@@ -316,14 +305,7 @@ def show_stored(store: Store, name: str | None) -> ShowResult:
 
 
 def compare_backups(root: Path, a: str, b: str) -> CompareResult:
-    from ckptsync.archive_read import archive_index, is_archive
-
-    if is_archive(root):
-        with archive_index(root, state_file) as index:
-            result = compare_stored(DirectoryStore(index), a, b)
-        result.location = str(root)
-        return result
-    return compare_stored(DirectoryStore(root), a, b)
+    return compare_stored(open_store(root), a, b)
 
 
 def compare_stored(store: Store, a: str, b: str) -> CompareResult:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ckptsync.disk import XXH3, new_hasher
 from ckptsync.errors import CkptsyncError
+from ckptsync.stores import ability
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import FileRecord
 
@@ -48,7 +49,7 @@ class LocalDigests:
 
     def __init__(self, store: DirectoryStore | None, held: bool = False,
                  on_block: Callable[[int], None] | None = None) -> None:
-        self.store = store
+        self.store = store if ability(store, "write_manifest") else None   # a directory's copy, or none
         self.held = held
         self.on_block = on_block
         self.found: dict[tuple[str, int], dict[str, str]] = {}   # (xxh3, size) -> {alg: value}

@@ -176,14 +176,10 @@ def best_backed_up(manifests: list[Manifest]) -> set[str]:
 def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
     """The server's checkpoints beside the backups. A store whose files are not on this machine (a
     bucket) is listed alone: its entries are compared with the server's by backup, not here."""
-    from ckptsync.archive_read import archive_view
-
-    with archive_view(target) as source:   # an archive: its manifests, read without extracting it
-        store = open_store(source)
-        result = _run_list(source, store, local_only or not ability(store, "files_here"))
-        if generations:
-            result.generations = generation_rows(store)
-        result.dest = store.location if source is target else str(target.local_dir)
+    store = open_store(target)
+    result = _run_list(target, store, local_only or not ability(store, "files_here"))
+    if generations:
+        result.generations = generation_rows(store)
     return result
 
 
@@ -216,7 +212,9 @@ def _run_list(target: Target, store: Store, local_only: bool) -> ListResult:
         result.stopped, result.warnings = view.stopped, list(view.errors)
         if not view.checkpoints:
             result.empty_hint = empty_hint(view, target)
-    result.rows = merge(view, manifests, current, {name: _on_disk(store.entry(name)) for name in damaged})
+    on_disk = ability(store, "entry")   # a directory's damaged entries: their bytes as found
+    result.rows = merge(view, manifests, current,
+                        {name: _on_disk(on_disk(name)) if on_disk else (0, 0.0) for name in damaged})
     if local_only and not result.rows and ability(store, "files_here"):
         from ckptsync.adopt import adopt_hint, unadopted
 

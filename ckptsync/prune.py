@@ -33,7 +33,7 @@ from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, Pol
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import open_server
 from ckptsync.disk import io_error
-from ckptsync.stores import Kept, ability, open_store
+from ckptsync.stores import Kept, ability, open_store, refuse
 from ckptsync.stores.directory import WAIT_HINT, DirectoryStore
 from ckptsync.stores.manifest import EXTRA, Manifest
 from ckptsync.verify import Problem, check_files
@@ -152,6 +152,7 @@ class StorePrune:
                                   dry_run=opts.dry_run, force=opts.force, policy=asdict(opts.policy))
 
     def run(self) -> PruneResult:
+        refuse(self.store, "prune", True, needs="remove_entry")   # an archive is read-only
         if not self.store.exists():
             raise NotFound(f"no backups in {self.store.location}", hint="check --local-dir or --instance")
         if self.opts.dry_run:

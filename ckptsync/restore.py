@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 
 from ckptsync import osdeps
@@ -41,6 +41,7 @@ from ckptsync.result import Result
 from ckptsync.server import MissingOnServer, ServerLocked, Stat, open_server
 from ckptsync.server.parallel import Channels
 from ckptsync.disk import io_error
+from ckptsync.stores import ability, open_store
 from ckptsync.stores.directory import DirectoryStore as Store
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
@@ -144,13 +145,14 @@ class RestoreResult(RestoreRun):
 
 
 class Restore:
-    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> None:
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET, store: Store | None = None) -> None:
+        """`store`: where the backup is read (an archive's extracted copy), else the target's directory."""
         if target.parallel != 1 and target.bwlimit and target.limiter is None:
             target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
         self.target = target
         self.opts = opts
         self.rep = rep
-        self.store = Store(target.local_dir)
+        self.store = store or Store(target.local_dir)
         self.result = RestoreResult(target=target.label, server=target.describe(), source=str(target.local_dir),
                                     remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
                                     adapter_only=opts.adapter_only)
@@ -170,7 +172,7 @@ class Restore:
                 self.opts = replace(self.opts, checkpoint=named(self.opts.checkpoint, known))
             self._refuse_damaged(damaged, ordered)
             if not ordered:
-                raise NotFound(f"no checkpoint backups in {self.store.root}",
+                raise NotFound(f"no checkpoint backups in {self.store.location}",
                                hint=elsewhere_hint(self.store.root, self.target))
             m, notes = choose(ordered, self.opts.checkpoint, self.opts.adapter_only)
             if not self.opts.checkpoint:
@@ -184,14 +186,14 @@ class Restore:
                 self.result.generation = g.id
             extras = manifests.get(EXTRA) if self.opts.extra_files else None
             if self.opts.extra_paths and self.opts.extra_files:
-                extras = only_extras(extras, self.opts.extra_paths, self.store.root)
+                extras = only_extras(extras, self.opts.extra_paths, Path(self.store.location))
             if EXTRA in damaged and self.opts.extra_files and not self.opts.extra_files_only:
                 path, why = damaged[EXTRA]
                 self.result.warnings.append(f"the extra files are not restored: their manifest {path} is "
                                             f"damaged ({why})")
             if self.opts.extra_files_only:
                 if extras is None:
-                    raise NotFound(f"no extra files in {self.store.root}" + ("" if self.opts.extra_files
+                    raise NotFound(f"no extra files in {self.store.location}" + ("" if self.opts.extra_files
                                                                              else " (--no-extra-files was given)"))
                 self.result.checkpoint, self.result.step = m.name, m.step
                 self.result.extra_files_only = True
@@ -235,7 +237,7 @@ class Restore:
                                  f"{path} is damaged ({why})", hint=self._older_hint(None, ordered))
         if not ordered and set(damaged) - {EXTRA}:
             shown = "; ".join(f"{n}: {p} ({why})" for n, (p, why) in damaged.items() if n != EXTRA)
-            raise IntegrityError(f"no backup in {self.store.root} can be checked, nothing was sent: "
+            raise IntegrityError(f"no backup in {self.store.location} can be checked, nothing was sent: "
                                  f"damaged manifests: {shown}")
 
     def _lock(self) -> contextlib.ExitStack:
@@ -250,7 +252,7 @@ class Restore:
                 if os.access(self.store.root, os.W_OK) and not osdeps.read_only_fs(self.store.root):
                     raise
                 # A read-only backup directory (a mounted disk, an archive's copy) cannot change under us.
-                self.result.warnings.append(f"{self.store.root} is read-only: restoring without its lock")
+                self.result.warnings.append(f"{self.store.location} is read-only: restoring without its lock")
         return stack
 
     @contextlib.contextmanager
@@ -365,7 +367,7 @@ class Restore:
         for f in records:
             dest = placed[f.path]
             if dest is None:
-                items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", str(self.files_root / f.path))))
+                items.append((f, ExtraItem(f.source, f.size, OUTSIDE, "", self.store.shown_path(self.files_root / f.path))))
                 continue
             if st.get(dest) is None:
                 action = SEND
@@ -388,7 +390,7 @@ class Restore:
         where = dirs.pop() if len(dirs) == 1 else "DIR"
         again = self.target.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
         return (f"not restored: {', '.join(f.source for f in outside)} (outside {root}, which is not the "
-                f"directory they were backed up from; kept in {self.store.root / EXTRA}); to put them at the "
+                f"directory they were backed up from; kept in {self.store.shown_path(self.store.root / EXTRA)}); to put them at the "
                 f"same place relative to this run: {again}")
 
     def _identical(self, root: str, m: Manifest, there: Stat) -> bool:
@@ -434,7 +436,7 @@ class Restore:
                 ordered: list[Manifest]) -> None:
         total = sum(f.size for f in files)
         if files:
-            self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.root} against the manifest")
+            self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.location} against the manifest")
         self.rep.start(f"verify {m.name}", total)
         try:
             bad = verify_files(self.files_root, files, self.rep)
@@ -496,11 +498,15 @@ class Restore:
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
-    from ckptsync.archive_read import ArchiveNames, local_source
-
     try:
-        with local_source(target, reporter) as source:
-            named = ArchiveNames(target, source)   # messages name the archive, not its extraction
-            return named.result(Restore(source, opts, named.reporter(reporter)).run())
+        with local_copy(target, reporter) as store:
+            return Restore(target, opts, reporter, store=store).run()
     except OSError as exc:  # the laptop side: reading the backup, taking its lock
         raise io_error(exc, f"reading {target.local_dir}") from None
+
+
+def local_copy(target: Target, rep: Reporter = QUIET) -> ContextManager[Store]:
+    """The target's store as a directory on this machine: itself, or a copy the store makes (an archive)."""
+    store = open_store(target)
+    copy = ability(store, "local_copy")
+    return copy(rep) if copy is not None else contextlib.nullcontext(store)

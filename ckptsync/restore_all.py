@@ -81,18 +81,20 @@ class RestoreAllResult(RestoreRun):
 
 def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
     """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first."""
-    from ckptsync.archive_read import local_source
+    from ckptsync.restore import local_copy
 
     try:
-        with local_source(target, rep) as source:
-            return RestoreAll(source, opts, rep).run()
+        with local_copy(target, rep) as store:
+            return RestoreAll(target, opts, rep, store=store).run()
     except OSError as exc:
         raise io_error(exc, f"reading {target.local_dir}") from None
 
 
 class RestoreAll:
-    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter) -> None:
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter, store: DirectoryStore | None = None) -> None:
+        """`store`: where the backups are read (an archive's extracted copy), else the target's directory."""
         self.target, self.opts, self.rep = target, opts, rep
+        self.store = store or DirectoryStore(target.local_dir)
         self.result = RestoreAllResult(target=target.label, server=target.describe(), source=str(target.local_dir),
                                        remote_dir=target.remote_dir or "", dry_run=opts.dry_run)
 
@@ -152,15 +154,15 @@ class RestoreAll:
     # What a bucket store does its own way (s3/flows.py).
 
     def manifests(self) -> dict[str, Manifest]:
-        return DirectoryStore(self.target.local_dir).manifests()
+        return self.store.manifests()
 
     def damaged(self) -> dict:
         """Checkpoints whose manifest is damaged: name -> (manifest path, why)."""
-        return {n: why for n, why in DirectoryStore(self.target.local_dir).damaged().items() if "@" not in n and n != EXTRA}
+        return {n: why for n, why in self.store.damaged().items() if "@" not in n and n != EXTRA}
 
     def restore_one(self, server, name: str, extras: bool, names: frozenset[str]):
         one = dataclasses.replace(self.opts, checkpoint=name, extra_files=extras, also=names)
-        return Restore(self.target, one, self.rep).run(server=server)
+        return Restore(self.target, one, self.rep, store=self.store).run(server=server)
 
     def _check_space(self, server, root: str, todo, extras) -> None:
         """All of it must fit before the first byte is sent, not only the next checkpoint."""

@@ -100,7 +100,7 @@ def pick_generation(store: Store, name: str, wanted: str) -> Generation:
     """Generation `wanted` of `name`: its index (1 = the version before the current one) or its id."""
     gens = store.generations(name).get(name, [])
     if not gens:
-        raise NotFound(f"no earlier versions of {name} in {store.root}",
+        raise NotFound(f"no earlier versions of {name} in {store.location}",
                        hint="an earlier version is kept when a newer one replaces it under the same name")
     for i, g in enumerate(gens, 1):
         if wanted in (str(i), g.id):

@@ -34,7 +34,7 @@ from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import FileStat, open_server
-from ckptsync.stores import CORRUPT, MISSING, Store, ability, open_store
+from ckptsync.stores import CORRUPT, MISSING, UNEXPECTED, Store, ability, open_store
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 from ckptsync.agent import hash_file
@@ -50,8 +50,7 @@ IN_PROGRESS = "in progress on the server"
 UNREADABLE = "not all readable on the server"
 CHANGED = "changed by another run during the check"
 
-# Problem kinds, local (CORRUPT and MISSING are every store's: stores/__init__.py).
-UNEXPECTED = "unexpected"
+# Problem kinds, local (CORRUPT, MISSING and UNEXPECTED are every store's: stores/__init__.py).
 DAMAGED = "damaged manifest"
 # Problem kinds, remote.
 DIFFERS = "differs"
@@ -122,25 +121,20 @@ class VerifyResult(Result):
 def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET,
                read_data: bool = False) -> VerifyResult:
     """`read_data` matters where the store can check its objects without reading them (a bucket):
-    a backup directory is always read back."""
-    from ckptsync.archive_read import ArchiveNames, local_source
-
+    a backup directory (and an archive) is always read back."""
     started = time.monotonic()
     store = open_store(target)
     if ability(store, "check_objects") is not None:
         if remote:
             raise UsageError(f"--remote does not work on {store.kind}")
-        result = ObjectVerify(target, store, names, read_data, rep).run()
+        result = ObjectVerify(target, store, names, read_data or bool(ability(store, "reads_data")), rep).run()
         result.seconds = time.monotonic() - started
         return result
-    with local_source(target, rep) as source:
-        named = ArchiveNames(target, source)   # messages name the archive, not its extraction
-        rep = named.reporter(rep)
-        job = RemoteVerify(source, names, rep) if remote else LocalVerify(source, names, rep)
-        try:
-            return named.result(job.run())
-        finally:
-            job.result.seconds = time.monotonic() - started
+    job = RemoteVerify(target, names, rep) if remote else LocalVerify(target, names, rep)
+    try:
+        return job.run()
+    finally:
+        job.result.seconds = time.monotonic() - started
 
 
 def select(store: Store, names: list[str]) -> tuple[list[str], list[Manifest]]:

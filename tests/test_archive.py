@@ -286,3 +286,40 @@ def test_archive_remove_makes_each_entry_gone_durable_before_its_manifest_goes(s
         assert synced, (name, events)   # the store's directory was fsynced after the rename, before the drop
     assert not (store / ".ckptsync" / "trash").exists()
     assert not any(os.path.lexists(store / name) for name in result.removed)
+
+
+def test_an_archive_is_a_read_only_store_read_through_its_members(tmp_path: Path, store: Path, server_tree: Path,
+                                                                  monkeypatch) -> None:
+    import tempfile
+
+    from ckptsync.stores import ability, open_store
+
+    out = tmp_path / "arch" / "run.tar.zst"
+    assert cli(tmp_path, "archive", "--local-dir", store, "--output", out).returncode == 0
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    directory, archived = DirectoryStore(store), open_store(out)
+    assert archived.location == str(out) and archived.kind == "an archive"
+    assert archived.manifests() == directory.manifests() and archived.status() == directory.status()
+    linked = 0
+    for m in directory.manifests().values():
+        for f in m.files:     # hard-linked copies (dedup: link) are read from the member they link to
+            assert archived.read_file(f.path, 1 << 30) == (store / f.path).read_bytes(), f.path
+            linked += (store / f.path).stat().st_nlink > 1
+    assert linked
+    checked = list(ability(archived, "check_objects")([], False, lambda n: None))
+    assert sorted(name for name, _m, _p in checked) == sorted(directory.manifests())
+    assert all(problems == [] for _n, _m, problems in checked)
+    for name in ("commit", "remove_entry", "lock", "record_status", "trim_generations"):
+        assert ability(archived, name) is None, name
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in out.parent.iterdir()) == ["run.tar.zst"]
+
+    refusals = {("prune", "--keep-last", "1"): "error: prune does not work on an archive",
+                ("verify", "--repair", "--remote-dir", server_tree): "error: --repair does not work on an archive",
+                ("verify", "--remote", "--remote-dir", server_tree): "error: --remote does not work on an archive"}
+    before = out.read_bytes()
+    for args, line in refusals.items():
+        r = cli(tmp_path, *args, "--local-dir", out)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [line], (args, r.stderr)
+    assert out.read_bytes() == before

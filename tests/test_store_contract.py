@@ -1,9 +1,11 @@
-"""One contract for every kind of store: the same assertions against a backup directory and a
-bucket (a real SeaweedFS server, see test_s3.py), through the methods of stores.Store only.
+"""One contract for every kind of store: the same assertions against a backup directory, a
+bucket (a real SeaweedFS server, see test_s3.py) and an archive, through the methods of
+stores.Store and its abilities only.
 
 How an entry gets into a store differs by kind (a directory commits a staged entry, a bucket
-writes its objects then its manifest): `put` below does that part, everything after it is the
-protocol."""
+writes its objects then its manifest, an archive is written again from a directory by
+`ckptsync archive`): `put` below does that part, everything after it is the protocol. The cases
+that write (trim, remove, lock, record status) run where the store has the ability to."""
 
 from __future__ import annotations
 
@@ -14,15 +16,21 @@ from pathlib import Path
 import pytest
 
 from ckptsync.disk import new_hasher
-from ckptsync.errors import Locked
-from ckptsync.stores import ability, open_store
+from ckptsync.errors import Locked, NotFound
+from ckptsync.stores import ability, is_archive, open_store
 from ckptsync.stores.manifest import FileRecord, Manifest
 
 boto3 = pytest.importorskip("boto3")
 
 from test_s3 import ACCESS_KEY, SECRET_KEY, bucket, seaweed  # noqa: E402,F401  (fixtures)
 
-KINDS = ["directory", "bucket"]
+KINDS = ["directory", "bucket", "archive"]
+# What each kind can do beyond reading (stores/__init__.py): asked for by name, as the commands do.
+ABILITIES = {"directory": {"files_here", "commit", "remove_entry", "drop_generation", "trim_generations", "lock",
+                           "record_status", "clean_leftovers"},
+             "bucket": {"check_objects", "remove_entry", "drop_generation", "trim_generations", "lock",
+                        "record_status", "sweep"},
+             "archive": {"files_here", "check_objects", "reads_data", "local_copy"}}
 
 
 def manifest(name: str, data: bytes, when: float) -> Manifest:
@@ -38,6 +46,14 @@ def put(store, name: str, data: bytes, when: float) -> None:
     """Store entry `name` (one file) as a backup of that kind does; a name in use is replaced and
     its earlier version kept."""
     m = manifest(name, data, when)
+    if is_archive(store.location):    # an archive: its directory gets the entry, then is archived again
+        from ckptsync.archive import ArchiveOptions, run_archive
+
+        directory = open_store(store.location[:-len(".tar.zst")])
+        put(directory, name, data, when)
+        Path(store.location).unlink(missing_ok=True)
+        run_archive(directory.root, ArchiveOptions(output=Path(store.location)))
+        return
     if hasattr(store, "commit"):      # a directory: staged, then committed
         staged = store.staging(name) / name
         staged.mkdir(parents=True)
@@ -57,6 +73,8 @@ def put(store, name: str, data: bytes, when: float) -> None:
 def store(request, tmp_path, monkeypatch):
     if request.param == "directory":
         return open_store(tmp_path / "backups")
+    if request.param == "archive":
+        return open_store(tmp_path / "backups.tar.zst")
     server = request.getfixturevalue("seaweed")
     name = request.getfixturevalue("bucket")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -71,18 +89,28 @@ def store(request, tmp_path, monkeypatch):
 
 
 def test_entries_and_their_manifests(store):
-    assert store.manifests() == {} and store.damaged() == {}
+    if ability(store, "remove_entry"):      # a store that is written starts empty
+        assert store.manifests() == {} and store.damaged() == {}
+    else:                                   # a read-only one is there whole, or reading says it is not
+        with pytest.raises(NotFound, match="no such archive"):
+            store.manifests()
     put(store, "checkpoint-4", b"four", 1_800_000_000.0)
     put(store, "checkpoint-8", b"eight" * 100, 1_800_000_100.0)
     got = store.manifests()
     assert sorted(got) == ["checkpoint-4", "checkpoint-8"]
     assert got["checkpoint-8"].size == 500 and got["checkpoint-8"].files[0].path == "checkpoint-8/model.pt"
     assert got["checkpoint-4"] == manifest("checkpoint-4", b"four", 1_800_000_000.0)
-    assert store.location.endswith("backups") or store.location.startswith("s3://")
-    assert store.kind in ("a backup directory", "a bucket store")
+    assert store.location.endswith(("backups", "backups.tar.zst")) or store.location.startswith("s3://")
+    assert store.kind in ("a backup directory", "a bucket store", "an archive")
+
+
+def needs(store, name: str) -> None:
+    if ability(store, name) is None:
+        pytest.skip(f"{store.kind} cannot {name}")
 
 
 def test_a_replaced_entry_keeps_its_earlier_versions_newest_first_and_trims_them(store):
+    needs(store, "trim_generations")
     for i, when in enumerate((1_800_000_000.0, 1_800_000_100.0, 1_800_000_200.0)):
         put(store, "checkpoint-4", b"version %d" % i, when)
     kept = store.generations()
@@ -109,6 +137,7 @@ def test_read_a_small_stored_file(store):
 
 
 def test_remove_an_entry_whole(store):
+    needs(store, "remove_entry")
     put(store, "checkpoint-4", b"four", 1_800_000_000.0)
     put(store, "checkpoint-8", b"eight", 1_800_000_100.0)
     store.remove_entry("checkpoint-4")
@@ -122,6 +151,7 @@ def test_remove_an_entry_whole(store):
 
 
 def test_one_run_at_a_time(store):
+    needs(store, "lock")
     with store.lock("ckptsync backup (the first run)"):
         with pytest.raises(Locked) as refused:
             with store.lock("ckptsync prune"):
@@ -132,6 +162,7 @@ def test_one_run_at_a_time(store):
 
 
 def test_status_of_the_last_run_and_of_each_kind(store):
+    needs(store, "record_status")
     assert store.status() is None
     store.record_status({"time": 1_800_000_000.0, "ok": True, "scheduled": True})
     store.record_status({"time": 1_800_000_100.0, "ok": False, "scheduled": False})
@@ -141,6 +172,8 @@ def test_status_of_the_last_run_and_of_each_kind(store):
     assert json.loads(json.dumps(store.status())) == store.status()
 
 
-def test_abilities_are_asked_for_by_name(store):
-    assert (ability(store, "check_objects") is not None) == store.location.startswith("s3://")
+def test_abilities_are_asked_for_by_name(store, request):
+    kind = request.node.callspec.params["store"]
+    for name in set().union(*ABILITIES.values()):
+        assert (ability(store, name) is not None) == (name in ABILITIES[kind]), name
     assert ability(store, "no_such_ability") is None

@@ -40,7 +40,7 @@ def verify_cmd(
     Exit 30 when any check fails (or, with --repair, anything is left damaged).
     """
     from ckptsync.repair import run_repair
-    from ckptsync.stores import open_store, refuse
+    from ckptsync.stores import ability, open_store, refuse
     from ckptsync.verify import run_verify
 
     if remote and repair:
@@ -48,7 +48,10 @@ def verify_cmd(
     t = o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key, need_remote=remote or repair)
     store = open_store(t)
     refuse(store, "--remote", remote, needs="files_here")
+    if remote and ability(store, "check_objects"):   # checked against its own listing, not the server
+        raise UsageError(f"--remote does not work on {store.kind}")
     refuse(store, "--repair", repair, needs="files_here")
+    refuse(store, "--repair", repair, needs="commit")   # it puts fetched files back: an archive cannot
     out = output()
     if repair:
         out.info(f"repair {t.local_dir} from {t.describe()}:{t.remote_dir}")

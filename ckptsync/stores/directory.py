@@ -80,14 +80,20 @@ class DirectoryStore:
     kind = "a backup directory"
     files_here = True   # an ability (stores/__init__.py)
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shown: str = "") -> None:
+        """`shown`: what messages name instead of `root` (an archive, for its extracted copy)."""
         self.root = Path(root)
         self.meta = self.root / META
+        self.shown = shown
         self._own_checked = False
 
     @property
     def location(self) -> str:
-        return str(self.root)
+        return self.shown or str(self.root)
+
+    def shown_path(self, path: Path) -> str:
+        """`path` (under root) as messages name it."""
+        return str(Path(self.location) / Path(path).relative_to(self.root)) if self.shown else str(path)
 
     def exists(self) -> bool:
         return self.root.is_dir()

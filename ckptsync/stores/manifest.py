@@ -90,6 +90,11 @@ def read_manifest(path: Path, name: str) -> Manifest:
         raise
     except (OSError, UnicodeDecodeError) as exc:
         raise DamagedManifest(f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_manifest(text, name)
+
+
+def parse_manifest(text: str, name: str) -> Manifest:
+    """A manifest's text, which must describe entry `name` and only files inside it (DamagedManifest if not)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
