@@ -149,7 +149,7 @@ class RestoreAll:
         finally:
             r.seconds = time.monotonic() - started
 
-    # What a bucket store does its own way (s3/flows.py).
+    # What a bucket store does its own way (s3/direct.py).
 
     def manifests(self) -> dict[str, Manifest]:
         return DirectoryStore(self.target.local_dir).manifests()

@@ -10,6 +10,8 @@ The commands work on `Store`; what only some stores can do is an ability, asked 
 
     files_here = True   its files are on this machine: verify --remote compares them with the
                         server's, verify --repair fetches damaged ones again
+    data_path(via_laptop)    how backup and restore move its bytes (an object with backup,
+                        restore, restore_all), when not through this machine as a directory's
     check_objects(names, read_data, on_block)
         checks entries from the store's own listing (sizes and ETags; with read_data, the
         bytes too), instead of re-reading every file as a directory is checked
