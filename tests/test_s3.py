@@ -233,6 +233,9 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     again = run_cli("backup", "-i", "1", "--config", cfg, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sent_bytes"] == 0
+    dry = run_cli("backup", "-i", "1", "--dry-run", "--config", cfg)   # backup's one renderer, as for a directory
+    assert dry.returncode == 0 and "up to date  checkpoint-12" in dry.stdout, dry.stdout + dry.stderr
+    assert f"dry run: would fetch 0 B in 0 item(s) into {store}/instance-1; nothing was changed" in dry.stdout
     client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-99/optimizer.pt", Body=b"half-written")
     listed = run_list(resolve_target(load_config(str(cfg)), instance="1", need_remote=False), local_only=True)
     assert [r.name for r in listed.rows] == ["checkpoint-12", "checkpoint-8"]
