@@ -105,7 +105,7 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
 
 def _record(store: BucketStore, r: BackupResult, code: int, error: str, rep: Reporter) -> None:
     status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed,
-                        [p.name for p in r.plan if p.action == "up-to-date"], notify.scheduled(),
+                        r.current, notify.scheduled(),
                         store=r.dest, sent_bytes=r.sent_bytes, copied_bytes=r.copied_bytes,
                         seconds=round(r.seconds, 3))
     try:
