@@ -53,6 +53,8 @@ class BackupResult(Result):
     copied_files: int = 0     # copied from a stored file instead of fetched: no disk saved, no transfer
     copied_bytes: int = 0
     channels: int = 1         # the most connections one transfer of this run used at once (--parallel)
+    sent_bytes: int = 0       # a bucket store: bytes sent into the bucket (by the server, or relayed from here)
+    direct: bool = False      # a bucket store: the server sent them itself, none came through here
     seconds: float = 0.0
 
     @property

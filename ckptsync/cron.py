@@ -30,7 +30,7 @@ from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config, is_store_url
 from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
 from ckptsync.result import Result
-from ckptsync.stores.directory import DirectoryStore
+from ckptsync.stores import Store, ability, open_store
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
 LINE_RE = re.compile(r"^\s*(?P<when>@\S+|(?:\S+\s+){4}\S+)\s+(?P<command>.*)$")
@@ -353,14 +353,8 @@ def backup_dir_of(target: Target) -> str:
     return target.store_url or _abs(str(target.local_dir))
 
 
-def last_runs(target: Target) -> tuple[dict | None, dict | None, dict | None]:
-    """(last run, last scheduled run, last manual run), from the backup directory or the bucket."""
-    if target.store_url:
-        from ckptsync.stores import open_store
-
-        store = open_store(target)
-    else:
-        store = DirectoryStore(Path(backup_dir_of(target)))
+def last_runs(store: Store) -> tuple[dict | None, dict | None, dict | None]:
+    """(last run, last scheduled run, last manual run), as the store recorded them."""
     return store.status(), store.status("scheduled"), store.status("manual")
 
 
@@ -510,7 +504,8 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     table = crontab.read()
     backup_dir = backup_dir_of(target)
     r = _result("shown", target, table, find_entry(table, backup_dir))
-    r.last_run, r.last_scheduled, r.last_manual = last_runs(target)
+    store = open_store(target)
+    r.last_run, r.last_scheduled, r.last_manual = last_runs(store)
     if r.last_scheduled is None and r.last_manual is None and r.last_run is not None:
         # Recorded before runs were told apart: it counts as whichever kind it says it was.
         if r.last_run.get("scheduled"):
@@ -525,7 +520,8 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     last = r.last_scheduled
     if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
         r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
-    stuck = "" if target.store_url else DirectoryStore(Path(backup_dir)).stuck_holder(now, target.stall_timeout)
+    holder = ability(store, "stuck_holder")   # a bucket's lease lock expires by itself
+    stuck = holder(now, target.stall_timeout) if holder else ""
     if stuck:
         r.warnings.append(stuck)
     return r

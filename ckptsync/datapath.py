@@ -1,9 +1,10 @@
 """How a backup's bytes travel, chosen by the store a target names (stores.open_store).
 
 A store whose files are on this machine (a backup directory: the ability `files_here`) is
-filled by backup.py and read by restore.py, the bytes through this machine. A bucket is
-filled and read by the server itself through presigned URLs (s3/backup.py, s3/flows.py), or
-with `--via-laptop` through this machine. show and compare read any store through the
+filled by backup.py and read by restore.py, the bytes through this machine. A store with the
+ability `data_path` (a bucket) says itself how its bytes travel (s3/direct.py: the server
+moves them through presigned URLs, or with `--via-laptop` through this machine; restore_direct.py
+runs a restore through it); the results are the same types either way. show and compare read any store through the
 protocol (details.py); a directory may be an archive, read through its index. The commands call the functions here and never ask which
 kind of store they are on; a flag that only one data path has is refused here, one line,
 exit 2.
@@ -19,8 +20,10 @@ from ckptsync.stores import Store, ability, open_store, refuse
 
 if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
+    from ckptsync.backup_plan import BackupResult
     from ckptsync.config import Target
-    from ckptsync.restore import RestoreOptions
+    from ckptsync.restore import RestoreOptions, RestoreResult
+    from ckptsync.restore_all import RestoreAllResult
 
 # The commands that work on a store whose files are not on this machine (a bucket).
 ELSEWHERE = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
@@ -53,6 +56,7 @@ def one_run_per_store(ts: list[Target]) -> None:
 
 def check_backup(store: Store, via_laptop: bool, flags: dict[str, bool]) -> None:
     """`flags`: the backup flags that need this machine's copy (staging, runs, a wait, channels)."""
+    refuse(store, "backup", True, needs="record_status")  # a store that cannot be written (an archive)
     if via_laptop and here(store):
         raise UsageError("--via-laptop relays to a bucket store: give local_dir / --local-dir s3://BUCKET/PREFIX")
     for flag, given in flags.items():
@@ -66,18 +70,14 @@ def backup_line(t: Target, store: Store, via_laptop: bool) -> str:
     return f"backup {t.describe()}:{t.remote_dir} -> {store.location} ({how})"
 
 
-def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False):
-    """A BackupResult (a directory) or a BucketBackupResult (a bucket)."""
+def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False) -> BackupResult:
     store = open_store(t)
-    if here(store):
-        from ckptsync.backup import run_backup
+    path = ability(store, "data_path")
+    if path is not None:
+        return path(via_laptop).backup(t, opts, rep)
+    from ckptsync.backup import run_backup
 
-        return run_backup(t, opts, rep)
-    from ckptsync.s3.backup import run_bucket_backup
-
-    result = run_bucket_backup(t, opts, rep, store, via_laptop=via_laptop)
-    result.target = t.label
-    return result
+    return run_backup(t, opts, rep)
 
 
 # -------------------------------------------------- restore
@@ -96,27 +96,28 @@ def restore_line(t: Target, store: Store, every: bool = False) -> str:
             + " (from the bucket straight to the server)")
 
 
-def restore(t: Target, opts: RestoreOptions, rep: Reporter = QUIET):
-    """A RestoreResult (a directory) or a BucketRestore (a bucket)."""
+def restore(t: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreResult:
     store = open_store(t)
-    if here(store):
-        from ckptsync.restore import run_restore
+    path = ability(store, "data_path")
+    if path is not None:
+        from ckptsync.restore_direct import run_direct_restore
 
-        return run_restore(t, opts, rep)
-    from ckptsync.s3.flows import run_bucket_restore
+        return run_direct_restore(t, store, path(), opts, rep)
+    from ckptsync.restore import run_restore
 
-    return run_bucket_restore(t, store, opts.checkpoint, opts.force, rep, generation=opts.generation)
+    return run_restore(t, opts, rep)
 
 
-def restore_all(t: Target, opts: RestoreOptions, rep: Reporter = QUIET):
+def restore_all(t: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
     store = open_store(t)
-    if here(store):
-        from ckptsync.restore_all import run_restore_all
+    path = ability(store, "data_path")
+    if path is not None:
+        from ckptsync.restore_direct import run_direct_restore_all
 
-        return run_restore_all(t, opts, rep)
-    from ckptsync.s3.flows import run_bucket_restore_all
+        return run_direct_restore_all(t, store, path(), opts, rep)
+    from ckptsync.restore_all import run_restore_all
 
-    return run_bucket_restore_all(t, store, opts.force, rep)
+    return run_restore_all(t, opts, rep)
 
 
 # -------------------------------------------------- show, compare

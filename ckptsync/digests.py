@@ -16,7 +16,6 @@ from typing import Callable
 
 from ckptsync.disk import XXH3, new_hasher
 from ckptsync.errors import CkptsyncError
-from ckptsync.stores import ability
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import FileRecord
 
@@ -49,7 +48,8 @@ class LocalDigests:
 
     def __init__(self, store: DirectoryStore | None, held: bool = False,
                  on_block: Callable[[int], None] | None = None) -> None:
-        self.store = store if ability(store, "write_manifest") else None   # a directory's copy, or none
+        # a directory's copy, or none (asked as stores.ability asks; importing stores here would loop)
+        self.store = store if getattr(store, "write_manifest", None) else None
         self.held = held
         self.on_block = on_block
         self.found: dict[tuple[str, int], dict[str, str]] = {}   # (xxh3, size) -> {alg: value}

@@ -93,9 +93,10 @@ class RestoreRun(Result):
 
     target: str
     server: str
-    source: str                  # the backup directory
+    source: str                  # the backup directory (or the bucket store's URL)
     remote_dir: str              # absolute on the server once known
     dry_run: bool
+    direct: bool = False         # the server read the bytes from the store itself (a bucket): none came through here
 
 
 @dataclass

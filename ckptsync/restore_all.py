@@ -151,7 +151,7 @@ class RestoreAll:
         finally:
             r.seconds = time.monotonic() - started
 
-    # What a bucket store does its own way (s3/flows.py).
+    # What a bucket store does its own way (s3/direct.py).
 
     def manifests(self) -> dict[str, Manifest]:
         return self.store.manifests()

@@ -317,7 +317,8 @@ def test_an_archive_is_a_read_only_store_read_through_its_members(tmp_path: Path
 
     refusals = {("prune", "--keep-last", "1"): "error: prune does not work on an archive",
                 ("verify", "--repair", "--remote-dir", server_tree): "error: --repair does not work on an archive",
-                ("verify", "--remote", "--remote-dir", server_tree): "error: --remote does not work on an archive"}
+                ("verify", "--remote", "--remote-dir", server_tree): "error: --remote does not work on an archive",
+                ("backup", "--remote-dir", server_tree): "error: backup does not work on an archive"}
     before = out.read_bytes()
     for args, line in refusals.items():
         r = cli(tmp_path, *args, "--local-dir", out)

@@ -29,13 +29,20 @@ from ckptsync.config import Target, load_config, resolve_target  # noqa: E402
 from ckptsync.errors import ConfigError, ConnectError, Locked, UsageError  # noqa: E402
 from ckptsync.progress import Reporter  # noqa: E402
 from ckptsync.s3 import parse_url  # noqa: E402
-from ckptsync.s3.backup import run_bucket_backup  # noqa: E402
+from ckptsync.progress import QUIET  # noqa: E402
 from ckptsync.stores import open_store  # noqa: E402
 from ckptsync.s3.bucket import Settings, part_size  # noqa: E402
 from ckptsync.listing import run_list  # noqa: E402
-from ckptsync.s3.flows import run_bucket_restore  # noqa: E402
+from ckptsync.restore import RestoreOptions  # noqa: E402
+from ckptsync.restore_direct import run_direct_restore  # noqa: E402
 from ckptsync.verify import run_verify  # noqa: E402
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
+
+
+def bucket_backup(t, opts, rep=QUIET):
+    """A backup through the bucket store's own data path, as `ckptsync backup` runs it."""
+    return open_store(t).data_path().backup(t, opts, rep)
+
 
 ACCESS_KEY = "CKPTSYNCTESTKEY01"
 SECRET_KEY = "ckptsync-test-secret-5f1e2d"
@@ -190,7 +197,7 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
         results[words[0]] = json.loads(res.stdout)
 
     backup = results["backup"]
-    assert sorted(backup["uploaded"]) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert sorted(backup["fetched"]) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert backup["copied_bytes"] > 0            # files identical across checkpoints: copied in the bucket
     keys = objects(client, bucket, "team/instance-1/")
     for path in (p for c in ("checkpoint-8", "checkpoint-12") for p in (server / c).iterdir()):  # 4 was pruned
@@ -226,6 +233,9 @@ def test_readme_team_storage_against_seaweedfs(ssh_home, big_server_tree, seawee
     again = run_cli("backup", "-i", "1", "--config", cfg, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sent_bytes"] == 0
+    dry = run_cli("backup", "-i", "1", "--dry-run", "--config", cfg)   # backup's one renderer, as for a directory
+    assert dry.returncode == 0 and "up to date  checkpoint-12" in dry.stdout, dry.stdout + dry.stderr
+    assert f"dry run: would fetch 0 B in 0 item(s) into {store}/instance-1; nothing was changed" in dry.stdout
     client.put_object(Bucket=bucket, Key="team/instance-1/checkpoint-99/optimizer.pt", Body=b"half-written")
     listed = run_list(resolve_target(load_config(str(cfg)), instance="1", need_remote=False), local_only=True)
     assert [r.name for r in listed.rows] == ["checkpoint-12", "checkpoint-8"]
@@ -298,7 +308,7 @@ def test_server_that_cannot_reach_the_endpoint_and_the_relay(ssh_home, server_tr
     assert (failed["ok"], failed["exit_code"]) == (False, 20) and "cannot reach" in failed["error"]
     relayed = run_cli("backup", "-i", "1", "--checkpoint", "checkpoint-4", "--via-laptop", "--config", cfg, "--json")
     assert relayed.returncode == 0, relayed.stderr
-    assert json.loads(relayed.stdout)["uploaded"] == ["checkpoint-4"]
+    assert json.loads(relayed.stdout)["fetched"] == ["checkpoint-4"]
     client = seaweed.client()
     for path in (server_tree / "checkpoint-4").iterdir():
         assert client.get_object(Bucket=bucket, Key=f"t/instance-1/checkpoint-4/{path.name}")["Body"].read() \
@@ -344,8 +354,8 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
                       Body=json.dumps({"owner": "a run that died", "token": "x", "expires": 1000.0}))
     heard = Heard()
     t.server_factory = InProcessServer
-    result = run_bucket_backup(t, BackupOptions(names=["checkpoint-4"]), heard)
-    assert result.uploaded == ["checkpoint-4"]
+    result = bucket_backup(t, BackupOptions(names=["checkpoint-4"]), heard)
+    assert result.fetched == ["checkpoint-4"]
     assert [m for m in heard.lines if m.startswith("took over the lock of a run that died")]
     assert not objects(client, bucket, "t/instance-1/.ckptsync/lock")
     status = client_status(seaweed, bucket)
@@ -411,7 +421,7 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
     hooks.on_before("http_put", link_drops_at_the_third_batch)
     t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint, server=InProcessServer(hooks))
     with pytest.raises(ConnectError):
-        run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+        bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
     assert not objects(client, bucket, "r/instance-0/.ckptsync/manifests/")   # nothing recorded
     upload = client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"]
     assert [p["PartNumber"] for p in client.list_parts(Bucket=bucket, Key=key, UploadId=upload)["Parts"]] == [1]
@@ -419,14 +429,16 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
     client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=2, Body=bytes(PART))
 
     t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint)
-    result = run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
-    assert result.uploaded == ["checkpoint-12"] and not result.failed
+    result = bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert result.fetched == ["checkpoint-12"] and not result.failed
     assert result.resumed_bytes == PART
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
 
     restored = tmp_path / "restored"
-    run_bucket_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), open_store(t), "checkpoint-12")
+    store = open_store(t)
+    run_direct_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), store, store.data_path(),
+                       RestoreOptions(checkpoint="checkpoint-12"))
     assert (restored / BIG).read_bytes() == data
     assert not run_verify(t, [], read_data=True).exit_code
 
@@ -591,12 +603,12 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
         return hashlib.sha256(body).hexdigest()
 
     first = backup()
-    assert "latest.pt" in first["uploaded"] and not first["generations"]
+    assert "latest.pt" in first["fetched"] and not first["generations"]
     tick = (run / "latest.pt").stat().st_mtime_ns
     history = [file_sha256(run / "latest.pt")]
     for k in replayed(run, tick, history):
         result = backup()
-        assert {"latest.pt", "latest_backup.pt"} <= set(result["replaced"]), result
+        assert {"latest.pt", "latest_backup.pt"} <= {g.partition("@")[0] for g in result["generations"]}, result
         assert f"latest.pt@" in " ".join(result["generations"])
         assert result["copied_bytes"] > 0   # latest_backup.pt is the old latest.pt: copied, not sent
         for name in ("latest.pt", "latest_backup.pt", "best_model.pt", "best_model_previous.pt"):
@@ -616,6 +628,7 @@ def test_seed_rotations_into_a_bucket_keep_generations(ssh_home, tmp_path, seawe
                    "--config", cfg)
     assert back.returncode == 0, back.stdout + back.stderr
     assert "generation" in back.stdout and file_sha256(fresh / "latest.pt") == history[-2]
+    assert "from the bucket straight to the server, checked there" in back.stdout   # restore's one renderer
 
     gen_key = f"seed/instance-1/.ckptsync/generations/latest.pt/{listed['generations']['latest.pt'][1]['id']}/latest.pt"
     pruned = json.loads(run_cli("prune", "-i", "1", "--keep-generations", "1", "--config", cfg, "--json").stdout)
@@ -635,8 +648,8 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     client = seaweed.client()
     url = f"s3://{bucket}/x/instance-0"
-    assert run_bucket_backup(local_target(server_tree, url, seaweed.endpoint),
-                             BackupOptions(names=["checkpoint-12"])).uploaded == ["checkpoint-12"]
+    assert bucket_backup(local_target(server_tree, url, seaweed.endpoint),
+                             BackupOptions(names=["checkpoint-12"])).fetched == ["checkpoint-12"]
     old = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
     changed = server_tree / "checkpoint-12" / "optimizer.pt"
     st = changed.stat()
@@ -653,7 +666,7 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
     hooks.on_before("http_put", drop, times=1)
     t = local_target(server_tree, url, seaweed.endpoint, server=InProcessServer(hooks))
     with pytest.raises(ConnectError):
-        run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+        bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
     assert cut   # the upload of the new bytes was under way
     store = open_store(t)
     assert "checkpoint-12" not in store.entries()
@@ -665,8 +678,8 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
 
     assert run_prune(t, PruneOptions(policy=Policy(keep_last=1))).generations == []   # kept: it may be all there is
 
-    again = run_bucket_backup(local_target(server_tree, url, seaweed.endpoint), BackupOptions(names=["checkpoint-12"]))
-    assert again.uploaded == ["checkpoint-12"] and not again.failed
+    again = bucket_backup(local_target(server_tree, url, seaweed.endpoint), BackupOptions(names=["checkpoint-12"]))
+    assert again.fetched == ["checkpoint-12"] and not again.failed
     now = client.get_object(Bucket=bucket, Key="x/instance-0/checkpoint-12/optimizer.pt")["Body"].read()
     assert now == changed.read_bytes()
     assert not run_verify(t, [], read_data=True).exit_code
@@ -710,12 +723,12 @@ def test_extra_files_go_into_the_bucket_too(ssh_home, server_tree, seaweed, buck
     config_file = server_tree.parent.parent / "config_full_dataset.json"
 
     first = json.loads(run_cli("backup", "-i", "1", "--config", cfg, "--json").stdout)
-    assert "extra-files" in first["uploaded"], first
+    assert "extra-files" in first["fetched"], first
     for name, src in (("config_full_dataset.json", config_file), ("train.py", script)):
         body = client.get_object(Bucket=bucket, Key=f"team/instance-1/extra-files/{name}")["Body"].read()
         assert body == src.read_bytes()
     again = json.loads(run_cli("backup", "-i", "1", "--config", cfg, "--json").stdout)
-    assert again["planned"]["extra-files"] == "up-to-date" and again["sent_bytes"] == 0
+    assert {p["name"]: p["action"] for p in again["plan"]}["extra-files"] == "up-to-date" and again["sent_bytes"] == 0
     assert json.loads(run_cli("checklist", "-i", "1", "--config", cfg, "--json").stdout)["safe"]
 
     script.write_text("print('train, longer')\n")
@@ -777,14 +790,15 @@ def test_files_that_only_look_changed_get_the_servers_stamps_in_the_bucket(serve
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     t = local_target(server_tree, f"s3://{bucket}/x/instance-0", seaweed.endpoint)
-    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).uploaded == ["checkpoint-12"]
+    assert bucket_backup(t, BackupOptions(names=["checkpoint-12"])).fetched == ["checkpoint-12"]
     touched = server_tree / "checkpoint-12" / "optimizer.pt"
     new = touched.stat().st_mtime_ns - 7_000_000_000
     os.utime(touched, ns=(new, new))
 
-    again = run_bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
-    assert (again.planned, again.uploaded, again.sent_bytes) == ({"checkpoint-12": "up-to-date"}, [], 0)
+    again = bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+    assert ([(p.name, p.action) for p in again.plan], again.fetched, again.sent_bytes) == (
+        [("checkpoint-12", "restamp")], [], 0)
     assert again.restamped == ["checkpoint-12"]
     stored = {f.path: f.mtime_ns for f in open_store(t).manifests()["checkpoint-12"].files}
     assert stored["checkpoint-12/optimizer.pt"] == new
-    assert run_bucket_backup(t, BackupOptions(names=["checkpoint-12"])).restamped == []
+    assert bucket_backup(t, BackupOptions(names=["checkpoint-12"])).restamped == []

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
     from ckptsync.backup_plan import BackupResult
     from ckptsync.multi import ManyResult
-    from ckptsync.s3.backup import BucketBackupResult
 
 
 def backup_cmd(
@@ -94,7 +93,7 @@ def backup_cmd(
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
     out.info(datapath.backup_line(t, store, via_laptop))
     return run_or_skip(out, t.label, store.location, lambda: datapath.backup(t, opts, out.reporter(), via_laptop),
-                       skip_if_locked, show_any)
+                       skip_if_locked, show_backup)
 
 
 @dataclass
@@ -115,17 +114,25 @@ def show_discarded(out: Output, r: Discarded) -> None:
                else f"nothing staged in {r.dest}")
 
 
+def _moved(r: BackupResult) -> str:
+    """Where the bytes went: to this machine's disk, or (a bucket) into the store."""
+    if r.direct:
+        return (f"{human(r.sent_bytes)} sent from the server to the bucket"
+                + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
+                + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else ""))
+    return (f"{human(r.raw_bytes)} of files, {human(r.wire_bytes)} on the wire, "
+            + (f"{human(r.sent_bytes)} sent to the bucket" if r.sent_bytes else f"{human(max(r.disk_bytes, 0))} new on disk")
+            + _shared(r)
+            + (f"; {human(r.resumed_bytes)} of partly fetched files kept from an interrupted run, "
+               "not sent again" if r.resumed_bytes else ""))
+
+
 def _shared(r: BackupResult) -> str:
     parts = [f"{n} files {what}, {human(b)}" for n, b, what in (
         (r.reflinked_files, r.reflinked_bytes, "reflinked"),
         (r.linked_files, r.linked_bytes, "hard-linked"),
         (r.copied_files, r.copied_bytes, "copied locally instead of fetched")) if n]
     return f" ({', '.join(parts)})" if parts else ""
-
-
-def show_any(out: Output, result) -> None:
-    """The result of the store's data path (datapath.backup), by its type."""
-    (show_upload if type(result).__name__ == "BucketBackupResult" else show_backup)(out, result)
 
 
 def show_backup(out: Output, result: BackupResult) -> None:
@@ -178,14 +185,10 @@ def _show_one(out: Output, result: BackupResult) -> None:
         return
     if out.quiet and not result.failed:
         return
-    speed = rate(result.raw_bytes, result.seconds)
+    speed = rate(result.raw_bytes or result.sent_bytes, result.seconds)
     out.result(f"fetched {len(result.fetched)} ({', '.join(result.fetched) or 'none'}), "
                f"up to date {len(current)}, skipped {len(skipped)}, failed {len(result.failed)}; "
-               f"{human(result.raw_bytes)} of files, {human(result.wire_bytes)} on the wire, "
-               f"{human(max(result.disk_bytes, 0))} new on disk"
-               + _shared(result)
-               + (f"; {human(result.resumed_bytes)} of partly fetched files kept from an interrupted run, "
-                  "not sent again" if result.resumed_bytes else "")
+               + _moved(result)
                + f"; {result.seconds:.1f}s" + (f", {speed}" if speed else "")
                + (f" over {result.channels} channels" if result.channels > 1 else ""))
 
@@ -239,31 +242,3 @@ def show_backups(out: Output, many: ManyResult) -> None:
             out.info(f"{o.target}: skipped: {o.result.skipped}")
     if any(isinstance(o.result, BackupResult) and o.result.dry_run for o in many.outcomes):
         out.result("dry run: nothing was changed (files: what would be fetched)")
-
-
-def show_upload(out: Output, r: BucketBackupResult) -> None:
-    """A bucket store's backup: the server sent the bytes to the bucket."""
-    for w in r.warnings:
-        out.warn(w)
-    for name, why in r.failed.items():
-        out.warn(f"{name}: {why}")
-    if r.dry_run:
-        for name, action in r.planned.items():
-            out.result(f"{action:<10} {name}")
-        out.result(f"dry run: would send {human(r.plan_bytes)} to {r.dest}; nothing was changed")
-        return
-    current = [n for n, a in r.planned.items() if a == "up-to-date"]
-    if not r.uploaded and not r.failed:
-        out.result(f"up to date: {', '.join(current) or 'nothing to back up'} ({r.seconds:.1f}s)")
-        return
-    speed = rate(r.sent_bytes, r.seconds)
-    out.result(f"uploaded {len(r.uploaded)} ({', '.join(r.uploaded) or 'none'}), up to date {len(current)}, "
-               f"failed {len(r.failed)}; {human(r.sent_bytes)} sent from the server to the bucket"
-               + (f", {human(r.copied_bytes)} copied inside the bucket" if r.copied_bytes else "")
-               + (f", {human(r.resumed_bytes)} of parts kept from an interrupted upload" if r.resumed_bytes else "")
-               + f"; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
-    if r.generations:
-        out.paragraph(f"changed on the server: {', '.join(r.replaced) or 'none recorded'}; the earlier version(s) "
-                      f"kept as {', '.join(r.generations)}"
-                      + (f"; dropped {', '.join(r.dropped_generations)} (keep_generations)" if r.dropped_generations
-                         else ""))

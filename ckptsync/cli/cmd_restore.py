@@ -9,12 +9,11 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output
 from ckptsync.cli.shared import show_restore_all
-from ckptsync.output import Output, TextTable, human, rate, size_cell
+from ckptsync.output import Output, TextTable, human, size_cell
 from ckptsync.errors import UsageError
 
 if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult
-    from ckptsync.s3.flows import BucketRestore
 
 
 def restore_cmd(
@@ -81,12 +80,7 @@ def restore_cmd(
     out.info(datapath.restore_line(t, store, every=all_))
     if all_:
         return out.render(datapath.restore_all(t, opts, out.reporter()), show_restore_all)
-    return out.render(datapath.restore(t, opts, out.reporter()), show_any)
-
-
-def show_any(out: Output, result) -> None:
-    """The result of the store's data path (datapath.restore), by its type."""
-    (show_bucket_restore if type(result).__name__ == "BucketRestore" else show_restore)(out, result)
+    return out.render(datapath.restore(t, opts, out.reporter()), show_restore)
 
 
 def show_restore(out: Output, result: RestoreResult) -> None:
@@ -120,8 +114,10 @@ def show_restore(out: Output, result: RestoreResult) -> None:
     else:
         out.paragraph(f"restored {result.checkpoint}{version} to {result.server}:{result.path}{replaced}")
     if result.sent_files or not result.identical:
-        out.paragraph(f"{files_text(result.sent_files)} sent, {human(result.sent_bytes)} ({human(result.wire_bytes)} "
-                      f"on the wire){resumed}; {result.seconds:.1f}s"
+        how = ("from the bucket straight to the server, checked there" if result.direct
+               else f"({human(result.wire_bytes)} on the wire)")
+        out.paragraph(f"{files_text(result.sent_files)} sent, {human(result.sent_bytes)} {how}{resumed}; "
+                      f"{result.seconds:.1f}s"
                       + (f" over {result.channels} channels" if result.channels > 1 else ""), indent="    ", first="  ")
     for e in result.extras:
         if e.dest:
@@ -182,15 +178,3 @@ def show_hint(out: Output, hint: str, first: str = "") -> None:
         out.to_paste(f"{first}resume with:", code)
     else:
         out.paragraph(hint, indent="  ", first=first)
-
-
-def show_bucket_restore(out: Output, r: BucketRestore) -> None:
-    """A bucket store's restore: the server fetched the bytes from the bucket."""
-    for n in r.notes:
-        out.info(n)
-    speed = rate(r.bytes, r.seconds)
-    version = f" (generation {r.generation})" if r.generation else ""
-    out.result(f"restored {r.name}{version} to {r.server}:{r.path}: {r.files} files, {human(r.bytes)}, checked on the "
-               f"server; {r.seconds:.1f}s" + (f", {speed}" if speed else ""))
-    if r.hint:
-        out.result(r.hint)

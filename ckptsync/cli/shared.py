@@ -74,7 +74,9 @@ def show_restore_all(out: Output, result: RestoreAllResult) -> None:
         return
     restored = sum(1 for i in result.items if i.outcome == RESTORED)
     out.result(f"restored {restored} of {len(result.items)} checkpoints to {result.server}:{result.remote_dir}, "
-               f"{human(result.sent_bytes)} sent ({human(result.wire_bytes)} on the wire), "
+               f"{human(result.sent_bytes)} sent "
+               + ("from the bucket straight to the server, " if result.direct
+                  else f"({human(result.wire_bytes)} on the wire), ") +
                f"{sum(1 for i in result.items if i.outcome == SKIPPED)} skipped, "
                f"{len(result.failed)} failed; {result.seconds:.1f}s")
     if result.restores:

@@ -12,56 +12,30 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ckptsync.backup_plan import stat_extras
-from ckptsync.selection import BackupOptions, resolve_names, select, unseen_failures
+from ckptsync.backup_plan import BackupResult, stat_extras
+from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures
 from ckptsync import notify
-from ckptsync.errors import (OK, PARTIAL, AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
+from ckptsync.errors import (AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
                              IOFailure, Locked)
 from ckptsync.freshness import Judgement, judge
 from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.policy import CHECK, human, run_status
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.s3.bucket import Conflict, etag, part_size, plain_md5
-from ckptsync.stores import open_store
-from ckptsync.stores.bucket import BucketStore, Entry
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.server import Server, open_server
 from ckptsync.server.transfer import receive
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
 
+if TYPE_CHECKING:
+    from ckptsync.stores.bucket import BucketStore, Entry
+
 BATCH_ITEMS = 64          # URLs per request to the agent, signed just before it is sent
 BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per batch
-
-
-@dataclass
-class BucketBackupResult:
-    target: str
-    server: str
-    dest: str
-    dry_run: bool
-    planned: dict[str, str] = field(default_factory=dict)   # name -> upload, up-to-date, skip: why
-    uploaded: list[str] = field(default_factory=list)
-    replaced: list[str] = field(default_factory=list)     # uploaded over an older version of the name
-    restamped: list[str] = field(default_factory=list)    # same bytes on the server, new stamps recorded
-    generations: list[str] = field(default_factory=list)  # "NAME@ID": earlier versions kept
-    dropped_generations: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    sent_bytes: int = 0        # bytes the server sent to the bucket
-    copied_bytes: int = 0      # bytes copied inside the bucket instead of sent
-    resumed_bytes: int = 0     # parts an interrupted upload had already stored
-    plan_bytes: int = 0
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return PARTIAL if self.failed else OK
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
 
 
 @dataclass
@@ -88,13 +62,12 @@ def endpoint_errors(hint: str):
         raise ConnectError(f"{exc.message} (the bucket's endpoint as the server sees it)", hint=hint) from None
 
 
-def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store: BucketStore | None = None,
-                      server: Server | None = None, via_laptop: bool = False) -> BucketBackupResult:
+def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Reporter = QUIET,
+                      server: Server | None = None, via_laptop: bool = False) -> BackupResult:
     """`via_laptop`: for a server that cannot reach the bucket, the bytes come here over the
     agent's link (checked as a backup's are), wait in a temporary directory, and go up from here."""
-    store = store or open_store(target)
-    result = BucketBackupResult(target=target.label, server=target.describe(), dest=str(store.root),
-                                dry_run=opts.dry_run)
+    result = BackupResult(target=target.label, server=target.describe(), dest=store.location,
+                          dry_run=opts.dry_run, direct=not via_laptop)
     started = time.monotonic()
     code, error = None, ""
     try:
@@ -130,9 +103,9 @@ def run_bucket_backup(target, opts: BackupOptions, rep: Reporter = QUIET, store:
             _record(store, result, code, error, rep)
 
 
-def _record(store: BucketStore, r: BucketBackupResult, code: int, error: str, rep: Reporter) -> None:
-    status = run_status(time.time(), code, error, r.target, r.server, r.uploaded, r.failed,
-                        [n for n, a in r.planned.items() if a == "up-to-date"], notify.scheduled(),
+def _record(store: BucketStore, r: BackupResult, code: int, error: str, rep: Reporter) -> None:
+    status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed,
+                        r.current, notify.scheduled(),
                         store=r.dest, sent_bytes=r.sent_bytes, copied_bytes=r.copied_bytes,
                         seconds=round(r.seconds, 3))
     try:
@@ -146,7 +119,7 @@ def _record(store: BucketStore, r: BucketBackupResult, code: int, error: str, re
 
 
 class _Upload:
-    def __init__(self, target, store: BucketStore, server: Server, rep: Reporter, result: BucketBackupResult,
+    def __init__(self, target, store: BucketStore, server: Server, rep: Reporter, result: BackupResult,
                  via_laptop: bool = False) -> None:
         self.target = target
         self.via_laptop = via_laptop
@@ -160,7 +133,7 @@ class _Upload:
 
     def plan(self, view: ServerView, opts: BackupOptions) -> list[Checkpoint]:
         r = self.result
-        r.planned.clear()
+        r.plan.clear()
         r.failed.clear()
         r.warnings[:] = list(view.errors)
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
@@ -168,8 +141,8 @@ class _Upload:
         opts = resolve_names(opts, view.checkpoints)
         chosen, skipped = select(view.checkpoints, opts, [e.manifest for e in self.entries.values()])
         todo = []
+        r.plan.extend(skipped)
         for s in skipped:
-            r.planned[s.name] = f"skip: {s.reason}"
             if s.name in opts.names:
                 r.failed[s.name] = s.reason
         r.failed.update(unseen_failures(view, opts.names))
@@ -178,17 +151,15 @@ class _Upload:
             entry = self.entries.get(c.name)
             judged = None if entry is None else judge(self.server, view.root, entry.manifest.files,
                                                       view.files_of(c), CHECK)
-            if entry is None:
-                r.planned[c.name] = "upload"
-                todo.append(c)
-            elif judged.current:
-                r.planned[c.name] = "up-to-date"
+            files = len(view.files_of(c))
+            if judged is not None and judged.current:
+                r.plan.append(PlanItem(c.name, "restamp" if judged.restamp else "up-to-date", c.size,
+                                       files=len(judged.restamp) if judged.restamp else files, step=c.step))
                 if judged.restamp:
                     self.stamps[c.name] = judged
-            else:
-                r.planned[c.name] = "replace"   # the stored version becomes a generation
+            else:   # new, or changed on the server: the stored version becomes a generation
+                r.plan.append(PlanItem(c.name, "fetch", c.size, fetch_bytes=c.size, files=files, step=c.step))
                 todo.append(c)
-        r.plan_bytes = sum(c.size for c in todo)
         return todo
 
     def restamp(self) -> None:
@@ -218,9 +189,10 @@ class _Upload:
         sources = {member: src for member, (src, _st) in found.items()}
         entry = self.entries.get(EXTRA)
         if entry is not None and judge(self.server, view.root, entry.manifest.files, listed, CHECK, sources).current:
-            self.result.planned[EXTRA] = "up-to-date"
+            self.result.plan.append(PlanItem(EXTRA, "up-to-date", sum(st.size for st in listed.values()), files=len(listed)))
             return
-        self.result.planned[EXTRA] = "upload" if entry is None else "replace"
+        size = sum(st.size for st in listed.values())
+        self.result.plan.append(PlanItem(EXTRA, "fetch", size, fetch_bytes=size, files=len(listed)))
 
         def manifest(files: list[_File]) -> Manifest:
             records = [FileRecord(path=f.path, size=f.size, mode=listed[f.path].mode, mtime_ns=listed[f.path].mtime_ns,
@@ -254,7 +226,7 @@ class _Upload:
                 f.etag = have[1]
             elif have is not None:
                 f.etag = self.bucket.copy(have[0], f.key, f.size)
-                self.result.copied_bytes += f.size
+                self._copied(f.size)
             elif (f.hash, f.size) in first:   # the same bytes twice in this checkpoint: sent once
                 twins.append((f, first[(f.hash, f.size)]))
             else:
@@ -273,7 +245,7 @@ class _Upload:
                 f.error = src.error
             else:
                 f.etag = self.bucket.copy(src.key, f.key, f.size)
-                self.result.copied_bytes += f.size
+                self._copied(f.size)
         bad = {f.path: f.error for f in files if f.error}
         if not bad:
             bad = self._recheck(root, listed, read)
@@ -281,20 +253,23 @@ class _Upload:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())[:3])
             self.result.failed[name] = f"not recorded ({what})"
             return
-        entry = Entry(manifest(files), {f.path: f.etag for f in files}, self.alg)
+        entry = self.store.new_entry(manifest(files), {f.path: f.etag for f in files}, self.alg)
         try:
             self.store.write_entry(entry)
         except Conflict:
             self.result.failed[name] = "another run recorded it meanwhile; its manifest was kept"
             return
         self.entries[name] = entry
-        self.result.uploaded.append(name)
+        self.result.fetched.append(name)
         if old is not None:
-            self.result.replaced.append(name)
             dropped = self.store.trim_generations(name, self.target.keep_generations)
             self.result.dropped_generations.extend(g.label for g in dropped)
             gone = {g.label for g in dropped}
             self.kept = [g for g in self.kept if g.label not in gone]   # no longer a source of copies
+
+    def _copied(self, size: int) -> None:
+        self.result.copied_files += 1
+        self.result.copied_bytes += size
 
     def _set_aside(self, old: Entry) -> None:
         """Before a changed entry's objects are overwritten: its version is copied to a generation,
@@ -360,7 +335,8 @@ class _Upload:
         with tempfile.TemporaryDirectory(prefix="ckptsync-relay-") as tmp:
             targets = {f.path: Path(tmp) / f.path for f in files}
             dl = self.server.send(root, [(f.source or f.path, f.path) for f in files])
-            outcome, _wire = receive(dl, targets, self.rep, lambda _rec: None)
+            outcome, wire = receive(dl, targets, self.rep, lambda _rec: None)
+            self.result.wire_bytes += wire
             got = {r.member: r for r in outcome.received}
             for f in files:
                 why = outcome.changed.get(f.path) or outcome.unreadable.get(f.path)
@@ -371,6 +347,7 @@ class _Upload:
                     f.error = "modified during the backup"
                 else:
                     f.etag = self.bucket.upload_file(f.key, targets[f.path], f.size)
+                    self.result.raw_bytes += f.size
                     self.result.sent_bytes += f.size
 
     def _resume(self, root: str, f: _File, ranges: list[tuple[int, int, int]]) -> set[int]:

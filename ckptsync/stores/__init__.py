@@ -20,6 +20,8 @@ and the others:
 
     files_here = True   its bytes are on this machine: restore sends them from here, list
                         compares them with the server's
+    data_path(via_laptop)    how backup and restore move its bytes (an object with backup,
+                        restore, restore_all), when not through this machine as a directory's
     check_objects(names, read_data, on_block)
         checks entries against the store's own listing (a bucket: sizes and ETags; with
         read_data, the bytes too; an archive: every byte, read once), instead of re-reading

@@ -89,6 +89,13 @@ class BucketStore:
     def location(self) -> str:
         return str(self.root)
 
+    def data_path(self, via_laptop: bool = False):
+        """An ability (stores/__init__.py): how a backup's and a restore's bytes travel, the server
+        moving them to and from the bucket itself (s3/direct.py)."""
+        from ckptsync.s3.direct import BucketPath
+
+        return BucketPath(self, via_laptop)
+
     def exists(self) -> bool:
         return True   # an empty prefix is an empty store; a missing bucket fails the first request
 
@@ -209,6 +216,9 @@ class BucketStore:
         for g in dropped:
             self.drop_generation(g)
         return dropped
+
+    def new_entry(self, manifest: Manifest, etags: dict[str, str], alg: str) -> Entry:
+        return Entry(manifest, etags, alg)
 
     def write_entry(self, entry: Entry, replace: bool = False) -> None:
         """The last write of a backup. Without `replace`, only when no manifest of that name exists."""
