@@ -26,6 +26,8 @@ class Subprocess(Process):
         except OSError as exc:
             raise ConnectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         self._stderr = StderrTail(self.proc.stderr.read)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            osdeps.widen_pipe(pipe.fileno())
 
     def write(self, data: bytes) -> None:
         try:
