@@ -61,13 +61,13 @@ class NewFile:
                     return
 
     def _write_block(self):
+        self.used = 0   # written or failed: a failed file is not flushed again at its close
         try:
             done = os.write(self.fd, self.view)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             done = 0  # the filesystem took the flag but not the write: the ordinary way then
-        self.used = 0
         if done != BLOCK:
             rest = self._ordinary()[done:]
             _write_all(self.fd, rest)

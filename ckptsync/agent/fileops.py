@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tarfile
 
 try:
@@ -397,3 +398,16 @@ def unlock_all(held):
     """The connection ended: its locks are released."""
     for path in list(held):
         release(held, path)
+
+
+def widen_pipes(fds, size=1 << 20):
+    """Give the pipes to sshd (or to the client) a 1 MiB buffer instead of 64 KiB, where Linux
+    allows it: a 1 MiB frame then crosses in one or two reads and writes instead of sixteen."""
+    if fcntl is None or not sys.platform.startswith("linux"):
+        return
+    for fd in fds:
+        try:
+            fcntl.fcntl(fd, 1031, size)   # F_SETPIPE_SZ; not a pipe (a socket), or over the limit: as it is
+        except (OSError, ValueError):
+            pass
+

@@ -196,7 +196,8 @@ class DiskWriter:
             except BaseException as exc:  # handed to the reading thread
                 self.error = exc
                 if out is not None:
-                    out.close()
+                    with contextlib.suppress(OSError):  # the first error is the one to report
+                        out.close()
                 if op == "close":
                     arg.set()
 
