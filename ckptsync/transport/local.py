@@ -41,6 +41,12 @@ class Subprocess(Process):
         except (OSError, ValueError):
             return b""
 
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            return self.proc.stdout.readinto(buf) or 0
+        except (OSError, ValueError):
+            return 0
+
     def kill(self) -> None:
         try:
             self.proc.kill()
