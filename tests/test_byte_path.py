@@ -1,16 +1,18 @@
-"""New files are written past the page cache where the filesystem allows it (agent/direct.py),
-byte for byte what was given; a refusal falls back to ordinary writes."""
+"""The byte path's own parts: new files written past the page cache where the filesystem allows it
+(agent/direct.py), byte for byte what was given, a refusal falling back to ordinary writes; large
+frames read in place; pipes to the agent that hold a whole frame."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import sys
 
 import pytest
 
-from ckptsync.agent import direct
+from ckptsync.agent import HEADER, Channel, Failure, direct
 from ckptsync.agent.direct import BLOCK, NewFile, direct_buffer
 from ckptsync.transport.local import LocalTransport
 
@@ -91,3 +93,41 @@ def test_the_agents_pipes_hold_a_whole_frame():
     finally:
         proc.kill()
         proc.close()
+
+
+class Trickle(io.RawIOBase):
+    """A link that delivers at most 4 KiB per call, as a pipe fed by ssh does; counts the calls."""
+
+    def __init__(self, data: bytes) -> None:
+        self.src = io.BytesIO(data)
+        self.calls = {"read": 0, "readinto": 0}
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        self.calls["read"] += 1
+        return self.src.read(min(n, 4096))
+
+    def readinto(self, buf) -> int:
+        self.calls["readinto"] += 1
+        data = self.src.read(min(len(buf), 4096))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def test_a_large_frame_arrives_whole_and_is_read_in_place():
+    body = pattern(3 << 20 | 77)
+    link = Trickle(HEADER.pack(b"D", len(body)) + body + HEADER.pack(b"J", 2) + b"{}")
+    chan = Channel(link, None)
+    kind, got = chan.recv()
+    assert (kind, bytes(got)) == (b"D", body)
+    assert link.calls["read"] == 1   # the header; the body went into its own buffer, never joined
+    assert chan.recv() == (b"J", b"{}")   # small frames as before
+
+
+def test_a_large_frame_cut_short_is_a_protocol_error():
+    body = pattern(1 << 20)
+    chan = Channel(Trickle(HEADER.pack(b"D", len(body)) + body[:-1]), None)
+    with pytest.raises(Failure, match="closed mid-frame"):
+        chan.recv()
