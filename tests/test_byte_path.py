@@ -5,7 +5,6 @@ frames read in place; pipes to the agent that hold a whole frame."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import os
 import sys
@@ -18,6 +17,18 @@ from ckptsync.transport.local import LocalTransport
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT and pipe sizes are Linux's")
 SIZES = [0, 1, 4095, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345]
+
+
+def fd_flags(fd: int) -> int:
+    import fcntl   # here: the test modules import on a system without it (test_laptop.py)
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def pipe_size(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, 1032)   # F_GETPIPE_SZ
 
 
 def pattern(size: int) -> bytes:
@@ -41,7 +52,7 @@ def test_new_file_holds_exactly_the_bytes_written(tmp_path, size):
     buf = direct_buffer()
     with NewFile(str(path), buf) as f:
         if size >= BLOCK:
-            assert fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT   # the disk reads from the buffer
+            assert fd_flags(f.fileno()) & os.O_DIRECT   # the disk reads from the buffer
         write_in_pieces(f, data)
     assert path.read_bytes() == data
 
@@ -62,7 +73,7 @@ def test_a_refused_direct_write_continues_the_ordinary_way(tmp_path, monkeypatch
     refused = []
 
     def refuse_direct(fd, data):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        if fd_flags(fd) & os.O_DIRECT:
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data)
@@ -79,7 +90,7 @@ def test_without_a_buffer_writes_are_ordinary(tmp_path):
     data = pattern(BLOCK + 3)
     with NewFile(str(tmp_path / "f.part")) as f:
         if hasattr(os, "O_DIRECT"):
-            assert not fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+            assert not fd_flags(f.fileno()) & os.O_DIRECT
         write_in_pieces(f, data)
     assert (tmp_path / "f.part").read_bytes() == data
 
@@ -89,7 +100,7 @@ def test_the_agents_pipes_hold_a_whole_frame():
     proc = LocalTransport().start()
     try:
         for pipe in (proc.proc.stdin, proc.proc.stdout):
-            assert fcntl.fcntl(pipe.fileno(), 1032) >= 1 << 20   # F_GETPIPE_SZ: a 1 MiB frame in one read
+            assert pipe_size(pipe.fileno()) >= 1 << 20   # a 1 MiB frame in one read
     finally:
         proc.kill()
         proc.close()
