@@ -67,6 +67,35 @@ def test_one_buffer_serves_files_one_after_another(tmp_path):
         assert (tmp_path / f"{i}.part").read_bytes() == pattern(size)[::-1]
 
 
+MOUNTINFO = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24683772k
+41 27 0:52 / /mnt/team rw,relatime shared:7 master:1 - nfs4 nas:/export rw,vers=4.2
+42 27 259:3 /sub /data rw - xfs /dev/nvme0n1p3 rw
+"""
+
+
+def test_filesystem_kinds_come_from_mountinfo():
+    assert direct.filesystem_kinds(MOUNTINFO) == {
+        (254, 0): "ext4", (0, 27): "tmpfs", (0, 52): "nfs4", (259, 3): "xfs"}
+    assert direct.filesystem_kinds("garbage\n\n1 2\n") == {}
+
+
+@linux
+@pytest.mark.parametrize("kind, direct_io", [("ext4", True), ("xfs", True), ("nfs4", False), ("tmpfs", False),
+                                              ("fuse.sshfs", False)])
+def test_only_local_disk_filesystems_are_written_past_the_cache(tmp_path, monkeypatch, kind, direct_io):
+    dev = os.stat(tmp_path).st_dev
+    info = tmp_path / "mountinfo"
+    info.write_text(f"27 1 {os.major(dev)}:{os.minor(dev)} / / rw - {kind} /dev/x rw\n")
+    monkeypatch.setattr(direct, "MOUNTINFO", str(info))
+    data = pattern(BLOCK + 5)
+    with NewFile(str(tmp_path / "f.part"), direct_buffer()) as f:
+        assert bool(fd_flags(f.fileno()) & os.O_DIRECT) == direct_io
+        write_in_pieces(f, data)
+    assert (tmp_path / "f.part").read_bytes() == data
+
+
 @linux
 def test_a_refused_direct_write_continues_the_ordinary_way(tmp_path, monkeypatch):
     real = os.write

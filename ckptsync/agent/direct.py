@@ -4,7 +4,8 @@ A received file is fsynced before it counts, so its bytes reach the disk anyway.
 ordinary way they are first copied into newly allocated cache pages, which the fsync then writes
 out; that copy and allocation was most of the receiving end's CPU. With O_DIRECT the disk reads
 them from one aligned buffer: whole blocks go that way, the last partial one the ordinary way.
-A filesystem that refuses O_DIRECT (tmpfs, some network filesystems) gets ordinary writes.
+Only local disk filesystems are written that way: over NFS and the like every direct write
+would wait for its round trip, and one that refuses O_DIRECT gets ordinary writes too.
 """
 
 import errno
@@ -13,6 +14,42 @@ import os
 
 DIRECT = getattr(os, "O_DIRECT", 0)
 BLOCK = 1 << 20   # bytes per direct write: page-aligned, a multiple of any disk's block size
+
+
+# Filesystems on a local block device, where a direct write costs the disk's time and no more.
+DISK_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs", "jfs"))
+MOUNTINFO = "/proc/self/mountinfo"
+_KINDS = {}   # (mountinfo, st_dev) -> filesystem type, read once per device
+
+
+def filesystem_kinds(text):
+    """(major, minor) -> filesystem type, from the text of /proc/self/mountinfo. Pure."""
+    out = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 3:
+            continue
+        major, _, minor = fields[2].partition(":")
+        kind = line.split(" - ", 1)[1].split()
+        if kind and major.isdigit() and minor.isdigit():
+            out.setdefault((int(major), int(minor)), kind[0])
+    return out
+
+
+def on_local_disk(directory):
+    """Whether files in `directory` live on a local disk filesystem (DISK_FILESYSTEMS)."""
+    try:
+        key = (MOUNTINFO, os.stat(directory).st_dev)
+    except OSError:
+        return False
+    if key not in _KINDS:
+        try:
+            with open(MOUNTINFO) as f:
+                kinds = filesystem_kinds(f.read())
+        except OSError:   # no /proc (macOS has no O_DIRECT either)
+            kinds = {}
+        _KINDS[key] = kinds.get((os.major(key[1]), os.minor(key[1])), "")
+    return _KINDS[key] in DISK_FILESYSTEMS
 
 
 def direct_buffer():
@@ -30,7 +67,7 @@ class NewFile:
         self.view = None
         self.used = 0
         self.closed = False
-        if DIRECT and buf is not None:
+        if DIRECT and buf is not None and on_local_disk(os.path.dirname(path) or "."):
             try:
                 self.fd = os.open(path, flags | DIRECT, 0o666)
                 self.view = memoryview(buf)
