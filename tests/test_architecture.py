@@ -55,7 +55,7 @@ ONLY_IN: dict[str, set[str]] = {
     "pwd": {"ckptsync.osdeps"},
     "ctypes": {"ckptsync.osdeps", "ckptsync.agent.watching"},
     "os.getuid()": {"ckptsync.osdeps", "ckptsync.agent.probe"},
-    "/proc": {"ckptsync.osdeps", "ckptsync.agent.cpu", "ckptsync.agent.probe", "ckptsync.agent.procs"},
+    "/proc": {"ckptsync.osdeps", "ckptsync.agent.cpu", "ckptsync.agent.direct", "ckptsync.agent.probe", "ckptsync.agent.procs"},
     "/run/user": {"ckptsync.osdeps"},
     # the wire stays inside server/: core never reads a frame
     "ckptsync.server.remote": {"ckptsync.server.*"},
@@ -173,8 +173,8 @@ def test_the_checks_see_what_made_up_modules_do():
         "ckptsync.backup:8 calls print(): print() belongs only in ckptsync.__main__, ckptsync.cli.*, "
         "ckptsync.output, ckptsync.progress_bar",
         "ckptsync.backup:8 calls os.getuid: os.getuid() belongs only in ckptsync.agent.probe, ckptsync.osdeps",
-        "ckptsync.backup:8 names '/proc/': /proc belongs only in ckptsync.agent.cpu, ckptsync.agent.probe, "
-        "ckptsync.agent.procs, ckptsync.osdeps",
+        "ckptsync.backup:8 names '/proc/': /proc belongs only in ckptsync.agent.cpu, ckptsync.agent.direct, "
+        "ckptsync.agent.probe, ckptsync.agent.procs, ckptsync.osdeps",
         "ckptsync.backup:9 names SystemExit: exit belongs only in ckptsync.cli.app",
     ]
     osdeps = ast.parse("import ctypes\nopen('/proc/cpuinfo')")

@@ -13,6 +13,7 @@ from ckptsync.agent.frames import (
     BEAT, BEAT_COUNT, CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure,
 )
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_file, hash_names, new_hash, start_writeback
+from ckptsync.agent.direct import NewFile, direct_buffer
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes
 from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
@@ -24,6 +25,7 @@ __all__ = [
     "BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX",
     "Channel", "Failure", "os_failure",
     "fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback",
+    "NewFile", "direct_buffer",
     "resolve", "safe_member",
     "DATA_FRAMES", "join_lanes", "split_lanes",
     "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",

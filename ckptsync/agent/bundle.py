@@ -13,7 +13,7 @@ import zlib
 
 # Dependency order: a module only imports from modules before it.
 ORDER = (
-    "frames", "hashing", "paths", "codec", "tar", "scan", "procs", "cpu", "probe",
+    "frames", "hashing", "direct", "paths", "codec", "tar", "scan", "procs", "cpu", "probe",
     "sender", "reader", "fileops", "assemble", "http", "send", "watching", "hold", "serve",
 )
 SIBLING = re.compile(r"from ckptsync\.agent\.(\w+) import \w+(?:, \w+)*")

@@ -18,6 +18,7 @@ import threading
 
 PROTOCOL = 1
 CHUNK = 1 << 20
+DIRECT_READ = 64 << 10   # a frame body from this size on is read in place (Channel._exact_into)
 HEADER = struct.Struct(">cI")
 BEAT = b"K"
 BEAT_COUNT = struct.Struct(">Q")
@@ -78,6 +79,8 @@ class Channel:
         return kind, body
 
     def _exact(self, n):
+        if n >= DIRECT_READ and hasattr(self.rfile, "readinto"):
+            return self._exact_into(n)
         parts = []
         while n:
             piece = self.rfile.read(n)
@@ -88,6 +91,21 @@ class Channel:
             parts.append(piece)
             n -= len(piece)
         return b"".join(parts)
+
+    def _exact_into(self, n):
+        """A large frame body read straight into its own buffer: no piece is copied again to join them."""
+        body = bytearray(n)
+        view = memoryview(body)
+        got = 0
+        try:
+            while got < n:
+                k = self.rfile.readinto(view[got:])
+                if not k:
+                    raise Failure("protocol", "connection closed mid-frame")
+                got += k
+        finally:
+            view.release()
+        return body
 
 
 class Work:

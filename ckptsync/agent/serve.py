@@ -17,7 +17,7 @@ from ckptsync.agent.cpu import cpu_aes
 from ckptsync.agent.probe import op_probe
 from ckptsync.agent.sender import Memory
 from ckptsync.agent.fileops import op_commit, op_discard, op_mkdir, op_receive, op_remove, op_staged
-from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all
+from ckptsync.agent.fileops import op_lock, op_unlock, unlock_all, widen_pipes
 from ckptsync.agent.assemble import op_assemble
 from ckptsync.agent.send import op_send
 from ckptsync.agent.http import op_http_get, op_http_put, op_range_hash
@@ -133,4 +133,5 @@ def _serve(chan, memory, held, watchers, beat):
 
 
 def main():
+    widen_pipes((0, 1))
     serve(Channel(sys.stdin.buffer, sys.stdout.buffer))

@@ -64,6 +64,24 @@ class _Pipe:
             self.limiter.take(len(block))  # reading later makes the sender wait: the link stays at the rate
         return block
 
+    def readinto(self, buf: memoryview) -> int:
+        if self.head:
+            n = min(len(buf), len(self.head))
+            buf[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        got = 0
+        self.watch.begin(READ)
+        try:
+            got = self.proc.readinto(buf)
+        finally:
+            self.watch.end(READ, got > 0)
+        if self.watch.fired:
+            raise self.stalled()
+        if self.limiter is not None:
+            self.limiter.take(got)
+        return got
+
     def write(self, data: bytes) -> None:
         if self.limiter is not None:
             self.limiter.take(len(data))

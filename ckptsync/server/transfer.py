@@ -131,6 +131,7 @@ class DiskWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
         self.out = self.hx = self.other = None
+        self.buffer = wire.direct_buffer()   # a new file's bytes go from here to the disk (agent/direct.py)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -181,7 +182,7 @@ class DiskWriter:
                     self.other = prefix.other if prefix is not None else (
                         None if alg == XXH3 else new_hasher(alg))
                 elif prefix is None:
-                    self.out = open(path, "wb")
+                    self.out = wire.NewFile(path, self.buffer)
                     self.hx = new_hasher()
                     self.other = None if alg == XXH3 else new_hasher(alg)
                 else:  # the server sends the rest of a kept prefix
@@ -203,7 +204,8 @@ class DiskWriter:
         except BaseException as exc:  # handed to the reading thread
             self.error = exc
             if self.out is not None:
-                self.out.close()
+                with contextlib.suppress(OSError):  # the first error is the one to report
+                    self.out.close()
             if op == "close":
                 arg.set()
 

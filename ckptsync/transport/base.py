@@ -149,6 +149,12 @@ class Process(ABC):
     def read(self, n: int) -> bytes:
         """At least one byte, at most n; b"" at end of stream."""
 
+    def readinto(self, buf: memoryview) -> int:
+        """read() into a buffer: at least one byte, at most len(buf); 0 at end of stream."""
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -26,6 +26,8 @@ class Subprocess(Process):
         except OSError as exc:
             raise ConnectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         self._stderr = StderrTail(self.proc.stderr.read)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            osdeps.widen_pipe(pipe.fileno())
 
     def write(self, data: bytes) -> None:
         try:
@@ -38,6 +40,12 @@ class Subprocess(Process):
             return self.proc.stdout.read(n)
         except (OSError, ValueError):
             return b""
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            return self.proc.stdout.readinto(buf) or 0
+        except (OSError, ValueError):
+            return 0
 
     def kill(self) -> None:
         try:

@@ -326,6 +326,14 @@ class OpenSshProcess(Subprocess):
             self._raise_if_ssh_failed()
         return data
 
+    def readinto(self, buf: memoryview) -> int:
+        got = super().readinto(buf)
+        if got:
+            self._got_output = True
+        elif not self._got_output:
+            self._raise_if_ssh_failed()
+        return got
+
     def _raise_if_ssh_failed(self) -> None:
         try:
             code = self.proc.wait(timeout=30)
