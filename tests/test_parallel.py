@@ -581,12 +581,13 @@ WINDOW = 2 << 20     # OpenSSH's channel window
     (0.020, GBIT // 5, WINDOW, 1),        # 200 Mbit/s at 20 ms: 0.5 MB in flight, a quarter window
     (0.020, None, WINDOW, 2),             # 20 ms, rate unknown (1 Gbit/s assumed): 2.5 MB in flight
     (0.100, GBIT // 5, WINDOW, 2),        # 200 Mbit/s at 100 ms: 2.5 MB
-    (0.100, GBIT, WINDOW, 9),             # 1 Gbit/s at 100 ms: 12.5 MB, six windows and headroom
-    (0.100, None, WINDOW, 9),             # the same when the rate is not known
+    (0.100, GBIT * 2 // 5, WINDOW, 4),    # 400 Mbit/s at 100 ms: 5 MB in flight, 3.6 windows with the headroom
+    (0.100, GBIT, WINDOW, 4),             # 1 Gbit/s at 100 ms: nine wanted, the automatic choice stops at one connection
+    (0.100, None, WINDOW, 4),             # the same when the rate is not known
     (0.100, 20_000_000, WINDOW, 2),       # --bwlimit 20M at 100 ms: more channels would only wait
-    (0.100, 10 * GBIT, WINDOW, 16),       # 10 Gbit/s at 100 ms: capped
-    (0.300, GBIT, WINDOW, 16),            # 1 Gbit/s at 300 ms: capped
-    (0.020, GBIT, 256 << 10, 15),         # a small window needs more channels for the same link
+    (0.100, 10 * GBIT, WINDOW, 4),        # 10 Gbit/s at 100 ms: capped
+    (0.003, GBIT, 256 << 10, 3),          # a small window needs more channels for the same link
+    (0.003, GBIT, WINDOW, 1),             # (the same link, OpenSSH's window)
 ])
 def test_channels_chosen_from_the_round_trip_and_rate(rtt, rate, window, channels):
     from ckptsync.policy import auto_channels
@@ -638,7 +639,7 @@ class FarServer(InProcessServer):
         return self.limit
 
 
-@pytest.mark.parametrize("rtt, limit, wanted", [(0.1, None, 9), (0.1, 20_000_000, 2), (0.001, None, 1)])
+@pytest.mark.parametrize("rtt, limit, wanted", [(0.1, None, 4), (0.1, 20_000_000, 2), (0.001, None, 1)])
 def test_without_parallel_the_channels_wanted_follow_the_round_trip_and_the_bwlimit(rtt, limit, wanted):
     from ckptsync.server.parallel import Channels
 
@@ -648,10 +649,10 @@ def test_without_parallel_the_channels_wanted_follow_the_round_trip_and_the_bwli
         assert first.asked == 1   # measured once, on the run's own connection
 
 
-@pytest.mark.parametrize("rtt, limit, channels", [(0.1, None, 6), (0.1, 20_000_000, 2), (0.001, None, 1)])
+@pytest.mark.parametrize("rtt, limit, channels", [(0.1, None, 4), (0.1, 20_000_000, 2), (0.001, None, 1)])
 def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(server_tree, tmp_path, small_split,
                                                                                 rtt, limit, channels):
-    """Nine wanted for the far one (two under a 20 MB/s limit); its 48 MiB are worth six (SHARE_MIN each)."""
+    """Four for the far one (two under a 20 MB/s limit); its 48 MiB would be worth six (SHARE_MIN each)."""
     add_big(server_tree)
     made: list[FarServer] = []
 
