@@ -118,6 +118,16 @@ def test_agent_dies_mid_frame(tmp_path):
     one_line_error(res, 20, "mid-frame")
 
 
+def test_a_stream_cut_mid_frame_says_what_the_server_said(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    # Its stderr ends with it (the input reader's goes to /dev/null), so what it said is all there.
+    script = ("exec 3<&0; cat <&3 >/dev/null 2>&1 & printf 'CKPTSYNC-AGENT-READY\\nJ\\000\\000\\001\\000{\"proto'; "
+              "echo 'MemoryError: the agent ran out of memory' >&2; exit 1")
+    cfg.write_text(json.dumps({"remote_dir": "/tmp", "instances": {"5": {"command": ["sh", "-c", script, "x"]}}}))
+    res = run_cli("list", "-i", "5", "--config", cfg, timeout=60)
+    one_line_error(res, 20, "mid-frame (MemoryError: the agent ran out of memory)")
+
+
 def test_unreadable_trainer_state_is_reported_not_fatal(server_tree, tmp_path):
     (server_tree / "checkpoint-8" / "trainer_state.json").write_text("{ not json")
     import os

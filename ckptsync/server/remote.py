@@ -135,6 +135,9 @@ def _raise(payload: dict, where: str) -> None:
     raise from_reply(payload, where)
 
 
+STDERR_WAIT = 2.0  # seconds, at most, for the last of stderr after the stream ended
+
+
 class Remote:
     """A started agent. Use as a context manager."""
 
@@ -263,10 +266,17 @@ class Remote:
         try:
             kind, body = self.chan.recv()
         except wire.Failure as exc:
-            raise ProtocolError(f"{self.describe()}: {exc.message}") from None
+            raise ProtocolError(f"{self.describe()}: {exc.message}{self._last_words()}") from None
         if kind is None:
-            raise ConnectError(f"connection to {self.describe()} closed")
+            raise ConnectError(f"connection to {self.describe()} closed{self._last_words()}")
         return kind, body
+
+    def _last_words(self) -> str:
+        """What the server's side wrote on stderr before the stream ended (a traceback's last line,
+        ssh's reason), so that a cut stream says why."""
+        # The stream has ended, so stderr ends too: the wait is only for its last bytes.
+        err = self.proc.stderr_text(wait=STDERR_WAIT) if self.proc is not None else ""
+        return f" ({err.splitlines()[-1].strip()})" if err.strip() else ""
 
     def _json(self, body: bytes) -> dict:
         try:

@@ -164,8 +164,9 @@ class Process(ABC):
     def kill(self) -> None:
         """End the peer now, so a write blocked on it fails; our end stays open until close."""
 
-    def stderr_text(self) -> str:
-        return self._stderr.text() if self._stderr is not None else ""
+    def stderr_text(self, wait: float = 0.2) -> str:
+        """The last of stderr, once it has ended or after `wait` seconds."""
+        return self._stderr.text(wait) if self._stderr is not None else ""
 
 
 class Transport(ABC):
