@@ -39,8 +39,8 @@ def check_command(t: Target) -> None:
         return
     from ckptsync.s3 import require_boto3
 
-    verb = " ".join(t.verb) or "this command"
-    if t.verb and t.verb[0] not in ELSEWHERE:
+    verb = " ".join(t.printed.verb) or "this command"
+    if t.printed.verb and t.printed.verb[0] not in ELSEWHERE:
         raise UsageError(f"{verb} does not work on a bucket store ({t.store_url}); {', '.join(ELSEWHERE)} do")
     require_boto3()
 

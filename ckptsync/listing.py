@@ -192,22 +192,22 @@ def _run_list(target: Target, store: Store, local_only: bool) -> ListResult:
     for name, (path, why) in damaged.items():
         result.damaged[name] = (f"its manifest {path} is damaged ({why}): not verified and not restored; "
                                 f"to back it up again while the server has it: "
-                                f"{target.command('backup', '--checkpoint', name)}")
+                                f"{target.printed.command('backup', '--checkpoint', name)}")
     if ability(store, "staged_names"):
         result.staged, result.staged_bytes, result.staging_note = staging_note(
-            store, target.command("backup", "--discard-staged"))
+            store, target.printed.command("backup", "--discard-staged"))
     uploads = ability(store, "unfinished_uploads")
     if uploads is not None:
         result.unfinished_uploads = uploads()
     view, current = None, None
     if not local_only:
         with open_server(target) as server:
-            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
-                               pattern=target.train_process or "")
+            view = scan_server(server, target.remote_dir, target.policy.settle_seconds, writers=True,
+                               pattern=target.policy.train_process or "")
             current = judge_view(server, view, manifests, local=LocalDigests(store))
             result.runs = survey(server, view.root, target)
         if any(not r.covered for r in result.runs):
-            result.follow_hint = target.command("backup", "--follow-runs")
+            result.follow_hint = target.printed.command("backup", "--follow-runs")
         result.remote_dir = view.root
         result.stopped, result.warnings = view.stopped, list(view.errors)
         if not view.checkpoints:

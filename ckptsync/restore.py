@@ -148,8 +148,8 @@ class RestoreResult(RestoreRun):
 class Restore:
     def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET, store: Store | None = None) -> None:
         """`store`: where the backup is read (an archive's extracted copy), else the target's directory."""
-        if target.parallel != 1 and target.bwlimit and target.limiter is None:
-            target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
+        if target.link.parallel != 1 and target.link.bwlimit and target.link.limiter is None:
+            target = target.with_link(limiter=RateLimiter(target.link.bwlimit))  # one rate for all channels
         self.target = target
         self.opts = opts
         self.rep = rep
@@ -203,7 +203,7 @@ class Restore:
                 files = self._select(m)
             with self._lock(), (contextlib.nullcontext(server) if server else open_server(self.target)) as server:
                 self.server = server
-                self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                self.channels = Channels(server, lambda: open_server(self.target), self.target.link.parallel)
                 self.sender = Sender(server, self.channels, self.target, self.result, self.files_root, self.digests,
                                      self.rep, self.opts.compress, self.opts.dry_run)
                 try:
@@ -246,7 +246,7 @@ class Restore:
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.stall_timeout,
+                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.link.stall_timeout,
                                                     hint="wait for it to finish, then run the restore again"))
                 self.digests.held = True
             except IOFailure:
@@ -338,7 +338,7 @@ class Restore:
 
     def _older_hint(self, m: Manifest | None, ordered: list[Manifest]) -> str:
         return older_hint(self.store.root, m, ordered, self.opts.adapter_only,
-                          lambda name: self.target.command("restore", "--checkpoint", name))
+                          lambda name: self.target.printed.command("restore", "--checkpoint", name))
 
     # -------------------------------------------------- checks before sending
 
@@ -389,7 +389,7 @@ class Restore:
         `root` is another directory than the one they were backed up from."""
         dirs = {posixpath.dirname(f.source) or "." for f in outside}
         where = dirs.pop() if len(dirs) == 1 else "DIR"
-        again = self.target.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
+        again = self.target.printed.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
         return (f"not restored: {', '.join(f.source for f in outside)} (outside {root}, which is not the "
                 f"directory they were backed up from; kept in {self.store.shown_path(self.store.root / EXTRA)}); to put them at the "
                 f"same place relative to this run: {again}")
@@ -471,7 +471,7 @@ class Restore:
             return ""
         if self.server.stat(root, [last]).get(last) is not None:
             return ""
-        again = (f"; restore it too: {self.target.command('restore', '--checkpoint', last)}"
+        again = (f"; restore it too: {self.target.printed.command('restore', '--checkpoint', last)}"
                  if last in manifests else "")
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
                 f"this server: a resumed run that loads the best model at the end can crash there{again}")

@@ -218,7 +218,6 @@ def in_process_target(server_tree, dest, hooks=None):
     from ckptsync.server.inprocess import InProcessServer
 
     return Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                   server_factory=lambda: InProcessServer(hooks))
 
 

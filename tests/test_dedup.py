@@ -10,7 +10,7 @@ import pytest
 
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.backup_plan import BackupResult
-from ckptsync.config import Target, load_config, resolve_target
+from ckptsync.config import RunPolicy, Target, load_config, resolve_target
 from ckptsync.errors import OK, ConfigError
 from ckptsync.server.inprocess import InProcessServer
 from ckptsync.dedup import place_copy
@@ -31,8 +31,7 @@ class Sha1OnlyServer(InProcessServer):
 
 def make_target(remote_dir: Path, local_dir: Path, server, dedup: str = "reflink") -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=lambda: server, dedup=dedup)
+                  server_factory=lambda: server, policy=RunPolicy(dedup=dedup))
 
 
 def backup_all(server_tree: Path, dest: Path, dedup: str = "reflink", hashes: bool = True) -> BackupResult:
@@ -208,10 +207,10 @@ def test_config_key_reaches_the_target(tmp_path: Path) -> None:
     cfg = tmp_path / "ckptsync.yaml"
     cfg.write_text("dedup: link\ninstances:\n  1: {host: a}\n  2: {host: b, dedup: reflink}\n")
     config = load_config(str(cfg))
-    assert resolve_target(config, instance="1", need_remote=False).dedup == "link"
-    assert resolve_target(config, instance="2", need_remote=False).dedup == "reflink"
+    assert resolve_target(config, instance="1", need_remote=False).policy.dedup == "link"
+    assert resolve_target(config, instance="2", need_remote=False).policy.dedup == "reflink"
     cfg.write_text("instances:\n  1: {host: a}\n")
-    assert resolve_target(load_config(str(cfg)), instance="1", need_remote=False).dedup == "reflink"
+    assert resolve_target(load_config(str(cfg)), instance="1", need_remote=False).policy.dedup == "reflink"
     cfg.write_text("dedup: symlink\n")
     with pytest.raises(ConfigError, match="dedup: expected reflink or link"):
         load_config(str(cfg))

@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from ckptsync.backup import Backup, BackupOptions, run_backup
-from ckptsync.config import Target
+from ckptsync.config import Link, Target
 from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError, ConfigError, Interrupted
 from ckptsync.server import open_server, shares
 from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
@@ -89,7 +89,7 @@ def parallel_target(server_tree, dest, n: int, hooks_for=None) -> tuple[Target, 
         made.append(server)
         return server
     t = make_target(server_tree, dest, None)
-    return dataclasses.replace(t, server_factory=factory, parallel=n), made
+    return dataclasses.replace(t, server_factory=factory).with_link(parallel=n), made
 
 
 def manifests(dest) -> dict:
@@ -258,7 +258,7 @@ def test_a_corrupted_range_is_caught_by_its_hash(server_tree, tmp_path, small_sp
     def factory():
         made.append(FlipServer() if len(made) == 2 else InProcessServer())
         return made[-1]
-    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=3)
+    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory).with_link(parallel=3)
     with pytest.raises(CkptsyncError) as info:
         run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
     assert info.value.exit_code == INTEGRITY
@@ -316,7 +316,7 @@ def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, 
     def factory():
         made.append(Refused() if len(made) == 2 else InProcessServer())
         return made[-1]
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=3)
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory).with_link(parallel=3)
     r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
     assert r.exit_code == 0 and r.channels == 2
     assert any("2 of 3 channels opened" in w and "session open refused" in w for w in r.warnings)
@@ -324,15 +324,14 @@ def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, 
 
 
 def test_one_server_for_every_connection_means_one_channel(server_tree, tmp_path):
-    r = run_backup(dataclasses.replace(make_target(server_tree, tmp_path / "b", InProcessServer()), parallel=4),
+    r = run_backup(make_target(server_tree, tmp_path / "b", InProcessServer()).with_link(parallel=4),
                    BackupOptions(all=True))
     assert r.exit_code == 0 and r.channels == 1
 
 
 def test_bwlimit_is_one_rate_for_all_channels(tmp_path):
     t = Target(label="local", transport=LocalTransport(), remote_dir=str(tmp_path), local_dir=tmp_path / "b",
-               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-               bwlimit=1 << 20, parallel=3)
+               link=Link(bwlimit=1 << 20, parallel=3))
     job = Backup(t, BackupOptions())
     first, second = open_server(job.target), open_server(job.target)
     assert first.remote.limiter is not None and first.remote.limiter is second.remote.limiter
@@ -346,8 +345,8 @@ def test_parallel_in_the_config(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("parallel: 4\ninstances:\n  '1': {host: h1, parallel: 2}\n  '2': {host: h2}\n")
     config = load_config(str(cfg))
-    assert resolve_target(config, instance="1", remote_dir="r").parallel == 2
-    assert resolve_target(config, instance="2", remote_dir="r").parallel == 4
+    assert resolve_target(config, instance="1", remote_dir="r").link.parallel == 2
+    assert resolve_target(config, instance="2", remote_dir="r").link.parallel == 4
     for bad in ("0", "17", "two"):
         cfg.write_text(f"parallel: {bad}\n")
         with pytest.raises(ConfigError, match="parallel"):
@@ -660,7 +659,7 @@ def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(
         return made[-1]
 
     dest = tmp_path / "b"
-    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=None)
+    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory).with_link(parallel=None)
     result = run_backup(t, BackupOptions(all=True))
     assert result.exit_code == 0 and result.channels == channels
     assert made[0].asked == 1 and len(made) == result.channels   # measured once, on the run's own connection
@@ -681,7 +680,7 @@ def test_a_few_small_files_are_not_worth_another_channel(server_tree, tmp_path):
         made.append(FarServer(0.1))
         return made[-1]
 
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=None)
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory).with_link(parallel=None)
     result = run_backup(t, BackupOptions(all=True))
     assert result.exit_code == 0 and result.channels == 1 and len(made) == 1
 
@@ -693,7 +692,7 @@ def test_an_explicit_parallel_is_never_second_guessed(server_tree, tmp_path):
         made.append(FarServer(0.2))
         return made[-1]
 
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=1)
+    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory).with_link(parallel=1)
     assert run_backup(t, BackupOptions(all=True)).channels == 1
     assert made[0].asked == 0
 

@@ -263,7 +263,6 @@ def test_a_checklist_beside_a_backup_judges_the_manifest_it_names(server_tree, t
 
     def target(server) -> Target:
         return Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest,
-                      extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                       server_factory=lambda: server)
 
     committed = []

@@ -320,7 +320,6 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
     cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/t", seaweed.endpoint)
     aws_home(ssh_home)
     t = Target(label="instance-1", transport=None, remote_dir=str(server_tree), local_dir=Path("/nonexistent"),
-               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                store_url=f"s3://{bucket}/t/instance-1", s3={"endpoint_url": seaweed.endpoint})
     holder = open_store(t).lock("ckptsync backup (the other run)")
     with holder:  # another run, alive: its lease is fresh
@@ -396,7 +395,6 @@ def recorded(monkeypatch):
 
 def local_target(remote_dir: Path, store: str, endpoint: str, server=None, **s3) -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=Path("/nonexistent"),
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                   server_factory=(lambda: server or InProcessServer()), store_url=store,
                   s3={"endpoint_url": endpoint, "part_size": PART, **s3})
 

@@ -61,14 +61,14 @@ def test_printed_commands_carry_the_target_and_paste(tmp_path):
     from ckptsync.config import load_config
 
     t = resolve_target(load_config(str(cfg)), instance="1", local_dir=str(tmp_path / "b b"), need_remote=False)
-    cmd = t.command("restore", "--checkpoint", "checkpoint-16")
+    cmd = t.printed.command("restore", "--checkpoint", "checkpoint-16")
     assert shlex.split(cmd) == ["ckptsync", "restore", "--checkpoint", "checkpoint-16", "--instance", "1",
                                 "--local-dir", str(tmp_path / "b b"), "--config", str(cfg)]
     h = resolve_target(Config(), host="me@gpu:2222", remote_dir="runs/x", need_remote=False)
-    assert shlex.split(h.command("backup")) == ["ckptsync", "backup", "--host", "me@gpu:2222",
+    assert shlex.split(h.printed.command("backup")) == ["ckptsync", "backup", "--host", "me@gpu:2222",
                                                 "--remote-dir", "runs/x"]
     assumed = resolve_target(Config(values={"remote_dir": "/r"}), need_remote=False)
-    assert assumed.assumed_instance and "--instance 0" in assumed.command("list")
+    assert assumed.printed.assumed_instance and "--instance 0" in assumed.printed.command("list")
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a read-only tmpfs needs root")

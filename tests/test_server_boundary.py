@@ -27,7 +27,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
 
 def make_target(remote_dir: Path, local_dir: Path, server) -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                   server_factory=lambda: server)
 
 

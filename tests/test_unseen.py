@@ -9,7 +9,6 @@ and the test sshd; the listing limit through the in-process server, whose hook l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -245,7 +244,6 @@ def test_a_tree_nested_too_deep_fails_only_its_checkpoint(ssh_home, server_tree,
 
 def make_target(remote_dir: Path, local_dir: Path, hooks: Hooks) -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                   server_factory=lambda: InProcessServer(hooks))
 
 
@@ -296,16 +294,16 @@ def test_a_newer_run_whose_newest_checkpoint_cannot_be_read_is_not_covered(serve
     newer.mkdir()
     shutil.copytree(server_tree / "checkpoint-4", newer / "checkpoint-4")
     (newer / "checkpoint-20").symlink_to(tmp_path / "unmounted")
-    target = dataclasses.replace(make_target(server_tree, tmp_path / "b", Hooks()), follow_runs=True)
+    target = make_target(server_tree, tmp_path / "b", Hooks()).with_policy(follow_runs=True)
     run_backup(target, BackupOptions(all=True))
     assert (tmp_path / "b" / newer.name / "checkpoint-4").is_dir()
 
     why = f"checkpoint-20: could not be read on the server (checkpoint-20: symlink to {tmp_path / 'unmounted'}, " \
           "which does not exist)"
-    listed = run_list(dataclasses.replace(target, follow_runs=False), local_only=False)
+    listed = run_list(target.with_policy(follow_runs=False), local_only=False)
     (state,) = listed.runs
     assert not state.covered and state.problem == f"not all of it could be read on the server: {why}", state
-    checked = run_checklist(dataclasses.replace(target, follow_runs=False))
+    checked = run_checklist(target.with_policy(follow_runs=False))
     run = next(c for c in checked.checks if c.name == "newer run backed up")
     assert not checked.safe and not run.ok and run.detail == f"{newer}: not all of it could be read on the server: {why}"
 

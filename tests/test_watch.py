@@ -48,8 +48,7 @@ class World:
         self.servers: list[InProcessServer] = []
         self.clock = Clock()
         self.events: list[Event] = []
-        self.target = make_target(self.run, self.dest, None)
-        self.target.settle_seconds = 0
+        self.target = make_target(self.run, self.dest, None).with_policy(settle_seconds=0)
         self.watch = Watch(self.target, WatchOptions(**opts), on_event=self.events.append, clock=self.clock,
                            sleep=self.clock.sleep, connect=self.connect)
         self.target.server_factory = self.connect   # the checklist's own connection

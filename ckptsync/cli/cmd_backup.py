@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -63,7 +63,7 @@ def backup_cmd(
                                    need_remote=not discard_staged), bwlimit)
     ts = o.with_extra_files(ts, extra_file)
     if follow_runs:
-        ts = [replace(t, follow_runs=True) for t in ts]
+        ts = [t.with_policy(follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
     from ckptsync import datapath
     from ckptsync.stores import ability, open_store

@@ -73,10 +73,10 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
     try:
         with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
             job = _Upload(target, store, server, rep, result, via_laptop)
-            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
-                               pattern=target.train_process or "")
+            view = scan_server(server, target.remote_dir, target.policy.settle_seconds, writers=True,
+                               pattern=target.policy.train_process or "")
             todo = job.plan(view, opts)
-            extras = opts.extra_files and bool(target.extra_files)
+            extras = opts.extra_files and bool(target.policy.extra_files)
             if (todo or extras or job.stamps) and not opts.dry_run:
                 with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
                     todo = job.plan(view, opts)   # again under the lock: another run may have stored them
@@ -182,7 +182,7 @@ class _Upload:
 
     def extras(self, view: ServerView) -> None:
         """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
-        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings, self.result.failed)
+        found = stat_extras(self.server, view.root, self.target.policy.extra_files, self.result.warnings, self.result.failed)
         if not found:
             return
         listed = {member: st for member, (_src, st) in found.items()}
@@ -262,7 +262,7 @@ class _Upload:
         self.entries[name] = entry
         self.result.fetched.append(name)
         if old is not None:
-            dropped = self.store.trim_generations(name, self.target.keep_generations)
+            dropped = self.store.trim_generations(name, self.target.policy.keep_generations)
             self.result.dropped_generations.extend(g.label for g in dropped)
             gone = {g.label for g in dropped}
             self.kept = [g for g in self.kept if g.label not in gone]   # no longer a source of copies

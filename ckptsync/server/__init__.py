@@ -31,8 +31,8 @@ def open_server(target: "Target") -> Server:
 
     if target.transport is None:
         raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
-    return AgentServer(target.transport, missing_hint=target.tilde_hint, bwlimit=target.bwlimit,
-                       limiter=target.limiter, stall_timeout=target.stall_timeout)
+    return AgentServer(target.transport, missing_hint=target.printed.tilde_hint, bwlimit=target.link.bwlimit,
+                       limiter=target.link.limiter, stall_timeout=target.link.stall_timeout)
 
 
 __all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing",
