@@ -125,7 +125,7 @@ def _local_view(target: Target, root: Path) -> ServerView:
     checkpoints' state files, so discovery judges them by the same rules."""
     from ckptsync.transport.local import LocalTransport
 
-    here = replace(target, transport=LocalTransport(), remote_dir=str(root), server_factory=None)
+    here = replace(target, transport=LocalTransport(), remote_dir=str(root))
     with open_server(here) as server:
         return scan_server(server, str(root), target.policy.settle_seconds)
 

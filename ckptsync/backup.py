@@ -38,12 +38,15 @@ from ckptsync.server.transfer import Received, kept_prefixes
 class Backup:
     def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
                  look_for_runs: bool = True, channels: Channels | None = None,
-                 scan: Callable[[Server], ServerView] | None = None, command: str = "backup") -> None:
+                 scan: Callable[[Server], ServerView] | None = None, command: str = "backup",
+                 connect: Callable[[], Server] | None = None) -> None:
         """`scan`: how the server is listed (a watch lists with its holds in place); `command`:
-        what the lock and status.json name ("watch" for a watch's cycles)."""
+        what the lock and status.json name ("watch" for a watch's cycles); `connect`: gives each
+        connection (see open_server)."""
         if target.link.parallel != 1 and target.link.bwlimit and target.link.limiter is None:
             target = target.with_link(limiter=RateLimiter(target.link.bwlimit))  # one rate for all channels
         self.target = target
+        self.connect = connect
         self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
@@ -72,6 +75,10 @@ class Backup:
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
         self.placement = Placement(self.store, target.policy.dedup, self.result, self.digests, rep)
 
+    def open_server(self) -> Server:
+        """A new connection to the target's server, not yet opened."""
+        return open_server(self.target, self.connect)
+
     def run(self, server: Server | None = None) -> BackupResult:
         """Back up remote_dir (and, with follow_runs, the newer runs beside it), over `server`
         when given, else over a connection of its own."""
@@ -80,7 +87,7 @@ class Backup:
             if self.command == "backup" and self.look_for_runs and not self.opts.dry_run:
                 self._refuse_beside_watch()
             given = server is not None
-            server = server if given else open_server(self.target)
+            server = server if given else self.open_server()
             server.expect(self.first_calls)   # before open: with the agent's start
             with (contextlib.nullcontext(server) if given else server) as server:
                 self.server = server
@@ -91,7 +98,7 @@ class Backup:
                         self.rep.info(line)
                 own = self.channels is None
                 if own:
-                    self.channels = Channels(server, lambda: open_server(self.target), self.target.link.parallel)
+                    self.channels = Channels(server, self.open_server, self.target.link.parallel)
                 try:
                     view = self.scan(server)
                     self._check_found(view)
@@ -509,9 +516,10 @@ class Backup:
         self.result.fetched.append(EXTRA)
 
 
-def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
+def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET,
+               connect: Callable[[], Server] | None = None) -> BackupResult:
     """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
-    return run_job(Backup(target, opts, rep))
+    return run_job(Backup(target, opts, rep, connect=connect))
 
 
 def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ckptsync import datapath
 from ckptsync.agent import hash_file
@@ -66,8 +67,9 @@ class ChecklistResult:
 class Checklist:
     """Over any store (stores.Store): what differs by kind is asked of the store as an ability."""
 
-    def __init__(self, target: Target, rep: Reporter = QUIET) -> None:
+    def __init__(self, target: Target, rep: Reporter = QUIET, connect: Callable[[], Server] | None = None) -> None:
         self.target = target
+        self.connect = connect   # gives the connection (see open_server)
         self.rep = rep
         self.store = open_store(target)
         self.result = ChecklistResult(target.label, target.describe(), self.store.location)
@@ -80,7 +82,8 @@ class Checklist:
         says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
-            datapath.backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
+            datapath.backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep,
+                            connect=self.connect)
             self.result.backup_ran = True
         return self._run(now, training_stopped)
 
@@ -101,7 +104,7 @@ class Checklist:
     def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
         t = self.target
         try:
-            with open_server(t) as server:
+            with open_server(t, self.connect) as server:
                 self.add("server reachable", True, f"{server.describe()}, Python {server.hello.python}")
                 self._clock(server)
                 view = scan_server(server, t.remote_dir, t.policy.settle_seconds)
@@ -313,5 +316,6 @@ class Checklist:
 
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
-                  now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
-    return Checklist(target, rep).run(backup_first, now, training_stopped)
+                  now: float | None = None, training_stopped: bool = False,
+                  connect: Callable[[], Server] | None = None) -> ChecklistResult:
+    return Checklist(target, rep, connect).run(backup_first, now, training_stopped)

@@ -451,7 +451,7 @@ def remote_dir_warnings(target: Target) -> list[str]:
     from ckptsync.scan import empty_remote_dir, scan_server
     from ckptsync.server import RemoteDirMissing, open_server
 
-    if target.transport is None and target.server_factory is None:
+    if target.transport is None:
         return []
     try:
         with open_server(target) as server:

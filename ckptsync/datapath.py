@@ -12,7 +12,7 @@ exit 2.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ckptsync.errors import UsageError
 from ckptsync.progress import QUIET, Reporter
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ckptsync.config import Target
     from ckptsync.restore import RestoreOptions, RestoreResult
     from ckptsync.restore_all import RestoreAllResult
+    from ckptsync.server import Server
 
 # The commands that work on a store whose files are not on this machine (a bucket).
 ELSEWHERE = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
@@ -70,14 +71,15 @@ def backup_line(t: Target, store: Store, via_laptop: bool) -> str:
     return f"backup {t.describe()}:{t.remote_dir} -> {store.location} ({how})"
 
 
-def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False) -> BackupResult:
+def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False,
+           connect: Callable[[], Server] | None = None) -> BackupResult:
     store = open_store(t)
     path = ability(store, "data_path")
     if path is not None:
-        return path(via_laptop).backup(t, opts, rep)
+        return path(via_laptop).backup(t, opts, rep, connect)
     from ckptsync.backup import run_backup
 
-    return run_backup(t, opts, rep)
+    return run_backup(t, opts, rep, connect)
 
 
 # -------------------------------------------------- restore

@@ -8,14 +8,11 @@ import os
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 from ckptsync.policy import HOLD_MAX
 from ckptsync.server.watchdog import STALL_TIMEOUT
 from ckptsync.transport import Transport
-
-if TYPE_CHECKING:
-    from ckptsync.server import Server
 
 DEFAULT_SETTLE = 60.0
 DEFAULT_GENERATIONS = 2
@@ -99,8 +96,6 @@ class Target:
     policy: RunPolicy = field(default_factory=RunPolicy)
     link: Link = field(default_factory=Link)
     printed: PrintBack = field(default_factory=PrintBack)
-    # Tests hand in a server of their own (the in-process twin); None: the agent over `transport`.
-    server_factory: Callable[[], Server] | None = None
 
     def with_policy(self, **changes: Any) -> Target:
         return replace(self, policy=replace(self.policy, **changes))
@@ -112,6 +107,4 @@ class Target:
         return replace(self, printed=replace(self.printed, **changes))
 
     def describe(self) -> str:
-        if self.server_factory is not None:
-            return "the in-process server"
         return self.transport.describe() if self.transport else "no server"

@@ -453,7 +453,7 @@ class Watch:
             return
         from ckptsync.checklist import run_checklist
 
-        checks = run_checklist(self.target, rep=self.rep)
+        checks = run_checklist(self.target, rep=self.rep, connect=self.connect)
         unsaved = [c.name for c in view.checkpoints if c.complete and self.store.load(c.name) is None]
         lost = sorted(set(self.result.lost))
         newest = max((f.mtime_ns for f in view.exact.values()), default=0) / 1e9

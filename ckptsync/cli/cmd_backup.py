@@ -73,7 +73,7 @@ def backup_cmd(
     datapath.check_backup(store, via_laptop, {"--discard-staged": discard_staged, "--follow-runs": follow_runs,
                                               "--wait": wait, "--parallel": parallel is not None and parallel > 1})
     if ability(store, "files_here") and len(ts) == 1 and not (discard_staged or via_laptop) \
-            and ts[0].server_factory is None and ts[0].transport is not None:
+            and ts[0].transport is not None:
         ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
     from ckptsync.backup import BackupOptions, discard_staging
     from ckptsync.multi import run_many

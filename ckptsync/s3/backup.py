@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ckptsync.backup_plan import BackupResult, stat_extras
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures
@@ -63,7 +63,8 @@ def endpoint_errors(hint: str):
 
 
 def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Reporter = QUIET,
-                      server: Server | None = None, via_laptop: bool = False) -> BackupResult:
+                      server: Server | None = None, via_laptop: bool = False,
+                      connect: Callable[[], Server] | None = None) -> BackupResult:
     """`via_laptop`: for a server that cannot reach the bucket, the bytes come here over the
     agent's link (checked as a backup's are), wait in a temporary directory, and go up from here."""
     result = BackupResult(target=target.label, server=target.describe(), dest=store.location,
@@ -71,7 +72,7 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
     started = time.monotonic()
     code, error = None, ""
     try:
-        with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
+        with (contextlib.nullcontext(server) if server is not None else open_server(target, connect)) as server:
             job = _Upload(target, store, server, rep, result, via_laptop)
             view = scan_server(server, target.remote_dir, target.policy.settle_seconds, writers=True,
                                pattern=target.policy.train_process or "")
