@@ -100,7 +100,7 @@ def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET) -> A
         if not complete and not extras:
             return result
         with (open_server(target) if target.transport is not None else contextlib.nullcontext()) as server:
-            there = scan_server(server, target.remote_dir, target.settle_seconds) if server is not None else None
+            there = scan_server(server, target.remote_dir, target.policy.settle_seconds) if server is not None else None
             alg = server.best_hash if server is not None else XXH3
             source = {"target": target.label, "server": target.describe() if server is not None else "",
                       "remote_dir": there.root if there is not None else (target.remote_dir or ""),
@@ -125,9 +125,9 @@ def _local_view(target: Target, root: Path) -> ServerView:
     checkpoints' state files, so discovery judges them by the same rules."""
     from ckptsync.transport.local import LocalTransport
 
-    here = replace(target, transport=LocalTransport(), remote_dir=str(root), server_factory=None)
+    here = replace(target, transport=LocalTransport(), remote_dir=str(root))
     with open_server(here) as server:
-        return scan_server(server, str(root), target.settle_seconds)
+        return scan_server(server, str(root), target.policy.settle_seconds)
 
 
 def _adopt_one(root: Path, c: Checkpoint, here: ServerView, there: ServerView | None, server: Server | None,
@@ -182,7 +182,7 @@ def _extras_here(target: Target, root: Path, names: set[str]) -> dict[str, str]:
 
     if (root / EXTRA).exists():
         return {}
-    members = extra_members(target.extra_files)
+    members = extra_members(target.policy.extra_files)
     return {src: member for src, member in members.items()
             if member.split("/", 1)[1] in names and (root / member.split("/", 1)[1]).is_file()}
 

@@ -38,12 +38,15 @@ from ckptsync.server.transfer import Received, kept_prefixes
 class Backup:
     def __init__(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
                  look_for_runs: bool = True, channels: Channels | None = None,
-                 scan: Callable[[Server], ServerView] | None = None, command: str = "backup") -> None:
+                 scan: Callable[[Server], ServerView] | None = None, command: str = "backup",
+                 connect: Callable[[], Server] | None = None) -> None:
         """`scan`: how the server is listed (a watch lists with its holds in place); `command`:
-        what the lock and status.json name ("watch" for a watch's cycles)."""
-        if target.parallel != 1 and target.bwlimit and target.limiter is None:
-            target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
+        what the lock and status.json name ("watch" for a watch's cycles); `connect`: gives each
+        connection (see open_server)."""
+        if target.link.parallel != 1 and target.link.bwlimit and target.link.limiter is None:
+            target = target.with_link(limiter=RateLimiter(target.link.bwlimit))  # one rate for all channels
         self.target = target
+        self.connect = connect
         self.channels = channels  # a followed run fetches over its parent's
         self.look_for_runs = look_for_runs
         self._judge_memo: dict[str, tuple] = {}   # name -> (manifest files, server files, Judgement)
@@ -57,20 +60,24 @@ class Backup:
         self.batch_bytes = BATCH_BYTES   # small checkpoints fetched together up to this; 0: one per transfer
         self.commit_group = COMMIT_GROUP   # checkpoints of one transfer committed together, sharing fsyncs
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
-        self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.settle_seconds,
+        self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds,
                                                         writers=True, holds=True,
-                                                        pattern=self.target.train_process or ""))
+                                                        pattern=self.target.policy.train_process or ""))
         # What a run asks the server first, sent with its start (Server.expect): the listing, then
         # the look for newer runs beside it. A scan of its own (a watch's) is its own business.
         self.first_calls = [] if scan is not None else scan_calls(
-            target.remote_dir, writers=True, holds=True, pattern=target.train_process or "") + (
-            runs_calls(target.remote_dir, target.runs) if look_for_runs else [])
+            target.remote_dir, writers=True, holds=True, pattern=target.policy.train_process or "") + (
+            runs_calls(target.remote_dir, target.policy.runs) if look_for_runs else [])
         self.touched = False   # the lock was taken: from here on the run is a backup result
         self.store = Store(target.local_dir)
         self.result = BackupResult(target=target.label, server=target.describe(), dest=str(target.local_dir),
                                    dry_run=opts.dry_run)
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
-        self.placement = Placement(self.store, target.dedup, self.result, self.digests, rep)
+        self.placement = Placement(self.store, target.policy.dedup, self.result, self.digests, rep)
+
+    def open_server(self) -> Server:
+        """A new connection to the target's server, not yet opened."""
+        return open_server(self.target, self.connect)
 
     def run(self, server: Server | None = None) -> BackupResult:
         """Back up remote_dir (and, with follow_runs, the newer runs beside it), over `server`
@@ -80,18 +87,18 @@ class Backup:
             if self.command == "backup" and self.look_for_runs and not self.opts.dry_run:
                 self._refuse_beside_watch()
             given = server is not None
-            server = server if given else open_server(self.target)
+            server = server if given else self.open_server()
             server.expect(self.first_calls)   # before open: with the agent's start
             with (contextlib.nullcontext(server) if given else server) as server:
                 self.server = server
                 if self.look_for_runs and not (self.store.meta / "manifests").is_dir():
                     # A new target: say once when the server falls back to a slower hash or codec.
-                    line = fallback_line(server.hello, self.target.describe(), self.target.command("doctor"))
+                    line = fallback_line(server.hello, self.target.describe(), self.target.printed.command("doctor"))
                     if line:
                         self.rep.info(line)
                 own = self.channels is None
                 if own:
-                    self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                    self.channels = Channels(server, self.open_server, self.target.link.parallel)
                 try:
                     view = self.scan(server)
                     self._check_found(view)
@@ -119,7 +126,7 @@ class Backup:
                 self.digests.save()
             return
         # Before the lock: a refused run leaves nothing on disk.
-        check_space(self.store, todo, self.target.command("backup", "--discard-staged"))
+        check_space(self.store, todo, self.target.printed.command("backup", "--discard-staged"))
         waited = []
 
         def on_wait(holder: str) -> None:
@@ -127,7 +134,7 @@ class Backup:
             self.rep.info(f"waiting for {holder}")
 
         with self.store.lock(f"ckptsync {self.command}", wait=self.opts.wait, on_wait=on_wait, hint=WAIT_HINT,
-                             stall_limit=self.target.stall_timeout):
+                             stall_limit=self.target.link.stall_timeout):
             self.touched = True
             self.digests.held = True
             try:
@@ -147,7 +154,7 @@ class Backup:
         self._settle_orphans(self._orphans(view))
         if not todo:
             return
-        check_space(self.store, todo, self.target.command("backup", "--discard-staged"))
+        check_space(self.store, todo, self.target.printed.command("backup", "--discard-staged"))
         self.store.clean_trash()
         self.result.adopted = self.store.adopt_replaced()
         self.placement.add(None)
@@ -175,13 +182,13 @@ class Backup:
 
     def _runs(self, view: ServerView) -> None:
         """Newer run directories beside remote_dir: backed up with follow_runs, else named."""
-        if not self.target.follow_runs:
+        if not self.target.policy.follow_runs:
             self.result.unfollowed = [r for r in survey(self.server, view.root, self.target) if not r.covered]
             if self.result.unfollowed:
-                self.result.follow_hint = self.target.command("backup", "--follow-runs")
+                self.result.follow_hint = self.target.printed.command("backup", "--follow-runs")
             return
         opts = replace(self.opts, names=[], extra_files=False)
-        for run in find_runs(self.server, view.root, self.target.runs):
+        for run in find_runs(self.server, view.root, self.target.policy.runs):
             self.rep.info(f"run {run.name}: backing up {run.path}")
             job = Backup(run_target(self.target, run), opts, self.rep, look_for_runs=False, channels=self.channels)
             try:
@@ -360,7 +367,7 @@ class Backup:
         stored = set(self.store.manifests()) if self.store.meta.is_dir() else set()
         self.result.not_backed_up, warning = unsaved(view.checkpoints, taken, self.result.failed, stored,
                                                      self._first_run, self.opts,
-                                                     self.target.command("backup", "--all"))
+                                                     self.target.printed.command("backup", "--all"))
         if warning and self.warn_unsaved:
             self.result.warnings.append(warning)
 
@@ -373,7 +380,7 @@ class Backup:
                 self.placement.add(m if kept is None else None)
                 if kept is not None:
                     self.result.generations.append(f"{m.name}@{kept.id}")
-                    dropped = self.store.trim_generations(m.name, self.target.keep_generations)
+                    dropped = self.store.trim_generations(m.name, self.target.policy.keep_generations)
                     self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
         except OSError as exc:
             raise io_error(exc, what) from None
@@ -391,7 +398,7 @@ class Backup:
                     continue
                 local = self.store.root / f.path
                 if (f.mtime_ns, f.mode) != (s.mtime_ns, s.mode):
-                    restamp_file(local, s.mtime_ns, s.mode, keep_links=self.target.dedup == LINK)
+                    restamp_file(local, s.mtime_ns, s.mode, keep_links=self.target.policy.dedup == LINK)
                 f.mtime_ns, f.mode, f.ctime_ns, f.inode = s.mtime_ns, s.mode, s.ctime_ns, s.inode
             self.store.write_manifest(m)
         except OSError as exc:
@@ -464,7 +471,7 @@ class Backup:
     # -------------------------------------------------- extra files
 
     def _plan_extras(self, view: ServerView) -> PlanItem | None:
-        self._extras = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings,
+        self._extras = stat_extras(self.server, view.root, self.target.policy.extra_files, self.result.warnings,
                                    self.result.failed)
         server = {member: st for member, (_src, st) in self._extras.items()}
         if not server:
@@ -509,9 +516,10 @@ class Backup:
         self.result.fetched.append(EXTRA)
 
 
-def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
+def run_backup(target: Target, opts: BackupOptions, rep: Reporter = QUIET,
+               connect: Callable[[], Server] | None = None) -> BackupResult:
     """Run one backup and, unless it is a dry run, record how it went for `list`, `cron show` and `checklist`."""
-    return run_job(Backup(target, opts, rep))
+    return run_job(Backup(target, opts, rep, connect=connect))
 
 
 def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -> int:
@@ -522,7 +530,7 @@ def discard_staging(target: Target, dry_run: bool = False, wait: bool = False) -
         return held
     try:
         with store.lock("ckptsync backup --discard-staged", wait=wait, hint=WAIT_HINT,
-                        stall_limit=target.stall_timeout):
+                        stall_limit=target.link.stall_timeout):
             for name in store.staged_names():
                 store.discard_staging(name)
     except OSError as exc:

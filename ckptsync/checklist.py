@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ckptsync import datapath
 from ckptsync.agent import hash_file
@@ -66,8 +67,9 @@ class ChecklistResult:
 class Checklist:
     """Over any store (stores.Store): what differs by kind is asked of the store as an ability."""
 
-    def __init__(self, target: Target, rep: Reporter = QUIET) -> None:
+    def __init__(self, target: Target, rep: Reporter = QUIET, connect: Callable[[], Server] | None = None) -> None:
         self.target = target
+        self.connect = connect   # gives the connection (see open_server)
         self.rep = rep
         self.store = open_store(target)
         self.result = ChecklistResult(target.label, target.describe(), self.store.location)
@@ -80,7 +82,8 @@ class Checklist:
         says so (see training.judge_training)."""
         if backup_first:
             self.rep.info("running the backup first")
-            datapath.backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep)
+            datapath.backup(self.target, BackupOptions(max_checkpoints=1, include_best=True), self.rep,
+                            connect=self.connect)
             self.result.backup_ran = True
         return self._run(now, training_stopped)
 
@@ -93,19 +96,19 @@ class Checklist:
                    else "every object's size and ETag match its manifest")
             return True, f"{name}: {how}", ""
         problems = ", ".join(p.path for p in bad[0].problems[:3])
-        fix = (f"{self.target.command('verify', '--repair', name)}   (fetches the damaged files again)"
+        fix = (f"{self.target.printed.command('verify', '--repair', name)}   (fetches the damaged files again)"
                if ability(self.store, "commit")   # repair puts the fetched files back
-               else f"{self.target.command('verify', '--read-data', name)}   (reads every object back)")
+               else f"{self.target.printed.command('verify', '--read-data', name)}   (reads every object back)")
         return False, f"{name}: {bad[0].status}: {problems}", fix
 
     def _run(self, now: float | None, training_stopped: bool) -> ChecklistResult:
         t = self.target
         try:
-            with open_server(t) as server:
+            with open_server(t, self.connect) as server:
                 self.add("server reachable", True, f"{server.describe()}, Python {server.hello.python}")
                 self._clock(server)
-                view = scan_server(server, t.remote_dir, t.settle_seconds)
-                procs = server.procs(t.train_process or "", view.root)
+                view = scan_server(server, t.remote_dir, t.policy.settle_seconds)
+                procs = server.procs(t.policy.train_process or "", view.root)
                 extras = self._extras_on_server(server, view)
                 # Strict: a backup made before inodes were recorded is hashed before it counts.
                 self._manifests = self.store.manifests()
@@ -128,7 +131,7 @@ class Checklist:
             return self.result
         if view.clock:
             self.result.warnings.append(view.clock)
-        self._training(judge_training(view, procs, t.settle_seconds, training_stopped))
+        self._training(judge_training(view, procs, t.policy.settle_seconds, training_stopped))
         self._unseen(view)
         for c in view.checkpoints:
             if c.abandoned:
@@ -176,7 +179,7 @@ class Checklist:
             fix = "wait for the save to finish (or stop training), then run the checklist again"
         else:
             fix = (f"stop training (or wait for the next checkpoint), then run the checklist again"
-                   f"   (or: {t.command('checklist', '--training-stopped')})")
+                   f"   (or: {t.printed.command('checklist', '--training-stopped')})")
         self.add("training stopped", v.stopped, v.detail, fix)
         self.result.notes.extend(v.notes)
         self.result.warnings.extend(v.stale)
@@ -200,8 +203,8 @@ class Checklist:
         if left:
             self.result.warnings.append(
                 f"complete on the server but not backed up: {', '.join(left)} (deleting the instance loses "
-                f"them); back them up with: {self.target.command('backup', '--all')}")
-        note = (staging_note(self.store, self.target.command("backup", "--discard-staged"))[2]
+                f"them); back them up with: {self.target.printed.command('backup', '--all')}")
+        note = (staging_note(self.store, self.target.printed.command("backup", "--discard-staged"))[2]
                 if ability(self.store, "staged_names") else "")
         if note:
             self.result.warnings.append(note)
@@ -216,7 +219,7 @@ class Checklist:
                                                              for r in runs))
             return
         for r in pending:
-            self.add("newer run backed up", False, f"{r.path}: {r.problem}", self.target.command("backup", "--follow-runs"))
+            self.add("newer run backed up", False, f"{r.path}: {r.problem}", self.target.printed.command("backup", "--follow-runs"))
 
     def _digests(self) -> LocalDigests:
         """Stored copies are hashed here only where they are (a directory); a bucket's are not."""
@@ -238,7 +241,7 @@ class Checklist:
         if not self._current.get(c.name):
             state = "not backed up" if m is None else "backup is older than the server's copy"
             self.add(title, False, f"{c.name} (step {c.step}): {state}",
-                     f"{t.command('backup', '--checkpoint', c.name)}   (or: {t.command('checklist', '--backup')})")
+                     f"{t.printed.command('backup', '--checkpoint', c.name)}   (or: {t.printed.command('checklist', '--backup')})")
             return
         self.add(title, True, f"{c.name} (step {c.step}), {human(m.size)}")
         ok, detail, fix = self.verify(c.name)
@@ -250,12 +253,12 @@ class Checklist:
     def _extras_on_server(self, server: Server, view: ServerView) -> tuple[list[str], str] | None:
         """(problems, what was compared) of the extra files the server has, their content hashed
         there and compared with the backup's; None when none is configured."""
-        if not self.target.extra_files:
+        if not self.target.policy.extra_files:
             return None
         m = self.store.manifests().get(EXTRA)
         stored = {f.source or f.path: f for f in (m.files if m else [])}
-        listed = server.stat(view.root, list(self.target.extra_files))
-        present = [src for src in self.target.extra_files if listed.get(src) is not None and not listed[src].is_dir]
+        listed = server.stat(view.root, list(self.target.policy.extra_files))
+        present = [src for src in self.target.policy.extra_files if listed.get(src) is not None and not listed[src].is_dir]
         problems = [f"{p}: could not be read on the server ({why})" for p, why in sorted(listed.errors.items())]
         problems += [f"{src}: not backed up" for src in present if src not in stored]
         compared = [src for src in present if src in stored]
@@ -292,18 +295,18 @@ class Checklist:
         if found is None:
             return
         problems, compared = found
-        self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.command("backup"))
+        self.add("extra files backed up", not problems, "; ".join(problems) or compared, self.target.printed.command("backup"))
         if EXTRA in self.store.manifests():
             ok, detail, fix = self.verify(EXTRA)
             self.add("extra files verify", ok, detail, fix)
 
     def _last_run(self, now: float | None) -> None:
         holder = ability(self.store, "stuck_holder")   # a lease of a bucket is taken over instead
-        stuck = holder(time.time() if now is None else now, self.target.stall_timeout) if holder else ""
+        stuck = holder(time.time() if now is None else now, self.target.link.stall_timeout) if holder else ""
         if stuck:
             self.result.warnings.append(stuck)
         status = self.store.status()
-        fix = self.target.command("backup")
+        fix = self.target.printed.command("backup")
         if status is None:
             self.add("last backup succeeded", False, "no backup has run for this target", fix)
             return
@@ -313,5 +316,6 @@ class Checklist:
 
 
 def run_checklist(target: Target, backup_first: bool = False, rep: Reporter = QUIET,
-                  now: float | None = None, training_stopped: bool = False) -> ChecklistResult:
-    return Checklist(target, rep).run(backup_first, now, training_stopped)
+                  now: float | None = None, training_stopped: bool = False,
+                  connect: Callable[[], Server] | None = None) -> ChecklistResult:
+    return Checklist(target, rep, connect).run(backup_first, now, training_stopped)

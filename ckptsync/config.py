@@ -5,22 +5,18 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 
 from ckptsync.errors import ConfigError, UsageError
 from ckptsync.policy import HOLD_MAX, MAX_PARALLEL
-from ckptsync.server.watchdog import MAX_STALL, STALL_TIMEOUT, stall_limit, valid_limit
+from ckptsync.server.watchdog import MAX_STALL, stall_limit, valid_limit
+from ckptsync.target import DEFAULT_GENERATIONS, DEFAULT_SETTLE, Link, PrintBack, RunPolicy, Target
 from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 
-if TYPE_CHECKING:
-    from ckptsync.server import Server
-
 DEFAULT_LOCAL_DIR = "~/ckpt-backups"
-DEFAULT_GENERATIONS = 2
 SEARCH = ("./ckptsync.yaml", "~/.config/ckptsync/config.yaml")
 
 # key -> (type check, what is expected); shared by the top level and instances.
@@ -62,72 +58,6 @@ class Config:
     values: dict[str, Any] = field(default_factory=dict)
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     explicit: bool = False          # named with --config: a printed command must name it too
-
-
-@dataclass
-class Target:
-    """Everything one command needs to know about where checkpoints are and go."""
-
-    label: str                      # instance-1, host name, or "local"
-    transport: Transport | None     # None when only the backup directory is used
-    remote_dir: str | None
-    local_dir: Path                 # the backup directory of this target
-    extra_files: list[str]
-    settle_seconds: float
-    train_process: str | None
-    host_key_policy: str
-    # The target options this run was given, so that a printed command reaches the same server.
-    args: tuple[str, ...] = ()
-    assumed_instance: bool = False  # no --instance/--host/--remote-dir: instance 0 was taken
-    # Tests hand in a server of their own (the in-process twin); None: the agent over `transport`.
-    server_factory: Callable[[], Server] | None = None
-    # How identical files are stored: "reflink" (a clone, else a hard link when mode and
-    # mtime match, else a copy: every file shows its own mtime) or "link" (always hard-link).
-    dedup: str = "reflink"
-    verb: tuple[str, ...] = ()      # the command this run is, e.g. ("list",): for hints that repeat it
-    config_path: Path | None = None  # the config file in use, if any
-    keep_generations: int = 2        # earlier versions kept per reused name (latest.pt, a changed checkpoint)
-    follow_runs: bool = False        # also back up newer sibling run directories (see runs.py)
-    runs: tuple[str, ...] = ()       # glob patterns naming run directories, relative to remote_dir's parent
-    bwlimit: int | None = None       # bytes per second over the link, both directions (--bwlimit)
-    limiter: Any = None              # a RateLimiter shared with the other targets of one run, else None
-    parallel: int | None = None      # channels a transfer uses at once (--parallel); None: from the round trip
-    store_url: str | None = None     # s3://bucket/prefix/<label>: the backup lives in a bucket (ckptsync.s3)
-    s3: dict[str, Any] = field(default_factory=dict)  # the config's s3: block
-    hold_max: int = HOLD_MAX         # checkpoints a watch holds against rotation at most (hold.py)
-    stall_timeout: float = STALL_TIMEOUT  # seconds a server link may move nothing before the run ends
-
-    def command(self, *words: str) -> str:
-        """`ckptsync WORDS` aimed at this target, ready to paste into a shell."""
-        return " ".join(shlex.quote(w) for w in ("ckptsync", *words, *self.args))
-
-    def tilde_hint(self, missing: str, server_home: str) -> str:
-        """For a remote directory the server lacks: when it lies under this machine's home and the
-        server's home is another, the laptop's shell most likely expanded `~` (as in `~/run`)."""
-        home = os.path.expanduser("~").rstrip("/")
-        if not home or home == server_home.rstrip("/") or not missing.startswith(home + "/"):
-            return ""
-        rel = missing[len(home) + 1:]
-        said = f"{home} is this machine's home: the shell probably expanded ~ before ckptsync saw it."
-        if "--remote-dir" not in self.args:
-            where = f"remote_dir in {self.config_path}" if self.config_path else "remote_dir"
-            return f"{said} Write {where} relative to the server's home: {rel}"
-        return (f"{said} A relative path is relative to the server's home: "
-                f"{self.command_with('--remote-dir', rel, *self.verb)}")
-
-    def command_with(self, option: str, value: str, *words: str) -> str:
-        """Like command(), with one target option (--remote-dir, --local-dir) set to another value."""
-        args = list(self.args)
-        if option in args:
-            args[args.index(option) + 1] = value
-        else:
-            args += [option, value]
-        return " ".join(shlex.quote(w) for w in ("ckptsync", *words, *args))
-
-    def describe(self) -> str:
-        if self.server_factory is not None:
-            return "the in-process server"
-        return self.transport.describe() if self.transport else "no server"
 
 
 def find_config(explicit: str | None) -> Path | None:
@@ -345,21 +275,23 @@ def resolve_target(
         transport=transport,
         remote_dir=rdir,
         local_dir=backups,
-        extra_files=list(pick("extra_files", []) or []),
-        settle_seconds=float(pick("settle_seconds", 60)),
-        train_process=pick("train_process"),
-        host_key_policy=policy,
-        args=tuple(args),
-        assumed_instance=assumed,
-        dedup=pick("dedup", "reflink"),
-        config_path=config.path,
-        keep_generations=int(pick("keep_generations", DEFAULT_GENERATIONS)),
-        follow_runs=bool(pick("follow_runs", False)),
-        runs=tuple(pick("runs", []) or ()),
-        bwlimit=_config_rate(pick("bwlimit"), config.path),
-        parallel=None if pick("parallel", None) is None else int(pick("parallel", None)),
         store_url=store_url,
         s3=dict(top.get("s3") or {}),
-        hold_max=int(pick("hold_max", HOLD_MAX)),
-        stall_timeout=stall_limit(pick("stall_timeout")),
+        policy=RunPolicy(
+            extra_files=list(pick("extra_files", []) or []),
+            settle_seconds=float(pick("settle_seconds", DEFAULT_SETTLE)),
+            train_process=pick("train_process"),
+            dedup=pick("dedup", "reflink"),
+            keep_generations=int(pick("keep_generations", DEFAULT_GENERATIONS)),
+            follow_runs=bool(pick("follow_runs", False)),
+            runs=tuple(pick("runs", []) or ()),
+            hold_max=int(pick("hold_max", HOLD_MAX)),
+        ),
+        link=Link(
+            host_key_policy=policy,
+            bwlimit=_config_rate(pick("bwlimit"), config.path),
+            parallel=None if pick("parallel", None) is None else int(pick("parallel", None)),
+            stall_timeout=stall_limit(pick("stall_timeout")),
+        ),
+        printed=PrintBack(args=tuple(args), assumed_instance=assumed, config_path=config.path),
     )

@@ -451,11 +451,11 @@ def remote_dir_warnings(target: Target) -> list[str]:
     from ckptsync.scan import empty_remote_dir, scan_server
     from ckptsync.server import RemoteDirMissing, open_server
 
-    if target.transport is None and target.server_factory is None:
+    if target.transport is None:
         return []
     try:
         with open_server(target) as server:
-            view = scan_server(server, target.remote_dir, target.settle_seconds)
+            view = scan_server(server, target.remote_dir, target.policy.settle_seconds)
             if view.checkpoints:
                 return []
             empty = empty_remote_dir(server, view, target, "cron install")
@@ -521,7 +521,7 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
         r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
     holder = ability(store, "stuck_holder")   # a bucket's lease lock expires by itself
-    stuck = holder(now, target.stall_timeout) if holder else ""
+    stuck = holder(now, target.link.stall_timeout) if holder else ""
     if stuck:
         r.warnings.append(stuck)
     return r

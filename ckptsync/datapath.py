@@ -12,7 +12,7 @@ exit 2.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ckptsync.errors import UsageError
 from ckptsync.progress import QUIET, Reporter
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ckptsync.config import Target
     from ckptsync.restore import RestoreOptions, RestoreResult
     from ckptsync.restore_all import RestoreAllResult
+    from ckptsync.server import Server
 
 # The commands that work on a store whose files are not on this machine (a bucket).
 ELSEWHERE = ("backup", "list", "show", "compare", "verify", "restore", "prune", "checklist", "cron")
@@ -39,8 +40,8 @@ def check_command(t: Target) -> None:
         return
     from ckptsync.s3 import require_boto3
 
-    verb = " ".join(t.verb) or "this command"
-    if t.verb and t.verb[0] not in ELSEWHERE:
+    verb = " ".join(t.printed.verb) or "this command"
+    if t.printed.verb and t.printed.verb[0] not in ELSEWHERE:
         raise UsageError(f"{verb} does not work on a bucket store ({t.store_url}); {', '.join(ELSEWHERE)} do")
     require_boto3()
 
@@ -70,14 +71,15 @@ def backup_line(t: Target, store: Store, via_laptop: bool) -> str:
     return f"backup {t.describe()}:{t.remote_dir} -> {store.location} ({how})"
 
 
-def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False) -> BackupResult:
+def backup(t: Target, opts: BackupOptions, rep: Reporter = QUIET, via_laptop: bool = False,
+           connect: Callable[[], Server] | None = None) -> BackupResult:
     store = open_store(t)
     path = ability(store, "data_path")
     if path is not None:
-        return path(via_laptop).backup(t, opts, rep)
+        return path(via_laptop).backup(t, opts, rep, connect)
     from ckptsync.backup import run_backup
 
-    return run_backup(t, opts, rep)
+    return run_backup(t, opts, rep, connect)
 
 
 # -------------------------------------------------- restore

@@ -328,7 +328,7 @@ def show_server(target: Target, name: str | None, store: Store | None = None) ->
     is now. A store whose files are elsewhere (a bucket) is compared by its manifests only."""
     store = store or DirectoryStore(target.local_dir)
     with open_server(target) as server:
-        view = scan_server(server, target.remote_dir, target.settle_seconds)
+        view = scan_server(server, target.remote_dir, target.policy.settle_seconds)
         where = f"{target.describe()}:{view.root}"
         if name is None:
             if not view.checkpoints:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ckptsync.commit import staging_note
 from ckptsync.config import Target
@@ -13,7 +14,7 @@ from ckptsync.layout import best_checkpoint
 from ckptsync.policy import newest_first
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, empty_hint, scan_server
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.stores import Store, ability, open_store
 from ckptsync.stores.manifest import EXTRA, Manifest
 
@@ -173,17 +174,18 @@ def best_backed_up(manifests: list[Manifest]) -> set[str]:
     return {m.name for m in manifests if m.name == named or (m.layout == "single-file" and m.kind == "best")}
 
 
-def run_list(target: Target, local_only: bool, generations: bool = False) -> ListResult:
+def run_list(target: Target, local_only: bool, generations: bool = False,
+             connect: Callable[[], Server] | None = None) -> ListResult:
     """The server's checkpoints beside the backups. A store whose files are not on this machine (a
     bucket) is listed alone: its entries are compared with the server's by backup, not here."""
     store = open_store(target)
-    result = _run_list(target, store, local_only or not ability(store, "files_here"))
+    result = _run_list(target, store, local_only or not ability(store, "files_here"), connect)
     if generations:
         result.generations = generation_rows(store)
     return result
 
 
-def _run_list(target: Target, store: Store, local_only: bool) -> ListResult:
+def _run_list(target: Target, store: Store, local_only: bool, connect: Callable[[], Server] | None) -> ListResult:
     manifests = store.manifests()
     damaged = {name: why for name, why in store.damaged().items() if "@" not in name}
     result = ListResult(target=target.label, server=None if local_only else target.describe(),
@@ -192,22 +194,22 @@ def _run_list(target: Target, store: Store, local_only: bool) -> ListResult:
     for name, (path, why) in damaged.items():
         result.damaged[name] = (f"its manifest {path} is damaged ({why}): not verified and not restored; "
                                 f"to back it up again while the server has it: "
-                                f"{target.command('backup', '--checkpoint', name)}")
+                                f"{target.printed.command('backup', '--checkpoint', name)}")
     if ability(store, "staged_names"):
         result.staged, result.staged_bytes, result.staging_note = staging_note(
-            store, target.command("backup", "--discard-staged"))
+            store, target.printed.command("backup", "--discard-staged"))
     uploads = ability(store, "unfinished_uploads")
     if uploads is not None:
         result.unfinished_uploads = uploads()
     view, current = None, None
     if not local_only:
-        with open_server(target) as server:
-            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
-                               pattern=target.train_process or "")
+        with open_server(target, connect) as server:
+            view = scan_server(server, target.remote_dir, target.policy.settle_seconds, writers=True,
+                               pattern=target.policy.train_process or "")
             current = judge_view(server, view, manifests, local=LocalDigests(store))
             result.runs = survey(server, view.root, target)
         if any(not r.covered for r in result.runs):
-            result.follow_hint = target.command("backup", "--follow-runs")
+            result.follow_hint = target.printed.command("backup", "--follow-runs")
         result.remote_dir = view.root
         result.stopped, result.warnings = view.stopped, list(view.errors)
         if not view.checkpoints:

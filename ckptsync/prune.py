@@ -159,7 +159,7 @@ class StorePrune:
             self._plan()
             self._sweep()
             return self.result
-        with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT, stall_limit=self.target.stall_timeout,
+        with self.store.lock("ckptsync prune", wait=self.opts.wait, hint=WAIT_HINT, stall_limit=self.target.link.stall_timeout,
                              on_wait=lambda holder: self.rep.info(f"waiting for {holder}"), on_takeover=self.rep.info):
             clean = ability(self.store, "clean_leftovers")
             if clean is not None:
@@ -221,7 +221,7 @@ class StorePrune:
         for name, why in bad.items():
             self.result.damaged[name] = f"fails verification: {why}"
             self.result.warnings.append(f"{name} fails verification ({why}); to fetch the damaged files again "
-                                        f"while the server has them: {self.target.command('verify', '--repair', name)}")
+                                        f"while the server has them: {self.target.printed.command('verify', '--repair', name)}")
         if bad:
             self.result.warnings.append(f"kept {good}: the newest backup that verifies, whatever the rules say"
                                         if good else "no backup verifies: nothing is removed")
@@ -292,7 +292,7 @@ class RemotePrune:
     def run(self) -> PruneResult:
         with open_server(self.target) as server:
             self.server = server
-            view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+            view = scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds)
             self.result.where = f"{self.target.describe()}:{view.root}"
             self.result.warnings.extend(view.errors)
             if self.opts.dry_run or not self.store.root.is_dir():
@@ -305,7 +305,7 @@ class RemotePrune:
             # the server's lock, so that no restore puts a checkpoint back while it is deleted.
             with self.store.lock("ckptsync prune --remote", wait=self.opts.wait, hint=WAIT_HINT,
                                  on_wait=lambda holder: self.rep.info(f"waiting for {holder}"),
-                                 stall_limit=self.target.stall_timeout), \
+                                 stall_limit=self.target.link.stall_timeout), \
                     server.holding(view.root, "ckptsync prune --remote"):
                 self._plan(view, held=True)
                 self._delete(view)

@@ -55,7 +55,7 @@ def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> Repai
                 result.unrepaired[p.path] = f"{p.kind}{': ' + p.detail if p.detail else ''} (not fixable by fetching)"
     if damaged:
         try:
-            with store.lock("ckptsync verify --repair", stall_limit=target.stall_timeout), \
+            with store.lock("ckptsync verify --repair", stall_limit=target.link.stall_timeout), \
                     open_server(target) as server:
                 for name, files in damaged.items():
                     _repair(store, server, target, name, files, result, rep)

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 
 from ckptsync import osdeps
@@ -38,7 +38,7 @@ from ckptsync.restore_choice import (
 )
 from ckptsync.restore_send import Sender
 from ckptsync.result import Result
-from ckptsync.server import MissingOnServer, ServerLocked, Stat, open_server
+from ckptsync.server import MissingOnServer, Server, ServerLocked, Stat, open_server
 from ckptsync.server.parallel import Channels
 from ckptsync.disk import io_error
 from ckptsync.stores import ability, open_store
@@ -146,11 +146,14 @@ class RestoreResult(RestoreRun):
 
 
 class Restore:
-    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET, store: Store | None = None) -> None:
-        """`store`: where the backup is read (an archive's extracted copy), else the target's directory."""
-        if target.parallel != 1 and target.bwlimit and target.limiter is None:
-            target = replace(target, limiter=RateLimiter(target.bwlimit))  # one rate for all channels
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter = QUIET, store: Store | None = None,
+                 connect: Callable[[], Server] | None = None) -> None:
+        """`store`: where the backup is read (an archive's extracted copy), else the target's directory;
+        `connect`: gives each connection (see open_server)."""
+        if target.link.parallel != 1 and target.link.bwlimit and target.link.limiter is None:
+            target = target.with_link(limiter=RateLimiter(target.link.bwlimit))  # one rate for all channels
         self.target = target
+        self.connect = connect
         self.opts = opts
         self.rep = rep
         self.store = store or Store(target.local_dir)
@@ -160,6 +163,10 @@ class Restore:
         self.phase = "prepare"
         self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
+
+    def open_server(self) -> Server:
+        """A new connection to the target's server, not yet opened."""
+        return open_server(self.target, self.connect)
 
     def run(self, server=None) -> RestoreResult:
         """`server`: an open connection to reuse (restore --all), else one is opened here."""
@@ -201,9 +208,9 @@ class Restore:
                 files = []
             else:
                 files = self._select(m)
-            with self._lock(), (contextlib.nullcontext(server) if server else open_server(self.target)) as server:
+            with self._lock(), (contextlib.nullcontext(server) if server else self.open_server()) as server:
                 self.server = server
-                self.channels = Channels(server, lambda: open_server(self.target), self.target.parallel)
+                self.channels = Channels(server, self.open_server, self.target.link.parallel)
                 self.sender = Sender(server, self.channels, self.target, self.result, self.files_root, self.digests,
                                      self.rep, self.opts.compress, self.opts.dry_run)
                 try:
@@ -246,7 +253,7 @@ class Restore:
         stack = contextlib.ExitStack()
         if not self.opts.dry_run:
             try:
-                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.stall_timeout,
+                stack.enter_context(self.store.lock("ckptsync restore", stall_limit=self.target.link.stall_timeout,
                                                     hint="wait for it to finish, then run the restore again"))
                 self.digests.held = True
             except IOFailure:
@@ -338,7 +345,7 @@ class Restore:
 
     def _older_hint(self, m: Manifest | None, ordered: list[Manifest]) -> str:
         return older_hint(self.store.root, m, ordered, self.opts.adapter_only,
-                          lambda name: self.target.command("restore", "--checkpoint", name))
+                          lambda name: self.target.printed.command("restore", "--checkpoint", name))
 
     # -------------------------------------------------- checks before sending
 
@@ -389,7 +396,7 @@ class Restore:
         `root` is another directory than the one they were backed up from."""
         dirs = {posixpath.dirname(f.source) or "." for f in outside}
         where = dirs.pop() if len(dirs) == 1 else "DIR"
-        again = self.target.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
+        again = self.target.printed.command("restore", "--checkpoint", m.name, "--extra-files-only", "--extra-files-to", where)
         return (f"not restored: {', '.join(f.source for f in outside)} (outside {root}, which is not the "
                 f"directory they were backed up from; kept in {self.store.shown_path(self.store.root / EXTRA)}); to put them at the "
                 f"same place relative to this run: {again}")
@@ -471,7 +478,7 @@ class Restore:
             return ""
         if self.server.stat(root, [last]).get(last) is not None:
             return ""
-        again = (f"; restore it too: {self.target.command('restore', '--checkpoint', last)}"
+        again = (f"; restore it too: {self.target.printed.command('restore', '--checkpoint', last)}"
                  if last in manifests else "")
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
                 f"this server: a resumed run that loads the best model at the end can crash there{again}")
@@ -497,11 +504,12 @@ class Restore:
         self.server.discard(root, stage)
 
 
-def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET) -> RestoreResult:
+def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET,
+                connect: Callable[[], Server] | None = None) -> RestoreResult:
     """Restore one checkpoint (and the extra files) to the target's server; the source may be an archive."""
     try:
         with local_copy(target, reporter) as store:
-            return Restore(target, opts, reporter, store=store).run()
+            return Restore(target, opts, reporter, store=store, connect=connect).run()
     except OSError as exc:  # the laptop side: reading the backup, taking its lock
         raise io_error(exc, f"reading {target.local_dir}") from None
 

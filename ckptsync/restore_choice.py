@@ -170,7 +170,7 @@ def elsewhere_hint(root: Path, target) -> str:
     if inside:
         names = ", ".join(p.name for p in inside[:5]) + (", ..." if len(inside) > 5 else "")
         return (f"{root} holds backup directories ({names}), not a backup itself: choose one, e.g. "
-                + target.command_with("--local-dir", str(inside[0].absolute()), "restore"))
+                + target.printed.command_with("--local-dir", str(inside[0].absolute()), "restore"))
     try:
         found = sorted(str(p) for p in root.parent.iterdir()
                        if p != root and (p / ".ckptsync" / "manifests").is_dir())

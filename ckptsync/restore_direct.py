@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ckptsync.config import Target
 from ckptsync.errors import DiskFull, UsageError
@@ -20,7 +20,7 @@ from ckptsync.stores import Store
 
 
 def run_direct_restore(t: Target, store: Store, path: Any, opts: RestoreOptions, rep: Reporter = QUIET,
-                       server: Server | None = None) -> RestoreResult:
+                       server: Server | None = None, connect: Callable[[], Server] | None = None) -> RestoreResult:
     """One entry (or, with `opts.generation`, an earlier version of it) onto the server: `path`
     (the store's data_path) has the server fetch it into staging, checked there; then the entry
     is renamed into place whole."""
@@ -28,7 +28,7 @@ def run_direct_restore(t: Target, store: Store, path: Any, opts: RestoreOptions,
     m, notes = choose(newest_first(store.manifests()), opts.checkpoint, adapter_only=False)
     entry = pick_generation(store, m.name, opts.generation) if opts.generation is not None else path.entry(m.name)
     m = entry.manifest
-    with (contextlib.nullcontext(server) if server is not None else open_server(t)) as server, \
+    with (contextlib.nullcontext(server) if server is not None else open_server(t, connect)) as server, \
             contextlib.ExitStack() as held:
         root = server.mkdir(t.remote_dir)
         held.enter_context(server.holding(root, "ckptsync restore"))  # one run at a time writes into it

@@ -80,7 +80,7 @@ class Sender:
             f"not enough space on {self.result.server} in {root}: this restore needs {human(need)} plus a "
             f"{human(SPACE_MARGIN)} margin, {human(free)} is free (nothing was sent){leftover}",
             hint=("free some space on the server"
-                  + (f", or drop the leftover staging: {self.target.command('restore', '--checkpoint', stage, '--discard-staged')}"
+                  + (f", or drop the leftover staging: {self.target.printed.command('restore', '--checkpoint', stage, '--discard-staged')}"
                      if held else "")
                   + ", or send only the weights with --adapter-only"))
 
@@ -121,7 +121,7 @@ class Sender:
                            f"in {staging} on the server",
                            hint="free some space there and run the same restore again (it sends only the rest), "
                                 "or drop what arrived: "
-                                + self.target.command("restore", "--checkpoint", name, "--discard-staged")) from exc
+                                + self.target.printed.command("restore", "--checkpoint", name, "--discard-staged")) from exc
         finally:
             self.rep.finish()
         arrived: dict[str, Arrived] = {}

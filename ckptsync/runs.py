@@ -111,7 +111,7 @@ def find_runs(server: Server, root: str, patterns: tuple[str, ...] = ()) -> list
 
 def run_target(target: Target, run: Run) -> Target:
     """The same server and options, aimed at one run: its own directory and its own backups."""
-    args = list(target.args)
+    args = list(target.printed.args)
     if "--remote-dir" in args:
         args[args.index("--remote-dir") + 1] = run.path
     else:
@@ -120,17 +120,17 @@ def run_target(target: Target, run: Run) -> Target:
         args[args.index("--local-dir") + 1] = str(target.local_dir / run.name)
     else:
         args += ["--local-dir", str(target.local_dir / run.name)]
-    return replace(target, remote_dir=run.path, local_dir=target.local_dir / run.name, extra_files=[],
-                   follow_runs=False, runs=(), args=tuple(args))
+    aimed = replace(target, remote_dir=run.path, local_dir=target.local_dir / run.name)
+    return aimed.with_policy(extra_files=[], follow_runs=False, runs=()).with_printed(args=tuple(args))
 
 
 def survey(server: Server, root: str, target: Target) -> list[RunState]:
     """Every run to follow, with what is on the server and whether its newest checkpoint is saved."""
     states = []
-    for run in find_runs(server, root, target.runs):
+    for run in find_runs(server, root, target.policy.runs):
         state = RunState(run.name, run.path, str(target.local_dir / run.name))
         try:
-            view = scan_server(server, run.path, target.settle_seconds)
+            view = scan_server(server, run.path, target.policy.settle_seconds)
         except RemoteDirMissing:
             continue  # removed since it was listed
         complete = [c for c in view.checkpoints if c.complete]

@@ -140,7 +140,7 @@ def empty_remote_dir(server: Server, view: ServerView, target: Target, verb: str
     if not command:  # checkpoints elsewhere mean a wrong directory, however new
         st = server.stat(view.root, ["."]).get(".")
         age = None if st is None else max(view.now - st.mtime_ns / 1e9, 0.0)
-    young = age is not None and age < max(FIRST_SAVE_GRACE, target.settle_seconds)
+    young = age is not None and age < max(FIRST_SAVE_GRACE, target.policy.settle_seconds)
     return Empty(view.root, detail, command, young, age or 0.0)
 
 
@@ -164,11 +164,11 @@ def _elsewhere(view: ServerView, target: Target, verb: str) -> tuple[str, str]:
     parent, name = view.root.rstrip("/").rsplit("/", 1) if "/" in view.root.strip("/") else ("", "")
     if not deeper and CHECKPOINT_PART.fullmatch(name):
         return (f"{view.root} looks like one checkpoint; the run is its parent",
-                target.command_with("--remote-dir", parent, *words))
+                target.printed.command_with("--remote-dir", parent, *words))
     if not deeper:
         return (f"{view.root} holds {len(view.exact)} file(s) on the server, none of them in a "
                 "checkpoint (checkpoint-N/, global_stepN/, *.pt): is it the run's output directory?"), ""
     first = min(deeper, key=lambda d: (d.count("/"), d))
     shown = ", ".join(sorted(deeper)[:3]) + (", ..." if len(deeper) > 3 else "")
     return (f"{view.root} has checkpoints further down ({shown})",
-            target.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", *words))
+            target.printed.command_with("--remote-dir", f"{view.root.rstrip('/')}/{first}", *words))

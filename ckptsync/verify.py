@@ -450,7 +450,7 @@ class RemoteVerify:
     def run(self) -> VerifyResult:
         with open_server(self.target) as server:
             self.server = server
-            view = scan_server(server, self.target.remote_dir, self.target.settle_seconds)
+            view = scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds)
             self.view = view
             self.alg = self.result.alg = server.best_hash
             self.result.remote_dir = view.root
@@ -495,7 +495,7 @@ class RemoteVerify:
                 check.problems.append(Problem(name, NOT_IN_BACKUP, "never backed up"))
             elif c.complete:
                 self.result.warnings.append(f"{name} is on the server but has never been backed up: "
-                                            f"{self.target.command('backup', '--checkpoint', name)}")
+                                            f"{self.target.printed.command('backup', '--checkpoint', name)}")
             return check
         check = EntryCheck(name, OK_STATUS, len(m.files), m.size, verified_at=m.verified_at)
         if name == EXTRA:
@@ -564,7 +564,7 @@ class RemoteVerify:
         value = self.digests.get(f, self.alg)
         if value is None and f.path in self.digests.damaged:
             check.problems.append(Problem(f.path, NOT_COMPARED, "the copy here no longer matches its manifest "
-                                          f"(check it: {self.target.command('verify', check.name)})"))
+                                          f"(check it: {self.target.printed.command('verify', check.name)})"))
         elif value is None:
             why = self.digests.errors.get(f.path, "")
             check.problems.append(Problem(f.path, MISSING_HERE, f"cannot read the local copy: {why}"))

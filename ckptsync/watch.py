@@ -200,7 +200,7 @@ class Watch:
             raise
         self.server = server
         self.how, self.why = changes.how, changes.why
-        self.channels = Channels(server, self.connect, self.target.parallel)
+        self.channels = Channels(server, self.connect, self.target.link.parallel)
 
     def close(self) -> None:
         if self.channels is not None:
@@ -251,8 +251,8 @@ class Watch:
         if any(not c.complete and not c.abandoned for c in view.checkpoints):
             self.due = True
             return
-        procs = self.server.procs(self.target.train_process or "", view.root)
-        stopped = judge_training(replace(view, now=procs.now or view.now), procs, self.target.settle_seconds).stopped
+        procs = self.server.procs(self.target.policy.train_process or "", view.root)
+        stopped = judge_training(replace(view, now=procs.now or view.now), procs, self.target.policy.settle_seconds).stopped
         self.due = stopped != self.result.finished
 
     def status(self) -> None:
@@ -300,8 +300,8 @@ class Watch:
         self.last_failed = dict(result.failed)
 
     def scan(self, server: Server) -> ServerView:
-        return scan_server(server, self.target.remote_dir, self.target.settle_seconds, writers=True,
-                           holds=True, pattern=self.target.train_process or "")
+        return scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds, writers=True,
+                           holds=True, pattern=self.target.policy.train_process or "")
 
     def rescan(self, view: ServerView) -> Callable[[Server], ServerView]:
         """The cycle's own listing first; a fresh one when the backup plans again (after waiting for the lock)."""
@@ -445,7 +445,7 @@ class Watch:
 
     def finish(self, view: ServerView) -> None:
         """When no process of this run is left and nothing is written: say so, with the checklist."""
-        verdict = judge_training(view, view.procs, self.target.settle_seconds)
+        verdict = judge_training(view, view.procs, self.target.policy.settle_seconds)
         if not verdict.stopped:
             self.finished_said = self.result.finished = False
             return
@@ -453,7 +453,7 @@ class Watch:
             return
         from ckptsync.checklist import run_checklist
 
-        checks = run_checklist(self.target, rep=self.rep)
+        checks = run_checklist(self.target, rep=self.rep, connect=self.connect)
         unsaved = [c.name for c in view.checkpoints if c.complete and self.store.load(c.name) is None]
         lost = sorted(set(self.result.lost))
         newest = max((f.mtime_ns for f in view.exact.values()), default=0) / 1e9

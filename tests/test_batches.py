@@ -18,7 +18,7 @@ from ckptsync.policy import BATCH_BYTES, batches
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from helpers import tree_digest
 from test_partial import StopAt
-from test_server_boundary import make_target
+from test_server_boundary import always, make_target
 
 COUNT = 30
 OWN = ("optimizer.pt", "trainer_state.json")   # the files each copy in `many` gets its own bytes of
@@ -79,7 +79,7 @@ def counting_server(sent: list[list[str]], hooks: Hooks | None = None) -> InProc
 def test_many_small_checkpoints_go_over_one_transfer(many, tmp_path):
     dest = tmp_path / "b"
     sent: list[list[str]] = []
-    result = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True))
+    result = run_backup(make_target(many, dest), BackupOptions(all=True), connect=always(counting_server(sent)))
     names = checkpoints(many)
     assert result.exit_code == OK, result.failed
     assert sorted(result.fetched) == names and len(names) == COUNT + 3
@@ -100,7 +100,7 @@ def test_many_small_checkpoints_go_over_one_transfer(many, tmp_path):
         assert sorted(f["path"] for f in m["files"]) == sorted(
             f"{name}/{p.name}" for p in (many / name).iterdir())
     assert not list((dest / ".ckptsync" / "staging").glob("*"))
-    again = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True))
+    again = run_backup(make_target(many, dest), BackupOptions(all=True), connect=always(counting_server(sent)))
     assert again.exit_code == OK and again.fetched == [] and len(sent) == 1
 
 
@@ -109,8 +109,8 @@ def test_an_interrupted_batch_keeps_what_it_committed_and_the_next_run_sends_the
     names = checkpoints(many)
     total = sum(p.stat().st_size for n in names for p in (many / n).iterdir())
     with pytest.raises(Interrupted) as caught:
-        run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"),
-                   StopAt(f"{len(names)} checkpoints", total // 2))
+        run_backup(make_target(many, dest), BackupOptions(all=True, compress="off"),
+                   StopAt(f"{len(names)} checkpoints", total // 2), connect=always(InProcessServer()))
     assert "verified files kept" in caught.value.message
     # each checkpoint was committed as soon as all of it had arrived, the newest first: those are
     # whole; none of the others is visible under its name, and what arrived of them is kept
@@ -124,7 +124,8 @@ def test_an_interrupted_batch_keeps_what_it_committed_and_the_next_run_sends_the
             for p in (dest / ".ckptsync" / "staging").glob("*.progress.json")}
     assert not set(kept) & set(committed)
     assert 0 < sum(len(v) for v in kept.values()) < sum(len(list((many / n).iterdir())) for n in names)
-    again = run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"))
+    again = run_backup(make_target(many, dest), BackupOptions(all=True, compress="off"),
+                       connect=always(InProcessServer()))
     assert again.exit_code == OK and sorted(again.fetched) == sorted(set(names) - set(committed))
     assert again.raw_bytes < total
     for name in names:
@@ -139,7 +140,7 @@ def test_a_checkpoint_rotated_away_mid_batch_fails_alone(many, tmp_path):
     hooks = Hooks()
     hooks.on_before("send", lambda _args: shutil.rmtree(many / newest), times=1)
     sent: list[list[str]] = []
-    result = run_backup(make_target(many, dest, counting_server(sent, hooks)), BackupOptions(all=True))
+    result = run_backup(make_target(many, dest), BackupOptions(all=True), connect=always(counting_server(sent, hooks)))
     assert not (many / newest).exists()   # the fault happened after the plan, during the transfer
     assert result.exit_code == PARTIAL
     assert list(result.failed) == [newest] and "deleted" in result.failed[newest]
@@ -188,7 +189,8 @@ def test_every_checkpoint_is_durable_before_its_name_and_the_commits_share_their
     monkeypatch.setattr(store_mod, "fsync_dir", fsync_dir)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "replace", replace)
-    result = run_backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"))
+    result = run_backup(make_target(many, dest), BackupOptions(all=True, compress="off"),
+                        connect=always(InProcessServer()))
     monkeypatch.undo()
     names = checkpoints(many)
     assert result.exit_code == OK and sorted(result.fetched) == names
@@ -223,8 +225,8 @@ def test_whole_checkpoints_of_a_group_cut_short_are_committed_by_the_next_run_wi
     dest = tmp_path / "b"
     names = checkpoints(many)
     total = sum(p.stat().st_size for n in names for p in (many / n).iterdir())
-    job = Backup(make_target(many, dest, InProcessServer()), BackupOptions(all=True, compress="off"),
-                 StopAt(f"{len(names)} checkpoints", total // 2))
+    job = Backup(make_target(many, dest), BackupOptions(all=True, compress="off"),
+                 StopAt(f"{len(names)} checkpoints", total // 2), connect=always(InProcessServer()))
     job.commit_group = 100
     with pytest.raises(Interrupted):
         run_job(job)
@@ -235,7 +237,8 @@ def test_whole_checkpoints_of_a_group_cut_short_are_committed_by_the_next_run_wi
         f"{n}/{p.name}" for p in (many / n).iterdir())]
     assert whole
     sent: list[list[str]] = []
-    again = run_backup(make_target(many, dest, counting_server(sent)), BackupOptions(all=True, compress="off"))
+    again = run_backup(make_target(many, dest), BackupOptions(all=True, compress="off"),
+                       connect=always(counting_server(sent)))
     assert again.exit_code == OK and sorted(again.fetched) == names
     assert not [m for members in sent for m in members if m.split("/")[0] in whole]
     for name in names:

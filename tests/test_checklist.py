@@ -214,12 +214,12 @@ class Shifted:
 
 
 def in_process_target(server_tree, dest, hooks=None):
+    """A target, and the connect (see open_server) that gives it a new in-process server."""
     from ckptsync.config import Target
     from ckptsync.server.inprocess import InProcessServer
 
-    return Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=lambda: InProcessServer(hooks))
+    return (Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest),
+            lambda: InProcessServer(hooks))
 
 
 def test_a_server_clock_hours_behind_is_reported_and_decides_nothing(server_tree, tmp_path, monkeypatch):
@@ -231,10 +231,10 @@ def test_a_server_clock_hours_behind_is_reported_and_decides_nothing(server_tree
     behind = Shifted(-3 * 3600)
     monkeypatch.setattr(agent_serve, "time", behind)   # the agent's clock: hello, and (before) the scan
     monkeypatch.setattr(agent_scan, "time", behind)
-    target = in_process_target(server_tree, tmp_path / "b")
-    backed = run_backup(target, BackupOptions(all=True))
+    target, connect = in_process_target(server_tree, tmp_path / "b")
+    backed = run_backup(target, BackupOptions(all=True), connect=connect)
     assert sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.plan
-    result = run_checklist(target)
+    result = run_checklist(target, connect=connect)
     assert result.safe, result.checks
     assert -3 * 3600 - 60 < result.clock_offset < -3 * 3600 + 60
     assert any(w.startswith("the server's clock is 3.0 h behind this computer's") for w in result.warnings)
@@ -254,11 +254,11 @@ def test_files_dated_after_the_servers_clock_are_judged_by_their_markers(server_
         value["reply"]["now"] -= 3 * 3600
         moved.append(value["reply"]["now"])
     hooks.on_after("scan", behind)
-    target = in_process_target(server_tree, tmp_path / "b", hooks)
-    backed = run_backup(target, BackupOptions(all=True))
+    target, connect = in_process_target(server_tree, tmp_path / "b", hooks)
+    backed = run_backup(target, BackupOptions(all=True), connect=connect)
     assert moved and sorted(backed.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], backed.plan
     assert any("dated up to" in w and "after the server's clock" in w for w in backed.warnings)
-    result = run_checklist(target)
+    result = run_checklist(target, connect=connect)
     assert result.safe, result.checks
     assert any("dated up to" in w for w in result.warnings)
 
@@ -318,13 +318,13 @@ def test_where_processes_cannot_be_seen_the_checklist_says_so_and_the_cadence_st
 
     age_tree(server_tree, -600)   # newest 10 min old, saves every 20: the next one is due in ~10 min
     monkeypatch.setattr(agent_procs, "process_ids", lambda: None)   # a server without /proc
-    target = in_process_target(server_tree, tmp_path / "b")
-    assert run_backup(target, BackupOptions()).exit_code == 0
-    result = run_checklist(target)
+    target, connect = in_process_target(server_tree, tmp_path / "b")
+    assert run_backup(target, BackupOptions(), connect=connect).exit_code == 0
+    result = run_checklist(target, connect=connect)
     training = next(c for c in result.checks if c.name == "training stopped")
     assert not training.ok and not result.safe
     assert training.detail.startswith("a checkpoint is saved every ~20 min; the next one is due in ~")
     assert training.detail.endswith("could not see: no /proc on this server: its processes cannot be seen")
     assert "--training-stopped" in training.fix
-    stated = run_checklist(target, training_stopped=True)
+    stated = run_checklist(target, training_stopped=True, connect=connect)
     assert stated.safe, stated.checks

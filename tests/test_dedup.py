@@ -10,7 +10,7 @@ import pytest
 
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.backup_plan import BackupResult
-from ckptsync.config import Target, load_config, resolve_target
+from ckptsync.config import RunPolicy, Target, load_config, resolve_target
 from ckptsync.errors import OK, ConfigError
 from ckptsync.server.inprocess import InProcessServer
 from ckptsync.dedup import place_copy
@@ -29,15 +29,14 @@ class Sha1OnlyServer(InProcessServer):
         self.hello = dataclasses.replace(self.hello, hashes=("sha1",))
 
 
-def make_target(remote_dir: Path, local_dir: Path, server, dedup: str = "reflink") -> Target:
+def make_target(remote_dir: Path, local_dir: Path, dedup: str = "reflink") -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=lambda: server, dedup=dedup)
+                  policy=RunPolicy(dedup=dedup))
 
 
 def backup_all(server_tree: Path, dest: Path, dedup: str = "reflink", hashes: bool = True) -> BackupResult:
     server = InProcessServer() if hashes else Sha1OnlyServer()
-    result = run_backup(make_target(server_tree, dest, server, dedup), BackupOptions(all=True))
+    result = run_backup(make_target(server_tree, dest, dedup), BackupOptions(all=True), connect=lambda: server)
     assert result.exit_code == OK, result.failed
     assert sorted(result.fetched) == sorted(CHECKPOINTS)
     return result
@@ -112,7 +111,7 @@ def test_default_keeps_every_files_own_mtime_and_mode(server_tree: Path, tmp_pat
         assert (result.copied_files, result.copied_bytes) == (0, 0)
     assert result.raw_bytes == total - saved
 
-    verified = run_verify(make_target(server_tree, dest, None), [])
+    verified = run_verify(make_target(server_tree, dest), [])
     assert verified.exit_code == OK
     assert mtime_warnings(verified) == {}
 
@@ -133,7 +132,7 @@ def test_dedup_link_hard_links_and_verify_warns(server_tree: Path, tmp_path: Pat
     assert result.disk_bytes == total - 2 * shared
     assert result.raw_bytes == total - 2 * shared
 
-    verified = run_verify(make_target(server_tree, dest, None), [])
+    verified = run_verify(make_target(server_tree, dest), [])
     assert verified.exit_code == OK
     assert all(not e.failed for e in verified.entries)
     warned = mtime_warnings(verified)
@@ -170,7 +169,7 @@ def test_same_content_mode_and_mtime_is_shared_under_the_default(server_tree: Pa
         assert (result.copied_files, result.copied_bytes) == (3, shared)
         assert result.disk_bytes == total - shared
 
-    verified = run_verify(make_target(server_tree, dest, None), [])
+    verified = run_verify(make_target(server_tree, dest), [])
     assert verified.exit_code == OK and mtime_warnings(verified) == {}
 
 
@@ -208,10 +207,10 @@ def test_config_key_reaches_the_target(tmp_path: Path) -> None:
     cfg = tmp_path / "ckptsync.yaml"
     cfg.write_text("dedup: link\ninstances:\n  1: {host: a}\n  2: {host: b, dedup: reflink}\n")
     config = load_config(str(cfg))
-    assert resolve_target(config, instance="1", need_remote=False).dedup == "link"
-    assert resolve_target(config, instance="2", need_remote=False).dedup == "reflink"
+    assert resolve_target(config, instance="1", need_remote=False).policy.dedup == "link"
+    assert resolve_target(config, instance="2", need_remote=False).policy.dedup == "reflink"
     cfg.write_text("instances:\n  1: {host: a}\n")
-    assert resolve_target(load_config(str(cfg)), instance="1", need_remote=False).dedup == "reflink"
+    assert resolve_target(load_config(str(cfg)), instance="1", need_remote=False).policy.dedup == "reflink"
     cfg.write_text("dedup: symlink\n")
     with pytest.raises(ConfigError, match="dedup: expected reflink or link"):
         load_config(str(cfg))

@@ -91,15 +91,15 @@ def test_tilde_hint_only_for_a_path_under_this_machines_home(monkeypatch, tmp_pa
 
     monkeypatch.setenv("HOME", "/home/me")
     given = resolve_target(Config(), instance="2", remote_dir="/home/me/run/models", need_remote=False)
-    given.verb = ("backup",)
-    assert given.tilde_hint("/home/me/run/models", "/home/ubuntu").endswith(
+    given = given.with_printed(verb=("backup",))
+    assert given.printed.tilde_hint("/home/me/run/models", "/home/ubuntu").endswith(
         "relative to the server's home: ckptsync backup --instance 2 --remote-dir run/models")
-    assert given.tilde_hint("/home/me/run/models", "/home/me") == ""       # the same home: just missing
-    assert given.tilde_hint("/data/run", "/home/ubuntu") == ""             # not under this home
-    assert given.tilde_hint("/home/meg/run", "/home/ubuntu") == ""
+    assert given.printed.tilde_hint("/home/me/run/models", "/home/me") == ""       # the same home: just missing
+    assert given.printed.tilde_hint("/data/run", "/home/ubuntu") == ""             # not under this home
+    assert given.printed.tilde_hint("/home/meg/run", "/home/ubuntu") == ""
     cfg = Config(path=tmp_path / "c.yaml", values={"remote_dir": "/home/me/run"})
     configured = resolve_target(cfg, instance="2", need_remote=False)
-    assert configured.tilde_hint("/home/me/run", "/root").endswith(
+    assert configured.printed.tilde_hint("/home/me/run", "/root").endswith(
         f"Write remote_dir in {tmp_path / 'c.yaml'} relative to the server's home: run")
 
 

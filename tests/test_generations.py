@@ -302,7 +302,7 @@ def test_files_that_only_look_changed_are_hashed_once_per_run(tmp_path):
     """Backup plans twice (before and under the lock); the doubtful files are hashed on the server once."""
     from ckptsync.backup import BackupOptions, run_backup
     from ckptsync.server.inprocess import Hooks, InProcessServer
-    from test_server_boundary import make_target
+    from test_server_boundary import always, make_target
 
     run = tmp_path / "checkpoints"
     shutil.copytree(SEED_STYLE / "single_file", run)
@@ -310,13 +310,13 @@ def test_files_that_only_look_changed_are_hashed_once_per_run(tmp_path):
         os.chmod(p, 0o644)
     set_tree_mtime(run, time.time() - WRITTEN_AGO)
     dest = tmp_path / "b"
-    assert run_backup(make_target(run, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    assert run_backup(make_target(run, dest), BackupOptions(all=True), connect=always(InProcessServer())).exit_code == 0
     later = time.time() - WRITTEN_AGO / 2
     for p in run.iterdir():
         os.utime(p, (later, later))
     hashed = []
     hooks = Hooks()
     hooks.on_before("hash", lambda args: hashed.extend(args["paths"]))
-    result = run_backup(make_target(run, dest, InProcessServer(hooks)), BackupOptions(all=True))
+    result = run_backup(make_target(run, dest), BackupOptions(all=True), connect=always(InProcessServer(hooks)))
     assert result.exit_code == 0 and len(result.restamped) == 14 and result.raw_bytes == 0
     assert sorted(hashed) == sorted(p.name for p in run.iterdir())

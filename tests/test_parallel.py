@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import collections
 import json
 import os
@@ -12,7 +11,7 @@ import pytest
 import xxhash
 
 from ckptsync.backup import Backup, BackupOptions, run_backup
-from ckptsync.config import Target
+from ckptsync.config import Link, Target
 from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError, ConfigError, Interrupted
 from ckptsync.server import open_server, shares
 from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
@@ -22,7 +21,7 @@ from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from ckptsync.transport import LocalTransport
 from helpers import HANG, tree_digest
 from test_partial import StopAt
-from test_server_boundary import make_target
+from test_server_boundary import always, make_target
 
 MB = 1 << 20
 BIG = 48 * MB
@@ -79,17 +78,22 @@ def test_the_ranges_of_a_file_cover_it_once_each_on_its_own_share():
 
 # ---------------------------------------------------------------- backups over several channels
 
-def parallel_target(server_tree, dest, n: int, hooks_for=None) -> tuple[Target, list[InProcessServer]]:
-    """A target whose every connection is a new in-process server; `hooks_for(i)` gives the hooks
-    of the i-th one opened (0 is the run's own connection)."""
-    made: list[InProcessServer] = []
+class Servers(list):
+    """The in-process servers a run opened, in order; calling it opens the next (a connect, see
+    open_server). `hooks_for(i)` gives the hooks of the i-th one (0 is the run's own connection)."""
 
-    def factory() -> InProcessServer:
-        server = InProcessServer(hooks_for(len(made)) if hooks_for else None)
-        made.append(server)
-        return server
-    t = make_target(server_tree, dest, None)
-    return dataclasses.replace(t, server_factory=factory, parallel=n), made
+    def __init__(self, hooks_for=None) -> None:
+        super().__init__()
+        self.hooks_for = hooks_for
+
+    def __call__(self) -> InProcessServer:
+        self.append(InProcessServer(self.hooks_for(len(self)) if self.hooks_for else None))
+        return self[-1]
+
+
+def parallel_target(server_tree, dest, n: int, hooks_for=None) -> tuple[Target, Servers]:
+    """A target over n channels, and the connect that gives each a new in-process server."""
+    return make_target(server_tree, dest).with_link(parallel=n), Servers(hooks_for)
 
 
 def manifests(dest) -> dict:
@@ -116,7 +120,8 @@ def small_split(monkeypatch):
 
 
 def test_three_channels_give_what_one_gives(server_tree, tmp_path):
-    one = run_backup(make_target(server_tree, tmp_path / "one", InProcessServer()), BackupOptions(all=True))
+    one = run_backup(make_target(server_tree, tmp_path / "one"), BackupOptions(all=True),
+                     connect=always(InProcessServer()))
     sent = []
 
     def hooks(_i):
@@ -124,7 +129,7 @@ def test_three_channels_give_what_one_gives(server_tree, tmp_path):
         h.on_before("send", lambda args: sent.append(len(args["pairs"])))
         return h
     t, made = parallel_target(server_tree, tmp_path / "three", 3, hooks)
-    three = run_backup(t, BackupOptions(all=True))
+    three = run_backup(t, BackupOptions(all=True), connect=made)
     assert one.exit_code == three.exit_code == 0
     # each checkpoint is committed as soon as all of it arrived: over three channels the order may differ
     assert sorted(one.fetched) == sorted(three.fetched) and three.channels == 3 and one.channels == 1
@@ -149,8 +154,8 @@ def test_a_large_file_comes_in_ranges_over_several_channels(server_tree, tmp_pat
         h = Hooks()
         h.on_before("send", lambda args: ranges.append(args["ranges"]))
         return h
-    t, _made = parallel_target(server_tree, tmp_path / "b", 3, hooks)
-    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    t, servers = parallel_target(server_tree, tmp_path / "b", 3, hooks)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers)
     assert r.exit_code == 0 and r.channels == 3
     spans = sorted(s for got in ranges for m, s in got.items() if m == "checkpoint-12/big.bin")
     assert len(spans) == 3 and spans[0][0] == 0 and sum(n for _s, n in spans) == 24 * MB
@@ -173,15 +178,15 @@ def test_a_cut_channel_fails_the_run_as_one_channel_would_and_the_rerun_complete
         return h
     t, made = parallel_target(server_tree, dest, 3, hooks)
     with pytest.raises(CkptsyncError) as info:
-        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=made)
     assert info.value.exit_code == CONNECT and made[1].link.process.cut
     assert "rerun to resume" in info.value.message
     assert not (dest / "checkpoint-12").exists()
     assert not (dest / ".ckptsync" / "manifests" / "checkpoint-12.json").exists()
     assert not (dest / PART).exists()   # its contiguous first bytes were too few to keep
 
-    again, _made = parallel_target(server_tree, dest, 3)
-    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
+    again, servers = parallel_target(server_tree, dest, 3)
+    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers)
     assert r.exit_code == 0 and r.fetched == ["checkpoint-12"]
     assert (dest / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
@@ -202,7 +207,7 @@ def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(se
         return h
     t, made = parallel_target(server_tree, dest, 2, hooks)
     with pytest.raises(CkptsyncError) as info:
-        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=made)
     assert info.value.exit_code == CONNECT
     kept = (dest / PART).stat().st_size
     assert KEEP_PREFIX_MIN <= kept <= 20 * MB
@@ -214,8 +219,8 @@ def test_a_split_file_keeps_its_first_bytes_and_the_rerun_sends_only_the_rest(se
         h = Hooks()
         h.on_before("send", lambda args: offered.append(args["resume"]))
         return h
-    again, _made = parallel_target(server_tree, dest, 2, watch)
-    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"))
+    again, servers = parallel_target(server_tree, dest, 2, watch)
+    r = run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers)
     assert r.exit_code == 0 and r.resumed_bytes == kept
     assert {m: s for o in offered for m, (s, _h) in o.items()} == {"checkpoint-12/big.bin": kept}
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
@@ -258,14 +263,14 @@ def test_a_corrupted_range_is_caught_by_its_hash(server_tree, tmp_path, small_sp
     def factory():
         made.append(FlipServer() if len(made) == 2 else InProcessServer())
         return made[-1]
-    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=3)
+    t = make_target(server_tree, dest).with_link(parallel=3)
     with pytest.raises(CkptsyncError) as info:
-        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=factory)
     assert info.value.exit_code == INTEGRITY
     assert "of checkpoint-12/big.bin: what arrived does not match the server's checksum" in info.value.message
     assert not (dest / "checkpoint-12").exists() and not list(dest.rglob("*.part"))
-    again, _made = parallel_target(server_tree, dest, 3)
-    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off")).exit_code == 0
+    again, servers = parallel_target(server_tree, dest, 3)
+    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers).exit_code == 0
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
@@ -274,10 +279,11 @@ def test_ctrl_c_on_one_channel_stops_them_all(server_tree, tmp_path, small_split
     dest = tmp_path / "b"
     t, made = parallel_target(server_tree, dest, 3)
     with pytest.raises(Interrupted):
-        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB))
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB),
+                   connect=made)
     assert not (dest / "checkpoint-12").exists()
-    again, _made = parallel_target(server_tree, dest, 3)
-    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off")).exit_code == 0
+    again, servers = parallel_target(server_tree, dest, 3)
+    assert run_backup(again, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers).exit_code == 0
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
@@ -316,23 +322,22 @@ def test_a_channel_that_cannot_open_leaves_the_run_with_the_others(server_tree, 
     def factory():
         made.append(Refused() if len(made) == 2 else InProcessServer())
         return made[-1]
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=3)
-    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    t = make_target(server_tree, tmp_path / "b").with_link(parallel=3)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=factory)
     assert r.exit_code == 0 and r.channels == 2
     assert any("2 of 3 channels opened" in w and "session open refused" in w for w in r.warnings)
     assert tree_digest(tmp_path / "b" / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
 def test_one_server_for_every_connection_means_one_channel(server_tree, tmp_path):
-    r = run_backup(dataclasses.replace(make_target(server_tree, tmp_path / "b", InProcessServer()), parallel=4),
-                   BackupOptions(all=True))
+    r = run_backup(make_target(server_tree, tmp_path / "b").with_link(parallel=4), BackupOptions(all=True),
+                   connect=always(InProcessServer()))
     assert r.exit_code == 0 and r.channels == 1
 
 
 def test_bwlimit_is_one_rate_for_all_channels(tmp_path):
     t = Target(label="local", transport=LocalTransport(), remote_dir=str(tmp_path), local_dir=tmp_path / "b",
-               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-               bwlimit=1 << 20, parallel=3)
+               link=Link(bwlimit=1 << 20, parallel=3))
     job = Backup(t, BackupOptions())
     first, second = open_server(job.target), open_server(job.target)
     assert first.remote.limiter is not None and first.remote.limiter is second.remote.limiter
@@ -346,8 +351,8 @@ def test_parallel_in_the_config(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("parallel: 4\ninstances:\n  '1': {host: h1, parallel: 2}\n  '2': {host: h2}\n")
     config = load_config(str(cfg))
-    assert resolve_target(config, instance="1", remote_dir="r").parallel == 2
-    assert resolve_target(config, instance="2", remote_dir="r").parallel == 4
+    assert resolve_target(config, instance="1", remote_dir="r").link.parallel == 2
+    assert resolve_target(config, instance="2", remote_dir="r").link.parallel == 4
     for bad in ("0", "17", "two"):
         cfg.write_text(f"parallel: {bad}\n")
         with pytest.raises(ConfigError, match="parallel"):
@@ -373,9 +378,9 @@ def test_a_server_that_sends_other_bytes_than_the_range_asked_for_is_refused(ser
     monkeypatch.setattr(agent_send, "send_one", send_one)
     add_big(server_tree, 24 * MB)
     dest = tmp_path / "b"
-    t, _made = parallel_target(server_tree, dest, 3)
+    t, servers = parallel_target(server_tree, dest, 3)
     with pytest.raises(CkptsyncError, match=message) as info:
-        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers)
     assert info.value.exit_code == CONNECT   # a protocol error
     assert not (dest / "checkpoint-12").exists() and not list(dest.rglob("*.part"))
 
@@ -400,8 +405,8 @@ class Counting(StopAt):
 def test_one_progress_bar_counts_every_channel(server_tree, tmp_path, small_split):
     add_big(server_tree, 24 * MB)
     rep = Counting()
-    t, _made = parallel_target(server_tree, tmp_path / "b", 3)
-    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), rep)
+    t, servers = parallel_target(server_tree, tmp_path / "b", 3)
+    r = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), rep, connect=servers)
     assert r.exit_code == 0 and r.channels == 3
     assert rep.starts == [("checkpoint-12", r.raw_bytes)] and rep.total == r.raw_bytes
 
@@ -413,7 +418,8 @@ def test_restore_over_three_channels_puts_back_what_one_would(server_tree, tmp_p
 
     add_big(server_tree, 24 * MB)
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
     received = []
 
     def hooks(_i):
@@ -422,7 +428,7 @@ def test_restore_over_three_channels_puts_back_what_one_would(server_tree, tmp_p
         return h
     fresh = tmp_path / "fresh" / "run"
     t, made = parallel_target(fresh, dest, 3, hooks)
-    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False))
+    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False), connect=made)
     assert r.exit_code == 0 and r.channels == 3 and received == ["checkpoint-12"] * 3
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
@@ -436,16 +442,16 @@ def test_an_interrupted_parallel_restore_puts_nothing_in_place_and_the_rerun_com
     old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
     os.utime(server_tree / "checkpoint-12" / "big2.bin", (old, old))
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"]),
+                      connect=always(InProcessServer())).exit_code == 0
     fresh = tmp_path / "fresh" / "run"
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
-    t, _made = parallel_target(fresh, dest, 2)
+    t, servers = parallel_target(fresh, dest, 2)
     with pytest.raises(Interrupted):
-        run_restore(t, opts, StopAt("send", 30 * MB))
+        run_restore(t, opts, StopAt("send", 30 * MB), connect=servers)
     assert not (fresh / "checkpoint-12").exists()
-    again, _made = parallel_target(fresh, dest, 2)
-    r = run_restore(again, opts)
+    again, servers = parallel_target(fresh, dest, 2)
+    r = run_restore(again, opts, connect=servers)
     assert r.exit_code == 0 and r.channels == 2
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
@@ -455,8 +461,8 @@ def backed_up_with_big(server_tree, tmp_path):
     """checkpoint-12 with a 24 MiB big.bin, backed up; returns the backup directory."""
     add_big(server_tree, 24 * MB)
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"]),
+                      connect=always(InProcessServer())).exit_code == 0
     return dest
 
 
@@ -471,8 +477,8 @@ def test_a_large_file_is_restored_as_byte_ranges_over_the_channels(server_tree, 
         h.on_before("assemble", lambda args: assembled.append([f["member"] for f in args["files"]]))
         return h
     fresh = tmp_path / "fresh" / "run"
-    t, _made = parallel_target(fresh, dest, 3, hooks)
-    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"))
+    t, servers = parallel_target(fresh, dest, 3, hooks)
+    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"), connect=servers)
     assert r.exit_code == 0 and r.channels == 3
     assert assembled == [["checkpoint-12/big.bin"]]   # split, then finished on the server
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
@@ -505,9 +511,9 @@ def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp
             h.on_before("receive", rot, times=1)
         return h
     fresh = tmp_path / "fresh" / "run"
-    t, _made = parallel_target(fresh, dest, 3, hooks)
+    t, servers = parallel_target(fresh, dest, 3, hooks)
     with pytest.raises(IntegrityError) as caught:
-        run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"))
+        run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"), connect=servers)
     assert rotted == [True]
     assert caught.value.message == ("changed in the backup directory while being sent: checkpoint-12/big.bin; "
                                     "nothing was put in place")
@@ -554,15 +560,15 @@ def test_an_interrupted_ranged_restore_is_completed_by_the_rerun(server_tree, tm
     dest = backed_up_with_big(server_tree, tmp_path)
     fresh = tmp_path / "fresh" / "run"
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
-    t, _made = parallel_target(fresh, dest, 3)
+    t, servers = parallel_target(fresh, dest, 3)
     with pytest.raises(Interrupted):
-        run_restore(t, opts, CtrlCOnceOnDisk(on_disk))
+        run_restore(t, opts, CtrlCOnceOnDisk(on_disk), connect=servers)
     staged = list((fresh / ".ckptsync-staging-checkpoint-12").rglob("big.bin.part"))
     assert staged and staged[0].stat().st_size >= ends[0]   # ranges had started arriving
     assert not (fresh / "checkpoint-12").exists()
     monkeypatch.setattr(fileops, "write_range", real)
-    again, _made = parallel_target(fresh, dest, 3)
-    r = run_restore(again, opts)
+    again, servers = parallel_target(fresh, dest, 3)
+    r = run_restore(again, opts, connect=servers)
     assert r.exit_code == 0
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
@@ -661,8 +667,8 @@ def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(
         return made[-1]
 
     dest = tmp_path / "b"
-    t = dataclasses.replace(make_target(server_tree, dest, None), server_factory=factory, parallel=None)
-    result = run_backup(t, BackupOptions(all=True))
+    t = make_target(server_tree, dest).with_link(parallel=None)
+    result = run_backup(t, BackupOptions(all=True), connect=factory)
     assert result.exit_code == 0 and result.channels == channels
     assert made[0].asked == 1 and len(made) == result.channels   # measured once, on the run's own connection
     assert manifests(dest) == manifests_of_one_channel(server_tree, tmp_path)
@@ -670,7 +676,8 @@ def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(
 
 def manifests_of_one_channel(server_tree, tmp_path) -> dict:
     dest = tmp_path / "one"
-    assert run_backup(parallel_target(server_tree, dest, 1)[0], BackupOptions(all=True)).exit_code == 0
+    t, servers = parallel_target(server_tree, dest, 1)
+    assert run_backup(t, BackupOptions(all=True), connect=servers).exit_code == 0
     return manifests(dest)
 
 
@@ -682,8 +689,8 @@ def test_a_few_small_files_are_not_worth_another_channel(server_tree, tmp_path):
         made.append(FarServer(0.1))
         return made[-1]
 
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=None)
-    result = run_backup(t, BackupOptions(all=True))
+    t = make_target(server_tree, tmp_path / "b").with_link(parallel=None)
+    result = run_backup(t, BackupOptions(all=True), connect=factory)
     assert result.exit_code == 0 and result.channels == 1 and len(made) == 1
 
 
@@ -694,8 +701,8 @@ def test_an_explicit_parallel_is_never_second_guessed(server_tree, tmp_path):
         made.append(FarServer(0.2))
         return made[-1]
 
-    t = dataclasses.replace(make_target(server_tree, tmp_path / "b", None), server_factory=factory, parallel=1)
-    assert run_backup(t, BackupOptions(all=True)).channels == 1
+    t = make_target(server_tree, tmp_path / "b").with_link(parallel=1)
+    assert run_backup(t, BackupOptions(all=True), connect=factory).channels == 1
     assert made[0].asked == 0
 
 

@@ -15,7 +15,7 @@ from ckptsync.server import remote
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess
 from ckptsync.server.transfer import KEEP_PREFIX_MIN
 from helpers import HANG, run_cli, tree_digest
-from test_server_boundary import make_target
+from test_server_boundary import always, make_target
 
 MB = 1 << 20
 BIG = 48 * MB
@@ -38,7 +38,8 @@ def cut_backup(server_tree, dest):
     server = InProcessServer(hooks)
     hooks.on_before("send", lambda _args: server.cut_after(CUT), times=1)
     with pytest.raises(CkptsyncError) as info:
-        run_backup(make_target(server_tree, dest, server), BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"], compress="off"),
+                   connect=always(server))
     assert info.value.exit_code == CONNECT and server.link.process.cut
     assert not (dest / "checkpoint-12").exists()
     return (dest / PART).stat().st_size
@@ -54,8 +55,8 @@ def test_the_rerun_sends_only_the_rest_of_the_interrupted_file(server_tree, tmp_
     offered = []
     hooks = Hooks()
     hooks.on_before("send", lambda args: offered.append(args["resume"]))
-    again = run_backup(make_target(server_tree, dest, InProcessServer(hooks)),
-                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    again = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-12"], compress="off"), connect=always(InProcessServer(hooks)))
     assert again.exit_code == 0 and again.fetched == ["checkpoint-12"]
     assert [{m: size for m, (size, _h) in o.items()} for o in offered] == [{"checkpoint-12/big.bin": kept}]
     assert again.resumed_bytes == kept
@@ -76,8 +77,8 @@ def test_a_prefix_that_differs_on_the_server_is_sent_again_whole(server_tree, tm
         f.seek(kept // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = run_backup(make_target(server_tree, dest, InProcessServer()),
-                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    again = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-12"], compress="off"), connect=always(InProcessServer()))
     assert again.exit_code == 0 and again.resumed_bytes == 0
     assert again.raw_bytes >= BIG
     assert (dest / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
@@ -93,7 +94,8 @@ def test_a_small_partial_file_is_not_kept(server_tree, tmp_path):
     hooks.on_before("send", lambda _args: server.cut_after(KEEP_PREFIX_MIN // 4), times=1)
     dest = tmp_path / "b"
     with pytest.raises(CkptsyncError):
-        run_backup(make_target(server_tree, dest, server), BackupOptions(names=["checkpoint-12"], compress="off"))
+        run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"], compress="off"),
+                   connect=always(server))
     assert not list(dest.rglob("*.part"))
 
 
@@ -130,13 +132,14 @@ def test_ctrl_c_during_a_backup_keeps_the_prefix_too(server_tree, tmp_path):
     big = add_big(server_tree)
     dest = tmp_path / "b"
     with pytest.raises(Interrupted):
-        run_backup(make_target(server_tree, dest, InProcessServer()),
-                   BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", CUT))
+        run_backup(make_target(server_tree, dest),
+                   BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", CUT),
+                   connect=always(InProcessServer()))
     kept = (dest / PART).stat().st_size
     assert KEEP_PREFIX_MIN <= kept <= CUT + MB
     assert (dest / PART).read_bytes() == big.read_bytes()[:kept]
-    again = run_backup(make_target(server_tree, dest, InProcessServer()),
-                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    again = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-12"], compress="off"), connect=always(InProcessServer()))
     assert again.exit_code == 0 and again.resumed_bytes == kept
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
@@ -145,8 +148,8 @@ def backed_up_big(server_tree, tmp_path):
     """checkpoint-12 with big.bin backed up; (backup dir, an empty run dir, restore options for it)."""
     add_big(server_tree)
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest),
+                      BackupOptions(names=["checkpoint-12"]), connect=always(InProcessServer())).exit_code == 0
     opts = RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off")
     return dest, tmp_path / "fresh" / "run", opts
 
@@ -154,13 +157,13 @@ def backed_up_big(server_tree, tmp_path):
 def test_an_interrupted_restore_keeps_the_prefix_on_the_server_and_sends_the_rest(server_tree, tmp_path):
     dest, fresh, opts = backed_up_big(server_tree, tmp_path)
     with pytest.raises(Interrupted):
-        run_restore(make_target(fresh, dest, InProcessServer()), opts, StopAt("send", 32 * MB))
+        run_restore(make_target(fresh, dest), opts, StopAt("send", 32 * MB), connect=always(InProcessServer()))
     part = fresh / ".ckptsync-staging-checkpoint-12" / "checkpoint-12" / "big.bin.part"
     kept = part.stat().st_size
     assert KEEP_PREFIX_MIN <= kept <= 32 * MB
     assert not (fresh / "checkpoint-12").exists()
 
-    again = run_restore(make_target(fresh, dest, InProcessServer()), opts)
+    again = run_restore(make_target(fresh, dest), opts, connect=always(InProcessServer()))
     assert again.resumed_bytes == kept
     assert again.sent_bytes <= BIG - kept + OVERHEAD
     assert BIG - kept <= again.wire_bytes <= BIG - kept + OVERHEAD
@@ -177,13 +180,13 @@ def test_a_kept_prefix_never_ends_up_inside_a_checkpoint_placed_from_the_store(s
     dest = tmp_path / "b"
     cut_backup(server_tree, dest)
     shutil.copytree(server_tree / "checkpoint-12", server_tree / "checkpoint-13")  # copy2: same mtimes
-    first = run_backup(make_target(server_tree, dest, InProcessServer()),
-                       BackupOptions(names=["checkpoint-13"], compress="off"))
+    first = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-13"], compress="off"), connect=always(InProcessServer()))
     assert first.exit_code == 0 and first.fetched == ["checkpoint-13"]
     assert (dest / PART).exists()   # still kept for checkpoint-12
 
-    again = run_backup(make_target(server_tree, dest, InProcessServer()),
-                       BackupOptions(names=["checkpoint-12"], compress="off"))
+    again = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-12"], compress="off"), connect=always(InProcessServer()))
     assert again.exit_code == 0 and again.fetched == ["checkpoint-12"] and again.raw_bytes == 0
     assert not list(dest.rglob("*.part"))
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
@@ -244,11 +247,11 @@ def test_an_abandoned_upload_stops_writing_before_its_link_is_closed(server_tree
     server = InProcessServer()
     server.link.start = lambda: link
     with pytest.raises(Interrupted):
-        run_restore(make_target(fresh, dest, server), opts, CtrlCOnStall(link))
+        run_restore(make_target(fresh, dest), opts, CtrlCOnStall(link), connect=always(server))
     assert link.killed.is_set()            # the writer was stuck in a write when Ctrl+C came
     assert link.writing_at_close is False  # and had stopped before the link closed
     assert not (fresh / "checkpoint-12").exists()
 
-    again = run_restore(make_target(fresh, dest, InProcessServer()), opts)
+    again = run_restore(make_target(fresh, dest), opts, connect=always(InProcessServer()))
     assert again.resumed_bytes > 0
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")

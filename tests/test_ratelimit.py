@@ -107,7 +107,7 @@ def test_open_server_carries_the_targets_limit(tmp_path):
 
     cfg = Config(values={"remote_dir": str(tmp_path), "bwlimit": "20M"})
     t = resolve_target(cfg, remote_dir=str(tmp_path))
-    assert t.bwlimit == 20_000_000
+    assert t.link.bwlimit == 20_000_000
     assert open_server(t).remote.limiter.rate == 20_000_000
 
 
@@ -139,9 +139,9 @@ def test_several_targets_share_one_limiter_for_a_command_line_limit(tmp_path):
     cfg = Config(values={"remote_dir": "/r"}, instances={"0": {"host": "a"}, "1": {"host": "b", "bwlimit": "1M"}})
     ts = [resolve_target(cfg, instance=n) for n in ("0", "1")]
     shared = with_bwlimits(ts, "8M")
-    assert [t.bwlimit for t in shared] == [8_000_000, 8_000_000]
+    assert [t.link.bwlimit for t in shared] == [8_000_000, 8_000_000]
     a, b = (open_server(t).remote.limiter for t in shared)
     assert a is b and a.rate == 8_000_000
     own = with_bwlimits(ts, None)  # from the config: each its own
-    assert [t.bwlimit for t in own] == [None, 1_000_000]
+    assert [t.link.bwlimit for t in own] == [None, 1_000_000]
     assert open_server(own[0]).remote.limiter is None

@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -260,20 +261,15 @@ def test_a_checklist_beside_a_backup_judges_the_manifest_it_names(server_tree, t
     from ckptsync.server.inprocess import Hooks, InProcessServer
 
     dest = tmp_path / "b"
-
-    def target(server) -> Target:
-        return Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest,
-                      extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                      server_factory=lambda: server)
-
+    target = Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest)
     committed = []
 
     def backup_now(_args) -> None:  # cron's backup commits after the checklist read the manifests
-        committed.append(run_backup(target(InProcessServer()), BackupOptions(max_checkpoints=1)).fetched)
+        committed.append(run_backup(target, BackupOptions(max_checkpoints=1), connect=InProcessServer).fetched)
 
     hooks = Hooks()
     hooks.on_before("glob", backup_now, times=1)   # the look for newer runs, after the manifests were judged
-    result = run_checklist(target(InProcessServer(hooks=hooks)))
+    result = run_checklist(target, connect=partial(InProcessServer, hooks=hooks))
     assert committed == [["checkpoint-12"]]
     check = {c.name: c for c in result.checks}["newest checkpoint backed up"]
     assert check.ok and check.detail.startswith("checkpoint-12 (step 12)"), check.detail

@@ -31,7 +31,7 @@ from ckptsync.stores.directory import DirectoryStore
 from helpers import run_cli, set_tree_mtime, tree_digest
 from test_parallel import add_big, parallel_target, small_split  # noqa: F401 (a fixture)
 from test_partial import StopAt
-from test_server_boundary import PACKAGE, make_target
+from test_server_boundary import PACKAGE, always, make_target
 
 MB = 1 << 20
 ONLY_COPY = "deleted on the server after it was copied: the backup is now the only copy"
@@ -85,7 +85,7 @@ def test_a_checkpoint_the_server_deletes_right_after_it_was_read_is_committed(se
     hooks = Hooks()
     hooks.on_after("send", rotate)
     dest = tmp_path / "b"
-    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions())
+    result = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer(hooks)))
     assert rotated and not victim.exists()   # deleted after the send that read it, before the run ended
     assert result.exit_code == OK, result.failed
     assert result.fetched == ["checkpoint-12", "checkpoint-8"] and result.failed == {}
@@ -111,8 +111,9 @@ def test_a_file_rewritten_while_read_fails_its_checkpoint(server_tree, tmp_path)
     hooks.on_after("send_member", rewrite)
     hooks.on_after("send_record", lambda value: records.update({value["record"]["member"]: value["record"]}))
     dest = tmp_path / "b"
-    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)),
-                        BackupOptions(names=["checkpoint-12", "checkpoint-8"], compress="off"))
+    result = run_backup(make_target(server_tree, dest),
+                        BackupOptions(names=["checkpoint-12", "checkpoint-8"], compress="off"),
+                        connect=always(InProcessServer(hooks)))
     assert rewritten
     # opened as listed, different at the end of the read: the change came while it was read
     assert records["checkpoint-12/shard.bin"]["changed"] == "modified while being read"
@@ -150,8 +151,8 @@ def test_in_one_batch_the_newest_deleted_after_its_read_is_committed_and_an_olde
     hooks.on_after("send_record", on_record)
     hooks.on_after("send_member", on_member)
     dest = tmp_path / "b"
-    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)),
-                        BackupOptions(all=True, compress="off"))
+    result = run_backup(make_target(server_tree, dest),
+                        BackupOptions(all=True, compress="off"), connect=always(InProcessServer(hooks)))
     assert {m.split("/")[0] for m in sends[0]} == {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
     assert deleted and rewritten and not newest.exists()
     assert result.exit_code == PARTIAL
@@ -179,8 +180,8 @@ def test_a_split_file_rewritten_while_its_ranges_are_read_fails_its_checkpoint(s
 
     hooks = Hooks()
     hooks.on_after("send_member", rewrite)
-    t, _made = parallel_target(server_tree, tmp_path / "b", 3, lambda _i: hooks)
-    result = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"))
+    t, servers = parallel_target(server_tree, tmp_path / "b", 3, lambda _i: hooks)
+    result = run_backup(t, BackupOptions(names=["checkpoint-12"], compress="off"), connect=servers)
     assert rewritten and result.channels == 3
     assert result.exit_code == PARTIAL
     assert "checkpoint-12/big.bin: modified while being read" in result.failed["checkpoint-12"]
@@ -192,7 +193,7 @@ def test_a_checkpoint_deleted_before_its_read_still_fails(server_tree, tmp_path)
     hooks = Hooks()
     hooks.on_before("send", lambda _args: shutil.rmtree(server_tree / "checkpoint-12"), times=1)
     dest = tmp_path / "b"
-    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions())
+    result = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer(hooks)))
     assert result.exit_code == PARTIAL
     assert "vanished from the server after the listing" in result.failed["checkpoint-12"]
     assert result.deleted_on_server == [] and not (dest / "checkpoint-12").exists()
@@ -203,10 +204,10 @@ def test_the_default_takes_every_checkpoint_newer_than_the_newest_backup(server_
     add_checkpoint(server_tree, 16, age=900)
     add_checkpoint(server_tree, 20, age=600)
     dest = tmp_path / "b"
-    first = run_backup(make_target(server_tree, dest, InProcessServer()),
-                       BackupOptions(names=["checkpoint-4", "checkpoint-8"]))
+    first = run_backup(make_target(server_tree, dest),
+                       BackupOptions(names=["checkpoint-4", "checkpoint-8"]), connect=always(InProcessServer()))
     assert first.exit_code == OK and sorted(first.fetched) == ["checkpoint-4", "checkpoint-8"]
-    again = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions())
+    again = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer()))
     assert again.exit_code == OK, again.failed
     assert again.fetched == ["checkpoint-20", "checkpoint-16", "checkpoint-12"]
     assert again.not_backed_up == [] and not any("not backed up" in w for w in again.warnings)
@@ -278,7 +279,8 @@ def test_staging_of_a_checkpoint_the_server_deleted_is_committed_when_whole(serv
     dest = tmp_path / "b"
     _interrupt_commit_of("checkpoint-12", monkeypatch)
     with pytest.raises((Interrupted, KeyboardInterrupt)):
-        run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(names=["checkpoint-12"]))
+        run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"]),
+                   connect=always(InProcessServer()))
     assert not (dest / "checkpoint-12").exists()
     shown = run_cli("list", "--remote-dir", server_tree, "--local-dir", dest)
     assert "staging holds" in shown.stderr and "(checkpoint-12)" in shown.stderr
@@ -301,11 +303,12 @@ def test_staging_of_a_checkpoint_the_server_deleted_is_dropped_when_not_whole(se
     add_shard(server_tree / "checkpoint-12")
     dest = tmp_path / "b"
     with pytest.raises(Interrupted):
-        run_backup(make_target(server_tree, dest, InProcessServer()),
-                   BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB))
+        run_backup(make_target(server_tree, dest),
+                   BackupOptions(names=["checkpoint-12"], compress="off"), StopAt("checkpoint-12", 12 * MB),
+                   connect=always(InProcessServer()))
     assert DirectoryStore(dest).staged_names() == ["checkpoint-12"]
     shutil.rmtree(server_tree / "checkpoint-12")
-    result = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions())
+    result = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer()))
     assert result.exit_code == OK
     assert any("dropped what was staged of checkpoint-12" in w for w in result.warnings)
     assert DirectoryStore(dest).staged_names() == [] and not (dest / "checkpoint-12").exists()

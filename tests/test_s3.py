@@ -39,9 +39,10 @@ from ckptsync.verify import run_verify  # noqa: E402
 from ckptsync.server.inprocess import Hooks, InProcessServer, ThreadProcess  # noqa: E402
 
 
-def bucket_backup(t, opts, rep=QUIET):
-    """A backup through the bucket store's own data path, as `ckptsync backup` runs it."""
-    return open_store(t).data_path().backup(t, opts, rep)
+def bucket_backup(t, opts, rep=QUIET, server=None):
+    """A backup through the bucket store's own data path, as `ckptsync backup` runs it, over
+    `server`, else a new in-process server."""
+    return open_store(t).data_path().backup(t, opts, rep, (lambda: server) if server is not None else InProcessServer)
 
 
 ACCESS_KEY = "CKPTSYNCTESTKEY01"
@@ -320,7 +321,6 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
     cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/t", seaweed.endpoint)
     aws_home(ssh_home)
     t = Target(label="instance-1", transport=None, remote_dir=str(server_tree), local_dir=Path("/nonexistent"),
-               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                store_url=f"s3://{bucket}/t/instance-1", s3={"endpoint_url": seaweed.endpoint})
     holder = open_store(t).lock("ckptsync backup (the other run)")
     with holder:  # another run, alive: its lease is fresh
@@ -353,7 +353,6 @@ def test_lock_held_by_a_live_run_exits_11_and_a_stale_one_is_taken_over(ssh_home
     client.put_object(Bucket=bucket, Key="t/instance-1/.ckptsync/lock",
                       Body=json.dumps({"owner": "a run that died", "token": "x", "expires": 1000.0}))
     heard = Heard()
-    t.server_factory = InProcessServer
     result = bucket_backup(t, BackupOptions(names=["checkpoint-4"]), heard)
     assert result.fetched == ["checkpoint-4"]
     assert [m for m in heard.lines if m.startswith("took over the lock of a run that died")]
@@ -394,10 +393,9 @@ def recorded(monkeypatch):
     return sent
 
 
-def local_target(remote_dir: Path, store: str, endpoint: str, server=None, **s3) -> Target:
+def local_target(remote_dir: Path, store: str, endpoint: str, **s3) -> Target:
     return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=Path("/nonexistent"),
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=(lambda: server or InProcessServer()), store_url=store,
+                  store_url=store,
                   s3={"endpoint_url": endpoint, "part_size": PART, **s3})
 
 
@@ -419,9 +417,9 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
 
     hooks = Hooks()
     hooks.on_before("http_put", link_drops_at_the_third_batch)
-    t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint, server=InProcessServer(hooks))
+    t = local_target(big_server_tree, f"s3://{bucket}/r/instance-0", seaweed.endpoint)
     with pytest.raises(ConnectError):
-        bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+        bucket_backup(t, BackupOptions(names=["checkpoint-12"]), server=InProcessServer(hooks))
     assert not objects(client, bucket, "r/instance-0/.ckptsync/manifests/")   # nothing recorded
     upload = client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"]
     assert [p["PartNumber"] for p in client.list_parts(Bucket=bucket, Key=key, UploadId=upload)["Parts"]] == [1]
@@ -438,7 +436,7 @@ def test_an_interrupted_upload_resumes_and_no_credential_reaches_the_agent(
     restored = tmp_path / "restored"
     store = open_store(t)
     run_direct_restore(t.__class__(**{**t.__dict__, "remote_dir": str(restored)}), store, store.data_path(),
-                       RestoreOptions(checkpoint="checkpoint-12"))
+                       RestoreOptions(checkpoint="checkpoint-12"), connect=InProcessServer)
     assert (restored / BIG).read_bytes() == data
     assert not run_verify(t, [], read_data=True).exit_code
 
@@ -664,9 +662,9 @@ def test_a_replacement_cut_off_keeps_the_earlier_version_and_the_next_run_comple
         raise ConnectError("connection to the server lost")
 
     hooks.on_before("http_put", drop, times=1)
-    t = local_target(server_tree, url, seaweed.endpoint, server=InProcessServer(hooks))
+    t = local_target(server_tree, url, seaweed.endpoint)
     with pytest.raises(ConnectError):
-        bucket_backup(t, BackupOptions(names=["checkpoint-12"]))
+        bucket_backup(t, BackupOptions(names=["checkpoint-12"]), server=InProcessServer(hooks))
     assert cut   # the upload of the new bytes was under way
     store = open_store(t)
     assert "checkpoint-12" not in store.entries()

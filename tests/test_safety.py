@@ -15,7 +15,7 @@ from ckptsync.errors import IO, LOCKED, CkptsyncError, Locked
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.stores.directory import DirectoryStore
 from helpers import ROOT, run_cli, tmpfs, tree_digest
-from test_server_boundary import make_target
+from test_server_boundary import always, make_target
 
 
 def test_a_run_that_got_the_lock_after_another_committed_plans_again(server_tree, tmp_path):
@@ -24,11 +24,11 @@ def test_a_run_that_got_the_lock_after_another_committed_plans_again(server_tree
 
     def another_run_finishes_first(_value: dict) -> None:
         # Between this run's scan and its lock, a second run backs up the same checkpoints.
-        other.append(run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions()))
+        other.append(run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer())))
 
     hooks = Hooks()
     hooks.on_after("scan", another_run_finishes_first, times=1)
-    late = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions())
+    late = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer(hooks)))
     assert other and other[0].fetched == ["checkpoint-12", "checkpoint-8"]
     assert late.fetched == [] and late.failed == {}
     # no false "changed": its only warning names the complete checkpoint neither run took
@@ -39,12 +39,12 @@ def test_a_run_that_got_the_lock_after_another_committed_plans_again(server_tree
 
 def test_a_refused_run_does_not_hide_the_last_real_result(server_tree, tmp_path):
     dest = tmp_path / "b"
-    first = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions())
+    first = run_backup(make_target(server_tree, dest), BackupOptions(), connect=always(InProcessServer()))
     assert first.exit_code == 0
     status = (dest / ".ckptsync" / "status.json").read_text()
     with DirectoryStore(dest).lock("a long backup"):
         with pytest.raises(Locked):
-            run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True))
+            run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(InProcessServer()))
         res = run_cli("backup", "--remote-dir", server_tree, "--local-dir", dest, "--all", "--skip-if-locked")
         assert res.returncode == 0, res.stderr
         assert "skipped" in res.stderr
@@ -61,21 +61,33 @@ def test_printed_commands_carry_the_target_and_paste(tmp_path):
     from ckptsync.config import load_config
 
     t = resolve_target(load_config(str(cfg)), instance="1", local_dir=str(tmp_path / "b b"), need_remote=False)
-    cmd = t.command("restore", "--checkpoint", "checkpoint-16")
+    cmd = t.printed.command("restore", "--checkpoint", "checkpoint-16")
     assert shlex.split(cmd) == ["ckptsync", "restore", "--checkpoint", "checkpoint-16", "--instance", "1",
                                 "--local-dir", str(tmp_path / "b b"), "--config", str(cfg)]
     h = resolve_target(Config(), host="me@gpu:2222", remote_dir="runs/x", need_remote=False)
-    assert shlex.split(h.command("backup")) == ["ckptsync", "backup", "--host", "me@gpu:2222",
-                                                "--remote-dir", "runs/x"]
+    assert shlex.split(h.printed.command("backup")) == ["ckptsync", "backup", "--host", "me@gpu:2222",
+                                                        "--remote-dir", "runs/x"]
     assumed = resolve_target(Config(values={"remote_dir": "/r"}), need_remote=False)
-    assert assumed.assumed_instance and "--instance 0" in assumed.command("list")
+    assert assumed.printed.assumed_instance and "--instance 0" in assumed.printed.command("list")
+
+
+def test_a_target_changed_in_one_part_leaves_the_target_it_came_from_alone():
+    """Targets share their parts (several instances, a followed run): a change makes a new one."""
+    t = resolve_target(Config(values={"remote_dir": "/r", "bwlimit": "1M"}), instance="1", need_remote=False)
+    fast = t.with_link(bwlimit=8_000_000)
+    verbed = t.with_printed(verb=("backup",))
+    assert (t.link.bwlimit, fast.link.bwlimit) == (1_000_000, 8_000_000)
+    assert (t.printed.verb, verbed.printed.verb) == ((), ("backup",))
+    assert fast.policy is t.policy and fast.printed is t.printed and verbed.link is t.link
+    with pytest.raises(AttributeError):   # frozen: a part is never changed in place
+        t.policy.settle_seconds = 0
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a read-only tmpfs needs root")
 def test_a_read_only_backup_directory_is_one_line_and_exit_5(server_tree, tmp_path):
     with tmpfs(tmp_path / "ro", "ro,size=256m") as ro:
         with pytest.raises(CkptsyncError) as info:
-            run_backup(make_target(server_tree, ro / "b", InProcessServer()), BackupOptions())
+            run_backup(make_target(server_tree, ro / "b"), BackupOptions(), connect=always(InProcessServer()))
         assert info.value.exit_code == IO and "read-only file system" in info.value.message
         res = run_cli("backup", "--remote-dir", server_tree, "--local-dir", ro / "b")
         assert res.returncode == IO, res.stderr
@@ -124,8 +136,8 @@ def test_a_restore_that_filled_the_server_disk_does_not_block_its_rerun(server_t
     old = (server_tree / "checkpoint-12" / "optimizer.pt").stat().st_mtime
     os.utime(big, (old, old))
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest),
+                      BackupOptions(names=["checkpoint-12"]), connect=always(InProcessServer())).exit_code == 0
     with tmpfs(tmp_path / "disk", "size=96m") as disk:
         run = disk / "run"
         filler = disk / "filler"
@@ -139,7 +151,7 @@ def test_a_restore_that_filled_the_server_disk_does_not_block_its_rerun(server_t
         hooks = Hooks()
         hooks.on_before("receive", fill_the_disk, times=1)
         with pytest.raises(CkptsyncError) as info:
-            run_restore(make_target(run, dest, InProcessServer(hooks)), opts)
+            run_restore(make_target(run, dest), opts, connect=always(InProcessServer(hooks)))
         assert info.value.exit_code == IO and filler.exists()
         assert ".ckptsync-staging-checkpoint-12" in info.value.message
         assert "--discard-staged" in info.value.hint
@@ -148,15 +160,15 @@ def test_a_restore_that_filled_the_server_disk_does_not_block_its_rerun(server_t
         staging = run / ".ckptsync-staging-checkpoint-12"
         held = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         assert held > 8 << 20  # enough that counting it decides whether the rerun may start
-        again = run_restore(make_target(run, dest, InProcessServer()), opts)
+        again = run_restore(make_target(run, dest), opts, connect=always(InProcessServer()))
         assert again.checkpoint == "checkpoint-12" and (run / "checkpoint-12" / "zz-big.bin").stat().st_size == 24 << 20
         assert sorted(os.listdir(run)) == ["checkpoint-12"]
 
 
 def test_discard_staged_removes_what_an_interrupted_restore_left(server_tree, tmp_path):
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest),
+                      BackupOptions(names=["checkpoint-12"]), connect=always(InProcessServer())).exit_code == 0
     run = tmp_path / "new-run"
     staging = run / ".ckptsync-staging-checkpoint-12" / "checkpoint-12"
     staging.mkdir(parents=True)
@@ -184,7 +196,8 @@ def test_backup_discard_staged_drops_an_interrupted_backup(tmp_path):
 
 def test_verify_repair_fetches_a_damaged_file_again(server_tree, tmp_path):
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
     victim = dest / "checkpoint-12" / "optimizer.pt"
     data = bytearray(victim.read_bytes())
     data[100] ^= 0xFF
@@ -203,7 +216,8 @@ def test_verify_repair_fetches_a_damaged_file_again(server_tree, tmp_path):
 
 def test_verify_repair_refuses_when_the_server_copy_changed(server_tree, tmp_path):
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
     (dest / "checkpoint-8" / "scheduler.pt").unlink()
     changed = server_tree / "checkpoint-8" / "scheduler.pt"
     st = changed.stat()
@@ -218,7 +232,8 @@ def test_verify_repair_refuses_when_the_server_copy_changed(server_tree, tmp_pat
 def test_every_command_on_a_read_only_backup_directory(server_tree, tmp_path):
     with tmpfs(tmp_path / "disk", "size=256m") as disk:
         dest = disk / "b"
-        assert run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True)).exit_code == 0
+        assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                          connect=always(InProcessServer())).exit_code == 0
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         before = tree_digest(dest)
         for argv, code, needle in [
@@ -243,8 +258,8 @@ def test_every_command_on_a_read_only_backup_directory(server_tree, tmp_path):
 
 def test_verify_remote_warns_about_checkpoints_never_backed_up(server_tree, tmp_path):
     dest = tmp_path / "b"
-    assert run_backup(make_target(server_tree, dest, InProcessServer()),
-                      BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(make_target(server_tree, dest),
+                      BackupOptions(names=["checkpoint-12"]), connect=always(InProcessServer())).exit_code == 0
     res = run_cli("verify", "--remote", "--remote-dir", server_tree, "--local-dir", dest)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "checkpoint-8 is on the server but has never been backed up" in res.stderr

@@ -25,10 +25,13 @@ from helpers import run_cli, tree_digest
 PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
 
 
-def make_target(remote_dir: Path, local_dir: Path, server) -> Target:
-    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=lambda: server)
+def make_target(remote_dir: Path, local_dir: Path) -> Target:
+    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir)
+
+
+def always(server):
+    """A connect (see open_server) that gives this one server for every connection."""
+    return lambda: server
 
 
 def test_typed_answers(server_tree):
@@ -80,7 +83,7 @@ def test_backup_finishes_the_others_when_a_checkpoint_vanishes_after_the_scan(se
 
     hooks.on_after("scan", rotate, times=1)
     dest = tmp_path / "b"
-    result = run_backup(make_target(server_tree, dest, InProcessServer(hooks)), BackupOptions(all=True))
+    result = run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(InProcessServer(hooks)))
     assert seen == [True]  # the fault happened after checkpoint-8 was listed
     assert result.exit_code == PARTIAL
     assert sorted(result.fetched) == ["checkpoint-12", "checkpoint-4"]
@@ -100,13 +103,14 @@ def test_a_stream_cut_mid_transfer_is_a_connection_error_and_a_rerun_completes(s
     server = InProcessServer(hooks)
     hooks.on_before("send", lambda _args: server.cut_after(4 << 20), times=1)
     dest = tmp_path / "b"
-    target = make_target(server_tree, dest, server)
+    target = make_target(server_tree, dest)
     with pytest.raises(CkptsyncError) as info:
-        run_backup(target, BackupOptions(names=["checkpoint-12"]))
+        run_backup(target, BackupOptions(names=["checkpoint-12"]), connect=always(server))
     assert info.value.exit_code == CONNECT
     assert server.link.process.cut  # the link really was cut, mid-stream
     assert not (dest / "checkpoint-12").exists()
-    again = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(names=["checkpoint-12"]))
+    again = run_backup(make_target(server_tree, dest), BackupOptions(names=["checkpoint-12"]),
+                       connect=always(InProcessServer()))
     assert again.exit_code == 0 and again.fetched == ["checkpoint-12"]
     assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
@@ -220,10 +224,10 @@ def test_a_no_op_backup_waits_for_the_server_twice(server_tree, tmp_path):
     """Its start, then one round trip for the hello, the processes, the listing and the look for
     newer runs, sent together: at 100 ms a round trip, each one more would cost 0.1 s."""
     dest = tmp_path / "b"
-    first = run_backup(make_target(server_tree, dest, InProcessServer()), BackupOptions(all=True))
+    first = run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(InProcessServer()))
     assert sorted(first.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     server = InProcessServer()
-    again = run_backup(make_target(server_tree, dest, server), BackupOptions(all=True))
+    again = run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(server))
     assert again.exit_code == 0 and again.fetched == []
     assert sorted(again.current) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert server.round_trips == 2

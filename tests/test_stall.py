@@ -360,10 +360,9 @@ def test_a_backup_holds_its_lock_with_its_progress_time_in_it(server_tree, tmp_p
     hooks = Hooks()
     hooks.on_before("send", lambda _args: seen.append(liveness.read_holder(dest / ".ckptsync" / "lock")), times=1)
     server = InProcessServer(hooks)
-    target = Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest, extra_files=[],
-                    settle_seconds=60, train_process=None, host_key_policy="strict", server_factory=lambda: server)
+    target = Target(label="instance-0", transport=None, remote_dir=str(server_tree), local_dir=dest)
     before = time.time()
-    assert run_backup(target, BackupOptions(names=["checkpoint-12"])).exit_code == 0
+    assert run_backup(target, BackupOptions(names=["checkpoint-12"]), connect=lambda: server).exit_code == 0
     info = seen[0]  # read while the transfer was about to start, the lock held
     assert (info["pid"], info["command"]) == (os.getpid(), "ckptsync backup")
     assert before <= info["since"] <= info["progress"] <= time.time()

@@ -83,7 +83,6 @@ def store(request, tmp_path, monkeypatch):
     from ckptsync.config import Target
 
     t = Target(label="instance-0", transport=None, remote_dir="/srv", local_dir=Path("/nonexistent"),
-               extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
                store_url=f"s3://{name}/team/instance-0", s3={"endpoint_url": server.endpoint, "lease_seconds": 30})
     return open_store(t)
 

@@ -9,11 +9,11 @@ and the test sshd; the listing limit through the in-process server, whose hook l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -243,10 +243,8 @@ def test_a_tree_nested_too_deep_fails_only_its_checkpoint(ssh_home, server_tree,
 # ------------------------------------------------------------ a listing cut at its limit
 
 
-def make_target(remote_dir: Path, local_dir: Path, hooks: Hooks) -> Target:
-    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir,
-                  extra_files=[], settle_seconds=60, train_process=None, host_key_policy="strict",
-                  server_factory=lambda: InProcessServer(hooks))
+def make_target(remote_dir: Path, local_dir: Path) -> Target:
+    return Target(label="instance-0", transport=None, remote_dir=str(remote_dir), local_dir=local_dir)
 
 
 def test_a_listing_cut_at_its_limit_fails_what_it_did_not_reach(server_tree, tmp_path, capsys):
@@ -254,10 +252,10 @@ def test_a_listing_cut_at_its_limit_fails_what_it_did_not_reach(server_tree, tmp
     limit = len(list((server_tree / "checkpoint-12").iterdir())) + 2   # stops inside checkpoint-4
     hooks = Hooks()
     hooks.on_before("scan", lambda args: args.update(max_files=limit))
-    target = make_target(server_tree, tmp_path / "b", hooks)
+    target, connect = make_target(server_tree, tmp_path / "b"), partial(InProcessServer, hooks)
     stopped = f"the listing stopped at {limit} files, the most one scan lists"
 
-    result = run_backup(target, BackupOptions(all=True))
+    result = run_backup(target, BackupOptions(all=True), connect=connect)
     assert result.exit_code == PARTIAL and result.fetched == ["checkpoint-12"], result.failed
     assert not digest_diff(tree_digest(server_tree / "checkpoint-12"), tree_digest(tmp_path / "b" / "checkpoint-12"))
     assert result.failed == {
@@ -272,7 +270,7 @@ def test_a_listing_cut_at_its_limit_fails_what_it_did_not_reach(server_tree, tmp
     assert f"warning: {server_tree}: {stopped}; checkpoints past that point were not seen, nor backed up" \
         in capsys.readouterr().err.splitlines()
 
-    listed = run_list(target, local_only=False)
+    listed = run_list(target, local_only=False, connect=connect)
     assert listed.stopped == stopped
     assert {r.name: r.state for r in listed.rows} == {"checkpoint-12": "complete", "checkpoint-4": "unreadable",
                                                       "checkpoint-8": "unreadable"}
@@ -282,7 +280,7 @@ def test_a_listing_cut_at_its_limit_fails_what_it_did_not_reach(server_tree, tmp
     assert f"warning: the server's listing is incomplete ({stopped}): checkpoints past that point are not shown" \
         in capsys.readouterr().err.splitlines()
 
-    checked = run_checklist(target)
+    checked = run_checklist(target, connect=connect)
     assert not checked.safe and checked.exit_code == PARTIAL
     read = next(c for c in checked.checks if c.name == READ)
     assert not read.ok and f"{stopped}; checkpoints past that point were not seen" in read.detail
@@ -296,16 +294,16 @@ def test_a_newer_run_whose_newest_checkpoint_cannot_be_read_is_not_covered(serve
     newer.mkdir()
     shutil.copytree(server_tree / "checkpoint-4", newer / "checkpoint-4")
     (newer / "checkpoint-20").symlink_to(tmp_path / "unmounted")
-    target = dataclasses.replace(make_target(server_tree, tmp_path / "b", Hooks()), follow_runs=True)
-    run_backup(target, BackupOptions(all=True))
+    target = make_target(server_tree, tmp_path / "b").with_policy(follow_runs=True)
+    run_backup(target, BackupOptions(all=True), connect=InProcessServer)
     assert (tmp_path / "b" / newer.name / "checkpoint-4").is_dir()
 
     why = f"checkpoint-20: could not be read on the server (checkpoint-20: symlink to {tmp_path / 'unmounted'}, " \
           "which does not exist)"
-    listed = run_list(dataclasses.replace(target, follow_runs=False), local_only=False)
+    listed = run_list(target.with_policy(follow_runs=False), local_only=False, connect=InProcessServer)
     (state,) = listed.runs
     assert not state.covered and state.problem == f"not all of it could be read on the server: {why}", state
-    checked = run_checklist(dataclasses.replace(target, follow_runs=False))
+    checked = run_checklist(target.with_policy(follow_runs=False), connect=InProcessServer)
     run = next(c for c in checked.checks if c.name == "newer run backed up")
     assert not checked.safe and not run.ok and run.detail == f"{newer}: not all of it could be read on the server: {why}"
 

@@ -48,11 +48,9 @@ class World:
         self.servers: list[InProcessServer] = []
         self.clock = Clock()
         self.events: list[Event] = []
-        self.target = make_target(self.run, self.dest, None)
-        self.target.settle_seconds = 0
+        self.target = make_target(self.run, self.dest).with_policy(settle_seconds=0)
         self.watch = Watch(self.target, WatchOptions(**opts), on_event=self.events.append, clock=self.clock,
-                           sleep=self.clock.sleep, connect=self.connect)
-        self.target.server_factory = self.connect   # the checklist's own connection
+                           sleep=self.clock.sleep, connect=self.connect)   # the checklist's connection too
 
     def connect(self) -> InProcessServer:
         server = InProcessServer(self.hooks)
@@ -397,12 +395,11 @@ def test_a_checkpoint_nobody_writes_is_complete_at_once(server_tree, tmp_path):
 
     a_second_ago = time.time() - 1                               # settle_seconds is 60
     os.utime(server_tree / "checkpoint-12" / "optimizer.pt", (a_second_ago, a_second_ago))
-    target = make_target(server_tree, tmp_path / "b", None)
-    target.server_factory = InProcessServer
-    rows = {r.name: r for r in run_list(target, local_only=False).rows}
+    target = make_target(server_tree, tmp_path / "b")
+    rows = {r.name: r for r in run_list(target, local_only=False, connect=InProcessServer).rows}
     assert rows["checkpoint-12"].state == "complete", rows["checkpoint-12"].reason
     with open_for_writing(server_tree / "checkpoint-8" / "optimizer.pt"):
-        result = run_backup(target, BackupOptions(names=["checkpoint-12", "checkpoint-8"]))
+        result = run_backup(target, BackupOptions(names=["checkpoint-12", "checkpoint-8"]), connect=InProcessServer)
     assert result.fetched == ["checkpoint-12"]
     assert result.failed["checkpoint-8"] == "in progress: optimizer.pt is open for writing"
 

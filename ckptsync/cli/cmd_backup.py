@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -63,7 +63,7 @@ def backup_cmd(
                                    need_remote=not discard_staged), bwlimit)
     ts = o.with_extra_files(ts, extra_file)
     if follow_runs:
-        ts = [replace(t, follow_runs=True) for t in ts]
+        ts = [t.with_policy(follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
     from ckptsync import datapath
     from ckptsync.stores import ability, open_store
@@ -73,7 +73,7 @@ def backup_cmd(
     datapath.check_backup(store, via_laptop, {"--discard-staged": discard_staged, "--follow-runs": follow_runs,
                                               "--wait": wait, "--parallel": parallel is not None and parallel > 1})
     if ability(store, "files_here") and len(ts) == 1 and not (discard_staged or via_laptop) \
-            and ts[0].server_factory is None and ts[0].transport is not None:
+            and ts[0].transport is not None:
         ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
     from ckptsync.backup import BackupOptions, discard_staging
     from ckptsync.multi import run_many

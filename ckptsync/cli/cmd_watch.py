@@ -63,7 +63,7 @@ def watch_cmd(
     ts = o.with_parallel(o.with_bwlimits(ts, bwlimit), parallel)
 
     def options(t) -> WatchOptions:
-        return WatchOptions(interval=interval, hold=not no_hold, hold_max=t.hold_max if hold_max is None else hold_max,
+        return WatchOptions(interval=interval, hold=not no_hold, hold_max=t.policy.hold_max if hold_max is None else hold_max,
                             until_done=until_done, compress=o.parse_compress(compress),
                             max_checkpoints=max_checkpoints)
 
@@ -228,7 +228,7 @@ def _print_service(out: Output, kind: str, t, opts, hold_max, bwlimit, parallel,
     """The unit (or agent) that runs this watch: this Python, this package, the same target and options."""
     from ckptsync.service import service
 
-    words = ["watch", *t.args]
+    words = ["watch", *t.printed.args]
     if opts.interval != 2.0:
         words += ["--interval", f"{opts.interval:g}"]
     if not opts.hold:

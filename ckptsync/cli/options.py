@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -48,7 +47,7 @@ def with_bwlimit(t: Target, value: str | None) -> Target:
     if value is None:
         return t
     try:
-        return dataclasses.replace(t, bwlimit=parse_rate(value))
+        return t.with_link(bwlimit=parse_rate(value))
     except ValueError as exc:
         raise UsageError(f"--bwlimit: {exc}") from None
 
@@ -59,13 +58,13 @@ def with_bwlimits(ts: list[Target], value: str | None) -> list[Target]:
     ts = [with_bwlimit(t, value) for t in ts]
     if value is None or len(ts) < 2:
         return ts
-    shared = RateLimiter(ts[0].bwlimit)
-    return [dataclasses.replace(t, limiter=shared) for t in ts]
+    shared = RateLimiter(ts[0].link.bwlimit)
+    return [t.with_link(limiter=shared) for t in ts]
 
 
 def with_parallel(ts: list[Target], value: int | None) -> list[Target]:
     """--parallel overrides the config's parallel."""
-    return ts if value is None else [dataclasses.replace(t, parallel=value) for t in ts]
+    return ts if value is None else [t.with_link(parallel=value) for t in ts]
 
 
 def with_extra_files(ts: list[Target], paths: list[str] | None) -> list[Target]:
@@ -74,7 +73,7 @@ def with_extra_files(ts: list[Target], paths: list[str] | None) -> list[Target]:
         return ts
     if any(not p.strip() for p in paths):
         raise UsageError("--extra-file: an empty value (give a path on the server)")
-    return [dataclasses.replace(t, extra_files=list(dict.fromkeys([*t.extra_files, *paths]))) for t in ts]
+    return [t.with_policy(extra_files=list(dict.fromkeys([*t.policy.extra_files, *paths]))) for t in ts]
 
 
 def parse_compress(value: str) -> str:
@@ -99,7 +98,7 @@ def target(config: str | None, instance: str | None = None, host: str | None = N
         load_config(config), instance=instance, host=host, remote_dir=remote_dir, local_dir=local_dir,
         accept_new_host_key=accept_new, need_remote=need_remote, ssh=ssh,
     )
-    t.verb = _verb()
+    t = t.with_printed(verb=_verb())
     if t.store_url:
         from ckptsync.datapath import check_command
 
@@ -108,7 +107,7 @@ def target(config: str | None, instance: str | None = None, host: str | None = N
 
     if t.transport is not None:
         t.transport.on_notice = lambda message: output().warn(message)
-    if t.assumed_instance and need_remote:
+    if t.printed.assumed_instance and need_remote:
         output().warn(f"no --instance or --host given: using instance 0 ({t.describe()})")
     return t
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ckptsync.backup_plan import BackupResult, stat_extras
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures
@@ -63,7 +63,8 @@ def endpoint_errors(hint: str):
 
 
 def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Reporter = QUIET,
-                      server: Server | None = None, via_laptop: bool = False) -> BackupResult:
+                      server: Server | None = None, via_laptop: bool = False,
+                      connect: Callable[[], Server] | None = None) -> BackupResult:
     """`via_laptop`: for a server that cannot reach the bucket, the bytes come here over the
     agent's link (checked as a backup's are), wait in a temporary directory, and go up from here."""
     result = BackupResult(target=target.label, server=target.describe(), dest=store.location,
@@ -71,12 +72,12 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
     started = time.monotonic()
     code, error = None, ""
     try:
-        with (contextlib.nullcontext(server) if server is not None else open_server(target)) as server:
+        with (contextlib.nullcontext(server) if server is not None else open_server(target, connect)) as server:
             job = _Upload(target, store, server, rep, result, via_laptop)
-            view = scan_server(server, target.remote_dir, target.settle_seconds, writers=True,
-                               pattern=target.train_process or "")
+            view = scan_server(server, target.remote_dir, target.policy.settle_seconds, writers=True,
+                               pattern=target.policy.train_process or "")
             todo = job.plan(view, opts)
-            extras = opts.extra_files and bool(target.extra_files)
+            extras = opts.extra_files and bool(target.policy.extra_files)
             if (todo or extras or job.stamps) and not opts.dry_run:
                 with store.lock("ckptsync backup", on_takeover=rep.info) as lock:
                     todo = job.plan(view, opts)   # again under the lock: another run may have stored them
@@ -182,7 +183,7 @@ class _Upload:
 
     def extras(self, view: ServerView) -> None:
         """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
-        found = stat_extras(self.server, view.root, self.target.extra_files, self.result.warnings, self.result.failed)
+        found = stat_extras(self.server, view.root, self.target.policy.extra_files, self.result.warnings, self.result.failed)
         if not found:
             return
         listed = {member: st for member, (_src, st) in found.items()}
@@ -262,7 +263,7 @@ class _Upload:
         self.entries[name] = entry
         self.result.fetched.append(name)
         if old is not None:
-            dropped = self.store.trim_generations(name, self.target.keep_generations)
+            dropped = self.store.trim_generations(name, self.target.policy.keep_generations)
             self.result.dropped_generations.extend(g.label for g in dropped)
             gone = {g.label for g in dropped}
             self.kept = [g for g in self.kept if g.label not in gone]   # no longer a source of copies

@@ -4,7 +4,7 @@ them through here (s3/backup.py). restore_direct.py runs a restore through it.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ckptsync.errors import AgentError, IntegrityError
 from ckptsync.progress import QUIET, Reporter
@@ -26,8 +26,9 @@ class BucketPath:
         self.store = store
         self.via_laptop = via_laptop
 
-    def backup(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET) -> BackupResult:
-        return run_bucket_backup(target, opts, self.store, rep, via_laptop=self.via_laptop)
+    def backup(self, target: Target, opts: BackupOptions, rep: Reporter = QUIET,
+               connect: Callable[[], Server] | None = None) -> BackupResult:
+        return run_bucket_backup(target, opts, self.store, rep, via_laptop=self.via_laptop, connect=connect)
 
     def entry(self, name: str) -> Entry:
         """The current version of `name` (a generation comes from store.generations)."""

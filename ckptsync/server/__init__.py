@@ -8,7 +8,7 @@ package reads a frame or names an agent operation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ckptsync.agent.frames import HOLD_DIR   # where the agent holds checkpoints against rotation
 from ckptsync.server.base import Download, Hashes, Server, Upload
@@ -22,17 +22,18 @@ if TYPE_CHECKING:
     from ckptsync.config import Target
 
 
-def open_server(target: "Target") -> Server:
-    """The server of a target, not yet opened (use it as a context manager)."""
-    if target.server_factory is not None:
-        return target.server_factory()
+def open_server(target: "Target", connect: Callable[[], Server] | None = None) -> Server:
+    """The server of a target, not yet opened (use it as a context manager). `connect` gives the
+    server instead (tests hand in the in-process twin); None: the agent over the target's transport."""
+    if connect is not None:
+        return connect()
     from ckptsync.errors import ConfigError
     from ckptsync.server.agent_server import AgentServer
 
     if target.transport is None:
         raise ConfigError("no server given: use --instance or --host (or --remote-dir for a local directory)")
-    return AgentServer(target.transport, missing_hint=target.tilde_hint, bwlimit=target.bwlimit,
-                       limiter=target.limiter, stall_timeout=target.stall_timeout)
+    return AgentServer(target.transport, missing_hint=target.printed.tilde_hint, bwlimit=target.link.bwlimit,
+                       limiter=target.link.limiter, stall_timeout=target.link.stall_timeout)
 
 
 __all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing",

@@ -98,7 +98,7 @@ def open_store(where: Union[Target, str, Path], clock: Callable[[], float] = tim
     if isinstance(where, (str, Path)):
         url, root, s3, config = (str(where) if str(where).startswith("s3://") else None), Path(where), {}, None
     else:
-        url, root, s3, config = where.store_url, where.local_dir, where.s3, where.config_path
+        url, root, s3, config = where.store_url, where.local_dir, where.s3, where.printed.config_path
     if url:
         from ckptsync.stores.bucket import open_bucket_store
 
