@@ -99,27 +99,29 @@ def restore_line(t: Target, store: Store, every: bool = False) -> str:
 
 
 def restore(t: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreResult:
-    store = open_store(t)
-    path = ability(store, "data_path")
-    if path is not None:
-        from ckptsync.restore_direct import run_direct_restore
-
-        return run_direct_restore(t, store, path(), opts, rep)
-    from ckptsync.restore import run_restore
-
-    return run_restore(t, opts, rep)
+    return _restore(t, opts, rep, every=False)
 
 
 def restore_all(t: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
+    return _restore(t, opts, rep, every=True)
+
+
+def _restore(t: Target, opts: RestoreOptions, rep: Reporter, every: bool):
+    """One checkpoint, or with `every` each entry, by the store's data path or through this machine."""
     store = open_store(t)
     path = ability(store, "data_path")
     if path is not None:
-        from ckptsync.restore_direct import run_direct_restore_all
+        from ckptsync import restore_direct
 
-        return run_direct_restore_all(t, store, path(), opts, rep)
-    from ckptsync.restore_all import run_restore_all
+        run = restore_direct.run_direct_restore_all if every else restore_direct.run_direct_restore
+        return run(t, store, path(), opts, rep)
+    if every:
+        from ckptsync.restore_all import run_restore_all
 
-    return run_restore_all(t, opts, rep)
+        return run_restore_all(t, opts, rep)
+    from ckptsync.restore import run_restore
+
+    return run_restore(t, opts, rep)
 
 
 # -------------------------------------------------- show, compare
