@@ -528,16 +528,22 @@ class SshdServer:
         the remote commands are left running, as after a real network drop.
         Returns the PIDs signalled; waits up to ``wait`` seconds for them to go.
         """
-        pids = self.session_pids()
-        if sshd_only:
-            pids = [p for p in pids if _process_name(p).startswith("sshd")]
-        signalled = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                signalled.append(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signalled: list[int] = []
+        # Again until a look finds nothing new: a session forking as it is hit is hit too.
+        for _ in range(10):
+            pids = [p for p in self.session_pids() if p not in signalled]
+            if sshd_only:
+                pids = [p for p in pids if _process_name(p).startswith("sshd")]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                    signalled.append(pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if sig not in (signal.SIGKILL, signal.SIGTERM):
+                break
         if sig in (signal.SIGKILL, signal.SIGTERM) and wait > 0:
             wait_gone(signalled, wait)
         return signalled

@@ -122,10 +122,10 @@ def test_no_sessions_when_idle(sshd: SshdServer) -> None:
 
 
 def test_kill_sessions_drops_a_running_command(sshd: SshdServer) -> None:
-    # The remote command reads its input, which stays open: only the kill can end it.
+    # The remote command ignores its input and outlives the test: only the kill can end it.
     client = subprocess.Popen(
-        [*sshd.ssh_argv("tnr-1"), "echo $$; exec cat"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*sshd.ssh_argv("tnr-1"), "echo $$; exec sleep 600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         remote = _remote_pid(client)
@@ -133,14 +133,15 @@ def test_kill_sessions_drops_a_running_command(sshd: SshdServer) -> None:
         assert sshd.pid not in sshd.session_pids()
 
         killed = sshd.kill_sessions()
-        assert remote in killed and not _running(remote)
+        assert remote in killed, (killed, client.poll(), sshd.log_tail())
+        assert not _running(remote)
         assert client.wait(timeout=HANG) != 0
     finally:
         if client.poll() is None:
             client.kill()
             client.wait(timeout=HANG)
-        for stream in (client.stdin, client.stdout, client.stderr):
-            stream.close()
+        client.stdout.close()
+        client.stderr.close()
 
     assert sshd.is_running()
     assert sshd.wait_idle()
