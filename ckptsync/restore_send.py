@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ckptsync.agent import hash_file
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
-from ckptsync.disk import io_error, new_hasher
+from ckptsync.disk import XXH3, io_error, new_hasher
 from ckptsync.errors import ConnectError, DiskFull, IntegrityError, Interrupted
 from ckptsync.checkpoint_names import RESTORED_MARKER
 from ckptsync.policy import SPACE_MARGIN, fits, human
@@ -205,15 +205,19 @@ class Sender:
                 kept: dict[str, int], rep: Reporter) -> tuple[dict[str, Arrived], dict[str, str], list[str], int]:
         up = server.receive(root, stage, compress=self.compress)
         rotted = []
+        # The send hashes what it reads in the server's algorithm: where that is the manifest's, it
+        # is the check against rot too, and the bytes are hashed once.
+        once = server.best_hash == XXH3
         for piece in pieces:
             f = by_path[piece.member]
             if piece.start is not None:
                 self._upload_range(up, f, piece, rep)
                 continue
-            seen = new_hasher()
+            seen = None if once else new_hasher()
 
             def also(block: bytes, seen=seen) -> None:
-                seen.update(block)
+                if seen is not None:
+                    seen.update(block)
                 rep.advance(len(block))
 
             path = self.files_root / f.path
@@ -222,7 +226,7 @@ class Sender:
                     sent = up.add(f.path, fh, f.size, f.mtime_ns, f.mode, also=also, offset=kept.get(f.path, 0))
             except OSError as exc:
                 raise io_error(exc, f"reading {path}") from None
-            if seen.hexdigest() != f.xxh3_128:
+            if (sent if seen is None else seen.hexdigest()) != f.xxh3_128:
                 rotted.append(f.path)
             else:
                 self.digests.learn(f.xxh3_128, f.size, server.best_hash, sent)
