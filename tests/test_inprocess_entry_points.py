@@ -14,11 +14,11 @@ from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.config import Target
 from ckptsync.details import show_server
 from ckptsync.doctor import run_doctor
-from ckptsync.errors import CONNECT, INTEGRITY, CkptsyncError
+from ckptsync.errors import CONNECT, INTEGRITY, IO, PARTIAL, CkptsyncError
 from ckptsync.prune import PruneOptions, run_prune
 from ckptsync.repair import run_repair
 from ckptsync.restore import RestoreOptions
-from ckptsync.restore_all import RESTORED, SKIPPED, run_restore_all
+from ckptsync.restore_all import FAILED, RESTORED, SKIPPED, run_restore_all
 from ckptsync.retention import Policy
 from ckptsync.server.inprocess import Hooks, InProcessServer
 from ckptsync.verify import run_verify
@@ -117,3 +117,18 @@ def test_adopt_compares_the_adopted_copy_with_the_server(server_tree, tmp_path):
     assert [(a.name, a.server) for a in result.adopted] == [("checkpoint-12", SAME)]
     assert (dest / ".ckptsync" / "manifests" / "checkpoint-12.json").is_file()
     assert os.path.isdir(dest / "checkpoint-12")
+
+
+def test_restore_all_goes_on_after_a_checkpoint_the_server_cannot_commit(server_tree, tmp_path):
+    t = backed_up(server_tree, tmp_path, ("checkpoint-8", "checkpoint-12"))
+    want = tree_digest(server_tree / "checkpoint-8")
+    shutil.rmtree(server_tree / "checkpoint-8")
+    shutil.rmtree(server_tree / "checkpoint-12")
+    hooks = Hooks()
+    hooks.fail("commit", "no_space", "No space left on device", str(server_tree))  # the first commit, newest first
+    result = run_restore_all(t, RestoreOptions(), connect=partial(InProcessServer, hooks))
+    outcome = {i.checkpoint: (i.outcome, i.exit_code) for i in result.items}
+    assert outcome == {"checkpoint-12": (FAILED, IO), "checkpoint-8": (RESTORED, 0)}
+    assert result.exit_code == PARTIAL
+    assert not (server_tree / "checkpoint-12").exists()  # never under its final name, half there
+    assert tree_digest(server_tree / "checkpoint-8") == want
