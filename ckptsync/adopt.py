@@ -81,7 +81,8 @@ class AdoptResult:
         return {**asdict(self), "exit_code": self.exit_code}
 
 
-def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET, connect: Callable[[], Server] | None = None) -> AdoptResult:
+def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET,
+              connect: Callable[[], Server] | None = None) -> AdoptResult:
     """`connect`: gives the server the adopted files are compared with (see open_server)."""
     root = Path(target.local_dir)
     if not root.is_dir():

@@ -326,7 +326,8 @@ def compare_stored(store: Store, a: str, b: str) -> CompareResult:
 def show_server(target: Target, name: str | None, store: Store | None = None,
                 connect: Callable[[], Server] | None = None) -> ShowResult:
     """One checkpoint on the server, and whether the backups (the target's store) hold it as it
-    is now. A store whose files are elsewhere (a bucket) is compared by its manifests only. `connect`: gives the server (see open_server)."""
+    is now. A store whose files are elsewhere (a bucket) is compared by its manifests only.
+    `connect`: gives the server (see open_server)."""
     store = store or DirectoryStore(target.local_dir)
     with open_server(target, connect) as server:
         view = scan_server(server, target.remote_dir, target.policy.settle_seconds)

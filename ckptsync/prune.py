@@ -107,7 +107,8 @@ class PruneResult(Result):
 
 
 
-def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET, connect: Callable[[], Server] | None = None) -> PruneResult:
+def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET,
+              connect: Callable[[], Server] | None = None) -> PruneResult:
     """`connect`: gives the server of a --remote prune (see open_server)."""
     if opts.policy.is_empty and opts.keep_generations is None:
         raise PolicyError(EMPTY_POLICY_MESSAGE)
@@ -283,7 +284,8 @@ class StorePrune:
 
 
 class RemotePrune:
-    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter, connect: Callable[[], Server] | None = None) -> None:
+    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter,
+                 connect: Callable[[], Server] | None = None) -> None:
         self.target = target
         self.connect = connect
         self.opts = opts

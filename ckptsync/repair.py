@@ -40,7 +40,8 @@ class RepairResult(Result):
 
 
 
-def run_repair(target: Target, names: list[str], rep: Reporter = QUIET, connect: Callable[[], Server] | None = None) -> RepairResult:
+def run_repair(target: Target, names: list[str], rep: Reporter = QUIET,
+               connect: Callable[[], Server] | None = None) -> RepairResult:
     """Verify, fetch the damaged files again from the server, verify again. `connect`: gives the
     server (see open_server)."""
     store = DirectoryStore(target.local_dir)

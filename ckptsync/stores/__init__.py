@@ -7,9 +7,10 @@
 
 `open_store` picks the store of a target (or of a location: a path, an archive, or
 `s3://BUCKET/PREFIX`); `describe` tells what that store is and can do without opening it (no
-network, no boto3: for completion, refusing a command, keying a cron entry). Every store reads (`Store`); what only some stores can do is an
-ability, asked for with `getattr(store, NAME, None)` (see `ability`), never by checking the
-store's class. Writing is such an ability (a directory and a bucket have it, an archive not):
+network, no boto3: for completion, refusing a command, keying a cron entry). Every store
+reads (`Store`); what only some stores can do is an ability, asked for with
+`getattr(store, NAME, None)` (see `ability`), never by checking the store's class. Writing is
+such an ability (a directory and a bucket have it, an archive not):
 
     commit / write_entry     puts an entry in place (backup)
     remove_entry(name)       takes an entry out of sight whole, then deletes its bytes (prune)
@@ -146,7 +147,8 @@ class Description:
     log_dir: Path                   # where logs of its scheduled runs are kept on this machine
     environment: tuple[str, ...] = ()   # variables its client reads, carried into a cron entry
     secrets: tuple[str, ...] = ()       # variables its client reads that a crontab must not hold (keys)
-    ready: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)  # raises when its client is missing
+    # raises when the library its client needs is missing (a bucket: boto3)
+    ready: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
     def can(self, ability: str) -> bool:
         return ability in self.abilities
