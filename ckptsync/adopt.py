@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from ckptsync.commit import planned_manifest
 from ckptsync.config import Target
@@ -80,7 +81,9 @@ class AdoptResult:
         return {**asdict(self), "exit_code": self.exit_code}
 
 
-def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET) -> AdoptResult:
+def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET,
+              connect: Callable[[], Server] | None = None) -> AdoptResult:
+    """`connect`: gives the server the adopted files are compared with (see open_server)."""
     root = Path(target.local_dir)
     if not root.is_dir():
         raise NotFound(f"no directory {root}")
@@ -99,7 +102,8 @@ def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET) -> A
         extras = _extras_here(target, root, names)
         if not complete and not extras:
             return result
-        with (open_server(target) if target.transport is not None else contextlib.nullcontext()) as server:
+        with (open_server(target, connect) if target.transport is not None or connect is not None
+              else contextlib.nullcontext()) as server:
             there = scan_server(server, target.remote_dir, target.policy.settle_seconds) if server is not None else None
             alg = server.best_hash if server is not None else XXH3
             source = {"target": target.label, "server": target.describe() if server is not None else "",

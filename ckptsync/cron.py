@@ -27,10 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 from ckptsync import notify, osdeps
-from ckptsync.config import Target, find_config, is_store_url
+from ckptsync.config import Target, find_config
 from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
 from ckptsync.result import Result
-from ckptsync.stores import Store, ability, open_store
+from ckptsync.stores import Description, Store, ability, describe, open_store
 
 MARKER_RE = re.compile(r"^# ckptsync backup (?P<label>\S+) -> (?P<dir>.+)$")
 LINE_RE = re.compile(r"^\s*(?P<when>@\S+|(?:\S+\s+){4}\S+)\s+(?P<command>.*)$")
@@ -339,9 +339,7 @@ class CronResult(Result):
 
 
 def default_log_file(backup_dir: Path | str) -> Path:
-    if is_store_url(str(backup_dir)):  # a bucket holds no log: it stays on this machine
-        return osdeps.state_home() / "ckptsync" / str(backup_dir)[len("s3://"):] / "cron.log"
-    return Path(backup_dir) / ".ckptsync" / "cron.log"
+    return describe(backup_dir).log_dir / "cron.log"
 
 
 def _abs(path: str) -> str:
@@ -350,7 +348,7 @@ def _abs(path: str) -> str:
 
 def backup_dir_of(target: Target) -> str:
     """Where the target's backups are: its store URL, or its backup directory made absolute."""
-    return target.store_url or _abs(str(target.local_dir))
+    return describe(target).key
 
 
 def last_runs(store: Store) -> tuple[dict | None, dict | None, dict | None]:
@@ -358,16 +356,11 @@ def last_runs(store: Store) -> tuple[dict | None, dict | None, dict | None]:
     return store.status(), store.status("scheduled"), store.status("manual")
 
 
-AWS_CARRIED = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
-AWS_SECRET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def aws_environment(environ) -> tuple[dict[str, str], list[str]]:
-    """For a bucket's cron entry: the AWS settings of this shell that go into the entry (where
-    and who, never a key), and the names of the keys that cannot."""
-    carried = {n: environ[n] for n in AWS_CARRIED if environ.get(n)}
-    return carried, [n for n in AWS_SECRET if environ.get(n)]
+def carried_environment(store: Description, environ) -> tuple[dict[str, str], list[str]]:
+    """For a cron entry: the settings of this shell that the store's client reads and that go into
+    the entry (a bucket's where and who, never a key), and the names of the keys that cannot."""
+    carried = {n: environ[n] for n in store.environment if environ.get(n)}
+    return carried, [n for n in store.secrets if environ.get(n)]
 
 
 def backup_args(target: Target, job: CronJob) -> list[str]:
@@ -412,8 +405,9 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
     if problem is not None:  # an entry that can only fail: refuse it now, not at every run
         message, hint = problem
         raise ConfigError(f"{target.label}: {message}; no cron entry installed", hint=hint)
-    backup_dir = backup_dir_of(target)
-    log_file = _abs(job.log_file) if job.log_file else str(default_log_file(backup_dir))
+    store = describe(target)
+    backup_dir = store.key
+    log_file = _abs(job.log_file) if job.log_file else str(store.log_dir / "cron.log")
     args = backup_args(target, job)
     if any("\n" in a or "\r" in a for a in args + [log_file]):
         raise UsageError("a path or option with a line break cannot go into a crontab")
@@ -423,7 +417,7 @@ def install(target: Target, job: CronJob, crontab: Crontab, now: float | None = 
         raise IOFailure(f"cannot create {Path(log_file).parent}: {exc.strerror or exc}") from None
     python = os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink that matters
     tools = notify.TOOLS if job.notify else ()
-    carried, secret = aws_environment(os.environ) if target.store_url else ({}, [])
+    carried, secret = carried_environment(store, os.environ)
     command = job_command(python, args, log_file, path_dirs(python, tools), package_path(), job.notify, carried)
     line = job_line(schedule.expr, command)
     table = crontab.read()
@@ -470,14 +464,15 @@ def remote_dir_warnings(target: Target) -> list[str]:
 
 def remove(target: Target, crontab: Crontab) -> CronResult:
     table = crontab.read()
-    backup_dir = backup_dir_of(target)
+    store = describe(target)
+    backup_dir = store.key
     old = find_entry(table, backup_dir)
     new, removed = remove_entry(table, backup_dir)
     if removed:
         crontab.write(new)
     r = _result("removed" if removed else "absent", target, new, None)
     r.target = old.label if old is not None else r.target
-    if old is not None and not target.store_url:
+    if old is not None and store.can("files_here"):  # only a store here has a directory that install made
         log = option_value(old.command, "--log-file") if old.line else None
         r.removed_dir = drop_if_unused(Path(backup_dir), Path(log) if log else None)
     return r

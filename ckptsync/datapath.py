@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ckptsync.errors import UsageError
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.stores import Store, ability, open_store, refuse
+from ckptsync.stores import Store, ability, describe, open_store, refuse
 
 if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
@@ -35,15 +35,15 @@ def here(store: Store) -> bool:
 
 
 def check_command(t: Target) -> None:
-    """One line, exit 2, for a command that works only on a store here; a bucket needs boto3."""
-    if not t.store_url:
+    """One line, exit 2, for a command that works only on a store here; a store elsewhere needs its
+    client (a bucket: boto3). Told from the location, before anything is opened."""
+    store = describe(t)
+    if store.can("files_here"):
         return
-    from ckptsync.s3 import require_boto3
-
     verb = " ".join(t.printed.verb) or "this command"
     if t.printed.verb and t.printed.verb[0] not in ELSEWHERE:
-        raise UsageError(f"{verb} does not work on a bucket store ({t.store_url}); {', '.join(ELSEWHERE)} do")
-    require_boto3()
+        raise UsageError(f"{verb} does not work on {store.kind} ({store.key}); {', '.join(ELSEWHERE)} do")
+    store.ready()
 
 
 def one_run_per_store(ts: list[Target]) -> None:

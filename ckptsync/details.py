@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ckptsync.config import Target
 from ckptsync.errors import NotFound
@@ -23,7 +23,7 @@ from ckptsync.freshness import judge
 from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import scan_server
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.stores import Store, ability, open_store
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import EXTRA, Manifest
@@ -323,11 +323,13 @@ def compare_stored(store: Store, a: str, b: str) -> CompareResult:
 # ---------------------------------------------------------------- the server
 
 
-def show_server(target: Target, name: str | None, store: Store | None = None) -> ShowResult:
+def show_server(target: Target, name: str | None, store: Store | None = None,
+                connect: Callable[[], Server] | None = None) -> ShowResult:
     """One checkpoint on the server, and whether the backups (the target's store) hold it as it
-    is now. A store whose files are elsewhere (a bucket) is compared by its manifests only."""
+    is now. A store whose files are elsewhere (a bucket) is compared by its manifests only.
+    `connect`: gives the server (see open_server)."""
     store = store or DirectoryStore(target.local_dir)
-    with open_server(target) as server:
+    with open_server(target, connect) as server:
         view = scan_server(server, target.remote_dir, target.policy.settle_seconds)
         where = f"{target.describe()}:{view.root}"
         if name is None:

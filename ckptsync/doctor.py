@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ckptsync.config import Target
 from ckptsync.result import Result
-from ckptsync.server import Hello, open_server
+from ckptsync.server import Hello, Server, open_server
 
 PIP_FIX = "python3 -m pip install --user xxhash zstandard"
 APT_PACKAGES = "python3-xxhash python3-zstandard"
@@ -99,11 +100,12 @@ class DoctorResult(Result):
 
 
 
-def run_doctor(target: Target) -> DoctorResult:
-    """Ask the server's agent what it has and how fast it hashes and packs there."""
+def run_doctor(target: Target, connect: Callable[[], Server] | None = None) -> DoctorResult:
+    """Ask the server's agent what it has and how fast it hashes and packs there. `connect`: gives
+    the server (see open_server)."""
     started = time.monotonic()
     result = DoctorResult(target=target.label, server=target.describe(), remote_dir=target.remote_dir or "")
-    with open_server(target) as server:
+    with open_server(target, connect) as server:
         probe = server.probe()
         space = server.df(target.remote_dir or ".")
         result.missing = missing(server.hello)

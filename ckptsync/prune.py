@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK, PARTIAL, AgentError, Interrupted, NotFound, UsageError
@@ -31,7 +32,7 @@ from ckptsync.freshness import judge_view
 from ckptsync.result import Result
 from ckptsync.retention import EMPTY_POLICY_MESSAGE, Decision, Item, Policy, PolicyError, plan
 from ckptsync.scan import ServerView, scan_server
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.disk import io_error
 from ckptsync.stores import Kept, ability, open_store, refuse
 from ckptsync.stores.directory import WAIT_HINT, DirectoryStore
@@ -106,7 +107,9 @@ class PruneResult(Result):
 
 
 
-def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> PruneResult:
+def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET,
+              connect: Callable[[], Server] | None = None) -> PruneResult:
+    """`connect`: gives the server of a --remote prune (see open_server)."""
     if opts.policy.is_empty and opts.keep_generations is None:
         raise PolicyError(EMPTY_POLICY_MESSAGE)
     if opts.remote and opts.keep_generations is not None:
@@ -115,7 +118,7 @@ def run_prune(target: Target, opts: PruneOptions, rep: Reporter = QUIET) -> Prun
     if opts.keep_best and not opts.policy.keep_best and not opts.policy.is_empty:
         opts = replace(opts, policy=replace(opts.policy, keep_best=True))
     started = time.monotonic()
-    job = RemotePrune(target, opts, rep) if opts.remote else StorePrune(target, opts, rep)
+    job = RemotePrune(target, opts, rep, connect) if opts.remote else StorePrune(target, opts, rep)
     try:
         return job.run()
     except OSError as exc:  # a laptop-side write (lock, trash, manifests): one line, exit 5
@@ -281,8 +284,10 @@ class StorePrune:
 
 
 class RemotePrune:
-    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter) -> None:
+    def __init__(self, target: Target, opts: PruneOptions, rep: Reporter,
+                 connect: Callable[[], Server] | None = None) -> None:
         self.target = target
+        self.connect = connect
         self.opts = opts
         self.rep = rep
         self.store = DirectoryStore(target.local_dir)
@@ -290,7 +295,7 @@ class RemotePrune:
                                   force=opts.force, policy=asdict(opts.policy))
 
     def run(self) -> PruneResult:
-        with open_server(self.target) as server:
+        with open_server(self.target, self.connect) as server:
             self.server = server
             view = scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds)
             self.result.where = f"{self.target.describe()}:{view.root}"

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ckptsync.config import Target
 from ckptsync.errors import INTEGRITY, OK
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.result import Result
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.server.transfer import receive
 from ckptsync.disk import fsync_file, io_error, remove_tree
 from ckptsync.stores.directory import DirectoryStore
@@ -39,7 +40,10 @@ class RepairResult(Result):
 
 
 
-def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> RepairResult:
+def run_repair(target: Target, names: list[str], rep: Reporter = QUIET,
+               connect: Callable[[], Server] | None = None) -> RepairResult:
+    """Verify, fetch the damaged files again from the server, verify again. `connect`: gives the
+    server (see open_server)."""
     store = DirectoryStore(target.local_dir)
     result = RepairResult(target.label, str(target.local_dir), target.describe())
     before = run_verify(target, names, rep=rep)
@@ -56,7 +60,7 @@ def run_repair(target: Target, names: list[str], rep: Reporter = QUIET) -> Repai
     if damaged:
         try:
             with store.lock("ckptsync verify --repair", stall_limit=target.link.stall_timeout), \
-                    open_server(target) as server:
+                    open_server(target, connect) as server:
                 for name, files in damaged.items():
                     _repair(store, server, target, name, files, result, rep)
         except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ckptsync.config import Target
 from ckptsync.errors import OK, PARTIAL, CkptsyncError, ConnectError, DiskFull, IntegrityError, Interrupted, NotFound
@@ -19,7 +20,7 @@ from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.restore import Restore, RestoreOptions, RestoreResult, RestoreRun
 from ckptsync.restore_choice import newest_first
-from ckptsync.server import open_server
+from ckptsync.server import Server, open_server
 from ckptsync.disk import io_error
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import EXTRA, Manifest
@@ -79,21 +80,24 @@ class RestoreAllResult(RestoreRun):
         return out
 
 
-def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET) -> RestoreAllResult:
-    """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first."""
+def run_restore_all(target: Target, opts: RestoreOptions, rep: Reporter = QUIET,
+                    connect: Callable[[], Server] | None = None) -> RestoreAllResult:
+    """Restore every checkpoint backed up in the target's backup directory (an archive too), newest first.
+    `connect`: gives the server (see open_server)."""
     from ckptsync.restore import local_copy
 
     try:
         with local_copy(target, rep) as store:
-            return RestoreAll(target, opts, rep, store=store).run()
+            return RestoreAll(target, opts, rep, store=store, connect=connect).run()
     except OSError as exc:
         raise io_error(exc, f"reading {target.local_dir}") from None
 
 
 class RestoreAll:
-    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter, store: DirectoryStore | None = None) -> None:
+    def __init__(self, target: Target, opts: RestoreOptions, rep: Reporter, store: DirectoryStore | None = None,
+                 connect: Callable[[], Server] | None = None) -> None:
         """`store`: where the backups are read (an archive's extracted copy), else the target's directory."""
-        self.target, self.opts, self.rep = target, opts, rep
+        self.target, self.opts, self.rep, self.connect = target, opts, rep, connect
         self.store = store or DirectoryStore(target.local_dir)
         self.result = RestoreAllResult(target=target.label, server=target.describe(), source=str(target.local_dir),
                                        remote_dir=target.remote_dir or "", dry_run=opts.dry_run)
@@ -113,7 +117,7 @@ class RestoreAll:
             if not ordered:
                 raise NotFound(f"no checkpoint backups in {r.source}", hint="give the backup directory with --local-dir")
             names = frozenset(m.name for m in ordered)
-            with open_server(self.target) as server:
+            with open_server(self.target, self.connect) as server:
                 root = self.target.remote_dir
                 there = server.stat(root, [m.name for m in ordered])
                 todo = []

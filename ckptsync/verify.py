@@ -25,6 +25,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
@@ -33,7 +34,7 @@ from ckptsync.progress import QUIET, Reporter
 from ckptsync.policy import named, newest_first
 from ckptsync.result import Result
 from ckptsync.scan import ServerView, scan_server
-from ckptsync.server import FileStat, open_server
+from ckptsync.server import FileStat, Server, open_server
 from ckptsync.stores import CORRUPT, MISSING, UNEXPECTED, Store, ability, open_store
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
@@ -119,9 +120,10 @@ class VerifyResult(Result):
 
 
 def run_verify(target: Target, names: list[str], remote: bool = False, rep: Reporter = QUIET,
-               read_data: bool = False) -> VerifyResult:
+               read_data: bool = False, connect: Callable[[], Server] | None = None) -> VerifyResult:
     """`read_data` matters where the store can check its objects without reading them (a bucket):
-    a backup directory (and an archive) is always read back."""
+    a backup directory (and an archive) is always read back. `connect`: gives the server of a
+    --remote verify (see open_server)."""
     started = time.monotonic()
     store = open_store(target)
     if ability(store, "check_objects") is not None:
@@ -130,7 +132,7 @@ def run_verify(target: Target, names: list[str], remote: bool = False, rep: Repo
         result = ObjectVerify(target, store, names, read_data or bool(ability(store, "reads_data")), rep).run()
         result.seconds = time.monotonic() - started
         return result
-    job = RemoteVerify(target, names, rep) if remote else LocalVerify(target, names, rep)
+    job = RemoteVerify(target, names, rep, connect) if remote else LocalVerify(target, names, rep)
     try:
         return job.run()
     finally:
@@ -435,8 +437,10 @@ def _mtime_warning(name: str, restamped: list[tuple[str, bool]]) -> str:
 
 
 class RemoteVerify:
-    def __init__(self, target: Target, names: list[str], rep: Reporter) -> None:
+    def __init__(self, target: Target, names: list[str], rep: Reporter,
+                 connect: Callable[[], Server] | None = None) -> None:
         self.target = target
+        self.connect = connect
         self.store = DirectoryStore(target.local_dir)
         self.names = names
         self.rep = rep
@@ -448,7 +452,7 @@ class RemoteVerify:
         self.rep.advance(n)
 
     def run(self) -> VerifyResult:
-        with open_server(self.target) as server:
+        with open_server(self.target, self.connect) as server:
             self.server = server
             view = scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds)
             self.view = view

@@ -183,3 +183,34 @@ def test_the_checks_see_what_made_up_modules_do():
     assert upward("ckptsync.agent.scan", [Import("ckptsync.errors", 3, True)]) == [
         "ckptsync.agent.scan:3 (agent) imports ckptsync.errors (shared)"]
     assert upward("ckptsync.cli.app", found) == []
+
+
+# A command never asks which kind of store it is on: it asks the store (stores.describe, or an
+# ability of the opened store). These names tell the kind from the location.
+KIND_OF_STORE = {"store_url", "is_store_url"}
+
+
+def store_kind_reads(module_tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, what) for each read of a target's store_url or use of is_store_url."""
+    out = []
+    for node in ast.walk(module_tree):
+        if isinstance(node, ast.Attribute) and node.attr in KIND_OF_STORE:
+            out.append((node.lineno, f"reads .{node.attr}"))
+        elif isinstance(node, ast.Name) and node.id in KIND_OF_STORE:
+            out.append((node.lineno, f"uses {node.id}"))
+        elif isinstance(node, ast.ImportFrom):
+            out += [(node.lineno, f"imports {a.name}") for a in node.names if a.name in KIND_OF_STORE]
+    return sorted(out)
+
+
+def test_command_modules_do_not_tell_the_kind_of_store_from_its_location():
+    broken = [f"{m}:{line} {what}" for m in sources() if m.startswith("ckptsync.cli.")
+              for line, what in store_kind_reads(tree(m))]
+    assert not broken, "ask stores.describe(target) what the store can do:\n" + "\n".join(broken)
+
+
+def test_the_store_kind_check_sees_a_made_up_command():
+    source = ("from ckptsync.config import is_store_url\n"
+              "def run(t):\n    if t.store_url or is_store_url(str(t.local_dir)):\n        return 0\n")
+    assert store_kind_reads(ast.parse(source)) == [
+        (1, "imports is_store_url"), (3, "reads .store_url"), (3, "uses is_store_url")]

@@ -22,15 +22,16 @@ def complete_checkpoints(
 ) -> int:
     """Checkpoint names in the backup directory, newest first, one a line."""
     try:
-        from ckptsync.config import is_store_url, load_config, resolve_target
+        from ckptsync.config import load_config, resolve_target
         from ckptsync.policy import newest_first
-        from ckptsync.stores.directory import DirectoryStore
+        from ckptsync.stores import describe, open_store
         from ckptsync.stores.manifest import EXTRA
 
         t = resolve_target(load_config(config), instance=instance, local_dir=local_dir, need_remote=False)
-        if t.store_url or is_store_url(str(t.local_dir)) or not t.local_dir.is_dir():
+        store = describe(t)  # without opening it: a store elsewhere would need the network, and its client
+        if not store.can("files_here") or not t.local_dir.is_dir():
             return 0
-        names = [m.name for m in newest_first(DirectoryStore(t.local_dir).manifests().values()) if m.name != EXTRA]
+        names = [m.name for m in newest_first(open_store(t).manifests().values()) if m.name != EXTRA]
     except Exception:  # a completion stays silent: a broken config is reported by the real command
         return 0
     for name in names:

@@ -99,10 +99,9 @@ def target(config: str | None, instance: str | None = None, host: str | None = N
         accept_new_host_key=accept_new, need_remote=need_remote, ssh=ssh,
     )
     t = t.with_printed(verb=_verb())
-    if t.store_url:
-        from ckptsync.datapath import check_command
+    from ckptsync.datapath import check_command
 
-        check_command(t)
+    check_command(t)
     from ckptsync.cli.context import output
 
     if t.transport is not None:

@@ -12,6 +12,12 @@ from ckptsync.errors import ConfigError, UsageError
 
 INSTALL = "pip install 'ckptsync[s3]'"
 
+# The AWS settings a bucket's client reads from the environment: where and who (carried into a
+# cron entry), and the keys (never written into a crontab).
+AWS_CARRIED = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+AWS_SECRET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 @dataclass(frozen=True)
 class StoreUrl:

@@ -6,9 +6,11 @@
     manifest.py   what a store keeps per entry: its Manifest, and the rule for trusting one
 
 `open_store` picks the store of a target (or of a location: a path, an archive, or
-`s3://BUCKET/PREFIX`). Every store reads (`Store`); what only some stores can do is an
-ability, asked for with `getattr(store, NAME, None)` (see `ability`), never by checking the
-store's class. Writing is such an ability (a directory and a bucket have it, an archive not):
+`s3://BUCKET/PREFIX`); `describe` tells what that store is and can do without opening it (no
+network, no boto3: for completion, refusing a command, keying a cron entry). Every store
+reads (`Store`); what only some stores can do is an ability, asked for with
+`getattr(store, NAME, None)` (see `ability`), never by checking the store's class. Writing is
+such an ability (a directory and a bucket have it, an archive not):
 
     commit / write_entry     puts an entry in place (backup)
     remove_entry(name)       takes an entry out of sight whole, then deletes its bytes (prune)
@@ -38,7 +40,9 @@ and the others:
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
@@ -95,21 +99,73 @@ class Store(Protocol):
 def open_store(where: Union[Target, str, Path], clock: Callable[[], float] = time.time) -> Store:
     """The store of a target (its local_dir, an archive, or the bucket of its store_url), or of a location.
     `clock`: what a bucket's lease lock reads the time from."""
-    if isinstance(where, (str, Path)):
-        url, root, s3, config = (str(where) if str(where).startswith("s3://") else None), Path(where), {}, None
-    else:
-        url, root, s3, config = where.store_url, where.local_dir, where.s3, where.printed.config_path
+    url, root = _location(where)
+    s3, config = ({}, None) if isinstance(where, (str, Path)) else (where.s3, where.printed.config_path)
     if url:
         from ckptsync.stores.bucket import open_bucket_store
 
         return open_bucket_store(url, s3, str(config or "the config"), clock)
+    return store_class(where)(root)
+
+
+def _location(where: Union[Target, str, Path]) -> tuple[str | None, Path]:
+    """(the bucket URL or None, the path) of a target or a location."""
+    if isinstance(where, (str, Path)):
+        return (str(where) if str(where).startswith("s3://") else None), Path(where)
+    return where.store_url, where.local_dir
+
+
+def store_class(where: Union[Target, str, Path]) -> type:
+    """The class of the store `open_store` would open, found from the location alone."""
+    url, root = _location(where)
+    if url:
+        from ckptsync.stores.bucket import BucketStore
+
+        return BucketStore
     if is_archive(root):
         from ckptsync.stores.archive import ArchiveStore
 
-        return ArchiveStore(root)
+        return ArchiveStore
     from ckptsync.stores.directory import DirectoryStore
 
-    return DirectoryStore(root)
+    return DirectoryStore
+
+
+# The optional abilities (see the top of this module), as `Description.abilities` lists them.
+ABILITIES = ("commit", "write_entry", "remove_entry", "drop_generation", "trim_generations", "lock",
+             "record_status", "files_here", "data_path", "check_objects", "reads_data", "local_copy", "sweep",
+             "unfinished_uploads", "clean_leftovers", "staged_names", "stuck_holder")
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a store is and can do, told from its location without opening it."""
+
+    kind: str                       # as in a sentence: "a backup directory", "a bucket store"
+    key: str                        # the bucket's URL, or the path made absolute: what a cron entry is kept under
+    abilities: frozenset[str]       # the optional abilities its class has (ABILITIES)
+    log_dir: Path                   # where logs of its scheduled runs are kept on this machine
+    environment: tuple[str, ...] = ()   # variables its client reads, carried into a cron entry
+    secrets: tuple[str, ...] = ()       # variables its client reads that a crontab must not hold (keys)
+    # raises when the library its client needs is missing (a bucket: boto3)
+    ready: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
+
+    def can(self, ability: str) -> bool:
+        return ability in self.abilities
+
+
+def describe(where: Union[Target, str, Path]) -> Description:
+    """The Description of the store of a target or a location; reads nothing, imports no client."""
+    url, root = _location(where)
+    cls = store_class(where)
+    from ckptsync.stores.directory import META
+
+    key = url if url else os.path.abspath(os.path.expanduser(str(root)))
+    log_dir = getattr(cls, "log_dir", None)  # a store elsewhere keeps no log: it stays here
+    return Description(kind=cls.kind, key=key, abilities=frozenset(n for n in ABILITIES if hasattr(cls, n)),
+                       log_dir=log_dir(key) if log_dir else Path(key) / META,
+                       environment=getattr(cls, "ENVIRONMENT", ()), secrets=getattr(cls, "SECRETS", ()),
+                       ready=getattr(cls, "ready", lambda: None))
 
 
 def is_archive(path: Union[str, Path]) -> bool:

@@ -17,12 +17,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
+from ckptsync import osdeps
 from ckptsync.disk import new_hasher
 from ckptsync.errors import CkptsyncError, IOFailure, Locked, UsageError
 from ckptsync.policy import newest_generations, status_file, status_kind
-from ckptsync.s3 import StoreUrl, parse_url
+from ckptsync.s3 import AWS_CARRIED, AWS_SECRET, StoreUrl, parse_url, require_boto3
 from ckptsync.s3.bucket import Bucket, Conflict, Settings
 from ckptsync.stores import CORRUPT, MISSING
 from ckptsync.stores.manifest import Manifest
@@ -79,6 +81,17 @@ class BucketStore:
     """A stores.Store; with check_objects (sizes and ETags from a listing, without reading)."""
 
     kind = "a bucket store"
+    ENVIRONMENT = AWS_CARRIED   # what stores.describe tells a cron entry to carry, and not
+    SECRETS = AWS_SECRET
+
+    @staticmethod
+    def log_dir(url: str) -> Path:
+        """A bucket holds no log of scheduled runs: it stays on this machine, under the URL."""
+        return osdeps.state_home() / "ckptsync" / url[len("s3://"):]
+
+    @staticmethod
+    def ready() -> None:
+        require_boto3()
 
     def __init__(self, bucket: Bucket, root: StoreUrl, clock: Callable[[], float] = time.time) -> None:
         self.bucket = bucket
