@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ from ckptsync.digests import XXH3, hash_both
 from ckptsync.errors import OK, PARTIAL, NotFound
 from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.result import Result
 from ckptsync.scan import CHECKPOINT_PART, ServerView, scan_server
 from ckptsync.selection import skip_reason
 from ckptsync.server import Server, open_server
@@ -63,7 +64,7 @@ class Adopted:
 
 
 @dataclass
-class AdoptResult:
+class AdoptResult(Result):
     target: str
     dest: str
     server: str | None
@@ -76,9 +77,6 @@ class AdoptResult:
     @property
     def exit_code(self) -> int:
         return PARTIAL if any(a.server == DIFFERS for a in self.adopted) else OK
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
 
 
 def run_adopt(target: Target, dry_run: bool = False, rep: Reporter = QUIET,

@@ -27,7 +27,7 @@ from ckptsync.server import FileStat, Server, open_server
 from ckptsync.dedup import LINK
 from ckptsync.disk import io_error
 from ckptsync.stores.directory import WAIT_HINT, DirectoryStore as Store
-from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
+from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest, Verified
 from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures, unsaved
@@ -242,7 +242,7 @@ class Backup:
         """Fetch checkpoints over one transfer, committing each (manifest, then rename) as soon as
         every one of its files is copied, the newest first."""
         listed = {c.name: view.files_of(c) for c in batch}
-        progress: dict[str, dict[str, dict]] = {}
+        progress: dict[str, dict[str, Verified]] = {}
         todo: dict[str, list[str]] = {}
         source = {"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root}
         planned = {c.name: planned_manifest(c, listed[c.name], source) for c in batch}
@@ -286,7 +286,7 @@ class Backup:
         except OSError as exc:
             raise io_error(exc, what) from None
 
-    def _store_fetched(self, entries: list[tuple[Manifest, dict[str, dict], set[str]]]) -> None:
+    def _store_fetched(self, entries: list[tuple[Manifest, dict[str, Verified], set[str]]]) -> None:
         """Commit fetched checkpoints together: (planned manifest, progress, members fetched) each."""
         ms = []
         for planned, progress, fetched in entries:
@@ -297,7 +297,7 @@ class Backup:
             # Recorded first: should the commit not finish (a crash), the next run commits it from staging.
             self._write(lambda n=m.name, p=progress: self.store.save_progress(n, p),
                         f"recording what was fetched of {m.name}")
-            placed = {p for p, r in progress.items() if r.get("placed")}
+            placed = {p for p, r in progress.items() if r.placed}
             self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
             ms.append(m)
         self._commit(ms, f"moving {', '.join(m.name for m in ms)} into place")
@@ -408,7 +408,7 @@ class Backup:
         self.result.restamped.append(name)
 
     def _download(self, root: str, pairs: list[tuple[str, str]], owner: dict[str, str],
-                  listed: dict[str, dict[str, FileStat]], label: str, progress: dict[str, dict[str, dict]],
+                  listed: dict[str, dict[str, FileStat]], label: str, progress: dict[str, dict[str, Verified]],
                   pending: Pending | None = None) -> tuple[dict[str, str], dict[str, str]]:
         """Fetch each (source, member) into the staging of the entry `owner` names, each checked
         against its listing, recording what was copied in `progress` (entry -> member -> record) and
@@ -489,7 +489,7 @@ class Backup:
 
     def _fetch_extras(self, view: ServerView) -> None:
         self.store.discard_staging(EXTRA)
-        books: dict[str, dict[str, dict]] = {EXTRA: {}}
+        books: dict[str, dict[str, Verified]] = {EXTRA: {}}
         progress = books[EXTRA]
         pairs = [(src, member) for member, (src, _st) in self._extras.items()]
         listed = {EXTRA: {member: st for member, (_src, st) in self._extras.items()}}
@@ -502,9 +502,8 @@ class Backup:
         if changed:
             self.result.failed[EXTRA] = "extra files changed on the server while read; not recorded"
             return
-        files = [FileRecord(path=p, size=r["size"], mode=r["mode"], mtime_ns=r["mtime_ns"], xxh3_128=r["xxh3_128"],
-                            source=self._extras[p][0], ctime_ns=self._extras[p][1].ctime_ns,
-                            inode=self._extras[p][1].inode, hashes=dict(r.get("hashes") or {}))
+        files = [r.as_file(FileRecord(path=p, size=0, mode=0, mtime_ns=0, xxh3_128="", source=self._extras[p][0],
+                                      ctime_ns=self._extras[p][1].ctime_ns, inode=self._extras[p][1].inode))
                  for p, r in sorted(progress.items())]
         # The server's home: a restore to the same remote_dir relative to another server's home
         # puts the files back at the same place relative to it.

@@ -16,6 +16,7 @@ from ckptsync.layout import Checkpoint
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
+from ckptsync.result import Result
 from ckptsync.runs import RunState, survey
 from ckptsync.policy import CHECK, human, last_run_summary, span
 from ckptsync.scan import ServerView, empty_remote_dir, scan_server
@@ -40,7 +41,7 @@ class Check:
 
 
 @dataclass
-class ChecklistResult:
+class ChecklistResult(Result):
     target: str
     server: str
     dest: str

@@ -25,7 +25,7 @@ from ckptsync.layout import Checkpoint, resume_files
 from ckptsync.policy import human
 from ckptsync.server import FileStat, Server
 from ckptsync.stores.directory import DirectoryStore
-from ckptsync.stores.manifest import FileRecord, Manifest
+from ckptsync.stores.manifest import FileRecord, Manifest, Verified
 
 # What `backup` says of a checkpoint it committed and then found deleted on the server.
 DELETED_AFTER_COPY = "deleted on the server after it was copied: the backup is now the only copy"
@@ -45,7 +45,7 @@ class Pending:
 
     order: list[Checkpoint]                          # newest first
     listed: Mapping[str, Mapping[str, FileStat]]      # entry -> its files as listed
-    progress: dict[str, dict[str, dict]]
+    progress: dict[str, dict[str, Verified]]
     twins: dict[tuple[str, str], tuple[str, str]]
     place: Callable[[str, str, str, str], None]
     commit: Callable[[list[Checkpoint]], None]
@@ -126,41 +126,38 @@ def planned_manifest(c: Checkpoint, files: Mapping[str, FileStat], source: dict)
     )
 
 
-def finished_manifest(planned: Manifest, progress: Mapping[str, dict], now: float | None = None) -> Manifest:
+def finished_manifest(planned: Manifest, progress: Mapping[str, Verified], now: float | None = None) -> Manifest:
     """The planned manifest with each file's verified record (hash, and the stamps it arrived with)."""
     now = time.time() if now is None else now
-    files = [replace(f, size=progress[f.path]["size"], mode=progress[f.path]["mode"],
-                     mtime_ns=progress[f.path]["mtime_ns"], xxh3_128=progress[f.path]["xxh3_128"],
-                     hashes=dict(progress[f.path].get("hashes") or {}))
-             for f in planned.files]
+    files = [progress[f.path].as_file(f) for f in planned.files]
     return replace(planned, files=files, backed_up_at=now, verified_at=now)
 
 
-def record(size: int, mode: int, mtime_ns: int, digest: str, listed: FileStat, **more) -> dict:
+def record(size: int, mode: int, mtime_ns: int, digest: str, listed: FileStat, placed: str = "",
+           hashes: Mapping[str, str] | None = None) -> Verified:
     """One verified file in `progress`: its stamps as received, its hash, and the listing's inode and
     ctime it was checked against (so a later run reuses it only for that same file)."""
-    return {"size": size, "mode": mode, "mtime_ns": mtime_ns, "xxh3_128": digest,
-            "inode": listed.inode, "ctime_ns": listed.ctime_ns, **more}
+    return Verified(size, mode, mtime_ns, digest, listed.inode, listed.ctime_ns, placed, dict(hashes or {}))
 
 
 def usable_staged(store: DirectoryStore, name: str, listed: Mapping[str, FileStat | FileRecord],
-                  check_hash: bool) -> dict[str, dict]:
+                  check_hash: bool) -> dict[str, Verified]:
     """Files a run verified and left in staging that are still the listed files."""
     keep = {}
     root = store.staging(name)
     for path, rec in store.load_progress(name).items():
         s = listed.get(path)
-        if s is None or (s.size, s.mtime_ns, s.mode) != (rec.get("size"), rec.get("mtime_ns"), rec.get("mode")):
+        if s is None or (s.size, s.mtime_ns, s.mode) != (rec.size, rec.mtime_ns, rec.mode):
             continue
-        if any(rec.get(k) and getattr(s, k) and rec[k] != getattr(s, k) for k in ("inode", "ctime_ns")):
+        if any(getattr(rec, k) and getattr(s, k) and getattr(rec, k) != getattr(s, k) for k in ("inode", "ctime_ns")):
             continue
         local = root / path
         try:
-            if local.stat().st_size != rec["size"]:
+            if local.stat().st_size != rec.size:
                 continue
         except OSError:
             continue
-        if check_hash and hash_file(local) != rec.get("xxh3_128"):
+        if check_hash and hash_file(local) != rec.xxh3_128:
             continue
         keep[path] = rec
     return keep

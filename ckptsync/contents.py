@@ -12,7 +12,7 @@ from ckptsync.checkpoint_names import (
 )
 
 if TYPE_CHECKING:
-    from ckptsync.layout import FileEntry
+    from ckptsync.server.types import FileStat
 
 # Files of a Trainer checkpoint that `--resume_from_checkpoint` reads.
 TRAINER_RESUME_FILE = re.compile(
@@ -46,7 +46,7 @@ class Analysis:
     step: int | None = None
 
 
-def analyse_trainer(name: str, rel: dict[str, FileEntry], meta: dict) -> Analysis:
+def analyse_trainer(name: str, rel: dict[str, FileStat], meta: dict) -> Analysis:
     found = Analysis(step=number_in(TRAINER_DIR, name))
     top = {r for r in rel if "/" not in r}
     subdirs = {r.split("/", 1)[0] for r in rel if "/" in r}
@@ -108,7 +108,7 @@ def analyse_trainer(name: str, rel: dict[str, FileEntry], meta: dict) -> Analysi
     return found
 
 
-def analyse_deepspeed(name: str, rel: dict[str, FileEntry], has_latest: bool, latest) -> Analysis:
+def analyse_deepspeed(name: str, rel: dict[str, FileStat], has_latest: bool, latest) -> Analysis:
     found = Analysis(step=number_in(DEEPSPEED_DIR, name))
     found.weights = "full" if any(r.endswith("model_states.pt") for r in rel) else None
     found.has_optimizer = any(r.endswith("optim_states.pt") for r in rel)
@@ -125,7 +125,7 @@ def analyse_deepspeed(name: str, rel: dict[str, FileEntry], has_latest: bool, la
     return found
 
 
-def analyse_step_dir(name: str, rel: dict[str, FileEntry], meta: dict) -> Analysis:
+def analyse_step_dir(name: str, rel: dict[str, FileStat], meta: dict) -> Analysis:
     found = Analysis(step=number_in(STEP_DIR, name))
     if "state.pt" in rel:
         _read_pt(found, meta.get(f"{name}/state.pt"), "state.pt")

@@ -11,9 +11,25 @@ import struct
 import time
 import zipfile
 from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptsync.result import Result
+
 RUN = "models/socrates-qwen-full-dataset"
+
+
+@dataclass
+class DemoResult(Result):
+    """What `ckptsync demo` ran: the worst of its steps' exit codes is its own."""
+
+    base: str
+    kept: bool
+    steps: list[dict] = field(default_factory=list)   # title, command, exit_code (and output, with --json)
+
+    @property
+    def exit_code(self) -> int:
+        return max((s["exit_code"] for s in self.steps), default=0)
 
 
 def _floats(rng: random.Random, n: int, scale: float) -> bytes:

@@ -64,20 +64,13 @@ from ckptsync.contents import (
     content_of, is_trainer_resume_file,
 )
 from ckptsync.policy import newest_first
+from ckptsync.server.types import FileStat
 from ckptsync.settle import mark_abandoned, written_recently
 
 
 @dataclass(frozen=True)
-class FileEntry:
-    path: str  # POSIX path relative to remote_dir
-    size: int
-    mtime: float  # seconds since the epoch, server clock
-    mode: int  # permission bits
-
-
-@dataclass(frozen=True)
 class Listing:
-    files: tuple[FileEntry, ...]
+    files: tuple[FileStat, ...]
     meta: dict  # relative path -> parsed JSON, text of `latest`, {"__pt__": ...} or {"__error__": msg}
     now: float  # the server's clock when it listed
     unseen: tuple[tuple[str, str, float], ...] = ()  # (path, why, its mtime or 0) the server could not list or read
@@ -102,7 +95,7 @@ class Checkpoint:
     layout: str  # "trainer", "deepspeed", "single-file", "step-dir"
     kind: str  # "rolling", "best", "epoch", "emergency", "latest", "backup"
     step: int | None
-    files: tuple[FileEntry, ...]
+    files: tuple[FileStat, ...]
     size: int
     mtime: float
     complete: bool
@@ -127,7 +120,7 @@ def discover(listing: Listing, settle_seconds: float = 60, writers: Writers | No
     (see the module's note).  Order: policy.newest_first.
     """
     meta = _normalised_meta(listing.meta)
-    groups: dict[tuple[str, str, str], list[tuple[FileEntry, str]]] = {}  # (name, layout, kind) -> files
+    groups: dict[tuple[str, str, str], list[tuple[FileStat, str]]] = {}  # (name, layout, kind) -> files
     has_latest = False  # top-level DeepSpeed `latest` file
     restored = set()
     for entry in listing.files:

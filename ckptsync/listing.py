@@ -12,6 +12,7 @@ from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.layout import best_checkpoint
 from ckptsync.policy import newest_first
+from ckptsync.result import Result
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, empty_hint, scan_server
 from ckptsync.server import Server, open_server
@@ -70,7 +71,7 @@ def generation_rows(store: Store) -> dict[str, list[GenerationRow]]:
 
 
 @dataclass
-class ListResult:
+class ListResult(Result):
     target: str
     server: str | None             # None: not checked (list --local)
     dest: str

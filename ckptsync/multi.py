@@ -14,10 +14,11 @@ from typing import Any, Callable
 from ckptsync.config import Target
 from ckptsync.errors import UNEXPECTED, CkptsyncError, Interrupted
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.result import Result
 
 
 @dataclass
-class Outcome:
+class Outcome(Result):
     target: str
     dest: str
     exit_code: int = 0
@@ -35,7 +36,7 @@ class Outcome:
 
 
 @dataclass
-class ManyResult:
+class ManyResult(Result):
     command: str
     outcomes: list[Outcome]
 

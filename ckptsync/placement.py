@@ -22,7 +22,7 @@ from ckptsync.progress import Reporter
 from ckptsync.server import FileStat, Server
 from ckptsync.disk import io_error
 from ckptsync.stores.directory import DirectoryStore
-from ckptsync.stores.manifest import FileRecord, Manifest
+from ckptsync.stores.manifest import FileRecord, Manifest, Verified
 
 Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
 
@@ -41,7 +41,7 @@ class Placement:
         self._index: Index | None = None
 
     def known(self, server: Server, root: str, todo: dict[str, list[str]], listed: Mapping[str, Mapping[str, FileStat]],
-              progress: dict[str, dict[str, dict]],
+              progress: dict[str, dict[str, Verified]],
               source: Callable[[str], str] = str) -> dict[tuple[str, str], tuple[str, str]]:
         """Place files whose content the store already holds (reflink, hard link or local copy)
         instead of transferring them; each placed file joins its entry's `progress`. Returns the
@@ -93,7 +93,7 @@ class Placement:
             self.store.save_progress(name, progress[name])
         return twins
 
-    def twin(self, listed: Mapping[str, Mapping[str, FileStat]], progress: dict[str, dict[str, dict]],
+    def twin(self, listed: Mapping[str, Mapping[str, FileStat]], progress: dict[str, dict[str, Verified]],
              name: str, p: str, origin: str, q: str) -> None:
         """Place file `p` of `name` from the same bytes of this batch (`q` of `origin`), just verified."""
         rec = progress[origin][q]
@@ -104,8 +104,7 @@ class Placement:
             how = place_copy(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode, self.policy)
         except OSError as exc:
             raise io_error(exc, f"placing {p}") from None
-        progress[name][p] = record(st.size, st.mode, st.mtime_ns, rec["xxh3_128"], st, placed=how,
-                                   hashes=dict(rec.get("hashes") or {}))
+        progress[name][p] = record(st.size, st.mode, st.mtime_ns, rec.xxh3_128, st, placed=how, hashes=rec.hashes)
         self.count(how, st.size, fetched=False)
 
     def sources(self) -> Index:

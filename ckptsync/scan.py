@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ckptsync.hold import merge
 from ckptsync.checkpoint_names import unseen_outside
-from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, discover
+from ckptsync.layout import Checkpoint, Listing, Writers, discover
 from ckptsync.settle import dated_ahead
 from ckptsync.policy import FIRST_SAVE_GRACE, span
 from ckptsync.server import FileStat, Listing as ServerListing, Procs, Server
@@ -74,7 +74,7 @@ def writers_seen(procs: Procs | None, links: list[str]) -> Writers | None:
 
 def view_of(listing: ServerListing, settle_seconds: float, procs: Procs | None = None) -> ServerView:
     merged = merge(listing)
-    files = tuple(FileEntry(path=f.path, size=f.size, mtime=f.mtime_ns / 1e9, mode=f.mode) for f in merged.files)
+    files = tuple(FileStat(f.path, f.size, f.mtime_ns, f.mode) for f in merged.files)   # the stamps layout judges by
     unseen = tuple((u.path, u.why, u.mtime_ns / 1e9) for u in listing.unseen)
     found = discover(Listing(files=files, meta=merged.meta, now=listing.now, unseen=unseen), settle_seconds,
                      writers_seen(procs, listing.links))

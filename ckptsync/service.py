@@ -6,21 +6,19 @@ import re
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
+from ckptsync.result import Result
+
 KINDS = ("systemd", "launchd")
 
 
 @dataclass
-class Service:
+class Service(Result):
     kind: str
     name: str          # the unit's or the agent's name
     path: str          # where to save it
     text: str
     steps: list[str]   # what to run then
     exit_code: int = 0
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "path": self.path, "text": self.text, "steps": self.steps,
-                "exit_code": self.exit_code}
 
 
 def unit_name(label: str) -> str:

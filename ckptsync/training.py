@@ -15,11 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ckptsync.layout import FileEntry
 from ckptsync.settle import abandon_after, save_interval, written_recently
 from ckptsync.policy import span
 from ckptsync.scan import ServerView
-from ckptsync.server import Process, Procs
+from ckptsync.server import FileStat, Process, Procs
 
 # A save is "due" until this many intervals have passed without one: a trainer that is late
 # by less than that may still be running (saving a checkpoint takes time too).
@@ -45,7 +44,7 @@ def temporary_save(path: str) -> str | None:
     return None
 
 
-def temporary_saves(files: Iterable[FileEntry]) -> dict[str, float]:
+def temporary_saves(files: Iterable[FileStat]) -> dict[str, float]:
     """Saves in progress (see temporary_save) -> the newest mtime of their files. Pure."""
     out: dict[str, float] = {}
     for f in files:
@@ -86,7 +85,7 @@ def judge_training(view: ServerView, procs: Procs | None, settle_seconds: float,
     """Whether training has stopped, by the server's clock (view.now). Pure."""
     v = Verdict()
     now = view.now
-    files = [FileEntry(p, f.size, f.mtime_ns / 1e9, f.mode) for p, f in view.exact.items()]
+    files = [FileStat(p, f.size, f.mtime_ns, f.mode) for p, f in view.exact.items()]
     _processes(v, procs)
     guess = not v.unseen or stated   # files alone are judged only where processes were seen
     unfinished = []                  # (as a save in progress, as one that stopped) of saves not written now

@@ -31,6 +31,7 @@ from ckptsync.checkpoint_names import checkpoint_of
 from ckptsync.layout import Checkpoint
 from ckptsync.policy import HOLD_MAX, rate, span
 from ckptsync.progress import QUIET, Reporter
+from ckptsync.result import Result
 from ckptsync.scan import ServerView, scan_server
 from ckptsync.selection import new_since
 from ckptsync.server import FileStat, Server, open_server
@@ -85,7 +86,7 @@ class Status:
 
 
 @dataclass
-class WatchResult:
+class WatchResult(Result):
     target: str
     dest: str
     committed: list[str] = field(default_factory=list)
@@ -94,10 +95,6 @@ class WatchResult:
     finished: bool = False
     safe: bool = False
     exit_code: int = OK
-
-    def to_dict(self) -> dict:
-        return {"target": self.target, "dest": self.dest, "committed": self.committed, "lost": self.lost,
-                "outages": self.outages, "finished": self.finished, "safe": self.safe, "exit_code": self.exit_code}
 
 
 def permanent(exc: CkptsyncError) -> bool:

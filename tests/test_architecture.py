@@ -214,3 +214,46 @@ def test_the_store_kind_check_sees_a_made_up_command():
               "def run(t):\n    if t.store_url or is_store_url(str(t.local_dir)):\n        return 0\n")
     assert store_kind_reads(ast.parse(source)) == [
         (1, "imports is_store_url"), (3, "reads .store_url"), (3, "uses is_store_url")]
+
+
+def results_outside_the_base(modules: dict[str, ast.Module]) -> list[str]:
+    """Classes that give an exit code (a field, an attribute or a property) and their own `to_dict`
+    (what --json prints) without being a `result.Result`, known by the names of their bases; the
+    error hierarchy is the other home of exit codes."""
+    classes = [node for m in modules.values() for node in ast.walk(m) if isinstance(node, ast.ClassDef)]
+
+    def bases(node: ast.ClassDef) -> set[str]:
+        return {b.id if isinstance(b, ast.Name) else b.attr for b in node.bases
+                if isinstance(b, (ast.Name, ast.Attribute))}
+
+    results, errors = {"Result"}, {"Exception", "CkptsyncError"}
+    for _ in classes:
+        results |= {c.name for c in classes if bases(c) & results}
+        errors |= {c.name for c in classes if bases(c) & errors}
+
+    def renders_exit_code(node: ast.ClassDef) -> bool:
+        if not any(isinstance(item, ast.FunctionDef) and item.name == "to_dict" for item in node.body):
+            return False
+        for item in node.body:
+            target = item.target if isinstance(item, ast.AnnAssign) else None
+            names = [t.id for t in item.targets if isinstance(t, ast.Name)] if isinstance(item, ast.Assign) else []
+            if (isinstance(target, ast.Name) and target.id == "exit_code") or "exit_code" in names \
+                    or (isinstance(item, ast.FunctionDef) and item.name == "exit_code"):
+                return True
+        return False
+
+    return sorted(f"{m}.{c.name}" for m, module in modules.items() for c in ast.walk(module)
+                  if isinstance(c, ast.ClassDef) and renders_exit_code(c) and c.name not in results | errors)
+
+
+def test_every_result_shares_one_base_for_its_exit_code_and_json():
+    assert results_outside_the_base({m: tree(m) for m in sources()}) == []
+
+
+def test_a_result_outside_the_base_is_named():
+    module = ast.parse("class Result: ...\n@dataclass\nclass A(Result):\n    exit_code: int = 0\n"
+                       "class B(A):\n    @property\n    def exit_code(self): return 3\n    def to_dict(self): ...\n"
+                       "class Loose:\n    exit_code = 0\n    def to_dict(self): ...\n"
+                       "class Item:\n    exit_code: int = 0\n"
+                       "class Bad(CkptsyncError, exit_code=5):\n    def to_dict(self): ...\n")
+    assert results_outside_the_base({"ckptsync.x": module}) == ["ckptsync.x.Loose"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ckptsync.checkpoint_names import RESTORED_MARKER
-from ckptsync.layout import Checkpoint, FileEntry, Listing, Writers, best_checkpoint, discover, find_best, resume_files
+from ckptsync.layout import Checkpoint, Listing, Writers, best_checkpoint, discover, find_best, resume_files
+from ckptsync.server import FileStat
 from helpers import FIXTURES
 
 pytestmark = pytest.mark.laptop  # pure tables: the macOS and Windows jobs run them too
@@ -25,15 +26,15 @@ FULL = ("model.safetensors", "config.json", "generation_config.json", "optimizer
 STATE = {"global_step": 500, "epoch": 1.0, "log_history": []}
 
 
-def entry(path: str, size: int = 100, mtime: float = OLD, mode: int = 0o644) -> FileEntry:
-    return FileEntry(path, size, mtime, mode)
+def entry(path: str, size: int = 100, mtime: float = OLD, mode: int = 0o644) -> FileStat:
+    return FileStat(path, size, round(mtime * 1e9), mode)
 
 
-def listing(*files: FileEntry, meta: dict | None = None, now: float = NOW) -> Listing:
+def listing(*files: FileStat, meta: dict | None = None, now: float = NOW) -> Listing:
     return Listing(tuple(files), meta or {}, now)
 
 
-def in_dir(directory: str, names, **kwargs) -> list[FileEntry]:
+def in_dir(directory: str, names, **kwargs) -> list[FileStat]:
     return [entry(f"{directory}/{name}", **kwargs) for name in names]
 
 
@@ -184,7 +185,7 @@ def test_where_writers_are_seen_the_layouts_own_markers_still_decide():
 
 
 def marked(marker: str | None, marker_age: float, optimizer_age: float, directory: str = "checkpoint-500",
-           age: float = 3600) -> list[FileEntry]:
+           age: float = 3600) -> list[FileStat]:
     """A LoRA checkpoint written `age` ago, its optimizer.pt `optimizer_age` ago and its marker
     (empty, as writers leave it) `marker_age` ago."""
     files = [entry(f"{directory}/{n}", mtime=NOW - age) for n in LORA if n != "optimizer.pt"]
@@ -326,7 +327,7 @@ def test_trainer_state_not_read_by_agent_is_not_an_error():
 # ---------------------------------------------------------------- top-level DeepSpeed
 
 
-def deepspeed_dir(step: int, optim: bool = True) -> list[FileEntry]:
+def deepspeed_dir(step: int, optim: bool = True) -> list[FileStat]:
     names = ["mp_rank_00_model_states.pt"] + (["zero_pp_rank_0_mp_rank_00_optim_states.pt"] if optim else [])
     return in_dir(f"global_step{step}", names)
 
@@ -641,7 +642,7 @@ def walk_fixture(relative: str, scan_pt: bool = True) -> Listing:
         for name in names:
             path = Path(directory, name)
             rel = path.relative_to(root).as_posix()
-            files.append(FileEntry(rel, path.stat().st_size, OLD, 0o644))
+            files.append(entry(rel, path.stat().st_size))
             if name in ("trainer_state.json", "metadata.json"):
                 meta[rel] = json.loads(path.read_text())
             elif name.endswith(".pt") and scan_pt and (rel.count("/") == 0 or name == "state.pt"):
@@ -702,7 +703,7 @@ def test_fixture_step_dirs():
 
 def test_fixture_fresh_checkout_is_settling():
     listing_ = walk_fixture("full-finetune/output")
-    fresh = Listing(tuple(FileEntry(f.path, f.size, NOW - 5, f.mode) for f in listing_.files), listing_.meta, NOW)
+    fresh = Listing(tuple(entry(f.path, f.size, NOW - 5, f.mode) for f in listing_.files), listing_.meta, NOW)
     assert all(not c.complete and c.reason.endswith("modified 5s ago (settle 60s)") for c in discover(fresh))
 
 

@@ -109,14 +109,14 @@ def test_a_file_rewritten_while_read_fails_its_checkpoint(server_tree, tmp_path)
 
     hooks = Hooks()
     hooks.on_after("send_member", rewrite)
-    hooks.on_after("send_record", lambda value: records.update({value["record"]["member"]: value["record"]}))
+    hooks.on_after("send_record", lambda value: records.update({value["record"].member: value["record"]}))
     dest = tmp_path / "b"
     result = run_backup(make_target(server_tree, dest),
                         BackupOptions(names=["checkpoint-12", "checkpoint-8"], compress="off"),
                         connect=always(InProcessServer(hooks)))
     assert rewritten
     # opened as listed, different at the end of the read: the change came while it was read
-    assert records["checkpoint-12/shard.bin"]["changed"] == "modified while being read"
+    assert records["checkpoint-12/shard.bin"].changed == "modified while being read"
     assert result.exit_code == PARTIAL
     assert "checkpoint-12/shard.bin: modified while being read" in result.failed["checkpoint-12"]
     assert not (dest / "checkpoint-12").exists()
@@ -135,7 +135,7 @@ def test_in_one_batch_the_newest_deleted_after_its_read_is_committed_and_an_olde
     deleted, rewritten = [], []
 
     def on_record(value: dict) -> None:
-        got.add(value["record"]["member"])
+        got.add(value["record"].member)
         mine = [m for m in sends[0] if m.startswith("checkpoint-12/")]
         if newest.exists() and mine and all(m in got for m in mine):
             shutil.rmtree(newest)   # its last record is in: the server has read every file of it

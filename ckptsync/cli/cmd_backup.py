@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ckptsync.cli import options as o
 from ckptsync.cli.context import output
-from ckptsync.cli.shared import Skipped, run_or_skip
+from ckptsync.cli.shared import run_or_skip
 from ckptsync.errors import Locked, UsageError
 from ckptsync.output import Output, TextTable, human, rate
 
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
     from ckptsync.backup_plan import BackupResult
     from ckptsync.multi import ManyResult
+    from ckptsync.result import Discarded
 
 
 def backup_cmd(
@@ -89,23 +89,13 @@ def backup_cmd(
                                    out.reporter()), show_backups)
     t = ts[0]
     if discard_staged:
+        from ckptsync.result import Discarded
+
         held = discard_staging(t, dry_run, wait)
         return out.render(Discarded(t.label, str(t.local_dir), held, dry_run), show_discarded)
     out.info(datapath.backup_line(t, store, via_laptop))
     return run_or_skip(out, t.label, store.location, lambda: datapath.backup(t, opts, out.reporter(), via_laptop),
                        skip_if_locked, show_backup)
-
-
-@dataclass
-class Discarded:
-    target: str
-    dest: str
-    discarded_bytes: int
-    dry_run: bool
-    exit_code: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def show_discarded(out: Output, r: Discarded) -> None:
@@ -203,6 +193,7 @@ def _show_deleted(out: Output, result: BackupResult, prefix: str = "") -> None:
 def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
     """One instance of a multi-instance backup; a lock held elsewhere is that instance's outcome."""
     from ckptsync import datapath
+    from ckptsync.result import Skipped
 
     try:
         return datapath.backup(t, opts, rep)
@@ -215,6 +206,7 @@ def _backup_one(t, rep, opts: BackupOptions, skip_if_locked: bool):
 def show_backups(out: Output, many: ManyResult) -> None:
     """Several instances: each one's warnings and failures, then one table and the errors."""
     from ckptsync.backup_plan import BackupResult
+    from ckptsync.result import Skipped
 
     for o in many.outcomes:
         r = o.result

@@ -8,14 +8,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ckptsync.cli.context import output, settings
 from ckptsync.output import Output, command_lines
+
+if TYPE_CHECKING:
+    from ckptsync.demo import DemoResult
 
 STEPS = [
     ("list",
@@ -45,20 +47,6 @@ STEPS = [
 ]
 
 
-@dataclass
-class DemoResult:
-    base: str
-    kept: bool
-    steps: list[dict] = field(default_factory=list)   # title, command, exit_code (and output, with --json)
-
-    @property
-    def exit_code(self) -> int:
-        return max((s["exit_code"] for s in self.steps), default=0)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
-
-
 def demo_cmd(
     directory: Annotated[Optional[str], typer.Option("--dir", metavar="DIR", help="Where to build the demo (default: a new temp directory).", show_default=False)] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo files afterwards.")] = False,
@@ -66,7 +54,7 @@ def demo_cmd(
     """Build a sample training run in a temp directory and run list, backup, verify and restore on it."""
     import tempfile
 
-    from ckptsync.demo import make_server_tree
+    from ckptsync.demo import DemoResult, make_server_tree
 
     out = output()
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="ckptsync-demo-"))

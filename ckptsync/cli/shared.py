@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ckptsync.errors import Locked
@@ -13,19 +12,6 @@ if TYPE_CHECKING:
     from ckptsync.restore_all import RestoreAllResult
 
 
-@dataclass
-class Skipped:
-    """--skip-if-locked met a lock: the run holding it does the work."""
-
-    target: str
-    dest: str
-    skipped: str
-    exit_code: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def run_or_skip(out, label: str, dest: str, run, skip_if_locked: bool, show) -> int:
     """run() rendered by show; with --skip-if-locked, a lock held by another run is one line and exit 0,
     unless that run has made no progress for longer than the stall limit: then it is exit 11."""
@@ -34,6 +20,8 @@ def run_or_skip(out, label: str, dest: str, run, skip_if_locked: bool, show) -> 
     except Locked as exc:
         if not skip_if_locked or exc.stuck:
             raise
+        from ckptsync.result import Skipped
+
         out.info(f"skipped: {exc.message}")
         return out.render(Skipped(label, dest, exc.message), lambda out, r: None)
     return out.render(result, show)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -39,12 +39,13 @@ BATCH_PARTS = 16          # at most this many full parts (1 GiB at 64 MiB) per b
 
 
 @dataclass
-class _File:
-    path: str                # in the manifest: relative to the store
-    size: int
-    hash: str
+class _Sending:
+    """One file on its way into the bucket: its manifest record (the hash in the run's algorithm),
+    where the server reads it, and how far its upload got."""
+
+    file: FileRecord
     key: str
-    source: str = ""         # where the server reads it (relative to remote_dir, or absolute): path if ""
+    source: str              # where the server reads it (relative to remote_dir, or absolute)
     etag: str = ""
     upload: str = ""                                       # multipart upload id
     parts: dict[int, str] = field(default_factory=dict)   # part number -> etag, once stored
@@ -195,10 +196,8 @@ class _Upload:
         size = sum(st.size for st in listed.values())
         self.result.plan.append(PlanItem(EXTRA, "fetch", size, fetch_bytes=size, files=len(listed)))
 
-        def manifest(files: list[_File]) -> Manifest:
-            records = [FileRecord(path=f.path, size=f.size, mode=listed[f.path].mode, mtime_ns=listed[f.path].mtime_ns,
-                                  xxh3_128=f.hash, source=f.source, ctime_ns=listed[f.path].ctime_ns,
-                                  inode=listed[f.path].inode) for f in files]
+        def manifest(files: list[FileRecord]) -> Manifest:
+            records = [replace(f, source=sources[f.path]) for f in files]
             return Manifest(name=EXTRA, layout="extra", kind="extra", step=None, files=records,
                             source={"target": self.target.label, "server": self.target.describe(),
                                     "remote_dir": view.root}, backed_up_at=time.time(), verified_at=time.time())
@@ -215,25 +214,28 @@ class _Upload:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(hashes.errors.items())[:3])
             self.result.failed[name] = f"could not be read on the server ({what}); not recorded"
             return
-        files = [_File(p, listed[p].size, hashes.values[read[p]], self.store.key(p), read[p]) for p in paths]
+        files = [_Sending(FileRecord(path=p, size=listed[p].size, mode=listed[p].mode, mtime_ns=listed[p].mtime_ns,
+                                     xxh3_128=hashes.values[read[p]], ctime_ns=listed[p].ctime_ns,
+                                     inode=listed[p].inode), self.store.key(p), read[p]) for p in paths]
         known = self._known()
         old = self.entries.get(name)
         if old is not None:
             self._set_aside(old)
         send, twins, first = [], [], {}
         for f in files:
-            have = known.get((f.hash, f.size))
+            content = (f.file.xxh3_128, f.file.size)
+            have = known.get(content)
             if have is not None and have[0] == f.key:
                 f.etag = have[1]
             elif have is not None:
-                f.etag = self.bucket.copy(have[0], f.key, f.size)
-                self._copied(f.size)
-            elif (f.hash, f.size) in first:   # the same bytes twice in this checkpoint: sent once
-                twins.append((f, first[(f.hash, f.size)]))
+                f.etag = self.bucket.copy(have[0], f.key, f.file.size)
+                self._copied(f.file.size)
+            elif content in first:   # the same bytes twice in this checkpoint: sent once
+                twins.append((f, first[content]))
             else:
-                first[(f.hash, f.size)] = f
+                first[content] = f
                 send.append(f)
-        total = sum(f.size for f in send)
+        total = sum(f.file.size for f in send)
         self.rep.info(f"{name}: sending {len(send)} files, {human(total)} from the server to the bucket"
                       + (f" ({len(files) - len(send)} copied inside the bucket)" if len(send) < len(files) else ""))
         self.rep.start(name, total)
@@ -245,16 +247,16 @@ class _Upload:
             if src.error:
                 f.error = src.error
             else:
-                f.etag = self.bucket.copy(src.key, f.key, f.size)
-                self._copied(f.size)
-        bad = {f.path: f.error for f in files if f.error}
+                f.etag = self.bucket.copy(src.key, f.key, f.file.size)
+                self._copied(f.file.size)
+        bad = {f.file.path: f.error for f in files if f.error}
         if not bad:
             bad = self._recheck(root, listed, read)
         if bad:
             what = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())[:3])
             self.result.failed[name] = f"not recorded ({what})"
             return
-        entry = self.store.new_entry(manifest(files), {f.path: f.etag for f in files}, self.alg)
+        entry = self.store.new_entry(manifest([f.file for f in files]), {f.file.path: f.etag for f in files}, self.alg)
         try:
             self.store.write_entry(entry)
         except Conflict:
@@ -299,12 +301,8 @@ class _Upload:
         return {p: "deleted during the backup" if gone[p] is None else "modified during the backup"
                 for p, st in listed.items() if gone[p] is None or not gone[p].same_content_stamp(st.stat)}
 
-    def _manifest(self, view: ServerView, c: Checkpoint, files: list[_File]) -> Manifest:
-        listed = view.files_of(c)
-        records = [FileRecord(path=f.path, size=f.size, mode=listed[f.path].mode, mtime_ns=listed[f.path].mtime_ns,
-                              xxh3_128=f.hash, ctime_ns=listed[f.path].ctime_ns, inode=listed[f.path].inode)
-                   for f in files]
-        return Manifest(name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=records,
+    def _manifest(self, view: ServerView, c: Checkpoint, files: list[FileRecord]) -> Manifest:
+        return Manifest(name=c.name, layout=c.layout, kind=c.kind, step=c.step, files=files,
                         resume_files=list(resume_files(c)), resumable=c.resumable, content=c.content,
                         missing=list(c.missing), is_best=c.is_best, state=dict(c.state),
                         source={"target": self.target.label, "server": self.target.describe(), "remote_dir": view.root},
@@ -312,16 +310,17 @@ class _Upload:
 
     # -------------------------------------------------- the bytes
 
-    def _send(self, root: str, files: list[_File]) -> None:
+    def _send(self, root: str, files: list[_Sending]) -> None:
         """Every file's bytes: small ones as one PUT, large ones in parts (resuming an earlier upload)."""
         ps_wanted = self.settings.part_size
         jobs = []   # (file, part number or 0, offset, length)
         for f in files:
-            if f.size < ps_wanted:
-                jobs.append((f, 0, 0, f.size))
+            size = f.file.size
+            if size < ps_wanted:
+                jobs.append((f, 0, 0, size))
                 continue
-            ps = part_size(f.size, ps_wanted)
-            ranges = [(n, off, min(ps, f.size - off)) for n, off in enumerate(range(0, f.size, ps), 1)]
+            ps = part_size(size, ps_wanted)
+            ranges = [(n, off, min(ps, size - off)) for n, off in enumerate(range(0, size, ps), 1)]
             kept = self._resume(root, f, ranges)
             jobs.extend((f, n, off, length) for n, off, length in ranges if n not in kept)
         for batch in _batches(jobs, ps_wanted):
@@ -330,28 +329,29 @@ class _Upload:
             if f.upload and not f.error:
                 f.etag = self.bucket.complete_multipart(f.key, f.upload, sorted(f.parts.items()))
 
-    def _relay(self, root: str, files: list[_File]) -> None:
+    def _relay(self, root: str, files: list[_Sending]) -> None:
         if not files:
             return
         with tempfile.TemporaryDirectory(prefix="ckptsync-relay-") as tmp:
-            targets = {f.path: Path(tmp) / f.path for f in files}
-            dl = self.server.send(root, [(f.source or f.path, f.path) for f in files])
+            targets = {f.file.path: Path(tmp) / f.file.path for f in files}
+            dl = self.server.send(root, [(f.source, f.file.path) for f in files])
             outcome, wire = receive(dl, targets, self.rep, lambda _rec: None)
             self.result.wire_bytes += wire
             got = {r.member: r for r in outcome.received}
             for f in files:
-                why = outcome.changed.get(f.path) or outcome.unreadable.get(f.path)
-                rec = got.get(f.path)
+                path, size = f.file.path, f.file.size
+                why = outcome.changed.get(path) or outcome.unreadable.get(path)
+                rec = got.get(path)
                 if why or rec is None:
                     f.error = why or "not received"
-                elif self.alg == "xxh3_128" and rec.xxh3_128 != f.hash:
+                elif self.alg == "xxh3_128" and rec.xxh3_128 != f.file.xxh3_128:
                     f.error = "modified during the backup"
                 else:
-                    f.etag = self.bucket.upload_file(f.key, targets[f.path], f.size)
-                    self.result.raw_bytes += f.size
-                    self.result.sent_bytes += f.size
+                    f.etag = self.bucket.upload_file(f.key, targets[path], size)
+                    self.result.raw_bytes += size
+                    self.result.sent_bytes += size
 
-    def _resume(self, root: str, f: _File, ranges: list[tuple[int, int, int]]) -> set[int]:
+    def _resume(self, root: str, f: _Sending, ranges: list[tuple[int, int, int]]) -> set[int]:
         """Start the file's multipart upload, or continue the newest one left for its key, keeping
         each listed part whose size and MD5 match the server's bytes there."""
         left = [u for u in self.bucket.uploads(f.key) if u[0] == f.key]
@@ -362,7 +362,7 @@ class _Upload:
         listed = self.bucket.parts(f.key, f.upload)
         candidates = [(n, off, length) for n, off, length in ranges
                       if n in listed and listed[n][0] == length and plain_md5(listed[n][1])]
-        sums = self.server.range_hashes(root, [(f.source or f.path, off, length) for _n, off, length in candidates])
+        sums = self.server.range_hashes(root, [(f.source, off, length) for _n, off, length in candidates])
         kept = set()
         for (n, _off, length), md5 in zip(candidates, sums):
             if md5 is not None and md5 == plain_md5(listed[n][1]):
@@ -371,11 +371,11 @@ class _Upload:
                 self.result.resumed_bytes += length
         return kept
 
-    def _batch(self, root: str, batch: list[tuple[_File, int, int, int]]) -> None:
+    def _batch(self, root: str, batch: list[tuple[_Sending, int, int, int]]) -> None:
         items = []
         for f, n, off, length in batch:
             url = self.bucket.url_part(f.key, f.upload, n) if n else self.bucket.url_put(f.key)
-            items.append({"path": f.source or f.path, "offset": off, "length": length, "url": url})
+            items.append({"path": f.source, "offset": off, "length": length, "url": url})
         with endpoint_errors("back up with --via-laptop to relay through this machine, or set "
                              "s3.server_endpoint_url to an address the server can reach"):
             moved = self.server.put_urls(root, items, alg="", workers=self.settings.workers)
@@ -395,8 +395,8 @@ class _Upload:
             self.rep.advance(length)
         failed = next((f for f, *_ in batch if f.error), None)
         if failed is not None and all(f.error for f, *_ in batch):
-            raise IntegrityError(f"{failed.path}: {failed.error}") if "other bytes" in failed.error else \
-                IOFailure(f"sending to the bucket failed: {failed.path}: {failed.error}")
+            raise IntegrityError(f"{failed.file.path}: {failed.error}") if "other bytes" in failed.error else \
+                IOFailure(f"sending to the bucket failed: {failed.file.path}: {failed.error}")
 
 
 def _batches(jobs, part: int):

@@ -14,8 +14,8 @@ from ckptsync.agent.frames import HOLD_DIR   # where the agent holds checkpoints
 from ckptsync.server.base import Download, Hashes, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing, ServerDiskFull, ServerLocked, ServerPermission
 from ckptsync.server.types import (
-    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
-    Unseen,
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Sent, Space, Staged, Stat,
+    Stats, Unseen,
 )
 
 if TYPE_CHECKING:
@@ -37,5 +37,6 @@ def open_server(target: "Target", connect: Callable[[], Server] | None = None) -
 
 
 __all__ = ["HOLD_DIR", "Server", "Download", "Upload", "Hashes", "open_server", "Stat", "Stats", "FileStat", "Listing",
-           "Unseen", "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Changes", "Held",
-           "RemoteDirMissing", "MissingOnServer", "ServerDiskFull", "ServerLocked", "ServerPermission"]
+           "Unseen", "Hello", "Space", "Probe", "Process", "Procs", "Staged", "Committed", "Arrived", "Sent",
+           "Changes", "Held", "RemoteDirMissing", "MissingOnServer",
+           "ServerDiskFull", "ServerLocked", "ServerPermission"]

@@ -10,7 +10,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 from ckptsync.errors import CkptsyncError, UsageError
 from ckptsync.transport.base import OPENSSH_WINDOW
 from ckptsync.server.types import (
-    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Procs, Space, Staged, Stats,
+    Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Procs, Sent, Space, Staged, Stats,
 )
 
 
@@ -42,7 +42,7 @@ class Download(ABC):
     """The tar bytes of checkpoint files coming from the server; per-file checks arrive in `records`."""
 
     alg: str
-    records: dict[str, dict]
+    records: dict[str, Sent]      # member -> what the server said of it once read
 
     @abstractmethod
     def read(self, n: int = -1) -> bytes: ...

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from ckptsync.server.agent_server import AgentServer
 from ckptsync.server.base import Download, Upload
 from ckptsync.server.errors import from_reply
-from ckptsync.server.types import FileStat
+from ckptsync.server.types import FileStat, Sent
 from ckptsync.transport.base import MARKER, Process, Transport
 
 Hook = Callable[[dict], Any]
@@ -29,8 +29,8 @@ class Hooks:
     happened on the server: after "send" runs once the stream has ended (every file read);
     after "send_member" gets {"member"} once that member's tar header has arrived (the server has
     opened the file and is reading it: what it may have read ahead is bounded by the frames in
-    flight, a few MiB); after "send_record" gets {"record"} once the file's checksum record has
-    arrived (the server has finished reading it).
+    flight, a few MiB); after "send_record" gets {"record"}, a `Sent`, once the file's checksum
+    record has arrived (the server has finished reading it).
     """
 
     def __init__(self) -> None:
@@ -247,7 +247,7 @@ class _Tapped(Download):
         self.told: set[str] = set()
 
     @property
-    def records(self) -> dict[str, dict]:  # type: ignore[override]
+    def records(self) -> dict[str, Sent]:  # type: ignore[override]
         return self.dl.records
 
     def read(self, n: int = -1) -> bytes:

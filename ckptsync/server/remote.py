@@ -14,7 +14,7 @@ from ckptsync.errors import ConnectError, IntegrityError, ProtocolError, Stalled
 from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
 from ckptsync.server.errors import from_reply
-from ckptsync.server.types import Arrived
+from ckptsync.server.types import Arrived, Sent
 from ckptsync.server.watchdog import READ, STALL_ENV, STALL_TIMEOUT, WRITE, Watchdog
 from ckptsync.transport import Process, Transport
 from ckptsync.transport.base import MARKER, NO_PYTHON
@@ -381,6 +381,21 @@ def _entry(source: str, member: str, kept: tuple[int, str] | None, span: tuple[i
     return entry
 
 
+_SENT_INTS = ("size", "mtime_ns", "mode", "offset", "file_size")
+_SENT_TEXTS = ("hash", "changed", "error", "kind")
+
+
+def sent_record(record: dict) -> Sent | None:
+    """An `H` record of the agent (see agent/send.py) as a value; None when a field has the wrong type."""
+    ints = {k: record.get(k) or 0 for k in _SENT_INTS}
+    texts = {k: record.get(k) or "" for k in _SENT_TEXTS}
+    start = record.get("start")
+    if not all(type(v) is int for v in ints.values()) or not all(isinstance(v, str) for v in texts.values()) \
+            or not (start is None or type(start) is int):
+        return None
+    return Sent(member=str(record["member"]), start=start, **ints, **texts)
+
+
 class Download(DownloadBase):
     """The tar bytes of `send`, readable as a file; per-file records arrive in `records`."""
 
@@ -388,7 +403,7 @@ class Download(DownloadBase):
                  resume: dict[str, tuple[int, str]], ranges: dict[str, tuple[int, int]],
                  stamps: dict[str, list[int]]) -> None:
         self.remote = remote
-        self.records: dict[str, dict] = {}
+        self.records: dict[str, Sent] = {}
         self.members = {member for _src, member in pairs}
         self.alg = remote.best_hash
         files = [_entry(src, member, resume.get(member), ranges.get(member), stamps.get(member))
@@ -407,7 +422,10 @@ class Download(DownloadBase):
                 # one each, for what was asked: an endless stream of them is refused
                 raise ProtocolError(f"{self.remote.describe()}: a checksum record for {member!r}, "
                                     "which was not asked for or came twice")
-            self.records[member] = record
+            sent = sent_record(record)
+            if sent is None:
+                raise ProtocolError(f"{self.remote.describe()}: a malformed checksum record for {member!r}")
+            self.records[member] = sent
         elif kind == b"X":
             self.remote.busy = False
             _raise(self.remote._json(body), self.remote.describe())

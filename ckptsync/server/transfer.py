@@ -278,18 +278,18 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
                 continue
             part = path.with_name(path.name + ".part")
             ranged = rec.member in spans
-            if record.get("changed") or record.get("error"):
-                changed[rec.member] = record.get("changed") or record.get("error")
+            if record.failed:
+                changed[rec.member] = record.failed
                 if not ranged:
                     part.unlink(missing_ok=True)
                 continue
-            if record.get("size") != rec.size or record.get("hash") != alg_hash:
+            if record.size != rec.size or record.hash != alg_hash:
                 if not ranged:
                     part.unlink(missing_ok=True)
                 what = f"bytes {rec.start}-{rec.start + rec.size} of {rec.member}" if ranged else rec.member
                 raise IntegrityError(f"{what}: what arrived does not match the server's checksum")
             if ranged:
-                rec.file_size = _int(record.get("file_size"))
+                rec.file_size = record.file_size
             else:
                 os.replace(part, path)
             received.append(rec)
@@ -317,11 +317,11 @@ def receive(dl: Download, targets: dict[str, Path], rep: Reporter,
         writer.stop()
     for member in targets:
         if member not in seen:
-            record = dl.records.get(member, {})
-            if record.get("error") and record.get("kind") not in (None, "not_found"):
-                unreadable[member] = record["error"]  # there, but the server's user may not read it
+            sent = dl.records.get(member)
+            if sent is not None and sent.error and sent.kind not in ("", "not_found"):
+                unreadable[member] = sent.error  # there, but the server's user may not read it
             else:
-                changed[member] = record.get("error") or "not sent by the server"
+                changed[member] = (sent.error if sent is not None else "") or "not sent by the server"
     settle(final=True)
     return Outcome(received=received, changed=changed, unreadable=unreadable), wire_bytes
 

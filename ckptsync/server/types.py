@@ -45,6 +45,11 @@ class FileStat:
     nlink: int = 0                   # names the file had (a held file has two: the trainer's and the hold's)
 
     @property
+    def mtime(self) -> float:
+        """Seconds since the epoch, by the server's clock (what the layout rules compare)."""
+        return self.mtime_ns / 1e9
+
+    @property
     def stat(self) -> Stat:
         return Stat(self.size, self.mtime_ns, self.mode, False, self.ctime_ns, self.inode)
 
@@ -175,6 +180,31 @@ class Staged:
 class Committed:
     moved: list[str]
     kept: list[str]                  # destinations that already existed and were left alone
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the server said of one file of a send once it had read it: the bytes it sent (`size`,
+    `hash` in the send's algorithm, `offset` of them kept by the receiver), the file's stamps as
+    opened, and for a byte range its `start` and the whole file's `file_size`. `changed`: why the
+    bytes are not the listed file's; `error` (with its `kind`, e.g. not_found): why it was not sent."""
+
+    member: str
+    size: int = 0
+    hash: str = ""
+    mtime_ns: int = 0
+    mode: int = 0
+    offset: int = 0
+    start: int | None = None
+    file_size: int = 0
+    changed: str = ""
+    error: str = ""
+    kind: str = ""
+
+    @property
+    def failed(self) -> str:
+        """Why these bytes cannot be kept ("" when they can)."""
+        return self.changed or self.error
 
 
 @dataclass(frozen=True)

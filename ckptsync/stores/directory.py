@@ -35,7 +35,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from ckptsync import liveness, osdeps
 from ckptsync.agent import hash_file
@@ -43,7 +43,7 @@ from ckptsync.disk import atomic_write, atomic_writes, children, fsync_dir, io_e
 from ckptsync.disk import sync_trees
 from ckptsync.errors import Locked
 from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
-from ckptsync.stores.manifest import DamagedManifest, FileRecord, Manifest, read_manifest
+from ckptsync.stores.manifest import DamagedManifest, FileRecord, Manifest, Verified, read_manifest
 
 META = ".ckptsync"
 GENERATIONS = "generations"
@@ -195,16 +195,19 @@ class DirectoryStore:
         self.check_own()
         return self.meta / "staging" / f"{name}.progress.json"
 
-    def load_progress(self, name: str) -> dict[str, dict]:
+    def load_progress(self, name: str) -> dict[str, Verified]:
+        """What the progress file records (a record that is not one is left out: its file is fetched again)."""
         try:
             data = json.loads(self.progress_path(name).read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+        found = {p: Verified.from_dict(r) for p, r in data.items()} if isinstance(data, dict) else {}
+        return {p: r for p, r in found.items() if r is not None}
 
-    def save_progress(self, name: str, progress: dict[str, dict]) -> None:
+    def save_progress(self, name: str, progress: Mapping[str, Verified]) -> None:
         # Not fsynced: a rerun hashes every staged file before it trusts a record of it.
-        atomic_write(self.progress_path(name), json.dumps(progress), durable=False)
+        atomic_write(self.progress_path(name), json.dumps({p: r.to_dict() for p, r in progress.items()}),
+                     durable=False)
 
     def pending_path(self, name: str) -> Path:
         return self.meta / "staging" / f"{name}.manifest.json"

@@ -7,7 +7,7 @@ trusting one (`read_manifest`) are the same everywhere.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,51 @@ class FileRecord:
     # The same bytes in other algorithms (sha1: what a server without xxhash computes), recorded
     # when first needed (digests.py). Not part of a record's identity: the bytes are the same.
     hashes: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """One file a transfer verified into staging, as `NAME.progress.json` records it: its stamps as
+    received, its xxh3-128 (and `hashes`, the server's algorithm where that differs), the listing's
+    inode and ctime it was checked against (0: not recorded), and how it was placed from the store
+    ("": it was fetched)."""
+
+    size: int
+    mode: int
+    mtime_ns: int
+    xxh3_128: str
+    inode: int = 0
+    ctime_ns: int = 0
+    placed: str = ""
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict = {"size": self.size, "mode": self.mode, "mtime_ns": self.mtime_ns,
+                     "xxh3_128": self.xxh3_128, "inode": self.inode, "ctime_ns": self.ctime_ns}
+        if self.placed:
+            out["placed"] = self.placed
+        out["hashes"] = dict(self.hashes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Verified | None":
+        """A record as any version wrote it (inode, ctime, placed and hashes came later); None when
+        it is not one."""
+        if not isinstance(data, dict):
+            return None
+        ints = {k: data.get(k, 0) for k in ("size", "mode", "mtime_ns", "inode", "ctime_ns")}
+        texts = {k: data.get(k, "") for k in ("xxh3_128", "placed")}
+        hashes = data.get("hashes") or {}
+        if any(k not in data for k in ("size", "mode", "mtime_ns", "xxh3_128")) \
+                or not all(type(v) is int for v in ints.values()) or not all(isinstance(v, str) for v in texts.values()) \
+                or not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            return None
+        return cls(**ints, **texts, hashes=dict(hashes))
+
+    def as_file(self, f: FileRecord) -> FileRecord:
+        """The planned manifest's record of this file, finished with what was verified."""
+        return replace(f, size=self.size, mode=self.mode, mtime_ns=self.mtime_ns, xxh3_128=self.xxh3_128,
+                       hashes=dict(self.hashes))
 
 
 @dataclass
