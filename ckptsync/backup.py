@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from typing import Callable
 
-from ckptsync.backup_plan import BackupResult, check_space, plan_checkpoint, stat_extras
+from ckptsync.backup_plan import BackupResult, check_space, name_unsaved, plan_checkpoint, stat_extras
 from ckptsync.backup_status import record_run, run_job
 from ckptsync.commit import (
     Pending, failed_text, finished_manifest, gone, planned_manifest, record, staged_copy, usable_staged,
@@ -30,7 +30,7 @@ from ckptsync.stores.directory import WAIT_HINT, DirectoryStore as Store
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest, Verified
 from ckptsync.placement import Placement, restamp_file
 from ckptsync.ratelimit import RateLimiter
-from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures, unsaved
+from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures
 from ckptsync.server.parallel import Channels, fetch
 from ckptsync.server.transfer import Received, kept_prefixes
 
@@ -361,13 +361,9 @@ class Backup:
         view = getattr(self, "_view", None)
         if view is None:
             return
-        taken = set(self.result.fetched) | set(self.result.current)
-        if self.opts.dry_run:
-            taken |= {p.name for p in self.result.plan if p.action == "fetch"}
         stored = set(self.store.manifests()) if self.store.meta.is_dir() else set()
-        self.result.not_backed_up, warning = unsaved(view.checkpoints, taken, self.result.failed, stored,
-                                                     self._first_run, self.opts,
-                                                     self.target.printed.command("backup", "--all"))
+        warning = name_unsaved(self.result, view.checkpoints, stored, self._first_run, self.opts,
+                               self.target.printed.command("backup", "--all"))
         if warning and self.warn_unsaved:
             self.result.warnings.append(warning)
 

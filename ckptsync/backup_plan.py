@@ -14,7 +14,7 @@ from ckptsync.policy import SPACE_MARGIN, fits, human
 from ckptsync.result import Result
 from ckptsync.runs import RunState
 from ckptsync.scan import ServerView
-from ckptsync.selection import PlanItem
+from ckptsync.selection import BackupOptions, PlanItem, unsaved
 from ckptsync.server import FileStat, Server
 from ckptsync.stores.directory import DirectoryStore as Store
 from ckptsync.stores.manifest import EXTRA
@@ -79,6 +79,17 @@ class BackupResult(Result):
         out = super().to_dict()
         out["runs"] = [r.to_dict() for r in self.runs]
         return out
+
+
+def name_unsaved(r: BackupResult, checkpoints: list[Checkpoint], stored: set[str], first_run: bool,
+                 opts: BackupOptions, hint: str) -> str:
+    """Fill r.not_backed_up: every complete checkpoint left without a backup after the run `r`
+    (a dry run counts what it would fetch as taken). Returns the warning that names them, or ""."""
+    taken = set(r.fetched) | set(r.current)
+    if r.dry_run:
+        taken |= {p.name for p in r.plan if p.action == "fetch"}
+    r.not_backed_up, warning = unsaved(checkpoints, taken, r.failed, stored, first_run, opts, hint)
+    return warning
 
 
 def plan_checkpoint(store: Store, view: ServerView, c: Checkpoint, judged: Judgement) -> PlanItem:

@@ -800,3 +800,58 @@ def test_files_that_only_look_changed_get_the_servers_stamps_in_the_bucket(serve
     stored = {f.path: f.mtime_ns for f in open_store(t).manifests()["checkpoint-12"].files}
     assert stored["checkpoint-12/optimizer.pt"] == new
     assert bucket_backup(t, BackupOptions(names=["checkpoint-12"])).restamped == []
+
+
+def test_a_bucket_backup_names_the_complete_checkpoints_it_leaves_out(ssh_home, server_tree, seaweed, bucket):
+    """As a directory backup does: a first run takes the newest two, and the one it leaves out is
+    named in not_backed_up, in a warning with the command that takes it, and in the run's record."""
+    cfg = write_config(ssh_home, server_tree, f"s3://{bucket}/team", seaweed.endpoint)
+    aws_home(ssh_home)
+    first = run_cli("backup", "-i", "1", "--config", cfg)
+    assert first.returncode == 0, first.stderr
+    hint = f"back them up with: ckptsync backup --all --instance 1 --config {cfg}"
+    assert ("warning: complete on the server but not backed up (a first run takes the --max-checkpoints newest: "
+            f"checkpoint-4); {hint}") in first.stderr
+
+    again = run_cli("backup", "-i", "1", "--config", cfg, "--json")
+    assert again.returncode == 0, again.stderr
+    r = json.loads(again.stdout)
+    assert (r["fetched"], r["not_backed_up"]) == ([], ["checkpoint-4"])
+    assert r["warnings"] == [f"complete on the server but not backed up (older than the newest backup: "
+                             f"checkpoint-4); {hint}"]
+    listed = json.loads(run_cli("list", "-i", "1", "--config", cfg, "--json").stdout)
+    assert listed["last_backup"]["not_backed_up"] == ["checkpoint-4"]
+
+
+def test_a_checkpoint_the_server_deletes_once_it_is_in_the_bucket_is_named(server_tree, seaweed, bucket, monkeypatch,
+                                                                          capsys):
+    """The trainer rotates a checkpoint away right after its bytes went up and were checked: the
+    entry is recorded, and the run says that the bucket now holds the only copy."""
+    from ckptsync.cli.cmd_backup import show_backup
+    from ckptsync.commit import DELETED_AFTER_COPY
+    from ckptsync.output import Output
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    victim = server_tree / "checkpoint-12"
+    rotated = []
+
+    def rotate(value: dict) -> None:
+        if victim.exists() and any(p.startswith("checkpoint-12/") for p in value["args"]["paths"]):
+            rotated.append(1)
+            shutil.rmtree(victim)   # the trainer's save_total_limit, once the bytes are checked
+
+    hooks = Hooks()
+    hooks.on_after("stat", rotate)
+    t = local_target(server_tree, f"s3://{bucket}/x/instance-0", seaweed.endpoint)
+    result = bucket_backup(t, BackupOptions(names=["checkpoint-12", "checkpoint-8"]), server=InProcessServer(hooks))
+    assert rotated and not victim.exists()
+    r = result.to_dict()
+    assert (r["exit_code"], r["fetched"], r["failed"], r["deleted_on_server"]) == (
+        0, ["checkpoint-12", "checkpoint-8"], {}, ["checkpoint-12"])
+    assert "checkpoint-12" in open_store(t).entries()
+    status = seaweed.client().get_object(Bucket=bucket, Key="x/instance-0/.ckptsync/status.json")["Body"].read()
+    assert json.loads(status)["deleted_on_server"] == ["checkpoint-12"]
+    show_backup(Output(), result)
+    assert f"checkpoint-12: {DELETED_AFTER_COPY}" in capsys.readouterr().out

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ckptsync.backup_plan import BackupResult, stat_extras
+from ckptsync.backup_plan import BackupResult, name_unsaved, stat_extras
+from ckptsync.commit import gone
 from ckptsync.selection import BackupOptions, PlanItem, resolve_names, select, unseen_failures
 from ckptsync import notify
 from ckptsync.errors import (AgentError, CkptsyncError, ConnectError, IntegrityError, Interrupted,
@@ -89,6 +90,10 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
                             raise Locked(lock.lost)
                     if extras:
                         job.extras(view)
+            warning = name_unsaved(result, view.checkpoints, set(job.entries), job.first_run, opts,
+                                   target.printed.command("backup", "--all"))
+            if warning:
+                result.warnings.append(warning)
         code, error = result.exit_code, "; ".join(f"{k}: {v}" for k, v in result.failed.items())
         return result
     except Locked:
@@ -108,6 +113,7 @@ def run_bucket_backup(target, opts: BackupOptions, store: BucketStore, rep: Repo
 def _record(store: BucketStore, r: BackupResult, code: int, error: str, rep: Reporter) -> None:
     status = run_status(time.time(), code, error, r.target, r.server, r.fetched, r.failed,
                         r.current, notify.scheduled(),
+                        not_backed_up=r.not_backed_up, deleted_on_server=r.deleted_on_server,
                         store=r.dest, sent_bytes=r.sent_bytes, copied_bytes=r.copied_bytes,
                         seconds=round(r.seconds, 3))
     try:
@@ -132,6 +138,7 @@ class _Upload:
         self.rep = rep
         self.result = result
         self.alg = "xxh3_128" if "xxh3_128" in server.hashes else server.best_hash
+        self.first_run: bool | None = None   # no checkpoint in the bucket before this run
 
     def plan(self, view: ServerView, opts: BackupOptions) -> list[Checkpoint]:
         r = self.result
@@ -139,6 +146,8 @@ class _Upload:
         r.failed.clear()
         r.warnings[:] = list(view.errors)
         self.entries = self.store.entries()   # the first request: a bad key or bucket stops here
+        if self.first_run is None:   # as the bucket was before this run (the plan is made twice)
+            self.first_run = not set(self.entries) - {EXTRA}
         self.kept = [g for gens in self.store.generations().values() for g in gens]
         opts = resolve_names(opts, view.checkpoints)
         chosen, skipped = select(view.checkpoints, opts, [e.manifest for e in self.entries.values()])
@@ -180,7 +189,10 @@ class _Upload:
     # -------------------------------------------------- one checkpoint
 
     def checkpoint(self, view: ServerView, c: Checkpoint) -> None:
-        self._entry(view.root, c.name, view.files_of(c), {}, lambda files: self._manifest(view, c, files))
+        listed = view.files_of(c)
+        self._entry(view.root, c.name, listed, {}, lambda files: self._manifest(view, c, files))
+        if self.result.fetched[-1:] == [c.name]:   # recorded: is the server's copy still there (a rotation)?
+            self.result.deleted_on_server += gone(self.server, view.root, {c.name: listed})
 
     def extras(self, view: ServerView) -> None:
         """The configured extra files, as the entry extra-files/ (one version, and generations, as on disk)."""
