@@ -409,10 +409,10 @@ class Backup:
     def _committed(self, ms: list[Manifest], kept: list, what: str) -> None:
         """After a commit: the new files join the dedup index; generations beyond the limit go."""
         try:
-            for m, g in zip(ms, kept):
-                self.placement.add(m if g is None else None)
-                if g is not None:
-                    self.result.generations.append(f"{m.name}@{g.id}")
+            for m, old in zip(ms, kept):
+                self.placement.add(m if old is None else None)
+                if old is not None:
+                    self.result.generations.append(f"{m.name}@{old.id}")
                     dropped = self.store.trim_generations(m.name, self.target.policy.keep_generations)
                     self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
         except OSError as exc:
@@ -464,6 +464,7 @@ class Backup:
             unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
             if pending is not None:
                 pending.arrived(name, rec.member)
+                self.committer.collect()   # commits done meanwhile are told now; a failed one ends the transfer
             if name not in waiting:
                 unsaved.pop(name, None)   # committed: its staging is gone
             elif unsaved[name] >= PROGRESS_BYTES:
