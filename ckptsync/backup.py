@@ -10,6 +10,7 @@ from typing import Callable
 
 from ckptsync.backup_plan import BackupResult, check_space, name_unsaved, plan_checkpoint, stat_extras
 from ckptsync.backup_status import record_run, run_job
+from ckptsync.committer import Committer
 from ckptsync.commit import (
     Pending, failed_text, finished_manifest, gone, planned_manifest, record, staged_copy, usable_staged,
 )
@@ -59,6 +60,8 @@ class Backup:
         self.between: Callable[[], None] = lambda: None   # run between two transfers (a watch holds what is new)
         self.batch_bytes = BATCH_BYTES   # small checkpoints fetched together up to this; 0: one per transfer
         self.commit_group = COMMIT_GROUP   # checkpoints of one transfer committed together, sharing fsyncs
+        self.committer = Committer()   # a transfer's commits, on their own thread
+        self.before_commit: Callable[[list[str]], None] = lambda names: None   # on that thread (tests hold it)
         self.warn_unsaved = True  # warn about the complete checkpoints it leaves out (a watch does once)
         self.scan = scan or (lambda server: scan_server(server, self.target.remote_dir, self.target.policy.settle_seconds,
                                                         writers=True, holds=True,
@@ -256,6 +259,16 @@ class Backup:
         pending = Pending(batch, listed, progress, twins, lambda *a: self.placement.twin(listed, progress, *a),
                           lambda cs: self._store_fetched([(planned[c.name], progress[c.name], set(todo[c.name]))
                                                           for c in cs]), group=self.commit_group)
+        try:
+            self._transfer(view, batch, listed, progress, todo, twins, kept, placed, pending)
+        finally:
+            self.committer.wait()   # an error on the way: the commits queued before it still complete
+        self._note_deleted(view, {n: listed[n] for n in pending.committed})
+
+    def _transfer(self, view: ServerView, batch: list[Checkpoint], listed: dict[str, dict[str, FileStat]],
+                  progress: dict[str, dict[str, dict]], todo: dict[str, list[str]],
+                  twins: dict[tuple[str, str], tuple[str, str]], kept: int, placed: int, pending: Pending) -> None:
+        """The transfer of `_fetch`, committing as checkpoints arrive whole; every commit completed at its end."""
         pending.commit_ready()   # whole already: kept from an interrupted run, or placed from the store
         owner = {p: name for name, paths in todo.items() for p in paths
                  if p not in progress[name] and (name, p) not in twins}
@@ -271,6 +284,7 @@ class Backup:
             changed.update(more[0])
             unreadable.update(more[1])
         pending.commit_ready()
+        self.committer.finish()
         for c in batch:
             if c.name not in pending.waiting:
                 continue
@@ -278,7 +292,6 @@ class Backup:
             if progress[c.name]:  # its verified files stay staged for the next run
                 self._write(lambda n=c.name: self.store.save_progress(n, progress[n]),
                             f"recording what was fetched of {c.name}")
-        self._note_deleted(view, {n: listed[n] for n in pending.committed})
 
     def _write(self, step: Callable[[], None], what: str) -> None:
         try:
@@ -300,12 +313,21 @@ class Backup:
             placed = {p for p, r in progress.items() if r.placed}
             self.placement.dedup(m.name, m.files, fetched=fetched - placed, placed=placed)
             ms.append(m)
-        self._commit(ms, f"moving {', '.join(m.name for m in ms)} into place")
-        for m in ms:
-            self.result.fetched.append(m.name)
-            if self.record_each_commit:
-                record_run(self, self.result.exit_code, "", final=False)
-            self.on_commit(m.name)
+        what = f"moving {', '.join(m.name for m in ms)} into place"
+
+        def durable() -> list:
+            self.before_commit([m.name for m in ms])
+            return self._durable(ms, what)
+
+        def then(kept: list) -> None:
+            self._committed(ms, kept, what)
+            for m in ms:
+                self.result.fetched.append(m.name)
+                if self.record_each_commit:
+                    record_run(self, self.result.exit_code, "", final=False)
+                self.on_commit(m.name)
+
+        self.committer.submit(durable, then)
 
     def _note_deleted(self, view: ServerView, committed: dict[str, dict[str, FileStat]]) -> None:
         """Say which checkpoints just committed the server has deleted since (a rotation)."""
@@ -371,11 +393,22 @@ class Backup:
         """Move staged entries into place (Store.commit_all); the version one replaces is kept as a
         generation, and generations beyond keep_generations are dropped."""
         ms = ms if isinstance(ms, list) else [ms]
+        self._committed(ms, self._durable(ms, what), what)
+
+    def _durable(self, ms: list[Manifest], what: str) -> list:
+        """Store.commit_all: each entry under its final name once it is durable."""
         try:
-            for m, kept in zip(ms, self.store.commit_all(ms)):
-                self.placement.add(m if kept is None else None)
-                if kept is not None:
-                    self.result.generations.append(f"{m.name}@{kept.id}")
+            return self.store.commit_all(ms)
+        except OSError as exc:
+            raise io_error(exc, what) from None
+
+    def _committed(self, ms: list[Manifest], kept: list, what: str) -> None:
+        """After a commit: the new files join the dedup index; generations beyond the limit go."""
+        try:
+            for m, old in zip(ms, kept):
+                self.placement.add(m if old is None else None)
+                if old is not None:
+                    self.result.generations.append(f"{m.name}@{old.id}")
                     dropped = self.store.trim_generations(m.name, self.target.policy.keep_generations)
                     self.result.dropped_generations.extend(f"{g.name}@{g.id}" for g in dropped)
         except OSError as exc:
@@ -427,6 +460,7 @@ class Backup:
             unsaved[name] = unsaved.get(name, 0) + rec.size - rec.skipped
             if pending is not None:
                 pending.arrived(name, rec.member)
+                self.committer.collect()   # commits done meanwhile are told now; a failed one ends the transfer
             if name not in waiting:
                 unsaved.pop(name, None)   # committed: its staging is gone
             elif unsaved[name] >= PROGRESS_BYTES:
@@ -444,6 +478,7 @@ class Backup:
                     for name in sorted(waiting):
                         if name in unsaved or progress[name]:   # copies placed in it count too
                             save(name)
+                self.committer.finish()   # what was whole is committed before the run says so
                 raise
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during {label}: {self._kept(verified(), pending)}; "
