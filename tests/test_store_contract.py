@@ -9,7 +9,6 @@ that write (trim, remove, lock, record status) run where the store has the abili
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from ckptsync.disk import new_hasher
 from ckptsync.errors import Locked, NotFound
+from ckptsync.policy import RunStatus
 from ckptsync.stores import ability, is_archive, open_store
 from ckptsync.stores.manifest import FileRecord, Manifest
 
@@ -163,12 +163,12 @@ def test_one_run_at_a_time(store):
 def test_status_of_the_last_run_and_of_each_kind(store):
     needs(store, "record_status")
     assert store.status() is None
-    store.record_status({"time": 1_800_000_000.0, "ok": True, "scheduled": True})
-    store.record_status({"time": 1_800_000_100.0, "ok": False, "scheduled": False})
-    assert store.status()["time"] == 1_800_000_100.0
-    assert store.status("scheduled")["time"] == 1_800_000_000.0
-    assert store.status("manual")["ok"] is False
-    assert json.loads(json.dumps(store.status())) == store.status()
+    store.record_status(RunStatus(time=1_800_000_000.0, exit_code=0, ok=True, scheduled=True))
+    store.record_status(RunStatus(time=1_800_000_100.0, exit_code=1, ok=False, scheduled=False))
+    assert store.status().time == 1_800_000_100.0
+    assert store.status("scheduled").time == 1_800_000_000.0
+    assert store.status("manual").ok is False
+    assert RunStatus.from_json(store.status().to_json()) == store.status()
 
 
 def test_abilities_are_asked_for_by_name(store, request):
