@@ -9,6 +9,7 @@ that write (trim, remove, lock, record status) run where the store has the abili
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -176,3 +177,32 @@ def test_abilities_are_asked_for_by_name(store, request):
     for name in set().union(*ABILITIES.values()):
         assert (ability(store, name) is not None) == (name in ABILITIES[kind]), name
     assert ability(store, "no_such_ability") is None
+
+
+LATER = {"time": 1_800_000_000.0, "exit_code": 0, "ok": True, "fetched": ["checkpoint-4"], "resumed": ["checkpoint-4"]}
+
+
+@pytest.mark.parametrize("raw, want", [
+    (json.dumps(LATER).encode(), RunStatus(time=1_800_000_000.0, exit_code=0, ok=True, fetched=("checkpoint-4",),
+                                           extra={"resumed": ["checkpoint-4"]})),
+    (b'["backup", 0]', None),
+    (json.dumps({**LATER, "time": "yesterday"}).encode(), None),
+    (b'{"time": 1, "ok"', None),
+], ids=["later-version", "not-an-object", "time-text", "cut-short"])
+def test_a_status_file_as_another_version_or_a_damaged_disk_left_it(store, raw, want):
+    """Read as the record it holds, keys this version does not know kept; damaged, as no record."""
+    put(store, "checkpoint-4", b"four", 1_800_000_000.0)
+    if is_archive(store.location):
+        from ckptsync.archive import ArchiveOptions, run_archive
+
+        directory = open_store(store.location[:-len(".tar.zst")])
+        (directory.meta / "status.json").write_bytes(raw)
+        Path(store.location).unlink()
+        run_archive(directory.root, ArchiveOptions(output=Path(store.location)))
+    elif hasattr(store, "commit"):
+        (store.meta / "status.json").write_bytes(raw)
+    else:
+        store.bucket.put(store.status_key(), raw)
+    assert store.status() == want
+    if want is not None:
+        assert store.status().to_dict() == LATER
