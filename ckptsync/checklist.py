@@ -311,7 +311,7 @@ class Checklist:
         if status is None:
             self.add("last backup succeeded", False, "no backup has run for this target", fix)
             return
-        age = (time.time() if now is None else now) - float(status.get("time", 0))
+        age = (time.time() if now is None else now) - status.time
         ok, summary = last_run_summary(status)
         self.add("last backup succeeded", ok, f"{span(age)} ago: {summary}", fix)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from ckptsync import notify, osdeps
 from ckptsync.config import Target, find_config
 from ckptsync.errors import CkptsyncError, ConfigError, IOFailure, UsageError
+from ckptsync.policy import RunStatus
 from ckptsync.result import Result
 from ckptsync.stores import Description, Store, ability, describe, open_store
 
@@ -326,16 +327,21 @@ class CronResult(Result):
     every: str | None = None
     log_file: str | None = None
     others: list[dict] = field(default_factory=list)
-    last_run: dict | None = None            # the last run of either kind
-    last_scheduled: dict | None = None      # the last run cron started
-    last_manual: dict | None = None         # the last run started by hand
+    last_run: RunStatus | None = None            # the last run of either kind
+    last_scheduled: RunStatus | None = None      # the last run cron started
+    last_manual: RunStatus | None = None         # the last run started by hand
     log_tail: list[str] = field(default_factory=list)
     stale: bool = False
     notify: bool = False
     removed_dir: bool = False               # remove: the backup directory held nothing, and is gone
     warnings: list[str] = field(default_factory=list)
 
-
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key in ("last_run", "last_scheduled", "last_manual"):
+            status = getattr(self, key)
+            out[key] = status.to_dict() if status else None
+        return out
 
 
 def default_log_file(backup_dir: Path | str) -> Path:
@@ -351,7 +357,7 @@ def backup_dir_of(target: Target) -> str:
     return describe(target).key
 
 
-def last_runs(store: Store) -> tuple[dict | None, dict | None, dict | None]:
+def last_runs(store: Store) -> tuple[RunStatus | None, RunStatus | None, RunStatus | None]:
     """(last run, last scheduled run, last manual run), as the store recorded them."""
     return store.status(), store.status("scheduled"), store.status("manual")
 
@@ -503,7 +509,7 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     r.last_run, r.last_scheduled, r.last_manual = last_runs(store)
     if r.last_scheduled is None and r.last_manual is None and r.last_run is not None:
         # Recorded before runs were told apart: it counts as whichever kind it says it was.
-        if r.last_run.get("scheduled"):
+        if r.last_run.scheduled:
             r.last_scheduled = r.last_run
         else:
             r.last_manual = r.last_run
@@ -513,8 +519,8 @@ def show(target: Target, crontab: Crontab, now: float | None = None) -> CronResu
     minutes = interval_of(r.schedule or "")
     # A manual run says nothing about whether cron still runs the entry.
     last = r.last_scheduled
-    if r.installed and minutes and last and isinstance(last.get("time"), (int, float)):
-        r.stale = now - last["time"] > 2 * minutes * 60 + STALE_SLACK
+    if r.installed and minutes and last:
+        r.stale = now - last.time > 2 * minutes * 60 + STALE_SLACK
     holder = ability(store, "stuck_holder")   # a bucket's lease lock expires by itself
     stuck = holder(now, target.link.stall_timeout) if holder else ""
     if stuck:

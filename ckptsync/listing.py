@@ -11,7 +11,7 @@ from ckptsync.config import Target
 from ckptsync.digests import LocalDigests
 from ckptsync.freshness import judge_view
 from ckptsync.layout import best_checkpoint
-from ckptsync.policy import newest_first
+from ckptsync.policy import RunStatus, newest_first
 from ckptsync.result import Result
 from ckptsync.runs import RunState, survey
 from ckptsync.scan import ServerView, empty_hint, scan_server
@@ -77,7 +77,7 @@ class ListResult(Result):
     dest: str
     remote_dir: str | None = None
     rows: list[Row] = field(default_factory=list)
-    last_backup: dict | None = None
+    last_backup: RunStatus | None = None
     unmanaged: list[str] = field(default_factory=list)
     damaged: dict[str, str] = field(default_factory=dict)      # name -> why its manifest cannot be trusted
     runs: list[RunState] = field(default_factory=list)         # newer run directories beside remote_dir
@@ -116,7 +116,7 @@ class ListResult(Result):
                        "on_server": len(on_server) if checked else None,
                        "server_bytes": self.total_server if checked else None,
                        "backed_up": len(self.backed_up), "backed_up_bytes": self.total_local},
-            "last_backup": self.last_backup, "unmanaged": self.unmanaged, "damaged": self.damaged,
+            "last_backup": self.last_backup.to_dict() if self.last_backup else None, "unmanaged": self.unmanaged, "damaged": self.damaged,
             "exit_code": self.exit_code,
             "runs": [{**asdict(r), "covered": r.covered} for r in self.runs],
             "generations": {n: [asdict(g) for g in gens] for n, gens in self.generations.items()},

@@ -13,6 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+
+from ckptsync.policy import RunStatus
 
 SCHEDULED_ENV = "CKPTSYNC_SCHEDULED"
 NOTIFY_ENV = "CKPTSYNC_NOTIFY"
@@ -54,17 +57,16 @@ def _session_env() -> dict[str, str]:
 _handled = False  # one notice per process: a backup's own, or the CLI's for an earlier failure
 
 
-def after_run(status: dict) -> str | None:
+def after_run(status: RunStatus) -> str | None:
     """Put up a notice for a failed scheduled run when asked to; -> what was said, or None."""
     global _handled
-    if status.get("ok") or not scheduled() or os.environ.get(NOTIFY_ENV) != "1" or _handled:
+    if status.ok or not scheduled() or os.environ.get(NOTIFY_ENV) != "1" or _handled:
         return None
     _handled = True
     tool = notifier()
     if tool is None:
         return None
-    body = (f"{status.get('target') or 'backup'}: exit {status.get('exit_code')}: "
-            f"{status.get('error') or 'see the log'}")
+    body = f"{status.target or 'backup'}: exit {status.exit_code}: {status.error or 'see the log'}"
     try:
         subprocess.run(argv(tool, TITLE, body), env=_session_env(), stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
@@ -75,4 +77,4 @@ def after_run(status: dict) -> str | None:
 
 def after_error(exit_code: int, message: str) -> None:
     """For a run that failed before a backup could record it (a broken config, say)."""
-    after_run({"ok": False, "exit_code": exit_code, "error": message})
+    after_run(RunStatus(time=time.time(), exit_code=exit_code, ok=False, error=message))

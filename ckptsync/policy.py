@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Iterable, Mapping, Protocol, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping, Protocol, TypeVar
 
 from ckptsync.errors import LOCKED, PARTIAL
 
@@ -219,20 +221,114 @@ def status_file(kind: str = "") -> str:
 STATUS_FILES = (status_file(), *(status_file(k) for k in STATUS_KINDS))
 
 
-def status_kind(status: dict) -> str:
-    """Which kind of run a recorded status is."""
-    return "scheduled" if status.get("scheduled") else "manual"
+# What a status file's fields hold, as every version wrote them. A record whose known field holds
+# anything else is damaged, and reads as no record at all.
+def _number(v: Any) -> bool:
+    return type(v) in (int, float)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+
+def _reasons(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(r, str) for r in v.values())
+
+
+_KINDS = {"time": _number, "seconds": _number, "exit_code": lambda v: type(v) is int, "ok": lambda v: type(v) is bool,
+          "scheduled": lambda v: type(v) is bool, "text": lambda v: isinstance(v, str), "count": lambda v: type(v) is int,
+          "names": _names, "reasons": _reasons}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A backup run's record in a store's status.json (and status-scheduled/-manual.json, history.jsonl).
+
+    `time`, `exit_code` and `ok` every version wrote; every other field is None where the record does
+    not have it (an older version's, or a bucket's, which counts bytes its own way). `extra` keeps the
+    keys this version does not know, written back as they were read."""
+
+    time: float
+    exit_code: int
+    ok: bool
+    command: str | None = field(default=None, metadata={"kind": "text"})      # backup, watch
+    error: str | None = field(default=None, metadata={"kind": "text"})
+    target: str | None = field(default=None, metadata={"kind": "text"})
+    server: str | None = field(default=None, metadata={"kind": "text"})
+    store: str | None = field(default=None, metadata={"kind": "text"})        # a bucket's URL
+    scheduled: bool | None = field(default=None, metadata={"kind": "scheduled"})
+    fetched: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    up_to_date: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    not_backed_up: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    restamped: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    generations: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    deleted_on_server: tuple[str, ...] | None = field(default=None, metadata={"kind": "names"})
+    failed: Mapping[str, str] | None = field(default=None, metadata={"kind": "reasons"})    # name -> why
+    skipped: Mapping[str, str] | None = field(default=None, metadata={"kind": "reasons"})
+    raw_bytes: int | None = field(default=None, metadata={"kind": "count"})
+    wire_bytes: int | None = field(default=None, metadata={"kind": "count"})
+    sent_bytes: int | None = field(default=None, metadata={"kind": "count"})
+    copied_bytes: int | None = field(default=None, metadata={"kind": "count"})
+    seconds: float | None = field(default=None, metadata={"kind": "seconds"})
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """Which kind of run this was: "scheduled" or "manual"."""
+        return "scheduled" if self.scheduled else "manual"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as its file holds it: the keys it has, lists as lists, `extra` beside them."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunStatus | None":
+        """A record as any version wrote it; None when it is not one (not an object, a known field of
+        another type, no time, exit code or ok)."""
+        if not isinstance(data, dict) or any(k not in data for k in ("time", "exit_code", "ok")):
+            return None
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra" or f.name not in data or (data[f.name] is None and f.metadata):
+                continue
+            value = data[f.name]
+            if not _KINDS[f.metadata.get("kind", f.name)](value):
+                return None
+            known[f.name] = tuple(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+        return cls(**known, extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | None) -> "RunStatus | None":
+        """The record in a status file's bytes; None when there are none or they are damaged."""
+        if raw is None:
+            return None
+        try:
+            return cls.from_dict(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """status.json's text (indent=1), or history.jsonl's line (None)."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
 
 def run_status(now: float, code: int, error: str, target: str, server: str, fetched: list[str],
-               failed: dict[str, str], up_to_date: list[str], scheduled: bool, **more) -> dict:
+               failed: dict[str, str], up_to_date: list[str], scheduled: bool, **more) -> RunStatus:
     """What a backup run records as .ckptsync/status.json, on disk or in a bucket. Pure."""
-    return {"command": "backup", "time": now, "exit_code": code, "ok": code == 0, "error": error,
-            "target": target, "server": server, "fetched": fetched, "failed": failed,
-            "up_to_date": up_to_date, "scheduled": scheduled, **more}
+    values = {"command": "backup", "error": error, "target": target, "server": server, "fetched": fetched,
+              "failed": failed, "up_to_date": up_to_date, "scheduled": scheduled, **more}
+    return RunStatus(time=now, exit_code=code, ok=code == 0,
+                     **{k: tuple(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+                        for k, v in values.items()})
 
 
-def last_run_summary(status: dict | None) -> tuple[bool, str]:
+def last_run_summary(status: RunStatus | None) -> tuple[bool, str]:
     """(ok, one phrase) about the last recorded backup, from .ckptsync/status.json. Pure.
 
     A run refused by the lock is not recorded at all, so it never hides the last real result;
@@ -240,15 +336,15 @@ def last_run_summary(status: dict | None) -> tuple[bool, str]:
     """
     if not status:
         return False, "none recorded"
-    code = status.get("exit_code")
-    error = status.get("error") or "no message"
-    left = status.get("not_backed_up") or []
+    code = status.exit_code
+    error = status.error or "no message"
+    left = status.not_backed_up or ()
     unsaved = f"; not backed up: {', '.join(left)}" if left else ""
-    if status.get("ok"):
-        fetched = status.get("fetched") or []
+    if status.ok:
+        fetched = status.fetched or ()
         if fetched:
             return True, f"ok, fetched {', '.join(fetched)}{unsaved}"
-        current = status.get("up_to_date") or []
+        current = status.up_to_date or ()
         return True, "ok, up to date" + (f" ({', '.join(current)})" if current else "") + unsaved
     if code == LOCKED:
         return True, "skipped, another run held the lock"

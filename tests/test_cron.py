@@ -18,6 +18,7 @@ import pytest
 
 from ckptsync import cron
 from ckptsync.errors import UsageError
+from ckptsync.policy import RunStatus
 from ckptsync.stores.directory import DirectoryStore
 from helpers import run_cli, set_tree_mtime, tree_digest
 
@@ -318,9 +319,9 @@ def test_show_without_and_with_status(fake, tmp_path):
     assert lines[2].strip() == cron.find_entry(table.read_text(), str(dest)).line
     assert lines[3:] == ["last scheduled run: none recorded", "last manual run: none recorded"]
 
-    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
+    DirectoryStore(dest).record_status(RunStatus.from_dict({"command": "backup", "time": time.time() - 12 * 60, "ok": True, "exit_code": 0,
                                "error": "", "fetched": ["checkpoint-500"], "failed": {}, "skipped": {},
-                               "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0, "scheduled": True})
+                               "up_to_date": ["checkpoint-450"], "raw_bytes": 1, "seconds": 1.0, "scheduled": True}))
     log = dest / ".ckptsync" / "cron.log"
     log.write_text("".join(f"2024-12-24 14:{m:02d}:00 INFO line {m}\n" for m in range(8)))
     res = cli(env, "show", "--local-dir", dest)
@@ -330,13 +331,13 @@ def test_show_without_and_with_status(fake, tmp_path):
     assert [l.strip() for l in lines[6:]] == [f"2024-12-24 14:{m:02d}:00 INFO line {m}" for m in range(3, 8)]
     assert "warning" not in res.stderr
 
-    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
+    DirectoryStore(dest).record_status(RunStatus.from_dict({"command": "backup", "time": time.time() - 2 * 3600, "ok": False, "exit_code": 20,
                                "error": "cannot connect to tnr-1: Connection refused", "fetched": [], "failed": {},
-                               "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2, "scheduled": True})
+                               "skipped": {}, "up_to_date": [], "raw_bytes": 0, "seconds": 0.2, "scheduled": True}))
     # a manual run since then does not hide the failed scheduled one, nor that cron went quiet
-    DirectoryStore(dest).record_status({"command": "backup", "time": time.time() - 60, "ok": True, "exit_code": 0,
+    DirectoryStore(dest).record_status(RunStatus.from_dict({"command": "backup", "time": time.time() - 60, "ok": True, "exit_code": 0,
                                "error": "", "fetched": [], "failed": {}, "skipped": {},
-                               "up_to_date": ["checkpoint-500"], "raw_bytes": 0, "seconds": 0.2, "scheduled": False})
+                               "up_to_date": ["checkpoint-500"], "raw_bytes": 0, "seconds": 0.2, "scheduled": False}))
     res = cli(env, "show", "--local-dir", dest)
     lines = res.stdout.splitlines()
     assert lines[3:5] == ["last scheduled run 2h ago: FAILED (exit 20): cannot connect to tnr-1: Connection refused",
@@ -350,6 +351,21 @@ def test_show_without_and_with_status(fake, tmp_path):
     assert data["log_file"] == str(log) and len(data["log_tail"]) == 5
 
 
+@pytest.mark.parametrize("damaged", [["backup", 0], {"time": "yesterday", "ok": True, "exit_code": 0},
+                                     {"time": 1, "ok": True, "exit_code": 0, "scheduled": "yes"}],
+                         ids=["list", "time-text", "scheduled-text"])
+def test_show_reads_a_damaged_status_file_as_none_recorded(fake, tmp_path, damaged):
+    env, table = fake
+    dest = tmp_path / "b"
+    (dest / ".ckptsync").mkdir(parents=True)
+    for name in ("status.json", "status-scheduled.json"):
+        (dest / ".ckptsync" / name).write_text(json.dumps(damaged))
+    res = cli(env, "show", "--local-dir", dest)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-2:] == ["last scheduled run: none recorded", "last manual run: none recorded"]
+    assert json.loads(cli(env, "show", "--local-dir", dest, "--json").stdout)["last_run"] is None
+
+
 @pytest.mark.parametrize("status, text", [
     (None, "last run: none recorded"),
     ({"time": 100, "ok": True, "exit_code": 0, "fetched": [], "up_to_date": ["checkpoint-8"]},
@@ -360,7 +376,7 @@ def test_show_without_and_with_status(fake, tmp_path):
 def test_last_run_text(status, text):
     from ckptsync.cli.cmd_cron import last_run_text
 
-    assert last_run_text(status, now=100 + 15 * 60) == text
+    assert last_run_text(RunStatus.from_dict(status), now=100 + 15 * 60) == text
 
 
 # -------------------------------------------------- the installed line, run as cron runs it
@@ -389,7 +405,7 @@ def test_installed_line_runs_a_backup(fake, server_tree, tmp_path):
         assert content(dest / name) == content(server_tree / name)
     assert not (dest / "checkpoint-4").exists()
     status = DirectoryStore(dest).status()
-    assert status["ok"] and set(status["fetched"]) >= {"checkpoint-12", "checkpoint-8"}
+    assert status.ok and set(status.fetched) >= {"checkpoint-12", "checkpoint-8"}
     log = (dest / ".ckptsync" / "cron.log").read_text().splitlines()
     # the warning naming the complete checkpoint a first run leaves out also comes on stderr
     assert log and all(line[:4].isdigit() for line in log if not line.startswith("warning: "))

@@ -39,7 +39,7 @@ def test_backup_of_three_instances_is_one_table_and_the_worst_exit_code(three):
     assert [(r[0], r[1]) for r in rows] == [("instance-0", "0"), ("instance-1", "0"), ("instance-2", "10")]
     assert "instance-2: remote directory does not exist" in res.stderr
     for n in ("0", "1"):  # each its own status, as a single run would record it
-        assert DirectoryStore(backups / f"instance-{n}").status()["exit_code"] == 0
+        assert DirectoryStore(backups / f"instance-{n}").status().exit_code == 0
 
 
 def test_all_instances_as_json_and_a_held_lock_is_that_instance_only(three):

@@ -17,6 +17,7 @@ import pytest
 
 from ckptsync.disk import new_hasher
 from ckptsync.errors import Locked, NotFound
+from ckptsync.policy import RunStatus
 from ckptsync.stores import ability, is_archive, open_store
 from ckptsync.stores.manifest import FileRecord, Manifest
 
@@ -163,12 +164,12 @@ def test_one_run_at_a_time(store):
 def test_status_of_the_last_run_and_of_each_kind(store):
     needs(store, "record_status")
     assert store.status() is None
-    store.record_status({"time": 1_800_000_000.0, "ok": True, "scheduled": True})
-    store.record_status({"time": 1_800_000_100.0, "ok": False, "scheduled": False})
-    assert store.status()["time"] == 1_800_000_100.0
-    assert store.status("scheduled")["time"] == 1_800_000_000.0
-    assert store.status("manual")["ok"] is False
-    assert json.loads(json.dumps(store.status())) == store.status()
+    store.record_status(RunStatus(time=1_800_000_000.0, exit_code=0, ok=True, scheduled=True))
+    store.record_status(RunStatus(time=1_800_000_100.0, exit_code=1, ok=False, scheduled=False))
+    assert store.status().time == 1_800_000_100.0
+    assert store.status("scheduled").time == 1_800_000_000.0
+    assert store.status("manual").ok is False
+    assert RunStatus.from_json(store.status().to_json()) == store.status()
 
 
 def test_abilities_are_asked_for_by_name(store, request):
@@ -176,3 +177,32 @@ def test_abilities_are_asked_for_by_name(store, request):
     for name in set().union(*ABILITIES.values()):
         assert (ability(store, name) is not None) == (name in ABILITIES[kind]), name
     assert ability(store, "no_such_ability") is None
+
+
+LATER = {"time": 1_800_000_000.0, "exit_code": 0, "ok": True, "fetched": ["checkpoint-4"], "resumed": ["checkpoint-4"]}
+
+
+@pytest.mark.parametrize("raw, want", [
+    (json.dumps(LATER).encode(), RunStatus(time=1_800_000_000.0, exit_code=0, ok=True, fetched=("checkpoint-4",),
+                                           extra={"resumed": ["checkpoint-4"]})),
+    (b'["backup", 0]', None),
+    (json.dumps({**LATER, "time": "yesterday"}).encode(), None),
+    (b'{"time": 1, "ok"', None),
+], ids=["later-version", "not-an-object", "time-text", "cut-short"])
+def test_a_status_file_as_another_version_or_a_damaged_disk_left_it(store, raw, want):
+    """Read as the record it holds, keys this version does not know kept; damaged, as no record."""
+    put(store, "checkpoint-4", b"four", 1_800_000_000.0)
+    if is_archive(store.location):
+        from ckptsync.archive import ArchiveOptions, run_archive
+
+        directory = open_store(store.location[:-len(".tar.zst")])
+        (directory.meta / "status.json").write_bytes(raw)
+        Path(store.location).unlink()
+        run_archive(directory.root, ArchiveOptions(output=Path(store.location)))
+    elif hasattr(store, "commit"):
+        (store.meta / "status.json").write_bytes(raw)
+    else:
+        store.bucket.put(store.status_key(), raw)
+    assert store.status() == want
+    if want is not None:
+        assert store.status().to_dict() == LATER

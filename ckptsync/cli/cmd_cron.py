@@ -12,7 +12,7 @@ import typer
 from ckptsync.cli import options as o
 from ckptsync.cli.context import render, settings
 from ckptsync.cli.many import show_each
-from ckptsync.policy import last_run_summary
+from ckptsync.policy import RunStatus, last_run_summary
 from ckptsync.output import Output, ago
 
 if TYPE_CHECKING:
@@ -135,8 +135,8 @@ def _others(out: Output, r: CronResult) -> None:
         out.paragraph(f"other ckptsync entries (select them with --local-dir): {listed}", indent="    ", first="  ")
 
 
-def last_run_text(status: dict | None, now: float | None = None, label: str = "last run") -> str:
+def last_run_text(status: RunStatus | None, now: float | None = None, label: str = "last run") -> str:
     """One line about a recorded backup run, from .ckptsync/status*.json."""
     if not status:
         return f"{label}: none recorded"
-    return f"{label} {ago(status.get('time'), now or time.time())}: {last_run_summary(status)[1]}"
+    return f"{label} {ago(status.time, now or time.time())}: {last_run_summary(status)[1]}"

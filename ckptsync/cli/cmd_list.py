@@ -71,7 +71,7 @@ def show_list(out: Output, result: ListResult, remote_dir: str | None) -> None:
     out.paragraph("; ".join(totals))
     if result.last_backup:
         lb = result.last_backup
-        out.paragraph(f"last backup: {ago(lb.get('time'))}, {last_run_summary(lb)[1]}", indent="  ")
+        out.paragraph(f"last backup: {ago(lb.time)}, {last_run_summary(lb)[1]}", indent="  ")
     for line in legend(result.rows, checked):
         out.paragraph(line, indent="  ")
     for r in result.rows:

@@ -58,6 +58,7 @@ SUFFIXES = (".tar.zst", ".tzst")
 
 if TYPE_CHECKING:
     from ckptsync.config import Target
+    from ckptsync.policy import RunStatus
     from ckptsync.stores.manifest import Manifest
 
 
@@ -92,7 +93,7 @@ class Store(Protocol):
         """The bytes of a stored file (`path` as in its entry's manifest), None when larger than
         `limit`; OSError when it is missing or unreadable. For small files (a trainer's state)."""
 
-    def status(self, kind: str = "") -> dict[str, Any] | None:
+    def status(self, kind: str = "") -> RunStatus | None:
         """The last recorded run (of one kind, "scheduled" or "manual", when given)."""
 
 

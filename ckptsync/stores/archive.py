@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
-from ckptsync.policy import STATUS_FILES, status_file
+from ckptsync.policy import STATUS_FILES, RunStatus, status_file
 from ckptsync.stores import CORRUPT, MISSING, UNEXPECTED
 from ckptsync.stores.directory import META
 from ckptsync.stores.manifest import DamagedManifest, Manifest, parse_manifest
@@ -94,15 +94,8 @@ class ArchiveStore:
     def generations(self, name: str | None = None) -> dict[str, list[Any]]:
         return {}
 
-    def status(self, kind: str = "") -> dict[str, Any] | None:
-        import json
-
-        raw = self._bookkeeping().get(f"{META}/{status_file(kind)}")
-        try:
-            data = json.loads(raw) if raw is not None else None
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
+    def status(self, kind: str = "") -> RunStatus | None:
+        return RunStatus.from_json(self._bookkeeping().get(f"{META}/{status_file(kind)}"))
 
     # -------------------------------------------------- members
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from ckptsync import osdeps
 from ckptsync.disk import new_hasher
 from ckptsync.errors import CkptsyncError, IOFailure, Locked, UsageError
-from ckptsync.policy import newest_generations, status_file, status_kind
+from ckptsync.policy import RunStatus, newest_generations, status_file
 from ckptsync.s3 import AWS_CARRIED, AWS_SECRET, StoreUrl, parse_url, require_boto3
 from ckptsync.s3.bucket import Bucket, Conflict, Settings
 from ckptsync.stores import CORRUPT, MISSING
@@ -286,21 +286,15 @@ class BucketStore:
     def status_key(self, kind: str = "") -> str:
         return self.key(f"{META}/{status_file(kind)}")
 
-    def record_status(self, status: dict) -> None:
+    def record_status(self, status: RunStatus) -> None:
         """As the local store does: the last run, and the last of its kind (scheduled or manual)."""
-        raw = json.dumps(status, indent=1, sort_keys=True).encode("utf-8")
+        raw = status.to_json().encode("utf-8")
         self.bucket.put(self.status_key(), raw)
-        self.bucket.put(self.status_key(status_kind(status)), raw)
+        self.bucket.put(self.status_key(status.kind), raw)
 
-    def status(self, kind: str = "") -> dict | None:
+    def status(self, kind: str = "") -> RunStatus | None:
         got = self.bucket.get(self.status_key(kind))
-        if got is None:
-            return None
-        try:
-            value = json.loads(got[0].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
+        return RunStatus.from_json(got[0] if got is not None else None)
 
     def lock(self, command: str, wait: bool = False, on_wait=None, hint: str = "", stall_limit: float | None = None,
              on_takeover: Callable[[str], None] | None = None) -> "LeaseLock":

@@ -42,7 +42,7 @@ from ckptsync.agent import hash_file
 from ckptsync.disk import atomic_write, atomic_writes, children, fsync_dir, io_error, refuse_link, remove_tree
 from ckptsync.disk import sync_trees
 from ckptsync.errors import Locked
-from ckptsync.policy import STATUS_FILES, newest_generations, status_file, status_kind
+from ckptsync.policy import STATUS_FILES, RunStatus, newest_generations, status_file
 from ckptsync.stores.manifest import DamagedManifest, FileRecord, Manifest, Verified, read_manifest
 
 META = ".ckptsync"
@@ -456,21 +456,21 @@ class DirectoryStore:
 
     # -------------------------------------------------- status
 
-    def record_status(self, status: dict[str, Any]) -> None:
+    def record_status(self, status: RunStatus) -> None:
         self.check_own()
         self.meta.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(status, indent=1, sort_keys=True)
+        text = status.to_json()
         atomic_write(self.meta / status_file(), text)
         # The last run of each kind too: a manual run must not hide how the last cron run went.
-        atomic_write(self.meta / status_file(status_kind(status)), text)
+        atomic_write(self.meta / status_file(status.kind), text)
         with open(self.meta / "history.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(status, sort_keys=True) + "\n")
+            f.write(status.to_json(indent=None) + "\n")
 
-    def status(self, kind: str = "") -> dict[str, Any] | None:
+    def status(self, kind: str = "") -> RunStatus | None:
         """The last recorded run; of one kind ("scheduled" or "manual") when given."""
         try:
-            return json.loads((self.meta / status_file(kind)).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return RunStatus.from_json((self.meta / status_file(kind)).read_bytes())
+        except OSError:
             return None
 
     # -------------------------------------------------- lock
