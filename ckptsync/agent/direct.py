@@ -149,3 +149,46 @@ def _write_all(fd, data):
     data = memoryview(data)
     while data:
         data = data[os.write(fd, data):]
+
+
+# Reading ahead. A file read block by block from a cold cache waits on the disk at each block
+# the kernel's own readahead has not reached; asking for the next READ_AHEAD bytes while the
+# current block is hashed, compressed and sent keeps the disk busy during that work.
+READ_AHEAD = 8 << 20
+_FADVISE = getattr(os, "posix_fadvise", None)
+
+
+def read_ahead(fd, offset, length=READ_AHEAD):
+    """Ask the kernel to start reading [offset, offset + length) of fd into the cache, without
+    waiting for it; nothing where the system has no posix_fadvise."""
+    if _FADVISE is None or length <= 0:
+        return
+    try:
+        _FADVISE(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
+def ahead_of(done, block, total, window=READ_AHEAD):
+    """The range (offset, length) to ask for after reading bytes up to `done` of a file read from
+    0 to `total` in blocks of `block`: the block just past the window that the first request,
+    [0, window), and the ones before it have asked for; None past the end. Pure."""
+    offset = done + window - block
+    if offset >= total or offset < window:
+        return None
+    return offset, min(block, total - offset)
+
+
+def prefetch(path, offset=0):
+    """Start reading READ_AHEAD bytes from `offset` of the file at path into the cache; nothing if
+    it cannot be opened (its own read reports that)."""
+    if _FADVISE is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, ValueError):
+        return
+    try:
+        read_ahead(fd, offset)
+    finally:
+        os.close(fd)

@@ -5,6 +5,7 @@ import os
 import stat
 import tarfile
 
+from ckptsync.agent.direct import READ_AHEAD, ahead_of, prefetch, read_ahead
 from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_names, new_hash, unlike_listing
 from ckptsync.agent.paths import resolve
@@ -65,10 +66,15 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, star
                                 offset=skip, start=start))
         sender.flush()  # so the file's data starts on a chunk boundary
         left = span - skip
+        at = first + skip
+        read_ahead(f.fileno(), at, min(left, READ_AHEAD))
         while left:
             block = f.read(min(CHUNK, left))
             if not block:
                 break
+            more = ahead_of(span - skip - left + len(block), CHUNK, span - skip)
+            if more is not None:
+                read_ahead(f.fileno(), at + more[0], more[1])
             h.update(block)
             sender.write(block)
             left -= len(block)
@@ -125,6 +131,18 @@ def chan_put_record(sender, record):
     sender._put(b"H", json.dumps(record).encode("utf-8"))
 
 
+def _prefetch_next(root, entry):
+    """The next file's first bytes come off the disk while this one is sent (many small files
+    from a cold cache would otherwise wait on the disk one by one). Its own send reports a bad entry."""
+    try:
+        if isinstance(entry, dict):
+            prefetch(resolve(root, entry["source"]), int(entry["start"]))
+        else:
+            prefetch(resolve(root, entry[0]))
+    except (Failure, KeyError, IndexError, TypeError, ValueError):
+        pass
+
+
 def op_send(chan, req, memory=None):
     """Stream files as one tar: [[source relative to root or absolute, member name], ...]; an entry
     may add [..., offset, hash of the receiver's first offset bytes] to resume a partly received file
@@ -143,8 +161,11 @@ def op_send(chan, req, memory=None):
     chan.send_json({"ok": True, "alg": alg})
     sender = Sender(chan, req.get("compress", "auto"), "module", memory=memory,
                     receiver_lzma=bool(req.get("lzma", True)))
+    files = req["files"]
     try:
-        for entry in req["files"]:
+        for i, entry in enumerate(files):
+            if i + 1 < len(files):
+                _prefetch_next(root, files[i + 1])
             if isinstance(entry, dict):
                 send_one(sender, chan, resolve(root, entry["source"]), entry["member"], alg,
                          int(entry.get("offset", 0)), entry.get("hash"), int(entry["start"]), int(entry["length"]),
