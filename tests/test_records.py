@@ -227,3 +227,23 @@ def test_keys_a_later_version_recorded_are_in_list_json(server_tree, tmp_path):
     listed = run_cli("--json", "list", *where, env=env)
     assert json.loads(listed.stdout)["last_backup"] == later
     assert "last backup: " in run_cli("list", *where, env=env).stdout
+
+
+def test_a_manifest_as_a_dict_is_every_field_in_order_and_a_copy():
+    from dataclasses import asdict
+
+    from ckptsync.stores.manifest import FileRecord, Manifest
+
+    m = Manifest("checkpoint-1", "hf-trainer", "full", 1,
+                 [FileRecord("checkpoint-1/a", 1, 0o644, 5, "x" * 32),
+                  FileRecord("checkpoint-1/b", 2, 0o600, 6, "y" * 32, hashes={"sha1": "z" * 40})],
+                 state={"log": {"loss": [1.0, 0.5]}}, source={"host": "tnr-0"})
+    want = asdict(m)
+    del want["files"][0]["hashes"]   # xxh3-128 only: written as before other hashes existed
+    got = m.to_dict()
+    assert got == want
+    assert list(got) == list(want) and [list(f) for f in got["files"]] == [list(f) for f in want["files"]]
+    got["state"]["log"]["loss"].append(0.1)
+    got["files"][1]["hashes"]["md5"] = "w"
+    assert m.state == {"log": {"loss": [1.0, 0.5]}} and m.files[1].hashes == {"sha1": "z" * 40}
+    assert Manifest.from_dict(m.to_dict()) == m
