@@ -266,7 +266,7 @@ class Backup:
         self._note_deleted(view, {n: listed[n] for n in pending.committed})
 
     def _transfer(self, view: ServerView, batch: list[Checkpoint], listed: dict[str, dict[str, FileStat]],
-                  progress: dict[str, dict[str, dict]], todo: dict[str, list[str]],
+                  progress: dict[str, dict[str, Verified]], todo: dict[str, list[str]],
                   twins: dict[tuple[str, str], tuple[str, str]], kept: int, placed: int, pending: Pending) -> None:
         """The transfer of `_fetch`, committing as checkpoints arrive whole; every commit completed at its end."""
         pending.commit_ready()   # whole already: kept from an interrupted run, or placed from the store

@@ -240,6 +240,11 @@ _KINDS = {"time": _number, "seconds": _number, "exit_code": lambda v: type(v) is
           "names": _names, "reasons": _reasons}
 
 
+def _held(value: Any) -> Any:
+    """A field's value as a RunStatus holds it: a list as a tuple, a mapping copied."""
+    return tuple(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
 @dataclass(frozen=True)
 class RunStatus:
     """A backup run's record in a store's status.json (and status-scheduled/-manual.json, history.jsonl).
@@ -300,7 +305,7 @@ class RunStatus:
             value = data[f.name]
             if not _KINDS[f.metadata.get("kind", f.name)](value):
                 return None
-            known[f.name] = tuple(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+            known[f.name] = _held(value)
         return cls(**known, extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
@@ -323,9 +328,7 @@ def run_status(now: float, code: int, error: str, target: str, server: str, fetc
     """What a backup run records as .ckptsync/status.json, on disk or in a bucket. Pure."""
     values = {"command": "backup", "error": error, "target": target, "server": server, "fetched": fetched,
               "failed": failed, "up_to_date": up_to_date, "scheduled": scheduled, **more}
-    return RunStatus(time=now, exit_code=code, ok=code == 0,
-                     **{k: tuple(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
-                        for k, v in values.items()})
+    return RunStatus(time=now, exit_code=code, ok=code == 0, **{k: _held(v) for k, v in values.items()})
 
 
 def last_run_summary(status: RunStatus | None) -> tuple[bool, str]:

@@ -12,6 +12,8 @@ import errno
 import mmap
 import os
 
+from ckptsync.agent.frames import CHUNK
+
 DIRECT = getattr(os, "O_DIRECT", 0)
 BLOCK = 1 << 20   # bytes per direct write: page-aligned, a multiple of any disk's block size
 
@@ -177,6 +179,24 @@ def ahead_of(done, block, total, window=READ_AHEAD):
     if offset >= total or offset < window:
         return None
     return offset, min(block, total - offset)
+
+
+class ReadAhead:
+    """Keeps READ_AHEAD bytes asked for ahead of one reader of `total` bytes of fd from `at`, told
+    of each block it reads (`read`). fd None (a file in memory) asks for nothing."""
+
+    def __init__(self, fd, at, total):
+        self.fd, self.at, self.total, self.done = fd, at, total, 0
+        if fd is not None:
+            read_ahead(fd, at, min(total, READ_AHEAD))
+
+    def read(self, n):
+        if self.fd is None:
+            return
+        self.done += n
+        more = ahead_of(self.done, CHUNK, self.total)
+        if more is not None:
+            read_ahead(self.fd, self.at + more[0], more[1])
 
 
 def prefetch(path, offset=0):

@@ -5,7 +5,7 @@ import os
 import stat
 import tarfile
 
-from ckptsync.agent.direct import READ_AHEAD, ahead_of, prefetch, read_ahead
+from ckptsync.agent.direct import ReadAhead, prefetch
 from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_names, new_hash, unlike_listing
 from ckptsync.agent.paths import resolve
@@ -66,15 +66,12 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, star
                                 offset=skip, start=start))
         sender.flush()  # so the file's data starts on a chunk boundary
         left = span - skip
-        at = first + skip
-        read_ahead(f.fileno(), at, min(left, READ_AHEAD))
+        ahead = ReadAhead(f.fileno(), first + skip, left)
         while left:
             block = f.read(min(CHUNK, left))
             if not block:
                 break
-            more = ahead_of(span - skip - left + len(block), CHUNK, span - skip)
-            if more is not None:
-                read_ahead(f.fileno(), at + more[0], more[1])
+            ahead.read(len(block))
             h.update(block)
             sender.write(block)
             left -= len(block)

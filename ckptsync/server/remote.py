@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, Callable
 
 from ckptsync import agent as wire
 from ckptsync.agent.codec import lzma
-from ckptsync.agent.direct import READ_AHEAD, ahead_of, read_ahead
+from ckptsync.agent.direct import ReadAhead
 from ckptsync.disk import new_hasher
 from ckptsync.errors import ConnectError, IntegrityError, ProtocolError, Stalled
 from ckptsync.ratelimit import RateLimiter
@@ -503,20 +503,14 @@ class Upload(UploadBase):
         except wire.Failure as exc:
             raise self.remote.lost(exc.message) from None
         h = new_hasher(self.alg)
-        fd, at, total = _fd(f), f.tell(), hashed + length
-        if fd is not None:
-            read_ahead(fd, at, min(total, READ_AHEAD))
-        done = 0
+        ahead = ReadAhead(_fd(f), f.tell(), hashed + length)
         for n, send in ((hashed, False), (length, True)):
             left = n
             while left:
                 block = f.read(min(CHUNK, left))
                 if not block:
                     raise IntegrityError(f"{member}: file shrank while being sent")
-                done += len(block)
-                more = ahead_of(done, CHUNK, total) if fd is not None else None
-                if more is not None:
-                    read_ahead(fd, at + more[0], more[1])
+                ahead.read(len(block))
                 h.update(block)
                 if also is not None:
                     also(block)
