@@ -304,8 +304,9 @@ class Backup:
         ms = []
         for planned, progress, fetched in entries:
             stage_root = self.store.staging(planned.name)
-            for f in planned.files:  # a prefix kept by an interrupted run whose file was then placed locally
-                (stage_root / (f.path + ".part")).unlink(missing_ok=True)
+            for p, r in progress.items():  # a prefix kept by an interrupted run whose file was then placed locally
+                if r.placed:
+                    (stage_root / (p + ".part")).unlink(missing_ok=True)
             m = finished_manifest(planned, progress)
             # Recorded first: should the commit not finish (a crash), the next run commits it from staging.
             self._write(lambda n=m.name, p=progress: self.store.save_progress(n, p),

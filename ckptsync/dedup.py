@@ -59,12 +59,8 @@ def share_copy(existing: Path, dest: Path, mtime_ns: int, mode: int, policy: str
     this mode and mtime. dest is replaced atomically if it exists; failures raise OSError.
     """
     tmp = _place_tmp(dest)
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    if policy == LINK:
-        os.link(existing, tmp)
-        how = LINK
-    else:
+    if policy != LINK:
+        _drop(tmp)
         try:
             if osdeps.clone_file(existing, tmp):
                 _set_stamp(tmp, mtime_ns, mode)
@@ -74,17 +70,32 @@ def share_copy(existing: Path, dest: Path, mtime_ns: int, mode: int, policy: str
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
         if not _same_stamp(os.stat(existing), mtime_ns, mode):
             return None
-        try:
-            os.link(existing, tmp)
-        except OSError:  # EXDEV, EMLINK: place_copy copies instead
-            return None
-        how = LINK
+    try:
+        os.link(existing, dest)   # nothing at dest yet (the usual case): one call, and atomic
+        return LINK
+    except FileExistsError:
+        pass
+    except OSError:   # EXDEV, EMLINK: place_copy copies instead
+        if policy == LINK:
+            raise
+        return None
+    _drop(tmp)
+    try:
+        os.link(existing, tmp)
+    except OSError:
+        if policy == LINK:
+            raise
+        return None
     _swap_in(tmp, dest, lambda: None)
-    return how
+    return LINK
+
+
+def _drop(path: Path) -> None:
+    """Remove what a killed run may have left at a temporary name."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _swap_in(tmp: Path, dest: Path, prepare) -> None:

@@ -329,17 +329,17 @@ def clone_file(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> boo
         return clonefile(os.fsencode(src), os.fsencode(dest), 0) == 0
     if not sys.platform.startswith("linux") or fcntl is None:
         return False
+    try:   # looked up by name first: a refused pair costs two stats, not an open and a close
+        devices = (os.stat(src).st_dev, os.stat(os.path.dirname(os.fspath(dest)) or ".").st_dev)
+    except OSError:
+        return False
+    if devices in _NO_CLONE:
+        return False
     try:
         sfd = os.open(src, os.O_RDONLY)
     except OSError:
         return False
     try:
-        try:
-            devices = (os.fstat(sfd).st_dev, os.stat(os.path.dirname(os.fspath(dest)) or ".").st_dev)
-        except OSError:
-            return False
-        if devices in _NO_CLONE:
-            return False
         try:
             dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:

@@ -78,9 +78,8 @@ class Placement:
                     first[(digest, size, mode)] = (name, p)
                 continue
             dest = self.store.staging(name) / p
-            dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                how = place_copy(existing, dest, mtime_ns, mode, self.policy)
+                how = self._place(existing, dest, mtime_ns, mode)
             except OSError:
                 continue  # the transfer fetches it instead
             # "placed" tells dedup (also after a resume) not to place it again.
@@ -100,12 +99,21 @@ class Placement:
         st = listed[name][p]
         dest = self.store.staging(name) / p
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            how = place_copy(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode, self.policy)
+            how = self._place(self.store.staging(origin) / q, dest, st.mtime_ns, st.mode)
         except OSError as exc:
             raise io_error(exc, f"placing {p}") from None
         progress[name][p] = record(st.size, st.mode, st.mtime_ns, rec.xxh3_128, st, placed=how, hashes=rec.hashes)
         self.count(how, st.size, fetched=False)
+
+    def _place(self, existing: Path, dest: Path, mtime_ns: int, mode: int) -> str:
+        """place_copy, making dest's folder when it is missing (tried first: mostly it is there)."""
+        try:
+            return place_copy(existing, dest, mtime_ns, mode, self.policy)
+        except FileNotFoundError:
+            if dest.parent.is_dir():
+                raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return place_copy(existing, dest, mtime_ns, mode, self.policy)
 
     def sources(self) -> Index:
         """The store's dedup index, read once per run and kept current by `add`."""

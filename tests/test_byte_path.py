@@ -13,6 +13,9 @@ import pytest
 
 from ckptsync.agent import HEADER, Channel, Failure, direct
 from ckptsync.agent.direct import BLOCK, NewFile, direct_buffer
+from ckptsync.server.remote import _Pipe
+from ckptsync.server.watchdog import Watchdog
+from ckptsync.transport.base import Process
 from ckptsync.transport.local import LocalTransport
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT and pipe sizes are Linux's")
@@ -171,3 +174,67 @@ def test_a_large_frame_cut_short_is_a_protocol_error():
     chan = Channel(Trickle(HEADER.pack(b"D", len(body)) + body[:-1]), None)
     with pytest.raises(Failure, match="closed mid-frame"):
         chan.recv()
+
+
+@linux
+@pytest.mark.parametrize("size, direct_io", [(0, False), (4096, False), (BLOCK - 1, False), (BLOCK, True),
+                                             (3 * BLOCK, True), (None, True)])
+def test_a_file_smaller_than_a_block_is_opened_the_ordinary_way(tmp_path, monkeypatch, size, direct_io):
+    """It has no whole block to write past the cache: its direct open would only be closed again."""
+    dev = os.stat(tmp_path).st_dev
+    info = tmp_path / "mountinfo"
+    info.write_text(f"27 1 {os.major(dev)}:{os.minor(dev)} / / rw - ext4 /dev/x rw\n")
+    monkeypatch.setattr(direct, "MOUNTINFO", str(info))
+    data = pattern(BLOCK + 5 if size is None else size)
+    with NewFile(str(tmp_path / "f.part"), direct_buffer(), size) as f:
+        assert bool(fd_flags(f.fileno()) & os.O_DIRECT) == direct_io
+        write_in_pieces(f, data)
+    assert (tmp_path / "f.part").read_bytes() == data
+
+
+class CountingProcess(Process):
+    """A process whose output is `data`, delivered in pieces of at most `most` bytes; counts its reads."""
+
+    def __init__(self, data: bytes, most: int = 65536) -> None:
+        self.src = io.BytesIO(data)
+        self.most = most
+        self.reads = 0
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        return self.src.read(min(n, self.most))
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("nothing is written here")
+
+    def close(self) -> None:
+        pass
+
+
+def pipe_over(proc: Process) -> _Pipe:
+    return _Pipe(proc, None, Watchdog(60, lambda: None), lambda: AssertionError("stalled"))
+
+
+def test_small_frames_are_read_a_block_at_a_time():
+    """Each small frame is a header and a body: read from the link a block at a time, 500 frames
+    cost a few reads of the process, not two each."""
+    frames = [(b"H", b"x" * (i % 40)) for i in range(500)]
+    data = b"".join(HEADER.pack(kind, len(body)) + body for kind, body in frames)
+    proc = CountingProcess(data)
+    chan = Channel(pipe_over(proc), None)
+    got = [chan.recv() for _ in frames]
+    assert [(kind, bytes(body)) for kind, body in got] == frames
+    assert chan.recv() == (None, None)
+    assert proc.reads <= len(data) // 65536 + 3, proc.reads
+
+
+def test_bytes_read_past_the_marker_come_first_and_a_large_read_goes_straight_through():
+    body = pattern(2 << 20)
+    proc = CountingProcess(HEADER.pack(b"J", 2) + b"{}" + HEADER.pack(b"D", len(body)) + body, most=4096)
+    pipe = pipe_over(proc)
+    pipe.push(b"early")
+    assert pipe.read(2) == b"ea" and pipe.read(100) == b"rly"
+    chan = Channel(pipe, None)
+    assert chan.recv() == (b"J", b"{}")
+    kind, got = chan.recv()
+    assert (kind, bytes(got)) == (b"D", body)

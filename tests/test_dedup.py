@@ -203,6 +203,31 @@ def test_place_copy_reports_what_it_did(tmp_path: Path, reflinks: bool) -> None:
     assert not list(tmp_path.glob(".*"))  # no temporary name left behind
 
 
+@pytest.mark.parametrize("policy", ["reflink", "link"])
+def test_a_link_replaces_what_is_at_its_name_and_leaves_no_temporary(tmp_path: Path, reflinks: bool,
+                                                                     policy: str) -> None:
+    """A hard link goes straight to a free name; an occupied one (a stale staged copy, a
+    killed run's temporary beside it) is replaced in one rename."""
+    tmp_path = tmp_path / "here"
+    tmp_path.mkdir()
+    src = tmp_path / "stored.bin"
+    src.write_bytes(os.urandom(10_000))
+    os.chmod(src, 0o644)
+    when = 1_700_000_000_123_456_789
+    os.utime(src, ns=(when, when))
+    taken = tmp_path / "taken.bin"
+    taken.write_bytes(b"stale")
+    (tmp_path / ".ckptsync-place-taken.bin").write_bytes(b"left by a killed run")
+    how = place_copy(src, taken, when, 0o644, policy)
+    assert how == ("reflink" if reflinks and policy == "reflink" else "link")
+    assert taken.read_bytes() == src.read_bytes()
+    assert (ino(taken) == ino(src)) == (how == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stored.bin", "taken.bin"]
+    with pytest.raises(FileNotFoundError):
+        place_copy(tmp_path / "gone.bin", tmp_path / "new.bin", when, 0o644, policy)
+    assert not (tmp_path / "new.bin").exists()
+
+
 def test_config_key_reaches_the_target(tmp_path: Path) -> None:
     cfg = tmp_path / "ckptsync.yaml"
     cfg.write_text("dedup: link\ninstances:\n  1: {host: a}\n  2: {host: b, dedup: reflink}\n")

@@ -62,14 +62,16 @@ def direct_buffer():
 class NewFile:
     """A file created (or emptied) and written in order from its first byte; file-like."""
 
-    def __init__(self, path, buf=None):
+    def __init__(self, path, buf=None, size=None):
+        """`size`: the bytes to be written, when known. A file smaller than one block has no whole
+        block to write past the cache, so it is opened the ordinary way from the start."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         self.path = path
         self.fd = -1
         self.view = None
         self.used = 0
         self.closed = False
-        if DIRECT and buf is not None and on_local_disk(os.path.dirname(path) or "."):
+        if DIRECT and buf is not None and (size is None or size >= BLOCK) and on_local_disk(os.path.dirname(path) or "."):
             try:
                 self.fd = os.open(path, flags | DIRECT, 0o666)
                 self.view = memoryview(buf)

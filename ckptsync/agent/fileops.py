@@ -52,11 +52,11 @@ def move_target(root, staging, member, dest):
     return target
 
 
-def open_part(tmp, offset, h, buf=None):
+def open_part(tmp, offset, h, buf=None, size=None):
     """A member's .part: a new one (written from `buf`, see direct.py), or (offset > 0) the first
     offset bytes an earlier try left, fed to h so that the member's hash is still the whole file's."""
     if not offset:
-        return NewFile(tmp, buf)
+        return NewFile(tmp, buf, size)
     out = open(tmp, "r+b")
     try:
         left = offset
@@ -108,6 +108,7 @@ def op_receive(chan, req, _memory=None):
     failure = None
     written = []
     ranged = []   # the .part files ranges went into: assemble finishes them
+    made = set()  # folders made (or found) for this stream's files
     buf = direct_buffer()
     try:
         stream = TarStream(reader)
@@ -115,7 +116,10 @@ def op_receive(chan, req, _memory=None):
             if not member.isreg() or not safe_member(member.name):
                 raise Failure("bad_member", "refusing tar member %r" % member.name, member.name)
             target = os.path.join(staging, *member.name.split("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            folder = os.path.dirname(target)
+            if folder not in made:
+                os.makedirs(folder, exist_ok=True)
+                made.add(folder)
             h = new_hash(alg)
             tmp = target + ".part"
             offset = int(member.pax_headers.get("ckptsync.offset", 0) or 0)
@@ -128,12 +132,12 @@ def op_receive(chan, req, _memory=None):
                 ranged.append(tmp)
                 results.append({"member": member.name, "start": start, "size": member.size, "hash": h.hexdigest()})
                 continue
-            with open_part(tmp, offset, h, buf) as out:
+            with open_part(tmp, offset, h, buf, offset + member.size) as out:
                 for block in stream.data(member.size):
                     h.update(block)
                     out.write(block)
                 out.flush()
-                start_writeback(out.fileno())
+                start_writeback(out.fileno(), offset + member.size)
             os.chmod(tmp, member.mode & 0o7777)
             mtime_ns = int(member.pax_headers.get("ckptsync.mtime_ns", int(member.mtime) * 1000000000))
             os.utime(tmp, ns=(mtime_ns, mtime_ns))

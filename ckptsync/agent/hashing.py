@@ -64,18 +64,31 @@ def unlike_listing(stamp, st):
 def hash_listed(path, alg, stamp):
     """The file's hash, or None when the open file is not (or stops being) the one listed with `stamp`."""
     h = new_hash(alg)
-    with open(path, "rb") as f:
-        if unlike_listing(stamp, os.fstat(f.fileno())):
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if unlike_listing(stamp, st):
             return None
-        for block in iter(lambda: f.read(CHUNK), b""):
+        left = st.st_size
+        while True:
+            # Sized to what is left: a read of CHUNK would allocate CHUNK bytes for a small file.
+            block = f.read(min(CHUNK, left) if left > 0 else CHUNK)
+            if not block:
+                break
             h.update(block)
+            left -= len(block)
         if unlike_listing(stamp, os.fstat(f.fileno())):
             return None
     return h.hexdigest()
 
 
-def start_writeback(fd):
-    """Start writing the file out now without waiting; the fsync before commit then finds little to do."""
+WRITEBACK_MIN = 1 << 20
+
+
+def start_writeback(fd, size=None):
+    """Start writing the file out now without waiting; the fsync before commit then finds little to do.
+    Not for a file of `size` under WRITEBACK_MIN: its few pages cost that fsync less than this call."""
+    if size is not None and size < WRITEBACK_MIN:
+        return
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -7,12 +7,17 @@ from ckptsync.agent.frames import Failure
 
 def resolve(root, rel=""):
     # A relative root is relative to the home directory, whatever the cwd the login gave us.
-    base = os.path.join(os.path.expanduser("~"), os.path.expanduser(root))
+    base = os.path.join(os.path.expanduser("~"), _expand(root))
     if not rel:
         return base
     if "\x00" in rel:
         raise Failure("bad_path", "path contains a NUL byte")
-    return os.path.normpath(os.path.join(base, os.path.expanduser(rel)))
+    return os.path.normpath(os.path.join(base, _expand(rel)))
+
+
+def _expand(path):
+    # expanduser reads the environment on every call; a path without "~" has nothing to expand
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 def safe_member(name):

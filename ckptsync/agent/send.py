@@ -41,7 +41,7 @@ def send_one(sender, chan, source, member, alg, offset=0, prefix_hash=None, star
     not change while read and must still be at its path afterwards."""
     record = {"member": member, "source": source}
     try:
-        f = open(source, "rb")
+        f = open(source, "rb", buffering=0)   # reads sized to the file: nothing to buffer
     except OSError as exc:
         failure = os_failure(exc, source)
         record["error"] = str(failure)

@@ -131,6 +131,8 @@ class DiskWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
         self.out = self.hx = self.other = None
+        self.size = 0   # of the file being written
+        self.folders: set[Path] = set()   # made (or found) for this transfer's files
         self.buffer = wire.direct_buffer()   # a new file's bytes go from here to the disk (agent/direct.py)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -174,7 +176,7 @@ class DiskWriter:
             return
         try:
             if op == "open":
-                path, alg, self.result, prefix, start = arg
+                path, alg, self.result, prefix, start, self.size = arg
                 if start is not None:  # a range, into a file other channels write too
                     self.out = open(path, "r+b")
                     self.out.seek(prefix.size if prefix is not None else start)
@@ -182,7 +184,7 @@ class DiskWriter:
                     self.other = prefix.other if prefix is not None else (
                         None if alg == XXH3 else new_hasher(alg))
                 elif prefix is None:
-                    self.out = wire.NewFile(path, self.buffer)
+                    self.out = wire.NewFile(path, self.buffer, self.size)
                     self.hx = new_hasher()
                     self.other = None if alg == XXH3 else new_hasher(alg)
                 else:  # the server sends the rest of a kept prefix
@@ -197,7 +199,7 @@ class DiskWriter:
                 out.write(arg)
             elif op == "close":
                 out.flush()
-                wire.start_writeback(out.fileno())
+                wire.start_writeback(out.fileno(), self.size)
                 out.close()
                 self.result.extend([self.hx.hexdigest(), self.other.hexdigest() if self.other is not None else None])
                 arg.set()
@@ -348,8 +350,10 @@ def _write_member(stream: TarStream, writer: DiskWriter, member: tarfile.TarInfo
     small = member.size <= SMALL_FILE and span is None
     put = writer.now if small else writer.put
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        put("open", (part, alg, result, prefix, None if span is None else span.start))
+        if path.parent not in writer.folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer.folders.add(path.parent)
+        put("open", (part, alg, result, prefix, None if span is None else span.start, offset + member.size))
         rep.advance(offset)
         for piece in stream.data(member.size):
             put("data", piece)
