@@ -36,7 +36,7 @@ from ckptsync.restore_choice import (
     choose, elsewhere_hint, files_text, files_to_send, newest_first, older_hint, only_extras,
     pick_generation, resume_hint, verify_files, weight_files,
 )
-from ckptsync.restore_send import Sender
+from ckptsync.restore_send import Rotted, Sender
 from ckptsync.result import Result
 from ckptsync.server import MissingOnServer, Server, ServerLocked, Stat, open_server
 from ckptsync.server.parallel import Channels
@@ -324,7 +324,10 @@ class Restore:
                 self.rep.info(f"{m.name}: sending {files_text(len(to_send))}, {human(sum(f.size for f in to_send))}"
                               + (f" ({len(staged)} already on the server from an interrupted restore)" if staged else ""))
             self.phase = "send"
-            self.sender.send(root, m.name, to_send)
+            try:
+                self.sender.send(root, m.name, to_send)
+            except Rotted as exc:
+                raise self._damaged(root, m, exc, ordered) from None
             if self.opts.adapter_only and not r.identical:
                 mark_restored(self.server, root, m, self.opts.compress)
             self.phase = "commit"
@@ -442,22 +445,37 @@ class Restore:
 
     def _verify(self, m: Manifest, files: list[FileRecord], extra_items: list[tuple[FileRecord, ExtraItem]],
                 ordered: list[Manifest]) -> None:
-        total = sum(f.size for f in files)
-        if files:
+        """Refuse a damaged backup before anything is sent. A real run reads no bytes here: the send
+        hashes each file as it reads it, and a file that does not match its manifest then stops the
+        restore before anything is put in place (`_damaged`). A dry run reads them all."""
+        read = self.opts.dry_run
+        if files and read:
             self.rep.info(f"{m.name}: checking {files_text(len(files))} in {self.store.location} against the manifest")
-        self.rep.start(f"verify {m.name}", total)
-        try:
-            bad = verify_files(self.files_root, files, self.rep)
-        finally:
-            self.rep.finish()
+            self.rep.start(f"verify {m.name}", sum(f.size for f in files))
+            try:
+                bad = verify_files(self.files_root, files, self.rep)
+            finally:
+                self.rep.finish()
+        else:
+            bad = verify_files(self.files_root, files, read=False)
         if bad:
             raise IntegrityError(f"the backup of {m.name} is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint=self._older_hint(m, ordered))
         sent_extras = [f for f, item in extra_items if item.action in (SEND, REPLACE)]
-        bad = verify_files(self.store.root, sent_extras)
+        bad = verify_files(self.store.root, sent_extras, read=read)
         if bad:
             raise IntegrityError(f"the backup of the extra files is damaged, nothing was sent: {'; '.join(bad)}",
                                  hint="restore without them: --no-extra-files")
+
+    def _damaged(self, root: str, m: Manifest, exc: Rotted, ordered: list[Manifest]) -> IntegrityError:
+        """Backup files that did not hash to their manifest as they were sent: nothing is put in
+        place, an older checkpoint is suggested, and what arrived whole stays staged for a rerun
+        once the backup is repaired (with the command that drops it)."""
+        drop = self.target.printed.command("restore", "--checkpoint", m.name, "--discard-staged")
+        return IntegrityError(f"the backup of {m.name} is damaged, nothing was put in place: "
+                              + "; ".join(f"{p} (its bytes no longer match the manifest)" for p in exc.paths)
+                              + f"; the files that matched are kept in {self.server.staging_path(root, m.name)} on "
+                              f"the server (to drop them: {drop})", hint=self._older_hint(m, ordered))
 
     def _discard_staged(self, m: Manifest) -> None:
         root = self.target.remote_dir

@@ -13,7 +13,7 @@ from ckptsync.policy import named, newest_first as _newest
 from ckptsync.progress import QUIET, Reporter
 from ckptsync.stores.directory import Generation, DirectoryStore as Store
 from ckptsync.stores.manifest import EXTRA, FileRecord, Manifest
-from ckptsync.verify import check_files
+from ckptsync.verify import check_files, inspect_files
 
 # What --adapter-only sends: weights and the configs needed to load them, never training state.
 WEIGHT_FILE = re.compile(r"adapter_model\.\w+|(pytorch_)?model[^/]*\.(safetensors|bin)")
@@ -113,9 +113,11 @@ def files_text(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET) -> list[str]:
-    """Re-read the stored copies: what does not match the manifest, one phrase per file."""
-    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in check_files(root, files, rep)]
+def verify_files(root: Path, files: list[FileRecord], rep: Reporter = QUIET, read: bool = True) -> list[str]:
+    """Re-read the stored copies: what does not match the manifest, one phrase per file. `read`
+    False: presence, type and size only (for files whose bytes the send checks as it reads them)."""
+    found = check_files(root, files, rep) if read else inspect_files(root, files)[0]
+    return [f"{p.path} ({p.kind}{': ' + p.detail if p.detail else ''})" for p in found]
 
 
 def files_to_send(m: Manifest, adapter_only: bool) -> tuple[list[FileRecord], list[str]]:

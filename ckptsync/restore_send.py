@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult
 
 
+
+class Rotted(IntegrityError):
+    """Backup files whose bytes, hashed as they were sent, do not match their manifest."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(f"changed in the backup directory while being sent: {', '.join(paths)}; nothing was put "
+                         "in place", hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
+        self.paths = paths
+
 class Sender:
     """One restore's staging on the server; adds what it sends to `result`."""
 
@@ -133,9 +142,7 @@ class Sender:
             rotted += rot
             wire_bytes += on_wire
         if rotted:
-            raise IntegrityError(
-                f"changed in the backup directory while being sent: {', '.join(rotted)}; nothing was put in place",
-                hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
+            raise Rotted(rotted)
         bad = [f.path for f in files
                if f.path not in arrived or arrived[f.path].size != f.size or arrived[f.path].hash != hashes.get(f.path)]
         if bad:

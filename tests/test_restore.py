@@ -156,9 +156,16 @@ def test_damaged_backup_is_refused_and_an_older_one_suggested(setup):
     flip_byte(damaged)
     res = restore(cfg, fresh, dest)
     assert res.returncode == 30, res.stderr
-    assert "checkpoint-12/optimizer.pt" in res.stderr and "nothing was sent" in res.stderr
-    assert "--checkpoint checkpoint-8" in res.stderr
-    assert not fresh.exists()
+    # Found as it was sent (the bytes are read once): nothing in place, the older one suggested,
+    # and what arrived whole staged, with the command that drops it.
+    assert "checkpoint-12/optimizer.pt (its bytes no longer match the manifest)" in res.stderr
+    assert "nothing was put in place" in res.stderr and "--checkpoint checkpoint-8" in res.stderr
+    assert sorted(os.listdir(fresh)) == [staging(fresh).name]
+    drop = re.search(r"to drop them: (.+?)\)\n", res.stderr).group(1)
+    assert shlex.split(drop)[0] == "ckptsync" and "--discard-staged" in drop
+    res = run_cli(*shlex.split(drop)[1:])   # pasted
+    assert res.returncode == 0, res.stderr
+    assert os.listdir(fresh) == []
 
     res = restore(cfg, fresh, dest, "--checkpoint", "checkpoint-8")
     assert res.returncode == 0, res.stderr

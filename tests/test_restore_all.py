@@ -41,7 +41,9 @@ def test_a_damaged_checkpoint_fails_alone_with_exit_3_and_a_summary(setup):
     assert "Traceback" not in res.stderr
     assert "checkpoint-8: the backup of checkpoint-8 is damaged" in res.stderr
     assert "restored 2 of 3 checkpoints" in res.stdout and "1 failed" in res.stdout
-    assert sorted(os.listdir(fresh)) == ["checkpoint-12", "checkpoint-4"]  # nothing under checkpoint-8, no staging
+    # Nothing under checkpoint-8: what arrived whole of it is staged, with the command that drops it.
+    assert sorted(os.listdir(fresh)) == [".ckptsync-staging-checkpoint-8", "checkpoint-12", "checkpoint-4"]
+    assert "--checkpoint checkpoint-8 --discard-staged" in res.stderr
     assert_same(server / "checkpoint-4", fresh / "checkpoint-4")
 
 
