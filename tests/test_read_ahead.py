@@ -8,7 +8,7 @@ import os
 import pytest
 
 import ckptsync.agent.direct as direct
-from ckptsync.agent.direct import READ_AHEAD, ahead_of
+from ckptsync.agent.direct import READ_AHEAD, ahead_of, files_to_ask
 from ckptsync.agent.frames import CHUNK
 from ckptsync.backup import BackupOptions, run_backup
 from ckptsync.server.inprocess import InProcessServer
@@ -79,3 +79,60 @@ def test_a_backup_asks_for_each_file_ahead_of_its_read(server_tree, tmp_path, mo
     # Every other file sent was asked for before its turn (as the next file, or at its start).
     sent = [p for p in (server_tree / "checkpoint-12").rglob("*") if p.is_file() and p != big]
     assert sent and all(str(p) in asked for p in sent), sorted(set(map(str, sent)) - set(asked))
+
+
+@pytest.mark.parametrize("weights, most_bytes, most_files", [
+    ([100] * 10, 250, 32), ([1] * 100, 1 << 30, 8), ([10 ** 9] * 3, 1 << 20, 32), ([0] * 5, 10, 2),
+    ([5, 500, 5, 5, 5, 5], 20, 32), ([], 10, 10), ([7], 10, 10),
+])
+def test_the_files_ahead_are_each_asked_for_once_before_their_turn(weights, most_bytes, most_files):
+    asked, calls = 0, []
+    for reading in range(len(weights)):
+        now = files_to_ask(weights, reading, asked, most_bytes, most_files)
+        calls.append((reading, asked, now))
+        assert now >= asked                                  # never asked for twice
+        assert now == len(weights) or now > reading + 1      # the next file is asked for before its turn
+        assert now - reading - 1 <= most_files                # no more files ahead than allowed
+        ahead = sum(weights[reading + 1:now])
+        assert ahead < most_bytes + max(weights[reading + 1:now], default=0), calls   # at most one file past the bound
+        asked = now
+    assert asked == len(weights) or not weights
+
+
+@needs_fadvise
+def test_a_batch_of_hashes_asks_for_the_files_ahead_of_their_turn(tmp_path, monkeypatch):
+    """Many small files hashed from a cold cache: the disk is asked for the next ones together."""
+    names = [f"f{i:03d}" for i in range(80)]
+    for n in names:
+        (tmp_path / n).write_bytes(os.urandom(3000))
+    order: list[tuple[str, str]] = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            order.append(("asked", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real(fd, offset, length, advice)
+
+    import ckptsync.agent.hashing as hashing
+    from ckptsync.agent.scan import op_hash
+    real_hash = hashing.hash_listed
+
+    def hashed(path, *args, **kwargs):
+        order.append(("read", os.path.basename(path)))
+        return real_hash(path, *args, **kwargs)
+
+    monkeypatch.setattr(direct, "_FADVISE", record)
+    monkeypatch.setattr("ckptsync.agent.scan.hash_listed", hashed)
+    stamps = {}
+    for n in names:   # what a backup's listing gives: the sizes bound how far ahead it asks
+        st = os.stat(tmp_path / n)
+        stamps[n] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    got = op_hash({"root": str(tmp_path), "paths": names, "alg": "sha256", "stamps": stamps})
+    assert sorted(got["hashes"]) == names and all(isinstance(h, str) for h in got["hashes"].values())
+    reads = [n for what, n in order if what == "read"]
+    assert reads == names
+    for n in names[1:]:   # each file after the first was asked for before it was read, and once
+        assert order.index(("asked", n)) < order.index(("read", n))
+        assert order.count(("asked", n)) == 1
+    first_read = order.index(("read", names[0]))
+    assert sum(1 for what, _n in order[:first_read + 1] if what == "asked") >= direct.PREFETCH_FILES   # together

@@ -214,3 +214,44 @@ def prefetch(path, offset=0):
         read_ahead(fd, offset)
     finally:
         os.close(fd)
+
+
+# Files read one after another (a send, a batch of hashes): many small ones from a cold cache
+# would each wait on the disk in turn. The first bytes of the next few are asked for while one is
+# read, so the disk reads several at once: up to PREFETCH_BYTES (each counted as the part of it
+# prefetch asks for) and PREFETCH_FILES files past the one being read.
+PREFETCH_BYTES = 32 << 20
+PREFETCH_FILES = 32
+
+
+def files_to_ask(weights, reading, asked, most_bytes=PREFETCH_BYTES, most_files=PREFETCH_FILES):
+    """How far the files asked for should reach once file `reading` is being read: the new
+    `asked` (files [0, asked) have been asked for), given each file's weight (the bytes its
+    prefetch asks for). At least one file past `reading` when there is one. Pure."""
+    asked = max(asked, reading + 1)
+    held = sum(weights[reading + 1:asked])
+    while asked < len(weights) and asked - reading <= most_files and held < most_bytes:
+        held += weights[asked]
+        asked += 1
+    return asked
+
+
+class Prefetcher:
+    """Asks for the files of `items` ahead of their reader, as files_to_ask says. `items`: (path
+    or None, offset, size or None) in reading order; None paths are skipped (their own read
+    reports what is wrong)."""
+
+    def __init__(self, items):
+        self.items = items
+        self.weights = [READ_AHEAD if size is None else max(0, min(size, READ_AHEAD)) for _p, _o, size in items]
+        self.asked = 0
+
+    def reading(self, i):
+        """File i is about to be read."""
+        if _FADVISE is None:
+            return
+        upto = files_to_ask(self.weights, i, self.asked)
+        for path, offset, _size in self.items[max(self.asked, i + 1):upto]:
+            if path is not None:
+                prefetch(path, offset)
+        self.asked = max(self.asked, upto)

@@ -11,6 +11,7 @@ import zipfile
 
 from ckptsync.agent.frames import HOLD_DIR, LOCK_NAME, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_file, hash_listed, hash_names
+from ckptsync.agent.direct import Prefetcher
 from ckptsync.agent.paths import resolve
 
 META_NAMES = ("trainer_state.json", "metadata.json")
@@ -304,7 +305,9 @@ def op_hash(req):
     alg = req.get("alg", hash_names()[0])
     stamps = req.get("stamps") or {}
     out = {}
-    for rel in req["paths"]:
+    ahead = Prefetcher([(_resolved(req["root"], rel), 0, _stamped_size(stamps.get(rel))) for rel in req["paths"]])
+    for i, rel in enumerate(req["paths"]):
+        ahead.reading(i)
         try:
             if rel in stamps:
                 digest = hash_listed(resolve(req["root"], rel), alg, stamps[rel])
@@ -314,6 +317,20 @@ def op_hash(req):
         except OSError as exc:
             out[rel] = {"__error__": str(os_failure(exc, rel))}
     return {"alg": alg, "hashes": out}
+
+
+def _resolved(root, rel):
+    try:
+        return resolve(root, rel)
+    except Failure:
+        return None   # its own resolve reports it
+
+
+def _stamped_size(stamp):
+    try:
+        return int(stamp[0])
+    except (TypeError, IndexError, ValueError):
+        return None
 
 
 def op_glob(req):

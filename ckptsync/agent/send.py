@@ -5,7 +5,7 @@ import os
 import stat
 import tarfile
 
-from ckptsync.agent.direct import ReadAhead, prefetch
+from ckptsync.agent.direct import Prefetcher, ReadAhead
 from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_names, new_hash, unlike_listing
 from ckptsync.agent.paths import resolve
@@ -128,16 +128,16 @@ def chan_put_record(sender, record):
     sender._put(b"H", json.dumps(record).encode("utf-8"))
 
 
-def _prefetch_next(root, entry):
-    """The next file's first bytes come off the disk while this one is sent (many small files
-    from a cold cache would otherwise wait on the disk one by one). Its own send reports a bad entry."""
+def _prefetch_item(root, entry):
+    """(path, offset, size) of a send entry for the Prefetcher; a bad entry is (None, 0, 0): its
+    own send reports it."""
     try:
         if isinstance(entry, dict):
-            prefetch(resolve(root, entry["source"]), int(entry["start"]))
-        else:
-            prefetch(resolve(root, entry[0]))
+            return resolve(root, entry["source"]), int(entry["start"]), int(entry["length"])
+        stamp = entry[4] if len(entry) >= 5 else None
+        return resolve(root, entry[0]), 0, int(stamp[0]) if stamp else None
     except (Failure, KeyError, IndexError, TypeError, ValueError):
-        pass
+        return None, 0, 0
 
 
 def op_send(chan, req, memory=None):
@@ -160,9 +160,9 @@ def op_send(chan, req, memory=None):
                     receiver_lzma=bool(req.get("lzma", True)))
     files = req["files"]
     try:
+        ahead = Prefetcher([_prefetch_item(root, entry) for entry in files])
         for i, entry in enumerate(files):
-            if i + 1 < len(files):
-                _prefetch_next(root, files[i + 1])
+            ahead.reading(i)
             if isinstance(entry, dict):
                 send_one(sender, chan, resolve(root, entry["source"]), entry["member"], alg,
                          int(entry.get("offset", 0)), entry.get("hash"), int(entry["start"]), int(entry["length"]),
