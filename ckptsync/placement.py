@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from ckptsync.agent import Failure, hash_file
 from ckptsync.commit import record
 from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
 from ckptsync.digests import XXH3, LocalDigests
@@ -25,6 +26,7 @@ from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import FileRecord, Manifest, Verified
 
 Index = dict[tuple[str, int, int], list[tuple[Path, FileRecord]]]   # (hash, size, mode) -> stored files
+SAMPLE = 1 << 20   # bytes of a large candidate compared first (Placement._hashes)
 
 if TYPE_CHECKING:
     from ckptsync.backup_plan import BackupResult
@@ -39,6 +41,7 @@ class Placement:
         self.digests = digests    # the stored files' hashes in the server's algorithm
         self.rep = rep
         self._index: Index | None = None
+        self._heads: dict[tuple[Path, str], str | None] = {}   # (stored path, alg) -> hash of its first SAMPLE bytes
 
     def known(self, server: Server, root: str, todo: dict[str, list[str]], listed: Mapping[str, Mapping[str, FileStat]],
               progress: dict[str, dict[str, Verified]],
@@ -59,10 +62,9 @@ class Placement:
         if not candidates:
             return {}
         alg = server.best_hash
-        hashes = server.hash(root, [source(p) for _name, p in candidates], alg,   # `source`: where it is read
-                             listed={source(p): listed[name][p] for name, p in candidates})
+        hashes = self._hashes(server, root, candidates, listed, source, alg, sources)
         by_alg = sources if alg == XXH3 else self.sources_in(alg, {(listed[n][p].size, listed[n][p].mode)
-                                                                  for n, p in candidates})
+                                                                  for n, p in candidates if source(p) in hashes})
         touched, first, twins = set(), {}, {}
         for name, p in candidates:
             size, mtime_ns, mode = listed[name][p].size, listed[name][p].mtime_ns, listed[name][p].mode
@@ -91,6 +93,48 @@ class Placement:
         for name in sorted(touched):
             self.store.save_progress(name, progress[name])
         return twins
+
+    def _hashes(self, server: Server, root: str, candidates: list[tuple[str, str]],
+                listed: Mapping[str, Mapping[str, FileStat]], source: Callable[[str], str], alg: str,
+                sources: Index) -> dict[str, str]:
+        """The server's hashes of the candidates that can share content, by where they are read.
+
+        A file larger than SAMPLE is read whole only when its first SAMPLE bytes are those of a
+        stored file or of another candidate of its size and mode: training writes its tensors anew
+        at each save, so a file that merely has a stored file's size (every optimizer state of a
+        run does) is then not read twice, once here and once for the transfer."""
+        stamps = {source(p): listed[name][p] for name, p in candidates}
+        heads = server.hash(root, list(stamps), alg, listed=stamps, limit=SAMPLE)
+        out = {path: digest for path, digest in heads.values.items() if stamps[path].size <= SAMPLE}
+        big = [(path, st) for path, st in stamps.items() if st.size > SAMPLE and heads.get(path)]
+        if not big:
+            return out
+        seen = Counter((heads.get(path), st.size, st.mode) for path, st in big)
+        stored = self._stored_heads(alg, {(st.size, st.mode) for _path, st in big}, sources)
+        again = [path for path, st in big if seen[(heads.get(path), st.size, st.mode)] > 1
+                 or (heads.get(path), st.size, st.mode) in stored]
+        if again:
+            out.update(server.hash(root, again, alg, listed={p: stamps[p] for p in again}).values)
+        return out
+
+    def _stored_heads(self, alg: str, keys: set[tuple[int, int]], sources: Index) -> set[tuple[str, int, int]]:
+        """(hash of the first SAMPLE bytes in `alg`, size, mode) of the stored files of these
+        (size, mode), read from their stored copies (once per run)."""
+        out = set()
+        for (_x, size, mode), found in sources.items():
+            if (size, mode) not in keys:
+                continue
+            for path, _f in found:
+                key = (path, alg)
+                if key not in self._heads:
+                    try:
+                        self._heads[key] = hash_file(path, alg, limit=SAMPLE)
+                    except (OSError, Failure):
+                        self._heads[key] = None
+                if self._heads[key] is not None:
+                    out.add((self._heads[key], size, mode))
+                    break
+        return out
 
     def twin(self, listed: Mapping[str, Mapping[str, FileStat]], progress: dict[str, dict[str, Verified]],
              name: str, p: str, origin: str, q: str) -> None:

@@ -201,8 +201,8 @@ class ReadAhead:
             read_ahead(self.fd, self.at + more[0], more[1])
 
 
-def prefetch(path, offset=0):
-    """Start reading READ_AHEAD bytes from `offset` of the file at path into the cache; nothing if
+def prefetch(path, offset=0, length=READ_AHEAD):
+    """Start reading `length` bytes from `offset` of the file at path into the cache; nothing if
     it cannot be opened (its own read reports that)."""
     if _FADVISE is None:
         return
@@ -211,7 +211,7 @@ def prefetch(path, offset=0):
     except (OSError, ValueError):
         return
     try:
-        read_ahead(fd, offset)
+        read_ahead(fd, offset, length)
     finally:
         os.close(fd)
 
@@ -251,7 +251,8 @@ class Prefetcher:
         if _FADVISE is None:
             return
         upto = files_to_ask(self.weights, i, self.asked)
-        for path, offset, _size in self.items[max(self.asked, i + 1):upto]:
-            if path is not None:
-                prefetch(path, offset)
+        for k in range(max(self.asked, i + 1), upto):
+            path, offset, _size = self.items[k]
+            if path is not None and self.weights[k]:
+                prefetch(path, offset, self.weights[k])
         self.asked = max(self.asked, upto)

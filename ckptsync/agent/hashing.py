@@ -61,17 +61,19 @@ def unlike_listing(stamp, st):
     return not (len(stamp) > 4 and 0 < st.st_nlink < int(stamp[4]))
 
 
-def hash_listed(path, alg, stamp):
-    """The file's hash, or None when the open file is not (or stops being) the one listed with `stamp`."""
+def hash_listed(path, alg, stamp, limit=None):
+    """The file's hash (with `limit`, of its first `limit` bytes), or None when the open file is not
+    (or stops being) the one listed with `stamp`."""
     h = new_hash(alg)
     with open(path, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
         if unlike_listing(stamp, st):
             return None
-        left = st.st_size
-        while True:
-            # Sized to what is left: a read of CHUNK would allocate CHUNK bytes for a small file.
-            block = f.read(min(CHUNK, left) if left > 0 else CHUNK)
+        # The listed size is read, no more: a file that grew or shrank fails the stamp below. Each
+        # read is sized to what is left, since a read of CHUNK allocates CHUNK bytes for a small file.
+        left = st.st_size if limit is None else min(st.st_size, limit)
+        while left > 0:
+            block = f.read(min(CHUNK, left))
             if not block:
                 break
             h.update(block)

@@ -304,16 +304,18 @@ def op_hash(req):
     file still matches that stamp (else an error entry: the bytes would not be the listed file's)."""
     alg = req.get("alg", hash_names()[0])
     stamps = req.get("stamps") or {}
+    limit = req.get("limit")   # the first `limit` bytes of each file only
     out = {}
-    ahead = Prefetcher([(_resolved(req["root"], rel), 0, _stamped_size(stamps.get(rel))) for rel in req["paths"]])
+    ahead = Prefetcher([(_resolved(req["root"], rel), 0, _ahead_size(stamps.get(rel), limit))
+                        for rel in req["paths"]])
     for i, rel in enumerate(req["paths"]):
         ahead.reading(i)
         try:
             if rel in stamps:
-                digest = hash_listed(resolve(req["root"], rel), alg, stamps[rel])
+                digest = hash_listed(resolve(req["root"], rel), alg, stamps[rel], limit)
                 out[rel] = digest if digest is not None else {"__error__": "changed since the listing: %s" % rel}
             else:
-                out[rel] = hash_file(resolve(req["root"], rel), alg)
+                out[rel] = hash_file(resolve(req["root"], rel), alg, limit=limit)
         except OSError as exc:
             out[rel] = {"__error__": str(os_failure(exc, rel))}
     return {"alg": alg, "hashes": out}
@@ -326,11 +328,13 @@ def _resolved(root, rel):
         return None   # its own resolve reports it
 
 
-def _stamped_size(stamp):
+def _ahead_size(stamp, limit):
+    """The bytes of a file a batch of hashes reads, where the listing or the limit tells."""
     try:
-        return int(stamp[0])
+        size = int(stamp[0])
     except (TypeError, IndexError, ValueError):
-        return None
+        size = None
+    return limit if size is None or (limit is not None and limit < size) else size
 
 
 def op_glob(req):

@@ -157,10 +157,12 @@ class AgentServer(Server):
         return out
 
     def hash(self, root: str, paths: Iterable[str], alg: str | None = None,
-             listed: Mapping[str, FileStat] | None = None) -> Hashes:
+             listed: Mapping[str, FileStat] | None = None, limit: int | None = None) -> Hashes:
         alg = alg or self.best_hash
         paths = list(paths)
         args = {"stamps": {p: listed[p].stamp for p in paths if p in listed}} if listed else {}
+        if limit is not None:
+            args["limit"] = limit
         got = self._call("hash", root=root, paths=paths, alg=alg, **args).get("hashes", {})
         out = Hashes(alg=alg)
         for p in paths:

@@ -150,9 +150,10 @@ class Server(ABC):
 
     @abstractmethod
     def hash(self, root: str, paths: Iterable[str], alg: str | None = None,
-             listed: Mapping[str, FileStat] | None = None) -> Hashes:
-        """Hashes of files. A path in `listed` is hashed only while its open file still has the
-        listing's stamp (size, mtime, inode, ctime); otherwise it is an error entry."""
+             listed: Mapping[str, FileStat] | None = None, limit: int | None = None) -> Hashes:
+        """Hashes of files (with `limit`, of their first `limit` bytes). A path in `listed` is hashed
+        only while its open file still has the listing's stamp (size, mtime, inode, ctime);
+        otherwise it is an error entry."""
 
     @abstractmethod
     def df(self, path: str) -> Space: ...
