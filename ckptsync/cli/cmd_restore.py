@@ -50,8 +50,7 @@ def restore_cmd(
     restored, with exit 3 and a line per failure.
     """
     from ckptsync import datapath
-    from ckptsync.restore import RestoreOptions
-    from ckptsync.stores import open_store
+    from ckptsync.stores import ability, open_store
 
     if generation is not None and not checkpoint:
         raise UsageError("--generation needs --checkpoint NAME (list --generations shows them)")
@@ -64,11 +63,7 @@ def restore_cmd(
             raise UsageError(f"--all restores every checkpoint whole: it cannot be combined with {', '.join(given)}")
     if extra_file and no_extra_files:
         raise UsageError("give --extra-file or --no-extra-files, not both")
-    opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
-                          force=force, dry_run=dry_run, compress=o.parse_compress(compress),
-                          extra_files_to=extra_files_to, discard_staged=discard_staged,
-                          extra_files_only=extra_files_only, generation=generation,
-                          extra_paths=tuple(extra_file or ()))
+    compression = o.parse_compress(compress)
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     t = o.with_parallel([t], parallel)[0]
     store = open_store(t)
@@ -76,6 +71,15 @@ def restore_cmd(
                                    "--adapter-only": adapter_only, "--extra-files-only": extra_files_only,
                                    "--extra-file": bool(extra_file), "--discard-staged": discard_staged,
                                    "--dry-run": dry_run})
+    if ability(store, "files_here") and not ability(store, "local_copy") and t.transport is not None:
+        t.transport.prestart()   # the login and the server's Python start while the restore's code loads
+    from ckptsync.restore import RestoreOptions
+
+    opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,
+                          force=force, dry_run=dry_run, compress=compression,
+                          extra_files_to=extra_files_to, discard_staged=discard_staged,
+                          extra_files_only=extra_files_only, generation=generation,
+                          extra_paths=tuple(extra_file or ()))
     out = output()
     out.info(datapath.restore_line(t, store, every=all_))
     if all_:
