@@ -14,14 +14,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from ckptsync.agent import Failure, hash_file
 from ckptsync.commit import record
 from ckptsync.dedup import COPY, LINK, REFLINK, pick_source, place_copy, share_copy
 from ckptsync.digests import XXH3, LocalDigests
 from ckptsync.policy import human
 from ckptsync.progress import Reporter
 from ckptsync.server import FileStat, Server
-from ckptsync.disk import io_error
+from ckptsync.disk import io_error, new_hasher
 from ckptsync.stores.directory import DirectoryStore
 from ckptsync.stores.manifest import FileRecord, Manifest, Verified
 
@@ -127,10 +126,7 @@ class Placement:
             for path, _f in found:
                 key = (path, alg)
                 if key not in self._heads:
-                    try:
-                        self._heads[key] = hash_file(path, alg, limit=SAMPLE)
-                    except (OSError, Failure):
-                        self._heads[key] = None
+                    self._heads[key] = head_hash(path, alg)
                 if self._heads[key] is not None:
                     out.add((self._heads[key], size, mode))
                     break
@@ -248,3 +244,15 @@ def _same_inode(a: Path, b: os.stat_result) -> bool:
         return os.path.samestat(os.stat(a), b)
     except FileNotFoundError:
         return False
+
+
+def head_hash(path: Path, alg: str) -> str | None:
+    """The hash in `alg` of the first SAMPLE bytes of a stored file; None when it cannot be read
+    (or this side has no such algorithm): the candidate is then not placed from it."""
+    try:
+        h = new_hasher(alg)
+        with open(path, "rb") as f:
+            h.update(f.read(SAMPLE))
+    except (OSError, ValueError):
+        return None
+    return h.hexdigest()

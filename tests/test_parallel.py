@@ -515,8 +515,8 @@ def test_a_split_file_damaged_in_the_backup_is_not_put_in_place(server_tree, tmp
     with pytest.raises(IntegrityError) as caught:
         run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False, compress="off"), connect=servers)
     assert rotted == [True]
-    assert caught.value.message == ("changed in the backup directory while being sent: checkpoint-12/big.bin; "
-                                    "nothing was put in place")
+    assert caught.value.message.startswith("the backup of checkpoint-12 is damaged, nothing was put in place: "
+                                           "checkpoint-12/big.bin (its bytes no longer match the manifest)")
     assert not (fresh / "checkpoint-12").exists()
 
 
