@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ckptsync.restore import RestoreResult
 
 
-
 class Rotted(IntegrityError):
     """Backup files whose bytes, hashed as they were sent, do not match their manifest."""
 
@@ -33,6 +32,7 @@ class Rotted(IntegrityError):
         super().__init__(f"changed in the backup directory while being sent: {', '.join(paths)}; nothing was put "
                          "in place", hint="the backup copy is damaged: restore an older checkpoint with --checkpoint NAME")
         self.paths = paths
+
 
 class Sender:
     """One restore's staging on the server; adds what it sends to `result`."""

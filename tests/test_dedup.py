@@ -173,12 +173,20 @@ def test_same_content_mode_and_mtime_is_shared_under_the_default(server_tree: Pa
     assert verified.exit_code == OK and mtime_warnings(verified) == {}
 
 
-def test_place_copy_reports_what_it_did(tmp_path: Path, reflinks: bool) -> None:
-    src = tmp_path / "stored.bin"
-    src.write_bytes(os.urandom(100_000))
+WHEN = 1_700_000_000_123_456_789
+
+
+def stored_file(folder: Path, size: int) -> Path:
+    """folder/stored.bin: `size` random bytes, mode 0644, mtime WHEN."""
+    src = folder / "stored.bin"
+    src.write_bytes(os.urandom(size))
     os.chmod(src, 0o644)
-    when = 1_700_000_000_123_456_789
-    os.utime(src, ns=(when, when))
+    os.utime(src, ns=(WHEN, WHEN))
+    return src
+
+
+def test_place_copy_reports_what_it_did(tmp_path: Path, reflinks: bool) -> None:
+    src, when = stored_file(tmp_path, 100_000), WHEN
 
     same = tmp_path / "same.bin"
     how = place_copy(src, same, when, 0o644, "reflink")
@@ -208,24 +216,20 @@ def test_a_link_replaces_what_is_at_its_name_and_leaves_no_temporary(tmp_path: P
                                                                      policy: str) -> None:
     """A hard link goes straight to a free name; an occupied one (a stale staged copy, a
     killed run's temporary beside it) is replaced in one rename."""
-    tmp_path = tmp_path / "here"
-    tmp_path.mkdir()
-    src = tmp_path / "stored.bin"
-    src.write_bytes(os.urandom(10_000))
-    os.chmod(src, 0o644)
-    when = 1_700_000_000_123_456_789
-    os.utime(src, ns=(when, when))
-    taken = tmp_path / "taken.bin"
+    here = tmp_path / "here"   # apart from what the reflinks fixture leaves in tmp_path
+    here.mkdir()
+    src = stored_file(here, 10_000)
+    taken = here / "taken.bin"
     taken.write_bytes(b"stale")
-    (tmp_path / ".ckptsync-place-taken.bin").write_bytes(b"left by a killed run")
-    how = place_copy(src, taken, when, 0o644, policy)
+    (here / ".ckptsync-place-taken.bin").write_bytes(b"left by a killed run")
+    how = place_copy(src, taken, WHEN, 0o644, policy)
     assert how == ("reflink" if reflinks and policy == "reflink" else "link")
     assert taken.read_bytes() == src.read_bytes()
     assert (ino(taken) == ino(src)) == (how == "link")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stored.bin", "taken.bin"]
+    assert sorted(p.name for p in here.iterdir()) == ["stored.bin", "taken.bin"]
     with pytest.raises(FileNotFoundError):
-        place_copy(tmp_path / "gone.bin", tmp_path / "new.bin", when, 0o644, policy)
-    assert not (tmp_path / "new.bin").exists()
+        place_copy(here / "gone.bin", here / "new.bin", WHEN, 0o644, policy)
+    assert not (here / "new.bin").exists()
 
 
 def test_config_key_reaches_the_target(tmp_path: Path) -> None:
