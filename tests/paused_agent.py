@@ -15,7 +15,7 @@ GATE, AT = sys.argv[2], int(sys.argv[3])
 
 from ckptsync import agent  # noqa: E402
 from ckptsync.agent.codec import DATA_FRAMES  # noqa: E402
-from ckptsync.agent.serve import serve  # noqa: E402
+from ckptsync.agent.serve import serve, stdio_channel  # noqa: E402
 
 
 class PausingChannel(agent.Channel):
@@ -36,4 +36,4 @@ out, inp = sys.stdout.buffer, sys.stdin.buffer
 out.write(b"\nCKPTSYNC-AGENT-READY\n")
 out.flush()
 inp.read(int(inp.readline()))  # the shipped payload: this wrapper runs the repository's agent instead
-serve(PausingChannel(inp, out))
+serve(stdio_channel(PausingChannel))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,7 +107,111 @@ def test_awkward_file_names_round_trip(tmp_path, server_tree, request, via):
 
 
 PAUSED = Path(__file__).resolve().parent / "paused_agent.py"
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
 PAUSE_AT = 48 << 20   # bytes of file data from the server: inside big.bin, far from either end of it
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (R, S, T ...), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _until(what: str, ready) -> None:
+    """Wait for a state of another process that is sure to come; HANG only bounds a hang."""
+    deadline = time.monotonic() + HANG
+    while not ready():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.005)
+
+
+def _blocked_writing_a_pipe(pid: int) -> bool:
+    """Whether a thread of the process sleeps inside a write to a pipe (a full one)."""
+    return any((t / "wchan").read_text().endswith("pipe_write") for t in Path(f"/proc/{pid}/task").iterdir())
+
+
+def _child(pid: int) -> int:
+    kids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and p.joinpath("stat").exists()
+            and int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def _stopped_mid_write(argv: list[str], gate: Gate, writer: str) -> tuple[int, str]:
+    """Run the CLI (argv) to the gate, then cut a pipe write of `writer` ("agent" or "client") short:
+    the other end stops reading, the writer fills the pipe and blocks in its write, and a stop and
+    continue makes that write return part done. The exit code and stderr of the run."""
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = {"client": proc.pid}
+    try:
+        err = Lines(proc.stderr)
+        Lines(proc.stdout)
+        gate.reached()
+        pids["agent"] = _child(proc.pid)
+        wrote, read = pids[writer], pids["agent" if writer == "client" else "client"]
+        os.kill(read, signal.SIGSTOP)
+        _until("stopped the reading end", lambda: _state(read) == "T")
+        gate.release()
+        _until("filled the pipe", lambda: _blocked_writing_a_pipe(wrote))
+        os.kill(wrote, signal.SIGSTOP)
+        _until("stopped the writing end", lambda: _state(wrote) == "T")
+        os.kill(wrote, signal.SIGCONT)
+        os.kill(read, signal.SIGCONT)
+        return proc.wait(HANG), err.text()
+    finally:
+        gate.release()
+        if proc.poll() is None:
+            for pid in pids.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+def _with_big_file(server_tree: Path) -> Path:
+    big = server_tree / "checkpoint-12" / "big.bin"
+    with open(big, "wb") as f:
+        f.write(os.urandom(24 << 20))
+    old = time.time() - 1000
+    os.utime(big, (old, old))
+    return big
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc/PID/wchan (Linux)")
+def test_a_server_stopped_in_the_middle_of_a_write_loses_no_bytes(tmp_path, server_tree):
+    """A stop and continue (kill -STOP, a frozen cgroup, a suspend) cuts a blocked pipe write short.
+    The agent goes on from where the write stopped; the backup is whole."""
+    big = _with_big_file(server_tree)
+    gate = Gate(tmp_path / "gate")   # the agent waits once 4 MiB of the 24 are out
+    cfg = tmp_path / "paused.yaml"
+    cfg.write_text(json.dumps({"instances": {"7": {"command": [
+        sys.executable, str(PAUSED), str(Path(__file__).resolve().parents[1]), str(gate.dir), str(4 << 20)]}}}))
+    dest = tmp_path / "b"
+    code, err = _stopped_mid_write(
+        [sys.executable, "-m", "ckptsync", "backup", "--remote-dir", str(server_tree), "--local-dir", str(dest),
+         "-i", "7", "--config", str(cfg), "--checkpoint", "checkpoint-12", "--compress", "off", "--parallel", "1"],
+        gate, "agent")
+    assert code == 0, err
+    assert (dest / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
+    assert tree_digest(dest / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc/PID/wchan (Linux)")
+def test_a_client_stopped_in_the_middle_of_a_write_loses_no_bytes(tmp_path, server_tree):
+    """The other direction: a restore's own write to the server, cut short by a stop (Ctrl-Z, then fg)."""
+    big = _with_big_file(server_tree)
+    store = tmp_path / "b"
+    made = run_cli("backup", "--remote-dir", server_tree, "--local-dir", store, "--checkpoint", "checkpoint-12")
+    assert made.returncode == 0, made.stderr
+    fresh = tmp_path / "fresh-server"
+    gate = Gate(tmp_path / "gate")   # the client waits before it sends big.bin
+    code, err = _stopped_mid_write(
+        [sys.executable, str(PAUSED_CLI), "ckptsync.server.remote:Upload.add", "big.bin", str(gate.dir),
+         "restore", "--remote-dir", str(fresh), "--local-dir", str(store), "--checkpoint", "checkpoint-12",
+         "--compress", "off", "--parallel", "1"],
+        gate, "client")
+    assert code == 0, err
+    assert (fresh / "checkpoint-12" / "big.bin").read_bytes() == big.read_bytes()
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")

@@ -13,12 +13,14 @@ nothing else still advances. Paths only ever travel inside frames.
 
 import errno
 import json
+import os
 import struct
 import threading
 
 PROTOCOL = 1
 CHUNK = 1 << 20
 DIRECT_READ = 64 << 10   # a frame body from this size on is read in place (Channel._exact_into)
+JOINED = 64 << 10        # a frame body up to this size goes out in one write with its header
 HEADER = struct.Struct(">cI")
 BEAT = b"K"
 BEAT_COUNT = struct.Struct(">Q")
@@ -52,6 +54,24 @@ def os_failure(exc, path):
     return Failure(kind, "%s: %s" % (getattr(exc, "strerror", None) or exc, path), path)
 
 
+class PipeWriter:
+    """A file descriptor written without a buffer in between. A signal can cut a write to a pipe
+    short (a process stopped and continued, a frozen cgroup, a laptop's suspend): the rest is
+    written from where it stopped. Python's buffered writer over a pipe lost bytes there."""
+
+    def __init__(self, fd, write=os.write):
+        self.fd = fd
+        self.write_fd = write   # os.write; a test passes one that writes less
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self.write_fd(self.fd, view):]
+
+    def flush(self):
+        pass
+
+
 class Channel:
     def __init__(self, rfile, wfile):
         self.rfile = rfile
@@ -59,9 +79,12 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, kind, payload=b""):
+        head = HEADER.pack(kind, len(payload))
         with self.lock:
-            self.wfile.write(HEADER.pack(kind, len(payload)))
-            if payload:
+            if len(payload) <= JOINED:
+                self.wfile.write(b"".join((head, payload)))   # one write for a small frame
+            else:
+                self.wfile.write(head)
                 self.wfile.write(payload)
             self.wfile.flush()
 

@@ -8,7 +8,7 @@ import sys
 import sysconfig
 import time
 
-from ckptsync.agent.frames import PROTOCOL, Channel, Failure, Heartbeat, os_failure
+from ckptsync.agent.frames import PROTOCOL, Channel, Failure, Heartbeat, PipeWriter, os_failure
 from ckptsync.agent.hashing import hash_names
 from ckptsync.agent.codec import lzma, zstd_library
 from ckptsync.agent.scan import op_df, op_glob, op_hash, op_scan, op_stat
@@ -132,6 +132,11 @@ def _serve(chan, memory, held, watchers, beat):
             chan.send_json({"kind": "internal", "message": "%s: %s" % (type(exc).__name__, exc)}, b"X")
 
 
+def stdio_channel(kind=Channel):
+    """The agent's channel: requests on stdin, frames written straight to stdout's pipe."""
+    return kind(sys.stdin.buffer, PipeWriter(sys.stdout.fileno()))
+
+
 def main():
     widen_pipes((0, 1))
-    serve(Channel(sys.stdin.buffer, sys.stdout.buffer))
+    serve(stdio_channel())

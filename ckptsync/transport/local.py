@@ -30,8 +30,12 @@ class Subprocess(Process):
             osdeps.widen_pipe(pipe.fileno())
 
     def write(self, data: bytes) -> None:
+        # The pipe is unbuffered (bufsize=0): a write that a signal cuts short (a stop and continue,
+        # a suspend) returns what it wrote, and the rest is written from there.
+        view = memoryview(data).cast("B")
         try:
-            self.proc.stdin.write(data)
+            while view:
+                view = view[self.proc.stdin.write(view):]
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise ConnectError(f"connection lost: {exc}") from None
 
