@@ -731,3 +731,82 @@ def test_each_openssh_connection_has_a_master_of_its_own(monkeypatch, tmp_path):
     assert len(set(paths)) == 4 and paths[0] == control(first)
     assert control(first.lane(2)) == paths[2]   # the same lane, the same master
     assert first.lane(2).argv()[:-6] == first.argv()[:-6]   # the same login otherwise
+
+
+class Meeting(InProcessServer):
+    """An in-process server whose open() waits until `barrier` has every party inside an open():
+    channels opened one after another never get there (the wait breaks at HANG)."""
+
+    def __init__(self, barrier: threading.Barrier, log: list) -> None:
+        super().__init__()
+        self.barrier = barrier
+        self.log = log
+        self.lane = 0
+
+    def use_connection(self, lane: int) -> None:
+        self.lane = lane
+
+    def open(self) -> None:
+        self.log.append(("in", self.lane))
+        self.barrier.wait()
+        super().open()
+
+
+def test_the_channels_of_a_transfer_open_together():
+    """On a long link each open costs several round trips: three extra channels took three times
+    that. Here each open waits for the other two to be opening too."""
+    from ckptsync.server.parallel import Channels
+
+    barrier = threading.Barrier(3, timeout=HANG)
+    log: list = []
+    with InProcessServer() as first:
+        channels = Channels(first, lambda: Meeting(barrier, log), 4)
+        try:
+            got = channels.take(4)
+            assert len(got) == 4 and got[0] is first and len({id(s) for s in got}) == 4
+            assert not barrier.broken and channels.warning == ""
+        finally:
+            channels.close()
+
+
+def test_a_new_connections_first_channel_opens_before_the_others_on_it():
+    """Eight channels are two ssh connections: the second one's first channel starts its master
+    (alongside the channels of the first connection); the three after it open once it has, and
+    share it."""
+    from ckptsync.server.parallel import Channels
+
+    barrier = threading.Barrier(4, timeout=HANG)   # lane 0's three new channels and lane 1's first
+    later = threading.Barrier(3, timeout=HANG)     # lane 1's other three
+    log: list = []
+
+    class Lanes(Meeting):
+        def use_connection(self, lane: int) -> None:
+            super().use_connection(lane)
+            if lane == 1 and ("lane", 1) in log:
+                self.barrier = later
+            log.append(("lane", lane))
+
+    with InProcessServer() as first:
+        channels = Channels(first, lambda: Lanes(barrier, log), 8)
+        try:
+            got = channels.take(8)
+            assert len(got) == 8 and channels.warning == ""
+            opened = [lane for kind, lane in log if kind == "in"]
+            assert sorted(opened[:4]) == [0, 0, 0, 1] and opened[4:] == [1, 1, 1]
+        finally:
+            channels.close()
+
+
+def test_quick_requests_the_run_made_count_as_round_trip_samples():
+    """A restore has asked stat, staged and df before its transfer: their answers give the round
+    trip, and no ping is sent (each is a round trip of its own on a long link)."""
+    def no_clock() -> float:
+        raise AssertionError("pinged")
+
+    with InProcessServer() as server:
+        server.remote.quick_answers.clear()
+        for _ in range(3):
+            server.stat("/", ["."])
+        before = server.round_trips
+        assert server.round_trip(clock=no_clock) < 5.0   # an answer on this machine; the bound is a margin
+        assert server.round_trips == before

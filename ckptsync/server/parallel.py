@@ -65,33 +65,99 @@ class Channels:
         return self.wanted if self.asked else max(1, min(self.wanted, nbytes // SHARE_MIN))
 
     def take(self, k: int) -> list[Server]:
+        """The first `k` channels (at most `wanted`), opening those missing. They open together: each
+        costs its own round trips (a session, the agent's start, its hello), which on a long link
+        add up to seconds one after another. A connection's first channel starts that connection
+        (its ssh master) before the others on it open, so that they share it."""
         spread = connections(self.wanted)
-        while len(self.servers) < min(k, self.wanted):
+        want = min(k, self.wanted)
+        new: list[tuple[int, Server]] = []   # (the connection it goes over, the server)
+        while len(self.servers) + len(new) < want:
             server = self.open_more()
-            if any(server is s for s in self.servers):  # a factory that hands out one server
-                self._wanted = len(self.servers)
+            if any(server is s for s in (*self.servers, *(s for _lane, s in new))):
+                want = len(self.servers) + len(new)   # a factory that hands out one server
+                self._wanted = want
                 break
-            try:
-                server.use_connection(len(self.servers) % spread)   # round robin: as many on each
-                server.open()
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    server.close(polite=False)
-                if not isinstance(exc, ConnectError):
-                    raise
-                self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
-                                f"another failed: {exc.message}")
-                self._wanted = len(self.servers)
-                break
-            self.servers.append(server)
+            lane = (len(self.servers) + len(new)) % spread   # round robin: as many on each
+            server.use_connection(lane)
+            new.append((lane, server))
+        up = {i % spread for i in range(len(self.servers))}
+        first: list[Server] = []
+        later: list[Server] = []
+        starting: set[int] = set()
+        for lane, server in new:
+            if lane in up or lane not in starting:
+                first.append(server)
+                starting.add(lane)
+            else:
+                later.append(server)
+        failures = open_all(first)
+        failures.update(open_all(later))
+        opened = [s for _lane, s in new if id(s) not in failures]
+        self.servers += opened
+        if len(opened) < len(new):
+            exc = next(iter(failures.values()))
+            self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
+                            f"another failed: {exc.message}")
+            self._wanted = len(self.servers)
         return self.servers[:k]
 
     def close(self) -> None:
-        """Close all but the first (the run closes that one)."""
+        """Close all but the first (the run closes that one), together: each waits for its end of
+        the server to finish."""
         extra, self.servers = self.servers[1:], self.servers[:1]
-        for server in extra:
+        threads = [threading.Thread(target=_close_quietly, args=(server,), daemon=True) for server in extra]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _close_quietly(server: Server) -> None:
+    with contextlib.suppress(Exception):
+        server.close()
+
+
+def open_all(servers: list[Server]) -> dict[int, ConnectError]:
+    """Open the servers, each on a thread of its own: id(server) -> why it did not open, for
+    those that did not (a server that fails is closed). An error other than a ConnectError
+    closes them all and is raised, as is Ctrl+C while they open."""
+    failed: dict[int, BaseException] = {}
+    lock = threading.Lock()
+
+    def one(server: Server) -> None:
+        try:
+            server.open()
+        except BaseException as exc:
             with contextlib.suppress(Exception):
-                server.close()
+                server.close(polite=False)
+            with lock:
+                failed[id(server)] = exc
+
+    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in servers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException:
+        for t in threads:
+            if t.ident is not None:
+                t.join()
+        _close_opened(servers, failed)
+        raise
+    worst = next((exc for exc in failed.values() if not isinstance(exc, ConnectError)), None)
+    if worst is not None:
+        _close_opened(servers, failed)
+        raise worst
+    return failed   # type: ignore[return-value]
+
+
+def _close_opened(servers: list[Server], failed: dict[int, BaseException]) -> None:
+    for server in servers:
+        if id(server) not in failed:
+            with contextlib.suppress(Exception):
+                server.close(polite=False)
 
 
 def run_all(servers: list[Server], work: Callable[[int], T]) -> list[T]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from typing import Any, BinaryIO, Callable
 
@@ -154,6 +155,9 @@ def _raise(payload: dict, where: str) -> None:
 
 
 STDERR_WAIT = 2.0  # seconds, at most, for the last of stderr after the stream ended
+# Requests the server answers without reading a file or walking a tree: the time each takes to
+# come back is the link's round trip, and a run that made a few needs no ping to learn it.
+QUICK_OPS = frozenset(("ping", "stat", "df", "lock", "unlock", "staged", "mkdir"))
 
 
 class Remote:
@@ -174,6 +178,7 @@ class Remote:
         # Requests sent ahead, in order, whose replies are still in the stream (see expect).
         self.expected: deque[tuple[str, dict]] = deque()
         self.round_trips = 0      # waits for the server: its start, then each reply to something just sent
+        self.quick_answers: list[float] = []   # seconds each request of QUICK_OPS took to come back
         self._sent = False        # a request went out since the last frame was read
 
     # -------------------------------------------------- lifecycle
@@ -348,8 +353,12 @@ class Remote:
         if self.expected and self.expected[0] == (op, args):
             self.expected.popleft()   # sent ahead: its reply is the next in the stream
             return self.reply()
+        start = time.monotonic()
         self.request(op, **args)
-        return self.reply()
+        out = self.reply()
+        if op in QUICK_OPS:
+            self.quick_answers.append(time.monotonic() - start)
+        return out
 
     # -------------------------------------------------- abilities
 
