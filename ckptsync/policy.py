@@ -27,12 +27,13 @@ CHANNELS_PER_CONNECTION = 4
 SHARE_MIN = 8 << 20
 
 
-# The choice made here stays on one connection. Measured at 1 Gbit/s and 100 ms (bench/run.py
-# 1gbit-100ms, client and server on the same 2 cores), nine channels over three connections
-# restored 302 MB in 10.4-10.6 s where four over one took 7.4 s, and backed up 906 MB in
-# 15.1-17.6 s against 14.0-14.4 s: each connection is another ssh process ciphering on the same
-# cores. --parallel N asks for more where the cores allow.
-AUTO_MAX = CHANNELS_PER_CONNECTION
+# The choice made here stays within two connections. Measured at 1 Gbit/s and 100 ms (bench/run.py
+# 1gbit-100ms, client and server on the same 2 cores, channels opened together), a backup of
+# 906 MB took 11.2-12.1 s over eight channels on two connections, 13.8-14.5 s over four on one and
+# 12.6-12.9 s over twelve on three; a restore of 302 MB 6.7 s over eight or twelve and 6.5 s over
+# four. Each connection is another ssh process ciphering on the same cores, and twelve channels
+# took the restore's client to 157 MB. --parallel N asks for more where the cores allow.
+AUTO_MAX = 2 * CHANNELS_PER_CONNECTION
 
 
 def auto_channels(round_trip: float, rate: float | None, window: int) -> int:

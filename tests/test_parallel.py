@@ -588,10 +588,10 @@ WINDOW = 2 << 20     # OpenSSH's channel window
     (0.020, None, WINDOW, 2),             # 20 ms, rate unknown (1 Gbit/s assumed): 2.5 MB in flight
     (0.100, GBIT // 5, WINDOW, 2),        # 200 Mbit/s at 100 ms: 2.5 MB
     (0.100, GBIT * 2 // 5, WINDOW, 4),    # 400 Mbit/s at 100 ms: 5 MB in flight, 3.6 windows with the headroom
-    (0.100, GBIT, WINDOW, 4),             # 1 Gbit/s at 100 ms: nine wanted, the automatic choice stops at one connection
-    (0.100, None, WINDOW, 4),             # the same when the rate is not known
+    (0.100, GBIT, WINDOW, 8),             # 1 Gbit/s at 100 ms: nine wanted, the automatic choice stops at two connections
+    (0.100, None, WINDOW, 8),             # the same when the rate is not known
     (0.100, 20_000_000, WINDOW, 2),       # --bwlimit 20M at 100 ms: more channels would only wait
-    (0.100, 10 * GBIT, WINDOW, 4),        # 10 Gbit/s at 100 ms: capped
+    (0.100, 10 * GBIT, WINDOW, 8),        # 10 Gbit/s at 100 ms: capped
     (0.003, GBIT, 256 << 10, 3),          # a small window needs more channels for the same link
     (0.003, GBIT, WINDOW, 1),             # (the same link, OpenSSH's window)
 ])
@@ -645,7 +645,7 @@ class FarServer(InProcessServer):
         return self.limit
 
 
-@pytest.mark.parametrize("rtt, limit, wanted", [(0.1, None, 4), (0.1, 20_000_000, 2), (0.001, None, 1)])
+@pytest.mark.parametrize("rtt, limit, wanted", [(0.1, None, 8), (0.1, 20_000_000, 2), (0.001, None, 1)])
 def test_without_parallel_the_channels_wanted_follow_the_round_trip_and_the_bwlimit(rtt, limit, wanted):
     from ckptsync.server.parallel import Channels
 
@@ -655,10 +655,11 @@ def test_without_parallel_the_channels_wanted_follow_the_round_trip_and_the_bwli
         assert first.asked == 1   # measured once, on the run's own connection
 
 
-@pytest.mark.parametrize("rtt, limit, channels", [(0.1, None, 4), (0.1, 20_000_000, 2), (0.001, None, 1)])
+@pytest.mark.parametrize("rtt, limit, channels", [(0.1, None, 6), (0.1, 20_000_000, 2), (0.001, None, 1)])
 def test_without_parallel_a_far_server_gets_several_channels_and_a_near_one_one(server_tree, tmp_path, small_split,
                                                                                 rtt, limit, channels):
-    """Four for the far one (two under a 20 MB/s limit); its 48 MiB would be worth six (SHARE_MIN each)."""
+    """Six for the far one: eight wanted, but its 48 MiB are worth six (SHARE_MIN each); two under a
+    20 MB/s limit."""
     add_big(server_tree)
     made: list[FarServer] = []
 
