@@ -161,7 +161,8 @@ class Sender:
         written over, so `kept` loses it."""
         weights = [(f.path, f.path, f.size) for f in files]
         by_path = {f.path: f for f in files}
-        planned = [s for s in shares.plan(weights, self.channels.wanted_for(sum(f.size for f in files))) if s]
+        planned = [s for s in shares.plan(weights, self.channels.wanted_for(sum(f.size for f in files), upload=True))
+                   if s]
         servers = self.channels.take(max(len(planned), 1))
         if len(planned) <= 1 or len(servers) < 2:
             whole = [Piece(f.path, f.path) for f in files]

@@ -811,3 +811,17 @@ def test_quick_requests_the_run_made_count_as_round_trip_samples():
         before = server.round_trips
         assert server.round_trip(clock=no_clock) < 5.0   # an answer on this machine; the bound is a margin
         assert server.round_trips == before
+
+
+def test_a_restore_chooses_at_most_one_connections_channels():
+    """1 Gbit/s at 100 ms: eight channels for a backup, four for a restore (AUTO_MAX_UPLOAD)."""
+    from ckptsync.server.parallel import Channels
+
+    with FarServer(0.1) as first:
+        channels = Channels(first, lambda: FarServer(0.1), None)
+        assert channels.wanted_for(1 << 30) == 8
+        assert channels.wanted_for(1 << 30, upload=True) == 4
+        assert channels.wanted_for(20 << 20, upload=True) == 2   # SHARE_MIN still holds
+    with FarServer(0.1) as first:
+        asked = Channels(first, lambda: FarServer(0.1), 6)
+        assert asked.wanted_for(1 << 30, upload=True) == 6   # --parallel is taken as given

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, TypeVar
 
 
 from ckptsync.errors import ConnectError
-from ckptsync.policy import MAX_PARALLEL, SHARE_MIN, auto_channels, connections
+from ckptsync.policy import AUTO_MAX_UPLOAD, MAX_PARALLEL, SHARE_MIN, auto_channels, connections
 from ckptsync.progress import Reporter
 from ckptsync.server import shares as sharing
 from ckptsync.server.base import Server
@@ -59,10 +59,14 @@ class Channels:
             self._wanted = auto_channels(self.round_trip, first.rate_limit, first.window)
         return self._wanted
 
-    def wanted_for(self, nbytes: int) -> int:
+    def wanted_for(self, nbytes: int, upload: bool = False) -> int:
         """The channels a transfer of `nbytes` may use: all that were asked for; of those chosen
-        from the link, no more than gives each SHARE_MIN bytes."""
-        return self.wanted if self.asked else max(1, min(self.wanted, nbytes // SHARE_MIN))
+        from the link, no more than gives each SHARE_MIN bytes, and for an `upload` (a restore)
+        no more than AUTO_MAX_UPLOAD."""
+        if self.asked:
+            return self.wanted
+        most = min(self.wanted, AUTO_MAX_UPLOAD) if upload else self.wanted
+        return max(1, min(most, nbytes // SHARE_MIN))
 
     def take(self, k: int) -> list[Server]:
         """The first `k` channels (at most `wanted`), opening those missing. They open together: each
