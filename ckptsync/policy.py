@@ -30,12 +30,12 @@ SHARE_MIN = 8 << 20
 # The choice made here stays within two connections. Measured at 1 Gbit/s and 100 ms (bench/run.py
 # 1gbit-100ms, client and server on the same 2 cores, channels opened together), a backup of
 # 906 MB took 11.2-12.1 s over eight channels on two connections, 13.8-14.5 s over four on one and
-# 12.6-12.9 s over twelve on three; a restore of 302 MB 6.7 s over eight or twelve and 6.5 s over
-# four. Each connection is another ssh process ciphering on the same cores, and twelve channels
-# took the restore's client to 157 MB. --parallel N asks for more where the cores allow.
+# 12.6-12.9 s over twelve on three: each connection is another ssh process ciphering on the same
+# cores. --parallel N asks for more where the cores allow.
 AUTO_MAX = 2 * CHANNELS_PER_CONNECTION
 # A restore stays on one connection: on the same bench, eight channels restored 302 MB in 6.71 and
-# 7.75 s (two runs) where four took 6.47 and 7.27 s (the server's agents write, hash and fsync).
+# 7.75 s (two runs) where four took 6.47 and 7.27 s (the server's agents write, hash and fsync),
+# and twelve took the client to 157 MB.
 AUTO_MAX_UPLOAD = CHANNELS_PER_CONNECTION
 
 

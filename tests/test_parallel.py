@@ -825,3 +825,25 @@ def test_a_restore_chooses_at_most_one_connections_channels():
     with FarServer(0.1) as first:
         asked = Channels(first, lambda: FarServer(0.1), 6)
         assert asked.wanted_for(1 << 30, upload=True) == 6   # --parallel is taken as given
+
+
+def test_channels_taken_for_one_connection_stay_on_one_even_when_more_are_wanted():
+    """Eight wanted (two ssh connections), four taken by a restore: all four go over the first
+    connection, so the restore pays no second login (about a second at 100 ms)."""
+    from ckptsync.server.parallel import Channels
+
+    lanes: list[int] = []
+
+    class Far(FarServer):
+        def use_connection(self, lane: int) -> None:
+            lanes.append(lane)
+
+    with FarServer(0.1) as first:
+        channels = Channels(first, lambda: Far(0.1), None)
+        try:
+            assert channels.wanted == 8
+            assert len(channels.take(channels.wanted_for(1 << 30, upload=True))) == 4
+            assert lanes == [0, 0, 0]
+            assert len(channels.take(8)) == 8 and lanes[3:] == [1, 1, 1, 1]   # then four on the second
+        finally:
+            channels.close()

@@ -44,6 +44,7 @@ class Channels:
     def __init__(self, first: Server, open_more: Callable[[], Server], wanted: int | None) -> None:
         """`wanted` None: chosen from the link's round trip and rate the first time a transfer asks."""
         self.servers = [first]
+        self.lanes = [0]   # the connection each of servers goes over (Server.use_connection)
         self.open_more = open_more
         self._wanted = None if wanted is None else max(1, min(wanted, MAX_PARALLEL))
         self.asked = wanted is not None
@@ -73,8 +74,8 @@ class Channels:
         costs its own round trips (a session, the agent's start, its hello), which on a long link
         add up to seconds one after another. A connection's first channel starts that connection
         (its ssh master) before the others on it open, so that they share it."""
-        spread = connections(self.wanted)
         want = min(k, self.wanted)
+        spread = connections(want)   # a restore's four of eight wanted stay on one login
         new: list[tuple[int, Server]] = []   # (the connection it goes over, the server)
         while len(self.servers) + len(new) < want:
             server = self.open_more()
@@ -82,10 +83,11 @@ class Channels:
                 want = len(self.servers) + len(new)   # a factory that hands out one server
                 self._wanted = want
                 break
-            lane = (len(self.servers) + len(new)) % spread   # round robin: as many on each
+            load = [self.lanes.count(i) + sum(1 for lane, _s in new if lane == i) for i in range(spread)]
+            lane = load.index(min(load))   # the connection with the fewest channels
             server.use_connection(lane)
             new.append((lane, server))
-        up = {i % spread for i in range(len(self.servers))}
+        up = set(self.lanes)
         first: list[Server] = []
         later: list[Server] = []
         starting: set[int] = set()
@@ -99,6 +101,7 @@ class Channels:
         failures.update(open_all(later))
         opened = [s for _lane, s in new if id(s) not in failures]
         self.servers += opened
+        self.lanes += [lane for lane, s in new if id(s) not in failures]
         if len(opened) < len(new):
             exc = next(iter(failures.values()))
             self.warning = (f"{len(self.servers)} of {self.wanted} channels opened; "
@@ -109,7 +112,7 @@ class Channels:
     def close(self) -> None:
         """Close all but the first (the run closes that one), together: each waits for its end of
         the server to finish."""
-        extra, self.servers = self.servers[1:], self.servers[:1]
+        extra, self.servers, self.lanes = self.servers[1:], self.servers[:1], self.lanes[:1]
         threads = [threading.Thread(target=_close_quietly, args=(server,), daemon=True) for server in extra]
         for t in threads:
             t.start()
