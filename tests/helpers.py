@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Callable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -280,17 +280,24 @@ def open_for_writing(path: str | os.PathLike[str]):
         proc.wait(timeout=60)
 
 
+def until(what: str, ready: Callable[[], bool]) -> None:
+    """Wait for a state of another process that the kernel shows only in /proc and that is sure to
+    come (a stop, a blocked write, an exec): there is nothing to wait on. HANG only bounds a hang."""
+    deadline = time.monotonic() + HANG
+    while not ready():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} after {HANG} s")
+        time.sleep(0.001)
+
+
 def exec_done(pid: int) -> None:
     """Wait until process `pid` has a command line. Popen returns when the exec has closed the
     child's close-on-exec descriptors, before the kernel has set up its new arguments: until
     then /proc/PID/cmdline is empty."""
-    deadline = time.monotonic() + HANG
-    while time.monotonic() < deadline:
+    def has_command_line() -> bool:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read():
-                    return
+                return bool(f.read())
         except FileNotFoundError:
-            return   # it has already exited: nothing more to wait for
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} has no command line after {HANG} s")
+            return True   # it has already exited: nothing more to wait for
+    until(f"process {pid} has no command line", has_command_line)

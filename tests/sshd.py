@@ -153,7 +153,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _read_stat(pid: int) -> tuple[str, int] | None:
+def read_stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process from /proc/PID/stat, None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -181,7 +181,7 @@ def process_tree(root_pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        info = _read_stat(pid)
+        info = read_stat(pid)
         if info is None:
             continue
         state, ppid = info

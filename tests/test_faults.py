@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, ROOT, Gate, Lines, cli_env, run_cli, tree_digest
+from helpers import HANG, ROOT, Gate, Lines, cli_env, run_cli, tree_digest, until
+from sshd import process_tree, read_stat
 
 HOSTILE = Path(__file__).resolve().parent / "hostile_agent.py"
 
@@ -112,28 +113,13 @@ PAUSE_AT = 48 << 20   # bytes of file data from the server: inside big.bin, far 
 
 
 def _state(pid: int) -> str:
-    """The process's state letter (R, S, T ...), from /proc."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def _until(what: str, ready) -> None:
-    """Wait for a state of another process that is sure to come; HANG only bounds a hang."""
-    deadline = time.monotonic() + HANG
-    while not ready():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.005)
+    """The process's state letter (R, S, T ...)."""
+    return read_stat(pid)[0]
 
 
 def _blocked_writing_a_pipe(pid: int) -> bool:
     """Whether a thread of the process sleeps inside a write to a pipe (a full one)."""
     return any((t / "wchan").read_text().endswith("pipe_write") for t in Path(f"/proc/{pid}/task").iterdir())
-
-
-def _child(pid: int) -> int:
-    kids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and p.joinpath("stat").exists()
-            and int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
-    assert len(kids) == 1, kids
-    return kids[0]
 
 
 def _stopped_mid_write(argv: list[str], gate: Gate, writer: str) -> tuple[int, str]:
@@ -146,14 +132,16 @@ def _stopped_mid_write(argv: list[str], gate: Gate, writer: str) -> tuple[int, s
         err = Lines(proc.stderr)
         Lines(proc.stdout)
         gate.reached()
-        pids["agent"] = _child(proc.pid)
+        kids = process_tree(proc.pid)
+        assert len(kids) == 1, kids   # the agent
+        pids["agent"] = kids[0]
         wrote, read = pids[writer], pids["agent" if writer == "client" else "client"]
         os.kill(read, signal.SIGSTOP)
-        _until("stopped the reading end", lambda: _state(read) == "T")
+        until("the reading end never stopped", lambda: _state(read) == "T")
         gate.release()
-        _until("filled the pipe", lambda: _blocked_writing_a_pipe(wrote))
+        until("the writer never blocked on a full pipe", lambda: _blocked_writing_a_pipe(wrote))
         os.kill(wrote, signal.SIGSTOP)
-        _until("stopped the writing end", lambda: _state(wrote) == "T")
+        until("the writing end never stopped", lambda: _state(wrote) == "T")
         os.kill(wrote, signal.SIGCONT)
         os.kill(read, signal.SIGCONT)
         return proc.wait(HANG), err.text()

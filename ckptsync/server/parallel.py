@@ -113,58 +113,40 @@ class Channels:
         """Close all but the first (the run closes that one), together: each waits for its end of
         the server to finish."""
         extra, self.servers, self.lanes = self.servers[1:], self.servers[:1], self.lanes[:1]
-        threads = [threading.Thread(target=_close_quietly, args=(server,), daemon=True) for server in extra]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_all(extra, lambda i: _close_quietly(extra[i]))
 
 
-def _close_quietly(server: Server) -> None:
+def _close_quietly(server: Server, polite: bool = True) -> None:
     with contextlib.suppress(Exception):
-        server.close()
+        server.close(polite=polite)
 
 
 def open_all(servers: list[Server]) -> dict[int, ConnectError]:
-    """Open the servers, each on a thread of its own: id(server) -> why it did not open, for
-    those that did not (a server that fails is closed). An error other than a ConnectError
+    """Open the servers, each on a thread of its own (run_all): id(server) -> why it did not open,
+    for those that did not (a server that fails is closed). An error other than a ConnectError
     closes them all and is raised, as is Ctrl+C while they open."""
     failed: dict[int, BaseException] = {}
     lock = threading.Lock()
 
-    def one(server: Server) -> None:
+    def one(i: int) -> None:
         try:
-            server.open()
+            servers[i].open()
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                server.close(polite=False)
+            _close_quietly(servers[i], polite=False)
             with lock:
-                failed[id(server)] = exc
+                failed[id(servers[i])] = exc
 
-    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in servers]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_all(servers, one)
+        worst = next((exc for exc in failed.values() if not isinstance(exc, ConnectError)), None)
+        if worst is not None:
+            raise worst
     except BaseException:
-        for t in threads:
-            if t.ident is not None:
-                t.join()
-        _close_opened(servers, failed)
+        for server in servers:
+            if id(server) not in failed:
+                _close_quietly(server, polite=False)
         raise
-    worst = next((exc for exc in failed.values() if not isinstance(exc, ConnectError)), None)
-    if worst is not None:
-        _close_opened(servers, failed)
-        raise worst
     return failed   # type: ignore[return-value]
-
-
-def _close_opened(servers: list[Server], failed: dict[int, BaseException]) -> None:
-    for server in servers:
-        if id(server) not in failed:
-            with contextlib.suppress(Exception):
-                server.close(polite=False)
 
 
 def run_all(servers: list[Server], work: Callable[[int], T]) -> list[T]:
