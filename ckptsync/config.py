@@ -11,8 +11,7 @@ from typing import Any
 
 
 from ckptsync.errors import ConfigError, UsageError
-from ckptsync.policy import HOLD_MAX, MAX_PARALLEL
-from ckptsync.server.watchdog import MAX_STALL, stall_limit, valid_limit
+from ckptsync.policy import HOLD_MAX, MAX_PARALLEL, MAX_STALL, stall_limit, valid_limit
 from ckptsync.target import DEFAULT_GENERATIONS, DEFAULT_SETTLE, Link, PrintBack, RunPolicy, Target
 from ckptsync.transport import SSH_CHOICES, CommandTransport, LocalTransport, SshTarget, Transport, ssh_transport
 

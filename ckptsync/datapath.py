@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ckptsync.errors import UsageError
 from ckptsync.progress import QUIET, Reporter
-from ckptsync.stores import Store, ability, describe, open_store, refuse
+from ckptsync.stores import Store, ability, describe, is_directory, open_store, refuse
 
 if TYPE_CHECKING:
     from ckptsync.backup import BackupOptions
@@ -37,6 +37,8 @@ def here(store: Store) -> bool:
 def check_command(t: Target) -> None:
     """One line, exit 2, for a command that works only on a store here; a store elsewhere needs its
     client (a bucket: boto3). Told from the location, before anything is opened."""
+    if is_directory(t):   # serves every command; its code loads after the login has started
+        return
     store = describe(t)
     if store.can("files_here"):
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -125,6 +126,12 @@ def same_file(stream: Any, other: TextIO) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _console(stream):
+    from rich.console import Console
+
+    return Console(file=stream, highlight=False, soft_wrap=True)
+
+
 class Output:
     """Human, --json or --quiet output to stdout/stderr, optionally appended to a log file.
 
@@ -133,21 +140,11 @@ class Output:
     """
 
     def __init__(self, json_mode: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
-        from rich.console import Console
-
         self.json_mode = json_mode
         self.quiet = quiet
         self.emitted = False
         self.stdout = guarded(sys.stdout)
         self.stderr = guarded(sys.stderr)
-        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True)
-        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True)
-        # The width tables are laid out for: $COLUMNS when set, else the terminal's; None off a
-        # terminal, where tables are plain rows of one word per cell.
-        self.width: int | None = columns_env() or (self.out.size.width if self.out.is_terminal else None)
-        if not self.out.is_terminal:
-            self.out.width = 200  # pipes and logs get whole cells, not ellipses
-        self.interactive = self.err.is_terminal and not quiet and not json_mode
         self.log: TextIO | None = None
         if log_file:
             try:
@@ -159,6 +156,29 @@ class Output:
         # Cron sends stderr into the same log (for what fails before it is open): what the log
         # gets as a line of its own then need not come again from stderr.
         self.stderr_is_log = self.log is not None and same_file(self.stderr, self.log)
+
+    # The consoles are made when first written to: a --quiet run that prints nothing (a cron
+    # backup with nothing new) never imports rich.
+    @functools.cached_property
+    def out(self):
+        console = _console(self.stdout)
+        if not console.is_terminal:
+            console.width = 200  # pipes and logs get whole cells, not ellipses
+        return console
+
+    @functools.cached_property
+    def err(self):
+        return _console(self.stderr)
+
+    @functools.cached_property
+    def width(self) -> int | None:
+        """The width tables are laid out for: $COLUMNS when set, else the terminal's; None off a
+        terminal, where tables are plain rows of one word per cell."""
+        return columns_env() or (self.out.size.width if self.out.is_terminal else None)
+
+    @functools.cached_property
+    def interactive(self) -> bool:
+        return not self.quiet and not self.json_mode and self.err.is_terminal
 
     def _log(self, level: str, message: str) -> None:
         if self.log is not None:

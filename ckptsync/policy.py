@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Protocol, TypeVar
 
-from ckptsync.errors import LOCKED, PARTIAL
+from ckptsync.errors import LOCKED, PARTIAL, ConfigError
 
 MAX_PARALLEL = 16   # channels of one transfer (--parallel, parallel: in the config)
 HOLD_MAX = 3        # complete checkpoints a watch holds on the server against rotation, at most (hold.py)
@@ -375,3 +376,30 @@ def named(given: str, known: Iterable[tuple[str, int | None]]) -> str:
         if len(hits) == 1:
             return hits.pop()
     return name
+
+
+# -------------------------------------------------- the stall limit (server/watchdog.py applies it)
+
+STALL_TIMEOUT = 300.0
+STALL_ENV = "CKPTSYNC_STALL_TIMEOUT"
+MAX_STALL = 86400.0
+
+
+def valid_limit(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 < value <= MAX_STALL
+
+
+def stall_limit(configured: float | None = None) -> float:
+    """Seconds without progress before a run gives up: $CKPTSYNC_STALL_TIMEOUT, else the config's
+    `stall_timeout`, else 300."""
+    text = os.environ.get(STALL_ENV, "").strip()
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not valid_limit(value):
+            raise ConfigError(f"{STALL_ENV}={text}: expected a number of seconds (more than 0, at most {MAX_STALL:g})")
+        return value
+    return STALL_TIMEOUT if configured is None else float(configured)

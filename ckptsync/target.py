@@ -10,8 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ckptsync.policy import HOLD_MAX
-from ckptsync.server.watchdog import STALL_TIMEOUT
+from ckptsync.policy import HOLD_MAX, STALL_TIMEOUT
 from ckptsync.transport import Transport
 
 DEFAULT_SETTLE = 60.0

@@ -301,3 +301,25 @@ def exec_done(pid: int) -> None:
         except FileNotFoundError:
             return True   # it has already exited: nothing more to wait for
     until(f"process {pid} has no command line", has_command_line)
+
+
+def login_probe(modules: set[str]) -> str:
+    """A `python -c` program that runs the CLI on its arguments and prints, at exit, which of
+    `modules` were loaded each time ssh started (OpenSSH): "loaded when ssh started: [[...], ...]"."""
+    return f"""
+import sys
+from ckptsync.transport import openssh
+seen = []
+real = openssh.OpenSshTransport.start
+def start(self):
+    seen.append(sorted(m for m in sys.modules if m in {sorted(modules)!r}))
+    return real(self)
+openssh.OpenSshTransport.start = start
+from ckptsync.cli.app import main
+sys.argv = ["ckptsync", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    print("loaded when ssh started:", seen, file=sys.stderr)
+    raise
+"""

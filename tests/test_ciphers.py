@@ -16,7 +16,7 @@ from ckptsync import osdeps
 from ckptsync.agent.cpu import cpu_aes
 from ckptsync.transport import SshTarget, ssh_transport
 from ckptsync.transport.base import FAST_CIPHERS, cipher_order
-from ckptsync.transport.openssh import OpenSshTransport, config_text, servers_file
+from ckptsync.transport.openssh import OpenSshTransport, config_text, servers_file, supported_ciphers
 
 OPENSSH_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
                    "aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
@@ -79,6 +79,22 @@ def test_the_generated_config_offers_the_order_after_the_users_own_config(tmp_pa
     # OpenSSH takes the first value it reads: a Ciphers line of the user's (included above) wins.
     assert text.index(f"Include \"{user}\"") < text.index("    Ciphers ")
     assert "Ciphers" not in config_text(SshTarget(host="h", ssh_config=str(user)))
+
+
+def test_the_ciphers_of_an_ssh_are_asked_once_per_build(tmp_path):
+    """`ssh -Q cipher` is run by the first connection only; an ssh replaced (another size or time)
+    is asked again."""
+    asked = tmp_path / "asked"
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho \"$*\" >> {asked}\nprintf 'aes128-ctr\\naes128-gcm@openssh.com\\n'\n")
+    ssh.chmod(0o755)
+    know = supported_ciphers.__wrapped__   # as a new process would: without this one's memory
+    assert know(str(ssh)) == ("aes128-ctr", "aes128-gcm@openssh.com")
+    assert know(str(ssh)) == ("aes128-ctr", "aes128-gcm@openssh.com")
+    assert asked.read_text() == "-Q cipher\n"
+    ssh.write_text(ssh.read_text() + "# upgraded\n")
+    assert know(str(ssh)) == ("aes128-ctr", "aes128-gcm@openssh.com")
+    assert asked.read_text() == "-Q cipher\n-Q cipher\n"
 
 
 # ---------------------------------------------------------------- OpenSSH, against the test sshd

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, REPO_ROOT, ROOT, Lines, cli_env, digest_diff, name_best, run_cli, set_tree_mtime, tree_digest
+from helpers import HANG, REPO_ROOT, ROOT, Lines, cli_env, digest_diff, login_probe, name_best, run_cli, set_tree_mtime, tree_digest
 from relay import Relay, relay_alias
 
 if str(REPO_ROOT) not in sys.path:
@@ -180,34 +180,16 @@ def flip_byte(path: Path, at: int = 1000) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
-PRESTART_PROBE = """
-import sys
-from ckptsync.transport import openssh
-loaded = []
-real = openssh.OpenSshTransport.start
-def start(self):
-    loaded.append("ckptsync.restore" in sys.modules)
-    return real(self)
-openssh.OpenSshTransport.start = start
-from ckptsync.cli.app import main
-sys.argv = ["ckptsync", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exc:
-    print("exit", exc.code, "loaded when ssh started:", loaded, file=sys.stderr)
-    raise
-"""
-
-
 def test_the_login_starts_before_the_restores_code_loads(setup):
     """ssh and the server's Python start while the restore's own modules load, and that launcher
     is the connection the restore uses."""
     server, dest, fresh, cfg = setup
-    res = subprocess.run([sys.executable, "-c", PRESTART_PROBE, "restore", "--instance", "1", "--config", str(cfg),
+    probe = login_probe({"ckptsync.restore", "ckptsync.stores.directory", "ckptsync.server", "ckptsync.agent.codec"})
+    res = subprocess.run([sys.executable, "-c", probe, "restore", "--instance", "1", "--config", str(cfg),
                           "--remote-dir", str(fresh), "--local-dir", str(dest), "--no-extra-files"],
                          env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
-    assert "loaded when ssh started: [False]" in res.stderr   # one launcher, started ahead of the restore's code
+    assert "loaded when ssh started: [[]]" in res.stderr   # one launcher, started ahead of the restore's code
     assert_same(server / "checkpoint-12", fresh / "checkpoint-12")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import cli_env
+from helpers import cli_env, login_probe
 
 # What the app itself may import: the command declarations and the few light modules they use
 # at the top (errors, output without rich, policy's formatting, ratelimit's help text).
@@ -55,6 +55,27 @@ def test_a_noop_backup_over_openssh_imports_neither_paramiko_nor_other_commands(
     assert "up to date" in res.stdout
     # Both runs went through one login: the second reused the first's shared connection.
     assert sshd.log_path.read_text(errors="replace").count("Accepted publickey") - logins == 1
+
+
+# The code of the work itself: it loads while the login and the server's Python start.
+LOADS_DURING_LOGIN = {"ckptsync.backup", "ckptsync.server", "ckptsync.server.remote", "ckptsync.stores.directory",
+                      "ckptsync.agent.codec", "ckptsync.agent.tar", "ckptsync.disk", "rich"}
+
+
+def test_a_backup_starts_the_login_before_its_own_code_and_a_quiet_no_op_loads_no_rich(ssh_home, sshd, server_tree,
+                                                                                       tmp_path):
+    probe = login_probe(LOADS_DURING_LOGIN)
+    args = ["backup", "--ssh", "openssh", "--host", "testhost", "--remote-dir", str(server_tree),
+            "--local-dir", str(tmp_path / "b"), "--all"]
+    for run in ("first", "no-op"):
+        res = subprocess.run([sys.executable, "-c", probe, *args, "--quiet"], env=cli_env(), capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "loaded when ssh started: [[]]" in res.stderr, (run, res.stderr[-2000:])   # one launcher, ahead
+    res, names = imports(*args, "--quiet")
+    assert res.returncode == 0 and res.stdout == "", res.stderr[-2000:]
+    assert not [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
+    assert "rich" not in names   # a cron run with nothing new prints nothing: no console is made
 
 
 def test_option_values_convert_as_typer_converts_them():

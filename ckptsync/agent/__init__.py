@@ -9,26 +9,32 @@ client connecting over SSH does not import it; the in-process server imports
 ckptsync.agent.serve itself.
 """
 
-from ckptsync.agent.frames import (
-    BEAT, BEAT_COUNT, CHUNK, HEADER, PROTOCOL, STAGING_PREFIX, TRASH_PREFIX, Channel, Failure, os_failure,
-)
-from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_file, hash_names, new_hash, start_writeback
-from ckptsync.agent.direct import NewFile, direct_buffer
-from ckptsync.agent.paths import resolve, safe_member
-from ckptsync.agent.codec import DATA_FRAMES, join_lanes, split_lanes
-from ckptsync.agent.tar import NUL_BLOCK, TarStream, parse_pax, tar_header
-from ckptsync.agent.sender import Memory, Sender
-from ckptsync.agent.reader import FrameReader
-from ckptsync.agent.bundle import payload, payload_compressed
+import importlib
 
-__all__ = [
-    "BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX",
-    "Channel", "Failure", "os_failure",
-    "fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback",
-    "NewFile", "direct_buffer",
-    "resolve", "safe_member",
-    "DATA_FRAMES", "join_lanes", "split_lanes",
-    "NUL_BLOCK", "TarStream", "parse_pax", "tar_header",
-    "Memory", "Sender", "FrameReader",
-    "payload", "payload_compressed",
-]
+# Each name is imported from its module when first asked for (PEP 562): the client imports
+# ckptsync.agent.frames or .hashing alone without loading the codec, the tar code and the rest.
+_HOME = {
+    "frames": ("BEAT", "BEAT_COUNT", "CHUNK", "HEADER", "PROTOCOL", "STAGING_PREFIX", "TRASH_PREFIX",
+               "Channel", "Failure", "os_failure"),
+    "hashing": ("fsync_dir", "fsync_file", "hash_file", "hash_names", "new_hash", "start_writeback"),
+    "direct": ("NewFile", "direct_buffer"),
+    "paths": ("resolve", "safe_member"),
+    "codec": ("DATA_FRAMES", "join_lanes", "split_lanes"),
+    "tar": ("NUL_BLOCK", "TarStream", "parse_pax", "tar_header"),
+    "sender": ("Memory", "Sender"),
+    "reader": ("FrameReader",),
+    "bundle": ("payload", "payload_compressed"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = list(_MODULE_OF)

@@ -11,9 +11,7 @@ item, what the bucket answered (the ETag) and the MD5 and hash of the bytes move
 import hashlib
 import os
 import re
-import socket
 import threading
-import urllib.parse
 
 from ckptsync.agent.frames import CHUNK, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, new_hash, start_writeback
@@ -26,6 +24,8 @@ ERROR_CODE = re.compile(r"<Code>([^<]{1,64})</Code>")
 
 
 def _endpoint(url):
+    import urllib.parse  # here, not at the top: only a bucket's transfers need it
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Failure("bad_url", "not an http(s) URL")
@@ -52,7 +52,7 @@ class Connections:
             conn = cls(parts.hostname, parts.port, timeout=HTTP_TIMEOUT)
             try:
                 conn.connect()
-            except (OSError, socket.timeout) as exc:
+            except OSError as exc:   # a timeout too
                 raise Failure("unreachable", "cannot reach %s from this server: %s" % (_where(parts), exc))
             self.open[key] = conn
         return conn

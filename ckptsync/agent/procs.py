@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 
 from ckptsync.agent.paths import resolve
 from ckptsync.agent.scan import stamp_now
@@ -243,6 +242,8 @@ def gpu_apps():
     smi = shutil.which("nvidia-smi")
     if not smi:
         return None
+    import subprocess  # here, not at the top: only a server with nvidia-smi needs it
+
     try:
         res = subprocess.run(
             [smi, "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],

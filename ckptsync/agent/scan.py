@@ -3,11 +3,9 @@
 import errno
 import json
 import os
-import pickletools
 import shutil
 import stat
 import time
-import zipfile
 
 from ckptsync.agent.frames import HOLD_DIR, LOCK_NAME, Failure, os_failure, tick
 from ckptsync.agent.hashing import hash_file, hash_listed, hash_names
@@ -33,6 +31,9 @@ def read_meta(path, name):
 
 def pt_summary(path):
     """String keys and step/epoch found in a torch.save pickle, read without unpickling."""
+    import pickletools  # here, not at the top: every start of the agent would pay for them
+    import zipfile
+
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.endswith("data.pkl")]

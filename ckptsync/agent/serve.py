@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import sys
 import sysconfig
 import time
@@ -26,6 +25,8 @@ from ckptsync.agent.hold import op_hold, op_release
 
 
 def op_hello(_req):
+    import socket  # here, not at the top: for the one call
+
     return {
         "protocol": PROTOCOL,
         "python": "%d.%d.%d" % sys.version_info[:3],

@@ -6,7 +6,6 @@ happens while the client lists or copies is missed. Names starting with `.ckptsy
 own holds and staging) are not watched.
 """
 
-import ctypes
 import errno
 import os
 import select
@@ -52,6 +51,8 @@ def inotify_calls():
     """libc's inotify functions, or NoInotify with the reason."""
     if not sys.platform.startswith("linux"):
         raise NoInotify("no inotify on %s" % sys.platform)
+    import ctypes  # here and below, not at the top: only a watch needs it, and every start would pay
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)   # the process's own symbols: libc's
         init, add = libc.inotify_init1, libc.inotify_add_watch
@@ -70,6 +71,8 @@ class Inotify(object):
         init, self.add_watch = inotify_calls()
         fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
+            import ctypes
+
             raise NoInotify("inotify_init1: %s" % os.strerror(ctypes.get_errno()))
         self.fd = fd
         self.root = root
@@ -95,6 +98,8 @@ class Inotify(object):
             full = os.path.join(self.root, rel) if rel else self.root
             wd = self.add_watch(self.fd, os.fsencode(full), WATCHED | IN_ONLYDIR)
             if wd < 0:
+                import ctypes
+
                 err = ctypes.get_errno()
                 if err == errno.ENOSPC:
                     raise NoInotify("the inotify watch limit is reached (sysctl fs.inotify.max_user_watches)")

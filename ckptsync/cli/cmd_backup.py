@@ -65,16 +65,16 @@ def backup_cmd(
     if follow_runs:
         ts = [t.with_policy(follow_runs=True) for t in ts]
     ts = o.with_parallel(ts, parallel)
+    from ckptsync.stores import is_directory, open_store
+
+    if is_directory(ts[0]) and len(ts) == 1 and not (discard_staged or via_laptop) and ts[0].transport is not None:
+        ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
     from ckptsync import datapath
-    from ckptsync.stores import ability, open_store
 
     datapath.one_run_per_store(ts)
     store = open_store(ts[0])
     datapath.check_backup(store, via_laptop, {"--discard-staged": discard_staged, "--follow-runs": follow_runs,
                                               "--wait": wait, "--parallel": parallel is not None and parallel > 1})
-    if ability(store, "files_here") and len(ts) == 1 and not (discard_staged or via_laptop) \
-            and ts[0].transport is not None:
-        ts[0].transport.prestart()   # the login and the server's Python start while the backup's code loads
     from ckptsync.backup import BackupOptions, discard_staging
     from ckptsync.multi import run_many
 

@@ -50,7 +50,7 @@ def restore_cmd(
     restored, with exit 3 and a line per failure.
     """
     from ckptsync import datapath
-    from ckptsync.stores import ability, open_store
+    from ckptsync.stores import is_directory, open_store
 
     if generation is not None and not checkpoint:
         raise UsageError("--generation needs --checkpoint NAME (list --generations shows them)")
@@ -66,13 +66,13 @@ def restore_cmd(
     compression = o.parse_compress(compress)
     t = o.with_bwlimit(o.target(config, instance, host, remote_dir, local_dir, accept_new_host_key), bwlimit)
     t = o.with_parallel([t], parallel)[0]
+    if is_directory(t) and t.transport is not None:
+        t.transport.prestart()   # the login and the server's Python start while the restore's code loads
     store = open_store(t)
     datapath.check_restore(store, {"--parallel": parallel is not None and parallel > 1,
                                    "--adapter-only": adapter_only, "--extra-files-only": extra_files_only,
                                    "--extra-file": bool(extra_file), "--discard-staged": discard_staged,
                                    "--dry-run": dry_run})
-    if ability(store, "files_here") and not ability(store, "local_copy") and t.transport is not None:
-        t.transport.prestart()   # the login and the server's Python start while the restore's code loads
     from ckptsync.restore import RestoreOptions
 
     opts = RestoreOptions(checkpoint=checkpoint, adapter_only=adapter_only, extra_files=not no_extra_files,

@@ -15,7 +15,7 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.remote import Remote
 from ckptsync.server.base import Download, Hashes, Moved, Server, Upload
 from ckptsync.server.errors import MissingOnServer, RemoteDirMissing
-from ckptsync.server.watchdog import stall_limit
+from ckptsync.policy import stall_limit
 from ckptsync.server.types import (
     Arrived, Changes, Committed, FileStat, Held, Hello, Listing, Probe, Process, Procs, Space, Staged, Stat, Stats,
     Unseen,

@@ -1,4 +1,4 @@
-"""The stall limit, and the watchdog that ends a link on which nothing moves.
+"""The watchdog that ends a link on which nothing moves.
 
 A server can stop answering without closing the connection: its agent stopped, its disk hung,
 a connection that stays open and carries nothing. A read would then wait forever. Every read
@@ -11,39 +11,13 @@ which it sends only while that work advances.
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 import time
 from typing import Callable
 
 from ckptsync import liveness
-from ckptsync.errors import ConfigError
 
-STALL_TIMEOUT = 300.0
-STALL_ENV = "CKPTSYNC_STALL_TIMEOUT"
-MAX_STALL = 86400.0
 READ, WRITE = "read", "write"
-
-
-def valid_limit(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and 0 < value <= MAX_STALL
-
-
-def stall_limit(configured: float | None = None) -> float:
-    """Seconds without progress before a run gives up: $CKPTSYNC_STALL_TIMEOUT, else the config's
-    `stall_timeout`, else 300."""
-    text = os.environ.get(STALL_ENV, "").strip()
-    if text:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not valid_limit(value):
-            raise ConfigError(f"{STALL_ENV}={text}: expected a number of seconds (more than 0, at most {MAX_STALL:g})")
-        return value
-    return STALL_TIMEOUT if configured is None else float(configured)
 
 
 class Watchdog:

@@ -116,20 +116,25 @@ def _location(where: Union[Target, str, Path]) -> tuple[str | None, Path]:
     return where.store_url, where.local_dir
 
 
+def is_directory(where: Union[Target, str, Path]) -> bool:
+    """Whether `open_store` would open a backup directory, told without importing its code."""
+    url, root = _location(where)
+    return not url and not is_archive(root)
+
+
 def store_class(where: Union[Target, str, Path]) -> type:
     """The class of the store `open_store` would open, found from the location alone."""
-    url, root = _location(where)
-    if url:
+    if is_directory(where):
+        from ckptsync.stores.directory import DirectoryStore
+
+        return DirectoryStore
+    if _location(where)[0]:
         from ckptsync.stores.bucket import BucketStore
 
         return BucketStore
-    if is_archive(root):
-        from ckptsync.stores.archive import ArchiveStore
+    from ckptsync.stores.archive import ArchiveStore
 
-        return ArchiveStore
-    from ckptsync.stores.directory import DirectoryStore
-
-    return DirectoryStore
+    return ArchiveStore
 
 
 # The optional abilities (see the top of this module), as `Description.abilities` lists them.

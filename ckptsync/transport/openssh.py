@@ -8,6 +8,7 @@ the same host-key policy, BatchMode and forwarding rules as the target.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -72,12 +73,32 @@ def _quote(path: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def supported_ciphers(ssh: str) -> tuple[str, ...]:
-    """The ciphers this ssh knows (ssh -Q cipher); () when it cannot say."""
+    """The ciphers this ssh knows (ssh -Q cipher); () when it cannot say. Remembered in the control
+    directory for this build of ssh (its path, size and time): every run would wait for it first."""
+    found = shutil.which(ssh)
+    try:
+        st = os.stat(found or ssh)
+        build = f"{os.path.abspath(found or ssh)}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+        kept = os.path.join(control_dir(), "ciphers-" + hashlib.sha1(build.encode()).hexdigest()[:8])
+        with open(kept, encoding="ascii") as f:
+            remembered = tuple(f.read().split())
+        if remembered:
+            return remembered
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, ConnectError):
+        kept = None
     try:
         res = subprocess.run([ssh, "-Q", "cipher"], capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ()
-    return tuple(res.stdout.decode("ascii", "replace").split()) if res.returncode == 0 else ()
+    if res.returncode != 0:
+        return ()
+    ciphers = tuple(res.stdout.decode("ascii", "replace").split())
+    if kept and ciphers:
+        with contextlib.suppress(OSError):
+            _write_once(kept, " ".join(ciphers) + "\n")
+    return ciphers
 
 
 def servers_file() -> str:
