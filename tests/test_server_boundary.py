@@ -18,7 +18,8 @@ from ckptsync.config import Target
 from ckptsync.errors import CONNECT, IO, NOT_FOUND, PARTIAL, CkptsyncError, ProtocolError
 from ckptsync.progress import QUIET
 from ckptsync.server import RemoteDirMissing, ServerDiskFull, Stat
-from ckptsync.server.inprocess import Hooks, InProcessServer
+from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
+from ckptsync.transport.base import MARKER
 from ckptsync.server.transfer import DiskWriter, _write_member
 from helpers import run_cli, tree_digest
 
@@ -220,9 +221,9 @@ def test_one_connection_at_a_time_holds_a_server_directory(tmp_path):
     assert not (tmp_path / "new").exists()  # nothing was put there: what the lock made is gone
 
 
-def test_a_no_op_backup_waits_for_the_server_twice(server_tree, tmp_path):
-    """Its start, then one round trip for the hello, the processes, the listing and the look for
-    newer runs, sent together: at 100 ms a round trip, each one more would cost 0.1 s."""
+def test_a_no_op_backup_waits_for_the_server_once(server_tree, tmp_path):
+    """The hello, the processes, the listing and the look for newer runs go out with the agent's
+    source, and their answers follow its start: at 100 ms a round trip, each one more would cost 0.1 s."""
     dest = tmp_path / "b"
     first = run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(InProcessServer()))
     assert sorted(first.fetched) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
@@ -230,7 +231,48 @@ def test_a_no_op_backup_waits_for_the_server_twice(server_tree, tmp_path):
     again = run_backup(make_target(server_tree, dest), BackupOptions(all=True), connect=always(server))
     assert again.exit_code == 0 and again.fetched == []
     assert sorted(again.current) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
-    assert server.round_trips == 2
+    assert server.round_trips == 1
+
+
+class MarkerAfterHello(ThreadProcess):
+    """A server whose marker comes only once the agent's source and the hello are on its input: a
+    client that waited for the marker before sending them would wait until the start times out."""
+
+    hello_first: bool | None = None
+
+    def _agent(self) -> None:
+        from ckptsync.agent import Channel
+        from ckptsync.agent.serve import serve
+
+        p = self.pipes
+        try:
+            p.agent_in.read(int(p.agent_in.readline()))
+            self.hello_first = bool(p.agent_in.peek(1))   # waits for the next bytes, or the end
+            p.agent_out.write(b"\n" + MARKER + b"\n")
+            p.agent_out.flush()
+            serve(Channel(p.agent_in, p.agent_out))
+        except (OSError, ValueError):
+            pass
+        finally:
+            for f in (p.agent_in, p.agent_out):
+                f.close()
+
+
+class MarkerAfterHelloLink(InProcessTransport):
+    def start(self) -> MarkerAfterHello:
+        self.process = MarkerAfterHello()
+        return self.process
+
+
+def test_the_agent_and_the_hello_go_out_before_the_server_has_started(server_tree):
+    """One round trip for a start, not two: at 100 ms each channel opened would wait 0.1 s more."""
+    server = InProcessServer(link=MarkerAfterHelloLink())
+    server.expect([("scan", {"root": str(server_tree)})])
+    with server:
+        assert server.link.process.hello_first is True
+        assert server.hello.protocol > 0 and server.round_trips == 1
+        assert "checkpoint-12/optimizer.pt" in {f.path for f in server.scan(str(server_tree)).files}
+        assert server.round_trips == 1   # the scan's answer came behind the hello's
 
 
 def test_requests_sent_ahead_answer_only_the_calls_they_were_sent_for(server_tree):
@@ -239,15 +281,15 @@ def test_requests_sent_ahead_answer_only_the_calls_they_were_sent_for(server_tre
     server.expect([("scan", {"root": root}), ("dirs", {"root": str(server_tree.parent), "patterns": ["*"]})])
     with server:
         assert server.hello.protocol > 0
-        assert server.round_trips == 2   # the start, then the hello's answer, with theirs behind it
+        assert server.round_trips == 1   # the start, with the hello's answer and theirs behind it
         # Another call first: what was sent ahead is read and dropped, and this one answered.
         assert server.stat(root, ["checkpoint-12"])["checkpoint-12"].is_dir
-        assert server.round_trips == 3
+        assert server.round_trips == 2
         (server_tree / "checkpoint-12" / "new.bin").write_bytes(b"x")
         listing = server.scan(root)   # asked again, so it sees what changed since
         assert "checkpoint-12/new.bin" in {f.path for f in listing.files}
-        assert server.round_trips == 4
+        assert server.round_trips == 3
         server.expect([("procs", {"pattern": "", "root": root}), ("scan", {"root": root})])
         server.expect([("procs", {"pattern": "", "root": root})])   # already on its way: not sent twice
         assert server.procs("", root).root and server.scan(root).root == root
-        assert server.round_trips == 5
+        assert server.round_trips == 4

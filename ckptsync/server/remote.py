@@ -17,7 +17,8 @@ from ckptsync.ratelimit import RateLimiter
 from ckptsync.server.base import Download as DownloadBase, Upload as UploadBase, range_key
 from ckptsync.server.errors import from_reply
 from ckptsync.server.types import Arrived, Sent
-from ckptsync.server.watchdog import READ, STALL_ENV, STALL_TIMEOUT, WRITE, Watchdog
+from ckptsync.policy import STALL_ENV, STALL_TIMEOUT
+from ckptsync.server.watchdog import READ, WRITE, Watchdog
 from ckptsync.transport import Process, Transport
 from ckptsync.transport.base import MARKER, NO_PYTHON
 
@@ -30,11 +31,6 @@ ABORT_WAIT = 5.0    # seconds for an abandoned upload's frame in flight before t
 KILLED_WAIT = 10.0  # then for the writer to see its write fail
 CHUNK = wire.CHUNK
 HAVE_LZMA = lzma is not None   # whether this end unpacks lzma lanes, told to a sending server
-
-
-def agent_source() -> bytes:
-    """The joined agent, zlib-compressed: the first stage decompresses it before running it."""
-    return wire.payload_compressed()
 
 
 class _Pipe:
@@ -197,25 +193,35 @@ class Remote:
         """Start the agent; `first`: requests sent with the hello, so that their answers come in the
         same round trip (see expect)."""
         self.memory = wire.Memory()  # a new connection may be another link
-        self.proc = self.transport.connect()
+        self.proc = self.transport.connect()   # the agent's source already on its input
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
+        self.chan = _Channel(pipe, pipe)
+        self.watch.start()
+        # The hello and the first requests go out behind the source, before the server has
+        # answered: their replies follow its marker, in the round trip of the start itself.
+        unsent: ConnectError | None = None
+        try:
+            self._send("hello", {"beat": self.watch.beat_every})
+            for op, args in first or ():
+                self._send(op, args)
+                self.expected.append((op, args))
+        except ConnectError as exc:   # a process already gone: the wait for its marker says why
+            unsent = exc
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
         timer.daemon = True
         timer.start()
         try:
             self._await_marker(pipe)
+        except ConnectError:
+            self.watch.close()
+            raise
         finally:
             timer.cancel()
-        src = agent_source()
-        self.chan = _Channel(pipe, pipe)
-        self.watch.start()
+        self._sent = False   # what went out with the source is answered in the start's round trip
         try:
-            pipe.write(b"%d\n" % len(src) + src)
-            self._send("hello", {"beat": self.watch.beat_every})
-            for op, args in first or ():
-                self._send(op, args)
-                self.expected.append((op, args))
+            if unsent is not None:
+                raise unsent
             self.hello = self.reply()
         except Stalled:
             self.watch.close()

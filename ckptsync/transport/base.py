@@ -24,6 +24,14 @@ STAGE1 = (
     "exec(compile(zlib.decompress(i.read(n)),\"ckptsync-agent\",\"exec\"))"
 )
 MARKER = b"CKPTSYNC-AGENT-READY"
+
+
+def stage1_input() -> bytes:
+    """What STAGE1 reads from its stdin: the length line and the compressed agent source."""
+    from ckptsync.agent.bundle import payload_compressed
+
+    src = payload_compressed()
+    return b"%d\n" % len(src) + src
 NO_PYTHON = "ckptsync: no python3 on the server"
 
 # The shell line used where a remote shell interprets the command (ssh, tnr).
@@ -193,14 +201,25 @@ class Transport(ABC):
         if self._early is not None or not self.starts_ahead:
             return
         try:
-            self._early = self.start()
+            self._early = self.launch()
         except (CkptsyncError, OSError):
             pass
 
     def connect(self) -> Process:
-        """The launcher prestart() started, else a new one."""
+        """The launcher prestart() started, else a new one; the agent's source is on its input."""
         early, self._early = self._early, None
-        return early if early is not None else self.start()
+        return early if early is not None else self.launch()
+
+    def launch(self) -> Process:
+        """start(), and the agent written to the new process's input at once: the server's Python
+        finds it there when it starts, not a round trip after its marker came back. A write that
+        fails is left to the wait for the marker, which says why the process is gone."""
+        proc = self.start()
+        try:
+            proc.write(stage1_input())
+        except CkptsyncError:
+            pass
+        return proc
 
     def lane(self, i: int) -> "Transport":
         """This transport for the channels of its i-th TCP connection (0: the first). Here, where
