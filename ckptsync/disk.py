@@ -41,19 +41,43 @@ def sync_tree(path: Path) -> None:
 
 def sync_trees(paths: list[Path]) -> None:
     """fsync every file and directory of several staged entries, all written before the first
-    fsync, so that one journal commit covers most of them; a file hard-linked several times
-    (a shared config, a placed copy) is flushed once."""
+    fsync; a file hard-linked several times (a shared config, a placed copy) is flushed once."""
+    files: list[str] = []
+    dirs: list[str] = []
     done: set[tuple[int, int]] = set()
     for path in paths:
-        for p in ([path] if path.is_file() else sorted(path.rglob("*")) + [path]):
-            st = p.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                fsync_dir(p)
-            elif (st.st_dev, st.st_ino) not in done:
-                fsync_file(p)
-                done.add((st.st_dev, st.st_ino))
+        if path.is_file():
+            files.append(str(path))
+            continue
+        for top, subdirs, names in os.walk(path):
+            dirs.append(top)
+            for name in names:
+                full = os.path.join(top, name)
+                st = os.lstat(full)
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in done:
+                    files.append(full)
+                    done.add((st.st_dev, st.st_ino))
+    fsync_many(files, dirs)
+
+
+# fsyncs issued together share the filesystem's journal commits and the disk's cache flushes (ext4,
+# xfs): 800 small files took 0.10 s on 8 threads against 0.21 s one after another (docs/performance.md).
+FSYNC_THREADS = 8
+
+
+def fsync_many(files: list[str], dirs: list[str] = ()) -> None:
+    """fsync_file of each of `files` and fsync_dir of each of `dirs`, FSYNC_THREADS at a time; the
+    first failure is raised once all have been tried."""
+    work = [(fsync_file, f) for f in files] + [(fsync_dir, d) for d in dirs]
+    if len(work) < 4:
+        for call, path in work:
+            call(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(FSYNC_THREADS, len(work)), thread_name_prefix="fsync") as pool:
+        for future in [pool.submit(call, path) for call, path in work]:
+            future.result()
 
 
 def atomic_write(path: Path, data: str, durable: bool = True) -> None:
@@ -79,8 +103,7 @@ def atomic_writes(items: list[tuple[Path, str]]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(data)
         tmps.append((tmp, path))
-    for tmp, _path in tmps:
-        fsync_file(tmp)
+    fsync_many([str(tmp) for tmp, _path in tmps])
     for tmp, path in tmps:
         os.replace(tmp, path)
     for parent in sorted({path.parent for path, _data in items}):

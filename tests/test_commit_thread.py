@@ -14,7 +14,7 @@ from ckptsync.backup_status import run_job
 from ckptsync.errors import OK, DiskFull, Interrupted
 from ckptsync.progress import Reporter
 from ckptsync.server.inprocess import Hooks, InProcessServer
-from helpers import tree_digest
+from helpers import HANG, tree_digest
 from test_batches import checkpoints, many  # noqa: F401 - the fixture
 from test_server_boundary import always, make_target
 
@@ -143,3 +143,26 @@ def test_ctrl_c_while_commits_are_queued_leaves_only_whole_checkpoints(many, tmp
                        connect=always(InProcessServer()))
     assert again.exit_code == OK and sorted(again.fetched) == sorted(set(names) - set(committed))
     assert whole_or_absent(many, dest, names) == names
+
+
+def test_the_fsyncs_of_a_commit_run_together_and_a_failure_is_raised_after_all(tmp_path, monkeypatch):
+    """Filesystems commit fsyncs issued together as one; a failed one still leaves none untried."""
+    import ckptsync.disk as disk
+
+    files = []
+    for i in range(disk.FSYNC_THREADS):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        files.append(str(tmp_path / f"f{i}"))
+    together = threading.Barrier(disk.FSYNC_THREADS, timeout=HANG)
+    done = []
+
+    def fsync_file(path):
+        together.wait()   # one after another, the first would wait here alone until the barrier broke
+        done.append(path)
+        if path.endswith("f3"):
+            raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(disk, "fsync_file", fsync_file)
+    with pytest.raises(OSError) as info:
+        disk.fsync_many(files, [str(tmp_path)])
+    assert info.value.errno == errno.EIO and sorted(done) == sorted(files)
