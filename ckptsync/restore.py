@@ -306,6 +306,8 @@ class Restore:
         r.resumed_files = sum(1 for f in r.files if f.action == STAGED)
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
+        if not self.opts.dry_run:
+            self.sender.open_ahead(to_send)   # the channels open while the space, best model and directory are checked
         self.sender.check_space(root, sum(f.size for f in to_send), m.name)
         best_note = "" if self.opts.extra_files_only else self._best_model_note(root, m, manifests)
         if self.opts.dry_run and self.server.hello.home:  # the path the real run will print

@@ -154,6 +154,14 @@ class Sender:
         r.resumed_bytes += sum(kept.values())
         r.wire_bytes += wire_bytes
 
+    def open_ahead(self, files: list[FileRecord]) -> None:
+        """Start opening the channels sending `files` will take, while the run still checks the server."""
+        if files:
+            self.channels.open_ahead(max(len(self._plan([(f.path, f.path, f.size) for f in files])), 1))
+
+    def _plan(self, weights: list[tuple[str, str, int]]) -> list:
+        return [s for s in shares.plan(weights, self.channels.wanted_for(sum(w[2] for w in weights), upload=True)) if s]
+
     def _uploads(self, root: str, stage: str, files: list[FileRecord], kept: dict[str, int]) -> list[tuple]:
         """Send the files into staging over as many channels as they can keep busy, about the same
         bytes each, a large file as byte ranges over several (finished by Server.assemble); one
@@ -161,8 +169,7 @@ class Sender:
         written over, so `kept` loses it."""
         weights = [(f.path, f.path, f.size) for f in files]
         by_path = {f.path: f for f in files}
-        planned = [s for s in shares.plan(weights, self.channels.wanted_for(sum(f.size for f in files), upload=True))
-                   if s]
+        planned = self._plan(weights)
         servers = self.channels.take(max(len(planned), 1))
         if len(planned) <= 1 or len(servers) < 2:
             whole = [Piece(f.path, f.path) for f in files]

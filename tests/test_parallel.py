@@ -434,6 +434,89 @@ def test_restore_over_three_channels_puts_back_what_one_would(server_tree, tmp_p
     assert sorted(os.listdir(fresh)) == ["checkpoint-12"]
 
 
+class OpenSeen(InProcessServer):
+    def __init__(self, seen: threading.Event) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def open(self) -> None:
+        self.seen.set()
+        super().open()
+
+
+def test_a_restores_other_channels_open_while_it_checks_the_server(server_tree, tmp_path):
+    """The run's last checks before sending (space, the best model, the directory) wait here until a
+    second channel has begun to open: opened only when the send begins, none would have."""
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
+    opening = threading.Event()
+    waited = []
+    first = InProcessServer()
+    first.hooks.on_before("mkdir", lambda _args: waited.append(opening.wait(HANG)), times=1)
+    made: list[InProcessServer] = []
+
+    def factory():
+        made.append(first if not made else OpenSeen(opening))
+        return made[-1]
+    fresh = tmp_path / "fresh" / "run"
+    t = make_target(fresh, dest).with_link(parallel=3)
+    r = run_restore(t, RestoreOptions(checkpoint="checkpoint-12", extra_files=False), connect=factory)
+    assert waited == [True] and r.exit_code == 0 and r.channels == 3
+    assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+
+
+class MarkerWithheld(ThreadProcess):
+    """A server whose agent starts (shows its marker) only once its link is cut."""
+
+    def __init__(self) -> None:
+        self.killed = threading.Event()
+        super().__init__()
+
+    def _agent(self) -> None:
+        self.killed.wait(HANG)
+        super()._agent()
+
+    def kill(self) -> None:
+        super().kill()
+        self.killed.set()
+
+
+class WithheldLink(InProcessTransport):
+    def start(self) -> MarkerWithheld:
+        self.process = MarkerWithheld()
+        return self.process
+
+
+def test_a_restore_that_fails_while_its_channels_open_breaks_them(server_tree, tmp_path):
+    """The first channel finds the server's disk full while the others still wait for their agents:
+    the run ends with the disk's error, and their links are cut rather than waited for."""
+    from ckptsync.errors import DiskFull
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
+    first = InProcessServer()
+    first.hooks.fail("df", "no_space", "No space left on device: /data", "/data")
+    made: list[InProcessServer] = []
+
+    def factory():
+        made.append(first if not made else InProcessServer(link=WithheldLink()))
+        return made[-1]
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(DiskFull):
+        run_restore(make_target(fresh, dest).with_link(parallel=3),
+                    RestoreOptions(checkpoint="checkpoint-12", extra_files=False), connect=factory)
+    others = made[1:]
+    assert len(others) == 2 and all(s.link.process.cut for s in others)
+    assert not (fresh / "checkpoint-12").exists()
+
+
 def test_an_interrupted_parallel_restore_puts_nothing_in_place_and_the_rerun_completes(server_tree, tmp_path):
     from ckptsync.restore import RestoreOptions, run_restore
 

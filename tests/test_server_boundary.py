@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import shutil
@@ -255,7 +256,8 @@ class MarkerAfterHello(ThreadProcess):
             pass
         finally:
             for f in (p.agent_in, p.agent_out):
-                f.close()
+                with contextlib.suppress(OSError):
+                    f.close()
 
 
 class MarkerAfterHelloLink(InProcessTransport):

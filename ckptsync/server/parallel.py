@@ -51,6 +51,11 @@ class Channels:
         self.round_trip: float | None = None   # seconds, when it was measured for the choice
         self.warning = ""
         self.most = 1   # the most channels one transfer used
+        self._ahead: threading.Thread | None = None   # opening what open_ahead asked for
+        self._ahead_error: BaseException | None = None
+        self._opening: list[Server] = []   # what _take is opening, for _settle to break
+        self._stopping = False
+        self._lock = threading.Lock()
 
     @property
     def wanted(self) -> int:
@@ -69,11 +74,48 @@ class Channels:
         most = min(self.wanted, AUTO_MAX_UPLOAD) if upload else self.wanted
         return max(1, min(most, nbytes // SHARE_MIN))
 
+    def open_ahead(self, k: int) -> None:
+        """Start opening the channels take(k) will need, on a thread, while the run goes on over its
+        first one: each open is a few round trips of its own, which the run's remaining requests
+        then overlap. take() waits for them; close() breaks those still opening."""
+        want = min(k, self.wanted)   # here: choosing may ping the first server, which is this thread's
+        if self._ahead is not None or want <= len(self.servers):
+            return
+        self._ahead = threading.Thread(target=self._take_ahead, args=(want,), daemon=True, name="channels-ahead")
+        self._ahead.start()
+
+    def _take_ahead(self, k: int) -> None:
+        try:
+            self._take(k)
+        except BaseException as exc:
+            self._ahead_error = exc
+
+    def _settle(self, abort: bool = False) -> None:
+        """Wait for what open_ahead started; `abort`: the run is ending, so break the links still opening."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        if abort:
+            with self._lock:
+                self._stopping = True
+                opening = list(self._opening)
+            _abort_all(opening)
+        ahead.join()
+        self._ahead = None
+        exc, self._ahead_error = self._ahead_error, None
+        if exc is not None and not abort:
+            raise exc
+
     def take(self, k: int) -> list[Server]:
-        """The first `k` channels (at most `wanted`), opening those missing. They open together: each
-        costs its own round trips (a session, the agent's start, its hello), which on a long link
-        add up to seconds one after another. A connection's first channel starts that connection
-        (its ssh master) before the others on it open, so that they share it."""
+        """The first `k` channels (at most `wanted`), opening those missing (after those open_ahead
+        started). They open together: each costs its own round trips (a session, the agent's start,
+        its hello), which on a long link add up to seconds one after another. A connection's first
+        channel starts that connection (its ssh master) before the others on it open, so that they
+        share it."""
+        self._settle()
+        return self._take(k)
+
+    def _take(self, k: int) -> list[Server]:
         want = min(k, self.wanted)
         spread = connections(want)   # a restore's four of eight wanted stay on one login
         new: list[tuple[int, Server]] = []   # (the connection it goes over, the server)
@@ -97,8 +139,15 @@ class Channels:
                 starting.add(lane)
             else:
                 later.append(server)
+        with self._lock:
+            self._opening = [s for _lane, s in new]
+            stopping = self._stopping
+        if stopping:   # the run ended before these started opening: they end at once
+            _abort_all(self._opening)
         failures = open_all(first)
         failures.update(open_all(later))
+        with self._lock:
+            self._opening = []
         opened = [s for _lane, s in new if id(s) not in failures]
         self.servers += opened
         self.lanes += [lane for lane, s in new if id(s) not in failures]
@@ -112,8 +161,15 @@ class Channels:
     def close(self) -> None:
         """Close all but the first (the run closes that one), together: each waits for its end of
         the server to finish."""
+        self._settle(abort=True)
         extra, self.servers, self.lanes = self.servers[1:], self.servers[:1], self.lanes[:1]
         run_all(extra, lambda i: _close_quietly(extra[i]))
+
+
+def _abort_all(servers: list[Server]) -> None:
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.abort()
 
 
 def _close_quietly(server: Server, polite: bool = True) -> None:
@@ -162,9 +218,7 @@ def run_all(servers: list[Server], work: Callable[[int], T]) -> list[T]:
             errors.append(exc)
             if len(errors) > 1:
                 return
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.abort()
+        _abort_all(servers)
 
     def run(i: int) -> None:
         try:

@@ -176,6 +176,7 @@ class Remote:
         self.round_trips = 0      # waits for the server: its start, then each reply to something just sent
         self.quick_answers: list[float] = []   # seconds each request of QUICK_OPS took to come back
         self._sent = False        # a request went out since the last frame was read
+        self._aborted = False     # abort() came, maybe before open() had a process to end
 
     # -------------------------------------------------- lifecycle
 
@@ -194,6 +195,8 @@ class Remote:
         same round trip (see expect)."""
         self.memory = wire.Memory()  # a new connection may be another link
         self.proc = self.transport.connect()   # the agent's source already on its input
+        if self._aborted:   # abort() found no process yet: the open ends at the marker's wait
+            self.proc.kill()
         self.watch = Watchdog(self.stall_timeout, self.abort)
         pipe = _Pipe(self.proc, self.limiter, self.watch, self.stalled)
         self.chan = _Channel(pipe, pipe)
@@ -285,6 +288,8 @@ class Remote:
             self.transport.close()
         except Exception:  # closing a broken link must not hide why it broke, nor fail finished work
             pass
+        finally:
+            self._aborted = False   # closed: a later open() is a new link
 
     # -------------------------------------------------- requests
 
@@ -389,7 +394,9 @@ class Remote:
         return Download(self, root, pairs, compress, resume or {}, ranges or {}, stamps or {})
 
     def abort(self) -> None:
-        """End the peer from any thread; whoever reads from the link then gets end of stream."""
+        """End the peer from any thread; whoever reads from the link then gets end of stream. Before
+        open() has started the process, the open ends as soon as it has."""
+        self._aborted = True
         proc = self.proc
         if proc is not None:
             proc.kill()
