@@ -277,6 +277,28 @@ def test_the_agent_and_the_hello_go_out_before_the_server_has_started(server_tre
         assert server.round_trips == 1   # the scan's answer came behind the hello's
 
 
+def test_a_restore_asks_what_is_there_the_staging_and_the_space_in_one_round_trip(server_tree, tmp_path):
+    """The start, the lock, the checkpoint and its staging and the free space (together), the best
+    model, the directory, then the send: at 100 ms a round trip, each one more would cost 0.1 s."""
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    dest = tmp_path / "b"
+    assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                      connect=always(InProcessServer())).exit_code == 0
+    server = InProcessServer()
+    asked = []
+    real = server.remote.call
+    server.remote.call = lambda op, **args: asked.append((op, server.round_trips)) or real(op, **args)
+    fresh = tmp_path / "fresh"
+    r = run_restore(make_target(fresh, dest), RestoreOptions(checkpoint="checkpoint-12", extra_files=False),
+                    connect=always(server))
+    assert r.exit_code == 0 and tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
+    # the waits so far when each was called: the stat waited once; staged and df found their answers there
+    stat = next(i for i, (op, _w) in enumerate(asked) if op == "stat")
+    assert [op for op, _w in asked[stat:stat + 3]] == ["stat", "staged", "df"]
+    assert [w - asked[stat][1] for _op, w in asked[stat:stat + 3]] == [0, 1, 1]
+
+
 def test_requests_sent_ahead_answer_only_the_calls_they_were_sent_for(server_tree):
     root = str(server_tree)
     server = InProcessServer()

@@ -149,7 +149,7 @@ class AgentServer(Server):
 
     def stat(self, root: str, paths: Iterable[str]) -> Stats:
         paths = list(paths)
-        answer = self._call("stat", root=root, paths=paths)
+        answer = self._ask(_stat_request(root, paths))
         reply = answer.get("stat", {})
         out = Stats()
         with self._reading("stat"):
@@ -180,7 +180,7 @@ class AgentServer(Server):
         return out
 
     def df(self, path: str) -> Space:
-        reply = self._call("df", path=path)
+        reply = self._ask(_df_request(path))
         with self._reading("df"):
             return Space(free=int(reply.get("free", 0)), path=str(reply.get("path", path)),
                          total=int(reply.get("total", 0)))
@@ -259,7 +259,7 @@ class AgentServer(Server):
         return self.remote.upload(root, name, compress=compress)
 
     def staged(self, root: str, name: str) -> Staged:
-        reply = self._call("staged", root=root, name=name)
+        reply = self._ask(_staged_request(root, name))
         with self._reading("staged"):
             files = {str(p): Stat(int(v[0]), int(v[1]), 0) for p, v in (reply.get("staged") or {}).items()}
             return Staged(files=files, partial={str(p) for p in reply.get("partial") or []})
@@ -330,4 +330,17 @@ def _dirs_request(root: str, patterns: list[str]) -> tuple[str, dict]:
     return "glob", {"root": root, "patterns": list(patterns)}
 
 
-_AHEAD = {"scan": _scan_request, "procs": _procs_request, "dirs": _dirs_request}
+def _stat_request(root: str, paths: Iterable[str]) -> tuple[str, dict]:
+    return "stat", {"root": root, "paths": list(paths)}
+
+
+def _staged_request(root: str, name: str) -> tuple[str, dict]:
+    return "staged", {"root": root, "name": name}
+
+
+def _df_request(path: str) -> tuple[str, dict]:
+    return "df", {"path": path}
+
+
+_AHEAD = {"scan": _scan_request, "procs": _procs_request, "dirs": _dirs_request, "stat": _stat_request,
+          "staged": _staged_request, "df": _df_request}

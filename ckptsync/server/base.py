@@ -107,8 +107,8 @@ class Server(ABC):
         return 0.0
 
     def expect(self, calls: list[tuple[str, dict]]) -> None:
-        """The calls core makes next, in order, each (method, keyword arguments): `scan`, `procs`
-        and `dirs`, which only read. A server across a link sends them at once (with its start,
+        """The calls core makes next, in order, each (method, keyword arguments): `scan`, `procs`,
+        `dirs`, `stat`, `staged` and `df`, which only read. A server across a link sends them at once (with its start,
         when called before open()) and answers each from what came back: one round trip for all.
         Any other call first drops what is left of them. A server on this machine has nothing to save."""
 

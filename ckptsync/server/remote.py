@@ -173,6 +173,7 @@ class Remote:
         self.memory = wire.Memory()  # what this connection's uploads learned of the link
         # Requests sent ahead, in order, whose replies are still in the stream (see expect).
         self.expected: deque[tuple[str, dict]] = deque()
+        self._sent_at: deque[float] = deque()   # when each of expected went out
         self.round_trips = 0      # waits for the server: its start, then each reply to something just sent
         self.quick_answers: list[float] = []   # seconds each request of QUICK_OPS took to come back
         self._sent = False        # a request went out since the last frame was read
@@ -209,6 +210,7 @@ class Remote:
             for op, args in first or ():
                 self._send(op, args)
                 self.expected.append((op, args))
+                self._sent_at.append(time.monotonic())
         except ConnectError as exc:   # a process already gone: the wait for its marker says why
             unsent = exc
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
@@ -344,10 +346,12 @@ class Remote:
         for op, args in requests:
             self._send(op, args)
             self.expected.append((op, args))
+            self._sent_at.append(time.monotonic())
 
     def drop_expected(self) -> None:
         while self.expected:
             self.expected.popleft()
+            self._sent_at.popleft()
             kind, _body = self._recv()
             if kind not in (b"J", b"X"):
                 raise ProtocolError(f"{self.describe()}: expected a reply, got frame {kind!r}")
@@ -363,11 +367,12 @@ class Remote:
     def call(self, op: str, **args: Any) -> dict:
         if self.expected and self.expected[0] == (op, args):
             self.expected.popleft()   # sent ahead: its reply is the next in the stream
-            return self.reply()
-        start = time.monotonic()
-        self.request(op, **args)
+            start = self._sent_at.popleft()
+        else:
+            start = time.monotonic()
+            self.request(op, **args)
         out = self.reply()
-        if op in QUICK_OPS:
+        if op in QUICK_OPS:   # one read later than it came back only counts as a longer round trip
             self.quick_answers.append(time.monotonic() - start)
         return out
 
