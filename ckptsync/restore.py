@@ -359,11 +359,12 @@ class Restore:
         records = [f for f in (extras.files if extras else []) if f.source]
         placed = {f.path: self._extra_place(root, f, extras) for f in records}
         dests = [placed[f.path] for f in records if placed[f.path] is not None]
+        paths = [".", m.name] + dests
         # The staging and the free space are asked next (usable_staged, check_space): all three
         # answers come in one round trip.
-        self.server.expect([("stat", {"root": root, "paths": [".", m.name] + dests}),
+        self.server.expect([("stat", {"root": root, "paths": paths}),
                             ("staged", {"root": root, "name": m.name}), ("df", {"path": root})])
-        st = self.server.stat(root, [".", m.name] + dests)
+        st = self.server.stat(root, paths)
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")

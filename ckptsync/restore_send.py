@@ -157,25 +157,27 @@ class Sender:
     def open_ahead(self, files: list[FileRecord]) -> None:
         """Start opening the channels sending `files` will take, while the run still checks the server."""
         if files:
-            self.channels.open_ahead(max(len(self._plan([(f.path, f.path, f.size) for f in files])), 1))
+            self.channels.open_ahead(max(len(self._plan(files)), 1))
 
-    def _plan(self, weights: list[tuple[str, str, int]]) -> list:
-        return [s for s in shares.plan(weights, self.channels.wanted_for(sum(w[2] for w in weights), upload=True)) if s]
+    def _plan(self, files: list[FileRecord], channels: int | None = None) -> list:
+        """The shares of `files` over `channels`, by default those their bytes are worth."""
+        if channels is None:
+            channels = self.channels.wanted_for(sum(f.size for f in files), upload=True)
+        return [s for s in shares.plan([(f.path, f.path, f.size) for f in files], channels) if s]
 
     def _uploads(self, root: str, stage: str, files: list[FileRecord], kept: dict[str, int]) -> list[tuple]:
         """Send the files into staging over as many channels as they can keep busy, about the same
         bytes each, a large file as byte ranges over several (finished by Server.assemble); one
         (arrived, hashes sent, rotted, wire bytes) per channel. A split file's kept prefix is
         written over, so `kept` loses it."""
-        weights = [(f.path, f.path, f.size) for f in files]
         by_path = {f.path: f for f in files}
-        planned = self._plan(weights)
+        planned = self._plan(files)
         servers = self.channels.take(max(len(planned), 1))
         if len(planned) <= 1 or len(servers) < 2:
             whole = [Piece(f.path, f.path) for f in files]
             return [self._upload(self.server, root, stage, whole, by_path, kept, self.rep)]
         if len(servers) < len(planned):
-            planned = [s for s in shares.plan(weights, len(servers)) if s]
+            planned = self._plan(files, len(servers))
         self.channels.most = max(self.channels.most, len(planned))
         ranges = [p for share in planned for p in share if p.start is not None]
         split = {p.member for p in ranges}

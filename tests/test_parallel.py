@@ -244,15 +244,9 @@ class FlipProcess(ThreadProcess):
 
 class FlipServer(InProcessServer):
     def __init__(self) -> None:
-        super().__init__(link=FlipTransport())
+        super().__init__(link=InProcessTransport(FlipProcess))
         self.hooks.on_before("send", lambda _args: setattr(self.link.process, "at",
                                                            self.link.process.read_bytes + 3 * MB), times=1)
-
-
-class FlipTransport(InProcessTransport):
-    def start(self) -> ThreadProcess:
-        self.process = FlipProcess()
-        return self.process
 
 
 def test_a_corrupted_range_is_caught_by_its_hash(server_tree, tmp_path, small_split):
@@ -485,12 +479,6 @@ class MarkerWithheld(ThreadProcess):
         self.killed.set()
 
 
-class WithheldLink(InProcessTransport):
-    def start(self) -> MarkerWithheld:
-        self.process = MarkerWithheld()
-        return self.process
-
-
 def test_a_restore_that_fails_while_its_channels_open_breaks_them(server_tree, tmp_path):
     """The first channel finds the server's disk full while the others still wait for their agents:
     the run ends with the disk's error, and their links are cut rather than waited for."""
@@ -506,7 +494,7 @@ def test_a_restore_that_fails_while_its_channels_open_breaks_them(server_tree, t
     made: list[InProcessServer] = []
 
     def factory():
-        made.append(first if not made else InProcessServer(link=WithheldLink()))
+        made.append(first if not made else InProcessServer(link=InProcessTransport(MarkerWithheld)))
         return made[-1]
     fresh = tmp_path / "fresh" / "run"
     with pytest.raises(DiskFull):

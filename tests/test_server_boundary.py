@@ -260,15 +260,9 @@ class MarkerAfterHello(ThreadProcess):
                     f.close()
 
 
-class MarkerAfterHelloLink(InProcessTransport):
-    def start(self) -> MarkerAfterHello:
-        self.process = MarkerAfterHello()
-        return self.process
-
-
 def test_the_agent_and_the_hello_go_out_before_the_server_has_started(server_tree):
     """One round trip for a start, not two: at 100 ms each channel opened would wait 0.1 s more."""
-    server = InProcessServer(link=MarkerAfterHelloLink())
+    server = InProcessServer(link=InProcessTransport(MarkerAfterHello))
     server.expect([("scan", {"root": str(server_tree)})])
     with server:
         assert server.link.process.hello_first is True

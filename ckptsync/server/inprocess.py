@@ -173,11 +173,14 @@ class ThreadProcess(Process):
 
 
 class InProcessTransport(Transport):
-    def __init__(self) -> None:
+    """`process`: the class of the agent's end (a test's own can alter what passes)."""
+
+    def __init__(self, process: type[ThreadProcess] = ThreadProcess) -> None:
+        self.process_class = process
         self.process: ThreadProcess | None = None
 
     def start(self) -> Process:
-        self.process = ThreadProcess()
+        self.process = self.process_class()
         return self.process
 
     def describe(self) -> str:

@@ -208,9 +208,7 @@ class Remote:
         try:
             self._send("hello", {"beat": self.watch.beat_every})
             for op, args in first or ():
-                self._send(op, args)
-                self.expected.append((op, args))
-                self._sent_at.append(time.monotonic())
+                self._send_ahead(op, args)
         except ConnectError as exc:   # a process already gone: the wait for its marker says why
             unsent = exc
         timer = threading.Timer(START_TIMEOUT, self.proc.close)
@@ -344,9 +342,12 @@ class Remote:
             return  # already on their way
         self.drop_expected()
         for op, args in requests:
-            self._send(op, args)
-            self.expected.append((op, args))
-            self._sent_at.append(time.monotonic())
+            self._send_ahead(op, args)
+
+    def _send_ahead(self, op: str, args: dict) -> None:
+        self._send(op, args)
+        self.expected.append((op, args))
+        self._sent_at.append(time.monotonic())
 
     def drop_expected(self) -> None:
         while self.expected:

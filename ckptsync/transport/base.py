@@ -24,14 +24,6 @@ STAGE1 = (
     "exec(compile(zlib.decompress(i.read(n)),\"ckptsync-agent\",\"exec\"))"
 )
 MARKER = b"CKPTSYNC-AGENT-READY"
-
-
-def stage1_input() -> bytes:
-    """What STAGE1 reads from its stdin: the length line and the compressed agent source."""
-    from ckptsync.agent.bundle import payload_compressed
-
-    src = payload_compressed()
-    return b"%d\n" % len(src) + src
 NO_PYTHON = "ckptsync: no python3 on the server"
 
 # The shell line used where a remote shell interprets the command (ssh, tnr).
@@ -40,6 +32,14 @@ SHELL_LAUNCH = (
     "if command -v $p >/dev/null 2>&1; then exec $p -c '" + STAGE1 + "'; fi; "
     "done; echo '" + NO_PYTHON + "' >&2; exit 127"
 )
+
+
+def stage1_input() -> bytes:
+    """What STAGE1 reads from its stdin: the length line and the compressed agent source."""
+    from ckptsync.agent.bundle import payload_compressed
+
+    src = payload_compressed()
+    return b"%d\n" % len(src) + src
 
 
 @dataclass

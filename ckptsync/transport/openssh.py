@@ -74,20 +74,16 @@ def _quote(path: str) -> str:
 @functools.lru_cache(maxsize=None)
 def supported_ciphers(ssh: str) -> tuple[str, ...]:
     """The ciphers this ssh knows (ssh -Q cipher); () when it cannot say. Remembered in the control
-    directory for this build of ssh (its path, size and time): every run would wait for it first."""
-    found = shutil.which(ssh)
-    try:
-        st = os.stat(found or ssh)
-        build = f"{os.path.abspath(found or ssh)}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
-        kept = os.path.join(control_dir(), "ciphers-" + hashlib.sha1(build.encode()).hexdigest()[:8])
-        with open(kept, encoding="ascii") as f:
-            remembered = tuple(f.read().split())
-        if remembered:
-            return remembered
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, ConnectError):
-        kept = None
+    directory for this build of ssh: every run would otherwise wait for it before its login."""
+    kept = _ciphers_file(ssh)
+    if kept is not None:
+        try:
+            with open(kept, encoding="ascii") as f:
+                remembered = tuple(f.read().split())
+            if remembered:
+                return remembered
+        except (OSError, ValueError):
+            pass
     try:
         res = subprocess.run([ssh, "-Q", "cipher"], capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -95,10 +91,23 @@ def supported_ciphers(ssh: str) -> tuple[str, ...]:
     if res.returncode != 0:
         return ()
     ciphers = tuple(res.stdout.decode("ascii", "replace").split())
-    if kept and ciphers:
+    if kept is not None and ciphers:
         with contextlib.suppress(OSError):
             _write_once(kept, " ".join(ciphers) + "\n")
     return ciphers
+
+
+def _ciphers_file(ssh: str) -> str | None:
+    """Where the cipher list of this build of ssh (its path, inode, size and time) is kept; None
+    when the binary or the control directory cannot be found."""
+    path = shutil.which(ssh) or ssh
+    try:
+        st = os.stat(path)
+        where = control_dir()
+    except (OSError, ConnectError):
+        return None
+    build = f"{os.path.abspath(path)}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    return os.path.join(where, "ciphers-" + hashlib.sha1(build.encode()).hexdigest()[:8])
 
 
 def servers_file() -> str:
