@@ -293,6 +293,31 @@ def test_a_short_stream_of_small_files_goes_compressed_from_its_first_chunk():
     assert set(kinds[:400]) <= {b"Z", b"Y"} and b"D" in kinds and set(kinds[-200:]) <= {b"Z", b"Y"}
 
 
+def test_small_tensor_files_go_in_byte_lanes_and_their_headers_plain():
+    """A small file's data is one short chunk, yet long enough to tell whether byte lanes pack it
+    smaller; its tar header is not, and goes plain."""
+    pytest.importorskip("zstandard")
+    import random
+    import struct
+    rng = random.Random(7)
+    tensor = struct.pack("<%df" % 37_500, *(rng.gauss(0.0, 0.01) for _ in range(37_500)))   # 150 KB of fp32
+    clock = FakeClock()
+    chan = FakeLink(clock, *SLOW_LINK)
+    sender = wire.Sender(chan, "auto", "module", clock=clock)
+    for _ in range(40):
+        sender.write(DATA[:512])
+        sender.flush()
+        sender.write(tensor)
+        sender.flush()
+    sender.close()
+    headers, data = chan.frames[0::2], chan.frames[1::2]
+    assert {kind for kind, _n in headers} == {b"Z"}
+    assert {kind for kind, _n in data} == {b"Y"}
+    from ckptsync.agent.codec import FrameCompressor
+    plain = len(FrameCompressor(1).compress(tensor))
+    assert all(n < 0.97 * plain for _kind, n in data)
+
+
 def test_short_streams_on_one_connection_learn_the_link_between_them():
     """Each stream (12 MiB) is shorter than a warm-up and a probe: on their own none would learn the link."""
     for link, wins in ((FAST_LINK, {b"D"}), (SLOW_LINK, {b"Z", b"Y"})):
