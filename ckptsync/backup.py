@@ -102,6 +102,7 @@ class Backup:
                 own = self.channels is None
                 if own:
                     self.channels = Channels(server, self.open_server, self.target.link.parallel)
+                ended = False   # without an error: the first channel closes beside the others
                 try:
                     view = self.scan(server)
                     self._check_found(view)
@@ -111,12 +112,13 @@ class Backup:
                         self._release_left_holds(view)
                     if self.look_for_runs:
                         self._runs(view)
+                    ended = True
                 finally:
                     self.result.channels = self.channels.most
                     if own:
                         if self.channels.warning:
                             self.result.warnings.append(self.channels.warning)
-                        self.channels.close()
+                        self.channels.close(first=ended and not given)
             return self.result
         finally:
             self.result.seconds = time.monotonic() - started

@@ -161,6 +161,7 @@ class Restore:
                                     remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
                                     adapter_only=opts.adapter_only)
         self.phase = "prepare"
+        self.best_there = True   # the best model's checkpoint, when another, is on the server (_check_server)
         self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
 
@@ -208,24 +209,27 @@ class Restore:
                 files = []
             else:
                 files = self._select(m)
-            with self._lock(), (contextlib.nullcontext(server) if server else self.open_server()) as server:
+            given = server is not None
+            with self._lock(), (contextlib.nullcontext(server) if given else self.open_server()) as server:
                 self.server = server
                 self.channels = Channels(server, self.open_server, self.target.link.parallel)
                 self.sender = Sender(server, self.channels, self.target, self.result, self.files_root, self.digests,
                                      self.rep, self.opts.compress, self.opts.dry_run)
+                ended = False   # without an error: the first channel closes beside the others
                 try:
                     with self._server_lock():
                         if self.opts.discard_staged:
                             self._discard_staged(m)
                         else:
                             self._restore(m, files, extras, ordered, manifests)
+                    ended = True
                 finally:
                     if not self.opts.dry_run:
                         self.digests.save()   # what sending computed: the next comparison reads nothing
                     self.result.channels = self.channels.most
                     if self.channels.warning:
                         self.result.warnings.append(self.channels.warning)
-                    self.channels.close()
+                    self.channels.close(first=ended and not given)
             return self.result
         except KeyboardInterrupt:
             if self.phase == "commit":
@@ -273,7 +277,8 @@ class Restore:
             return
         held = contextlib.ExitStack()
         try:
-            created = held.enter_context(self.server.holding(root, "ckptsync restore",
+            # Not waited for at the end: the next restore on this connection, or its close, comes after it.
+            created = held.enter_context(self.server.holding(root, "ckptsync restore", wait=False,
                                                              create=not self.opts.discard_staged))
         except ServerLocked as exc:
             raise ServerLocked(f"{exc.message}; nothing was sent", path=exc.path, holder=exc.holder) from None
@@ -309,7 +314,7 @@ class Restore:
         if not self.opts.dry_run:
             self.sender.open_ahead(to_send)   # the channels open while the space, best model and directory are checked
         self.sender.check_space(root, sum(f.size for f in to_send), m.name)
-        best_note = "" if self.opts.extra_files_only else self._best_model_note(root, m, manifests)
+        best_note = self._best_model_note(root, m, manifests)
         if self.opts.dry_run and self.server.hello.home:  # the path the real run will print
             r.remote_dir = root = self._absolute(root)
             r.path = posixpath.join(root, m.name)
@@ -359,12 +364,16 @@ class Restore:
         records = [f for f in (extras.files if extras else []) if f.source]
         placed = {f.path: self._extra_place(root, f, extras) for f in records}
         dests = [placed[f.path] for f in records if placed[f.path] is not None]
-        paths = [".", m.name] + dests
-        # The staging and the free space are asked next (usable_staged, check_space): all three
-        # answers come in one round trip.
-        self.server.expect([("stat", {"root": root, "paths": paths}),
-                            ("staged", {"root": root, "name": m.name}), ("df", {"path": root})])
+        best = self._best_model_name(m)
+        paths = [".", m.name] + dests + ([best] if best is not None and best not in dests else [])
+        # The staging, the free space and the directory's full path are asked next (usable_staged,
+        # check_space, mkdir): all four answers come in one round trip. The lock made the
+        # directory, so that mkdir changes nothing before the checks are passed.
+        ahead = [("stat", {"root": root, "paths": paths}), ("staged", {"root": root, "name": m.name}),
+                 ("df", {"path": root})]
+        self.server.expect(ahead + ([] if self.opts.dry_run else [("mkdir", {"path": root})]))
         st = self.server.stat(root, paths)
+        self.best_there = best is None or st.get(best) is not None
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
@@ -494,15 +503,23 @@ class Restore:
         if not self.opts.dry_run and (found.files or found.partial):
             self.server.discard(root, m.name)
 
-    def _best_model_note(self, root: str, m: Manifest, manifests: dict[str, Manifest]) -> str:
+    def _best_model_name(self, m: Manifest) -> str | None:
+        """The checkpoint that m's trainer_state names as the best model, when it is another one
+        this restore does not bring: the server should have it already."""
         best = m.state.get("best_model_checkpoint")
-        if self.opts.adapter_only or not isinstance(best, str) or not best.strip():
-            return ""
+        if self.opts.adapter_only or self.opts.extra_files_only or not isinstance(best, str) or not best.strip():
+            return None
         last = re.split(r"[\\/]", best.rstrip("/\\"))[-1]
         if not last or last == m.name or last in self.opts.also or not safe_member(last):
+            return None
+        return last
+
+    def _best_model_note(self, root: str, m: Manifest, manifests: dict[str, Manifest]) -> str:
+        """A warning when the best model's checkpoint is not on the server (stat-ed with the checks)."""
+        if self.best_there:
             return ""
-        if self.server.stat(root, [last]).get(last) is not None:
-            return ""
+        best = m.state.get("best_model_checkpoint")
+        last = self._best_model_name(m)
         again = (f"; restore it too: {self.target.printed.command('restore', '--checkpoint', last)}"
                  if last in manifests else "")
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "
@@ -526,7 +543,8 @@ class Restore:
                 for f, item in extra_items:
                     if self._extra_dest(f.source) == dest:
                         item.action = DIFFERS
-        self.server.discard(root, stage)
+        if done is None or done.staging_left:   # else the commit took all and removed it: no round trip
+            self.server.discard(root, stage)
 
 
 def run_restore(target: Target, opts: RestoreOptions, reporter: Reporter = QUIET,

@@ -100,7 +100,8 @@ class Sender:
             return 0, 0
         usable = self.usable
         parts = {p: self.server.staging_member(stage, p + ".part") for p in found.partial}
-        part_sizes = {p: st.size for p, st in self.server.stat(root, list(parts.values())).items() if st is not None}
+        there = self.server.stat(root, list(parts.values())) if parts else {}
+        part_sizes = {p: st.size for p, st in there.items() if st is not None}
         held = sum(st.size for st in found.files.values()) + sum(part_sizes.values())
         reclaim = sum(st.size for p, st in found.files.items() if p not in usable) + sum(part_sizes.values())
         return held, reclaim

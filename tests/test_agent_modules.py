@@ -526,10 +526,20 @@ def test_commit_moves_into_place_and_beside_the_root(tmp_path):
     staged(root)
     reply = op_commit({"root": str(root), "name": "stage",
                        "moves": [["checkpoint-1", "checkpoint-1"], ["extra.json", "../extra.json"]]})
-    assert reply == {"moved": ["checkpoint-1", "../extra.json"], "kept": []}
+    # everything moved: the staging is gone, and the reply says so (the client need not discard it)
+    assert reply == {"moved": ["checkpoint-1", "../extra.json"], "kept": [], "staging_left": False}
     assert (root / "checkpoint-1" / "a.bin").read_bytes() == b"a"
     assert (tmp_path / "run" / "extra.json").read_bytes() == b"{}"
     assert not (root / (wire.STAGING_PREFIX + "stage")).exists()
+
+
+def test_a_commit_that_leaves_something_staged_says_so(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    staging = staged(root)
+    reply = op_commit({"root": str(root), "name": "stage", "moves": [["checkpoint-1", "checkpoint-1"]]})
+    assert reply == {"moved": ["checkpoint-1"], "kept": [], "staging_left": True}
+    assert (staging / "extra.json").exists()
 
 
 # ---------------------------------------------------------------- procs
@@ -567,3 +577,19 @@ def test_procs_finds_a_process_with_a_file_open_under_root(tmp_path):
     assert all(p["pid"] != child.pid for p in nobody["processes"])
     without_root = op_procs({})
     assert without_root["writing"] == [] and all(not p["run"] for p in without_root["processes"])
+
+
+def test_a_range_hands_each_written_span_to_the_disk_as_it_goes(tmp_path, monkeypatch):
+    """A byte range is written into a file other channels share: each WRITEBACK_STEP bytes written
+    are handed to the disk at once, so the fsync before the commit finds little left to write."""
+    from ckptsync.agent import fileops
+    from ckptsync.agent.hashing import WRITEBACK_STEP, hash_names, new_hash
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(fileops, "writeback_range", lambda fd, offset, length: started.append((offset, length)))
+    target = tmp_path / "big.part"
+    start = 3 << 20
+    pieces = [os.urandom(1 << 20) for _ in range(2 * WRITEBACK_STEP // (1 << 20) + 3)]
+    fileops.write_range(str(target), start, iter(pieces), new_hash(hash_names()[0]))
+    assert started == [(start, WRITEBACK_STEP), (start + WRITEBACK_STEP, WRITEBACK_STEP)]
+    assert target.read_bytes()[start:] == b"".join(pieces)

@@ -463,6 +463,59 @@ def test_a_restores_other_channels_open_while_it_checks_the_server(server_tree, 
     assert tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
 
 
+class CloseSignals(InProcessServer):
+    """A run's first channel, whose close says that it has begun."""
+
+    def __init__(self, closing: threading.Event) -> None:
+        super().__init__()
+        self.closing = closing
+
+    def close(self, polite: bool = True) -> None:
+        self.closing.set()
+        super().close(polite)
+
+
+class CloseWaits(InProcessServer):
+    """Another channel, whose close ends only once the first channel's has begun."""
+
+    def __init__(self, closing: threading.Event, waited: list[bool]) -> None:
+        super().__init__()
+        self.closing = closing
+        self.waited = waited
+
+    def close(self, polite: bool = True) -> None:
+        if self.remote.proc is not None:
+            self.waited.append(self.closing.wait(HANG))
+        super().close(polite)
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_run_closes_its_first_channel_beside_the_others(server_tree, tmp_path, command):
+    """Each close waits a round trip for its end of the server: the first channel's goes beside the
+    others', not after them."""
+    from ckptsync.restore import RestoreOptions, run_restore
+
+    add_big(server_tree, 24 * MB)
+    dest = tmp_path / "b"
+    closing = threading.Event()
+    waited: list[bool] = []
+    made: list[InProcessServer] = []
+
+    def factory():
+        made.append(CloseSignals(closing) if not made else CloseWaits(closing, waited))
+        return made[-1]
+    if command == "backup":
+        r = run_backup(make_target(server_tree, dest).with_link(parallel=3), BackupOptions(all=True), connect=factory)
+    else:
+        assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
+                          connect=always(InProcessServer())).exit_code == 0
+        r = run_restore(make_target(tmp_path / "fresh", dest).with_link(parallel=3),
+                        RestoreOptions(checkpoint="checkpoint-12", extra_files=False), connect=factory)
+    assert r.exit_code == 0 and r.channels == 3
+    assert waited == [True, True]
+    assert all(server.remote.proc is None for server in made)   # every one closed
+
+
 class MarkerWithheld(ThreadProcess):
     """A server whose agent starts (shows its marker) only once its link is cut."""
 

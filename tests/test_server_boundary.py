@@ -22,7 +22,7 @@ from ckptsync.server import RemoteDirMissing, ServerDiskFull, Stat
 from ckptsync.server.inprocess import Hooks, InProcessServer, InProcessTransport, ThreadProcess
 from ckptsync.transport.base import MARKER
 from ckptsync.server.transfer import DiskWriter, _write_member
-from helpers import run_cli, tree_digest
+from helpers import name_best, run_cli, tree_digest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ckptsync"
 
@@ -271,11 +271,14 @@ def test_the_agent_and_the_hello_go_out_before_the_server_has_started(server_tre
         assert server.round_trips == 1   # the scan's answer came behind the hello's
 
 
-def test_a_restore_asks_what_is_there_the_staging_and_the_space_in_one_round_trip(server_tree, tmp_path):
-    """The start, the lock, the checkpoint and its staging and the free space (together), the best
-    model, the directory, then the send: at 100 ms a round trip, each one more would cost 0.1 s."""
+def test_a_restore_asks_what_is_there_the_staging_the_space_and_the_directory_in_one_round_trip(server_tree,
+                                                                                                 tmp_path):
+    """The start, the lock, then the checkpoint, the best model, its staging, the free space and
+    the directory's full path together, then the send: at 100 ms a round trip, each one more would
+    cost 0.1 s."""
     from ckptsync.restore import RestoreOptions, run_restore
 
+    name_best(server_tree, "checkpoint-8")
     dest = tmp_path / "b"
     assert run_backup(make_target(server_tree, dest), BackupOptions(all=True),
                       connect=always(InProcessServer())).exit_code == 0
@@ -287,10 +290,16 @@ def test_a_restore_asks_what_is_there_the_staging_and_the_space_in_one_round_tri
     r = run_restore(make_target(fresh, dest), RestoreOptions(checkpoint="checkpoint-12", extra_files=False),
                     connect=always(server))
     assert r.exit_code == 0 and tree_digest(fresh / "checkpoint-12") == tree_digest(server_tree / "checkpoint-12")
-    # the waits so far when each was called: the stat waited once; staged and df found their answers there
+    # the waits so far when each was called: the stat waited once; staged, df and mkdir found their answers there
     stat = next(i for i, (op, _w) in enumerate(asked) if op == "stat")
-    assert [op for op, _w in asked[stat:stat + 3]] == ["stat", "staged", "df"]
-    assert [w - asked[stat][1] for _op, w in asked[stat:stat + 3]] == [0, 1, 1]
+    assert [op for op, _w in asked[stat:stat + 4]] == ["stat", "staged", "df", "mkdir"], asked
+    assert [w - asked[stat][1] for _op, w in asked[stat:stat + 4]] == [0, 1, 1, 1]
+    assert [op for op, _w in asked].count("stat") == 1   # the best model's checkpoint was in that stat
+    # the commit took the whole staging, so nothing is discarded; the unlock is not waited for, and
+    # the close that follows it finds the lock let go of
+    ops = [op for op, _w in asked]
+    assert ops[ops.index("commit"):] == ["commit"] and not (fresh / ".ckptsync-lock").exists()
+    assert any("best_model_checkpoint" in w and "checkpoint-8 is not in" in w for w in r.warnings), r.warnings
 
 
 def test_requests_sent_ahead_answer_only_the_calls_they_were_sent_for(server_tree):

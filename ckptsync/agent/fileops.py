@@ -17,6 +17,7 @@ except ImportError:
     msvcrt = None
 from ckptsync.agent.frames import CHUNK, LOCK_NAME, STAGING_PREFIX, TRASH_PREFIX, Failure, os_failure, tick
 from ckptsync.agent.hashing import fsync_dir, fsync_file, hash_names, new_hash, start_writeback
+from ckptsync.agent.hashing import WRITEBACK_STEP, writeback_range
 from ckptsync.agent.direct import NewFile, direct_buffer
 from ckptsync.agent.paths import resolve, safe_member
 from ckptsync.agent.reader import FrameReader
@@ -80,7 +81,7 @@ def write_range(tmp, start, pieces, h):
     file's other ranges may be arriving over other channels at the same time."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        at = start
+        at = mark = start
         for block in pieces:
             h.update(block)
             view = memoryview(block)
@@ -88,6 +89,9 @@ def write_range(tmp, start, pieces, h):
                 n = os.pwrite(fd, view, at)
                 at += n
                 view = view[n:]
+            if at - mark >= WRITEBACK_STEP:
+                writeback_range(fd, mark, at - mark)
+                mark = at
     finally:
         os.close(fd)
 
@@ -199,7 +203,7 @@ def op_commit(req):
             raise os_failure(exc, target)
     if os.path.isdir(staging) and not os.listdir(staging):
         os.rmdir(staging)
-    return {"moved": done, "kept": kept}
+    return {"moved": done, "kept": kept, "staging_left": os.path.lexists(staging)}
 
 
 def stamp_dirs(top):

@@ -84,6 +84,9 @@ def hash_listed(path, alg, stamp, limit=None):
 
 
 WRITEBACK_MIN = 1 << 20
+# A file written in ranges has each span of this many bytes handed to the disk as it is done: the
+# disk then works while the link does, and the fsync before the commit finds little left.
+WRITEBACK_STEP = 8 << 20
 
 
 def start_writeback(fd, size=None):
@@ -94,6 +97,15 @@ def start_writeback(fd, size=None):
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def writeback_range(fd, offset, length):
+    """start_writeback for bytes [offset, offset + length) of a file still being written."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
 

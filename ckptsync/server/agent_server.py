@@ -209,15 +209,19 @@ class AgentServer(Server):
             )
 
     def mkdir(self, path: str) -> str:
-        return str(self._call("mkdir", path=path).get("path", path))
+        return str(self._ask(_mkdir_request(path)).get("path", path))
 
     def lock(self, root: str, command: str, create: bool = False) -> bool:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
         return self._call("lock", root=root, owner=owner, create=create).get("created") is True
 
-    def unlock(self, root: str) -> None:
-        if self.remote.proc is not None and not self.remote.busy:  # mid-transfer, a request would break the stream
+    def unlock(self, root: str, wait: bool = True) -> None:
+        if self.remote.proc is None or self.remote.busy:  # mid-transfer, a request would break the stream
+            return
+        if wait:
             self._call("unlock", root=root)
+        else:   # should it fail, the agent lets go of its locks anyway when the link closes
+            self.remote.tell("unlock", {"root": root})
 
     def dirs(self, root: str, patterns: list[str]) -> list[str]:
         reply = self._ask(_dirs_request(root, patterns))
@@ -281,7 +285,8 @@ class AgentServer(Server):
         reply = self._call("commit", root=root, name=name, moves=[list(m) for m in moves], force=force)
         with self._reading("commit"):
             return Committed(moved=[str(x) for x in reply.get("moved") or []],
-                             kept=[str(x) for x in reply.get("kept") or []])
+                             kept=[str(x) for x in reply.get("kept") or []],
+                             staging_left=reply.get("staging_left") is not False)
 
     def discard(self, root: str, name: str) -> None:
         self._call("discard", root=root, name=name)
@@ -342,5 +347,9 @@ def _df_request(path: str) -> tuple[str, dict]:
     return "df", {"path": path}
 
 
+def _mkdir_request(path: str) -> tuple[str, dict]:
+    return "mkdir", {"path": path}
+
+
 _AHEAD = {"scan": _scan_request, "procs": _procs_request, "dirs": _dirs_request, "stat": _stat_request,
-          "staged": _staged_request, "df": _df_request}
+          "staged": _staged_request, "df": _df_request, "mkdir": _mkdir_request}

@@ -176,12 +176,14 @@ class Server(ABC):
         naming it. With `create`, a missing root is made first; returns whether it was."""
 
     @abstractmethod
-    def unlock(self, root: str) -> None:
-        """Let go of root's lock now; on a link that is busy or broken, the connection's end does."""
+    def unlock(self, root: str, wait: bool = True) -> None:
+        """Let go of root's lock now; on a link that is busy or broken, the connection's end does.
+        `wait` False: do not wait for it to be done, for a run that asks nothing more of this
+        connection (the next request, or the close, comes after it)."""
 
     @contextlib.contextmanager
-    def holding(self, root: str, command: str, create: bool = False) -> Iterator[bool]:
-        """lock() for the length of a block (yields whether root was made)."""
+    def holding(self, root: str, command: str, create: bool = False, wait: bool = True) -> Iterator[bool]:
+        """lock() for the length of a block (yields whether root was made); `wait`: as unlock's."""
         created = self.lock(root, command, create)
         try:
             yield created
@@ -189,7 +191,7 @@ class Server(ABC):
             with contextlib.suppress(CkptsyncError):  # the error in flight is the one to report
                 self.unlock(root)
             raise
-        self.unlock(root)
+        self.unlock(root, wait=wait)
 
     @abstractmethod
     def dirs(self, root: str, patterns: list[str]) -> list[str]:

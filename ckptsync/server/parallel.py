@@ -158,12 +158,14 @@ class Channels:
             self._wanted = len(self.servers)
         return self.servers[:k]
 
-    def close(self) -> None:
+    def close(self, first: bool = False) -> None:
         """Close all but the first (the run closes that one), together: each waits for its end of
-        the server to finish."""
+        the server to finish. `first`: the first too, beside them, for a run that opened it and
+        asks nothing more (its own close then finds it closed); each close waits a round trip."""
         self._settle(abort=True)
         extra, self.servers, self.lanes = self.servers[1:], self.servers[:1], self.lanes[:1]
-        run_all(extra, lambda i: _close_quietly(extra[i]))
+        closing = extra + (self.servers if first and extra else [])
+        run_all(closing, lambda i: _close_quietly(closing[i]))
 
 
 def _abort_all(servers: list[Server]) -> None:

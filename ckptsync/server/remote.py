@@ -344,6 +344,11 @@ class Remote:
         for op, args in requests:
             self._send_ahead(op, args)
 
+    def tell(self, op: str, args: dict) -> None:
+        """Send a request without waiting for its answer: the next call reads and drops it, and a
+        close does not read it at all. For a request whose failure changes nothing for the run."""
+        self._send_ahead(op, args)
+
     def _send_ahead(self, op: str, args: dict) -> None:
         self._send(op, args)
         self.expected.append((op, args))

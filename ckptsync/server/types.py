@@ -180,6 +180,7 @@ class Staged:
 class Committed:
     moved: list[str]
     kept: list[str]                  # destinations that already existed and were left alone
+    staging_left: bool = True        # the staging still holds something (else the commit removed it)
 
 
 @dataclass(frozen=True)
