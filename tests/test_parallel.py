@@ -745,9 +745,15 @@ def test_the_window_of_each_ssh_client():
     assert SshTransport.window == paramiko.common.DEFAULT_WINDOW_SIZE == WINDOW
 
 
-def test_the_round_trip_is_the_shortest_of_three_pings():
-    ticks = iter([10.0, 10.5, 11.0, 11.04, 12.0, 12.2])   # 0.5 s, 0.04 s, 0.2 s
+def test_the_round_trip_is_the_shortest_of_three_quick_answers_and_the_pings_go_together():
+    ticks = iter([10.0, 10.5, 10.51, 10.52])   # sent at 10.0; answered 0.5 s, 0.51 s and 0.52 s later
     with InProcessServer() as server:
+        waits = server.round_trips
+        assert server.round_trip(clock=lambda: next(ticks)) == pytest.approx(0.5)
+        assert server.round_trips == waits + 1   # three pings, one round trip
+    with InProcessServer() as server:
+        server.remote.quick_answers[:] = [0.04, 0.2]   # two quick requests the run made: one ping more
+        ticks = iter([20.0, 20.3])
         assert server.round_trip(clock=lambda: next(ticks)) == pytest.approx(0.04)
 
 
