@@ -161,7 +161,7 @@ class Restore:
                                     remote_dir=target.remote_dir or "", dry_run=opts.dry_run,
                                     adapter_only=opts.adapter_only)
         self.phase = "prepare"
-        self.best_there = True   # the best model's checkpoint, when another, is on the server (_check_server)
+        self.best_missing: str | None = None   # the best model's checkpoint, when the server lacks it (_check_server)
         self.files_root = self.store.root  # where the chosen version's files are (a generation's folder)
         self.digests = LocalDigests(self.store)   # the backup's bytes in the server's algorithm
 
@@ -312,7 +312,7 @@ class Restore:
         to_send = [f for f in files if f.path not in staged]
         to_send += [f for f, item in extra_items if item.action in (SEND, REPLACE) and f.path not in staged]
         if not self.opts.dry_run:
-            self.sender.open_ahead(to_send)   # the channels open while the space, best model and directory are checked
+            self.sender.open_ahead(to_send)   # the channels start to open before the last answers are read
         self.sender.check_space(root, sum(f.size for f in to_send), m.name)
         best_note = self._best_model_note(root, m, manifests)
         if self.opts.dry_run and self.server.hello.home:  # the path the real run will print
@@ -373,7 +373,7 @@ class Restore:
                  ("df", {"path": root})]
         self.server.expect(ahead + ([] if self.opts.dry_run else [("mkdir", {"path": root})]))
         st = self.server.stat(root, paths)
-        self.best_there = best is None or st.get(best) is not None
+        self.best_missing = best if best is not None and st.get(best) is None else None
         here = st.get(".")
         if here is not None and not here.is_dir:
             raise UsageError(f"{root} on {self.result.server} is not a directory")
@@ -516,10 +516,10 @@ class Restore:
 
     def _best_model_note(self, root: str, m: Manifest, manifests: dict[str, Manifest]) -> str:
         """A warning when the best model's checkpoint is not on the server (stat-ed with the checks)."""
-        if self.best_there:
+        last = self.best_missing
+        if last is None:
             return ""
         best = m.state.get("best_model_checkpoint")
-        last = self._best_model_name(m)
         again = (f"; restore it too: {self.target.printed.command('restore', '--checkpoint', last)}"
                  if last in manifests else "")
         return (f"trainer_state.json names best_model_checkpoint {best!r}, but {last} is not in {root} on "

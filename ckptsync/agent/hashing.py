@@ -94,15 +94,11 @@ def start_writeback(fd, size=None):
     Not for a file of `size` under WRITEBACK_MIN: its few pages cost that fsync less than this call."""
     if size is not None and size < WRITEBACK_MIN:
         return
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
+    writeback_range(fd, 0, 0)
 
 
 def writeback_range(fd, offset, length):
-    """start_writeback for bytes [offset, offset + length) of a file still being written."""
+    """start_writeback for bytes [offset, offset + length) of a file (length 0: to its end)."""
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -48,7 +48,7 @@ class Sender:
     EXPLOIT = 192   # sent in the faster mode before probing again; doubles while the same mode
     MAX_EXPLOIT = 1536  # keeps winning, since every probe of the slower mode costs time
     SETTLE = 8      # untimed after a switch: the queue and the channel still drain the other mode
-    LANE_CHECK = 32  # every so many telling chunks, try both with and without byte lanes
+    LANE_CHECK = 32  # every so many chunks of LANE_MIN or more, try both with and without byte lanes
     # A chunk this large says whether byte lanes pack the data smaller: a small file's data comes
     # as one short chunk, while tar headers and padding stay under it.
     LANE_MIN = 64 << 10
@@ -175,15 +175,15 @@ class Sender:
         """The chunk as an L frame, or as one zstd frame, split into byte lanes when that has been packing smaller."""
         if self.lane_coder is not None:
             return b"L", self.lane_coder.encode(chunk)
-        telling = len(chunk) >= self.LANE_MIN
-        if telling:
-            self.packed_chunks += 1
-        if telling and (self.lanes is None or self.packed_chunks % self.LANE_CHECK == 0):
+        if len(chunk) < self.LANE_MIN:   # a header, a small text file, a tail: plain packs them better
+            return b"Z", self.zc.compress(bytes(chunk))
+        self.packed_chunks += 1
+        if self.lanes is None or self.packed_chunks % self.LANE_CHECK == 0:
             plain = self.zc.compress(bytes(chunk))
             laned = self.zc.compress(split_lanes(chunk))
             self.lanes = len(laned) < 0.97 * len(plain)
             return (b"Y", laned) if self.lanes else (b"Z", plain)
-        if self.lanes and telling:   # a header, a small text file, a tail: plain packs them better
+        if self.lanes:
             return b"Y", self.zc.compress(split_lanes(chunk))
         return b"Z", self.zc.compress(bytes(chunk))
 
